@@ -1,0 +1,273 @@
+"""The one local-training function: plain Adam or DP-SGD (Opacus), centrally and on devices.
+
+Centralised reference training and the federated client call the same
+:func:`train_local`, so "the cost of privacy" measured centrally is the cost of
+exactly the code that runs on devices.
+
+DP-SGD here is Opacus' per-example clipping (``GradSampleModule``), Gaussian
+noise (``DPOptimizer``) and Poisson sampling (``DPDataLoader``). A Poisson batch
+may be empty; the step is still taken (zero gradient plus noise), because the
+accountant assumes every step releases a noised gradient. Every parameter with
+``requires_grad`` is trained; freeze what DP should not touch before calling.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fed_nessa.losses import get_loss
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings (independent of privacy)."""
+
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    loss: str = "cosine"
+    optimizer: str = "adam"  # "adam" | "sgd"
+    seed: int = 0
+    patience: int = 5  # epochs without validation improvement before stopping (non-DP only)
+    input_noise: float = 0.0  # std of Gaussian noise added to runtime inputs (per-example augmentation)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.lr > 0 and math.isfinite(self.lr), "lr must be a positive finite number"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (self.optimizer in ("adam", "sgd"), "optimizer must be 'adam' or 'sgd'"),
+            (self.patience >= 1, "patience must be >= 1"),
+            (self.input_noise >= 0, "input_noise must be >= 0"),
+        ]
+        bad = [msg for ok, msg in checks if not ok]
+        if bad:
+            raise ValueError("invalid training config: " + "; ".join(bad))
+        get_loss(self.loss)
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    """DP-SGD settings. ``noise_multiplier`` is the std of the noise this call adds / clip norm."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    grad_sample_mode: str = "hooks"  # Opacus: "hooks" | "functorch" | "ew"
+    secure_rng: bool = False  # Opacus secure_mode (cryptographic noise); slow, for production fleets
+
+    def __post_init__(self) -> None:
+        if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
+            raise ValueError("noise_multiplier must be a finite number >= 0")
+        if not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
+            raise ValueError("max_grad_norm must be a positive finite number")
+        if self.grad_sample_mode not in ("hooks", "functorch", "ew"):
+            raise ValueError("grad_sample_mode must be one of hooks, functorch, ew")
+
+
+@dataclass
+class TrainResult:
+    """What happened: enough to write a DP ledger event (steps, rate, sigma, clip)."""
+
+    steps: int
+    epochs_run: int
+    sample_rate: float
+    noise_multiplier: float | None
+    max_grad_norm: float | None
+    train_loss: float
+    best_val_loss: float | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+PairLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def pair_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_name: str) -> torch.Tensor:
+    """Per-example loss of a model; models with their own ``pair_loss`` (shared space) use it."""
+    custom = getattr(model, "pair_loss", None)
+    if custom is not None:
+        return custom(x, y, get_loss(loss_name))
+    return get_loss(loss_name)(model(y), x)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def _tensors(enroll: np.ndarray, runtime: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.as_tensor(np.asarray(enroll, dtype=np.float32))
+    y = torch.as_tensor(np.asarray(runtime, dtype=np.float32))
+    if x.shape[0] != y.shape[0] or x.shape[0] == 0:
+        raise ValueError(f"need the same number (>= 1) of enroll and runtime rows, got {x.shape[0]}, {y.shape[0]}")
+    return x, y
+
+
+def _optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=0.0)
+
+
+def _augment(y: torch.Tensor, std: float, gen: torch.Generator) -> torch.Tensor:
+    if std <= 0:
+        return y
+    return y + std * torch.randn(y.shape, generator=gen)
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, enroll: np.ndarray, runtime: np.ndarray, loss: str = "cosine") -> float:
+    """Mean per-example loss (used for early stopping on held-out train-side speakers)."""
+    model.eval()
+    x, y = _tensors(enroll, runtime)
+    value = float(pair_loss(model, x, y, loss).mean())
+    model.train()
+    return value
+
+
+def train_local(
+    model: nn.Module,
+    enroll: np.ndarray,
+    runtime: np.ndarray,
+    cfg: TrainConfig,
+    dp: DPConfig | None = None,
+    *,
+    val: tuple[np.ndarray, np.ndarray] | None = None,
+    max_steps: int | None = None,
+) -> TrainResult:
+    """Train ``model`` in place on pairs; DP-SGD through Opacus when ``dp`` is given.
+
+    Non-DP runs may early-stop on ``val`` (pairs of held-out *train-side*
+    speakers) and restore the best weights. DP runs train a fixed number of
+    steps: stopping on data would be a further data-dependent release.
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("model has no trainable parameters")
+    x, y = _tensors(enroll, runtime)
+    gen = seed_everything(cfg.seed)
+    if dp is None:
+        return _train_plain(model, x, y, cfg, gen, val, max_steps)
+    return _train_dp(model, x, y, cfg, dp, gen, max_steps)
+
+
+def _train_plain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
+                 gen: torch.Generator, val: tuple[np.ndarray, np.ndarray] | None,
+                 max_steps: int | None) -> TrainResult:
+    opt = _optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    n, bs = x.shape[0], min(cfg.batch_size, x.shape[0])
+    steps, best, best_state, bad_epochs, history = 0, math.inf, None, 0, []
+    model.train()
+    epoch = 0
+    for epoch in range(1, cfg.epochs + 1):
+        perm = torch.randperm(n, generator=gen)
+        total = 0.0
+        for start in range(0, n, bs):
+            idx = perm[start:start + bs]
+            loss = pair_loss(model, x[idx], _augment(y[idx], cfg.input_noise, gen), cfg.loss).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+            steps += 1
+            if max_steps is not None and steps >= max_steps:
+                break
+        record = {"epoch": epoch, "train_loss": total / n}
+        if val is not None:
+            vloss = evaluate_loss(model, val[0], val[1], cfg.loss)
+            record["val_loss"] = vloss
+            if vloss < best - 1e-6:
+                best, best_state, bad_epochs = vloss, copy.deepcopy(model.state_dict()), 0
+            else:
+                bad_epochs += 1
+        history.append(record)
+        if (val is not None and bad_epochs >= cfg.patience) or (max_steps is not None and steps >= max_steps):
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return TrainResult(steps=steps, epochs_run=epoch, sample_rate=min(1.0, bs / n), noise_multiplier=None,
+                       max_grad_norm=None, train_loss=history[-1]["train_loss"],
+                       best_val_loss=None if val is None else best, history=history)
+
+
+def dp_sample_rate(n: int, batch_size: int) -> float:
+    """Poisson sampling rate q for an expected batch of ``batch_size`` out of ``n`` pairs."""
+    return min(1.0, batch_size / n)
+
+
+def dp_steps(n: int, batch_size: int, epochs: int) -> int:
+    """Number of DP-SGD steps ``train_local`` takes: ``epochs`` passes of 1/q steps each."""
+    return epochs * max(1, round(1.0 / dp_sample_rate(n, batch_size)))
+
+
+def _train_dp(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, dp: DPConfig,
+              gen: torch.Generator, max_steps: int | None) -> TrainResult:
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    n = x.shape[0]
+    q = dp_sample_rate(n, cfg.batch_size)
+    steps_total = dp_steps(n, cfg.batch_size, cfg.epochs)
+    if max_steps is not None:
+        steps_total = min(steps_total, max_steps)
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True,
+                           force_functorch=dp.grad_sample_mode == "functorch")
+    inner = _optimizer([p for p in gsm.parameters() if p.requires_grad], cfg)
+    expected = max(1, round(q * n))
+    opt = DPOptimizer(inner, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+                      expected_batch_size=expected, loss_reduction="sum", generator=gen,
+                      secure_mode=dp.secure_rng)
+    gsm.train()
+    history, total, count = [], 0.0, 0
+    per_epoch = max(1, round(1.0 / q))
+    for step in range(steps_total):
+        mask = torch.rand(n, generator=gen) < q  # Poisson sampling: each pair independently
+        idx = mask.nonzero(as_tuple=True)[0]
+        opt.zero_grad(set_to_none=True)
+        if len(idx) > 0:
+            per_ex = pair_loss(gsm._module, x[idx], _augment(y[idx], cfg.input_noise, gen), cfg.loss)
+            # Sum reduction: DPOptimizer divides (sum of clipped grads + noise) by the EXPECTED batch
+            # size below, which keeps the noise scale independent of the realised batch.
+            per_ex.sum().backward()
+            total += float(per_ex.detach().sum())
+            count += len(idx)
+        else:
+            _empty_batch_grads(gsm)
+        opt.step()
+        for p in gsm.parameters():
+            if p.grad is not None:
+                p.grad = None
+        if (step + 1) % per_epoch == 0 or step + 1 == steps_total:
+            history.append({"step": step + 1, "train_loss": total / max(count, 1)})
+    _detach_opacus(gsm)
+    return TrainResult(steps=steps_total, epochs_run=math.ceil(steps_total / per_epoch), sample_rate=q,
+                       noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+                       train_loss=history[-1]["train_loss"] if history else float("nan"), history=history)
+
+
+def _empty_batch_grads(gsm: nn.Module) -> None:
+    """An empty Poisson batch still releases a noised (zero) gradient: give Opacus zero per-sample grads."""
+    for p in gsm.parameters():
+        if p.requires_grad:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+
+
+def _detach_opacus(gsm: Any) -> None:
+    """Remove Opacus hooks so the same model object can be trained again (next round)."""
+    gsm._close()
+    for p in gsm._module.parameters():
+        for attr in ("grad_sample", "summed_grad", "_forward_counter"):
+            if hasattr(p, attr):
+                delattr(p, attr)
