@@ -271,3 +271,38 @@ def _detach_opacus(gsm: Any) -> None:
         for attr in ("grad_sample", "summed_grad", "_forward_counter"):
             if hasattr(p, attr):
                 delattr(p, attr)
+
+
+def noisy_gradient_sum(model: nn.Module, enroll: np.ndarray, runtime: np.ndarray, *, batch_size: int,
+                       noise_multiplier: float, max_grad_norm: float, seed: int, loss: str = "cosine",
+                       secure_rng: bool = False) -> np.ndarray:
+    """``sum_i clip(grad_i) + N(0, (noise_multiplier * C)^2 I)`` over a Poisson sample (rate B/n).
+
+    The distributed-DP contribution of one device: Opacus clips per example and
+    adds this device's noise share; with sum reduction and an expected batch
+    size of 1 its output gradient is exactly the noisy clipped sum. An empty
+    sample still returns the noise share.
+    """
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    x, y = _tensors(enroll, runtime)
+    gen = seed_everything(seed)
+    n = x.shape[0]
+    q = dp_sample_rate(n, batch_size)
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True)
+    params = [p for p in gsm.parameters() if p.requires_grad]
+    opt = DPOptimizer(torch.optim.SGD(params, lr=0.0), noise_multiplier=noise_multiplier,
+                      max_grad_norm=max_grad_norm, expected_batch_size=1, loss_reduction="sum",
+                      generator=gen, secure_mode=secure_rng)
+    opt.zero_grad(set_to_none=True)
+    idx = (torch.rand(n, generator=gen) < q).nonzero(as_tuple=True)[0]
+    if len(idx) > 0:
+        pair_loss(gsm._module, x[idx], y[idx], loss).sum().backward()
+    else:
+        _empty_batch_grads(gsm)
+    if not opt.pre_step():  # clip + accumulate + noise, without the parameter update
+        raise RuntimeError("Opacus skipped the noise step")
+    grad = torch.cat([p.grad.reshape(-1) for p in params]).detach().numpy().astype(np.float32)
+    _detach_opacus(gsm)
+    return grad
