@@ -1,0 +1,1 @@
+"""The fed-nessa ClientApp: shard -> plan/train -> SecAgg+-masked update (see ``client.app``)."""

@@ -1,0 +1,126 @@
+"""The fed-nessa ClientApp (``app``): one edge device of the federation.
+
+Two messages per round, both answered from the device's own shard and ledger:
+
+* ``query`` (the plan): the server says which phase and round come next; the
+  device checks its privacy budget (``plan_round``, no training) and answers
+  ``status`` ``ok`` or ``declined`` with a reason. A device over budget thus
+  never enters the SecAgg+ cohort.
+* ``train`` (the SecAgg+ stages): ``secaggplus_mod`` runs the protocol; at its
+  "collect masked vectors" stage it calls the handler below, which trains
+  (``client_round``: DP-SGD etc., every DP event recorded in the device's
+  ledger), scales the vector into SecAgg+'s range with the round's codec,
+  appends the saturation count, and answers in the legacy ``fitres`` layout
+  with a CONSTANT weight (never ``num_examples``). The mod masks and
+  quantizes it; only masked integers leave the device.
+
+What leaves a device beyond the masked vector: the plan's status/reason and
+the metric keys in :data:`REPLY_METRIC_KEYS` (privacy spend, a decline
+reason). Any other metric the round logic returns is dropped here, so a new
+metric cannot leak data sizes or losses by accident.
+
+A bad shard, a missing ledger folder or a decline discovered at training time
+raise: the device answers with an error, drops out of the SecAgg+ round
+(its masks are reconstructed by its neighbours) and the round goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.compat.common import recorddict_compat as compat
+
+from client.device import DeviceRuntime, default_runtime, locate
+from client.mods import is_secagg_message, secagg_only_mod
+from fed_nessa.aggregation import CONSTANT_WEIGHT, SecAggCodec
+from fed_nessa.config import FederationConfig, from_run_config
+
+log = logging.getLogger(__name__)
+
+PLAN_RECORD = "plan"  # config record of the query message and of its reply
+REPLY_METRIC_KEYS = frozenset({"epsilon_spent", "epsilon_after", "epsilon_round", "epsilon_budget", "reason"})
+
+
+class RoundDeclined(RuntimeError):
+    """The device declined at training time (e.g. the budget changed since the plan)."""
+
+
+def _config(context: Context) -> FederationConfig:
+    return from_run_config(dict(context.run_config))
+
+
+def _safe_metrics(metrics: Mapping[str, Any]) -> dict[str, float | int | str]:
+    """Keep only the contract's metric keys with scalar values (see module doc)."""
+    out: dict[str, float | int | str] = {}
+    for key, value in metrics.items():
+        if key not in REPLY_METRIC_KEYS:
+            log.debug("dropping metric %r from the reply: not in the reply contract", key)
+            continue
+        if isinstance(value, bool | np.bool_):
+            out[key] = int(value)
+        elif isinstance(value, int | np.integer):
+            out[key] = int(value)
+        elif isinstance(value, float | np.floating):
+            out[key] = float(value)
+        elif isinstance(value, str):
+            out[key] = value
+    return out
+
+
+def build_client_app(runtime: DeviceRuntime | None = None) -> ClientApp:
+    """A ClientApp bound to ``runtime`` (default: the production round logic, loaded lazily)."""
+    app = ClientApp(mods=[secagg_only_mod])
+    cache: dict[str, DeviceRuntime] = {}
+
+    def rt() -> DeviceRuntime:
+        if "rt" not in cache:
+            cache["rt"] = runtime or default_runtime()
+        return cache["rt"]
+
+    def open_device(context: Context, cfg: FederationConfig):  # type: ignore[no-untyped-def]
+        paths = locate(dict(context.node_config), cfg)
+        shard = rt().load_shard(paths.shard)
+        ledger = rt().open_ledger(paths.state_dir, paths.device_id)
+        return shard, ledger
+
+    @app.query()
+    def plan(msg: Message, context: Context) -> Message:
+        cfg = _config(context)
+        plan_cfg = msg.content.config_records[PLAN_RECORD]
+        shard, ledger = open_device(context, cfg)
+        outcome = rt().plan_round(str(plan_cfg["phase"]), shard, cfg, int(plan_cfg["round"]), ledger)
+        reply = {"status": str(outcome.status), **_safe_metrics(outcome.metrics)}
+        return Message(RecordDict({PLAN_RECORD: ConfigRecord(reply)}), reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        if not is_secagg_message(msg):
+            raise RuntimeError("refusing to send an update outside a SecAgg+ round (no secaggplus record)")
+        cfg = _config(context)
+        fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+        codec = SecAggCodec.from_config(dict(fitins.config))
+        global_vector = parameters_to_ndarrays(fitins.parameters)[0].astype(np.float32, copy=False)
+        shard, ledger = open_device(context, cfg)
+        outcome = rt().client_round(str(fitins.config["phase"]), shard, global_vector, cfg,
+                                    int(fitins.config["round"]), ledger)
+        if outcome.status != "ok" or outcome.vector is None:
+            raise RoundDeclined(f"declined at training: {outcome.metrics.get('reason', outcome.status)}")
+        payload, _saturated = codec.encode(outcome.vector)
+        fitres = FitRes(
+            status=Status(code=Code.OK, message=""),
+            parameters=ndarrays_to_parameters([payload]),
+            num_examples=CONSTANT_WEIGHT,
+            metrics=_safe_metrics(outcome.metrics),
+        )
+        return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
+
+    return app
+
+
+app = build_client_app()

@@ -1,0 +1,1 @@
+"""The fed-nessa ServerApp: cohort planning, SecAgg+ rounds, evaluation, checkpoints, run folder."""

@@ -1,0 +1,141 @@
+"""One SecAgg+ round over a chosen cohort, returning the decoded secure SUM.
+
+Flower 1.42's SecAgg+ server side (``SecAggPlusWorkflow``) only runs through
+the legacy compatibility layer: it reads the cohort from a legacy
+``Strategy.configure_fit`` and hands the unmasked aggregate to
+``Strategy.aggregate_fit``. This module wraps that in one call,
+:func:`secure_sum`, with a tiny capture strategy, so the rest of the server
+deals only in numpy vectors:
+
+* the cohort is exactly the devices the server chose (those that accepted the
+  round's plan), each receiving the same legacy ``FitIns`` (global vector +
+  round config, including the :class:`~fed_nessa.aggregation.SecAggCodec`);
+* every device answers with the same weight, so the workflow's output is the
+  plain mean of the arrived payloads, which :meth:`SecAggCodec.decode` turns
+  back into the SUM and the cohort's total saturation count;
+* the server never sees an individual vector: only masked vectors go through
+  the Grid, and the workflow reveals only their sum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.common import FitIns, FitRes, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server.client_manager import ClientManager, SimpleClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import Strategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.serverapp.grid import Grid
+
+from fed_nessa.aggregation import MAX_WEIGHT, SecAggCodec
+from fed_nessa.config import SECAGG_MODULUS_RANGE, FederationConfig
+
+
+@dataclass
+class SecureSum:
+    """What one SecAgg+ round revealed: the sum, how many devices it covers, and who failed."""
+
+    completed: bool
+    sum_vector: np.ndarray | None  # float32, devices' units; None when the protocol halted
+    n_arrived: int
+    saturated: int
+    arrived: list[int] = field(default_factory=list)  # node ids whose masked vector is in the sum
+    failures: list[str] = field(default_factory=list)  # error reasons (no data, only what failed)
+    metrics: dict[int, dict] = field(default_factory=dict)  # per-node reply metrics (contract-limited)
+
+
+class _CohortStrategy(Strategy):
+    """Legacy strategy that configures exactly the given cohort and captures the aggregate."""
+
+    def __init__(self, grid: Grid, run_id: int, cohort: list[int], fit_config: dict) -> None:
+        self._grid = grid
+        self._run_id = run_id
+        self._cohort = list(cohort)
+        self._fit_config = dict(fit_config)
+        self.mean: np.ndarray | None = None
+        self.arrived: list[int] = []
+        self.metrics: dict[int, dict] = {}
+        self.failures: list[str] = []
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        return None
+
+    def configure_fit(self, server_round: int, parameters: Parameters,
+                      client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
+        ins = FitIns(parameters=parameters, config=self._fit_config)
+        return [(GridClientProxy(nid, self._grid, self._run_id), ins) for nid in self._cohort]
+
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
+                      failures: list) -> tuple[Parameters | None, dict]:
+        self.failures = [str(f) for f in failures]
+        if not results:
+            return None, {}
+        # After unmasking, every result carries the same (aggregated) parameters.
+        self.mean = parameters_to_ndarrays(results[0][1].parameters)[0]
+        self.arrived = [int(proxy.node_id) for proxy, _ in results]  # type: ignore[attr-defined]
+        self.metrics = {int(proxy.node_id): dict(res.metrics) for proxy, res in results}  # type: ignore[attr-defined]
+        return None, {}
+
+    def configure_evaluate(self, server_round, parameters, client_manager):  # type: ignore[no-untyped-def]
+        return []
+
+    def aggregate_evaluate(self, server_round, results, failures):  # type: ignore[no-untyped-def]
+        return None, {}
+
+    def evaluate(self, server_round, parameters):  # type: ignore[no-untyped-def]
+        return None
+
+
+def make_workflow(cfg: FederationConfig) -> SecAggPlusWorkflow:
+    """The SecAgg+ workflow with integer shares/threshold and a constant weight (never num_examples)."""
+    return SecAggPlusWorkflow(
+        num_shares=int(cfg.secagg_num_shares),
+        reconstruction_threshold=int(cfg.secagg_reconstruction_threshold),
+        max_weight=MAX_WEIGHT,
+        clipping_range=float(cfg.secagg_clipping_range),
+        quantization_range=int(cfg.secagg_quantization_range),
+        modulus_range=SECAGG_MODULUS_RANGE,
+        timeout=cfg.secagg_timeout,
+    )
+
+
+def secure_sum(grid: Grid, context: Context, cfg: FederationConfig, round_num: int, cohort: list[int],
+               global_vector: np.ndarray, fit_config: dict, codec: SecAggCodec) -> SecureSum:
+    """Run one SecAgg+ round over ``cohort`` and decode the SUM of the arrived devices' vectors.
+
+    ``fit_config`` (flat, ConfigRecord-safe) and the codec travel to every
+    device with the global vector. Drop-outs below the reconstruction
+    threshold are survived by the protocol; if it halts, ``completed`` is
+    False and no sum is revealed.
+    """
+    strategy = _CohortStrategy(grid, context.run_id, cohort, {**fit_config, **codec.to_config()})
+    state = RecordDict()
+    state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: int(round_num)})
+    state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord(
+        [np.asarray(global_vector, dtype=np.float32).reshape(-1)]
+    )
+    legacy = LegacyContext(
+        Context(run_id=context.run_id, node_id=context.node_id, node_config=dict(context.node_config),
+                state=state, run_config=dict(context.run_config)),
+        strategy=strategy,
+        client_manager=SimpleClientManager(),
+    )
+    make_workflow(cfg)(grid, legacy)
+    if strategy.mean is None:
+        return SecureSum(completed=False, sum_vector=None, n_arrived=0, saturated=0,
+                         failures=strategy.failures)
+    total, saturated = codec.decode(strategy.mean, len(strategy.arrived))
+    return SecureSum(completed=True, sum_vector=total, n_arrived=len(strategy.arrived), saturated=saturated,
+                     arrived=sorted(strategy.arrived), failures=strategy.failures, metrics=strategy.metrics)
+
+
+def fit_parameters(vector: np.ndarray) -> Parameters:
+    """Legacy ``Parameters`` holding one flat vector (what devices reply with)."""
+    return ndarrays_to_parameters([np.asarray(vector).reshape(-1)])

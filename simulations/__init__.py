@@ -1,0 +1,1 @@
+"""Simulations: the in-process Grid and the runner behind ``fed-nessa simulate``."""
