@@ -572,6 +572,7 @@ def reports_to_markdown(reports: Sequence[ScenarioReport], title: str = "Evaluat
         "(EER_sym_before - EER_row) / (EER_sym_before - EER_sym_after); the paper's bar is >= 0.60, "
         f"negative means {WORSE_THAN_NOT_UPDATING}.",
         "",
+        "",
     ]
     return "\n".join(head) + "\n".join(r.to_markdown() for r in reports)
 

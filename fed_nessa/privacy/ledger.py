@@ -1,0 +1,256 @@
+"""Per-device privacy ledger and the server's federation ledger.
+
+A device's ledger is the record of every DP mechanism it ran: an append-only,
+hash-chained JSONL file signed with the device's own Ed25519 key, so an auditor
+can check it without trusting the device software that wrote it *or* the server
+that collected it.
+
+Spending is two-phase so a crash can never lose a spend: ``reserve(event)`` is
+appended and fsynced *before* the mechanism runs; ``complete(seq, ...)`` after.
+Accounting counts every reserved event, whether completed, failed or left
+dangling by a crash: conservative, and never double-counted because a restart
+continues the same chain instead of starting a new one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fed_nessa import __version__
+from fed_nessa.privacy import signing
+from fed_nessa.privacy.accounting import ACCOUNTANTS, RDP, compute_epsilon
+from fed_nessa.privacy.budget import BudgetDecision, BudgetExceededError, check_budget, validate_budget
+from fed_nessa.privacy.chain import LedgerError, SignedChain
+from fed_nessa.privacy.events import DPEvent
+
+DEVICE_LEDGER_NAME = "privacy-ledger.jsonl"
+DEVICE_KEY_NAME = "device-key.pem"
+DEVICE_PUB_NAME = "device-key.pub.pem"
+FEDERATION_LEDGER_NAME = "federation-ledger.jsonl"
+SERVER_KEY_NAME = "server-key.pem"
+SERVER_PUB_NAME = "server-key.pub.pem"
+
+RESERVE = "reserve"
+COMPLETE = "complete"
+ROUND = "round"
+STATUSES = ("done", "failed")
+
+__all__ = ["DeviceLedger", "FederationLedger", "LedgerError", "BudgetDecision", "BudgetExceededError"]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A device's budget: fixed for the life of its ledger, recorded for the auditor."""
+
+    epsilon: float
+    delta: float
+    accountant: str = RDP
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"epsilon": self.epsilon, "delta": self.delta, "accountant": self.accountant}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> Budget | None:
+        if not data:
+            return None
+        return cls(float(data["epsilon"]), float(data["delta"]), str(data.get("accountant", RDP)))
+
+
+class DeviceLedger:
+    """One device's signed ledger of DP events (see the module docstring)."""
+
+    def __init__(self, folder: Path, device_id: str, chain: SignedChain):
+        self.folder = folder
+        self.device_id = device_id
+        self._chain = chain
+        self._budget = Budget.from_dict(chain.header.get("budget"))
+
+    @classmethod
+    def open(cls, folder: Path, device_id: str, *, epsilon_budget: float | None = None,
+             delta: float | None = None, budget_accountant: str = RDP) -> DeviceLedger:
+        """Open (verify and continue) or create ``folder/privacy-ledger.jsonl``.
+
+        ``epsilon_budget``/``delta``, when given, are written into the header of a
+        new ledger (the auditor checks against them) and must match an existing one.
+        """
+        if not isinstance(device_id, str) or not device_id.strip():
+            raise ValueError(f"device_id must be a non-empty string, got {device_id!r}")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        budget = _budget_arg(epsilon_budget, delta, budget_accountant)
+        path = folder / DEVICE_LEDGER_NAME
+        new = not path.exists() or path.stat().st_size == 0
+        key = signing.load_or_create_private_key(folder / DEVICE_KEY_NAME, folder / DEVICE_PUB_NAME,
+                                                 create=new)
+        header = {"role": "device", "device_id": device_id, "software": f"fed-nessa {__version__}",
+                  "budget": budget.to_dict() if budget else None}
+        chain = SignedChain.open(path, key, header)
+        found = chain.header.get("device_id")
+        if found != device_id:
+            raise LedgerError(f"{path}: belongs to device {found!r}, not {device_id!r}")
+        ledger = cls(folder, device_id, chain)
+        if budget and ledger._budget and budget != ledger._budget:
+            raise ValueError(f"{path}: the ledger's budget is {ledger._budget.to_dict()}, asked "
+                             f"{budget.to_dict()}: a device's budget is fixed for its ledger's life")
+        ledger._budget = ledger._budget or budget
+        return ledger
+
+    @property
+    def path(self) -> Path:
+        return self._chain.path
+
+    @property
+    def key_fingerprint(self) -> str:
+        return str(self._chain.header["key_fingerprint"])
+
+    @property
+    def budget(self) -> Budget | None:
+        return self._budget
+
+    def reserve(self, event: DPEvent) -> int:
+        """Durably record ``event`` before it runs; returns its seq for :meth:`complete`.
+
+        Refuses (``BudgetExceededError``) an event that would cross the known budget.
+        """
+        if not isinstance(event, DPEvent):
+            raise TypeError(f"reserve() needs a DPEvent, got {type(event).__name__}")
+        if self._budget is not None:
+            decision = check_budget(self.events(), event, self._budget.epsilon, self._budget.delta,
+                                    self._budget.accountant)
+            if not decision.allowed:
+                raise BudgetExceededError(f"{self.path}: device {self.device_id}: {decision.reason}")
+        payload = {"event": event.to_dict(),
+                   "budget": self._budget.to_dict() if self._budget else None}
+        return int(self._chain.append(RESERVE, payload)["seq"])
+
+    def complete(self, seq: int, epsilon_after: float, status: str = "done",
+                 accountant: str = RDP) -> None:
+        """Close reservation ``seq``: the mechanism ran (``done``) or not (``failed``).
+
+        ``epsilon_after`` is the device's epsilon over every event reserved up to
+        and including ``seq``, at that event's delta, by ``accountant``: the auditor
+        recomputes it.
+        """
+        if status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+        if accountant not in ACCOUNTANTS:
+            raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+        if not (isinstance(epsilon_after, (int, float)) and math.isfinite(epsilon_after)
+                and epsilon_after >= 0):
+            raise ValueError(f"epsilon_after must be a finite number >= 0, got {epsilon_after!r}")
+        entries = self._chain.entries
+        if not (isinstance(seq, int) and 0 < seq < len(entries) and entries[seq]["kind"] == RESERVE):
+            raise ValueError(f"{self.path}: seq {seq!r} is not a reserve entry")
+        if seq not in self.pending():
+            raise ValueError(f"{self.path}: reservation seq {seq} is already completed")
+        delta = float(entries[seq]["payload"]["event"]["delta"])
+        self._chain.append(COMPLETE, {"reserve_seq": seq, "status": status,
+                                      "epsilon_after": float(epsilon_after),
+                                      "accountant": accountant, "delta": delta})
+
+    def entries(self) -> list[dict[str, Any]]:
+        """The verified entries (copies are not made: treat as read-only)."""
+        return self._chain.entries
+
+    def events(self) -> list[DPEvent]:
+        """Every reserved event in order: completed, failed or dangling."""
+        return [DPEvent.from_dict(e["payload"]["event"]) for e in self._chain.entries
+                if e["kind"] == RESERVE]
+
+    def pending(self) -> list[int]:
+        """Seqs of reservations not (yet) completed, e.g. left by a crash."""
+        done = {e["payload"]["reserve_seq"] for e in self._chain.entries if e["kind"] == COMPLETE}
+        return [e["seq"] for e in self._chain.entries if e["kind"] == RESERVE and e["seq"] not in done]
+
+    def rounds(self) -> set[int]:
+        return {ev.round for ev in self.events()}
+
+    def epsilon(self, delta: float, accountant: str = RDP) -> float:
+        return compute_epsilon(self.events(), delta, accountant)
+
+    def check_budget(self, planned: DPEvent, epsilon_budget: float, delta: float,
+                     accountant: str = RDP) -> BudgetDecision:
+        """Would ``planned`` keep this device within ``epsilon_budget`` at ``delta``?
+
+        The budget is remembered (and must match one fixed in the header), so the
+        following :meth:`reserve` records the budget it was admitted under.
+        """
+        budget = _budget_arg(epsilon_budget, delta, accountant)
+        assert budget is not None
+        if self._budget is not None and budget != self._budget:
+            raise ValueError(f"{self.path}: budget {budget.to_dict()} differs from the ledger's "
+                             f"{self._budget.to_dict()}")
+        self._budget = budget
+        return check_budget(self.events(), planned, budget.epsilon, budget.delta, budget.accountant)
+
+
+class FederationLedger:
+    """The server's signed, hash-chained record of who joined, declined or failed each round."""
+
+    def __init__(self, chain: SignedChain):
+        self._chain = chain
+
+    @classmethod
+    def open(cls, path: Path, key_folder: Path) -> FederationLedger:
+        """Open or create the ledger at ``path``, signed by ``key_folder/server-key.pem``.
+
+        The public key is also written beside the ledger (``server-key.pub.pem``)
+        so a run folder carries what an auditor needs.
+        """
+        path, key_folder = Path(path), Path(key_folder)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key_folder.mkdir(parents=True, exist_ok=True)
+        new = not path.exists() or path.stat().st_size == 0
+        key = signing.load_or_create_private_key(key_folder / SERVER_KEY_NAME,
+                                                 key_folder / SERVER_PUB_NAME, create=new)
+        beside = path.parent / SERVER_PUB_NAME
+        if not beside.exists():
+            signing.atomic_write(beside, signing.public_key_pem(key.public_key()).encode("ascii"), 0o644)
+        chain = SignedChain.open(path, key, {"role": "server", "software": f"fed-nessa {__version__}"})
+        return cls(chain)
+
+    @property
+    def path(self) -> Path:
+        return self._chain.path
+
+    def record_round(self, round: int, joined: Iterable[str], declined: Iterable[str],
+                     failed: Iterable[str], extra: dict[str, Any] | None = None) -> int:
+        """Append one round's participation; a device may appear in one list only."""
+        if not (isinstance(round, int) and not isinstance(round, bool) and round >= 0):
+            raise ValueError(f"round must be an int >= 0, got {round!r}")
+        lists = {"joined": _ids(joined, "joined"), "declined": _ids(declined, "declined"),
+                 "failed": _ids(failed, "failed")}
+        seen: dict[str, str] = {}
+        for name, ids in lists.items():
+            for d in ids:
+                if d in seen:
+                    raise ValueError(f"round {round}: device {d!r} is both {seen[d]} and {name}")
+                seen[d] = name
+        payload = {"round": round, **lists, "extra": dict(extra or {})}
+        return int(self._chain.append(ROUND, payload)["seq"])
+
+    def rounds(self) -> list[dict[str, Any]]:
+        return [e["payload"] for e in self._chain.entries if e["kind"] == ROUND]
+
+
+def _ids(values: Iterable[str], name: str) -> list[str]:
+    ids = list(values)
+    bad = [v for v in ids if not isinstance(v, str) or not v]
+    if bad:
+        raise ValueError(f"{name} must list device ids as non-empty strings, got {bad[:3]!r}")
+    return ids
+
+
+def _budget_arg(epsilon_budget: float | None, delta: float | None, accountant: str) -> Budget | None:
+    if epsilon_budget is None and delta is None:
+        return None
+    if epsilon_budget is None or delta is None:
+        raise ValueError("give both epsilon_budget and delta, or neither")
+    validate_budget(epsilon_budget, delta)
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+    return Budget(float(epsilon_budget), float(delta), accountant)

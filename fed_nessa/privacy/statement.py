@@ -1,0 +1,91 @@
+"""The privacy statement: what is guaranteed, to whom, under which assumptions.
+
+One function builds the dict written into ``summary.json["privacy"]`` and into
+the audit report, so the simulation, the server and the auditor say the same
+thing in the same words. It states the unit and neighbouring relation (the
+accountants here are for add/remove-one), the trust each noise placement needs,
+and the two caveats auditors ask about first: no amplification is claimed from
+the server's client sampling, and a speaker with k utterances is protected only
+by group privacy.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from fed_nessa.privacy.accounting import ACCOUNTANTS
+from fed_nessa.privacy.events import DISTRIBUTED, LOCAL, MODES
+
+UNIT = "one utterance pair (x_i, y_i) on one device"
+NEIGHBOURING = ("add/remove one utterance pair (x_i, y_i) on one device; every other pair, "
+                "device and round unchanged")
+NO_AMPLIFICATION = ("no privacy amplification is claimed from the server's choice of participants: "
+                    "each device composes every local step of every round it joined")
+SECAGG_HIDES = ("SecAgg+ hides each device's individual (masked, quantized) update from the server: "
+                "the server reads only the sum over the devices whose shares arrived")
+SECAGG_DOES_NOT_HIDE = ("SecAgg+ does not hide participation (which devices joined, declined, failed or "
+                        "dropped out in each round), anything a device sends outside the masked vector "
+                        "(declines, epsilon spent, reported metrics), message timing and sizes, or the "
+                        "aggregate itself (which the DP noise protects)")
+
+
+def group_privacy(epsilon: float, delta: float, k: int) -> tuple[float, float]:
+    """(k*eps, k*e^((k-1)*eps)*delta): the standard group-privacy bound for k pairs."""
+    if k < 1:
+        raise ValueError(f"group size must be >= 1, got {k}")
+    exponent = (k - 1) * epsilon
+    factor = math.exp(exponent) if exponent < 700 else math.inf
+    return k * epsilon, min(1.0, k * factor * delta)
+
+
+def trust_statement(mode: str, min_arrivals: int | None = None,
+                    reconstruction_threshold: int | None = None) -> str:
+    """What the guarantee assumes in ``mode`` and what remains if that assumption fails."""
+    if mode == LOCAL:
+        return ("local: every device adds the full Gaussian noise to its own clipped update before it "
+                "leaves the device, so the guarantee holds against the server, other devices and "
+                "anyone who sees the update, with no trust in SecAgg+ or the server; SecAgg+ only "
+                "adds confidentiality on top")
+    if mode == DISTRIBUTED:
+        arrivals = f"{min_arrivals}" if min_arrivals else "the configured minimum number of"
+        threshold = (f" (reconstruction threshold {reconstruction_threshold})"
+                     if reconstruction_threshold else "")
+        return ("distributed: each device adds only a share of the noise; the full noise exists only in "
+                f"the secure sum. The guarantee against the server assumes SecAgg+ holds{threshold}: "
+                "fewer colluding devices than the threshold with an honest-but-curious server that "
+                f"follows the protocol and releases no aggregate of fewer than {arrivals} devices; "
+                "noise is accounted only from the shares guaranteed to arrive. Against an observer of "
+                "the released aggregate (other devices, the model's users) it needs only that the "
+                "server follows the protocol. If SecAgg+ fails (the server sees an individual update, "
+                "or colludes with threshold-many devices), that update carries only its own noise "
+                "share: its protection is far weaker than the stated epsilon and must be treated as none")
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def privacy_statement(mode: str, delta: float, epsilon_budget: float | None, accountant: str,
+                      *, min_arrivals: int | None = None,
+                      reconstruction_threshold: int | None = None) -> dict[str, Any]:
+    """The ``summary.json["privacy"]`` statement (callers add measured epsilons to it)."""
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+    if not 0.0 < delta < 1.0:
+        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+    if epsilon_budget is not None and not epsilon_budget > 0:
+        raise ValueError(f"epsilon budget must be > 0, got {epsilon_budget!r}")
+    return {
+        "unit": UNIT,
+        "neighbouring_relation": NEIGHBOURING,
+        "level": "example-level (per utterance pair); no device-level or speaker-level guarantee is claimed",
+        "mode": mode,
+        "trust": trust_statement(mode, min_arrivals, reconstruction_threshold),
+        "delta": delta,
+        "epsilon_budget": epsilon_budget,
+        "accountant": accountant,
+        "amplification": NO_AMPLIFICATION,
+        "group_privacy": ("a speaker with k utterance pairs on a device is protected only by group "
+                          "privacy: (k*epsilon, k*e^((k-1)*epsilon)*delta), i.e. roughly k times epsilon "
+                          "and much worse delta for large k"),
+        "secure_aggregation_hides": SECAGG_HIDES,
+        "secure_aggregation_does_not_hide": SECAGG_DOES_NOT_HIDE,
+    }
