@@ -44,7 +44,7 @@ from fed_nessa.config import FederationConfig, from_run_config
 log = logging.getLogger(__name__)
 
 PLAN_RECORD = "plan"  # config record of the query message and of its reply
-REPLY_METRIC_KEYS = frozenset({"epsilon_spent", "epsilon_after", "epsilon_round", "epsilon_budget", "reason"})
+REPLY_METRIC_KEYS = frozenset({"epsilon_spent", "epsilon_if_run", "reason"})
 
 
 class RoundDeclined(RuntimeError):
@@ -87,15 +87,16 @@ def build_client_app(runtime: DeviceRuntime | None = None) -> ClientApp:
         paths = locate(dict(context.node_config), cfg)
         shard = rt().load_shard(paths.shard)
         ledger = rt().open_ledger(paths.state_dir, paths.device_id)
-        return shard, ledger
+        return paths, shard, ledger
 
     @app.query()
     def plan(msg: Message, context: Context) -> Message:
         cfg = _config(context)
         plan_cfg = msg.content.config_records[PLAN_RECORD]
-        shard, ledger = open_device(context, cfg)
+        paths, shard, ledger = open_device(context, cfg)
         outcome = rt().plan_round(str(plan_cfg["phase"]), shard, cfg, int(plan_cfg["round"]), ledger)
-        reply = {"status": str(outcome.status), **_safe_metrics(outcome.metrics)}
+        # The device id is a stable pseudonym (the shard's name) for the federation ledger.
+        reply = {"status": str(outcome.status), "device_id": paths.device_id, **_safe_metrics(outcome.metrics)}
         return Message(RecordDict({PLAN_RECORD: ConfigRecord(reply)}), reply_to=msg)
 
     @app.train()
@@ -106,7 +107,7 @@ def build_client_app(runtime: DeviceRuntime | None = None) -> ClientApp:
         fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
         codec = SecAggCodec.from_config(dict(fitins.config))
         global_vector = parameters_to_ndarrays(fitins.parameters)[0].astype(np.float32, copy=False)
-        shard, ledger = open_device(context, cfg)
+        _paths, shard, ledger = open_device(context, cfg)
         outcome = rt().client_round(str(fitins.config["phase"]), shard, global_vector, cfg,
                                     int(fitins.config["round"]), ledger)
         if outcome.status != "ok" or outcome.vector is None:

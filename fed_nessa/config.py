@@ -203,7 +203,7 @@ def _check_ranges(c: FederationConfig) -> list[str]:
     _range(p, "eval-speakers", c.eval_speakers, 2, 1_000_000)
     _range(p, "seed", c.seed, 0, 2**63 - 1)
     _range(p, "hidden", c.hidden, 1, 65_536)
-    _range(p, "depth", c.depth, 0, 16)
+    _range(p, "depth", c.depth, 1, 16)
     return p
 
 

@@ -1,0 +1,79 @@
+"""Per-round checkpoints of the server (global aligner + optimiser + round history) and resume.
+
+A checkpoint is written after every completed round, atomically (temp file,
+fsync, rename), so a crash at any moment leaves the last complete round on
+disk. Resuming loads the newest readable checkpoint and continues with the
+next round; device ledgers are never touched by the server, so a round that
+was interrupted is simply run again (its spend, if any, is already in the
+devices' ledgers, which is the conservative side).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_DIR = "checkpoints"
+_NAME = re.compile(r"^round-(\d{5})\.pt$")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    round: int
+    model_state: dict[str, Any]
+    history: list[dict[str, Any]]
+    config: dict[str, Any]
+
+
+def _path(run_dir: Path, round_num: int) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR / f"round-{round_num:05d}.pt"
+
+
+def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> Path:
+    """Write ``checkpoints/round-NNNNN.pt`` atomically; returns its path."""
+    path = _path(run_dir, ckpt.round)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save({"round": ckpt.round, "model_state": ckpt.model_state, "history": ckpt.history,
+                "config": ckpt.config}, buf)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(buf.getvalue())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Load one checkpoint (weights-only unpickling: tensors, dicts, lists, numbers, strings)."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is reported the same way
+        raise ValueError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc})") from None
+    return Checkpoint(int(data["round"]), data["model_state"], list(data["history"]), dict(data["config"]))
+
+
+def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
+    """The newest readable checkpoint of a run folder (``None`` when there is none)."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return None
+    rounds = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name)))
+    for _, path in reversed(rounds):
+        try:
+            return load_checkpoint(path)
+        except ValueError:
+            continue  # a torn newest file: fall back to the previous round
+    return None

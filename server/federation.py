@@ -1,0 +1,272 @@
+"""The server's round loop: plan, SecAgg+ round, decode, apply, evaluate, record, checkpoint.
+
+Per round ``r`` (phase from ``ServerModel.phases()``):
+
+1. sample ``clients-per-round`` nodes (seeded by ``(seed, r)``: a resumed run
+   samples the same cohorts);
+2. send each a light ``query`` (the plan): devices over budget decline, bad
+   shards answer with an error; neither enters the SecAgg+ cohort;
+3. if at least ``min-arrivals`` accepted, run one SecAgg+ round over them
+   (:func:`server.secagg_round.secure_sum`), fail loudly on any saturated
+   coordinate, and refuse to release an aggregate of fewer than
+   ``min-arrivals`` devices; otherwise the model is left unchanged;
+4. ``ServerModel.apply`` the SUM, evaluate the global aligner on the held-out
+   evaluation set, record the round in the signed federation ledger, rewrite
+   ``summary.json`` and write a checkpoint.
+
+At the end: the aligner artifact (``ServerModel.save_artifact``), the
+centralised comparison rows (simulation), ``report.md`` and the plots.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp.grid import Grid
+
+from client.app import PLAN_RECORD
+from fed_nessa.aggregation import check_saturation, make_codec
+from fed_nessa.config import FederationConfig, from_run_config
+from server import run_folder
+from server.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
+from server.data import SCENARIO, FederationData, load_federation_data
+from server.secagg_round import secure_sum
+
+log = logging.getLogger(__name__)
+ALIGNER_DIR = "aligner"
+LEDGER_FILE = "federation-ledger.jsonl"
+KEYS_DIR = "keys"
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+class NotEnoughDevices(RuntimeError):
+    """Fewer nodes are connected than one SecAgg+ round needs."""
+
+
+@dataclass
+class Plan:
+    accepted: list[int]
+    declined: list[int]
+    failed: list[int]
+    device_ids: dict[int, str]
+    epsilons: dict[int, float]
+
+
+def sample_cohort(node_ids: list[int], cfg: FederationConfig, round_num: int) -> list[int]:
+    """``clients-per-round`` distinct nodes, reproducible from (seed, round)."""
+    nodes = sorted(node_ids)
+    rng = np.random.default_rng([cfg.seed, round_num])
+    k = min(cfg.clients_per_round, len(nodes))
+    return sorted(int(n) for n in rng.choice(nodes, size=k, replace=False))
+
+
+def plan_round(grid: Grid, cfg: FederationConfig, phase: str, round_num: int, cohort: list[int]) -> Plan:
+    """Ask every sampled device whether it takes part (budget check, no training)."""
+    msgs = [Message(RecordDict({PLAN_RECORD: ConfigRecord({"phase": phase, "round": round_num})}), nid, "query",
+                    group_id=str(round_num)) for nid in cohort]
+    replies = {m.metadata.src_node_id: m for m in grid.send_and_receive(msgs, timeout=cfg.secagg_timeout)}
+    plan = Plan([], [], [], {}, {})
+    for nid in cohort:
+        reply = replies.get(nid)
+        if reply is None or reply.has_error():
+            plan.failed.append(nid)
+            if reply is not None:
+                log.warning("round %d: node %d failed its plan: %s", round_num, nid, reply.error.reason)
+            continue
+        rec = reply.content.config_records[PLAN_RECORD]
+        plan.device_ids[nid] = str(rec.get("device_id", nid))
+        if "epsilon_spent" in rec:
+            plan.epsilons[nid] = float(rec["epsilon_spent"])
+        (plan.accepted if rec.get("status") == "ok" else plan.declined).append(nid)
+    return plan
+
+
+class Federation:
+    """One federated run bound to a Grid (in-process, Flower's simulation engine, or a SuperLink)."""
+
+    def __init__(self, grid: Grid, context: Context, cfg: FederationConfig | None = None,
+                 data: FederationData | None = None, progress: Progress | None = None) -> None:
+        from fed_nessa.rounds import ServerModel
+
+        self.grid, self.context = grid, context
+        self.cfg = cfg or from_run_config(dict(context.run_config))
+        self.run_dir = Path(self.cfg.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.data = data or load_federation_data(self.cfg)
+        self.model = ServerModel.create(self.cfg, self.data.d_x, self.data.d_y, self.data.enroll_model,
+                                        self.data.runtime_model)
+        self.progress = progress or (lambda event: None)
+        self.history: list[dict[str, Any]] = []
+        self.device_epsilon: dict[str, float] = {}
+        self.saturated_total = 0
+
+    # -- evaluation ---------------------------------------------------------------------
+    def evaluate(self, aligners: dict[str, Any] | None = None) -> Any:
+        from fed_nessa.evaluation import evaluate_scenario
+
+        ev = self.data.eval
+        return evaluate_scenario(ev.embeddings, ev.speaker, ev.utterance, ev.old_model, ev.new_model, SCENARIO,
+                                 aligners={"federated": self.model.comparator(), **(aligners or {})})
+
+    @staticmethod
+    def _row(report: Any, name: str) -> dict[str, Any]:
+        row = report.row(name)
+        return {"eer": row.metrics.eer, "min_dcf": row.metrics.min_dcf, "sid_top1": row.metrics.sid_top1,
+                "gap_closure": row.gap_closure}
+
+    # -- the loop -----------------------------------------------------------------------
+    def _resume(self) -> int:
+        if not self.cfg.resume:
+            return 1
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            log.info("resume requested but no checkpoint in %s: starting at round 1", self.run_dir)
+            return 1
+        self.model.load_state_dict(ckpt.model_state)
+        self.history = list(ckpt.history)
+        for entry in self.history:
+            self.device_epsilon.update(entry.get("device_epsilon", {}))
+            self.saturated_total += int(entry.get("saturated", 0))
+        log.info("resumed from round %d", ckpt.round)
+        return ckpt.round + 1
+
+    def run(self) -> dict[str, Any]:
+        from fed_nessa.privacy.ledger import FederationLedger
+
+        ledger = FederationLedger.open(self.run_dir / LEDGER_FILE, self.run_dir / KEYS_DIR)
+        phases = self.model.phases()
+        start = self._resume()
+        self.progress({"event": "start", "first_round": start, "rounds": self.cfg.num_server_rounds})
+        for r in range(start, self.cfg.num_server_rounds + 1):
+            entry = self.run_round(r, phases[r - 1], ledger)
+            self.history.append(entry)
+            save_checkpoint(self.run_dir, Checkpoint(r, self.model.state_dict(), self.history,
+                                                     self.cfg.to_run_config()))
+            run_folder.write_summary(self.run_dir, self.summary(final=None))
+            self.progress({"event": "round", **entry})
+        return self.finish()
+
+    def run_round(self, r: int, phase: str, ledger: Any) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        cfg = self.cfg
+        nodes = list(self.grid.get_node_ids())
+        if len(nodes) < 3:
+            raise NotEnoughDevices(f"round {r}: {len(nodes)} node(s) connected; SecAgg+ needs at least 3")
+        plan = plan_round(self.grid, cfg, phase, r, sample_cohort(nodes, cfg, r))
+        status, arrived, failed = "skipped", [], list(plan.failed)
+        saturated = 0
+        round_eps: dict[str, float] = {}
+        if len(plan.accepted) >= max(cfg.min_arrivals, 3):
+            codec = make_codec(self.model.payload_bound(phase), cfg.secagg_clipping_range,
+                               cfg.secagg_quantization_range, len(plan.accepted))
+            res = secure_sum(self.grid, self.context, cfg, r, plan.accepted, self.model.vector(),
+                             {"phase": phase, "round": r}, codec)
+            arrived = res.arrived
+            failed += [n for n in plan.accepted if n not in set(arrived)]
+            if not res.completed:
+                status = "aborted"
+            else:
+                saturated = res.saturated
+                self.saturated_total += saturated
+                check_saturation(saturated, r)
+                if res.n_arrived < cfg.min_arrivals:
+                    status = "refused"  # never release a sum of too few devices
+                else:
+                    self.model.apply(phase, res.sum_vector, res.n_arrived)
+                    status = "applied"
+                for nid, metrics in res.metrics.items():
+                    if "epsilon_spent" in metrics:
+                        round_eps[plan.device_ids.get(nid, str(nid))] = float(metrics["epsilon_spent"])
+        for nid, eps in plan.epsilons.items():  # devices' spend as of the plan (declined ones too)
+            dev = plan.device_ids.get(nid, str(nid))
+            round_eps.setdefault(dev, max(eps, self.device_epsilon.get(dev, 0.0)))
+        self.device_epsilon.update(round_eps)
+        report = self.evaluate()
+        fed = self._row(report, "asym_federated")
+        ids = plan.device_ids
+        ledger.record_round(r, [ids.get(n, str(n)) for n in arrived], [ids.get(n, str(n)) for n in plan.declined],
+                            [ids.get(n, str(n)) for n in failed],
+                            {"phase": phase, "status": status, "saturated": saturated})
+        eps_all = list(self.device_epsilon.values()) or [0.0]
+        return {
+            "round": r, "phase": phase, "status": status, **{k: fed[k] for k in ("eer", "min_dcf", "sid_top1")},
+            "gap_closure": fed["gap_closure"], "participants": len(arrived), "declined": len(plan.declined),
+            "failed": len(failed), "sampled": len(plan.accepted) + len(plan.declined) + len(plan.failed),
+            "saturated": saturated, "epsilon_max": max(eps_all), "epsilon_median": statistics.median(eps_all),
+            "seconds": time.perf_counter() - t0, "device_epsilon": round_eps,
+        }
+
+    # -- outputs ------------------------------------------------------------------------
+    def _device_ledgers(self) -> tuple[dict[str, float], dict[str, str]]:
+        """Per-device epsilon from the ledgers on disk (simulation) or as devices reported it."""
+        folder = self.run_dir / "devices"
+        paths: dict[str, str] = {}
+        eps = dict(self.device_epsilon)
+        if folder.is_dir():
+            from fed_nessa.privacy.ledger import DEVICE_LEDGER_NAME, DeviceLedger
+
+            for dev_dir in sorted(p for p in folder.iterdir() if (p / DEVICE_LEDGER_NAME).is_file()):
+                paths[dev_dir.name] = str((dev_dir / DEVICE_LEDGER_NAME).relative_to(self.run_dir))
+                eps[dev_dir.name] = float(DeviceLedger.open(dev_dir, dev_dir.name).epsilon(self.cfg.delta))
+        return eps, paths
+
+    def summary(self, final: dict[str, Any] | None) -> dict[str, Any]:
+        eps, paths = self._device_ledgers() if final is not None else (self.device_epsilon, {})
+        rounds = [{k: v for k, v in e.items() if k != "device_epsilon"} for e in self.history]
+        return {
+            "config": self.cfg.to_run_config(),
+            "rounds": rounds,
+            "final": final or {},
+            "privacy": run_folder.privacy_block(self.cfg, eps, paths),
+            "secure_aggregation": run_folder.secagg_block(self.cfg, self.saturated_total),
+        }
+
+    def centralised_rows(self) -> dict[str, Any]:
+        """Non-DP NESSA and ridge fitted on the pooled device data (simulation only)."""
+        from fed_nessa.aligners import AlignerInfo, NessaAligner, NessaConfig, RidgeAligner
+        from fed_nessa.training import TrainConfig
+
+        x, y = self.data.pooled()
+        info = lambda: AlignerInfo(d_x=self.data.d_x, d_y=self.data.d_y,  # noqa: E731
+                                   enroll_model=self.data.enroll_model, runtime_model=self.data.runtime_model)
+        ridge = RidgeAligner(info()).fit(x, y)
+        nessa = NessaAligner(info(), NessaConfig(hidden=self.cfg.hidden, depth=self.cfg.depth)).fit(
+            x, y, train_cfg=TrainConfig(epochs=20, batch_size=256, lr=1e-3, seed=self.cfg.seed))
+        report = self.evaluate({"centralised_nessa": nessa, "ridge": ridge})
+        return {"centralised_nessa": self._row(report, "asym_centralised_nessa"),
+                "ridge": self._row(report, "asym_ridge"),
+                "sym_before": self._row(report, "sym_before"), "sym_after": self._row(report, "sym_after")}
+
+    def finish(self) -> dict[str, Any]:
+        report = self.evaluate()
+        final: dict[str, Any] = self._row(report, "asym_federated")
+        if self.data.shards:
+            final.update(self.centralised_rows())
+            central = final["centralised_nessa"]["gap_closure"]
+            if central and final["gap_closure"] is not None and central > 0:
+                final["share_of_centralised_gap_closure"] = final["gap_closure"] / central
+        final["evaluation"] = report.to_dict()
+        summary = self.summary(final)
+        card = {"federated": True, "rounds": len(self.history), "privacy": {
+            k: summary["privacy"][k] for k in ("unit", "mode", "trust", "delta", "accountant", "epsilon_budget",
+                                               "epsilon_max")}, "secure_aggregation": summary["secure_aggregation"]}
+        self.model.save_artifact(self.run_dir / ALIGNER_DIR, card)
+        run_folder.write_summary(self.run_dir, summary)
+        run_folder.write_report(self.run_dir, summary)
+        run_folder.write_plots(self.run_dir, summary["rounds"])
+        self.progress({"event": "done", "run_dir": str(self.run_dir)})
+        return summary
+
+
+def run_federation(grid: Grid, context: Context, **kwargs: Any) -> dict[str, Any]:
+    """Run every round of the configured federation on ``grid``; returns the summary."""
+    return Federation(grid, context, **kwargs).run()

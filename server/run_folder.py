@@ -1,0 +1,192 @@
+"""The run folder: ``summary.json``, ``report.md`` and the per-round plots.
+
+``summary.json`` is the machine-readable record every report and benchmark
+reads; its top-level keys are fixed (issue 4): ``config``, ``rounds``,
+``final``, ``privacy``, ``secure_aggregation``. It is rewritten atomically
+after every round, so a crashed run still has an up-to-date summary.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from fed_nessa.config import FederationConfig
+
+SUMMARY_FILE = "summary.json"
+REPORT_FILE = "report.md"
+EER_PLOT = "eer-per-round.png"
+EPSILON_PLOT = "epsilon-per-round.png"
+PRIVACY_UNIT = "one utterance pair (x_i, y_i) on one device"
+
+TRUST_NONE = "no differential privacy: SecAgg+ hides individual updates, the aggregate is not private"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _finite(x: Any) -> Any:
+    """JSON has no NaN/inf: write them as null."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_finite(v) for v in x]
+    return x
+
+
+def privacy_block(cfg: FederationConfig, device_epsilons: dict[str, float], ledger_paths: dict[str, str],
+                  accountant: str = "rdp") -> dict[str, Any]:
+    """The ``privacy`` block: the privacy statement plus measured epsilon max/median and the ledgers."""
+    from fed_nessa.privacy.statement import privacy_statement
+
+    eps = sorted(device_epsilons.values())
+    if cfg.dp_mode == "none":
+        block: dict[str, Any] = {"unit": PRIVACY_UNIT, "mode": "none", "trust": TRUST_NONE, "delta": cfg.delta,
+                                 "epsilon_budget": None, "accountant": accountant}
+    else:
+        block = privacy_statement(cfg.dp_mode, cfg.delta, cfg.epsilon_budget, accountant,
+                                  min_arrivals=cfg.min_arrivals,
+                                  reconstruction_threshold=cfg.secagg_reconstruction_threshold)
+    block.update({
+        "epsilon_max": eps[-1] if eps else 0.0,
+        "epsilon_median": statistics.median(eps) if eps else 0.0,
+        "devices_within_budget": cfg.dp_mode == "none" or all(e <= cfg.epsilon_budget + 1e-9 for e in eps),
+        "num_devices_with_spend": sum(1 for e in eps if e > 0),
+        "device_ledgers": ledger_paths,
+    })
+    return block
+
+
+def secagg_block(cfg: FederationConfig, saturated_total: int) -> dict[str, Any]:
+    return {
+        "protocol": "SecAgg+ (Flower SecAggPlusWorkflow + secaggplus_mod)",
+        "num_shares": cfg.secagg_num_shares,
+        "reconstruction_threshold": cfg.secagg_reconstruction_threshold,
+        "clipping_range": cfg.secagg_clipping_range,
+        "quantization_range": cfg.secagg_quantization_range,
+        "min_arrivals": cfg.min_arrivals,
+        "weighting": "constant (every device weight 1; no num_examples)",
+        "saturated_coordinates": int(saturated_total),
+    }
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
+    path = Path(run_dir) / SUMMARY_FILE
+    atomic_write_text(path, json.dumps(_finite(summary), indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def write_plots(run_dir: Path, rounds: list[dict[str, Any]]) -> list[Path]:
+    """EER and epsilon (max and median over devices) per round, as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [r["round"] for r in rounds]
+    out: list[Path] = []
+    for name, series, ylabel in (
+        (EER_PLOT, [("EER (%)", [100 * r["eer"] if r.get("eer") is not None else float("nan") for r in rounds])],
+         "EER (%)"),
+        (EPSILON_PLOT, [("max over devices", [r.get("epsilon_max", 0.0) for r in rounds]),
+                        ("median over devices", [r.get("epsilon_median", 0.0) for r in rounds])], "epsilon"),
+    ):
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for label, ys in series:
+            ax.plot(xs, ys, marker="o", label=label)
+        ax.set_xlabel("round")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = Path(run_dir) / name
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        out.append(path)
+    return out
+
+
+def _pct(x: Any) -> str:
+    return "n/a" if x is None else f"{100 * float(x):.2f}"
+
+
+def _num(x: Any, fmt: str = ".3f") -> str:
+    return "n/a" if x is None else format(float(x), fmt)
+
+
+def render_report(summary: dict[str, Any]) -> str:
+    """A human-readable ``report.md`` from the summary (no numbers that are not in it)."""
+    cfg, priv, sa, final = summary["config"], summary["privacy"], summary["secure_aggregation"], summary["final"]
+    lines = [
+        "# Federated NESSA run",
+        "",
+        f"- data: {cfg['data-source']} ({cfg['num-devices']} devices), {cfg['num-server-rounds']} rounds, "
+        f"{cfg['clients-per-round']} sampled per round",
+        f"- DP mode: **{priv['mode']}**, noise multiplier {cfg['noise-multiplier']}, clip {cfg['clip-norm']}, "
+        f"linear start: {cfg['linear-start']}",
+        "",
+        "## Rounds",
+        "",
+        "| round | phase | status | EER (%) | minDCF | SID top-1 (%) | joined | declined | failed | eps max | s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in summary["rounds"]:
+        lines.append(
+            f"| {r['round']} | {r.get('phase', '')} | {r.get('status', '')} | {_pct(r['eer'])} | "
+            f"{_num(r['min_dcf'])} | {_pct(r['sid_top1'])} | {r['participants']} | {r['declined']} | "
+            f"{r['failed']} | {_num(r.get('epsilon_max'), '.2f')} | {_num(r['seconds'], '.1f')} |"
+        )
+    lines += ["", "## Final aligner (held-out speakers)", "",
+              "| system | EER (%) | minDCF | SID top-1 (%) | gap closure |", "|---|---|---|---|---|"]
+    for name, key in (("federated DP NESSA", None), ("centralised non-DP NESSA", "centralised_nessa"),
+                      ("centralised ridge", "ridge"), ("sym_before", "sym_before"), ("sym_after", "sym_after")):
+        row = final if key is None else final.get(key)
+        if not row:
+            continue
+        lines.append(f"| {name} | {_pct(row.get('eer'))} | {_num(row.get('min_dcf'))} | "
+                     f"{_pct(row.get('sid_top1'))} | {_num(row.get('gap_closure'), '.2f')} |")
+    if final.get("share_of_centralised_gap_closure") is not None:
+        lines.append("")
+        lines.append(f"Federated keeps {100 * final['share_of_centralised_gap_closure']:.0f}% of the centralised "
+                     "non-DP NESSA gap closure.")
+    lines += [
+        "", "## Privacy", "",
+        f"- unit: {priv['unit']}; {priv.get('group_privacy', '')}",
+        f"- mode: {priv['mode']}. Trust: {priv['trust']}",
+        f"- accountant: {priv['accountant']}, delta {priv['delta']:g}, budget epsilon {priv['epsilon_budget']} "
+        "per device",
+        f"- epsilon over devices: max {priv['epsilon_max']:.3f}, median {priv['epsilon_median']:.3f}; all within "
+        f"budget: {priv['devices_within_budget']}",
+        "- per-device ledgers: see `privacy.device_ledgers` in summary.json",
+        "", "## Secure aggregation", "",
+        f"- {sa['protocol']}: {sa['num_shares']} shares, reconstruction threshold {sa['reconstruction_threshold']}, "
+        f"clipping range {sa['clipping_range']:g}, {sa['quantization_range']} levels; {sa['weighting']}",
+        f"- aggregates released only with >= {sa['min_arrivals']} devices; saturated coordinates: "
+        f"{sa['saturated_coordinates']}",
+        "", f"Plots: `{EER_PLOT}`, `{EPSILON_PLOT}`.", "",
+    ]
+    return "\n".join(lines)
+
+
+def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
+    path = Path(run_dir) / REPORT_FILE
+    atomic_write_text(path, render_report(summary))
+    return path
