@@ -1,0 +1,63 @@
+"""``fed-nessa extract``: build a device shard from a folder of audio with two real speaker models.
+
+The heavy model packages are imported only when the command runs, so the CLI
+(and ``fed-nessa --help``) works without the ``extract`` extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+MODEL_CHOICES = ("campp", "resemblyzer", "vfl_dvec")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "extract",
+        help="embed AUDIO_DIR/<speaker>/<utterance>.wav|flac with two models into a device shard",
+        description=(
+            "Run the enrollment and the runtime speaker model on every utterance of AUDIO_DIR "
+            "(layout AUDIO_DIR/<speaker>/<utterance>.wav|flac, any sample rate, mixed to mono and "
+            "resampled to 16 kHz) and write the paired embeddings as a device shard. Resumable: "
+            "embeddings are cached next to the output and reused. Unusable files (unreadable, "
+            "< 0.5 s, silent, no speech) are skipped, printed and listed in the report file. "
+            "Needs the 'extract' extra (see docs/extraction.md)."
+        ),
+    )
+    p.add_argument("audio_dir", type=Path, metavar="AUDIO_DIR")
+    p.add_argument("--enroll-model", required=True, choices=MODEL_CHOICES, help="enrollment model X")
+    p.add_argument("--runtime-model", required=True, choices=MODEL_CHOICES, help="runtime model Y")
+    p.add_argument("--out", required=True, type=Path, metavar="SHARD",
+                   help="output shard, NAME.shard.safetensors (side files: NAME.speakers.json, "
+                        "NAME.extract-report.json, NAME.extract-cache/)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="worker processes, one thread each (default: one per available core)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (skipped files are still printed)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from fed_nessa.cli import CliError
+    from fed_nessa.extract import MODEL_NAMES, MissingExtraError
+
+    assert set(MODEL_CHOICES) == set(MODEL_NAMES)
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    try:
+        from fed_nessa.extract.builder import build_shard
+
+        result = build_shard(args.audio_dir, args.enroll_model, args.runtime_model, args.out,
+                             workers=args.workers, progress=not args.no_progress)
+    except MissingExtraError as exc:
+        raise CliError(str(exc)) from None
+    print(
+        f"wrote {args.out}: {result.embedded} utterance pairs, {result.speakers} speakers "
+        f"({result.enroll_model} -> {result.runtime_model}); {result.computed} embedded now, "
+        f"{result.from_cache} from cache, {len(result.skipped)} skipped, {result.seconds:.1f} s"
+    )
+    if result.skipped:
+        from fed_nessa.extract.builder import SidePaths
+
+        print(f"skipped files are listed in {SidePaths.for_shard(args.out).report}")
+    return 0
