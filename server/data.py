@@ -22,7 +22,7 @@ import numpy as np
 
 from client.device import shard_folder
 from fed_nessa.config import FederationConfig
-from fed_nessa.shards import Shard, load_shard, shard_paths, write_shard
+from fed_nessa.shards import Shard, ShardError, load_shard, shard_paths, write_shard
 
 EVAL_FILE = "eval.npz"
 SCENARIO = "runtime-upgrade"
@@ -52,7 +52,14 @@ class FederationData:
         """All devices' pairs (simulation only; for the centralised comparison rows)."""
         if not self.shards:
             raise ValueError("no device shards on the server: centralised baselines need a simulation")
-        loaded = [load_shard(p) for p in self.shards]
+        loaded = []
+        for p in self.shards:
+            try:
+                loaded.append(load_shard(p))
+            except ShardError:
+                continue  # the device failed its rounds too; the comparison uses the same healthy devices
+        if not loaded:
+            raise ValueError("no readable device shard: centralised baselines cannot be fitted")
         return np.concatenate([s.enroll for s in loaded]), np.concatenate([s.runtime for s in loaded])
 
 

@@ -1,0 +1,132 @@
+"""End-to-end simulations: real ServerApp loop, real ClientApp, real SecAgg+, real DP rounds and ledgers.
+
+Runs over a tiny folder data source (8 devices, 12/16-d embeddings, a 16-wide
+aligner) so each run takes seconds on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fed_nessa.aggregation import SaturationError
+from fed_nessa.config import ConfigError
+from fed_nessa.shards import make_shard, write_shard
+from simulations.run import build_config, main, simulate
+
+torch.set_num_threads(1)
+ROUND_KEYS = {"round", "eer", "min_dcf", "sid_top1", "participants", "declined", "failed", "seconds"}
+
+
+def make_folder(folder: Path, devices: int = 8, seed: int = 0, dx: int = 16, dy: int = 12) -> Path:
+    """Devices of 2 speakers x 10 utterances from two random non-linear 'models', plus eval.npz."""
+    rng = np.random.default_rng(seed)
+    a, b = rng.normal(size=(8, dx)), rng.normal(size=(8, dy))
+
+    def emb(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return (np.tanh(z @ a) + 0.1 * rng.normal(size=(len(z), dx)),
+                np.tanh(z @ b) + 0.1 * rng.normal(size=(len(z), dy)))
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for d in range(devices):
+        lab = np.repeat([0, 1], 10)
+        x, y = emb(rng.normal(size=(2, 8))[lab] + 0.3 * rng.normal(size=(20, 8)))
+        write_shard(folder / f"dev-{d:03d}.shard.safetensors", make_shard(x, y, lab, "mx", "my"))
+    lab, utt = np.repeat(np.arange(12), 14), np.tile(np.arange(14), 12)
+    x, y = emb(rng.normal(size=(12, 8))[lab] + 0.3 * rng.normal(size=(len(lab), 8)))
+    np.savez(folder / "eval.npz", speaker=lab, utterance=utt, old_model="mx", new_model="my",
+             **{"emb:mx": x.astype(np.float32), "emb:my": y.astype(np.float32)})
+    return folder
+
+
+def overrides(tmp_path: Path, **extra: object) -> list[str]:
+    base = {"data-source": f'"{tmp_path / "data"}"', "run-dir": f'"{tmp_path / "run"}"', "num-devices": 8,
+            "clients-per-round": 6, "secagg-num-shares": 5, "secagg-reconstruction-threshold": 3,
+            "min-arrivals": 3, "num-server-rounds": 3, "hidden": 16, "depth": 1, "epsilon-budget": 30,
+            "seed": 0}
+    base.update({k.replace("_", "-"): v for k, v in extra.items()})
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture()
+def data(tmp_path: Path) -> Path:
+    return make_folder(tmp_path / "data")
+
+
+def test_run_folder_has_every_required_key_and_file(tmp_path: Path, data: Path) -> None:
+    summary = simulate(build_config(None, overrides(tmp_path)), quiet=True)
+    run = tmp_path / "run"
+    on_disk = json.loads((run / "summary.json").read_text())
+    assert set(on_disk) >= {"config", "rounds", "final", "privacy", "secure_aggregation"}
+    assert len(on_disk["rounds"]) == 3 and all(ROUND_KEYS <= set(r) for r in on_disk["rounds"])
+    assert [r["status"] for r in on_disk["rounds"]] == ["applied"] * 3
+    assert on_disk["rounds"][0]["phase"] == "suffstats"
+    final = on_disk["final"]
+    for key in ("eer", "min_dcf", "sid_top1", "gap_closure", "centralised_nessa", "ridge"):
+        assert key in final
+    priv = on_disk["privacy"]
+    for key in ("unit", "mode", "trust", "delta", "accountant", "epsilon_budget", "epsilon_max", "epsilon_median",
+                "device_ledgers"):
+        assert key in priv
+    assert priv["mode"] == "distributed" and 0 < priv["epsilon_max"] <= 30
+    for rel in priv["device_ledgers"].values():
+        assert (run / rel).is_file()
+    sa = on_disk["secure_aggregation"]
+    assert sa["num_shares"] == 5 and sa["reconstruction_threshold"] == 3 and sa["saturated_coordinates"] == 0
+    for name in ("report.md", "eer-per-round.png", "epsilon-per-round.png", "federation-ledger.jsonl",
+                 "aligner/aligner.safetensors", "aligner/card.json", "aligner/aligner.onnx"):
+        assert (run / name).is_file(), name
+    assert summary["final"]["eer"] == final["eer"]
+    fed_rounds = [json.loads(line) for line in (run / "federation-ledger.jsonl").read_text().splitlines()]
+    joined = [e["payload"]["joined"] for e in fed_rounds if e.get("kind") == "round"]
+    assert [len(j) for j in joined] == [6, 6, 6] and all(d.startswith("dev-") for d in joined[0])
+
+
+def test_resume_continues_from_the_last_checkpoint(tmp_path: Path, data: Path) -> None:
+    first = simulate(build_config(None, overrides(tmp_path, num_server_rounds=2)), quiet=True)
+    resumed = simulate(build_config(None, overrides(tmp_path, num_server_rounds=3, resume="true")), quiet=True)
+    assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3]
+    for a, b in zip(first["rounds"], resumed["rounds"][:2], strict=True):
+        assert a == b  # restored from the checkpoint, not re-run
+    fresh = simulate(build_config(None, overrides(tmp_path, num_server_rounds=3, run_dir=f'"{tmp_path / "r2"}"')),
+                     quiet=True)
+    assert [r["participants"] for r in fresh["rounds"]] == [r["participants"] for r in resumed["rounds"]]
+
+
+def test_bad_shard_fails_its_device_and_the_rounds_go_on(tmp_path: Path, data: Path) -> None:
+    (data / "dev-002.shard.safetensors").write_bytes(b"garbage")
+    summary = simulate(build_config(None, overrides(tmp_path, clients_per_round=8, secagg_num_shares=7,
+                                                    secagg_reconstruction_threshold=4)), quiet=True)
+    rounds = summary["rounds"]
+    assert all(r["status"] == "applied" for r in rounds)
+    assert all(r["failed"] == 1 and r["participants"] == 7 for r in rounds)
+
+
+def test_devices_decline_when_the_budget_is_spent(tmp_path: Path, data: Path) -> None:
+    summary = simulate(build_config(None, overrides(tmp_path, epsilon_budget=6, num_server_rounds=3)), quiet=True)
+    statuses = [r["status"] for r in summary["rounds"]]
+    assert statuses[0] == "applied" and statuses[-1] == "skipped"
+    assert summary["rounds"][-1]["declined"] == 6
+    assert summary["privacy"]["epsilon_max"] <= 6 and summary["privacy"]["devices_within_budget"]
+
+
+def test_saturation_fails_loudly(tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fed_nessa import rounds
+
+    # A payload bound far below what devices send: their vectors saturate SecAgg+'s range.
+    monkeypatch.setattr(rounds.ServerModel, "payload_bound", lambda self, phase: 1e-3)
+    with pytest.raises(SaturationError, match="saturated"):
+        simulate(build_config(None, overrides(tmp_path, num_server_rounds=1)), quiet=True)
+
+
+def test_bad_config_is_one_clear_error_before_any_round(tmp_path: Path, data: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ConfigError, match="secagg-reconstruction-threshold"):
+        build_config(None, overrides(tmp_path, secagg_reconstruction_threshold=9))
+    assert main(["--set", "clip-norm=-1", "--run-dir", str(tmp_path / "x")]) == 2
+    assert "clip-norm = -1" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
