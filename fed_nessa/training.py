@@ -17,7 +17,7 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -127,6 +127,47 @@ def _augment(y: torch.Tensor, std: float, gen: torch.Generator) -> torch.Tensor:
     return y + std * torch.randn(y.shape, generator=gen)
 
 
+class Validator(Protocol):
+    """Scores a model on held-out *train-side* speakers (lower is better); never on test data."""
+
+    def __call__(self, model: nn.Module) -> float: ...
+
+
+@dataclass(frozen=True)
+class LossValidator:
+    """Mean per-example loss on validation pairs."""
+
+    enroll: np.ndarray
+    runtime: np.ndarray
+    loss: str = "cosine"
+
+    def __call__(self, model: nn.Module) -> float:
+        return evaluate_loss(model, self.enroll, self.runtime, self.loss)
+
+
+@dataclass(frozen=True)
+class EERValidator:
+    """Cross-model EER on validation speakers: the quantity the aligner is for.
+
+    A loss can fall while speaker discrimination gets worse (the map fits the
+    training voices); selecting on EER guards against that.
+    """
+
+    enroll: np.ndarray
+    runtime: np.ndarray
+    speaker: np.ndarray
+    utterance: np.ndarray
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module) -> float:
+        from fed_nessa.evaluation import evaluate_trials
+
+        model.eval()
+        mapped = model(torch.from_numpy(np.ascontiguousarray(self.runtime, dtype=np.float32))).numpy()
+        model.train()
+        return evaluate_trials(self.enroll, mapped, self.speaker, self.utterance).eer
+
+
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, enroll: np.ndarray, runtime: np.ndarray, loss: str = "cosine") -> float:
     """Mean per-example loss (used for early stopping on held-out train-side speakers)."""
@@ -144,31 +185,37 @@ def train_local(
     cfg: TrainConfig,
     dp: DPConfig | None = None,
     *,
-    val: tuple[np.ndarray, np.ndarray] | None = None,
+    val: Validator | tuple[np.ndarray, np.ndarray] | None = None,
     max_steps: int | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on pairs; DP-SGD through Opacus when ``dp`` is given.
 
-    Non-DP runs may early-stop on ``val`` (pairs of held-out *train-side*
-    speakers) and restore the best weights. DP runs train a fixed number of
-    steps: stopping on data would be a further data-dependent release.
+    Non-DP runs may early-stop on ``val`` (a :class:`Validator`, or pairs of
+    held-out *train-side* speakers scored by loss) and restore the best
+    weights; the starting point counts as a candidate, so a model started from
+    ridge never ends worse than ridge on validation. DP runs train a fixed
+    number of steps: stopping on data would be a further data-dependent release.
     """
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("model has no trainable parameters")
     x, y = _tensors(enroll, runtime)
     gen = seed_everything(cfg.seed)
+    if isinstance(val, tuple):
+        val = LossValidator(val[0], val[1], cfg.loss)
     if dp is None:
         return _train_plain(model, x, y, cfg, gen, val, max_steps)
     return _train_dp(model, x, y, cfg, dp, gen, max_steps)
 
 
 def _train_plain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
-                 gen: torch.Generator, val: tuple[np.ndarray, np.ndarray] | None,
-                 max_steps: int | None) -> TrainResult:
+                 gen: torch.Generator, val: Validator | None, max_steps: int | None) -> TrainResult:
     opt = _optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     n, bs = x.shape[0], min(cfg.batch_size, x.shape[0])
     steps, best, best_state, bad_epochs, history = 0, math.inf, None, 0, []
+    if val is not None:
+        best, best_state = val(model), copy.deepcopy(model.state_dict())
+        history.append({"epoch": 0, "val": best})
     model.train()
     epoch = 0
     for epoch in range(1, cfg.epochs + 1):
@@ -186,8 +233,8 @@ def _train_plain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainC
                 break
         record = {"epoch": epoch, "train_loss": total / n}
         if val is not None:
-            vloss = evaluate_loss(model, val[0], val[1], cfg.loss)
-            record["val_loss"] = vloss
+            vloss = val(model)
+            record["val"] = vloss
             if vloss < best - 1e-6:
                 best, best_state, bad_epochs = vloss, copy.deepcopy(model.state_dict()), 0
             else:

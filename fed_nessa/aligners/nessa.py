@@ -125,18 +125,47 @@ class NessaAligner(Aligner):
         self.net.set_linear(W, b)
 
     def fit(self, enroll: np.ndarray, runtime: np.ndarray, speaker: np.ndarray | None = None, *,
-            train_cfg: Any = None, dp: Any = None, val: tuple[np.ndarray, np.ndarray] | None = None,
-            **kwargs: Any) -> NessaAligner:
+            train_cfg: Any = None, dp: Any = None, val: Any = None,
+            refit: tuple[np.ndarray, np.ndarray] | None = None, **kwargs: Any) -> NessaAligner:
+        """Ridge start (non-DP only), then training.
+
+        ``val`` (a Validator, or (enroll, runtime) pairs of held-out train-side
+        speakers) selects the number of epochs, the ridge start included. With
+        ``refit`` = all train pairs (the fit pairs plus the validation ones), the
+        model is then retrained from the ridge start on them for the selected
+        number of epochs, so the validation voices are not lost to training:
+        with few voices, voices are what the map lacks most.
+        """
         from fed_nessa.training import TrainConfig, train_local
 
+        cfg = train_cfg or TrainConfig()
         x = l2_normalize(check_input(enroll, self.info.d_x, "enrollment embeddings"))
         y = l2_normalize(check_input(runtime, self.info.d_y, "runtime embeddings"))
         if dp is None:  # a DP run must not look at the raw data outside the DP mechanism
             self.init_linear(x, y)
-        val_n = None if val is None else (l2_normalize(val[0]), l2_normalize(val[1]))
-        result = train_local(self.net, x, y, train_cfg or TrainConfig(), dp, val=val_n)
-        self.info.training.update({"train_result": {k: v for k, v in result.to_dict().items() if k != "history"}})
+        if isinstance(val, tuple):
+            val = (l2_normalize(val[0]), l2_normalize(val[1]))
+        result = train_local(self.net, x, y, cfg, dp, val=val)
+        summary = {k: v for k, v in result.to_dict().items() if k != "history"}
+        self.info.training.update({"train_result": summary, "history": result.history})
+        if refit is not None and dp is None and val is not None:
+            self._refit(refit, cfg, result.history)
         return self
+
+    def _refit(self, pairs: tuple[np.ndarray, np.ndarray], cfg: Any, history: list[dict[str, float]]) -> None:
+        import dataclasses
+
+        from fed_nessa.training import train_local
+
+        best_epoch = int(min(history, key=lambda r: r.get("val", float("inf")))["epoch"])
+        x = l2_normalize(check_input(pairs[0], self.info.d_x, "enrollment embeddings"))
+        y = l2_normalize(check_input(pairs[1], self.info.d_y, "runtime embeddings"))
+        torch.manual_seed(cfg.seed)
+        self.net = NessaNet(self.info.d_y, self.info.d_x, self.cfg)
+        self.init_linear(x, y)
+        if best_epoch > 0:
+            train_local(self.net, x, y, dataclasses.replace(cfg, epochs=best_epoch))
+        self.info.training["refit"] = {"epochs": best_epoch, "pairs": int(len(x))}
 
     def _map_runtime(self, runtime: np.ndarray) -> np.ndarray:
         return _predict(self.net, l2_normalize(runtime))
