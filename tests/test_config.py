@@ -1,0 +1,68 @@
+"""FederationConfig: every out-of-range or mistyped key is named, with its allowed range, before any round."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fed_nessa.config import ConfigError, FederationConfig, from_run_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_valid_and_round_trip() -> None:
+    cfg = from_run_config({})
+    assert cfg == FederationConfig()
+    assert from_run_config(cfg.to_run_config()) == cfg
+
+
+def test_pyproject_app_config_matches_the_defaults() -> None:
+    table = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert set(table) == set(FederationConfig().to_run_config())
+    from_run_config(table)  # valid as shipped
+
+
+@pytest.mark.parametrize(("key", "value", "fragment"), [
+    ("num-server-rounds", 0, "num-server-rounds = 0: allowed range [1, 100000]"),
+    ("clip-norm", -1.0, "clip-norm = -1.0: allowed range (0, 1e+06]"),
+    ("delta", 0.5, "delta = 0.5: allowed range (0, 0.1]"),
+    ("dp-mode", "global", "dp-mode = 'global': allowed values local, distributed, none"),
+    ("secagg-num-shares", 2, "secagg-num-shares = 2: allowed range [3, 10000]"),
+    ("secagg-reconstruction-threshold", 7, "allowed range [2, secagg-num-shares - 1 = 6]"),
+    ("min-arrivals", 50, "min-arrivals = 50: allowed range [2, clients-per-round = 20]"),
+    ("linear-start", "ridge", "allowed values suffstats, none"),
+    ("lr", "fast", "lr = 'fast': expected a number"),
+    ("resume", 1, "resume = 1: expected true or false"),
+    ("batch-size", True, "expected a int, got a boolean"),
+    ("depth", 0, "depth = 0: allowed range [1, 16]"),
+])
+def test_out_of_range_value_names_key_and_range(key: str, value: object, fragment: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        from_run_config({key: value})
+    assert fragment in str(err.value)
+
+
+def test_every_problem_is_reported_at_once_and_unknown_keys_are_rejected() -> None:
+    with pytest.raises(ConfigError) as err:
+        from_run_config({"lr": -1, "noise-multiplier": -2, "clip_norm_typo": 1})
+    assert "clip_norm_typo: unknown key" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        from_run_config({"lr": -1, "noise-multiplier": -2})
+    assert len(err.value.problems) >= 2
+
+
+def test_secagg_sum_must_not_wrap_around() -> None:
+    with pytest.raises(ConfigError, match=r"must be < 2\*\*32"):
+        from_run_config({"clients-per-round": 2000, "num-devices": 5000, "secagg-quantization-range": 2**22})
+    from_run_config({"clients-per-round": 1000, "num-devices": 5000})
+
+
+def test_dp_needs_noise_and_ints_are_accepted_for_floats(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="must be > 0 when dp-mode is 'local'"):
+        from_run_config({"dp-mode": "local", "noise-multiplier": 0})
+    assert from_run_config({"dp-mode": "none", "noise-multiplier": 0, "lr": 1}).lr == 1.0
+    with pytest.raises(ConfigError, match="not 'synthetic', 'real-dev' or an existing folder"):
+        from_run_config({"data-source": "no/such/folder"}, base_dir=tmp_path)
+    assert from_run_config({"data-source": "."}, base_dir=tmp_path).data_source == "."
