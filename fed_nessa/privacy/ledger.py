@@ -131,9 +131,10 @@ class DeviceLedger:
                  accountant: str = RDP) -> None:
         """Close reservation ``seq``: the mechanism ran (``done``) or not (``failed``).
 
-        ``epsilon_after`` is the device's epsilon over every event reserved up to
-        and including ``seq``, at that event's delta, by ``accountant``: the auditor
-        recomputes it.
+        ``epsilon_after`` is the device's epsilon over every event reserved so far
+        (all reserve entries before this complete entry), at that event's delta,
+        by ``accountant``, i.e. ``ledger.epsilon(delta, accountant)`` right now:
+        the auditor recomputes it.
         """
         if status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
