@@ -81,6 +81,7 @@ class Backend(ABC):
 
     name: str = ""
     dim: int = 0
+    requires: tuple[str, ...] = ()  # top-level modules the backend imports when loaded
 
     def __init__(self) -> None:
         self._loaded = False
@@ -96,6 +97,17 @@ class Backend(ABC):
     @abstractmethod
     def _embed(self, wav: np.ndarray) -> np.ndarray:
         """Raw embedding of a checked 16 kHz mono float32 waveform."""
+
+    def missing(self) -> str | None:
+        """Why this backend cannot run here (a package is absent), or None; imports nothing."""
+        for module in self.requires + ("soundfile",):
+            if importlib.util.find_spec(module) is None:
+                return f"backend '{self.name}' needs the '{module}' module: {INSTALL_HINT}"
+        try:
+            self.weight_file()
+        except MissingExtraError as exc:
+            return str(exc)
+        return None
 
     @property
     def model_id(self) -> str:

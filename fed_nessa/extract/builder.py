@@ -39,7 +39,7 @@ import numpy as np
 
 from fed_nessa.extract import MODEL_NAMES, get_backend
 from fed_nessa.extract.audio import AudioError, is_audio_file, load_audio
-from fed_nessa.extract.backend import Backend
+from fed_nessa.extract.backend import Backend, MissingExtraError
 from fed_nessa.shards import SHARD_SUFFIX, make_shard, write_shard
 
 CACHE_SUFFIX = ".extract-cache"
@@ -311,6 +311,9 @@ def build_shard(
     utterances, skipped = scan_audio_dir(audio_dir)
     names = tuple(dict.fromkeys((enroll_model, runtime_model)))  # same model twice: embed once
     backends = {name: get_backend(name) for name in names}
+    for backend in backends.values():
+        if (reason := backend.missing()) is not None:
+            raise MissingExtraError(reason)
     ids = {name: b.model_id for name, b in backends.items()}  # hashes the weights; no model load
     dims = {name: b.dim for name, b in backends.items()}
     cache = EmbeddingCache(side.cache)

