@@ -1,0 +1,218 @@
+"""The audit catches every tampering case, wrong report, over-budget device and missing spend."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fed_nessa.cli import main
+from fed_nessa.privacy import signing
+from fed_nessa.privacy.accounting import compute_epsilon
+from fed_nessa.privacy.audit import audit
+from fed_nessa.privacy.chain import SignedChain, entry_hash, signed_bytes
+from fed_nessa.privacy.events import DPEvent
+from fed_nessa.privacy.ledger import DEVICE_LEDGER_NAME, DeviceLedger, FederationLedger
+from fed_nessa.privacy.statement import privacy_statement
+
+torch.set_num_threads(1)
+DELTA = 1e-5
+BUDGET = 6.0
+
+
+def _ev(r: int, steps: int = 10) -> DPEvent:
+    return DPEvent(round=r, mechanism="dp-sgd", steps=steps, sample_rate=0.1, noise_multiplier=1.0,
+                   clip_norm=1.0, delta=DELTA, mode="local")
+
+
+def _run(tmp_path: Path, n_devices: int = 3, rounds: int = 3) -> Path:
+    """A run folder laid out as the simulation writes it (the contract in the brief)."""
+    run = tmp_path / "run"
+    fed = FederationLedger.open(run / "federation-ledger.jsonl", run)
+    for r in range(1, rounds + 1):
+        joined = []
+        for i in range(n_devices):
+            led = DeviceLedger.open(run / "devices" / f"dev{i}", f"dev{i}")
+            if led.check_budget(_ev(r), BUDGET, DELTA).allowed:
+                led.complete(led.reserve(_ev(r)), led.epsilon(DELTA))
+                joined.append(f"dev{i}")
+        fed.record_round(r, joined, [], [])
+    statement = privacy_statement("local", DELTA, BUDGET, "rdp")
+    statement["epsilon_max"] = compute_epsilon([_ev(1, 10 * rounds)], DELTA)
+    (run / "summary.json").write_text(json.dumps({"privacy": statement}))
+    return run
+
+
+def _ledger(run: Path, i: int) -> Path:
+    return run / "devices" / f"dev{i}" / DEVICE_LEDGER_NAME
+
+
+def _fails(result) -> set[tuple[str, str | None, int | None]]:
+    return {(f.check, f.device, f.seq) for f in result.failures}
+
+
+def test_clean_run_passes_and_writes_the_report(tmp_path: Path) -> None:
+    run = _run(tmp_path)
+    result = audit(run)
+    assert result.passed, [f.message for f in result.findings]
+    out = run / "audit"
+    data = json.loads((out / "audit.json").read_text())
+    assert data["verdict"] == "pass" and data["counts"]["devices"] == 3
+    dev = data["devices"][0]
+    assert dev["epsilon"]["rdp"] == pytest.approx(4.848, abs=0.005)  # 30 steps, q=0.1, sigma=1
+    assert dev["epsilon"]["pld"] == pytest.approx(4.19, abs=0.03)
+    assert [p["round"] for p in dev["epsilon_per_round"]] == [1, 2, 3]
+    report = (out / "report.md").read_text()
+    for text in ("Verdict: PASS", "one utterance pair", "add/remove one", "participation",
+                 "| dp-sgd | local | 0.1 | 1 | 1 | 1e-05 |", "epsilon-distribution.png", "Federation ledger"):
+        assert text in report
+    assert (out / "epsilon-distribution.png").stat().st_size > 1000
+    assert (out / "epsilon-per-round.png").stat().st_size > 1000
+
+
+def _rewrite(path: Path, fn) -> None:
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(fn(lines)) + "\n")
+
+
+def test_edited_entry_is_named(tmp_path: Path) -> None:
+    run = _run(tmp_path)
+    # Lower the steps of dev1's second reservation (seq 3) to hide a spend.
+    _rewrite(_ledger(run, 1), lambda ls: ls[:3] + [ls[3].replace('"steps":10', '"steps":2')] + ls[4:])
+    result = audit(run)
+    assert not result.passed
+    assert ("chain.signature", "dev1", 3) in _fails(result)
+    assert "entry seq 3" in (run / "audit" / "report.md").read_text()
+
+
+def test_deleted_entry_is_named(tmp_path: Path) -> None:
+    run = _run(tmp_path)
+    _rewrite(_ledger(run, 0), lambda ls: ls[:3] + ls[4:])  # drop reserve seq 3
+    fails = _fails(audit(run))
+    assert ("chain.seq", "dev0", 4) in fails and ("chain.prev_hash", "dev0", 4) in fails
+
+
+def test_reordered_entries_are_named(tmp_path: Path) -> None:
+    run = _run(tmp_path)
+    _rewrite(_ledger(run, 2), lambda ls: ls[:1] + [ls[3], ls[4], ls[1], ls[2]] + ls[5:])
+    fails = _fails(audit(run))
+    assert ("chain.seq", "dev2", 3) in fails and ("chain.seq", "dev2", 1) in fails
+
+
+def test_entry_forged_with_another_key_is_named(tmp_path: Path) -> None:
+    run = _run(tmp_path)
+    path = _ledger(run, 1)
+    entries = [json.loads(x) for x in path.read_text().splitlines()]
+    other = signing.load_or_create_private_key(tmp_path / "o.pem", tmp_path / "o.pub", create=True)
+    forged = dict(entries[6])  # replace the last complete entry, claiming a tiny epsilon
+    forged["payload"] = {**forged["payload"], "epsilon_after": 0.1}
+    forged["signature"] = signing.sign(other, signed_bytes(forged))
+    path.write_text("\n".join(json.dumps(e) for e in entries[:6] + [forged]) + "\n")
+    fails = _fails(audit(run))
+    assert ("chain.signature", "dev1", 6) in fails
+    assert ("reported", "dev1", 6) in fails
+
+
+def test_wholesale_rekeyed_ledger_is_caught_by_the_public_key_file(tmp_path: Path) -> None:
+    run = _run(tmp_path, n_devices=1, rounds=1)
+    folder = run / "devices" / "dev0"
+    pub = (folder / "device-key.pub.pem").read_bytes()
+    (folder / DEVICE_LEDGER_NAME).unlink()
+    (folder / "device-key.pem").unlink()
+    led = DeviceLedger.open(folder, "dev0")  # a forger's fresh key and a fresh, smaller history
+    led.check_budget(_ev(1, 1), BUDGET, DELTA)
+    led.complete(led.reserve(_ev(1, 1)), led.epsilon(DELTA))
+    (folder / "device-key.pub.pem").write_bytes(pub)  # the auditor's copy of the real key
+    assert ("chain.key_mismatch", "dev0", 0) in _fails(audit(run))
+
+
+def test_wrong_reported_epsilon_is_named(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    led = DeviceLedger.open(run / "devices" / "liar", "liar", epsilon_budget=BUDGET, delta=DELTA)
+    led.complete(led.reserve(_ev(1)), led.epsilon(DELTA))
+    led.complete(led.reserve(_ev(2)), 0.9 * led.epsilon(DELTA))  # under-reports by 10%
+    result = audit(run)
+    assert _fails(result) == {("reported", "liar", 4)}
+    assert "liar" in (run / "audit" / "report.md").read_text()
+
+
+def _write_raw_ledger(folder: Path, device_id: str, budget: float, events: list[DPEvent]) -> None:
+    """A ledger written by device software that ignored its budget (valid signatures)."""
+    folder.mkdir(parents=True)
+    key = signing.load_or_create_private_key(folder / "device-key.pem", folder / "device-key.pub.pem", True)
+    b = {"epsilon": budget, "delta": DELTA, "accountant": "rdp"}
+    chain = SignedChain.open(folder / DEVICE_LEDGER_NAME, key, {"role": "device", "device_id": device_id,
+                                                               "budget": b})
+    for i, ev in enumerate(events):
+        seq = chain.append("reserve", {"event": ev.to_dict(), "budget": b})["seq"]
+        eps = compute_epsilon(events[: i + 1], DELTA)
+        chain.append("complete", {"reserve_seq": seq, "status": "done", "epsilon_after": eps,
+                                  "accountant": "rdp", "delta": DELTA})
+
+
+def test_over_budget_device_fails(tmp_path: Path) -> None:
+    run = tmp_path / "fleet"
+    _write_raw_ledger(run / "a", "a", 4.0, [_ev(1), _ev(2), _ev(3)])  # 4.85 > 4
+    _write_raw_ledger(run / "b", "b", 5.0, [_ev(1), _ev(2), _ev(3)])  # 4.85 <= 5
+    result = audit(run)
+    assert _fails(result) == {("budget", "a", None)}
+    assert "over the budget 4" in result.failures[0].message
+
+
+def test_server_says_joined_but_the_ledger_lost_the_round(tmp_path: Path) -> None:
+    run = _run(tmp_path)
+    _rewrite(_ledger(run, 0), lambda ls: ls[:5])  # truncate: round 3's entries are gone
+    result = audit(run)
+    assert ("federation.joined", "dev0", None) in _fails(result)
+    assert "round 3" in " ".join(f.message for f in result.failures)
+
+
+def test_tampered_federation_ledger_is_caught(tmp_path: Path) -> None:
+    run = _run(tmp_path)
+    _rewrite(run / "federation-ledger.jsonl", lambda ls: ls[:1] + [ls[1].replace('"dev2"', '"devX"')] + ls[2:])
+    assert ("federation.signature", "server", 1) in _fails(audit(run))
+
+
+def test_crash_leaves_a_warning_not_a_failure_and_is_counted_once(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    led = DeviceLedger.open(run / "d", "d", epsilon_budget=BUDGET, delta=DELTA)
+    led.complete(led.reserve(_ev(1)), led.epsilon(DELTA))
+    led.reserve(_ev(2))  # crash during round 2's training
+    led = DeviceLedger.open(run / "d", "d")  # restart
+    led.complete(led.reserve(_ev(3)), led.epsilon(DELTA))
+    result = audit(run)
+    assert result.passed
+    assert {(f.check, f.seq) for f in result.findings} == {("pending", 3)}
+    assert result.devices[0].epsilon["rdp"] == pytest.approx(compute_epsilon([_ev(1, 30)], DELTA))
+
+
+def test_single_ledger_file_copied_off_a_device(tmp_path: Path) -> None:
+    run = _run(tmp_path, n_devices=1, rounds=2)
+    copy = tmp_path / "copied"
+    copy.mkdir()
+    for name in (DEVICE_LEDGER_NAME, "device-key.pub.pem"):
+        (copy / name).write_bytes((run / "devices" / "dev0" / name).read_bytes())
+    result = audit(copy / DEVICE_LEDGER_NAME)
+    assert result.passed and len(result.devices) == 1
+    assert (copy / "audit" / "report.md").exists()
+
+
+def test_summary_claim_is_checked_against_the_ledgers(tmp_path: Path) -> None:
+    run = _run(tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    summary["privacy"]["epsilon_max"] = 2.0
+    (run / "summary.json").write_text(json.dumps(summary))
+    assert ("summary.epsilon_max", None, None) in _fails(audit(run))
+
+
+def test_cli_exit_status(tmp_path: Path, capsys) -> None:
+    run = _run(tmp_path, n_devices=2, rounds=1)
+    assert main(["audit", str(run), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "audit.json").exists()
+    _rewrite(_ledger(run, 1), lambda ls: ls[:1] + [ls[1].replace('"steps":10', '"steps":9')] + ls[2:])
+    assert main(["audit", str(run)]) == 1
+    assert "FAIL chain.signature device dev1 seq 1" in capsys.readouterr().out
+    assert main(["audit", str(tmp_path / "nowhere")]) == 2
+    assert main(["audit", str(run), "--accountants", "rdp"]) == 2
