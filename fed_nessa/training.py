@@ -285,8 +285,8 @@ def _train_dp(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConf
         opt.zero_grad(set_to_none=True)
         if len(idx) > 0:
             per_ex = pair_loss(gsm._module, x[idx], _augment(y[idx], cfg.input_noise, gen), cfg.loss)
-            # Sum reduction: DPOptimizer divides (sum of clipped grads + noise) by the EXPECTED batch
-            # size below, which keeps the noise scale independent of the realised batch.
+            # Sum reduction: the step uses sum(clipped grads) + N(0, (sigma C)^2), never divided by the
+            # realised batch size (that would make the noise scale data-dependent).
             per_ex.sum().backward()
             total += float(per_ex.detach().sum())
             count += len(idx)

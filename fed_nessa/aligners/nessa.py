@@ -68,11 +68,13 @@ def _mlp(d_in: int, d_out: int, cfg: NessaConfig) -> nn.Sequential:
 class NessaNet(nn.Module):
     """``y -> W y + b + h(y)`` (unnormalised; scoring and export normalise)."""
 
-    def __init__(self, d_y: int, d_x: int, cfg: NessaConfig | None = None) -> None:
+    def __init__(self, d_y: int, d_x: int, cfg: NessaConfig | None = None, seed: int = 0) -> None:
         super().__init__()
         self.cfg = cfg or NessaConfig()
-        self.linear = nn.Linear(d_y, d_x)
-        self.residual = _mlp(d_y, d_x, self.cfg)
+        with torch.random.fork_rng():  # the same weights on every party, whatever ran before
+            torch.manual_seed(seed)
+            self.linear = nn.Linear(d_y, d_x)
+            self.residual = _mlp(d_y, d_x, self.cfg)
         self.set_linear_trainable(self.cfg.train_linear)
 
     def set_linear_trainable(self, flag: bool) -> None:
@@ -196,7 +198,9 @@ class SharedSpaceNet(nn.Module):
     def __init__(self, d_y: int, d_x: int, cfg: NessaConfig, anchor: float = 0.5) -> None:
         super().__init__()
         self.f_y = NessaNet(d_y, d_x, cfg)
-        self.h_x = _mlp(d_x, d_x, cfg)
+        with torch.random.fork_rng():
+            torch.manual_seed(1)
+            self.h_x = _mlp(d_x, d_x, cfg)
         self.anchor = anchor
 
     def map_x(self, x: torch.Tensor) -> torch.Tensor:
