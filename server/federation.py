@@ -63,10 +63,11 @@ class Plan:
 
 def sample_cohort(node_ids: list[int], cfg: FederationConfig, round_num: int) -> list[int]:
     """``clients-per-round`` distinct nodes, reproducible from (seed, round)."""
-    nodes = sorted(node_ids)
+    nodes = sorted(int(n) for n in node_ids)
     rng = np.random.default_rng([cfg.seed, round_num])
     k = min(cfg.clients_per_round, len(nodes))
-    return sorted(int(n) for n in rng.choice(nodes, size=k, replace=False))
+    # Sample positions, not ids: Flower's node ids reach 2**64 and numpy would turn them into floats.
+    return sorted(nodes[i] for i in rng.choice(len(nodes), size=k, replace=False))
 
 
 def plan_round(grid: Grid, cfg: FederationConfig, phase: str, round_num: int, cohort: list[int]) -> Plan:

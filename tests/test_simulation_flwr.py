@@ -1,0 +1,27 @@
+"""``flwr run .`` on Flower's Ray simulation engine: the same apps, offline, no SuperLink left behind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from simulations.flwr_run import flwr_run, our_superlinks
+from test_simulation import make_folder
+
+
+@pytest.mark.slow
+def test_flwr_run_simulation_writes_a_run_folder_and_stops_its_superlink(tmp_path: Path) -> None:
+    data = make_folder(tmp_path / "data")
+    run_dir, home = tmp_path / "run", tmp_path / "flwr-home"
+    run_config = (f"data-source='{data}' run-dir='{run_dir}' num-devices=8 clients-per-round=6 "
+                  "secagg-num-shares=5 secagg-reconstruction-threshold=3 min-arrivals=3 num-server-rounds=2 "
+                  "hidden=16 depth=1 epsilon-budget=30")
+    rc = flwr_run(run_config, 8, home, timeout_s=600, log_path=tmp_path / "flwr.log")
+    assert rc == 0, (tmp_path / "flwr.log").read_text()[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [r["status"] for r in summary["rounds"]] == ["applied", "applied"]
+    assert all(r["participants"] == 6 for r in summary["rounds"])
+    assert (run_dir / "aligner" / "aligner.onnx").is_file()
+    assert our_superlinks(home) == []
