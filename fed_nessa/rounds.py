@@ -85,13 +85,17 @@ class ClientOutcome:
 
 # ----------------------------------------------------------------------------- model layout
 def nessa_config(cfg: RoundConfig) -> NessaConfig:
-    """The architecture every party builds: the linear part is frozen under DP-SGD rounds."""
-    return NessaConfig(hidden=cfg.hidden, depth=cfg.depth, train_linear=bool(getattr(cfg, "train_linear", False)))
+    """The architecture every party builds.
+
+    After a private linear start the linear part stays frozen (DP noise grows
+    with what is trained); without one it must be learned by DP-SGD.
+    """
+    train_linear = bool(getattr(cfg, "train_linear", False)) or cfg.linear_start == "none"
+    return NessaConfig(hidden=cfg.hidden, depth=cfg.depth, train_linear=train_linear)
 
 
 def build_net(cfg: RoundConfig, d_x: int, d_y: int) -> NessaNet:
-    torch.manual_seed(cfg.seed)  # identical initial weights on every party
-    return NessaNet(d_y, d_x, nessa_config(cfg))
+    return NessaNet(d_y, d_x, nessa_config(cfg), seed=cfg.seed)  # identical on every party
 
 
 def trainable(net: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -169,7 +173,9 @@ def _noise_std(cfg: RoundConfig, sigma: float, sensitivity: float) -> float:
 
 def suffstats_vector(shard: Shard) -> np.ndarray:
     """The un-noised statistics of one device (unit-norm rows bound every pair's contribution)."""
-    s = RidgeStats.from_pairs(l2_normalize(shard.enroll), l2_normalize(shard.runtime))
+    unit = lambda a: a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)  # noqa: E731
+    # float64 normalisation: every row's norm is 1 to ~1e-16, so the stated sensitivity holds.
+    s = RidgeStats.from_pairs(unit(shard.enroll.astype(np.float64)), unit(shard.runtime.astype(np.float64)))
     return np.concatenate([s.yy.ravel(), s.yx.ravel(), s.y, s.x, [s.n]]).astype(np.float64)
 
 
@@ -257,8 +263,6 @@ class ServerModel:
         self.cfg, self.d_x, self.d_y = cfg, d_x, d_y
         self.info = AlignerInfo(d_x=d_x, d_y=d_y, enroll_model=enroll_model, runtime_model=runtime_model)
         self.net = build_net(cfg, d_x, d_y)
-        if cfg.linear_start == "none":  # without a private linear start the linear part must learn
-            self.net.set_linear_trainable(True)
         self.opt = torch.optim.Adam(trainable(self.net), lr=cfg.server_lr)
         self.completed: list[str] = []
 
