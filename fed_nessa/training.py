@@ -164,8 +164,11 @@ class EERValidator:
 
         model.eval()
         mapped = model(torch.from_numpy(np.ascontiguousarray(self.runtime, dtype=np.float32))).numpy()
+        enroll = self.enroll
+        if hasattr(model, "map_x"):  # shared-space models map the profile side too
+            enroll = model.map_x(torch.from_numpy(np.ascontiguousarray(enroll, dtype=np.float32))).numpy()
         model.train()
-        return evaluate_trials(self.enroll, mapped, self.speaker, self.utterance).eer
+        return evaluate_trials(enroll, mapped, self.speaker, self.utterance).eer
 
 
 @torch.no_grad()

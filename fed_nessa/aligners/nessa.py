@@ -121,6 +121,9 @@ class NessaAligner(Aligner):
         self.cfg = cfg or NessaConfig()
         self.net = NessaNet(info.d_y, info.d_x, self.cfg)
 
+    def _new_net(self) -> nn.Module:
+        return NessaNet(self.info.d_y, self.info.d_x, self.cfg)
+
     def init_linear(self, enroll: np.ndarray, runtime: np.ndarray) -> None:
         W, b = ridge_from_stats(RidgeStats.from_pairs(l2_normalize(enroll), l2_normalize(runtime)),
                                 self.cfg.ridge_alpha)
@@ -162,8 +165,7 @@ class NessaAligner(Aligner):
         best_epoch = int(min(history, key=lambda r: r.get("val", float("inf")))["epoch"])
         x = l2_normalize(check_input(pairs[0], self.info.d_x, "enrollment embeddings"))
         y = l2_normalize(check_input(pairs[1], self.info.d_y, "runtime embeddings"))
-        torch.manual_seed(cfg.seed)
-        self.net = NessaNet(self.info.d_y, self.info.d_x, self.cfg)
+        self.net = self._new_net()
         self.init_linear(x, y)
         if best_epoch > 0:
             train_local(self.net, x, y, dataclasses.replace(cfg, epochs=best_epoch))
@@ -225,6 +227,9 @@ class NessaSharedAligner(NessaAligner):
         self.cfg = cfg or NessaConfig()
         self.anchor = anchor
         self.net = SharedSpaceNet(info.d_y, info.d_x, self.cfg, anchor)
+
+    def _new_net(self) -> nn.Module:
+        return SharedSpaceNet(self.info.d_y, self.info.d_x, self.cfg, self.anchor)
 
     def init_linear(self, enroll: np.ndarray, runtime: np.ndarray) -> None:
         W, b = ridge_from_stats(RidgeStats.from_pairs(enroll, runtime), self.cfg.ridge_alpha)
