@@ -1,0 +1,53 @@
+"""``fed-nessa apply``: map stored runtime embeddings into the enrollment space with an aligner."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from fed_nessa.aligners import load_aligner
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("apply", help="map runtime embeddings (.npy) into the enrollment space",
+                       description="Map a float32 (n, d_Y) array of runtime embeddings into the aligner's "
+                                   "scoring space (L2-normalised rows), for re-scoring stored embeddings.")
+    p.add_argument("--aligner", required=True, type=Path, help="aligner folder (card.json + aligner.safetensors)")
+    p.add_argument("--input", required=True, type=Path, help="runtime embeddings, .npy, float32 (n, d_Y)")
+    p.add_argument("--output", required=True, type=Path, help="where to write the aligned .npy")
+    p.set_defaults(func=run)
+
+
+def _load_input(path: Path, d_y: int) -> np.ndarray:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: input file not found")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ValueError(f"{path}: not a readable .npy array ({exc})") from None
+    if arr.ndim != 2 or arr.shape[1] != d_y:
+        raise ValueError(f"{path}: expected an (n, {d_y}) array for this aligner, got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise ValueError(f"{path}: expected float embeddings, got dtype {arr.dtype}")
+    bad = ~np.isfinite(arr).all(axis=1)
+    if bad.any():
+        raise ValueError(f"{path}: {int(bad.sum())} non-finite row(s), first at row {int(np.argmax(bad))}")
+    return arr.astype(np.float32, copy=False)
+
+
+def run(args: argparse.Namespace) -> int:
+    aligner = load_aligner(args.aligner)
+    runtime = _load_input(args.input, aligner.info.d_y)
+    aligned = aligner.transform(runtime).astype(np.float32)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=args.output.parent, suffix=".npy")
+    with os.fdopen(fd, "wb") as fh:
+        np.save(fh, aligned)
+    os.replace(tmp, args.output)
+    print(f"wrote {args.output}: {aligned.shape[0]} rows, d={aligned.shape[1]} "
+          f"({aligner.method}: {aligner.info.runtime_model} -> {aligner.info.enroll_model})")
+    return 0

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The main job: a federated DP + SecAgg+ simulation on the embedded synthetic population.
+# Writes its run folder (summary.json, report.md, plots, ledgers, aligner) to runs/default unless
+# --run-dir is given. Extra arguments go to `fed-nessa simulate` (see --help).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${FED_NESSA_VENV:-.venv}"
+[[ -x "$VENV/bin/fed-nessa" ]] || bash scripts/setup.sh
+export FLWR_HOME="${FLWR_HOME:-$PWD/.flwr-home}"
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+exec "$VENV/bin/fed-nessa" simulate "$@"
