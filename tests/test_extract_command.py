@@ -48,8 +48,13 @@ def test_extract_command_writes_shard_and_reports(tmp_path: Path, capsys: pytest
     shard = load_shard(out)
     assert (shard.n, shard.d_x, shard.d_y, shard.num_speakers) == (4, 192, 256, 2)
 
-    assert main(argv) == 0  # resumed: everything from the cache
-    assert "0 embedded now, 4 from cache" in capsys.readouterr().out
+    assert main([*argv, "--eval-set", str(tmp_path / "eval.npz")]) == 0  # resumed: everything from the cache
+    out = capsys.readouterr().out
+    assert "0 embedded now, 4 from cache" in out and "wrote evaluation set" in out
+    from server.data import load_eval_file
+
+    ev = load_eval_file(tmp_path / "eval.npz")
+    assert ev.old_model == shard.enroll_model and ev.speaker.tolist() == shard.speaker.tolist()
 
 
 @pytest.mark.parametrize(
@@ -57,13 +62,14 @@ def test_extract_command_writes_shard_and_reports(tmp_path: Path, capsys: pytest
     [
         (["--out", "x.npz"], "name must end with '.shard.safetensors'"),
         (["--out", "x.shard.safetensors", "--workers", "0"], "--workers must be >= 1"),
+        (["--out", "x.shard.safetensors", "--eval-set", "e.csv"], "the evaluation set file must end with '.npz'"),
     ],
 )
 def test_user_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str],
                                   message: str) -> None:
     (tmp_path / "a" / "s").mkdir(parents=True)
     (tmp_path / "a" / "s" / "u.wav").write_bytes(b"")
-    args = [a if not a.endswith(("npz", "safetensors")) else str(tmp_path / a) for a in args]
+    args = [a if not a.endswith(("npz", "safetensors", "csv")) else str(tmp_path / a) for a in args]
     code = main(["extract", str(tmp_path / "a"), "--enroll-model", "campp", "--runtime-model", "vfl_dvec", *args])
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.startswith("fed-nessa extract: error: ")

@@ -44,15 +44,24 @@ def test_speaker_folders_layout(tmp_path: Path) -> None:
         "x/u00.wav", "x/u01.wav", "y/u00.wav", "y/u01.wav", "y/u02.wav"]
 
 
-def test_demo_fleet_is_reproducible(tmp_path: Path) -> None:
+def test_demo_fleet_is_reproducible_and_keeps_heldout_talkers_off_devices(tmp_path: Path) -> None:
     _require_engines()
-    a = make_demo_fleet(tmp_path / "a", 3, seed=4, max_speakers=2, utterances=(2, 3))
-    b = make_demo_fleet(tmp_path / "b", 3, seed=4, max_speakers=2, utterances=(2, 3))
-    assert [p.name for p in a] == ["device_000", "device_001", "device_002"]
+    a = make_demo_fleet(tmp_path / "a", 3, heldout=2, seed=4, max_speakers=2, utterances=(2, 3),
+                        heldout_utterances=2)
+    b = make_demo_fleet(tmp_path / "b", 3, heldout=2, seed=4, max_speakers=2, utterances=(2, 3),
+                        heldout_utterances=2)
+    assert [p.relative_to(tmp_path / "a").as_posix() for p in a] == [
+        "devices/device_000", "devices/device_001", "devices/device_002"]
     for da, db in zip(a, b):
         fa = sorted(p.relative_to(da) for p in da.rglob("*.wav"))
         assert fa == sorted(p.relative_to(db) for p in db.rglob("*.wav")) and fa
         assert all((da / f).read_bytes() == (db / f).read_bytes() for f in fa)
+    heldout = {p.name for p in (tmp_path / "a" / "heldout").iterdir()}
+    on_devices = {s.name for d in a for s in d.iterdir()}
+    assert len(heldout) == 2 and not heldout & on_devices
+    assert all(len(list((tmp_path / "a" / "heldout" / h).glob("*.wav"))) == 2 for h in heldout)
+    with pytest.raises(ValueError, match="heldout must be in"):
+        make_demo_fleet(tmp_path / "c", 1, heldout=len(voice_pool()))
 
 
 def test_unknown_engine_and_missing_binary(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -31,6 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, metavar="SHARD",
                    help="output shard, NAME.shard.safetensors (side files: NAME.speakers.json, "
                         "NAME.extract-report.json, NAME.extract-cache/)")
+    p.add_argument("--eval-set", type=Path, default=None, metavar="EVAL_NPZ",
+                   help="also write the shard as a server evaluation set (AUDIO_DIR must then hold HELD-OUT "
+                        "speakers only, > 10 utterances each); put it in the device-shard folder as eval.npz")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="worker processes, one thread each (default: one per available core)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (skipped files are still printed)")
@@ -44,6 +47,11 @@ def run(args: argparse.Namespace) -> int:
     assert set(MODEL_CHOICES) == set(MODEL_NAMES)
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    if args.eval_set is not None:
+        if args.eval_set.suffix != ".npz":
+            raise ValueError(f"{args.eval_set}: the evaluation set file must end with '.npz'")
+        if args.enroll_model == args.runtime_model:
+            raise ValueError("--eval-set needs two different models (nothing to align otherwise)")
     try:
         from fed_nessa.extract.builder import build_shard
 
@@ -60,4 +68,9 @@ def run(args: argparse.Namespace) -> int:
         from fed_nessa.extract.builder import SidePaths
 
         print(f"skipped files are listed in {SidePaths.for_shard(args.out).report}")
+    if args.eval_set is not None:
+        from fed_nessa.extract.evalset import write_eval_set
+        from fed_nessa.shards import load_shard
+
+        print(f"wrote evaluation set {write_eval_set(load_shard(args.out), args.eval_set)}")
     return 0

@@ -9,7 +9,7 @@ built from recordings of four real people; espeak-ng's formant variants
 
 Command line (a demo fleet of devices, one audio folder per device)::
 
-    python -m fed_nessa.extract.tts OUT_DIR --devices 6 --seed 0
+    python -m fed_nessa.extract.tts OUT_DIR --devices 6 --heldout 5 --seed 0
 """
 
 from __future__ import annotations
@@ -121,41 +121,58 @@ def voice_pool() -> list[Voice]:
     return [Voice("flite", v) for v in FLITE_VOICES] + [Voice("espeak-ng", v) for v in ESPEAK_VARIANTS]
 
 
-def make_demo_fleet(out_dir: str | Path, devices: int, *, seed: int = 0, max_speakers: int = 3,
-                    utterances: tuple[int, int] = (5, 12)) -> list[Path]:
-    """One audio folder per device (``out_dir/device_NNN/<speaker>/...``): 1..max_speakers talkers each.
+def make_demo_fleet(out_dir: str | Path, devices: int, *, heldout: int = 0, seed: int = 0, max_speakers: int = 3,
+                    utterances: tuple[int, int] = (5, 12), heldout_utterances: int = 16) -> list[Path]:
+    """Audio for a demo federation: ``out_dir/devices/device_NNN/<speaker>/...`` (+ ``out_dir/heldout/...``).
 
-    Talkers are drawn from :func:`voice_pool` without replacement across the
-    fleet while it lasts (then reused), so most devices hold different people.
+    Each device gets 1..max_speakers talkers. With ``heldout`` > 0, that many
+    talkers are reserved first and written to ``out_dir/heldout`` (for the
+    evaluation set) and never appear on a device. Device talkers are drawn
+    from the rest without replacement while it lasts, then reused (one person
+    may use several devices). Returns the device folders.
     """
     rng = np.random.default_rng(seed)
     pool = voice_pool()
-    order = list(rng.permutation(len(pool)))
+    if not 0 <= heldout <= len(pool) - 2:
+        raise ValueError(f"heldout must be in [0, {len(pool) - 2}] (the pool has {len(pool)} talkers)")
+    perm = [pool[i] for i in rng.permutation(len(pool))]
+    reserved, available = perm[:heldout], perm[heldout:]
+    out = Path(out_dir)
+    if reserved:
+        make_speaker_folders(out / "heldout", {_speaker_name(v): v for v in reserved}, heldout_utterances,
+                             seed=seed * 1000 + 999)
+    order: list[Voice] = []
     folders: list[Path] = []
     for d in range(devices):
-        n_spk = int(rng.integers(1, max_speakers + 1))
         speakers: dict[str, Voice] = {}
-        for _ in range(n_spk):
+        for _ in range(int(rng.integers(1, max_speakers + 1))):
             if not order:
-                order = list(rng.permutation(len(pool)))
-            v = pool[order.pop()]
-            speakers[f"{v.engine}-{v.name}".replace("+", "_")] = v
+                order = [available[i] for i in rng.permutation(len(available))]
+            v = order.pop()
+            speakers[_speaker_name(v)] = v
         counts = {s: int(rng.integers(utterances[0], utterances[1] + 1)) for s in speakers}
-        folder = Path(out_dir) / f"device_{d:03d}"
+        folder = out / "devices" / f"device_{d:03d}"
         make_speaker_folders(folder, speakers, counts, seed=seed * 1000 + d)
         folders.append(folder)
     return folders
+
+
+def _speaker_name(voice: Voice) -> str:
+    return f"{voice.engine}-{voice.name}".replace("+", "_")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fed_nessa.extract.tts", description=__doc__.split("\n")[0])
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--devices", type=int, default=4)
+    parser.add_argument("--heldout", type=int, default=0, help="talkers reserved for the evaluation set")
     parser.add_argument("--max-speakers", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    folders = make_demo_fleet(args.out_dir, args.devices, seed=args.seed, max_speakers=args.max_speakers)
-    print(f"wrote {len(folders)} device audio folders under {args.out_dir}")
+    folders = make_demo_fleet(args.out_dir, args.devices, heldout=args.heldout, seed=args.seed,
+                              max_speakers=args.max_speakers)
+    print(f"wrote {len(folders)} device audio folders under {args.out_dir / 'devices'}"
+          + (f" and {args.heldout} held-out talkers under {args.out_dir / 'heldout'}" if args.heldout else ""))
     return 0
 
 
