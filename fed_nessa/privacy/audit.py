@@ -279,9 +279,12 @@ def _check_budget_records(header: dict[str, Any], reserves, dev: DeviceAudit, fi
         findings.append(Finding(FAIL, "budget", f"the budget changed during the ledger's life: "
                                                 f"{sorted(distinct)}", dev.device_id))
     dev.budget = budgets[-1] if budgets else None
-    if dev.budget is None:
+    if dev.budget is None and reserves:
         findings.append(Finding(FAIL, "budget", "no budget recorded (header or reserve entries): "
                                                 "cannot check the device against one", dev.device_id))
+    elif dev.budget is None:
+        findings.append(Finding(WARN, "budget", "no DP event and no budget recorded: nothing spent",
+                                dev.device_id))
     deltas = Counter(ev.delta for _, ev, _ in reserves)
     if dev.budget is not None:
         dev.delta = float(dev.budget["delta"])
