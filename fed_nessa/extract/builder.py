@@ -43,6 +43,9 @@ from fed_nessa.extract.backend import Backend, MissingExtraError
 from fed_nessa.shards import SHARD_SUFFIX, make_shard, write_shard
 
 CACHE_SUFFIX = ".extract-cache"
+# A worker process pays a start-up of several seconds (imports + model loads) against ~0.1-0.3 s per
+# file, so by default a folder gets no more workers than it has batches of this many files to embed.
+FILES_PER_WORKER = 24
 REPORT_SUFFIX = ".extract-report.json"
 SPEAKERS_SUFFIX = ".speakers.json"
 
@@ -317,6 +320,7 @@ def build_shard(
     ids = {name: b.model_id for name, b in backends.items()}  # hashes the weights; no model load
     dims = {name: b.dim for name, b in backends.items()}
     cache = EmbeddingCache(side.cache)
+    explicit_workers = workers is not None
     workers = max(1, int(workers or default_workers()))
     say = log or (lambda msg: print(msg, file=sys.stderr))
 
@@ -373,8 +377,12 @@ def build_shard(
             result.computed += 1
         bar.update(1)
 
+    use = min(workers, max(1, len(tasks)))
+    if not explicit_workers:
+        use = min(use, max(1, -(-len(tasks) // FILES_PER_WORKER)))
+    result.workers = use
     try:
-        _run_tasks(tasks, names, min(workers, max(1, len(tasks))), on_result)
+        _run_tasks(tasks, names, use, on_result)
     finally:
         bar.close()
 
