@@ -282,6 +282,40 @@ def _run_tasks(
 # ---------------------------------------------------------------- the run
 
 
+@dataclass
+class _Plan:
+    """What a run still has to compute, after the cache was consulted."""
+
+    embeddings: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # rel -> model -> vector
+    keys: dict[str, str] = field(default_factory=dict)  # rel -> content hash
+    failures: dict[str, str] = field(default_factory=dict)  # rel -> reason (known before any work)
+    tasks: list[tuple[str, str, tuple[str, ...]]] = field(default_factory=list)  # (path, rel, models)
+    from_cache: int = 0
+
+
+def _plan(utterances: list[Utterance], names: Sequence[str], ids: dict[str, str], dims: dict[str, int],
+          cache: EmbeddingCache) -> _Plan:
+    """Hash every file and sort it into: fully cached, known unusable, or a task for the missing models."""
+    plan = _Plan()
+    for utt in utterances:
+        try:
+            plan.keys[utt.rel] = key = content_hash(utt.path)
+        except OSError as exc:
+            plan.failures[utt.rel] = f"unreadable file ({exc.strerror or exc})"
+            continue
+        have = {n: v for n in names if (v := cache.get(ids[n], key, dims[n])) is not None}
+        plan.embeddings[utt.rel] = have
+        missing = tuple(n for n in names if n not in have)
+        known_bad = [r for n in missing if (r := cache.get_skip(ids[n], key)) is not None]
+        if known_bad:
+            plan.failures[utt.rel] = known_bad[0]
+        elif missing:
+            plan.tasks.append((str(utt.path), utt.rel, missing))
+        else:
+            plan.from_cache += 1
+    return plan
+
+
 def _progress(total: int, enabled: bool):
     from tqdm import tqdm
 
@@ -328,31 +362,11 @@ def build_shard(
         audio_dir=str(audio_dir), shard=str(side.shard), enroll_model=ids[enroll_model],
         runtime_model=ids[runtime_model], files_found=len(utterances) + len(skipped), workers=workers,
     )
-    embeddings: dict[str, dict[str, np.ndarray]] = {}
-    keys: dict[str, str] = {}
-    tasks: list[tuple[str, str, tuple[str, ...]]] = []
-    unreadable: list[Skipped] = []
-    cached_failures: dict[str, str] = {}
-    for utt in utterances:
-        try:
-            keys[utt.rel] = key = content_hash(utt.path)
-        except OSError as exc:
-            unreadable.append(Skipped(utt.rel, f"unreadable file ({exc.strerror or exc})"))
-            continue
-        have = {n: v for n in names if (v := cache.get(ids[n], key, dims[n])) is not None}
-        embeddings[utt.rel] = have
-        missing = tuple(n for n in names if n not in have)
-        known_bad = [r for n in missing if (r := cache.get_skip(ids[n], key)) is not None]
-        if known_bad:
-            cached_failures[utt.rel] = known_bad[0]
-        elif missing:
-            tasks.append((str(utt.path), utt.rel, missing))
-        else:
-            result.from_cache += 1
-
-    failures: dict[str, str] = {s.file: s.reason for s in unreadable} | cached_failures
+    plan = _plan(utterances, names, ids, dims, cache)
+    embeddings, keys, failures = plan.embeddings, plan.keys, plan.failures
+    result.from_cache = plan.from_cache
     bar = _progress(len(utterances), progress)
-    bar.update(result.from_cache + len(failures))
+    bar.update(plan.from_cache + len(failures))
 
     def emit(msg: str) -> None:
         if progress and log is None:
@@ -377,12 +391,12 @@ def build_shard(
             result.computed += 1
         bar.update(1)
 
-    use = min(workers, max(1, len(tasks)))
+    use = min(workers, max(1, len(plan.tasks)))
     if not explicit_workers:
-        use = min(use, max(1, -(-len(tasks) // FILES_PER_WORKER)))
+        use = min(use, max(1, -(-len(plan.tasks) // FILES_PER_WORKER)))
     result.workers = use
     try:
-        _run_tasks(tasks, names, use, on_result)
+        _run_tasks(plan.tasks, names, use, on_result)
     finally:
         bar.close()
 
