@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 
 FLITE_VOICES = ("kal", "awb", "rms", "slt")
+# Natural mean F0 (Hz) of the flite voices: pitch jitter scales around it (rms ignores F0 targets).
+FLITE_F0 = {"kal": 95.0, "kal16": 95.0, "awb": 127.0, "slt": 170.0}
 ESPEAK_VARIANTS = tuple(f"en-us+m{i}" for i in range(1, 8)) + tuple(f"en-us+f{i}" for i in range(1, 5)) + tuple(
     f"en+{v}" for v in ("klatt", "klatt2", "klatt3", "croak", "whisperf")
 )
@@ -75,16 +77,16 @@ def synthesise(text: str, path: str | Path, voice: Voice, *, stretch: float = 1.
     """Render ``text`` with ``voice`` to a wav file.
 
     ``stretch`` > 1 speaks slower; ``pitch`` in [-1, 1] shifts the pitch
-    (flite: mean F0 target around 120 Hz (scaled) except rms, which ignores it;
-    espeak-ng: ``-p`` around its default 50).
+    (flite: the voice's natural mean F0 scaled by 1 + 0.15 * pitch; rms ignores
+    F0 targets; espeak-ng: ``-p`` 50 + 20 * pitch around its default 50).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     exe = require_engine(voice.engine)
     if voice.engine == "flite":
         cmd = [exe, "-voice", voice.name, "--setf", f"duration_stretch={stretch:.3f}"]
-        if pitch:
-            cmd += ["--setf", f"int_f0_target_mean={120.0 * (1.0 + 0.15 * pitch):.1f}"]
+        if pitch and voice.name in FLITE_F0:
+            cmd += ["--setf", f"int_f0_target_mean={FLITE_F0[voice.name] * (1.0 + 0.15 * pitch):.1f}"]
         cmd += ["-t", text, "-o", str(path)]
     else:
         rate = int(round(175 / stretch))
