@@ -84,21 +84,22 @@ def fit_method(method: str, train: Any, enroll_model: str, runtime_model: str, c
     if method == "speaker-logit":
         return SpeakerLogitAligner(info).fit(x, y, train.speaker)
     if method in ("nessa", "nessa-shared"):
-        return _fit_nessa(method, info, train, x, y, cfg)
+        return fit_nessa(method, info, train, x, y, cfg)
     raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
 
 
-def _fit_nessa(method: str, info: AlignerInfo, train: Any, x: np.ndarray, y: np.ndarray,
-               cfg: CentralisedConfig) -> Aligner:
+def fit_nessa(method: str, info: AlignerInfo, train: Any, x: np.ndarray, y: np.ndarray,
+               cfg: CentralisedConfig, on_epoch: Callable[[dict[str, float]], None] | None = None) -> Aligner:
     val = _val_mask(train.voice, cfg.val_fraction, cfg.seed)
     cls = NessaAligner if method == "nessa" else NessaSharedAligner
     aligner = cls(info, cfg.nessa)
     if not val.any():
-        return aligner.fit(x, y, train_cfg=dataclasses.replace(cfg.train, epochs=min(cfg.train.epochs, 10)))
+        return aligner.fit(x, y, train_cfg=dataclasses.replace(cfg.train, epochs=min(cfg.train.epochs, 10)),
+                           on_epoch=on_epoch)
     vrows = val & _first_of_voice(train.speaker, train.voice)
     validator = EERValidator(l2_normalize(x[vrows]), l2_normalize(y[vrows]), train.speaker[vrows],
                              train.utterance[vrows])
-    return aligner.fit(x[~val], y[~val], train_cfg=cfg.train, val=validator, refit=(x, y))
+    return aligner.fit(x[~val], y[~val], train_cfg=cfg.train, val=validator, refit=(x, y), on_epoch=on_epoch)
 
 
 def applicable(method: str, d_x: int, d_y: int) -> bool:

@@ -190,6 +190,7 @@ def train_local(
     *,
     val: Validator | tuple[np.ndarray, np.ndarray] | None = None,
     max_steps: int | None = None,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on pairs; DP-SGD through Opacus when ``dp`` is given.
 
@@ -207,12 +208,13 @@ def train_local(
     if isinstance(val, tuple):
         val = LossValidator(val[0], val[1], cfg.loss)
     if dp is None:
-        return _train_plain(model, x, y, cfg, gen, val, max_steps)
-    return _train_dp(model, x, y, cfg, dp, gen, max_steps)
+        return _train_plain(model, x, y, cfg, gen, val, max_steps, on_epoch)
+    return _train_dp(model, x, y, cfg, dp, gen, max_steps, on_epoch)
 
 
 def _train_plain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
-                 gen: torch.Generator, val: Validator | None, max_steps: int | None) -> TrainResult:
+                 gen: torch.Generator, val: Validator | None, max_steps: int | None,
+                 on_epoch: Callable[[dict[str, float]], None] | None = None) -> TrainResult:
     opt = _optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     n, bs = x.shape[0], min(cfg.batch_size, x.shape[0])
     steps, best, best_state, bad_epochs, history = 0, math.inf, None, 0, []
@@ -243,6 +245,8 @@ def _train_plain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainC
             else:
                 bad_epochs += 1
         history.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
         if (val is not None and bad_epochs >= cfg.patience) or (max_steps is not None and steps >= max_steps):
             break
     if best_state is not None:
@@ -263,7 +267,8 @@ def dp_steps(n: int, batch_size: int, epochs: int) -> int:
 
 
 def _train_dp(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, dp: DPConfig,
-              gen: torch.Generator, max_steps: int | None) -> TrainResult:
+              gen: torch.Generator, max_steps: int | None,
+              on_epoch: Callable[[dict[str, float]], None] | None = None) -> TrainResult:
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
@@ -301,6 +306,8 @@ def _train_dp(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConf
                 p.grad = None
         if (step + 1) % per_epoch == 0 or step + 1 == steps_total:
             history.append({"step": step + 1, "train_loss": total / max(count, 1)})
+            if on_epoch is not None:
+                on_epoch(history[-1])
     _detach_opacus(gsm)
     return TrainResult(steps=steps_total, epochs_run=math.ceil(steps_total / per_epoch), sample_rate=q,
                        noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,

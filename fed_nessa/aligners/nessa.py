@@ -131,7 +131,8 @@ class NessaAligner(Aligner):
 
     def fit(self, enroll: np.ndarray, runtime: np.ndarray, speaker: np.ndarray | None = None, *,
             train_cfg: Any = None, dp: Any = None, val: Any = None,
-            refit: tuple[np.ndarray, np.ndarray] | None = None, **kwargs: Any) -> NessaAligner:
+            refit: tuple[np.ndarray, np.ndarray] | None = None, on_epoch: Any = None,
+            **kwargs: Any) -> NessaAligner:
         """Ridge start (non-DP only), then training.
 
         ``val`` (a Validator, or (enroll, runtime) pairs of held-out train-side
@@ -150,7 +151,7 @@ class NessaAligner(Aligner):
             self.init_linear(x, y)
         if isinstance(val, tuple):
             val = (l2_normalize(val[0]), l2_normalize(val[1]))
-        result = train_local(self.net, x, y, cfg, dp, val=val)
+        result = train_local(self.net, x, y, cfg, dp, val=val, on_epoch=on_epoch)
         summary = {k: v for k, v in result.to_dict().items() if k != "history"}
         self.info.training.update({"train_result": summary, "history": result.history})
         if refit is not None and dp is None and val is not None:
