@@ -257,13 +257,21 @@ def _train_plain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainC
 
 
 def dp_sample_rate(n: int, batch_size: int) -> float:
-    """Poisson sampling rate q for an expected batch of ``batch_size`` out of ``n`` pairs."""
-    return min(1.0, batch_size / n)
+    """Poisson sampling rate ``q = 1 / ceil(n / B)`` (Opacus' convention: 1 / batches per epoch).
+
+    The expected batch is at most ``B``. Taking ``q`` from the grid {1, 1/2, 1/3, ...}
+    rather than ``B / n`` leaks nothing new (``q`` is chosen before sampling) and
+    lets a fleet share accountant curves: devices with similar sizes get the same
+    ``q``, so epsilon is computed once per distinct (q, sigma), not once per device.
+    """
+    if n < 1 or batch_size < 1:
+        raise ValueError(f"need n >= 1 and batch_size >= 1, got n={n}, batch_size={batch_size}")
+    return 1.0 / math.ceil(n / batch_size)
 
 
 def dp_steps(n: int, batch_size: int, epochs: int) -> int:
     """Number of DP-SGD steps ``train_local`` takes: ``epochs`` passes of 1/q steps each."""
-    return epochs * max(1, round(1.0 / dp_sample_rate(n, batch_size)))
+    return epochs * math.ceil(n / batch_size)
 
 
 def _train_dp(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, dp: DPConfig,
@@ -286,7 +294,7 @@ def _train_dp(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConf
                       secure_mode=dp.secure_rng)
     gsm.train()
     history, total, count = [], 0.0, 0
-    per_epoch = max(1, round(1.0 / q))
+    per_epoch = math.ceil(n / cfg.batch_size)
     for step in range(steps_total):
         mask = torch.rand(n, generator=gen) < q  # Poisson sampling: each pair independently
         idx = mask.nonzero(as_tuple=True)[0]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job: a federated DP + SecAgg+ simulation on the embedded synthetic population.
-# Writes its run folder (summary.json, report.md, plots, ledgers, aligner) to runs/default unless
+# Writes its run folder (summary.json, report.md, plots, ledgers, aligner) to runs/latest unless
 # --run-dir is given. Extra arguments go to `fed-nessa simulate` (see --help).
 set -euo pipefail
 cd "$(dirname "$0")/.."
