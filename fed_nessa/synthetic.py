@@ -72,7 +72,7 @@ class WorldConfig:
     even_rank: int = 8
     channel_hidden: int = 64
     noise_rank: int = 32
-    old: ModelSpec = ModelSpec(OLD, 256, speaker_alpha=1.5, speaker_gain=1.0, even_gain=1.3, even_alpha=1.5,
+    old: ModelSpec = ModelSpec(OLD, 256, speaker_alpha=1.5, speaker_gain=1.0, even_gain=1.1, even_alpha=1.5,
                                channel_gain=1.0, noise_lowrank=1.6, noise_iso=0.8)
     new: ModelSpec = ModelSpec(NEW, 192, speaker_alpha=1.0, speaker_gain=1.0, even_gain=0.0, even_alpha=1.5,
                                channel_gain=1.6, noise_lowrank=0.2, noise_iso=0.1)
