@@ -531,6 +531,10 @@ def plan_households(
       so one speaker sits on several devices (like a person with several devices). Reused
       speakers repeat utterance pairs across devices: an example-level DP guarantee then covers
       each copy separately, so state it when reporting epsilon.
+
+    Households group *speakers*: on ``real-dev+speed`` a device may hold a voice and its
+    speed-perturbed pseudo-speakers under different local ids (fine for training, where ids are
+    only local; hold-out splits are by voice before this step).
     """
     s_lo, s_hi = (int(v) for v in speakers_per_device)
     u_lo, u_hi = (int(v) for v in utts_per_speaker)
