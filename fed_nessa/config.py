@@ -52,6 +52,7 @@ class FederationConfig:
     epsilon_budget: float = 8.0
     linear_start: str = "suffstats"
     suffstats_noise_multiplier: float = 1.0
+    suffstats_rounds: int = 1
     update_clip: float = 1.0
     min_arrivals: int = 3
     secagg_num_shares: int = 7
@@ -155,6 +156,10 @@ def _check_ranges(c: FederationConfig) -> list[str]:
     _range(p, "epsilon-budget", c.epsilon_budget, 0.0, 1000.0, lo_open=True)
     _choice(p, "linear-start", c.linear_start, LINEAR_STARTS)
     _range(p, "suffstats-noise-multiplier", c.suffstats_noise_multiplier, 0.0, 1000.0)
+    _range(p, "suffstats-rounds", c.suffstats_rounds, 1, 10_000)
+    if c.linear_start == "suffstats" and c.suffstats_rounds >= c.num_server_rounds + 1:
+        p.append(f"suffstats-rounds = {c.suffstats_rounds}: must be <= num-server-rounds "
+                 f"({c.num_server_rounds})")
     if c.linear_start == "suffstats" and c.dp_mode != "none" and c.suffstats_noise_multiplier <= 0:
         p.append(
             f"suffstats-noise-multiplier = {c.suffstats_noise_multiplier!r}: must be > 0 when "

@@ -265,6 +265,8 @@ class ServerModel:
         self.net = build_net(cfg, d_x, d_y)
         self.opt = torch.optim.Adam(trainable(self.net), lr=cfg.server_lr)
         self.completed: list[str] = []
+        self.stats_sum: np.ndarray | None = None  # accumulated (noisy) sufficient statistics
+        self.stats_devices = 0
 
     @classmethod
     def create(cls, cfg: RoundConfig, d_x: int, d_y: int, enroll_model: str, runtime_model: str) -> ServerModel:
@@ -274,7 +276,8 @@ class ServerModel:
         """One phase per server round; the private linear start (if any) is round 1."""
         rounds = self.cfg.num_server_rounds
         if self.cfg.linear_start == SUFFSTATS:
-            return [SUFFSTATS] + [DPSGD] * (rounds - 1)
+            k = int(getattr(self.cfg, "suffstats_rounds", 1))
+            return [SUFFSTATS] * k + [DPSGD] * (rounds - k)
         return [DPSGD] * rounds
 
     def vector(self) -> np.ndarray:
@@ -295,8 +298,11 @@ class ServerModel:
         if n_arrived < 1:
             raise ValueError("no device contributed to the aggregate")
         if phase == SUFFSTATS:
-            stats = stats_from_vector(aggregate_sum, self.d_x, self.d_y)
-            W, b = ridge_from_stats(stats, nessa_config(self.cfg).ridge_alpha)
+            vec = np.asarray(aggregate_sum, np.float64)
+            self.stats_sum = vec if self.stats_sum is None else self.stats_sum + vec
+            self.stats_devices += n_arrived
+            stats = stats_from_vector(self.stats_sum, self.d_x, self.d_y)
+            W, b = ridge_from_stats(stats, nessa_config(self.cfg).ridge_alpha, noise_std=self._stats_noise_std())
             self.net.set_linear(W, b)
         elif _is_distributed(self.cfg):
             self._apply_gradient(np.asarray(aggregate_sum, np.float32), n_arrived)
@@ -305,6 +311,13 @@ class ServerModel:
             mean = np.asarray(aggregate_sum, np.float32) / n_arrived
             load_flat(params, flat(params) + self.cfg.server_lr * mean)
         self.completed.append(phase)
+
+    def _stats_noise_std(self) -> float:
+        """Std of the noise in each entry of the accumulated statistics (known to the server)."""
+        if self.cfg.dp_mode == "none":
+            return 0.0
+        per_device = _noise_std(self.cfg, self.cfg.suffstats_noise_multiplier, SUFFSTATS_SENSITIVITY)
+        return per_device * math.sqrt(self.stats_devices)
 
     def _apply_gradient(self, grad_sum: np.ndarray, n_arrived: int) -> None:
         params = trainable(self.net)
@@ -318,12 +331,14 @@ class ServerModel:
 
     # -- persistence / evaluation ----------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"net": self.net.state_dict(), "opt": self.opt.state_dict(), "completed": list(self.completed)}
+        return {"net": self.net.state_dict(), "opt": self.opt.state_dict(), "completed": list(self.completed),
+                "stats_sum": self.stats_sum, "stats_devices": self.stats_devices}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.net.load_state_dict(state["net"])
         self.opt.load_state_dict(state["opt"])
         self.completed = list(state["completed"])
+        self.stats_sum, self.stats_devices = state.get("stats_sum"), int(state.get("stats_devices", 0))
 
     def comparator(self) -> NessaAligner:
         aligner = NessaAligner(self.info, nessa_config(self.cfg))

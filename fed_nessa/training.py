@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
@@ -24,6 +25,9 @@ import torch
 from torch import nn
 
 from fed_nessa.losses import get_loss
+
+# Opacus' hooks on a frozen-input model trigger this torch warning on every backward; it is expected.
+warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
 
 
 @dataclass(frozen=True)

@@ -75,17 +75,18 @@ def _write_devices(devices: list[Shard], folder: Path) -> list[Path]:
 
 
 def _eval_from_embedding_set(es, enroll_model: str, runtime_model: str) -> EvalSet:  # noqa: ANN001
-    embeddings = {enroll_model: np.asarray(es.enroll, np.float32), runtime_model: np.asarray(es.runtime, np.float32)}
+    """The evaluation set for the asymmetric system (enroll_model profiles, runtime_model tests)."""
+    embeddings = {m: np.asarray(es.emb(m), np.float32) for m in (enroll_model, runtime_model)}
     return EvalSet(embeddings, np.asarray(es.speaker), np.asarray(es.utterance), enroll_model, runtime_model)
 
 
 def _synthetic(cfg: FederationConfig) -> FederationData:
     from fed_nessa.synthetic import generate_population
 
-    pop = generate_population(cfg.num_devices, cfg.seed)
+    pop = generate_population(cfg.num_devices, cfg.seed, eval_speakers=cfg.eval_speakers)
     first = pop.devices[0]
     paths = _write_devices(pop.devices, shard_folder(cfg))
-    ev = _eval_from_embedding_set(pop.eval, first.enroll_model, first.runtime_model)
+    ev = _eval_from_embedding_set(pop.eval, pop.enroll_model, pop.runtime_model)
     return FederationData(first.d_x, first.d_y, first.enroll_model, first.runtime_model, ev, paths)
 
 

@@ -61,9 +61,18 @@ class Plan:
     epsilons: dict[int, float]
 
 
-def sample_cohort(node_ids: list[int], cfg: FederationConfig, round_num: int) -> list[int]:
-    """``clients-per-round`` distinct nodes, reproducible from (seed, round)."""
+def sample_cohort(node_ids: list[int], cfg: FederationConfig, round_num: int, phase: str = "") -> list[int]:
+    """``clients-per-round`` distinct nodes, reproducible from (seed, round).
+
+    The sufficient-statistics rounds instead split ALL devices into
+    ``suffstats-rounds`` disjoint blocks: every device contributes its
+    statistics once, which is what the linear start's accuracy rests on.
+    """
     nodes = sorted(int(n) for n in node_ids)
+    if phase == "suffstats":
+        order = np.random.default_rng([cfg.seed, 0]).permutation(len(nodes))
+        block = np.array_split(order, cfg.suffstats_rounds)[(round_num - 1) % cfg.suffstats_rounds]
+        return sorted(nodes[i] for i in block)
     rng = np.random.default_rng([cfg.seed, round_num])
     k = min(cfg.clients_per_round, len(nodes))
     # Sample positions, not ids: Flower's node ids reach 2**64 and numpy would turn them into floats.
@@ -162,7 +171,7 @@ class Federation:
         nodes = list(self.grid.get_node_ids())
         if len(nodes) < 3:
             raise NotEnoughDevices(f"round {r}: {len(nodes)} node(s) connected; SecAgg+ needs at least 3")
-        plan = plan_round(self.grid, cfg, phase, r, sample_cohort(nodes, cfg, r))
+        plan = plan_round(self.grid, cfg, phase, r, sample_cohort(nodes, cfg, r, phase))
         status, arrived, failed = "skipped", [], list(plan.failed)
         saturated = 0
         round_eps: dict[str, float] = {}

@@ -7,6 +7,8 @@ true update and can compare it with what the secure sum revealed.
 
 from __future__ import annotations
 
+import random
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,9 +67,9 @@ def write_devices(folder: Path, count: int, seed: int = 0) -> list[Path]:
     return shard_paths(folder)
 
 
-def run_config(tmp_path: Path, clients: int) -> dict:
+def run_config(tmp_path: Path, clients: int, shares: int = 7) -> dict:
     return {"data-source": str(tmp_path / "shards"), "run-dir": str(tmp_path / "run"), "clients-per-round": clients,
-            "num-devices": clients, "secagg-num-shares": 7, "secagg-reconstruction-threshold": 4,
+            "num-devices": clients, "secagg-num-shares": shares, "secagg-reconstruction-threshold": 4,
             "min-arrivals": 3}
 
 
@@ -76,13 +78,13 @@ def stage_of(msg) -> str | None:  # noqa: ANN001
     return None if rec is None else rec.get(Key.STAGE)
 
 
-def run_round(tmp_path: Path, clients: int, drop=None, corrupt: int | None = None):  # noqa: ANN001
+def run_round(tmp_path: Path, clients: int, drop=None, corrupt: int | None = None, shares: int = 7):  # noqa: ANN001
     paths = write_devices(tmp_path / "shards", clients)
     if corrupt is not None:
         paths[corrupt].write_bytes(b"not a shard")
     rounds = StandInRounds()
     wire: list[tuple[str, object]] = []
-    rc = run_config(tmp_path, clients)
+    rc = run_config(tmp_path, clients, shares)
     grid = InProcessGrid(build_client_app(rounds.runtime()), clients, rc, drop=drop,
                          tap=lambda kind, m: wire.append((kind, m)))
     cfg = from_run_config(rc)
@@ -124,6 +126,7 @@ def test_secure_sum_equals_sum_of_clipped_updates_and_no_update_is_readable(tmp_
 def test_dropouts_below_threshold_leave_the_sum_correct(tmp_path: Path) -> None:
     """2 devices vanish before sending, 1 has a corrupt shard, 1 vanishes after sending."""
     np.random.seed(1)
+    random.seed(1)  # SecAgg+ draws its neighbour ring with random.shuffle
     clients = 12
     node_ids = list(range(1001, 1001 + clients))
     vanish_before = {node_ids[0], node_ids[5]}
@@ -134,7 +137,9 @@ def test_dropouts_below_threshold_leave_the_sum_correct(tmp_path: Path) -> None:
         return (node in vanish_before and stage == Stage.COLLECT_MASKED_VECTORS) or (
             node in vanish_after and stage == Stage.UNMASK)
 
-    result, rounds, _, codec, ids = run_round(tmp_path, clients, drop=drop, corrupt=3)
+    # Every device holds shares of all 11 others: 4 losses leave >= 8 shares >= threshold 4 for
+    # any neighbour ring (a 7-share ring can lose 4 of one node's neighbours and must abort).
+    result, rounds, _, codec, ids = run_round(tmp_path, clients, drop=drop, corrupt=3, shares=clients)
     assert result.completed
     assert set(result.arrived) == set(node_ids) - vanish_before - {node_ids[3]}
     assert result.n_arrived == 9

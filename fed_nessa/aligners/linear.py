@@ -8,6 +8,7 @@ solver for both paths.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,13 +38,16 @@ class RidgeStats:
                           self.n + other.n)
 
 
-def ridge_from_stats(stats: RidgeStats, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+def ridge_from_stats(stats: RidgeStats, alpha: float, noise_std: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Solve min ||Y W + b - X||^2 + alpha ||W||^2 (intercept unpenalised) from sums.
 
     Returns ``(W, b)`` with ``W`` of shape (d_x, d_y) so that ``x_hat = W y + b``.
     ``alpha`` is relative to the mean diagonal of the centred covariance, so one
     value works whatever the number of pairs. Noisy (DP) statistics may be
-    indefinite; the solve symmetrises and lifts the spectrum to stay well posed.
+    indefinite; the solve symmetrises and lifts the spectrum to stay well posed:
+    with ``noise_std`` (per-entry std of the noise in the sums) the floor is at
+    least the noise's spectral norm, ~``2 noise_std sqrt(d_y) / n``, so noise
+    directions are regularised away instead of inverted.
     """
     n = max(stats.n, 1.0)
     my, mx = stats.y / n, stats.x / n
@@ -52,7 +56,7 @@ def ridge_from_stats(stats: RidgeStats, alpha: float) -> tuple[np.ndarray, np.nd
     cyy = 0.5 * (cyy + cyy.T)
     scale = max(float(np.trace(cyy)) / cyy.shape[0], 1e-12)
     evals, evecs = np.linalg.eigh(cyy)
-    floor = alpha * scale
+    floor = max(alpha * scale, 2.0 * noise_std * math.sqrt(cyy.shape[0]) / n)
     evals = np.maximum(evals, 0.0) + floor
     w = (evecs / evals) @ (evecs.T @ cyx)  # (d_y, d_x)
     b = mx - my @ w
