@@ -332,13 +332,16 @@ class ServerModel:
     # -- persistence / evaluation ----------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"net": self.net.state_dict(), "opt": self.opt.state_dict(), "completed": list(self.completed),
-                "stats_sum": self.stats_sum, "stats_devices": self.stats_devices}
+                "stats_sum": None if self.stats_sum is None else torch.from_numpy(self.stats_sum),
+                "stats_devices": self.stats_devices}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.net.load_state_dict(state["net"])
         self.opt.load_state_dict(state["opt"])
         self.completed = list(state["completed"])
-        self.stats_sum, self.stats_devices = state.get("stats_sum"), int(state.get("stats_devices", 0))
+        stats = state.get("stats_sum")
+        self.stats_sum = None if stats is None else torch.as_tensor(stats).numpy().astype(np.float64)
+        self.stats_devices = int(state.get("stats_devices", 0))
 
     def comparator(self) -> NessaAligner:
         aligner = NessaAligner(self.info, nessa_config(self.cfg))

@@ -137,3 +137,36 @@ def test_state_round_trip() -> None:
     b = ServerModel.create(replace(cfg, seed=1), 5, 4, "X", "Y")
     b.load_state_dict(a.state_dict())
     np.testing.assert_array_equal(a.vector(), b.vector())
+
+
+def test_suffstats_over_several_rounds_accumulate(tmp_path: Path) -> None:
+    cfg = replace(Cfg(dp_mode="none"), num_server_rounds=4)
+    cfg = type("C", (), {**{f: getattr(cfg, f) for f in cfg.__dataclass_fields__}, "suffstats_rounds": 2})()
+    shards = _shards(k=4)
+    model = ServerModel.create(cfg, 5, 4, "X", "Y")
+    assert model.phases() == [SUFFSTATS, SUFFSTATS, DPSGD, DPSGD]
+    for block in (shards[:2], shards[2:]):
+        vec = sum(client_round(SUFFSTATS, s, model.vector(), cfg, 1, None).vector.astype(np.float64) for s in block)
+        model.apply(SUFFSTATS, vec, len(block))
+    x = np.concatenate([s.enroll for s in shards])
+    y = np.concatenate([s.runtime for s in shards])
+    ridge = RidgeAligner(AlignerInfo(5, 4), alpha=1e-2).fit(x, y)
+    np.testing.assert_allclose(model.comparator().map_runtime(y), ridge.map_runtime(y), atol=1e-4)
+    restored = ServerModel.create(cfg, 5, 4, "X", "Y")
+    restored.load_state_dict(model.state_dict())
+    assert restored.stats_devices == 4 and np.allclose(restored.stats_sum, model.stats_sum)
+
+
+def test_noise_floor_regularises_noisy_statistics() -> None:
+    from fed_nessa.aligners.linear import RidgeStats, ridge_from_stats
+
+    rng = np.random.default_rng(0)
+    shards = _shards(k=8, n=50)
+    x = np.concatenate([s.enroll for s in shards]).astype(np.float64)
+    y = np.concatenate([s.runtime for s in shards]).astype(np.float64)
+    clean = RidgeStats.from_pairs(x, y)
+    noisy = RidgeStats(clean.yy + rng.normal(0, 5.0, clean.yy.shape), clean.yx, clean.y, clean.x, clean.n)
+    W0, _ = ridge_from_stats(clean, 1e-2)
+    err_plain = np.abs(ridge_from_stats(noisy, 1e-2)[0] - W0).max()
+    err_floor = np.abs(ridge_from_stats(noisy, 1e-2, noise_std=5.0)[0] - W0).max()
+    assert err_floor < err_plain

@@ -83,7 +83,8 @@ def test_run_folder_has_every_required_key_and_file(tmp_path: Path, data: Path) 
     assert summary["final"]["eer"] == final["eer"]
     fed_rounds = [json.loads(line) for line in (run / "federation-ledger.jsonl").read_text().splitlines()]
     joined = [e["payload"]["joined"] for e in fed_rounds if e.get("kind") == "round"]
-    assert [len(j) for j in joined] == [6, 6, 6] and all(d.startswith("dev-") for d in joined[0])
+    # Round 1 is the sufficient-statistics round: every device contributes once (8); then 6 sampled.
+    assert [len(j) for j in joined] == [8, 6, 6] and all(d.startswith("dev-") for d in joined[0])
 
 
 def test_resume_continues_from_the_last_checkpoint(tmp_path: Path, data: Path) -> None:
