@@ -181,6 +181,9 @@ def plan_dp(epsilon: float, delta: float, n: int, train: TrainConfig, clip_norm:
         return [DPEvent(1, DP_SGD, steps, q, s, clip_norm, delta, LOCAL)]
 
     s_ss = _bisect(lambda s: compute_epsilon(ss(s), delta), linear_share * epsilon)
+    if linear_share >= 1.0:  # a DP linear map only: the whole budget goes to the statistics
+        events = tuple(ss(s_ss))
+        return DPPlan(epsilon, delta, s_ss, 0.0, q, 0, clip_norm, events, compute_epsilon(list(events), delta))
     s_sgd = _bisect(lambda s: compute_epsilon(ss(s_ss) + sgd(s), delta), epsilon)
     events = tuple(ss(s_ss) + sgd(s_sgd))
     return DPPlan(epsilon, delta, s_ss, s_sgd, q, steps, clip_norm, events, compute_epsilon(list(events), delta))
@@ -205,7 +208,10 @@ def fit_dp_nessa(train: Any, enroll_model: str, runtime_model: str, plan: DPPlan
                        training={"dp": plan.to_dict()})
     ridge = RidgeAligner(info, alpha=cfg.ridge_alpha)
     ridge.W, ridge.b = W, b
-    nessa = NessaAligner(dataclasses.replace(info, training=dict(info.training)), dataclasses.replace(dp_nessa, train_linear=False))
+    if plan.steps == 0:
+        return ridge, ridge
+    nessa = NessaAligner(dataclasses.replace(info, training=dict(info.training)),
+                         dataclasses.replace(dp_nessa, train_linear=False))
     nessa.net.set_linear(W, b)
     nessa.fit(x.astype(np.float32), y.astype(np.float32), train_cfg=dp_train,
               dp=DPConfig(noise_multiplier=plan.sgd_sigma, max_grad_norm=plan.clip_norm))
