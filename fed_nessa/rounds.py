@@ -263,7 +263,9 @@ class ServerModel:
         self.cfg, self.d_x, self.d_y = cfg, d_x, d_y
         self.info = AlignerInfo(d_x=d_x, d_y=d_y, enroll_model=enroll_model, runtime_model=runtime_model)
         self.net = build_net(cfg, d_x, d_y)
-        self.opt = torch.optim.Adam(trainable(self.net), lr=cfg.server_lr)
+        # Plain SGD with momentum on the noisy aggregate: Adam's per-coordinate normalisation turns
+        # noise-dominated coordinates into full-size steps and wrecks the private linear start.
+        self.opt = torch.optim.SGD(trainable(self.net), lr=cfg.server_lr, momentum=0.9)
         self.completed: list[str] = []
         self.stats_sum: np.ndarray | None = None  # accumulated (noisy) sufficient statistics
         self.stats_devices = 0
