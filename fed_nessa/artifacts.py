@@ -8,30 +8,15 @@ the card names the two models it aligns.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fed_nessa.aligners.base import CARD_FILE, WEIGHTS_FILE, card_json
+from fed_nessa.atomic import atomic_write_bytes as _atomic_write
 
 ONNX_FILE = "aligner.onnx"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_weights_and_card(out_dir: Path, tensors: dict[str, np.ndarray], card: dict[str, Any]) -> Path:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from fed_nessa.shards import SHARD_SUFFIX, Shard, make_shard, write_shard
+from fed_nessa.atomic import atomic_write_bytes as _atomic_write
 
 EMBEDDING_SET_FORMAT = "fed-nessa embedding set"
 EMBEDDING_SET_SCHEMA = 1
@@ -307,22 +307,6 @@ class EmbeddingSet:
         except EmbeddingSetError as exc:
             raise EmbeddingSetError(path, exc.problem) from None
 
-
-def _atomic_write(path: Path, blob: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(blob)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-# --- real-model data ---------------------------------------------------------------------------
 
 def repo_root() -> Path:
     """The repository root (the folder above the package)."""

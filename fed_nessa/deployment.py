@@ -22,7 +22,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
-import shlex
 import signal
 import socket
 import subprocess

@@ -37,7 +37,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from fed_nessa.aligners.base import AlignerInfo, l2_normalize
+from fed_nessa.aligners.base import AlignerInfo
 from fed_nessa.aligners.linear import RidgeStats, ridge_from_stats
 from fed_nessa.aligners.nessa import NessaAligner, NessaConfig, NessaNet
 from fed_nessa.privacy.events import DISTRIBUTED, DP_SGD, GAUSSIAN_SUM, LOCAL, DPEvent

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from fed_nessa.atomic import atomic_write_bytes
 
 SCHEMA_VERSION = 1
 SHARD_SUFFIX = ".shard.safetensors"
@@ -140,17 +141,7 @@ def write_shard(path: str | os.PathLike[str], shard: Shard) -> Path:
     blob = save(
         {"enroll": shard.enroll, "runtime": shard.runtime, "speaker": shard.speaker}, metadata=meta
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(blob)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, blob)
     return path
 
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from fed_nessa.config import FederationConfig
+from fed_nessa.atomic import atomic_write_text
 
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.md"
@@ -25,20 +24,6 @@ EPSILON_PLOT = "epsilon-per-round.png"
 PRIVACY_UNIT = "one utterance pair (x_i, y_i) on one device"
 
 TRUST_NONE = "no differential privacy: SecAgg+ hides individual updates, the aggregate is not private"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _finite(x: Any) -> Any:

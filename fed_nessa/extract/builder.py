@@ -41,6 +41,7 @@ from fed_nessa.extract import MODEL_NAMES, get_backend
 from fed_nessa.extract.audio import AudioError, is_audio_file, load_audio
 from fed_nessa.extract.backend import Backend, MissingExtraError
 from fed_nessa.shards import SHARD_SUFFIX, make_shard, write_shard
+from fed_nessa.atomic import atomic_write_text as _atomic_write_text
 
 CACHE_SUFFIX = ".extract-cache"
 # A worker process pays a start-up of several seconds (imports + model loads) against ~0.1-0.3 s per
@@ -445,18 +446,6 @@ def _write_outputs(
     _atomic_write_text(side.speakers, json.dumps(mapping, indent=2))
     result.embedded = len(good)
     result.speakers = len(speaker_names)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_speaker_map(path: str | os.PathLike[str]) -> dict[int, str]:
