@@ -108,8 +108,10 @@ def build_client_app(runtime: DeviceRuntime | None = None) -> ClientApp:
         codec = SecAggCodec.from_config(dict(fitins.config))
         global_vector = parameters_to_ndarrays(fitins.parameters)[0].astype(np.float32, copy=False)
         _paths, shard, ledger = open_device(context, cfg)
+        cohort = fitins.config.get("cohort_size")
         outcome = rt().client_round(str(fitins.config["phase"]), shard, global_vector, cfg,
-                                    int(fitins.config["round"]), ledger)
+                                    int(fitins.config["round"]), ledger,
+                                    cohort_size=None if cohort is None else int(cohort))
         if outcome.status != "ok" or outcome.vector is None:
             raise RoundDeclined(f"declined at training: {outcome.metrics.get('reason', outcome.status)}")
         payload, _saturated = codec.encode(outcome.vector)

@@ -55,6 +55,7 @@ class FederationConfig:
     suffstats_rounds: int = 1
     update_clip: float = 1.0
     min_arrivals: int = 3
+    min_arrival_fraction: float = 0.8
     secagg_num_shares: int = 7
     secagg_reconstruction_threshold: int = 4
     secagg_clipping_range: float = 8.0
@@ -179,6 +180,7 @@ def _check_ranges(c: FederationConfig) -> list[str]:
             f"[2, secagg-num-shares - 1 = {c.secagg_num_shares - 1}]"
         )
     _range(p, "min-arrivals", c.min_arrivals, 2, 1_000_000)
+    _range(p, "min-arrival-fraction", c.min_arrival_fraction, 0.01, 1.0)
     if c.min_arrivals > c.clients_per_round:
         p.append(
             f"min-arrivals = {c.min_arrivals}: allowed range [2, clients-per-round = {c.clients_per_round}]"

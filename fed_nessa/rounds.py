@@ -16,9 +16,12 @@ what the vectors are and what guarantee each carries. Phases:
     weight delta. The guarantee holds even if SecAgg+ is broken.
     ``distributed`` mode: each device sends ONE sum of per-example clipped
     gradients of a Poisson sample, plus a noise *share* of std
-    ``sigma * C / sqrt(min_arrivals)``. The server only sees the SUM over at
-    least ``min_arrivals`` devices, whose noise std is at least ``sigma * C``:
-    one Poisson-subsampled Gaussian step per round for every device's data.
+    ``sigma * C / sqrt(g)``, where ``g = guaranteed_arrivals(cohort)`` =
+    max(min-arrivals, ceil(min-arrival-fraction * cohort size)). The server
+    releases no sum of fewer than ``g`` devices, so the released noise std is
+    at least ``sigma * C``: one Poisson-subsampled Gaussian step per round for
+    every device's data. Calibrating to the round's cohort (not to the global
+    minimum) keeps the noise of a 1000-device round near what the guarantee needs.
     The server applies the aggregated gradient with Adam (post-processing).
 
 A device's events are reserved in its ledger before a mechanism runs and
@@ -165,9 +168,17 @@ def _device_seed(cfg: RoundConfig, round_num: int, shard: Shard) -> int:
     return int.from_bytes(digest.digest()[:4], "little")
 
 
-def _noise_std(cfg: RoundConfig, sigma: float, sensitivity: float) -> float:
-    """This device's share of the noise: all of it locally, 1/sqrt(min_arrivals) of the variance distributed."""
-    share = 1.0 / math.sqrt(cfg.min_arrivals) if _is_distributed(cfg) else 1.0
+def guaranteed_arrivals(cfg: RoundConfig, cohort_size: int | None) -> int:
+    """Devices a released sum must contain: the server refuses to release fewer (distributed DP)."""
+    if not cohort_size:
+        return int(cfg.min_arrivals)
+    fraction = float(getattr(cfg, "min_arrival_fraction", 0.0))
+    return max(int(cfg.min_arrivals), math.ceil(fraction * cohort_size))
+
+
+def _noise_std(cfg: RoundConfig, sigma: float, sensitivity: float, cohort_size: int | None = None) -> float:
+    """This device's share of the noise: all of it locally, 1/sqrt(g) of the variance distributed."""
+    share = 1.0 / math.sqrt(guaranteed_arrivals(cfg, cohort_size)) if _is_distributed(cfg) else 1.0
     return sigma * sensitivity * share
 
 
@@ -188,11 +199,12 @@ def stats_from_vector(vec: np.ndarray, d_x: int, d_y: int) -> RidgeStats:
     return RidgeStats(yy=0.5 * (yy + yy.T), yx=yx.reshape(d_y, d_x), y=y, x=x, n=float(n[0]))
 
 
-def _client_suffstats(shard: Shard, cfg: RoundConfig, rng: np.random.Generator) -> np.ndarray:
+def _client_suffstats(shard: Shard, cfg: RoundConfig, rng: np.random.Generator,
+                      cohort_size: int | None) -> np.ndarray:
     vec = suffstats_vector(shard)
     if cfg.dp_mode != "none":
-        vec = vec + rng.normal(0.0, _noise_std(cfg, cfg.suffstats_noise_multiplier, SUFFSTATS_SENSITIVITY),
-                               vec.shape)
+        std = _noise_std(cfg, cfg.suffstats_noise_multiplier, SUFFSTATS_SENSITIVITY, cohort_size)
+        vec = vec + rng.normal(0.0, std, vec.shape)
     return vec.astype(np.float32)
 
 
@@ -208,7 +220,8 @@ def _client_local_dpsgd(net: NessaNet, shard: Shard, cfg: RoundConfig, seed: int
     return delta
 
 
-def _client_distributed_grad(net: NessaNet, shard: Shard, cfg: RoundConfig, seed: int) -> np.ndarray:
+def _client_distributed_grad(net: NessaNet, shard: Shard, cfg: RoundConfig, seed: int,
+                             cohort_size: int | None) -> np.ndarray:
     """One Poisson-sampled sum of per-example clipped gradients plus this device's noise share.
 
     Clipping and per-example gradients go through Opacus' DPOptimizer with the
@@ -217,13 +230,13 @@ def _client_distributed_grad(net: NessaNet, shard: Shard, cfg: RoundConfig, seed
     """
     from fed_nessa.training import noisy_gradient_sum
 
-    share_sigma = cfg.noise_multiplier / math.sqrt(cfg.min_arrivals)
+    share_sigma = cfg.noise_multiplier / math.sqrt(guaranteed_arrivals(cfg, cohort_size))
     return noisy_gradient_sum(net, shard.enroll, shard.runtime, batch_size=cfg.batch_size,
                               noise_multiplier=share_sigma, max_grad_norm=cfg.clip_norm, seed=seed)
 
 
 def client_round(phase: str, shard: Shard, global_vector: np.ndarray, cfg: RoundConfig, round_num: int,
-                 ledger: Any) -> ClientOutcome:
+                 ledger: Any, cohort_size: int | None = None) -> ClientOutcome:
     """Compute this device's contribution, spending (and recording) privacy only if the budget allows."""
     plan = plan_round(phase, shard, cfg, round_num, ledger)
     if plan.status != "ok":
@@ -232,7 +245,7 @@ def client_round(phase: str, shard: Shard, global_vector: np.ndarray, cfg: Round
     seq = ledger.reserve(event) if event is not None else None
     seed = _device_seed(cfg, round_num, shard)
     try:
-        vector = _compute(phase, shard, global_vector, cfg, seed)
+        vector = _compute(phase, shard, global_vector, cfg, seed, cohort_size)
     except BaseException:
         if seq is not None:
             ledger.complete(seq, float(ledger.epsilon(cfg.delta)), status="failed")
@@ -245,13 +258,14 @@ def client_round(phase: str, shard: Shard, global_vector: np.ndarray, cfg: Round
     return ClientOutcome("ok", vector, metrics)
 
 
-def _compute(phase: str, shard: Shard, global_vector: np.ndarray, cfg: RoundConfig, seed: int) -> np.ndarray:
+def _compute(phase: str, shard: Shard, global_vector: np.ndarray, cfg: RoundConfig, seed: int,
+             cohort_size: int | None = None) -> np.ndarray:
     if phase == SUFFSTATS:
-        return _client_suffstats(shard, cfg, np.random.default_rng(seed))
+        return _client_suffstats(shard, cfg, np.random.default_rng(seed), cohort_size)
     net = build_net(cfg, shard.d_x, shard.d_y)
     load_flat(list(net.parameters()), np.asarray(global_vector, np.float32))
     if _is_distributed(cfg):
-        return _client_distributed_grad(net, shard, cfg, seed)
+        return _client_distributed_grad(net, shard, cfg, seed, cohort_size)
     return _client_local_dpsgd(net, shard, cfg, seed)
 
 
@@ -269,6 +283,7 @@ class ServerModel:
         self.completed: list[str] = []
         self.stats_sum: np.ndarray | None = None  # accumulated (noisy) sufficient statistics
         self.stats_devices = 0
+        self.stats_noise_var = 0.0  # per-entry noise variance in stats_sum (public: from the protocol)
 
     @classmethod
     def create(cls, cfg: RoundConfig, d_x: int, d_y: int, enroll_model: str, runtime_model: str) -> ServerModel:
@@ -285,6 +300,10 @@ class ServerModel:
     def vector(self) -> np.ndarray:
         return flat(list(self.net.parameters()))
 
+    def guaranteed_arrivals(self, cohort_size: int) -> int:
+        """The fewest devices whose sum the server may release for a cohort of this size."""
+        return guaranteed_arrivals(self.cfg, cohort_size)
+
     def payload_bound(self, phase: str) -> float:
         """Largest |coordinate| an honest device's vector can have (sizes SecAgg+'s range)."""
         if phase == SUFFSTATS:
@@ -296,15 +315,19 @@ class ServerModel:
             return self.cfg.clip_norm * 4 * self.cfg.batch_size + noise
         return float(self.cfg.update_clip)
 
-    def apply(self, phase: str, aggregate_sum: np.ndarray, n_arrived: int) -> None:
+    def apply(self, phase: str, aggregate_sum: np.ndarray, n_arrived: int, cohort_size: int | None = None) -> None:
         if n_arrived < 1:
             raise ValueError("no device contributed to the aggregate")
         if phase == SUFFSTATS:
             vec = np.asarray(aggregate_sum, np.float64)
             self.stats_sum = vec if self.stats_sum is None else self.stats_sum + vec
             self.stats_devices += n_arrived
+            if self.cfg.dp_mode != "none":
+                share = _noise_std(self.cfg, self.cfg.suffstats_noise_multiplier, SUFFSTATS_SENSITIVITY, cohort_size)
+                self.stats_noise_var += n_arrived * share ** 2
             stats = stats_from_vector(self.stats_sum, self.d_x, self.d_y)
-            W, b = ridge_from_stats(stats, nessa_config(self.cfg).ridge_alpha, noise_std=self._stats_noise_std())
+            W, b = ridge_from_stats(stats, nessa_config(self.cfg).ridge_alpha,
+                                    noise_std=math.sqrt(self.stats_noise_var))
             self.net.set_linear(W, b)
         elif _is_distributed(self.cfg):
             self._apply_gradient(np.asarray(aggregate_sum, np.float32), n_arrived)
@@ -313,13 +336,6 @@ class ServerModel:
             mean = np.asarray(aggregate_sum, np.float32) / n_arrived
             load_flat(params, flat(params) + self.cfg.server_lr * mean)
         self.completed.append(phase)
-
-    def _stats_noise_std(self) -> float:
-        """Std of the noise in each entry of the accumulated statistics (known to the server)."""
-        if self.cfg.dp_mode == "none":
-            return 0.0
-        per_device = _noise_std(self.cfg, self.cfg.suffstats_noise_multiplier, SUFFSTATS_SENSITIVITY)
-        return per_device * math.sqrt(self.stats_devices)
 
     def _apply_gradient(self, grad_sum: np.ndarray, n_arrived: int) -> None:
         params = trainable(self.net)
@@ -335,7 +351,7 @@ class ServerModel:
     def state_dict(self) -> dict[str, Any]:
         return {"net": self.net.state_dict(), "opt": self.opt.state_dict(), "completed": list(self.completed),
                 "stats_sum": None if self.stats_sum is None else torch.from_numpy(self.stats_sum),
-                "stats_devices": self.stats_devices}
+                "stats_devices": self.stats_devices, "stats_noise_var": self.stats_noise_var}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.net.load_state_dict(state["net"])
@@ -344,6 +360,7 @@ class ServerModel:
         stats = state.get("stats_sum")
         self.stats_sum = None if stats is None else torch.as_tensor(stats).numpy().astype(np.float64)
         self.stats_devices = int(state.get("stats_devices", 0))
+        self.stats_noise_var = float(state.get("stats_noise_var", 0.0))
 
     def comparator(self) -> NessaAligner:
         aligner = NessaAligner(self.info, nessa_config(self.cfg))

@@ -178,8 +178,10 @@ class Federation:
         if len(plan.accepted) >= max(cfg.min_arrivals, 3):
             codec = make_codec(self.model.payload_bound(phase), cfg.secagg_clipping_range,
                                cfg.secagg_quantization_range, len(plan.accepted))
+            cohort_size = len(plan.accepted)
+            needed = self.model.guaranteed_arrivals(cohort_size)
             res = secure_sum(self.grid, self.context, cfg, r, plan.accepted, self.model.vector(),
-                             {"phase": phase, "round": r}, codec)
+                             {"phase": phase, "round": r, "cohort_size": cohort_size}, codec)
             arrived = res.arrived
             failed += [n for n in plan.accepted if n not in set(arrived)]
             if not res.completed:
@@ -188,10 +190,10 @@ class Federation:
                 saturated = res.saturated
                 self.saturated_total += saturated
                 check_saturation(saturated, r)
-                if res.n_arrived < cfg.min_arrivals:
-                    status = "refused"  # never release a sum of too few devices
+                if res.n_arrived < needed:
+                    status = "refused"  # never release a sum of fewer devices than the noise shares assume
                 else:
-                    self.model.apply(phase, res.sum_vector, res.n_arrived)
+                    self.model.apply(phase, res.sum_vector, res.n_arrived, cohort_size)
                     status = "applied"
                 for nid, metrics in res.metrics.items():
                     if "epsilon_spent" in metrics:

@@ -175,3 +175,21 @@ def test_noise_floor_regularises_noisy_statistics() -> None:
         return float((pred * x).sum(1).mean())
 
     assert fit(*ridge_from_stats(noisy, 1e-3, noise_std=std)) > fit(*ridge_from_stats(noisy, 1e-3)) + 0.05
+
+
+def test_noise_share_is_calibrated_to_the_rounds_guaranteed_arrivals(tmp_path: Path) -> None:
+    from fed_nessa.rounds import guaranteed_arrivals
+
+    cfg = type("C", (), {**{f: getattr(Cfg(), f) for f in Cfg.__dataclass_fields__},
+                         "min_arrival_fraction": 0.5, "linear_start": "none", "noise_multiplier": 2.0,
+                         "clip_norm": 0.5})()
+    assert guaranteed_arrivals(cfg, None) == 4 and guaranteed_arrivals(cfg, 40) == 20
+    assert guaranteed_arrivals(cfg, 5) == 4  # never below min-arrivals
+    from fed_nessa.rounds import _client_distributed_grad, build_net
+
+    s = _shards(1)[0]
+    quiet = type("Q", (), {**cfg.__dict__, **{k: getattr(cfg, k) for k in dir(cfg) if not k.startswith("_")},
+                           "noise_multiplier": 1e-9})()
+    noisy = _client_distributed_grad(build_net(cfg, 5, 4), s, cfg, 7, 40)
+    clean = _client_distributed_grad(build_net(cfg, 5, 4), s, quiet, 7, 40)  # same Poisson sample (same seed)
+    assert abs(float(np.std(noisy - clean)) - 2.0 * 0.5 / math.sqrt(20)) < 0.03

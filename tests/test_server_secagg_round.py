@@ -48,7 +48,7 @@ class StandInRounds:
     def plan_round(self, phase, shard, cfg, round_num, ledger):  # noqa: ANN001
         return Outcome("ok", None, {"epsilon_spent": 0.0})
 
-    def client_round(self, phase, shard, global_vector, cfg, round_num, ledger):  # noqa: ANN001
+    def client_round(self, phase, shard, global_vector, cfg, round_num, ledger, cohort_size=None):  # noqa: ANN001
         v = shard.enroll[:, :DIM].mean(axis=0) * 3.0 + global_vector[:DIM] * 0.0
         v = np.clip(v, -BOUND, BOUND).astype(np.float32)
         self.sent[ledger] = v
