@@ -48,7 +48,8 @@ def trust_statement(mode: str, min_arrivals: int | None = None,
                 "anyone who sees the update, with no trust in SecAgg+ or the server; SecAgg+ only "
                 "adds confidentiality on top")
     if mode == DISTRIBUTED:
-        arrivals = f"{min_arrivals}" if min_arrivals else "the configured minimum number of"
+        arrivals = (f"max({min_arrivals}, ceil(min-arrival-fraction x cohort size))" if min_arrivals
+                    else "the configured minimum number of")
         threshold = (f" (reconstruction threshold {reconstruction_threshold})"
                      if reconstruction_threshold else "")
         return ("distributed: each device adds only a share of the noise; the full noise exists only in "
