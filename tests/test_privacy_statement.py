@@ -24,7 +24,7 @@ def test_local_statement_needs_no_trust() -> None:
 def test_distributed_statement_names_its_assumptions_and_failure_mode() -> None:
     s = privacy_statement("distributed", 1e-5, 3.0, "pld", min_arrivals=20, reconstruction_threshold=8)
     assert "reconstruction threshold 8" in s["trust"]
-    assert "fewer than 20 devices" in s["trust"]
+    assert "fewer than max(20, ceil(min-arrival-fraction x cohort size)) devices" in s["trust"]
     assert "If SecAgg+ fails" in s["trust"]
 
 
