@@ -42,11 +42,11 @@ class FederationConfig:
     num_server_rounds: int = 5
     clients_per_round: int = 20
     local_epochs: int = 1
-    batch_size: int = 16
-    lr: float = 0.05
-    server_lr: float = 1.0
+    batch_size: int = 64
+    lr: float = 0.001
+    server_lr: float = 0.05
     dp_mode: str = "distributed"
-    noise_multiplier: float = 1.0
+    noise_multiplier: float = 1.5
     clip_norm: float = 1.0
     delta: float = 1e-5
     epsilon_budget: float = 8.0
@@ -54,7 +54,7 @@ class FederationConfig:
     suffstats_noise_multiplier: float = 1.0
     suffstats_rounds: int = 1
     update_clip: float = 1.0
-    min_arrivals: int = 3
+    min_arrivals: int = 10
     min_arrival_fraction: float = 0.8
     secagg_num_shares: int = 7
     secagg_reconstruction_threshold: int = 4
@@ -69,8 +69,8 @@ class FederationConfig:
     seed: int = 0
     run_dir: str = "runs/latest"
     resume: bool = False
-    hidden: int = 256
-    depth: int = 2
+    hidden: int = 64
+    depth: int = 1
 
     @property
     def secagg_timeout(self) -> float | None:
