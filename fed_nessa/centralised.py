@@ -23,6 +23,7 @@ from fed_nessa.aligners import (Aligner, AlignerInfo, NessaAligner, NessaConfig,
 from fed_nessa.aligners.base import l2_normalize
 from fed_nessa.aligners.linear import RidgeStats, ridge_from_stats
 from fed_nessa.evaluation import ScenarioReport, evaluate_scenario, evaluate_trials
+from fed_nessa.evaluation import scenario_sides as sides
 from fed_nessa.privacy.accounting import compute_epsilon
 from fed_nessa.privacy.events import DP_SGD, GAUSSIAN_SUM, LOCAL, DPEvent
 from fed_nessa.training import DPConfig, EERValidator, TrainConfig, dp_sample_rate, dp_steps
@@ -43,15 +44,6 @@ class CentralisedConfig:
     ridge_alpha: float = 0.1
     val_fraction: float = 0.15  # share of train-side voices held out for early stopping
     seed: int = 0
-
-
-def sides(scenario: str, old_model: str, new_model: str) -> tuple[str, str]:
-    """(enrollment-side model, runtime-side model) of a scenario."""
-    if scenario == "runtime-upgrade":
-        return old_model, new_model
-    if scenario == "enrollment-upgrade":
-        return new_model, old_model
-    raise ValueError(f"unknown scenario {scenario!r}; choose one of {SCENARIOS}")
 
 
 def _val_mask(voice: np.ndarray, fraction: float, seed: int) -> np.ndarray:

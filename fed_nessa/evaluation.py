@@ -447,7 +447,7 @@ class ScenarioReport:
         return "\n".join(lines) + "\n"
 
 
-def _sides(scenario: str, old_model: str, new_model: str) -> tuple[str, str]:
+def scenario_sides(scenario: str, old_model: str, new_model: str) -> tuple[str, str]:
     """(enrollment-side model, runtime-side model) of the asymmetric system."""
     if scenario == "runtime-upgrade":
         return old_model, new_model
@@ -489,7 +489,7 @@ def evaluate_scenario(
     tests come from the old one. Every row uses the same split into enrollment
     and test utterances, so rows differ only by the system.
     """
-    enroll_model, runtime_model = _sides(scenario, old_model, new_model)
+    enroll_model, runtime_model = scenario_sides(scenario, old_model, new_model)
     if old_model == new_model:
         raise ValueError(f"old and new model are the same ({old_model!r}): nothing is updated")
     for name in (old_model, new_model):

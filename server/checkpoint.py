@@ -11,14 +11,13 @@ devices' ledgers, which is the conservative side).
 from __future__ import annotations
 
 import io
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from fed_nessa.atomic import atomic_write_bytes
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^round-(\d{5})\.pt$")
@@ -43,17 +42,7 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> Path:
     buf = io.BytesIO()
     torch.save({"round": ckpt.round, "model_state": ckpt.model_state, "history": ckpt.history,
                 "config": ckpt.config}, buf)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(buf.getvalue())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
