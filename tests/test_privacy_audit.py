@@ -12,7 +12,7 @@ from fed_nessa.cli import main
 from fed_nessa.privacy import signing
 from fed_nessa.privacy.accounting import compute_epsilon
 from fed_nessa.privacy.audit import audit
-from fed_nessa.privacy.chain import SignedChain, entry_hash, signed_bytes
+from fed_nessa.privacy.chain import SignedChain, signed_bytes
 from fed_nessa.privacy.events import DPEvent
 from fed_nessa.privacy.ledger import DEVICE_LEDGER_NAME, DeviceLedger, FederationLedger
 from fed_nessa.privacy.statement import privacy_statement
