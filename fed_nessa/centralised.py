@@ -21,7 +21,7 @@ import numpy as np
 from fed_nessa.aligners import (Aligner, AlignerInfo, NessaAligner, NessaConfig, NessaSharedAligner,
                                 ProcrustesAligner, RidgeAligner, SpeakerLogitAligner)
 from fed_nessa.aligners.base import l2_normalize
-from fed_nessa.aligners.linear import RidgeStats, ridge_from_stats
+from fed_nessa import suffstats
 from fed_nessa.evaluation import ScenarioReport, evaluate_scenario, evaluate_trials
 from fed_nessa.evaluation import scenario_sides as sides
 from fed_nessa.privacy.accounting import compute_epsilon
@@ -30,7 +30,7 @@ from fed_nessa.training import DPConfig, EERValidator, TrainConfig, dp_sample_ra
 
 SCENARIOS = ("runtime-upgrade", "enrollment-upgrade")
 METHODS = ("ridge", "procrustes", "speaker-logit", "nessa", "nessa-shared")
-SUFFSTATS_SENSITIVITY = math.sqrt(5.0)
+SUFFSTATS_SENSITIVITY = suffstats.SENSITIVITY
 
 
 @dataclass(frozen=True)
@@ -188,13 +188,11 @@ def fit_dp_nessa(train: Any, enroll_model: str, runtime_model: str, plan: DPPlan
     y = l2_normalize(train.embeddings[runtime_model]).astype(np.float64)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     y /= np.linalg.norm(y, axis=1, keepdims=True)
-    stats = RidgeStats.from_pairs(x, y)
     rng = np.random.default_rng(seed)
     std = plan.suffstats_sigma * SUFFSTATS_SENSITIVITY
-    noisy = RidgeStats(yy=stats.yy + _sym_noise(rng, stats.yy.shape[0], std), yx=stats.yx + rng.normal(0, std, stats.yx.shape),
-                       y=stats.y + rng.normal(0, std, stats.y.shape), x=stats.x + rng.normal(0, std, stats.x.shape),
-                       n=stats.n + rng.normal(0, std))
-    W, b = ridge_from_stats(noisy, cfg.ridge_alpha)
+    vec = suffstats.device_vector(x, y)  # the same statistics a federation sums, noised once
+    gram, cross = suffstats.unpack(vec + rng.normal(0.0, std, vec.shape), x.shape[1], y.shape[1])
+    W, b = suffstats.solve(gram, cross, cfg.ridge_alpha, noise_std=std)
     info = AlignerInfo(d_x=x.shape[1], d_y=y.shape[1], enroll_model=train.model_ids.get(enroll_model, enroll_model),
                        runtime_model=train.model_ids.get(runtime_model, runtime_model),
                        training={"dp": plan.to_dict()})
@@ -208,11 +206,6 @@ def fit_dp_nessa(train: Any, enroll_model: str, runtime_model: str, plan: DPPlan
     nessa.fit(x.astype(np.float32), y.astype(np.float32), train_cfg=dp_train,
               dp=DPConfig(noise_multiplier=plan.sgd_sigma, max_grad_norm=plan.clip_norm))
     return ridge, nessa
-
-
-def _sym_noise(rng: np.random.Generator, d: int, std: float) -> np.ndarray:
-    """Noise for the full symmetric y y^T block as released (every entry independently noised)."""
-    return rng.normal(0.0, std, (d, d))
 
 
 def mean_reports(reports: Sequence[ScenarioReport]) -> dict[str, Any]:

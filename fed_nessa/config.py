@@ -53,6 +53,7 @@ class FederationConfig:
     linear_start: str = "suffstats"
     suffstats_noise_multiplier: float = 1.0
     suffstats_rounds: int = 1
+    ridge_alpha: float = 1e-3
     update_clip: float = 1.0
     min_arrivals: int = 10
     min_arrival_fraction: float = 0.8
@@ -158,6 +159,7 @@ def _check_ranges(c: FederationConfig) -> list[str]:
     _choice(p, "linear-start", c.linear_start, LINEAR_STARTS)
     _range(p, "suffstats-noise-multiplier", c.suffstats_noise_multiplier, 0.0, 1000.0)
     _range(p, "suffstats-rounds", c.suffstats_rounds, 1, 10_000)
+    _range(p, "ridge-alpha", c.ridge_alpha, 0.0, 10.0, lo_open=True)
     if c.linear_start == "suffstats" and c.suffstats_rounds >= c.num_server_rounds + 1:
         p.append(f"suffstats-rounds = {c.suffstats_rounds}: must be <= num-server-rounds "
                  f"({c.num_server_rounds})")

@@ -4,11 +4,11 @@ The Flower apps (``client/``, ``server/``) move vectors; this module decides
 what the vectors are and what guarantee each carries. Phases:
 
 ``suffstats`` (the private linear start, one round)
-    Each device sends its sufficient statistics of L2-normalised pairs
-    ``[vec(sum y y^T), vec(sum y x^T), sum y, sum x, n]`` plus Gaussian noise.
-    Adding or removing one unit-norm pair changes that vector by at most
-    ``sqrt(5)`` in L2 (each block by at most 1), the sensitivity the noise is
-    calibrated to. The server solves ridge from the (noisy) sum.
+    Each device sends its weighted sufficient statistics of L2-normalised
+    pairs (:mod:`fed_nessa.suffstats`: the augmented Gram matrix and the cross
+    products, half of the symmetric block) plus Gaussian noise. Adding or
+    removing one pair changes that vector by at most 1 in L2, the sensitivity
+    the noise is calibrated to. The server solves ridge from the (noisy) sum.
 
 ``dpsgd`` (training the residual branch, every later round)
     ``local`` mode: each device runs Opacus DP-SGD (per-example clipping,
@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from fed_nessa.aligners.base import AlignerInfo
-from fed_nessa.aligners.linear import RidgeStats, ridge_from_stats
+from fed_nessa import suffstats
 from fed_nessa.aligners.nessa import NessaAligner, NessaConfig, NessaNet
 from fed_nessa.privacy.events import DISTRIBUTED, DP_SGD, GAUSSIAN_SUM, LOCAL, DPEvent
 from fed_nessa.shards import Shard
@@ -49,8 +49,8 @@ from fed_nessa.training import DPConfig, TrainConfig, dp_sample_rate, dp_steps, 
 
 SUFFSTATS = "suffstats"
 DPSGD = "dpsgd"
-#: L2 sensitivity of the sufficient-statistics vector to one unit-norm pair.
-SUFFSTATS_SENSITIVITY = math.sqrt(5.0)
+#: L2 sensitivity of the sufficient-statistics vector to one pair.
+SUFFSTATS_SENSITIVITY = suffstats.SENSITIVITY
 #: Noise shares are bounded at this many standard deviations when sizing SecAgg+'s range.
 PAYLOAD_SIGMAS = 12.0
 
@@ -94,7 +94,8 @@ def nessa_config(cfg: RoundConfig) -> NessaConfig:
     with what is trained); without one it must be learned by DP-SGD.
     """
     train_linear = bool(getattr(cfg, "train_linear", False)) or cfg.linear_start == "none"
-    return NessaConfig(hidden=cfg.hidden, depth=cfg.depth, train_linear=train_linear)
+    return NessaConfig(hidden=cfg.hidden, depth=cfg.depth, train_linear=train_linear,
+                       ridge_alpha=float(getattr(cfg, "ridge_alpha", 1e-3)))
 
 
 def build_net(cfg: RoundConfig, d_x: int, d_y: int) -> NessaNet:
@@ -184,19 +185,7 @@ def _noise_std(cfg: RoundConfig, sigma: float, sensitivity: float, cohort_size: 
 
 def suffstats_vector(shard: Shard) -> np.ndarray:
     """The un-noised statistics of one device (unit-norm rows bound every pair's contribution)."""
-    unit = lambda a: a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)  # noqa: E731
-    # float64 normalisation: every row's norm is 1 to ~1e-16, so the stated sensitivity holds.
-    s = RidgeStats.from_pairs(unit(shard.enroll.astype(np.float64)), unit(shard.runtime.astype(np.float64)))
-    return np.concatenate([s.yy.ravel(), s.yx.ravel(), s.y, s.x, [s.n]]).astype(np.float64)
-
-
-def stats_from_vector(vec: np.ndarray, d_x: int, d_y: int) -> RidgeStats:
-    sizes = [d_y * d_y, d_y * d_x, d_y, d_x, 1]
-    if vec.size != sum(sizes):
-        raise ValueError(f"sufficient-statistics vector has {vec.size} values, expected {sum(sizes)}")
-    yy, yx, y, x, n = np.split(np.asarray(vec, np.float64), np.cumsum(sizes)[:-1])
-    yy = yy.reshape(d_y, d_y)
-    return RidgeStats(yy=0.5 * (yy + yy.T), yx=yx.reshape(d_y, d_x), y=y, x=x, n=float(n[0]))
+    return suffstats.device_vector(shard.enroll, shard.runtime)
 
 
 def _client_suffstats(shard: Shard, cfg: RoundConfig, rng: np.random.Generator,
@@ -325,9 +314,9 @@ class ServerModel:
             if self.cfg.dp_mode != "none":
                 share = _noise_std(self.cfg, self.cfg.suffstats_noise_multiplier, SUFFSTATS_SENSITIVITY, cohort_size)
                 self.stats_noise_var += n_arrived * share ** 2
-            stats = stats_from_vector(self.stats_sum, self.d_x, self.d_y)
-            W, b = ridge_from_stats(stats, nessa_config(self.cfg).ridge_alpha,
-                                    noise_std=math.sqrt(self.stats_noise_var))
+            gram, cross = suffstats.unpack(self.stats_sum, self.d_x, self.d_y)
+            W, b = suffstats.solve(gram, cross, nessa_config(self.cfg).ridge_alpha,
+                                   noise_std=math.sqrt(self.stats_noise_var))
             self.net.set_linear(W, b)
         elif _is_distributed(self.cfg):
             self._apply_gradient(np.asarray(aggregate_sum, np.float32), n_arrived)

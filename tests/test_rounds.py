@@ -49,7 +49,7 @@ def test_suffstats_without_noise_reproduce_central_ridge(tmp_path: Path) -> None
     model.apply(SUFFSTATS, total, len(shards))
     x = np.concatenate([s.enroll for s in shards])
     y = np.concatenate([s.runtime for s in shards])
-    ridge = RidgeAligner(AlignerInfo(5, 4), alpha=1e-2).fit(x, y)
+    ridge = RidgeAligner(AlignerInfo(5, 4), alpha=cfg.ridge_alpha).fit(x, y)
     np.testing.assert_allclose(model.comparator().map_runtime(y), ridge.map_runtime(y), atol=1e-4)
 
 
@@ -139,7 +139,7 @@ def test_suffstats_over_several_rounds_accumulate(tmp_path: Path) -> None:
         model.apply(SUFFSTATS, vec, len(block))
     x = np.concatenate([s.enroll for s in shards])
     y = np.concatenate([s.runtime for s in shards])
-    ridge = RidgeAligner(AlignerInfo(5, 4), alpha=1e-2).fit(x, y)
+    ridge = RidgeAligner(AlignerInfo(5, 4), alpha=cfg.ridge_alpha).fit(x, y)
     np.testing.assert_allclose(model.comparator().map_runtime(y), ridge.map_runtime(y), atol=1e-4)
     restored = ServerModel.create(cfg, 5, 4, "X", "Y")
     restored.load_state_dict(model.state_dict())
