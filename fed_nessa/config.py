@@ -39,8 +39,8 @@ class ConfigError(ValueError):
 class FederationConfig:
     """Every knob of a federated run, validated (see :func:`from_run_config`)."""
 
-    num_server_rounds: int = 5
-    clients_per_round: int = 20
+    num_server_rounds: int = 1
+    clients_per_round: int = 100
     local_epochs: int = 1
     batch_size: int = 64
     lr: float = 0.001
@@ -51,19 +51,19 @@ class FederationConfig:
     delta: float = 1e-5
     epsilon_budget: float = 8.0
     linear_start: str = "suffstats"
-    suffstats_noise_multiplier: float = 1.0
+    suffstats_noise_multiplier: float = 0.64
     suffstats_rounds: int = 1
     ridge_alpha: float = 1e-3
     update_clip: float = 1.0
-    min_arrivals: int = 10
+    min_arrivals: int = 50
     min_arrival_fraction: float = 0.8
-    secagg_num_shares: int = 7
-    secagg_reconstruction_threshold: int = 4
+    secagg_num_shares: int = 11
+    secagg_reconstruction_threshold: int = 6
     secagg_clipping_range: float = 8.0
     secagg_quantization_range: int = 2**22
     round_timeout: float = 0.0
     data_source: str = "synthetic"
-    num_devices: int = 100
+    num_devices: int = 1000
     enroll_model: str = "synthetic-x-new"
     runtime_model: str = "synthetic-y-old"
     eval_speakers: int = 100

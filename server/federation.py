@@ -250,7 +250,7 @@ class Federation:
         x, y = self.data.pooled()
         info = lambda: AlignerInfo(d_x=self.data.d_x, d_y=self.data.d_y,  # noqa: E731
                                    enroll_model=self.data.enroll_model, runtime_model=self.data.runtime_model)
-        ridge = RidgeAligner(info()).fit(x, y)
+        ridge = RidgeAligner(info(), alpha=self.cfg.ridge_alpha).fit(x, y)  # the federation's own alpha
         nessa = NessaAligner(info(), NessaConfig(hidden=self.cfg.hidden, depth=self.cfg.depth)).fit(
             x, y, train_cfg=TrainConfig(epochs=20, batch_size=256, lr=1e-3, seed=self.cfg.seed))
         report = self.evaluate({"centralised_nessa": nessa, "ridge": ridge})

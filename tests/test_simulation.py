@@ -47,7 +47,7 @@ def overrides(tmp_path: Path, **extra: object) -> list[str]:
     base = {"data-source": f'"{tmp_path / "data"}"', "run-dir": f'"{tmp_path / "run"}"', "num-devices": 8,
             "clients-per-round": 6, "secagg-num-shares": 5, "secagg-reconstruction-threshold": 3,
             "min-arrivals": 3, "num-server-rounds": 3, "hidden": 16, "depth": 1, "epsilon-budget": 30,
-            "seed": 0, "noise-multiplier": 1.0, "batch-size": 16, "server-lr": 1.0}
+            "seed": 0, "noise-multiplier": 1.0, "suffstats-noise-multiplier": 1.0, "batch-size": 16, "server-lr": 1.0}
     base.update({k.replace("_", "-"): v for k, v in extra.items()})
     return [f"{k}={v}" for k, v in base.items()]
 
