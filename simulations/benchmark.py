@@ -47,6 +47,32 @@ def bench_inprocess(cfg: Any) -> dict[str, Any]:
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def bench_fractional_shares(cfg: Any, shares: float, threshold: float) -> dict[str, Any]:
+    """The same in-process run with Flower's fractional SecAgg+ shares (a fraction of the cohort).
+
+    Only the workflow's ``num_shares``/``reconstruction_threshold`` change (fractions, as
+    Flower accepts them): everything else, cohort and data included, is identical.
+    """
+    from flwr.server.workflow import SecAggPlusWorkflow
+
+    from server import secagg_round
+
+    original = secagg_round.make_workflow
+
+    def fractional(c: Any) -> SecAggPlusWorkflow:
+        wf = original(c)
+        return SecAggPlusWorkflow(num_shares=shares, reconstruction_threshold=threshold, max_weight=wf.max_weight,
+                                  clipping_range=wf.clipping_range, quantization_range=wf.quantization_range,
+                                  modulus_range=wf.modulus_range, timeout=wf.timeout)
+
+    secagg_round.make_workflow = fractional
+    try:
+        result = bench_inprocess(cfg.replace(run_dir=cfg.run_dir + "-fractional"))
+    finally:
+        secagg_round.make_workflow = original
+    return {**result, "engine": f"in-process Grid, num_shares={shares} (fraction), threshold={threshold} (fraction)"}
+
+
 def bench_ray(cfg: Any, home: Path) -> dict[str, Any]:
     from simulations.flwr_run import descendants, flwr_run, our_superlinks
 
@@ -86,6 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--ray", action="store_true", help="also run through flwr run on Ray")
     parser.add_argument("--flwr-home", type=Path, default=Path(".flwr-home"))
+    parser.add_argument("--fractional-shares", type=float, metavar="F",
+                        help="also run with Flower's fractional num_shares=F (of the cohort)")
+    parser.add_argument("--fractional-threshold", type=float, default=0.5,
+                        help="reconstruction threshold as a fraction of the shares (with --fractional-shares)")
     args = parser.parse_args(argv)
     import torch
 
@@ -95,6 +125,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                       if k in ("num-devices", "clients-per-round", "num-server-rounds", "dp-mode",
                                "secagg-num-shares", "secagg-reconstruction-threshold", "hidden", "depth")},
            "in_process": bench_inprocess(cfg)}
+    if args.fractional_shares:
+        out["fractional_shares"] = bench_fractional_shares(cfg, args.fractional_shares, args.fractional_threshold)
+        out["ratio_fractional_over_integer_later_rounds"] = (
+            out["fractional_shares"]["later_rounds_median_s"] / out["in_process"]["later_rounds_median_s"])
+        out["ratio_fractional_over_integer_first_round"] = (
+            out["fractional_shares"]["first_round_s"] / out["in_process"]["first_round_s"])
     if args.ray:
         out["ray"] = bench_ray(cfg, args.flwr_home.resolve())
         out["ratio_ray_over_inprocess_later_rounds"] = (
