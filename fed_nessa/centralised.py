@@ -192,11 +192,11 @@ def fit_dp_nessa(train: Any, enroll_model: str, runtime_model: str, plan: DPPlan
     std = plan.suffstats_sigma * SUFFSTATS_SENSITIVITY
     vec = suffstats.device_vector(x, y)  # the same statistics a federation sums, noised once
     gram, cross = suffstats.unpack(vec + rng.normal(0.0, std, vec.shape), x.shape[1], y.shape[1])
-    W, b = suffstats.solve(gram, cross, cfg.ridge_alpha, noise_std=std)
+    W, b = suffstats.solve(gram, cross, suffstats.DEFAULT_ALPHA, noise_std=std)  # as the federation solves it
     info = AlignerInfo(d_x=x.shape[1], d_y=y.shape[1], enroll_model=train.model_ids.get(enroll_model, enroll_model),
                        runtime_model=train.model_ids.get(runtime_model, runtime_model),
                        training={"dp": plan.to_dict()})
-    ridge = RidgeAligner(info, alpha=cfg.ridge_alpha)
+    ridge = RidgeAligner(info, alpha=suffstats.DEFAULT_ALPHA)
     ridge.W, ridge.b = W, b
     if plan.steps == 0:
         return ridge, ridge

@@ -48,10 +48,14 @@ def voice_folds(es: Any, n_folds: int, seed: int = 0) -> list[Split]:
 
 def dp_rows(train: Any, enroll_model: str, runtime_model: str, epsilons: Sequence[float], delta: float,
             cfg: CentralisedConfig, dp_train: TrainConfig, clip_norm: float) -> dict[str, Any]:
-    """DP ridge and DP NESSA aligners at each epsilon (example-level, composed with Opacus RDP)."""
+    """Per epsilon (example-level, composed with Opacus RDP): the private linear start with all of
+    epsilon (``ridge-dp-all``), and the split plan's start (``ridge-dp``) + DP-SGD (``nessa-dp``)."""
     out: dict[str, Any] = {}
     n = len(train.speaker)
     for eps in epsilons:
+        whole = plan_dp(eps, delta, n, dp_train, clip_norm, linear_share=1.0)
+        out[f"ridge-dp-all-eps{eps:g}"] = fit_dp_nessa(train, enroll_model, runtime_model, whole, cfg,
+                                                       cfg.nessa, dp_train, seed=cfg.seed)[0]
         plan = plan_dp(eps, delta, n, dp_train, clip_norm)
         ridge, nessa = fit_dp_nessa(train, enroll_model, runtime_model, plan, cfg,
                                     dataclasses.replace(cfg.nessa, hidden=dp_hidden(cfg)), dp_train, seed=cfg.seed)

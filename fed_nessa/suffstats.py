@@ -39,6 +39,8 @@ CROSS_WEIGHT = 1.0 / math.sqrt(1.0 + GRAM_TO_CROSS ** 2)
 GRAM_WEIGHT = GRAM_TO_CROSS * CROSS_WEIGHT
 #: Eigenvalue floor of the noisy Gram matrix, as a fraction of its noise's spectral norm.
 FLOOR_FRACTION = 0.125
+#: Ridge regularisation (relative to the mean eigenvalue) when the noise floor is lower.
+DEFAULT_ALPHA = 1e-3
 
 
 def vector_size(d_x: int, d_y: int) -> int:
