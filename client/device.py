@@ -19,6 +19,8 @@ The round maths is the lead's ``fed_nessa.rounds`` (``plan_round`` /
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +67,22 @@ def _single_shard(path: Path) -> Path:
     return path
 
 
+def _partition_table(folder: Path) -> tuple[Path, ...]:
+    """The folder's sorted shard list, listed once per change of the folder (not once per message).
+
+    Globbing and sorting N paths for each of N devices' messages made a 1000-device round
+    quadratic in the fleet; the directory's mtime changes whenever a shard is added or removed.
+    """
+    if not folder.is_dir():
+        return tuple(shard_paths(folder))  # raises the clear "shard folder not found" error
+    return _listed(str(folder), folder.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _listed(folder: str, mtime_ns: int) -> tuple[Path, ...]:
+    return tuple(shard_paths(folder))
+
+
 def locate(node_config: dict[str, Any], cfg: FederationConfig) -> DevicePaths:
     """Resolve this node's shard and ledger folder from its node config (see module doc)."""
     if SHARD_PATH_KEY in node_config:
@@ -76,7 +94,7 @@ def locate(node_config: dict[str, Any], cfg: FederationConfig) -> DevicePaths:
     if PARTITION_ID_KEY not in node_config:
         raise ValueError(f"node config has neither {SHARD_PATH_KEY!r} nor {PARTITION_ID_KEY!r}: no shard to train on")
     pid = int(node_config[PARTITION_ID_KEY])
-    shards = shard_paths(shard_folder(cfg))
+    shards = _partition_table(shard_folder(cfg))
     if not 0 <= pid < len(shards):
         raise ShardError(shard_folder(cfg), f"no shard for partition {pid} ({len(shards)} shard(s) in the folder)")
     device_id = device_id_of(shards[pid])
