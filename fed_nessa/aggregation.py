@@ -89,6 +89,15 @@ class SecAggCodec:
         step = 2.0 * self.clipping_range / self.quantization_range
         return n_arrived * step / self.scale
 
+    def device_error_std(self) -> float:
+        """Upper bound on the std of one device's stochastic-rounding error per coordinate, in its units.
+
+        Rounding to a grid of step ``s`` picks a neighbour with probability ``p``; the error's
+        variance ``p (1 - p) s^2`` is at most ``s^2 / 4``.
+        """
+        step = 2.0 * self.clipping_range / self.quantization_range
+        return 0.5 * step / self.scale
+
     def to_config(self) -> dict[str, float | int]:
         """Flat, ConfigRecord-safe form (keys prefixed ``codec-``)."""
         return {f"codec-{k}": v for k, v in asdict(self).items()}

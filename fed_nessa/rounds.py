@@ -304,13 +304,21 @@ class ServerModel:
             return self.cfg.clip_norm * 4 * self.cfg.batch_size + noise
         return float(self.cfg.update_clip)
 
-    def apply(self, phase: str, aggregate_sum: np.ndarray, n_arrived: int, cohort_size: int | None = None) -> None:
+    def apply(self, phase: str, aggregate_sum: np.ndarray, n_arrived: int, cohort_size: int | None = None,
+              quantization_std: float = 0.0) -> None:
+        """Advance the model by one released sum.
+
+        ``quantization_std`` (SecAgg+'s per-device rounding error, public from the codec) is
+        noise in the sum like the DP noise: the statistics solve floors it the same way, or a
+        small non-DP fleet would invert rounding noise in the Gram matrix's weak directions.
+        """
         if n_arrived < 1:
             raise ValueError("no device contributed to the aggregate")
         if phase == SUFFSTATS:
             vec = np.asarray(aggregate_sum, np.float64)
             self.stats_sum = vec if self.stats_sum is None else self.stats_sum + vec
             self.stats_devices += n_arrived
+            self.stats_noise_var += n_arrived * quantization_std ** 2
             if self.cfg.dp_mode != "none":
                 share = _noise_std(self.cfg, self.cfg.suffstats_noise_multiplier, SUFFSTATS_SENSITIVITY, cohort_size)
                 self.stats_noise_var += n_arrived * share ** 2

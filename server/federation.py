@@ -193,7 +193,8 @@ class Federation:
                 if res.n_arrived < needed:
                     status = "refused"  # never release a sum of fewer devices than the noise shares assume
                 else:
-                    self.model.apply(phase, res.sum_vector, res.n_arrived, cohort_size)
+                    self.model.apply(phase, res.sum_vector, res.n_arrived, cohort_size,
+                                     quantization_std=codec.device_error_std())
                     status = "applied"
                 for nid, metrics in res.metrics.items():
                     if "epsilon_spent" in metrics:

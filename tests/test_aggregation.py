@@ -61,3 +61,19 @@ def test_invalid_inputs_are_refused() -> None:
         make_codec(1.0, 8.0, 2**8, 1000)
     with pytest.raises(ValueError, match="non-finite"):
         make_codec(1.0, 8.0, 2**22, 3).encode(np.array([np.nan]))
+
+
+def test_device_error_std_bounds_the_rounding_error() -> None:
+    import numpy as np
+
+    from fed_nessa.aggregation import make_codec
+
+    codec = make_codec(50.0, 8.0, 2**10, 4)  # a coarse grid makes the rounding visible
+    rng = np.random.default_rng(0)
+    v = rng.uniform(-50, 50, 20_000)
+    step = 2 * 8.0 / 2**10 / codec.scale
+    # stochastic rounding to the grid, as SecAgg+ does in the scaled units
+    lo = np.floor(v / step) * step
+    rounded = lo + step * (rng.random(v.size) < (v - lo) / step)
+    assert np.std(rounded - v) <= codec.device_error_std() * 1.02
+    assert codec.device_error_std() == 0.5 * step

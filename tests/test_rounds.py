@@ -179,3 +179,14 @@ def test_noise_share_is_calibrated_to_the_rounds_guaranteed_arrivals(tmp_path: P
     noisy = _client_distributed_grad(build_net(cfg, 5, 4), s, cfg, 7, 40)
     clean = _client_distributed_grad(build_net(cfg, 5, 4), s, quiet, 7, 40)  # same Poisson sample (same seed)
     assert abs(float(np.std(noisy - clean)) - 2.0 * 0.5 / math.sqrt(20)) < 0.03
+
+
+def test_rounding_noise_is_floored_like_dp_noise() -> None:
+    cfg = Cfg(dp_mode="none")
+    shards = _shards()
+    total = sum(client_round(SUFFSTATS, s, np.zeros(1), cfg, 1, None).vector.astype(np.float64) for s in shards)
+    exact, rounded = ServerModel.create(cfg, 5, 4, "X", "Y"), ServerModel.create(cfg, 5, 4, "X", "Y")
+    exact.apply(SUFFSTATS, total, len(shards))
+    rounded.apply(SUFFSTATS, total, len(shards), quantization_std=0.5)
+    assert exact.stats_noise_var == 0.0 and rounded.stats_noise_var == pytest.approx(len(shards) * 0.25)
+    assert not np.allclose(exact.vector(), rounded.vector())  # the floor rose with the rounding noise
