@@ -22,7 +22,7 @@ what the vectors are and what guarantee each carries. Phases:
     at least ``sigma * C``: one Poisson-subsampled Gaussian step per round for
     every device's data. Calibrating to the round's cohort (not to the global
     minimum) keeps the noise of a 1000-device round near what the guarantee needs.
-    The server applies the aggregated gradient with Adam (post-processing).
+    The server applies the aggregated gradient with SGD + momentum (post-processing).
 
 A device's events are reserved in its ledger before a mechanism runs and
 completed after, so a crash can never hide a spend. Nothing derived from the
