@@ -236,7 +236,7 @@ class Federation:
         eps, paths = self._device_ledgers() if final is not None else (self.device_epsilon, {})
         rounds = [{k: v for k, v in e.items() if k != "device_epsilon"} for e in self.history]
         return {
-            "config": self.cfg.to_run_config(),
+            "config": _portable_config(self.cfg.to_run_config()),
             "rounds": rounds,
             "final": final or {},
             "privacy": run_folder.privacy_block(self.cfg, eps, paths),
@@ -278,6 +278,24 @@ class Federation:
         run_folder.write_plots(self.run_dir, summary["rounds"])
         self.progress({"event": "done", "run_dir": str(self.run_dir)})
         return summary
+
+
+def _portable_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The run config as a report should carry it: paths relative to the working directory.
+
+    Simulations resolve ``run-dir`` (and a shard folder) to absolute paths to run; a summary that
+    is shared or committed should not name the machine it ran on.
+    """
+    out = dict(config)
+    for key in ("run-dir", "data-source"):
+        value = str(out.get(key, ""))
+        if value.startswith("/"):
+            path = Path(value)
+            try:
+                out[key] = str(path.relative_to(Path.cwd()))
+            except ValueError:
+                out[key] = path.name
+    return out
 
 
 def run_federation(grid: Grid, context: Context, **kwargs: Any) -> dict[str, Any]:

@@ -131,3 +131,12 @@ def test_bad_config_is_one_clear_error_before_any_round(tmp_path: Path, data: Pa
     assert main(["--set", "clip-norm=-1", "--run-dir", str(tmp_path / "x")]) == 2
     assert "clip-norm = -1" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_summary_config_names_no_machine_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from server.federation import _portable_config
+
+    monkeypatch.chdir(tmp_path)
+    out = _portable_config({"run-dir": str(tmp_path / "results" / "run-a"), "data-source": "/elsewhere/shards",
+                            "seed": 0})
+    assert out == {"run-dir": "results/run-a", "data-source": "shards", "seed": 0}
