@@ -8,6 +8,7 @@ VENV="${FED_NESSA_VENV:-.venv}"
 [[ -x "$VENV/bin/fed-nessa" ]] || bash scripts/setup.sh
 export FLWR_HOME="${FLWR_HOME:-$PWD/.flwr-home}"
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
-# One BLAS thread: faster here (field notes), and bit-identical data to the committed runs.
+# One BLAS thread, as the committed runs used: the generated data (and so each device's noise
+# seed) is then bit-identical to theirs.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 exec "$VENV/bin/fed-nessa" simulate "$@"
