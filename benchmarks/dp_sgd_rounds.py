@@ -88,8 +88,7 @@ def main() -> None:
 
     total = sum(suffstats.device_vector(d.enroll, d.runtime) for d in devs)
     std = 0.0 if a.no_dp else a.stats_sigma * suffstats.SENSITIVITY
-    noisy = total + (rng.normal(0.0, std, total.shape) if std else 0.0)
-    W, b = suffstats.solve(*suffstats.unpack(noisy, d_x, d_y), alpha=1e-3, noise_std=std)
+    W, b = suffstats.noisy_solve(total, std, rng, d_x, d_y)
     net = NessaNet(d_y, d_x, NessaConfig(hidden=a.hidden, depth=a.depth, train_linear=False), seed=0)
     net.set_linear(W, b)
 

@@ -49,9 +49,7 @@ def main() -> None:
             std = sigma * math.sqrt(n_dev / guaranteed)
             eers = []
             for draw in range(a.draws):
-                rng = np.random.default_rng(1000 + draw)
-                W, b = suffstats.solve(*suffstats.unpack(total + rng.normal(0.0, std, total.shape), d_x, d_y),
-                                       suffstats.DEFAULT_ALPHA, noise_std=std)
+                W, b = suffstats.noisy_solve(total, std, np.random.default_rng(1000 + draw), d_x, d_y)
                 pred = ye @ W.T + b
                 pred /= np.linalg.norm(pred, axis=1, keepdims=True)
                 eers.append(evaluate_trials(xe, pred.astype(np.float32), ev.speaker, ev.utterance).eer)

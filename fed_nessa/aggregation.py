@@ -84,10 +84,14 @@ class SecAggCodec:
         saturated = int(round(total[-1] / self.saturation_unit))
         return (total[:-1] / self.scale).astype(np.float32), max(saturated, 0)
 
+    @property
+    def step(self) -> float:
+        """One quantization step in the devices' own units."""
+        return 2.0 * self.clipping_range / self.quantization_range / self.scale
+
     def sum_error_bound(self, n_arrived: int) -> float:
         """Worst-case per-coordinate error of a decoded sum (stochastic rounding, one step per device)."""
-        step = 2.0 * self.clipping_range / self.quantization_range
-        return n_arrived * step / self.scale
+        return n_arrived * self.step
 
     def device_error_std(self) -> float:
         """Upper bound on the std of one device's stochastic-rounding error per coordinate, in its units.
@@ -95,8 +99,7 @@ class SecAggCodec:
         Rounding to a grid of step ``s`` picks a neighbour with probability ``p``; the error's
         variance ``p (1 - p) s^2`` is at most ``s^2 / 4``.
         """
-        step = 2.0 * self.clipping_range / self.quantization_range
-        return 0.5 * step / self.scale
+        return 0.5 * self.step
 
     def to_config(self) -> dict[str, float | int]:
         """Flat, ConfigRecord-safe form (keys prefixed ``codec-``)."""

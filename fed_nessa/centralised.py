@@ -30,7 +30,6 @@ from fed_nessa.training import DPConfig, EERValidator, TrainConfig, dp_sample_ra
 
 SCENARIOS = ("runtime-upgrade", "enrollment-upgrade")
 METHODS = ("ridge", "procrustes", "speaker-logit", "nessa", "nessa-shared")
-SUFFSTATS_SENSITIVITY = suffstats.SENSITIVITY
 
 
 @dataclass(frozen=True)
@@ -167,7 +166,7 @@ def plan_dp(epsilon: float, delta: float, n: int, train: TrainConfig, clip_norm:
     q, steps = dp_sample_rate(n, train.batch_size), dp_steps(n, train.batch_size, train.epochs)
 
     def ss(s: float) -> list[DPEvent]:
-        return [DPEvent(0, GAUSSIAN_SUM, 1, 1.0, s, SUFFSTATS_SENSITIVITY, delta, LOCAL)]
+        return [DPEvent(0, GAUSSIAN_SUM, 1, 1.0, s, suffstats.SENSITIVITY, delta, LOCAL)]
 
     def sgd(s: float) -> list[DPEvent]:
         return [DPEvent(1, DP_SGD, steps, q, s, clip_norm, delta, LOCAL)]
@@ -188,11 +187,9 @@ def fit_dp_nessa(train: Any, enroll_model: str, runtime_model: str, plan: DPPlan
     y = l2_normalize(train.embeddings[runtime_model]).astype(np.float64)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     y /= np.linalg.norm(y, axis=1, keepdims=True)
-    rng = np.random.default_rng(seed)
-    std = plan.suffstats_sigma * SUFFSTATS_SENSITIVITY
-    vec = suffstats.device_vector(x, y)  # the same statistics a federation sums, noised once
-    gram, cross = suffstats.unpack(vec + rng.normal(0.0, std, vec.shape), x.shape[1], y.shape[1])
-    W, b = suffstats.solve(gram, cross, suffstats.DEFAULT_ALPHA, noise_std=std)  # as the federation solves it
+    # The statistics a federation sums, noised once and solved as its server solves them.
+    W, b = suffstats.noisy_solve(suffstats.device_vector(x, y), plan.suffstats_sigma * suffstats.SENSITIVITY,
+                                 np.random.default_rng(seed), x.shape[1], y.shape[1])
     info = AlignerInfo(d_x=x.shape[1], d_y=y.shape[1], enroll_model=train.model_ids.get(enroll_model, enroll_model),
                        runtime_model=train.model_ids.get(runtime_model, runtime_model),
                        training={"dp": plan.to_dict()})

@@ -70,6 +70,7 @@ class RoundConfig(Protocol):
     epsilon_budget: float
     linear_start: str
     suffstats_noise_multiplier: float
+    ridge_alpha: float
     update_clip: float
     min_arrivals: int
     seed: int
@@ -95,7 +96,7 @@ def nessa_config(cfg: RoundConfig) -> NessaConfig:
     """
     train_linear = bool(getattr(cfg, "train_linear", False)) or cfg.linear_start == "none"
     return NessaConfig(hidden=cfg.hidden, depth=cfg.depth, train_linear=train_linear,
-                       ridge_alpha=float(getattr(cfg, "ridge_alpha", 1e-3)))
+                       ridge_alpha=cfg.ridge_alpha)
 
 
 def build_net(cfg: RoundConfig, d_x: int, d_y: int) -> NessaNet:

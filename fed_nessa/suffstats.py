@@ -115,3 +115,14 @@ def solve(gram: np.ndarray, cross: np.ndarray, alpha: float, noise_std: float = 
     """
     yy_offdiag_std = 2.0 * noise_std / (GRAM_WEIGHT * math.sqrt(2.0))
     return ridge_from_stats(ridge_stats(gram, cross), alpha, noise_std=floor_fraction * yy_offdiag_std)
+
+
+def noisy_solve(total: np.ndarray, noise_std: float, rng: np.random.Generator, d_x: int, d_y: int,
+                alpha: float = DEFAULT_ALPHA) -> tuple[np.ndarray, np.ndarray]:
+    """Release ``total`` with Gaussian noise of ``noise_std`` once, then solve as the server does.
+
+    The centralised DP reference and the round-maths replays use this; a federation's server
+    gets the noise from the devices' shares instead and calls :func:`solve` itself.
+    """
+    noisy = total + (rng.normal(0.0, noise_std, total.shape) if noise_std > 0 else 0.0)
+    return solve(*unpack(noisy, d_x, d_y), alpha, noise_std=noise_std)

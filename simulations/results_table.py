@@ -37,12 +37,12 @@ def _row(summary: dict[str, Any]) -> tuple[tuple[Any, ...], str]:
     cen, ridge, priv = final.get("centralised_nessa") or {}, final.get("ridge") or {}, summary["privacy"]
     share = final.get("share_of_centralised_gap_closure")
     later = [r["seconds"] for r in rounds[1:]]
-    noise = cfg["dp-mode"]
-    sgd_sigma = "–" if _mode(cfg) == "linear start only" else f"{cfg['noise-multiplier']:g}"
+    noise, mode = cfg["dp-mode"], _mode(cfg)
+    sgd_sigma = "–" if mode == "linear start only" else f"{cfg['noise-multiplier']:g}"
     sigmas = "–" if noise == "none" else f"{cfg['suffstats-noise-multiplier']:g} / {sgd_sigma}"
     eps = "∞" if noise == "none" else f"{cfg['epsilon-budget']:g}"
     data = "synthetic" if cfg["data-source"] == "synthetic" else cfg["data-source"]
-    cells = [data, cfg["num-devices"], _mode(cfg), noise, eps, sigmas, len(rounds), _pct(rounds[0].get("eer")),
+    cells = [data, cfg["num-devices"], mode, noise, eps, sigmas, len(rounds), _pct(rounds[0].get("eer")),
              _pct(final.get("eer")), f"{final['gap_closure']:.2f}",
              "n/a" if share is None else f"{100 * share:.0f} %",
              f"{_pct(cen.get('eer'))} ({cen.get('gap_closure', float('nan')):.2f})",
@@ -50,7 +50,7 @@ def _row(summary: dict[str, Any]) -> tuple[tuple[Any, ...], str]:
              f"{priv.get('epsilon_max', 0):.2f} / {priv.get('epsilon_median', 0):.2f}",
              sum(int(r.get("declined", 0)) for r in rounds),
              f"{rounds[0]['seconds']:.0f} / " + (f"{sum(later) / len(later):.1f}" if later else "–")]
-    key = (data, -int(cfg["num-devices"]), _mode(cfg), noise, -float(cfg.get("epsilon-budget", 0)))
+    key = (data, -int(cfg["num-devices"]), mode, noise, -float(cfg.get("epsilon-budget", 0)))
     return key, "| " + " | ".join(str(c) for c in cells) + " |"
 
 
