@@ -22,7 +22,6 @@ Prints the held-out EER and gap closure every ``--every`` rounds.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import numpy as np
