@@ -117,16 +117,28 @@ def _num(x: Any, fmt: str = ".3f") -> str:
     return "n/a" if x is None else format(float(x), fmt)
 
 
+def _phase_lines(cfg: dict[str, Any], mode: str) -> list[str]:
+    """What each phase of the run did, with only the parameters that phase used."""
+    stats_rounds = int(cfg.get("suffstats-rounds", 1)) if cfg.get("linear-start") == "suffstats" else 0
+    sgd_rounds = int(cfg["num-server-rounds"]) - stats_rounds
+    lines = [f"- DP mode: **{mode}**"]
+    if stats_rounds:
+        noise = "" if mode == "none" else f", noise multiplier {cfg['suffstats-noise-multiplier']} (L2 sensitivity 1)"
+        lines.append(f"- private linear start: {stats_rounds} statistics round(s) over every device{noise}")
+    if sgd_rounds > 0:
+        noise = "" if mode == "none" else f", noise multiplier {cfg['noise-multiplier']}, clip {cfg['clip-norm']}"
+        lines.append(f"- DP-SGD: {sgd_rounds} round(s), {cfg['clients-per-round']} devices sampled per round{noise}")
+    return lines
+
+
 def render_report(summary: dict[str, Any]) -> str:
     """A human-readable ``report.md`` from the summary (no numbers that are not in it)."""
     cfg, priv, sa, final = summary["config"], summary["privacy"], summary["secure_aggregation"], summary["final"]
     lines = [
         "# Federated NESSA run",
         "",
-        f"- data: {cfg['data-source']} ({cfg['num-devices']} devices), {cfg['num-server-rounds']} rounds, "
-        f"{cfg['clients-per-round']} sampled per round",
-        f"- DP mode: **{priv['mode']}**, noise multiplier {cfg['noise-multiplier']}, clip {cfg['clip-norm']}, "
-        f"linear start: {cfg['linear-start']}",
+        f"- data: {cfg['data-source']} ({cfg['num-devices']} devices), {cfg['num-server-rounds']} round(s)",
+        *_phase_lines(cfg, priv["mode"]),
         "",
         "## Rounds",
         "",
@@ -141,7 +153,7 @@ def render_report(summary: dict[str, Any]) -> str:
         )
     lines += ["", "## Final aligner (held-out speakers)", "",
               "| system | EER (%) | minDCF | SID top-1 (%) | gap closure |", "|---|---|---|---|---|"]
-    for name, key in (("federated DP NESSA", None), ("centralised non-DP NESSA", "centralised_nessa"),
+    for name, key in (("federated aligner", None), ("centralised non-DP NESSA", "centralised_nessa"),
                       ("centralised ridge", "ridge"), ("sym_before", "sym_before"), ("sym_after", "sym_after")):
         row = final if key is None else final.get(key)
         if not row:

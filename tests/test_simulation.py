@@ -140,3 +140,15 @@ def test_summary_config_names_no_machine_path(tmp_path: Path, monkeypatch: pytes
     out = _portable_config({"run-dir": str(tmp_path / "results" / "run-a"), "data-source": "/elsewhere/shards",
                             "seed": 0})
     assert out == {"run-dir": "results/run-a", "data-source": "shards", "seed": 0}
+
+
+def test_report_names_only_the_parameters_each_phase_used() -> None:
+    from server.run_folder import _phase_lines
+
+    cfg = {"linear-start": "suffstats", "suffstats-rounds": 1, "num-server-rounds": 1, "clients-per-round": 100,
+           "suffstats-noise-multiplier": 0.64, "noise-multiplier": 1.5, "clip-norm": 1.0}
+    lines = _phase_lines(cfg, "distributed")
+    assert any("noise multiplier 0.64" in line for line in lines)
+    assert not any("DP-SGD" in line or "1.5" in line for line in lines)
+    assert any("DP-SGD: 5 round(s), 100 devices" in line for line in _phase_lines({**cfg, "num-server-rounds": 6},
+                                                                                      "distributed"))
