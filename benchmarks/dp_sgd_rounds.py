@@ -2,7 +2,7 @@
 
 A Flower round at 1000 devices costs minutes here, so this script replays the
 *maths* of the distributed protocol without the transport, vectorised over
-the whole fleet: the private linear start from :mod:`fed_nessa.suffstats`
+the whole fleet: the private linear start from :mod:`fed_nessa.federated.suffstats`
 (noise once on the sum), then one step per round in which every device of a
 uniformly sampled cohort contributes its Poisson sample (rate 1/ceil(n/B)) of
 per-example clipped gradients, the sum gets ``N(0, (sigma C)^2)`` once, and
@@ -28,14 +28,14 @@ import numpy as np
 import torch
 from torch.func import functional_call, grad, vmap
 
-from fed_nessa import suffstats
-from fed_nessa.aligners.nessa import NessaConfig, NessaNet
-from fed_nessa.evaluation import evaluate_trials
-from fed_nessa.losses import get_loss
+from fed_nessa.federated import suffstats
+from fed_nessa.model.aligners.nessa import NessaConfig, NessaNet
+from fed_nessa.evaluation.protocol import evaluate_trials
+from fed_nessa.model.losses import get_loss
 from fed_nessa.privacy.accounting import compute_epsilon
 from fed_nessa.privacy.events import DISTRIBUTED, DP_SGD, GAUSSIAN_SUM, DPEvent
-from fed_nessa.synthetic import generate_population
-from fed_nessa.training import dp_sample_rate
+from fed_nessa.data.synthetic import generate_population
+from fed_nessa.model.training import dp_sample_rate
 
 
 def parse() -> argparse.Namespace:

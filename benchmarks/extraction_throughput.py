@@ -41,13 +41,13 @@ def _cpu_name() -> str:
 
 
 def synthesise_corpus(root: Path, sentences: int) -> list[Path]:
-    from fed_nessa.extract.tts import FLITE_VOICES, Voice, make_speaker_folders
+    from fed_nessa.data.extract.tts import FLITE_VOICES, Voice, make_speaker_folders
 
     return make_speaker_folders(root, {v: Voice("flite", v) for v in FLITE_VOICES}, sentences, seed=0)
 
 
 def bench_backend(name: str, wavs: list[np.ndarray], repeats: int) -> dict[str, float | str]:
-    from fed_nessa.extract import get_backend
+    from fed_nessa.data.extract import get_backend
 
     backend = get_backend(name)
     t0 = time.perf_counter()
@@ -71,7 +71,7 @@ def bench_backend(name: str, wavs: list[np.ndarray], repeats: int) -> dict[str, 
 
 
 def bench_pipeline(audio_root: Path, workers: int) -> dict[str, float | int]:
-    from fed_nessa.extract.builder import build_shard
+    from fed_nessa.data.extract.builder import build_shard
 
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    from fed_nessa.extract.audio import load_audio
+    from fed_nessa.data.extract.audio import load_audio
 
     with tempfile.TemporaryDirectory() as tmp:
         files = synthesise_corpus(Path(tmp), args.sentences)

@@ -3,7 +3,7 @@
 A federated run is one draw of the DP noise (and which draw depends on every
 device's seed, hence on bit-level details such as BLAS threading). This
 replays the statistics round's maths without the transport: the exact sum of
-the devices' vectors from :mod:`fed_nessa.suffstats`, plus Gaussian noise of
+the devices' vectors from :mod:`fed_nessa.federated.suffstats`, plus Gaussian noise of
 the std the distributed round releases (``sigma * sqrt(N / g)``: N arrivals,
 shares calibrated to g = max(min-arrivals, ceil(0.8 N)) guaranteed ones), then
 the server's solve, for ``--draws`` independent draws. Same population and
@@ -19,9 +19,9 @@ import math
 
 import numpy as np
 
-from fed_nessa import suffstats
-from fed_nessa.evaluation import evaluate_trials
-from fed_nessa.synthetic import generate_population
+from fed_nessa.federated import suffstats
+from fed_nessa.evaluation.protocol import evaluate_trials
+from fed_nessa.data.synthetic import generate_population
 
 
 def main() -> None:

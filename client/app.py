@@ -2,15 +2,17 @@
 
 Two messages per round, both answered from the device's own shard and ledger:
 
-* ``query`` (the plan): the server says which phase and round come next; the
-  device checks its privacy budget (``plan_round``, no training) and answers
-  ``status`` ``ok`` or ``declined`` with a reason. A device over budget thus
-  never enters the SecAgg+ cohort.
+* ``query`` (the plan): the server says which phase and round come next and the
+  number of arrivals g it promises; the device checks the request against its own
+  policy (from its node config, fixed in its ledger header) and its budget
+  (``plan_round``, no training) and answers ``status`` ``ok`` or ``declined`` with a
+  reason. A device that declines never enters the SecAgg+ cohort.
 * ``train`` (the SecAgg+ stages): ``secaggplus_mod`` runs the protocol; at its
   "collect masked vectors" stage it calls the handler below, which trains
   (``client_round``: DP-SGD etc., every DP event recorded in the device's
   ledger), scales the vector into SecAgg+'s range with the round's codec,
-  appends the saturation count, and answers in the legacy ``fitres`` layout
+  checks its own range (a saturated vector fails here, nothing sent), and answers
+  in the legacy ``fitres`` layout
   with a CONSTANT weight (never ``num_examples``). The mod masks and
   quantizes it; only masked integers leave the device.
 
@@ -36,23 +38,29 @@ from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
-from client.device import DeviceRuntime, default_runtime, locate
+from client.device import DeviceRuntime, default_runtime
 from client.mods import is_secagg_message, secagg_only_mod
-from fed_nessa.aggregation import CONSTANT_WEIGHT, SecAggCodec
-from fed_nessa.config import FederationConfig, from_run_config
+from fed_nessa.config import FederationConfig, Phase, ReplyStatus, from_run_config, policy_from_node_config
+from fed_nessa.errors import FedNessaError
+from fed_nessa.federated.codec import CONSTANT_WEIGHT, SecAggCodec
+from fed_nessa.federated.device import RoundRequest
+from fed_nessa.federated.protocol import (DEVICE_ID_REPLY_KEY, PHASE_KEY, PLAN_RECORD, PROMISED_ARRIVALS_KEY,
+                                          REPLY_METRIC_KEYS, ROUND_KEY, STATUS_KEY, locate)
 
 log = logging.getLogger(__name__)
 
-PLAN_RECORD = "plan"  # config record of the query message and of its reply
-REPLY_METRIC_KEYS = frozenset({"epsilon_spent", "epsilon_if_run", "reason"})
 
-
-class RoundDeclined(RuntimeError):
+class RoundDeclined(FedNessaError, RuntimeError):
     """The device declined at training time (e.g. the budget changed since the plan)."""
 
 
 def _config(context: Context) -> FederationConfig:
     return from_run_config(dict(context.run_config))
+
+
+def _request(config: Mapping[str, Any]) -> RoundRequest:
+    """The round's request from a plan or fit config (a missing key is a protocol error)."""
+    return RoundRequest(Phase(str(config[PHASE_KEY])), int(config[ROUND_KEY]), int(config[PROMISED_ARRIVALS_KEY]))
 
 
 def _safe_metrics(metrics: Mapping[str, Any]) -> dict[str, float | int | str]:
@@ -83,20 +91,23 @@ def build_client_app(runtime: DeviceRuntime | None = None) -> ClientApp:
             cache["rt"] = runtime or default_runtime()
         return cache["rt"]
 
-    def open_device(context: Context, cfg: FederationConfig):  # type: ignore[no-untyped-def]
-        paths = locate(dict(context.node_config), cfg)
+    def open_device(context: Context, cfg: FederationConfig) -> tuple[Any, Any, Any, Any]:
+        node_config = dict(context.node_config)
+        paths = locate(node_config, cfg)
+        policy = policy_from_node_config(node_config)  # the device's own; its ledger header wins
         shard = rt().load_shard(paths.shard)
-        ledger = rt().open_ledger(paths.state_dir, paths.device_id)
-        return paths, shard, ledger
+        ledger = rt().open_ledger(paths.state_dir, paths.device_id, policy)
+        return paths, shard, ledger, policy
 
     @app.query()
     def plan(msg: Message, context: Context) -> Message:
         cfg = _config(context)
-        plan_cfg = msg.content.config_records[PLAN_RECORD]
-        paths, shard, ledger = open_device(context, cfg)
-        outcome = rt().plan_round(str(plan_cfg["phase"]), shard, cfg, int(plan_cfg["round"]), ledger)
+        req = _request(msg.content.config_records[PLAN_RECORD])
+        paths, shard, ledger, policy = open_device(context, cfg)
+        outcome = rt().plan_round(req, shard, cfg, ledger, policy)
         # The device id is a stable pseudonym (the shard's name) for the federation ledger.
-        reply = {"status": str(outcome.status), "device_id": paths.device_id, **_safe_metrics(outcome.metrics)}
+        reply = {STATUS_KEY: str(outcome.status), DEVICE_ID_REPLY_KEY: paths.device_id,
+                 **_safe_metrics(outcome.metrics)}
         return Message(RecordDict({PLAN_RECORD: ConfigRecord(reply)}), reply_to=msg)
 
     @app.train()
@@ -107,12 +118,9 @@ def build_client_app(runtime: DeviceRuntime | None = None) -> ClientApp:
         fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
         codec = SecAggCodec.from_config(dict(fitins.config))
         global_vector = parameters_to_ndarrays(fitins.parameters)[0].astype(np.float32, copy=False)
-        _paths, shard, ledger = open_device(context, cfg)
-        cohort = fitins.config.get("cohort_size")
-        outcome = rt().client_round(str(fitins.config["phase"]), shard, global_vector, cfg,
-                                    int(fitins.config["round"]), ledger,
-                                    cohort_size=None if cohort is None else int(cohort))
-        if outcome.status != "ok" or outcome.vector is None:
+        _paths, shard, ledger, policy = open_device(context, cfg)
+        outcome = rt().client_round(_request(fitins.config), shard, global_vector, cfg, ledger, policy)
+        if outcome.status != ReplyStatus.OK or outcome.vector is None:
             raise RoundDeclined(f"declined at training: {outcome.metrics.get('reason', outcome.status)}")
         payload, _saturated = codec.encode(outcome.vector)
         fitres = FitRes(

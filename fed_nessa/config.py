@@ -15,19 +15,66 @@ message names each key, the value found and the allowed range.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from fed_nessa.errors import FedNessaError
+
 # SecAgg+ sums integers below this modulus (Flower's default; it must stay < 2**32).
 SECAGG_MODULUS_RANGE = 2**32
-DP_MODES = ("local", "distributed", "none")
-LINEAR_STARTS = ("suffstats", "none")
-BUILTIN_DATA_SOURCES = ("synthetic", "real-dev")
 
 
-class ConfigError(ValueError):
+class DPMode(StrEnum):
+    """Where the DP noise is added (docs/privacy.md)."""
+
+    LOCAL = "local"
+    DISTRIBUTED = "distributed"
+    NONE = "none"
+
+
+class LinearStart(StrEnum):
+    SUFFSTATS = "suffstats"
+    NONE = "none"
+
+
+class Phase(StrEnum):
+    """What one server round computes: the private linear start or one DP-SGD step."""
+
+    SUFFSTATS = "suffstats"
+    DPSGD = "dpsgd"
+
+
+class ReplyStatus(StrEnum):
+    """A device's answer to a round's plan."""
+
+    OK = "ok"
+    DECLINED = "declined"
+
+
+class RoundStatus(StrEnum):
+    """What the server did with a round (recorded in the federation ledger)."""
+
+    APPLIED = "applied"
+    REFUSED = "refused"  # too few arrivals: nothing was unmasked
+    ABORTED = "aborted"  # SecAgg+ halted (too many drop-outs)
+    SKIPPED = "skipped"  # too few devices accepted the plan
+
+
+class DataSourceName(StrEnum):
+    SYNTHETIC = "synthetic"
+    REAL_DEV = "real-dev"
+
+
+DP_MODES = tuple(m.value for m in DPMode)
+LINEAR_STARTS = tuple(s.value for s in LinearStart)
+BUILTIN_DATA_SOURCES = tuple(s.value for s in DataSourceName)
+
+
+class ConfigError(FedNessaError, ValueError):
     """One or more run-config values are invalid (message lists every fault)."""
 
     def __init__(self, problems: list[str]) -> None:
@@ -72,6 +119,8 @@ class FederationConfig:
     resume: bool = False
     hidden: int = 64
     depth: int = 1
+    max_pairs_per_device: int = 1000
+    reproducible_noise: bool = False
 
     @property
     def secagg_timeout(self) -> float | None:
@@ -129,6 +178,9 @@ def _coerce(key: str, value: Any, default: Any) -> tuple[Any, str | None]:
 def _range(problems: list[str], key: str, value: float, lo: float, hi: float, *,
            lo_open: bool = False) -> None:
     """Append a problem if ``value`` is outside ``[lo, hi]`` (``(lo, hi]`` when ``lo_open``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        problems.append(f"{key} = {value!r}: must be a finite number in [{lo:g}, {hi:g}]")
+        return
     bad = value <= lo if lo_open else value < lo
     if bad or value > hi:
         bracket = "(" if lo_open else "["
@@ -213,6 +265,7 @@ def _check_ranges(c: FederationConfig) -> list[str]:
     _range(p, "seed", c.seed, 0, 2**63 - 1)
     _range(p, "hidden", c.hidden, 1, 65_536)
     _range(p, "depth", c.depth, 1, 16)
+    _range(p, "max-pairs-per-device", c.max_pairs_per_device, 1, 10_000_000)
     return p
 
 
@@ -252,3 +305,82 @@ def from_run_config(run_config: Mapping[str, Any], *, base_dir: str | Path | Non
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+# ----------------------------------------------------------------------------- device policy
+@dataclass(frozen=True)
+class DevicePolicy:
+    """What a device allows, owned by the device: its node config, then its ledger header.
+
+    The server's run-config can only *ask* (a budget, a noise multiplier, a number of
+    guaranteed arrivals); a request beyond this policy is declined with the reason. The
+    policy is written into the device's ledger header at first open and restored from it on
+    every reopen, so neither a server nor a later node config can loosen it.
+    """
+
+    epsilon_budget: float = 8.0
+    delta: float = 1e-5
+    #: smallest DP-SGD noise multiplier (sigma of the released sum / clip) it accepts
+    min_noise_multiplier: float = 0.5
+    #: smallest noise multiplier of the sufficient-statistics Gaussian sum it accepts
+    min_suffstats_noise_multiplier: float = 0.5
+    #: g: distributed noise shares are sized sigma / sqrt(g); the server must promise >= g arrivals
+    guaranteed_arrivals: int = 50
+    #: largest number of pairs the device puts in one payload (bounds SecAgg+'s range)
+    max_pairs_per_payload: int = 1000
+    #: most rounds the device joins over its ledger's life
+    max_participations: int = 100_000
+    #: whether the device answers rounds that add no DP noise at all (research baselines only)
+    allow_non_dp: bool = False
+
+    def to_node_config(self) -> dict[str, bool | int | float | str]:
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DevicePolicy:
+        return policy_from_node_config({k.replace("_", "-"): v for k, v in data.items()})
+
+
+_POLICY_FIELDS = {f.name: f for f in dataclasses.fields(DevicePolicy)}
+#: The node-config keys of a device policy (kebab-case), e.g. ``--node-config "epsilon-budget=4"``.
+POLICY_KEYS = frozenset(name.replace("_", "-") for name in _POLICY_FIELDS)
+
+
+def _policy_problems(p: DevicePolicy) -> list[str]:
+    out: list[str] = []
+    _range(out, "epsilon-budget", p.epsilon_budget, 0.0, 1000.0, lo_open=True)
+    _range(out, "delta", p.delta, 0.0, 0.1, lo_open=True)
+    _range(out, "min-noise-multiplier", p.min_noise_multiplier, 0.0, 1000.0)
+    _range(out, "min-suffstats-noise-multiplier", p.min_suffstats_noise_multiplier, 0.0, 1000.0)
+    _range(out, "guaranteed-arrivals", p.guaranteed_arrivals, 1, 10_000_000)
+    _range(out, "max-pairs-per-payload", p.max_pairs_per_payload, 1, 10_000_000)
+    _range(out, "max-participations", p.max_participations, 0, 10_000_000)
+    return out
+
+
+def policy_from_node_config(node_config: Mapping[str, Any]) -> DevicePolicy:
+    """The device policy from a node config: policy keys only, others (shard-path, ...) ignored.
+
+    Missing keys take the defaults above; a bad value is a :class:`ConfigError` naming it.
+    """
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+    for key, raw in node_config.items():
+        name = str(key).replace("-", "_")
+        if name not in _POLICY_FIELDS:
+            continue
+        value, err = _coerce(f"node config {key}", raw, _POLICY_FIELDS[name].default)
+        if err:
+            problems.append(err)
+        else:
+            values[name] = value
+    if problems:
+        raise ConfigError(problems)
+    policy = DevicePolicy(**values)
+    problems = [f"device policy {p}" for p in _policy_problems(policy)]
+    if problems:
+        raise ConfigError(problems)
+    return policy

@@ -17,9 +17,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from fed_nessa.atomic import atomic_write_bytes
+from fed_nessa.errors import FedNessaError
 
 CHECKPOINT_DIR = "checkpoints"
+#: Run-config keys a resumed run may change: how long it runs, where, how long it waits.
+#: Every other key (budget, noise, mode, seed, model shape, data, SecAgg+ settings) shapes the
+#: model or the guarantee and must equal the checkpoint's.
+RESUMABLE_KEYS = frozenset({"num-server-rounds", "resume", "run-dir", "round-timeout"})
+
+
+class ResumeError(FedNessaError, ValueError):
+    """A resumed run's config differs from its checkpoint's in a key that must not change."""
 _NAME = re.compile(r"^round-(\d{5})\.pt$")
 
 
@@ -66,3 +76,19 @@ def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
         except ValueError:
             continue  # a torn newest file: fall back to the previous round
     return None
+
+
+def check_resumable(ckpt: Checkpoint, config: dict[str, Any]) -> None:
+    """Refuse to resume when any privacy- or model-relevant key differs from the checkpoint's.
+
+    The error names every differing key with both values. Raising ``num-server-rounds``
+    (and the other :data:`RESUMABLE_KEYS`) stays allowed.
+    """
+    saved = ckpt.config
+    keys = (set(saved) | set(config)) - RESUMABLE_KEYS
+    diffs = sorted(k for k in keys if saved.get(k) != config.get(k))
+    if diffs:
+        detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {config.get(k)!r}" for k in diffs)
+        raise ResumeError(f"refusing to resume from round {ckpt.round}: the config differs from the checkpoint's "
+                          f"in {', '.join(diffs)} ({detail}). Only {', '.join(sorted(RESUMABLE_KEYS))} may change; "
+                          "start a new run folder for a different setting.")

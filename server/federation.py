@@ -4,12 +4,13 @@ Per round ``r`` (phase from ``ServerModel.phases()``):
 
 1. sample ``clients-per-round`` nodes (seeded by ``(seed, r)``: a resumed run
    samples the same cohorts);
-2. send each a light ``query`` (the plan): devices over budget decline, bad
-   shards answer with an error; neither enters the SecAgg+ cohort;
-3. if at least ``min-arrivals`` accepted, run one SecAgg+ round over them
-   (:func:`server.secagg_round.secure_sum`), fail loudly on any saturated
-   coordinate, and refuse to release an aggregate of fewer than
-   ``min-arrivals`` devices; otherwise the model is left unchanged;
+2. send each a light ``query`` (the plan) with the round's promised ``g``
+   (:func:`fed_nessa.federated.release.promised_arrivals` of the sampled cohort):
+   devices whose policy or budget does not allow the round decline, bad shards
+   answer with an error; neither enters the SecAgg+ cohort;
+3. if at least ``g`` accepted, run one SecAgg+ round over them
+   (:func:`server.secagg_round.secure_sum`); fewer than ``g`` masked vectors:
+   nothing is unmasked (status ``refused``); otherwise the model is left unchanged;
 4. ``ServerModel.apply`` the SUM, evaluate the global aligner on the held-out
    evaluation set, record the round in the signed federation ledger, rewrite
    ``summary.json`` and write a checkpoint.
@@ -22,9 +23,10 @@ from __future__ import annotations
 
 import logging
 import statistics
+from collections import Counter
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +34,16 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp.grid import Grid
 
-from client.app import PLAN_RECORD
-from fed_nessa.aggregation import check_saturation, make_codec
-from fed_nessa.config import FederationConfig, from_run_config
+from fed_nessa.config import FederationConfig, Phase, ReplyStatus, RoundStatus, from_run_config
+from fed_nessa.data.population import SCENARIO, FederationData, load_federation_data
+from fed_nessa.errors import FedNessaError
+from fed_nessa.federated.codec import make_codec, saturation_note
+from fed_nessa.federated.protocol import (DEVICE_ID_REPLY_KEY, PHASE_KEY, PLAN_RECORD, PROMISED_ARRIVALS_KEY,
+                                          ROUND_KEY, STATUS_KEY, shard_folder)
+from fed_nessa.federated.release import may_start, promised_arrivals
+from fed_nessa.federated.server_model import ServerModel
 from server import run_folder
-from server.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
-from server.data import SCENARIO, FederationData, load_federation_data
+from server.checkpoint import Checkpoint, check_resumable, latest_checkpoint, save_checkpoint
 from server.secagg_round import secure_sum
 
 log = logging.getLogger(__name__)
@@ -48,7 +54,7 @@ KEYS_DIR = "keys"
 Progress = Callable[[dict[str, Any]], None]
 
 
-class NotEnoughDevices(RuntimeError):
+class NotEnoughDevices(FedNessaError, RuntimeError):
     """Fewer nodes are connected than one SecAgg+ round needs."""
 
 
@@ -59,6 +65,7 @@ class Plan:
     failed: list[int]
     device_ids: dict[int, str]
     epsilons: dict[int, float]
+    reasons: dict[int, str] = field(default_factory=dict)
 
 
 def sample_cohort(node_ids: list[int], cfg: FederationConfig, round_num: int, phase: str = "") -> list[int]:
@@ -79,10 +86,16 @@ def sample_cohort(node_ids: list[int], cfg: FederationConfig, round_num: int, ph
     return sorted(nodes[i] for i in rng.choice(len(nodes), size=k, replace=False))
 
 
-def plan_round(grid: Grid, cfg: FederationConfig, phase: str, round_num: int, cohort: list[int]) -> Plan:
-    """Ask every sampled device whether it takes part (budget check, no training)."""
-    msgs = [Message(RecordDict({PLAN_RECORD: ConfigRecord({"phase": phase, "round": round_num})}), nid, "query",
-                    group_id=str(round_num)) for nid in cohort]
+def round_config(phase: Phase, round_num: int, promised: int) -> dict[str, str | int]:
+    """What every device of a round is told (plan and fit config alike)."""
+    return {PHASE_KEY: str(phase), ROUND_KEY: round_num, PROMISED_ARRIVALS_KEY: promised}
+
+
+def plan_round(grid: Grid, cfg: FederationConfig, phase: Phase, round_num: int, cohort: list[int],
+               promised: int) -> Plan:
+    """Ask every sampled device whether it takes part (policy and budget check, no training)."""
+    msgs = [Message(RecordDict({PLAN_RECORD: ConfigRecord(round_config(phase, round_num, promised))}), nid,
+                    "query", group_id=str(round_num)) for nid in cohort]
     replies = {m.metadata.src_node_id: m for m in grid.send_and_receive(msgs, timeout=cfg.secagg_timeout)}
     plan = Plan([], [], [], {}, {})
     for nid in cohort:
@@ -93,10 +106,14 @@ def plan_round(grid: Grid, cfg: FederationConfig, phase: str, round_num: int, co
                 log.warning("round %d: node %d failed its plan: %s", round_num, nid, reply.error.reason)
             continue
         rec = reply.content.config_records[PLAN_RECORD]
-        plan.device_ids[nid] = str(rec.get("device_id", nid))
+        plan.device_ids[nid] = str(rec.get(DEVICE_ID_REPLY_KEY, nid))
         if "epsilon_spent" in rec:
             plan.epsilons[nid] = float(rec["epsilon_spent"])
-        (plan.accepted if rec.get("status") == "ok" else plan.declined).append(nid)
+        if rec.get(STATUS_KEY) == ReplyStatus.OK:
+            plan.accepted.append(nid)
+        else:
+            plan.declined.append(nid)
+            plan.reasons[nid] = str(rec.get("reason", ""))
     return plan
 
 
@@ -105,14 +122,12 @@ class Federation:
 
     def __init__(self, grid: Grid, context: Context, cfg: FederationConfig | None = None,
                  data: FederationData | None = None, progress: Progress | None = None) -> None:
-        from fed_nessa.rounds import ServerModel
-
         self.grid, self.context = grid, context
         self.cfg = cfg or from_run_config(dict(context.run_config))
         self.run_dir = Path(self.cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.data = data or load_federation_data(self.cfg)
-        self.model = ServerModel.create(self.cfg, self.data.d_x, self.data.d_y, self.data.enroll_model,
+        self.data = data or load_federation_data(self.cfg, shard_folder(self.cfg))
+        self.model = ServerModel(self.cfg, self.data.d_x, self.data.d_y, self.data.enroll_model,
                                         self.data.runtime_model)
         self.progress = progress or (lambda event: None)
         self.history: list[dict[str, Any]] = []
@@ -121,7 +136,7 @@ class Federation:
 
     # -- evaluation ---------------------------------------------------------------------
     def evaluate(self, aligners: dict[str, Any] | None = None) -> Any:
-        from fed_nessa.evaluation import evaluate_scenario
+        from fed_nessa.evaluation.protocol import evaluate_scenario
 
         ev = self.data.eval
         return evaluate_scenario(ev.embeddings, ev.speaker, ev.utterance, ev.old_model, ev.new_model, SCENARIO,
@@ -141,6 +156,7 @@ class Federation:
         if ckpt is None:
             log.info("resume requested but no checkpoint in %s: starting at round 1", self.run_dir)
             return 1
+        check_resumable(ckpt, self.cfg.to_run_config())
         self.model.load_state_dict(ckpt.model_state)
         self.history = list(ckpt.history)
         for entry in self.history:
@@ -165,37 +181,39 @@ class Federation:
             self.progress({"event": "round", **entry})
         return self.finish()
 
-    def run_round(self, r: int, phase: str, ledger: Any) -> dict[str, Any]:
+    def run_round(self, r: int, phase: Phase, ledger: Any) -> dict[str, Any]:
         t0 = time.perf_counter()
         cfg = self.cfg
         nodes = list(self.grid.get_node_ids())
         if len(nodes) < 3:
             raise NotEnoughDevices(f"round {r}: {len(nodes)} node(s) connected; SecAgg+ needs at least 3")
-        plan = plan_round(self.grid, cfg, phase, r, sample_cohort(nodes, cfg, r, phase))
-        status, arrived, failed = "skipped", [], list(plan.failed)
-        saturated = 0
+        cohort = sample_cohort(nodes, cfg, r, phase)
+        promised = promised_arrivals(cfg, len(cohort))
+        plan = plan_round(self.grid, cfg, phase, r, cohort, promised)
+        status, arrived, failed = RoundStatus.SKIPPED, [], list(plan.failed)
+        saturated, note = 0, may_start(len(plan.accepted), promised).reason
         round_eps: dict[str, float] = {}
-        if len(plan.accepted) >= max(cfg.min_arrivals, 3):
+        if may_start(len(plan.accepted), promised).release:
             codec = make_codec(self.model.payload_bound(phase), cfg.secagg_clipping_range,
                                cfg.secagg_quantization_range, len(plan.accepted))
-            cohort_size = len(plan.accepted)
-            needed = self.model.guaranteed_arrivals(cohort_size)
             res = secure_sum(self.grid, self.context, cfg, r, plan.accepted, self.model.vector(),
-                             {"phase": phase, "round": r, "cohort_size": cohort_size}, codec)
+                             round_config(phase, r, promised), codec, min_release=promised)
             arrived = res.arrived
             failed += [n for n in plan.accepted if n not in set(arrived)]
-            if not res.completed:
-                status = "aborted"
+            if res.refused is not None:
+                status, note = RoundStatus.REFUSED, res.refused
+            elif not res.completed:
+                status, note = RoundStatus.ABORTED, "SecAgg+ halted (too many drop-outs for its threshold)"
             else:
                 saturated = res.saturated
                 self.saturated_total += saturated
-                check_saturation(saturated, r)
-                if res.n_arrived < needed:
-                    status = "refused"  # never release a sum of fewer devices than the noise shares assume
-                else:
-                    self.model.apply(phase, res.sum_vector, res.n_arrived, cohort_size,
-                                     quantization_std=codec.device_error_std())
-                    status = "applied"
+                diag = saturation_note(saturated, r)
+                if diag:
+                    log.warning(diag)
+                noise_g = [int(m.get("noise_arrivals", promised)) for m in res.metrics.values()]
+                self.model.apply(phase, res.sum_vector, res.n_arrived, noise_arrivals=noise_g,
+                                 quantization_std=codec.device_error_std())
+                status, note = RoundStatus.APPLIED, f"sum of {res.n_arrived} devices released (g = {promised})"
                 for nid, metrics in res.metrics.items():
                     if "epsilon_spent" in metrics:
                         round_eps[plan.device_ids.get(nid, str(nid))] = float(metrics["epsilon_spent"])
@@ -208,10 +226,12 @@ class Federation:
         ids = plan.device_ids
         ledger.record_round(r, [ids.get(n, str(n)) for n in arrived], [ids.get(n, str(n)) for n in plan.declined],
                             [ids.get(n, str(n)) for n in failed],
-                            {"phase": phase, "status": status, "saturated": saturated})
+                            {"phase": str(phase), "status": str(status), "saturated": saturated,
+                             "guaranteed_arrivals": promised, "note": note,
+                             "decline_reasons": dict(Counter(plan.reasons.values()))})
         eps_all = list(self.device_epsilon.values()) or [0.0]
         return {
-            "round": r, "phase": phase, "status": status, **{k: fed[k] for k in ("eer", "min_dcf", "sid_top1")},
+            "round": r, "phase": str(phase), "status": str(status), "note": note, **{k: fed[k] for k in ("eer", "min_dcf", "sid_top1")},
             "gap_closure": fed["gap_closure"], "participants": len(arrived), "declined": len(plan.declined),
             "failed": len(failed), "sampled": len(plan.accepted) + len(plan.declined) + len(plan.failed),
             "saturated": saturated, "epsilon_max": max(eps_all), "epsilon_median": statistics.median(eps_all),
@@ -245,8 +265,8 @@ class Federation:
 
     def centralised_rows(self) -> dict[str, Any]:
         """Non-DP NESSA and ridge fitted on the pooled device data (simulation only)."""
-        from fed_nessa.aligners import AlignerInfo, NessaAligner, NessaConfig, RidgeAligner
-        from fed_nessa.training import TrainConfig
+        from fed_nessa.model.aligners import AlignerInfo, NessaAligner, NessaConfig, RidgeAligner
+        from fed_nessa.model.training import TrainConfig
 
         x, y = self.data.pooled()
         info = lambda: AlignerInfo(d_x=self.data.d_x, d_y=self.data.d_y,  # noqa: E731

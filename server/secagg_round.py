@@ -9,17 +9,21 @@ deals only in numpy vectors:
 
 * the cohort is exactly the devices the server chose (those that accepted the
   round's plan), each receiving the same legacy ``FitIns`` (global vector +
-  round config, including the :class:`~fed_nessa.aggregation.SecAggCodec`);
+  round config, including the :class:`~fed_nessa.federated.codec.SecAggCodec`);
 * every device answers with the same weight, so the workflow's output is the
   plain mean of the arrived payloads, which :meth:`SecAggCodec.decode` turns
   back into the SUM and the cohort's total saturation count;
 * the server never sees an individual vector: only masked vectors go through
-  the Grid, and the workflow reveals only their sum.
+  the Grid, and the workflow reveals only their sum;
+* the release rule is checked **before unmasking**: :class:`GuardedSecAggPlusWorkflow`
+  refuses to enter the unmask stage when fewer masked vectors arrived than the round's
+  promised ``g``, so no unmasking share is requested and no sum exists.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
@@ -32,10 +36,12 @@ from flwr.server.strategy import Strategy
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp.grid import Grid
 
-from fed_nessa.aggregation import MAX_WEIGHT, SecAggCodec
 from fed_nessa.config import SECAGG_MODULUS_RANGE, FederationConfig
+from fed_nessa.federated.codec import MAX_WEIGHT, SecAggCodec
+from fed_nessa.federated.release import may_unmask
 
 
 @dataclass
@@ -43,12 +49,14 @@ class SecureSum:
     """What one SecAgg+ round revealed: the sum, how many devices it covers, and who failed."""
 
     completed: bool
-    sum_vector: np.ndarray | None  # float32, devices' units; None when the protocol halted
+    sum_vector: np.ndarray | None  # float32, devices' units; None when the protocol halted or refused
     n_arrived: int
     saturated: int
     arrived: list[int] = field(default_factory=list)  # node ids whose masked vector is in the sum
     failures: list[str] = field(default_factory=list)  # error reasons (no data, only what failed)
     metrics: dict[int, dict] = field(default_factory=dict)  # per-node reply metrics (contract-limited)
+    refused: str | None = None  # why the server refused to unmask (too few arrivals), if it did
+    masked_arrivals: int = 0  # masked vectors that reached the server (before unmasking)
 
 
 class _CohortStrategy(Strategy):
@@ -93,9 +101,28 @@ class _CohortStrategy(Strategy):
         return None
 
 
-def make_workflow(cfg: FederationConfig) -> SecAggPlusWorkflow:
-    """The SecAgg+ workflow with integer shares/threshold and a constant weight (never num_examples)."""
-    return SecAggPlusWorkflow(
+class GuardedSecAggPlusWorkflow(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow that checks the release rule before it asks for unmasking shares."""
+
+    def __init__(self, *, min_release: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.min_release = int(min_release)
+        self.refused: str | None = None
+        self.masked_arrivals = 0
+
+    def unmask_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        self.masked_arrivals = len(state.active_node_ids)
+        decision = may_unmask(self.masked_arrivals, self.min_release)
+        if not decision.release:
+            self.refused = decision.reason
+            return False  # no unmask message is sent: the masked sum stays masked
+        return bool(super().unmask_stage(grid, context, state))
+
+
+def make_workflow(cfg: FederationConfig, min_release: int) -> GuardedSecAggPlusWorkflow:
+    """The guarded SecAgg+ workflow: integer shares/threshold, a constant weight (never num_examples)."""
+    return GuardedSecAggPlusWorkflow(
+        min_release=min_release,
         num_shares=int(cfg.secagg_num_shares),
         reconstruction_threshold=int(cfg.secagg_reconstruction_threshold),
         max_weight=MAX_WEIGHT,
@@ -107,13 +134,14 @@ def make_workflow(cfg: FederationConfig) -> SecAggPlusWorkflow:
 
 
 def secure_sum(grid: Grid, context: Context, cfg: FederationConfig, round_num: int, cohort: list[int],
-               global_vector: np.ndarray, fit_config: dict, codec: SecAggCodec) -> SecureSum:
+               global_vector: np.ndarray, fit_config: dict, codec: SecAggCodec, *, min_release: int) -> SecureSum:
     """Run one SecAgg+ round over ``cohort`` and decode the SUM of the arrived devices' vectors.
 
     ``fit_config`` (flat, ConfigRecord-safe) and the codec travel to every
     device with the global vector. Drop-outs below the reconstruction
     threshold are survived by the protocol; if it halts, ``completed`` is
-    False and no sum is revealed.
+    False and no sum is revealed. Fewer than ``min_release`` masked vectors:
+    the unmask stage never starts (``refused`` says why) and no sum is revealed.
     """
     strategy = _CohortStrategy(grid, context.run_id, cohort, {**fit_config, **codec.to_config()})
     state = RecordDict()
@@ -127,13 +155,16 @@ def secure_sum(grid: Grid, context: Context, cfg: FederationConfig, round_num: i
         strategy=strategy,
         client_manager=SimpleClientManager(),
     )
-    make_workflow(cfg)(grid, legacy)
+    workflow = make_workflow(cfg, min_release)
+    workflow(grid, legacy)
     if strategy.mean is None:
         return SecureSum(completed=False, sum_vector=None, n_arrived=0, saturated=0,
-                         failures=strategy.failures)
+                         failures=strategy.failures, refused=workflow.refused,
+                         masked_arrivals=workflow.masked_arrivals)
     total, saturated = codec.decode(strategy.mean, len(strategy.arrived))
     return SecureSum(completed=True, sum_vector=total, n_arrived=len(strategy.arrived), saturated=saturated,
-                     arrived=sorted(strategy.arrived), failures=strategy.failures, metrics=strategy.metrics)
+                     arrived=sorted(strategy.arrived), failures=strategy.failures, metrics=strategy.metrics,
+                     masked_arrivals=workflow.masked_arrivals)
 
 
 def fit_parameters(vector: np.ndarray) -> Parameters:

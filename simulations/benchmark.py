@@ -1,7 +1,7 @@
 """Seconds per round and peak memory: in-process Grid vs Flower's Ray engine on the same run.
 
 ``python -m simulations.benchmark --set data-source=... --set num-devices=300 --rounds 2 [--ray]``
-runs the configuration once over :mod:`simulations.grid` (this process; peak RSS from
+runs the configuration once over :mod:`fed_nessa.sim.grid` (this process; peak RSS from
 ``getrusage``) and, with ``--ray``, once more through ``flwr run`` on Flower's simulation
 engine (peak RSS = the largest sum of resident memory over our SuperLink's process tree,
 sampled every 0.5 s). Prints one JSON object; BENCHMARKS.md quotes it with the command.
@@ -39,7 +39,7 @@ def _per_round(summary: dict[str, Any]) -> dict[str, float]:
 
 
 def bench_inprocess(cfg: Any) -> dict[str, Any]:
-    from simulations.run import simulate
+    from fed_nessa.sim.runner import simulate
 
     t0 = time.perf_counter()
     summary = simulate(cfg, quiet=True)
@@ -105,7 +105,7 @@ def bench_ray(cfg: Any, home: Path) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from simulations.run import build_config
+    from fed_nessa.sim.runner import build_config
 
     parser = argparse.ArgumentParser(prog="python -m simulations.benchmark", description=__doc__.split("\n")[0])
     parser.add_argument("--config")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fed_nessa.aggregation import SaturationError, SecAggCodec, check_saturation, make_codec
+from fed_nessa.federated.codec import SaturationError, SecAggCodec, check_saturation, make_codec
 
 
 def quantize_sum(payloads: list[np.ndarray], codec: SecAggCodec, rng: np.random.Generator) -> np.ndarray:
@@ -66,7 +66,7 @@ def test_invalid_inputs_are_refused() -> None:
 def test_device_error_std_bounds_the_rounding_error() -> None:
     import numpy as np
 
-    from fed_nessa.aggregation import make_codec
+    from fed_nessa.federated.codec import make_codec
 
     codec = make_codec(50.0, 8.0, 2**10, 4)  # a coarse grid makes the rounding visible
     rng = np.random.default_rng(0)

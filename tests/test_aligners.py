@@ -8,11 +8,22 @@ import numpy as np
 import pytest
 import torch
 
-from fed_nessa.aligners import (AlignerInfo, NaiveAligner, NessaAligner, NessaConfig, NessaSharedAligner,
-                                ProcrustesAligner, RidgeAligner, RidgeStats, SpeakerLogitAligner, load_aligner,
-                                make_aligner, ridge_from_stats)
-from fed_nessa.aligners.base import l2_normalize
-from fed_nessa.training import TrainConfig
+from fed_nessa.model.aligners import (
+    AlignerInfo,
+    NaiveAligner,
+    NessaAligner,
+    NessaConfig,
+    NessaSharedAligner,
+    ProcrustesAligner,
+    RidgeAligner,
+    RidgeStats,
+    SpeakerLogitAligner,
+    load_aligner,
+    make_aligner,
+    ridge_from_stats,
+)
+from fed_nessa.model.aligners.base import l2_normalize
+from fed_nessa.model.training import TrainConfig
 
 
 def _pairs(n: int = 300, dx: int = 8, dy: int = 6, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

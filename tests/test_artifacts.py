@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fed_nessa.aligners import AlignerInfo, NessaAligner, NessaConfig
-from fed_nessa.aligners.base import l2_normalize
-from fed_nessa.artifacts import ONNX_FILE, check_onnx_matches, export_onnx
 from fed_nessa.cli import main
-from fed_nessa.training import TrainConfig
+from fed_nessa.model.aligners import AlignerInfo, NessaAligner, NessaConfig
+from fed_nessa.model.aligners.base import l2_normalize
+from fed_nessa.model.artifacts import ONNX_FILE, check_onnx_matches, export_onnx
+from fed_nessa.model.training import TrainConfig
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fed_nessa.aligners import NessaConfig, load_aligner
-from fed_nessa.centralised import CentralisedConfig, plan_dp, scenario_report
 from fed_nessa.cli import main
-from fed_nessa.datasets import load_real, split_by_voice
+from fed_nessa.data.datasets import load_real, split_by_voice
+from fed_nessa.data.sources import pooled_shards
+from fed_nessa.evaluation.centralised import CentralisedConfig, plan_dp, scenario_report
+from fed_nessa.model.aligners import NessaConfig, load_aligner
+from fed_nessa.model.training import TrainConfig
 from fed_nessa.privacy.accounting import compute_epsilon
-from fed_nessa.sources import pooled_shards
-from fed_nessa.training import TrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_evaluate_command_tables(tmp_path: Path) -> None:
 
 
 def test_pooled_shards(tmp_path: Path) -> None:
-    from fed_nessa.shards import make_shard, write_shard
+    from fed_nessa.data.shards import make_shard, write_shard
 
     rng = np.random.default_rng(0)
     for i in range(3):

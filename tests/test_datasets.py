@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from fed_nessa import datasets as D
-from fed_nessa.datasets import EmbeddingSet, EmbeddingSetError
-from fed_nessa.shards import load_shard, shard_paths
+from fed_nessa.data import datasets as D
+from fed_nessa.data.datasets import EmbeddingSet, EmbeddingSetError
+from fed_nessa.data.shards import load_shard, shard_paths
 
 torch.set_num_threads(1)
 
@@ -123,8 +123,8 @@ def test_load_missing_and_corrupt_files(tmp_path) -> None:  # noqa: ANN001
 
 
 def _rewrite(path, tensors=None, meta=None):  # noqa: ANN001, ANN202
-    from safetensors.numpy import save
     from safetensors import safe_open
+    from safetensors.numpy import save
 
     with safe_open(str(path), framework="numpy") as fh:
         t = {k: fh.get_tensor(k) for k in fh.keys()}

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key, l
     load_ssh_public_key
 
 from fed_nessa.deployment import LocalDeployment, generate_supernode_keys, generate_tls, node_config_arg
-from fed_nessa.shards import shard_paths
+from fed_nessa.data.shards import shard_paths
 from test_simulation import make_folder
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Tests for fed_nessa.evaluation: the protocol every report relies on.
+"""Tests for fed_nessa.evaluation.protocol: the protocol every report relies on.
 
 Hand-worked examples list the operating points (P_miss, P_fa) for thresholds
 placed between distinct scores, lowest threshold first (accept score > t).
@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from scipy.optimize import brentq
 
-from fed_nessa.evaluation import (
+from fed_nessa.evaluation.protocol import (
     WORSE_THAN_NOT_UPDATING,
     Comparator,
     Metrics,
-    enrollment_split,
     eer,
+    enrollment_split,
     error_rates,
     evaluate_scenario,
     evaluate_trials,

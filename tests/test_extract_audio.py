@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fed_nessa.extract.audio import (
+from fed_nessa.data.extract.audio import (
     MIN_DURATION_S,
     TARGET_SR,
     AudioError,

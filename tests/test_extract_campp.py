@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from fed_nessa.extract.campp import CamPPBackend
+from fed_nessa.data.extract.campp import CamPPBackend
 
 
 @pytest.fixture(scope="module")

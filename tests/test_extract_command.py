@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fed_nessa.cli import main
-from fed_nessa.shards import load_shard
+from fed_nessa.data.shards import load_shard
 
 
 def _require(reason: str | None) -> None:
@@ -20,8 +20,8 @@ def _require(reason: str | None) -> None:
 
 
 def _setup_missing() -> str | None:
-    from fed_nessa.extract import get_backend
-    from fed_nessa.extract.tts import require_engine
+    from fed_nessa.data.extract import get_backend
+    from fed_nessa.data.extract.tts import require_engine
 
     try:
         require_engine("flite")
@@ -32,7 +32,7 @@ def _setup_missing() -> str | None:
 
 def test_extract_command_writes_shard_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _require(_setup_missing())
-    from fed_nessa.extract.tts import Voice, make_speaker_folders
+    from fed_nessa.data.extract.tts import Voice, make_speaker_folders
 
     audio = tmp_path / "audio"
     make_speaker_folders(audio, {"ann": Voice("flite", "slt"), "ben": Voice("flite", "rms")}, 2, seed=5)
@@ -51,7 +51,7 @@ def test_extract_command_writes_shard_and_reports(tmp_path: Path, capsys: pytest
     assert main([*argv, "--eval-set", str(tmp_path / "eval.npz")]) == 0  # resumed: everything from the cache
     out = capsys.readouterr().out
     assert "0 embedded now, 4 from cache" in out and "wrote evaluation set" in out
-    from server.data import load_eval_file
+    from fed_nessa.data.population import load_eval_file
 
     ev = load_eval_file(tmp_path / "eval.npz")
     assert ev.old_model == shard.enroll_model and ev.speaker.tolist() == shard.speaker.tolist()
@@ -84,7 +84,7 @@ def test_missing_audio_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 def test_missing_extra_is_a_clear_cli_error(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    from fed_nessa.extract.backend import Backend
+    from fed_nessa.data.extract.backend import Backend
 
     (tmp_path / "a" / "s").mkdir(parents=True)
     (tmp_path / "a" / "s" / "u.wav").write_bytes(b"")

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fed_nessa.extract.evalset import eval_arrays, write_eval_set
-from fed_nessa.shards import make_shard
+from fed_nessa.data.extract.evalset import eval_arrays, write_eval_set
+from fed_nessa.data.shards import make_shard
 
 
 def _shard(enroll_model: str = "campp:aaaaaaaaaaaa", runtime_model: str = "vfl_dvec:bbbbbbbbbbbb"):
@@ -29,7 +29,7 @@ def test_utterance_index_restarts_per_speaker_and_models_are_named() -> None:
 
 
 def test_the_server_reads_it(tmp_path: Path) -> None:
-    from server.data import load_eval_file
+    from fed_nessa.data.population import load_eval_file
 
     shard = _shard()
     ev = load_eval_file(write_eval_set(shard, tmp_path / "eval.npz"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fed_nessa.extract.fbank import kaldi_fbank, mean_normalise, mel_banks, povey_window
+from fed_nessa.data.extract.fbank import kaldi_fbank, mean_normalise, mel_banks, povey_window
 
 
 def _signal() -> np.ndarray:

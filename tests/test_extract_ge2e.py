@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fed_nessa.extract.audio import AudioError
-from fed_nessa.extract.ge2e import GE2EBackend
+from fed_nessa.data.extract.audio import AudioError
+from fed_nessa.data.extract.ge2e import GE2EBackend
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +28,8 @@ def ge2e() -> GE2EBackend:
 
 @pytest.fixture(scope="module")
 def speech(tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
-    from fed_nessa.extract.audio import load_audio
-    from fed_nessa.extract.tts import Voice, require_engine, synthesise
+    from fed_nessa.data.extract.audio import load_audio
+    from fed_nessa.data.extract.tts import Voice, require_engine, synthesise
 
     try:
         require_engine("espeak-ng")

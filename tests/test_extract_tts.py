@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fed_nessa.extract.tts import (
+from fed_nessa.data.extract.tts import (
     FLITE_VOICES,
     Voice,
     make_demo_fleet,
@@ -67,7 +67,7 @@ def test_demo_fleet_is_reproducible_and_keeps_heldout_talkers_off_devices(tmp_pa
 def test_unknown_engine_and_missing_binary(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="unknown speech engine 'say'"):
         require_engine("say")
-    monkeypatch.setattr("fed_nessa.extract.tts.shutil.which", lambda name: None)
+    monkeypatch.setattr("fed_nessa.data.extract.tts.shutil.which", lambda name: None)
     with pytest.raises(FileNotFoundError, match=r"'flite' is not installed \(Debian: apt-get install flite\)"):
         require_engine("flite")
 

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from fed_nessa.extract.vfl_dvec import VflDvecBackend
+from fed_nessa.data.extract.vfl_dvec import VflDvecBackend
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +22,8 @@ def vfl() -> VflDvecBackend:
 
 @pytest.fixture(scope="module")
 def speech(tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
-    from fed_nessa.extract.audio import load_audio
-    from fed_nessa.extract.tts import Voice, require_engine, synthesise
+    from fed_nessa.data.extract.audio import load_audio
+    from fed_nessa.data.extract.tts import Voice, require_engine, synthesise
 
     try:
         require_engine("flite")

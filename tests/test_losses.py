@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fed_nessa.losses import LOSSES, cosine_loss, get_loss, mse_loss
+from fed_nessa.model.losses import LOSSES, cosine_loss, get_loss, mse_loss
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))

@@ -8,9 +8,16 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fed_nessa.privacy.canary_stats import (clopper_pearson_lower, epsilon_lower_bound_cp,
-                                            epsilon_lower_bound_one_run, guesses, one_run_audit,
-                                            p_value_one_run, roc_auc, tpr_at_fpr)
+from fed_nessa.privacy.canary.stats import (
+    clopper_pearson_lower,
+    epsilon_lower_bound_cp,
+    epsilon_lower_bound_one_run,
+    guesses,
+    one_run_audit,
+    p_value_one_run,
+    roc_auc,
+    tpr_at_fpr,
+)
 
 
 def test_all_guesses_correct_has_a_closed_form() -> None:

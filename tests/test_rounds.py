@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fed_nessa.aligners import AlignerInfo, RidgeAligner
-from fed_nessa.aligners.base import l2_normalize
+from fed_nessa.model.aligners import AlignerInfo, RidgeAligner
+from fed_nessa.model.aligners.base import l2_normalize
 from fed_nessa.config import FederationConfig
 from fed_nessa.privacy.ledger import DeviceLedger
-from fed_nessa.rounds import (DPSGD, SUFFSTATS, SUFFSTATS_SENSITIVITY, ServerModel, client_round, plan_round,
+from fed_nessa.federated.rounds import (DPSGD, SUFFSTATS, SUFFSTATS_SENSITIVITY, ServerModel, client_round, plan_round,
                               planned_event, suffstats_vector)
-from fed_nessa.shards import Shard, make_shard
+from fed_nessa.data.shards import Shard, make_shard
 
 
 # The real, validated config, with small test-sized defaults (min-arrival-fraction only matters
@@ -147,7 +147,7 @@ def test_suffstats_over_several_rounds_accumulate(tmp_path: Path) -> None:
 
 
 def test_noise_floor_regularises_noisy_statistics() -> None:
-    from fed_nessa.aligners.linear import RidgeStats, ridge_from_stats
+    from fed_nessa.model.aligners.linear import RidgeStats, ridge_from_stats
 
     rng = np.random.default_rng(0)
     d, n = 48, 4000  # unit rows: covariance eigenvalues ~1/d, like real embeddings
@@ -167,12 +167,12 @@ def test_noise_floor_regularises_noisy_statistics() -> None:
 
 
 def test_noise_share_is_calibrated_to_the_rounds_guaranteed_arrivals(tmp_path: Path) -> None:
-    from fed_nessa.rounds import guaranteed_arrivals
+    from fed_nessa.federated.rounds import guaranteed_arrivals
 
     cfg = Cfg(min_arrival_fraction=0.5, linear_start="none", noise_multiplier=2.0, clip_norm=0.5)
     assert guaranteed_arrivals(cfg, None) == 4 and guaranteed_arrivals(cfg, 40) == 20
     assert guaranteed_arrivals(cfg, 5) == 4  # never below min-arrivals
-    from fed_nessa.rounds import _client_distributed_grad, build_net
+    from fed_nessa.federated.rounds import _client_distributed_grad, build_net
 
     s = _shards(1)[0]
     quiet = replace(cfg, noise_multiplier=1e-9)

@@ -21,11 +21,11 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from client.app import build_client_app
 from client.device import DeviceRuntime, device_id_of
-from fed_nessa.aggregation import make_codec
+from fed_nessa.federated.codec import make_codec
 from fed_nessa.config import from_run_config
-from fed_nessa.shards import make_shard, shard_paths, write_shard
+from fed_nessa.data.shards import make_shard, shard_paths, write_shard
 from server.secagg_round import secure_sum
-from simulations.grid import InProcessGrid
+from fed_nessa.sim.grid import InProcessGrid
 
 torch.set_num_threads(1)
 DIM = 40

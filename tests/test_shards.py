@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fed_nessa.shards import SHARD_SUFFIX, Shard, ShardError, load_shard, make_shard, shard_paths, write_shard
+from fed_nessa.data.shards import SHARD_SUFFIX, Shard, ShardError, load_shard, make_shard, shard_paths, write_shard
 
 
 def _shard(n: int = 6, dx: int = 4, dy: int = 3, seed: int = 0) -> Shard:

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from fed_nessa.aggregation import SaturationError
+from fed_nessa.federated.codec import SaturationError
 from fed_nessa.config import ConfigError
-from fed_nessa.shards import make_shard, write_shard
-from simulations.run import build_config, main, simulate
+from fed_nessa.data.shards import make_shard, write_shard
+from fed_nessa.sim.runner import build_config, main, simulate
 
 torch.set_num_threads(1)
 ROUND_KEYS = {"round", "eer", "min_dcf", "sid_top1", "participants", "declined", "failed", "seconds"}
@@ -116,7 +116,7 @@ def test_devices_decline_when_the_budget_is_spent(tmp_path: Path, data: Path) ->
 
 
 def test_saturation_fails_loudly(tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from fed_nessa import rounds
+    from fed_nessa.federated import rounds
 
     # A payload bound far below what devices send: their vectors saturate SecAgg+'s range.
     monkeypatch.setattr(rounds.ServerModel, "payload_bound", lambda self, phase: 1e-3)

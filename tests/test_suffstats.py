@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from fed_nessa import suffstats
-from fed_nessa.aligners.base import l2_normalize
-from fed_nessa.aligners.linear import RidgeStats, ridge_from_stats
+from fed_nessa.federated import suffstats
+from fed_nessa.model.aligners.base import l2_normalize
+from fed_nessa.model.aligners.linear import RidgeStats, ridge_from_stats
 
 
 def _pairs(n: int, dx: int = 6, dy: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

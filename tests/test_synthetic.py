@@ -10,12 +10,18 @@ import pytest
 import torch
 
 from fed_nessa.cli import main
-from fed_nessa.datasets import EmbeddingSet
-from fed_nessa.evaluation import evaluate_trials, gap_closure
-from fed_nessa.shards import load_shard, shard_paths
-from fed_nessa.synthetic import (
-    EVAL_SPEAKER_OFFSET, NEW, OLD, SyntheticWorld, WorldConfig, generate_population, with_world,
+from fed_nessa.data.datasets import EmbeddingSet
+from fed_nessa.data.shards import load_shard, shard_paths
+from fed_nessa.data.synthetic import (
+    EVAL_SPEAKER_OFFSET,
+    NEW,
+    OLD,
+    SyntheticWorld,
+    WorldConfig,
+    generate_population,
+    with_world,
 )
+from fed_nessa.evaluation.protocol import evaluate_trials, gap_closure
 
 torch.set_num_threads(1)
 

@@ -6,11 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from fed_nessa.aligners.base import l2_normalize
-from fed_nessa.aligners.nessa import NessaConfig, NessaNet
-from fed_nessa.losses import cosine_loss
-from fed_nessa.training import (DPConfig, TrainConfig, dp_sample_rate, dp_steps, evaluate_loss,
-                                noisy_gradient_sum, train_local)
+from fed_nessa.model.aligners.base import l2_normalize
+from fed_nessa.model.aligners.nessa import NessaConfig, NessaNet
+from fed_nessa.model.losses import cosine_loss
+from fed_nessa.model.training import (
+    DPConfig,
+    TrainConfig,
+    dp_sample_rate,
+    dp_steps,
+    evaluate_loss,
+    noisy_gradient_sum,
+    train_local,
+)
 
 
 def _data(n: int = 40, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fed_nessa.aligners import load_aligner
+from fed_nessa.model.aligners import load_aligner
 
 
 def register(sub: argparse._SubParsersAction) -> None:

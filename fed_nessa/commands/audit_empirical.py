@@ -13,7 +13,7 @@ _DEFAULT_DATA = Path(__file__).resolve().parents[2] / "data" / "real-voices-dev"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from fed_nessa.privacy.empirical import EmpiricalConfig
+    from fed_nessa.privacy.canary.empirical import EmpiricalConfig
 
     d = EmpiricalConfig()
     p = subparsers.add_parser(
@@ -41,7 +41,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fed_nessa.privacy.empirical import EmpiricalConfig, empirical_audit, load_base_pairs, write_empirical_report
+    from fed_nessa.privacy.canary.empirical import (
+        EmpiricalConfig,
+        empirical_audit,
+        load_base_pairs,
+        write_empirical_report,
+    )
 
     cfg = EmpiricalConfig(canaries=args.canaries, seed=args.seed, noise_multiplier=args.noise_multiplier,
                           control_noise_multiplier=args.control_noise_multiplier, clip_norm=args.clip_norm,

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from fed_nessa.centralised import METHODS, SCENARIOS, CentralisedConfig
+from fed_nessa.evaluation.centralised import METHODS, SCENARIOS, CentralisedConfig
 
 
 def _floats(text: str) -> list[float]:
@@ -47,8 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _splits(args: argparse.Namespace) -> tuple[str, list[Any]]:
-    from fed_nessa.reference_tables import Split, voice_folds
-    from fed_nessa.sources import resolve
+    from fed_nessa.data.sources import resolve
+    from fed_nessa.evaluation.reference_tables import Split, voice_folds
 
     source = resolve(args.data, num_devices=args.devices, seed=args.seed)
     if source.held_out is not None:
@@ -60,16 +60,23 @@ def _splits(args: argparse.Namespace) -> tuple[str, list[Any]]:
 def _pseudo(args: argparse.Namespace) -> Any:
     if not args.pseudo:
         return None
-    from fed_nessa.datasets import load_real
+    from fed_nessa.data.datasets import load_real
 
     extra = load_real(args.pseudo)
     return lambda base: base.concat(extra.subset(np.isin(extra.voice, np.unique(base.voice))))
 
 
 def run(args: argparse.Namespace) -> int:
-    from fed_nessa.reference_tables import (data_hunger, hunger_markdown, hunger_plot, hunger_summary,
-                                            mean_table_markdown, scenario_tables, split_markdown)
-    from fed_nessa.training import TrainConfig
+    from fed_nessa.evaluation.reference_tables import (
+        data_hunger,
+        hunger_markdown,
+        hunger_plot,
+        hunger_summary,
+        mean_table_markdown,
+        scenario_tables,
+        split_markdown,
+    )
+    from fed_nessa.model.training import TrainConfig
 
     methods = tuple(m for m in args.methods.split(",") if m)
     unknown = sorted(set(methods) - set(METHODS))

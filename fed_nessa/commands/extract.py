@@ -42,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fed_nessa.cli import CliError
-    from fed_nessa.extract import MODEL_NAMES, MissingExtraError
+    from fed_nessa.data.extract import MODEL_NAMES, MissingExtraError
 
     assert set(MODEL_CHOICES) == set(MODEL_NAMES)
     if args.workers is not None and args.workers < 1:
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         if args.enroll_model == args.runtime_model:
             raise ValueError("--eval-set needs two different models (nothing to align otherwise)")
     try:
-        from fed_nessa.extract.builder import build_shard
+        from fed_nessa.data.extract.builder import build_shard
 
         result = build_shard(args.audio_dir, args.enroll_model, args.runtime_model, args.out,
                              workers=args.workers, progress=not args.no_progress)
@@ -65,12 +65,12 @@ def run(args: argparse.Namespace) -> int:
         f"{result.from_cache} from cache, {len(result.skipped)} skipped, {result.seconds:.1f} s"
     )
     if result.skipped:
-        from fed_nessa.extract.builder import SidePaths
+        from fed_nessa.data.extract.builder import SidePaths
 
         print(f"skipped files are listed in {SidePaths.for_shard(args.out).report}")
     if args.eval_set is not None:
-        from fed_nessa.extract.evalset import write_eval_set
-        from fed_nessa.shards import load_shard
+        from fed_nessa.data.extract.evalset import write_eval_set
+        from fed_nessa.data.shards import load_shard
 
         print(f"wrote evaluation set {write_eval_set(load_shard(args.out), args.eval_set)}")
     return 0

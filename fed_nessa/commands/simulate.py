@@ -6,7 +6,7 @@ import argparse
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from simulations.run import add_arguments
+    from fed_nessa.sim.runner import add_arguments
 
     parser = subparsers.add_parser(
         "simulate", help="simulate a federation of virtual devices and write a run folder",
@@ -17,6 +17,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from simulations.run import run_from_args
+    from fed_nessa.sim.runner import run_from_args
 
     return run_from_args(args)

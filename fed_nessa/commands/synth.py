@@ -2,8 +2,8 @@
 
 The folder it writes is a complete ``data-source`` for a federated run:
 ``device-NNNNN.shard.safetensors`` (one per device), ``eval.safetensors`` (the evaluation
-speakers as an :class:`~fed_nessa.datasets.EmbeddingSet`, both models), ``eval.npz`` (the same
-speakers in the server's evaluation-file layout, see ``server/data.py``) and ``manifest.json``
+speakers as an :class:`~fed_nessa.data.datasets.EmbeddingSet`, both models), ``eval.npz`` (the same
+speakers in the server's evaluation-file layout, see ``fed_nessa/data/population.py``) and ``manifest.json``
 (counts, dims, model ids and the generator config; no embeddings).
 """
 
@@ -13,9 +13,9 @@ import argparse
 import time
 from pathlib import Path
 
-from fed_nessa.datasets import write_devices
-from fed_nessa.shards import SHARD_SUFFIX, make_shard
-from fed_nessa.synthetic import SCENARIOS, generate_population
+from fed_nessa.data.datasets import write_devices
+from fed_nessa.data.shards import SHARD_SUFFIX, make_shard
+from fed_nessa.data.synthetic import SCENARIOS, generate_population
 
 EVAL_SET_FILE = "eval.safetensors"
 SERVER_EVAL_FILE = "eval.npz"
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     pop = generate_population(args.devices, args.seed, args.scenario, eval_speakers=args.eval_speakers,
                               eval_utterances=args.eval_utterances, progress=True)
     t_gen = time.perf_counter() - t0
-    extra = {"generator": "fed_nessa.synthetic", "scenario": args.scenario,
+    extra = {"generator": "fed_nessa.data.synthetic", "scenario": args.scenario,
              "enroll_model_name": pop.enroll_model, "runtime_model_name": pop.runtime_model,
              "eval_set": EVAL_SET_FILE, "eval_speakers": pop.eval.num_speakers, "eval_pairs": pop.eval.n,
              "config": pop.config.to_dict()}
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _write_server_eval(pop, path: Path) -> Path:  # noqa: ANN001 - SyntheticPopulation
     """The evaluation speakers in the server's ``eval.npz`` layout (enrollment side = profiles)."""
-    from fed_nessa.extract.evalset import write_eval_set
+    from fed_nessa.data.extract.evalset import write_eval_set
 
     ev = pop.eval
     shard = make_shard(ev.emb(pop.enroll_model), ev.emb(pop.runtime_model), ev.speaker,

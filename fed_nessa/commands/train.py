@@ -8,9 +8,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fed_nessa.aligners import Aligner, NessaAligner, NessaConfig
-from fed_nessa.centralised import CentralisedConfig, fit_dp_nessa, fit_method, fit_nessa, plan_dp
-from fed_nessa.training import TrainConfig
+from fed_nessa.evaluation.centralised import CentralisedConfig, fit_dp_nessa, fit_method, fit_nessa, plan_dp
+from fed_nessa.model.aligners import Aligner, NessaAligner, NessaConfig
+from fed_nessa.model.training import TrainConfig
 
 METHODS = ("nessa", "nessa-shared", "ridge", "procrustes", "speaker-logit")
 
@@ -67,7 +67,7 @@ def _progress(record: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fed_nessa.sources import resolve
+    from fed_nessa.data.sources import resolve
 
     _check(args)
     source = resolve(args.data, num_devices=args.devices, seed=args.seed)
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     aligner.info.training.setdefault("data", source.name)
     out = aligner.save(args.out)
     if isinstance(aligner, NessaAligner) and type(aligner) is NessaAligner:
-        from fed_nessa.artifacts import ONNX_FILE, check_onnx_matches, export_onnx
+        from fed_nessa.model.artifacts import ONNX_FILE, check_onnx_matches, export_onnx
 
         export_onnx(aligner.head(), aligner.info.d_y, out / ONNX_FILE)
         err = check_onnx_matches(aligner.head(), out / ONNX_FILE, aligner.info.d_y)
@@ -111,7 +111,7 @@ def _fit(args: argparse.Namespace, cfg: CentralisedConfig, train: Any) -> Aligne
 
 
 def _info(train: Any, args: argparse.Namespace) -> Any:
-    from fed_nessa.aligners import AlignerInfo
+    from fed_nessa.model.aligners import AlignerInfo
 
     x, y = train.embeddings[args.enroll_model], train.embeddings[args.runtime_model]
     info = AlignerInfo(d_x=x.shape[1], d_y=y.shape[1],

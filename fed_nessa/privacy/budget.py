@@ -12,11 +12,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from fed_nessa.errors import FedNessaError
 from fed_nessa.privacy.accounting import RDP, compute_epsilon
 from fed_nessa.privacy.events import DPEvent
 
 
-class BudgetExceededError(ValueError):
+class BudgetExceededError(FedNessaError, ValueError):
     """An event was about to be reserved although it would cross the device's budget."""
 
 

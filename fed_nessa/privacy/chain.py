@@ -26,6 +26,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from fed_nessa.errors import FedNessaError
 from fed_nessa.privacy import signing
 
 SCHEMA_VERSION = 1
@@ -34,7 +35,7 @@ HEADER = "header"
 _ENTRY_FIELDS = ("schema_version", "seq", "kind", "time", "prev_hash", "payload", "signature")
 
 
-class LedgerError(ValueError):
+class LedgerError(FedNessaError, ValueError):
     """A ledger that cannot be trusted or extended; the message names file, entry and fault."""
 
 

@@ -14,6 +14,8 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from fed_nessa.errors import FedNessaError
+
 #: Poisson-subsampled Gaussian mechanism repeated ``steps`` times (DP-SGD).
 DP_SGD = "dp-sgd"
 #: One Gaussian mechanism on a sum (e.g. sufficient statistics): q=1, steps=1.
@@ -27,7 +29,7 @@ DISTRIBUTED = "distributed"
 MODES: tuple[str, ...] = (LOCAL, DISTRIBUTED)
 
 
-class EventError(ValueError):
+class EventError(FedNessaError, ValueError):
     """A DP event with a missing, mistyped or out-of-range field."""
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fed_nessa import __version__
+from fed_nessa.config import DevicePolicy
 from fed_nessa.privacy import signing
 from fed_nessa.privacy.accounting import ACCOUNTANTS, RDP, compute_epsilon
 from fed_nessa.privacy.budget import BudgetDecision, BudgetExceededError, check_budget, validate_budget
@@ -68,31 +69,45 @@ class DeviceLedger:
         self.device_id = device_id
         self._chain = chain
         self._budget = Budget.from_dict(chain.header.get("budget"))
+        policy = chain.header.get("policy")
+        self._policy = DevicePolicy.from_dict(policy) if policy else None
 
     @classmethod
-    def open(cls, folder: Path, device_id: str, *, epsilon_budget: float | None = None,
-             delta: float | None = None, budget_accountant: str = RDP) -> DeviceLedger:
+    def open(cls, folder: Path, device_id: str, *, policy: DevicePolicy | None = None,
+             epsilon_budget: float | None = None, delta: float | None = None,
+             budget_accountant: str = RDP) -> DeviceLedger:
         """Open (verify and continue) or create ``folder/privacy-ledger.jsonl``.
 
-        ``epsilon_budget``/``delta``, when given, are written into the header of a
-        new ledger (the auditor checks against them) and must match an existing one.
+        ``policy`` (the device's own, from its node config) is written into the header of
+        a new ledger; on every reopen the header's policy is restored and wins over the
+        one passed in, so a raised budget in a later node config or run-config changes
+        nothing. ``epsilon_budget``/``delta`` (no full policy: unit tests, tools) are
+        written into a new header and must match an existing one.
         """
         if not isinstance(device_id, str) or not device_id.strip():
             raise ValueError(f"device_id must be a non-empty string, got {device_id!r}")
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        if policy is not None:
+            epsilon_budget, delta = policy.epsilon_budget, policy.delta
         budget = _budget_arg(epsilon_budget, delta, budget_accountant)
         path = folder / DEVICE_LEDGER_NAME
         new = not path.exists() or path.stat().st_size == 0
         key = signing.load_or_create_private_key(folder / DEVICE_KEY_NAME, folder / DEVICE_PUB_NAME,
                                                  create=new)
         header = {"role": "device", "device_id": device_id, "software": f"fed-nessa {__version__}",
-                  "budget": budget.to_dict() if budget else None}
+                  "budget": budget.to_dict() if budget else None,
+                  "policy": policy.to_dict() if policy is not None else None}
         chain = SignedChain.open(path, key, header)
         found = chain.header.get("device_id")
         if found != device_id:
             raise LedgerError(f"{path}: belongs to device {found!r}, not {device_id!r}")
         ledger = cls(folder, device_id, chain)
+        if policy is not None:
+            if ledger._policy is None:
+                raise LedgerError(f"{path}: the ledger's header holds no device policy (made without one); "
+                                  "a device with a policy needs a ledger that recorded it at first open")
+            return ledger  # the header's policy wins: restored, never replaced
         if budget and ledger._budget and budget != ledger._budget:
             raise ValueError(f"{path}: the ledger's budget is {ledger._budget.to_dict()}, asked "
                              f"{budget.to_dict()}: a device's budget is fixed for its ledger's life")
@@ -110,6 +125,15 @@ class DeviceLedger:
     @property
     def budget(self) -> Budget | None:
         return self._budget
+
+    @property
+    def policy(self) -> DevicePolicy | None:
+        """The device policy recorded in the header at first open (None for policy-less ledgers)."""
+        return self._policy
+
+    def participations(self) -> int:
+        """Rounds this device has reserved a spend in (each counts, whatever its status)."""
+        return len(self.rounds())
 
     def reserve(self, event: DPEvent) -> int:
         """Durably record ``event`` before it runs; returns its seq for :meth:`complete`.
@@ -177,16 +201,23 @@ class DeviceLedger:
                      accountant: str = RDP) -> BudgetDecision:
         """Would ``planned`` keep this device within ``epsilon_budget`` at ``delta``?
 
-        The budget is remembered (and must match one fixed in the header), so the
-        following :meth:`reserve` records the budget it was admitted under.
+        With a budget in the header, ``epsilon_budget``/``delta`` are a *request* that can only
+        tighten it: a request for a larger budget or a larger delta is declined with the reason,
+        and the header's budget is never changed. A ledger without one fixes it now (in memory:
+        policy-less ledgers are for tools and tests).
         """
-        budget = _budget_arg(epsilon_budget, delta, accountant)
-        assert budget is not None
-        if self._budget is not None and budget != self._budget:
-            raise ValueError(f"{self.path}: budget {budget.to_dict()} differs from the ledger's "
-                             f"{self._budget.to_dict()}")
-        self._budget = budget
-        return check_budget(self.events(), planned, budget.epsilon, budget.delta, budget.accountant)
+        asked = _budget_arg(epsilon_budget, delta, accountant)
+        assert asked is not None
+        own = self._budget
+        if own is None:
+            self._budget = own = asked
+        eps_now = compute_epsilon(self.events(), own.delta, own.accountant)
+        if asked.epsilon > own.epsilon + 1e-12 or asked.delta > own.delta:
+            return BudgetDecision(False, eps_now, eps_now,
+                                  f"declined: the run asks for epsilon budget {asked.epsilon:g} at delta "
+                                  f"{asked.delta:g}, beyond this device's policy (epsilon {own.epsilon:g}, delta "
+                                  f"{own.delta:g}) fixed in its ledger header")
+        return check_budget(self.events(), planned, min(asked.epsilon, own.epsilon), own.delta, own.accountant)
 
 
 class FederationLedger:

@@ -1,0 +1,141 @@
+"""A federation's population: the devices' shards (simulation) and the server's held-out evaluation set.
+
+The server never holds device data in deployment. In simulation the devices are
+*created* here (the synthetic population or households built from the real-dev
+train voices) and written, by the one shard writer
+(:func:`fed_nessa.data.datasets.write_devices`), into the run's shard folder for the
+ClientApps to load by partition id; the server keeps only the held-out evaluation
+set (speakers no device has) plus, for the final comparison rows, the pooled
+training pairs to fit the centralised non-DP NESSA and ridge baselines.
+
+``data-source`` may also be a folder of shards prepared elsewhere; the
+evaluation set then comes from ``<folder>/eval.npz`` (arrays ``speaker``,
+``utterance``, ``old_model``/``new_model`` names and one ``emb:<model>``
+array per model id), see docs/federation.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fed_nessa.config import DataSourceName, FederationConfig
+from fed_nessa.data.datasets import write_devices
+from fed_nessa.data.shards import Shard, ShardError, load_shard, shard_paths
+
+EVAL_FILE = "eval.npz"
+SCENARIO = "runtime-upgrade"
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """Held-out speakers embedded by both models (the design.md protocol's input)."""
+
+    embeddings: dict[str, np.ndarray]
+    speaker: np.ndarray
+    utterance: np.ndarray
+    old_model: str  # the enrollment-side model of the asymmetric system
+    new_model: str  # the runtime-side model
+
+
+@dataclass(frozen=True)
+class FederationData:
+    d_x: int
+    d_y: int
+    enroll_model: str
+    runtime_model: str
+    eval: EvalSet
+    shards: list[Path]  # the simulation's devices (empty when the server has none)
+
+    def pooled(self) -> tuple[np.ndarray, np.ndarray]:
+        """All devices' pairs (simulation only; for the centralised comparison rows)."""
+        if not self.shards:
+            raise ValueError("no device shards on the server: centralised baselines need a simulation")
+        loaded = []
+        for p in self.shards:
+            try:
+                loaded.append(load_shard(p))
+            except ShardError:
+                continue  # the device failed its rounds too; the comparison uses the same healthy devices
+        if not loaded:
+            raise ValueError("no readable device shard: centralised baselines cannot be fitted")
+        return np.concatenate([s.enroll for s in loaded]), np.concatenate([s.runtime for s in loaded])
+
+
+def _write_devices(devices: list[Shard], folder: Path) -> list[Path]:
+    """Write the simulation's shards once (a resumed run reuses them: same devices, same ledgers)."""
+    existing = shard_paths(folder) if folder.is_dir() else []
+    if len(existing) == len(devices):
+        return existing
+    return write_devices(devices, folder, overwrite=True)
+
+
+def _eval_from_embedding_set(es, enroll_model: str, runtime_model: str) -> EvalSet:  # noqa: ANN001
+    """The evaluation set for the asymmetric system (enroll_model profiles, runtime_model tests)."""
+    embeddings = {m: np.asarray(es.emb(m), np.float32) for m in (enroll_model, runtime_model)}
+    return EvalSet(embeddings, np.asarray(es.speaker), np.asarray(es.utterance), enroll_model, runtime_model)
+
+
+def _synthetic(cfg: FederationConfig, folder: Path) -> FederationData:
+    from fed_nessa.data.synthetic import generate_population
+
+    pop = generate_population(cfg.num_devices, cfg.seed, eval_speakers=cfg.eval_speakers)
+    first = pop.devices[0]
+    paths = _write_devices(pop.devices, folder)
+    ev = _eval_from_embedding_set(pop.eval, pop.enroll_model, pop.runtime_model)
+    return FederationData(first.d_x, first.d_y, first.enroll_model, first.runtime_model, ev, paths)
+
+
+def _real_dev(cfg: FederationConfig, folder: Path) -> FederationData:
+    from fed_nessa.data import datasets
+
+    real = datasets.load_real("real-dev")
+    train, held_out = datasets.split_by_voice(real, seed=cfg.seed)
+    devices = datasets.make_households(train, cfg.enroll_model, cfg.runtime_model, seed=cfg.seed)
+    paths = _write_devices(devices, folder)
+    emb = {m: np.asarray(held_out.embeddings[m], np.float32) for m in (cfg.enroll_model, cfg.runtime_model)}
+    ev = EvalSet(emb, np.asarray(held_out.speaker), np.asarray(held_out.utterance), cfg.enroll_model,
+                 cfg.runtime_model)
+    first = devices[0]
+    return FederationData(first.d_x, first.d_y, first.enroll_model, first.runtime_model, ev, paths)
+
+
+def load_eval_file(path: Path) -> EvalSet:
+    """Read ``eval.npz`` (see module doc); every fault names the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: evaluation set not found (a shard folder data source needs {EVAL_FILE})")
+    with np.load(path, allow_pickle=False) as z:
+        keys = set(z.files)
+        missing = {"speaker", "utterance", "old_model", "new_model"} - keys
+        if missing:
+            raise ValueError(f"{path}: missing array(s) {', '.join(sorted(missing))}")
+        old, new = str(z["old_model"]), str(z["new_model"])
+        emb = {k.split(":", 1)[1]: z[k].astype(np.float32) for k in keys if k.startswith("emb:")}
+        for m in (old, new):
+            if m not in emb:
+                raise ValueError(f"{path}: no 'emb:{m}' array for model {m!r}")
+        return EvalSet(emb, z["speaker"], z["utterance"], old, new)
+
+
+def _folder(folder: Path) -> FederationData:
+    paths = shard_paths(folder)
+    if not paths:
+        raise ValueError(f"{folder}: no *.shard.safetensors files")
+    first = load_shard(paths[0])
+    ev = load_eval_file(folder / EVAL_FILE)
+    return FederationData(first.d_x, first.d_y, first.enroll_model, first.runtime_model, ev, paths)
+
+
+def load_federation_data(cfg: FederationConfig, shard_folder: Path) -> FederationData:
+    """Build (simulation) or locate the devices and the server's evaluation set for ``cfg``.
+
+    ``shard_folder`` is the wire contract's rule (:func:`fed_nessa.federated.protocol.shard_folder`),
+    passed in so that data never depends on the federated layer.
+    """
+    if cfg.data_source == DataSourceName.SYNTHETIC:
+        return _synthetic(cfg, shard_folder)
+    if cfg.data_source == DataSourceName.REAL_DEV:
+        return _real_dev(cfg, shard_folder)
+    return _folder(shard_folder)

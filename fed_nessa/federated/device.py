@@ -1,0 +1,198 @@
+"""The device side of a round: THE privacy boundary.
+
+This is the only code that reads a shard's pairs into a mechanism or spends epsilon.
+It answers two questions per round, both from the device's own shard, ledger and policy:
+
+* **plan** (:func:`plan_round`, no training): would this round stay within the device's
+  policy and budget? A request beyond the policy (a larger budget or delta, less noise,
+  fewer promised arrivals than the policy's ``g``, a non-DP round, too many participations,
+  more pairs than a payload may hold) is declined with the reason.
+* **compute** (:func:`client_round`): reserve the DP event in the ledger (fsynced before
+  the mechanism runs), compute the vector with noise from the OS CSPRNG, complete the
+  event. Phases:
+
+``suffstats`` (the private linear start, one round)
+    the device's sufficient statistics of L2-normalised pairs
+    (:mod:`fed_nessa.federated.suffstats`, L2 sensitivity 1) plus Gaussian noise.
+``dpsgd``
+    ``local``: Opacus DP-SGD with the full noise on every step, the weight delta sent;
+    ``distributed``: ONE sum of per-example clipped gradients of a secret Poisson sample
+    plus a noise share of std ``sigma * C / sqrt(g)``, ``g`` the device's own policy's.
+
+Noise shares are sized from the device's policy, never from a number the server sends:
+the server's promise of ``g`` arrivals can only make a device decline, never shrink its
+noise. Nothing derived from the data leaves except the vector and the reply metrics of
+:data:`fed_nessa.federated.protocol.REPLY_METRIC_KEYS`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fed_nessa.config import DevicePolicy, DPMode, FederationConfig, LinearStart, Phase, ReplyStatus
+from fed_nessa.data.shards import Shard
+from fed_nessa.federated import suffstats
+from fed_nessa.federated.layout import build_net, flat, load_flat, trainable
+from fed_nessa.model.training import DPConfig, TrainConfig, dp_sample_rate, dp_steps, noisy_gradient_sum, train_local
+from fed_nessa.privacy.events import DISTRIBUTED, DP_SGD, GAUSSIAN_SUM, LOCAL, DPEvent
+from fed_nessa.privacy.ledger import DeviceLedger
+from fed_nessa.privacy.noise import REPRODUCIBLE_WARNING, NoiseSource, noise_source
+
+#: L2 sensitivity of the sufficient-statistics vector to one pair.
+SUFFSTATS_SENSITIVITY = suffstats.SENSITIVITY
+
+
+@dataclass(frozen=True)
+class RoundRequest:
+    """What the server asks of a device this round (from the plan or the fit config)."""
+
+    phase: Phase
+    round: int
+    promised_arrivals: int
+
+
+@dataclass(frozen=True)
+class ClientOutcome:
+    """A device's reply: its contribution to the secure sum, or a decline with its reason."""
+
+    status: ReplyStatus
+    vector: np.ndarray | None
+    metrics: dict[str, float | int | str] = field(default_factory=dict)
+
+
+def _sigma(phase: Phase, cfg: FederationConfig) -> float:
+    return cfg.suffstats_noise_multiplier if phase == Phase.SUFFSTATS else cfg.noise_multiplier
+
+
+def noise_std(cfg: FederationConfig, policy: DevicePolicy, sigma: float, sensitivity: float) -> float:
+    """This device's noise std: all of it locally, a 1/sqrt(g) share (its policy's g) distributed."""
+    if cfg.dp_mode == DPMode.DISTRIBUTED:
+        return sigma * sensitivity / math.sqrt(policy.guaranteed_arrivals)
+    return sigma * sensitivity
+
+
+def planned_event(phase: Phase, n: int, cfg: FederationConfig, round_num: int,
+                  policy: DevicePolicy) -> DPEvent | None:
+    """The DP event a device with ``n`` pairs would spend in this round (None without DP)."""
+    if cfg.dp_mode == DPMode.NONE:
+        return None
+    distributed = cfg.dp_mode == DPMode.DISTRIBUTED
+    mode = DISTRIBUTED if distributed else LOCAL
+    source = REPRODUCIBLE_WARNING if cfg.reproducible_noise else "noise from the OS CSPRNG"
+    share = f"; noise share sized for g = {policy.guaranteed_arrivals} arrivals" if distributed else ""
+    if phase == Phase.SUFFSTATS:
+        return DPEvent(round=round_num, mechanism=GAUSSIAN_SUM, steps=1, sample_rate=1.0,
+                       noise_multiplier=cfg.suffstats_noise_multiplier, clip_norm=SUFFSTATS_SENSITIVITY,
+                       delta=policy.delta, mode=mode,
+                       note=f"sufficient statistics of unit-norm pairs{share}; {source}")
+    q = dp_sample_rate(n, cfg.batch_size)
+    steps = 1 if distributed else dp_steps(n, cfg.batch_size, cfg.local_epochs)
+    what = "one clipped-gradient sum per round" if distributed else "Opacus DP-SGD, full noise on the device"
+    return DPEvent(round=round_num, mechanism=DP_SGD, steps=steps, sample_rate=q,
+                   noise_multiplier=cfg.noise_multiplier, clip_norm=cfg.clip_norm, delta=policy.delta,
+                   mode=mode, note=f"{what}{share}; {source}")
+
+
+def policy_refusal(req: RoundRequest, n: int, cfg: FederationConfig, policy: DevicePolicy,
+                   ledger: DeviceLedger) -> str | None:
+    """Why this request goes beyond the device's policy (None when it does not)."""
+    if cfg.dp_mode == DPMode.NONE and not policy.allow_non_dp:
+        return "declined: the run adds no DP noise (dp-mode none) and this device's policy does not allow it"
+    if cfg.dp_mode != DPMode.NONE:
+        sigma = _sigma(req.phase, cfg)
+        floor = policy.min_suffstats_noise_multiplier if req.phase == Phase.SUFFSTATS else policy.min_noise_multiplier
+        if sigma < floor:
+            return (f"declined: the run asks for noise multiplier {sigma:g} in phase {req.phase}, below this "
+                    f"device's policy minimum {floor:g}")
+    if cfg.dp_mode == DPMode.DISTRIBUTED and req.promised_arrivals < policy.guaranteed_arrivals:
+        return (f"declined: the server promises to unmask sums of >= {req.promised_arrivals} devices, fewer than "
+                f"the g = {policy.guaranteed_arrivals} this device's noise share is sized for")
+    if ledger.participations() >= policy.max_participations:
+        return (f"declined: this device has joined {ledger.participations()} round(s), its policy's limit is "
+                f"{policy.max_participations}")
+    bound = min(policy.max_pairs_per_payload, cfg.max_pairs_per_device)
+    if req.phase == Phase.SUFFSTATS and n > bound:
+        return (f"declined: the device holds {n} pairs, more than one statistics payload may carry ({bound}: "
+                "max-pairs-per-device of the run, max-pairs-per-payload of the policy)")
+    return None
+
+
+def _policy_of(ledger: DeviceLedger, fallback: DevicePolicy) -> DevicePolicy:
+    """The policy in force: the ledger header's (restored on every reopen) wins."""
+    return ledger.policy or fallback
+
+
+def plan_round(req: RoundRequest, shard: Shard, cfg: FederationConfig, ledger: DeviceLedger,
+               policy: DevicePolicy) -> ClientOutcome:
+    """Policy and budget check only: would this round stay within what the device allows?"""
+    policy = _policy_of(ledger, policy)
+    refusal = policy_refusal(req, shard.n, cfg, policy, ledger)
+    if refusal is not None:
+        return ClientOutcome(ReplyStatus.DECLINED, None, {"reason": refusal})
+    event = planned_event(req.phase, shard.n, cfg, req.round, policy)
+    if event is None:
+        return ClientOutcome(ReplyStatus.OK, None, {"epsilon_spent": 0.0})
+    decision = ledger.check_budget(event, cfg.epsilon_budget, cfg.delta)
+    metrics: dict[str, float | int | str] = {
+        "epsilon_spent": float(decision.epsilon_now), "epsilon_if_run": float(decision.epsilon_if_run)}
+    if not decision.allowed:
+        metrics["reason"] = decision.reason
+        return ClientOutcome(ReplyStatus.DECLINED, None, metrics)
+    return ClientOutcome(ReplyStatus.OK, None, metrics)
+
+
+def client_round(req: RoundRequest, shard: Shard, global_vector: np.ndarray, cfg: FederationConfig,
+                 ledger: DeviceLedger, policy: DevicePolicy) -> ClientOutcome:
+    """Compute this device's contribution, spending (and recording) privacy only if the policy allows."""
+    policy = _policy_of(ledger, policy)
+    plan = plan_round(req, shard, cfg, ledger, policy)
+    if plan.status != ReplyStatus.OK:
+        return plan
+    event = planned_event(req.phase, shard.n, cfg, req.round, policy)
+    seq = ledger.reserve(event) if event is not None else None
+    noise = noise_source(cfg.reproducible_noise, cfg.seed, "device", ledger.device_id, req.round)
+    try:
+        vector = _compute(req.phase, shard, global_vector, cfg, policy, noise)
+    except BaseException:
+        if seq is not None:
+            ledger.complete(seq, float(ledger.epsilon(policy.delta)), status="failed")
+        raise
+    metrics: dict[str, float | int | str] = {"epsilon_spent": 0.0, "noise_arrivals": policy.guaranteed_arrivals}
+    if seq is not None:
+        eps = float(ledger.epsilon(policy.delta))
+        ledger.complete(seq, eps, status="done")
+        metrics["epsilon_spent"] = eps
+    return ClientOutcome(ReplyStatus.OK, vector, metrics)
+
+
+def suffstats_vector(shard: Shard) -> np.ndarray:
+    """The un-noised statistics of one device (unit-norm rows bound every pair's contribution)."""
+    return suffstats.device_vector(shard.enroll, shard.runtime)
+
+
+def _compute(phase: Phase, shard: Shard, global_vector: np.ndarray, cfg: FederationConfig,
+             policy: DevicePolicy, noise: NoiseSource) -> np.ndarray:
+    if phase == Phase.SUFFSTATS:
+        vec = suffstats_vector(shard)
+        if cfg.dp_mode != DPMode.NONE:
+            std = noise_std(cfg, policy, cfg.suffstats_noise_multiplier, SUFFSTATS_SENSITIVITY)
+            vec = vec + noise.normal(vec.shape, std)
+        return np.asarray(vec, np.float32)
+    net = build_net(cfg, shard.d_x, shard.d_y)
+    load_flat(list(net.parameters()), np.asarray(global_vector, np.float32))
+    if cfg.dp_mode == DPMode.DISTRIBUTED:
+        share_sigma = cfg.noise_multiplier / math.sqrt(policy.guaranteed_arrivals)
+        return noisy_gradient_sum(net, shard.enroll, shard.runtime, batch_size=cfg.batch_size,
+                                  noise_multiplier=share_sigma, max_grad_norm=cfg.clip_norm, noise=noise)
+    before = flat(trainable(net))
+    dp = None if cfg.dp_mode == DPMode.NONE else DPConfig(cfg.noise_multiplier, cfg.clip_norm, noise=noise)
+    train_local(net, shard.enroll, shard.runtime,
+                TrainConfig(epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed), dp)
+    delta = flat(trainable(net)) - before
+    norm = float(np.linalg.norm(delta))
+    if norm > cfg.update_clip:  # bounds SecAgg+'s range; not a privacy mechanism
+        delta *= cfg.update_clip / norm
+    return delta

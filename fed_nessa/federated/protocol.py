@@ -1,0 +1,115 @@
+"""The wire contract between ``server/`` and ``client/``: message keys, node-config keys, shard rule.
+
+Both Flower apps import this module and nothing of each other, so a key is named once.
+
+Messages per round:
+
+* ``query`` with config record :data:`PLAN_RECORD`: ``phase``, ``round`` and
+  :data:`PROMISED_ARRIVALS_KEY` (g, the fewest arrivals the server will unmask). The device
+  answers ``status`` (:class:`~fed_nessa.config.ReplyStatus`), ``device_id`` and the
+  :data:`REPLY_METRIC_KEYS`.
+* ``train`` (SecAgg+ stages): the same three keys plus the codec in the fit config.
+
+Node config (``--node-config`` in deployment; built per virtual device in simulation):
+:data:`SHARD_PATH_KEY` / :data:`STATE_DIR_KEY` / :data:`DEVICE_ID_KEY` locate the device's
+files; the keys of :data:`fed_nessa.config.POLICY_KEYS` are its own privacy policy.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flwr.common.constant import NUM_PARTITIONS_KEY, PARTITION_ID_KEY
+
+from fed_nessa.config import BUILTIN_DATA_SOURCES, FederationConfig
+from fed_nessa.data.shards import SHARD_SUFFIX, ShardError, shard_paths
+
+PLAN_RECORD = "plan"
+PHASE_KEY = "phase"
+ROUND_KEY = "round"
+PROMISED_ARRIVALS_KEY = "guaranteed-arrivals"
+STATUS_KEY = "status"
+DEVICE_ID_REPLY_KEY = "device_id"
+#: The only metrics a device's reply may carry (anything else is dropped on the device).
+#: ``noise_arrivals`` is the g the device sized its noise share for (its policy's, public).
+REPLY_METRIC_KEYS = frozenset({"epsilon_spent", "epsilon_if_run", "reason", "noise_arrivals"})
+
+SHARD_PATH_KEY = "shard-path"
+STATE_DIR_KEY = "state-dir"
+DEVICE_ID_KEY = "device-id"
+SHARDS_DIR = "shards"
+DEVICES_DIR = "devices"
+
+
+@dataclass(frozen=True)
+class DevicePaths:
+    """The files of one device: its shard, its ledger folder, and its stable id."""
+
+    device_id: str
+    shard: Path
+    state_dir: Path
+
+
+def shard_folder(cfg: FederationConfig) -> Path:
+    """The run's shard folder in simulation (same rule on server and clients)."""
+    if cfg.data_source not in BUILTIN_DATA_SOURCES:
+        return Path(cfg.data_source)
+    return Path(cfg.run_dir) / SHARDS_DIR
+
+
+def device_id_of(shard_path: Path) -> str:
+    """A device's id: its shard file name without the suffix (stable across restarts)."""
+    name = shard_path.name
+    return name[: -len(SHARD_SUFFIX)] if name.endswith(SHARD_SUFFIX) else shard_path.stem
+
+
+def _single_shard(path: Path) -> Path:
+    if path.is_dir():
+        found = shard_paths(path)
+        if len(found) != 1:
+            raise ShardError(path, f"expected exactly one *{SHARD_SUFFIX} in the folder, found {len(found)}")
+        return found[0]
+    return path
+
+
+def _partition_table(folder: Path) -> tuple[Path, ...]:
+    """The folder's sorted shard list, listed once per change of the folder (not once per message).
+
+    Globbing and sorting N paths for each of N devices' messages made a 1000-device round
+    quadratic in the fleet; the directory's mtime changes whenever a shard is added or removed.
+    """
+    if not folder.is_dir():
+        return tuple(shard_paths(folder))  # raises the clear "shard folder not found" error
+    return _listed(str(folder), folder.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _listed(folder: str, mtime_ns: int) -> tuple[Path, ...]:
+    return tuple(shard_paths(folder))
+
+
+def locate(node_config: dict[str, Any], cfg: FederationConfig) -> DevicePaths:
+    """Resolve this node's shard and ledger folder from its node config.
+
+    Deployment: ``shard-path`` (a shard file, or a folder holding exactly one) and
+    ``state-dir`` (the folder that keeps the ledger across restarts). Simulation: only
+    ``partition-id``: the device is that shard of the run's shard folder and its ledger
+    lives in ``<run-dir>/devices/<device_id>/``.
+    """
+    if SHARD_PATH_KEY in node_config:
+        shard = _single_shard(Path(str(node_config[SHARD_PATH_KEY])))
+        if STATE_DIR_KEY not in node_config:
+            raise ValueError(f"node config has {SHARD_PATH_KEY!r} but no {STATE_DIR_KEY!r} for the privacy ledger")
+        device_id = str(node_config.get(DEVICE_ID_KEY) or device_id_of(shard))
+        return DevicePaths(device_id, shard, Path(str(node_config[STATE_DIR_KEY])))
+    if PARTITION_ID_KEY not in node_config:
+        raise ValueError(f"node config has neither {SHARD_PATH_KEY!r} nor {PARTITION_ID_KEY!r}: no shard to train on")
+    pid = int(node_config[PARTITION_ID_KEY])
+    shards = _partition_table(shard_folder(cfg))
+    if not 0 <= pid < len(shards):
+        raise ShardError(shard_folder(cfg), f"no shard for partition {pid} ({len(shards)} shard(s) in the folder)")
+    device_id = device_id_of(shards[pid])
+    return DevicePaths(device_id, shards[pid], Path(cfg.run_dir) / DEVICES_DIR / device_id)

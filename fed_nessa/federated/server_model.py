@@ -1,0 +1,149 @@
+"""The server side of a round: the global aligner and its optimiser, advanced one released sum at a time.
+
+Everything here is post-processing of sums SecAgg+ released (see
+:mod:`fed_nessa.federated.release` for when a sum may be unmasked at all): the private
+ridge solve of the statistics phase, the DP-SGD step on the aggregated gradient, and the
+aligner artifact. It never sees an individual device's vector or data.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fed_nessa.config import DPMode, FederationConfig, LinearStart, Phase
+from fed_nessa.federated import suffstats
+from fed_nessa.federated.layout import build_net, flat, load_flat, nessa_config, trainable
+from fed_nessa.model.aligners.base import AlignerInfo
+from fed_nessa.model.aligners.nessa import NessaAligner
+
+#: Noise is bounded at this many standard deviations when sizing SecAgg+'s range.
+PAYLOAD_SIGMAS = 12.0
+
+
+class ServerModel:
+    """The global aligner and the server's optimiser state, advanced one aggregate at a time."""
+
+    def __init__(self, cfg: FederationConfig, d_x: int, d_y: int, enroll_model: str, runtime_model: str) -> None:
+        self.cfg, self.d_x, self.d_y = cfg, d_x, d_y
+        self.info = AlignerInfo(d_x=d_x, d_y=d_y, enroll_model=enroll_model, runtime_model=runtime_model)
+        self.net = build_net(cfg, d_x, d_y)
+        # Plain SGD with momentum on the noisy aggregate: Adam's per-coordinate normalisation turns
+        # noise-dominated coordinates into full-size steps and wrecks the private linear start.
+        self.opt = torch.optim.SGD(trainable(self.net), lr=cfg.server_lr, momentum=0.9)
+        self.completed: list[str] = []
+        self.stats_sum: np.ndarray | None = None  # accumulated (noisy) sufficient statistics
+        self.stats_devices = 0
+        self.stats_noise_var = 0.0  # per-entry noise variance in stats_sum (public: from the protocol)
+
+    def phases(self) -> list[Phase]:
+        """One phase per server round; the private linear start (if any) comes first."""
+        rounds = self.cfg.num_server_rounds
+        if self.cfg.linear_start == LinearStart.SUFFSTATS:
+            k = self.cfg.suffstats_rounds
+            return [Phase.SUFFSTATS] * k + [Phase.DPSGD] * (rounds - k)
+        return [Phase.DPSGD] * rounds
+
+    def vector(self) -> np.ndarray:
+        return flat(list(self.net.parameters()))
+
+    def payload_bound(self, phase: Phase) -> float:
+        """Largest |coordinate| an honest device's vector can have (sizes SecAgg+'s range).
+
+        The noise term assumes the largest share any policy can choose (g = 1, the full
+        sigma), so no honest device saturates whatever its own g.
+        """
+        dp = self.cfg.dp_mode != DPMode.NONE
+        if phase == Phase.SUFFSTATS:
+            noise = PAYLOAD_SIGMAS * self.cfg.suffstats_noise_multiplier * suffstats.SENSITIVITY if dp else 0.0
+            return float(self.cfg.max_pairs_per_device) + noise
+        if self.cfg.dp_mode == DPMode.DISTRIBUTED:
+            noise = PAYLOAD_SIGMAS * self.cfg.noise_multiplier * self.cfg.clip_norm
+            return self.cfg.clip_norm * 4 * self.cfg.batch_size + noise
+        return float(self.cfg.update_clip)
+
+    def apply(self, phase: Phase, aggregate_sum: np.ndarray, n_arrived: int,
+              noise_arrivals: Sequence[int] = (), quantization_std: float = 0.0) -> None:
+        """Advance the model by one released sum.
+
+        ``noise_arrivals`` holds the g each arrived device sized its noise share for (its
+        public policy value, from its reply), so the statistics solve knows the released
+        noise variance exactly. ``quantization_std`` (SecAgg+'s per-device rounding error,
+        public from the codec) is noise in the sum like the DP noise: the solve floors it the
+        same way, or a small non-DP fleet would invert rounding noise in weak directions.
+        """
+        if n_arrived < 1:
+            raise ValueError("no device contributed to the aggregate")
+        if phase == Phase.SUFFSTATS:
+            vec = np.asarray(aggregate_sum, np.float64)
+            self.stats_sum = vec if self.stats_sum is None else self.stats_sum + vec
+            self.stats_devices += n_arrived
+            self.stats_noise_var += n_arrived * quantization_std ** 2
+            self.stats_noise_var += self.released_noise_var(n_arrived, noise_arrivals)
+            gram, cross = suffstats.unpack(self.stats_sum, self.d_x, self.d_y)
+            W, b = suffstats.solve(gram, cross, nessa_config(self.cfg).ridge_alpha,
+                                   noise_std=math.sqrt(self.stats_noise_var))
+            self.net.set_linear(W, b)
+        elif self.cfg.dp_mode == DPMode.DISTRIBUTED:
+            self._apply_gradient(np.asarray(aggregate_sum, np.float32), n_arrived)
+        else:
+            params = trainable(self.net)
+            mean = np.asarray(aggregate_sum, np.float32) / n_arrived
+            load_flat(params, flat(params) + self.cfg.server_lr * mean)
+        self.completed.append(phase)
+
+    def released_noise_var(self, n_arrived: int, noise_arrivals: Sequence[int]) -> float:
+        """Per-entry DP noise variance in a released statistics sum (0 without DP)."""
+        if self.cfg.dp_mode == DPMode.NONE:
+            return 0.0
+        sigma = self.cfg.suffstats_noise_multiplier * suffstats.SENSITIVITY
+        if self.cfg.dp_mode == DPMode.LOCAL:
+            return n_arrived * sigma ** 2
+        gs = list(noise_arrivals) or [self.cfg.min_arrivals] * n_arrived
+        return float(sum(sigma ** 2 / g for g in gs))
+
+    def _apply_gradient(self, grad_sum: np.ndarray, n_arrived: int) -> None:
+        params = trainable(self.net)
+        offset = 0
+        g = torch.from_numpy(grad_sum / max(n_arrived * self.cfg.batch_size, 1))
+        for p in params:
+            p.grad = g[offset:offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    # -- persistence / evaluation ----------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"net": self.net.state_dict(), "opt": self.opt.state_dict(), "completed": list(self.completed),
+                "stats_sum": None if self.stats_sum is None else torch.from_numpy(self.stats_sum),
+                "stats_devices": self.stats_devices, "stats_noise_var": self.stats_noise_var}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.net.load_state_dict(state["net"])
+        self.opt.load_state_dict(state["opt"])
+        self.completed = list(state["completed"])
+        stats = state.get("stats_sum")
+        self.stats_sum = None if stats is None else torch.as_tensor(stats).numpy().astype(np.float64)
+        self.stats_devices = int(state.get("stats_devices", 0))
+        self.stats_noise_var = float(state.get("stats_noise_var", 0.0))
+
+    def comparator(self) -> NessaAligner:
+        aligner = NessaAligner(self.info, nessa_config(self.cfg))
+        aligner.net = self.net
+        return aligner
+
+    def save_artifact(self, out_dir: Path, card_extra: dict[str, Any]) -> None:
+        from fed_nessa.model.artifacts import ONNX_FILE, check_onnx_matches, export_onnx
+
+        aligner = self.comparator()
+        aligner.info.training.update(card_extra)
+        out_dir = Path(out_dir)
+        aligner.save(out_dir)
+        head = aligner.head()
+        export_onnx(head, self.d_y, out_dir / ONNX_FILE)
+        check_onnx_matches(head, out_dir / ONNX_FILE, self.d_y)

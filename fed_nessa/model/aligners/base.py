@@ -1,0 +1,142 @@
+"""One interface for every aligner: fit / map_enroll / map_runtime / save / load.
+
+Scoring always compares ``map_enroll(enrollment-side embedding)`` with
+``map_runtime(runtime-side embedding)`` by cosine. For maps into the enrollment
+space (NESSA, ridge, Procrustes) ``map_enroll`` is the identity, so stored
+profiles are untouched; shared-space methods (speaker-logit, NESSA-shared) map
+profiles once, which needs no audio.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+# The on-disk format (file names, card schema, (de)serialisation) lives in artifacts, which knows
+# nothing about aligners; the dependency is one-way: aligners -> artifacts.
+from fed_nessa.model.artifacts import (
+    CARD_FILE,
+    CARD_SCHEMA_VERSION,
+    WEIGHTS_FILE,
+    read_weights_and_card,
+    write_weights_and_card,
+)
+
+
+def l2_normalize(a: np.ndarray) -> np.ndarray:
+    """Row-wise L2 normalisation; all-zero rows stay zero instead of becoming NaN."""
+    a = np.asarray(a, dtype=np.float32)
+    norm = np.linalg.norm(a, axis=-1, keepdims=True)
+    return a / np.maximum(norm, 1e-12)
+
+
+def check_input(a: np.ndarray, dim: int, what: str) -> np.ndarray:
+    """Validate an (n, dim) float array: one clear error for wrong shape or non-finite rows."""
+    a = np.asarray(a)
+    if a.ndim != 2 or a.shape[1] != dim:
+        raise ValueError(f"{what}: expected an (n, {dim}) array, got shape {a.shape}")
+    bad = ~np.isfinite(a).all(axis=1)
+    if bad.any():
+        raise ValueError(f"{what}: {int(bad.sum())} non-finite row(s), first at row {int(np.argmax(bad))}")
+    return a.astype(np.float32, copy=False)
+
+
+@dataclass
+class AlignerInfo:
+    """What the card says about an aligner besides its weights."""
+
+    d_x: int
+    d_y: int
+    enroll_model: str = "unknown"
+    runtime_model: str = "unknown"
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class Aligner(ABC):
+    """Maps runtime-model embeddings (d_Y) and enrollment-model embeddings (d_X) to comparable rows."""
+
+    method: ClassVar[str]
+    registry: ClassVar[dict[str, type[Aligner]]] = {}
+
+    def __init__(self, info: AlignerInfo) -> None:
+        self.info = info
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "method" in cls.__dict__:
+            Aligner.registry[cls.method] = cls
+
+    # -- fitting -------------------------------------------------------------------------
+    @abstractmethod
+    def fit(self, enroll: np.ndarray, runtime: np.ndarray, speaker: np.ndarray | None = None,
+            **kwargs: Any) -> Aligner:
+        """Fit on pairs (enroll_i, runtime_i) of the same utterance."""
+
+    # -- mapping -------------------------------------------------------------------------
+    def map_enroll(self, enroll: np.ndarray) -> np.ndarray:
+        return l2_normalize(check_input(enroll, self.info.d_x, "enrollment embeddings"))
+
+    @abstractmethod
+    def _map_runtime(self, runtime: np.ndarray) -> np.ndarray:
+        """Unnormalised mapping of validated runtime rows."""
+
+    def map_runtime(self, runtime: np.ndarray) -> np.ndarray:
+        return l2_normalize(self._map_runtime(check_input(runtime, self.info.d_y, "runtime embeddings")))
+
+    def transform(self, runtime: np.ndarray) -> np.ndarray:
+        """Runtime embeddings -> the space profiles are scored in (L2-normalised rows)."""
+        return self.map_runtime(runtime)
+
+    # -- persistence ---------------------------------------------------------------------
+    @abstractmethod
+    def tensors(self) -> dict[str, np.ndarray]:
+        """Weights to save (float32 arrays)."""
+
+    @abstractmethod
+    def _load_tensors(self, tensors: dict[str, np.ndarray], params: dict[str, Any]) -> None:
+        """Restore weights saved by :meth:`tensors`."""
+
+    def params(self) -> dict[str, Any]:
+        """Hyper-parameters needed to rebuild the object (saved in the card)."""
+        return {}
+
+    def card(self) -> dict[str, Any]:
+        return {
+            "schema_version": CARD_SCHEMA_VERSION,
+            "method": self.method,
+            "d_x": self.info.d_x,
+            "d_y": self.info.d_y,
+            "enroll_model": self.info.enroll_model,
+            "runtime_model": self.info.runtime_model,
+            "params": self.params(),
+            "training": self.info.training,
+            "metrics": self.info.metrics,
+            "weights_file": WEIGHTS_FILE,
+            "scoring": "cosine(map_enroll(profile-side), map_runtime(test-side)); outputs L2-normalised",
+        }
+
+    def save(self, out_dir: str | Path) -> Path:
+        return write_weights_and_card(Path(out_dir), self.tensors(), self.card())
+
+
+def load_aligner(path: str | Path) -> Aligner:
+    """Load any aligner saved by :meth:`Aligner.save` (the card names the method)."""
+    tensors, card = read_weights_and_card(Path(path))
+    method = card.get("method")
+    cls = Aligner.registry.get(method) if isinstance(method, str) else None
+    if cls is None:
+        raise ValueError(f"{Path(path) / CARD_FILE}: unknown aligner method {method!r}")
+    info = AlignerInfo(
+        d_x=int(card["d_x"]), d_y=int(card["d_y"]), enroll_model=card.get("enroll_model", "unknown"),
+        runtime_model=card.get("runtime_model", "unknown"), training=card.get("training", {}),
+        metrics=card.get("metrics", {}),
+    )
+    obj = cls.__new__(cls)
+    Aligner.__init__(obj, info)
+    obj._load_tensors(tensors, card.get("params", {}))
+    return obj

@@ -1,0 +1,16 @@
+"""The privacy audit: verify ledgers and recompute every epsilon from the files alone.
+
+Split in three so each part can change alone, with imports running one way
+(``verify -> report -> findings``):
+
+- :mod:`.findings`: severities, tolerances and the result types;
+- :mod:`.verify`: the checks and :func:`audit`, the entry point;
+- :mod:`.report`: renders an :class:`AuditResult` as ``audit.json``, ``report.md`` and plots.
+
+``from fed_nessa.privacy.audit import audit`` is the public way in.
+"""
+
+from fed_nessa.privacy.audit.findings import AuditResult, DeviceAudit, Finding
+from fed_nessa.privacy.audit.verify import audit
+
+__all__ = ["AuditResult", "DeviceAudit", "Finding", "audit"]

@@ -1,0 +1,399 @@
+"""The privacy audit: verify ledgers and recompute every epsilon from the files alone.
+
+Written for an auditor who trusts neither the devices' software nor the server:
+it reads only ledgers (and the run's ``summary.json`` for the stated claim),
+checks every chain and signature, replays every device's DP events through two
+independent accountants (Opacus RDP and Google's dp_accounting PLD by default),
+compares the result with what each device reported and with its budget, and
+cross-checks the server's federation ledger. Every failed check is a
+:class:`Finding` naming the device and entry; any ``fail`` finding fails the
+verdict.
+
+Tolerances (stated in the report):
+
+- reported vs recomputed epsilon, same accountant: ``|diff| <= abs + rel * eps``
+  with :data:`REPORT_TOLERANCE` (RDP is deterministic, so tight);
+- the two accountants: PLD is numerically tight and RDP an upper bound, so
+  ``pld <= rdp * 1.001 + 0.01`` must hold (else ``fail``); RDP's conversion
+  slack is expected, and only ``rdp > 1.5 * pld + 1`` is flagged (``warn``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from fed_nessa.privacy import signing
+from fed_nessa.privacy.accounting import PLD, RDP, epsilon_curve
+from fed_nessa.privacy.audit.findings import (
+    BUDGET_SLACK,
+    FAIL,
+    RDP_SLACK,
+    REPORT_TOLERANCE,
+    TIGHT_OVER_RDP,
+    WARN,
+    AuditResult,
+    DeviceAudit,
+    Finding,
+)
+from fed_nessa.privacy.audit.report import write_report
+from fed_nessa.privacy.chain import HEADER, ChainRead, read_chain
+from fed_nessa.privacy.events import DPEvent, EventError
+from fed_nessa.privacy.ledger import (
+    COMPLETE,
+    DEVICE_LEDGER_NAME,
+    DEVICE_PUB_NAME,
+    FEDERATION_LEDGER_NAME,
+    RESERVE,
+    ROUND,
+    SERVER_PUB_NAME,
+    STATUSES,
+)
+from fed_nessa.privacy.statement import privacy_statement
+
+# Re-exported: callers (and docs) have long imported these names from this module.
+__all__ = ["BUDGET_SLACK", "FAIL", "RDP_SLACK", "REPORT_TOLERANCE", "TIGHT_OVER_RDP", "WARN", "AuditResult",
+           "DeviceAudit", "Finding", "audit"]
+
+
+def audit(path: Path | str, out_dir: Path | str | None = None, accountants: tuple[str, str] = (RDP, PLD),
+          write: bool = True) -> AuditResult:
+    """Audit a run folder, a folder of collected device ledgers, or one ledger file.
+
+    Writes ``audit.json``, ``report.md`` and two PNG plots into ``out_dir``
+    (default ``<run dir>/audit``, or ``audit/`` beside a single ledger file).
+    """
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"{root}: no such run folder or ledger file")
+    if len(accountants) != 2 or accountants[0] == accountants[1]:
+        raise ValueError(f"give two different accountants, got {accountants!r}")
+    device_paths, fed_path, summary = _discover(root)
+    if not device_paths and fed_path is None:
+        raise FileNotFoundError(f"{root}: no {DEVICE_LEDGER_NAME} or {FEDERATION_LEDGER_NAME} found")
+    findings: list[Finding] = []
+    claim = _summary_privacy(summary, findings)
+    devices = [_audit_device(p, accountants, findings) for p in device_paths]
+    _check_unique_ids(devices, findings)
+    federation = _audit_federation(fed_path, devices, findings) if fed_path else None
+    _check_claim(claim, devices, accountants, findings)
+    statement = _statement(claim, devices)
+    result = AuditResult(str(root), devices, findings, federation, statement, (accountants[0], accountants[1]))
+    if write:
+        target = Path(out_dir) if out_dir else (root if root.is_dir() else root.parent) / "audit"
+        write_report(result, target)
+        result.out_dir = str(target)
+    return result
+
+
+# ----------------------------------------------------------------------------- discovery
+def _discover(root: Path) -> tuple[list[Path], Path | None, dict[str, Any] | None]:
+    if root.is_file():
+        if root.name == FEDERATION_LEDGER_NAME:
+            return [], root, None
+        return [root], None, None
+    devices = sorted(p for p in root.rglob(DEVICE_LEDGER_NAME) if p.is_file())
+    fed: Path | None = root / FEDERATION_LEDGER_NAME
+    if not (root / FEDERATION_LEDGER_NAME).exists():
+        found = sorted(root.rglob(FEDERATION_LEDGER_NAME))
+        fed = found[0] if found else None
+    summary = None
+    summary_path = root / "summary.json"
+    if summary_path.exists():
+        try:
+            summary = json.loads(summary_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{summary_path}: not valid JSON ({exc})") from exc
+    return devices, fed, summary
+
+
+def _summary_privacy(summary: dict[str, Any] | None, findings: list[Finding]) -> dict[str, Any] | None:
+    if summary is None:
+        return None
+    claim = summary.get("privacy")
+    if not isinstance(claim, dict):
+        findings.append(Finding(WARN, "summary", "summary.json has no 'privacy' section: no stated claim"))
+        return None
+    return claim
+
+
+def _trusted_key(path: Path, name: str, findings: list[Finding], who: str):
+    pub = path.parent / name
+    if not pub.exists():
+        findings.append(Finding(WARN, "key", f"{pub.name} not found beside {path}: the header's own key "
+                                             "is used, so a wholesale re-signed ledger would not be caught; "
+                                             "compare the key fingerprint out of band", device=who))
+        return None
+    try:
+        return signing.load_public_key(pub)
+    except signing.KeyFileError as exc:
+        findings.append(Finding(FAIL, "key", str(exc), device=who))
+        return None
+
+
+# ----------------------------------------------------------------------------- one device
+def _audit_device(path: Path, accountants: tuple[str, str], findings: list[Finding]) -> DeviceAudit:
+    key_findings: list[Finding] = []
+    read = read_chain(path, _trusted_key(path, DEVICE_PUB_NAME, key_findings, path.parent.name))
+    header = read.entries[0].get("payload", {}) if read.entries and read.entries[0].get("kind") == HEADER else {}
+    device_id = str(header.get("device_id") or path.parent.name)
+    findings.extend(replace(f, device=device_id) for f in key_findings)
+    dev = DeviceAudit(device_id=device_id, path=str(path), key_fingerprint=header.get("key_fingerprint"),
+                      chain_ok=read.ok, n_entries=len(read.entries))
+    for fault in read.faults:
+        findings.append(Finding(FAIL, f"chain.{fault.kind}", fault.message(), device_id, fault.seq))
+    if read.torn_tail:
+        findings.append(Finding(WARN, "chain.torn_tail",
+                                f"{path}: a final line without newline ({len(read.torn_tail)} bytes) is a "
+                                "write interrupted by a crash: ignored (its mechanism cannot have run)",
+                                device_id))
+    reserves, completes = _parse_entries(read, dev, findings)
+    dev.events = [ev for _, ev, _ in reserves]
+    _check_budget_records(header, reserves, dev, findings)
+    if dev.delta is None:
+        return dev
+    _recompute(dev, reserves, completes, accountants, findings)
+    return dev
+
+
+def _parse_entries(read: ChainRead, dev: DeviceAudit, findings: list[Finding]):
+    """Reserve entries as (seq, event, budget) and complete entries as (seq, payload, n_reserved_before)."""
+    reserves: list[tuple[int, DPEvent, dict | None]] = []
+    completes: list[tuple[int, dict[str, Any], int]] = []
+    completed: set[int] = set()
+    reserve_seqs: set[int] = set()
+    for entry in read.entries:
+        if not entry or entry.get("kind") == HEADER:
+            continue
+        seq, payload = entry["seq"], entry["payload"]
+        if entry["kind"] == RESERVE:
+            try:
+                ev = DPEvent.from_dict(payload.get("event"))
+            except (EventError, TypeError) as exc:
+                findings.append(Finding(FAIL, "event", f"invalid DP event: {exc}", dev.device_id, seq))
+                continue
+            reserves.append((seq, ev, payload.get("budget")))
+            reserve_seqs.add(seq)
+            dev.reserve_rounds.setdefault(ev.round, []).append(seq)
+        elif entry["kind"] == COMPLETE:
+            target = payload.get("reserve_seq")
+            if target not in reserve_seqs:
+                findings.append(Finding(FAIL, "complete", f"completes seq {target!r}, which is not an "
+                                                          "earlier reserve entry", dev.device_id, seq))
+            elif target in completed:
+                findings.append(Finding(FAIL, "complete", f"reservation {target} completed twice",
+                                        dev.device_id, seq))
+            elif payload.get("status") not in STATUSES:
+                findings.append(Finding(FAIL, "complete", f"status {payload.get('status')!r}",
+                                        dev.device_id, seq))
+            else:
+                completed.add(target)
+                completes.append((seq, payload, len(reserves)))
+        else:
+            findings.append(Finding(FAIL, "schema", f"unknown entry kind {entry['kind']!r}", dev.device_id, seq))
+    dev.pending = sorted(reserve_seqs - completed)
+    for seq in dev.pending:
+        findings.append(Finding(WARN, "pending", "reserved but never completed (crash or still running): "
+                                                 "counted in full, conservatively", dev.device_id, seq))
+    return reserves, completes
+
+
+def _check_budget_records(header: dict[str, Any], reserves, dev: DeviceAudit, findings: list[Finding]) -> None:
+    budgets = [b for b in [header.get("budget")] + [b for _, _, b in reserves] if b]
+    distinct = {json.dumps(b, sort_keys=True) for b in budgets}
+    if len(distinct) > 1:
+        findings.append(Finding(FAIL, "budget", f"the budget changed during the ledger's life: "
+                                                f"{sorted(distinct)}", dev.device_id))
+    dev.budget = budgets[-1] if budgets else None
+    if dev.budget is None and reserves:
+        findings.append(Finding(FAIL, "budget", "no budget recorded (header or reserve entries): "
+                                                "cannot check the device against one", dev.device_id))
+    elif dev.budget is None:
+        findings.append(Finding(WARN, "budget", "no DP event and no budget recorded: nothing spent",
+                                dev.device_id))
+    deltas = Counter(ev.delta for _, ev, _ in reserves)
+    if dev.budget is not None:
+        dev.delta = float(dev.budget["delta"])
+    elif deltas:
+        dev.delta = deltas.most_common(1)[0][0]
+    elif not reserves:
+        dev.delta = None
+    for seq, ev, _ in reserves:
+        if dev.delta is not None and ev.delta != dev.delta:
+            findings.append(Finding(FAIL, "delta", f"event delta {ev.delta:g} differs from the device's "
+                                                   f"delta {dev.delta:g}", dev.device_id, seq))
+
+
+def _within(reported: float, recomputed: float, accountant: str) -> bool:
+    rel, abs_ = REPORT_TOLERANCE[accountant]
+    return abs(reported - recomputed) <= abs_ + rel * abs(recomputed)
+
+
+def _recompute(dev: DeviceAudit, reserves, completes, accountants: tuple[str, str],
+               findings: list[Finding]) -> None:
+    events = dev.events
+    assert dev.delta is not None
+    delta = dev.delta
+    curves: dict[str, list[float]] = {}
+
+    def curve(acc: str) -> list[float]:
+        if acc not in curves:
+            curves[acc] = epsilon_curve(events, delta, acc)
+        return curves[acc]
+
+    for acc in accountants:
+        dev.epsilon[acc] = curve(acc)[-1] if events else 0.0
+    for seq, payload, n_before in completes:
+        acc = str(payload.get("accountant", RDP))
+        reported = payload.get("epsilon_after")
+        if acc not in REPORT_TOLERANCE or not isinstance(reported, (int, float)) or n_before == 0:
+            findings.append(Finding(FAIL, "reported", f"unusable epsilon_after {reported!r} / accountant "
+                                                      f"{acc!r}", dev.device_id, seq))
+            continue
+        if payload.get("delta") is not None and float(payload["delta"]) != dev.delta:
+            findings.append(Finding(FAIL, "reported", f"reported at delta {payload['delta']:g}, the device's "
+                                                      f"delta is {dev.delta:g}", dev.device_id, seq))
+            continue
+        recomputed = curve(acc)[n_before - 1]
+        if not _within(float(reported), recomputed, acc):
+            findings.append(Finding(FAIL, "reported", f"reported epsilon {reported:.6g} but the {acc} "
+                                                      f"accountant gives {recomputed:.6g} for the "
+                                                      f"{n_before} events reserved before it",
+                                    dev.device_id, seq))
+        dev.reported_final, dev.reported_accountant = float(reported), acc
+    rdp_curve = curve(RDP) if events else []
+    last_by_round: dict[int, float] = {}
+    for ev, eps in zip(events, rdp_curve):
+        last_by_round[ev.round] = eps
+    dev.curve_by_round = sorted(last_by_round.items())
+    _check_agreement(dev, accountants, findings)
+    _check_against_budget(dev, curve, findings)
+
+
+def _check_agreement(dev: DeviceAudit, accountants: tuple[str, str], findings: list[Finding]) -> None:
+    if RDP not in accountants:
+        a, b = (dev.epsilon[x] for x in accountants)
+        if abs(a - b) > REPORT_TOLERANCE[PLD][1] + REPORT_TOLERANCE[PLD][0] * max(a, b):
+            findings.append(Finding(FAIL, "accountants", f"{accountants[0]} {a:.4g} and {accountants[1]} "
+                                                         f"{b:.4g} disagree beyond their discretisation error",
+                                    dev.device_id))
+        return
+    tight = next(x for x in accountants if x != RDP)
+    rdp, other = dev.epsilon[RDP], dev.epsilon[tight]
+    if other > rdp * (1 + TIGHT_OVER_RDP[0]) + TIGHT_OVER_RDP[1]:
+        findings.append(Finding(FAIL, "accountants", f"{tight} epsilon {other:.4g} exceeds the RDP upper bound "
+                                                     f"{rdp:.4g}: one implementation is wrong", dev.device_id))
+    elif rdp > RDP_SLACK[0] * other + RDP_SLACK[1]:
+        findings.append(Finding(WARN, "accountants", f"RDP {rdp:.4g} is far above {tight} {other:.4g}: RDP's "
+                                                     "conversion slack, largest for few compositions; the "
+                                                     "tight value is the better estimate", dev.device_id))
+
+
+def _check_against_budget(dev: DeviceAudit, curve, findings: list[Finding]) -> None:
+    if dev.budget is None:
+        return
+    acc = str(dev.budget.get("accountant", RDP))
+    eps = curve(acc)[-1] if dev.events else 0.0
+    dev.epsilon.setdefault(acc, eps)
+    limit = float(dev.budget["epsilon"])
+    if eps > limit * (1 + BUDGET_SLACK):
+        findings.append(Finding(FAIL, "budget", f"epsilon {eps:.4g} ({acc}, delta {dev.delta:g}) is over the "
+                                                f"budget {limit:g}", dev.device_id))
+
+
+def _check_unique_ids(devices: list[DeviceAudit], findings: list[Finding]) -> None:
+    counts = Counter(d.device_id for d in devices)
+    for device_id, n in counts.items():
+        if n > 1:
+            paths = [d.path for d in devices if d.device_id == device_id]
+            findings.append(Finding(FAIL, "device_id", f"{n} ledgers claim device {device_id!r}: {paths}",
+                                    device_id))
+
+
+# ----------------------------------------------------------------------------- federation
+def _audit_federation(path: Path, devices: list[DeviceAudit], findings: list[Finding]) -> dict[str, Any]:
+    read = read_chain(path, _trusted_key(path, SERVER_PUB_NAME, findings, "server"))
+    for fault in read.faults:
+        findings.append(Finding(FAIL, f"federation.{fault.kind}", fault.message(), "server", fault.seq))
+    rounds = [e["payload"] for e in read.entries if e and e.get("kind") == ROUND]
+    by_id = {d.device_id: d for d in devices}
+    not_audited: set[str] = set()
+    for rec in rounds:
+        r = rec.get("round")
+        for device_id in rec.get("joined", []):
+            dev = by_id.get(device_id)
+            if dev is None:
+                not_audited.add(device_id)
+            elif r not in dev.reserve_rounds:
+                findings.append(Finding(FAIL, "federation.joined",
+                                        f"the server recorded device {device_id} as joining round {r}, but its "
+                                        "ledger has no reserve entry for that round (entries deleted, or the "
+                                        "ledger was truncated)", device_id))
+        for device_id in rec.get("declined", []):
+            dev = by_id.get(device_id)
+            if dev is not None and r in dev.reserve_rounds:
+                findings.append(Finding(WARN, "federation.declined",
+                                        f"declined round {r} per the server, yet reserved it (counted anyway)",
+                                        device_id, dev.reserve_rounds[r][0]))
+        fingerprints = (rec.get("extra") or {}).get("device_key_fingerprints") or {}
+        for device_id, fp in fingerprints.items():
+            dev = by_id.get(device_id)
+            if dev is not None and dev.key_fingerprint != fp:
+                findings.append(Finding(FAIL, "federation.key",
+                                        f"the server saw key {str(fp)[:16]} in round {r}, the ledger is signed "
+                                        f"by {str(dev.key_fingerprint)[:16]}", device_id))
+    joined_rounds = {(d, rec.get("round")) for rec in rounds for d in rec.get("joined", []) + rec.get("failed", [])}
+    if rounds:
+        for dev in devices:
+            for r, seqs in dev.reserve_rounds.items():
+                if (dev.device_id, r) not in joined_rounds:
+                    findings.append(Finding(WARN, "federation.unrecorded",
+                                            f"reserved round {r} but the server did not record it as joined or "
+                                            "failed (counted anyway)", dev.device_id, seqs[0]))
+    if devices and not_audited:
+        findings.append(Finding(WARN, "federation.missing_ledgers",
+                                f"{len(not_audited)} device(s) joined rounds but no ledger was found for them: "
+                                f"{sorted(not_audited)[:10]}{' ...' if len(not_audited) > 10 else ''}"))
+    return {"path": str(path), "chain_ok": read.ok, "rounds": rounds,
+            "devices_without_ledger": sorted(not_audited)}
+
+
+# ----------------------------------------------------------------------------- the stated claim
+def _check_claim(claim: dict[str, Any] | None, devices: list[DeviceAudit], accountants, findings) -> None:
+    if not claim or not devices:
+        return
+    modes = {ev.mode for d in devices for ev in d.events}
+    if claim.get("mode") and modes and modes != {claim["mode"]}:
+        findings.append(Finding(FAIL, "summary.mode", f"summary states mode {claim['mode']!r}, ledgers record "
+                                                      f"{sorted(modes)}"))
+    budget = claim.get("epsilon_budget")
+    for dev in devices:
+        if budget is not None and dev.budget is not None and float(dev.budget["epsilon"]) != float(budget):
+            findings.append(Finding(FAIL, "summary.budget", f"summary states budget {budget}, ledger has "
+                                                            f"{dev.budget['epsilon']}", dev.device_id))
+    stated_max = claim.get("epsilon_max")
+    acc = claim.get("accountant", RDP)
+    values = [eps for d in devices if (eps := d.epsilon.get(acc)) is not None]
+    if isinstance(stated_max, (int, float)) and values and acc in REPORT_TOLERANCE:
+        if not _within(float(stated_max), max(values), acc):
+            findings.append(Finding(FAIL, "summary.epsilon_max", f"summary states epsilon_max {stated_max:.6g}, "
+                                                                 f"the ledgers give {max(values):.6g} ({acc})"))
+
+
+def _statement(claim: dict[str, Any] | None, devices: list[DeviceAudit]) -> dict[str, Any]:
+    """The claim as stated in summary.json, or rebuilt from what the ledgers record."""
+    if claim and {"unit", "mode", "trust", "delta"} <= set(claim):
+        return dict(claim)
+    modes = sorted({ev.mode for d in devices for ev in d.events}) or ["local"]
+    deltas = sorted({d.delta for d in devices if d.delta is not None}) or [1e-5]
+    budgets: list[float | None] = [*sorted({float(d.budget["epsilon"]) for d in devices if d.budget})] or [None]
+    accs = sorted({str(d.budget.get("accountant", RDP)) for d in devices if d.budget}) or [RDP]
+    stmt = privacy_statement(modes[0], deltas[0], budgets[-1], accs[0])
+    stmt["reconstructed_from_ledgers"] = True
+    if len(modes) > 1 or len(deltas) > 1 or len(budgets) > 1:
+        stmt["note"] = f"ledgers differ: modes {modes}, deltas {deltas}, budgets {budgets}"
+    return stmt
+

@@ -1,0 +1,228 @@
+"""Run a simulated federation in this process and write its run folder.
+
+``fed-nessa simulate [--config FILE] [--set key=value ...] [--device-set key=value ...]``
+runs the real ServerApp loop and the real ClientApp (SecAgg+, DP, ledgers) over
+:class:`fed_nessa.sim.grid.InProcessGrid`: hundreds of virtual devices, one after another,
+no Ray. ``flwr run .`` runs the same apps on Flower's own simulation engine instead (see
+docs/federation.md).
+
+A config file is a TOML table of run-config keys (kebab-case, as in
+``[tool.flwr.app.config]``) plus an optional ``[device]`` table: the privacy policy of
+every virtual device (:class:`fed_nessa.config.DevicePolicy`). The two never mix: the
+server's run-config reaches the devices only as a request, and each device's policy goes
+into its own node config, as ``--node-config`` does on a real SuperNode. ``--set``
+overrides win over the file, the file over the defaults; without ``--config`` the main
+job's file ``simulations/configs/main.toml`` is used. Everything is validated before the
+first round.
+
+The library never imports ``server/`` or ``client/``: like ``flwr run``, the runner loads
+the apps named in ``pyproject.toml``'s ``[tool.flwr.app.components]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import time
+import tomllib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+
+from fed_nessa.config import BUILTIN_DATA_SOURCES, DevicePolicy, FederationConfig, from_run_config, policy_from_node_config
+from fed_nessa.federated.protocol import NUM_PARTITIONS_KEY, PARTITION_ID_KEY, shard_folder
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = REPO_ROOT / "simulations" / "configs"
+DEFAULT_CONFIG = "main"
+DEVICE_TABLE = "device"
+
+
+def parse_value(text: str) -> bool | int | float | str:
+    """A ``--set`` value: TOML scalar syntax (``3``, ``0.5``, ``true``, ``"x"``), else a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A TOML file of run-config keys; a bare name is looked up in ``simulations/configs/``."""
+    p = Path(path)
+    if not p.exists() and (CONFIG_DIR / f"{path}.toml").exists():
+        p = CONFIG_DIR / f"{path}.toml"
+    if not p.is_file():
+        raise FileNotFoundError(f"{path}: config file not found (or a name from {CONFIG_DIR.name}/)")
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{p}: not valid TOML ({exc})") from None
+    table = data.get("tool", {}).get("flwr", {}).get("app", {}).get("config", data)
+    return dict(table)
+
+
+def split_device_table(table: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(run-config keys, the ``[device]`` policy table) of a config file."""
+    run = {k: v for k, v in table.items() if k != DEVICE_TABLE}
+    device = table.get(DEVICE_TABLE, {})
+    if not isinstance(device, dict):
+        raise ValueError(f"[{DEVICE_TABLE}] must be a table of device-policy keys, got {device!r}")
+    return run, dict(device)
+
+
+def _overrides(items: Sequence[str], flag: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"{flag} {item!r}: expected key=value")
+        key, value = item.split("=", 1)
+        out[key.strip()] = parse_value(value.strip())
+    return out
+
+
+def build_policy(config_file: str | None, overrides: Sequence[str] = ()) -> DevicePolicy:
+    """Every virtual device's policy: defaults <- the file's ``[device]`` table <- ``--device-set``."""
+    table = read_config_file(config_file or DEFAULT_CONFIG)
+    _, device = split_device_table(table)
+    device.update(_overrides(overrides, "--device-set"))
+    unknown = sorted(set(device) - {k for k in DevicePolicy().to_node_config()})
+    if unknown:
+        raise ValueError(f"[{DEVICE_TABLE}]: unknown device-policy key(s) {', '.join(unknown)} (allowed: "
+                         f"{', '.join(sorted(DevicePolicy().to_node_config()))})")
+    return policy_from_node_config(device)
+
+
+def build_config(config_file: str | None, overrides: Sequence[str]) -> FederationConfig:
+    """Defaults <- config file <- ``key=value`` overrides, validated; ``run-dir`` made absolute."""
+    merged, _ = split_device_table(read_config_file(config_file or DEFAULT_CONFIG))
+    merged.update(_overrides(overrides, "--set"))
+    cfg = from_run_config(merged, base_dir=Path.cwd())
+    changes: dict[str, Any] = {"run_dir": str(Path(cfg.run_dir).resolve())}
+    if cfg.data_source not in BUILTIN_DATA_SOURCES:
+        changes["data_source"] = str(Path(cfg.data_source).resolve())
+    return cfg.replace(**changes)
+
+
+class ProgressView:
+    """Round-by-round progress on the terminal (tqdm bar + one rich line per round)."""
+
+    def __init__(self, total: int, quiet: bool = False) -> None:
+        self.total, self.quiet, self.bar = total, quiet, None
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if self.quiet:
+            return
+        from tqdm import tqdm
+
+        if event["event"] == "start":
+            self.bar = tqdm(total=self.total, initial=event["first_round"] - 1, unit="round", desc="federation",
+                            file=sys.stderr, dynamic_ncols=True)
+        elif event["event"] == "round" and self.bar is not None:
+            eer = event.get("eer")
+            self.bar.set_postfix(phase=event["phase"], status=event["status"], joined=event["participants"],
+                                 eer=f"{100 * eer:.2f}%" if eer is not None else "n/a",
+                                 eps_max=f"{event['epsilon_max']:.2f}", s=f"{event['seconds']:.1f}")
+            self.bar.update(1)
+        elif event["event"] == "done":
+            if self.bar is not None:
+                self.bar.close()
+            from rich.console import Console
+
+            Console(stderr=True).print(f"[bold green]run folder:[/] {event['run_dir']}")
+
+
+def load_component(ref: str) -> Any:
+    """``module:attribute`` as in ``[tool.flwr.app.components]``."""
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def app_components() -> dict[str, str]:
+    """The ServerApp/ClientApp references of ``pyproject.toml`` (the one place they are named)."""
+    data = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    return dict(data["tool"]["flwr"]["app"]["components"])
+
+
+def device_node_config(policy: DevicePolicy) -> Callable[[int, int], dict[str, Any]]:
+    """Each virtual device's node config: its partition and its own policy (never the run-config)."""
+    own = policy.to_node_config()
+    return lambda pid, n: {PARTITION_ID_KEY: pid, NUM_PARTITIONS_KEY: n, **own}
+
+
+def simulate(cfg: FederationConfig, *, policy: DevicePolicy | None = None, quiet: bool = False,
+             verbose: bool = False, drop: Any = None, client_app: Any = None) -> dict[str, Any]:
+    """Build the devices, run every round over the in-process Grid, return the summary.
+
+    The ServerApp's ``run_federation`` and the ClientApp come from the components named in
+    ``pyproject.toml`` (``client_app`` may replace the latter, for tests).
+    """
+    from fed_nessa.data.population import load_federation_data
+    from fed_nessa.sim.grid import InProcessGrid
+
+    components = app_components()
+    client_app = client_app or load_component(components["clientapp"])
+    server_module = importlib.import_module(components["serverapp"].partition(":")[0])
+    # Flower logs every SecAgg+ stage of every device at DEBUG/INFO: at hundreds of devices that is
+    # both noise and measurable time. Warnings (e.g. drop-outs) still show.
+    logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.WARNING)
+    t0 = time.perf_counter()
+    data = load_federation_data(cfg, shard_folder(cfg))
+    run_config = cfg.to_run_config()
+    grid = InProcessGrid(client_app, len(data.shards), run_config, drop=drop,
+                         node_config=device_node_config(policy or DevicePolicy()))
+    context = Context(run_id=1, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(), run_config=run_config)
+    summary = server_module.run_federation(grid, context, cfg=cfg, data=data,
+                                           progress=ProgressView(cfg.num_server_rounds, quiet=quiet))
+    summary.setdefault("timing", {})["total_seconds"] = time.perf_counter() - t0
+    return summary
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="TOML file (or name in simulations/configs/) of run-config keys and a "
+                                         f"[device] policy table (default: {DEFAULT_CONFIG})")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one run-config key (repeatable), e.g. --set num-devices=300")
+    parser.add_argument("--device-set", dest="device_overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one key of every virtual device's policy, e.g. --device-set epsilon-budget=4")
+    parser.add_argument("--run-dir", help="run folder (same as --set run-dir=...)")
+    parser.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument("--verbose", action="store_true", help="show Flower's INFO log (SecAgg+ stages)")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    if args.run_dir:
+        overrides.append(f'run-dir="{args.run_dir}"')
+    if args.resume:
+        overrides.append("resume=true")
+    import torch
+
+    torch.set_num_threads(1)  # one process per core is faster here than intra-op threads
+    cfg = build_config(args.config, overrides)
+    policy = build_policy(args.config, args.device_overrides)
+    summary = simulate(cfg, policy=policy, quiet=args.quiet, verbose=args.verbose)
+    final = summary["final"]
+    print(f"final EER {100 * final['eer']:.2f}%  gap closure {final['gap_closure']}  "
+          f"epsilon max {summary['privacy']['epsilon_max']:.3f}  -> {cfg.run_dir}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fed_nessa.sim.runner", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_from_args(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"simulate: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
