@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
+
+from fed_nessa.config import DevicePolicy
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
@@ -138,12 +140,20 @@ def wait_for_port(port: int, timeout_s: float, proc: subprocess.Popen | None = N
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s:.0f}s")
 
 
-def node_config_arg(shard_path: Path, state_dir: Path) -> str:
-    """The ``--node-config`` value pointing a SuperNode at its own shard and ledger folder."""
+def node_config_arg(shard_path: Path, state_dir: Path, policy: DevicePolicy | None = None) -> str:
+    """The ``--node-config`` value: the SuperNode's own shard, ledger folder and (optionally) policy.
+
+    The policy is the device's, never the server's run-config: it is written into the
+    ledger header at the first round and restored from it afterwards.
+    """
     for p in (shard_path, state_dir):
         if '"' in str(p):
             raise ValueError(f"{p}: a path for --node-config must not contain double quotes")
-    return f'shard-path="{shard_path}" state-dir="{state_dir}"'
+    out = f'shard-path="{shard_path}" state-dir="{state_dir}"'
+    if policy is not None:
+        out += "".join(f" {k}={str(v).lower() if isinstance(v, bool) else v}"
+                       for k, v in policy.to_node_config().items())
+    return out
 
 
 @dataclass
@@ -196,11 +206,12 @@ class LocalDeployment:
         if out.returncode != 0:
             raise RuntimeError(f"flwr supernode register {key.public} failed: {out.stdout}{out.stderr}")
 
-    def start_supernode(self, index: int, key: NodeKey, shard_path: Path, state_dir: Path) -> None:
+    def start_supernode(self, index: int, key: NodeKey, shard_path: Path, state_dir: Path,
+                        policy: DevicePolicy | None = None) -> None:
         self._spawn(f"supernode-{index}", [
             "flower-supernode", "--superlink", f"127.0.0.1:{self.port}", "--root-certificates",
             str(self.tls.ca_cert), "--auth-supernode-private-key", str(key.private), "--node-config",
-            node_config_arg(shard_path, state_dir), "--port", str(free_port())])
+            node_config_arg(shard_path, state_dir, policy), "--port", str(free_port())])
 
     def run(self, run_config: str, timeout_s: float = 900) -> subprocess.CompletedProcess:
         """``flwr run <app> <connection> --stream`` against this SuperLink."""

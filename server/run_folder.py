@@ -14,14 +14,14 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from fed_nessa.config import FederationConfig
+from fed_nessa.config import DPMode, FederationConfig
+from fed_nessa.privacy.statement import UNIT as PRIVACY_UNIT
 from fed_nessa.atomic import atomic_write_text
 
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.md"
 EER_PLOT = "eer-per-round.png"
 EPSILON_PLOT = "epsilon-per-round.png"
-PRIVACY_UNIT = "one utterance pair (x_i, y_i) on one device"
 
 TRUST_NONE = "no differential privacy: SecAgg+ hides individual updates, the aggregate is not private"
 
@@ -43,13 +43,14 @@ def privacy_block(cfg: FederationConfig, device_epsilons: dict[str, float], ledg
     from fed_nessa.privacy.statement import privacy_statement
 
     eps = sorted(device_epsilons.values())
-    if cfg.dp_mode == "none":
+    if cfg.dp_mode == DPMode.NONE:
         block: dict[str, Any] = {"unit": PRIVACY_UNIT, "mode": "none", "trust": TRUST_NONE, "delta": cfg.delta,
                                  "epsilon_budget": None, "accountant": accountant}
     else:
         block = privacy_statement(cfg.dp_mode, cfg.delta, cfg.epsilon_budget, accountant,
                                   min_arrivals=cfg.min_arrivals,
-                                  reconstruction_threshold=cfg.secagg_reconstruction_threshold)
+                                  reconstruction_threshold=cfg.secagg_reconstruction_threshold,
+                                  reproducible_noise=cfg.reproducible_noise)
     block.update({
         "epsilon_max": eps[-1] if eps else 0.0,
         "epsilon_median": statistics.median(eps) if eps else 0.0,
@@ -166,10 +167,12 @@ def render_report(summary: dict[str, Any]) -> str:
                      "non-DP NESSA gap closure.")
     lines += [
         "", "## Privacy", "",
+        *([f"- **{priv['noise_source']}**"] if priv.get("guarantee_holds") is False else []),
         f"- unit: {priv['unit']}; {priv.get('group_privacy', '')}",
         f"- mode: {priv['mode']}. Trust: {priv['trust']}",
         f"- accountant: {priv['accountant']}, delta {priv['delta']:g}, budget epsilon {priv['epsilon_budget']} "
-        "per device",
+        "per device (the run's request; each device's own policy, fixed in its ledger header, decides)",
+        *([f"- noise: {priv['noise_source']}"] if priv.get("guarantee_holds", True) else []),
         f"- epsilon over devices: max {priv['epsilon_max']:.3f}, median {priv['epsilon_median']:.3f}; all within "
         f"budget: {priv['devices_within_budget']}",
         "- per-device ledgers: see `privacy.device_ledgers` in summary.json",

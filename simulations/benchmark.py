@@ -38,36 +38,35 @@ def _per_round(summary: dict[str, Any]) -> dict[str, float]:
             "rounds": len(secs), "participants": [r["participants"] for r in summary["rounds"]]}
 
 
-def bench_inprocess(cfg: Any) -> dict[str, Any]:
+def bench_inprocess(cfg: Any, policy: Any = None) -> dict[str, Any]:
     from fed_nessa.sim.runner import simulate
 
     t0 = time.perf_counter()
-    summary = simulate(cfg, quiet=True)
+    summary = simulate(cfg, policy=policy, quiet=True)
     return {"engine": "in-process Grid", "wall_s": time.perf_counter() - t0, **_per_round(summary),
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def bench_fractional_shares(cfg: Any, shares: float, threshold: float) -> dict[str, Any]:
+def bench_fractional_shares(cfg: Any, shares: float, threshold: float, policy: Any = None) -> dict[str, Any]:
     """The same in-process run with Flower's fractional SecAgg+ shares (a fraction of the cohort).
 
     Only the workflow's ``num_shares``/``reconstruction_threshold`` change (fractions, as
     Flower accepts them): everything else, cohort and data included, is identical.
     """
-    from flwr.server.workflow import SecAggPlusWorkflow
-
     from server import secagg_round
 
     original = secagg_round.make_workflow
 
-    def fractional(c: Any) -> SecAggPlusWorkflow:
-        wf = original(c)
-        return SecAggPlusWorkflow(num_shares=shares, reconstruction_threshold=threshold, max_weight=wf.max_weight,
-                                  clipping_range=wf.clipping_range, quantization_range=wf.quantization_range,
-                                  modulus_range=wf.modulus_range, timeout=wf.timeout)
+    def fractional(c: Any, min_release: int) -> secagg_round.GuardedSecAggPlusWorkflow:
+        wf = original(c, min_release)
+        return secagg_round.GuardedSecAggPlusWorkflow(
+            min_release=min_release, num_shares=shares, reconstruction_threshold=threshold,
+            max_weight=wf.max_weight, clipping_range=wf.clipping_range, quantization_range=wf.quantization_range,
+            modulus_range=wf.modulus_range, timeout=wf.timeout)
 
     secagg_round.make_workflow = fractional
     try:
-        result = bench_inprocess(cfg.replace(run_dir=cfg.run_dir + "-fractional"))
+        result = bench_inprocess(cfg.replace(run_dir=cfg.run_dir + "-fractional"), policy)
     finally:
         secagg_round.make_workflow = original
     return {**result, "engine": f"in-process Grid, num_shares={shares} (fraction), threshold={threshold} (fraction)"}
@@ -105,7 +104,7 @@ def bench_ray(cfg: Any, home: Path) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from fed_nessa.sim.runner import build_config
+    from fed_nessa.sim.runner import build_config, build_policy
 
     parser = argparse.ArgumentParser(prog="python -m simulations.benchmark", description=__doc__.split("\n")[0])
     parser.add_argument("--config")
@@ -121,12 +120,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     cfg = build_config(args.config, args.overrides)
+    policy = build_policy(args.config)
     out = {"config": {k: v for k, v in cfg.to_run_config().items()
                       if k in ("num-devices", "clients-per-round", "num-server-rounds", "dp-mode",
                                "secagg-num-shares", "secagg-reconstruction-threshold", "hidden", "depth")},
-           "in_process": bench_inprocess(cfg)}
+           "in_process": bench_inprocess(cfg, policy)}
     if args.fractional_shares:
-        out["fractional_shares"] = bench_fractional_shares(cfg, args.fractional_shares, args.fractional_threshold)
+        out["fractional_shares"] = bench_fractional_shares(cfg, args.fractional_shares, args.fractional_threshold,
+                                                         policy)
         out["ratio_fractional_over_integer_later_rounds"] = (
             out["fractional_shares"]["later_rounds_median_s"] / out["in_process"]["later_rounds_median_s"])
         out["ratio_fractional_over_integer_first_round"] = (

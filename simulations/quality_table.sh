@@ -11,6 +11,10 @@ common="--set secagg-num-shares=11 --set secagg-reconstruction-threshold=6 --set
 run() { local name=$1; shift; echo "$(date +%T) $name"; "$VENV/bin/fed-nessa" simulate --quiet $common "$@" --run-dir "results/$name"; }
 min_arrivals() { [ "$1" = 1000 ] && echo 50 || echo 15; }
 cohort() { [ "$1" = 1000 ] && echo 100 || echo 30; }
+# Each device's own policy (--device-set): its budget and the g its noise share is sized for, which
+# must not exceed any round's promised g = max(min-arrivals, ceil(0.8 x sampled cohort)).
+g_all() { [ "$1" = 1000 ] && echo 800 || echo 240; }
+g_cohort() { [ "$1" = 1000 ] && echo 80 || echo 24; }
 # "eps sigma_stats_alone sigma_stats_split sigma_dpsgd"
 specs=("8 0.64 1.0 1.5" "3 1.5 2.0 2.5" "1 4.05 5.0 5.0")
 for nd in 1000 300; do
@@ -18,27 +22,30 @@ for nd in 1000 300; do
     read -r eps s_all s_split s_sgd <<< "$spec"
     run "fed-synth-${nd}dev-linear-eps$eps" --set num-devices="$nd" --set clients-per-round="$nd" \
       --set min-arrivals="$(min_arrivals "$nd")" --set epsilon-budget="$eps" --set dp-mode=distributed \
-      --set suffstats-noise-multiplier="$s_all" --set num-server-rounds=1
+      --set suffstats-noise-multiplier="$s_all" --set num-server-rounds=1 \
+      --device-set epsilon-budget="$eps" --device-set guaranteed-arrivals="$(g_all "$nd")"
     run "fed-synth-${nd}dev-distributed-eps$eps" --set num-devices="$nd" --set clients-per-round="$(cohort "$nd")" \
       --set min-arrivals="$(min_arrivals "$nd")" --set epsilon-budget="$eps" --set dp-mode=distributed \
-      --set suffstats-noise-multiplier="$s_split" --set noise-multiplier="$s_sgd" --set num-server-rounds=6
+      --set suffstats-noise-multiplier="$s_split" --set noise-multiplier="$s_sgd" --set num-server-rounds=6 \
+      --device-set epsilon-budget="$eps" --device-set guaranteed-arrivals="$(g_cohort "$nd")"
     run "fed-synth-${nd}dev-local-eps$eps" --set num-devices="$nd" --set clients-per-round="$(cohort "$nd")" \
       --set min-arrivals="$(min_arrivals "$nd")" --set epsilon-budget="$eps" --set dp-mode=local \
-      --set suffstats-noise-multiplier="$s_split" --set noise-multiplier="$s_sgd" --set num-server-rounds=4 --set lr=0.05
+      --set suffstats-noise-multiplier="$s_split" --set noise-multiplier="$s_sgd" --set num-server-rounds=4 --set lr=0.05 \
+      --device-set epsilon-budget="$eps" --device-set guaranteed-arrivals="$(g_cohort "$nd")"
   done
 done
 # Real dev data: 8 households built from its 35 train voices, evaluated on 15 held-out voices.
 real="--set data-source=real-dev --set enroll-model=resemblyzer --set runtime-model=campp --set num-devices=8
       --set clients-per-round=8 --set min-arrivals=4 --set min-arrival-fraction=0.5 --set secagg-num-shares=5
-      --set secagg-reconstruction-threshold=3 --set batch-size=16"
-run fed-real-dev-nodp $real --set dp-mode=none --set num-server-rounds=1
+      --set secagg-reconstruction-threshold=3 --set batch-size=16 --device-set guaranteed-arrivals=4"
+run fed-real-dev-nodp $real --set dp-mode=none --set num-server-rounds=1 --device-set allow-non-dp=true
 for spec in "${specs[@]}"; do
   read -r eps s_all s_split s_sgd <<< "$spec"
   run "fed-real-dev-linear-eps$eps" $real --set epsilon-budget="$eps" --set dp-mode=distributed \
-    --set suffstats-noise-multiplier="$s_all" --set num-server-rounds=1
+    --set suffstats-noise-multiplier="$s_all" --set num-server-rounds=1 --device-set epsilon-budget="$eps"
   run "fed-real-dev-distributed-eps$eps" $real --set epsilon-budget="$eps" --set dp-mode=distributed \
-    --set suffstats-noise-multiplier="$s_split" --set noise-multiplier="$s_sgd" --set num-server-rounds=6
+    --set suffstats-noise-multiplier="$s_split" --set noise-multiplier="$s_sgd" --set num-server-rounds=6 --device-set epsilon-budget="$eps"
   run "fed-real-dev-local-eps$eps" $real --set epsilon-budget="$eps" --set dp-mode=local \
-    --set suffstats-noise-multiplier="$s_split" --set noise-multiplier="$s_sgd" --set num-server-rounds=4 --set lr=0.05
+    --set suffstats-noise-multiplier="$s_split" --set noise-multiplier="$s_sgd" --set num-server-rounds=4 --set lr=0.05 --device-set epsilon-budget="$eps"
 done
 "$VENV/bin/python" -m simulations.results_table results/fed-*

@@ -18,6 +18,7 @@ from fed_nessa.model.training import (
     noisy_gradient_sum,
     train_local,
 )
+from fed_nessa.privacy.noise import ReproducibleNoise
 
 
 def _data(n: int = 40, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -42,14 +43,23 @@ def test_plain_training_reduces_loss() -> None:
 
 def test_dp_steps_rate_and_determinism() -> None:
     x, y = _data(n=50)
-    cfg, dp = TrainConfig(epochs=2, batch_size=10, seed=3), DPConfig(noise_multiplier=1.0, max_grad_norm=0.5)
+    cfg = TrainConfig(epochs=2, batch_size=10, seed=3)
+
+    def dp(noise: ReproducibleNoise | None = None) -> DPConfig:
+        return DPConfig(noise_multiplier=1.0, max_grad_norm=0.5, noise=noise)
+
     a, b = _net(), _net()
-    ra = train_local(a, x, y, cfg, dp)
-    train_local(b, x, y, cfg, dp)
+    ra = train_local(a, x, y, cfg, dp(ReproducibleNoise(3)))  # a fresh stream per run: same seed, same draws
+    train_local(b, x, y, cfg, dp(ReproducibleNoise(3)))
     assert (ra.steps, ra.sample_rate, ra.noise_multiplier, ra.max_grad_norm) == (10, 0.2, 1.0, 0.5)
     assert ra.steps == dp_steps(50, 10, 2) and dp_sample_rate(50, 10) == 0.2
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+    # The default source is the OS CSPRNG: the same seed must NOT give the same noise.
+    c, d = _net(), _net()
+    train_local(c, x, y, cfg, dp())
+    train_local(d, x, y, cfg, dp())
+    assert any(not torch.equal(p, q) for p, q in zip(c.parameters(), d.parameters()))
 
 
 def test_model_is_reusable_after_dp_round() -> None:
@@ -80,13 +90,16 @@ def test_empty_poisson_batches_still_add_noise() -> None:
 def test_noisy_gradient_sum_is_exact_without_noise_and_noise_has_right_scale() -> None:
     x, y = _data(n=20)
     net = _net(train_linear=False)
-    exact = noisy_gradient_sum(net, x, y, batch_size=20, noise_multiplier=0.0, max_grad_norm=1e6, seed=0)
+    exact = noisy_gradient_sum(net, x, y, batch_size=20, noise_multiplier=0.0, max_grad_norm=1e6,
+                               noise=ReproducibleNoise(0))
     net.zero_grad()
     cosine_loss(net(torch.from_numpy(y)), torch.from_numpy(x)).sum().backward()
     ref = torch.cat([p.grad.reshape(-1) for p in net.parameters() if p.requires_grad]).numpy()
     np.testing.assert_allclose(exact, ref, atol=1e-5)
-    noisy = noisy_gradient_sum(net, x, y, batch_size=20, noise_multiplier=2.0, max_grad_norm=0.5, seed=0)
-    clipped = noisy_gradient_sum(net, x, y, batch_size=20, noise_multiplier=0.0, max_grad_norm=0.5, seed=0)
+    noisy = noisy_gradient_sum(net, x, y, batch_size=20, noise_multiplier=2.0, max_grad_norm=0.5,
+                               noise=ReproducibleNoise(0))
+    clipped = noisy_gradient_sum(net, x, y, batch_size=20, noise_multiplier=0.0, max_grad_norm=0.5,
+                                 noise=ReproducibleNoise(0))
     noise = noisy - clipped
     assert abs(noise.std() - 1.0) < 0.15  # sigma * C = 2.0 * 0.5
 

@@ -312,7 +312,7 @@ class EmbeddingSet:
 
 def repo_root() -> Path:
     """The repository root (the folder above the package)."""
-    return Path(__file__).resolve().parents[1]
+    return Path(__file__).resolve().parents[2]
 
 
 def resolve_real_folder(folder: str) -> Path:

@@ -30,6 +30,23 @@ SECAGG_DOES_NOT_HIDE = ("SecAgg+ does not hide participation (which devices join
                         "aggregate itself (which the DP noise protects)")
 
 
+NOISE_SECURE = ("every Gaussian noise draw and every Poisson sample is drawn on the device from the OS CSPRNG "
+                "(fresh bytes per draw, no seed); residual risk: floating-point Gaussian samplers can leak "
+                "through low-order bits (Mironov, CCS 2012)")
+NOISE_REPRODUCIBLE = ("REPRODUCIBLE NOISE (simulation key reproducible-noise = true): the noise is derived from a "
+                      "public seed and can be recomputed and subtracted, so NO differential-privacy guarantee "
+                      "holds for this run; the epsilons below are what the mechanisms would give with secret noise")
+WHO_SETS_WHAT = ("each device's policy (epsilon budget, delta, smallest noise multipliers, g, payload bound, "
+                 "participation limit) comes from the device's own node config and is fixed in its ledger "
+                 "header at first open; the server's run-config only asks, and a request beyond a device's "
+                 "policy is declined with the reason")
+MALICIOUS_DEVICE = ("SecAgg+ here is semi-honest and validates no input: a malicious device can send any vector "
+                    "inside the quantization range (bias or destroy the aggregate's utility, write any value "
+                    "into the diagnostic saturation count) and can add no noise; in distributed mode each such "
+                    "device among the g arrivals lowers the released noise std to sigma*sqrt((g-k)/g) for k of "
+                    "them. It cannot read other devices' updates or change their ledgers")
+
+
 def group_privacy(epsilon: float, delta: float, k: int) -> tuple[float, float]:
     """(k*eps, k*e^((k-1)*eps)*delta): the standard group-privacy bound for k pairs."""
     if k < 1:
@@ -55,7 +72,8 @@ def trust_statement(mode: str, min_arrivals: int | None = None,
         return ("distributed: each device adds only a share of the noise; the full noise exists only in "
                 f"the secure sum. The guarantee against the server assumes SecAgg+ holds{threshold}: "
                 "fewer colluding devices than the threshold with an honest-but-curious server that "
-                f"follows the protocol and releases no aggregate of fewer than {arrivals} devices; "
+                f"follows the protocol and unmasks no aggregate of fewer than {arrivals} devices (checked "
+                "before the unmasking shares are requested); "
                 "noise is accounted only from the shares guaranteed to arrive. Against an observer of "
                 "the released aggregate (other devices, the model's users) it needs only that the "
                 "server follows the protocol. If SecAgg+ fails (the server sees an individual update, "
@@ -66,7 +84,8 @@ def trust_statement(mode: str, min_arrivals: int | None = None,
 
 def privacy_statement(mode: str, delta: float, epsilon_budget: float | None, accountant: str,
                       *, min_arrivals: int | None = None,
-                      reconstruction_threshold: int | None = None) -> dict[str, Any]:
+                      reconstruction_threshold: int | None = None,
+                      reproducible_noise: bool = False) -> dict[str, Any]:
     """The ``summary.json["privacy"]`` statement (callers add measured epsilons to it)."""
     if accountant not in ACCOUNTANTS:
         raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
@@ -89,4 +108,8 @@ def privacy_statement(mode: str, delta: float, epsilon_budget: float | None, acc
                           "and much worse delta for large k"),
         "secure_aggregation_hides": SECAGG_HIDES,
         "secure_aggregation_does_not_hide": SECAGG_DOES_NOT_HIDE,
+        "guarantee_holds": not reproducible_noise,
+        "noise_source": NOISE_REPRODUCIBLE if reproducible_noise else NOISE_SECURE,
+        "who_sets_what": WHO_SETS_WHAT,
+        "malicious_device": MALICIOUS_DEVICE,
     }
