@@ -28,14 +28,14 @@ import numpy as np
 import torch
 from torch.func import functional_call, grad, vmap
 
+from fed_nessa.data.synthetic import generate_population
+from fed_nessa.evaluation.protocol import evaluate_trials
 from fed_nessa.federated import suffstats
 from fed_nessa.model.aligners.nessa import NessaConfig, NessaNet
-from fed_nessa.evaluation.protocol import evaluate_trials
 from fed_nessa.model.losses import get_loss
+from fed_nessa.model.training import dp_sample_rate
 from fed_nessa.privacy.accounting import compute_epsilon
 from fed_nessa.privacy.events import DISTRIBUTED, DP_SGD, GAUSSIAN_SUM, DPEvent
-from fed_nessa.data.synthetic import generate_population
-from fed_nessa.model.training import dp_sample_rate
 
 
 def parse() -> argparse.Namespace:
@@ -114,7 +114,8 @@ def main() -> None:
     opt = (torch.optim.Adam(params.values(), lr=a.lr) if a.optimizer == "adam"
            else torch.optim.SGD(params.values(), lr=a.lr, momentum=0.9))
     ref = {"start": evaluate()}
-    print(f"linear start EER {100 * ref['start']:.2f} %  trainable {sum(v.numel() for v in params.values())}", flush=True)
+    n_trainable = sum(v.numel() for v in params.values())
+    print(f"linear start EER {100 * ref['start']:.2f} %  trainable {n_trainable}", flush=True)
     used, declined, t0 = np.zeros(len(devs), int), 0, time.time()
     for r in range(1, a.rounds + 1):
         cohort = rng.choice(len(devs), min(a.cohort, len(devs)), replace=False)

@@ -19,9 +19,9 @@ import math
 
 import numpy as np
 
-from fed_nessa.federated import suffstats
-from fed_nessa.evaluation.protocol import evaluate_trials
 from fed_nessa.data.synthetic import generate_population
+from fed_nessa.evaluation.protocol import evaluate_trials
+from fed_nessa.federated import suffstats
 
 
 def main() -> None:

@@ -44,8 +44,16 @@ from fed_nessa.config import FederationConfig, Phase, ReplyStatus, from_run_conf
 from fed_nessa.errors import FedNessaError
 from fed_nessa.federated.codec import CONSTANT_WEIGHT, SecAggCodec
 from fed_nessa.federated.device import RoundRequest
-from fed_nessa.federated.protocol import (DEVICE_ID_REPLY_KEY, PHASE_KEY, PLAN_RECORD, PROMISED_ARRIVALS_KEY,
-                                          REPLY_METRIC_KEYS, ROUND_KEY, STATUS_KEY, locate)
+from fed_nessa.federated.protocol import (
+    DEVICE_ID_REPLY_KEY,
+    PHASE_KEY,
+    PLAN_RECORD,
+    PROMISED_ARRIVALS_KEY,
+    REPLY_METRIC_KEYS,
+    ROUND_KEY,
+    STATUS_KEY,
+    locate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +71,9 @@ def _request(config: Mapping[str, Any]) -> RoundRequest:
     return RoundRequest(Phase(str(config[PHASE_KEY])), int(config[ROUND_KEY]), int(config[PROMISED_ARRIVALS_KEY]))
 
 
-def _safe_metrics(metrics: Mapping[str, Any]) -> dict[str, float | int | str]:
+def _safe_metrics(metrics: Mapping[str, Any]) -> dict[str, bool | bytes | float | int | str]:
     """Keep only the contract's metric keys with scalar values (see module doc)."""
-    out: dict[str, float | int | str] = {}
+    out: dict[str, bool | bytes | float | int | str] = {}
     for key, value in metrics.items():
         if key not in REPLY_METRIC_KEYS:
             log.debug("dropping metric %r from the reply: not in the reply contract", key)

@@ -9,8 +9,8 @@ ClientApp can also answer the light pre-round ``query`` (plan) message.
 from __future__ import annotations
 
 from flwr.app import Context, Message
-from flwr.clientapp.typing import ClientAppCallable
 from flwr.client.mod import secaggplus_mod
+from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 

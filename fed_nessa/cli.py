@@ -10,9 +10,10 @@ from collections.abc import Sequence
 
 from fed_nessa import __version__
 from fed_nessa import commands as _commands
+from fed_nessa.errors import FedNessaError
 
 
-class CliError(Exception):
+class CliError(FedNessaError):
     """A user-facing error: printed as one line, exit status 2, no traceback."""
 
 
@@ -37,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (CliError, ValueError, FileNotFoundError) as exc:
+    except (FedNessaError, ValueError, FileNotFoundError) as exc:
         # ValueError covers ShardError/ConfigError: they already name the file and fault.
         print(f"fed-nessa {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -23,23 +23,31 @@ from __future__ import annotations
 
 import logging
 import statistics
-from collections import Counter
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app.typing import ConfigRecordValues as ConfigRecordValue
 from flwr.serverapp.grid import Grid
 
 from fed_nessa.config import FederationConfig, Phase, ReplyStatus, RoundStatus, from_run_config
 from fed_nessa.data.population import SCENARIO, FederationData, load_federation_data
 from fed_nessa.errors import FedNessaError
 from fed_nessa.federated.codec import make_codec, saturation_note
-from fed_nessa.federated.protocol import (DEVICE_ID_REPLY_KEY, PHASE_KEY, PLAN_RECORD, PROMISED_ARRIVALS_KEY,
-                                          ROUND_KEY, STATUS_KEY, shard_folder)
+from fed_nessa.federated.protocol import (
+    DEVICE_ID_REPLY_KEY,
+    PHASE_KEY,
+    PLAN_RECORD,
+    PROMISED_ARRIVALS_KEY,
+    ROUND_KEY,
+    STATUS_KEY,
+    shard_folder,
+)
 from fed_nessa.federated.release import may_start, promised_arrivals
 from fed_nessa.federated.server_model import ServerModel
 from server import run_folder
@@ -86,7 +94,7 @@ def sample_cohort(node_ids: list[int], cfg: FederationConfig, round_num: int, ph
     return sorted(nodes[i] for i in rng.choice(len(nodes), size=k, replace=False))
 
 
-def round_config(phase: Phase, round_num: int, promised: int) -> dict[str, str | int]:
+def round_config(phase: Phase, round_num: int, promised: int) -> dict[str, ConfigRecordValue]:
     """What every device of a round is told (plan and fit config alike)."""
     return {PHASE_KEY: str(phase), ROUND_KEY: round_num, PROMISED_ARRIVALS_KEY: promised}
 
@@ -108,7 +116,7 @@ def plan_round(grid: Grid, cfg: FederationConfig, phase: Phase, round_num: int, 
         rec = reply.content.config_records[PLAN_RECORD]
         plan.device_ids[nid] = str(rec.get(DEVICE_ID_REPLY_KEY, nid))
         if "epsilon_spent" in rec:
-            plan.epsilons[nid] = float(rec["epsilon_spent"])
+            plan.epsilons[nid] = float(cast(float, rec["epsilon_spent"]))
         if rec.get(STATUS_KEY) == ReplyStatus.OK:
             plan.accepted.append(nid)
         else:
@@ -204,7 +212,7 @@ class Federation:
                 status, note = RoundStatus.REFUSED, res.refused
             elif not res.completed:
                 status, note = RoundStatus.ABORTED, "SecAgg+ halted (too many drop-outs for its threshold)"
-            else:
+            elif res.sum_vector is not None:
                 saturated = res.saturated
                 self.saturated_total += saturated
                 diag = saturation_note(saturated, r)
@@ -231,7 +239,8 @@ class Federation:
                              "decline_reasons": dict(Counter(plan.reasons.values()))})
         eps_all = list(self.device_epsilon.values()) or [0.0]
         return {
-            "round": r, "phase": str(phase), "status": str(status), "note": note, **{k: fed[k] for k in ("eer", "min_dcf", "sid_top1")},
+            "round": r, "phase": str(phase), "status": str(status), "note": note,
+            **{k: fed[k] for k in ("eer", "min_dcf", "sid_top1")},
             "gap_closure": fed["gap_closure"], "participants": len(arrived), "declined": len(plan.declined),
             "failed": len(failed), "sampled": len(plan.accepted) + len(plan.declined) + len(plan.failed),
             "saturated": saturated, "epsilon_max": max(eps_all), "epsilon_median": statistics.median(eps_all),

@@ -14,9 +14,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from fed_nessa.atomic import atomic_write_text
 from fed_nessa.config import DPMode, FederationConfig
 from fed_nessa.privacy.statement import UNIT as PRIVACY_UNIT
-from fed_nessa.atomic import atomic_write_text
 
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.md"

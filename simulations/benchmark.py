@@ -53,12 +53,13 @@ def bench_fractional_shares(cfg: Any, shares: float, threshold: float, policy: A
     Only the workflow's ``num_shares``/``reconstruction_threshold`` change (fractions, as
     Flower accepts them): everything else, cohort and data included, is identical.
     """
+    from fed_nessa.config import FederationConfig
     from server import secagg_round
 
     original = secagg_round.make_workflow
 
-    def fractional(c: Any, min_release: int) -> secagg_round.GuardedSecAggPlusWorkflow:
-        wf = original(c, min_release)
+    def fractional(cfg: FederationConfig, min_release: int) -> secagg_round.GuardedSecAggPlusWorkflow:
+        wf = original(cfg, min_release)
         return secagg_round.GuardedSecAggPlusWorkflow(
             min_release=min_release, num_shares=shares, reconstruction_threshold=threshold,
             max_weight=wf.max_weight, clipping_range=wf.clipping_range, quantization_range=wf.quantization_range,

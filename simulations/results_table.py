@@ -14,8 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-HEADER = ("| data | devices | mode | noise | ε budget | σ stats / σ DP-SGD | rounds | EER after start % | final EER % "
-          "| gap closure | share of centralised NESSA's | centralised NESSA EER % (gap) | centralised ridge EER % (gap) "
+HEADER = ("| data | devices | mode | noise | ε budget | σ stats / σ DP-SGD | rounds | EER after start % "
+          "| final EER % | gap closure | share of centralised NESSA's | centralised NESSA EER % (gap) "
+          "| centralised ridge EER % (gap) "
           "| ε max / median | declined | s: stats round / later rounds |")
 ALIGN = "|---|---:|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 

@@ -18,10 +18,12 @@ from fed_nessa.config import DevicePolicy, DPMode, FederationConfig, LinearStart
 from fed_nessa.data.shards import Shard, make_shard
 from fed_nessa.federated.device import (SUFFSTATS_SENSITIVITY, RoundRequest, client_round, noise_std, plan_round,
                                         planned_event, policy_refusal, suffstats_vector)
+from fed_nessa.federated.layout import build_net, load_flat
 from fed_nessa.federated.server_model import ServerModel
 from fed_nessa.model.aligners.base import l2_normalize
 from fed_nessa.privacy.ledger import DeviceLedger
-from fed_nessa.privacy.noise import REPRODUCIBLE_WARNING
+from fed_nessa.model.training import noisy_gradient_sum
+from fed_nessa.privacy.noise import REPRODUCIBLE_WARNING, ReproducibleNoise
 
 # The real, validated config with small test-sized values.
 _TEST_DEFAULTS = dict(num_server_rounds=3, batch_size=8, lr=0.01, server_lr=1.0, noise_multiplier=1.0,
@@ -132,23 +134,23 @@ def test_failure_is_still_recorded(tmp_path: Path) -> None:
 
 
 def _dpsgd_noise(tmp_path: Path, cfg: FederationConfig, policy: DevicePolicy, promised: int) -> np.ndarray:
-    """The noise share of one distributed DP-SGD vector: same Poisson sample (reproducible
-    stream, same device id and round), once with the round's sigma and once with ~0."""
+    """The noise share in one distributed DP-SGD vector: the device's vector (reproducible stream)
+    minus the clipped-gradient sum of the same Poisson sample (the same stream, no noise)."""
     s = _shards(1)[0]
     cfg = cfg.replace(reproducible_noise=True)
-    quiet_policy = replace(policy, min_noise_multiplier=0.0)
     vector = ServerModel(cfg, 5, 4, "X", "Y").vector()
-    noisy = client_round(req(promised=promised), s, vector, cfg, _ledger(tmp_path / "a", policy=quiet_policy),
-                         quiet_policy).vector
-    quiet = client_round(req(promised=promised), s, vector, cfg.replace(noise_multiplier=1e-9),
-                         _ledger(tmp_path / "b", policy=quiet_policy), quiet_policy).vector
-    return (noisy - quiet).astype(np.float64)
+    noisy = client_round(req(promised=promised), s, vector, cfg, _ledger(tmp_path, "d", policy), policy).vector
+    net = build_net(cfg, 5, 4)
+    load_flat(list(net.parameters()), vector)
+    clipped = noisy_gradient_sum(net, s.enroll, s.runtime, batch_size=cfg.batch_size, noise_multiplier=0.0,
+                                 max_grad_norm=cfg.clip_norm, noise=ReproducibleNoise(cfg.seed, "device", "d", 1))
+    return (noisy - clipped).astype(np.float64)
 
 
 def test_distributed_noise_share_is_calibrated(tmp_path: Path) -> None:
     cfg = Cfg(linear_start=LinearStart.NONE, noise_multiplier=2.0, clip_norm=0.5)
     noise = _dpsgd_noise(tmp_path, cfg, POLICY, promised=4)
-    assert noise.size > 200
+    assert noise.size > 100
     assert abs(float(np.std(noise)) - 2.0 * 0.5 / math.sqrt(4)) < 0.1  # sigma * C / sqrt(g) = 0.5
 
 
@@ -160,26 +162,26 @@ def test_a_reopened_ledger_keeps_its_policy_and_declines_a_raised_budget(tmp_pat
     nothing: the header's policy is restored and the device declines once its own budget is
     spent. (c5b415a opened the ledger without a budget and took it from each run's config.)
     """
-    cfg = Cfg(dp_mode=DPMode.LOCAL, linear_start=LinearStart.NONE, noise_multiplier=0.5, local_epochs=1,
-              epsilon_budget=3.0)
+    cfg = Cfg(dp_mode=DPMode.LOCAL, linear_start=LinearStart.NONE, noise_multiplier=2.0, local_epochs=1,
+              epsilon_budget=2.2)
     s = _shards(1)[0]
-    own = replace(POLICY, epsilon_budget=3.0)
+    own = replace(POLICY, epsilon_budget=2.2)  # two rounds of eps ~1.6, ~2.1; a third would be ~2.5
     first = _ledger(tmp_path, policy=own)
     vector = ServerModel(cfg, 5, 4, "X", "Y").vector()
     spent = 0
     while client_round(req(round_num=spent + 1), s, vector, cfg, first, own).status == ReplyStatus.OK:
         spent += 1
-    assert spent >= 1
+    assert spent == 2
     eps = first.epsilon(own.delta)
     raised = replace(own, epsilon_budget=100.0)
     reopened = _ledger(tmp_path, policy=raised)
-    assert reopened.policy == own and reopened.budget.epsilon == 3.0  # the header's, not the one passed in
-    for asked in (3.0, 100.0):
+    assert reopened.policy == own and reopened.budget.epsilon == 2.2  # the header's, not the one passed in
+    for asked in (2.2, 100.0):
         out = client_round(req(round_num=spent + 1), s, vector, cfg.replace(epsilon_budget=asked), reopened, raised)
         assert out.status == ReplyStatus.DECLINED and out.vector is None
     assert reopened.epsilon(own.delta) == eps and len(reopened.events()) == spent
     header = reopened.entries()[0]["payload"]
-    assert header["policy"]["epsilon_budget"] == 3.0 and header["budget"]["epsilon"] == 3.0
+    assert header["policy"]["epsilon_budget"] == 2.2 and header["budget"]["epsilon"] == 2.2
 
 
 def test_a_larger_budget_in_the_run_config_is_declined_with_the_reason(tmp_path: Path) -> None:
@@ -193,8 +195,10 @@ def test_a_larger_budget_in_the_run_config_is_declined_with_the_reason(tmp_path:
     out = client_round(req(Phase.SUFFSTATS), s, np.zeros(1, np.float32), cfg.replace(delta=1e-4), ledger, POLICY)
     assert out.status == ReplyStatus.DECLINED and "delta" in str(out.metrics["reason"])
     assert ledger.events() == []
-    # A smaller request tightens it: accepted.
-    assert plan_round(req(Phase.SUFFSTATS), s, cfg.replace(epsilon_budget=2.0), ledger, POLICY).status == "ok"
+    # A smaller request tightens it: accepted while within it, declined beyond it.
+    assert plan_round(req(), s, cfg.replace(epsilon_budget=4.0), ledger, POLICY).status == ReplyStatus.OK  # ~3.1
+    tight = plan_round(req(Phase.SUFFSTATS), s, cfg.replace(epsilon_budget=4.0), ledger, POLICY)  # ~8.0
+    assert tight.status == ReplyStatus.DECLINED and "budget" in str(tight.metrics["reason"])
 
 
 @pytest.mark.parametrize(("phase", "changes", "fragment"), [

@@ -40,8 +40,8 @@ DEFAULT_HEADROOM = 0.5
 MAX_SATURATION_CAP = 255
 
 
-class SaturationError(RuntimeError):
-    """The secure sum reports coordinates clipped by SecAgg+'s quantizer: the aggregate is wrong."""
+class SaturationError(FedNessaError, RuntimeError):
+    """A device's vector would be clipped by SecAgg+'s quantization range: it is not sent."""
 
 
 @dataclass(frozen=True)

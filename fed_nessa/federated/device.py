@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fed_nessa.config import DevicePolicy, DPMode, FederationConfig, LinearStart, Phase, ReplyStatus
+from fed_nessa.config import DevicePolicy, DPMode, FederationConfig, Phase, ReplyStatus
 from fed_nessa.data.shards import Shard
 from fed_nessa.federated import suffstats
 from fed_nessa.federated.layout import build_net, flat, load_flat, trainable

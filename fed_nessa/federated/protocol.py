@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flwr.common.constant import NUM_PARTITIONS_KEY, PARTITION_ID_KEY
+from flwr.common.constant import NUM_PARTITIONS_KEY as NUM_PARTITIONS_KEY
+from flwr.common.constant import PARTITION_ID_KEY as PARTITION_ID_KEY
 
 from fed_nessa.config import BUILTIN_DATA_SOURCES, FederationConfig
 from fed_nessa.data.shards import SHARD_SUFFIX, ShardError, shard_paths

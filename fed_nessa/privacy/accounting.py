@@ -122,9 +122,9 @@ def _rdp_total(groups: History) -> np.ndarray:
 
 
 def _rdp_epsilon(rdp: np.ndarray, delta: float) -> float:
-    from opacus.accountants.analysis import rdp as rdp_analysis
-
     import warnings
+
+    from opacus.accountants.analysis import rdp as rdp_analysis
 
     with warnings.catch_warnings():
         # "optimal order is the largest/smallest alpha": the bound is still valid, only looser.

@@ -115,7 +115,8 @@ def _parse(path: Path, lineno: int, raw: bytes, faults: list[ChainFault]) -> dic
     try:
         entry = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        faults.append(ChainFault(str(path), lineno, None, "parse", f"not valid JSON ({exc.msg})"))
+        why = exc.reason if isinstance(exc, UnicodeDecodeError) else exc.msg
+        faults.append(ChainFault(str(path), lineno, None, "parse", f"not valid JSON ({why})"))
         return None
     if not isinstance(entry, dict):
         faults.append(ChainFault(str(path), lineno, None, "parse", "line is not a JSON object"))

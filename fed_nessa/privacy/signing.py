@@ -18,8 +18,10 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from fed_nessa.errors import FedNessaError
 
-class KeyFileError(ValueError):
+
+class KeyFileError(FedNessaError, ValueError):
     """A key file that is missing, unreadable or not an Ed25519 key."""
 
 

@@ -26,16 +26,22 @@ import importlib
 import logging
 import sys
 import time
-import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import tomllib
 from flwr.app import Context, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.common.constant import NUM_PARTITIONS_KEY, PARTITION_ID_KEY, SUPERLINK_NODE_ID
 
-from fed_nessa.config import BUILTIN_DATA_SOURCES, DevicePolicy, FederationConfig, from_run_config, policy_from_node_config
-from fed_nessa.federated.protocol import NUM_PARTITIONS_KEY, PARTITION_ID_KEY, shard_folder
+from fed_nessa.config import (
+    BUILTIN_DATA_SOURCES,
+    DevicePolicy,
+    FederationConfig,
+    from_run_config,
+    policy_from_node_config,
+)
+from fed_nessa.federated.protocol import shard_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "simulations" / "configs"

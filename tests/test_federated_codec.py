@@ -1,11 +1,11 @@
-"""SecAgg+ codec: scaling into range, exact saturation totals through quantization, decode."""
+"""SecAgg+ codec: scaling into range, decode, and a saturated vector refused on the device."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from fed_nessa.federated.codec import SaturationError, SecAggCodec, check_saturation, make_codec
+from fed_nessa.federated.codec import SaturationError, SecAggCodec, make_codec, saturation_note
 
 
 def quantize_sum(payloads: list[np.ndarray], codec: SecAggCodec, rng: np.random.Generator) -> np.ndarray:
@@ -30,19 +30,38 @@ def test_decode_recovers_the_sum_within_the_stated_error() -> None:
     assert total.dtype == np.float32 and total.shape == (200,)
 
 
-def test_saturation_total_is_exact_and_anonymous() -> None:
+def test_a_vector_that_would_saturate_fails_on_the_device() -> None:
+    """Defect 4: saturation is caught by the device before anything is masked or sent.
+
+    c5b415a let a device encode a saturated vector (the coordinates clipped silently by
+    SecAgg+), counted it in the extra coordinate and had the SERVER raise for the whole
+    round, so one device could halt every round.
+    """
+    codec = make_codec(payload_bound=1.0, clipping_range=8.0, quantization_range=2**22, cohort=300)
+    v = np.random.default_rng(1).uniform(-1, 1, 64)
+    payload, count = codec.encode(v)
+    assert count == 0 and payload[-1] == 0.0 and len(payload) == 65
+    v[:5] = 100.0  # 5 coordinates beyond the range after scaling
+    with pytest.raises(SaturationError, match="5 coordinate"):
+        codec.encode(v)
+    edge = np.full(3, 2.0)  # exactly the clipping range after scaling (scale = 0.5 * 8 / 1): still inside
+    assert codec.encode(edge)[1] == 0
+
+
+def test_the_count_coordinate_is_a_diagnostic_that_never_raises() -> None:
+    """Defect 4: whatever a device writes into the count coordinate, decoding and the note never halt."""
     rng = np.random.default_rng(1)
     codec = make_codec(payload_bound=1.0, clipping_range=8.0, quantization_range=2**22, cohort=300)
-    vecs = [rng.uniform(-1, 1, 64) for _ in range(300)]
-    vecs[3][:5] = 100.0  # 5 saturated coordinates on one device
-    vecs[7][0] = -50.0   # and 1 on another
-    encoded = [codec.encode(v) for v in vecs]
-    assert encoded[3][1] == 5 and encoded[7][1] == 1 and encoded[0][1] == 0
-    _, saturated = codec.decode(quantize_sum([e[0] for e in encoded], codec, rng), 300)
-    assert saturated == 6
-    with pytest.raises(SaturationError, match="round 4: 6 coordinate"):
-        check_saturation(saturated, 4)
-    check_saturation(0, 4)
+    payloads = [codec.encode(rng.uniform(-1, 1, 64))[0] for _ in range(300)]
+    payloads[3][-1] = 3 * codec.saturation_unit  # a non-protocol value from one device
+    _, saturated = codec.decode(quantize_sum(payloads, codec, rng), 300)
+    assert saturated == 3
+    note = saturation_note(saturated, 4)
+    assert note is not None and "round 4" in note and "Diagnostic only" in note
+    assert saturation_note(0, 4) is None
+    payloads[3][-1] = codec.clipping_range  # as large as the range allows
+    _, huge = codec.decode(quantize_sum(payloads, codec, rng), 300)
+    assert huge > 0 and saturation_note(huge, 5) is not None
 
 
 def test_honest_vectors_use_half_the_range_and_config_round_trips() -> None:
