@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -46,6 +46,7 @@ from fed_nessa.federated.codec import CONSTANT_WEIGHT, SecAggCodec
 from fed_nessa.federated.device import RoundRequest
 from fed_nessa.federated.protocol import (
     DEVICE_ID_REPLY_KEY,
+    FLEET_SIZE_KEY,
     PHASE_KEY,
     PLAN_RECORD,
     PROMISED_ARRIVALS_KEY,
@@ -68,7 +69,8 @@ def _config(context: Context) -> FederationConfig:
 
 def _request(config: Mapping[str, Any]) -> RoundRequest:
     """The round's request from a plan or fit config (a missing key is a protocol error)."""
-    return RoundRequest(Phase(str(config[PHASE_KEY])), int(config[ROUND_KEY]), int(config[PROMISED_ARRIVALS_KEY]))
+    return RoundRequest(Phase(str(config[PHASE_KEY])), int(cast(int, config[ROUND_KEY])),
+                        int(cast(int, config[PROMISED_ARRIVALS_KEY])), int(cast(int, config[FLEET_SIZE_KEY])))
 
 
 def _safe_metrics(metrics: Mapping[str, Any]) -> dict[str, bool | bytes | float | int | str]:

@@ -64,6 +64,26 @@ class RoundStatus(StrEnum):
     SKIPPED = "skipped"  # too few devices accepted the plan
 
 
+class ServerOptimizer(StrEnum):
+    ADAM = "adam"
+    SGD = "sgd"  # SGD with momentum 0.9
+
+
+class AlignerChoice(StrEnum):
+    """What the run ships: the DP linear start, DP NESSA, or the better of the two (the gate)."""
+
+    LINEAR = "linear"
+    NESSA = "nessa"
+    AUTO = "auto"
+
+
+class FleetNumerics(StrEnum):
+    """How the fleet engine computes a round (the Flower engine is always exact)."""
+
+    EXACT = "exact"  # per-device vectors, Flower's quantization, modular sum
+    FAST = "fast"  # distribution-equivalent: one draw for the summed noise and rounding error
+
+
 class DataSourceName(StrEnum):
     SYNTHETIC = "synthetic"
     REAL_DEV = "real-dev"
@@ -87,11 +107,11 @@ class FederationConfig:
     """Every knob of a federated run, validated (see :func:`from_run_config`)."""
 
     num_server_rounds: int = 1
-    clients_per_round: int = 100
+    clients_per_round: int = 0  # 0: every device in every round (full participation)
     local_epochs: int = 1
     batch_size: int = 64
     lr: float = 0.001
-    server_lr: float = 0.05
+    server_lr: float = 0.001
     dp_mode: str = "distributed"
     noise_multiplier: float = 1.5
     clip_norm: float = 1.0
@@ -121,6 +141,31 @@ class FederationConfig:
     depth: int = 1
     max_pairs_per_device: int = 1000
     reproducible_noise: bool = False
+    sample_rate: float = 0.0  # device-local Poisson rate q of DP-SGD; 0: q = 1/ceil(n/batch-size)
+    server_optimizer: str = "adam"
+    eval_every: int = 1
+    aligner: str = "auto"
+    expected_pairs_per_device: float = 112.0  # public prior for aligner=auto (never measured on devices)
+    fleet_numerics: str = "fast"
+    validation_speakers: int = 100  # synthetic: the server's own validation speakers for the gate
+    budget_split: float = 0.0  # share of epsilon-budget for the statistics round; 0: sigmas as given
+
+    def cohort_size(self, fleet: int) -> int:
+        """Devices sampled per DP-SGD round in a fleet of ``fleet`` (0 means all of them)."""
+        return fleet if self.clients_per_round == 0 else min(self.clients_per_round, fleet)
+
+    def round_sample_rate(self, n: int, fleet: int, cohort: int) -> float:
+        """The Poisson rate a device with ``n`` pairs uses in a DP-SGD round.
+
+        ``sample-rate`` q is device-local and decoupled from the batch size; with a cohort
+        smaller than the fleet it is scaled up by fleet / cohort (capped at 1), so
+        cohort x q x mean pairs stays near the full-participation batch (field-notes: no
+        amplification comes from the server's choice of devices). ``sample-rate = 0`` keeps
+        the landed rule q = 1/ceil(n / batch-size).
+        """
+        if self.sample_rate <= 0:
+            return 1.0 / math.ceil(max(n, 1) / self.batch_size)
+        return min(1.0, self.sample_rate * fleet / max(cohort, 1))
 
     @property
     def secagg_timeout(self) -> float | None:
@@ -171,7 +216,7 @@ def _coerce(key: str, value: Any, default: Any) -> tuple[Any, str | None]:
             return float(value), None
         return None, f"{key} = {value!r}: expected a number"
     if isinstance(value, str):
-        return value, None
+        return str(value), None  # a plain str, also for a StrEnum member (checkpoints load weights-only)
     return None, f"{key} = {value!r}: expected a string"
 
 
@@ -196,7 +241,9 @@ def _check_ranges(c: FederationConfig) -> list[str]:
     """Range and consistency checks; empty when the config is usable."""
     p: list[str] = []
     _range(p, "num-server-rounds", c.num_server_rounds, 1, 100_000)
-    _range(p, "clients-per-round", c.clients_per_round, 3, 1_000_000)
+    if c.clients_per_round != 0:
+        _range(p, "clients-per-round", c.clients_per_round, 3, 10_000_000)
+    cohort = c.cohort_size(c.num_devices)
     _range(p, "local-epochs", c.local_epochs, 1, 1000)
     _range(p, "batch-size", c.batch_size, 1, 1_000_000)
     _range(p, "lr", c.lr, 0.0, 100.0, lo_open=True)
@@ -222,11 +269,8 @@ def _check_ranges(c: FederationConfig) -> list[str]:
         )
     _range(p, "update-clip", c.update_clip, 0.0, 1e6, lo_open=True)
     _range(p, "secagg-num-shares", c.secagg_num_shares, 3, 10_000)
-    if c.secagg_num_shares > c.clients_per_round:
-        p.append(
-            f"secagg-num-shares = {c.secagg_num_shares}: allowed range [3, clients-per-round = "
-            f"{c.clients_per_round}]"
-        )
+    if c.secagg_num_shares > cohort:
+        p.append(f"secagg-num-shares = {c.secagg_num_shares}: allowed range [3, devices per round = {cohort}]")
     _range(p, "secagg-reconstruction-threshold", c.secagg_reconstruction_threshold, 2, 10_000)
     if c.secagg_reconstruction_threshold >= c.secagg_num_shares:
         p.append(
@@ -235,18 +279,18 @@ def _check_ranges(c: FederationConfig) -> list[str]:
         )
     _range(p, "min-arrivals", c.min_arrivals, 2, 1_000_000)
     _range(p, "min-arrival-fraction", c.min_arrival_fraction, 0.01, 1.0)
-    if c.min_arrivals > c.clients_per_round:
-        p.append(
-            f"min-arrivals = {c.min_arrivals}: allowed range [2, clients-per-round = {c.clients_per_round}]"
-        )
+    if c.min_arrivals > cohort:
+        p.append(f"min-arrivals = {c.min_arrivals}: allowed range [2, devices per round = {cohort}]")
     _range(p, "secagg-clipping-range", c.secagg_clipping_range, 0.0, 1e6, lo_open=True)
     _range(p, "secagg-quantization-range", c.secagg_quantization_range, 2**8, 2**30)
     # Every device's quantized coordinate lies in [0, q]; the sum of a full cohort must stay
     # below the modulus or it wraps around silently.
-    if c.clients_per_round * c.secagg_quantization_range >= SECAGG_MODULUS_RANGE:
+    # The statistics round sums every device; a DP-SGD round the cohort.
+    largest = max(cohort, c.num_devices if c.linear_start == LinearStart.SUFFSTATS else 0)
+    if largest * c.secagg_quantization_range >= SECAGG_MODULUS_RANGE:
         p.append(
-            f"clients-per-round * secagg-quantization-range = "
-            f"{c.clients_per_round * c.secagg_quantization_range}: must be < 2**32 (the SecAgg+ "
+            f"devices per round * secagg-quantization-range = "
+            f"{largest * c.secagg_quantization_range}: must be < 2**32 (the SecAgg+ "
             f"modulus), lower one of them"
         )
     _range(p, "round-timeout", c.round_timeout, 0.0, 86_400.0)
@@ -266,6 +310,19 @@ def _check_ranges(c: FederationConfig) -> list[str]:
     _range(p, "hidden", c.hidden, 1, 65_536)
     _range(p, "depth", c.depth, 1, 16)
     _range(p, "max-pairs-per-device", c.max_pairs_per_device, 1, 10_000_000)
+    _range(p, "sample-rate", c.sample_rate, 0.0, 1.0)
+    _choice(p, "server-optimizer", c.server_optimizer, tuple(o.value for o in ServerOptimizer))
+    _range(p, "eval-every", c.eval_every, 1, 1_000_000)
+    _choice(p, "aligner", c.aligner, tuple(a.value for a in AlignerChoice))
+    _range(p, "expected-pairs-per-device", c.expected_pairs_per_device, 1.0, 1e7)
+    _choice(p, "fleet-numerics", c.fleet_numerics, tuple(n.value for n in FleetNumerics))
+    _range(p, "budget-split", c.budget_split, 0.0, 1.0)
+    _range(p, "validation-speakers", c.validation_speakers, 0, 1_000_000)
+    if c.budget_split > 0 and c.sample_rate <= 0:
+        p.append("budget-split > 0 calibrates one DP-SGD noise multiplier for every device: it needs a fleet-wide "
+                 "sample-rate > 0 (with q = 1/ceil(n/batch-size) each device's rate, and so its sigma, would differ)")
+    if c.budget_split > 0 and c.dp_mode == DPMode.NONE:
+        p.append("budget-split > 0 needs a DP mode (dp-mode is 'none')")
     return p
 
 

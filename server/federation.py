@@ -30,17 +30,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.app.typing import ConfigRecordValues as ConfigRecordValue
 from flwr.serverapp.grid import Grid
 
-from fed_nessa.config import FederationConfig, Phase, ReplyStatus, RoundStatus, from_run_config
+from fed_nessa.config import AlignerChoice, FederationConfig, Phase, ReplyStatus, RoundStatus, from_run_config
 from fed_nessa.data.population import SCENARIO, FederationData, load_federation_data
 from fed_nessa.errors import FedNessaError
+from fed_nessa.evaluation.gate import LINEAR_START, promotion_gate
 from fed_nessa.federated.codec import make_codec, saturation_note
+from fed_nessa.federated.cohort import sample_positions
+from fed_nessa.federated.noise_plan import NoisePlan, noise_plan
 from fed_nessa.federated.protocol import (
     DEVICE_ID_REPLY_KEY,
+    FLEET_SIZE_KEY,
     PHASE_KEY,
     PLAN_RECORD,
     PROMISED_ARRIVALS_KEY,
@@ -77,33 +80,22 @@ class Plan:
 
 
 def sample_cohort(node_ids: list[int], cfg: FederationConfig, round_num: int, phase: str = "") -> list[int]:
-    """``clients-per-round`` distinct nodes, reproducible from (seed, round).
-
-    The sufficient-statistics rounds instead split ALL devices into
-    ``suffstats-rounds`` disjoint blocks: every device contributes its
-    statistics once, which is what the linear start's accuracy rests on.
-    """
+    """The round's devices (:func:`fed_nessa.federated.cohort.sample_positions` over the sorted node ids)."""
     nodes = sorted(int(n) for n in node_ids)
-    if phase == "suffstats":
-        order = np.random.default_rng([cfg.seed, 0]).permutation(len(nodes))
-        block = np.array_split(order, cfg.suffstats_rounds)[(round_num - 1) % cfg.suffstats_rounds]
-        return sorted(nodes[i] for i in block)
-    rng = np.random.default_rng([cfg.seed, round_num])
-    k = min(cfg.clients_per_round, len(nodes))
     # Sample positions, not ids: Flower's node ids reach 2**64 and numpy would turn them into floats.
-    return sorted(nodes[i] for i in rng.choice(len(nodes), size=k, replace=False))
+    return sorted(nodes[i] for i in sample_positions(len(nodes), cfg, round_num, phase))
 
 
-def round_config(phase: Phase, round_num: int, promised: int) -> dict[str, ConfigRecordValue]:
+def round_config(phase: Phase, round_num: int, promised: int, fleet: int) -> dict[str, ConfigRecordValue]:
     """What every device of a round is told (plan and fit config alike)."""
-    return {PHASE_KEY: str(phase), ROUND_KEY: round_num, PROMISED_ARRIVALS_KEY: promised}
+    return {PHASE_KEY: str(phase), ROUND_KEY: round_num, PROMISED_ARRIVALS_KEY: promised, FLEET_SIZE_KEY: fleet}
 
 
-def plan_round(grid: Grid, cfg: FederationConfig, phase: Phase, round_num: int, cohort: list[int],
-               promised: int) -> Plan:
+def plan_round(grid: Grid, cfg: FederationConfig, cohort: list[int],
+               request: dict[str, ConfigRecordValue]) -> Plan:
     """Ask every sampled device whether it takes part (policy and budget check, no training)."""
-    msgs = [Message(RecordDict({PLAN_RECORD: ConfigRecord(round_config(phase, round_num, promised))}), nid,
-                    "query", group_id=str(round_num)) for nid in cohort]
+    msgs = [Message(RecordDict({PLAN_RECORD: ConfigRecord(dict(request))}), nid, "query",
+                    group_id=str(request[ROUND_KEY])) for nid in cohort]
     replies = {m.metadata.src_node_id: m for m in grid.send_and_receive(msgs, timeout=cfg.secagg_timeout)}
     plan = Plan([], [], [], {}, {})
     for nid in cohort:
@@ -111,7 +103,7 @@ def plan_round(grid: Grid, cfg: FederationConfig, phase: Phase, round_num: int, 
         if reply is None or reply.has_error():
             plan.failed.append(nid)
             if reply is not None:
-                log.warning("round %d: node %d failed its plan: %s", round_num, nid, reply.error.reason)
+                log.warning("round %d: node %d failed its plan: %s", request[ROUND_KEY], nid, reply.error.reason)
             continue
         rec = reply.content.config_records[PLAN_RECORD]
         plan.device_ids[nid] = str(rec.get(DEVICE_ID_REPLY_KEY, nid))
@@ -141,6 +133,7 @@ class Federation:
         self.history: list[dict[str, Any]] = []
         self.device_epsilon: dict[str, float] = {}
         self.saturated_total = 0
+        self.plan: NoisePlan | None = None
 
     # -- evaluation ---------------------------------------------------------------------
     def evaluate(self, aligners: dict[str, Any] | None = None) -> Any:
@@ -177,10 +170,12 @@ class Federation:
         from fed_nessa.privacy.ledger import FederationLedger
 
         ledger = FederationLedger.open(self.run_dir / LEDGER_FILE, self.run_dir / KEYS_DIR)
-        phases = self.model.phases()
+        self.plan = noise_plan(self.cfg, len(list(self.grid.get_node_ids())))
+        log.info(self.plan.reason)
+        phases = self.model.phases(self.plan.aligner)
         start = self._resume()
-        self.progress({"event": "start", "first_round": start, "rounds": self.cfg.num_server_rounds})
-        for r in range(start, self.cfg.num_server_rounds + 1):
+        self.progress({"event": "start", "first_round": start, "rounds": len(phases)})
+        for r in range(start, len(phases) + 1):
             entry = self.run_round(r, phases[r - 1], ledger)
             self.history.append(entry)
             save_checkpoint(self.run_dir, Checkpoint(r, self.model.state_dict(), self.history,
@@ -197,15 +192,17 @@ class Federation:
             raise NotEnoughDevices(f"round {r}: {len(nodes)} node(s) connected; SecAgg+ needs at least 3")
         cohort = sample_cohort(nodes, cfg, r, phase)
         promised = promised_arrivals(cfg, len(cohort))
-        plan = plan_round(self.grid, cfg, phase, r, cohort, promised)
+        request = round_config(phase, r, promised, len(nodes))
+        noise = noise_plan(cfg, len(nodes))
+        plan = plan_round(self.grid, cfg, cohort, request)
         status, arrived, failed = RoundStatus.SKIPPED, [], list(plan.failed)
         saturated, note = 0, may_start(len(plan.accepted), promised).reason
         round_eps: dict[str, float] = {}
         if may_start(len(plan.accepted), promised).release:
-            codec = make_codec(self.model.payload_bound(phase), cfg.secagg_clipping_range,
+            codec = make_codec(self.model.payload_bound(phase, noise), cfg.secagg_clipping_range,
                                cfg.secagg_quantization_range, len(plan.accepted))
             res = secure_sum(self.grid, self.context, cfg, r, plan.accepted, self.model.vector(),
-                             round_config(phase, r, promised), codec, min_release=promised)
+                             request, codec, min_release=promised)
             arrived = res.arrived
             failed += [n for n in plan.accepted if n not in set(arrived)]
             if res.refused is not None:
@@ -220,7 +217,7 @@ class Federation:
                     log.warning(diag)
                 noise_g = [int(m.get("noise_arrivals", promised)) for m in res.metrics.values()]
                 self.model.apply(phase, res.sum_vector, res.n_arrived, noise_arrivals=noise_g,
-                                 quantization_std=codec.device_error_std())
+                                 quantization_std=codec.device_error_std(), plan=noise)
                 status, note = RoundStatus.APPLIED, f"sum of {res.n_arrived} devices released (g = {promised})"
                 for nid, metrics in res.metrics.items():
                     if "epsilon_spent" in metrics:
@@ -229,8 +226,11 @@ class Federation:
             dev = plan.device_ids.get(nid, str(nid))
             round_eps.setdefault(dev, max(eps, self.device_epsilon.get(dev, 0.0)))
         self.device_epsilon.update(round_eps)
-        report = self.evaluate()
-        fed = self._row(report, "asym_federated")
+        last = r == len(self.model.phases(self.plan.aligner)) if self.plan else True
+        if r % cfg.eval_every == 0 or last:
+            fed = self._row(self.evaluate(), "asym_federated")
+        else:
+            fed = {"eer": None, "min_dcf": None, "sid_top1": None, "gap_closure": None}
         ids = plan.device_ids
         ledger.record_round(r, [ids.get(n, str(n)) for n in arrived], [ids.get(n, str(n)) for n in plan.declined],
                             [ids.get(n, str(n)) for n in failed],
@@ -288,9 +288,24 @@ class Federation:
                 "ridge": self._row(report, "asym_ridge"),
                 "sym_before": self._row(report, "sym_before"), "sym_after": self._row(report, "sym_after")}
 
+    def gate(self) -> dict[str, Any] | None:
+        """The promotion gate after DP-SGD rounds (``aligner = auto`` ships its choice)."""
+        if Phase.DPSGD not in self.model.completed:
+            return None
+        decision = promotion_gate(self.model.linear_start_aligner(), self.model.comparator(), self.data.validation,
+                                  SCENARIO)
+        applied = self.cfg.aligner == AlignerChoice.AUTO
+        if applied and decision.shipped == LINEAR_START:
+            self.model.restore_linear_start()
+        return {**decision.to_dict(), "applied": applied}
+
     def finish(self) -> dict[str, Any]:
+        gate = self.gate()
         report = self.evaluate()
         final: dict[str, Any] = self._row(report, "asym_federated")
+        final["aligner_plan"] = self.plan.reason if self.plan else ""
+        if gate is not None:
+            final["gate"] = gate
         if self.data.shards:
             final.update(self.centralised_rows())
             central = final["centralised_nessa"]["gap_closure"]

@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 VENV="${FED_NESSA_VENV:-.venv}"
 export OMP_NUM_THREADS=1 FLWR_HOME="${FLWR_HOME:-$PWD/.flwr-home}" FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 common="--set secagg-num-shares=11 --set secagg-reconstruction-threshold=6 --set min-arrival-fraction=0.8
-        --set batch-size=64 --set hidden=64 --set depth=1 --set server-lr=0.05"
+        --set batch-size=64 --set hidden=64 --set depth=1 --set server-lr=0.05 --set server-optimizer=sgd
+        --set aligner=nessa"
 run() { local name=$1; shift; echo "$(date +%T) $name"; "$VENV/bin/fed-nessa" simulate --quiet $common "$@" --run-dir "results/$name"; }
 min_arrivals() { [ "$1" = 1000 ] && echo 50 || echo 15; }
 cohort() { [ "$1" = 1000 ] && echo 100 || echo 30; }

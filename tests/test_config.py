@@ -20,8 +20,12 @@ def test_defaults_are_valid_and_round_trip() -> None:
 
 def test_pyproject_app_config_matches_the_defaults() -> None:
     table = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    assert set(table) == set(FederationConfig().to_run_config())
-    from_run_config(table)  # valid as shipped
+    defaults = FederationConfig().to_run_config()
+    assert set(table) == set(defaults)
+    # The values too: `flwr run` uses this table, `fed-nessa simulate` the dataclass defaults.
+    differ = {k: (table[k], defaults[k]) for k in defaults if table[k] != defaults[k]}
+    assert differ == {}, f"pyproject.toml value vs FederationConfig default: {differ}"
+    assert from_run_config(table) == FederationConfig()  # valid as shipped, and the same config
 
 
 @pytest.mark.parametrize(("key", "value", "fragment"), [
@@ -66,3 +70,27 @@ def test_dp_needs_noise_and_ints_are_accepted_for_floats(tmp_path: Path) -> None
     with pytest.raises(ConfigError, match="not 'synthetic', 'real-dev' or an existing folder"):
         from_run_config({"data-source": "no/such/folder"}, base_dir=tmp_path)
     assert from_run_config({"data-source": "."}, base_dir=tmp_path).data_source == "."
+
+
+@pytest.mark.parametrize("key", ["lr", "clip-norm", "noise-multiplier", "epsilon-budget"])
+def test_nan_and_inf_are_rejected(key: str) -> None:
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match=f"{key} = {bad!r}: must be a finite number"):
+            from_run_config({key: bad})
+
+
+def test_device_policy_from_a_node_config() -> None:
+    from fed_nessa.config import POLICY_KEYS, DevicePolicy, policy_from_node_config
+
+    assert policy_from_node_config({}) == DevicePolicy()
+    assert POLICY_KEYS == set(DevicePolicy().to_node_config())
+    policy = policy_from_node_config({"epsilon-budget": 4, "guaranteed-arrivals": 20, "allow-non-dp": "true",
+                                      "shard-path": "/x", "partition-id": 3})
+    assert policy == DevicePolicy(epsilon_budget=4.0, guaranteed_arrivals=20, allow_non_dp=True)
+    assert policy_from_node_config(policy.to_node_config()) == policy == DevicePolicy.from_dict(policy.to_dict())
+    with pytest.raises(ConfigError) as err:
+        policy_from_node_config({"epsilon-budget": float("nan"), "guaranteed-arrivals": 0, "delta": "x"})
+    assert "node config delta = 'x': expected a number" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        policy_from_node_config({"epsilon-budget": -1, "guaranteed-arrivals": 0})
+    assert "device policy epsilon-budget = -1.0" in str(err.value) and "guaranteed-arrivals = 0" in str(err.value)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fed_nessa.config import DevicePolicy
 from fed_nessa.privacy.accounting import compute_epsilon
 from fed_nessa.privacy.budget import BudgetExceededError
 from fed_nessa.privacy.chain import LedgerError
@@ -127,13 +128,39 @@ def test_budget_is_recorded_enforced_and_fixed(tmp_path: Path) -> None:
     assert decision.epsilon_now == pytest.approx(3.44, abs=0.01)
     with pytest.raises(BudgetExceededError):
         led.reserve(_ev(2))
-    with pytest.raises(ValueError, match="differs"):
-        led.check_budget(_ev(2), 5.0, DELTA)
+    # A larger budget (or delta) asked by a run is declined with the reason, never adopted.
+    larger = led.check_budget(_ev(2), 5.0, DELTA)
+    assert not larger.allowed and "beyond this device's policy (epsilon 4" in larger.reason
+    assert not led.check_budget(_ev(2), 4.0, 1e-4).allowed
+    assert led.budget.epsilon == 4.0
     with pytest.raises(ValueError, match="fixed"):
         DeviceLedger.open(tmp_path, "d", epsilon_budget=9.0, delta=DELTA)
     entries = _lines(tmp_path / DEVICE_LEDGER_NAME)
     assert entries[0]["payload"]["budget"] == {"epsilon": 4.0, "delta": DELTA, "accountant": "rdp"}
     assert entries[1]["payload"]["budget"]["epsilon"] == 4.0
+
+
+def test_the_policy_is_written_at_first_open_and_restored_on_every_reopen(tmp_path: Path) -> None:
+    """Defect 1: a device's policy lives in its ledger header; a later, looser policy changes nothing."""
+    own = DevicePolicy(epsilon_budget=4.0, delta=DELTA, guaranteed_arrivals=20)
+    led = DeviceLedger.open(tmp_path, "d", policy=own)
+    assert led.policy == own and led.budget.epsilon == 4.0
+    header = _lines(tmp_path / DEVICE_LEDGER_NAME)[0]["payload"]
+    assert header["policy"] == own.to_dict() and header["budget"]["epsilon"] == 4.0
+    led.complete(led.reserve(_ev(1)), led.epsilon(DELTA))
+    looser = DevicePolicy(epsilon_budget=100.0, delta=1e-3, guaranteed_arrivals=1, allow_non_dp=True)
+    again = DeviceLedger.open(tmp_path, "d", policy=looser)
+    assert again.policy == own and again.budget.epsilon == 4.0 and again.budget.delta == DELTA
+    assert not again.check_budget(_ev(2), 100.0, DELTA).allowed
+    with pytest.raises(BudgetExceededError):
+        again.reserve(_ev(2))  # 4.22 > 4: the header's budget binds reserve() too
+    assert _lines(tmp_path / DEVICE_LEDGER_NAME)[0]["payload"]["policy"] == own.to_dict()
+
+
+def test_a_device_with_a_policy_refuses_a_ledger_made_without_one(tmp_path: Path) -> None:
+    DeviceLedger.open(tmp_path, "d")
+    with pytest.raises(LedgerError, match="holds no device policy"):
+        DeviceLedger.open(tmp_path, "d", policy=DevicePolicy())
 
 
 def test_budget_given_only_to_check_budget_is_recorded_in_reserves(tmp_path: Path) -> None:

@@ -13,13 +13,20 @@ import numpy as np
 import pytest
 import torch
 
-from fed_nessa.federated.codec import SaturationError
-from fed_nessa.config import ConfigError
+from fed_nessa.config import ConfigError, DevicePolicy, FederationConfig
 from fed_nessa.data.shards import make_shard, write_shard
-from fed_nessa.sim.runner import build_config, main, simulate
+from fed_nessa.sim import runner
+from fed_nessa.sim.runner import build_config, main
 
 torch.set_num_threads(1)
 ROUND_KEYS = {"round", "eer", "min_dcf", "sid_top1", "participants", "declined", "failed", "seconds"}
+#: Every virtual device's own policy: a budget as large as the runs ask, and g = 3 (the rounds here
+#: promise g = max(min-arrivals 3, ceil(0.8 x cohort)) = 5 for 6 sampled devices, 7 for all 8).
+POLICY = DevicePolicy(epsilon_budget=30.0, guaranteed_arrivals=3)
+
+
+def simulate(cfg: FederationConfig, policy: DevicePolicy = POLICY, **kwargs: object) -> dict:
+    return runner.simulate(cfg, policy=policy, **kwargs)
 
 
 def make_folder(folder: Path, devices: int = 8, seed: int = 0, dx: int = 16, dy: int = 12) -> Path:
@@ -115,13 +122,21 @@ def test_devices_decline_when_the_budget_is_spent(tmp_path: Path, data: Path) ->
     assert summary["privacy"]["epsilon_max"] <= 6 and summary["privacy"]["devices_within_budget"]
 
 
-def test_saturation_fails_loudly(tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from fed_nessa.federated import rounds
+def test_saturating_devices_fail_on_the_device_and_the_run_goes_on(tmp_path: Path, data: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Defect 4: a vector that would saturate SecAgg+'s range fails on its device, not at the server.
 
-    # A payload bound far below what devices send: their vectors saturate SecAgg+'s range.
-    monkeypatch.setattr(rounds.ServerModel, "payload_bound", lambda self, phase: 1e-3)
-    with pytest.raises(SaturationError, match="saturated"):
-        simulate(build_config(None, overrides(tmp_path, num_server_rounds=1)), quiet=True)
+    With a payload bound far below what devices send, every device refuses to send its vector
+    (SaturationError in ``encode``), so nothing arrives and nothing is released; the run ends
+    normally. c5b415a let the vectors be clipped and raised SaturationError at the server.
+    """
+    from fed_nessa.federated.server_model import ServerModel
+
+    monkeypatch.setattr(ServerModel, "payload_bound", lambda self, phase: 1e-3)
+    summary = simulate(build_config(None, overrides(tmp_path, num_server_rounds=1)), quiet=True)
+    [r] = summary["rounds"]
+    assert r["status"] in ("refused", "aborted") and r["participants"] == 0 and r["failed"] == 8
+    assert summary["secure_aggregation"]["saturated_coordinates"] == 0
 
 
 def test_bad_config_is_one_clear_error_before_any_round(tmp_path: Path, data: Path,

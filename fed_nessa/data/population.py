@@ -26,6 +26,7 @@ from fed_nessa.data.datasets import write_devices
 from fed_nessa.data.shards import Shard, ShardError, load_shard, shard_paths
 
 EVAL_FILE = "eval.npz"
+VALIDATION_FILE = "validation.npz"  # optional: the server's validation speakers (same layout as eval.npz)
 SCENARIO = "runtime-upgrade"
 
 
@@ -48,6 +49,8 @@ class FederationData:
     runtime_model: str
     eval: EvalSet
     shards: list[Path]  # the simulation's devices (empty when the server has none)
+    validation: EvalSet | None = None  # the server's own validation speakers (the promotion gate's)
+    devices: tuple[Shard, ...] = ()  # the devices in memory (fleet engine: no shard files written)
 
     def pooled(self) -> tuple[np.ndarray, np.ndarray]:
         """All devices' pairs (simulation only; for the centralised comparison rows)."""
@@ -78,28 +81,33 @@ def _eval_from_embedding_set(es, enroll_model: str, runtime_model: str) -> EvalS
     return EvalSet(embeddings, np.asarray(es.speaker), np.asarray(es.utterance), enroll_model, runtime_model)
 
 
-def _synthetic(cfg: FederationConfig, folder: Path) -> FederationData:
+def _synthetic(cfg: FederationConfig, folder: Path | None) -> FederationData:
     from fed_nessa.data.synthetic import generate_population
 
-    pop = generate_population(cfg.num_devices, cfg.seed, eval_speakers=cfg.eval_speakers)
+    pop = generate_population(cfg.num_devices, cfg.seed, eval_speakers=cfg.eval_speakers,
+                              validation_speakers=cfg.validation_speakers)
     first = pop.devices[0]
-    paths = _write_devices(pop.devices, folder)
+    paths = _write_devices(pop.devices, folder) if folder is not None else []
     ev = _eval_from_embedding_set(pop.eval, pop.enroll_model, pop.runtime_model)
-    return FederationData(first.d_x, first.d_y, first.enroll_model, first.runtime_model, ev, paths)
+    val = (_eval_from_embedding_set(pop.validation, pop.enroll_model, pop.runtime_model)
+           if pop.validation is not None else None)
+    return FederationData(first.d_x, first.d_y, first.enroll_model, first.runtime_model, ev, paths, val,
+                          tuple(pop.devices) if folder is None else ())
 
 
-def _real_dev(cfg: FederationConfig, folder: Path) -> FederationData:
+def _real_dev(cfg: FederationConfig, folder: Path | None) -> FederationData:
     from fed_nessa.data import datasets
 
     real = datasets.load_real("real-dev")
     train, held_out = datasets.split_by_voice(real, seed=cfg.seed)
     devices = datasets.make_households(train, cfg.enroll_model, cfg.runtime_model, seed=cfg.seed)
-    paths = _write_devices(devices, folder)
+    paths = _write_devices(devices, folder) if folder is not None else []
     emb = {m: np.asarray(held_out.embeddings[m], np.float32) for m in (cfg.enroll_model, cfg.runtime_model)}
     ev = EvalSet(emb, np.asarray(held_out.speaker), np.asarray(held_out.utterance), cfg.enroll_model,
                  cfg.runtime_model)
     first = devices[0]
-    return FederationData(first.d_x, first.d_y, first.enroll_model, first.runtime_model, ev, paths)
+    return FederationData(first.d_x, first.d_y, first.enroll_model, first.runtime_model, ev, paths, None,
+                          tuple(devices) if folder is None else ())
 
 
 def load_eval_file(path: Path) -> EvalSet:
@@ -125,17 +133,21 @@ def _folder(folder: Path) -> FederationData:
         raise ValueError(f"{folder}: no *.shard.safetensors files")
     first = load_shard(paths[0])
     ev = load_eval_file(folder / EVAL_FILE)
-    return FederationData(first.d_x, first.d_y, first.enroll_model, first.runtime_model, ev, paths)
+    val = load_eval_file(folder / VALIDATION_FILE) if (folder / VALIDATION_FILE).is_file() else None
+    return FederationData(first.d_x, first.d_y, first.enroll_model, first.runtime_model, ev, paths, val)
 
 
-def load_federation_data(cfg: FederationConfig, shard_folder: Path) -> FederationData:
+def load_federation_data(cfg: FederationConfig, shard_folder: Path | None) -> FederationData:
     """Build (simulation) or locate the devices and the server's evaluation set for ``cfg``.
 
     ``shard_folder`` is the wire contract's rule (:func:`fed_nessa.federated.protocol.shard_folder`),
-    passed in so that data never depends on the federated layer.
+    passed in so that data never depends on the federated layer. ``None`` (fleet engine,
+    built-in sources): the devices stay in memory and no shard file is written.
     """
     if cfg.data_source == DataSourceName.SYNTHETIC:
         return _synthetic(cfg, shard_folder)
     if cfg.data_source == DataSourceName.REAL_DEV:
         return _real_dev(cfg, shard_folder)
+    if shard_folder is None:
+        raise ValueError("a folder data source needs its shard folder")
     return _folder(shard_folder)

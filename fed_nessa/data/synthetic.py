@@ -192,6 +192,7 @@ class SyntheticPopulation:
     eval: EmbeddingSet  # other speakers, both models
     enroll_model: str  # model name on the shards' enrollment side
     runtime_model: str
+    validation: EmbeddingSet | None = None  # the server's own validation speakers (disjoint draws)
 
     @property
     def model_ids(self) -> dict[str, str]:
@@ -252,24 +253,29 @@ def _utterance_index(counts: np.ndarray) -> np.ndarray:
 
 
 def generate_eval(world: SyntheticWorld, seed: int, speakers: int = 200, utterances: int = 30,
-                  meta: dict[str, str] | None = None) -> EmbeddingSet:
-    """An evaluation set of ``speakers`` new speakers x ``utterances``, from its own seed stream."""
+                  meta: dict[str, str] | None = None, stream: int = 1) -> EmbeddingSet:
+    """An evaluation set of ``speakers`` new speakers x ``utterances``, from its own seed stream.
+
+    Stream 1 is the reported test set; stream 2 the server's validation set (the promotion
+    gate's), so choosing an aligner never looks at the speakers it is reported on.
+    """
     if speakers < 2 or utterances < 2:
         raise ValueError("an evaluation set needs >= 2 speakers and >= 2 utterances each, "
                          f"got {speakers} x {utterances}")
-    rng = np.random.default_rng([seed, 1])
+    rng = np.random.default_rng([seed, stream])
     counts = np.full(speakers, utterances, dtype=np.int64)
     emb, rows = _embed_all(world, [_draw(rng, counts, world)])
-    ids = EVAL_SPEAKER_OFFSET + rows
+    ids = EVAL_SPEAKER_OFFSET * stream + rows
     return EmbeddingSet(emb, speaker=ids, voice=ids, utterance=_utterance_index(counts),
                         model_ids={k: m.model_id for k, m in world.models.items()},
-                        name=f"synthetic-eval(seed={seed})", meta=meta or {})
+                        name=f"synthetic-eval(seed={seed}, stream={stream})", meta=meta or {})
 
 
 def generate_population(
     num_devices: int, seed: int = 0, scenario: Scenario = "runtime-upgrade", *, eval_speakers: int = 200,
     eval_utterances: int = 30, speakers_per_device: tuple[int, int] = (1, 6),
     utts_per_speaker: tuple[int, int] = (5, 60), world: WorldConfig | None = None, progress: bool = False,
+    validation_speakers: int = 0,
 ) -> SyntheticPopulation:
     """Generate ``num_devices`` households and an evaluation set; deterministic from ``seed``.
 
@@ -313,7 +319,9 @@ def generate_population(
         for d in range(config.num_devices)
     ]
     eval_set = generate_eval(w, config.seed, config.eval_speakers, config.eval_utterances, meta=meta)
-    return SyntheticPopulation(config, train, row_device, devices, eval_set, enroll, runtime)
+    validation = (generate_eval(w, config.seed, validation_speakers, config.eval_utterances, meta=meta, stream=2)
+                  if validation_speakers else None)
+    return SyntheticPopulation(config, train, row_device, devices, eval_set, enroll, runtime, validation)
 
 
 def with_world(config: WorldConfig, **changes: Any) -> WorldConfig:

@@ -36,6 +36,7 @@ from fed_nessa.config import DevicePolicy, DPMode, FederationConfig, Phase, Repl
 from fed_nessa.data.shards import Shard
 from fed_nessa.federated import suffstats
 from fed_nessa.federated.layout import build_net, flat, load_flat, trainable
+from fed_nessa.federated.noise_plan import noise_plan
 from fed_nessa.model.training import DPConfig, TrainConfig, dp_sample_rate, dp_steps, noisy_gradient_sum, train_local
 from fed_nessa.privacy.events import DISTRIBUTED, DP_SGD, GAUSSIAN_SUM, LOCAL, DPEvent
 from fed_nessa.privacy.ledger import DeviceLedger
@@ -52,6 +53,7 @@ class RoundRequest:
     phase: Phase
     round: int
     promised_arrivals: int
+    fleet_size: int  # devices in the federation (public; scales q and the calibrated sigmas)
 
 
 @dataclass(frozen=True)
@@ -63,8 +65,14 @@ class ClientOutcome:
     metrics: dict[str, float | int | str] = field(default_factory=dict)
 
 
-def _sigma(phase: Phase, cfg: FederationConfig) -> float:
-    return cfg.suffstats_noise_multiplier if phase == Phase.SUFFSTATS else cfg.noise_multiplier
+def _sigma(req: RoundRequest, cfg: FederationConfig) -> float:
+    plan = noise_plan(cfg, req.fleet_size)
+    return plan.suffstats_sigma if req.phase == Phase.SUFFSTATS else plan.dpsgd_sigma
+
+
+def sample_rate(req: RoundRequest, n: int, cfg: FederationConfig) -> float:
+    """This device's Poisson rate for the round (its sample itself stays secret)."""
+    return cfg.round_sample_rate(n, req.fleet_size, cfg.cohort_size(req.fleet_size))
 
 
 def noise_std(cfg: FederationConfig, policy: DevicePolicy, sigma: float, sensitivity: float) -> float:
@@ -74,25 +82,25 @@ def noise_std(cfg: FederationConfig, policy: DevicePolicy, sigma: float, sensiti
     return sigma * sensitivity
 
 
-def planned_event(phase: Phase, n: int, cfg: FederationConfig, round_num: int,
-                  policy: DevicePolicy) -> DPEvent | None:
+def planned_event(req: RoundRequest, n: int, cfg: FederationConfig, policy: DevicePolicy) -> DPEvent | None:
     """The DP event a device with ``n`` pairs would spend in this round (None without DP)."""
     if cfg.dp_mode == DPMode.NONE:
         return None
+    phase, round_num, sigma = req.phase, req.round, _sigma(req, cfg)
     distributed = cfg.dp_mode == DPMode.DISTRIBUTED
     mode = DISTRIBUTED if distributed else LOCAL
     source = REPRODUCIBLE_WARNING if cfg.reproducible_noise else "noise from the OS CSPRNG"
     share = f"; noise share sized for g = {policy.guaranteed_arrivals} arrivals" if distributed else ""
     if phase == Phase.SUFFSTATS:
         return DPEvent(round=round_num, mechanism=GAUSSIAN_SUM, steps=1, sample_rate=1.0,
-                       noise_multiplier=cfg.suffstats_noise_multiplier, clip_norm=SUFFSTATS_SENSITIVITY,
+                       noise_multiplier=sigma, clip_norm=SUFFSTATS_SENSITIVITY,
                        delta=policy.delta, mode=mode,
                        note=f"sufficient statistics of unit-norm pairs{share}; {source}")
-    q = dp_sample_rate(n, cfg.batch_size)
+    q = sample_rate(req, n, cfg) if distributed else dp_sample_rate(n, cfg.batch_size)
     steps = 1 if distributed else dp_steps(n, cfg.batch_size, cfg.local_epochs)
     what = "one clipped-gradient sum per round" if distributed else "Opacus DP-SGD, full noise on the device"
     return DPEvent(round=round_num, mechanism=DP_SGD, steps=steps, sample_rate=q,
-                   noise_multiplier=cfg.noise_multiplier, clip_norm=cfg.clip_norm, delta=policy.delta,
+                   noise_multiplier=sigma, clip_norm=cfg.clip_norm, delta=policy.delta,
                    mode=mode, note=f"{what}{share}; {source}")
 
 
@@ -102,7 +110,7 @@ def policy_refusal(req: RoundRequest, n: int, cfg: FederationConfig, policy: Dev
     if cfg.dp_mode == DPMode.NONE and not policy.allow_non_dp:
         return "declined: the run adds no DP noise (dp-mode none) and this device's policy does not allow it"
     if cfg.dp_mode != DPMode.NONE:
-        sigma = _sigma(req.phase, cfg)
+        sigma = _sigma(req, cfg)
         floor = policy.min_suffstats_noise_multiplier if req.phase == Phase.SUFFSTATS else policy.min_noise_multiplier
         if sigma < floor:
             return (f"declined: the run asks for noise multiplier {sigma:g} in phase {req.phase}, below this "
@@ -132,7 +140,7 @@ def plan_round(req: RoundRequest, shard: Shard, cfg: FederationConfig, ledger: D
     refusal = policy_refusal(req, shard.n, cfg, policy, ledger)
     if refusal is not None:
         return ClientOutcome(ReplyStatus.DECLINED, None, {"reason": refusal})
-    event = planned_event(req.phase, shard.n, cfg, req.round, policy)
+    event = planned_event(req, shard.n, cfg, policy)
     if event is None:
         return ClientOutcome(ReplyStatus.OK, None, {"epsilon_spent": 0.0})
     decision = ledger.check_budget(event, cfg.epsilon_budget, cfg.delta)
@@ -151,11 +159,11 @@ def client_round(req: RoundRequest, shard: Shard, global_vector: np.ndarray, cfg
     plan = plan_round(req, shard, cfg, ledger, policy)
     if plan.status != ReplyStatus.OK:
         return plan
-    event = planned_event(req.phase, shard.n, cfg, req.round, policy)
+    event = planned_event(req, shard.n, cfg, policy)
     seq = ledger.reserve(event) if event is not None else None
     noise = noise_source(cfg.reproducible_noise, cfg.seed, "device", ledger.device_id, req.round)
     try:
-        vector = _compute(req.phase, shard, global_vector, cfg, policy, noise)
+        vector = _compute(req, shard, global_vector, cfg, policy, noise)
     except BaseException:
         if seq is not None:
             ledger.complete(seq, float(ledger.epsilon(policy.delta)), status="failed")
@@ -173,22 +181,24 @@ def suffstats_vector(shard: Shard) -> np.ndarray:
     return suffstats.device_vector(shard.enroll, shard.runtime)
 
 
-def _compute(phase: Phase, shard: Shard, global_vector: np.ndarray, cfg: FederationConfig,
+def _compute(req: RoundRequest, shard: Shard, global_vector: np.ndarray, cfg: FederationConfig,
              policy: DevicePolicy, noise: NoiseSource) -> np.ndarray:
-    if phase == Phase.SUFFSTATS:
+    sigma = _sigma(req, cfg)
+    if req.phase == Phase.SUFFSTATS:
         vec = suffstats_vector(shard)
         if cfg.dp_mode != DPMode.NONE:
-            std = noise_std(cfg, policy, cfg.suffstats_noise_multiplier, SUFFSTATS_SENSITIVITY)
+            std = noise_std(cfg, policy, sigma, SUFFSTATS_SENSITIVITY)
             vec = vec + noise.normal(vec.shape, std)
         return np.asarray(vec, np.float32)
     net = build_net(cfg, shard.d_x, shard.d_y)
     load_flat(list(net.parameters()), np.asarray(global_vector, np.float32))
     if cfg.dp_mode == DPMode.DISTRIBUTED:
-        share_sigma = cfg.noise_multiplier / math.sqrt(policy.guaranteed_arrivals)
+        share_sigma = sigma / math.sqrt(policy.guaranteed_arrivals)
         return noisy_gradient_sum(net, shard.enroll, shard.runtime, batch_size=cfg.batch_size,
-                                  noise_multiplier=share_sigma, max_grad_norm=cfg.clip_norm, noise=noise)
+                                  noise_multiplier=share_sigma, max_grad_norm=cfg.clip_norm, noise=noise,
+                                  sample_rate=sample_rate(req, shard.n, cfg))
     before = flat(trainable(net))
-    dp = None if cfg.dp_mode == DPMode.NONE else DPConfig(cfg.noise_multiplier, cfg.clip_norm, noise=noise)
+    dp = None if cfg.dp_mode == DPMode.NONE else DPConfig(sigma, cfg.clip_norm, noise=noise)
     train_local(net, shard.enroll, shard.runtime,
                 TrainConfig(epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed), dp)
     delta = flat(trainable(net)) - before

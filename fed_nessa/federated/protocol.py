@@ -4,8 +4,10 @@ Both Flower apps import this module and nothing of each other, so a key is named
 
 Messages per round:
 
-* ``query`` with config record :data:`PLAN_RECORD`: ``phase``, ``round`` and
-  :data:`PROMISED_ARRIVALS_KEY` (g, the fewest arrivals the server will unmask). The device
+* ``query`` with config record :data:`PLAN_RECORD`: ``phase``, ``round``,
+  :data:`PROMISED_ARRIVALS_KEY` (g, the fewest arrivals the server will unmask) and the
+  fleet size (public; with the run config it fixes the Poisson rate and the calibrated
+  sigmas, which every device accounts for as it uses them; it never sizes a noise share). The device
   answers ``status`` (:class:`~fed_nessa.config.ReplyStatus`), ``device_id`` and the
   :data:`REPLY_METRIC_KEYS`.
 * ``train`` (SecAgg+ stages): the same three keys plus the codec in the fit config.
@@ -32,6 +34,7 @@ PLAN_RECORD = "plan"
 PHASE_KEY = "phase"
 ROUND_KEY = "round"
 PROMISED_ARRIVALS_KEY = "guaranteed-arrivals"
+FLEET_SIZE_KEY = "fleet-size"
 STATUS_KEY = "status"
 DEVICE_ID_REPLY_KEY = "device_id"
 #: The only metrics a device's reply may carry (anything else is dropped on the device).

@@ -16,14 +16,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from fed_nessa.config import DPMode, FederationConfig, LinearStart, Phase
+from fed_nessa.config import AlignerChoice, DPMode, FederationConfig, LinearStart, Phase, ServerOptimizer
 from fed_nessa.federated import suffstats
 from fed_nessa.federated.layout import build_net, flat, load_flat, nessa_config, trainable
+from fed_nessa.federated.noise_plan import NoisePlan
 from fed_nessa.model.aligners.base import AlignerInfo
 from fed_nessa.model.aligners.nessa import NessaAligner
 
 #: Noise is bounded at this many standard deviations when sizing SecAgg+'s range.
 PAYLOAD_SIGMAS = 12.0
+
+
+def max_sampled(cfg: FederationConfig, sample_rate: float) -> float:
+    """A bound on the pairs one device's Poisson sample holds (sizes the DP-SGD payload)."""
+    if sample_rate <= 0:
+        return 4.0 * cfg.batch_size
+    mean = min(sample_rate, 1.0) * cfg.max_pairs_per_device
+    return max(4.0 * mean, mean + 8.0 * math.sqrt(mean) + 8.0)
 
 
 class ServerModel:
@@ -33,42 +42,54 @@ class ServerModel:
         self.cfg, self.d_x, self.d_y = cfg, d_x, d_y
         self.info = AlignerInfo(d_x=d_x, d_y=d_y, enroll_model=enroll_model, runtime_model=runtime_model)
         self.net = build_net(cfg, d_x, d_y)
-        # Plain SGD with momentum on the noisy aggregate: Adam's per-coordinate normalisation turns
-        # noise-dominated coordinates into full-size steps and wrecks the private linear start.
-        self.opt = torch.optim.SGD(trainable(self.net), lr=cfg.server_lr, momentum=0.9)
-        self.completed: list[str] = []
+        # Adam (lr 1e-3) is the measured choice for DP-SGD at fleet scale (field-notes: SGD with
+        # momentum made no progress in 600 noise-free rounds); SGD+momentum stays for the landed
+        # study configs. The linear part is frozen after a private start, so neither optimiser
+        # touches it.
+        params = trainable(self.net)
+        self.opt: torch.optim.Optimizer = (
+            torch.optim.Adam(params, lr=cfg.server_lr) if cfg.server_optimizer == ServerOptimizer.ADAM
+            else torch.optim.SGD(params, lr=cfg.server_lr, momentum=0.9))
+        self.completed: list[Phase] = []
+        self.linear_state: dict[str, torch.Tensor] | None = None  # the aligner after the private start
         self.stats_sum: np.ndarray | None = None  # accumulated (noisy) sufficient statistics
         self.stats_devices = 0
         self.stats_noise_var = 0.0  # per-entry noise variance in stats_sum (public: from the protocol)
 
-    def phases(self) -> list[Phase]:
-        """One phase per server round; the private linear start (if any) comes first."""
+    def phases(self, aligner: AlignerChoice = AlignerChoice.NESSA) -> list[Phase]:
+        """One phase per server round; the private linear start (if any) comes first.
+
+        When the plan ships the linear start alone (``aligner`` LINEAR) no DP-SGD round is run.
+        """
         rounds = self.cfg.num_server_rounds
         if self.cfg.linear_start == LinearStart.SUFFSTATS:
             k = self.cfg.suffstats_rounds
-            return [Phase.SUFFSTATS] * k + [Phase.DPSGD] * (rounds - k)
+            return [Phase.SUFFSTATS] * k + ([] if aligner == AlignerChoice.LINEAR else [Phase.DPSGD] * (rounds - k))
         return [Phase.DPSGD] * rounds
 
     def vector(self) -> np.ndarray:
         return flat(list(self.net.parameters()))
 
-    def payload_bound(self, phase: Phase) -> float:
+    def payload_bound(self, phase: Phase, plan: NoisePlan) -> float:
         """Largest |coordinate| an honest device's vector can have (sizes SecAgg+'s range).
 
         The noise term assumes the largest share any policy can choose (g = 1, the full
-        sigma), so no honest device saturates whatever its own g.
+        sigma), so no honest device saturates whatever its own g. A DP-SGD sum holds at most
+        k clipped gradients (each coordinate <= C); k is bounded by 4x the expected sample of
+        the largest device (``max-pairs-per-device``) or, with q = 1/ceil(n/B), by 4B.
         """
         dp = self.cfg.dp_mode != DPMode.NONE
         if phase == Phase.SUFFSTATS:
-            noise = PAYLOAD_SIGMAS * self.cfg.suffstats_noise_multiplier * suffstats.SENSITIVITY if dp else 0.0
+            noise = PAYLOAD_SIGMAS * plan.suffstats_sigma * suffstats.SENSITIVITY if dp else 0.0
             return float(self.cfg.max_pairs_per_device) + noise
         if self.cfg.dp_mode == DPMode.DISTRIBUTED:
-            noise = PAYLOAD_SIGMAS * self.cfg.noise_multiplier * self.cfg.clip_norm
-            return self.cfg.clip_norm * 4 * self.cfg.batch_size + noise
+            noise = PAYLOAD_SIGMAS * plan.dpsgd_sigma * self.cfg.clip_norm
+            return self.cfg.clip_norm * max_sampled(self.cfg, plan.sample_rate) + noise
         return float(self.cfg.update_clip)
 
     def apply(self, phase: Phase, aggregate_sum: np.ndarray, n_arrived: int,
-              noise_arrivals: Sequence[int] = (), quantization_std: float = 0.0) -> None:
+              noise_arrivals: Sequence[int] = (), quantization_std: float = 0.0,
+              plan: NoisePlan | None = None) -> None:
         """Advance the model by one released sum.
 
         ``noise_arrivals`` holds the g each arrived device sized its noise share for (its
@@ -84,11 +105,13 @@ class ServerModel:
             self.stats_sum = vec if self.stats_sum is None else self.stats_sum + vec
             self.stats_devices += n_arrived
             self.stats_noise_var += n_arrived * quantization_std ** 2
-            self.stats_noise_var += self.released_noise_var(n_arrived, noise_arrivals)
+            sigma = (plan or self.default_plan()).suffstats_sigma
+            self.stats_noise_var += self.released_noise_var(n_arrived, noise_arrivals, sigma)
             gram, cross = suffstats.unpack(self.stats_sum, self.d_x, self.d_y)
             W, b = suffstats.solve(gram, cross, nessa_config(self.cfg).ridge_alpha,
                                    noise_std=math.sqrt(self.stats_noise_var))
             self.net.set_linear(W, b)
+            self.linear_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
         elif self.cfg.dp_mode == DPMode.DISTRIBUTED:
             self._apply_gradient(np.asarray(aggregate_sum, np.float32), n_arrived)
         else:
@@ -97,11 +120,15 @@ class ServerModel:
             load_flat(params, flat(params) + self.cfg.server_lr * mean)
         self.completed.append(phase)
 
-    def released_noise_var(self, n_arrived: int, noise_arrivals: Sequence[int]) -> float:
+    def default_plan(self) -> NoisePlan:
+        """The noise plan when the caller gives none (tests; a run passes the round's plan)."""
+        return NoisePlan(self.cfg.suffstats_noise_multiplier, self.cfg.noise_multiplier, 0)
+
+    def released_noise_var(self, n_arrived: int, noise_arrivals: Sequence[int], sigma_s: float | None = None) -> float:
         """Per-entry DP noise variance in a released statistics sum (0 without DP)."""
         if self.cfg.dp_mode == DPMode.NONE:
             return 0.0
-        sigma = self.cfg.suffstats_noise_multiplier * suffstats.SENSITIVITY
+        sigma = (self.cfg.suffstats_noise_multiplier if sigma_s is None else sigma_s) * suffstats.SENSITIVITY
         if self.cfg.dp_mode == DPMode.LOCAL:
             return n_arrived * sigma ** 2
         gs = list(noise_arrivals) or [self.cfg.min_arrivals] * n_arrived
@@ -119,18 +146,38 @@ class ServerModel:
 
     # -- persistence / evaluation ----------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"net": self.net.state_dict(), "opt": self.opt.state_dict(), "completed": list(self.completed),
+        # Plain strings: checkpoints are unpickled weights-only, which refuses the Phase enum class.
+        return {"net": self.net.state_dict(), "opt": self.opt.state_dict(),
+                "completed": [str(p) for p in self.completed],
                 "stats_sum": None if self.stats_sum is None else torch.from_numpy(self.stats_sum),
-                "stats_devices": self.stats_devices, "stats_noise_var": self.stats_noise_var}
+                "stats_devices": self.stats_devices, "stats_noise_var": self.stats_noise_var,
+                "linear_state": self.linear_state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.net.load_state_dict(state["net"])
         self.opt.load_state_dict(state["opt"])
-        self.completed = list(state["completed"])
+        self.completed = [Phase(p) for p in state["completed"]]
         stats = state.get("stats_sum")
         self.stats_sum = None if stats is None else torch.as_tensor(stats).numpy().astype(np.float64)
         self.stats_devices = int(state.get("stats_devices", 0))
         self.stats_noise_var = float(state.get("stats_noise_var", 0.0))
+        self.linear_state = state.get("linear_state")
+
+    def linear_start_aligner(self) -> NessaAligner | None:
+        """The aligner as it was after the private linear start (None without one)."""
+        if self.linear_state is None:
+            return None
+        net = build_net(self.cfg, self.d_x, self.d_y)
+        net.load_state_dict(self.linear_state)
+        aligner = NessaAligner(AlignerInfo(d_x=self.d_x, d_y=self.d_y, enroll_model=self.info.enroll_model,
+                                           runtime_model=self.info.runtime_model), nessa_config(self.cfg))
+        aligner.net = net
+        return aligner
+
+    def restore_linear_start(self) -> None:
+        """Ship the linear start: the gate found DP NESSA no better on the server's validation set."""
+        if self.linear_state is not None:
+            self.net.load_state_dict(self.linear_state)
 
     def comparator(self) -> NessaAligner:
         aligner = NessaAligner(self.info, nessa_config(self.cfg))

@@ -323,8 +323,11 @@ def _detach_opacus(gsm: Any) -> None:
 
 def noisy_gradient_sum(model: nn.Module, enroll: np.ndarray, runtime: np.ndarray, *, batch_size: int,
                        noise_multiplier: float, max_grad_norm: float, noise: NoiseSource | None = None,
-                       loss: str = "cosine") -> np.ndarray:
-    """``sum_i clip(grad_i) + N(0, (noise_multiplier * C)^2 I)`` over a Poisson sample (rate B/n).
+                       loss: str = "cosine", sample_rate: float | None = None) -> np.ndarray:
+    """``sum_i clip(grad_i) + N(0, (noise_multiplier * C)^2 I)`` over a Poisson sample.
+
+    The rate is ``sample_rate`` when given (device-local, decoupled from the batch size),
+    else ``1/ceil(n/B)``.
 
     The distributed-DP contribution of one device: Opacus clips per example and
     the noise share comes from ``noise`` (default: the OS CSPRNG), as does the secret
@@ -336,7 +339,7 @@ def noisy_gradient_sum(model: nn.Module, enroll: np.ndarray, runtime: np.ndarray
     x, y = _tensors(enroll, runtime)
     stream = noise if noise is not None else SecureNoise()
     n = x.shape[0]
-    q = dp_sample_rate(n, batch_size)
+    q = dp_sample_rate(n, batch_size) if sample_rate is None else float(sample_rate)
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True)
     params = [p for p in gsm.parameters() if p.requires_grad]
     opt = _dp_optimizer(torch.optim.SGD(params, lr=0.0), noise_multiplier, max_grad_norm, 1, stream)

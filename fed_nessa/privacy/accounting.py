@@ -14,6 +14,11 @@ The events are the record; epsilon is always *derived*. Three accountants:
 PRV and PLD are numerically tight (they differ by their discretisation error,
 ~0.01); RDP is a looser bound, so ``rdp >= pld`` up to that error. Composition
 is commutative, so events with identical (q, sigma) are merged for speed.
+
+A span of K rounds (``DPEvent.last_round``) needs nothing special: its
+``steps`` already counts every step of the span. :class:`EpsilonMemo` lets the
+audit compute each *distinct* history once: a fleet of 10,000 devices that ran
+the same schedule has 10,000 ledgers but one history to account.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ PRV_EPS_ERROR = 0.01
 PLD_DISCRETIZATION = 1e-3
 
 History = list[tuple[float, float, int]]  # (sample_rate, noise_multiplier, steps)
+#: A history as the accountants see it, in order: one (q, sigma, steps) per event.
+AccountingKey = tuple[tuple[float, float, int], ...]
 
 
 def history(events: Sequence[DPEvent]) -> History:
@@ -93,6 +100,51 @@ def epsilon_curve(events: Sequence[DPEvent], delta: float, accountant: str = RDP
                 curve.append(curve[-1] if curve else 0.0)
         return curve
     return [compute_epsilon(events[: i + 1], delta, PRV) for i in range(len(events))]
+
+
+def accounting_key(events: Sequence[DPEvent]) -> AccountingKey:
+    """Exactly what :func:`epsilon_curve` and :func:`compute_epsilon` read of ``events``.
+
+    Everything else (round, last_round, note, mode, clip norm, mechanism name)
+    cannot change an epsilon, so two ledgers with equal keys have equal curves;
+    keeping the order keeps the per-event curve exact.
+    """
+    return tuple((float(ev.sample_rate), float(ev.noise_multiplier), int(ev.steps)) for ev in events)
+
+
+class EpsilonMemo:
+    """:func:`epsilon_curve` memoised on (:func:`accounting_key`, delta, accountant).
+
+    Why: the audit replays every device's ledger through two accountants, and a
+    PLD composition costs ~0.1-1 s; at fleet scale most devices share one
+    schedule, so each distinct history is composed once per accountant.
+    ``hits``/``misses`` say how much was shared. One memo per audit keeps the
+    memory bounded by the run audited.
+    """
+
+    def __init__(self) -> None:
+        self._curves: dict[tuple[AccountingKey, float, str], tuple[float, ...]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def curve(self, events: Sequence[DPEvent], delta: float, accountant: str = RDP) -> list[float]:
+        """Epsilon after each event, as :func:`epsilon_curve` gives it (a fresh list)."""
+        key = (accounting_key(events), float(delta), accountant)
+        found = self._curves.get(key)
+        if found is None:
+            self.misses += 1
+            found = self._curves[key] = tuple(epsilon_curve(events, delta, accountant))
+        else:
+            self.hits += 1
+        return list(found)
+
+    def epsilon(self, events: Sequence[DPEvent], delta: float, accountant: str = RDP) -> float:
+        """Epsilon of all ``events`` (0.0 for an empty history), from the memoised curve."""
+        return self.curve(events, delta, accountant)[-1] if events else 0.0
+
+    def stats(self) -> dict[str, int]:
+        """Curves computed (``misses``: one per distinct history and accountant) and reused (``hits``)."""
+        return {"misses": self.misses, "hits": self.hits}
 
 
 def _check_args(delta: float, accountant: str) -> None:

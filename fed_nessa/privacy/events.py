@@ -6,6 +6,12 @@ which parameters*, so that anyone (the device, the server, an auditor who does
 not trust either) can recompute the guarantee with an accountant of their
 choice. The fields are exactly what the guarantee depends on, plus the round and
 mode so that the audit can cross-check them against the server's ledger.
+
+An event may cover a *span* of rounds (``round`` .. ``last_round``): a fleet of
+10,000 devices x 1,000 rounds would otherwise write 10 million fsynced, signed
+lines. ``steps`` then counts every step of the span (e.g. one per round for a
+distributed DP-SGD round), so accounting needs no change: a span of K rounds of
+one Poisson-subsampled Gaussian step each *is* ``DPEvent(steps=K)``.
 """
 
 from __future__ import annotations
@@ -35,11 +41,18 @@ class EventError(FedNessaError, ValueError):
 
 @dataclass(frozen=True)
 class DPEvent:
-    """One privacy-relevant mechanism run on one device in one round.
+    """One privacy-relevant mechanism run on one device in one round, or a span of rounds.
 
     ``noise_multiplier`` is the *effective* noise std divided by the L2
     sensitivity that the guarantee uses (in distributed mode: only the noise
     shares guaranteed to arrive), so accountants need nothing else.
+
+    ``last_round`` (None: the single round ``round``) makes the event a span
+    reserved at once, ``round`` being its first round; ``steps`` counts all the
+    span's steps. A span is charged in full when reserved, even if the device
+    later drops out of some of its rounds (conservative, like a dangling
+    reservation). ``to_dict`` omits ``last_round`` when None, so a single-round
+    event serialises exactly as it did before spans existed.
     """
 
     round: int
@@ -51,13 +64,35 @@ class DPEvent:
     delta: float
     mode: str
     note: str = ""
+    last_round: int | None = None
 
     def __post_init__(self) -> None:
         _validate(self)
 
+    @property
+    def end_round(self) -> int:
+        """The last round the event covers (``round`` for a single-round event)."""
+        return self.round if self.last_round is None else self.last_round
+
+    @property
+    def n_rounds(self) -> int:
+        """How many rounds the event covers (1 for a single-round event)."""
+        return self.end_round - self.round + 1
+
+    def covered_rounds(self) -> range:
+        """Every round the event covers, first to last."""
+        return range(self.round, self.end_round + 1)
+
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (plain ints, floats and strings only)."""
-        return asdict(self)
+        """A JSON-ready dict (plain ints, floats and strings only).
+
+        ``last_round`` is left out when None: old readers and old signed ledgers
+        see exactly the pre-span layout for single-round events.
+        """
+        data = asdict(self)
+        if data["last_round"] is None:
+            del data["last_round"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DPEvent:
@@ -68,11 +103,16 @@ class DPEvent:
         unknown = sorted(set(data) - names)
         if unknown:
             raise EventError(f"DP event has unknown field(s) {unknown}")
-        required = {f.name for f in fields(cls) if f.name != "note"}
+        required = {f.name for f in fields(cls) if f.name not in _OPTIONAL}
         missing = sorted(required - set(data))
         if missing:
             raise EventError(f"DP event lacks field(s) {missing}")
         return cls(**data)
+
+
+#: Fields an event dict may leave out: ``note`` (free text) and ``last_round``
+#: (absent in every ledger written before spans: a single round).
+_OPTIONAL = frozenset({"note", "last_round"})
 
 
 def _is_int(value: object) -> bool:
@@ -104,7 +144,11 @@ def _validate(ev: DPEvent) -> None:
         raise EventError(f"mode must be one of {MODES}, got {ev.mode!r}")
     if not isinstance(ev.note, str):
         raise EventError(f"note must be a string, got {type(ev.note).__name__}")
-    if ev.mechanism == GAUSSIAN_SUM and (ev.sample_rate != 1.0 or ev.steps != 1):
+    if ev.last_round is not None and (not _is_int(ev.last_round) or ev.last_round < ev.round):
+        raise EventError(f"last_round must be None or an int >= round ({ev.round}), got {ev.last_round!r}")
+    if ev.mechanism == GAUSSIAN_SUM and (ev.sample_rate != 1.0 or ev.steps != ev.n_rounds):
+        # One sum per round: a span of K rounds is K Gaussian mechanisms, so steps == K.
         raise EventError(
-            "a gaussian-sum event is one Gaussian mechanism on a full sum: "
-            f"sample_rate must be 1 and steps 1, got {ev.sample_rate!r} and {ev.steps!r}")
+            "a gaussian-sum event is one Gaussian mechanism on a full sum per round: "
+            f"sample_rate must be 1 and steps {ev.n_rounds} (its rounds), got {ev.sample_rate!r} "
+            f"and {ev.steps!r}")

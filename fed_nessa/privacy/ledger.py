@@ -10,10 +10,17 @@ appended and fsynced *before* the mechanism runs; ``complete(seq, ...)`` after.
 Accounting counts every reserved event, whether completed, failed or left
 dangling by a crash: conservative, and never double-counted because a restart
 continues the same chain instead of starting a new one.
+
+At fleet scale (10,000 devices x 1,000 rounds) one signed, fsynced line per
+device per round is too many, so a device may reserve a *span* of rounds in one
+event (``DPEvent.last_round``) and the server records a block of rounds in one
+``span`` entry (:meth:`FederationLedger.record_span`) instead of one ``round``
+entry per round.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -38,9 +45,11 @@ SERVER_PUB_NAME = "server-key.pub.pem"
 RESERVE = "reserve"
 COMPLETE = "complete"
 ROUND = "round"
+SPAN = "span"
 STATUSES = ("done", "failed")
 
-__all__ = ["DeviceLedger", "FederationLedger", "LedgerError", "BudgetDecision", "BudgetExceededError"]
+__all__ = ["DeviceLedger", "FederationLedger", "LedgerError", "BudgetDecision", "BudgetExceededError",
+           "dropped_by_round"]
 
 
 @dataclass(frozen=True)
@@ -62,7 +71,17 @@ class Budget:
 
 
 class DeviceLedger:
-    """One device's signed ledger of DP events (see the module docstring)."""
+    """One device's signed ledger of DP events (see the module docstring).
+
+    Spans: an event with ``last_round`` reserves rounds ``round..last_round`` at
+    once (one reserve line, fsynced before the first of them runs). The span is
+    charged in full from the moment it is reserved, even if the device drops
+    out of some of its rounds: the device cannot prove afterwards that a round
+    it missed released nothing, so, as with a crash-dangling reservation, it
+    counts it (conservative, never an under-count). ``complete`` closes the span
+    once, after its last round ran (or failed). :meth:`rounds` and
+    :meth:`participations` count every round a reserved event covers.
+    """
 
     def __init__(self, folder: Path, device_id: str, chain: SignedChain):
         self.folder = folder
@@ -132,7 +151,7 @@ class DeviceLedger:
         return self._policy
 
     def participations(self) -> int:
-        """Rounds this device has reserved a spend in (each counts, whatever its status)."""
+        """Rounds this device's reservations cover (each counts, whatever its status or drop-outs)."""
         return len(self.rounds())
 
     def reserve(self, event: DPEvent) -> int:
@@ -192,7 +211,8 @@ class DeviceLedger:
         return [e["seq"] for e in self._chain.entries if e["kind"] == RESERVE and e["seq"] not in done]
 
     def rounds(self) -> set[int]:
-        return {ev.round for ev in self.events()}
+        """Every round covered by a reserved event: a span contributes all of its rounds."""
+        return {r for ev in self.events() for r in ev.covered_rounds()}
 
     def epsilon(self, delta: float, accountant: str = RDP) -> float:
         return compute_epsilon(self.events(), delta, accountant)
@@ -252,21 +272,116 @@ class FederationLedger:
     def record_round(self, round: int, joined: Iterable[str], declined: Iterable[str],
                      failed: Iterable[str], extra: dict[str, Any] | None = None) -> int:
         """Append one round's participation; a device may appear in one list only."""
-        if not (isinstance(round, int) and not isinstance(round, bool) and round >= 0):
-            raise ValueError(f"round must be an int >= 0, got {round!r}")
-        lists = {"joined": _ids(joined, "joined"), "declined": _ids(declined, "declined"),
-                 "failed": _ids(failed, "failed")}
-        seen: dict[str, str] = {}
-        for name, ids in lists.items():
-            for d in ids:
-                if d in seen:
-                    raise ValueError(f"round {round}: device {d!r} is both {seen[d]} and {name}")
-                seen[d] = name
-        payload = {"round": round, **lists, "extra": dict(extra or {})}
+        _check_round(round, "round")
+        lists = _disjoint_lists(f"round {round}", joined, declined, failed)
+        payload = {"round": round, **lists, "extra": _plain_json(extra)}
         return int(self._chain.append(ROUND, payload)["seq"])
 
+    def record_span(self, first_round: int, last_round: int, joined: Iterable[str],
+                    declined: Iterable[str], failed: Iterable[str],
+                    extra: dict[str, Any] | None = None) -> int:
+        """Append ONE ``span`` entry for rounds ``first_round..last_round``; returns its seq.
+
+        Why: a fleet of 10,000 devices x 1,000 rounds must not write 1,000 entries
+        each listing 10,000 ids. ``joined`` took part in *every* round of the span
+        except the sparse per-round drop-outs ``extra["dropped"] = {round: [ids]}``
+        (each id one of ``joined``, each round within the span); ``declined``
+        declined the whole span, ``failed`` failed it. A device is in one list
+        only. Drop-out rounds are stored with decimal-string keys (JSON objects
+        have string keys), sorted, so the entry in memory is what a re-read gives.
+        """
+        _check_round(first_round, "first_round")
+        _check_round(last_round, "last_round")
+        if last_round < first_round:
+            raise ValueError(f"last_round {last_round} is before first_round {first_round}")
+        where = f"span {first_round}..{last_round}"
+        lists = _disjoint_lists(where, joined, declined, failed)
+        plain = _plain_json(extra)
+        if "dropped" in plain:
+            plain["dropped"] = _dropped_arg(dict((extra or {})["dropped"]), first_round, last_round,
+                                            set(lists["joined"]), where)
+        payload = {"first_round": first_round, "last_round": last_round, **lists, "extra": plain}
+        return int(self._chain.append(SPAN, payload)["seq"])
+
     def rounds(self) -> list[dict[str, Any]]:
+        """Payloads of the per-round entries (``round``), in order; spans are in :meth:`spans`."""
         return [e["payload"] for e in self._chain.entries if e["kind"] == ROUND]
+
+    def spans(self) -> list[dict[str, Any]]:
+        """Payloads of the ``span`` entries, in order (see :meth:`record_span` and :func:`dropped_by_round`)."""
+        return [e["payload"] for e in self._chain.entries if e["kind"] == SPAN]
+
+
+def dropped_by_round(span: dict[str, Any]) -> dict[int, list[str]]:
+    """A span payload's drop-outs as ``{round: [device ids]}`` with int rounds (empty when none).
+
+    Shared by the server-side reader and the audit so both parse the on-disk
+    (string-keyed) form the same way; raises ``ValueError`` on a malformed one.
+    """
+    raw = (span.get("extra") or {}).get("dropped") or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"extra.dropped must be an object {{round: [device ids]}}, got {type(raw).__name__}")
+    out: dict[int, list[str]] = {}
+    for key, ids in raw.items():
+        try:
+            r = int(key)
+        except (TypeError, ValueError):
+            raise ValueError(f"extra.dropped: round key {key!r} is not an integer") from None
+        if not isinstance(ids, list) or not all(isinstance(d, str) and d for d in ids):
+            raise ValueError(f"extra.dropped[{key!r}] must list device ids as non-empty strings")
+        out[r] = out.get(r, []) + ids
+    return out
+
+
+def _check_round(value: object, name: str) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+
+
+def _disjoint_lists(where: str, joined: Iterable[str], declined: Iterable[str],
+                    failed: Iterable[str]) -> dict[str, list[str]]:
+    lists = {"joined": _ids(joined, "joined"), "declined": _ids(declined, "declined"),
+             "failed": _ids(failed, "failed")}
+    seen: dict[str, str] = {}
+    for name, ids in lists.items():
+        for d in ids:
+            if d in seen:
+                raise ValueError(f"{where}: device {d!r} is both {seen[d]} and {name}")
+            seen[d] = name
+    return lists
+
+
+def _plain_json(extra: dict[str, Any] | None) -> dict[str, Any]:
+    """``extra`` as it will read back from the file (string keys, lists for tuples).
+
+    The entry is signed over its canonical JSON; keeping in memory the very
+    object a re-read yields means a fresh and a reopened ledger agree.
+    """
+    plain = json.loads(json.dumps(dict(extra or {}), allow_nan=False))
+    assert isinstance(plain, dict)
+    return plain
+
+
+def _dropped_arg(dropped: dict[Any, Any], first: int, last: int, joined: set[str],
+                 where: str) -> dict[str, list[str]]:
+    out: dict[int, list[str]] = {}
+    for key, ids in dropped.items():
+        if isinstance(key, bool) or not isinstance(key, (int, str)):
+            raise ValueError(f"{where}: extra['dropped'] keys must be rounds, got {key!r}")
+        try:
+            r = int(key)
+        except ValueError:
+            raise ValueError(f"{where}: extra['dropped'] key {key!r} is not a round") from None
+        if not first <= r <= last:
+            raise ValueError(f"{where}: extra['dropped'] names round {r}, outside the span")
+        if isinstance(ids, str):
+            raise ValueError(f"{where}: extra['dropped'][{r}] must be a list of device ids, got a string")
+        id_list = _ids(ids, f"extra['dropped'][{r}]")
+        strangers = sorted(set(id_list) - joined)
+        if strangers:
+            raise ValueError(f"{where}: round {r} drops {strangers[:3]!r}, who did not join the span")
+        out[r] = sorted(set(out.get(r, [])) | set(id_list))
+    return {str(r): out[r] for r in sorted(out) if out[r]}
 
 
 def _ids(values: Iterable[str], name: str) -> list[str]:

@@ -8,6 +8,7 @@ the report can change shape without touching what is verified and vice versa.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -24,6 +25,54 @@ TIGHT_OVER_RDP = (0.001, 0.01)
 #: RDP's slack over a tight accountant beyond which the gap is flagged for explanation.
 RDP_SLACK = (1.5, 1.0)
 BUDGET_SLACK = 1e-9
+
+#: Rounds as closed intervals (first, last): a device's 1,000-round span is one pair,
+#: not 1,000 set members, which keeps the audit's memory and time flat in the rounds.
+Interval = tuple[int, int]
+
+
+def merge_intervals(intervals: Iterable[Interval]) -> list[Interval]:
+    """The union of closed round intervals as sorted, disjoint, non-adjacent intervals."""
+    out: list[Interval] = []
+    for first, last in sorted(intervals):
+        if out and first <= out[-1][1] + 1:
+            if last > out[-1][1]:
+                out[-1] = (out[-1][0], last)
+        else:
+            out.append((first, last))
+    return out
+
+
+def subtract_intervals(base: Iterable[Interval], minus: list[Interval]) -> list[Interval]:
+    """Rounds of ``base`` not in ``minus`` (``minus`` merged: sorted and disjoint)."""
+    out: list[Interval] = []
+    for first, last in merge_intervals(base):
+        cur = first
+        for m_first, m_last in minus:
+            if m_last < cur:
+                continue
+            if m_first > last:
+                break
+            if m_first > cur:
+                out.append((cur, m_first - 1))
+            cur = max(cur, m_last + 1)
+            if cur > last:
+                break
+        if cur <= last:
+            out.append((cur, last))
+    return out
+
+
+def count_rounds(intervals: Iterable[Interval]) -> int:
+    return sum(last - first + 1 for first, last in intervals)
+
+
+def format_rounds(intervals: list[Interval], limit: int = 8) -> str:
+    """``round 3`` / ``rounds 3..9, 12`` (the first ``limit`` runs), for finding messages."""
+    parts = [f"{a}" if a == b else f"{a}..{b}" for a, b in intervals[:limit]]
+    more = f" (+{len(intervals) - limit} more runs)" if len(intervals) > limit else ""
+    single = len(intervals) == 1 and intervals[0][0] == intervals[0][1]
+    return ("round " if single else "rounds ") + ", ".join(parts) + more
 
 
 @dataclass(frozen=True)
@@ -54,13 +103,29 @@ class DeviceAudit:
     reported_final: float | None = None
     reported_accountant: str | None = None
     curve_by_round: list[tuple[int, float]] = field(default_factory=list)
-    reserve_rounds: dict[int, list[int]] = field(default_factory=dict)  # round -> reserve seqs
+    #: (first round, last round, reserve seq) per valid reserve entry, in ledger order.
+    reserve_spans: list[tuple[int, int, int]] = field(default_factory=list)
+    #: The union of ``reserve_spans``' rounds (set by the audit once parsing is done).
+    covered: list[Interval] = field(default_factory=list)
+
+    def cover(self) -> None:
+        """Compute :attr:`covered` from :attr:`reserve_spans` (once, after parsing)."""
+        self.covered = merge_intervals((a, b) for a, b, _ in self.reserve_spans)
+
+    def rounds_covered(self) -> int:
+        """How many rounds the device's reservations cover (a span counts all of its rounds)."""
+        return count_rounds(self.covered)
+
+    def first_seq_covering(self, first: int, last: int) -> int | None:
+        """The seq of the first reserve entry covering any round in ``first..last``."""
+        return next((seq for a, b, seq in self.reserve_spans if a <= last and b >= first), None)
 
     def summary(self) -> dict[str, Any]:
         return {
             "device_id": self.device_id, "path": self.path, "key_fingerprint": self.key_fingerprint,
             "chain_ok": self.chain_ok, "entries": self.n_entries, "events": len(self.events),
-            "steps": sum(e.steps for e in self.events), "rounds": sorted(self.reserve_rounds),
+            "steps": sum(e.steps for e in self.events), "rounds_covered": self.rounds_covered(),
+            "round_spans": [list(iv) for iv in self.covered],
             "pending_reservations": self.pending, "budget": self.budget, "delta": self.delta,
             "epsilon": self.epsilon, "reported_epsilon": self.reported_final,
             "reported_accountant": self.reported_accountant,
@@ -80,6 +145,8 @@ class AuditResult:
     statement: dict[str, Any]
     accountants: tuple[str, str]
     out_dir: str | None = None
+    #: Accounting shared across devices (:meth:`EpsilonMemo.stats`) and the audit's wall time.
+    performance: dict[str, Any] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -105,4 +172,5 @@ class AuditResult:
             "findings": [asdict(f) for f in self.findings],
             "counts": {"devices": len(self.devices), "fail": len(self.failures),
                        "warn": sum(f.severity == WARN for f in self.findings)},
+            "performance": self.performance,
         }

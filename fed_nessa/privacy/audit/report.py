@@ -140,7 +140,7 @@ def _markdown(result: AuditResult, plots: list[str]) -> str:
     for d in sorted(result.devices, key=lambda d: d.device_id)[:_MAX_TABLE_ROWS]:
         budget = d.budget["epsilon"] if d.budget else None
         status = "FAIL" if d.device_id in failed_devices else "ok"
-        lines.append(f"| {d.device_id} | {len(d.reserve_rounds)} | {len(d.events)} | "
+        lines.append(f"| {d.device_id} | {d.rounds_covered()} | {len(d.events)} | "
                      f"{sum(e.steps for e in d.events)} | {len(d.pending)} | {_fmt(budget)} | "
                      f"{_fmt(d.epsilon.get(a))} | {_fmt(d.epsilon.get(b))} | {_fmt(d.reported_final)} | {status} |")
     if len(result.devices) > _MAX_TABLE_ROWS:
@@ -161,16 +161,26 @@ def _markdown(result: AuditResult, plots: list[str]) -> str:
               "ledger.", ""]
     if result.federation is not None:
         fed = result.federation
+        spans = fed.get("spans", [])
         lines += ["## Federation ledger cross-check", "",
                   f"`{fed['path']}`: chain {'verified' if fed['chain_ok'] else 'FAILED'}, "
-                  f"{len(fed['rounds'])} round record(s). Every device the server lists as joining round r "
-                  "must hold a reserve entry for round r.",
+                  f"{len(fed['rounds'])} round record(s), {len(spans)} span record(s). Every device the server "
+                  "lists as joining round r (or a span, except the rounds it dropped out of) must hold "
+                  "reserve entries covering those rounds.",
                   f"Devices that joined but whose ledger was not provided: {len(fed['devices_without_ledger'])}.",
-                  "", "| round | joined | declined | failed |", "|---|---|---|---|"]
-        for rec in fed["rounds"][:_MAX_TABLE_ROWS]:
-            lines.append(f"| {rec.get('round')} | {len(rec.get('joined', []))} | {len(rec.get('declined', []))} | "
-                         f"{len(rec.get('failed', []))} |")
-        lines.append("")
+                  ""]
+        if fed["rounds"]:
+            lines += ["| round | joined | declined | failed |", "|---|---|---|---|"]
+            for rec in fed["rounds"][:_MAX_TABLE_ROWS]:
+                lines.append(f"| {rec.get('round')} | {len(rec.get('joined', []))} | "
+                             f"{len(rec.get('declined', []))} | {len(rec.get('failed', []))} |")
+            lines.append("")
+        if spans:
+            lines += ["| rounds | joined | declined | failed | drop-outs |", "|---|---|---|---|---|"]
+            for sp in spans[:_MAX_TABLE_ROWS]:
+                lines.append(f"| {sp['first_round']}..{sp['last_round']} | {sp['joined']} | {sp['declined']} | "
+                             f"{sp['failed']} | {sp['dropouts']} |")
+            lines.append("")
     lines += ["## Discrepancies", ""]
     if not result.findings:
         lines.append("None.")

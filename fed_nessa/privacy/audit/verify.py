@@ -16,18 +16,24 @@ Tolerances (stated in the report):
 - the two accountants: PLD is numerically tight and RDP an upper bound, so
   ``pld <= rdp * 1.001 + 0.01`` must hold (else ``fail``); RDP's conversion
   slack is expected, and only ``rdp > 1.5 * pld + 1`` is flagged (``warn``).
+
+Fleet scale (10,000 devices x 1,000 rounds): rounds are handled as intervals
+(a device's span reservation and the server's ``span`` entry are one pair each,
+never expanded into per-round sets), and accounting is memoised per distinct
+history (:class:`EpsilonMemo`), so identical ledgers are composed once.
 """
 
 from __future__ import annotations
 
 import json
-from collections import Counter
+import time
+from collections import Counter, defaultdict
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from fed_nessa.privacy import signing
-from fed_nessa.privacy.accounting import PLD, RDP, epsilon_curve
+from fed_nessa.privacy.accounting import PLD, RDP, EpsilonMemo
 from fed_nessa.privacy.audit.findings import (
     BUDGET_SLACK,
     FAIL,
@@ -38,6 +44,10 @@ from fed_nessa.privacy.audit.findings import (
     AuditResult,
     DeviceAudit,
     Finding,
+    Interval,
+    format_rounds,
+    merge_intervals,
+    subtract_intervals,
 )
 from fed_nessa.privacy.audit.report import write_report
 from fed_nessa.privacy.chain import HEADER, ChainRead, read_chain
@@ -50,7 +60,9 @@ from fed_nessa.privacy.ledger import (
     RESERVE,
     ROUND,
     SERVER_PUB_NAME,
+    SPAN,
     STATUSES,
+    dropped_by_round,
 )
 from fed_nessa.privacy.statement import privacy_statement
 
@@ -75,13 +87,16 @@ def audit(path: Path | str, out_dir: Path | str | None = None, accountants: tupl
     if not device_paths and fed_path is None:
         raise FileNotFoundError(f"{root}: no {DEVICE_LEDGER_NAME} or {FEDERATION_LEDGER_NAME} found")
     findings: list[Finding] = []
+    started = time.perf_counter()
     claim = _summary_privacy(summary, findings)
-    devices = [_audit_device(p, accountants, findings) for p in device_paths]
+    memo = EpsilonMemo()
+    devices = [_audit_device(p, accountants, findings, memo) for p in device_paths]
     _check_unique_ids(devices, findings)
     federation = _audit_federation(fed_path, devices, findings) if fed_path else None
     _check_claim(claim, devices, accountants, findings)
     statement = _statement(claim, devices)
     result = AuditResult(str(root), devices, findings, federation, statement, (accountants[0], accountants[1]))
+    result.performance = {"accounting": memo.stats(), "check_seconds": round(time.perf_counter() - started, 3)}
     if write:
         target = Path(out_dir) if out_dir else (root if root.is_dir() else root.parent) / "audit"
         write_report(result, target)
@@ -135,7 +150,8 @@ def _trusted_key(path: Path, name: str, findings: list[Finding], who: str):
 
 
 # ----------------------------------------------------------------------------- one device
-def _audit_device(path: Path, accountants: tuple[str, str], findings: list[Finding]) -> DeviceAudit:
+def _audit_device(path: Path, accountants: tuple[str, str], findings: list[Finding],
+                  memo: EpsilonMemo | None = None) -> DeviceAudit:
     key_findings: list[Finding] = []
     read = read_chain(path, _trusted_key(path, DEVICE_PUB_NAME, key_findings, path.parent.name))
     header = read.entries[0].get("payload", {}) if read.entries and read.entries[0].get("kind") == HEADER else {}
@@ -155,7 +171,7 @@ def _audit_device(path: Path, accountants: tuple[str, str], findings: list[Findi
     _check_budget_records(header, reserves, dev, findings)
     if dev.delta is None:
         return dev
-    _recompute(dev, reserves, completes, accountants, findings)
+    _recompute(dev, reserves, completes, accountants, findings, memo or EpsilonMemo())
     return dev
 
 
@@ -177,7 +193,7 @@ def _parse_entries(read: ChainRead, dev: DeviceAudit, findings: list[Finding]):
                 continue
             reserves.append((seq, ev, payload.get("budget")))
             reserve_seqs.add(seq)
-            dev.reserve_rounds.setdefault(ev.round, []).append(seq)
+            dev.reserve_spans.append((ev.round, ev.end_round, seq))
         elif entry["kind"] == COMPLETE:
             target = payload.get("reserve_seq")
             if target not in reserve_seqs:
@@ -194,6 +210,7 @@ def _parse_entries(read: ChainRead, dev: DeviceAudit, findings: list[Finding]):
                 completes.append((seq, payload, len(reserves)))
         else:
             findings.append(Finding(FAIL, "schema", f"unknown entry kind {entry['kind']!r}", dev.device_id, seq))
+    dev.cover()
     dev.pending = sorted(reserve_seqs - completed)
     for seq in dev.pending:
         findings.append(Finding(WARN, "pending", "reserved but never completed (crash or still running): "
@@ -233,15 +250,16 @@ def _within(reported: float, recomputed: float, accountant: str) -> bool:
 
 
 def _recompute(dev: DeviceAudit, reserves, completes, accountants: tuple[str, str],
-               findings: list[Finding]) -> None:
+               findings: list[Finding], memo: EpsilonMemo) -> None:
     events = dev.events
     assert dev.delta is not None
     delta = dev.delta
     curves: dict[str, list[float]] = {}
 
     def curve(acc: str) -> list[float]:
+        # Memoised across devices: the curve depends only on (q, sigma, steps) per event.
         if acc not in curves:
-            curves[acc] = epsilon_curve(events, delta, acc)
+            curves[acc] = memo.curve(events, delta, acc)
         return curves[acc]
 
     for acc in accountants:
@@ -267,8 +285,14 @@ def _recompute(dev: DeviceAudit, reserves, completes, accountants: tuple[str, st
     rdp_curve = curve(RDP) if events else []
     last_by_round: dict[int, float] = {}
     for ev, eps in zip(events, rdp_curve):
-        last_by_round[ev.round] = eps
-    dev.curve_by_round = sorted(last_by_round.items())
+        # A span is charged in full when reserved: at its first round, and still at its last.
+        for r in (ev.round, ev.end_round):
+            last_by_round[r] = max(eps, last_by_round.get(r, 0.0))
+    running = 0.0
+    dev.curve_by_round = []
+    for r, eps in sorted(last_by_round.items()):
+        running = max(running, eps)  # a later event reserved inside a span must not dip the curve
+        dev.curve_by_round.append((r, running))
     _check_agreement(dev, accountants, findings)
     _check_against_budget(dev, curve, findings)
 
@@ -315,50 +339,138 @@ def _check_unique_ids(devices: list[DeviceAudit], findings: list[Finding]) -> No
 
 # ----------------------------------------------------------------------------- federation
 def _audit_federation(path: Path, devices: list[DeviceAudit], findings: list[Finding]) -> dict[str, Any]:
+    """Cross-check the server's ``round`` and ``span`` entries against the device ledgers.
+
+    All by round *coverage*: a device's reservations and the server's records
+    are interval lists, so a 1,000-round span costs one interval operation per
+    device, not 1,000 set lookups.
+    """
     read = read_chain(path, _trusted_key(path, SERVER_PUB_NAME, findings, "server"))
     for fault in read.faults:
         findings.append(Finding(FAIL, f"federation.{fault.kind}", fault.message(), "server", fault.seq))
     rounds = [e["payload"] for e in read.entries if e and e.get("kind") == ROUND]
+    span_entries = [(e["seq"], e["payload"]) for e in read.entries if e and e.get("kind") == SPAN]
     by_id = {d.device_id: d for d in devices}
     not_audited: set[str] = set()
+    # Rounds the server accounts for per device (joined, failed, or dropped out of a joined span):
+    # reservations outside them were never recorded by the server.
+    recorded: dict[str, list[Interval]] = defaultdict(list)
     for rec in rounds:
         r = rec.get("round")
+        if not isinstance(r, int):
+            findings.append(Finding(FAIL, "federation.schema", f"round entry without an int round: {r!r}",
+                                    "server"))
+            continue
         for device_id in rec.get("joined", []):
             dev = by_id.get(device_id)
             if dev is None:
                 not_audited.add(device_id)
-            elif r not in dev.reserve_rounds:
+            elif subtract_intervals([(r, r)], dev.covered):
                 findings.append(Finding(FAIL, "federation.joined",
                                         f"the server recorded device {device_id} as joining round {r}, but its "
                                         "ledger has no reserve entry for that round (entries deleted, or the "
                                         "ledger was truncated)", device_id))
         for device_id in rec.get("declined", []):
+            _check_declined(by_id.get(device_id), device_id, r, r, findings)
+        for device_id in rec.get("joined", []) + rec.get("failed", []):
+            recorded[device_id].append((r, r))
+        _check_fingerprints(rec, f"round {r}", by_id, findings)
+    spans: list[dict[str, Any]] = []
+    for seq, rec in span_entries:
+        parsed = _parse_span(seq, rec, findings)
+        if parsed is None:
+            continue
+        first, last, dropped = parsed
+        where = f"rounds {first}..{last}" if last > first else f"round {first}"
+        for device_id in rec["joined"]:
+            recorded[device_id].append((first, last))
             dev = by_id.get(device_id)
-            if dev is not None and r in dev.reserve_rounds:
-                findings.append(Finding(WARN, "federation.declined",
-                                        f"declined round {r} per the server, yet reserved it (counted anyway)",
-                                        device_id, dev.reserve_rounds[r][0]))
-        fingerprints = (rec.get("extra") or {}).get("device_key_fingerprints") or {}
-        for device_id, fp in fingerprints.items():
-            dev = by_id.get(device_id)
-            if dev is not None and dev.key_fingerprint != fp:
-                findings.append(Finding(FAIL, "federation.key",
-                                        f"the server saw key {str(fp)[:16]} in round {r}, the ledger is signed "
-                                        f"by {str(dev.key_fingerprint)[:16]}", device_id))
-    joined_rounds = {(d, rec.get("round")) for rec in rounds for d in rec.get("joined", []) + rec.get("failed", [])}
-    if rounds:
+            if dev is None:
+                not_audited.add(device_id)
+                continue
+            excused = merge_intervals((r, r) for r in dropped.get(device_id, ()))
+            missing = subtract_intervals(subtract_intervals([(first, last)], dev.covered), excused)
+            if missing:
+                findings.append(Finding(FAIL, "federation.joined",
+                                        f"the server recorded device {device_id} as joining {where} (span entry "
+                                        f"seq {seq}), but its ledger has no reserve covering "
+                                        f"{format_rounds(missing)} (entries deleted, the ledger was truncated, "
+                                        "or the span reserved was shorter)", device_id))
+        for device_id in rec["failed"]:
+            recorded[device_id].append((first, last))
+        for device_id in rec["declined"]:
+            _check_declined(by_id.get(device_id), device_id, first, last, findings)
+        _check_fingerprints(rec, where, by_id, findings)
+        spans.append({"seq": seq, "first_round": first, "last_round": last, "joined": len(rec["joined"]),
+                      "declined": len(rec["declined"]), "failed": len(rec["failed"]),
+                      "dropouts": sum(len(v) for v in dropped.values())})
+    if rounds or spans:
         for dev in devices:
-            for r, seqs in dev.reserve_rounds.items():
-                if (dev.device_id, r) not in joined_rounds:
-                    findings.append(Finding(WARN, "federation.unrecorded",
-                                            f"reserved round {r} but the server did not record it as joined or "
-                                            "failed (counted anyway)", dev.device_id, seqs[0]))
+            gaps = subtract_intervals(dev.covered, merge_intervals(recorded.get(dev.device_id, [])))
+            for first, last in gaps:
+                findings.append(Finding(WARN, "federation.unrecorded",
+                                        f"reserved {format_rounds([(first, last)])} but the server did not record "
+                                        "it as joined or failed (counted anyway)", dev.device_id,
+                                        dev.first_seq_covering(first, last)))
     if devices and not_audited:
         findings.append(Finding(WARN, "federation.missing_ledgers",
                                 f"{len(not_audited)} device(s) joined rounds but no ledger was found for them: "
                                 f"{sorted(not_audited)[:10]}{' ...' if len(not_audited) > 10 else ''}"))
-    return {"path": str(path), "chain_ok": read.ok, "rounds": rounds,
+    return {"path": str(path), "chain_ok": read.ok, "rounds": rounds, "spans": spans,
             "devices_without_ledger": sorted(not_audited)}
+
+
+def _parse_span(seq: int, rec: dict[str, Any], findings: list[Finding]) -> tuple[int, int, dict[str, list[int]]] | None:
+    """(first, last, {device: [dropped rounds]}) of a span entry, or None after a ``federation.schema`` finding."""
+    first, last = rec.get("first_round"), rec.get("last_round")
+    problem = None
+    if not (isinstance(first, int) and isinstance(last, int) and 0 <= first <= last):
+        problem = f"first_round {first!r} / last_round {last!r} are not rounds in order"
+    elif not all(isinstance(rec.get(k), list) for k in ("joined", "declined", "failed")):
+        problem = "joined, declined and failed must be lists of device ids"
+    if problem is None:
+        assert isinstance(first, int) and isinstance(last, int)
+        try:
+            by_round = dropped_by_round(rec)
+        except ValueError as exc:
+            problem = str(exc)
+        else:
+            joined = set(rec["joined"])
+            outside = sorted(r for r in by_round if not first <= r <= last)
+            strangers = sorted({d for ids in by_round.values() for d in ids} - joined)
+            if outside:
+                problem = f"extra.dropped names round(s) {outside[:5]} outside the span"
+            elif strangers:
+                problem = f"extra.dropped names device(s) {strangers[:5]} that did not join the span"
+    if problem is not None:
+        findings.append(Finding(FAIL, "federation.schema", f"span entry: {problem}", "server", seq))
+        return None
+    assert isinstance(first, int) and isinstance(last, int)
+    dropped: dict[str, list[int]] = defaultdict(list)
+    for r, ids in by_round.items():
+        for d in ids:
+            dropped[d].append(r)
+    return first, last, dropped
+
+
+def _check_declined(dev: DeviceAudit | None, device_id: str, first: int, last: int,
+                    findings: list[Finding]) -> None:
+    seq = dev.first_seq_covering(first, last) if dev is not None else None
+    if seq is not None:
+        where = f"round {first}" if first == last else f"rounds {first}..{last}"
+        findings.append(Finding(WARN, "federation.declined",
+                                f"declined {where} per the server, yet reserved it (counted anyway)", device_id, seq))
+
+
+def _check_fingerprints(rec: dict[str, Any], where: str, by_id: dict[str, DeviceAudit],
+                        findings: list[Finding]) -> None:
+    fingerprints = (rec.get("extra") or {}).get("device_key_fingerprints") or {}
+    for device_id, fp in fingerprints.items():
+        dev = by_id.get(device_id)
+        if dev is not None and dev.key_fingerprint != fp:
+            findings.append(Finding(FAIL, "federation.key",
+                                    f"the server saw key {str(fp)[:16]} in {where}, the ledger is signed "
+                                    f"by {str(dev.key_fingerprint)[:16]}", device_id))
 
 
 # ----------------------------------------------------------------------------- the stated claim

@@ -1,0 +1,87 @@
+"""The noise multipliers, the sampling rate and the shipped aligner of a run, from its public config.
+
+The device (to noise and account) and the server (to size SecAgg+'s range, floor the
+statistics solve and pick its phases) must use the same numbers, so both call
+:func:`noise_plan` with the same public inputs (the config and the fleet size).
+
+* ``budget-split = 0``: the sigmas are the keys ``suffstats-noise-multiplier`` and
+  ``noise-multiplier``.
+* ``budget-split = f``: the statistics round's sigma is calibrated to spend
+  ``f x epsilon-budget`` alone, the DP-SGD sigma so that the statistics round plus every
+  DP-SGD round a device is scheduled for lands on ``epsilon-budget`` (RDP).
+
+``aligner = auto`` decides, before round 1, whether DP-SGD rounds can beat the DP linear
+start: the decision statistic is the expected number of clipped examples in one round's
+released sum per unit of noise std, ``cohort x expected-pairs-per-device x q / sigma``
+(signal grows with the fleet, the DP noise does not; field-notes "DP NESSA needs fleet
+scale"). Below :data:`AUTO_SIGNAL_THRESHOLD` the run is the linear start alone, and with a
+budget split the statistics round then gets the whole budget. The threshold is calibrated
+by the fleet study in docs/results.md; the server's promotion gate still checks the result.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from fed_nessa.config import AlignerChoice, FederationConfig, LinearStart
+from fed_nessa.privacy.calibration import sigma_for_epsilon
+
+#: Clipped examples per unit of noise std in one DP-SGD round above which DP NESSA is tried.
+AUTO_SIGNAL_THRESHOLD = 12_000.0
+
+
+@dataclass(frozen=True)
+class NoisePlan:
+    suffstats_sigma: float
+    dpsgd_sigma: float
+    dpsgd_rounds_per_device: int  # DP-SGD steps a device is scheduled for (the calibration's count)
+    sample_rate: float = 0.0  # the DP-SGD rounds' q (0: the landed per-device 1/ceil(n/B))
+    aligner: AlignerChoice = AlignerChoice.NESSA  # LINEAR: no DP-SGD round is run
+    signal: float = math.inf  # the auto rule's statistic (examples per noise std per round)
+    reason: str = ""
+
+
+def dpsgd_rounds(cfg: FederationConfig) -> int:
+    stats = cfg.suffstats_rounds if cfg.linear_start == LinearStart.SUFFSTATS else 0
+    return max(cfg.num_server_rounds - stats, 0)
+
+
+def _signal(cfg: FederationConfig, cohort: int, q: float, sigma: float) -> float:
+    per_device = cfg.expected_pairs_per_device * q if q > 0 else min(cfg.batch_size, cfg.expected_pairs_per_device)
+    return cohort * per_device / max(sigma * cfg.clip_norm, 1e-12)
+
+
+def _split(cfg: FederationConfig, q: float, rounds: int) -> tuple[float, float]:
+    if cfg.budget_split <= 0:
+        return cfg.suffstats_noise_multiplier, cfg.noise_multiplier
+    uses_stats = cfg.linear_start == LinearStart.SUFFSTATS
+    s_sigma = (sigma_for_epsilon(cfg.budget_split * cfg.epsilon_budget, cfg.delta) if uses_stats
+               else cfg.suffstats_noise_multiplier)
+    if rounds == 0:
+        return s_sigma, cfg.noise_multiplier
+    return s_sigma, sigma_for_epsilon(cfg.epsilon_budget, cfg.delta, q, rounds, s_sigma if uses_stats else None)
+
+
+def noise_plan(cfg: FederationConfig, fleet: int) -> NoisePlan:
+    """The sigmas, q and shipped aligner for a fleet of ``fleet`` devices (cohorts from ``clients-per-round``)."""
+    dp_cohort = cfg.cohort_size(fleet)
+    rounds = math.ceil(dpsgd_rounds(cfg) * dp_cohort / max(fleet, 1))
+    q = cfg.round_sample_rate(1, fleet, dp_cohort) if cfg.sample_rate > 0 else 0.0
+    s_sigma, sigma = _split(cfg, q, rounds)
+    signal = _signal(cfg, dp_cohort, q, sigma) if rounds else 0.0
+    uses_stats = cfg.linear_start == LinearStart.SUFFSTATS
+    choice = AlignerChoice(cfg.aligner)
+    if choice == AlignerChoice.AUTO:
+        go = rounds > 0 and (signal >= AUTO_SIGNAL_THRESHOLD or not uses_stats)
+        choice = AlignerChoice.NESSA if go else AlignerChoice.LINEAR
+        reason = (f"aligner auto: {signal:.0f} clipped examples per unit noise std per round "
+                  f"{'>=' if go else '<'} {AUTO_SIGNAL_THRESHOLD:.0f}: "
+                  + ("DP-SGD NESSA rounds, then the promotion gate" if go else "the DP linear start alone"))
+    else:
+        reason = f"aligner {choice} (set in the run config)"
+    if choice == AlignerChoice.LINEAR and uses_stats:
+        if cfg.budget_split > 0:
+            s_sigma = sigma_for_epsilon(cfg.epsilon_budget, cfg.delta)
+        return NoisePlan(s_sigma, sigma, 0, q, AlignerChoice.LINEAR, signal, reason)
+    return NoisePlan(s_sigma, sigma, rounds, q, AlignerChoice.NESSA, signal, reason)
