@@ -148,6 +148,7 @@ class FederationConfig:
     expected_pairs_per_device: float = 112.0  # public prior for aligner=auto (never measured on devices)
     fleet_numerics: str = "fast"
     validation_speakers: int = 100  # synthetic: the server's own validation speakers for the gate
+    dropout_rate: float = 0.0  # fleet engine: chance an accepted device drops out before sending
     budget_split: float = 0.0  # share of epsilon-budget for the statistics round; 0: sigmas as given
 
     def cohort_size(self, fleet: int) -> int:
@@ -318,6 +319,7 @@ def _check_ranges(c: FederationConfig) -> list[str]:
     _choice(p, "fleet-numerics", c.fleet_numerics, tuple(n.value for n in FleetNumerics))
     _range(p, "budget-split", c.budget_split, 0.0, 1.0)
     _range(p, "validation-speakers", c.validation_speakers, 0, 1_000_000)
+    _range(p, "dropout-rate", c.dropout_rate, 0.0, 0.99)
     if c.budget_split > 0 and c.sample_rate <= 0:
         p.append("budget-split > 0 calibrates one DP-SGD noise multiplier for every device: it needs a fleet-wide "
                  "sample-rate > 0 (with q = 1/ceil(n/batch-size) each device's rate, and so its sigma, would differ)")

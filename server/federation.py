@@ -37,6 +37,7 @@ from flwr.serverapp.grid import Grid
 from fed_nessa.config import AlignerChoice, FederationConfig, Phase, ReplyStatus, RoundStatus, from_run_config
 from fed_nessa.data.population import SCENARIO, FederationData, load_federation_data
 from fed_nessa.errors import FedNessaError
+from fed_nessa.evaluation import run_folder
 from fed_nessa.evaluation.gate import LINEAR_START, promotion_gate
 from fed_nessa.federated.codec import make_codec, saturation_note
 from fed_nessa.federated.cohort import sample_positions
@@ -53,7 +54,6 @@ from fed_nessa.federated.protocol import (
 )
 from fed_nessa.federated.release import may_start, promised_arrivals
 from fed_nessa.federated.server_model import ServerModel
-from server import run_folder
 from server.checkpoint import Checkpoint, check_resumable, latest_checkpoint, save_checkpoint
 from server.secagg_round import secure_sum
 
@@ -265,7 +265,7 @@ class Federation:
         eps, paths = self._device_ledgers() if final is not None else (self.device_epsilon, {})
         rounds = [{k: v for k, v in e.items() if k != "device_epsilon"} for e in self.history]
         return {
-            "config": _portable_config(self.cfg.to_run_config()),
+            "config": run_folder.portable_config(self.cfg.to_run_config()),
             "rounds": rounds,
             "final": final or {},
             "privacy": run_folder.privacy_block(self.cfg, eps, paths),
@@ -274,16 +274,15 @@ class Federation:
 
     def centralised_rows(self) -> dict[str, Any]:
         """Non-DP NESSA and ridge fitted on the pooled device data (simulation only)."""
-        from fed_nessa.model.aligners import AlignerInfo, NessaAligner, NessaConfig, RidgeAligner
-        from fed_nessa.model.training import TrainConfig
+        from fed_nessa.evaluation.centralised import pooled_references
+        from fed_nessa.model.aligners import AlignerInfo
 
         x, y = self.data.pooled()
-        info = lambda: AlignerInfo(d_x=self.data.d_x, d_y=self.data.d_y,  # noqa: E731
-                                   enroll_model=self.data.enroll_model, runtime_model=self.data.runtime_model)
-        ridge = RidgeAligner(info(), alpha=self.cfg.ridge_alpha).fit(x, y)  # the federation's own alpha
-        nessa = NessaAligner(info(), NessaConfig(hidden=self.cfg.hidden, depth=self.cfg.depth)).fit(
-            x, y, train_cfg=TrainConfig(epochs=20, batch_size=256, lr=1e-3, seed=self.cfg.seed))
-        report = self.evaluate({"centralised_nessa": nessa, "ridge": ridge})
+        info = AlignerInfo(d_x=self.data.d_x, d_y=self.data.d_y, enroll_model=self.data.enroll_model,
+                           runtime_model=self.data.runtime_model)
+        refs = pooled_references(x, y, info, hidden=self.cfg.hidden, depth=self.cfg.depth,
+                                 ridge_alpha=self.cfg.ridge_alpha, seed=self.cfg.seed)
+        report = self.evaluate(dict(refs))
         return {"centralised_nessa": self._row(report, "asym_centralised_nessa"),
                 "ridge": self._row(report, "asym_ridge"),
                 "sym_before": self._row(report, "sym_before"), "sym_after": self._row(report, "sym_after")}
@@ -322,24 +321,6 @@ class Federation:
         run_folder.write_plots(self.run_dir, summary["rounds"])
         self.progress({"event": "done", "run_dir": str(self.run_dir)})
         return summary
-
-
-def _portable_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The run config as a report should carry it: paths relative to the working directory.
-
-    Simulations resolve ``run-dir`` (and a shard folder) to absolute paths to run; a summary that
-    is shared or committed should not name the machine it ran on.
-    """
-    out = dict(config)
-    for key in ("run-dir", "data-source"):
-        value = str(out.get(key, ""))
-        if value.startswith("/"):
-            path = Path(value)
-            try:
-                out[key] = str(path.relative_to(Path.cwd()))
-            except ValueError:
-                out[key] = path.name
-    return out
 
 
 def run_federation(grid: Grid, context: Context, **kwargs: Any) -> dict[str, Any]:

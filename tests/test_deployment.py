@@ -13,9 +13,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_ssh_private_key, \
     load_ssh_public_key
 
-from fed_nessa.deployment import LocalDeployment, generate_supernode_keys, generate_tls, node_config_arg
+from fed_nessa.config import DevicePolicy, policy_from_node_config
 from fed_nessa.data.shards import shard_paths
+from fed_nessa.deployment import LocalDeployment, generate_supernode_keys, generate_tls, node_config_arg
 from test_simulation import make_folder
+
+#: Each SuperNode's own policy (--node-config): g = 3 <= the g = 4 a 4-device round promises.
+POLICY = DevicePolicy(epsilon_budget=30.0, guaranteed_arrivals=3)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,6 +53,13 @@ def test_node_config_points_at_shard_and_state(tmp_path: Path) -> None:
     assert node_config_arg(Path("/a b/s.shard"), Path("/st")) == 'shard-path="/a b/s.shard" state-dir="/st"'
     with pytest.raises(ValueError, match="double quotes"):
         node_config_arg(Path('/x"y'), Path("/st"))
+    # The device's policy travels in its own node config, in Flower's key=value syntax.
+    arg = node_config_arg(Path("/s.shard"), Path("/st"), POLICY)
+    assert "epsilon-budget=30.0" in arg and "guaranteed-arrivals=3" in arg and "allow-non-dp=false" in arg
+    from fed_nessa.sim.runner import parse_value  # TOML scalars, as Flower parses --node-config
+
+    parsed = {k: parse_value(v) for k, v in (item.split("=", 1) for item in arg.split(" ")[2:])}
+    assert policy_from_node_config(parsed) == POLICY
 
 
 def test_stop_kills_every_started_process_even_on_failure(tmp_path: Path) -> None:
@@ -76,7 +87,7 @@ def test_real_superlink_and_four_supernodes_run_two_secagg_rounds(tmp_path: Path
         for key in keys:
             dep.register(key)
         for i, (key, shard) in enumerate(zip(keys, shard_paths(data), strict=True)):
-            dep.start_supernode(i, key, shard, tmp_path / f"device-{i}")
+            dep.start_supernode(i, key, shard, tmp_path / f"device-{i}", policy=POLICY)
         done = dep.run(f"data-source='{data}' run-dir='{run_dir}' num-devices=4 clients-per-round=4 "
                        "secagg-num-shares=3 secagg-reconstruction-threshold=2 min-arrivals=3 num-server-rounds=2 "
                        "hidden=16 depth=1 epsilon-budget=30 round-timeout=120.0", timeout_s=600)
@@ -87,3 +98,7 @@ def test_real_superlink_and_four_supernodes_run_two_secagg_rounds(tmp_path: Path
     # Each device kept its ledger in its own state folder (node config), not in the run folder.
     for i in range(4):
         assert (tmp_path / f"device-{i}" / "privacy-ledger.jsonl").is_file()
+        from fed_nessa.privacy.ledger import DeviceLedger
+
+        ledger = DeviceLedger.open(tmp_path / f"device-{i}", shard_paths(data)[i].name.split(".")[0])
+        assert ledger.policy == POLICY  # the node config's policy, fixed in the header

@@ -109,3 +109,36 @@ def test_bad_arguments_are_clear_errors() -> None:
         compute_epsilon([_ev(0.1, 1.0, 1)], DELTA, "gdp")
     with pytest.raises(ValueError, match="delta"):
         compute_epsilon([_ev(0.1, 1.0, 1)], 0.0)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "pld", "prv"])
+def test_a_span_accounts_exactly_as_its_per_round_events(accountant: str) -> None:
+    rounds = 40
+    span = DPEvent(round=1, last_round=rounds, mechanism="dp-sgd", steps=rounds, sample_rate=0.02,
+                   noise_multiplier=1.5, clip_norm=1.0, delta=DELTA, mode="distributed")
+    per_round = [_ev(0.02, 1.5, 1, r) for r in range(1, rounds + 1)]
+    gs = _ev(1.0, 5.0, 1, 0)
+    assert compute_epsilon([gs, span], DELTA, accountant) == pytest.approx(
+        compute_epsilon([gs, *per_round], DELTA, accountant), rel=1e-9)
+    assert epsilon_curve([gs, span], DELTA, accountant)[-1] == pytest.approx(
+        epsilon_curve([gs, *per_round], DELTA, accountant)[-1], rel=1e-3, abs=1e-3)
+
+
+def test_memo_reuses_curves_across_rounds_and_notes_and_matches_the_direct_curve() -> None:
+    from dataclasses import replace
+
+    from fed_nessa.privacy.accounting import EpsilonMemo, accounting_key
+
+    a = [_ev(1.0, 5.0, 1, 0), _ev(0.05, 1.2, 20, 1)]
+    b = [replace(a[0], note="other device"), replace(a[1], round=7, last_round=26)]  # same schedule, shifted
+    c = [a[1], a[0]]  # same events, other order: another curve
+    assert accounting_key(a) == accounting_key(b) != accounting_key(c)
+    memo = EpsilonMemo()
+    for acc in ("rdp", "pld"):
+        assert memo.curve(a, DELTA, acc) == epsilon_curve(a, DELTA, acc)
+        assert memo.curve(b, DELTA, acc) == epsilon_curve(b, DELTA, acc)
+        assert memo.curve(c, DELTA, acc) == epsilon_curve(c, DELTA, acc)
+        assert memo.epsilon([], DELTA, acc) == 0.0
+    assert memo.stats() == {"misses": 4, "hits": 2}  # b reused a's curve, per accountant
+    memo.curve(a, DELTA, "rdp").append(99.0)  # callers get a fresh list: the memo is not corrupted
+    assert memo.curve(a, DELTA, "rdp") == epsilon_curve(a, DELTA, "rdp")

@@ -216,3 +216,106 @@ def test_cli_exit_status(tmp_path: Path, capsys) -> None:
     assert "FAIL chain.signature device dev1 seq 1" in capsys.readouterr().out
     assert main(["audit", str(tmp_path / "nowhere")]) == 2
     assert main(["audit", str(run), "--accountants", "rdp"]) == 2
+
+
+# ----------------------------------------------------------------------------- spans (fleet scale)
+SPAN_ROUNDS = 50
+
+
+def _gs() -> DPEvent:
+    return DPEvent(round=0, mechanism="gaussian-sum", steps=1, sample_rate=1.0, noise_multiplier=5.0,
+                   clip_norm=1.0, delta=DELTA, mode="distributed")
+
+
+def _span(first: int, last: int, q: float = 0.02) -> DPEvent:
+    return DPEvent(round=first, last_round=last, mechanism="dp-sgd", steps=last - first + 1, sample_rate=q,
+                   noise_multiplier=1.5, clip_norm=1.0, delta=DELTA, mode="distributed")
+
+
+def _span_run(tmp_path: Path, spans: dict[str, DPEvent], dropped: dict | None = None,
+              declined: tuple[str, ...] = ()) -> Path:
+    """Fleet layout: a gaussian-sum in round 0, then one span reservation per device and ONE server span."""
+    run = tmp_path / "run"
+    for device_id, span in spans.items():
+        led = DeviceLedger.open(run / "devices" / device_id, device_id, epsilon_budget=BUDGET, delta=DELTA)
+        led.complete(led.reserve(_gs()), led.epsilon(DELTA))
+        led.complete(led.reserve(span), led.epsilon(DELTA))
+    fed = FederationLedger.open(run / "federation-ledger.jsonl", run)
+    joined = [d for d in spans if d not in declined]
+    fed.record_span(0, SPAN_ROUNDS, joined, list(declined), [], {"dropped": dropped or {}})
+    return run
+
+
+def test_consistent_span_run_passes_with_one_accounting_per_accountant(tmp_path: Path) -> None:
+    run = _span_run(tmp_path, {f"dev{i}": _span(1, SPAN_ROUNDS) for i in range(4)}, dropped={7: ["dev1"]})
+    result = audit(run)
+    assert result.passed and result.findings == [], [f.message for f in result.findings]
+    assert result.performance["accounting"] == {"misses": 2, "hits": 6}  # 4 identical histories, 2 accountants
+    want = compute_epsilon([_gs(), _span(1, SPAN_ROUNDS)], DELTA)
+    data = json.loads((run / "audit" / "audit.json").read_text())
+    dev = data["devices"][0]
+    assert dev["epsilon"]["rdp"] == pytest.approx(want)
+    assert (dev["rounds_covered"], dev["round_spans"]) == (SPAN_ROUNDS + 1, [[0, SPAN_ROUNDS]])
+    assert [p["round"] for p in dev["epsilon_per_round"]] == [0, 1, SPAN_ROUNDS]
+    assert data["federation"]["spans"][0] | {"seq": 1} == {"seq": 1, "first_round": 0, "last_round": SPAN_ROUNDS,
+                                                          "joined": 4, "declined": 0, "failed": 0, "dropouts": 1}
+    assert f"| 0..{SPAN_ROUNDS} | 4 | 0 | 0 | 1 |" in (run / "audit" / "report.md").read_text()
+
+
+def test_span_that_misses_a_joined_round_fails_and_names_it(tmp_path: Path) -> None:
+    spans = {"dev0": _span(1, SPAN_ROUNDS), "dev1": _span(1, SPAN_ROUNDS - 5), "dev2": _span(1, SPAN_ROUNDS - 1)}
+    run = _span_run(tmp_path, spans, dropped={SPAN_ROUNDS: ["dev2"]})  # dev2 dropped out of the last round
+    result = audit(run)
+    assert _fails(result) == {("federation.joined", "dev1", None)}
+    [finding] = result.failures
+    assert f"rounds {SPAN_ROUNDS - 4}..{SPAN_ROUNDS}" in finding.message
+
+
+def test_span_declined_and_unrecorded_reservations_are_warned(tmp_path: Path) -> None:
+    spans = {"dev0": _span(1, SPAN_ROUNDS + 3), "dev1": _span(1, SPAN_ROUNDS)}
+    result = audit(_span_run(tmp_path, spans, declined=("dev1",)))
+    assert result.passed
+    warns = {(f.check, f.device, f.seq) for f in result.findings}
+    # As for round records, a declined-yet-reserved device is also unrecorded for those rounds.
+    assert warns == {("federation.declined", "dev1", 1), ("federation.unrecorded", "dev1", 1),
+                     ("federation.unrecorded", "dev0", 3)}
+    unrecorded = next(f for f in result.findings if f.check == "federation.unrecorded" and f.device == "dev0")
+    assert f"rounds {SPAN_ROUNDS + 1}..{SPAN_ROUNDS + 3}" in unrecorded.message
+
+
+def test_round_records_and_spans_mix_in_one_run(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    fed = FederationLedger.open(run / "federation-ledger.jsonl", run)
+    led = DeviceLedger.open(run / "devices" / "d", "d", epsilon_budget=BUDGET, delta=DELTA)
+    led.complete(led.reserve(_gs()), led.epsilon(DELTA))  # an old-style single-round phase...
+    fed.record_round(0, ["d"], [], [])
+    led.complete(led.reserve(_span(1, 10)), led.epsilon(DELTA))  # ...then the fleet's span
+    fed.record_span(1, 10, ["d"], [], [])
+    assert audit(run).passed
+    fed.record_round(11, ["d"], [], [])  # the server claims a round the device never reserved
+    result = audit(run)
+    assert _fails(result) == {("federation.joined", "d", None)} and "round 11" in result.failures[0].message
+
+
+def test_malformed_span_entry_is_a_schema_failure(tmp_path: Path) -> None:
+    run = _span_run(tmp_path, {"dev0": _span(1, SPAN_ROUNDS)})
+    fed = FederationLedger.open(run / "federation-ledger.jsonl", run)
+    fed._chain.append("span", {"first_round": 9, "last_round": 3, "joined": ["dev0"], "declined": [],
+                               "failed": [], "extra": {}})  # signed, but not a span record_span would write
+    assert ("federation.schema", "server", 2) in _fails(audit(run))
+
+
+def test_memoised_audit_gives_each_device_its_own_epsilons(tmp_path: Path) -> None:
+    from fed_nessa.privacy.accounting import epsilon_curve
+
+    spans = {"a": _span(1, SPAN_ROUNDS), "b": _span(1, SPAN_ROUNDS), "c": _span(1, SPAN_ROUNDS, q=0.05),
+             "d": _span(1, 20)}
+    run = _span_run(tmp_path, spans, dropped={r: ["d"] for r in range(21, SPAN_ROUNDS + 1)})
+    result = audit(run, write=False)
+    assert result.passed, [f.message for f in result.findings]
+    assert result.performance["accounting"] == {"misses": 6, "hits": 2}  # a and b share; c and d do not
+    for dev in result.devices:
+        for acc in ("rdp", "pld"):
+            assert dev.epsilon[acc] == epsilon_curve(dev.events, DELTA, acc)[-1]  # no memo
+    eps = {d.device_id: d.epsilon["rdp"] for d in result.devices}
+    assert eps["a"] == eps["b"] and eps["c"] > eps["a"] > eps["d"]

@@ -191,3 +191,62 @@ def test_federation_ledger_records_rounds_and_rejects_overlaps(tmp_path: Path) -
     assert [r["round"] for r in again.rounds()] == [1, 2]
     assert (tmp_path / "run" / "server-key.pub.pem").exists()
     assert not (tmp_path / "run" / "server-key.pem").exists()
+
+
+# ----------------------------------------------------------------------------- spans
+def _span(first: int, last: int) -> DPEvent:
+    return DPEvent(round=first, last_round=last, mechanism="dp-sgd", steps=last - first + 1, sample_rate=0.02,
+                   noise_multiplier=1.5, clip_norm=1.0, delta=DELTA, mode="distributed")
+
+
+def test_a_span_reservation_covers_all_its_rounds_and_one_complete_closes_it(tmp_path: Path) -> None:
+    led = DeviceLedger.open(tmp_path, "d", epsilon_budget=10.0, delta=DELTA)
+    led.complete(led.reserve(_ev(0, steps=1)), led.epsilon(DELTA))
+    seq = led.reserve(_span(1, 100))
+    assert led.pending() == [seq] and led.rounds() == set(range(0, 101)) and led.participations() == 101
+    led.complete(seq, led.epsilon(DELTA), status="failed")  # dropped out: still counted in full
+    again = DeviceLedger.open(tmp_path, "d")
+    assert again.pending() == [] and again.participations() == 101
+    assert again.events()[1] == _span(1, 100)
+    per_round = [_ev(0, steps=1)] + [DPEvent(round=r, mechanism="dp-sgd", steps=1, sample_rate=0.02,
+                                             noise_multiplier=1.5, clip_norm=1.0, delta=DELTA,
+                                             mode="distributed") for r in range(1, 101)]
+    assert again.epsilon(DELTA) == pytest.approx(compute_epsilon(per_round, DELTA), rel=1e-9)
+    lines = _lines(tmp_path / DEVICE_LEDGER_NAME)
+    assert len(lines) == 5 and "last_round" not in lines[1]["payload"]["event"]
+    assert lines[3]["payload"]["event"]["last_round"] == 100
+
+
+def test_record_span_writes_one_entry_and_reads_back_equal(tmp_path: Path) -> None:
+    from fed_nessa.privacy.ledger import dropped_by_round
+
+    path = tmp_path / "run" / "federation-ledger.jsonl"
+    fed = FederationLedger.open(path, tmp_path / "keys")
+    fed.record_round(0, ["a", "b", "c"], [], [])
+    ids = [f"d{i}" for i in range(12)]
+    seq = fed.record_span(1, 1000, ["a", "b", *ids], ["c"], [], {"dropped": {17: ["b"], 9: ["a", "b"]}, "q": 0.02})
+    assert seq == 2 and len(_lines(path)) == 3
+    again = FederationLedger.open(path, tmp_path / "keys")
+    assert again.spans() == fed.spans() and again.rounds() == fed.rounds() == [fed.rounds()[0]]
+    [span] = again.spans()
+    assert (span["first_round"], span["last_round"], span["declined"], span["failed"]) == (1, 1000, ["c"], [])
+    assert span["extra"]["dropped"] == {"9": ["a", "b"], "17": ["b"]} and span["extra"]["q"] == 0.02
+    assert dropped_by_round(span) == {9: ["a", "b"], 17: ["b"]}
+    again.record_span(1001, 1001, ["a"], [], [])  # a one-round span, no drop-outs
+    assert dropped_by_round(again.spans()[-1]) == {}
+
+
+@pytest.mark.parametrize("args,match", [
+    ((5, 4, ["a"], [], []), "before first_round"),
+    ((-1, 4, ["a"], [], []), "first_round"),
+    ((1, 4, ["a"], ["a"], []), "both joined and declined"),
+    ((1, 4, ["a"], [], [], {"dropped": {5: ["a"]}}), "outside the span"),
+    ((1, 4, ["a"], [], [], {"dropped": {2: ["z"]}}), "did not join"),
+    ((1, 4, ["a"], [], [], {"dropped": {"x": ["a"]}}), "not a round"),
+    ((1, 4, ["a"], [], [], {"dropped": {2: "a"}}), "list of device ids"),
+])
+def test_record_span_validates(tmp_path: Path, args: tuple, match: str) -> None:
+    fed = FederationLedger.open(tmp_path / "federation-ledger.jsonl", tmp_path)
+    with pytest.raises(ValueError, match=match):
+        fed.record_span(*args)
+    assert fed.spans() == []

@@ -149,7 +149,7 @@ def test_bad_config_is_one_clear_error_before_any_round(tmp_path: Path, data: Pa
 
 
 def test_summary_config_names_no_machine_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from server.federation import _portable_config
+    from fed_nessa.evaluation.run_folder import portable_config as _portable_config
 
     monkeypatch.chdir(tmp_path)
     out = _portable_config({"run-dir": str(tmp_path / "results" / "run-a"), "data-source": "/elsewhere/shards",
@@ -158,7 +158,7 @@ def test_summary_config_names_no_machine_path(tmp_path: Path, monkeypatch: pytes
 
 
 def test_report_names_only_the_parameters_each_phase_used() -> None:
-    from server.run_folder import _phase_lines
+    from fed_nessa.evaluation.run_folder import _phase_lines
 
     cfg = {"linear-start": "suffstats", "suffstats-rounds": 1, "num-server-rounds": 1, "clients-per-round": 100,
            "suffstats-noise-multiplier": 0.64, "noise-multiplier": 1.5, "clip-norm": 1.0}

@@ -226,3 +226,22 @@ def mean_reports(reports: Sequence[ScenarioReport]) -> dict[str, Any]:
                 bucket.setdefault("gap_closure", []).append(row["gap_closure"])
     return {name: {k: {"mean": float(np.mean(v)), "std": float(np.std(v)), "folds": len(v)} for k, v in m.items()}
             for name, m in rows.items()}
+
+
+#: Optimiser steps (batch 256) of the pooled non-DP NESSA reference: 20 epochs of the 1,000-device
+#: synthetic fleet (112k pairs); larger fleets get fewer epochs and the same steps, so a 30k-device
+#: reference costs what a 1k-device one does.
+REFERENCE_STEPS = 8_750
+
+
+def pooled_references(x: np.ndarray, y: np.ndarray, info: AlignerInfo, *, hidden: int, depth: int,
+                      ridge_alpha: float, seed: int) -> dict[str, Aligner]:
+    """Non-DP NESSA and ridge fitted on a federation's pooled device data (simulation only).
+
+    The rows every federated report sets its aligner beside: the same data, no privacy.
+    """
+    ridge = RidgeAligner(dataclasses.replace(info), alpha=ridge_alpha).fit(x, y)
+    epochs = max(1, min(20, math.ceil(REFERENCE_STEPS * 256 / max(len(x), 1))))
+    nessa = NessaAligner(dataclasses.replace(info), NessaConfig(hidden=hidden, depth=depth)).fit(
+        x, y, train_cfg=TrainConfig(epochs=epochs, batch_size=256, lr=1e-3, seed=seed))
+    return {"centralised_nessa": nessa, "ridge": ridge}

@@ -46,6 +46,7 @@ from fed_nessa.federated.protocol import shard_folder
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "simulations" / "configs"
 DEFAULT_CONFIG = "main"
+ENGINES = ("flower", "fleet")
 DEVICE_TABLE = "device"
 
 
@@ -197,6 +198,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override one key of every virtual device's policy, e.g. --device-set epsilon-budget=4")
     parser.add_argument("--run-dir", help="run folder (same as --set run-dir=...)")
     parser.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    parser.add_argument("--engine", choices=ENGINES, default=ENGINES[0],
+                        help="flower: the real ServerApp/ClientApp with SecAgg+ (the main job); fleet: the same round "
+                             "maths vectorised over 10^4-10^6 devices (docs/federation.md)")
+    parser.add_argument("--device", default="cpu", help="torch device of the fleet engine (cpu, cuda)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.add_argument("--verbose", action="store_true", help="show Flower's INFO log (SecAgg+ stages)")
 
@@ -212,7 +217,15 @@ def run_from_args(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)  # one process per core is faster here than intra-op threads
     cfg = build_config(args.config, overrides)
     policy = build_policy(args.config, args.device_overrides)
-    summary = simulate(cfg, policy=policy, quiet=args.quiet, verbose=args.verbose)
+    if args.engine == "fleet":
+        from fed_nessa.sim.fleet import run_fleet
+
+        if args.resume:
+            raise ValueError("--resume: fleet-engine runs are simulations without checkpoints; start a new run folder")
+        summary = run_fleet(cfg, policy, device=args.device, progress=ProgressView(cfg.num_server_rounds,
+                                                                                   quiet=args.quiet))
+    else:
+        summary = simulate(cfg, policy=policy, quiet=args.quiet, verbose=args.verbose)
     final = summary["final"]
     print(f"final EER {100 * final['eer']:.2f}%  gap closure {final['gap_closure']}  "
           f"epsilon max {summary['privacy']['epsilon_max']:.3f}  -> {cfg.run_dir}")

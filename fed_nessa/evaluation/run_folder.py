@@ -190,3 +190,21 @@ def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
     path = Path(run_dir) / REPORT_FILE
     atomic_write_text(path, render_report(summary))
     return path
+
+
+def portable_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The run config as a report should carry it: paths relative to the working directory.
+
+    Simulations resolve ``run-dir`` (and a shard folder) to absolute paths to run; a summary that
+    is shared or committed should not name the machine it ran on.
+    """
+    out = dict(config)
+    for key in ("run-dir", "data-source"):
+        value = str(out.get(key, ""))
+        if value.startswith("/"):
+            path = Path(value)
+            try:
+                out[key] = str(path.relative_to(Path.cwd()))
+            except ValueError:
+                out[key] = path.name
+    return out

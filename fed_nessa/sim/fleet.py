@@ -1,0 +1,630 @@
+"""The fleet engine: the protocol's round maths vectorised over 10^4-10^6 devices.
+
+``fed-nessa simulate --engine fleet`` runs the same config keys, data sources, device
+policies, ledgers and run folder as the Flower engine, and the same round maths:
+
+* each device's policy check (:func:`fed_nessa.federated.device.policy_refusal`) and its
+  signed ledger, with the budget checked before anything is spent;
+* the statistics round: each device's sufficient statistics plus its noise share;
+* DP-SGD rounds: each device's secret Poisson sample at its rate q, per-example clipping
+  (ghost norms, :mod:`fed_nessa.sim.ghost`), its noise share sized by its own policy's g,
+  empty samples still sending zeros plus noise;
+* SecAgg+'s arithmetic: the codec's scaling and each device's own range check, Flower's
+  quantization (``flwr.common.secure_aggregation.quantization``), the modular sum and the
+  workflow's dequantization; drop-outs; the release rule (nothing is released below g);
+* the server's optimiser, the per-round evaluation and the promotion gate.
+
+What it leaves out are SecAgg+'s **masks**: they cancel exactly in the modular sum, so the
+released aggregate does not depend on them (the run summary's ``engine`` block says so).
+
+Two numerics (``fleet-numerics``):
+
+``exact``
+    per-device vectors, per-device noise streams, Flower's stochastic quantization of every
+    device's payload and the modular sum. The equivalence test holds it to the Flower
+    engine round by round (tests/test_sim_fleet.py).
+``fast`` (distribution-equivalent)
+    the sum of the clipped gradients is computed over all sampled pairs at once; the sum
+    of the devices' independent Gaussian shares is drawn as ONE Gaussian with the summed
+    variance; the devices' stochastic-rounding errors are drawn as one Gaussian with
+    variance ``n s^2 / 6`` per coordinate (s the quantization step; 1/6 = E[p(1-p)] for a
+    uniform fractional part p). A device's range check uses its sample count (its clipped
+    sum has coordinates of at most ``k C``).
+
+Ledgers at fleet scale: a device reserves its whole DP-SGD phase as one *span* (one
+signed, fsynced line: ``steps`` = its scheduled rounds, counted in full even if it drops
+out, which is conservative) and completes it at the end; the federation ledger records a
+full-participation phase as one span entry. ``fed-nessa audit`` re-derives every epsilon
+from those lines.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import secrets
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.common.secure_aggregation.quantization import quantize
+
+from fed_nessa.config import (
+    SECAGG_MODULUS_RANGE,
+    AlignerChoice,
+    DevicePolicy,
+    DPMode,
+    FederationConfig,
+    FleetNumerics,
+    Phase,
+    ReplyStatus,
+    RoundStatus,
+)
+from fed_nessa.data.datasets import device_filename
+from fed_nessa.data.population import SCENARIO, FederationData
+from fed_nessa.data.shards import SHARD_SUFFIX, Shard
+from fed_nessa.errors import FedNessaError
+from fed_nessa.evaluation import run_folder
+from fed_nessa.evaluation.gate import LINEAR_START, promotion_gate
+from fed_nessa.evaluation.protocol import evaluate_scenario
+from fed_nessa.federated import suffstats
+from fed_nessa.federated.codec import SaturationError, SecAggCodec, make_codec
+from fed_nessa.federated.cohort import sample_positions
+from fed_nessa.federated.device import RoundRequest, noise_std, planned_event, policy_refusal
+from fed_nessa.federated.layout import trainable
+from fed_nessa.federated.noise_plan import noise_plan
+from fed_nessa.federated.protocol import DEVICES_DIR
+from fed_nessa.federated.release import may_start, may_unmask, promised_arrivals
+from fed_nessa.federated.server_model import ServerModel, max_sampled
+from fed_nessa.privacy.events import DPEvent
+from fed_nessa.privacy.ledger import DeviceLedger, FederationLedger
+from fed_nessa.privacy.noise import NoiseSource, noise_source
+from fed_nessa.sim.ghost import clipped_gradient_sums
+
+log = logging.getLogger(__name__)
+
+ENGINE = "fleet"
+MASKS_NOTE = ("SecAgg+'s pairwise and private masks are left out: they cancel exactly in the modular sum, so the "
+              "released aggregate does not depend on them; key agreement, secret sharing and unmasking are not run")
+LEDGER_FILE = "federation-ledger.jsonl"
+KEYS_DIR = "keys"
+ALIGNER_DIR = "aligner"
+#: Examples per ghost-clipping batch (bounds memory; the sums are exact across batches).
+EXAMPLE_CHUNK = 65_536
+#: Devices per chunk in exact numerics (per-device vectors of P values each).
+DEVICE_CHUNK = 256
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+class FleetError(FedNessaError, RuntimeError):
+    """A fleet run that cannot go on (e.g. a mode the fleet engine does not simulate)."""
+
+
+def device_id(index: int) -> str:
+    """The same pseudonym the Flower engine gives the index-th shard."""
+    return device_filename(index)[: -len(SHARD_SUFFIX)]
+
+
+@dataclass
+class FleetState:
+    """Every device's pairs in one tensor, indexed by device."""
+
+    x: torch.Tensor  # (pairs, d_x) enrollment embeddings
+    y: torch.Tensor  # (pairs, d_y) runtime embeddings
+    starts: np.ndarray  # (devices + 1,) row offsets
+    ids: list[str]
+
+    @property
+    def n(self) -> np.ndarray:
+        return np.diff(self.starts)
+
+    @classmethod
+    def from_shards(cls, shards: tuple[Shard, ...] | list[Shard], device: torch.device) -> FleetState:
+        n = np.array([s.n for s in shards], np.int64)
+        starts = np.concatenate([[0], np.cumsum(n)])
+        x = torch.from_numpy(np.concatenate([s.enroll for s in shards]).astype(np.float32)).to(device)
+        y = torch.from_numpy(np.concatenate([s.runtime for s in shards]).astype(np.float32)).to(device)
+        return cls(x, y, starts, [device_id(i) for i in range(len(shards))])
+
+
+@dataclass
+class DeviceBook:
+    """Each device's policy decision and ledger handle for the run."""
+
+    ledgers: list[DeviceLedger]
+    policies: list[DevicePolicy]
+    span_seq: dict[int, int] = field(default_factory=dict)  # device index -> reserve seq of its DP-SGD span
+    span_rounds: dict[int, list[int]] = field(default_factory=dict)  # device index -> rounds it joins
+    refused: dict[int, str] = field(default_factory=dict)  # device index -> why it declines the DP-SGD phase
+
+
+class FleetEngine:
+    """One fleet-engine run (see the module docstring)."""
+
+    def __init__(self, cfg: FederationConfig, policy: DevicePolicy, data: FederationData, *,
+                 device: str = "cpu", progress: Progress | None = None) -> None:
+        if cfg.dp_mode == DPMode.LOCAL:
+            raise FleetError("the fleet engine simulates distributed DP (and dp-mode none); local mode runs many "
+                             "Opacus steps per device per round: use the Flower engine")
+        if not data.devices:
+            raise FleetError("the fleet engine needs the devices in memory (a built-in data source)")
+        self.cfg, self.policy, self.data = cfg, policy, data
+        self.torch_device = torch.device(device)
+        self.fleet = FleetState.from_shards(data.devices, self.torch_device)
+        self.run_dir = Path(cfg.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.model = ServerModel(cfg, data.d_x, data.d_y, data.enroll_model, data.runtime_model)
+        self.plan = noise_plan(cfg, len(self.fleet.ids))
+        self.progress = progress or (lambda event: None)
+        self.history: list[dict[str, Any]] = []
+        self.numerics = FleetNumerics(cfg.fleet_numerics)
+        self._sim_rng = np.random.default_rng([cfg.seed, 7])  # drop-outs only: not a privacy mechanism
+        self.saturated_total = 0
+        self._dropped: dict[int, list[int]] = {}
+
+    # -- noise -----------------------------------------------------------------------------
+    def _fleet_noise(self, round_num: int) -> NoiseSource:
+        """The summed-noise stream of a fast round: OS CSPRNG, or the reproducible key's seed."""
+        return noise_source(self.cfg.reproducible_noise, self.cfg.seed, "fleet", round_num)
+
+    def _uniforms(self, n: int, round_num: int) -> np.ndarray:
+        """The fast numerics' Poisson-sample uniforms for every pair of the fleet at once.
+
+        A PCG64 stream keyed with 128 fresh bits of OS entropy per round (the field-notes
+        recipe for fleet scale); reproducible only under ``reproducible-noise``.
+        """
+        if self.cfg.reproducible_noise:
+            return np.random.default_rng([self.cfg.seed, 11, round_num]).random(n)
+        return np.random.Generator(np.random.PCG64(np.random.SeedSequence(secrets.randbits(128)))).random(n)
+
+    # -- ledgers ---------------------------------------------------------------------------
+    def _open_ledgers(self) -> DeviceBook:
+        ledgers, policies = [], []
+        for dev in self.fleet.ids:
+            folder = self.run_dir / DEVICES_DIR / dev
+            folder.mkdir(parents=True, exist_ok=True)
+            ledger = DeviceLedger.open(folder, dev, policy=self.policy)
+            ledgers.append(ledger)
+            policies.append(ledger.policy or self.policy)
+        return DeviceBook(ledgers, policies)
+
+    # -- the loop --------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        fed_ledger = FederationLedger.open(self.run_dir / LEDGER_FILE, self.run_dir / KEYS_DIR)
+        book = self._open_ledgers()
+        phases = self.model.phases(self.plan.aligner)
+        log.info(self.plan.reason)
+        self.progress({"event": "start", "first_round": 1, "rounds": len(phases)})
+        dp_rounds = [r for r, p in enumerate(phases, start=1) if p == Phase.DPSGD]
+        for r, phase in enumerate(phases, start=1):
+            t0 = time.perf_counter()
+            if phase == Phase.SUFFSTATS:
+                entry = self._stats_round(r, book, fed_ledger)
+            else:
+                if r == dp_rounds[0]:
+                    self._reserve_spans(book, dp_rounds)
+                entry = self._dpsgd_round(r, book)
+            entry["seconds"] = time.perf_counter() - t0
+            entry["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            self.history.append(entry)
+            self.progress({"event": "round", **entry})
+        if dp_rounds:
+            self._close_spans(book, dp_rounds, fed_ledger)
+        return self.finish(book)
+
+    # -- statistics round ------------------------------------------------------------------
+    def _stats_round(self, r: int, book: DeviceBook, fed_ledger: FederationLedger) -> dict[str, Any]:
+        cfg, fleet = self.cfg, self.fleet
+        cohort = sample_positions(len(fleet.ids), cfg, r, Phase.SUFFSTATS)
+        promised = promised_arrivals(cfg, len(cohort))
+        req = RoundRequest(Phase.SUFFSTATS, r, promised, len(fleet.ids))
+        accepted, declined, seqs = [], [], {}
+        for i in cohort.tolist():
+            ledger, policy = book.ledgers[i], book.policies[i]
+            why = policy_refusal(req, int(fleet.n[i]), cfg, policy, ledger)
+            event = None if why else planned_event(req, int(fleet.n[i]), cfg, policy)
+            if event is not None:
+                decision = ledger.check_budget(event, cfg.epsilon_budget, cfg.delta)
+                why = None if decision.allowed else decision.reason
+            if why:
+                declined.append(i)
+                continue
+            accepted.append(i)
+            if event is not None:
+                seqs[i] = ledger.reserve(event)
+        status, note, arrived = RoundStatus.SKIPPED, may_start(len(accepted), promised).reason, []
+        if may_start(len(accepted), promised).release:
+            arrived = self._dropouts(accepted)
+            unmask = may_unmask(len(arrived), promised)
+            if not unmask.release:
+                status, note = RoundStatus.REFUSED, unmask.reason
+            else:
+                codec = make_codec(self.model.payload_bound(Phase.SUFFSTATS, self.plan), cfg.secagg_clipping_range,
+                                   cfg.secagg_quantization_range, len(accepted))
+                total, arrived = self._stats_sum(arrived, book, r, codec)
+                unmask = may_unmask(len(arrived), promised)
+                if not unmask.release:
+                    status, note = RoundStatus.REFUSED, unmask.reason
+                else:
+                    self.model.apply(Phase.SUFFSTATS, total, len(arrived),
+                                     noise_arrivals=[book.policies[i].guaranteed_arrivals for i in arrived],
+                                     quantization_std=codec.device_error_std(), plan=self.plan)
+                    status, note = RoundStatus.APPLIED, f"sum of {len(arrived)} devices released (g = {promised})"
+        for i, seq in seqs.items():
+            ledger = book.ledgers[i]
+            ledger.complete(seq, float(ledger.epsilon(book.policies[i].delta)), status="done")
+        ids = self.fleet.ids
+        dropped = sorted(set(accepted) - set(arrived))
+        fed_ledger.record_round(r, [ids[i] for i in arrived], [ids[i] for i in declined], [ids[i] for i in dropped],
+                                {"phase": str(Phase.SUFFSTATS), "status": str(status), "note": note,
+                                 "guaranteed_arrivals": promised, "engine": ENGINE})
+        return self._entry(r, Phase.SUFFSTATS, status, note, len(arrived), len(declined), len(dropped), book)
+
+    def _dropouts(self, accepted: list[int]) -> list[int]:
+        if self.cfg.dropout_rate <= 0:
+            return list(accepted)
+        keep = self._sim_rng.random(len(accepted)) >= self.cfg.dropout_rate
+        return [i for i, k in zip(accepted, keep, strict=True) if k]
+
+    def _stats_sum(self, arrived: list[int], book: DeviceBook, r: int,
+                   codec: SecAggCodec) -> tuple[np.ndarray, list[int]]:
+        """The released statistics sum and the devices in it (a device failing its range check is not)."""
+        cfg, fleet = self.cfg, self.fleet
+        dp = cfg.dp_mode != DPMode.NONE
+        if self.numerics == FleetNumerics.FAST:
+            rows = np.concatenate([np.arange(fleet.starts[i], fleet.starts[i + 1]) for i in arrived])
+            x, y = fleet.x[rows].cpu().numpy(), fleet.y[rows].cpu().numpy()
+            total = suffstats.device_vector(x, y)  # linear in the pairs: the sum of the devices' vectors
+            if dp:
+                var = sum(noise_std(cfg, book.policies[i], self.plan.suffstats_sigma, suffstats.SENSITIVITY) ** 2
+                          for i in arrived)
+                total = total + self._fleet_noise(r).normal(total.shape, math.sqrt(var))
+            return self._fast_rounding(total, len(arrived), codec), arrived
+        vectors = []
+        for i in arrived:
+            shard_x = fleet.x[fleet.starts[i]:fleet.starts[i + 1]].cpu().numpy()
+            shard_y = fleet.y[fleet.starts[i]:fleet.starts[i + 1]].cpu().numpy()
+            vec = suffstats.device_vector(shard_x, shard_y)
+            if dp:
+                stream = noise_source(cfg.reproducible_noise, cfg.seed, "device", fleet.ids[i], r)
+                std = noise_std(cfg, book.policies[i], self.plan.suffstats_sigma, suffstats.SENSITIVITY)
+                vec = vec + stream.normal(vec.shape, std)
+            vectors.append(np.asarray(vec, np.float32))
+        payloads, sent, failed = self._encode_all(vectors, arrived, codec)
+        if failed:
+            log.warning("round %d: %d device(s) failed their own range check and sent nothing", r, len(failed))
+        return (self._modular_sum(payloads, codec) if payloads else np.zeros(0, np.float32)), sent
+
+    # -- SecAgg+ arithmetic ----------------------------------------------------------------
+    def _fast_rounding(self, total: np.ndarray, n: int, codec: SecAggCodec) -> np.ndarray:
+        """Add the devices' summed stochastic-rounding error, drawn from its distribution."""
+        std = codec.step * math.sqrt(n / 6.0)
+        return (total + np.random.default_rng().normal(0.0, std, total.shape)).astype(np.float32)
+
+    @staticmethod
+    def _encode_all(vectors: list[np.ndarray], devices: list[int],
+                    codec: SecAggCodec) -> tuple[list[np.ndarray], list[int], list[int]]:
+        """Each device's codec step and own range check: a saturated vector fails on its device."""
+        payloads, sent, failed = [], [], []
+        for vec, i in zip(vectors, devices, strict=True):
+            try:
+                payloads.append(codec.encode(vec)[0])
+                sent.append(i)
+            except SaturationError:
+                failed.append(i)
+        return payloads, sent, failed
+
+    @staticmethod
+    def _modular_sum(payloads: list[np.ndarray], codec: SecAggCodec) -> np.ndarray:
+        """Flower's quantization of each payload, the modular sum, the workflow's dequantization."""
+        c, t = codec.clipping_range, codec.quantization_range
+        acc: np.ndarray | None = None
+        for payload in payloads:
+            qv = quantize([payload], c, t)[0].astype(np.int64)
+            acc = qv if acc is None else (acc + qv) % SECAGG_MODULUS_RANGE
+        assert acc is not None
+        n = len(payloads)
+        # Flower's workflow: dequantize the sum, shift by -(n-1)c, divide by the summed weight factor.
+        mean = (acc.astype(np.float64) * (2 * c / t) - c - (n - 1) * c) / n
+        total, _ = codec.decode(mean, n)
+        return total
+
+    # -- DP-SGD rounds ---------------------------------------------------------------------
+    def _reserve_spans(self, book: DeviceBook, dp_rounds: list[int]) -> None:
+        """Every device reserves the DP-SGD rounds it is scheduled for, as one span, within its budget."""
+        cfg, fleet = self.cfg, self.fleet
+        schedule: dict[int, list[int]] = {i: [] for i in range(len(fleet.ids))}
+        for r in dp_rounds:
+            for i in sample_positions(len(fleet.ids), cfg, r, Phase.DPSGD).tolist():
+                schedule[i].append(r)
+        cap_cache: dict[tuple[Any, ...], int] = {}
+        for i, rounds in schedule.items():
+            if not rounds:
+                continue
+            ledger, policy = book.ledgers[i], book.policies[i]
+            req = RoundRequest(Phase.DPSGD, rounds[0], promised_arrivals(cfg, cfg.cohort_size(len(fleet.ids))),
+                               len(fleet.ids))
+            why = policy_refusal(req, int(fleet.n[i]), cfg, policy, ledger)
+            if why:
+                book.refused[i] = why
+                continue
+            one = planned_event(req, int(fleet.n[i]), cfg, policy)
+            if one is None:  # no DP: nothing to reserve
+                book.span_rounds[i] = rounds
+                continue
+            key = (one.sample_rate, one.noise_multiplier, len(rounds),
+                   tuple(sorted((e.sample_rate, e.noise_multiplier, e.steps, e.mechanism) for e in ledger.events())))
+            if key not in cap_cache:
+                cap_cache[key] = self._affordable(ledger, one, len(rounds))
+            k = min(cap_cache[key], policy.max_participations - ledger.participations(), len(rounds))
+            if k <= 0:
+                book.refused[i] = "declined: the DP-SGD phase would take this device over its budget"
+                continue
+            joined = rounds[:k]
+            span = DPEvent.from_dict({**one.to_dict(), "steps": k, "round": joined[0], "last_round": joined[-1],
+                                      "note": f"{one.note}; span of {k} scheduled round(s) reserved at once "
+                                              "(counted in full even if the device drops out)"})
+            book.span_seq[i] = ledger.reserve(span)
+            book.span_rounds[i] = joined
+
+    def _affordable(self, ledger: DeviceLedger, one: DPEvent, most: int) -> int:
+        """The most rounds (<= most) a device with this history can join within its budget."""
+        def fits(k: int) -> bool:
+            span = DPEvent.from_dict({**one.to_dict(), "steps": k})
+            return ledger.check_budget(span, self.cfg.epsilon_budget, self.cfg.delta).allowed
+
+        if fits(most):
+            return most
+        lo, hi = 0, most
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+        return lo
+
+    def _dpsgd_round(self, r: int, book: DeviceBook) -> dict[str, Any]:
+        cfg, fleet = self.cfg, self.fleet
+        cohort = sample_positions(len(fleet.ids), cfg, r, Phase.DPSGD).tolist()
+        promised = promised_arrivals(cfg, len(cohort))
+        accepted = [i for i in cohort if r in book.span_rounds.get(i, ())]
+        declined = len(cohort) - len(accepted)
+        status, note = RoundStatus.SKIPPED, may_start(len(accepted), promised).reason
+        sent: list[int] = []
+        if may_start(len(accepted), promised).release:
+            arrived = self._dropouts(accepted)
+            codec = make_codec(self.model.payload_bound(Phase.DPSGD, self.plan), cfg.secagg_clipping_range,
+                               cfg.secagg_quantization_range, len(accepted))
+            q = self._rates(arrived)
+            if self.numerics == FleetNumerics.EXACT:
+                payloads, sent, _failed = self._encode_all(self._exact_vectors(arrived, book, r, q), arrived, codec)
+            else:
+                rows, owner = self._sample(arrived, r, q)
+                fits = np.bincount(owner, minlength=len(arrived)) <= max_sampled(cfg, self.plan.sample_rate)
+                sent = [i for i, ok in zip(arrived, fits, strict=True) if ok]
+                # a device whose sample could saturate fails locally: nothing sent, counted as failed
+                rows = rows[fits[owner]]
+            unmask = may_unmask(len(sent), promised)
+            if not unmask.release:
+                status, note = RoundStatus.REFUSED, unmask.reason
+            else:
+                total = (self._modular_sum(payloads, codec) if self.numerics == FleetNumerics.EXACT
+                         else self._fast_gradient_total(rows, sent, book, r, codec))
+                self.model.apply(Phase.DPSGD, total, len(sent),
+                                 noise_arrivals=[book.policies[i].guaranteed_arrivals for i in sent],
+                                 quantization_std=codec.device_error_std(), plan=self.plan)
+                status, note = RoundStatus.APPLIED, f"sum of {len(sent)} devices released (g = {promised})"
+        self._dropped[r] = sorted(set(accepted) - set(sent))
+        return self._entry(r, Phase.DPSGD, status, note, len(sent), declined, len(accepted) - len(sent), book)
+
+    def _sample(self, arrived: list[int], r: int, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, position in ``arrived``) of the fast numerics' fleet-wide Poisson sample."""
+        fleet = self.fleet
+        starts = fleet.starts
+        rows_all = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in arrived])
+        owner = np.repeat(np.arange(len(arrived)), fleet.n[arrived])
+        keep = self._uniforms(len(rows_all), r) < q[owner]
+        return rows_all[keep], owner[keep]
+
+    def _rates(self, arrived: list[int]) -> np.ndarray:
+        cfg, n = self.cfg, self.fleet.n
+        fleet = len(self.fleet.ids)
+        return np.array([cfg.round_sample_rate(int(n[i]), fleet, cfg.cohort_size(fleet)) for i in arrived])
+
+    def _fast_gradient_total(self, rows: np.ndarray, sent: list[int], book: DeviceBook, r: int,
+                             codec: SecAggCodec) -> np.ndarray:
+        cfg = self.cfg
+        net = self.model.net.to(self.torch_device)
+        dp = cfg.dp_mode != DPMode.NONE
+        total = torch.zeros(sum(p.numel() for p in trainable(net)), device=self.torch_device)
+        for c in range(0, len(rows), EXAMPLE_CHUNK):
+            idx = torch.from_numpy(rows[c:c + EXAMPLE_CHUNK]).to(self.torch_device)
+            s, _ = clipped_gradient_sums(net, self.fleet.x[idx], self.fleet.y[idx], cfg.clip_norm, clip_enabled=dp)
+            total += s
+        self.model.net.to("cpu")
+        out = total.cpu().numpy().astype(np.float64)
+        if dp:
+            var = sum((self.plan.dpsgd_sigma * cfg.clip_norm) ** 2 / book.policies[i].guaranteed_arrivals
+                      for i in sent)
+            out = out + self._fleet_noise(r).normal(out.shape, math.sqrt(var))
+        return self._fast_rounding(out, len(sent), codec)
+
+    def _exact_vectors(self, arrived: list[int], book: DeviceBook, r: int, q: np.ndarray) -> list[np.ndarray]:
+        """Per-device vectors with the Flower engine's draw order: the Poisson sample, then one Gaussian
+        per trainable parameter tensor in order (as Opacus' ``add_noise``)."""
+        cfg, fleet = self.cfg, self.fleet
+        net = self.model.net.to(self.torch_device)
+        params = trainable(net)
+        dp = cfg.dp_mode != DPMode.NONE
+        vectors: list[np.ndarray] = []
+        for c in range(0, len(arrived), DEVICE_CHUNK):
+            chunk = arrived[c:c + DEVICE_CHUNK]
+            streams, rows, seg = [], [], []
+            for j, i in enumerate(chunk):
+                stream = noise_source(cfg.reproducible_noise, cfg.seed, "device", fleet.ids[i], r)
+                keep = stream.uniform(int(fleet.n[i])) < q[c + j]
+                idx = np.arange(fleet.starts[i], fleet.starts[i + 1])[keep]
+                streams.append(stream)
+                rows.append(idx)
+                seg.append(np.full(len(idx), j))
+            all_rows = torch.from_numpy(np.concatenate(rows)).to(self.torch_device)
+            segments = torch.from_numpy(np.concatenate(seg)).to(self.torch_device)
+            sums, _ = clipped_gradient_sums(net, fleet.x[all_rows], fleet.y[all_rows], cfg.clip_norm,
+                                            segments=segments, groups=len(chunk), clip_enabled=dp)
+            sums_np = sums.cpu().numpy()
+            for j, i in enumerate(chunk):
+                vec = sums_np[j].astype(np.float32)
+                if dp:
+                    share = self.plan.dpsgd_sigma / math.sqrt(book.policies[i].guaranteed_arrivals) * cfg.clip_norm
+                    noise = np.concatenate([streams[j].normal(tuple(p.shape), share).reshape(-1) for p in params])
+                    vec = (vec + noise.astype(np.float32)).astype(np.float32)
+                vectors.append(vec)
+        self.model.net.to("cpu")
+        return vectors
+
+    def _close_spans(self, book: DeviceBook, dp_rounds: list[int], fed_ledger: FederationLedger) -> None:
+        for i, seq in book.span_seq.items():
+            ledger = book.ledgers[i]
+            ledger.complete(seq, float(ledger.epsilon(book.policies[i].delta)), status="done")
+        ids = self.fleet.ids
+        joined = sorted(book.span_rounds)
+        dropped = {str(r): [ids[i] for i in devs] for r, devs in self._dropped.items() if devs}
+        extra = {"phase": str(Phase.DPSGD), "engine": ENGINE, "dropped": dropped,
+                 "decline_reasons": {reason: sum(1 for v in book.refused.values() if v == reason)
+                                     for reason in set(book.refused.values())}}
+        if self.cfg.cohort_size(len(ids)) >= len(ids):
+            fed_ledger.record_span(dp_rounds[0], dp_rounds[-1], [ids[i] for i in joined],
+                                   [ids[i] for i in sorted(book.refused)], [], extra)
+            return
+        for r in dp_rounds:  # cohorts: one entry per round (each lists only its cohort)
+            in_round = [i for i in joined if r in book.span_rounds[i]]
+            gone = set(self._dropped.get(r, []))
+            fed_ledger.record_round(r, [ids[i] for i in in_round if i not in gone], [],
+                                    [ids[i] for i in sorted(gone)], {**extra, "dropped": {}})
+
+    # -- reporting -------------------------------------------------------------------------
+    def _evaluate(self, aligners: dict[str, Any] | None = None) -> Any:
+        ev = self.data.eval
+        return evaluate_scenario(ev.embeddings, ev.speaker, ev.utterance, ev.old_model, ev.new_model, SCENARIO,
+                                 aligners={"federated": self.model.comparator(), **(aligners or {})})
+
+    @staticmethod
+    def _row(report: Any, name: str) -> dict[str, Any]:
+        row = report.row(name)
+        return {"eer": row.metrics.eer, "min_dcf": row.metrics.min_dcf, "sid_top1": row.metrics.sid_top1,
+                "gap_closure": row.gap_closure}
+
+    def _entry(self, r: int, phase: Phase, status: RoundStatus, note: str, joined: int, declined: int,
+               failed: int, book: DeviceBook) -> dict[str, Any]:
+        last = r == len(self.model.phases(self.plan.aligner))
+        if r % self.cfg.eval_every == 0 or last or phase == Phase.SUFFSTATS:
+            fed = self._row(self._evaluate(), "asym_federated")
+        else:
+            fed = {"eer": None, "min_dcf": None, "sid_top1": None, "gap_closure": None}
+        return {"round": r, "phase": str(phase), "status": str(status), "note": note, **fed,
+                "participants": joined, "declined": declined, "failed": failed,
+                "sampled": joined + declined + failed, "saturated": 0,
+                "epsilon_max": 0.0, "epsilon_median": 0.0}
+
+    def _epsilons(self, book: DeviceBook) -> dict[str, float]:
+        """Each device's epsilon from its ledger (identical histories computed once)."""
+        cache: dict[tuple[Any, ...], float] = {}
+        out = {}
+        for dev, ledger, policy in zip(self.fleet.ids, book.ledgers, book.policies, strict=True):
+            events = ledger.events()
+            key = tuple(sorted((e.mechanism, e.steps, e.sample_rate, e.noise_multiplier, e.clip_norm)
+                               for e in events)) + (policy.delta,)
+            if key not in cache:
+                cache[key] = float(ledger.epsilon(policy.delta))
+            out[dev] = cache[key]
+        return out
+
+    def finish(self, book: DeviceBook) -> dict[str, Any]:
+        gate = None
+        if Phase.DPSGD in self.model.completed:
+            decision = promotion_gate(self.model.linear_start_aligner(), self.model.comparator(),
+                                      self.data.validation, SCENARIO)
+            applied = self.cfg.aligner == AlignerChoice.AUTO
+            if applied and decision.shipped == LINEAR_START:
+                self.model.restore_linear_start()
+            gate = {**decision.to_dict(), "applied": applied}
+        final: dict[str, Any] = self._row(self._evaluate(), "asym_federated")
+        final["aligner_plan"] = self.plan.reason
+        if gate is not None:
+            final["gate"] = gate
+        linear = self.model.linear_start_aligner()
+        if linear is not None:
+            final["linear_start"] = self._row(self._evaluate({"linear_start": linear}), "asym_linear_start")
+        final.update(self._references())
+        central = final["centralised_nessa"]["gap_closure"]
+        if central and final["gap_closure"] is not None and central > 0:
+            final["share_of_centralised_gap_closure"] = final["gap_closure"] / central
+        eps = self._epsilons(book)
+        values = list(eps.values()) or [0.0]
+        for entry in self.history:  # the ledgers are the truth: epsilon after the run, per device
+            entry["epsilon_max"], entry["epsilon_median"] = max(values), statistics.median(values)
+        summary = self.summary(final, eps)
+        card = {"federated": True, "engine": ENGINE, "rounds": len(self.history), "privacy": {
+            k: summary["privacy"][k] for k in ("unit", "mode", "trust", "delta", "accountant", "epsilon_budget",
+                                               "epsilon_max")}}
+        self.model.save_artifact(self.run_dir / ALIGNER_DIR, card)
+        run_folder.write_summary(self.run_dir, summary)
+        run_folder.write_report(self.run_dir, summary)
+        run_folder.write_plots(self.run_dir, summary["rounds"])
+        self.progress({"event": "done", "run_dir": str(self.run_dir)})
+        return summary
+
+    def _references(self) -> dict[str, Any]:
+        from fed_nessa.evaluation.centralised import pooled_references
+        from fed_nessa.model.aligners import AlignerInfo
+
+        info = AlignerInfo(d_x=self.data.d_x, d_y=self.data.d_y, enroll_model=self.data.enroll_model,
+                           runtime_model=self.data.runtime_model)
+        refs = pooled_references(self.fleet.x.cpu().numpy(), self.fleet.y.cpu().numpy(), info, hidden=self.cfg.hidden,
+                                 depth=self.cfg.depth, ridge_alpha=self.cfg.ridge_alpha, seed=self.cfg.seed)
+        report = self._evaluate(dict(refs))
+        return {"centralised_nessa": self._row(report, "asym_centralised_nessa"),
+                "ridge": self._row(report, "asym_ridge"),
+                "sym_before": self._row(report, "sym_before"), "sym_after": self._row(report, "sym_after")}
+
+    def summary(self, final: dict[str, Any], eps: dict[str, float]) -> dict[str, Any]:
+        paths = {dev: f"{DEVICES_DIR}/{dev}/privacy-ledger.jsonl" for dev in self.fleet.ids}
+        seconds = [e["seconds"] for e in self.history if e["phase"] == str(Phase.DPSGD)]
+        return {
+            "config": run_folder.portable_config(self.cfg.to_run_config()),
+            "rounds": self.history,
+            "final": final,
+            "privacy": run_folder.privacy_block(self.cfg, eps, paths),
+            "secure_aggregation": {**run_folder.secagg_block(self.cfg, self.saturated_total),
+                                   "simulated": MASKS_NOTE},
+            "engine": {"name": ENGINE, "numerics": str(self.numerics), "masks": MASKS_NOTE,
+                       "device": str(self.torch_device), "devices": len(self.fleet.ids),
+                       "pairs": int(self.fleet.starts[-1]),
+                       "noise_plan": {"suffstats_sigma": self.plan.suffstats_sigma,
+                                      "dpsgd_sigma": self.plan.dpsgd_sigma, "sample_rate": self.plan.sample_rate,
+                                      "dpsgd_rounds_per_device": self.plan.dpsgd_rounds_per_device,
+                                      "signal": self.plan.signal, "aligner": str(self.plan.aligner)},
+                       "seconds_per_dpsgd_round_median": statistics.median(seconds) if seconds else None,
+                       "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
+        }
+
+
+def run_fleet(cfg: FederationConfig, policy: DevicePolicy, *, device: str = "cpu",
+              progress: Progress | None = None) -> dict[str, Any]:
+    """Build the fleet's devices in memory and run every round with the fleet engine."""
+    from fed_nessa.data.population import load_federation_data
+
+    t0 = time.perf_counter()
+    data = load_federation_data(cfg, None)
+    engine = FleetEngine(cfg, policy, data, device=device, progress=progress)
+    summary = engine.run()
+    summary.setdefault("timing", {})["total_seconds"] = time.perf_counter() - t0
+    return summary
+
+
+__all__ = ["ENGINE", "FleetEngine", "FleetError", "ReplyStatus", "run_fleet"]
