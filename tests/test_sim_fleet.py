@@ -1,0 +1,132 @@
+"""The fleet engine: held to the Flower engine round by round, and its fast numerics to its exact ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch.func import functional_call, grad, vmap
+
+from fed_nessa.config import DevicePolicy, FederationConfig, FleetNumerics, Phase, from_run_config
+from fed_nessa.federated.codec import make_codec
+from fed_nessa.federated.noise_plan import noise_plan
+from fed_nessa.federated.server_model import ServerModel
+from fed_nessa.model.aligners.nessa import NessaConfig, NessaNet
+from fed_nessa.model.losses import get_loss
+from fed_nessa.privacy.audit import audit
+from fed_nessa.privacy.ledger import DeviceLedger
+from fed_nessa.sim.ghost import clipped_gradient_sums
+
+DEVICES = 12
+POLICY = DevicePolicy(guaranteed_arrivals=8)
+
+
+def _cfg(tmp: Path, name: str, **over: Any) -> FederationConfig:
+    base = {"num-devices": DEVICES, "num-server-rounds": 3, "clients-per-round": 0, "min-arrivals": 8,
+            "secagg-num-shares": 5, "secagg-reconstruction-threshold": 3, "sample-rate": 0.2,
+            "suffstats-noise-multiplier": 1.0, "noise-multiplier": 1.5, "aligner": "nessa", "eval-speakers": 20,
+            "validation-speakers": 20, "reproducible-noise": True, "fleet-numerics": "exact", "hidden": 8,
+            "server-optimizer": "sgd", "server-lr": 0.05, "run-dir": str(tmp / name)}
+    base.update(over)
+    return from_run_config(base)
+
+
+def _spy(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, np.ndarray, int]]:
+    seen: list[tuple[str, np.ndarray, int]] = []
+    original = ServerModel.apply
+
+    def apply(self: ServerModel, phase: Phase, aggregate_sum: np.ndarray, n_arrived: int, **kw: Any) -> None:
+        seen.append((str(phase), np.array(aggregate_sum, np.float64), n_arrived))
+        original(self, phase, aggregate_sum, n_arrived, **kw)
+
+    monkeypatch.setattr(ServerModel, "apply", apply)
+    return seen
+
+
+def test_ghost_clipping_equals_per_example_gradients() -> None:
+    """Ghost norms and clipped sums equal those of explicit per-example gradients (torch.func)."""
+    torch.manual_seed(0)
+    net = NessaNet(6, 5, NessaConfig(hidden=4, depth=2, train_linear=True), seed=0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x, y = torch.randn(9, 5), torch.randn(9, 6)
+    params = {k: v.detach() for k, v in net.named_parameters() if v.requires_grad}
+    loss = get_loss("cosine")
+    per_ex = vmap(grad(lambda p, xi, yi: loss(functional_call(net, p, (yi[None],)), xi[None]).sum()),
+                  in_dims=(None, 0, 0))(params, x, y)
+    flat = torch.cat([per_ex[k].reshape(9, -1) for k in params], 1)
+    norms = flat.norm(dim=1)
+    factor = (0.3 / (norms + 1e-6)).clamp(max=1.0)
+    sums, got_norms = clipped_gradient_sums(net, x, y, 0.3)
+    assert torch.allclose(got_norms, norms, atol=1e-5)
+    assert torch.allclose(sums, (factor[:, None] * flat).sum(0), atol=1e-5)
+    seg = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2])
+    per_device, _ = clipped_gradient_sums(net, x, y, 0.3, segments=seg, groups=3)
+    want = torch.zeros(3, flat.shape[1]).index_add_(0, seg, factor[:, None] * flat)
+    assert torch.allclose(per_device, want, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_fleet_engine_equals_the_flower_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same seeds (reproducible-noise), 12 devices: the same released aggregate every round within
+    SecAgg+'s quantization error, and the same epsilon in every device's ledger."""
+    from fed_nessa.sim.fleet import run_fleet
+    from fed_nessa.sim.runner import simulate
+
+    seen = _spy(monkeypatch)
+    flower = simulate(_cfg(tmp_path, "flower"), policy=POLICY, quiet=True)
+    flower_sums = list(seen)
+    seen.clear()
+    fleet = run_fleet(_cfg(tmp_path, "fleet"), POLICY)
+    fleet_sums = list(seen)
+    assert [s[0] for s in flower_sums] == [s[0] for s in fleet_sums] == ["suffstats", "dpsgd", "dpsgd"]
+    cfg = _cfg(tmp_path, "bounds")
+    model, plan = ServerModel(cfg, 256, 192, "x", "y"), noise_plan(cfg, DEVICES)
+    for (phase, a, n_a), (_, b, n_b) in zip(flower_sums, fleet_sums, strict=True):
+        assert n_a == n_b == DEVICES
+        codec = make_codec(model.payload_bound(Phase(phase), plan), cfg.secagg_clipping_range,
+                           cfg.secagg_quantization_range, DEVICES)
+        # Each engine's sum carries its own stochastic rounding, at most n steps per coordinate
+        # (SecAggCodec.sum_error_bound); float32 arithmetic adds far less than that.
+        assert np.abs(a - b).max() <= 2 * codec.sum_error_bound(DEVICES) + 1e-5 * np.abs(a).max(), phase
+    for i in range(DEVICES):
+        dev = f"device-{i:05d}"
+        eps = [DeviceLedger.open(tmp_path / run / "devices" / dev, dev).epsilon(POLICY.delta)
+               for run in ("flower", "fleet")]
+        assert eps[0] == pytest.approx(eps[1], rel=1e-9)
+    assert fleet["engine"]["name"] == "fleet" and "masks" in fleet["engine"]
+    assert flower["privacy"]["guarantee_holds"] is False and fleet["privacy"]["guarantee_holds"] is False
+    assert audit(tmp_path / "fleet").passed
+
+
+def test_fast_numerics_agree_with_exact_in_distribution(tmp_path: Path) -> None:
+    """Over repeated draws at a fixed model, the fast round's aggregate has the exact round's mean and
+    per-coordinate noise variance (the distribution-equivalent claim of fleet-numerics = fast)."""
+    from fed_nessa.data.population import load_federation_data
+    from fed_nessa.sim.fleet import FleetEngine
+
+    cfg = _cfg(tmp_path, "dist", **{"reproducible-noise": False, "num-server-rounds": 2})
+    engine = FleetEngine(cfg, POLICY, load_federation_data(cfg, None))
+    book = engine._open_ledgers()
+    arrived = list(range(DEVICES))
+    codec = make_codec(engine.model.payload_bound(Phase.DPSGD, engine.plan), cfg.secagg_clipping_range,
+                       cfg.secagg_quantization_range, DEVICES)
+    q = engine._rates(arrived)
+    draws: dict[str, list[np.ndarray]] = {"exact": [], "fast": []}
+    for _ in range(40):
+        payloads, sent, _ = engine._encode_all(engine._exact_vectors(arrived, book, 2, q), arrived, codec)
+        draws["exact"].append(engine._modular_sum(payloads, codec))
+        rows, _ = engine._sample(arrived, 2, q)
+        draws["fast"].append(engine._fast_gradient_total(rows, arrived, book, 2, codec))
+    exact, fast = (np.stack(draws[m]).astype(np.float64) for m in ("exact", "fast"))
+    var_ratio = fast.var(axis=0).mean() / exact.var(axis=0).mean()
+    assert 0.8 < var_ratio < 1.25
+    # means agree within the standard error of 40 draws (averaged over coordinates)
+    se = np.sqrt((exact.var(axis=0) + fast.var(axis=0)) / 40)
+    z = (fast.mean(axis=0) - exact.mean(axis=0)) / se
+    assert abs(float(z.mean())) < 0.2 and 0.7 < float(z.std()) < 1.3
+    assert engine.numerics == FleetNumerics.EXACT  # both paths were driven explicitly above
