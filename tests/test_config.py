@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from fed_nessa.config import ConfigError, FederationConfig, from_run_config
 
@@ -35,7 +35,7 @@ def test_pyproject_app_config_matches_the_defaults() -> None:
     ("dp-mode", "global", "dp-mode = 'global': allowed values local, distributed, none"),
     ("secagg-num-shares", 2, "secagg-num-shares = 2: allowed range [3, 10000]"),
     ("secagg-reconstruction-threshold", 11, "allowed range [2, secagg-num-shares - 1 = 10]"),
-    ("min-arrivals", 101, "min-arrivals = 101: allowed range [2, clients-per-round = 100]"),
+    ("min-arrivals", 1001, "min-arrivals = 1001: allowed range [2, devices per round = 1000]"),
     ("linear-start", "ridge", "allowed values suffstats, none"),
     ("lr", "fast", "lr = 'fast': expected a number"),
     ("resume", 1, "resume = 1: expected true or false"),
@@ -60,7 +60,20 @@ def test_every_problem_is_reported_at_once_and_unknown_keys_are_rejected() -> No
 def test_secagg_sum_must_not_wrap_around() -> None:
     with pytest.raises(ConfigError, match=r"must be < 2\*\*32"):
         from_run_config({"clients-per-round": 2000, "num-devices": 5000, "secagg-quantization-range": 2**22})
-    from_run_config({"clients-per-round": 1000, "num-devices": 5000})
+    from_run_config({"clients-per-round": 1000, "num-devices": 1000})
+    # The statistics round sums every device, not only a DP-SGD round's cohort.
+    with pytest.raises(ConfigError, match=r"must be < 2\*\*32"):
+        from_run_config({"clients-per-round": 1000, "num-devices": 5000})
+    from_run_config({"clients-per-round": 1000, "num-devices": 5000, "linear-start": "none"})
+    # Full participation (clients-per-round = 0, the default): every device in every round.
+    with pytest.raises(ConfigError, match=r"must be < 2\*\*32"):
+        from_run_config({"num-devices": 5000, "linear-start": "none"})
+
+
+def test_min_arrivals_is_bounded_by_the_devices_per_round() -> None:
+    with pytest.raises(ConfigError, match=r"min-arrivals = 101: allowed range \[2, devices per round = 100\]"):
+        from_run_config({"clients-per-round": 100, "min-arrivals": 101})
+    assert from_run_config({"min-arrivals": 101}).cohort_size(1000) == 1000  # 0: all 1000 devices
 
 
 def test_dp_needs_noise_and_ints_are_accepted_for_floats(tmp_path: Path) -> None:

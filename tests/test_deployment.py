@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_ssh_private_key, \
-    load_ssh_public_key
+from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_ssh_private_key, load_ssh_public_key
+from test_simulation import make_folder
 
 from fed_nessa.config import DevicePolicy, policy_from_node_config
 from fed_nessa.data.shards import shard_paths
 from fed_nessa.deployment import LocalDeployment, generate_supernode_keys, generate_tls, node_config_arg
-from test_simulation import make_folder
 
 #: Each SuperNode's own policy (--node-config): g = 3 <= the g = 4 a 4-device round promises.
 POLICY = DevicePolicy(epsilon_budget=30.0, guaranteed_arrivals=3)
@@ -90,7 +89,7 @@ def test_real_superlink_and_four_supernodes_run_two_secagg_rounds(tmp_path: Path
             dep.start_supernode(i, key, shard, tmp_path / f"device-{i}", policy=POLICY)
         done = dep.run(f"data-source='{data}' run-dir='{run_dir}' num-devices=4 clients-per-round=4 "
                        "secagg-num-shares=3 secagg-reconstruction-threshold=2 min-arrivals=3 num-server-rounds=2 "
-                       "hidden=16 depth=1 epsilon-budget=30 round-timeout=120.0", timeout_s=600)
+                       "hidden=16 depth=1 epsilon-budget=30 round-timeout=120.0 aligner='nessa'", timeout_s=600)
     assert all(p.poll() is not None for p in dep.processes)
     assert done.returncode == 0, (dep.logs / "flwr-run.log").read_text()[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())

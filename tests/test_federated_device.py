@@ -16,13 +16,22 @@ import pytest
 
 from fed_nessa.config import DevicePolicy, DPMode, FederationConfig, LinearStart, Phase, ReplyStatus
 from fed_nessa.data.shards import Shard, make_shard
-from fed_nessa.federated.device import (SUFFSTATS_SENSITIVITY, RoundRequest, client_round, noise_std, plan_round,
-                                        planned_event, policy_refusal, suffstats_vector)
+from fed_nessa.federated.device import (
+    SUFFSTATS_SENSITIVITY,
+    RoundRequest,
+    client_round,
+    noise_std,
+    plan_round,
+    planned_event,
+    policy_refusal,
+    suffstats_vector,
+)
 from fed_nessa.federated.layout import build_net, load_flat
+from fed_nessa.federated.noise_plan import noise_plan
 from fed_nessa.federated.server_model import ServerModel
 from fed_nessa.model.aligners.base import l2_normalize
-from fed_nessa.privacy.ledger import DeviceLedger
 from fed_nessa.model.training import noisy_gradient_sum
+from fed_nessa.privacy.ledger import DeviceLedger
 from fed_nessa.privacy.noise import REPRODUCIBLE_WARNING, ReproducibleNoise
 
 # The real, validated config with small test-sized values.
@@ -38,8 +47,12 @@ def Cfg(**changes: object) -> FederationConfig:  # noqa: N802 - reads like the d
     return FederationConfig().replace(**{**_TEST_DEFAULTS, **changes})
 
 
-def req(phase: Phase = Phase.DPSGD, round_num: int = 1, promised: int = 4) -> RoundRequest:
-    return RoundRequest(phase, round_num, promised)
+#: Devices in the test federation (public; with sample-rate = 0 it does not change q or the sigmas).
+FLEET = 4
+
+
+def req(phase: Phase = Phase.DPSGD, round_num: int = 1, promised: int = 4, fleet: int = FLEET) -> RoundRequest:
+    return RoundRequest(phase, round_num, promised, fleet)
 
 
 def _shards(k: int = 4, n: int = 30, dx: int = 5, dy: int = 4, seed: int = 0) -> list[Shard]:
@@ -68,15 +81,19 @@ def test_suffstats_sensitivity_bound() -> None:
 def test_planned_events() -> None:
     cfg = Cfg()
     policy = replace(POLICY, delta=1e-6)
-    e = planned_event(Phase.SUFFSTATS, 30, cfg, 1, policy)
+    e = planned_event(req(Phase.SUFFSTATS, 1), 30, cfg, policy)
     assert (e.mechanism, e.steps, e.sample_rate, e.clip_norm) == ("gaussian-sum", 1, 1.0, SUFFSTATS_SENSITIVITY)
     assert e.delta == 1e-6  # the device's own delta, not the run-config's
-    d = planned_event(Phase.DPSGD, 40, cfg, 2, policy)
+    d = planned_event(req(Phase.DPSGD, 2), 40, cfg, policy)
     assert (d.mechanism, d.steps, d.sample_rate, d.mode) == ("dp-sgd", 1, 0.2, "distributed")
     assert "g = 4" in d.note
-    loc = planned_event(Phase.DPSGD, 40, cfg.replace(dp_mode=DPMode.LOCAL, local_epochs=2), 2, policy)
+    loc = planned_event(req(Phase.DPSGD, 2), 40, cfg.replace(dp_mode=DPMode.LOCAL, local_epochs=2), policy)
     assert (loc.steps, loc.mode) == (10, "local")
-    assert planned_event(Phase.DPSGD, 40, cfg.replace(dp_mode=DPMode.NONE), 2, policy) is None
+    assert planned_event(req(Phase.DPSGD, 2), 40, cfg.replace(dp_mode=DPMode.NONE), policy) is None
+    # A device-local sample-rate: scaled by fleet / cohort (both public), whatever the device's n.
+    sampled = cfg.replace(sample_rate=0.05, clients_per_round=100)
+    assert planned_event(req(Phase.DPSGD, 2, fleet=1000), 40, sampled, policy).sample_rate == pytest.approx(0.5)
+    assert planned_event(req(Phase.DPSGD, 2), 40, sampled, policy).sample_rate == pytest.approx(0.05)
 
 
 @pytest.mark.parametrize("mode", [DPMode.LOCAL, DPMode.DISTRIBUTED])
@@ -94,7 +111,7 @@ def test_dpsgd_round_records_and_moves_model(tmp_path: Path, mode: DPMode) -> No
         assert out.metrics["noise_arrivals"] == POLICY.guaranteed_arrivals
         if mode == DPMode.LOCAL:
             assert np.linalg.norm(out.vector) <= cfg.update_clip + 1e-5
-        assert np.abs(out.vector).max() <= model.payload_bound(Phase.DPSGD)
+        assert np.abs(out.vector).max() <= model.payload_bound(Phase.DPSGD, noise_plan(cfg, FLEET))
         vecs.append(out.vector)
     model.apply(Phase.DPSGD, np.sum(vecs, axis=0), len(vecs))
     assert not np.allclose(model.vector(), start)
@@ -202,7 +219,8 @@ def test_a_larger_budget_in_the_run_config_is_declined_with_the_reason(tmp_path:
 
 
 @pytest.mark.parametrize(("phase", "changes", "fragment"), [
-    (Phase.DPSGD, {"noise_multiplier": 0.3}, "noise multiplier 0.3 in phase dpsgd, below this device's policy minimum 0.5"),
+    (Phase.DPSGD, {"noise_multiplier": 0.3},
+     "noise multiplier 0.3 in phase dpsgd, below this device's policy minimum 0.5"),
     (Phase.SUFFSTATS, {"suffstats_noise_multiplier": 0.2}, "noise multiplier 0.2 in phase suffstats"),
     (Phase.DPSGD, {"dp_mode": DPMode.NONE}, "dp-mode none"),
 ])

@@ -10,8 +10,16 @@ from flwr.common.constant import NUM_PARTITIONS_KEY, PARTITION_ID_KEY
 
 from fed_nessa.config import FederationConfig
 from fed_nessa.data.shards import ShardError, make_shard, write_shard
-from fed_nessa.federated.protocol import (DEVICE_ID_KEY, DEVICES_DIR, SHARD_PATH_KEY, SHARDS_DIR, STATE_DIR_KEY,
-                                          device_id_of, locate, shard_folder)
+from fed_nessa.federated.protocol import (
+    DEVICE_ID_KEY,
+    DEVICES_DIR,
+    SHARD_PATH_KEY,
+    SHARDS_DIR,
+    STATE_DIR_KEY,
+    device_id_of,
+    locate,
+    shard_folder,
+)
 
 
 def _write(folder: Path, names: list[str]) -> None:

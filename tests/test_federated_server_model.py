@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import numpy as np
 import pytest
+from test_federated_device import FLEET, Cfg, _shards
 
 from fed_nessa.config import DPMode, FederationConfig, LinearStart, Phase
 from fed_nessa.federated import suffstats
 from fed_nessa.federated.device import suffstats_vector
+from fed_nessa.federated.noise_plan import noise_plan
 from fed_nessa.federated.server_model import PAYLOAD_SIGMAS, ServerModel
 from fed_nessa.model.aligners import AlignerInfo, RidgeAligner
 from fed_nessa.model.aligners.base import l2_normalize
-from test_federated_device import Cfg, _shards
 
 
 def _stats(shards: list) -> np.ndarray:
@@ -109,10 +111,19 @@ def test_payload_bound_covers_the_largest_honest_share() -> None:
     """The range assumes g = 1 (the full sigma), so no honest device saturates whatever its own g."""
     cfg = Cfg(noise_multiplier=2.0, clip_norm=0.5, suffstats_noise_multiplier=1.5, max_pairs_per_device=30)
     model = ServerModel(cfg, 5, 4, "X", "Y")
-    assert model.payload_bound(Phase.SUFFSTATS) == pytest.approx(30 + PAYLOAD_SIGMAS * 1.5 * suffstats.SENSITIVITY)
-    assert model.payload_bound(Phase.DPSGD) == pytest.approx(0.5 * 4 * cfg.batch_size + PAYLOAD_SIGMAS * 2.0 * 0.5)
-    assert ServerModel(Cfg(dp_mode=DPMode.NONE), 5, 4, "X", "Y").payload_bound(Phase.SUFFSTATS) == 1000.0
-    assert ServerModel(Cfg(dp_mode=DPMode.LOCAL), 5, 4, "X", "Y").payload_bound(Phase.DPSGD) == cfg.update_clip
+    plan = noise_plan(cfg, FLEET)
+    assert model.payload_bound(Phase.SUFFSTATS, plan) == pytest.approx(
+        30 + PAYLOAD_SIGMAS * 1.5 * suffstats.SENSITIVITY)
+    assert model.payload_bound(Phase.DPSGD, plan) == pytest.approx(
+        0.5 * 4 * cfg.batch_size + PAYLOAD_SIGMAS * 2.0 * 0.5)
+    # a device-local sample-rate bounds the sample by the largest device's expected sample
+    sampled = cfg.replace(sample_rate=0.1)
+    mean = 0.1 * 30
+    assert ServerModel(sampled, 5, 4, "X", "Y").payload_bound(Phase.DPSGD, noise_plan(sampled, FLEET)) == (
+        pytest.approx(0.5 * max(4 * mean, mean + 8 * math.sqrt(mean) + 8) + PAYLOAD_SIGMAS * 2.0 * 0.5))
+    none, local = Cfg(dp_mode=DPMode.NONE), Cfg(dp_mode=DPMode.LOCAL)
+    assert ServerModel(none, 5, 4, "X", "Y").payload_bound(Phase.SUFFSTATS, noise_plan(none, FLEET)) == 1000.0
+    assert ServerModel(local, 5, 4, "X", "Y").payload_bound(Phase.DPSGD, noise_plan(local, FLEET)) == cfg.update_clip
 
 
 def test_apply_needs_a_contributor() -> None:

@@ -9,8 +9,14 @@ import pytest
 
 from fed_nessa.config import DPMode, FederationConfig, Phase
 from fed_nessa.federated.server_model import ServerModel
-from server.checkpoint import (RESUMABLE_KEYS, Checkpoint, ResumeError, check_resumable, latest_checkpoint,
-                               save_checkpoint)
+from server.checkpoint import (
+    RESUMABLE_KEYS,
+    Checkpoint,
+    ResumeError,
+    check_resumable,
+    latest_checkpoint,
+    save_checkpoint,
+)
 
 
 def _ckpt(config: dict, round_num: int = 2) -> Checkpoint:

@@ -8,6 +8,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from test_server_secagg_round import stage_of
+from test_simulation import POLICY, make_folder, overrides, simulate
 
 from client.app import build_client_app
 from client.device import DeviceRuntime, default_runtime
@@ -18,8 +20,6 @@ from fed_nessa.privacy.ledger import DEVICE_LEDGER_NAME, DeviceLedger
 from fed_nessa.privacy.noise import REPRODUCIBLE_WARNING
 from fed_nessa.sim.runner import build_config
 from server.checkpoint import ResumeError
-from test_server_secagg_round import stage_of
-from test_simulation import POLICY, make_folder, overrides, simulate
 
 
 @pytest.fixture()
@@ -164,3 +164,25 @@ def test_devices_whose_g_exceeds_the_promise_decline(tmp_path: Path, data: Path)
                        policy=replace(POLICY, guaranteed_arrivals=8), quiet=True)
     assert [(r["status"], r["declined"]) for r in summary["rounds"]] == [("skipped", 8), ("skipped", 6)]
     assert summary["privacy"]["epsilon_max"] == 0.0
+
+
+def test_the_round_config_names_only_public_values_and_no_cohort_size() -> None:
+    """What a device is told: phase, round, the promised g and the fleet size; nothing sizes its noise.
+
+    The Poisson rate and the calibrated sigmas follow from the run config and the (public)
+    fleet size on the device; a server-chosen cohort size is not on the wire.
+    """
+    from fed_nessa.config import FederationConfig, Phase
+    from fed_nessa.federated.protocol import FLEET_SIZE_KEY, PHASE_KEY, PROMISED_ARRIVALS_KEY, ROUND_KEY
+    from server.federation import round_config, sample_cohort
+
+    assert round_config(Phase.DPSGD, 3, 7, 8) == {PHASE_KEY: "dpsgd", ROUND_KEY: 3, PROMISED_ARRIVALS_KEY: 7,
+                                                  FLEET_SIZE_KEY: 8}
+    nodes = [10**19 + i for i in range(8)]  # Flower's node ids reach 2**64
+    full = FederationConfig().replace(num_devices=8, secagg_num_shares=5, secagg_reconstruction_threshold=3,
+                                      min_arrivals=3)
+    assert sample_cohort(nodes, full, 2, Phase.DPSGD) == nodes  # clients-per-round = 0: every device
+    some = full.replace(clients_per_round=6)
+    cohort = sample_cohort(nodes, some, 2, Phase.DPSGD)
+    assert len(cohort) == 6 and set(cohort) <= set(nodes) and cohort == sample_cohort(nodes, some, 2, Phase.DPSGD)
+    assert sample_cohort(nodes, some, 1, Phase.SUFFSTATS) == nodes  # the statistics round: every device once

@@ -8,7 +8,6 @@ true update and can compare it with what the secure sum revealed.
 from __future__ import annotations
 
 import random
-
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from client.device import DeviceRuntime
 from fed_nessa.config import from_run_config
 from fed_nessa.data.shards import make_shard, shard_paths, write_shard
 from fed_nessa.federated.codec import SecAggCodec, make_codec
-from fed_nessa.federated.protocol import PHASE_KEY, PROMISED_ARRIVALS_KEY, ROUND_KEY, device_id_of
+from fed_nessa.federated.protocol import FLEET_SIZE_KEY, PHASE_KEY, PROMISED_ARRIVALS_KEY, ROUND_KEY, device_id_of
 from fed_nessa.sim.grid import InProcessGrid
 from server.secagg_round import secure_sum
 
@@ -74,8 +73,8 @@ def run_config(tmp_path: Path, clients: int, shares: int = 7) -> dict:
             "min-arrivals": 3}
 
 
-def fit_config(g: int = 3) -> dict:
-    return {PHASE_KEY: "dpsgd", ROUND_KEY: 1, PROMISED_ARRIVALS_KEY: g}
+def fit_config(g: int = 3, fleet: int = 8) -> dict:
+    return {PHASE_KEY: "dpsgd", ROUND_KEY: 1, PROMISED_ARRIVALS_KEY: g, FLEET_SIZE_KEY: fleet}
 
 
 def stage_of(msg) -> str | None:  # noqa: ANN001
@@ -97,7 +96,7 @@ def run_round(tmp_path: Path, clients: int, drop=None, corrupt: int | None = Non
     codec = make_codec(BOUND, cfg.secagg_clipping_range, cfg.secagg_quantization_range, clients)
     ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=rc)
     cohort = list(grid.get_node_ids())
-    result = secure_sum(grid, ctx, cfg, 1, cohort, np.zeros(DIM, np.float32), fit_config(min_release), codec,
+    result = secure_sum(grid, ctx, cfg, 1, cohort, np.zeros(DIM, np.float32), fit_config(min_release, clients), codec,
                         min_release=min_release)
     ids = {nid: device_id_of(p) for nid, p in zip(cohort, paths)}
     return result, rounds, wire, codec, ids
@@ -177,7 +176,7 @@ def test_train_outside_secagg_is_refused(tmp_path: Path) -> None:
     from flwr.common import FitIns, ndarrays_to_parameters
     from flwr.compat.common import recorddict_compat as compat
 
-    content = compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters([np.zeros(DIM)]), fit_config()), True)
+    content = compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters([np.zeros(DIM)]), fit_config(fleet=3)), True)
     [reply] = grid.send_and_receive([Message(content, 1001, "train")])
     assert reply.has_error() and "outside a SecAgg+ round" in reply.error.reason
     assert rounds.sent == {}
@@ -194,8 +193,8 @@ def test_smallest_cohort(tmp_path: Path, clients: int) -> None:
     cfg = from_run_config(rc)
     codec = make_codec(BOUND, cfg.secagg_clipping_range, cfg.secagg_quantization_range, clients)
     ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=rc)
-    res = secure_sum(grid, ctx, cfg, 1, list(grid.get_node_ids()), np.zeros(DIM, np.float32), fit_config(2), codec,
-                     min_release=2)
+    res = secure_sum(grid, ctx, cfg, 1, list(grid.get_node_ids()), np.zeros(DIM, np.float32), fit_config(2, clients),
+                     codec, min_release=2)
     expected = np.sum([rounds.sent[device_id_of(p)] for p in paths], axis=0)
     assert res.completed and np.abs(res.sum_vector - expected).max() <= codec.sum_error_bound(clients)
 
@@ -280,8 +279,8 @@ def test_a_saturating_device_fails_alone_and_the_round_goes_on(tmp_path: Path) -
     cfg = from_run_config(rc)
     codec = make_codec(BOUND, cfg.secagg_clipping_range, cfg.secagg_quantization_range, clients)
     ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=rc)
-    result = secure_sum(grid, ctx, cfg, 1, list(grid.get_node_ids()), np.zeros(DIM, np.float32), fit_config(), codec,
-                        min_release=3)
+    result = secure_sum(grid, ctx, cfg, 1, list(grid.get_node_ids()), np.zeros(DIM, np.float32),
+                        fit_config(fleet=clients), codec, min_release=3)
     assert result.completed and result.n_arrived == clients - 1 and result.saturated == 0
     assert 1003 not in result.arrived
     assert any("SaturationError" in f or "exceed SecAgg+'s clipping range" in f for f in result.failures), \
@@ -319,8 +318,8 @@ def test_a_huge_count_coordinate_cannot_halt_the_round(tmp_path: Path, monkeypat
     cfg = from_run_config(rc)
     codec = make_codec(BOUND, cfg.secagg_clipping_range, cfg.secagg_quantization_range, clients)
     ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=rc)
-    result = secure_sum(grid, ctx, cfg, 1, list(grid.get_node_ids()), np.zeros(DIM, np.float32), fit_config(), codec,
-                        min_release=3)
+    result = secure_sum(grid, ctx, cfg, 1, list(grid.get_node_ids()), np.zeros(DIM, np.float32),
+                        fit_config(fleet=clients), codec, min_release=3)
     assert result.completed and result.n_arrived == clients and result.saturated > 0
     expected = np.sum(list(rounds.sent.values()), axis=0)
     assert np.abs(result.sum_vector - expected).max() <= codec.sum_error_bound(clients)

@@ -54,7 +54,10 @@ def overrides(tmp_path: Path, **extra: object) -> list[str]:
     base = {"data-source": f'"{tmp_path / "data"}"', "run-dir": f'"{tmp_path / "run"}"', "num-devices": 8,
             "clients-per-round": 6, "secagg-num-shares": 5, "secagg-reconstruction-threshold": 3,
             "min-arrivals": 3, "num-server-rounds": 3, "hidden": 16, "depth": 1, "epsilon-budget": 30,
-            "seed": 0, "noise-multiplier": 1.0, "suffstats-noise-multiplier": 1.0, "batch-size": 16, "server-lr": 1.0}
+            "seed": 0, "noise-multiplier": 1.0, "suffstats-noise-multiplier": 1.0, "batch-size": 16, "server-lr": 1.0,
+            # DP-SGD rounds are what these runs test: aligner auto would ship the linear start alone
+            # for 8 devices; SGD with momentum is the optimiser server-lr 1.0 is sized for.
+            "aligner": '"nessa"', "server-optimizer": '"sgd"'}
     base.update({k.replace("_", "-"): v for k, v in extra.items()})
     return [f"{k}={v}" for k, v in base.items()]
 
@@ -73,8 +76,10 @@ def test_run_folder_has_every_required_key_and_file(tmp_path: Path, data: Path) 
     assert [r["status"] for r in on_disk["rounds"]] == ["applied"] * 3
     assert on_disk["rounds"][0]["phase"] == "suffstats"
     final = on_disk["final"]
-    for key in ("eer", "min_dcf", "sid_top1", "gap_closure", "centralised_nessa", "ridge"):
+    for key in ("eer", "min_dcf", "sid_top1", "gap_closure", "centralised_nessa", "ridge", "aligner_plan", "gate"):
         assert key in final
+    # aligner = nessa: the gate is reported but not applied (only aligner = auto ships its pick)
+    assert "aligner nessa" in final["aligner_plan"] and final["gate"]["applied"] is False
     priv = on_disk["privacy"]
     for key in ("unit", "mode", "trust", "delta", "accountant", "epsilon_budget", "epsilon_max", "epsilon_median",
                 "device_ledgers"):
@@ -132,7 +137,7 @@ def test_saturating_devices_fail_on_the_device_and_the_run_goes_on(tmp_path: Pat
     """
     from fed_nessa.federated.server_model import ServerModel
 
-    monkeypatch.setattr(ServerModel, "payload_bound", lambda self, phase: 1e-3)
+    monkeypatch.setattr(ServerModel, "payload_bound", lambda self, phase, plan: 1e-3)
     summary = simulate(build_config(None, overrides(tmp_path, num_server_rounds=1)), quiet=True)
     [r] = summary["rounds"]
     assert r["status"] in ("refused", "aborted") and r["participants"] == 0 and r["failed"] == 8

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from test_simulation import make_folder
 
 from simulations.flwr_run import flwr_run, our_superlinks
-from test_simulation import make_folder
 
 
 @pytest.mark.slow
@@ -17,7 +17,7 @@ def test_flwr_run_simulation_writes_a_run_folder_and_stops_its_superlink(tmp_pat
     run_dir, home = tmp_path / "run", tmp_path / "flwr-home"
     run_config = (f"data-source='{data}' run-dir='{run_dir}' num-devices=8 clients-per-round=6 "
                   "secagg-num-shares=5 secagg-reconstruction-threshold=3 min-arrivals=3 num-server-rounds=2 "
-                  "hidden=16 depth=1 epsilon-budget=30")
+                  "hidden=16 depth=1 epsilon-budget=30 aligner='nessa'")  # DP-SGD rounds (auto: none at 8)
     rc = flwr_run(run_config, 8, home, timeout_s=600, log_path=tmp_path / "flwr.log")
     assert rc == 0, (tmp_path / "flwr.log").read_text()[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())

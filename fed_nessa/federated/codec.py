@@ -89,7 +89,7 @@ class SecAggCodec:
         if n_arrived < 1:
             raise ValueError("cannot decode an aggregate of zero devices")
         total = np.asarray(mean_payload, dtype=np.float64).reshape(-1) * n_arrived
-        saturated = int(round(total[-1] / self.saturation_unit))
+        saturated = int(round(total[-1] / self.saturation_unit)) if self.saturation_cap else 0
         return (total[:-1] / self.scale).astype(np.float32), max(saturated, 0)
 
     @property
@@ -145,19 +145,16 @@ def make_codec(payload_bound: float, clipping_range: float, quantization_range: 
         raise ValueError(f"cohort must be >= 1, got {cohort}")
     room = headroom * clipping_range
     step = 2.0 * clipping_range / quantization_range
-    cap = min(MAX_SATURATION_CAP, int(room / (4.0 * cohort * step)))
-    if cap < 1:
-        raise ValueError(
-            f"secagg-quantization-range {quantization_range} is too coarse for {cohort} devices per round: "
-            "the saturation count cannot be carried exactly; raise it"
-        )
+    # The count is a diagnostic only: when the cohort's rounding error is too large to carry it
+    # exactly (fleet scale), it is switched off (cap 0) rather than refusing the round.
+    cap = max(0, min(MAX_SATURATION_CAP, int(room / (4.0 * cohort * step))))
     return SecAggCodec(
         payload_bound=float(payload_bound),
         clipping_range=float(clipping_range),
         quantization_range=int(quantization_range),
         scale=room / payload_bound,
         saturation_cap=cap,
-        saturation_unit=room / cap,
+        saturation_unit=room / cap if cap else room,
     )
 
 

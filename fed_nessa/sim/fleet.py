@@ -40,6 +40,7 @@ from those lines.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import resource
@@ -99,6 +100,8 @@ ALIGNER_DIR = "aligner"
 EXAMPLE_CHUNK = 65_536
 #: Devices per chunk in exact numerics (per-device vectors of P values each).
 DEVICE_CHUNK = 256
+#: Pairs the pooled non-DP NESSA reference trains on at most (a random subset beyond).
+REFERENCE_MAX_PAIRS = 1_200_000
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -150,14 +153,16 @@ class FleetEngine:
 
     def __init__(self, cfg: FederationConfig, policy: DevicePolicy, data: FederationData, *,
                  device: str = "cpu", progress: Progress | None = None) -> None:
+        """``data.devices`` are copied into one tensor pair and then dropped (memory at 10^5 devices)."""
         if cfg.dp_mode == DPMode.LOCAL:
             raise FleetError("the fleet engine simulates distributed DP (and dp-mode none); local mode runs many "
                              "Opacus steps per device per round: use the Flower engine")
         if not data.devices:
             raise FleetError("the fleet engine needs the devices in memory (a built-in data source)")
-        self.cfg, self.policy, self.data = cfg, policy, data
+        self.cfg, self.policy = cfg, policy
         self.torch_device = torch.device(device)
         self.fleet = FleetState.from_shards(data.devices, self.torch_device)
+        self.data = data = dataclasses.replace(data, devices=())
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.model = ServerModel(cfg, data.d_x, data.d_y, data.enroll_model, data.runtime_model)
@@ -280,8 +285,10 @@ class FleetEngine:
         dp = cfg.dp_mode != DPMode.NONE
         if self.numerics == FleetNumerics.FAST:
             rows = np.concatenate([np.arange(fleet.starts[i], fleet.starts[i + 1]) for i in arrived])
-            x, y = fleet.x[rows].cpu().numpy(), fleet.y[rows].cpu().numpy()
-            total = suffstats.device_vector(x, y)  # linear in the pairs: the sum of the devices' vectors
+            total = np.zeros(suffstats.vector_size(self.data.d_x, self.data.d_y))
+            for c in range(0, len(rows), EXAMPLE_CHUNK):  # linear in the pairs: the sum of the devices' vectors
+                idx = torch.from_numpy(rows[c:c + EXAMPLE_CHUNK]).to(self.torch_device)
+                total += suffstats.device_vector(fleet.x[idx].cpu().numpy(), fleet.y[idx].cpu().numpy())
             if dp:
                 var = sum(noise_std(cfg, book.policies[i], self.plan.suffstats_sigma, suffstats.SENSITIVITY) ** 2
                           for i in arrived)
@@ -425,15 +432,19 @@ class FleetEngine:
     def _sample(self, arrived: list[int], r: int, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(rows, position in ``arrived``) of the fast numerics' fleet-wide Poisson sample."""
         fleet = self.fleet
-        starts = fleet.starts
-        rows_all = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in arrived])
-        owner = np.repeat(np.arange(len(arrived)), fleet.n[arrived])
+        owner_all = np.repeat(np.arange(len(fleet.ids)), fleet.n)
+        position = np.full(len(fleet.ids), -1)
+        position[np.asarray(arrived, np.int64)] = np.arange(len(arrived))
+        rows_all = np.flatnonzero(position[owner_all] >= 0)
+        owner = position[owner_all[rows_all]]
         keep = self._uniforms(len(rows_all), r) < q[owner]
         return rows_all[keep], owner[keep]
 
     def _rates(self, arrived: list[int]) -> np.ndarray:
         cfg, n = self.cfg, self.fleet.n
         fleet = len(self.fleet.ids)
+        if cfg.sample_rate > 0:  # one fleet-wide rate
+            return np.full(len(arrived), cfg.round_sample_rate(1, fleet, cfg.cohort_size(fleet)))
         return np.array([cfg.round_sample_rate(int(n[i]), fleet, cfg.cohort_size(fleet)) for i in arrived])
 
     def _fast_gradient_total(self, rows: np.ndarray, sent: list[int], book: DeviceBook, r: int,
@@ -498,14 +509,26 @@ class FleetEngine:
                  "decline_reasons": {reason: sum(1 for v in book.refused.values() if v == reason)
                                      for reason in set(book.refused.values())}}
         if self.cfg.cohort_size(len(ids)) >= len(ids):
-            fed_ledger.record_span(dp_rounds[0], dp_rounds[-1], [ids[i] for i in joined],
-                                   [ids[i] for i in sorted(book.refused)], [], extra)
+            # One span entry per distinct range of joined rounds (a device whose budget covers fewer
+            # rounds than the phase joins a shorter span); drop-outs listed inside their span.
+            groups: dict[tuple[int, int], list[int]] = {}
+            for i in joined:
+                groups.setdefault((book.span_rounds[i][0], book.span_rounds[i][-1]), []).append(i)
+            refused = [ids[i] for i in sorted(book.refused)]
+            for n, ((first, last), members) in enumerate(sorted(groups.items())):
+                member_ids = {ids[i] for i in members}
+                gone = {r: [d for d in devs if d in member_ids] for r, devs in dropped.items()
+                        if first <= int(r) <= last}
+                fed_ledger.record_span(first, last, sorted(member_ids), refused if n == 0 else [], [],
+                                       {**extra, "dropped": {r: d for r, d in gone.items() if d}})
+            if not groups and refused:
+                fed_ledger.record_span(dp_rounds[0], dp_rounds[-1], [], refused, [], extra)
             return
         for r in dp_rounds:  # cohorts: one entry per round (each lists only its cohort)
             in_round = [i for i in joined if r in book.span_rounds[i]]
-            gone = set(self._dropped.get(r, []))
-            fed_ledger.record_round(r, [ids[i] for i in in_round if i not in gone], [],
-                                    [ids[i] for i in sorted(gone)], {**extra, "dropped": {}})
+            lost = set(self._dropped.get(r, []))
+            fed_ledger.record_round(r, [ids[i] for i in in_round if i not in lost], [],
+                                    [ids[i] for i in sorted(lost)], {**extra, "dropped": {}})
 
     # -- reporting -------------------------------------------------------------------------
     def _evaluate(self, aligners: dict[str, Any] | None = None) -> Any:
@@ -580,14 +603,40 @@ class FleetEngine:
         return summary
 
     def _references(self) -> dict[str, Any]:
-        from fed_nessa.evaluation.centralised import pooled_references
-        from fed_nessa.model.aligners import AlignerInfo
+        """Pooled non-DP NESSA and ridge on the fleet's pairs (the same references as the Flower engine).
+
+        Ridge comes from sufficient statistics summed in chunks (exactly centralised ridge, any fleet
+        size); the NESSA reference trains its fixed step budget on at most
+        :data:`REFERENCE_MAX_PAIRS` pairs drawn at random (all of them up to ~10k devices).
+        """
+        from fed_nessa.evaluation.centralised import REFERENCE_STEPS
+        from fed_nessa.model.aligners import AlignerInfo, NessaAligner, NessaConfig, RidgeAligner
+        from fed_nessa.model.aligners.base import l2_normalize
+        from fed_nessa.model.aligners.linear import RidgeStats, ridge_from_stats
+        from fed_nessa.model.training import TrainConfig
 
         info = AlignerInfo(d_x=self.data.d_x, d_y=self.data.d_y, enroll_model=self.data.enroll_model,
                            runtime_model=self.data.runtime_model)
-        refs = pooled_references(self.fleet.x.cpu().numpy(), self.fleet.y.cpu().numpy(), info, hidden=self.cfg.hidden,
-                                 depth=self.cfg.depth, ridge_alpha=self.cfg.ridge_alpha, seed=self.cfg.seed)
-        report = self._evaluate(dict(refs))
+        total = len(self.fleet.x)
+        stats: RidgeStats | None = None
+        for c in range(0, total, EXAMPLE_CHUNK):
+            x = l2_normalize(self.fleet.x[c:c + EXAMPLE_CHUNK].cpu().numpy())
+            y = l2_normalize(self.fleet.y[c:c + EXAMPLE_CHUNK].cpu().numpy())
+            part = RidgeStats.from_pairs(x, y)
+            stats = part if stats is None else stats + part
+        assert stats is not None
+        ridge = RidgeAligner(info, alpha=self.cfg.ridge_alpha)
+        ridge.W, ridge.b = ridge_from_stats(stats, self.cfg.ridge_alpha)
+        rows = np.arange(total)
+        if total > REFERENCE_MAX_PAIRS:
+            rows = np.sort(np.random.default_rng([self.cfg.seed, 13]).choice(total, REFERENCE_MAX_PAIRS, replace=False))
+        x_ref, y_ref = self.fleet.x[rows].cpu().numpy(), self.fleet.y[rows].cpu().numpy()
+        epochs = max(1, min(20, math.ceil(REFERENCE_STEPS * 256 / len(rows))))
+        nessa = NessaAligner(AlignerInfo(**{k: getattr(info, k) for k in ("d_x", "d_y", "enroll_model",
+                                                                          "runtime_model")}),
+                             NessaConfig(hidden=self.cfg.hidden, depth=self.cfg.depth)).fit(
+            x_ref, y_ref, train_cfg=TrainConfig(epochs=epochs, batch_size=256, lr=1e-3, seed=self.cfg.seed))
+        report = self._evaluate({"centralised_nessa": nessa, "ridge": ridge})
         return {"centralised_nessa": self._row(report, "asym_centralised_nessa"),
                 "ridge": self._row(report, "asym_ridge"),
                 "sym_before": self._row(report, "sym_before"), "sym_after": self._row(report, "sym_after")}
@@ -620,8 +669,7 @@ def run_fleet(cfg: FederationConfig, policy: DevicePolicy, *, device: str = "cpu
     from fed_nessa.data.population import load_federation_data
 
     t0 = time.perf_counter()
-    data = load_federation_data(cfg, None)
-    engine = FleetEngine(cfg, policy, data, device=device, progress=progress)
+    engine = FleetEngine(cfg, policy, load_federation_data(cfg, None), device=device, progress=progress)
     summary = engine.run()
     summary.setdefault("timing", {})["total_seconds"] = time.perf_counter() - t0
     return summary
