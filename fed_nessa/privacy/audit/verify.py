@@ -481,11 +481,24 @@ def _check_claim(claim: dict[str, Any] | None, devices: list[DeviceAudit], accou
     if claim.get("mode") and modes and modes != {claim["mode"]}:
         findings.append(Finding(FAIL, "summary.mode", f"summary states mode {claim['mode']!r}, ledgers record "
                                                       f"{sorted(modes)}"))
+    # The summary states the budget the run *asked* for; each device's own policy (its ledger header)
+    # decides. A device budget above the stated one would make the summary's claim false (FAIL); one
+    # below it is the device's policy at work (e.g. a run that asked for more and was declined).
     budget = claim.get("epsilon_budget")
+    tighter = 0
     for dev in devices:
-        if budget is not None and dev.budget is not None and float(dev.budget["epsilon"]) != float(budget):
+        if budget is None or dev.budget is None:
+            continue
+        own = float(dev.budget["epsilon"])
+        if own > float(budget):
             findings.append(Finding(FAIL, "summary.budget", f"summary states budget {budget}, ledger has "
                                                             f"{dev.budget['epsilon']}", dev.device_id))
+        elif own < float(budget):
+            tighter += 1
+    if tighter:
+        findings.append(Finding(WARN, "summary.budget", f"summary states the requested budget {budget}; "
+                                                        f"{tighter} device(s) hold a smaller budget in their own "
+                                                        "policy (their ledgers' budget is what they enforce)"))
     stated_max = claim.get("epsilon_max")
     acc = claim.get("accountant", RDP)
     values = [eps for d in devices if (eps := d.epsilon.get(acc)) is not None]
