@@ -76,10 +76,22 @@ def test_honest_vectors_use_half_the_range_and_config_round_trips() -> None:
 def test_invalid_inputs_are_refused() -> None:
     with pytest.raises(ValueError, match="payload bound"):
         make_codec(0.0, 8.0, 2**22, 10)
-    with pytest.raises(ValueError, match="too coarse"):
-        make_codec(1.0, 8.0, 2**8, 1000)
     with pytest.raises(ValueError, match="non-finite"):
         make_codec(1.0, 8.0, 2**22, 3).encode(np.array([np.nan]))
+
+
+def test_at_fleet_scale_the_count_is_switched_off_not_the_round() -> None:
+    """A grid too coarse to carry the diagnostic count exactly for the cohort switches the count
+    off (cap 0, always decoded as 0); the round is neither refused nor halted by that coordinate."""
+    rng = np.random.default_rng(2)
+    codec = make_codec(1.0, 8.0, 2**8, 1000)
+    assert codec.saturation_cap == 0 and SecAggCodec.from_config(codec.to_config()) == codec
+    vecs = [rng.uniform(-1, 1, 16) for _ in range(1000)]
+    payloads = [codec.encode(v)[0] for v in vecs]
+    payloads[7][-1] = codec.clipping_range  # a device writing the largest value into the count
+    total, saturated = codec.decode(quantize_sum(payloads, codec, rng), 1000)
+    assert saturated == 0
+    assert np.abs(total - np.sum(vecs, axis=0)).max() <= codec.sum_error_bound(1000)
 
 
 def test_device_error_std_bounds_the_rounding_error() -> None:

@@ -227,6 +227,10 @@ def _draw(rng: np.random.Generator, counts: np.ndarray, world: SyntheticWorld) -
     return _Draws(z, counts, c, noise)
 
 
+#: Devices drawn and embedded together (bounds the generator's memory, not its output).
+_DEVICE_BLOCK = 512
+
+
 def _embed_all(world: SyntheticWorld, draws: Iterable[_Draws]) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Embeddings of every utterance by both models, plus the row -> speaker index map."""
     draws = list(draws)
@@ -293,25 +297,46 @@ def generate_population(
     config = PopulationConfig(int(num_devices), int(seed), scenario, int(eval_speakers), int(eval_utterances),
                               (s_lo, s_hi), (u_lo, u_hi), world or WorldConfig())
     w = SyntheticWorld.build(config.world)
-    draws = []
     device_ids = range(config.num_devices)
     if progress:
         from tqdm import tqdm
 
         device_ids = tqdm(device_ids, desc="drawing households", unit="device")
+    # Devices are drawn and embedded a block at a time: a draw holds every model's noise for every
+    # utterance (several times the embeddings' size), so 10^4-10^5 devices would not fit at once.
+    # Each device has its own stream and embedding is row-wise, so the result does not depend on it.
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in w.models}
+    rows_parts, count_parts, speakers_per = [], [], []
+    block: list[_Draws] = []
+
+    def flush() -> None:
+        if not block:
+            return
+        part, part_rows = _embed_all(w, block)
+        for name, arr in part.items():
+            parts[name].append(arr)
+        rows_parts.append(part_rows + sum(speakers_per[:-len(block)]))
+        count_parts.extend(d.counts for d in block)
+        block.clear()
+
     for d in device_ids:
         rng = np.random.default_rng([config.seed, 0, d])
         k = int(rng.integers(s_lo, s_hi + 1))
-        draws.append(_draw(rng, rng.integers(u_lo, u_hi + 1, size=k).astype(np.int64), w))
-    emb, rows = _embed_all(w, draws)
-    counts = np.concatenate([d.counts for d in draws])
-    spk_device = np.repeat(np.arange(config.num_devices), [d.counts.size for d in draws])
+        block.append(_draw(rng, rng.integers(u_lo, u_hi + 1, size=k).astype(np.int64), w))
+        speakers_per.append(k)
+        if len(block) == _DEVICE_BLOCK:
+            flush()
+    flush()
+    emb = {name: np.concatenate(arrs) for name, arrs in parts.items()}
+    rows = np.concatenate(rows_parts)
+    counts = np.concatenate(count_parts)
+    spk_device = np.repeat(np.arange(config.num_devices), speakers_per)
     meta = {"generator": "fed_nessa.data.synthetic", "config": json.dumps(config.to_dict(), sort_keys=True)}
     ids = {k: m.model_id for k, m in w.models.items()}
     train = EmbeddingSet(emb, speaker=rows, voice=rows, utterance=_utterance_index(counts), model_ids=ids,
                          name=f"synthetic-train(seed={config.seed},devices={config.num_devices})", meta=meta)
     row_device = spk_device[rows]
-    first_speaker = np.cumsum([0] + [d.counts.size for d in draws])
+    first_speaker = np.cumsum([0] + speakers_per)
     bounds = np.searchsorted(row_device, np.arange(config.num_devices + 1))
     devices = [
         make_shard(emb[enroll][bounds[d]:bounds[d + 1]], emb[runtime][bounds[d]:bounds[d + 1]],

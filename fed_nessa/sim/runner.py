@@ -229,6 +229,12 @@ def run_from_args(args: argparse.Namespace) -> int:
     final = summary["final"]
     print(f"final EER {100 * final['eer']:.2f}%  gap closure {final['gap_closure']}  "
           f"epsilon max {summary['privacy']['epsilon_max']:.3f}  -> {cfg.run_dir}")
+    applied = [r for r in summary["rounds"] if r.get("status") == "applied"]
+    if not applied:
+        reasons = sorted({str(r.get("note", r.get("status"))) for r in summary["rounds"]})
+        print(f"simulate: error: no round released an aggregate, nothing was trained ({'; '.join(reasons)})",
+              file=sys.stderr)
+        return 1
     return 0
 
 
