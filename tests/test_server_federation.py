@@ -73,10 +73,12 @@ def test_a_hostile_resume_asking_a_larger_budget_is_declined_by_every_device(
     assert reasons and all("epsilon budget 100" in r and "beyond this device's policy" in r for r in reasons)
     ledgers = audit(run / "devices", out_dir=tmp_path / "audit-devices")  # every ledger: intact, within budget
     assert ledgers.passed, [str(f) for f in ledgers.failures]
-    # The whole run folder: the only finding is the server's summary claiming the budget it asked
-    # for (100) where the ledgers hold the devices' own (30).
+    # The whole run folder passes: the summary states the budget the server asked for (100), the
+    # ledgers the devices' own (30); that is a warning (the devices' policy at work), not a failure.
     result = audit(run)
-    assert {f.check for f in result.failures} <= {"summary.budget"}, [str(f) for f in result.failures]
+    assert result.passed, [str(f) for f in result.failures]
+    assert any(f.check == "summary.budget" and "smaller budget in their own policy" in f.message
+               for f in result.findings)
 
 
 def test_resume_with_a_changed_privacy_setting_is_refused(tmp_path: Path, data: Path) -> None:
