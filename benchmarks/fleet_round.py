@@ -38,8 +38,8 @@ def config(devices: int, q: float, numerics: str, run_dir: str, rounds: int) -> 
     return from_run_config({
         "num-devices": devices, "num-server-rounds": rounds + 1, "clients-per-round": 0, "sample-rate": q,
         "noise-multiplier": 0.8, "suffstats-noise-multiplier": 2.0, "aligner": "nessa", "eval-every": 10**6,
-        "min-arrivals": 50, "secagg-quantization-range": quantization_range(devices), "fleet-numerics": numerics, "run-dir": run_dir,
-        "eval-speakers": 20, "validation-speakers": 0})
+        "min-arrivals": 50, "secagg-quantization-range": quantization_range(devices), "fleet-numerics": numerics,
+        "run-dir": run_dir, "eval-speakers": 20, "validation-speakers": 0})
 
 
 def time_fleet(devices: int, q: float, rounds: int, numerics: str, device: str) -> dict[str, Any]:
