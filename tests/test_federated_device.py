@@ -66,6 +66,11 @@ def _shards(k: int = 4, n: int = 30, dx: int = 5, dy: int = 4, seed: int = 0) ->
     return out
 
 
+def _model(cfg: FederationConfig) -> np.ndarray:
+    """The global model vector every test device (d_x 5, d_y 4) receives."""
+    return ServerModel(cfg, 5, 4, "X", "Y").vector()
+
+
 def _ledger(folder: Path, device_id: str = "d", policy: DevicePolicy = POLICY) -> DeviceLedger:
     return DeviceLedger.open(folder, device_id, policy=policy)
 
@@ -121,7 +126,7 @@ def test_non_dp_statistics_are_the_exact_vector(tmp_path: Path) -> None:
     cfg = Cfg(dp_mode=DPMode.NONE)
     s = _shards(1)[0]
     ledger = _ledger(tmp_path, policy=NON_DP)
-    out = client_round(req(Phase.SUFFSTATS), s, np.zeros(1, np.float32), cfg, ledger, NON_DP)
+    out = client_round(req(Phase.SUFFSTATS), s, _model(cfg), cfg, ledger, NON_DP)
     assert out.status == ReplyStatus.OK
     np.testing.assert_array_equal(out.vector, suffstats_vector(s).astype(np.float32))
     assert ledger.events() == [] and out.metrics["epsilon_spent"] == 0.0
@@ -140,12 +145,20 @@ def test_device_declines_over_budget(tmp_path: Path) -> None:
     assert plan_round(req(), s, cfg, ledger, policy).status == ReplyStatus.DECLINED
 
 
-def test_failure_is_still_recorded(tmp_path: Path) -> None:
+def test_failure_is_still_recorded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mechanism that fails after its reservation is closed as failed, and still counted."""
+    import fed_nessa.federated.device as device
+
     cfg = Cfg(dp_mode=DPMode.LOCAL, linear_start=LinearStart.NONE)
     s = _shards(1)[0]
     ledger = _ledger(tmp_path)
-    with pytest.raises(ValueError, match="global model vector"):
-        client_round(req(), s, np.zeros(3, np.float32), cfg, ledger, POLICY)
+
+    def broken(*args: object, **kwargs: object) -> np.ndarray:
+        raise ValueError("the mechanism failed mid-round")
+
+    monkeypatch.setattr(device, "_compute", broken)
+    with pytest.raises(ValueError, match="mechanism failed"):
+        client_round(req(), s, _model(cfg), cfg, ledger, POLICY)
     assert len(ledger.events()) == 1 and not ledger.pending()  # spent conservatively, closed as failed
     assert ledger.entries()[-1]["payload"]["status"] == "failed"
 
@@ -252,7 +265,7 @@ def test_participation_and_payload_limits_of_the_policy(tmp_path: Path) -> None:
     s = _shards(1, n=30)[0]
     once = replace(POLICY, max_participations=1)
     ledger = _ledger(tmp_path / "a", policy=once)
-    assert client_round(req(Phase.SUFFSTATS), s, np.zeros(1), cfg, ledger, once).status == ReplyStatus.OK
+    assert client_round(req(Phase.SUFFSTATS), s, _model(cfg), cfg, ledger, once).status == ReplyStatus.OK
     out = plan_round(req(round_num=2), s, cfg, ledger, once)
     assert out.status == ReplyStatus.DECLINED and "policy's limit is 1" in str(out.metrics["reason"])
     small = replace(POLICY, max_pairs_per_payload=29)
@@ -327,14 +340,24 @@ def test_a_larger_promise_from_the_server_does_not_shrink_the_share(tmp_path: Pa
     cfg = Cfg(suffstats_noise_multiplier=2.0)
     s = _shards(1, n=30, dx=16, dy=16)[0]
     clean = suffstats_vector(s)
+    model16 = ServerModel(cfg, 16, 16, "X", "Y").vector()
     noise = np.concatenate([
-        client_round(req(Phase.SUFFSTATS, promised=1000), s, np.zeros(1), cfg, _ledger(tmp_path / f"d{i}"),
+        client_round(req(Phase.SUFFSTATS, promised=1000), s, model16, cfg, _ledger(tmp_path / f"d{i}"),
                      POLICY).vector.astype(np.float64) - clean for i in range(4)])
     assert noise.size > 1000
     assert abs(float(np.std(noise)) - 2.0 / math.sqrt(4)) < 0.05  # 1.0; the server's g would give 0.06
-    out = client_round(req(Phase.SUFFSTATS, promised=1000), s, np.zeros(1), cfg, _ledger(tmp_path / "m"), POLICY)
+    out = client_round(req(Phase.SUFFSTATS, promised=1000), s, model16, cfg, _ledger(tmp_path / "m"), POLICY)
     assert out.metrics["noise_arrivals"] == 4  # what the server's solve is told
     # DP-SGD: the same, through the clipped-gradient sum
     dp = _dpsgd_noise(tmp_path / "sgd", Cfg(linear_start=LinearStart.NONE, noise_multiplier=2.0, clip_norm=0.5),
                       POLICY, promised=1000)
     assert abs(float(np.std(dp)) - 2.0 * 0.5 / math.sqrt(4)) < 0.1
+
+
+def test_a_shard_that_does_not_fit_the_servers_model_declines_before_spending(tmp_path: Path) -> None:
+    """A device whose shard dims do not match the global model declines before its ledger reserves anything."""
+    cfg = Cfg()
+    ledger = _ledger(tmp_path / "dev")
+    out = client_round(req(Phase.SUFFSTATS), _shards(1)[0], np.zeros(7, np.float32), cfg, ledger, POLICY)
+    assert out.status == ReplyStatus.DECLINED and "server's model has 7 values" in str(out.metrics["reason"])
+    assert ledger.events() == []

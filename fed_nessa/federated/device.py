@@ -159,6 +159,11 @@ def client_round(req: RoundRequest, shard: Shard, global_vector: np.ndarray, cfg
     plan = plan_round(req, shard, cfg, ledger, policy)
     if plan.status != ReplyStatus.OK:
         return plan
+    expected = sum(p.numel() for p in build_net(cfg, shard.d_x, shard.d_y).parameters())
+    if np.asarray(global_vector).size != expected:  # checked before anything is reserved or spent
+        return ClientOutcome(ReplyStatus.DECLINED, None, {
+            "reason": f"declined: the server's model has {np.asarray(global_vector).size} values, a model for this "
+                      f"device's shard (d_x {shard.d_x}, d_y {shard.d_y}) has {expected}"})
     event = planned_event(req, shard.n, cfg, policy)
     seq = ledger.reserve(event) if event is not None else None
     noise = noise_source(cfg.reproducible_noise, cfg.seed, "device", ledger.device_id, req.round)
