@@ -16,9 +16,12 @@ Two messages per round, both answered from the device's own shard and ledger:
   with a CONSTANT weight (never ``num_examples``). The mod masks and
   quantizes it; only masked integers leave the device.
 
-What leaves a device beyond the masked vector: the plan's status/reason and
-the metric keys in :data:`REPLY_METRIC_KEYS` (privacy spend, a decline
-reason). Any other metric the round logic returns is dropped here, so a new
+What leaves a device beyond the masked vector: the plan's status/reason, its
+ledger's public-key fingerprint (pinned by the server) and the metric keys in
+:data:`REPLY_METRIC_KEYS` (privacy spend, a decline reason). A round whose server
+key fingerprint differs from the one the device pinned is declined; the device
+signs the SHA-256 of the model and round config it received into its ledger.
+Any other metric the round logic returns is dropped here, so a new
 metric cannot leak data sizes or losses by accident.
 
 A bad shard, a missing ledger folder or a decline discovered at training time
@@ -47,14 +50,17 @@ from fed_nessa.federated.device import RoundRequest
 from fed_nessa.federated.protocol import (
     DEVICE_ID_REPLY_KEY,
     FLEET_SIZE_KEY,
+    KEY_FINGERPRINT_REPLY_KEY,
     PHASE_KEY,
     PLAN_RECORD,
     PROMISED_ARRIVALS_KEY,
     REPLY_METRIC_KEYS,
     ROUND_KEY,
+    SERVER_KEY_FINGERPRINT_KEY,
     STATUS_KEY,
     locate,
 )
+from fed_nessa.privacy.ledger import config_sha256
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +74,16 @@ def _config(context: Context) -> FederationConfig:
 
 
 def _request(config: Mapping[str, Any]) -> RoundRequest:
-    """The round's request from a plan or fit config (a missing key is a protocol error)."""
+    """The round's request from a plan or fit config (a missing key is a protocol error).
+
+    It carries the server's key fingerprint (the device pins it) and the SHA-256 of the whole
+    config as received (signed into the round's reserve entry with the model's hash).
+    """
+    fp = config.get(SERVER_KEY_FINGERPRINT_KEY)
     return RoundRequest(Phase(str(config[PHASE_KEY])), int(cast(int, config[ROUND_KEY])),
-                        int(cast(int, config[PROMISED_ARRIVALS_KEY])), int(cast(int, config[FLEET_SIZE_KEY])))
+                        int(cast(int, config[PROMISED_ARRIVALS_KEY])), int(cast(int, config[FLEET_SIZE_KEY])),
+                        server_key_fingerprint=None if fp is None else str(fp),
+                        config_sha256=config_sha256(dict(config)))
 
 
 def _safe_metrics(metrics: Mapping[str, Any]) -> dict[str, bool | bytes | float | int | str]:
@@ -106,7 +119,7 @@ def build_client_app(runtime: DeviceRuntime | None = None) -> ClientApp:
         paths = locate(node_config, cfg)
         policy = policy_from_node_config(node_config)  # the device's own; its ledger header wins
         shard = rt().load_shard(paths.shard)
-        ledger = rt().open_ledger(paths.state_dir, paths.device_id, policy)
+        ledger = rt().open_ledger(paths.state_dir, paths.device_id, policy, paths.key_dir)
         return paths, shard, ledger, policy
 
     @app.query()
@@ -118,6 +131,9 @@ def build_client_app(runtime: DeviceRuntime | None = None) -> ClientApp:
         # The device id is a stable pseudonym (the shard's name) for the federation ledger.
         reply = {STATUS_KEY: str(outcome.status), DEVICE_ID_REPLY_KEY: paths.device_id,
                  **_safe_metrics(outcome.metrics)}
+        fingerprint = getattr(ledger, "key_fingerprint", None)
+        if isinstance(fingerprint, str):  # the server pins it at first sight
+            reply[KEY_FINGERPRINT_REPLY_KEY] = fingerprint
         return Message(RecordDict({PLAN_RECORD: ConfigRecord(reply)}), reply_to=msg)
 
     @app.train()

@@ -22,7 +22,8 @@ class DeviceRuntime:
 
     plan_round: Callable[..., Any]
     client_round: Callable[..., Any]
-    open_ledger: Callable[[Path, str, DevicePolicy], Any]
+    #: (ledger folder, device id, policy, private-key folder or None for beside the ledger)
+    open_ledger: Callable[[Path, str, DevicePolicy, Path | None], Any]
     load_shard: Callable[[Path], Shard] = load_shard
 
 
@@ -31,8 +32,8 @@ def default_runtime() -> DeviceRuntime:
     from fed_nessa.federated import device
     from fed_nessa.privacy.ledger import DeviceLedger
 
-    def open_ledger(folder: Path, device_id: str, policy: DevicePolicy) -> DeviceLedger:
+    def open_ledger(folder: Path, device_id: str, policy: DevicePolicy, key_dir: Path | None = None) -> DeviceLedger:
         folder.mkdir(parents=True, exist_ok=True)
-        return DeviceLedger.open(folder, device_id, policy=policy)
+        return DeviceLedger.open(folder, device_id, policy=policy, key_folder=key_dir)
 
     return DeviceRuntime(plan_round=device.plan_round, client_round=device.client_round, open_ledger=open_ledger)

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.app.typing import ConfigRecordValues as ConfigRecordValue
 from flwr.serverapp.grid import Grid
@@ -44,23 +45,22 @@ from fed_nessa.federated.cohort import sample_positions
 from fed_nessa.federated.noise_plan import NoisePlan, noise_plan
 from fed_nessa.federated.protocol import (
     DEVICE_ID_REPLY_KEY,
-    FLEET_SIZE_KEY,
-    PHASE_KEY,
+    KEY_FINGERPRINT_REPLY_KEY,
     PLAN_RECORD,
-    PROMISED_ARRIVALS_KEY,
     ROUND_KEY,
     STATUS_KEY,
     shard_folder,
 )
+from fed_nessa.federated.protocol import round_config as _round_config
 from fed_nessa.federated.release import may_start, promised_arrivals
 from fed_nessa.federated.server_model import ServerModel
+from fed_nessa.privacy.ledger import config_sha256, model_sha256, server_key_folder
 from server.checkpoint import Checkpoint, check_resumable, latest_checkpoint, save_checkpoint
 from server.secagg_round import secure_sum
 
 log = logging.getLogger(__name__)
 ALIGNER_DIR = "aligner"
 LEDGER_FILE = "federation-ledger.jsonl"
-KEYS_DIR = "keys"
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -77,6 +77,7 @@ class Plan:
     device_ids: dict[int, str]
     epsilons: dict[int, float]
     reasons: dict[int, str] = field(default_factory=dict)
+    fingerprints: dict[int, str] = field(default_factory=dict)  # node -> its ledger key fingerprint
 
 
 def sample_cohort(node_ids: list[int], cfg: FederationConfig, round_num: int, phase: str = "") -> list[int]:
@@ -86,9 +87,11 @@ def sample_cohort(node_ids: list[int], cfg: FederationConfig, round_num: int, ph
     return sorted(nodes[i] for i in sample_positions(len(nodes), cfg, round_num, phase))
 
 
-def round_config(phase: Phase, round_num: int, promised: int, fleet: int) -> dict[str, ConfigRecordValue]:
-    """What every device of a round is told (plan and fit config alike)."""
-    return {PHASE_KEY: str(phase), ROUND_KEY: round_num, PROMISED_ARRIVALS_KEY: promised, FLEET_SIZE_KEY: fleet}
+def round_config(phase: Phase, round_num: int, promised: int, fleet: int,
+                 server_key_fingerprint: str | None = None) -> dict[str, ConfigRecordValue]:
+    """What every device of a round is told (plan and fit config alike), with the server's key fingerprint."""
+    return cast(dict[str, ConfigRecordValue],
+                _round_config(str(phase), round_num, promised, fleet, server_key_fingerprint))
 
 
 def plan_round(grid: Grid, cfg: FederationConfig, cohort: list[int],
@@ -107,6 +110,8 @@ def plan_round(grid: Grid, cfg: FederationConfig, cohort: list[int],
             continue
         rec = reply.content.config_records[PLAN_RECORD]
         plan.device_ids[nid] = str(rec.get(DEVICE_ID_REPLY_KEY, nid))
+        if isinstance(rec.get(KEY_FINGERPRINT_REPLY_KEY), str):
+            plan.fingerprints[nid] = str(rec[KEY_FINGERPRINT_REPLY_KEY])
         if "epsilon_spent" in rec:
             plan.epsilons[nid] = float(cast(float, rec["epsilon_spent"]))
         if rec.get(STATUS_KEY) == ReplyStatus.OK:
@@ -134,6 +139,7 @@ class Federation:
         self.device_epsilon: dict[str, float] = {}
         self.saturated_total = 0
         self.plan: NoisePlan | None = None
+        self.pins: dict[str, str] = {}  # device id -> ledger key fingerprint pinned at first sight
 
     # -- evaluation ---------------------------------------------------------------------
     def evaluate(self, aligners: dict[str, Any] | None = None) -> Any:
@@ -169,7 +175,9 @@ class Federation:
     def run(self) -> dict[str, Any]:
         from fed_nessa.privacy.ledger import FederationLedger
 
-        ledger = FederationLedger.open(self.run_dir / LEDGER_FILE, self.run_dir / KEYS_DIR)
+        # The private key lives in the run's key store (deployment: beside the run folder), never in it.
+        ledger = FederationLedger.open(self.run_dir / LEDGER_FILE, server_key_folder(self.run_dir))
+        self.pins = ledger.pinned_devices()
         self.plan = noise_plan(self.cfg, len(list(self.grid.get_node_ids())))
         log.info(self.plan.reason)
         phases = self.model.phases(self.plan.aligner)
@@ -192,16 +200,24 @@ class Federation:
             raise NotEnoughDevices(f"round {r}: {len(nodes)} node(s) connected; SecAgg+ needs at least 3")
         cohort = sample_cohort(nodes, cfg, r, phase)
         promised = promised_arrivals(cfg, len(cohort))
-        request = round_config(phase, r, promised, len(nodes))
+        server_fp = getattr(ledger, "key_fingerprint", None)
+        request = round_config(phase, r, promised, len(nodes), server_fp if isinstance(server_fp, str) else None)
         noise = noise_plan(cfg, len(nodes))
         plan = plan_round(self.grid, cfg, cohort, request)
+        new_pins, mismatched = self._pin(plan)
+        sent: dict[str, str] = {}
         status, arrived, failed = RoundStatus.SKIPPED, [], list(plan.failed)
         saturated, note = 0, may_start(len(plan.accepted), promised).reason
         round_eps: dict[str, float] = {}
         if may_start(len(plan.accepted), promised).release:
             codec = make_codec(self.model.payload_bound(phase, noise), cfg.secagg_clipping_range,
                                cfg.secagg_quantization_range, len(plan.accepted))
-            res = secure_sum(self.grid, self.context, cfg, r, plan.accepted, self.model.vector(),
+            vector = np.asarray(self.model.vector(), np.float32).reshape(-1)
+            # What every device of the round is sent, hashed for the federation ledger; each device
+            # signs the hashes of what it received, and the audit proves they all match.
+            sent = {"model_sha256": model_sha256(vector),
+                    "config_sha256": config_sha256({**request, **codec.to_config()})}
+            res = secure_sum(self.grid, self.context, cfg, r, plan.accepted, vector,
                              request, codec, min_release=promised)
             arrived = res.arrived
             failed += [n for n in plan.accepted if n not in set(arrived)]
@@ -236,7 +252,9 @@ class Federation:
                             [ids.get(n, str(n)) for n in failed],
                             {"phase": str(phase), "status": str(status), "saturated": saturated,
                              "guaranteed_arrivals": promised, "note": note,
-                             "decline_reasons": dict(Counter(plan.reasons.values()))})
+                             "decline_reasons": dict(Counter(plan.reasons.values())),
+                             **sent, "device_key_fingerprints": new_pins,
+                             **({"key_mismatch": mismatched} if mismatched else {})})
         eps_all = list(self.device_epsilon.values()) or [0.0]
         return {
             "round": r, "phase": str(phase), "status": str(status), "note": note,
@@ -246,6 +264,26 @@ class Federation:
             "saturated": saturated, "epsilon_max": max(eps_all), "epsilon_median": statistics.median(eps_all),
             "seconds": time.perf_counter() - t0, "device_epsilon": round_eps,
         }
+
+    def _pin(self, plan: Plan) -> tuple[dict[str, str], dict[str, str]]:
+        """Pin each device's key fingerprint at first sight; refuse (as failed) a device whose key changed.
+
+        Returns the new pins (recorded in this round's ledger entry) and the mismatches.
+        """
+        new, mismatched = {}, {}
+        for nid, fp in plan.fingerprints.items():
+            dev = plan.device_ids.get(nid, str(nid))
+            known = self.pins.get(dev)
+            if known is None:
+                self.pins[dev] = new[dev] = fp
+            elif known != fp:
+                mismatched[dev] = fp
+                log.warning("device %s answers with key %s, pinned %s: refused this round", dev, fp[:16], known[:16])
+                for group in (plan.accepted, plan.declined):
+                    if nid in group:
+                        group.remove(nid)
+                plan.failed.append(nid)
+        return new, mismatched
 
     # -- outputs ------------------------------------------------------------------------
     def _device_ledgers(self) -> tuple[dict[str, float], dict[str, str]]:

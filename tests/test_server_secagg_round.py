@@ -55,7 +55,8 @@ class StandInRounds:
         return Outcome("ok", v, {"epsilon_spent": 0.5, "n": shard.n})  # "n" must be dropped by the client
 
     def runtime(self) -> DeviceRuntime:
-        return DeviceRuntime(self.plan_round, self.client_round, open_ledger=lambda folder, dev, policy: dev)
+        return DeviceRuntime(self.plan_round, self.client_round,
+                             open_ledger=lambda folder, dev, policy, key_dir=None: dev)
 
 
 def write_devices(folder: Path, count: int, seed: int = 0) -> list[Path]:

@@ -306,7 +306,9 @@ def generate_population(
     # utterance (several times the embeddings' size), so 10^4-10^5 devices would not fit at once.
     # Each device has its own stream and embedding is row-wise, so the result does not depend on it.
     parts: dict[str, list[np.ndarray]] = {name: [] for name in w.models}
-    rows_parts, count_parts, speakers_per = [], [], []
+    rows_parts: list[np.ndarray] = []
+    count_parts: list[np.ndarray] = []
+    speakers_per: list[int] = []
     block: list[_Draws] = []
 
     def flush() -> None:

@@ -39,7 +39,7 @@ from fed_nessa.federated.layout import build_net, flat, load_flat, trainable
 from fed_nessa.federated.noise_plan import noise_plan
 from fed_nessa.model.training import DPConfig, TrainConfig, dp_sample_rate, dp_steps, noisy_gradient_sum, train_local
 from fed_nessa.privacy.events import DISTRIBUTED, DP_SGD, GAUSSIAN_SUM, LOCAL, DPEvent
-from fed_nessa.privacy.ledger import DeviceLedger
+from fed_nessa.privacy.ledger import DeviceLedger, model_sha256
 from fed_nessa.privacy.noise import REPRODUCIBLE_WARNING, NoiseSource, noise_source
 
 #: L2 sensitivity of the sufficient-statistics vector to one pair.
@@ -54,6 +54,10 @@ class RoundRequest:
     round: int
     promised_arrivals: int
     fleet_size: int  # devices in the federation (public; scales q and the calibrated sigmas)
+    #: The server's federation-ledger key fingerprint, as the round config states it (pinned by the device).
+    server_key_fingerprint: str | None = None
+    #: SHA-256 of the whole round config as received (:func:`fed_nessa.privacy.ledger.config_sha256`).
+    config_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,21 @@ def policy_refusal(req: RoundRequest, n: int, cfg: FederationConfig, policy: Dev
     return None
 
 
+def server_pin_refusal(req: RoundRequest, ledger: DeviceLedger) -> str | None:
+    """Why the server's key is not the one this device pinned (None when it is, or nothing is pinned yet)."""
+    pinned = getattr(ledger, "pinned_server_fingerprint", None)
+    if pinned and req.server_key_fingerprint != pinned:
+        return (f"declined: the server's key fingerprint {str(req.server_key_fingerprint)[:16]} is not the "
+                f"{pinned[:16]} this device pinned in its ledger (a different or re-keyed server)")
+    return None
+
+
+def received_record(req: RoundRequest, global_vector: np.ndarray) -> dict[str, object]:
+    """What the device signs into the round's reserve entry: the model and config it received."""
+    return {"round": req.round, "model_sha256": model_sha256(global_vector), "config_sha256": req.config_sha256,
+            "server_key_fingerprint": req.server_key_fingerprint}
+
+
 def _policy_of(ledger: DeviceLedger, fallback: DevicePolicy) -> DevicePolicy:
     """The policy in force: the ledger header's (restored on every reopen) wins."""
     return ledger.policy or fallback
@@ -137,7 +156,7 @@ def plan_round(req: RoundRequest, shard: Shard, cfg: FederationConfig, ledger: D
                policy: DevicePolicy) -> ClientOutcome:
     """Policy and budget check only: would this round stay within what the device allows?"""
     policy = _policy_of(ledger, policy)
-    refusal = policy_refusal(req, shard.n, cfg, policy, ledger)
+    refusal = server_pin_refusal(req, ledger) or policy_refusal(req, shard.n, cfg, policy, ledger)
     if refusal is not None:
         return ClientOutcome(ReplyStatus.DECLINED, None, {"reason": refusal})
     event = planned_event(req, shard.n, cfg, policy)
@@ -165,7 +184,7 @@ def client_round(req: RoundRequest, shard: Shard, global_vector: np.ndarray, cfg
             "reason": f"declined: the server's model has {np.asarray(global_vector).size} values, a model for this "
                       f"device's shard (d_x {shard.d_x}, d_y {shard.d_y}) has {expected}"})
     event = planned_event(req, shard.n, cfg, policy)
-    seq = ledger.reserve(event) if event is not None else None
+    seq = ledger.reserve(event, received_record(req, global_vector)) if event is not None else None
     noise = noise_source(cfg.reproducible_noise, cfg.seed, "device", ledger.device_id, req.round)
     try:
         vector = _compute(req, shard, global_vector, cfg, policy, noise)

@@ -29,6 +29,7 @@ from flwr.common.constant import PARTITION_ID_KEY as PARTITION_ID_KEY
 
 from fed_nessa.config import BUILTIN_DATA_SOURCES, FederationConfig
 from fed_nessa.data.shards import SHARD_SUFFIX, ShardError, shard_paths
+from fed_nessa.privacy.ledger import device_key_folder
 
 PLAN_RECORD = "plan"
 PHASE_KEY = "phase"
@@ -37,9 +38,16 @@ PROMISED_ARRIVALS_KEY = "guaranteed-arrivals"
 FLEET_SIZE_KEY = "fleet-size"
 STATUS_KEY = "status"
 DEVICE_ID_REPLY_KEY = "device_id"
+#: The server's federation-ledger key fingerprint, in every round config: a device pins the first
+#: one it records and declines a round whose fingerprint differs.
+SERVER_KEY_FINGERPRINT_KEY = "server-key-fingerprint"
+#: The device's ledger key fingerprint, in its plan reply: the server pins it at first sight.
+KEY_FINGERPRINT_REPLY_KEY = "key_fingerprint"
 #: The only metrics a device's reply may carry (anything else is dropped on the device).
-#: ``noise_arrivals`` is the g the device sized its noise share for (its policy's, public).
-REPLY_METRIC_KEYS = frozenset({"epsilon_spent", "epsilon_if_run", "reason", "noise_arrivals"})
+#: ``noise_arrivals`` is the g the device sized its noise share for (its policy's, public);
+#: ``key_fingerprint`` is its ledger's public-key fingerprint (public).
+REPLY_METRIC_KEYS = frozenset({"epsilon_spent", "epsilon_if_run", "reason", "noise_arrivals",
+                               KEY_FINGERPRINT_REPLY_KEY})
 
 SHARD_PATH_KEY = "shard-path"
 STATE_DIR_KEY = "state-dir"
@@ -48,13 +56,28 @@ SHARDS_DIR = "shards"
 DEVICES_DIR = "devices"
 
 
+def round_config(phase: str, round_num: int, promised: int, fleet: int,
+                 server_key_fingerprint: str | None = None) -> dict[str, Any]:
+    """What every device of a round is told (plan and fit config alike; the fit config adds the codec)."""
+    config: dict[str, Any] = {PHASE_KEY: str(phase), ROUND_KEY: round_num, PROMISED_ARRIVALS_KEY: promised,
+                              FLEET_SIZE_KEY: fleet}
+    if server_key_fingerprint is not None:
+        config[SERVER_KEY_FINGERPRINT_KEY] = server_key_fingerprint
+    return config
+
+
 @dataclass(frozen=True)
 class DevicePaths:
-    """The files of one device: its shard, its ledger folder, and its stable id."""
+    """The files of one device: its shard, its ledger folder, its stable id and its private-key folder.
+
+    ``key_dir`` is the state dir in deployment (the node's own data folder) and the run's key
+    store in simulation (:func:`fed_nessa.privacy.ledger.device_key_folder`): never the run folder.
+    """
 
     device_id: str
     shard: Path
     state_dir: Path
+    key_dir: Path | None = None
 
 
 def shard_folder(cfg: FederationConfig) -> Path:
@@ -101,14 +124,15 @@ def locate(node_config: dict[str, Any], cfg: FederationConfig) -> DevicePaths:
     Deployment: ``shard-path`` (a shard file, or a folder holding exactly one) and
     ``state-dir`` (the folder that keeps the ledger across restarts). Simulation: only
     ``partition-id``: the device is that shard of the run's shard folder and its ledger
-    lives in ``<run-dir>/devices/<device_id>/``.
+    lives in ``<run-dir>/devices/<device_id>/``, its private key in the run's key store.
     """
     if SHARD_PATH_KEY in node_config:
         shard = _single_shard(Path(str(node_config[SHARD_PATH_KEY])))
         if STATE_DIR_KEY not in node_config:
             raise ValueError(f"node config has {SHARD_PATH_KEY!r} but no {STATE_DIR_KEY!r} for the privacy ledger")
         device_id = str(node_config.get(DEVICE_ID_KEY) or device_id_of(shard))
-        return DevicePaths(device_id, shard, Path(str(node_config[STATE_DIR_KEY])))
+        state_dir = Path(str(node_config[STATE_DIR_KEY]))
+        return DevicePaths(device_id, shard, state_dir, state_dir)
     if PARTITION_ID_KEY not in node_config:
         raise ValueError(f"node config has neither {SHARD_PATH_KEY!r} nor {PARTITION_ID_KEY!r}: no shard to train on")
     pid = int(node_config[PARTITION_ID_KEY])
@@ -116,4 +140,5 @@ def locate(node_config: dict[str, Any], cfg: FederationConfig) -> DevicePaths:
     if not 0 <= pid < len(shards):
         raise ShardError(shard_folder(cfg), f"no shard for partition {pid} ({len(shards)} shard(s) in the folder)")
     device_id = device_id_of(shards[pid])
-    return DevicePaths(device_id, shards[pid], Path(cfg.run_dir) / DEVICES_DIR / device_id)
+    return DevicePaths(device_id, shards[pid], Path(cfg.run_dir) / DEVICES_DIR / device_id,
+                       device_key_folder(cfg.run_dir, device_id))

@@ -20,12 +20,17 @@ entry per round.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-from collections.abc import Iterable
+import os
+import shutil
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from fed_nessa import __version__
 from fed_nessa.config import DevicePolicy
@@ -48,8 +53,83 @@ ROUND = "round"
 SPAN = "span"
 STATUSES = ("done", "failed")
 
+#: Environment variable naming the key store of a simulated run (default: ``<run-dir>.keys/`` beside it).
+KEY_STORE_ENV = "FED_NESSA_KEY_STORE"
+#: Inside a key store: the server's key folder, and one folder per device (``devices/<id>/``).
+SERVER_KEYS = "server"
+DEVICE_KEYS = "devices"
+#: The scheme of :func:`received_chain` (recorded with every chain, so the audit knows how to recompute it).
+CHAIN_SCHEME = "sha256-chain-v1"
+#: Where runs before the key store kept the server's private key (inside the run folder).
+LEGACY_KEYS_DIR = "keys"
+_CHAIN_GENESIS = hashlib.sha256(b"fed-nessa received-model chain v1").hexdigest()
+
 __all__ = ["DeviceLedger", "FederationLedger", "LedgerError", "BudgetDecision", "BudgetExceededError",
-           "dropped_by_round"]
+           "dropped_by_round", "key_store", "model_sha256", "config_sha256", "received_chain"]
+
+
+# ----------------------------------------------------------------------------- key store
+def key_store(run_dir: Path | str) -> Path:
+    """Where a simulated run keeps its PRIVATE signing keys: never inside the run folder.
+
+    ``$FED_NESSA_KEY_STORE`` if set (one store per run: it holds ``server/`` and
+    ``devices/<id>/``), else ``<run-dir>.keys/`` beside the run folder. The public keys
+    stay beside the ledgers, so a run folder carries what an auditor needs and nothing
+    that could re-sign it.
+    """
+    env = os.environ.get(KEY_STORE_ENV, "").strip()
+    run_dir = Path(run_dir)
+    return Path(env) if env else run_dir.parent / f"{run_dir.name}.keys"
+
+
+def device_key_folder(run_dir: Path | str, device_id: str) -> Path:
+    """A simulated device's private-key folder in its run's :func:`key_store`."""
+    return key_store(run_dir) / DEVICE_KEYS / device_id
+
+
+def server_key_folder(run_dir: Path | str) -> Path:
+    """The server's private-key folder in its run's :func:`key_store`."""
+    return key_store(run_dir) / SERVER_KEYS
+
+
+# ----------------------------------------------------------------------------- what a device received
+def model_sha256(vector: Any) -> str:
+    """SHA-256 of a global model vector as sent on the wire: flat little-endian float32 bytes."""
+    return hashlib.sha256(np.ascontiguousarray(np.asarray(vector, dtype="<f4").reshape(-1)).tobytes()).hexdigest()
+
+
+def config_sha256(config: Mapping[str, Any]) -> str:
+    """SHA-256 of a round config (flat ConfigRecord values) in canonical JSON; bytes as hex."""
+    plain = {str(k): (v.hex() if isinstance(v, bytes | bytearray) else v) for k, v in config.items()}
+    return signing.sha256_hex(signing.canonical_json(plain))
+
+
+def received_chain(links: Iterable[tuple[int, str, str]]) -> str:
+    """Hash chain over ``(round, model_sha256, config_sha256)`` in round order (scheme ``sha256-chain-v1``).
+
+    ``h_0 = sha256("fed-nessa received-model chain v1")``,
+    ``h_k = sha256(h_{k-1} ":" round ":" model ":" config)`` (hex strings, decimal round).
+    One 64-hex value proves which model and config a device received in every round of a
+    span; the auditor recomputes it from the server's per-round hashes.
+    """
+    h = _CHAIN_GENESIS
+    for r, model, config in links:
+        h = hashlib.sha256(f"{h}:{int(r)}:{model}:{config}".encode("ascii")).hexdigest()
+    return h
+
+
+def _device_key_path(folder: Path, device_id: str, key_folder: Path | None) -> Path:
+    """The private key's folder: ``key_folder``; else beside the ledger if a key is there (a legacy or
+    deployed layout); else the simulation's key store when ``folder`` is ``<run>/devices/<id>``."""
+    if key_folder is not None:
+        return Path(key_folder)
+    if (folder / DEVICE_KEY_NAME).exists():
+        return folder
+    if folder.parent.name == DEVICE_KEYS:
+        store = device_key_folder(folder.parent.parent, device_id)
+        if (store / DEVICE_KEY_NAME).exists():
+            return store
+    return folder
 
 
 @dataclass(frozen=True)
@@ -94,7 +174,7 @@ class DeviceLedger:
     @classmethod
     def open(cls, folder: Path, device_id: str, *, policy: DevicePolicy | None = None,
              epsilon_budget: float | None = None, delta: float | None = None,
-             budget_accountant: str = RDP) -> DeviceLedger:
+             budget_accountant: str = RDP, key_folder: Path | None = None) -> DeviceLedger:
         """Open (verify and continue) or create ``folder/privacy-ledger.jsonl``.
 
         ``policy`` (the device's own, from its node config) is written into the header of
@@ -102,6 +182,12 @@ class DeviceLedger:
         one passed in, so a raised budget in a later node config or run-config changes
         nothing. ``epsilon_budget``/``delta`` (no full policy: unit tests, tools) are
         written into a new header and must match an existing one.
+
+        ``key_folder`` holds the private key ``device-key.pem`` (a simulation's key store,
+        :func:`device_key_folder`); the public key is always written beside the ledger. A
+        legacy key found beside the ledger is moved into ``key_folder``. Without
+        ``key_folder`` the key is looked up beside the ledger, then in the simulation's key
+        store for ``<run>/devices/<id>`` folders.
         """
         if not isinstance(device_id, str) or not device_id.strip():
             raise ValueError(f"device_id must be a non-empty string, got {device_id!r}")
@@ -112,7 +198,12 @@ class DeviceLedger:
         budget = _budget_arg(epsilon_budget, delta, budget_accountant)
         path = folder / DEVICE_LEDGER_NAME
         new = not path.exists() or path.stat().st_size == 0
-        key = signing.load_or_create_private_key(folder / DEVICE_KEY_NAME, folder / DEVICE_PUB_NAME,
+        key_dir = _device_key_path(folder, device_id, key_folder)
+        if key_dir != folder and (folder / DEVICE_KEY_NAME).exists() and not (key_dir / DEVICE_KEY_NAME).exists():
+            key_dir.mkdir(parents=True, exist_ok=True)  # a private key never stays in a run folder
+            shutil.move(str(folder / DEVICE_KEY_NAME), str(key_dir / DEVICE_KEY_NAME))
+        key_dir.mkdir(parents=True, exist_ok=True)
+        key = signing.load_or_create_private_key(key_dir / DEVICE_KEY_NAME, folder / DEVICE_PUB_NAME,
                                                  create=new)
         header = {"role": "device", "device_id": device_id, "software": f"fed-nessa {__version__}",
                   "budget": budget.to_dict() if budget else None,
@@ -154,10 +245,23 @@ class DeviceLedger:
         """Rounds this device's reservations cover (each counts, whatever its status or drop-outs)."""
         return len(self.rounds())
 
-    def reserve(self, event: DPEvent) -> int:
+    @property
+    def pinned_server_fingerprint(self) -> str | None:
+        """The server key fingerprint this device pinned: the first one its reserve entries recorded."""
+        for e in self._chain.entries:
+            if e["kind"] == RESERVE:
+                fp = (e["payload"].get("received") or {}).get("server_key_fingerprint")
+                if fp:
+                    return str(fp)
+        return None
+
+    def reserve(self, event: DPEvent, received: Mapping[str, Any] | None = None) -> int:
         """Durably record ``event`` before it runs; returns its seq for :meth:`complete`.
 
         Refuses (``BudgetExceededError``) an event that would cross the known budget.
+        ``received``: what the server sent for this round, signed into the entry
+        (``round``, ``model_sha256``, ``config_sha256``, ``server_key_fingerprint``; see
+        docs/privacy.md); the first ``server_key_fingerprint`` recorded is the device's pin.
         """
         if not isinstance(event, DPEvent):
             raise TypeError(f"reserve() needs a DPEvent, got {type(event).__name__}")
@@ -168,16 +272,20 @@ class DeviceLedger:
                 raise BudgetExceededError(f"{self.path}: device {self.device_id}: {decision.reason}")
         payload = {"event": event.to_dict(),
                    "budget": self._budget.to_dict() if self._budget else None}
+        if received is not None:
+            payload["received"] = _plain_json(dict(received))
         return int(self._chain.append(RESERVE, payload)["seq"])
 
     def complete(self, seq: int, epsilon_after: float, status: str = "done",
-                 accountant: str = RDP) -> None:
+                 accountant: str = RDP, received: Mapping[str, Any] | None = None) -> None:
         """Close reservation ``seq``: the mechanism ran (``done``) or not (``failed``).
 
         ``epsilon_after`` is the device's epsilon over every event reserved so far
         (all reserve entries before this complete entry), at that event's delta,
         by ``accountant``, i.e. ``ledger.epsilon(delta, accountant)`` right now:
-        the auditor recomputes it.
+        the auditor recomputes it. ``received`` (spans): the :func:`received_chain` of the
+        models and configs received in the span's rounds, ``{"scheme", "rounds": [[first,
+        last], ...], "chain"}``: known only once the rounds ran, hence on the complete entry.
         """
         if status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
@@ -192,9 +300,11 @@ class DeviceLedger:
         if seq not in self.pending():
             raise ValueError(f"{self.path}: reservation seq {seq} is already completed")
         delta = float(entries[seq]["payload"]["event"]["delta"])
-        self._chain.append(COMPLETE, {"reserve_seq": seq, "status": status,
-                                      "epsilon_after": float(epsilon_after),
-                                      "accountant": accountant, "delta": delta})
+        payload: dict[str, Any] = {"reserve_seq": seq, "status": status, "epsilon_after": float(epsilon_after),
+                                   "accountant": accountant, "delta": delta}
+        if received is not None:
+            payload["received"] = _plain_json(dict(received))
+        self._chain.append(COMPLETE, payload)
 
     def entries(self) -> list[dict[str, Any]]:
         """The verified entries (copies are not made: treat as read-only)."""
@@ -250,12 +360,18 @@ class FederationLedger:
     def open(cls, path: Path, key_folder: Path) -> FederationLedger:
         """Open or create the ledger at ``path``, signed by ``key_folder/server-key.pem``.
 
+        ``key_folder`` must not be inside the run folder (:func:`server_key_folder`); a key
+        left by an older run in ``<run>/keys/`` is moved there.
+
         The public key is also written beside the ledger (``server-key.pub.pem``)
         so a run folder carries what an auditor needs.
         """
         path, key_folder = Path(path), Path(key_folder)
         path.parent.mkdir(parents=True, exist_ok=True)
         key_folder.mkdir(parents=True, exist_ok=True)
+        legacy = path.parent / LEGACY_KEYS_DIR / SERVER_KEY_NAME
+        if legacy.exists() and not (key_folder / SERVER_KEY_NAME).exists() and legacy.parent != key_folder:
+            shutil.move(str(legacy), str(key_folder / SERVER_KEY_NAME))  # out of the run folder
         new = not path.exists() or path.stat().st_size == 0
         key = signing.load_or_create_private_key(key_folder / SERVER_KEY_NAME,
                                                  key_folder / SERVER_PUB_NAME, create=new)
@@ -268,6 +384,20 @@ class FederationLedger:
     @property
     def path(self) -> Path:
         return self._chain.path
+
+    @property
+    def key_fingerprint(self) -> str:
+        """The fingerprint of the server's signing key (what devices pin)."""
+        return str(self._chain.header["key_fingerprint"])
+
+    def pinned_devices(self) -> dict[str, str]:
+        """Every device key fingerprint pinned so far (``extra.device_key_fingerprints``, first wins)."""
+        pins: dict[str, str] = {}
+        for e in self._chain.entries:
+            if e["kind"] in (ROUND, SPAN):
+                for dev, fp in ((e["payload"].get("extra") or {}).get("device_key_fingerprints") or {}).items():
+                    pins.setdefault(str(dev), str(fp))
+        return pins
 
     def record_round(self, round: int, joined: Iterable[str], declined: Iterable[str],
                      failed: Iterable[str], extra: dict[str, Any] | None = None) -> int:

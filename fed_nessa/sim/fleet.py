@@ -80,11 +80,20 @@ from fed_nessa.federated.cohort import sample_positions
 from fed_nessa.federated.device import RoundRequest, noise_std, planned_event, policy_refusal
 from fed_nessa.federated.layout import trainable
 from fed_nessa.federated.noise_plan import noise_plan
-from fed_nessa.federated.protocol import DEVICES_DIR
+from fed_nessa.federated.protocol import DEVICES_DIR, round_config
 from fed_nessa.federated.release import may_start, may_unmask, promised_arrivals
 from fed_nessa.federated.server_model import ServerModel, max_sampled
 from fed_nessa.privacy.events import DPEvent
-from fed_nessa.privacy.ledger import DeviceLedger, FederationLedger
+from fed_nessa.privacy.ledger import (
+    CHAIN_SCHEME,
+    DeviceLedger,
+    FederationLedger,
+    config_sha256,
+    device_key_folder,
+    model_sha256,
+    received_chain,
+    server_key_folder,
+)
 from fed_nessa.privacy.noise import NoiseSource, noise_source
 from fed_nessa.sim.ghost import clipped_gradient_sums
 
@@ -94,7 +103,6 @@ ENGINE = "fleet"
 MASKS_NOTE = ("SecAgg+'s pairwise and private masks are left out: they cancel exactly in the modular sum, so the "
               "released aggregate does not depend on them; key agreement, secret sharing and unmasking are not run")
 LEDGER_FILE = "federation-ledger.jsonl"
-KEYS_DIR = "keys"
 ALIGNER_DIR = "aligner"
 #: Examples per ghost-clipping batch (bounds memory; the sums are exact across batches).
 EXAMPLE_CHUNK = 65_536
@@ -173,6 +181,11 @@ class FleetEngine:
         self._sim_rng = np.random.default_rng([cfg.seed, 7])  # drop-outs only: not a privacy mechanism
         self.saturated_total = 0
         self._dropped: dict[int, list[int]] = {}
+        # Evidence (docs/privacy.md, "one model per round"): the server key devices pin, device key
+        # pins not yet written to the federation ledger, and (model, config) SHA-256 sent per round.
+        self._server_fp: str | None = None
+        self._pins: dict[str, str] = {}
+        self._sent: dict[int, tuple[str, str]] = {}
 
     # -- noise -----------------------------------------------------------------------------
     def _fleet_noise(self, round_num: int) -> NoiseSource:
@@ -195,15 +208,20 @@ class FleetEngine:
         for dev in self.fleet.ids:
             folder = self.run_dir / DEVICES_DIR / dev
             folder.mkdir(parents=True, exist_ok=True)
-            ledger = DeviceLedger.open(folder, dev, policy=self.policy)
+            ledger = DeviceLedger.open(folder, dev, policy=self.policy,
+                                       key_folder=device_key_folder(self.run_dir, dev))  # keys outside the run
             ledgers.append(ledger)
             policies.append(ledger.policy or self.policy)
         return DeviceBook(ledgers, policies)
 
     # -- the loop --------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        fed_ledger = FederationLedger.open(self.run_dir / LEDGER_FILE, self.run_dir / KEYS_DIR)
+        fed_ledger = FederationLedger.open(self.run_dir / LEDGER_FILE, server_key_folder(self.run_dir))
         book = self._open_ledgers()
+        self._server_fp = fed_ledger.key_fingerprint
+        pinned = fed_ledger.pinned_devices()
+        self._pins = {dev: led.key_fingerprint for dev, led in zip(self.fleet.ids, book.ledgers, strict=True)
+                      if dev not in pinned}
         phases = self.model.phases(self.plan.aligner)
         log.info(self.plan.reason)
         self.progress({"event": "start", "first_round": 1, "rounds": len(phases)})
@@ -230,6 +248,7 @@ class FleetEngine:
         cohort = sample_positions(len(fleet.ids), cfg, r, Phase.SUFFSTATS)
         promised = promised_arrivals(cfg, len(cohort))
         req = RoundRequest(Phase.SUFFSTATS, r, promised, len(fleet.ids))
+        received = self._send(Phase.SUFFSTATS, r, promised)
         accepted, declined, seqs = [], [], {}
         for i in cohort.tolist():
             ledger, policy = book.ledgers[i], book.policies[i]
@@ -243,7 +262,7 @@ class FleetEngine:
                 continue
             accepted.append(i)
             if event is not None:
-                seqs[i] = ledger.reserve(event)
+                seqs[i] = ledger.reserve(event, received)
         status, note, arrived = RoundStatus.SKIPPED, may_start(len(accepted), promised).reason, []
         if may_start(len(accepted), promised).release:
             arrived = self._dropouts(accepted)
@@ -269,7 +288,7 @@ class FleetEngine:
         dropped = sorted(set(accepted) - set(arrived))
         fed_ledger.record_round(r, [ids[i] for i in arrived], [ids[i] for i in declined], [ids[i] for i in dropped],
                                 {"phase": str(Phase.SUFFSTATS), "status": str(status), "note": note,
-                                 "guaranteed_arrivals": promised, "engine": ENGINE})
+                                 "guaranteed_arrivals": promised, "engine": ENGINE, **self._sent_extra([r])})
         return self._entry(r, Phase.SUFFSTATS, status, note, len(arrived), len(declined), len(dropped), book)
 
     def _dropouts(self, accepted: list[int]) -> list[int]:
@@ -378,7 +397,7 @@ class FleetEngine:
             span = DPEvent.from_dict({**one.to_dict(), "steps": k, "round": joined[0], "last_round": joined[-1],
                                       "note": f"{one.note}; span of {k} scheduled round(s) reserved at once "
                                               "(counted in full even if the device drops out)"})
-            book.span_seq[i] = ledger.reserve(span)
+            book.span_seq[i] = ledger.reserve(span, {"server_key_fingerprint": self._server_fp})
             book.span_rounds[i] = joined
 
     def _affordable(self, ledger: DeviceLedger, one: DPEvent, most: int) -> int:
@@ -399,6 +418,7 @@ class FleetEngine:
         cfg, fleet = self.cfg, self.fleet
         cohort = sample_positions(len(fleet.ids), cfg, r, Phase.DPSGD).tolist()
         promised = promised_arrivals(cfg, len(cohort))
+        self._send(Phase.DPSGD, r, promised)
         accepted = [i for i in cohort if r in book.span_rounds.get(i, ())]
         declined = len(cohort) - len(accepted)
         status, note = RoundStatus.SKIPPED, may_start(len(accepted), promised).reason
@@ -498,10 +518,34 @@ class FleetEngine:
         self.model.net.to("cpu")
         return vectors
 
+    # -- evidence: pins and what each round sent ------------------------------------------
+    def _send(self, phase: Phase, r: int, promised: int) -> dict[str, Any]:
+        """Hash the model and round config of round ``r`` (what every device of the round receives)."""
+        config = round_config(str(phase), r, promised, len(self.fleet.ids), self._server_fp)
+        self._sent[r] = (model_sha256(self.model.vector()), config_sha256(config))
+        return {"round": r, "model_sha256": self._sent[r][0], "config_sha256": self._sent[r][1],
+                "server_key_fingerprint": self._server_fp}
+
+    def _sent_extra(self, rounds: list[int]) -> dict[str, Any]:
+        """Federation-ledger evidence: per-round hashes (one round) or their chain (a span), plus new pins."""
+        pins, self._pins = self._pins, {}
+        if len(rounds) == 1:
+            model, config = self._sent[rounds[0]]
+            return {"model_sha256": model, "config_sha256": config, "device_key_fingerprints": pins}
+        return {"models": {str(r): list(self._sent[r]) for r in rounds}, "model_chain_scheme": CHAIN_SCHEME,
+                "model_chain": received_chain((r, *self._sent[r]) for r in rounds),
+                "device_key_fingerprints": pins}
+
     def _close_spans(self, book: DeviceBook, dp_rounds: list[int], fed_ledger: FederationLedger) -> None:
+        chains: dict[tuple[int, ...], dict[str, Any]] = {}  # devices on one schedule share one chain
         for i, seq in book.span_seq.items():
             ledger = book.ledgers[i]
-            ledger.complete(seq, float(ledger.epsilon(book.policies[i].delta)), status="done")
+            rounds = tuple(book.span_rounds[i])
+            if rounds not in chains:
+                chains[rounds] = {"scheme": CHAIN_SCHEME, "rounds": [[a, b] for a, b in _runs(rounds)],
+                                  "chain": received_chain((r, *self._sent[r]) for r in rounds)}
+            ledger.complete(seq, float(ledger.epsilon(book.policies[i].delta)), status="done",
+                            received=chains[rounds])
         ids = self.fleet.ids
         joined = sorted(book.span_rounds)
         dropped = {str(r): [ids[i] for i in devs] for r, devs in self._dropped.items() if devs}
@@ -520,7 +564,8 @@ class FleetEngine:
                 gone = {r: [d for d in devs if d in member_ids] for r, devs in dropped.items()
                         if first <= int(r) <= last}
                 fed_ledger.record_span(first, last, sorted(member_ids), refused if n == 0 else [], [],
-                                       {**extra, "dropped": {r: d for r, d in gone.items() if d}})
+                                       {**extra, "dropped": {r: d for r, d in gone.items() if d},
+                                        **self._sent_extra(list(range(first, last + 1)))})
             if not groups and refused:
                 fed_ledger.record_span(dp_rounds[0], dp_rounds[-1], [], refused, [], extra)
             return
@@ -528,7 +573,7 @@ class FleetEngine:
             in_round = [i for i in joined if r in book.span_rounds[i]]
             lost = set(self._dropped.get(r, []))
             fed_ledger.record_round(r, [ids[i] for i in in_round if i not in lost], [],
-                                    [ids[i] for i in sorted(lost)], {**extra, "dropped": {}})
+                                    [ids[i] for i in sorted(lost)], {**extra, "dropped": {}, **self._sent_extra([r])})
 
     # -- reporting -------------------------------------------------------------------------
     def _evaluate(self, aligners: dict[str, Any] | None = None) -> Any:
@@ -661,6 +706,17 @@ class FleetEngine:
                        "seconds_per_dpsgd_round_median": statistics.median(seconds) if seconds else None,
                        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
         }
+
+
+def _runs(rounds: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Sorted rounds as maximal runs of consecutive rounds ``(first, last)``."""
+    out: list[tuple[int, int]] = []
+    for r in rounds:
+        if out and r == out[-1][1] + 1:
+            out[-1] = (out[-1][0], r)
+        else:
+            out.append((r, r))
+    return out
 
 
 def run_fleet(cfg: FederationConfig, policy: DevicePolicy, *, device: str = "cpu",

@@ -107,6 +107,12 @@ class DeviceAudit:
     reserve_spans: list[tuple[int, int, int]] = field(default_factory=list)
     #: The union of ``reserve_spans``' rounds (set by the audit once parsing is done).
     covered: list[Interval] = field(default_factory=list)
+    #: round -> (model_sha256, config_sha256, reserve seq): what a single-round reserve says it received.
+    received: dict[int, tuple[str | None, str | None, int]] = field(default_factory=dict)
+    #: (reserve seq, rounds as intervals, chain, complete seq): a span's received-model chain.
+    chains: list[tuple[int, tuple[Interval, ...], str, int]] = field(default_factory=list)
+    #: server key fingerprint -> first seq recording it (the device's pin of the server).
+    server_pins: dict[str, int] = field(default_factory=dict)
 
     def cover(self) -> None:
         """Compute :attr:`covered` from :attr:`reserve_spans` (once, after parsing)."""
@@ -145,6 +151,8 @@ class AuditResult:
     statement: dict[str, Any]
     accountants: tuple[str, str]
     out_dir: str | None = None
+    #: What this audit could not check (e.g. a single ledger: no federation ledger, no pins).
+    not_checked: list[str] = field(default_factory=list)
     #: Accounting shared across devices (:meth:`EpsilonMemo.stats`) and the audit's wall time.
     performance: dict[str, Any] = field(default_factory=dict)
 
@@ -169,6 +177,7 @@ class AuditResult:
                              "secure_aggregation_does_not_hide": SECAGG_DOES_NOT_HIDE},
             "devices": [d.summary() for d in self.devices],
             "federation": self.federation,
+            "not_checked": self.not_checked,
             "findings": [asdict(f) for f in self.findings],
             "counts": {"devices": len(self.devices), "fail": len(self.failures),
                        "warn": sum(f.severity == WARN for f in self.findings)},

@@ -88,6 +88,8 @@ def _markdown(result: AuditResult, plots: list[str]) -> str:
         f"**Verdict: {'PASS' if result.passed else 'FAIL'}**: {len(result.devices)} device ledger(s), "
         f"{len(fails)} failed check(s), {len(warns)} warning(s).", "",
         f"Audited: `{result.path}`. Re-run: `fed-nessa audit {result.path}`.", "",
+        *([f"**Not checked** (scope of this audit): {'; '.join(result.not_checked)}.", ""]
+          if result.not_checked else []),
         "## What is claimed", "",
         f"- **Privacy unit**: {s.get('unit')}",
         f"- **Neighbouring relation**: {s.get('neighbouring_relation')}",

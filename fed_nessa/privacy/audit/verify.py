@@ -53,6 +53,7 @@ from fed_nessa.privacy.audit.report import write_report
 from fed_nessa.privacy.chain import HEADER, ChainRead, read_chain
 from fed_nessa.privacy.events import DPEvent, EventError
 from fed_nessa.privacy.ledger import (
+    CHAIN_SCHEME,
     COMPLETE,
     DEVICE_LEDGER_NAME,
     DEVICE_PUB_NAME,
@@ -63,6 +64,7 @@ from fed_nessa.privacy.ledger import (
     SPAN,
     STATUSES,
     dropped_by_round,
+    received_chain,
 )
 from fed_nessa.privacy.statement import privacy_statement
 
@@ -84,18 +86,25 @@ def audit(path: Path | str, out_dir: Path | str | None = None, accountants: tupl
     if len(accountants) != 2 or accountants[0] == accountants[1]:
         raise ValueError(f"give two different accountants, got {accountants!r}")
     device_paths, fed_path, summary = _discover(root)
-    if not device_paths and fed_path is None:
+    run_folder = _is_run_folder(root)
+    if not device_paths and fed_path is None and not run_folder:
         raise FileNotFoundError(f"{root}: no {DEVICE_LEDGER_NAME} or {FEDERATION_LEDGER_NAME} found")
     findings: list[Finding] = []
+    not_checked: list[str] = []
     started = time.perf_counter()
     claim = _summary_privacy(summary, findings)
+    if summary is not None:
+        _check_referenced_files(root, summary, findings)
     memo = EpsilonMemo()
     devices = [_audit_device(p, accountants, findings, memo) for p in device_paths]
     _check_unique_ids(devices, findings)
     federation = _audit_federation(fed_path, devices, findings) if fed_path else None
+    if fed_path is None:
+        not_checked += _without_federation_ledger(root, run_folder, findings)
     _check_claim(claim, devices, accountants, findings)
     statement = _statement(claim, devices)
-    result = AuditResult(str(root), devices, findings, federation, statement, (accountants[0], accountants[1]))
+    result = AuditResult(str(root), devices, findings, federation, statement, (accountants[0], accountants[1]),
+                         not_checked=not_checked)
     result.performance = {"accounting": memo.stats(), "check_seconds": round(time.perf_counter() - started, 3)}
     if write:
         target = Path(out_dir) if out_dir else (root if root.is_dir() else root.parent) / "audit"
@@ -123,6 +132,41 @@ def _discover(root: Path) -> tuple[list[Path], Path | None, dict[str, Any] | Non
         except (OSError, json.JSONDecodeError) as exc:
             raise ValueError(f"{summary_path}: not valid JSON ({exc})") from exc
     return devices, fed, summary
+
+
+def _is_run_folder(root: Path) -> bool:
+    """A run folder (as ``simulate`` writes it), not one ledger file or a folder of collected device ledgers."""
+    return root.is_dir() and ((root / "summary.json").exists() or (root / FEDERATION_LEDGER_NAME).exists()
+                              or (root / "devices").is_dir())
+
+
+def _without_federation_ledger(root: Path, run_folder: bool, findings: list[Finding]) -> list[str]:
+    """A run folder without its federation ledger FAILS; device ledgers alone say what cannot be checked."""
+    if run_folder:
+        findings.append(Finding(FAIL, "evidence.federation_ledger",
+                                f"{root}: the run folder has no {FEDERATION_LEDGER_NAME}: who joined which round, "
+                                "the pinned device keys, the models sent and every deleted device ledger or "
+                                "truncated round cannot be checked"))
+    limits = ["no federation ledger: participation (who joined which round), the server's pins of device keys, "
+              "the models and configs the server says it sent, and missing device ledgers are not checked",
+              "each device's pin of the server key is not compared with the server's key"]
+    if not run_folder:
+        findings.append(Finding(WARN, "scope.device_ledgers_only", "device ledger(s) audited alone: " + limits[0]))
+    return limits
+
+
+def _check_referenced_files(root: Path, summary: dict[str, Any], findings: list[Finding]) -> None:
+    """Every file the summary references (``privacy.device_ledgers``) must exist."""
+    if not root.is_dir():
+        return
+    refs = (summary.get("privacy") or {}).get("device_ledgers") if isinstance(summary.get("privacy"), dict) else None
+    if not isinstance(refs, dict):
+        return
+    for device_id, rel in sorted(refs.items()):
+        if not isinstance(rel, str) or not (root / rel).is_file():
+            findings.append(Finding(FAIL, "evidence.missing_file",
+                                    f"summary.json references {rel!r} for device {device_id}, which is missing",
+                                    str(device_id)))
 
 
 def _summary_privacy(summary: dict[str, Any] | None, findings: list[Finding]) -> dict[str, Any] | None:
@@ -194,6 +238,7 @@ def _parse_entries(read: ChainRead, dev: DeviceAudit, findings: list[Finding]):
             reserves.append((seq, ev, payload.get("budget")))
             reserve_seqs.add(seq)
             dev.reserve_spans.append((ev.round, ev.end_round, seq))
+            _parse_received(payload.get("received"), ev, seq, dev, findings)
         elif entry["kind"] == COMPLETE:
             target = payload.get("reserve_seq")
             if target not in reserve_seqs:
@@ -208,6 +253,7 @@ def _parse_entries(read: ChainRead, dev: DeviceAudit, findings: list[Finding]):
             else:
                 completed.add(target)
                 completes.append((seq, payload, len(reserves)))
+                _parse_chain(payload.get("received"), target, seq, dev, findings)
         else:
             findings.append(Finding(FAIL, "schema", f"unknown entry kind {entry['kind']!r}", dev.device_id, seq))
     dev.cover()
@@ -216,6 +262,39 @@ def _parse_entries(read: ChainRead, dev: DeviceAudit, findings: list[Finding]):
         findings.append(Finding(WARN, "pending", "reserved but never completed (crash or still running): "
                                                  "counted in full, conservatively", dev.device_id, seq))
     return reserves, completes
+
+
+def _parse_received(rec: Any, ev: DPEvent, seq: int, dev: DeviceAudit, findings: list[Finding]) -> None:
+    """A reserve's ``received`` block: the server key it pinned, and (one round) the model and config hashes."""
+    if rec is None:
+        return
+    if not isinstance(rec, dict):
+        findings.append(Finding(FAIL, "schema", "'received' must be an object", dev.device_id, seq))
+        return
+    fp = rec.get("server_key_fingerprint")
+    if isinstance(fp, str) and fp:
+        dev.server_pins.setdefault(fp, seq)
+    if "model_sha256" in rec:
+        if rec.get("round") != ev.round or ev.n_rounds != 1:
+            findings.append(Finding(FAIL, "schema", f"'received' names round {rec.get('round')!r}, the event "
+                                                    f"covers {ev.round}..{ev.end_round}", dev.device_id, seq))
+            return
+        dev.received[ev.round] = (rec.get("model_sha256"), rec.get("config_sha256"), seq)
+
+
+def _parse_chain(rec: Any, reserve_seq: int, seq: int, dev: DeviceAudit, findings: list[Finding]) -> None:
+    """A span's complete entry: ``received = {scheme, rounds: [[first, last], ...], chain}``."""
+    if rec is None:
+        return
+    ok = (isinstance(rec, dict) and rec.get("scheme") == CHAIN_SCHEME and isinstance(rec.get("chain"), str)
+          and isinstance(rec.get("rounds"), list)
+          and all(isinstance(iv, list) and len(iv) == 2 and all(isinstance(x, int) for x in iv) and iv[0] <= iv[1]
+                  for iv in rec["rounds"]))
+    if not ok:
+        findings.append(Finding(FAIL, "schema", f"'received' chain record is malformed (scheme {CHAIN_SCHEME} "
+                                                "with rounds [[first, last], ...] and a chain)", dev.device_id, seq))
+        return
+    dev.chains.append((reserve_seq, tuple((int(a), int(b)) for a, b in rec["rounds"]), str(rec["chain"]), seq))
 
 
 def _check_budget_records(header: dict[str, Any], reserves, dev: DeviceAudit, findings: list[Finding]) -> None:
@@ -355,6 +434,7 @@ def _audit_federation(path: Path, devices: list[DeviceAudit], findings: list[Fin
     # Rounds the server accounts for per device (joined, failed, or dropped out of a joined span):
     # reservations outside them were never recorded by the server.
     recorded: dict[str, list[Interval]] = defaultdict(list)
+    evidence = _Evidence(read)
     for rec in rounds:
         r = rec.get("round")
         if not isinstance(r, int):
@@ -375,6 +455,7 @@ def _audit_federation(path: Path, devices: list[DeviceAudit], findings: list[Fin
         for device_id in rec.get("joined", []) + rec.get("failed", []):
             recorded[device_id].append((r, r))
         _check_fingerprints(rec, f"round {r}", by_id, findings)
+        evidence.add_round(r, rec, findings)
     spans: list[dict[str, Any]] = []
     for seq, rec in span_entries:
         parsed = _parse_span(seq, rec, findings)
@@ -401,6 +482,7 @@ def _audit_federation(path: Path, devices: list[DeviceAudit], findings: list[Fin
         for device_id in rec["declined"]:
             _check_declined(by_id.get(device_id), device_id, first, last, findings)
         _check_fingerprints(rec, where, by_id, findings)
+        evidence.add_span(seq, first, last, rec, findings)
         spans.append({"seq": seq, "first_round": first, "last_round": last, "joined": len(rec["joined"]),
                       "declined": len(rec["declined"]), "failed": len(rec["failed"]),
                       "dropouts": sum(len(v) for v in dropped.values())})
@@ -412,10 +494,11 @@ def _audit_federation(path: Path, devices: list[DeviceAudit], findings: list[Fin
                                         f"reserved {format_rounds([(first, last)])} but the server did not record "
                                         "it as joined or failed (counted anyway)", dev.device_id,
                                         dev.first_seq_covering(first, last)))
-    if devices and not_audited:
-        findings.append(Finding(WARN, "federation.missing_ledgers",
-                                f"{len(not_audited)} device(s) joined rounds but no ledger was found for them: "
-                                f"{sorted(not_audited)[:10]}{' ...' if len(not_audited) > 10 else ''}"))
+    for device_id in sorted(not_audited):  # evidence deleted: a joined device's spend cannot be checked
+        findings.append(Finding(FAIL, "evidence.missing_ledger",
+                                f"the federation ledger records device {device_id} as joined, but no "
+                                f"{DEVICE_LEDGER_NAME} was found for it", device_id))
+    evidence.check(devices, findings)
     return {"path": str(path), "chain_ok": read.ok, "rounds": rounds, "spans": spans,
             "devices_without_ledger": sorted(not_audited)}
 
@@ -471,6 +554,153 @@ def _check_fingerprints(rec: dict[str, Any], where: str, by_id: dict[str, Device
             findings.append(Finding(FAIL, "federation.key",
                                     f"the server saw key {str(fp)[:16]} in {where}, the ledger is signed "
                                     f"by {str(dev.key_fingerprint)[:16]}", device_id))
+
+
+# ----------------------------------------------------------------------------- pins and models
+class _Evidence:
+    """The server's pins and per-round (model, config) hashes, checked against every device ledger.
+
+    One model per round, provably: every device signed the SHA-256 of the model and config it
+    received (a round's reserve entry, or a span's chain on its complete entry); the server
+    recorded what it sent. All participants of a round must hold the same hashes (``model.split``,
+    without trusting the server's record) and those the server recorded (``model.mismatch``,
+    ``config.mismatch``); a server sending one device another model (Pasquini et al., CCS 2022)
+    is named by round and device.
+    """
+
+    def __init__(self, read: ChainRead) -> None:
+        header = read.entries[0].get("payload", {}) if read.entries and read.entries[0].get("kind") == HEADER else {}
+        self.server_fp: str | None = header.get("key_fingerprint")
+        self.sent: dict[int, tuple[str, str]] = {}
+        self.pins: dict[str, str] = {}
+        self.joined_rounds: list[tuple[int, list[str]]] = []
+        self.joined_spans: list[tuple[int, int, int, list[str]]] = []
+
+    def _pins(self, rec: dict[str, Any], where: str, findings: list[Finding]) -> None:
+        for device_id, fp in ((rec.get("extra") or {}).get("device_key_fingerprints") or {}).items():
+            known = self.pins.setdefault(str(device_id), str(fp))
+            if known != fp:
+                findings.append(Finding(FAIL, "federation.key", f"{where} pins key {str(fp)[:16]}, an earlier entry "
+                                                                f"pinned {known[:16]}", str(device_id)))
+
+    def add_round(self, r: int, rec: dict[str, Any], findings: list[Finding]) -> None:
+        extra = rec.get("extra") or {}
+        self._pins(rec, f"round {r}", findings)
+        if isinstance(extra.get("model_sha256"), str):
+            self.sent[r] = (extra["model_sha256"], str(extra.get("config_sha256")))
+        self.joined_rounds.append((r, list(rec.get("joined", []))))
+
+    def add_span(self, seq: int, first: int, last: int, rec: dict[str, Any], findings: list[Finding]) -> None:
+        extra = rec.get("extra") or {}
+        self._pins(rec, f"span {first}..{last}", findings)
+        models = extra.get("models") or {}
+        if isinstance(models, dict):
+            for key, pair in models.items():
+                if str(key).isdigit() and isinstance(pair, list) and len(pair) == 2:
+                    self.sent[int(key)] = (str(pair[0]), str(pair[1]))
+        rounds = list(range(first, last + 1))
+        if extra.get("model_chain") is not None and all(r in self.sent for r in rounds):
+            if received_chain((r, *self.sent[r]) for r in rounds) != extra["model_chain"]:
+                findings.append(Finding(FAIL, "federation.model_chain",
+                                        f"span {first}..{last}: model_chain does not match its per-round hashes",
+                                        "server", seq))
+        self.joined_spans.append((seq, first, last, list(rec.get("joined", []))))
+
+    def check(self, devices: list[DeviceAudit], findings: list[Finding]) -> None:
+        by_id = {d.device_id: d for d in devices}
+        self._check_pins(devices, findings)
+        peers: dict[int, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+        for dev in devices:
+            for r, (model, config, seq) in sorted(dev.received.items()):
+                peers[r][str(model)].append(dev.device_id)
+                want = self.sent.get(r)
+                if want is None:
+                    continue
+                if model != want[0]:
+                    findings.append(Finding(FAIL, "model.mismatch",
+                                            f"round {r}: the device received model {str(model)[:16]}, the server "
+                                            f"recorded sending {want[0][:16]}", dev.device_id, seq))
+                elif config != want[1]:
+                    findings.append(Finding(FAIL, "config.mismatch",
+                                            f"round {r}: the device received round config {str(config)[:16]}, the "
+                                            f"server recorded sending {want[1][:16]}", dev.device_id, seq))
+        for r, groups in sorted(peers.items()):
+            if len(groups) > 1:  # no single model: name everyone outside the largest group
+                majority = max(groups.items(), key=lambda kv: (len(kv[1]), kv[0]))[0]
+                for model, ids in sorted(groups.items()):
+                    for device_id in sorted(ids) if model != majority else []:
+                        findings.append(Finding(FAIL, "model.split",
+                                                f"round {r}: participants did not all receive the same model: this "
+                                                f"device got {model[:16]}, {len(groups[majority])} other(s) got "
+                                                f"{majority[:16]}", device_id, by_id[device_id].received[r][2]))
+        self._check_chains(devices, findings)
+        self._check_joined(by_id, findings)
+
+    def _check_pins(self, devices: list[DeviceAudit], findings: list[Finding]) -> None:
+        for dev in devices:
+            if dev.events and dev.device_id not in self.pins:
+                findings.append(Finding(FAIL, "federation.unpinned",
+                                        "the federation ledger pins no key for this device: a ledger re-keyed "
+                                        "wholesale would not be caught", dev.device_id))
+            for fp, seq in dev.server_pins.items():
+                if self.server_fp is not None and fp != self.server_fp:
+                    findings.append(Finding(FAIL, "device.server_pin",
+                                            f"the device recorded server key {fp[:16]}, the federation ledger is "
+                                            f"signed by {self.server_fp[:16]} (a different or re-keyed server)",
+                                            dev.device_id, seq))
+
+    def _check_chains(self, devices: list[DeviceAudit], findings: list[Finding]) -> None:
+        memo: dict[tuple[Interval, ...], str | list[int]] = {}  # devices on one schedule: one recomputation
+        for dev in devices:
+            for _rseq, intervals, chain, seq in dev.chains:
+                if intervals not in memo:
+                    rounds = [r for a, b in intervals for r in range(a, b + 1)]
+                    unknown = [r for r in rounds if r not in self.sent]
+                    memo[intervals] = unknown or received_chain((r, *self.sent[r]) for r in rounds)
+                expected = memo[intervals]
+                where = format_rounds(list(intervals))
+                if isinstance(expected, list):
+                    findings.append(Finding(FAIL, "model.unrecorded",
+                                            f"{where}: the device's received-model chain covers "
+                                            f"{format_rounds(merge_intervals((r, r) for r in expected))}, for which "
+                                            "the server recorded no model hash", dev.device_id, seq))
+                elif chain != expected:
+                    findings.append(Finding(FAIL, "model.mismatch",
+                                            f"{where}: the chain of models and configs the device received differs "
+                                            "from what the server recorded sending in those rounds",
+                                            dev.device_id, seq))
+
+    def _check_joined(self, by_id: dict[str, DeviceAudit], findings: list[Finding]) -> None:
+        """Every joined device holds a signed record of what it received; the server recorded what it sent."""
+        for r, joined in self.joined_rounds:
+            if joined and r not in self.sent:
+                findings.append(Finding(FAIL, "model.unrecorded", f"round {r}: {len(joined)} device(s) joined, but "
+                                                                  "the server recorded no model hash", "server"))
+            for device_id in joined:
+                dev = by_id.get(device_id)
+                if dev is not None and r not in dev.received and not _chain_covers(dev, r, r):
+                    findings.append(Finding(FAIL, "model.missing", f"round {r}: joined, but the ledger holds no "
+                                                                   "record of the model it received",
+                                            device_id, dev.first_seq_covering(r, r)))
+        for seq, first, last, joined in self.joined_spans:
+            if joined and not all(r in self.sent for r in range(first, last + 1)):
+                findings.append(Finding(FAIL, "model.unrecorded", f"span {first}..{last}: the server recorded no "
+                                                                  "model hash for some of its rounds", "server", seq))
+            for device_id in joined:
+                dev = by_id.get(device_id)
+                if dev is None or _chain_covers(dev, first, last) or all(
+                        r in dev.received for r in range(first, last + 1)):
+                    continue
+                pending = any(s in dev.pending for s, a, b in [(x[2], x[0], x[1]) for x in dev.reserve_spans]
+                              if a <= last and b >= first)
+                findings.append(Finding(WARN if pending else FAIL, "model.missing",
+                                        f"rounds {first}..{last}: joined, but the ledger holds no record of the "
+                                        "models it received" + (" (its span never completed)" if pending else ""),
+                                        device_id, dev.first_seq_covering(first, last)))
+
+
+def _chain_covers(dev: DeviceAudit, first: int, last: int) -> bool:
+    return any(a <= first and last <= b for _s, ivs, _c, _q in dev.chains for a, b in [(ivs[0][0], ivs[-1][1])])
 
 
 # ----------------------------------------------------------------------------- the stated claim
