@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,7 +15,15 @@ from fed_nessa.privacy.accounting import compute_epsilon
 from fed_nessa.privacy.audit import audit
 from fed_nessa.privacy.chain import SignedChain, signed_bytes
 from fed_nessa.privacy.events import DPEvent
-from fed_nessa.privacy.ledger import DEVICE_LEDGER_NAME, DeviceLedger, FederationLedger
+from fed_nessa.privacy.ledger import (
+    CHAIN_SCHEME,
+    DEVICE_LEDGER_NAME,
+    DeviceLedger,
+    FederationLedger,
+    config_sha256,
+    model_sha256,
+    received_chain,
+)
 from fed_nessa.privacy.statement import privacy_statement
 
 torch.set_num_threads(1)
@@ -27,18 +36,43 @@ def _ev(r: int, steps: int = 10) -> DPEvent:
                    clip_norm=1.0, delta=DELTA, mode="local")
 
 
+def _sent(r: int) -> tuple[str, str]:
+    """The (model, config) SHA-256 the server of these fixtures sends in round ``r``."""
+    return model_sha256(np.full(4, float(r), np.float32)), config_sha256({"round": r})
+
+
+def _received(r: int, fed: FederationLedger) -> dict:
+    model, config = _sent(r)
+    return {"round": r, "model_sha256": model, "config_sha256": config, "server_key_fingerprint": fed.key_fingerprint}
+
+
+def _chain(first: int, last: int) -> dict:
+    return {"scheme": CHAIN_SCHEME, "rounds": [[first, last]],
+            "chain": received_chain((r, *_sent(r)) for r in range(first, last + 1))}
+
+
+def _sent_extra(r: int, pins: dict[str, str]) -> dict:
+    model, config = _sent(r)
+    return {"model_sha256": model, "config_sha256": config, "device_key_fingerprints": pins}
+
+
 def _run(tmp_path: Path, n_devices: int = 3, rounds: int = 3) -> Path:
     """A run folder laid out as the simulation writes it (the contract in the brief)."""
     run = tmp_path / "run"
-    fed = FederationLedger.open(run / "federation-ledger.jsonl", run)
+    fed = FederationLedger.open(run / "federation-ledger.jsonl", tmp_path / "run.keys" / "server")
+    pinned: set[str] = set()
     for r in range(1, rounds + 1):
-        joined = []
+        joined, pins = [], {}
         for i in range(n_devices):
-            led = DeviceLedger.open(run / "devices" / f"dev{i}", f"dev{i}")
+            led = DeviceLedger.open(run / "devices" / f"dev{i}", f"dev{i}",
+                                    key_folder=tmp_path / "run.keys" / f"dev{i}")
+            if f"dev{i}" not in pinned:
+                pins[f"dev{i}"] = led.key_fingerprint
+                pinned.add(f"dev{i}")
             if led.check_budget(_ev(r), BUDGET, DELTA).allowed:
-                led.complete(led.reserve(_ev(r)), led.epsilon(DELTA))
+                led.complete(led.reserve(_ev(r), _received(r, fed)), led.epsilon(DELTA))
                 joined.append(f"dev{i}")
-        fed.record_round(r, joined, [], [])
+        fed.record_round(r, joined, [], [], _sent_extra(r, pins))
     statement = privacy_statement("local", DELTA, BUDGET, "rdp")
     statement["epsilon_max"] = compute_epsilon([_ev(1, 10 * rounds)], DELTA)
     (run / "summary.json").write_text(json.dumps({"privacy": statement}))
@@ -120,7 +154,7 @@ def test_wholesale_rekeyed_ledger_is_caught_by_the_public_key_file(tmp_path: Pat
     folder = run / "devices" / "dev0"
     pub = (folder / "device-key.pub.pem").read_bytes()
     (folder / DEVICE_LEDGER_NAME).unlink()
-    (folder / "device-key.pem").unlink()
+    (tmp_path / "run.keys" / "dev0" / "device-key.pem").unlink()  # (the key store is not in the run folder)
     led = DeviceLedger.open(folder, "dev0")  # a forger's fresh key and a fresh, smaller history
     led.check_budget(_ev(1, 1), BUDGET, DELTA)
     led.complete(led.reserve(_ev(1, 1)), led.epsilon(DELTA))
@@ -133,9 +167,9 @@ def test_wrong_reported_epsilon_is_named(tmp_path: Path) -> None:
     led = DeviceLedger.open(run / "devices" / "liar", "liar", epsilon_budget=BUDGET, delta=DELTA)
     led.complete(led.reserve(_ev(1)), led.epsilon(DELTA))
     led.complete(led.reserve(_ev(2)), 0.9 * led.epsilon(DELTA))  # under-reports by 10%
-    result = audit(run)
+    result = audit(run / "devices")  # the collected device ledgers (a run folder would need its federation ledger)
     assert _fails(result) == {("reported", "liar", 4)}
-    assert "liar" in (run / "audit" / "report.md").read_text()
+    assert "liar" in (run / "devices" / "audit" / "report.md").read_text()
 
 
 def _write_raw_ledger(folder: Path, device_id: str, budget: float, events: list[DPEvent]) -> None:
@@ -236,13 +270,22 @@ def _span_run(tmp_path: Path, spans: dict[str, DPEvent], dropped: dict | None = 
               declined: tuple[str, ...] = ()) -> Path:
     """Fleet layout: a gaussian-sum in round 0, then one span reservation per device and ONE server span."""
     run = tmp_path / "run"
+    fed = FederationLedger.open(run / "federation-ledger.jsonl", tmp_path / "run.keys" / "server")
+    pins = {}
     for device_id, span in spans.items():
-        led = DeviceLedger.open(run / "devices" / device_id, device_id, epsilon_budget=BUDGET, delta=DELTA)
-        led.complete(led.reserve(_gs()), led.epsilon(DELTA))
-        led.complete(led.reserve(span), led.epsilon(DELTA))
-    fed = FederationLedger.open(run / "federation-ledger.jsonl", run)
+        led = DeviceLedger.open(run / "devices" / device_id, device_id, epsilon_budget=BUDGET, delta=DELTA,
+                                key_folder=tmp_path / "run.keys" / device_id)
+        pins[device_id] = led.key_fingerprint
+        led.complete(led.reserve(_gs(), _received(0, fed)), led.epsilon(DELTA))
+        seq = led.reserve(span, {"server_key_fingerprint": fed.key_fingerprint})
+        # the chain covers the rounds the server ran (a span may reserve beyond them)
+        led.complete(seq, led.epsilon(DELTA), received=_chain(span.round, min(span.end_round, SPAN_ROUNDS)))
     joined = [d for d in spans if d not in declined]
-    fed.record_span(0, SPAN_ROUNDS, joined, list(declined), [], {"dropped": dropped or {}})
+    rounds = range(0, SPAN_ROUNDS + 1)
+    fed.record_span(0, SPAN_ROUNDS, joined, list(declined), [],
+                    {"dropped": dropped or {}, "models": {str(r): list(_sent(r)) for r in rounds},
+                     "model_chain": received_chain((r, *_sent(r)) for r in rounds),
+                     "device_key_fingerprints": pins})
     return run
 
 
@@ -285,21 +328,21 @@ def test_span_declined_and_unrecorded_reservations_are_warned(tmp_path: Path) ->
 
 def test_round_records_and_spans_mix_in_one_run(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    fed = FederationLedger.open(run / "federation-ledger.jsonl", run)
+    fed = FederationLedger.open(run / "federation-ledger.jsonl", tmp_path / "keys")
     led = DeviceLedger.open(run / "devices" / "d", "d", epsilon_budget=BUDGET, delta=DELTA)
-    led.complete(led.reserve(_gs()), led.epsilon(DELTA))  # an old-style single-round phase...
-    fed.record_round(0, ["d"], [], [])
-    led.complete(led.reserve(_span(1, 10)), led.epsilon(DELTA))  # ...then the fleet's span
-    fed.record_span(1, 10, ["d"], [], [])
-    assert audit(run).passed
-    fed.record_round(11, ["d"], [], [])  # the server claims a round the device never reserved
+    led.complete(led.reserve(_gs(), _received(0, fed)), led.epsilon(DELTA))  # an old-style single-round phase...
+    fed.record_round(0, ["d"], [], [], _sent_extra(0, {"d": led.key_fingerprint}))
+    led.complete(led.reserve(_span(1, 10)), led.epsilon(DELTA), received=_chain(1, 10))  # ...then the fleet's span
+    fed.record_span(1, 10, ["d"], [], [], {"models": {str(r): list(_sent(r)) for r in range(1, 11)}})
+    assert audit(run).passed, [f.message for f in audit(run).failures]
+    fed.record_round(11, ["d"], [], [], _sent_extra(11, {}))  # the server claims a round the device never reserved
     result = audit(run)
     assert _fails(result) == {("federation.joined", "d", None)} and "round 11" in result.failures[0].message
 
 
 def test_malformed_span_entry_is_a_schema_failure(tmp_path: Path) -> None:
     run = _span_run(tmp_path, {"dev0": _span(1, SPAN_ROUNDS)})
-    fed = FederationLedger.open(run / "federation-ledger.jsonl", run)
+    fed = FederationLedger.open(run / "federation-ledger.jsonl", tmp_path / "run.keys" / "server")
     fed._chain.append("span", {"first_round": 9, "last_round": 3, "joined": ["dev0"], "declined": [],
                                "failed": [], "extra": {}})  # signed, but not a span record_span would write
     assert ("federation.schema", "server", 2) in _fails(audit(run))

@@ -150,9 +150,7 @@ def _without_federation_ledger(root: Path, run_folder: bool, findings: list[Find
     limits = ["no federation ledger: participation (who joined which round), the server's pins of device keys, "
               "the models and configs the server says it sent, and missing device ledgers are not checked",
               "each device's pin of the server key is not compared with the server's key"]
-    if not run_folder:
-        findings.append(Finding(WARN, "scope.device_ledgers_only", "device ledger(s) audited alone: " + limits[0]))
-    return limits
+    return limits  # in audit.json ("not_checked") and at the top of report.md
 
 
 def _check_referenced_files(root: Path, summary: dict[str, Any], findings: list[Finding]) -> None:
@@ -482,7 +480,7 @@ def _audit_federation(path: Path, devices: list[DeviceAudit], findings: list[Fin
         for device_id in rec["declined"]:
             _check_declined(by_id.get(device_id), device_id, first, last, findings)
         _check_fingerprints(rec, where, by_id, findings)
-        evidence.add_span(seq, first, last, rec, findings)
+        evidence.add_span(seq, first, last, rec, dropped, findings)
         spans.append({"seq": seq, "first_round": first, "last_round": last, "joined": len(rec["joined"]),
                       "declined": len(rec["declined"]), "failed": len(rec["failed"]),
                       "dropouts": sum(len(v) for v in dropped.values())})
@@ -574,7 +572,7 @@ class _Evidence:
         self.sent: dict[int, tuple[str, str]] = {}
         self.pins: dict[str, str] = {}
         self.joined_rounds: list[tuple[int, list[str]]] = []
-        self.joined_spans: list[tuple[int, int, int, list[str]]] = []
+        self.joined_spans: list[tuple[int, int, int, list[str], dict[str, list[int]]]] = []
 
     def _pins(self, rec: dict[str, Any], where: str, findings: list[Finding]) -> None:
         for device_id, fp in ((rec.get("extra") or {}).get("device_key_fingerprints") or {}).items():
@@ -590,7 +588,8 @@ class _Evidence:
             self.sent[r] = (extra["model_sha256"], str(extra.get("config_sha256")))
         self.joined_rounds.append((r, list(rec.get("joined", []))))
 
-    def add_span(self, seq: int, first: int, last: int, rec: dict[str, Any], findings: list[Finding]) -> None:
+    def add_span(self, seq: int, first: int, last: int, rec: dict[str, Any], dropped: dict[str, list[int]],
+                 findings: list[Finding]) -> None:
         extra = rec.get("extra") or {}
         self._pins(rec, f"span {first}..{last}", findings)
         models = extra.get("models") or {}
@@ -604,7 +603,7 @@ class _Evidence:
                 findings.append(Finding(FAIL, "federation.model_chain",
                                         f"span {first}..{last}: model_chain does not match its per-round hashes",
                                         "server", seq))
-        self.joined_spans.append((seq, first, last, list(rec.get("joined", []))))
+        self.joined_spans.append((seq, first, last, list(rec.get("joined", [])), dropped))
 
     def check(self, devices: list[DeviceAudit], findings: list[Finding]) -> None:
         by_id = {d.device_id: d for d in devices}
@@ -672,35 +671,45 @@ class _Evidence:
 
     def _check_joined(self, by_id: dict[str, DeviceAudit], findings: list[Finding]) -> None:
         """Every joined device holds a signed record of what it received; the server recorded what it sent."""
+        covers: dict[str, list[Interval]] = {}
+
+        def cover(dev: DeviceAudit) -> list[Interval]:
+            if dev.device_id not in covers:
+                covers[dev.device_id] = merge_intervals([(r, r) for r in dev.received]
+                                                        + [iv for _s, ivs, _c, _q in dev.chains for iv in ivs])
+            return covers[dev.device_id]
+
         for r, joined in self.joined_rounds:
             if joined and r not in self.sent:
                 findings.append(Finding(FAIL, "model.unrecorded", f"round {r}: {len(joined)} device(s) joined, but "
                                                                   "the server recorded no model hash", "server"))
             for device_id in joined:
                 dev = by_id.get(device_id)
-                if dev is not None and r not in dev.received and not _chain_covers(dev, r, r):
+                # (a round its reservations do not cover is already a ``federation.joined`` failure)
+                if dev is not None and not subtract_intervals([(r, r)], dev.covered) \
+                        and subtract_intervals([(r, r)], cover(dev)):
                     findings.append(Finding(FAIL, "model.missing", f"round {r}: joined, but the ledger holds no "
                                                                    "record of the model it received",
                                             device_id, dev.first_seq_covering(r, r)))
-        for seq, first, last, joined in self.joined_spans:
+        for seq, first, last, joined, dropped in self.joined_spans:
             if joined and not all(r in self.sent for r in range(first, last + 1)):
                 findings.append(Finding(FAIL, "model.unrecorded", f"span {first}..{last}: the server recorded no "
                                                                   "model hash for some of its rounds", "server", seq))
             for device_id in joined:
                 dev = by_id.get(device_id)
-                if dev is None or _chain_covers(dev, first, last) or all(
-                        r in dev.received for r in range(first, last + 1)):
+                # Rounds its reservations cover (others fail ``federation.joined``), less its drop-outs.
+                excused = merge_intervals([(r, r) for r in dropped.get(device_id, ())] + cover(dev)) \
+                    if dev is not None else []
+                ours = subtract_intervals([(first, last)], subtract_intervals([(first, last)], dev.covered)) \
+                    if dev is not None else []
+                missing = subtract_intervals(ours, excused)
+                if dev is None or not missing:
                     continue
-                pending = any(s in dev.pending for s, a, b in [(x[2], x[0], x[1]) for x in dev.reserve_spans]
-                              if a <= last and b >= first)
+                pending = any(s in dev.pending for a, b, s in dev.reserve_spans if a <= last and b >= first)
                 findings.append(Finding(WARN if pending else FAIL, "model.missing",
-                                        f"rounds {first}..{last}: joined, but the ledger holds no record of the "
+                                        f"{format_rounds(missing)}: joined, but the ledger holds no record of the "
                                         "models it received" + (" (its span never completed)" if pending else ""),
                                         device_id, dev.first_seq_covering(first, last)))
-
-
-def _chain_covers(dev: DeviceAudit, first: int, last: int) -> bool:
-    return any(a <= first and last <= b for _s, ivs, _c, _q in dev.chains for a, b in [(ivs[0][0], ivs[-1][1])])
 
 
 # ----------------------------------------------------------------------------- the stated claim
