@@ -329,19 +329,21 @@ class Federation:
         """The promotion gate after DP-SGD rounds (``aligner = auto`` ships its choice)."""
         if Phase.DPSGD not in self.model.completed:
             return None
+        dp_nessa = self._row(self.evaluate(), "asym_federated")  # before the gate may restore the start
         decision = promotion_gate(self.model.linear_start_aligner(), self.model.comparator(), self.data.validation,
                                   SCENARIO)
         applied = self.cfg.aligner == AlignerChoice.AUTO
         if applied and decision.shipped == LINEAR_START:
             self.model.restore_linear_start()
-        return {**decision.to_dict(), "applied": applied}
+        return {**decision.to_dict(), "applied": applied, "dp_nessa_test": dp_nessa}
 
     def finish(self) -> dict[str, Any]:
         gate = self.gate()
         report = self.evaluate()
         final: dict[str, Any] = self._row(report, "asym_federated")
         final["aligner_plan"] = self.plan.reason if self.plan else ""
-        if gate is not None:
+        if gate is not None:  # DP NESSA on the reported speakers, and the gate's choice
+            final["dp_nessa"] = gate.pop("dp_nessa_test")
             final["gate"] = gate
         if self.data.shards:
             final.update(self.centralised_rows())

@@ -613,8 +613,10 @@ class FleetEngine:
         return out
 
     def finish(self, book: DeviceBook) -> dict[str, Any]:
-        gate = None
+        gate, dp_nessa = None, None
         if Phase.DPSGD in self.model.completed:
+            # DP NESSA on the reported speakers, recorded before the gate may restore the linear start
+            dp_nessa = self._row(self._evaluate(), "asym_federated")
             decision = promotion_gate(self.model.linear_start_aligner(), self.model.comparator(),
                                       self.data.validation, SCENARIO)
             applied = self.cfg.aligner == AlignerChoice.AUTO
@@ -624,7 +626,7 @@ class FleetEngine:
         final: dict[str, Any] = self._row(self._evaluate(), "asym_federated")
         final["aligner_plan"] = self.plan.reason
         if gate is not None:
-            final["gate"] = gate
+            final["gate"], final["dp_nessa"] = gate, dp_nessa
         linear = self.model.linear_start_aligner()
         if linear is not None:
             final["linear_start"] = self._row(self._evaluate({"linear_start": linear}), "asym_linear_start")
