@@ -143,17 +143,15 @@ class Federation:
 
     # -- evaluation ---------------------------------------------------------------------
     def evaluate(self, aligners: dict[str, Any] | None = None) -> Any:
-        from fed_nessa.evaluation.protocol import evaluate_scenario
+        from fed_nessa.evaluation.protocol import evaluate_eval_set
 
-        ev = self.data.eval
-        return evaluate_scenario(ev.embeddings, ev.speaker, ev.utterance, ev.old_model, ev.new_model, SCENARIO,
-                                 aligners={"federated": self.model.comparator(), **(aligners or {})})
+        return evaluate_eval_set(self.data.eval, SCENARIO, {"federated": self.model.comparator(), **(aligners or {})})
 
     @staticmethod
     def _row(report: Any, name: str) -> dict[str, Any]:
-        row = report.row(name)
-        return {"eer": row.metrics.eer, "min_dcf": row.metrics.min_dcf, "sid_top1": row.metrics.sid_top1,
-                "gap_closure": row.gap_closure}
+        from fed_nessa.evaluation.protocol import summary_row
+
+        return summary_row(report, name)
 
     # -- the loop -----------------------------------------------------------------------
     def _resume(self) -> int:

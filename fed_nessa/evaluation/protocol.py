@@ -591,3 +591,17 @@ def reports_to_dict(reports: Sequence[ScenarioReport]) -> dict[str, Any]:
         },
         "scenarios": [r.to_dict() for r in reports],
     }
+
+
+def evaluate_eval_set(ev: Any, scenario: str, aligners: Mapping[str, Any]) -> ScenarioReport:
+    """The protocol on a federation's evaluation set (``EvalSet``-like: embeddings, speaker, utterance,
+    old_model, new_model); both engines score their aligner with it."""
+    return evaluate_scenario(ev.embeddings, ev.speaker, ev.utterance, ev.old_model, ev.new_model, scenario,
+                             aligners=dict(aligners))
+
+
+def summary_row(report: ScenarioReport, name: str) -> dict[str, Any]:
+    """One row of a report as a run summary stores it."""
+    row = report.row(name)
+    return {"eer": row.metrics.eer, "min_dcf": row.metrics.min_dcf, "sid_top1": row.metrics.sid_top1,
+            "gap_closure": row.gap_closure}

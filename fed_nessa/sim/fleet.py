@@ -73,7 +73,7 @@ from fed_nessa.data.shards import SHARD_SUFFIX, Shard
 from fed_nessa.errors import FedNessaError
 from fed_nessa.evaluation import run_folder
 from fed_nessa.evaluation.gate import LINEAR_START, promotion_gate
-from fed_nessa.evaluation.protocol import evaluate_scenario
+from fed_nessa.evaluation.protocol import evaluate_eval_set, summary_row
 from fed_nessa.federated import suffstats
 from fed_nessa.federated.codec import SaturationError, SecAggCodec, make_codec
 from fed_nessa.federated.cohort import sample_positions
@@ -577,15 +577,9 @@ class FleetEngine:
 
     # -- reporting -------------------------------------------------------------------------
     def _evaluate(self, aligners: dict[str, Any] | None = None) -> Any:
-        ev = self.data.eval
-        return evaluate_scenario(ev.embeddings, ev.speaker, ev.utterance, ev.old_model, ev.new_model, SCENARIO,
-                                 aligners={"federated": self.model.comparator(), **(aligners or {})})
+        return evaluate_eval_set(self.data.eval, SCENARIO, {"federated": self.model.comparator(), **(aligners or {})})
 
-    @staticmethod
-    def _row(report: Any, name: str) -> dict[str, Any]:
-        row = report.row(name)
-        return {"eer": row.metrics.eer, "min_dcf": row.metrics.min_dcf, "sid_top1": row.metrics.sid_top1,
-                "gap_closure": row.gap_closure}
+    _row = staticmethod(summary_row)
 
     def _entry(self, r: int, phase: Phase, status: RoundStatus, note: str, joined: int, declined: int,
                failed: int, book: DeviceBook) -> dict[str, Any]:
