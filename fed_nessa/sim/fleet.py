@@ -672,6 +672,8 @@ class FleetEngine:
         if total > REFERENCE_MAX_PAIRS:
             rows = np.sort(np.random.default_rng([self.cfg.seed, 13]).choice(total, REFERENCE_MAX_PAIRS, replace=False))
         x_ref, y_ref = self.fleet.x[rows].cpu().numpy(), self.fleet.y[rows].cpu().numpy()
+        # The rounds are over: release the fleet's pairs before the reference fit (memory at 30k devices).
+        self.fleet.x, self.fleet.y = self.fleet.x[:0], self.fleet.y[:0]
         epochs = max(1, min(20, math.ceil(REFERENCE_STEPS * 256 / len(rows))))
         nessa = NessaAligner(AlignerInfo(**{k: getattr(info, k) for k in ("d_x", "d_y", "enroll_model",
                                                                           "runtime_model")}),
