@@ -302,6 +302,7 @@ class Federation:
         rounds = [{k: v for k, v in e.items() if k != "device_epsilon"} for e in self.history]
         return {
             "config": run_folder.portable_config(self.cfg.to_run_config()),
+            **({"noise_plan": run_folder.noise_plan_block(self.plan)} if self.plan else {}),
             "rounds": rounds,
             "final": final or {},
             "privacy": run_folder.privacy_block(self.cfg, eps, paths),

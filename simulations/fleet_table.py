@@ -44,7 +44,7 @@ def _cell(row: dict[str, Any] | None) -> str:
 
 def shipped(linear: dict[str, Any], nessa: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """What aligner = auto ships for this cell (see the module doc)."""
-    plan = nessa["engine"]["noise_plan"]
+    plan = nessa.get("noise_plan") or nessa["engine"]["noise_plan"]  # studies before the top-level key
     from fed_nessa.federated.noise_plan import AUTO_SIGNAL_THRESHOLD
 
     if plan["signal"] < AUTO_SIGNAL_THRESHOLD:

@@ -172,3 +172,16 @@ def test_report_names_only_the_parameters_each_phase_used() -> None:
     assert not any("DP-SGD" in line or "1.5" in line for line in lines)
     assert any("DP-SGD: 5 round(s), 100 devices" in line for line in _phase_lines({**cfg, "num-server-rounds": 6},
                                                                                       "distributed"))
+
+
+def test_report_states_the_calibrated_sigmas_and_full_participation() -> None:
+    """With a budget split the report's sigmas are the noise plan's, not the config keys' (a claim in an
+    output must be exactly true)."""
+    from fed_nessa.evaluation.run_folder import _phase_lines
+
+    cfg = {"linear-start": "suffstats", "suffstats-rounds": 1, "num-server-rounds": 3,
+           "suffstats-noise-multiplier": 0.64, "noise-multiplier": 1.5, "clip-norm": 1.0, "clients-per-round": 0}
+    plan = {"suffstats_sigma": 1.8234, "dpsgd_sigma": 0.7083, "sample_rate": 0.02, "reason": "aligner nessa"}
+    text = "\n".join(_phase_lines(cfg, "distributed", plan, [{"phase": "suffstats"}, {"phase": "dpsgd"}]))
+    assert "noise multiplier 1.823" in text and "noise multiplier 0.7083" in text and "0.64" not in text
+    assert "every device in every round" in text and "q 0.02" in text and "1 round(s)" in text

@@ -38,7 +38,7 @@ def _finite(x: Any) -> Any:
 
 
 def privacy_block(cfg: FederationConfig, device_epsilons: dict[str, float], ledger_paths: dict[str, str],
-                  accountant: str = "rdp") -> dict[str, Any]:
+                  accountant: str = "rdp", noise_source: str | None = None) -> dict[str, Any]:
     """The ``privacy`` block: the privacy statement plus measured epsilon max/median and the ledgers."""
     from fed_nessa.privacy.statement import privacy_statement
 
@@ -51,6 +51,8 @@ def privacy_block(cfg: FederationConfig, device_epsilons: dict[str, float], ledg
                                   min_arrivals=cfg.min_arrivals,
                                   reconstruction_threshold=cfg.secagg_reconstruction_threshold,
                                   reproducible_noise=cfg.reproducible_noise)
+        if noise_source is not None and not cfg.reproducible_noise:
+            block["noise_source"] = noise_source
     block.update({
         "epsilon_max": eps[-1] if eps else 0.0,
         "epsilon_median": statistics.median(eps) if eps else 0.0,
@@ -118,17 +120,37 @@ def _num(x: Any, fmt: str = ".3f") -> str:
     return "n/a" if x is None else format(float(x), fmt)
 
 
-def _phase_lines(cfg: dict[str, Any], mode: str) -> list[str]:
-    """What each phase of the run did, with only the parameters that phase used."""
+def noise_plan_block(plan: Any) -> dict[str, Any]:
+    """The sigmas, q and aligner decision the run actually used (``NoisePlan``), for the summary."""
+    return {"suffstats_sigma": plan.suffstats_sigma, "dpsgd_sigma": plan.dpsgd_sigma,
+            "sample_rate": plan.sample_rate, "dpsgd_rounds_per_device": plan.dpsgd_rounds_per_device,
+            "signal": plan.signal, "aligner": str(plan.aligner), "reason": plan.reason}
+
+
+def _phase_lines(cfg: dict[str, Any], mode: str, plan: dict[str, Any] | None = None,
+                 rounds: list[dict[str, Any]] | None = None) -> list[str]:
+    """What each phase of the run did, with only the parameters that phase used.
+
+    The sigmas come from the run's noise plan when the summary has one (a budget split
+    calibrates them), else from the config keys.
+    """
     stats_rounds = int(cfg.get("suffstats-rounds", 1)) if cfg.get("linear-start") == "suffstats" else 0
-    sgd_rounds = int(cfg["num-server-rounds"]) - stats_rounds
+    sgd_rounds = (sum(1 for r in rounds if r.get("phase") == "dpsgd") if rounds is not None
+                  else int(cfg["num-server-rounds"]) - stats_rounds)
+    s_sigma = plan["suffstats_sigma"] if plan else cfg["suffstats-noise-multiplier"]
+    sigma = plan["dpsgd_sigma"] if plan else cfg["noise-multiplier"]
     lines = [f"- DP mode: **{mode}**"]
     if stats_rounds:
-        noise = "" if mode == "none" else f", noise multiplier {cfg['suffstats-noise-multiplier']} (L2 sensitivity 1)"
+        noise = "" if mode == "none" else f", noise multiplier {s_sigma:.4g} (L2 sensitivity 1)"
         lines.append(f"- private linear start: {stats_rounds} statistics round(s) over every device{noise}")
     if sgd_rounds > 0:
-        noise = "" if mode == "none" else f", noise multiplier {cfg['noise-multiplier']}, clip {cfg['clip-norm']}"
-        lines.append(f"- DP-SGD: {sgd_rounds} round(s), {cfg['clients-per-round']} devices sampled per round{noise}")
+        noise = "" if mode == "none" else f", noise multiplier {sigma:.4g}, clip {cfg['clip-norm']}"
+        who = ("every device in every round" if int(cfg.get("clients-per-round", 0)) == 0
+               else f"{cfg['clients-per-round']} devices sampled per round")
+        rate = f", Poisson rate q {plan['sample_rate']:.4g}" if plan and plan.get("sample_rate") else ""
+        lines.append(f"- DP-SGD: {sgd_rounds} round(s), {who}{rate}{noise}")
+    if plan and plan.get("reason"):
+        lines.append(f"- {plan['reason']}")
     return lines
 
 
@@ -139,7 +161,7 @@ def render_report(summary: dict[str, Any]) -> str:
         "# Federated NESSA run",
         "",
         f"- data: {cfg['data-source']} ({cfg['num-devices']} devices), {cfg['num-server-rounds']} round(s)",
-        *_phase_lines(cfg, priv["mode"]),
+        *_phase_lines(cfg, priv["mode"], summary.get("noise_plan"), summary.get("rounds")),
         "",
         "## Rounds",
         "",

@@ -684,6 +684,16 @@ class FleetEngine:
                 "ridge": self._row(report, "asym_ridge"),
                 "sym_before": self._row(report, "sym_before"), "sym_after": self._row(report, "sym_after")}
 
+    def _noise_statement(self) -> str:
+        """Where this simulation's draws came from (a deployed device draws all of them from the OS CSPRNG)."""
+        if self.numerics == FleetNumerics.EXACT:
+            return ("fleet engine, exact numerics: every device's Gaussian share and Poisson sample drawn from the OS "
+                    "CSPRNG, as on a device; residual risk: floating-point Gaussian samplers (Mironov, CCS 2012)")
+        return ("fleet engine, distribution-equivalent numerics (a simulation): the summed Gaussian noise is one draw "
+                "from the OS CSPRNG; the Poisson samples come from a PCG64 stream keyed with 128 fresh bits of OS "
+                "entropy per round; the rounding errors from their distribution. A deployed device draws its own "
+                "noise share and sample from the OS CSPRNG")
+
     def summary(self, final: dict[str, Any], eps: dict[str, float]) -> dict[str, Any]:
         paths = {dev: f"{DEVICES_DIR}/{dev}/privacy-ledger.jsonl" for dev in self.fleet.ids}
         seconds = [e["seconds"] for e in self.history if e["phase"] == str(Phase.DPSGD)]
@@ -691,16 +701,13 @@ class FleetEngine:
             "config": run_folder.portable_config(self.cfg.to_run_config()),
             "rounds": self.history,
             "final": final,
-            "privacy": run_folder.privacy_block(self.cfg, eps, paths),
+            "privacy": run_folder.privacy_block(self.cfg, eps, paths, noise_source=self._noise_statement()),
+            "noise_plan": run_folder.noise_plan_block(self.plan),
             "secure_aggregation": {**run_folder.secagg_block(self.cfg, self.saturated_total),
                                    "simulated": MASKS_NOTE},
             "engine": {"name": ENGINE, "numerics": str(self.numerics), "masks": MASKS_NOTE,
                        "device": str(self.torch_device), "devices": len(self.fleet.ids),
                        "pairs": int(self.fleet.starts[-1]),
-                       "noise_plan": {"suffstats_sigma": self.plan.suffstats_sigma,
-                                      "dpsgd_sigma": self.plan.dpsgd_sigma, "sample_rate": self.plan.sample_rate,
-                                      "dpsgd_rounds_per_device": self.plan.dpsgd_rounds_per_device,
-                                      "signal": self.plan.signal, "aligner": str(self.plan.aligner)},
                        "seconds_per_dpsgd_round_median": statistics.median(seconds) if seconds else None,
                        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
         }
