@@ -49,6 +49,7 @@ from fed_nessa.federated.codec import CONSTANT_WEIGHT, SecAggCodec
 from fed_nessa.federated.device import RoundRequest
 from fed_nessa.federated.protocol import (
     DEVICE_ID_REPLY_KEY,
+    ENROLL_MODEL_KEY,
     FLEET_SIZE_KEY,
     KEY_FINGERPRINT_REPLY_KEY,
     PHASE_KEY,
@@ -56,6 +57,7 @@ from fed_nessa.federated.protocol import (
     PROMISED_ARRIVALS_KEY,
     REPLY_METRIC_KEYS,
     ROUND_KEY,
+    RUNTIME_MODEL_KEY,
     SERVER_KEY_FINGERPRINT_KEY,
     STATUS_KEY,
     locate,
@@ -77,13 +79,18 @@ def _request(config: Mapping[str, Any]) -> RoundRequest:
     """The round's request from a plan or fit config (a missing key is a protocol error).
 
     It carries the server's key fingerprint (the device pins it) and the SHA-256 of the whole
-    config as received (signed into the round's reserve entry with the model's hash).
+    config as received (signed into the round's reserve entry with the model's hash), and the
+    federation's model ids (the device declines a round for models its shard was not embedded with).
     """
-    fp = config.get(SERVER_KEY_FINGERPRINT_KEY)
+    def text(key: str) -> str | None:
+        value = config.get(key)
+        return None if value is None else str(value)
+
     return RoundRequest(Phase(str(config[PHASE_KEY])), int(cast(int, config[ROUND_KEY])),
                         int(cast(int, config[PROMISED_ARRIVALS_KEY])), int(cast(int, config[FLEET_SIZE_KEY])),
-                        server_key_fingerprint=None if fp is None else str(fp),
-                        config_sha256=config_sha256(dict(config)))
+                        server_key_fingerprint=text(SERVER_KEY_FINGERPRINT_KEY),
+                        config_sha256=config_sha256(dict(config)),
+                        enroll_model=text(ENROLL_MODEL_KEY), runtime_model=text(RUNTIME_MODEL_KEY))
 
 
 def _safe_metrics(metrics: Mapping[str, Any]) -> dict[str, bool | bytes | float | int | str]:

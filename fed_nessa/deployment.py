@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import json
 import os
 import signal
 import socket
@@ -206,12 +207,35 @@ class LocalDeployment:
         if out.returncode != 0:
             raise RuntimeError(f"flwr supernode register {key.public} failed: {out.stdout}{out.stderr}")
 
-    def start_supernode(self, index: int, key: NodeKey, shard_path: Path, state_dir: Path,
-                        policy: DevicePolicy | None = None) -> None:
-        self._spawn(f"supernode-{index}", [
-            "flower-supernode", "--superlink", f"127.0.0.1:{self.port}", "--root-certificates",
-            str(self.tls.ca_cert), "--auth-supernode-private-key", str(key.private), "--node-config",
-            node_config_arg(shard_path, state_dir, policy), "--port", str(free_port())])
+    def start_supernode(self, index: int, key: NodeKey | None, shard_path: Path, state_dir: Path,
+                        policy: DevicePolicy | None = None, *, insecure: bool = False,
+                        max_retries: int | None = None) -> subprocess.Popen:
+        """A SuperNode verifying the SuperLink with the CA and authenticating with ``key``.
+
+        ``key=None`` (no auth key), ``insecure=True`` (plaintext, no CA) and ``max_retries`` (give up
+        after that many failed connection attempts; Flower retries forever by default) exist to show
+        that such nodes are refused (tests/test_deployment_refusals.py).
+        """
+        args = ["flower-supernode", "--superlink", f"127.0.0.1:{self.port}"]
+        args += ["--insecure"] if insecure else ["--root-certificates", str(self.tls.ca_cert)]
+        if key is not None:
+            args += ["--auth-supernode-private-key", str(key.private)]
+        if max_retries is not None:
+            args += ["--max-retries", str(max_retries)]
+        return self._spawn(f"supernode-{index}", [
+            *args, "--node-config", node_config_arg(shard_path, state_dir, policy), "--port", str(free_port())])
+
+    def list_nodes(self) -> list[dict[str, str]]:
+        """The SuperNodes the SuperLink knows (``flwr supernode list --format json``): id, status, ..."""
+        out = subprocess.run([str(self.bin / "flwr"), "supernode", "list", CONNECTION, "--format", "json"],
+                             env=self.env(), capture_output=True, text=True, timeout=120, cwd=self.root)
+        try:
+            reply = json.loads(out.stdout)
+        except json.JSONDecodeError:
+            reply = None
+        if out.returncode != 0 or not isinstance(reply, dict) or not reply.get("success"):
+            raise RuntimeError(f"flwr supernode list failed: {out.stdout}{out.stderr}")
+        return [dict(n) for n in reply.get("nodes", [])]
 
     def run(self, run_config: str, timeout_s: float = 900) -> subprocess.CompletedProcess:
         """``flwr run <app> <connection> --stream`` against this SuperLink."""

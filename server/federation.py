@@ -88,10 +88,13 @@ def sample_cohort(node_ids: list[int], cfg: FederationConfig, round_num: int, ph
 
 
 def round_config(phase: Phase, round_num: int, promised: int, fleet: int,
-                 server_key_fingerprint: str | None = None) -> dict[str, ConfigRecordValue]:
-    """What every device of a round is told (plan and fit config alike), with the server's key fingerprint."""
+                 server_key_fingerprint: str | None = None, enroll_model: str | None = None,
+                 runtime_model: str | None = None) -> dict[str, ConfigRecordValue]:
+    """What every device of a round is told (plan and fit config alike), with the server's key
+    fingerprint and the federation's model ids (a device whose shard holds other models declines)."""
     return cast(dict[str, ConfigRecordValue],
-                _round_config(str(phase), round_num, promised, fleet, server_key_fingerprint))
+                _round_config(str(phase), round_num, promised, fleet, server_key_fingerprint,
+                              enroll_model, runtime_model))
 
 
 def plan_round(grid: Grid, cfg: FederationConfig, cohort: list[int],
@@ -199,7 +202,8 @@ class Federation:
         cohort = sample_cohort(nodes, cfg, r, phase)
         promised = promised_arrivals(cfg, len(cohort))
         server_fp = getattr(ledger, "key_fingerprint", None)
-        request = round_config(phase, r, promised, len(nodes), server_fp if isinstance(server_fp, str) else None)
+        request = round_config(phase, r, promised, len(nodes), server_fp if isinstance(server_fp, str) else None,
+                               self.data.enroll_model, self.data.runtime_model)
         noise = noise_plan(cfg, len(nodes))
         plan = plan_round(self.grid, cfg, cohort, request)
         new_pins, mismatched = self._pin(plan)

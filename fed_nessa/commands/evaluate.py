@@ -57,6 +57,17 @@ def _splits(args: argparse.Namespace) -> tuple[str, list[Any]]:
     return source.name, folds[: args.max_folds] if args.max_folds else folds
 
 
+def _check_models(args: argparse.Namespace, splits: list[Any]) -> None:
+    """``--old-model`` / ``--new-model`` must name models of the data (before anything is written)."""
+    from fed_nessa.cli import CliError
+
+    sides = [set(s.train.embeddings) & set(s.test.embeddings) for s in splits]
+    have = sorted(set.intersection(*sides)) if sides else []
+    for flag, model in (("--old-model", args.old_model), ("--new-model", args.new_model)):
+        if model not in have:
+            raise CliError(f"{flag} {model!r}: no such model in --data {args.data} (models: {', '.join(have)})")
+
+
 def _pseudo(args: argparse.Namespace) -> Any:
     if not args.pseudo:
         return None
@@ -89,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
                             train=TrainConfig(epochs=args.epochs, batch_size=128, lr=3e-4, patience=6,
                                               seed=args.seed))
     name, splits = _splits(args)
+    _check_models(args, splits)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     result = scenario_tables(splits, args.old_model, args.new_model, cfg, scenarios, args.dp_epsilons, args.delta)

@@ -3,7 +3,8 @@
 This is the only code that reads a shard's pairs into a mechanism or spends epsilon.
 It answers two questions per round, both from the device's own shard, ledger and policy:
 
-* **plan** (:func:`plan_round`, no training): would this round stay within the device's
+* **plan** (:func:`plan_round`, no training): is the round for the models the device's shard
+  was embedded with (:func:`shard_refusal`), and would it stay within the device's
   policy and budget? A request beyond the policy (a larger budget or delta, less noise,
   fewer promised arrivals than the policy's ``g``, a non-DP round, too many participations,
   more pairs than a payload may hold) is declined with the reason.
@@ -58,6 +59,9 @@ class RoundRequest:
     server_key_fingerprint: str | None = None
     #: SHA-256 of the whole round config as received (:func:`fed_nessa.privacy.ledger.config_sha256`).
     config_sha256: str | None = None
+    #: The federation's model ids as the round config states them (None: not stated, not checked).
+    enroll_model: str | None = None
+    runtime_model: str | None = None
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,26 @@ def policy_refusal(req: RoundRequest, n: int, cfg: FederationConfig, policy: Dev
     return None
 
 
+def model_refusal(req: RoundRequest, enroll_model: str, runtime_model: str) -> str | None:
+    """Why this device's data (embedded with ``enroll_model`` / ``runtime_model``) does not fit the round.
+
+    A round for other models would train the federation's aligner on pairs of the wrong
+    embedding spaces; the device declines before anything is reserved. None when the ids
+    match or the round states none.
+    """
+    wants = (req.enroll_model, req.runtime_model)
+    has = (enroll_model, runtime_model)
+    if all(w is None or w == h for w, h in zip(wants, has, strict=True)):
+        return None
+    return (f"declined: the round is for models {req.enroll_model} (enroll) / {req.runtime_model} (runtime), "
+            f"this device's shard holds {enroll_model} (enroll) / {runtime_model} (runtime)")
+
+
+def shard_refusal(req: RoundRequest, shard: Shard) -> str | None:
+    """Why this device's shard does not fit the round (model ids), before anything is reserved."""
+    return model_refusal(req, shard.enroll_model, shard.runtime_model)
+
+
 def server_pin_refusal(req: RoundRequest, ledger: DeviceLedger) -> str | None:
     """Why the server's key is not the one this device pinned (None when it is, or nothing is pinned yet)."""
     pinned = getattr(ledger, "pinned_server_fingerprint", None)
@@ -156,7 +180,8 @@ def plan_round(req: RoundRequest, shard: Shard, cfg: FederationConfig, ledger: D
                policy: DevicePolicy) -> ClientOutcome:
     """Policy and budget check only: would this round stay within what the device allows?"""
     policy = _policy_of(ledger, policy)
-    refusal = server_pin_refusal(req, ledger) or policy_refusal(req, shard.n, cfg, policy, ledger)
+    refusal = (server_pin_refusal(req, ledger) or shard_refusal(req, shard)
+               or policy_refusal(req, shard.n, cfg, policy, ledger))
     if refusal is not None:
         return ClientOutcome(ReplyStatus.DECLINED, None, {"reason": refusal})
     event = planned_event(req, shard.n, cfg, policy)

@@ -5,7 +5,8 @@ Both Flower apps import this module and nothing of each other, so a key is named
 Messages per round:
 
 * ``query`` with config record :data:`PLAN_RECORD`: ``phase``, ``round``,
-  :data:`PROMISED_ARRIVALS_KEY` (g, the fewest arrivals the server will unmask) and the
+  :data:`PROMISED_ARRIVALS_KEY` (g, the fewest arrivals the server will unmask), the
+  federation's model ids (:data:`ENROLL_MODEL_KEY`, :data:`RUNTIME_MODEL_KEY`) and the
   fleet size (public; with the run config it fixes the Poisson rate and the calibrated
   sigmas, which every device accounts for as it uses them; it never sizes a noise share). The device
   answers ``status`` (:class:`~fed_nessa.config.ReplyStatus`), ``device_id`` and the
@@ -43,6 +44,10 @@ DEVICE_ID_REPLY_KEY = "device_id"
 SERVER_KEY_FINGERPRINT_KEY = "server-key-fingerprint"
 #: The device's ledger key fingerprint, in its plan reply: the server pins it at first sight.
 KEY_FINGERPRINT_REPLY_KEY = "key_fingerprint"
+#: The federation's model ids (enrollment and runtime side), in every round config: a device whose
+#: shard was embedded with other models declines the round before anything is reserved.
+ENROLL_MODEL_KEY = "enroll-model-id"
+RUNTIME_MODEL_KEY = "runtime-model-id"
 #: The only metrics a device's reply may carry (anything else is dropped on the device).
 #: ``noise_arrivals`` is the g the device sized its noise share for (its policy's, public);
 #: ``key_fingerprint`` is its ledger's public-key fingerprint (public).
@@ -57,12 +62,21 @@ DEVICES_DIR = "devices"
 
 
 def round_config(phase: str, round_num: int, promised: int, fleet: int,
-                 server_key_fingerprint: str | None = None) -> dict[str, Any]:
-    """What every device of a round is told (plan and fit config alike; the fit config adds the codec)."""
+                 server_key_fingerprint: str | None = None, enroll_model: str | None = None,
+                 runtime_model: str | None = None) -> dict[str, Any]:
+    """What every device of a round is told (plan and fit config alike; the fit config adds the codec).
+
+    ``enroll_model`` / ``runtime_model`` are the federation's model ids (public): a device checks
+    them against its shard's. A key left out (None) is not on the wire and not checked.
+    """
     config: dict[str, Any] = {PHASE_KEY: str(phase), ROUND_KEY: round_num, PROMISED_ARRIVALS_KEY: promised,
                               FLEET_SIZE_KEY: fleet}
     if server_key_fingerprint is not None:
         config[SERVER_KEY_FINGERPRINT_KEY] = server_key_fingerprint
+    if enroll_model is not None:
+        config[ENROLL_MODEL_KEY] = str(enroll_model)
+    if runtime_model is not None:
+        config[RUNTIME_MODEL_KEY] = str(runtime_model)
     return config
 
 

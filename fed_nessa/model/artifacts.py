@@ -18,11 +18,24 @@ from typing import Any
 import numpy as np
 
 from fed_nessa.atomic import atomic_write_bytes as _atomic_write
+from fed_nessa.errors import FedNessaError
 
 WEIGHTS_FILE = "aligner.safetensors"
 CARD_FILE = "card.json"
 CARD_SCHEMA_VERSION = 1
 ONNX_FILE = "aligner.onnx"
+
+
+class AlignerFileError(FedNessaError, ValueError):
+    """An aligner folder that cannot be used: a missing, corrupt or self-contradicting card or weights file.
+
+    The message names the file and the fault in one line (the CLI prints it and exits 2).
+    """
+
+
+def shapes_text(tensors: dict[str, np.ndarray]) -> str:
+    """``W 256x100, b 100``: the weights' shapes, for an error line."""
+    return ", ".join(f"{k} {'x'.join(str(d) for d in np.shape(v)) or 'scalar'}" for k, v in sorted(tensors.items()))
 
 
 def card_json(card: dict[str, Any]) -> str:
@@ -52,11 +65,13 @@ def read_weights_and_card(folder: Path) -> tuple[dict[str, np.ndarray], dict[str
     try:
         card = json.loads(card_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{card_path}: corrupt aligner card ({exc})") from None
+        raise AlignerFileError(f"{card_path}: corrupt aligner card ({exc})") from None
+    if not isinstance(card, dict):
+        raise AlignerFileError(f"{card_path}: corrupt aligner card (a JSON {type(card).__name__}, not an object)")
     try:
         tensors = load_file(str(weights_path))
     except Exception as exc:
-        raise ValueError(f"{weights_path}: unreadable aligner weights ({type(exc).__name__}: {exc})") from None
+        raise AlignerFileError(f"{weights_path}: unreadable aligner weights ({type(exc).__name__}: {exc})") from None
     return tensors, card
 
 

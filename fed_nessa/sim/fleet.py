@@ -77,7 +77,7 @@ from fed_nessa.evaluation.protocol import evaluate_eval_set, summary_row
 from fed_nessa.federated import suffstats
 from fed_nessa.federated.codec import SaturationError, SecAggCodec, make_codec
 from fed_nessa.federated.cohort import sample_positions
-from fed_nessa.federated.device import RoundRequest, noise_std, planned_event, policy_refusal
+from fed_nessa.federated.device import RoundRequest, model_refusal, noise_std, planned_event, policy_refusal
 from fed_nessa.federated.layout import trainable
 from fed_nessa.federated.noise_plan import noise_plan
 from fed_nessa.federated.protocol import DEVICES_DIR, round_config
@@ -131,6 +131,8 @@ class FleetState:
     y: torch.Tensor  # (pairs, d_y) runtime embeddings
     starts: np.ndarray  # (devices + 1,) row offsets
     ids: list[str]
+    #: Each device's (enroll, runtime) model ids, as its shard states them (checked every round).
+    models: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def n(self) -> np.ndarray:
@@ -142,7 +144,14 @@ class FleetState:
         starts = np.concatenate([[0], np.cumsum(n)])
         x = torch.from_numpy(np.concatenate([s.enroll for s in shards]).astype(np.float32)).to(device)
         y = torch.from_numpy(np.concatenate([s.runtime for s in shards]).astype(np.float32)).to(device)
-        return cls(x, y, starts, [device_id(i) for i in range(len(shards))])
+        return cls(x, y, starts, [device_id(i) for i in range(len(shards))],
+                   [(s.enroll_model, s.runtime_model) for s in shards])
+
+    def refusal(self, req: RoundRequest, i: int, n: int, cfg: FederationConfig, policy: DevicePolicy,
+                ledger: DeviceLedger) -> str | None:
+        """Device ``i``'s answer to ``req`` before anything is reserved: model ids, then its policy."""
+        models = model_refusal(req, *self.models[i]) if self.models else None
+        return models or policy_refusal(req, n, cfg, policy, ledger)
 
 
 @dataclass
@@ -247,18 +256,20 @@ class FleetEngine:
         cfg, fleet = self.cfg, self.fleet
         cohort = sample_positions(len(fleet.ids), cfg, r, Phase.SUFFSTATS)
         promised = promised_arrivals(cfg, len(cohort))
-        req = RoundRequest(Phase.SUFFSTATS, r, promised, len(fleet.ids))
+        req = RoundRequest(Phase.SUFFSTATS, r, promised, len(fleet.ids), **self._model_ids())
         received = self._send(Phase.SUFFSTATS, r, promised)
         accepted, declined, seqs = [], [], {}
+        reasons: dict[str, int] = {}
         for i in cohort.tolist():
             ledger, policy = book.ledgers[i], book.policies[i]
-            why = policy_refusal(req, int(fleet.n[i]), cfg, policy, ledger)
+            why = fleet.refusal(req, i, int(fleet.n[i]), cfg, policy, ledger)
             event = None if why else planned_event(req, int(fleet.n[i]), cfg, policy)
             if event is not None:
                 decision = ledger.check_budget(event, cfg.epsilon_budget, cfg.delta)
                 why = None if decision.allowed else decision.reason
             if why:
                 declined.append(i)
+                reasons[why] = reasons.get(why, 0) + 1
                 continue
             accepted.append(i)
             if event is not None:
@@ -288,7 +299,8 @@ class FleetEngine:
         dropped = sorted(set(accepted) - set(arrived))
         fed_ledger.record_round(r, [ids[i] for i in arrived], [ids[i] for i in declined], [ids[i] for i in dropped],
                                 {"phase": str(Phase.SUFFSTATS), "status": str(status), "note": note,
-                                 "guaranteed_arrivals": promised, "engine": ENGINE, **self._sent_extra([r])})
+                                 "guaranteed_arrivals": promised, "engine": ENGINE, "decline_reasons": reasons,
+                                 **self._sent_extra([r])})
         return self._entry(r, Phase.SUFFSTATS, status, note, len(arrived), len(declined), len(dropped), book)
 
     def _dropouts(self, accepted: list[int]) -> list[int]:
@@ -376,8 +388,8 @@ class FleetEngine:
                 continue
             ledger, policy = book.ledgers[i], book.policies[i]
             req = RoundRequest(Phase.DPSGD, rounds[0], promised_arrivals(cfg, cfg.cohort_size(len(fleet.ids))),
-                               len(fleet.ids))
-            why = policy_refusal(req, int(fleet.n[i]), cfg, policy, ledger)
+                               len(fleet.ids), **self._model_ids())
+            why = fleet.refusal(req, i, int(fleet.n[i]), cfg, policy, ledger)
             if why:
                 book.refused[i] = why
                 continue
@@ -519,9 +531,13 @@ class FleetEngine:
         return vectors
 
     # -- evidence: pins and what each round sent ------------------------------------------
+    def _model_ids(self) -> dict[str, str]:
+        """The federation's model ids, stated in every round (a device with other models declines)."""
+        return {"enroll_model": self.data.enroll_model, "runtime_model": self.data.runtime_model}
+
     def _send(self, phase: Phase, r: int, promised: int) -> dict[str, Any]:
         """Hash the model and round config of round ``r`` (what every device of the round receives)."""
-        config = round_config(str(phase), r, promised, len(self.fleet.ids), self._server_fp)
+        config = round_config(str(phase), r, promised, len(self.fleet.ids), self._server_fp, **self._model_ids())
         self._sent[r] = (model_sha256(self.model.vector()), config_sha256(config))
         return {"round": r, "model_sha256": self._sent[r][0], "config_sha256": self._sent[r][1],
                 "server_key_fingerprint": self._server_fp}

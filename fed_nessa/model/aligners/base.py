@@ -22,7 +22,9 @@ from fed_nessa.model.artifacts import (
     CARD_FILE,
     CARD_SCHEMA_VERSION,
     WEIGHTS_FILE,
+    AlignerFileError,
     read_weights_and_card,
+    shapes_text,
     write_weights_and_card,
 )
 
@@ -124,19 +126,49 @@ class Aligner(ABC):
         return write_weights_and_card(Path(out_dir), self.tensors(), self.card())
 
 
+def _card_dim(card: dict[str, Any], key: str, card_path: Path) -> int:
+    value = card.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise AlignerFileError(f"{card_path}: {key} must be a positive integer, got {value!r}")
+    return value
+
+
 def load_aligner(path: str | Path) -> Aligner:
-    """Load any aligner saved by :meth:`Aligner.save` (the card names the method)."""
-    tensors, card = read_weights_and_card(Path(path))
+    """Load any aligner saved by :meth:`Aligner.save` (the card names the method).
+
+    The weights are checked against the card: they must load into the method's model for the
+    card's ``d_x`` / ``d_y`` and map one row of each side to rows of one common width. Any
+    disagreement is an :class:`~fed_nessa.model.artifacts.AlignerFileError` naming both files.
+    """
+    folder = Path(path)
+    card_path, weights_path = folder / CARD_FILE, folder / WEIGHTS_FILE
+    tensors, card = read_weights_and_card(folder)
     method = card.get("method")
     cls = Aligner.registry.get(method) if isinstance(method, str) else None
     if cls is None:
-        raise ValueError(f"{Path(path) / CARD_FILE}: unknown aligner method {method!r}")
+        raise AlignerFileError(f"{card_path}: unknown aligner method {method!r}")
+    params = card.get("params", {})
+    if not isinstance(params, dict):
+        raise AlignerFileError(f"{card_path}: params must be a JSON object, got {type(params).__name__}")
     info = AlignerInfo(
-        d_x=int(card["d_x"]), d_y=int(card["d_y"]), enroll_model=card.get("enroll_model", "unknown"),
-        runtime_model=card.get("runtime_model", "unknown"), training=card.get("training", {}),
-        metrics=card.get("metrics", {}),
+        d_x=_card_dim(card, "d_x", card_path), d_y=_card_dim(card, "d_y", card_path),
+        enroll_model=card.get("enroll_model", "unknown"), runtime_model=card.get("runtime_model", "unknown"),
+        training=card.get("training", {}), metrics=card.get("metrics", {}),
     )
+    mismatch = (f"{weights_path}: weights ({shapes_text(tensors) or 'none'}) do not match {card_path} "
+                f"(method {method}, d_x {info.d_x}, d_y {info.d_y})")
     obj = cls.__new__(cls)
     Aligner.__init__(obj, info)
-    obj._load_tensors(tensors, card.get("params", {}))
+    try:
+        obj._load_tensors(tensors, params)
+        # One zero row per side: both maps must run and agree on the width of the scoring space.
+        enroll = obj.map_enroll(np.zeros((1, info.d_x), np.float32))
+        runtime = obj.map_runtime(np.zeros((1, info.d_y), np.float32))
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()][:2]  # torch: a heading + a line
+        detail = " ".join(lines)[:300] or type(exc).__name__
+        raise AlignerFileError(f"{mismatch}: {detail}") from None
+    if np.shape(enroll) != np.shape(runtime) or np.ndim(runtime) != 2:
+        raise AlignerFileError(f"{mismatch}: runtime rows map to width {np.shape(runtime)[-1]}, "
+                               f"enrollment rows to {np.shape(enroll)[-1]}")
     return obj
