@@ -41,6 +41,7 @@ from those lines.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import resource
@@ -137,6 +138,11 @@ class FleetState:
     @property
     def n(self) -> np.ndarray:
         return np.diff(self.starts)
+
+    @functools.cached_property
+    def owner(self) -> np.ndarray:
+        """The device index of every pair (computed once: the fast numerics use it every round)."""
+        return np.repeat(np.arange(len(self.ids)), self.n)
 
     @classmethod
     def from_shards(cls, shards: tuple[Shard, ...] | list[Shard], device: torch.device) -> FleetState:
@@ -464,7 +470,7 @@ class FleetEngine:
     def _sample(self, arrived: list[int], r: int, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(rows, position in ``arrived``) of the fast numerics' fleet-wide Poisson sample."""
         fleet = self.fleet
-        owner_all = np.repeat(np.arange(len(fleet.ids)), fleet.n)
+        owner_all = fleet.owner
         position = np.full(len(fleet.ids), -1)
         position[np.asarray(arrived, np.int64)] = np.arange(len(arrived))
         rows_all = np.flatnonzero(position[owner_all] >= 0)
