@@ -84,6 +84,13 @@ class FleetNumerics(StrEnum):
     FAST = "fast"  # distribution-equivalent: one draw for the summed noise and rounding error
 
 
+class PrivacyUnit(StrEnum):
+    """Whose data one guarantee protects (docs/privacy.md "Example-level and device-level")."""
+
+    EXAMPLE = "example"  # one utterance pair: per-example clipping (DP-SGD, statistics of one pair)
+    DEVICE = "device"  # everything one device holds: its whole round contribution clipped
+
+
 class DataSourceName(StrEnum):
     SYNTHETIC = "synthetic"
     REAL_DEV = "real-dev"
@@ -150,6 +157,11 @@ class FederationConfig:
     validation_speakers: int = 100  # synthetic: the server's own validation speakers for the gate
     dropout_rate: float = 0.0  # fleet engine: chance an accepted device drops out before sending
     budget_split: float = 0.0  # share of epsilon-budget for the statistics round; 0: sigmas as given
+    privacy_unit: str = "example"  # "device": each device clips its whole round contribution
+    device_clip_norm: float = 0.1  # device level: L2 bound on a device's clipped mean-gradient update
+    device_stats_pairs: int = 100  # device level: a device's statistics weigh at most this many pairs
+    device_batch: int = 16  # device level: pairs a device draws (secretly) for its round's mean gradient; 0: all
+    references: bool = True  # fleet engine: fit the pooled non-DP references (false: a study reuses them)
 
     def cohort_size(self, fleet: int) -> int:
         """Devices sampled per DP-SGD round in a fleet of ``fleet`` (0 means all of them)."""
@@ -320,11 +332,20 @@ def _check_ranges(c: FederationConfig) -> list[str]:
     _range(p, "budget-split", c.budget_split, 0.0, 1.0)
     _range(p, "validation-speakers", c.validation_speakers, 0, 1_000_000)
     _range(p, "dropout-rate", c.dropout_rate, 0.0, 0.99)
-    if c.budget_split > 0 and c.sample_rate <= 0:
+    if c.budget_split > 0 and c.sample_rate <= 0 and c.privacy_unit != PrivacyUnit.DEVICE:
         p.append("budget-split > 0 calibrates one DP-SGD noise multiplier for every device: it needs a fleet-wide "
                  "sample-rate > 0 (with q = 1/ceil(n/batch-size) each device's rate, and so its sigma, would differ)")
     if c.budget_split > 0 and c.dp_mode == DPMode.NONE:
         p.append("budget-split > 0 needs a DP mode (dp-mode is 'none')")
+    _choice(p, "privacy-unit", c.privacy_unit, tuple(u.value for u in PrivacyUnit))
+    _range(p, "device-clip-norm", c.device_clip_norm, 0.0, 1e6, lo_open=True)
+    _range(p, "device-stats-pairs", c.device_stats_pairs, 1, 10_000_000)
+    _range(p, "device-batch", c.device_batch, 0, 10_000_000)
+    if c.privacy_unit == PrivacyUnit.DEVICE and c.dp_mode == DPMode.LOCAL:
+        p.append("privacy-unit = 'device' adds distributed noise shares under SecAgg+: it needs dp-mode "
+                 "'distributed' (or 'none' for a non-DP baseline), got 'local'")
+    if c.privacy_unit == PrivacyUnit.DEVICE and c.budget_split > 0 and c.sample_rate > 0:
+        p.append("privacy-unit = 'device' uses no sampling (q = 1 per participation): leave sample-rate at 0")
     return p
 
 
@@ -391,6 +412,10 @@ class DevicePolicy:
     max_participations: int = 100_000
     #: whether the device answers rounds that add no DP noise at all (research baselines only)
     allow_non_dp: bool = False
+    #: the unit its epsilon-budget is stated in: "device" declines every example-level round
+    privacy_unit: str = "example"
+    #: fewest rounds between two of its participations (1: consecutive rounds allowed)
+    min_separation: int = 1
 
     def to_node_config(self) -> dict[str, bool | int | float | str]:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -417,6 +442,8 @@ def _policy_problems(p: DevicePolicy) -> list[str]:
     _range(out, "guaranteed-arrivals", p.guaranteed_arrivals, 1, 10_000_000)
     _range(out, "max-pairs-per-payload", p.max_pairs_per_payload, 1, 10_000_000)
     _range(out, "max-participations", p.max_participations, 0, 10_000_000)
+    _choice(out, "privacy-unit", p.privacy_unit, tuple(u.value for u in PrivacyUnit))
+    _range(out, "min-separation", p.min_separation, 1, 10_000_000)
     return out
 
 

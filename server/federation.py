@@ -21,6 +21,8 @@ centralised comparison rows (simulation), ``report.md`` and the plots.
 
 from __future__ import annotations
 
+import math
+
 import logging
 import statistics
 import time
@@ -294,11 +296,16 @@ class Federation:
         paths: dict[str, str] = {}
         eps = dict(self.device_epsilon)
         if folder.is_dir():
+            from fed_nessa.privacy.accounting import UnitNotCoveredError
             from fed_nessa.privacy.ledger import DEVICE_LEDGER_NAME, DeviceLedger
 
             for dev_dir in sorted(p for p in folder.iterdir() if (p / DEVICE_LEDGER_NAME).is_file()):
                 paths[dev_dir.name] = str((dev_dir / DEVICE_LEDGER_NAME).relative_to(self.run_dir))
-                eps[dev_dir.name] = float(DeviceLedger.open(dev_dir, dev_dir.name).epsilon(self.cfg.delta))
+                ledger = DeviceLedger.open(dev_dir, dev_dir.name)
+                try:  # in the run's unit: a history with no bound in it makes the claim fail loudly
+                    eps[dev_dir.name] = float(ledger.epsilon(self.cfg.delta, unit=self.cfg.privacy_unit))
+                except UnitNotCoveredError:
+                    eps[dev_dir.name] = math.inf
         return eps, paths
 
     def summary(self, final: dict[str, Any] | None) -> dict[str, Any]:

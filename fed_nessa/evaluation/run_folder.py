@@ -50,7 +50,7 @@ def privacy_block(cfg: FederationConfig, device_epsilons: dict[str, float], ledg
         block = privacy_statement(cfg.dp_mode, cfg.delta, cfg.epsilon_budget, accountant,
                                   min_arrivals=cfg.min_arrivals,
                                   reconstruction_threshold=cfg.secagg_reconstruction_threshold,
-                                  reproducible_noise=cfg.reproducible_noise)
+                                  reproducible_noise=cfg.reproducible_noise, unit=cfg.privacy_unit)
         if noise_source is not None and not cfg.reproducible_noise:
             block["noise_source"] = noise_source
     block.update({
@@ -194,7 +194,8 @@ def render_report(summary: dict[str, Any]) -> str:
         f"- mode: {priv['mode']}. Trust: {priv['trust']}",
         f"- accountant: {priv['accountant']}, delta {priv['delta']:g}, budget epsilon {priv['epsilon_budget']} "
         "per device (the run's request; each device's own policy, fixed in its ledger header, decides)",
-        *([f"- noise: {priv['noise_source']}"] if priv.get("guarantee_holds", True) else []),
+        *([f"- noise: {priv['noise_source']}"] if priv.get("guarantee_holds", True) and "noise_source" in priv
+          else []),  # a run without DP (dp-mode none) has no noise to state
         f"- epsilon over devices: max {priv['epsilon_max']:.3f}, median {priv['epsilon_median']:.3f}; all within "
         f"budget: {priv['devices_within_budget']}",
         "- per-device ledgers: see `privacy.device_ledgers` in summary.json",

@@ -20,6 +20,13 @@ It answers two questions per round, both from the device's own shard, ledger and
     ``distributed``: ONE sum of per-example clipped gradients of a secret Poisson sample
     plus a noise share of std ``sigma * C / sqrt(g)``, ``g`` the device's own policy's.
 
+``privacy-unit = device`` (distributed only): the device clips its WHOLE round contribution,
+the statistics weighted by ``min(1, K / n)`` (K = ``device-stats-pairs``, sensitivity K) and
+the mean gradient over all its pairs clipped to ``device-clip-norm``, plus a noise share; no
+sampling, so the event is a Gaussian sum with q = 1. The device's policy sets its unit, its
+participation limit and the fewest rounds between two participations (``min-separation``). ``device-batch`` bounds the pairs the mean gradient is computed on (a
+secret uniform subset from the device's noise stream; compute only, no amplification claimed).
+
 Noise shares are sized from the device's policy, never from a number the server sends:
 the server's promise of ``g`` arrivals can only make a device decline, never shrink its
 noise. Nothing derived from the data leaves except the vector and the reply metrics of
@@ -33,13 +40,21 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fed_nessa.config import DevicePolicy, DPMode, FederationConfig, Phase, ReplyStatus
+from fed_nessa.config import DevicePolicy, DPMode, FederationConfig, Phase, PrivacyUnit, ReplyStatus
 from fed_nessa.data.shards import Shard
 from fed_nessa.federated import suffstats
 from fed_nessa.federated.layout import build_net, flat, load_flat, trainable
 from fed_nessa.federated.noise_plan import noise_plan
-from fed_nessa.model.training import DPConfig, TrainConfig, dp_sample_rate, dp_steps, noisy_gradient_sum, train_local
-from fed_nessa.privacy.events import DISTRIBUTED, DP_SGD, GAUSSIAN_SUM, LOCAL, DPEvent
+from fed_nessa.model.training import (
+    DPConfig,
+    TrainConfig,
+    device_update,
+    dp_sample_rate,
+    dp_steps,
+    noisy_gradient_sum,
+    train_local,
+)
+from fed_nessa.privacy.events import DEVICE, DISTRIBUTED, DP_SGD, GAUSSIAN_SUM, LOCAL, DPEvent
 from fed_nessa.privacy.ledger import DeviceLedger, model_sha256
 from fed_nessa.privacy.noise import REPRODUCIBLE_WARNING, NoiseSource, noise_source
 
@@ -90,10 +105,33 @@ def noise_std(cfg: FederationConfig, policy: DevicePolicy, sigma: float, sensiti
     return sigma * sensitivity
 
 
+def device_sensitivity(phase: Phase, cfg: FederationConfig) -> float:
+    """L2 bound of one device's whole contribution at device level (the noise is sized to it)."""
+    return cfg.device_stats_pairs * SUFFSTATS_SENSITIVITY if phase == Phase.SUFFSTATS else cfg.device_clip_norm
+
+
+def stats_weight(n: int, cfg: FederationConfig) -> float:
+    """Device level: the weight of a device's statistics, so at most K pairs' worth enters the sum."""
+    return min(1.0, cfg.device_stats_pairs / max(n, 1))
+
+
+def _device_event(req: RoundRequest, cfg: FederationConfig, policy: DevicePolicy, sigma: float,
+                  source: str) -> DPEvent:
+    what = (f"sufficient statistics weighted min(1, {cfg.device_stats_pairs}/n)" if req.phase == Phase.SUFFSTATS
+            else "mean gradient over all the device's pairs, clipped as one vector")
+    return DPEvent(round=req.round, mechanism=GAUSSIAN_SUM, steps=1, sample_rate=1.0, noise_multiplier=sigma,
+                   clip_norm=device_sensitivity(req.phase, cfg), delta=policy.delta, mode=DISTRIBUTED,
+                   unit=DEVICE, note=f"device level: {what}; no sampling; noise share sized for g = "
+                                     f"{policy.guaranteed_arrivals} arrivals; {source}")
+
+
 def planned_event(req: RoundRequest, n: int, cfg: FederationConfig, policy: DevicePolicy) -> DPEvent | None:
     """The DP event a device with ``n`` pairs would spend in this round (None without DP)."""
     if cfg.dp_mode == DPMode.NONE:
         return None
+    if cfg.privacy_unit == PrivacyUnit.DEVICE:
+        source = REPRODUCIBLE_WARNING if cfg.reproducible_noise else "noise from the OS CSPRNG"
+        return _device_event(req, cfg, policy, _sigma(req, cfg), source)
     phase, round_num, sigma = req.phase, req.round, _sigma(req, cfg)
     distributed = cfg.dp_mode == DPMode.DISTRIBUTED
     mode = DISTRIBUTED if distributed else LOCAL
@@ -126,13 +164,32 @@ def policy_refusal(req: RoundRequest, n: int, cfg: FederationConfig, policy: Dev
     if cfg.dp_mode == DPMode.DISTRIBUTED and req.promised_arrivals < policy.guaranteed_arrivals:
         return (f"declined: the server promises to unmask sums of >= {req.promised_arrivals} devices, fewer than "
                 f"the g = {policy.guaranteed_arrivals} this device's noise share is sized for")
+    if policy.privacy_unit == PrivacyUnit.DEVICE and cfg.privacy_unit != PrivacyUnit.DEVICE:
+        return ("declined: this device's policy budgets per device and the round is example-level (it would "
+                "bound one pair, not everything the device holds)")
     if ledger.participations() >= policy.max_participations:
         return (f"declined: this device has joined {ledger.participations()} round(s), its policy's limit is "
                 f"{policy.max_participations}")
+    separation = separation_refusal(req.round, ledger.rounds(), policy)
+    if separation:
+        return separation
     bound = min(policy.max_pairs_per_payload, cfg.max_pairs_per_device)
-    if req.phase == Phase.SUFFSTATS and n > bound:
+    # At device level the statistics carry at most device-stats-pairs pairs' weight, whatever n.
+    carried = min(n, cfg.device_stats_pairs) if cfg.privacy_unit == PrivacyUnit.DEVICE else n
+    if req.phase == Phase.SUFFSTATS and carried > bound:
         return (f"declined: the device holds {n} pairs, more than one statistics payload may carry ({bound}: "
                 "max-pairs-per-device of the run, max-pairs-per-payload of the policy)")
+    return None
+
+
+def separation_refusal(round_num: int, joined: set[int] | list[int], policy: DevicePolicy) -> str | None:
+    """Why joining ``round_num`` breaks the policy's ``min-separation`` from the rounds already joined."""
+    if policy.min_separation <= 1 or not joined:
+        return None
+    closest = min(joined, key=lambda r: abs(round_num - r))
+    if abs(round_num - closest) < policy.min_separation:
+        return (f"declined: round {round_num} is {abs(round_num - closest)} round(s) from round {closest} this "
+                f"device joined; its policy's min-separation is {policy.min_separation}")
     return None
 
 
@@ -233,6 +290,8 @@ def suffstats_vector(shard: Shard) -> np.ndarray:
 def _compute(req: RoundRequest, shard: Shard, global_vector: np.ndarray, cfg: FederationConfig,
              policy: DevicePolicy, noise: NoiseSource) -> np.ndarray:
     sigma = _sigma(req, cfg)
+    if cfg.privacy_unit == PrivacyUnit.DEVICE:
+        return _device_level(req, shard, global_vector, cfg, policy, noise, sigma)
     if req.phase == Phase.SUFFSTATS:
         vec = suffstats_vector(shard)
         if cfg.dp_mode != DPMode.NONE:
@@ -255,3 +314,32 @@ def _compute(req: RoundRequest, shard: Shard, global_vector: np.ndarray, cfg: Fe
     if norm > cfg.update_clip:  # bounds SecAgg+'s range; not a privacy mechanism
         delta *= cfg.update_clip / norm
     return delta
+
+
+def _device_level(req: RoundRequest, shard: Shard, global_vector: np.ndarray, cfg: FederationConfig,
+                  policy: DevicePolicy, noise: NoiseSource, sigma: float) -> np.ndarray:
+    """The device's whole contribution clipped to :func:`device_sensitivity`, plus its noise share."""
+    dp = cfg.dp_mode != DPMode.NONE
+    std = noise_std(cfg, policy, sigma, device_sensitivity(req.phase, cfg)) if dp else 0.0
+    if req.phase == Phase.SUFFSTATS:
+        vec = suffstats_vector(shard) * stats_weight(shard.n, cfg)
+        if dp:
+            vec = vec + noise.normal(vec.shape, std)
+        return np.asarray(vec, np.float32)
+    net = build_net(cfg, shard.d_x, shard.d_y)
+    load_flat(list(net.parameters()), np.asarray(global_vector, np.float32))
+    rows = device_subset(noise.uniform(shard.n), cfg.device_batch)
+    return device_update(net, shard.enroll[rows], shard.runtime[rows], clip_norm=cfg.device_clip_norm,
+                         noise_std=std, noise=noise)
+
+
+def device_subset(uniforms: np.ndarray, batch: int) -> np.ndarray:
+    """The rows of a device-level round: the ``batch`` with the smallest uniforms, in order (0: all).
+
+    A compute bound, not a privacy mechanism: the clipped mean over these rows is still
+    one vector of norm <= clip, and no amplification is claimed from drawing them.
+    """
+    n = len(uniforms)
+    if batch <= 0 or batch >= n:
+        return np.arange(n)
+    return np.sort(np.argsort(uniforms, kind="stable")[:batch])

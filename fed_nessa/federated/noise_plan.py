@@ -19,6 +19,11 @@ budget split the statistics round then gets the whole budget. The threshold is c
 by the fleet study in docs/results.md (500 full-participation rounds of ~22.8k examples: DP
 NESSA beat the linear start at 32,189 and lost at 21,540 and below). That is an in-sample
 calibration on the synthetic generator, so the promotion gate still checks every run it passes.
+
+``privacy-unit = device``: every participation is one Gaussian sum with q = 1 (no sampling,
+so no amplification), and the calibration composes exactly those. The auto rule's threshold
+was measured for example-level rounds only, so a device-level ``auto`` run always tries DP
+NESSA rounds and leaves the choice to the promotion gate (the plan's reason says so).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from fed_nessa.config import AlignerChoice, FederationConfig, LinearStart
+from fed_nessa.config import AlignerChoice, FederationConfig, LinearStart, PrivacyUnit
 from fed_nessa.privacy.calibration import sigma_for_epsilon
 
 #: Clipped examples per unit of noise std in one DP-SGD round above which DP NESSA is tried.
@@ -69,12 +74,18 @@ def noise_plan(cfg: FederationConfig, fleet: int) -> NoisePlan:
     """The sigmas, q and shipped aligner for a fleet of ``fleet`` devices (cohorts from ``clients-per-round``)."""
     dp_cohort = cfg.cohort_size(fleet)
     rounds = math.ceil(dpsgd_rounds(cfg) * dp_cohort / max(fleet, 1))
-    q = cfg.round_sample_rate(1, fleet, dp_cohort) if cfg.sample_rate > 0 else 0.0
+    device_unit = cfg.privacy_unit == PrivacyUnit.DEVICE
+    q = 1.0 if device_unit else (cfg.round_sample_rate(1, fleet, dp_cohort) if cfg.sample_rate > 0 else 0.0)
     s_sigma, sigma = _split(cfg, q, rounds)
-    signal = _signal(cfg, dp_cohort, q, sigma) if rounds else 0.0
+    signal = (dp_cohort / max(sigma * cfg.device_clip_norm, 1e-12) if device_unit
+              else _signal(cfg, dp_cohort, q, sigma)) if rounds else 0.0
     uses_stats = cfg.linear_start == LinearStart.SUFFSTATS
     choice = AlignerChoice(cfg.aligner)
-    if choice == AlignerChoice.AUTO:
+    if choice == AlignerChoice.AUTO and device_unit:
+        choice = AlignerChoice.NESSA if rounds > 0 else AlignerChoice.LINEAR
+        reason = (f"aligner auto, device level: {signal:.0f} devices per unit noise std per round; no calibrated "
+                  "threshold at this unit, so DP-SGD NESSA rounds run and the promotion gate decides")
+    elif choice == AlignerChoice.AUTO:
         go = rounds > 0 and (signal >= AUTO_SIGNAL_THRESHOLD or not uses_stats)
         choice = AlignerChoice.NESSA if go else AlignerChoice.LINEAR
         reason = (f"aligner auto: {signal:.0f} clipped examples per unit noise std per round "

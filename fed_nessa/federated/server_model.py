@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fed_nessa.config import AlignerChoice, DPMode, FederationConfig, LinearStart, Phase, ServerOptimizer
+from fed_nessa.config import AlignerChoice, DPMode, FederationConfig, LinearStart, Phase, PrivacyUnit, ServerOptimizer
 from fed_nessa.federated import suffstats
 from fed_nessa.federated.layout import build_net, flat, load_flat, nessa_config, trainable
 from fed_nessa.federated.noise_plan import NoisePlan
@@ -79,6 +79,11 @@ class ServerModel:
         the largest device (``max-pairs-per-device``) or, with q = 1/ceil(n/B), by 4B.
         """
         dp = self.cfg.dp_mode != DPMode.NONE
+        if self.device_unit:
+            # A device-level vector: weighted statistics (<= K pairs' worth) or a clipped mean gradient.
+            sigma = plan.suffstats_sigma if phase == Phase.SUFFSTATS else plan.dpsgd_sigma
+            sens = self.device_sensitivity(phase)
+            return sens + (PAYLOAD_SIGMAS * sigma * sens if dp else 0.0)
         if phase == Phase.SUFFSTATS:
             noise = PAYLOAD_SIGMAS * plan.suffstats_sigma * suffstats.SENSITIVITY if dp else 0.0
             return float(self.cfg.max_pairs_per_device) + noise
@@ -86,6 +91,17 @@ class ServerModel:
             noise = PAYLOAD_SIGMAS * plan.dpsgd_sigma * self.cfg.clip_norm
             return self.cfg.clip_norm * max_sampled(self.cfg, plan.sample_rate) + noise
         return float(self.cfg.update_clip)
+
+    @property
+    def device_unit(self) -> bool:
+        """Whether each device clips its whole round contribution (``privacy-unit = device``)."""
+        return self.cfg.privacy_unit == PrivacyUnit.DEVICE
+
+    def device_sensitivity(self, phase: Phase) -> float:
+        """Device level: the L2 bound of one device's vector (the devices compute the same number)."""
+        if phase == Phase.SUFFSTATS:
+            return self.cfg.device_stats_pairs * suffstats.SENSITIVITY
+        return self.cfg.device_clip_norm
 
     def apply(self, phase: Phase, aggregate_sum: np.ndarray, n_arrived: int,
               noise_arrivals: Sequence[int] = (), quantization_std: float = 0.0,
@@ -128,7 +144,8 @@ class ServerModel:
         """Per-entry DP noise variance in a released statistics sum (0 without DP)."""
         if self.cfg.dp_mode == DPMode.NONE:
             return 0.0
-        sigma = (self.cfg.suffstats_noise_multiplier if sigma_s is None else sigma_s) * suffstats.SENSITIVITY
+        sens = self.device_sensitivity(Phase.SUFFSTATS) if self.device_unit else suffstats.SENSITIVITY
+        sigma = (self.cfg.suffstats_noise_multiplier if sigma_s is None else sigma_s) * sens
         if self.cfg.dp_mode == DPMode.LOCAL:
             return n_arrived * sigma ** 2
         gs = list(noise_arrivals) or [self.cfg.min_arrivals] * n_arrived
@@ -137,7 +154,10 @@ class ServerModel:
     def _apply_gradient(self, grad_sum: np.ndarray, n_arrived: int) -> None:
         params = trainable(self.net)
         offset = 0
-        g = torch.from_numpy(grad_sum / max(n_arrived * self.cfg.batch_size, 1))
+        # Example level: a sum of ~batch-size clipped gradients per device; device level: one
+        # clipped mean gradient per device. Either way the step follows the mean per device.
+        per_device = 1 if self.device_unit else self.cfg.batch_size
+        g = torch.from_numpy(grad_sum / max(n_arrived * per_device, 1))
         for p in params:
             p.grad = g[offset:offset + p.numel()].view_as(p).clone()
             offset += p.numel()

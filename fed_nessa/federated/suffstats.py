@@ -65,11 +65,19 @@ def _triu_scale(k: int) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
     return (rows, cols), np.where(rows == cols, 1.0, math.sqrt(2.0))
 
 
-def device_vector(enroll: np.ndarray, runtime: np.ndarray) -> np.ndarray:
-    """One device's un-noised contribution (float64; rows are normalised here, whatever came in)."""
+def device_vector(enroll: np.ndarray, runtime: np.ndarray, row_weights: np.ndarray | None = None) -> np.ndarray:
+    """One device's un-noised contribution (float64; rows are normalised here, whatever came in).
+
+    ``row_weights`` (>= 0, one per pair) weigh each pair's term: every entry is a product of
+    two row values, so scaling both rows by ``sqrt(w)`` scales the pair's whole term by ``w``
+    (device level: a device's statistics weighted by ``min(1, K / n)``).
+    """
     if len(enroll) != len(runtime):
         raise ValueError(f"{len(enroll)} enrollment rows but {len(runtime)} runtime rows")
     t, x = augment(runtime), _unit_rows(enroll)
+    if row_weights is not None:
+        root = np.sqrt(np.asarray(row_weights, np.float64))[:, None]
+        t, x = t * root, x * root
     idx, scale = _triu_scale(t.shape[1])
     gram = (t.T @ t)[idx] * scale
     cross = (t.T @ x).ravel()

@@ -356,6 +356,42 @@ def noisy_gradient_sum(model: nn.Module, enroll: np.ndarray, runtime: np.ndarray
     return grad
 
 
+#: Opacus' guard in its clip factor ``C / (norm + 1e-6)``; the device-level clip uses the same.
+CLIP_GUARD = 1e-6
+
+
+def device_clip_factor(norm: float | np.ndarray | torch.Tensor, clip_norm: float) -> Any:
+    """``min(1, C / (norm + 1e-6))``: how much a device-level update is scaled down."""
+    if isinstance(norm, torch.Tensor):
+        return (clip_norm / (norm + CLIP_GUARD)).clamp(max=1.0)
+    return np.minimum(1.0, clip_norm / (np.asarray(norm, np.float64) + CLIP_GUARD))
+
+
+def device_update(model: nn.Module, enroll: np.ndarray, runtime: np.ndarray, *, clip_norm: float,
+                  noise_std: float, noise: NoiseSource | None = None, loss: str = "cosine") -> np.ndarray:
+    """A device's whole round contribution at device level: ``clip(mean_i grad_i) + N(0, std^2 I)``.
+
+    The mean gradient over ALL the device's pairs (no sampling: the device-level guarantee
+    claims no amplification) is clipped as one vector to ``clip_norm``, so adding or removing
+    the whole device moves the released sum by at most ``clip_norm``. The noise share is one
+    Gaussian per trainable parameter tensor in order, drawn from ``noise`` (default: the OS CSPRNG).
+    """
+    x, y = _tensors(enroll, runtime)
+    stream = noise if noise is not None else SecureNoise()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if x.shape[0] > 0:
+        grads = torch.autograd.grad(pair_loss(model, x, y, loss).mean(), params)
+        flat = torch.cat([g.reshape(-1) for g in grads]).detach().double()
+        flat = flat * device_clip_factor(torch.linalg.vector_norm(flat), clip_norm)
+    else:
+        flat = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)
+    out = flat.numpy()
+    if noise_std > 0:
+        out = out + np.concatenate([np.asarray(stream.normal(tuple(p.shape), noise_std)).reshape(-1)
+                                    for p in params])
+    return out.astype(np.float32)
+
+
 def _dp_optimizer(inner: torch.optim.Optimizer, noise_multiplier: float, max_grad_norm: float,
                   expected_batch_size: int, noise: NoiseSource) -> Any:
     """Opacus' DPOptimizer (clipping, accumulation) with its Gaussian drawn from ``noise``.

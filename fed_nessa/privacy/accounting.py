@@ -23,13 +23,14 @@ the same schedule has 10,000 ledgers but one history to account.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Sequence
 
 import numpy as np
 
-from fed_nessa.privacy.events import DPEvent
+from fed_nessa.privacy.events import DEVICE, EXAMPLE, UNITS, DPEvent
 
 RDP = "rdp"
 PRV = "prv"
@@ -45,9 +46,39 @@ PRV_EPS_ERROR = 0.01
 #: 1e-3 and 1e-4 agree to 3 decimals on the field-notes table and 1e-3 is ~10x faster.
 PLD_DISCRETIZATION = 1e-3
 
+#: Largest L2 change of a device-level contribution when ONE example of the device changes,
+#: in units of the device clip: both the old and the new contribution have norm <= clip.
+EXAMPLE_PER_DEVICE_SENSITIVITY = 2.0
+
 History = list[tuple[float, float, int]]  # (sample_rate, noise_multiplier, steps)
 #: A history as the accountants see it, in order: one (q, sigma, steps) per event.
-AccountingKey = tuple[tuple[float, float, int], ...]
+AccountingKey = tuple[tuple[float, float, int, str], ...]
+
+
+class UnitNotCoveredError(ArithmeticError):
+    """A device-level epsilon was asked of a history with example-level events (no device bound)."""
+
+
+def for_unit(events: Sequence[DPEvent], unit: str = EXAMPLE) -> list[DPEvent]:
+    """The events as the accountants must see them for a guarantee in ``unit``.
+
+    ``example``: an example-level event as recorded; a device-level event with its noise
+    multiplier halved, because changing one example changes the device's clipped
+    contribution by at most :data:`EXAMPLE_PER_DEVICE_SENSITIVITY` x clip.
+    ``device``: device-level events as recorded; an example-level event that spent anything
+    bounds nothing about a whole device (only group privacy would), so the history is not
+    covered and :class:`UnitNotCoveredError` is raised.
+    """
+    if unit not in UNITS:
+        raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
+    if unit == DEVICE:
+        uncovered = [ev for ev in events if ev.unit != DEVICE and ev.steps > 0]
+        if uncovered:
+            raise UnitNotCoveredError(f"{len(uncovered)} example-level event(s) (first: round {uncovered[0].round}) "
+                                      "give no device-level guarantee")
+        return list(events)
+    return [ev if ev.unit == EXAMPLE else dataclasses.replace(
+        ev, noise_multiplier=ev.noise_multiplier / EXAMPLE_PER_DEVICE_SENSITIVITY) for ev in events]
 
 
 def history(events: Sequence[DPEvent]) -> History:
@@ -65,10 +96,10 @@ def history(events: Sequence[DPEvent]) -> History:
     return [(q, sigma, steps) for (q, sigma), steps in totals.items()]
 
 
-def compute_epsilon(events: Sequence[DPEvent], delta: float, accountant: str = RDP) -> float:
-    """Epsilon at ``delta`` of all ``events`` composed (0.0 for an empty history)."""
+def compute_epsilon(events: Sequence[DPEvent], delta: float, accountant: str = RDP, unit: str = EXAMPLE) -> float:
+    """Epsilon at ``delta`` of all ``events`` composed, for a guarantee in ``unit`` (0.0 for an empty history)."""
     _check_args(delta, accountant)
-    groups = history(events)
+    groups = history(for_unit(events, unit))
     if not groups:
         return 0.0
     if accountant == RDP:
@@ -78,9 +109,11 @@ def compute_epsilon(events: Sequence[DPEvent], delta: float, accountant: str = R
     return _pld_epsilon(groups, delta)
 
 
-def epsilon_curve(events: Sequence[DPEvent], delta: float, accountant: str = RDP) -> list[float]:
+def epsilon_curve(events: Sequence[DPEvent], delta: float, accountant: str = RDP,
+                  unit: str = EXAMPLE) -> list[float]:
     """Epsilon after each event in order (for plots and for checking reported values)."""
     _check_args(delta, accountant)
+    events = for_unit(events, unit)
     if accountant == RDP:
         total = np.zeros(len(RDP_ORDERS))
         curve = []
@@ -102,14 +135,47 @@ def epsilon_curve(events: Sequence[DPEvent], delta: float, accountant: str = RDP
     return [compute_epsilon(events[: i + 1], delta, PRV) for i in range(len(events))]
 
 
+def gaussian_epsilon(events: Sequence[DPEvent], delta: float, unit: str = DEVICE) -> float:
+    """Exact epsilon of a history of full-batch Gaussian sums (q = 1), in closed form.
+
+    Gaussian mechanisms with noise multipliers z_i compose (adaptively) to one Gaussian
+    mechanism with mu = sqrt(sum 1/z_i^2) (Dong, Roth & Su 2019, mu-GDP), whose exact
+    delta(epsilon) = Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2) (Balle & Wang 2018) is
+    inverted by bisection. A third, analytic method beside RDP and PLD: the device-level
+    histories here are exactly such Gaussians, so this is the reference both must bound.
+    """
+    from scipy.stats import norm
+
+    seen = for_unit(events, unit)
+    if any(ev.sample_rate < 1.0 for ev in seen if ev.steps):
+        raise ValueError("gaussian_epsilon covers q = 1 histories only (no subsampling)")
+    mu = math.sqrt(sum(ev.steps / ev.noise_multiplier ** 2 for ev in seen))
+    if mu == 0.0:
+        return 0.0
+
+    def delta_of(eps: float) -> float:
+        return float(norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * norm.cdf(-eps / mu - mu / 2))
+
+    if delta_of(0.0) <= delta:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    while delta_of(hi) > delta:
+        lo, hi = hi, 2 * hi
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if delta_of(mid) > delta else (lo, mid)
+    return hi
+
+
 def accounting_key(events: Sequence[DPEvent]) -> AccountingKey:
     """Exactly what :func:`epsilon_curve` and :func:`compute_epsilon` read of ``events``.
 
     Everything else (round, last_round, note, mode, clip norm, mechanism name)
     cannot change an epsilon, so two ledgers with equal keys have equal curves;
-    keeping the order keeps the per-event curve exact.
+    keeping the order keeps the per-event curve exact. The unit is kept: it decides how
+    an event enters each guarantee (:func:`for_unit`).
     """
-    return tuple((float(ev.sample_rate), float(ev.noise_multiplier), int(ev.steps)) for ev in events)
+    return tuple((float(ev.sample_rate), float(ev.noise_multiplier), int(ev.steps), ev.unit) for ev in events)
 
 
 class EpsilonMemo:
@@ -123,24 +189,25 @@ class EpsilonMemo:
     """
 
     def __init__(self) -> None:
-        self._curves: dict[tuple[AccountingKey, float, str], tuple[float, ...]] = {}
+        self._curves: dict[tuple[AccountingKey, float, str, str], tuple[float, ...]] = {}
         self.hits = 0
         self.misses = 0
 
-    def curve(self, events: Sequence[DPEvent], delta: float, accountant: str = RDP) -> list[float]:
+    def curve(self, events: Sequence[DPEvent], delta: float, accountant: str = RDP,
+              unit: str = EXAMPLE) -> list[float]:
         """Epsilon after each event, as :func:`epsilon_curve` gives it (a fresh list)."""
-        key = (accounting_key(events), float(delta), accountant)
+        key = (accounting_key(events), float(delta), accountant, unit)
         found = self._curves.get(key)
         if found is None:
             self.misses += 1
-            found = self._curves[key] = tuple(epsilon_curve(events, delta, accountant))
+            found = self._curves[key] = tuple(epsilon_curve(events, delta, accountant, unit))
         else:
             self.hits += 1
         return list(found)
 
-    def epsilon(self, events: Sequence[DPEvent], delta: float, accountant: str = RDP) -> float:
+    def epsilon(self, events: Sequence[DPEvent], delta: float, accountant: str = RDP, unit: str = EXAMPLE) -> float:
         """Epsilon of all ``events`` (0.0 for an empty history), from the memoised curve."""
-        return self.curve(events, delta, accountant)[-1] if events else 0.0
+        return self.curve(events, delta, accountant, unit)[-1] if events else 0.0
 
     def stats(self) -> dict[str, int]:
         """Curves computed (``misses``: one per distinct history and accountant) and reused (``hits``)."""

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fed_nessa.errors import FedNessaError
-from fed_nessa.privacy.accounting import RDP, compute_epsilon
-from fed_nessa.privacy.events import DPEvent
+from fed_nessa.privacy.accounting import RDP, UnitNotCoveredError, compute_epsilon
+from fed_nessa.privacy.events import EXAMPLE, DPEvent
 
 
 class BudgetExceededError(FedNessaError, ValueError):
@@ -40,16 +40,24 @@ def validate_budget(epsilon_budget: float, delta: float) -> None:
 
 
 def check_budget(events: Sequence[DPEvent], planned: DPEvent, epsilon_budget: float,
-                 delta: float, accountant: str = RDP) -> BudgetDecision:
-    """Decide whether ``planned`` may run given the ``events`` already reserved."""
+                 delta: float, accountant: str = RDP, unit: str = EXAMPLE) -> BudgetDecision:
+    """Decide whether ``planned`` may run given the ``events`` already reserved.
+
+    ``unit`` is the unit the budget is stated in; a device-level budget declines any event
+    that would leave its history without a device-level bound (an example-level event).
+    """
     validate_budget(epsilon_budget, delta)
-    eps_now = compute_epsilon(events, delta, accountant)
-    eps_if_run = compute_epsilon([*events, planned], delta, accountant)
+    try:
+        eps_now = compute_epsilon(events, delta, accountant, unit)
+        eps_if_run = compute_epsilon([*events, planned], delta, accountant, unit)
+    except UnitNotCoveredError as exc:
+        return BudgetDecision(False, math.inf, math.inf,
+                              f"declined: this device budgets per {unit}; {exc}")
     if eps_if_run <= epsilon_budget:
         return BudgetDecision(True, eps_now, eps_if_run,
                               f"epsilon {eps_now:.4g} -> {eps_if_run:.4g} stays within the budget "
-                              f"{epsilon_budget:g} at delta {delta:g} ({accountant})")
+                              f"{epsilon_budget:g} at delta {delta:g} ({accountant}, per {unit})")
     return BudgetDecision(False, eps_now, eps_if_run,
                           f"declined: round {planned.round} would take epsilon from {eps_now:.4g} to "
                           f"{eps_if_run:.4g}, over the budget {epsilon_budget:g} at delta {delta:g} "
-                          f"({accountant})")
+                          f"({accountant}, per {unit})")

@@ -12,6 +12,11 @@ An event may cover a *span* of rounds (``round`` .. ``last_round``): a fleet of
 lines. ``steps`` then counts every step of the span (e.g. one per round for a
 distributed DP-SGD round), so accounting needs no change: a span of K rounds of
 one Poisson-subsampled Gaussian step each *is* ``DPEvent(steps=K)``.
+
+``unit`` says whose data the sensitivity ``clip_norm`` bounds. ``example`` (the default):
+one utterance pair. ``device``: everything one device holds, because the device clipped
+its whole round contribution; such an event is always a distributed Gaussian sum with
+q = 1 (validated), so a device-level guarantee never rests on amplification by sampling.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from fed_nessa.config import PrivacyUnit
 from fed_nessa.errors import FedNessaError
 
 #: Poisson-subsampled Gaussian mechanism repeated ``steps`` times (DP-SGD).
@@ -33,6 +39,12 @@ LOCAL = "local"
 #: Devices add shares; the secure sum carries the full noise (trust SecAgg+).
 DISTRIBUTED = "distributed"
 MODES: tuple[str, ...] = (LOCAL, DISTRIBUTED)
+
+#: The privacy unit of an event's sensitivity: one utterance pair (add/remove one example) ...
+EXAMPLE = PrivacyUnit.EXAMPLE.value
+#: ... or everything one device holds (add/remove one device, its whole round contribution clipped).
+DEVICE = PrivacyUnit.DEVICE.value
+UNITS: tuple[str, ...] = (EXAMPLE, DEVICE)
 
 
 class EventError(FedNessaError, ValueError):
@@ -65,6 +77,8 @@ class DPEvent:
     mode: str
     note: str = ""
     last_round: int | None = None
+    #: Whose data ``clip_norm`` bounds: one example (default) or one whole device (docs/privacy.md).
+    unit: str = EXAMPLE
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -92,6 +106,8 @@ class DPEvent:
         data = asdict(self)
         if data["last_round"] is None:
             del data["last_round"]
+        if data["unit"] == EXAMPLE:  # example-level events serialise exactly as before units existed
+            del data["unit"]
         return data
 
     @classmethod
@@ -110,9 +126,9 @@ class DPEvent:
         return cls(**data)
 
 
-#: Fields an event dict may leave out: ``note`` (free text) and ``last_round``
-#: (absent in every ledger written before spans: a single round).
-_OPTIONAL = frozenset({"note", "last_round"})
+#: Fields an event dict may leave out: ``note`` (free text), ``last_round`` (absent in every
+#: ledger written before spans: a single round) and ``unit`` (absent: one example).
+_OPTIONAL = frozenset({"note", "last_round", "unit"})
 
 
 def _is_int(value: object) -> bool:
@@ -146,6 +162,13 @@ def _validate(ev: DPEvent) -> None:
         raise EventError(f"note must be a string, got {type(ev.note).__name__}")
     if ev.last_round is not None and (not _is_int(ev.last_round) or ev.last_round < ev.round):
         raise EventError(f"last_round must be None or an int >= round ({ev.round}), got {ev.last_round!r}")
+    if ev.unit not in UNITS:
+        raise EventError(f"unit must be one of {UNITS}, got {ev.unit!r}")
+    if ev.unit == DEVICE and (ev.mechanism != GAUSSIAN_SUM or ev.mode != DISTRIBUTED):
+        # Device-level DP here is one Gaussian sum per participation, no sampling: the guarantee
+        # must never lean on amplification from the server's choice of devices.
+        raise EventError("a device-level event is a distributed gaussian-sum (q = 1, no amplification by "
+                         f"sampling), got mechanism {ev.mechanism!r} in mode {ev.mode!r}")
     if ev.mechanism == GAUSSIAN_SUM and (ev.sample_rate != 1.0 or ev.steps != ev.n_rounds):
         # One sum per round: a span of K rounds is K Gaussian mechanisms, so steps == K.
         raise EventError(

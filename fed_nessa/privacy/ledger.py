@@ -38,7 +38,7 @@ from fed_nessa.privacy import signing
 from fed_nessa.privacy.accounting import ACCOUNTANTS, RDP, compute_epsilon
 from fed_nessa.privacy.budget import BudgetDecision, BudgetExceededError, check_budget, validate_budget
 from fed_nessa.privacy.chain import LedgerError, SignedChain
-from fed_nessa.privacy.events import DPEvent
+from fed_nessa.privacy.events import EXAMPLE, UNITS, DPEvent
 
 DEVICE_LEDGER_NAME = "privacy-ledger.jsonl"
 DEVICE_KEY_NAME = "device-key.pem"
@@ -139,15 +139,21 @@ class Budget:
     epsilon: float
     delta: float
     accountant: str = RDP
+    #: The privacy unit the budget is stated in (``example`` or ``device``; see accounting.for_unit).
+    unit: str = EXAMPLE
 
     def to_dict(self) -> dict[str, Any]:
-        return {"epsilon": self.epsilon, "delta": self.delta, "accountant": self.accountant}
+        out: dict[str, Any] = {"epsilon": self.epsilon, "delta": self.delta, "accountant": self.accountant}
+        if self.unit != EXAMPLE:  # example budgets serialise exactly as before units existed
+            out["unit"] = self.unit
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> Budget | None:
         if not data:
             return None
-        return cls(float(data["epsilon"]), float(data["delta"]), str(data.get("accountant", RDP)))
+        return cls(float(data["epsilon"]), float(data["delta"]), str(data.get("accountant", RDP)),
+                   str(data.get("unit", EXAMPLE)))
 
 
 class DeviceLedger:
@@ -193,9 +199,10 @@ class DeviceLedger:
             raise ValueError(f"device_id must be a non-empty string, got {device_id!r}")
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        unit = EXAMPLE
         if policy is not None:
-            epsilon_budget, delta = policy.epsilon_budget, policy.delta
-        budget = _budget_arg(epsilon_budget, delta, budget_accountant)
+            epsilon_budget, delta, unit = policy.epsilon_budget, policy.delta, policy.privacy_unit
+        budget = _budget_arg(epsilon_budget, delta, budget_accountant, unit)
         path = folder / DEVICE_LEDGER_NAME
         new = not path.exists() or path.stat().st_size == 0
         key_dir = _device_key_path(folder, device_id, key_folder)
@@ -267,7 +274,7 @@ class DeviceLedger:
             raise TypeError(f"reserve() needs a DPEvent, got {type(event).__name__}")
         if self._budget is not None:
             decision = check_budget(self.events(), event, self._budget.epsilon, self._budget.delta,
-                                    self._budget.accountant)
+                                    self._budget.accountant, self._budget.unit)
             if not decision.allowed:
                 raise BudgetExceededError(f"{self.path}: device {self.device_id}: {decision.reason}")
         payload = {"event": event.to_dict(),
@@ -302,6 +309,8 @@ class DeviceLedger:
         delta = float(entries[seq]["payload"]["event"]["delta"])
         payload: dict[str, Any] = {"reserve_seq": seq, "status": status, "epsilon_after": float(epsilon_after),
                                    "accountant": accountant, "delta": delta}
+        if self.unit != EXAMPLE:
+            payload["unit"] = self.unit
         if received is not None:
             payload["received"] = _plain_json(dict(received))
         self._chain.append(COMPLETE, payload)
@@ -324,8 +333,14 @@ class DeviceLedger:
         """Every round covered by a reserved event: a span contributes all of its rounds."""
         return {r for ev in self.events() for r in ev.covered_rounds()}
 
-    def epsilon(self, delta: float, accountant: str = RDP) -> float:
-        return compute_epsilon(self.events(), delta, accountant)
+    @property
+    def unit(self) -> str:
+        """The privacy unit this device budgets in (its budget's; ``example`` without one)."""
+        return self._budget.unit if self._budget is not None else EXAMPLE
+
+    def epsilon(self, delta: float, accountant: str = RDP, unit: str | None = None) -> float:
+        """Epsilon of every reserved event, in ``unit`` (default: the unit the device budgets in)."""
+        return compute_epsilon(self.events(), delta, accountant, unit or self.unit)
 
     def check_budget(self, planned: DPEvent, epsilon_budget: float, delta: float,
                      accountant: str = RDP) -> BudgetDecision:
@@ -341,13 +356,14 @@ class DeviceLedger:
         own = self._budget
         if own is None:
             self._budget = own = asked
-        eps_now = compute_epsilon(self.events(), own.delta, own.accountant)
+        eps_now = compute_epsilon(self.events(), own.delta, own.accountant, own.unit)
         if asked.epsilon > own.epsilon + 1e-12 or asked.delta > own.delta:
             return BudgetDecision(False, eps_now, eps_now,
                                   f"declined: the run asks for epsilon budget {asked.epsilon:g} at delta "
                                   f"{asked.delta:g}, beyond this device's policy (epsilon {own.epsilon:g}, delta "
                                   f"{own.delta:g}) fixed in its ledger header")
-        return check_budget(self.events(), planned, min(asked.epsilon, own.epsilon), own.delta, own.accountant)
+        return check_budget(self.events(), planned, min(asked.epsilon, own.epsilon), own.delta, own.accountant,
+                            own.unit)
 
 
 class FederationLedger:
@@ -522,7 +538,8 @@ def _ids(values: Iterable[str], name: str) -> list[str]:
     return ids
 
 
-def _budget_arg(epsilon_budget: float | None, delta: float | None, accountant: str) -> Budget | None:
+def _budget_arg(epsilon_budget: float | None, delta: float | None, accountant: str,
+                unit: str = EXAMPLE) -> Budget | None:
     if epsilon_budget is None and delta is None:
         return None
     if epsilon_budget is None or delta is None:
@@ -530,4 +547,6 @@ def _budget_arg(epsilon_budget: float | None, delta: float | None, accountant: s
     validate_budget(epsilon_budget, delta)
     if accountant not in ACCOUNTANTS:
         raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
-    return Budget(float(epsilon_budget), float(delta), accountant)
+    if unit not in UNITS:
+        raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
+    return Budget(float(epsilon_budget), float(delta), accountant, unit)

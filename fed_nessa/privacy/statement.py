@@ -14,12 +14,24 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from fed_nessa.privacy.accounting import ACCOUNTANTS
-from fed_nessa.privacy.events import DISTRIBUTED, LOCAL, MODES
+from fed_nessa.privacy.accounting import ACCOUNTANTS, EXAMPLE_PER_DEVICE_SENSITIVITY
+from fed_nessa.privacy.events import DEVICE, DISTRIBUTED, EXAMPLE, LOCAL, MODES, UNITS
 
 UNIT = "one utterance pair (x_i, y_i) on one device"
 NEIGHBOURING = ("add/remove one utterance pair (x_i, y_i) on one device; every other pair, "
                 "device and round unchanged")
+DEVICE_UNIT = "everything one device holds: all its utterance pairs, in every round it joins"
+DEVICE_NEIGHBOURING = ("add/remove one device together with all its pairs and all its contributions in every "
+                       "round; every other device and round unchanged")
+DEVICE_LEVEL = ("device-level: each device clips its whole round contribution (statistics weighted to at most "
+                "device-stats-pairs pairs, the mean gradient over all its pairs clipped to device-clip-norm) and "
+                "every participation is one Gaussian sum with q = 1 (no sampling), composed over the rounds the "
+                "device joined under its own participation limits (max-participations, min-separation). "
+                "Example-level is implied: one changed pair moves a device's clipped contribution by at most "
+                f"{EXAMPLE_PER_DEVICE_SENSITIVITY:g} x its clip, so epsilon_example is accounted at half the noise "
+                "multiplier. Choose delta below 1 / number of devices")
+DEVICE_GROUP = ("all of a speaker's utterances on one device are covered; a speaker present on k devices is "
+                "protected by group privacy over those k devices")
 NO_AMPLIFICATION = ("no privacy amplification is claimed from the server's choice of participants: "
                     "each device composes every local step of every round it joined")
 SECAGG_HIDES = ("SecAgg+ hides each device's individual (masked, quantized) update from the server: "
@@ -85,27 +97,37 @@ def trust_statement(mode: str, min_arrivals: int | None = None,
 def privacy_statement(mode: str, delta: float, epsilon_budget: float | None, accountant: str,
                       *, min_arrivals: int | None = None,
                       reconstruction_threshold: int | None = None,
-                      reproducible_noise: bool = False) -> dict[str, Any]:
-    """The ``summary.json["privacy"]`` statement (callers add measured epsilons to it)."""
+                      reproducible_noise: bool = False, unit: str = EXAMPLE) -> dict[str, Any]:
+    """The ``summary.json["privacy"]`` statement (callers add measured epsilons to it).
+
+    ``unit`` is the unit the budget and ``epsilon_*`` figures are stated in (``example`` or
+    ``device``); ``privacy_unit`` names it in the output so the audit can check the claim.
+    """
+    if unit not in UNITS:
+        raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
     if accountant not in ACCOUNTANTS:
         raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
     if not 0.0 < delta < 1.0:
         raise ValueError(f"delta must be in (0, 1), got {delta!r}")
     if epsilon_budget is not None and not epsilon_budget > 0:
         raise ValueError(f"epsilon budget must be > 0, got {epsilon_budget!r}")
+    device = unit == DEVICE
     return {
-        "unit": UNIT,
-        "neighbouring_relation": NEIGHBOURING,
-        "level": "example-level (per utterance pair); no device-level or speaker-level guarantee is claimed",
+        "privacy_unit": unit,
+        "unit": DEVICE_UNIT if device else UNIT,
+        "neighbouring_relation": DEVICE_NEIGHBOURING if device else NEIGHBOURING,
+        "level": DEVICE_LEVEL if device else ("example-level (per utterance pair); no device-level or speaker-level "
+                                              "guarantee is claimed"),
         "mode": mode,
         "trust": trust_statement(mode, min_arrivals, reconstruction_threshold),
         "delta": delta,
         "epsilon_budget": epsilon_budget,
         "accountant": accountant,
         "amplification": NO_AMPLIFICATION,
-        "group_privacy": ("a speaker with k utterance pairs on a device is protected only by group "
-                          "privacy: (k*epsilon, k*e^((k-1)*epsilon)*delta), i.e. roughly k times epsilon "
-                          "and much worse delta for large k"),
+        "group_privacy": DEVICE_GROUP if device else (
+            "a speaker with k utterance pairs on a device is protected only by group "
+            "privacy: (k*epsilon, k*e^((k-1)*epsilon)*delta), i.e. roughly k times epsilon "
+            "and much worse delta for large k"),
         "secure_aggregation_hides": SECAGG_HIDES,
         "secure_aggregation_does_not_hide": SECAGG_DOES_NOT_HIDE,
         "guarantee_holds": not reproducible_noise,

@@ -40,6 +40,7 @@ from those lines.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
 import logging
@@ -78,13 +79,24 @@ from fed_nessa.evaluation.protocol import evaluate_eval_set, summary_row
 from fed_nessa.federated import suffstats
 from fed_nessa.federated.codec import SaturationError, SecAggCodec, make_codec
 from fed_nessa.federated.cohort import sample_positions
-from fed_nessa.federated.device import RoundRequest, model_refusal, noise_std, planned_event, policy_refusal
+from fed_nessa.federated.device import (
+    RoundRequest,
+    device_sensitivity,
+    device_subset,
+    model_refusal,
+    noise_std,
+    planned_event,
+    policy_refusal,
+    separation_refusal,
+    stats_weight,
+)
 from fed_nessa.federated.layout import trainable
 from fed_nessa.federated.noise_plan import noise_plan
 from fed_nessa.federated.protocol import DEVICES_DIR, round_config
 from fed_nessa.federated.release import may_start, may_unmask, promised_arrivals
 from fed_nessa.federated.server_model import ServerModel, max_sampled
-from fed_nessa.privacy.events import DPEvent
+from fed_nessa.privacy.accounting import UnitNotCoveredError
+from fed_nessa.privacy.events import EXAMPLE, GAUSSIAN_SUM, DPEvent
 from fed_nessa.privacy.ledger import (
     CHAIN_SCHEME,
     DeviceLedger,
@@ -96,7 +108,7 @@ from fed_nessa.privacy.ledger import (
     server_key_folder,
 )
 from fed_nessa.privacy.noise import NoiseSource, noise_source
-from fed_nessa.sim.ghost import clipped_gradient_sums
+from fed_nessa.sim.ghost import clipped_gradient_sums, device_clipped_sum, device_clipped_vectors
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +121,8 @@ ALIGNER_DIR = "aligner"
 EXAMPLE_CHUNK = 65_536
 #: Devices per chunk in exact numerics (per-device vectors of P values each).
 DEVICE_CHUNK = 256
+#: Device level: zero-padded rows (devices x largest device) per batched per-device gradient.
+DEVICE_LEVEL_PADDED_ROWS = 131_072
 #: Pairs the pooled non-DP NESSA reference trains on at most (a random subset beyond).
 REFERENCE_MAX_PAIRS = 1_200_000
 
@@ -166,7 +180,8 @@ class DeviceBook:
 
     ledgers: list[DeviceLedger]
     policies: list[DevicePolicy]
-    span_seq: dict[int, int] = field(default_factory=dict)  # device index -> reserve seq of its DP-SGD span
+    #: device index -> reserve seqs of its DP-SGD span(s): one per run of consecutive joined rounds
+    span_seq: dict[int, list[tuple[int, int, int]]] = field(default_factory=dict)  # (seq, first, last)
     span_rounds: dict[int, list[int]] = field(default_factory=dict)  # device index -> rounds it joins
     refused: dict[int, str] = field(default_factory=dict)  # device index -> why it declines the DP-SGD phase
 
@@ -201,6 +216,7 @@ class FleetEngine:
         self._server_fp: str | None = None
         self._pins: dict[str, str] = {}
         self._sent: dict[int, tuple[str, str]] = {}
+        self._streams: dict[int, NoiseSource] = {}  # exact device level: each device's stream within a round
 
     # -- noise -----------------------------------------------------------------------------
     def _fleet_noise(self, round_num: int) -> NoiseSource:
@@ -320,15 +336,18 @@ class FleetEngine:
         """The released statistics sum and the devices in it (a device failing its range check is not)."""
         cfg, fleet = self.cfg, self.fleet
         dp = cfg.dp_mode != DPMode.NONE
+        sens = device_sensitivity(Phase.SUFFSTATS, cfg) if self.model.device_unit else suffstats.SENSITIVITY
         if self.numerics == FleetNumerics.FAST:
             rows = np.concatenate([np.arange(fleet.starts[i], fleet.starts[i + 1]) for i in arrived])
+            weights = self._stats_weights()
             total = np.zeros(suffstats.vector_size(self.data.d_x, self.data.d_y))
             for c in range(0, len(rows), EXAMPLE_CHUNK):  # linear in the pairs: the sum of the devices' vectors
-                idx = torch.from_numpy(rows[c:c + EXAMPLE_CHUNK]).to(self.torch_device)
-                total += suffstats.device_vector(fleet.x[idx].cpu().numpy(), fleet.y[idx].cpu().numpy())
+                part = rows[c:c + EXAMPLE_CHUNK]
+                idx = torch.from_numpy(part).to(self.torch_device)
+                total += suffstats.device_vector(fleet.x[idx].cpu().numpy(), fleet.y[idx].cpu().numpy(),
+                                                 None if weights is None else weights[fleet.owner[part]])
             if dp:
-                var = sum(noise_std(cfg, book.policies[i], self.plan.suffstats_sigma, suffstats.SENSITIVITY) ** 2
-                          for i in arrived)
+                var = sum(noise_std(cfg, book.policies[i], self.plan.suffstats_sigma, sens) ** 2 for i in arrived)
                 total = total + self._fleet_noise(r).normal(total.shape, math.sqrt(var))
             return self._fast_rounding(total, len(arrived), codec), arrived
         vectors = []
@@ -336,15 +355,23 @@ class FleetEngine:
             shard_x = fleet.x[fleet.starts[i]:fleet.starts[i + 1]].cpu().numpy()
             shard_y = fleet.y[fleet.starts[i]:fleet.starts[i + 1]].cpu().numpy()
             vec = suffstats.device_vector(shard_x, shard_y)
+            if self.model.device_unit:
+                vec = vec * stats_weight(int(fleet.n[i]), cfg)
             if dp:
                 stream = noise_source(cfg.reproducible_noise, cfg.seed, "device", fleet.ids[i], r)
-                std = noise_std(cfg, book.policies[i], self.plan.suffstats_sigma, suffstats.SENSITIVITY)
+                std = noise_std(cfg, book.policies[i], self.plan.suffstats_sigma, sens)
                 vec = vec + stream.normal(vec.shape, std)
             vectors.append(np.asarray(vec, np.float32))
         payloads, sent, failed = self._encode_all(vectors, arrived, codec)
         if failed:
             log.warning("round %d: %d device(s) failed their own range check and sent nothing", r, len(failed))
         return (self._modular_sum(payloads, codec) if payloads else np.zeros(0, np.float32)), sent
+
+    def _stats_weights(self) -> np.ndarray | None:
+        """Device level: each device's statistics weight ``min(1, K / n)`` (None at example level)."""
+        if not self.model.device_unit:
+            return None
+        return np.array([stats_weight(int(k), self.cfg) for k in self.fleet.n], np.float64)
 
     # -- SecAgg+ arithmetic ----------------------------------------------------------------
     def _fast_rounding(self, total: np.ndarray, n: int, codec: SecAggCodec) -> np.ndarray:
@@ -396,15 +423,17 @@ class FleetEngine:
             req = RoundRequest(Phase.DPSGD, rounds[0], promised_arrivals(cfg, cfg.cohort_size(len(fleet.ids))),
                                len(fleet.ids), **self._model_ids())
             why = fleet.refusal(req, i, int(fleet.n[i]), cfg, policy, ledger)
-            if why:
-                book.refused[i] = why
+            rounds = _separated(rounds, ledger.rounds(), policy)  # the device's own min-separation
+            if why or not rounds:
+                book.refused[i] = why or separation_refusal(req.round, ledger.rounds(), policy) or "declined"
                 continue
             one = planned_event(req, int(fleet.n[i]), cfg, policy)
             if one is None:  # no DP: nothing to reserve
                 book.span_rounds[i] = rounds
                 continue
-            key = (one.sample_rate, one.noise_multiplier, len(rounds),
-                   tuple(sorted((e.sample_rate, e.noise_multiplier, e.steps, e.mechanism) for e in ledger.events())))
+            key = (one.sample_rate, one.noise_multiplier, one.unit, len(rounds),
+                   tuple(sorted((e.sample_rate, e.noise_multiplier, e.steps, e.mechanism, e.unit)
+                                for e in ledger.events())))
             if key not in cap_cache:
                 cap_cache[key] = self._affordable(ledger, one, len(rounds))
             k = min(cap_cache[key], policy.max_participations - ledger.participations(), len(rounds))
@@ -412,16 +441,23 @@ class FleetEngine:
                 book.refused[i] = "declined: the DP-SGD phase would take this device over its budget"
                 continue
             joined = rounds[:k]
-            span = DPEvent.from_dict({**one.to_dict(), "steps": k, "round": joined[0], "last_round": joined[-1],
-                                      "note": f"{one.note}; span of {k} scheduled round(s) reserved at once "
-                                              "(counted in full even if the device drops out)"})
-            book.span_seq[i] = ledger.reserve(span, {"server_key_fingerprint": self._server_fp})
+            # A Poisson DP-SGD span may skip rounds (cohorts); a device-level Gaussian sum is one
+            # mechanism per round, so its spans are runs of consecutive rounds.
+            runs = _runs(tuple(joined)) if one.mechanism == GAUSSIAN_SUM else [(joined[0], joined[-1])]
+            seqs = []
+            for first, last in runs:
+                steps = k if one.mechanism != GAUSSIAN_SUM else last - first + 1
+                span = DPEvent.from_dict({**one.to_dict(), "steps": steps, "round": first, "last_round": last,
+                                          "note": f"{one.note}; span of {steps} scheduled round(s) reserved at "
+                                                  "once (counted in full even if the device drops out)"})
+                seqs.append((ledger.reserve(span, {"server_key_fingerprint": self._server_fp}), first, last))
+            book.span_seq[i] = seqs
             book.span_rounds[i] = joined
 
     def _affordable(self, ledger: DeviceLedger, one: DPEvent, most: int) -> int:
         """The most rounds (<= most) a device with this history can join within its budget."""
         def fits(k: int) -> bool:
-            span = DPEvent.from_dict({**one.to_dict(), "steps": k})
+            span = DPEvent.from_dict({**one.to_dict(), "steps": k, "last_round": one.round + k - 1})
             return ledger.check_budget(span, self.cfg.epsilon_budget, self.cfg.delta).allowed
 
         if fits(most):
@@ -446,7 +482,13 @@ class FleetEngine:
             codec = make_codec(self.model.payload_bound(Phase.DPSGD, self.plan), cfg.secagg_clipping_range,
                                cfg.secagg_quantization_range, len(accepted))
             q = self._rates(arrived)
-            if self.numerics == FleetNumerics.EXACT:
+            if self.model.device_unit:  # every device's whole mean gradient, no sampling
+                vectors = self._device_vectors(arrived, book, r)
+                if self.numerics == FleetNumerics.EXACT:
+                    payloads, sent, _failed = self._encode_all(vectors, arrived, codec)
+                else:
+                    sent = arrived
+            elif self.numerics == FleetNumerics.EXACT:
                 payloads, sent, _failed = self._encode_all(self._exact_vectors(arrived, book, r, q), arrived, codec)
             else:
                 rows, owner = self._sample(arrived, r, q)
@@ -458,8 +500,12 @@ class FleetEngine:
             if not unmask.release:
                 status, note = RoundStatus.REFUSED, unmask.reason
             else:
-                total = (self._modular_sum(payloads, codec) if self.numerics == FleetNumerics.EXACT
-                         else self._fast_gradient_total(rows, sent, book, r, codec))
+                if self.numerics == FleetNumerics.EXACT:
+                    total = self._modular_sum(payloads, codec)
+                elif self.model.device_unit:
+                    total = self._fast_device_total(vectors, sent, book, r, codec)
+                else:
+                    total = self._fast_gradient_total(rows, sent, book, r, codec)
                 self.model.apply(Phase.DPSGD, total, len(sent),
                                  noise_arrivals=[book.policies[i].guaranteed_arrivals for i in sent],
                                  quantization_std=codec.device_error_std(), plan=self.plan)
@@ -499,6 +545,91 @@ class FleetEngine:
         out = total.cpu().numpy().astype(np.float64)
         if dp:
             var = sum((self.plan.dpsgd_sigma * cfg.clip_norm) ** 2 / book.policies[i].guaranteed_arrivals
+                      for i in sent)
+            out = out + self._fleet_noise(r).normal(out.shape, math.sqrt(var))
+        return self._fast_rounding(out, len(sent), codec)
+
+    def _device_vectors(self, arrived: list[int], book: DeviceBook, r: int) -> np.ndarray | list[np.ndarray]:
+        """Device level: each device's clipped mean gradient over all its pairs.
+
+        Fast numerics: the clipped vectors summed, shape ``(P,)`` (as a one-row array);
+        exact: per-device vectors plus each device's noise share from its own stream, in the
+        draw order of ``model.training.device_update``.
+        """
+        cfg, fleet = self.cfg, self.fleet
+        net = self.model.net.to(self.torch_device)
+        params = trainable(net)
+        dp = cfg.dp_mode != DPMode.NONE
+        rows_of = self._device_rows(arrived, r)
+        n = {i: len(rows_of[i]) for i in arrived}
+        order = sorted(arrived, key=lambda i: n[i])  # similar sizes per chunk: little padding
+        total = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64, device=self.torch_device)
+        vectors: dict[int, np.ndarray] = {}
+        c = 0
+        while c < len(order):
+            chunk = [order[c]]
+            while (c + len(chunk) < len(order)
+                   and (len(chunk) + 1) * int(n[order[c + len(chunk)]]) <= DEVICE_LEVEL_PADDED_ROWS):
+                chunk.append(order[c + len(chunk)])
+            c += len(chunk)
+            rows = np.concatenate([rows_of[i] for i in chunk])
+            seg = np.repeat(np.arange(len(chunk)), [n[i] for i in chunk])
+            idx = torch.from_numpy(rows).to(self.torch_device)
+            segments = torch.from_numpy(seg).to(self.torch_device)
+            if self.numerics == FleetNumerics.FAST:
+                total += device_clipped_sum(net, fleet.x[idx], fleet.y[idx], segments, len(chunk),
+                                            cfg.device_clip_norm, clip_enabled=dp).double()
+                continue
+            vecs = device_clipped_vectors(net, fleet.x[idx], fleet.y[idx], segments, len(chunk),
+                                          cfg.device_clip_norm, clip_enabled=dp)
+            host = vecs.cpu().numpy().astype(np.float64)
+            for j, i in enumerate(chunk):
+                vec = host[j]
+                if dp:
+                    stream = self._streams.pop(i)
+                    std = noise_std(cfg, book.policies[i], self.plan.dpsgd_sigma, cfg.device_clip_norm)
+                    vec = vec + np.concatenate([np.asarray(stream.normal(tuple(p.shape), std)).reshape(-1)
+                                                for p in params])
+                vectors[i] = vec.astype(np.float32)
+        self.model.net.to("cpu")
+        if self.numerics == FleetNumerics.FAST:
+            return total.cpu().numpy()[None, :]
+        return [vectors[i] for i in arrived]
+
+    def _device_rows(self, arrived: list[int], r: int) -> dict[int, np.ndarray]:
+        """Each arrived device's rows for a device-level round (``device-batch`` of its pairs, or all).
+
+        Exact numerics: drawn from the device's own stream, as on a device (the stream is kept for
+        its noise share, which comes next in the same order). Fast: one fleet-wide PCG64 draw of
+        sort keys, keyed like the fast Poisson samples.
+        """
+        fleet, batch = self.fleet, self.cfg.device_batch
+        if self.numerics == FleetNumerics.EXACT:
+            out = {}
+            for i in arrived:
+                stream = noise_source(self.cfg.reproducible_noise, self.cfg.seed, "device", fleet.ids[i], r)
+                self._streams[i] = stream
+                out[i] = fleet.starts[i] + device_subset(stream.uniform(int(fleet.n[i])), batch)
+            return out
+        if batch <= 0:
+            return {i: np.arange(fleet.starts[i], fleet.starts[i + 1]) for i in arrived}
+        rows = np.concatenate([np.arange(fleet.starts[i], fleet.starts[i + 1]) for i in arrived])
+        owner = fleet.owner[rows]
+        order = np.lexsort((self._uniforms(len(rows), r), owner))
+        rows, owner = rows[order], owner[order]
+        first = np.searchsorted(owner, owner, side="left")
+        keep = (np.arange(len(rows)) - first) < batch
+        rows, owner = rows[keep], owner[keep]
+        bounds = np.searchsorted(owner, np.asarray(arrived, np.int64), side="left")
+        ends = np.searchsorted(owner, np.asarray(arrived, np.int64), side="right")
+        return {i: np.sort(rows[a:b]) for i, a, b in zip(arrived, bounds, ends, strict=True)}
+
+    def _fast_device_total(self, vectors: np.ndarray | list[np.ndarray], sent: list[int], book: DeviceBook, r: int,
+                           codec: SecAggCodec) -> np.ndarray:
+        """The released device-level sum: the clipped sum plus ONE draw of the summed noise shares."""
+        out = np.asarray(vectors, np.float64)[0]
+        if self.cfg.dp_mode != DPMode.NONE:
+            var = sum(noise_std(self.cfg, book.policies[i], self.plan.dpsgd_sigma, self.cfg.device_clip_norm) ** 2
                       for i in sent)
             out = out + self._fleet_noise(r).normal(out.shape, math.sqrt(var))
         return self._fast_rounding(out, len(sent), codec)
@@ -560,14 +691,15 @@ class FleetEngine:
 
     def _close_spans(self, book: DeviceBook, dp_rounds: list[int], fed_ledger: FederationLedger) -> None:
         chains: dict[tuple[int, ...], dict[str, Any]] = {}  # devices on one schedule share one chain
-        for i, seq in book.span_seq.items():
+        for i, spans in book.span_seq.items():
             ledger = book.ledgers[i]
-            rounds = tuple(book.span_rounds[i])
-            if rounds not in chains:
-                chains[rounds] = {"scheme": CHAIN_SCHEME, "rounds": [[a, b] for a, b in _runs(rounds)],
-                                  "chain": received_chain((r, *self._sent[r]) for r in rounds)}
-            ledger.complete(seq, float(ledger.epsilon(book.policies[i].delta)), status="done",
-                            received=chains[rounds])
+            for seq, first, last in spans:
+                rounds = tuple(r for r in book.span_rounds[i] if first <= r <= last)
+                if rounds not in chains:
+                    chains[rounds] = {"scheme": CHAIN_SCHEME, "rounds": [[a, b] for a, b in _runs(rounds)],
+                                      "chain": received_chain((r, *self._sent[r]) for r in rounds)}
+                ledger.complete(seq, float(ledger.epsilon(book.policies[i].delta)), status="done",
+                                received=chains[rounds])
         ids = self.fleet.ids
         joined = sorted(book.span_rounds)
         dropped = {str(r): [ids[i] for i in devs] for r, devs in self._dropped.items() if devs}
@@ -615,16 +747,24 @@ class FleetEngine:
                 "sampled": joined + declined + failed, "saturated": 0,
                 "epsilon_max": 0.0, "epsilon_median": 0.0}
 
-    def _epsilons(self, book: DeviceBook) -> dict[str, float]:
-        """Each device's epsilon from its ledger (identical histories computed once)."""
+    def _epsilons(self, book: DeviceBook, unit: str | None = None) -> dict[str, float]:
+        """Each device's epsilon from its ledger in ``unit`` (default: the run's privacy unit).
+
+        Identical histories are computed once; a history with no bound in ``unit`` (an
+        example-level event under a device-level claim) is infinite, so the claim fails loudly.
+        """
+        unit = unit or self.cfg.privacy_unit
         cache: dict[tuple[Any, ...], float] = {}
         out = {}
         for dev, ledger, policy in zip(self.fleet.ids, book.ledgers, book.policies, strict=True):
             events = ledger.events()
-            key = tuple(sorted((e.mechanism, e.steps, e.sample_rate, e.noise_multiplier, e.clip_norm)
+            key = tuple(sorted((e.mechanism, e.steps, e.sample_rate, e.noise_multiplier, e.clip_norm, e.unit)
                                for e in events)) + (policy.delta,)
             if key not in cache:
-                cache[key] = float(ledger.epsilon(policy.delta))
+                try:
+                    cache[key] = float(ledger.epsilon(policy.delta, unit=unit))
+                except UnitNotCoveredError:
+                    cache[key] = math.inf
             out[dev] = cache[key]
         return out
 
@@ -646,8 +786,9 @@ class FleetEngine:
         linear = self.model.linear_start_aligner()
         if linear is not None:
             final["linear_start"] = self._row(self._evaluate({"linear_start": linear}), "asym_linear_start")
-        final.update(self._references())
-        central = final["centralised_nessa"]["gap_closure"]
+        if self.cfg.references:
+            final.update(self._references())
+        central = final.get("centralised_nessa", {}).get("gap_closure")
         if central and final["gap_closure"] is not None and central > 0:
             final["share_of_centralised_gap_closure"] = final["gap_closure"] / central
         eps = self._epsilons(book)
@@ -655,6 +796,10 @@ class FleetEngine:
         for entry in self.history:  # the ledgers are the truth: epsilon after the run, per device
             entry["epsilon_max"], entry["epsilon_median"] = max(values), statistics.median(values)
         summary = self.summary(final, eps)
+        if self.cfg.privacy_unit != EXAMPLE:  # the implied example-level figures beside the device-level ones
+            example = sorted(self._epsilons(book, EXAMPLE).values()) or [0.0]
+            summary["privacy"]["epsilon_example_max"] = example[-1]
+            summary["privacy"]["epsilon_example_median"] = statistics.median(example)
         card = {"federated": True, "engine": ENGINE, "rounds": len(self.history), "privacy": {
             k: summary["privacy"][k] for k in ("unit", "mode", "trust", "delta", "accountant", "epsilon_budget",
                                                "epsilon_max")}}
@@ -733,6 +878,22 @@ class FleetEngine:
                        "seconds_per_dpsgd_round_median": statistics.median(seconds) if seconds else None,
                        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
         }
+
+
+def _separated(rounds: list[int], joined: set[int], policy: DevicePolicy) -> list[int]:
+    """The scheduled rounds a device keeps under its policy's min-separation (greedy, earliest first)."""
+    gap = policy.min_separation
+    if gap <= 1:
+        return [r for r in rounds if r not in joined]
+    prior = sorted(joined)
+    kept: list[int] = []
+    for r in rounds:
+        at = bisect.bisect_left(prior, r)
+        near = [abs(r - prior[j]) for j in (at - 1, at) if 0 <= j < len(prior)]
+        if (kept and r - kept[-1] < gap) or (near and min(near) < gap):
+            continue
+        kept.append(r)
+    return kept
 
 
 def _runs(rounds: tuple[int, ...]) -> list[tuple[int, int]]:

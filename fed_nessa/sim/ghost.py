@@ -136,3 +136,112 @@ def clipped_gradient_sums(net: nn.Module, x: torch.Tensor, y: torch.Tensor, clip
     else:
         flat = torch.cat([grads[id(p)].reshape(groups, -1) for p in params], dim=1)
     return flat.detach(), norms.detach()
+
+
+def _padded(t: torch.Tensor, pos: torch.Tensor, seg: torch.Tensor, groups: int, width: int) -> torch.Tensor:
+    out = torch.zeros((groups, width, t.shape[1]), dtype=t.dtype, device=t.device)
+    out[seg, pos] = t
+    return out
+
+
+def device_clipped_vectors(net: nn.Module, x: torch.Tensor, y: torch.Tensor, segments: torch.Tensor, groups: int,
+                           clip: float, *, loss: str = "cosine", clip_enabled: bool = True) -> torch.Tensor:
+    """Each group's (device's) mean gradient over its rows, clipped as ONE vector: ``(groups, P)``.
+
+    Device-level DP clips a device's whole round contribution, so the norm that matters is
+    that of the device's mean gradient, not of each example's. Per-device Linear weight
+    gradients are ``(w d)^T a`` over the device's rows, computed for every device at once
+    with one batched matmul on zero-padded rows (never one outer product per example).
+    ``segments`` maps each row to its group; every group must have >= 1 row. The clip factor
+    is Opacus' ``min(1, C / (norm + 1e-6))``, as on a device (``model.training.device_update``).
+    """
+    params = [p for p in net.parameters() if p.requires_grad]
+    counts = torch.bincount(segments, minlength=groups)
+    if len(x) == 0 or bool((counts == 0).any()):
+        raise ValueError("every device needs at least one pair for a device-level update")
+    order = torch.argsort(segments, stable=True)
+    x, y, segments = x[order], y[order], segments[order]
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(len(segments), device=x.device) - starts[segments]
+    width = int(counts.max())
+    per_example, layers = _forward(net, x, y, loss)
+    deltas = torch.autograd.grad(per_example.sum(), [layer.out for layer in layers])
+    w = (1.0 / counts.to(per_example.dtype))[segments][:, None]  # mean over the device's rows
+    grads: dict[int, torch.Tensor] = {}
+    for layer, d in zip(layers, deltas, strict=True):
+        fd = w * d
+        m = layer.module
+        if not isinstance(m, nn.Linear):
+            grads.update(_grads(layer, fd, segments, groups))  # LayerNorm: small vectors, summed per device
+            continue
+        if m.weight.requires_grad:
+            grads[id(m.weight)] = torch.bmm(_padded(fd, pos, segments, groups, width).transpose(1, 2),
+                                            _padded(layer.inp, pos, segments, groups, width))
+        if m.bias is not None and m.bias.requires_grad:
+            grads[id(m.bias)] = torch.zeros((groups, fd.shape[1]), dtype=fd.dtype,
+                                            device=fd.device).index_add_(0, segments, fd)
+    flat = torch.cat([grads[id(p)].reshape(groups, -1) for p in params], dim=1).detach()
+    if clip_enabled:
+        norms = torch.linalg.vector_norm(flat, dim=1)
+        flat = flat * (clip / (norms + CLIP_EPS)).clamp(max=1.0)[:, None]
+    return flat
+
+
+def _device_sq_norms(layer: _Layer, fd: torch.Tensor, pos: torch.Tensor, seg: torch.Tensor, groups: int,
+                     width: int) -> torch.Tensor:
+    """Squared norm of each device's (weighted) gradient sum for one layer, from per-device Gram matrices."""
+    m = layer.module
+
+    def summed_sq(per_example: torch.Tensor) -> torch.Tensor:
+        acc = torch.zeros((groups, per_example.shape[1]), dtype=per_example.dtype, device=per_example.device)
+        return acc.index_add_(0, seg, per_example).pow(2).sum(1)
+
+    out = torch.zeros(groups, dtype=fd.dtype, device=fd.device)
+    if isinstance(m, nn.Linear):
+        if m.weight.requires_grad:
+            d_pad = _padded(fd, pos, seg, groups, width)
+            a_pad = _padded(layer.inp, pos, seg, groups, width)
+            gram = torch.bmm(d_pad, d_pad.transpose(1, 2)) * torch.bmm(a_pad, a_pad.transpose(1, 2))
+            out = out + gram.sum((1, 2))
+        if m.bias is not None and m.bias.requires_grad:
+            out = out + summed_sq(fd)
+        return out
+    if m.weight is not None and m.weight.requires_grad:
+        out = out + summed_sq(fd * _xhat(layer))
+    if m.bias is not None and m.bias.requires_grad:
+        out = out + summed_sq(fd)
+    return out
+
+
+def device_clipped_sum(net: nn.Module, x: torch.Tensor, y: torch.Tensor, segments: torch.Tensor, groups: int,
+                       clip: float, *, loss: str = "cosine", clip_enabled: bool = True) -> torch.Tensor:
+    """``sum over devices of clip(mean gradient)`` as one flat vector, without per-device vectors.
+
+    The same number as ``device_clipped_vectors(...).sum(0)`` (tests/test_sim_ghost.py), at a
+    fraction of the memory: each device's gradient norm comes from the Gram matrices of its
+    rows (``|sum w d a^T|^2 = sum (w d.w d')(a.a')``), then one weighted pass sums
+    ``f_device w_e g_e`` over all rows.
+    """
+    params = [p for p in net.parameters() if p.requires_grad]
+    counts = torch.bincount(segments, minlength=groups)
+    if len(x) == 0 or bool((counts == 0).any()):
+        raise ValueError("every device needs at least one pair for a device-level update")
+    order = torch.argsort(segments, stable=True)
+    x, y, segments = x[order], y[order], segments[order]
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(len(segments), device=x.device) - starts[segments]
+    width = int(counts.max())
+    per_example, layers = _forward(net, x, y, loss)
+    deltas = torch.autograd.grad(per_example.sum(), [layer.out for layer in layers])
+    w = (1.0 / counts.to(per_example.dtype))[segments][:, None]
+    factor = torch.ones(groups, dtype=per_example.dtype, device=x.device)
+    if clip_enabled:
+        sq = torch.zeros(groups, dtype=per_example.dtype, device=x.device)
+        for layer, d in zip(layers, deltas, strict=True):
+            sq = sq + _device_sq_norms(layer, w * d, pos, segments, groups, width)
+        factor = (clip / (torch.sqrt(sq) + CLIP_EPS)).clamp(max=1.0)
+    scale = w * factor[segments][:, None]
+    grads: dict[int, torch.Tensor] = {}
+    for layer, d in zip(layers, deltas, strict=True):
+        grads.update(_grads(layer, scale * d, None, 1))
+    return torch.cat([grads[id(p)].reshape(-1) for p in params]).detach()
