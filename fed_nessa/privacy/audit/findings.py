@@ -99,7 +99,12 @@ class DeviceAudit:
     pending: list[int] = field(default_factory=list)
     budget: dict[str, Any] | None = None
     delta: float | None = None
+    #: Recomputed epsilon per accountant, in :attr:`unit` (the unit the device's budget is stated in).
     epsilon: dict[str, float] = field(default_factory=dict)
+    #: The unit of the device's budget: ``example`` or ``device``.
+    unit: str = "example"
+    #: Every guarantee the ledger supports: unit -> accountant (and ``gaussian``, analytic) -> epsilon.
+    epsilon_by_unit: dict[str, dict[str, float]] = field(default_factory=dict)
     reported_final: float | None = None
     reported_accountant: str | None = None
     curve_by_round: list[tuple[int, float]] = field(default_factory=list)
@@ -133,7 +138,8 @@ class DeviceAudit:
             "steps": sum(e.steps for e in self.events), "rounds_covered": self.rounds_covered(),
             "round_spans": [list(iv) for iv in self.covered],
             "pending_reservations": self.pending, "budget": self.budget, "delta": self.delta,
-            "epsilon": self.epsilon, "reported_epsilon": self.reported_final,
+            "epsilon": self.epsilon, "unit": self.unit, "epsilon_by_unit": self.epsilon_by_unit,
+            "reported_epsilon": self.reported_final,
             "reported_accountant": self.reported_accountant,
             "epsilon_per_round": [{"round": r, "epsilon": e} for r, e in self.curve_by_round],
             "events_detail": [e.to_dict() for e in self.events],

@@ -73,6 +73,25 @@ def _plots(result: AuditResult, out_dir: Path) -> list[str]:
     return [DISTRIBUTION_PNG, CURVES_PNG]
 
 
+def _by_unit(result: AuditResult) -> list[str]:
+    """Max epsilon over devices for every guarantee the ledgers support (example- and device-level)."""
+    units = sorted({u for d in result.devices for u in d.epsilon_by_unit})
+    if not units or units == ["example"]:
+        return []
+    out = ["| guarantee | devices | " + " | ".join(f"max eps {x}" for x in ("rdp", "pld", "gaussian")) + " |",
+           "|---|---|---|---|---|"]
+    for unit in units:
+        held = [d.epsilon_by_unit[unit] for d in result.devices if unit in d.epsilon_by_unit]
+        cells = []
+        for acc in ("rdp", "pld", "gaussian"):
+            vals = [v[acc] for v in held if acc in v]
+            cells.append(f"{max(vals):.4g}" if vals else "-")
+        out.append(f"| per {unit} | {len(held)} | " + " | ".join(cells) + " |")
+    return out + ["", "Per device: RDP (Opacus) and PLD (dp_accounting) re-derived from the events; gaussian = "
+                  "the closed-form analytic Gaussian (Balle & Wang 2018) of the composed q = 1 Gaussian sums, "
+                  "which both accountants must bound from above.", ""]
+
+
 def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.4g}"
 
@@ -111,21 +130,21 @@ def _markdown(result: AuditResult, plots: list[str]) -> str:
               "only against the server's federation ledger (cross-checked below) or a key/length registered "
               "out of band.", "",
               "## Mechanisms and parameters", "",
-              "| mechanism | mode | sample rate q | noise multiplier | clip norm | delta | events | steps | devices |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| mechanism | unit | mode | sample rate q | noise multiplier | clip norm | delta | events | steps | devices |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     groups: Counter = Counter()
     steps: Counter = Counter()
     devs: dict = {}
     for d in result.devices:
         for ev in d.events:
-            key = (ev.mechanism, ev.mode, ev.sample_rate, ev.noise_multiplier, ev.clip_norm, ev.delta)
+            key = (ev.mechanism, ev.unit, ev.mode, ev.sample_rate, ev.noise_multiplier, ev.clip_norm, ev.delta)
             groups[key] += 1
             steps[key] += ev.steps
             devs.setdefault(key, set()).add(d.device_id)
     rows = sorted(groups)
     for key in rows[:_MAX_TABLE_ROWS]:
-        m, mode, q, sigma, c, delta = key
-        lines.append(f"| {m} | {mode} | {q:.4g} | {sigma:.4g} | {c:.4g} | {delta:g} | {groups[key]} | "
+        m, unit, mode, q, sigma, c, delta = key
+        lines.append(f"| {m} | {unit} | {mode} | {q:.4g} | {sigma:.4g} | {c:.4g} | {delta:g} | {groups[key]} | "
                      f"{steps[key]} | {len(devs[key])} |")
     if len(rows) > _MAX_TABLE_ROWS:
         lines.append(f"| ... {len(rows) - _MAX_TABLE_ROWS} more (see audit.json) |")
@@ -137,8 +156,10 @@ def _markdown(result: AuditResult, plots: list[str]) -> str:
     eps_b = [d.epsilon[b] for d in result.devices if b in d.epsilon]
     if eps_a:
         lines.append(f"{a.upper()}: max {max(eps_a):.4g}, median {np.median(eps_a):.4g}; {b.upper()}: max "
-                     f"{max(eps_b):.4g}, median {np.median(eps_b):.4g}.")
+                     f"{max(eps_b):.4g}, median {np.median(eps_b):.4g} (each device in the unit of its own "
+                     "budget).")
         lines.append("")
+    lines += _by_unit(result)
     failed_devices = {f.device for f in fails}
     lines += [f"| device | rounds | events | steps | pending | budget | eps {a} | eps {b} | reported | status |",
               "|---|---|---|---|---|---|---|---|---|---|"]

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from fed_nessa.privacy import signing
-from fed_nessa.privacy.accounting import PLD, RDP, EpsilonMemo
+from fed_nessa.privacy.accounting import PLD, RDP, EpsilonMemo, UnitNotCoveredError, gaussian_epsilon
 from fed_nessa.privacy.audit.findings import (
     BUDGET_SLACK,
     FAIL,
@@ -51,7 +51,7 @@ from fed_nessa.privacy.audit.findings import (
 )
 from fed_nessa.privacy.audit.report import write_report
 from fed_nessa.privacy.chain import HEADER, ChainRead, read_chain
-from fed_nessa.privacy.events import DPEvent, EventError
+from fed_nessa.privacy.events import DEVICE, EXAMPLE, DPEvent, EventError
 from fed_nessa.privacy.ledger import (
     CHAIN_SCHEME,
     COMPLETE,
@@ -67,6 +67,9 @@ from fed_nessa.privacy.ledger import (
     received_chain,
 )
 from fed_nessa.privacy.statement import privacy_statement
+
+#: The closed-form (analytic Gaussian) epsilon of a device-level history, beside the accountants'.
+GAUSSIAN = "gaussian"
 
 # Re-exported: callers (and docs) have long imported these names from this module.
 __all__ = ["BUDGET_SLACK", "FAIL", "RDP_SLACK", "REPORT_TOLERANCE", "TIGHT_OVER_RDP", "WARN", "AuditResult",
@@ -331,16 +334,19 @@ def _recompute(dev: DeviceAudit, reserves, completes, accountants: tuple[str, st
     events = dev.events
     assert dev.delta is not None
     delta = dev.delta
-    curves: dict[str, list[float]] = {}
+    dev.unit = str((dev.budget or {}).get("unit", EXAMPLE))
+    curves: dict[tuple[str, str], list[float]] = {}
 
-    def curve(acc: str) -> list[float]:
-        # Memoised across devices: the curve depends only on (q, sigma, steps) per event.
-        if acc not in curves:
-            curves[acc] = memo.curve(events, delta, acc)
-        return curves[acc]
+    def curve(acc: str, unit: str | None = None) -> list[float]:
+        # Memoised across devices: the curve depends only on (q, sigma, steps, unit) per event.
+        key = (acc, unit or dev.unit)
+        if key not in curves:
+            curves[key] = memo.curve(events, delta, acc, key[1])
+        return curves[key]
 
-    for acc in accountants:
-        dev.epsilon[acc] = curve(acc)[-1] if events else 0.0
+    if not _units(dev, accountants, curve, findings):
+        return
+    dev.epsilon = dict(dev.epsilon_by_unit[dev.unit])
     for seq, payload, n_before in completes:
         acc = str(payload.get("accountant", RDP))
         reported = payload.get("epsilon_after")
@@ -352,11 +358,16 @@ def _recompute(dev: DeviceAudit, reserves, completes, accountants: tuple[str, st
             findings.append(Finding(FAIL, "reported", f"reported at delta {payload['delta']:g}, the device's "
                                                       f"delta is {dev.delta:g}", dev.device_id, seq))
             continue
+        unit = str(payload.get("unit", EXAMPLE))
+        if unit != dev.unit:
+            findings.append(Finding(FAIL, "reported", f"reported per {unit}, the device budgets per {dev.unit}",
+                                    dev.device_id, seq))
+            continue
         recomputed = curve(acc)[n_before - 1]
         if not _within(float(reported), recomputed, acc):
             findings.append(Finding(FAIL, "reported", f"reported epsilon {reported:.6g} but the {acc} "
                                                       f"accountant gives {recomputed:.6g} for the "
-                                                      f"{n_before} events reserved before it",
+                                                      f"{n_before} events reserved before it (per {unit})",
                                     dev.device_id, seq))
         dev.reported_final, dev.reported_accountant = float(reported), acc
     rdp_curve = curve(RDP) if events else []
@@ -370,20 +381,50 @@ def _recompute(dev: DeviceAudit, reserves, completes, accountants: tuple[str, st
     for r, eps in sorted(last_by_round.items()):
         running = max(running, eps)  # a later event reserved inside a span must not dip the curve
         dev.curve_by_round.append((r, running))
-    _check_agreement(dev, accountants, findings)
+    for unit, values in dev.epsilon_by_unit.items():
+        _check_agreement(dev, accountants, findings, values, unit)
     _check_against_budget(dev, curve, findings)
 
 
-def _check_agreement(dev: DeviceAudit, accountants: tuple[str, str], findings: list[Finding]) -> None:
+def _units(dev: DeviceAudit, accountants: tuple[str, str], curve, findings: list[Finding]) -> bool:
+    """Re-derive every guarantee the ledger supports: example-level always, device-level when every
+    spending event is device-level (then also in closed form, the analytic Gaussian)."""
+    units = [EXAMPLE] + ([DEVICE] if any(ev.unit == DEVICE for ev in dev.events) or dev.unit == DEVICE else [])
+    for unit in units:
+        try:
+            values = {acc: (curve(acc, unit)[-1] if dev.events else 0.0) for acc in accountants}
+        except UnitNotCoveredError as exc:
+            if unit == dev.unit:
+                findings.append(Finding(FAIL, "unit.uncovered", f"the device budgets per {unit}, but {exc}",
+                                        dev.device_id))
+                return False
+            continue
+        if unit == DEVICE and all(ev.sample_rate >= 1.0 for ev in dev.events if ev.steps):
+            values[GAUSSIAN] = gaussian_epsilon(dev.events, dev.delta or 0.0, DEVICE) if dev.events else 0.0
+        dev.epsilon_by_unit[unit] = values
+    return True
+
+
+def _check_agreement(dev: DeviceAudit, accountants: tuple[str, str], findings: list[Finding],
+                     values: dict[str, float] | None = None, unit: str = EXAMPLE) -> None:
+    values = dev.epsilon if values is None else values
+    exact = values.get(GAUSSIAN)
+    if exact is not None:
+        # Device-level histories are Gaussian sums: the closed form is exact, PLD and RDP are upper bounds.
+        for acc in accountants:
+            if values[acc] < exact * (1 - TIGHT_OVER_RDP[0]) - TIGHT_OVER_RDP[1]:
+                findings.append(Finding(FAIL, "accountants", f"{acc} epsilon {values[acc]:.4g} per {unit} is below "
+                                                             f"the exact Gaussian {exact:.4g}: one implementation "
+                                                             "is wrong", dev.device_id))
     if RDP not in accountants:
-        a, b = (dev.epsilon[x] for x in accountants)
+        a, b = (values[x] for x in accountants)
         if abs(a - b) > REPORT_TOLERANCE[PLD][1] + REPORT_TOLERANCE[PLD][0] * max(a, b):
             findings.append(Finding(FAIL, "accountants", f"{accountants[0]} {a:.4g} and {accountants[1]} "
                                                          f"{b:.4g} disagree beyond their discretisation error",
                                     dev.device_id))
         return
     tight = next(x for x in accountants if x != RDP)
-    rdp, other = dev.epsilon[RDP], dev.epsilon[tight]
+    rdp, other = values[RDP], values[tight]
     if other > rdp * (1 + TIGHT_OVER_RDP[0]) + TIGHT_OVER_RDP[1]:
         findings.append(Finding(FAIL, "accountants", f"{tight} epsilon {other:.4g} exceeds the RDP upper bound "
                                                      f"{rdp:.4g}: one implementation is wrong", dev.device_id))
@@ -738,13 +779,21 @@ def _check_claim(claim: dict[str, Any] | None, devices: list[DeviceAudit], accou
         findings.append(Finding(WARN, "summary.budget", f"summary states the requested budget {budget}; "
                                                         f"{tighter} device(s) hold a smaller budget in their own "
                                                         "policy (their ledgers' budget is what they enforce)"))
-    stated_max = claim.get("epsilon_max")
     acc = claim.get("accountant", RDP)
-    values = [eps for d in devices if (eps := d.epsilon.get(acc)) is not None]
-    if isinstance(stated_max, (int, float)) and values and acc in REPORT_TOLERANCE:
-        if not _within(float(stated_max), max(values), acc):
-            findings.append(Finding(FAIL, "summary.epsilon_max", f"summary states epsilon_max {stated_max:.6g}, "
-                                                                 f"the ledgers give {max(values):.6g} ({acc})"))
+    unit = str(claim.get("privacy_unit", EXAMPLE))
+    # The claim's own unit, then the implied example-level figures a device-level summary also states.
+    for key, in_unit in (("epsilon_max", unit), ("epsilon_example_max", EXAMPLE)):
+        stated = claim.get(key)
+        if not isinstance(stated, (int, float)) or acc not in REPORT_TOLERANCE:
+            continue
+        values = [eps for d in devices if (eps := d.epsilon_by_unit.get(in_unit, {}).get(acc)) is not None]
+        if len(values) < sum(1 for d in devices if d.events):
+            findings.append(Finding(FAIL, f"summary.{key}", f"summary states {key} per {in_unit}, but "
+                                                            f"{sum(1 for d in devices if d.events) - len(values)} "
+                                                            f"ledger(s) give no guarantee per {in_unit}"))
+        elif values and not _within(float(stated), max(values), acc):
+            findings.append(Finding(FAIL, f"summary.{key}", f"summary states {key} {stated:.6g}, the ledgers "
+                                                            f"give {max(values):.6g} ({acc}, per {in_unit})"))
 
 
 def _statement(claim: dict[str, Any] | None, devices: list[DeviceAudit]) -> dict[str, Any]:
