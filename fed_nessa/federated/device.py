@@ -24,8 +24,9 @@ It answers two questions per round, both from the device's own shard, ledger and
 the statistics weighted by ``min(1, K / n)`` (K = ``device-stats-pairs``, sensitivity K) and
 the mean gradient over all its pairs clipped to ``device-clip-norm``, plus a noise share; no
 sampling, so the event is a Gaussian sum with q = 1. The device's policy sets its unit, its
-participation limit and the fewest rounds between two participations (``min-separation``). ``device-batch`` bounds the pairs the mean gradient is computed on (a
-secret uniform subset from the device's noise stream; compute only, no amplification claimed).
+participation limit and the fewest rounds between two participations (``min-separation``).
+``device-batch`` bounds the pairs the mean gradient is computed on (a secret uniform subset
+from the device's noise stream; compute only, no amplification claimed).
 
 Noise shares are sized from the device's policy, never from a number the server sends:
 the server's promise of ``g`` arrivals can only make a device decline, never shrink its

@@ -503,7 +503,7 @@ class FleetEngine:
                 if self.numerics == FleetNumerics.EXACT:
                     total = self._modular_sum(payloads, codec)
                 elif self.model.device_unit:
-                    total = self._fast_device_total(vectors, sent, book, r, codec)
+                    total = self._fast_device_total(vectors[0], sent, book, r, codec)
                 else:
                     total = self._fast_gradient_total(rows, sent, book, r, codec)
                 self.model.apply(Phase.DPSGD, total, len(sent),
@@ -549,10 +549,10 @@ class FleetEngine:
             out = out + self._fleet_noise(r).normal(out.shape, math.sqrt(var))
         return self._fast_rounding(out, len(sent), codec)
 
-    def _device_vectors(self, arrived: list[int], book: DeviceBook, r: int) -> np.ndarray | list[np.ndarray]:
-        """Device level: each device's clipped mean gradient over all its pairs.
+    def _device_vectors(self, arrived: list[int], book: DeviceBook, r: int) -> list[np.ndarray]:
+        """Device level: each device's clipped mean gradient over its round's pairs.
 
-        Fast numerics: the clipped vectors summed, shape ``(P,)`` (as a one-row array);
+        Fast numerics: ONE vector, the clipped vectors' sum (without per-device vectors);
         exact: per-device vectors plus each device's noise share from its own stream, in the
         draw order of ``model.training.device_update``.
         """
@@ -593,7 +593,7 @@ class FleetEngine:
                 vectors[i] = vec.astype(np.float32)
         self.model.net.to("cpu")
         if self.numerics == FleetNumerics.FAST:
-            return total.cpu().numpy()[None, :]
+            return [total.cpu().numpy()]
         return [vectors[i] for i in arrived]
 
     def _device_rows(self, arrived: list[int], r: int) -> dict[int, np.ndarray]:
@@ -624,10 +624,10 @@ class FleetEngine:
         ends = np.searchsorted(owner, np.asarray(arrived, np.int64), side="right")
         return {i: np.sort(rows[a:b]) for i, a, b in zip(arrived, bounds, ends, strict=True)}
 
-    def _fast_device_total(self, vectors: np.ndarray | list[np.ndarray], sent: list[int], book: DeviceBook, r: int,
+    def _fast_device_total(self, clipped_sum: np.ndarray, sent: list[int], book: DeviceBook, r: int,
                            codec: SecAggCodec) -> np.ndarray:
         """The released device-level sum: the clipped sum plus ONE draw of the summed noise shares."""
-        out = np.asarray(vectors, np.float64)[0]
+        out = np.asarray(clipped_sum, np.float64)
         if self.cfg.dp_mode != DPMode.NONE:
             var = sum(noise_std(self.cfg, book.policies[i], self.plan.dpsgd_sigma, self.cfg.device_clip_norm) ** 2
                       for i in sent)

@@ -130,7 +130,8 @@ def _markdown(result: AuditResult, plots: list[str]) -> str:
               "only against the server's federation ledger (cross-checked below) or a key/length registered "
               "out of band.", "",
               "## Mechanisms and parameters", "",
-              "| mechanism | unit | mode | sample rate q | noise multiplier | clip norm | delta | events | steps | devices |",
+              "| mechanism | unit | mode | sample rate q | noise multiplier | clip norm | delta | events | steps "
+              "| devices |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     groups: Counter = Counter()
     steps: Counter = Counter()
