@@ -21,9 +21,8 @@ centralised comparison rows (simulation), ``report.md`` and the plots.
 
 from __future__ import annotations
 
-import math
-
 import logging
+import math
 import statistics
 import time
 from collections import Counter
