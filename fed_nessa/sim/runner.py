@@ -15,6 +15,11 @@ overrides win over the file, the file over the defaults; without ``--config`` th
 job's file ``simulations/configs/main.toml`` is used. Everything is validated before the
 first round.
 
+``--canaries M`` plants M canary pairs into the devices before round 1 (a hook on the
+federation the runner builds; the engines are unchanged) for a privacy auditor's
+``fed-nessa audit-empirical --run``; the secret goes beside the run folder
+(:mod:`fed_nessa.privacy.canary.federated`).
+
 The library never imports ``server/`` or ``client/``: like ``flwr run``, the runner loads
 the apps named in ``pyproject.toml``'s ``[tool.flwr.app.components]``.
 """
@@ -41,6 +46,7 @@ from fed_nessa.config import (
     from_run_config,
     policy_from_node_config,
 )
+from fed_nessa.data.population import FederationData
 from fed_nessa.federated.protocol import shard_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -48,6 +54,8 @@ CONFIG_DIR = REPO_ROOT / "simulations" / "configs"
 DEFAULT_CONFIG = "main"
 ENGINES = ("flower", "fleet")
 DEVICE_TABLE = "device"
+#: A hook that changes a federation's devices before round 1 (the federated canary audit's planting).
+Planter = Callable[[FederationData], FederationData]
 
 
 def parse_value(text: str) -> bool | int | float | str:
@@ -161,12 +169,24 @@ def device_node_config(policy: DevicePolicy) -> Callable[[int, int], dict[str, A
     return lambda pid, n: {PARTITION_ID_KEY: pid, NUM_PARTITIONS_KEY: n, **own}
 
 
+def _planted(data: FederationData, plant: Planter | None, cfg: FederationConfig) -> FederationData:
+    """The federation after the ``plant`` hook (an audit's canaries), if any, before round 1."""
+    if plant is None:
+        return data
+    if cfg.resume:
+        raise ValueError("--resume: a run with planted canaries cannot be resumed (its devices would get them twice)")
+    return plant(data)
+
+
 def simulate(cfg: FederationConfig, *, policy: DevicePolicy | None = None, quiet: bool = False,
-             verbose: bool = False, drop: Any = None, client_app: Any = None) -> dict[str, Any]:
+             verbose: bool = False, drop: Any = None, client_app: Any = None,
+             plant: Planter | None = None) -> dict[str, Any]:
     """Build the devices, run every round over the in-process Grid, return the summary.
 
     The ServerApp's ``run_federation`` and the ClientApp come from the components named in
-    ``pyproject.toml`` (``client_app`` may replace the latter, for tests).
+    ``pyproject.toml`` (``client_app`` may replace the latter, for tests). ``plant`` may change
+    the devices once they exist and before round 1 (the federated canary audit,
+    :mod:`fed_nessa.privacy.canary.federated`); the engine runs them as any other devices.
     """
     from fed_nessa.data.population import load_federation_data
     from fed_nessa.sim.grid import InProcessGrid
@@ -178,7 +198,7 @@ def simulate(cfg: FederationConfig, *, policy: DevicePolicy | None = None, quiet
     # both noise and measurable time. Warnings (e.g. drop-outs) still show.
     logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.WARNING)
     t0 = time.perf_counter()
-    data = load_federation_data(cfg, shard_folder(cfg))
+    data = _planted(load_federation_data(cfg, shard_folder(cfg)), plant, cfg)
     run_config = cfg.to_run_config()
     grid = InProcessGrid(client_app, len(data.shards), run_config, drop=drop,
                          node_config=device_node_config(policy or DevicePolicy()))
@@ -187,6 +207,41 @@ def simulate(cfg: FederationConfig, *, policy: DevicePolicy | None = None, quiet
                                            progress=ProgressView(cfg.num_server_rounds, quiet=quiet))
     summary.setdefault("timing", {})["total_seconds"] = time.perf_counter() - t0
     return summary
+
+
+def simulate_fleet(cfg: FederationConfig, policy: DevicePolicy, *, device: str = "cpu", quiet: bool = False,
+                   plant: Planter | None = None) -> dict[str, Any]:
+    """The fleet engine's run; with ``plant``, its in-memory devices pass through the hook first.
+
+    Without a hook this is :func:`fed_nessa.sim.fleet.run_fleet` itself; with one it builds the
+    same data the same way, plants, and hands the devices to the same engine.
+    """
+    from fed_nessa.data.population import load_federation_data
+    from fed_nessa.sim.fleet import FleetEngine, run_fleet
+
+    progress = ProgressView(cfg.num_server_rounds, quiet=quiet)
+    if plant is None:
+        return run_fleet(cfg, policy, device=device, progress=progress)
+    t0 = time.perf_counter()
+    data = _planted(load_federation_data(cfg, None), plant, cfg)
+    summary = FleetEngine(cfg, policy, data, device=device, progress=progress).run()
+    summary.setdefault("timing", {})["total_seconds"] = time.perf_counter() - t0
+    return summary
+
+
+def run_engine(cfg: FederationConfig, policy: DevicePolicy, *, engine: str = ENGINES[0], device: str = "cpu",
+               quiet: bool = False, verbose: bool = False, plant: Planter | None = None) -> dict[str, Any]:
+    """One run on either engine: what ``fed-nessa simulate`` does after reading its arguments."""
+    import torch
+
+    torch.set_num_threads(1)  # one process per core is faster here than intra-op threads
+    if engine not in ENGINES:
+        raise ValueError(f"--engine {engine!r}: allowed values {', '.join(ENGINES)}")
+    if engine == "fleet":
+        if cfg.resume:
+            raise ValueError("--resume: fleet-engine runs are simulations without checkpoints; start a new run folder")
+        return simulate_fleet(cfg, policy, device=device, quiet=quiet, plant=plant)
+    return simulate(cfg, policy=policy, quiet=quiet, verbose=verbose, plant=plant)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -202,8 +257,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="flower: the real ServerApp/ClientApp with SecAgg+ (the main job); fleet: the same round "
                              "maths vectorised over 10^4-10^6 devices (docs/federation.md)")
     parser.add_argument("--device", default="cpu", help="torch device of the fleet engine (cpu, cuda)")
+    parser.add_argument("--canaries", type=int, default=0, metavar="M",
+                        help="plant M canary pairs (each included with probability 1/2) into the devices before "
+                             "round 1, for `fed-nessa audit-empirical --run`; their secret goes to "
+                             "RUN_DIR.canaries.npz beside the run folder (docs/privacy.md)")
+    parser.add_argument("--canary-seed", type=int, default=0, help="seed of the canaries and their coins")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.add_argument("--verbose", action="store_true", help="show Flower's INFO log (SecAgg+ stages)")
+
+
+def _canary_planter(args: argparse.Namespace, cfg: FederationConfig) -> Planter | None:
+    """``--canaries M``: the audit's planting hook (the secret is written beside the run folder)."""
+    m = getattr(args, "canaries", 0)
+    if not m:
+        return None
+    from fed_nessa.privacy.canary.federated import planter
+
+    return planter(m, getattr(args, "canary_seed", 0), cfg.run_dir)
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -212,20 +282,11 @@ def run_from_args(args: argparse.Namespace) -> int:
         overrides.append(f'run-dir="{args.run_dir}"')
     if args.resume:
         overrides.append("resume=true")
-    import torch
-
-    torch.set_num_threads(1)  # one process per core is faster here than intra-op threads
     cfg = build_config(args.config, overrides)
     policy = build_policy(args.config, args.device_overrides)
-    if args.engine == "fleet":
-        from fed_nessa.sim.fleet import run_fleet
-
-        if args.resume:
-            raise ValueError("--resume: fleet-engine runs are simulations without checkpoints; start a new run folder")
-        summary = run_fleet(cfg, policy, device=args.device, progress=ProgressView(cfg.num_server_rounds,
-                                                                                   quiet=args.quiet))
-    else:
-        summary = simulate(cfg, policy=policy, quiet=args.quiet, verbose=args.verbose)
+    plant = _canary_planter(args, cfg)
+    summary = run_engine(cfg, policy, engine=args.engine, device=args.device, quiet=args.quiet, verbose=args.verbose,
+                         plant=plant)
     final = summary["final"]
     print(f"final EER {100 * final['eer']:.2f}%  gap closure {final['gap_closure']}  "
           f"epsilon max {summary['privacy']['epsilon_max']:.3f}  -> {cfg.run_dir}")
