@@ -129,3 +129,22 @@ def test_payload_bound_covers_the_largest_honest_share() -> None:
 def test_apply_needs_a_contributor() -> None:
     with pytest.raises(ValueError, match="no device"):
         ServerModel(Cfg(), 5, 4, "X", "Y").apply(Phase.SUFFSTATS, np.zeros(3), 0)
+
+
+@pytest.mark.parametrize(("dp_mode", "unit", "gradients", "descends"), [
+    (DPMode.NONE, "example", True, True),  # the fleet engine's non-DP control sends gradient sums
+    (DPMode.NONE, "device", None, True),  # device level sends gradients, DP or not
+    (DPMode.DISTRIBUTED, "example", None, True),
+    (DPMode.NONE, "example", None, False),  # example-level non-DP Flower devices send model deltas
+])
+def test_a_gradient_sum_is_stepped_against_and_a_delta_added(dp_mode: DPMode, unit: str, gradients: bool | None,
+                                                              descends: bool) -> None:
+    """Found by the federated canary audit: the fleet engine's dp-mode none rounds did gradient ascent."""
+    cfg = Cfg(dp_mode=dp_mode, privacy_unit=unit, server_optimizer="sgd", server_lr=0.1)
+    model = ServerModel(cfg, 5, 4, "X", "Y")
+    before = model.vector().copy()
+    push = np.ones(sum(p.numel() for p in model.net.parameters() if p.requires_grad), np.float32)
+    model.apply(Phase.DPSGD, push, 3, gradients=gradients)
+    moved = model.vector() - before
+    assert (moved[moved != 0] < 0).all() if descends else (moved[moved != 0] > 0).all()
+    assert (moved != 0).any()

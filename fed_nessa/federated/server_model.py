@@ -103,9 +103,15 @@ class ServerModel:
             return self.cfg.device_stats_pairs * suffstats.SENSITIVITY
         return self.cfg.device_clip_norm
 
+    @property
+    def devices_send_gradients(self) -> bool:
+        """Whether a DP-SGD round's sum holds gradients (distributed mode, or device level, DP or not);
+        else it holds the devices' local model deltas (local mode, and example-level ``dp-mode none``)."""
+        return self.cfg.dp_mode == DPMode.DISTRIBUTED or self.device_unit
+
     def apply(self, phase: Phase, aggregate_sum: np.ndarray, n_arrived: int,
               noise_arrivals: Sequence[int] = (), quantization_std: float = 0.0,
-              plan: NoisePlan | None = None) -> None:
+              plan: NoisePlan | None = None, gradients: bool | None = None) -> None:
         """Advance the model by one released sum.
 
         ``noise_arrivals`` holds the g each arrived device sized its noise share for (its
@@ -113,6 +119,9 @@ class ServerModel:
         noise variance exactly. ``quantization_std`` (SecAgg+'s per-device rounding error,
         public from the codec) is noise in the sum like the DP noise: the solve floors it the
         same way, or a small non-DP fleet would invert rounding noise in weak directions.
+        ``gradients`` says what a DP-SGD sum holds (None: :attr:`devices_send_gradients`); the
+        fleet engine always sends gradient sums, also without DP. A gradient sum is stepped
+        against (the optimiser), a sum of model deltas added (a delta already points downhill).
         """
         if n_arrived < 1:
             raise ValueError("no device contributed to the aggregate")
@@ -128,7 +137,7 @@ class ServerModel:
                                    noise_std=math.sqrt(self.stats_noise_var))
             self.net.set_linear(W, b)
             self.linear_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
-        elif self.cfg.dp_mode == DPMode.DISTRIBUTED:
+        elif self.devices_send_gradients if gradients is None else gradients:
             self._apply_gradient(np.asarray(aggregate_sum, np.float32), n_arrived)
         else:
             params = trainable(self.net)

@@ -506,7 +506,7 @@ class FleetEngine:
                     total = self._fast_device_total(vectors[0], sent, book, r, codec)
                 else:
                     total = self._fast_gradient_total(rows, sent, book, r, codec)
-                self.model.apply(Phase.DPSGD, total, len(sent),
+                self.model.apply(Phase.DPSGD, total, len(sent), gradients=True,
                                  noise_arrivals=[book.policies[i].guaranteed_arrivals for i in sent],
                                  quantization_std=codec.device_error_std(), plan=self.plan)
                 status, note = RoundStatus.APPLIED, f"sum of {len(sent)} devices released (g = {promised})"
