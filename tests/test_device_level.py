@@ -208,6 +208,8 @@ def test_fleet_device_level_run_is_audited_at_both_units(tmp_path: Path) -> None
     privacy = summary["privacy"]
     assert privacy["privacy_unit"] == DEVICE and "device" in privacy["neighbouring_relation"]
     assert privacy["epsilon_example_max"] > privacy["epsilon_max"] > 0
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "epsilon per device over devices" in report and "implied example-level epsilon" in report
     ledger = DeviceLedger.open(tmp_path / "run" / "devices" / "device-00000", "device-00000")
     rounds = sorted(ledger.rounds())
     assert rounds[0] == 1 and all(b - a >= 2 for a, b in zip(rounds, rounds[1:]))  # min-separation held

@@ -190,14 +190,18 @@ def render_report(summary: dict[str, Any]) -> str:
     lines += [
         "", "## Privacy", "",
         *([f"- **{priv['noise_source']}**"] if priv.get("guarantee_holds") is False else []),
-        f"- unit: {priv['unit']}; {priv.get('group_privacy', '')}",
+        f"- unit: {priv['unit']} ({priv.get('privacy_unit', 'example')}-level); "
+        f"{priv.get('group_privacy', '')}",
+        *([f"- level: {priv['level']}"] if priv.get("privacy_unit") == "device" else []),
         f"- mode: {priv['mode']}. Trust: {priv['trust']}",
         f"- accountant: {priv['accountant']}, delta {priv['delta']:g}, budget epsilon {priv['epsilon_budget']} "
         "per device (the run's request; each device's own policy, fixed in its ledger header, decides)",
         *([f"- noise: {priv['noise_source']}"] if priv.get("guarantee_holds", True) and "noise_source" in priv
           else []),  # a run without DP (dp-mode none) has no noise to state
-        f"- epsilon over devices: max {priv['epsilon_max']:.3f}, median {priv['epsilon_median']:.3f}; all within "
-        f"budget: {priv['devices_within_budget']}",
+        f"- epsilon per {priv.get('privacy_unit', 'example')} over devices: max {priv['epsilon_max']:.3f}, median "
+        f"{priv['epsilon_median']:.3f}; all within budget: {priv['devices_within_budget']}",
+        *([f"- implied example-level epsilon (one changed pair moves a device's clipped contribution by <= 2 C): "
+           f"max {priv['epsilon_example_max']:.3f}"] if "epsilon_example_max" in priv else []),
         "- per-device ledgers: see `privacy.device_ledgers` in summary.json",
         "", "## Secure aggregation", "",
         f"- {sa['protocol']}: {sa['num_shares']} shares, reconstruction threshold {sa['reconstruction_threshold']}, "

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The device-level study (docs/results.md "Device-level DP"): fleet size x device-level epsilon x
+# {DP linear start, DP NESSA}, every run a `fed-nessa simulate --engine fleet` with
+# privacy-unit = device into results/device-*; then the table and the plot.
+#   bash simulations/device_level_study.sh [SIZES] [EPSILONS] [ROUNDS] [SERVER_LR]
+# defaults: "10000 30000" "8 3 1" 100 0.01. Every device in every round, delta 1e-5 (< 1/devices),
+# each arm its own run with the whole epsilon: the linear start alone (one statistics round, each
+# device's statistics weighted to <= 100 pairs), or NESSA trained end to end (linear-start none) by
+# device-level DP-SGD (each device's mean gradient over 8 of its pairs, clipped to 0.1 as one vector,
+# q = 1). The pooled non-DP references come from the example-level fleet study's runs of the same
+# population (results/fleet-*; references = false here).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${FED_NESSA_VENV:-.venv}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+sizes=${1:-"10000 30000"}
+epsilons=${2:-"8 3 1"}
+rounds=${3:-100}
+lr=${4:-0.01}
+for n in $sizes; do
+  qr=$("$VENV/bin/python" -c "import math; print(min(2**22, 2 ** int(math.log2((2**32 - 1) / $n))))")
+  g=$((n * 8 / 10))
+  common="--engine fleet --quiet --set num-devices=$n --set clients-per-round=0 --set min-arrivals=50
+          --set secagg-quantization-range=$qr --set eval-every=25 --set references=false --set delta=1e-5
+          --set privacy-unit=device --device-set privacy-unit=device --device-set delta=1e-5
+          --device-set guaranteed-arrivals=$g --device-set min-noise-multiplier=0.2
+          --device-set min-suffstats-noise-multiplier=0.2"
+  for eps in $epsilons; do
+    echo "$(date +%T) device-${n}dev-linear-eps$eps"
+    "$VENV/bin/fed-nessa" simulate $common --set epsilon-budget="$eps" --device-set epsilon-budget="$eps" \
+      --set aligner=linear --set budget-split=1.0 --set num-server-rounds=1 \
+      --run-dir "results/device-${n}dev-linear-eps$eps"
+    echo "$(date +%T) device-${n}dev-nessa-eps$eps"
+    "$VENV/bin/fed-nessa" simulate $common --set epsilon-budget="$eps" --device-set epsilon-budget="$eps" \
+      --set aligner=nessa --set linear-start=none --set budget-split=1.0 --set device-batch=8 \
+      --set server-lr="$lr" --set num-server-rounds="$rounds" \
+      --run-dir "results/device-${n}dev-nessa-eps$eps"
+  done
+done
+"$VENV/bin/python" -m simulations.device_level_table results/device-* --plot docs/device-level-study.png
