@@ -344,6 +344,9 @@ def _check_ranges(c: FederationConfig) -> list[str]:
     if c.privacy_unit == PrivacyUnit.DEVICE and c.dp_mode == DPMode.LOCAL:
         p.append("privacy-unit = 'device' adds distributed noise shares under SecAgg+: it needs dp-mode "
                  "'distributed' (or 'none' for a non-DP baseline), got 'local'")
+    if c.privacy_unit == PrivacyUnit.DEVICE and c.data_source == "synthetic" and c.delta >= 1.0 / c.num_devices:
+        p.append(f"delta = {c.delta:g}: a device-level guarantee needs delta below 1 / num-devices "
+                 f"({1.0 / c.num_devices:.3g}), or releasing one whole device would fit inside delta")
     if c.privacy_unit == PrivacyUnit.DEVICE and c.budget_split > 0 and c.sample_rate > 0:
         p.append("privacy-unit = 'device' uses no sampling (q = 1 per participation): leave sample-rate at 0")
     return p

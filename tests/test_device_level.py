@@ -184,6 +184,8 @@ def test_device_level_config_is_checked() -> None:
         from_run_config({"privacy-unit": "speaker"})
     with pytest.raises(ConfigError, match="dp-mode 'distributed'"):
         from_run_config({"privacy-unit": "device", "dp-mode": "local"})
+    with pytest.raises(ConfigError, match="delta below 1 / num-devices"):
+        from_run_config({"privacy-unit": "device", "num-devices": 200_000, "delta": 1e-5})
     with pytest.raises(ConfigError, match="device-clip-norm"):
         from_run_config({"privacy-unit": "device", "device-clip-norm": float("nan")})
 
