@@ -7,6 +7,7 @@ import importlib
 import pkgutil
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from fed_nessa import __version__
 from fed_nessa import commands as _commands
@@ -17,8 +18,23 @@ class CliError(FedNessaError):
     """A user-facing error: printed as one line, exit status 2, no traceback."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in the CLI's form: one line, exit status 2 (``--help`` shows the usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def os_error_text(exc: OSError) -> str:
+    """``PATH: fault`` for an operating-system error: ``[Errno 21] Is a directory: 'x'`` reads ``x: Is a directory``."""
+    if exc.strerror and exc.filename is not None:
+        where = f"{exc.filename} -> {exc.filename2}" if exc.filename2 is not None else str(exc.filename)
+        return f"{where}: {exc.strerror}"
+    return str(exc) or type(exc).__name__
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fed-nessa",
         description="Federated, differentially private NESSA embedding aligners.",
     )
@@ -38,9 +54,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (FedNessaError, ValueError, FileNotFoundError) as exc:
+    except (FedNessaError, ValueError) as exc:
         # ValueError covers ShardError/ConfigError: they already name the file and fault.
         print(f"fed-nessa {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # FileNotFoundError we raise names the file and fault; one the system raises (a folder where a
+        # file is expected, a parent that is a file, a read-only folder, a full disk) names its path.
+        print(f"fed-nessa {args.command}: error: {os_error_text(exc)}", file=sys.stderr)
         return 2
 
 

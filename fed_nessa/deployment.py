@@ -152,9 +152,19 @@ def node_config_arg(shard_path: Path, state_dir: Path, policy: DevicePolicy | No
             raise ValueError(f"{p}: a path for --node-config must not contain double quotes")
     out = f'shard-path="{shard_path}" state-dir="{state_dir}"'
     if policy is not None:
-        out += "".join(f" {k}={str(v).lower() if isinstance(v, bool) else v}"
-                       for k, v in policy.to_node_config().items())
+        out += "".join(f" {k}={_toml_scalar(v)}" for k, v in policy.to_node_config().items())
     return out
+
+
+def _toml_scalar(value: object) -> str:
+    """A node-config value as Flower parses it (TOML): strings quoted (``privacy-unit="example"``)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        if '"' in value or "\\" in value:
+            raise ValueError(f"node-config value {value!r} must not contain quotes or backslashes")
+        return f'"{value}"'
+    return str(value)
 
 
 @dataclass

@@ -55,9 +55,10 @@ def test_node_config_points_at_shard_and_state(tmp_path: Path) -> None:
     # The device's policy travels in its own node config, in Flower's key=value syntax.
     arg = node_config_arg(Path("/s.shard"), Path("/st"), POLICY)
     assert "epsilon-budget=30.0" in arg and "guaranteed-arrivals=3" in arg and "allow-non-dp=false" in arg
-    from fed_nessa.sim.runner import parse_value  # TOML scalars, as Flower parses --node-config
+    import tomllib  # Flower parses --node-config as TOML: a bare string (privacy-unit=example) fails its SuperNode
 
-    parsed = {k: parse_value(v) for k, v in (item.split("=", 1) for item in arg.split(" ")[2:])}
+    parsed = tomllib.loads("\n".join(arg.split(" ")[2:]))
+    assert parsed["privacy-unit"] == "example" and "privacy-unit=\"example\"" in arg
     assert policy_from_node_config(parsed) == POLICY
 
 

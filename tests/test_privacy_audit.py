@@ -100,7 +100,7 @@ def test_clean_run_passes_and_writes_the_report(tmp_path: Path) -> None:
     assert [p["round"] for p in dev["epsilon_per_round"]] == [1, 2, 3]
     report = (out / "report.md").read_text()
     for text in ("Verdict: PASS", "one utterance pair", "add/remove one", "participation",
-                 "| dp-sgd | local | 0.1 | 1 | 1 | 1e-05 |", "epsilon-distribution.png", "Federation ledger"):
+                 "| dp-sgd | example | local | 0.1 | 1 | 1 | 1e-05 |", "epsilon-distribution.png", "Federation ledger"):
         assert text in report
     assert (out / "epsilon-distribution.png").stat().st_size > 1000
     assert (out / "epsilon-per-round.png").stat().st_size > 1000

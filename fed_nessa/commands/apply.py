@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
+import io
 from pathlib import Path
 
 import numpy as np
 
+from fed_nessa.atomic import atomic_write_bytes
 from fed_nessa.model.aligners import load_aligner
+from fed_nessa.outputs import check_output
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,6 +30,9 @@ def _load_input(path: Path, d_y: int) -> np.ndarray:
         arr = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise ValueError(f"{path}: not a readable .npy array ({exc})") from None
+    if not isinstance(arr, np.ndarray):  # an .npz archive loads as a mapping of arrays
+        arr.close()
+        raise ValueError(f"{path}: an .npz archive, expected one .npy array (n, {d_y})")
     if arr.ndim != 2 or arr.shape[1] != d_y:
         raise ValueError(f"{path}: expected an (n, {d_y}) array for this aligner, got shape {arr.shape}")
     if not np.issubdtype(arr.dtype, np.floating):
@@ -40,14 +44,13 @@ def _load_input(path: Path, d_y: int) -> np.ndarray:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output(args.output, "--output", "file")
     aligner = load_aligner(args.aligner)
     runtime = _load_input(args.input, aligner.info.d_y)
     aligned = aligner.transform(runtime).astype(np.float32)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=args.output.parent, suffix=".npy")
-    with os.fdopen(fd, "wb") as fh:
-        np.save(fh, aligned)
-    os.replace(tmp, args.output)
+    buffer = io.BytesIO()
+    np.save(buffer, aligned)
+    atomic_write_bytes(args.output, buffer.getvalue())  # no temp file survives a failed write
     print(f"wrote {args.output}: {aligned.shape[0]} rows, d={aligned.shape[1]} "
           f"({aligner.method}: {aligner.info.runtime_model} -> {aligner.info.enroll_model})")
     return 0

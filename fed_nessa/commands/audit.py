@@ -7,6 +7,7 @@ Exit status 0 when every check passes, 1 when any fails (the report lists them),
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from fed_nessa.privacy.accounting import ACCOUNTANTS
@@ -26,9 +27,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _check_inputs(path: Path, out: Path | None) -> None:
+    """What the audit cannot read at all (exit 2), as opposed to what it reads and finds faulty (exit 1)."""
+    from fed_nessa.outputs import check_output
+    from fed_nessa.privacy.ledger import FEDERATION_LEDGER_NAME
+
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such run folder or ledger file")
+    check_output(out or (path if path.is_dir() else path.parent) / "audit", "--out", "folder")
+    if not path.is_dir():
+        return
+    summary = path / "summary.json"
+    if summary.is_file():
+        try:
+            data = json.loads(summary.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{summary}: not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{summary}: not a run summary (a JSON {type(data).__name__}, expected an object)")
+    for name in ("summary.json", FEDERATION_LEDGER_NAME):
+        if (path / name).exists() and not (path / name).is_file():
+            raise ValueError(f"{path / name}: is a folder, expected a file")
+
+
 def run(args: argparse.Namespace) -> int:
     from fed_nessa.privacy.audit import audit
 
+    _check_inputs(args.path, args.out)
     accountants = tuple(a.strip() for a in args.accountants.split(","))
     bad = [a for a in accountants if a not in ACCOUNTANTS]
     if len(accountants) != 2 or bad:

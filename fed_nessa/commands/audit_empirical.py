@@ -71,6 +71,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fed_nessa.outputs import check_output
+
+    check_output(args.out, "--out", "folder")
     if args.control is not None and args.run is None:
         raise ValueError("--control needs --run (the DP run folder it controls)")
     if args.run is not None and args.canaries is not None:

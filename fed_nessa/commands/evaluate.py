@@ -14,11 +14,17 @@ from fed_nessa.evaluation.centralised import METHODS, SCENARIOS, CentralisedConf
 
 
 def _floats(text: str) -> list[float]:
-    return [float(t) for t in text.split(",") if t.strip()]
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def _ints(text: str) -> list[int]:
-    return [int(t) for t in text.split(",") if t.strip()]
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -68,12 +74,32 @@ def _check_models(args: argparse.Namespace, splits: list[Any]) -> None:
             raise CliError(f"{flag} {model!r}: no such model in --data {args.data} (models: {', '.join(have)})")
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Every number the run needs, checked before any data is read or anything written."""
+    problems = []
+    if args.max_folds is not None and args.max_folds < 1:
+        problems.append(f"--max-folds must be >= 1, got {args.max_folds}")
+    bad_eps = [e for e in args.dp_epsilons if not (np.isfinite(e) and e > 0)]
+    if bad_eps:
+        problems.append(f"--dp-epsilons must be finite numbers > 0, got {', '.join(f'{e:g}' for e in bad_eps)}")
+    if not 0 < args.delta < 1:
+        problems.append(f"--delta must be in (0, 1), got {args.delta:g}")
+    bad_counts = [n for n in args.hunger if n < 1]
+    if bad_counts:
+        problems.append(f"--hunger needs voice counts >= 1, got {', '.join(map(str, bad_counts))}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 def _pseudo(args: argparse.Namespace) -> Any:
     if not args.pseudo:
         return None
     from fed_nessa.data.datasets import load_real
 
-    extra = load_real(args.pseudo)
+    try:
+        extra = load_real(args.pseudo)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"--pseudo {exc}") from None
     return lambda base: base.concat(extra.subset(np.isin(extra.voice, np.unique(base.voice))))
 
 
@@ -88,7 +114,10 @@ def run(args: argparse.Namespace) -> int:
         split_markdown,
     )
     from fed_nessa.model.training import TrainConfig
+    from fed_nessa.outputs import check_output
 
+    check_output(args.out, "--out", "folder")
+    _check_args(args)
     methods = tuple(m for m in args.methods.split(",") if m)
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
@@ -101,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
                                               seed=args.seed))
     name, splits = _splits(args)
     _check_models(args, splits)
-    args.out.mkdir(parents=True, exist_ok=True)
+    pseudo = _pseudo(args)  # read (and checked) before hours of fitting
     t0 = time.perf_counter()
     result = scenario_tables(splits, args.old_model, args.new_model, cfg, scenarios, args.dp_epsilons, args.delta)
     result.update({"data": name, "methods": list(methods), "splits": [s.name for s in splits],
@@ -110,13 +139,16 @@ def run(args: argparse.Namespace) -> int:
                    "seconds": time.perf_counter() - t0})
     md = [f"# Evaluation: {name}", "", mean_table_markdown(result, f"{args.old_model} -> {args.new_model}")]
     if args.hunger:
-        rows = data_hunger(splits, args.old_model, args.new_model, args.hunger, cfg, pseudo=_pseudo(args),
-                           seed=args.seed)
+        rows = data_hunger(splits, args.old_model, args.new_model, args.hunger, cfg, pseudo=pseudo, seed=args.seed)
         summary = hunger_summary(rows)
         result["data_hunger"] = {"rows": rows, "summary": summary}
         md.append(hunger_markdown(summary, "Data hunger: held-out EER vs training voices (runtime upgrade)"))
-        hunger_plot(summary, args.out / "data_hunger.png", f"{args.new_model} -> {args.old_model}")
     md += ["## Per split", "", split_markdown(result)]
+    # The folder is made only now, when every figure is computed: a failed run leaves nothing behind.
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.hunger:
+        hunger_plot(result["data_hunger"]["summary"], args.out / "data_hunger.png",
+                    f"{args.new_model} -> {args.old_model}")
     (args.out / "evaluation.json").write_text(json.dumps(result, indent=2, default=float))
     (args.out / "evaluation.md").write_text("\n".join(md))
     print(mean_table_markdown(result, f"{args.old_model} -> {args.new_model}"))

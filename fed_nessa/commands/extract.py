@@ -43,11 +43,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from fed_nessa.cli import CliError
     from fed_nessa.data.extract import MODEL_NAMES, MissingExtraError
+    from fed_nessa.outputs import check_output
 
     assert set(MODEL_CHOICES) == set(MODEL_NAMES)
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    # Before any audio is read: the shard, its side files (cache folder, report) and the evaluation set.
+    check_output(args.out, "--out", "file")
     if args.eval_set is not None:
+        check_output(args.eval_set, "--eval-set", "file")
         if args.eval_set.suffix != ".npz":
             raise ValueError(f"{args.eval_set}: the evaluation set file must end with '.npz'")
         if args.enroll_model == args.runtime_model:

@@ -16,6 +16,7 @@ from pathlib import Path
 from fed_nessa.data.datasets import write_devices
 from fed_nessa.data.shards import SHARD_SUFFIX, make_shard
 from fed_nessa.data.synthetic import SCENARIOS, generate_population
+from fed_nessa.outputs import check_output
 
 EVAL_SET_FILE = "eval.safetensors"
 SERVER_EVAL_FILE = "eval.npz"
@@ -43,9 +44,7 @@ def run(args: argparse.Namespace) -> int:
     if args.eval_speakers < 2 or args.eval_utterances < 11:
         raise ValueError("the evaluation set needs >= 2 speakers with >= 11 utterances each "
                          "(10 enrollment utterances plus tests)")
-    out: Path = args.out
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out}: exists and is not a folder")
+    out: Path = check_output(args.out, "--out", "folder")
     if out.is_dir() and any(out.glob(f"*{SHARD_SUFFIX}")) and not args.overwrite:
         raise ValueError(f"{out}: already holds shard files; choose an empty folder or pass --overwrite")
     t0 = time.perf_counter()

@@ -53,6 +53,8 @@ def _check(args: argparse.Namespace) -> None:
         problems.append("--epsilon must be > 0")
     if not 0 < args.delta < 1:
         problems.append("--delta must be in (0, 1)")
+    if args.epsilon is not None and not (args.clip_norm > 0 and args.clip_norm < float("inf")):
+        problems.append(f"--clip-norm must be a finite number > 0, got {args.clip_norm:g}")
     if not 0 <= args.val_fraction < 0.5:
         problems.append("--val-fraction must be in [0, 0.5)")
     if args.epsilon is not None and args.method not in ("nessa", "ridge"):
@@ -68,7 +70,9 @@ def _progress(record: dict[str, Any]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fed_nessa.data.sources import resolve
+    from fed_nessa.outputs import check_output
 
+    check_output(args.out, "--out", "folder")
     _check(args)
     source = resolve(args.data, num_devices=args.devices, seed=args.seed)
     train = source.train

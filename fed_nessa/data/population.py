@@ -16,6 +16,8 @@ array per model id), see docs/federation.md.
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,17 +116,35 @@ def load_eval_file(path: Path) -> EvalSet:
     """Read ``eval.npz`` (see module doc); every fault names the file."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: evaluation set not found (a shard folder data source needs {EVAL_FILE})")
-    with np.load(path, allow_pickle=False) as z:
-        keys = set(z.files)
-        missing = {"speaker", "utterance", "old_model", "new_model"} - keys
-        if missing:
-            raise ValueError(f"{path}: missing array(s) {', '.join(sorted(missing))}")
-        old, new = str(z["old_model"]), str(z["new_model"])
-        emb = {k.split(":", 1)[1]: z[k].astype(np.float32) for k in keys if k.startswith("emb:")}
-        for m in (old, new):
-            if m not in emb:
-                raise ValueError(f"{path}: no 'emb:{m}' array for model {m!r}")
-        return EvalSet(emb, z["speaker"], z["utterance"], old, new)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            keys = set(z.files)
+            missing = {"speaker", "utterance", "old_model", "new_model"} - keys
+            if missing:
+                raise ValueError(f"{path}: missing array(s) {', '.join(sorted(missing))}")
+            old, new = str(z["old_model"]), str(z["new_model"])
+            emb = {k.split(":", 1)[1]: z[k].astype(np.float32) for k in keys if k.startswith("emb:")}
+            speaker, utterance = z["speaker"], z["utterance"]
+    except (OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
+        raise ValueError(f"{path}: unreadable or truncated evaluation set ({type(exc).__name__}: {exc})") from None
+    except ValueError as exc:
+        raise ValueError(str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}") from None
+    for m in (old, new):
+        if m not in emb:
+            raise ValueError(f"{path}: no 'emb:{m}' array for model {m!r}")
+    if speaker.ndim != 1 or utterance.shape != speaker.shape or speaker.size == 0:
+        raise ValueError(f"{path}: 'speaker' and 'utterance' must be two 1-D arrays of the same length >= 1, "
+                         f"got {speaker.shape} and {utterance.shape}")
+    n = speaker.size
+    for m in (old, new):
+        arr = emb[m]
+        if arr.ndim != 2 or len(arr) != n:
+            raise ValueError(f"{path}: 'emb:{m}' must be ({n}, d), got {arr.shape}")
+        bad = ~np.isfinite(arr).all(axis=1)
+        if bad.any():
+            raise ValueError(f"{path}: 'emb:{m}' has {int(bad.sum())} non-finite row(s), first at row "
+                             f"{int(np.argmax(bad))}")
+    return EvalSet(emb, speaker, utterance, old, new)
 
 
 def _folder(folder: Path) -> FederationData:

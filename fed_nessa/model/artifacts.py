@@ -72,6 +72,10 @@ def read_weights_and_card(folder: Path) -> tuple[dict[str, np.ndarray], dict[str
         tensors = load_file(str(weights_path))
     except Exception as exc:
         raise AlignerFileError(f"{weights_path}: unreadable aligner weights ({type(exc).__name__}: {exc})") from None
+    bad = sorted(k for k, v in tensors.items() if not np.isfinite(v).all())
+    if bad:
+        raise AlignerFileError(f"{weights_path}: corrupt aligner weights: non-finite values (NaN/Inf) in "
+                               f"{', '.join(bad)}")
     return tensors, card
 
 

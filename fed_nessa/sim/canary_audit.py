@@ -92,9 +92,12 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir}: no {SUMMARY_FILE}: not a finished run folder")
     try:
-        return dict(json.loads(path.read_text()))
+        summary = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(summary, dict) or not isinstance(summary.get("config"), dict):
+        raise ValueError(f"{path}: not a run summary (no 'config' object)")
+    return summary
 
 
 def _run_facts(summary: dict[str, Any]) -> dict[str, Any]:
@@ -122,7 +125,10 @@ def score_run(run_dir: Path | str, label: str, confidence: float = 0.95) -> dict
     spec = CanarySpec.load(spec_path(run_dir))
     released = load_released(run_dir)
     summary = read_summary(run_dir)
-    cfg = from_run_config(summary["config"])
+    try:
+        cfg = from_run_config(summary["config"])
+    except ValueError as exc:
+        raise ValueError(f"{run_dir / SUMMARY_FILE}: {exc}") from None
     baseline = initial_cosines(cfg, spec)
     scores = canary_scores(released, spec, baseline)
     claim = claimed_epsilon(run_dir, spec)

@@ -41,13 +41,14 @@ from flwr.common.constant import NUM_PARTITIONS_KEY, PARTITION_ID_KEY, SUPERLINK
 
 from fed_nessa.config import (
     BUILTIN_DATA_SOURCES,
+    ConfigError,
     DevicePolicy,
     FederationConfig,
     from_run_config,
     policy_from_node_config,
 )
 from fed_nessa.data.population import FederationData
-from fed_nessa.federated.protocol import shard_folder
+from fed_nessa.federated.protocol import DEVICES_DIR, shard_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "simulations" / "configs"
@@ -66,19 +67,35 @@ def parse_value(text: str) -> bool | int | float | str:
         return text
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """A TOML file of run-config keys; a bare name is looked up in ``simulations/configs/``."""
+def config_path(path: str | Path) -> Path:
+    """The config file ``path`` names: a file, or a bare name looked up in ``simulations/configs/``."""
     p = Path(path)
     if not p.exists() and (CONFIG_DIR / f"{path}.toml").exists():
         p = CONFIG_DIR / f"{path}.toml"
     if not p.is_file():
         raise FileNotFoundError(f"{path}: config file not found (or a name from {CONFIG_DIR.name}/)")
+    return p
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A TOML file of run-config keys; a bare name is looked up in ``simulations/configs/``."""
+    p = config_path(path)
     try:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{p}: not valid TOML ({exc})") from None
     table = data.get("tool", {}).get("flwr", {}).get("app", {}).get("config", data)
+    if not isinstance(table, dict):
+        raise ValueError(f"{p}: [tool.flwr.app.config] must be a table of run-config keys")
     return dict(table)
+
+
+def _in_config(exc: ValueError, config_file: str | None, flag: str, overrides: Sequence[str]) -> ValueError:
+    """``exc`` with the config file (and whether overrides took part) in front: the line names the file."""
+    where = str(config_path(config_file or DEFAULT_CONFIG)) + (f" + {flag}" if overrides else "")
+    named = ConfigError(exc.problems) if isinstance(exc, ConfigError) else ValueError(str(exc))
+    named.args = (f"{where}: {exc}",)
+    return named
 
 
 def split_device_table(table: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -100,23 +117,37 @@ def _overrides(items: Sequence[str], flag: str) -> dict[str, Any]:
     return out
 
 
+def _tables(config_file: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The config file's run-config keys and its ``[device]`` table."""
+    table = read_config_file(config_file or DEFAULT_CONFIG)
+    try:
+        return split_device_table(table)
+    except ValueError as exc:
+        raise _in_config(exc, config_file, "", ()) from None
+
+
 def build_policy(config_file: str | None, overrides: Sequence[str] = ()) -> DevicePolicy:
     """Every virtual device's policy: defaults <- the file's ``[device]`` table <- ``--device-set``."""
-    table = read_config_file(config_file or DEFAULT_CONFIG)
-    _, device = split_device_table(table)
+    _, device = _tables(config_file)
     device.update(_overrides(overrides, "--device-set"))
     unknown = sorted(set(device) - {k for k in DevicePolicy().to_node_config()})
-    if unknown:
-        raise ValueError(f"[{DEVICE_TABLE}]: unknown device-policy key(s) {', '.join(unknown)} (allowed: "
-                         f"{', '.join(sorted(DevicePolicy().to_node_config()))})")
-    return policy_from_node_config(device)
+    try:
+        if unknown:
+            raise ValueError(f"[{DEVICE_TABLE}]: unknown device-policy key(s) {', '.join(unknown)} (allowed: "
+                             f"{', '.join(sorted(DevicePolicy().to_node_config()))})")
+        return policy_from_node_config(device)
+    except ValueError as exc:
+        raise _in_config(exc, config_file, "--device-set", overrides) from None
 
 
 def build_config(config_file: str | None, overrides: Sequence[str]) -> FederationConfig:
     """Defaults <- config file <- ``key=value`` overrides, validated; ``run-dir`` made absolute."""
-    merged, _ = split_device_table(read_config_file(config_file or DEFAULT_CONFIG))
+    merged, _ = _tables(config_file)
     merged.update(_overrides(overrides, "--set"))
-    cfg = from_run_config(merged, base_dir=Path.cwd())
+    try:
+        cfg = from_run_config(merged, base_dir=Path.cwd())
+    except ValueError as exc:
+        raise _in_config(exc, config_file, "--set", overrides) from None
     changes: dict[str, Any] = {"run_dir": str(Path(cfg.run_dir).resolve())}
     if cfg.data_source not in BUILTIN_DATA_SOURCES:
         changes["data_source"] = str(Path(cfg.data_source).resolve())
@@ -229,9 +260,66 @@ def simulate_fleet(cfg: FederationConfig, policy: DevicePolicy, *, device: str =
     return summary
 
 
+def check_run_dir(cfg: FederationConfig) -> Path:
+    """The run folder can be written and holds no earlier run (unless resumed), checked before round 1.
+
+    A second run into a used folder would append to its ledgers (each device's earlier spending
+    counts against its budget, the audit sees two runs' rounds interleaved) and overwrite its
+    summary: refused, with the folder named.
+    """
+    from fed_nessa.outputs import check_output
+    from fed_nessa.privacy.ledger import FEDERATION_LEDGER_NAME
+
+    run_dir = check_output(cfg.run_dir, "run-dir", "folder")
+    # What a run leaves in its folder; any of them means the folder holds an earlier run.
+    used = [name for name in ("summary.json", FEDERATION_LEDGER_NAME, DEVICES_DIR, "checkpoints")
+            if (run_dir / name).exists()]
+    if used and not cfg.resume:
+        raise ValueError(f"run-dir {run_dir}: holds an earlier run ({', '.join(used)}); its ledgers would carry "
+                         "that run's spending into this one: choose a new --run-dir or remove it (flower engine: "
+                         "--resume continues it)")
+    return run_dir
+
+
+def check_shard_folder(folder: Path) -> None:
+    """Every shard of a prepared ``data-source`` folder, and its evaluation set, read before the run starts.
+
+    One unreadable, truncated, empty or non-finite shard, or one of other dimensions, is an
+    operator's input fault: one line naming the file, instead of a device failing every round
+    (or the server's pooled baselines failing) after the run folder exists.
+    """
+    from fed_nessa.data.population import EVAL_FILE, VALIDATION_FILE, load_eval_file
+    from fed_nessa.data.shards import ShardError, load_shard, shard_paths
+
+    paths = shard_paths(folder)
+    if not paths:
+        raise ShardError(folder, "no *.shard.safetensors files")
+    first = load_shard(paths[0])
+    for path in paths[1:]:
+        load_shard(path, expect_dx=first.d_x, expect_dy=first.d_y)
+    load_eval_file(folder / EVAL_FILE)
+    if (folder / VALIDATION_FILE).exists():
+        load_eval_file(folder / VALIDATION_FILE)
+
+
+def _check_torch_device(device: str) -> None:
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"--device {device!r}: not a torch device ({str(exc).splitlines()[0][:120]})") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r}: this machine has no CUDA device (torch {torch.__version__})")
+
+
 def run_engine(cfg: FederationConfig, policy: DevicePolicy, *, engine: str = ENGINES[0], device: str = "cpu",
                quiet: bool = False, verbose: bool = False, plant: Planter | None = None) -> dict[str, Any]:
-    """One run on either engine: what ``fed-nessa simulate`` does after reading its arguments."""
+    """One run on either engine: what ``fed-nessa simulate`` does after reading its arguments.
+
+    Every input is checked before anything is written: the engine and its torch device, the
+    run folder (:func:`check_run_dir`) and a prepared data-source folder (:func:`check_shard_folder`).
+    """
     import torch
 
     torch.set_num_threads(1)  # one process per core is faster here than intra-op threads
@@ -240,6 +328,14 @@ def run_engine(cfg: FederationConfig, policy: DevicePolicy, *, engine: str = ENG
     if engine == "fleet":
         if cfg.resume:
             raise ValueError("--resume: fleet-engine runs are simulations without checkpoints; start a new run folder")
+        if cfg.data_source not in BUILTIN_DATA_SOURCES:
+            raise ValueError(f"data-source {cfg.data_source}: the fleet engine builds its devices in memory from "
+                             f"{' or '.join(BUILTIN_DATA_SOURCES)}; run a folder of shards with --engine flower")
+        _check_torch_device(device)
+    check_run_dir(cfg)
+    if cfg.data_source not in BUILTIN_DATA_SOURCES:
+        check_shard_folder(Path(cfg.data_source))
+    if engine == "fleet":
         return simulate_fleet(cfg, policy, device=device, quiet=quiet, plant=plant)
     return simulate(cfg, policy=policy, quiet=quiet, verbose=verbose, plant=plant)
 
@@ -305,7 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return run_from_args(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:
         print(f"simulate: error: {exc}", file=sys.stderr)
         return 2
 

@@ -164,7 +164,9 @@ def load_aligner(path: str | Path) -> Aligner:
         # One zero row per side: both maps must run and agree on the width of the scoring space.
         enroll = obj.map_enroll(np.zeros((1, info.d_x), np.float32))
         runtime = obj.map_runtime(np.zeros((1, info.d_y), np.float32))
-    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+    except KeyError as exc:
+        raise AlignerFileError(f"{mismatch}: no tensor {exc.args[0]!r}") from None
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()][:2]  # torch: a heading + a line
         detail = " ".join(lines)[:300] or type(exc).__name__
         raise AlignerFileError(f"{mismatch}: {detail}") from None

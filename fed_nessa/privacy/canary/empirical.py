@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import json
 import time
+import zipfile
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,26 +159,49 @@ def audit_run(label: str, base_enroll: np.ndarray, base_runtime: np.ndarray, cfg
 
 
 def load_base_pairs(source: str | Path, limit: int | None = None) -> tuple[np.ndarray, np.ndarray, str]:
-    """Base (non-canary) pairs: a device shard file, or an embeddings .npz (resemblyzer <- campp)."""
+    """Base (non-canary) pairs: a device shard file, or an embeddings .npz (resemblyzer <- campp).
+
+    Every fault (unreadable or truncated file, missing arrays, arrays that are not (n, d) with the
+    same n, non-finite rows, no pair at all) raises a ``ValueError`` naming the file.
+    """
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such shard or embeddings file")
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {limit}")
     if path.name.endswith(".safetensors"):
         from fed_nessa.data.shards import load_shard
 
-        shard = load_shard(path)
+        shard = load_shard(path)  # validated: finite, equal row counts, at least one pair
         enroll, runtime, what = shard.enroll, shard.runtime, f"shard {path.name}"
     else:
         try:
-            data = np.load(path)
-            enroll, runtime = data["resemblyzer"], data["campp"]
-        except (OSError, KeyError, ValueError) as exc:
-            raise ValueError(f"{path}: expected an .npz with 'resemblyzer' and 'campp' arrays ({exc})") from exc
+            with np.load(path, allow_pickle=False) as data:
+                enroll, runtime = data["resemblyzer"], data["campp"]
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+            raise ValueError(f"{path}: expected an .npz with 'resemblyzer' and 'campp' arrays "
+                             f"({type(exc).__name__}: {exc})") from None
         what = f"{path.parent.name}/{path.name}: x = resemblyzer (256-d), y = CAM++ (192-d)"
+        _check_pairs(path, enroll, runtime)
     enroll, runtime = np.asarray(enroll, np.float32), np.asarray(runtime, np.float32)
     if limit is not None:
         enroll, runtime = enroll[:limit], runtime[:limit]
     return enroll, runtime, what
+
+
+def _check_pairs(path: Path, enroll: np.ndarray, runtime: np.ndarray) -> None:
+    """Two (n, d) float arrays of the same n >= 1, every row finite."""
+    for name, arr in (("resemblyzer", enroll), ("campp", runtime)):
+        if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.floating):
+            raise ValueError(f"{path}: '{name}' must be a 2-D float array (n, d), got {arr.dtype} {arr.shape}")
+        bad = ~np.isfinite(arr).all(axis=1)
+        if bad.any():
+            raise ValueError(f"{path}: '{name}' has {int(bad.sum())} non-finite row(s), first at row "
+                             f"{int(np.argmax(bad))}")
+    if len(enroll) != len(runtime):
+        raise ValueError(f"{path}: row counts differ: resemblyzer {len(enroll)}, campp {len(runtime)}")
+    if len(enroll) == 0:
+        raise ValueError(f"{path}: no pairs (0 rows)")
 
 
 def empirical_audit(base_enroll: np.ndarray, base_runtime: np.ndarray, cfg: EmpiricalConfig,

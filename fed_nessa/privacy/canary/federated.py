@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,10 +106,17 @@ class CanarySpec:
                                     "canaries were planted)")
         try:
             with np.load(path, allow_pickle=False) as z:
-                return cls(int(z["seed"]), z["x"], z["y"], z["included"].astype(bool), z["device"].astype(np.int64),
+                spec = cls(int(z["seed"]), z["x"], z["y"], z["included"].astype(bool), z["device"].astype(np.int64),
                            int(z["fleet"]))
-        except (OSError, KeyError, ValueError) as exc:
-            raise CanaryError(f"{path}: not a canary spec ({exc})") from None
+        except (OSError, KeyError, ValueError, TypeError, EOFError, zipfile.BadZipFile) as exc:
+            raise CanaryError(f"{path}: not a canary spec, or a truncated one ({type(exc).__name__}: {exc})") from None
+        m = spec.m
+        if (spec.x.ndim != 2 or spec.y.ndim != 2 or len(spec.x) != m or len(spec.y) != m or spec.device.shape != (m,)
+                or not (np.isfinite(spec.x).all() and np.isfinite(spec.y).all())
+                or (m and not 0 <= spec.device.min() <= spec.device.max() < spec.fleet)):
+            raise CanaryError(f"{path}: corrupt canary spec (x {spec.x.shape}, y {spec.y.shape}, {m} coins, devices "
+                              f"{spec.device.shape} over a fleet of {spec.fleet}; values must be finite)")
+        return spec
 
 
 def device_id(index: int) -> str:
