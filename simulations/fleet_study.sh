@@ -6,6 +6,8 @@
 # pairs (q = 0.02 at 10k devices), Adam lr 1e-3, 30 % of epsilon on the statistics round.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# `simulate` refuses a run folder that already holds a run: a re-run of the study replaces its own folders.
+fresh() { rm -rf "$1" "$1.keys"; echo "$1"; }
 VENV="${FED_NESSA_VENV:-.venv}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 sizes=${1:-"1000 3000 10000"}
@@ -22,11 +24,11 @@ for n in $sizes; do
     echo "$(date +%T) fleet-${n}dev-linear-eps$eps"
     "$VENV/bin/fed-nessa" simulate $common --set epsilon-budget="$eps" --device-set epsilon-budget="$eps" \
       --set aligner=linear --set budget-split=0.3 --set sample-rate="$q" --set num-server-rounds=1 \
-      --run-dir "results/fleet-${n}dev-linear-eps$eps"
+      --run-dir "$(fresh results/fleet-${n}dev-linear-eps$eps)"
     echo "$(date +%T) fleet-${n}dev-nessa-eps$eps"
     "$VENV/bin/fed-nessa" simulate $common --set epsilon-budget="$eps" --device-set epsilon-budget="$eps" \
       --set aligner=nessa --set budget-split=0.3 --set sample-rate="$q" --set num-server-rounds=$((rounds + 1)) \
-      --run-dir "results/fleet-${n}dev-nessa-eps$eps"
+      --run-dir "$(fresh results/fleet-${n}dev-nessa-eps$eps)"
   done
 done
 "$VENV/bin/python" -m simulations.fleet_table results/fleet-* --plot docs/fleet-study.png

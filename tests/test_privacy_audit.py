@@ -362,3 +362,17 @@ def test_memoised_audit_gives_each_device_its_own_epsilons(tmp_path: Path) -> No
             assert dev.epsilon[acc] == epsilon_curve(dev.events, DELTA, acc)[-1]  # no memo
     eps = {d.device_id: d.epsilon["rdp"] for d in result.devices}
     assert eps["a"] == eps["b"] and eps["c"] > eps["a"] > eps["d"]
+
+
+def test_the_library_audit_refuses_unreadable_inputs_with_the_file_named(tmp_path: Path) -> None:
+    """The CLI checks these first; the library function says the same when called directly."""
+    run = tmp_path / "run"
+    (run / "federation-ledger.jsonl").mkdir(parents=True)
+    with pytest.raises(ValueError, match="federation-ledger.jsonl: not a file"):
+        audit(run, write=False)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "summary.json").write_text("[1, 2]")
+    (other / "devices").mkdir()
+    with pytest.raises(ValueError, match="summary.json: a run summary is a JSON object"):
+        audit(other, write=False)

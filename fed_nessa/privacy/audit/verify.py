@@ -124,6 +124,8 @@ def _discover(root: Path) -> tuple[list[Path], Path | None, dict[str, Any] | Non
         return [root], None, None
     devices = sorted(p for p in root.rglob(DEVICE_LEDGER_NAME) if p.is_file())
     fed: Path | None = root / FEDERATION_LEDGER_NAME
+    if (root / FEDERATION_LEDGER_NAME).exists() and not (root / FEDERATION_LEDGER_NAME).is_file():
+        raise ValueError(f"{root / FEDERATION_LEDGER_NAME}: not a file")
     if not (root / FEDERATION_LEDGER_NAME).exists():
         found = sorted(root.rglob(FEDERATION_LEDGER_NAME))
         fed = found[0] if found else None
@@ -134,6 +136,8 @@ def _discover(root: Path) -> tuple[list[Path], Path | None, dict[str, Any] | Non
             summary = json.loads(summary_path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise ValueError(f"{summary_path}: not valid JSON ({exc})") from exc
+        if not isinstance(summary, dict):
+            raise ValueError(f"{summary_path}: a run summary is a JSON object, got {type(summary).__name__}")
     return devices, fed, summary
 
 
