@@ -144,6 +144,32 @@ def _padded(t: torch.Tensor, pos: torch.Tensor, seg: torch.Tensor, groups: int, 
     return out
 
 
+@dataclass
+class _DeviceRows:
+    """One forward/backward over every device's rows, sorted by device, as both device-level paths need it."""
+
+    layers: list[_Layer]
+    deltas: tuple[torch.Tensor, ...]
+    segments: torch.Tensor  # device of each (sorted) row
+    pos: torch.Tensor  # row's position within its device
+    width: int  # rows of the largest device (the padding width)
+    weights: torch.Tensor  # (rows, 1): 1 / rows of the row's device (the mean)
+
+
+def _device_pass(net: nn.Module, x: torch.Tensor, y: torch.Tensor, segments: torch.Tensor, groups: int,
+                 loss: str) -> _DeviceRows:
+    counts = torch.bincount(segments, minlength=groups)
+    if len(x) == 0 or bool((counts == 0).any()):
+        raise ValueError("every device needs at least one pair for a device-level update")
+    order = torch.argsort(segments, stable=True)
+    x, y, segments = x[order], y[order], segments[order]
+    starts = torch.cumsum(counts, 0) - counts
+    per_example, layers = _forward(net, x, y, loss)
+    deltas = torch.autograd.grad(per_example.sum(), [layer.out for layer in layers])
+    return _DeviceRows(layers, deltas, segments, torch.arange(len(segments), device=x.device) - starts[segments],
+                       int(counts.max()), (1.0 / counts.to(per_example.dtype))[segments][:, None])
+
+
 def device_clipped_vectors(net: nn.Module, x: torch.Tensor, y: torch.Tensor, segments: torch.Tensor, groups: int,
                            clip: float, *, loss: str = "cosine", clip_enabled: bool = True) -> torch.Tensor:
     """Each group's (device's) mean gradient over its rows, clipped as ONE vector: ``(groups, P)``.
@@ -156,19 +182,10 @@ def device_clipped_vectors(net: nn.Module, x: torch.Tensor, y: torch.Tensor, seg
     is Opacus' ``min(1, C / (norm + 1e-6))``, as on a device (``model.training.device_update``).
     """
     params = [p for p in net.parameters() if p.requires_grad]
-    counts = torch.bincount(segments, minlength=groups)
-    if len(x) == 0 or bool((counts == 0).any()):
-        raise ValueError("every device needs at least one pair for a device-level update")
-    order = torch.argsort(segments, stable=True)
-    x, y, segments = x[order], y[order], segments[order]
-    starts = torch.cumsum(counts, 0) - counts
-    pos = torch.arange(len(segments), device=x.device) - starts[segments]
-    width = int(counts.max())
-    per_example, layers = _forward(net, x, y, loss)
-    deltas = torch.autograd.grad(per_example.sum(), [layer.out for layer in layers])
-    w = (1.0 / counts.to(per_example.dtype))[segments][:, None]  # mean over the device's rows
+    rows = _device_pass(net, x, y, segments, groups, loss)
+    pos, segments, width, w = rows.pos, rows.segments, rows.width, rows.weights
     grads: dict[int, torch.Tensor] = {}
-    for layer, d in zip(layers, deltas, strict=True):
+    for layer, d in zip(rows.layers, rows.deltas, strict=True):
         fd = w * d
         m = layer.module
         if not isinstance(m, nn.Linear):
@@ -217,31 +234,22 @@ def device_clipped_sum(net: nn.Module, x: torch.Tensor, y: torch.Tensor, segment
                        clip: float, *, loss: str = "cosine", clip_enabled: bool = True) -> torch.Tensor:
     """``sum over devices of clip(mean gradient)`` as one flat vector, without per-device vectors.
 
-    The same number as ``device_clipped_vectors(...).sum(0)`` (tests/test_sim_ghost.py), at a
+    The same number as ``device_clipped_vectors(...).sum(0)`` (tests/test_device_level.py), at a
     fraction of the memory: each device's gradient norm comes from the Gram matrices of its
     rows (``|sum w d a^T|^2 = sum (w d.w d')(a.a')``), then one weighted pass sums
     ``f_device w_e g_e`` over all rows.
     """
     params = [p for p in net.parameters() if p.requires_grad]
-    counts = torch.bincount(segments, minlength=groups)
-    if len(x) == 0 or bool((counts == 0).any()):
-        raise ValueError("every device needs at least one pair for a device-level update")
-    order = torch.argsort(segments, stable=True)
-    x, y, segments = x[order], y[order], segments[order]
-    starts = torch.cumsum(counts, 0) - counts
-    pos = torch.arange(len(segments), device=x.device) - starts[segments]
-    width = int(counts.max())
-    per_example, layers = _forward(net, x, y, loss)
-    deltas = torch.autograd.grad(per_example.sum(), [layer.out for layer in layers])
-    w = (1.0 / counts.to(per_example.dtype))[segments][:, None]
-    factor = torch.ones(groups, dtype=per_example.dtype, device=x.device)
+    rows = _device_pass(net, x, y, segments, groups, loss)
+    w = rows.weights
+    factor = torch.ones(groups, dtype=w.dtype, device=w.device)
     if clip_enabled:
-        sq = torch.zeros(groups, dtype=per_example.dtype, device=x.device)
-        for layer, d in zip(layers, deltas, strict=True):
-            sq = sq + _device_sq_norms(layer, w * d, pos, segments, groups, width)
+        sq = torch.zeros(groups, dtype=w.dtype, device=w.device)
+        for layer, d in zip(rows.layers, rows.deltas, strict=True):
+            sq = sq + _device_sq_norms(layer, w * d, rows.pos, rows.segments, groups, rows.width)
         factor = (clip / (torch.sqrt(sq) + CLIP_EPS)).clamp(max=1.0)
-    scale = w * factor[segments][:, None]
+    scale = w * factor[rows.segments][:, None]
     grads: dict[int, torch.Tensor] = {}
-    for layer, d in zip(layers, deltas, strict=True):
+    for layer, d in zip(rows.layers, rows.deltas, strict=True):
         grads.update(_grads(layer, scale * d, None, 1))
     return torch.cat([grads[id(p)].reshape(-1) for p in params]).detach()
