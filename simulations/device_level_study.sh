@@ -11,6 +11,8 @@
 # population (results/fleet-*; references = false here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# `simulate` refuses a run folder that already holds a run: a re-run of the study replaces its own folders.
+fresh() { rm -rf "$1" "$1.keys"; echo "$1"; }
 VENV="${FED_NESSA_VENV:-.venv}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 sizes=${1:-"10000 30000"}
@@ -29,12 +31,12 @@ for n in $sizes; do
     echo "$(date +%T) device-${n}dev-linear-eps$eps"
     "$VENV/bin/fed-nessa" simulate $common --set epsilon-budget="$eps" --device-set epsilon-budget="$eps" \
       --set aligner=linear --set budget-split=1.0 --set num-server-rounds=1 \
-      --run-dir "results/device-${n}dev-linear-eps$eps"
+      --run-dir "$(fresh results/device-${n}dev-linear-eps$eps)"
     echo "$(date +%T) device-${n}dev-nessa-eps$eps"
     "$VENV/bin/fed-nessa" simulate $common --set epsilon-budget="$eps" --device-set epsilon-budget="$eps" \
       --set aligner=nessa --set linear-start=none --set budget-split=1.0 --set device-batch=8 \
       --set server-lr="$lr" --set num-server-rounds="$rounds" \
-      --run-dir "results/device-${n}dev-nessa-eps$eps"
+      --run-dir "$(fresh results/device-${n}dev-nessa-eps$eps)"
   done
 done
 "$VENV/bin/python" -m simulations.device_level_table results/device-* --plot docs/device-level-study.png
