@@ -11,4 +11,8 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 # One BLAS thread, as the committed runs used: the generated data (and so each device's noise
 # seed) is then bit-identical to theirs.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-exec "$VENV/bin/fed-nessa" simulate "$@"
+# runs/latest is the latest run: an earlier run in the run folder is replaced (ledgers and key store
+# included), unless the run is resumed.
+replace=(--replace)
+for arg in "$@"; do [[ "$arg" == "--resume" ]] && replace=(); done
+exec "$VENV/bin/fed-nessa" simulate "${replace[@]}" "$@"

@@ -515,3 +515,26 @@ def test_argparse_errors_are_one_line(capsys: pytest.CaptureFixture) -> None:
     assert exc.value.code == 2
     line = _one_error_line(capsys, "evaluate")
     assert "the following arguments are required: --new-model, --out" in line and "--help" in line
+
+
+def test_replace_removes_only_an_earlier_run_and_its_key_store(tmp_path: Path) -> None:
+    """`--replace` (scripts/simulate.sh passes it for runs/latest) removes a folder holding a run and its
+    key store, and never a folder that holds no run."""
+    from fed_nessa.config import FederationConfig
+    from fed_nessa.sim.runner import replace_run_dir
+
+    run = tmp_path / "run"
+    (run / "devices").mkdir(parents=True)
+    (run / "summary.json").write_text("{}")
+    keys = tmp_path / "run.keys"
+    keys.mkdir()
+    replace_run_dir(FederationConfig(run_dir=str(run)))
+    assert not run.exists() and not keys.exists()
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "mine.txt").write_text("keep")
+    replace_run_dir(FederationConfig(run_dir=str(other)))
+    assert (other / "mine.txt").read_text() == "keep"
+    (run / "devices").mkdir(parents=True)
+    replace_run_dir(FederationConfig(run_dir=str(run), resume=True))
+    assert (run / "devices").is_dir()

@@ -260,6 +260,34 @@ def simulate_fleet(cfg: FederationConfig, policy: DevicePolicy, *, device: str =
     return summary
 
 
+def replace_run_dir(cfg: FederationConfig) -> None:
+    """``--replace``: remove an earlier run from the run folder, with its key store, before this one starts.
+
+    Only a folder that holds a run (what :func:`check_run_dir` refuses) is removed, so a mistyped
+    ``--run-dir`` naming some other folder is never deleted. ``scripts/simulate.sh`` passes it: the
+    main job's ``runs/latest`` is the latest run, not an accumulation of runs.
+    """
+    import shutil
+
+    from fed_nessa.privacy.ledger import key_store
+
+    run_dir = Path(cfg.run_dir)
+    if cfg.resume or not run_dir.is_dir() or not _earlier_run(run_dir):
+        return
+    shutil.rmtree(run_dir)
+    store = key_store(run_dir)
+    if store == run_dir.parent / f"{run_dir.name}.keys":  # a store named by FED_NESSA_KEY_STORE is the user's
+        shutil.rmtree(store, ignore_errors=True)
+
+
+def _earlier_run(run_dir: Path) -> list[str]:
+    """What an earlier run left in ``run_dir`` (empty: none)."""
+    from fed_nessa.privacy.ledger import FEDERATION_LEDGER_NAME
+
+    return [name for name in ("summary.json", FEDERATION_LEDGER_NAME, DEVICES_DIR, "checkpoints")
+            if (run_dir / name).exists()]
+
+
 def check_run_dir(cfg: FederationConfig) -> Path:
     """The run folder can be written and holds no earlier run (unless resumed), checked before round 1.
 
@@ -268,16 +296,13 @@ def check_run_dir(cfg: FederationConfig) -> Path:
     summary: refused, with the folder named.
     """
     from fed_nessa.outputs import check_output
-    from fed_nessa.privacy.ledger import FEDERATION_LEDGER_NAME
 
     run_dir = check_output(cfg.run_dir, "run-dir", "folder")
-    # What a run leaves in its folder; any of them means the folder holds an earlier run.
-    used = [name for name in ("summary.json", FEDERATION_LEDGER_NAME, DEVICES_DIR, "checkpoints")
-            if (run_dir / name).exists()]
+    used = _earlier_run(run_dir)
     if used and not cfg.resume:
         raise ValueError(f"run-dir {run_dir}: holds an earlier run ({', '.join(used)}); its ledgers would carry "
-                         "that run's spending into this one: choose a new --run-dir or remove it (flower engine: "
-                         "--resume continues it)")
+                         "that run's spending into this one: choose a new --run-dir, remove it or pass --replace "
+                         "(flower engine: --resume continues it)")
     return run_dir
 
 
@@ -314,7 +339,8 @@ def _check_torch_device(device: str) -> None:
 
 
 def run_engine(cfg: FederationConfig, policy: DevicePolicy, *, engine: str = ENGINES[0], device: str = "cpu",
-               quiet: bool = False, verbose: bool = False, plant: Planter | None = None) -> dict[str, Any]:
+               quiet: bool = False, verbose: bool = False, plant: Planter | None = None,
+               replace: bool = False) -> dict[str, Any]:
     """One run on either engine: what ``fed-nessa simulate`` does after reading its arguments.
 
     Every input is checked before anything is written: the engine and its torch device, the
@@ -332,6 +358,8 @@ def run_engine(cfg: FederationConfig, policy: DevicePolicy, *, engine: str = ENG
             raise ValueError(f"data-source {cfg.data_source}: the fleet engine builds its devices in memory from "
                              f"{' or '.join(BUILTIN_DATA_SOURCES)}; run a folder of shards with --engine flower")
         _check_torch_device(device)
+    if replace:
+        replace_run_dir(cfg)
     check_run_dir(cfg)
     if cfg.data_source not in BUILTIN_DATA_SOURCES:
         check_shard_folder(Path(cfg.data_source))
@@ -349,6 +377,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override one key of every virtual device's policy, e.g. --device-set epsilon-budget=4")
     parser.add_argument("--run-dir", help="run folder (same as --set run-dir=...)")
     parser.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    parser.add_argument("--replace", action="store_true",
+                        help="remove an earlier run from the run folder (and its key store) first; without it a "
+                             "folder holding a run is refused")
     parser.add_argument("--engine", choices=ENGINES, default=ENGINES[0],
                         help="flower: the real ServerApp/ClientApp with SecAgg+ (the main job); fleet: the same round "
                              "maths vectorised over 10^4-10^6 devices (docs/federation.md)")
@@ -382,7 +413,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     policy = build_policy(args.config, args.device_overrides)
     plant = _canary_planter(args, cfg)
     summary = run_engine(cfg, policy, engine=args.engine, device=args.device, quiet=args.quiet, verbose=args.verbose,
-                         plant=plant)
+                         plant=plant, replace=getattr(args, "replace", False))
     final = summary["final"]
     print(f"final EER {100 * final['eer']:.2f}%  gap closure {final['gap_closure']}  "
           f"epsilon max {summary['privacy']['epsilon_max']:.3f}  -> {cfg.run_dir}")
