@@ -21,7 +21,7 @@ from typing import Any
 
 NAME = re.compile(r"device-(\d+)dev-(linear|nessa)-eps([\d.]+)$")
 HEADER = ("| devices | device ε (δ) | DP linear start EER % (gap) | share of non-DP | DP NESSA EER % (gap) "
-          "| share of non-DP | example-level shipped at the same ε, EER % (gap) | non-DP NESSA EER % (gap) "
+          "| share of non-DP | example-level DP NESSA, same ε (500 rounds), EER % (gap) | non-DP NESSA EER % (gap) "
           "| DP-SGD rounds | σ | s per round |")
 ALIGN = "|---:|---|---|---:|---|---:|---|---|---:|---:|---:|"
 
