@@ -45,7 +45,7 @@ from fed_nessa.config import DevicePolicy, DPMode, FederationConfig, Phase, Priv
 from fed_nessa.data.shards import Shard
 from fed_nessa.federated import suffstats
 from fed_nessa.federated.layout import build_net, flat, load_flat, trainable
-from fed_nessa.federated.noise_plan import noise_plan
+from fed_nessa.federated.noise_plan import device_sensitivity, noise_plan
 from fed_nessa.model.training import (
     DPConfig,
     TrainConfig,
@@ -104,11 +104,6 @@ def noise_std(cfg: FederationConfig, policy: DevicePolicy, sigma: float, sensiti
     if cfg.dp_mode == DPMode.DISTRIBUTED:
         return sigma * sensitivity / math.sqrt(policy.guaranteed_arrivals)
     return sigma * sensitivity
-
-
-def device_sensitivity(phase: Phase, cfg: FederationConfig) -> float:
-    """L2 bound of one device's whole contribution at device level (the noise is sized to it)."""
-    return cfg.device_stats_pairs * SUFFSTATS_SENSITIVITY if phase == Phase.SUFFSTATS else cfg.device_clip_norm
 
 
 def stats_weight(n: int, cfg: FederationConfig) -> float:

@@ -19,7 +19,7 @@ import torch
 from fed_nessa.config import AlignerChoice, DPMode, FederationConfig, LinearStart, Phase, PrivacyUnit, ServerOptimizer
 from fed_nessa.federated import suffstats
 from fed_nessa.federated.layout import build_net, flat, load_flat, nessa_config, trainable
-from fed_nessa.federated.noise_plan import NoisePlan
+from fed_nessa.federated.noise_plan import NoisePlan, device_sensitivity
 from fed_nessa.model.aligners.base import AlignerInfo
 from fed_nessa.model.aligners.nessa import NessaAligner
 
@@ -82,7 +82,7 @@ class ServerModel:
         if self.device_unit:
             # A device-level vector: weighted statistics (<= K pairs' worth) or a clipped mean gradient.
             sigma = plan.suffstats_sigma if phase == Phase.SUFFSTATS else plan.dpsgd_sigma
-            sens = self.device_sensitivity(phase)
+            sens = device_sensitivity(phase, self.cfg)
             return sens + (PAYLOAD_SIGMAS * sigma * sens if dp else 0.0)
         if phase == Phase.SUFFSTATS:
             noise = PAYLOAD_SIGMAS * plan.suffstats_sigma * suffstats.SENSITIVITY if dp else 0.0
@@ -96,12 +96,6 @@ class ServerModel:
     def device_unit(self) -> bool:
         """Whether each device clips its whole round contribution (``privacy-unit = device``)."""
         return self.cfg.privacy_unit == PrivacyUnit.DEVICE
-
-    def device_sensitivity(self, phase: Phase) -> float:
-        """Device level: the L2 bound of one device's vector (the devices compute the same number)."""
-        if phase == Phase.SUFFSTATS:
-            return self.cfg.device_stats_pairs * suffstats.SENSITIVITY
-        return self.cfg.device_clip_norm
 
     @property
     def devices_send_gradients(self) -> bool:
@@ -153,7 +147,7 @@ class ServerModel:
         """Per-entry DP noise variance in a released statistics sum (0 without DP)."""
         if self.cfg.dp_mode == DPMode.NONE:
             return 0.0
-        sens = self.device_sensitivity(Phase.SUFFSTATS) if self.device_unit else suffstats.SENSITIVITY
+        sens = device_sensitivity(Phase.SUFFSTATS, self.cfg) if self.device_unit else suffstats.SENSITIVITY
         sigma = (self.cfg.suffstats_noise_multiplier if sigma_s is None else sigma_s) * sens
         if self.cfg.dp_mode == DPMode.LOCAL:
             return n_arrived * sigma ** 2

@@ -81,7 +81,6 @@ from fed_nessa.federated.codec import SaturationError, SecAggCodec, make_codec
 from fed_nessa.federated.cohort import sample_positions
 from fed_nessa.federated.device import (
     RoundRequest,
-    device_sensitivity,
     device_subset,
     model_refusal,
     noise_std,
@@ -91,7 +90,7 @@ from fed_nessa.federated.device import (
     stats_weight,
 )
 from fed_nessa.federated.layout import trainable
-from fed_nessa.federated.noise_plan import noise_plan
+from fed_nessa.federated.noise_plan import device_sensitivity, noise_plan
 from fed_nessa.federated.protocol import DEVICES_DIR, round_config
 from fed_nessa.federated.release import may_start, may_unmask, promised_arrivals
 from fed_nessa.federated.server_model import ServerModel, max_sampled
