@@ -1,0 +1,170 @@
+"""Seconds per device-level round of the round maths alone, at 10^4 to 10^6 devices, on CPU or one GPU.
+
+What one device-level round computes for EVERY device (docs/privacy.md "Example-level and
+device-level"), timed without ledgers, data loading or evaluation (the engine's bookkeeping
+is timed in ``benchmarks/fleet_round.py``):
+
+``fedsgd``
+    today's fleet-engine update: each device's mean gradient over ``--pairs`` of its pairs,
+    clipped to C as one vector (:func:`fed_nessa.sim.ghost.device_clipped_sum`, the engine's
+    fast numerics), summed over devices, plus one Gaussian of the summed noise.
+``fedavg``
+    the DP-FedAvg update the device-level issue asks for (not in the engines yet): each device
+    runs ``--local-steps`` full-batch gradient steps on its own copy of the global aligner
+    (vectorised over the devices with ``torch.func``), its model delta is clipped to C as one
+    vector, and the deltas are summed. A prototype of the maths, timed to size that engine.
+
+Pairs are random unit vectors generated on the device chunk by chunk from (seed, chunk): the
+arithmetic and the memory of a round do not depend on the values, and 10^6 devices' pairs are
+never held at once. The FLOP figure is the dense forward+backward count (6 x trainable
+parameters x pairs per pass); the ratio to it says how close a round runs to the arithmetic.
+
+    python benchmarks/device_level_round.py --devices 10000 100000 --device cpu
+    python benchmarks/device_level_round.py --devices 100000 1000000 --device cuda --out result.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from fed_nessa.config import from_run_config
+from fed_nessa.federated.layout import build_net, trainable
+from fed_nessa.model.losses import get_loss
+from fed_nessa.sim.ghost import device_clipped_sum
+
+D_X, D_Y = 256, 192  # the synthetic population's enrollment and runtime dimensions
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _pairs(n: int, device: torch.device, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(n, D_X, device=device, generator=gen)
+    y = torch.randn(n, D_Y, device=device, generator=gen)
+    return x / x.norm(dim=1, keepdim=True), y / y.norm(dim=1, keepdim=True)
+
+
+def fedsgd_round(net: nn.Module, devices: int, pairs: int, chunk: int, clip: float,
+                 device: torch.device) -> torch.Tensor:
+    """Sum over every device of its clipped mean gradient, plus the summed Gaussian noise."""
+    params = trainable(net)
+    total = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64, device=device)
+    for c, start in enumerate(range(0, devices, chunk)):
+        k = min(chunk, devices - start)
+        x, y = _pairs(k * pairs, device, c)
+        seg = torch.arange(k, device=device).repeat_interleave(pairs)
+        total += device_clipped_sum(net, x, y, seg, k, clip).double()
+    return total + torch.randn_like(total) * clip
+
+
+def fedavg_round(net: nn.Module, devices: int, pairs: int, chunk: int, clip: float, device: torch.device,
+                 local_steps: int, lr: float) -> torch.Tensor:
+    """Sum over every device of its clipped local-training delta (full-batch steps, vectorised)."""
+    from torch.func import functional_call, grad, vmap
+
+    names = [n for n, p in net.named_parameters() if p.requires_grad]
+    frozen = {n: p.detach() for n, p in net.named_parameters() if not p.requires_grad}
+    start_params = {n: p.detach() for n, p in net.named_parameters() if p.requires_grad}
+    loss_fn: Callable[..., torch.Tensor] = get_loss("cosine")
+
+    def device_loss(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return loss_fn(functional_call(net, {**params, **frozen}, (y,)), x).mean()
+
+    step = vmap(grad(device_loss))
+    total = torch.zeros(sum(p.numel() for p in start_params.values()), device=device)
+    for c, start in enumerate(range(0, devices, chunk)):
+        k = min(chunk, devices - start)
+        x, y = _pairs(k * pairs, device, c)
+        x, y = x.view(k, pairs, D_X), y.view(k, pairs, D_Y)
+        params = {n: p.expand(k, *p.shape).clone() for n, p in start_params.items()}
+        for _ in range(local_steps):
+            grads = step(params, x, y)
+            params = {n: params[n] - lr * grads[n] for n in names}
+        delta = torch.cat([(params[n] - start_params[n]).reshape(k, -1) for n in names], dim=1)
+        factor = (clip / (delta.norm(dim=1) + 1e-6)).clamp(max=1.0)
+        total += (delta * factor[:, None]).sum(0)
+    return total + torch.randn_like(total) * clip
+
+
+def _time(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int) -> list[float]:
+    fn()  # warm-up (kernels, allocator)
+    out = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def measure(devices: int, algorithm: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    cfg = from_run_config({"linear-start": "none", "hidden": args.hidden, "num-devices": max(devices, 3),
+                           "min-arrivals": 2, "secagg-quantization-range": 2**8, "privacy-unit": "device",
+                           "delta": 0.1 / max(devices, 3)})
+    net = build_net(cfg, D_X, D_Y).to(device)
+    n_params = sum(p.numel() for p in trainable(net))
+    pairs = args.pairs if algorithm == "fedsgd" else args.local_pairs
+    if algorithm == "fedsgd":
+        def fn() -> torch.Tensor:
+            return fedsgd_round(net, devices, pairs, args.chunk, 0.1, device)
+        passes = 1
+    else:
+        def fn() -> torch.Tensor:
+            return fedavg_round(net, devices, pairs, args.fedavg_chunk, 0.1, device, args.local_steps, args.lr)
+        passes = args.local_steps
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = _time(fn, device, args.repeats)
+    flops = 6.0 * n_params * devices * pairs * passes
+    med = statistics.median(seconds)
+    return {"algorithm": algorithm, "devices": devices, "pairs_per_device": pairs, "local_steps": passes,
+            "trainable_params": n_params, "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "threads": torch.get_num_threads(), "seconds": [round(s, 4) for s in seconds],
+            "median_s": round(med, 4), "dense_gflop": round(flops / 1e9, 1),
+            "achieved_tflops": round(flops / med / 1e12, 3),
+            "peak_gpu_gib": (round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                             if device.type == "cuda" else None)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--devices", type=int, nargs="+", default=[10_000])
+    p.add_argument("--algorithms", nargs="+", choices=("fedsgd", "fedavg"), default=["fedsgd", "fedavg"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--pairs", type=int, default=8, help="pairs per device in a FedSGD round (device-batch)")
+    p.add_argument("--local-pairs", type=int, default=112, help="pairs per device in a DP-FedAvg round")
+    p.add_argument("--local-steps", type=int, default=1)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--chunk", type=int, default=16_384, help="devices per FedSGD chunk")
+    p.add_argument("--fedavg-chunk", type=int, default=8_192, help="devices per DP-FedAvg chunk")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out")
+    a = p.parse_args()
+    device = torch.device(a.device)
+    results = []
+    for algorithm in a.algorithms:
+        for n in a.devices:
+            res = measure(n, algorithm, a, device)
+            results.append(res)
+            print(json.dumps(res), flush=True)
+    if a.out:
+        with open(a.out, "w", encoding="utf-8") as fh:
+            json.dump(results, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
