@@ -1,12 +1,12 @@
 """The device-level study's table and plot (docs/results.md "Device-level DP").
 
-Reads the study's CSV (``results/device-level.csv``: runs ``device-<n>dev-<linear|nessa>-eps<e>``,
+Reads the study's CSV (``results/device_level.csv``: runs ``device-<n>dev-<linear|nessa>-eps<e>``,
 fleet runs with ``privacy-unit = device``) and, beside each cell, the example-level fleet study's
 run of the same fleet and epsilon (``fleet-<n>dev-nessa-eps<e>`` in ``results/fleet.csv``, same
 synthetic population and seed): its pooled non-DP NESSA reference (the device-level runs skip
 refitting it, ``references = false``) and what it shipped at example level.
 
-    python -m simulations.device_level_table results/device-level.csv [--example results/fleet.csv]
+    python -m simulations.device_level_table results/device_level.csv [--example results/fleet.csv]
         [--plot docs/device-level-study.png]
 """
 
