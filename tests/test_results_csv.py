@@ -150,3 +150,28 @@ def test_the_committed_tables_reproduce_from_the_committed_csvs() -> None:
         lines = text.splitlines()
         assert len(lines) > 2
         assert [line for line in lines if line not in docs] == []
+
+
+@pytest.mark.parametrize("module", [fleet_table, device_level_table])
+def test_a_table_without_its_csv_or_without_a_complete_cell_is_one_clear_error(
+        module: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nope.csv"
+    assert module.main([str(missing), *(["--example", str(missing)] if module is device_level_table else [])]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"{missing}: no such results CSV")
+    lonely = tmp_path / "study.csv"
+    write(lonely, [row(_summary(), "fleet-1000dev-linear-eps8"), row(_summary(), "device-1000dev-linear-eps8")])
+    assert module.main([str(lonely), *(["--example", str(lonely)] if module is device_level_table else [])]) == 2
+    assert "no complete (linear, nessa) pair" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("script", "csv", "table"), [
+    ("fleet_study.sh", "results/fleet.csv", "simulations.fleet_table"),
+    ("device_level_study.sh", "results/device_level.csv", "simulations.device_level_table"),
+    ("quality_table.sh", "results/federated.csv", "simulations.results_table"),
+])
+def test_each_study_script_writes_ignored_run_folders_and_its_committed_csv(script: str, csv: str, table: str) -> None:
+    text = (ROOT / "simulations" / script).read_text()
+    assert f"RUNS=runs/studies CSV={csv}" in text and "-m simulations.results_csv" in text
+    assert f'-m {table} "$CSV"' in text and (ROOT / csv).is_file() and rounds_path(ROOT / csv).is_file()
+    assert "runs/" in (ROOT / ".gitignore").read_text().splitlines()
+    assert f"{table} {csv}" in (ROOT / "docs" / "results.md").read_text()
