@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fed_nessa.config import Phase
+
 Value = int | float | str | bool | None
 
 
@@ -51,6 +53,11 @@ def _at(*path: str) -> Callable[[dict[str, Any]], Any]:
     return get
 
 
+def _either(*getters: Callable[[dict[str, Any]], Any]) -> Callable[[dict[str, Any]], Any]:
+    """The first of the getters' values that is not None."""
+    return lambda s: next((v for v in (get(s) for get in getters) if v is not None), None)
+
+
 def _rounds_of(summary: dict[str, Any]) -> list[dict[str, Any]]:
     rounds = summary.get("rounds")
     return [r for r in rounds if isinstance(r, dict)] if isinstance(rounds, list) else []
@@ -68,7 +75,7 @@ def _later_rounds_seconds_mean(summary: dict[str, Any]) -> float | None:
 
 def _noise_plan(key: str) -> Callable[[dict[str, Any]], Any]:
     """Top-level ``noise_plan``; the first fleet studies wrote it under ``engine``."""
-    return lambda s: _at("noise_plan", key)(s) if "noise_plan" in s else _at("engine", "noise_plan", key)(s)
+    return _either(_at("noise_plan", key), _at("engine", "noise_plan", key))
 
 
 def _engine(summary: dict[str, Any]) -> str:
@@ -106,8 +113,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("epsilon_median", float, _at("privacy", "epsilon_median")),
     Column("epsilon_example_max", float, _at("privacy", "epsilon_example_max")),  # device-level runs
     Column("epsilon_example_median", float, _at("privacy", "epsilon_example_median")),
-    Column("delta", float, lambda s: _at("privacy", "delta")(s) if _at("privacy", "delta")(s) is not None
-           else _at("config", "delta")(s)),
+    Column("delta", float, _either(_at("privacy", "delta"), _at("config", "delta"))),
     Column("devices_within_budget", bool, _at("privacy", "devices_within_budget")),
     Column("suffstats_sigma", float, _noise_plan("suffstats_sigma")),
     Column("dpsgd_sigma", float, _noise_plan("dpsgd_sigma")),
@@ -115,10 +121,10 @@ COLUMNS: tuple[Column, ...] = (
     Column("plan_aligner", str, _noise_plan("aligner")),
     Column("engine", str, _engine),
     Column("numerics", str, _at("engine", "numerics")),
-    Column("devices", int, lambda s: _at("engine", "devices")(s) or _at("config", "num-devices")(s)),
+    Column("devices", int, _either(_at("engine", "devices"), _at("config", "num-devices"))),
     Column("pairs", int, _at("engine", "pairs")),
     Column("rounds", int, lambda s: len(_rounds_of(s))),
-    Column("dpsgd_rounds", int, lambda s: sum(1 for r in _rounds_of(s) if r.get("phase") == "dpsgd")),
+    Column("dpsgd_rounds", int, lambda s: sum(1 for r in _rounds_of(s) if r.get("phase") == str(Phase.DPSGD))),
     Column("declined", int, lambda s: sum(int(r.get("declined") or 0) for r in _rounds_of(s))),
     Column("first_round_eer", float, _first_round("eer")),
     Column("first_round_seconds", float, _first_round("seconds")),
