@@ -289,33 +289,34 @@ class Federation:
         return new, mismatched
 
     # -- outputs ------------------------------------------------------------------------
-    def _device_ledgers(self) -> tuple[dict[str, float], dict[str, str]]:
-        """Per-device epsilon from the ledgers on disk (simulation) or as devices reported it."""
+    def _device_ledgers(self) -> tuple[dict[str, float], int]:
+        """Per-device epsilon from the ledgers on disk (simulation) or as devices reported it, and how
+        many ledgers the run folder holds."""
         folder = self.run_dir / "devices"
-        paths: dict[str, str] = {}
+        found = 0
         eps = dict(self.device_epsilon)
         if folder.is_dir():
             from fed_nessa.privacy.accounting import UnitNotCoveredError
             from fed_nessa.privacy.ledger import DEVICE_LEDGER_NAME, DeviceLedger
 
             for dev_dir in sorted(p for p in folder.iterdir() if (p / DEVICE_LEDGER_NAME).is_file()):
-                paths[dev_dir.name] = str((dev_dir / DEVICE_LEDGER_NAME).relative_to(self.run_dir))
+                found += 1
                 ledger = DeviceLedger.open(dev_dir, dev_dir.name)
                 try:  # in the run's unit: a history with no bound in it makes the claim fail loudly
                     eps[dev_dir.name] = float(ledger.epsilon(self.cfg.delta, unit=self.cfg.privacy_unit))
                 except UnitNotCoveredError:
                     eps[dev_dir.name] = math.inf
-        return eps, paths
+        return eps, found
 
     def summary(self, final: dict[str, Any] | None) -> dict[str, Any]:
-        eps, paths = self._device_ledgers() if final is not None else (self.device_epsilon, {})
+        eps, num_ledgers = self._device_ledgers() if final is not None else (self.device_epsilon, 0)
         rounds = [{k: v for k, v in e.items() if k != "device_epsilon"} for e in self.history]
         return {
             "config": run_folder.portable_config(self.cfg.to_run_config()),
             **({"noise_plan": run_folder.noise_plan_block(self.plan)} if self.plan else {}),
             "rounds": rounds,
             "final": final or {},
-            "privacy": run_folder.privacy_block(self.cfg, eps, paths),
+            "privacy": run_folder.privacy_block(self.cfg, eps, num_ledgers),
             "secure_aggregation": run_folder.secagg_block(self.cfg, self.saturated_total),
         }
 

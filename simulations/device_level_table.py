@@ -1,23 +1,25 @@
 """The device-level study's table and plot (docs/results.md "Device-level DP").
 
-Reads ``results/device-<n>dev-<linear|nessa>-eps<e>`` (fleet runs with ``privacy-unit = device``)
-and, beside each cell, the example-level fleet study's run of the same fleet and epsilon
-(``results/fleet-<n>dev-nessa-eps<e>``, same synthetic population and seed): its pooled non-DP
-NESSA reference (the device-level runs skip refitting it, ``references = false``) and what it
-shipped at example level.
+Reads the study's CSV (``results/device_level.csv``: runs ``device-<n>dev-<linear|nessa>-eps<e>``,
+fleet runs with ``privacy-unit = device``) and, beside each cell, the example-level fleet study's
+run of the same fleet and epsilon (``fleet-<n>dev-nessa-eps<e>`` in ``results/fleet.csv``, same
+synthetic population and seed): its pooled non-DP NESSA reference (the device-level runs skip
+refitting it, ``references = false``) and what it shipped at example level.
 
-    python -m simulations.device_level_table results/device-* [--plot docs/device-level-study.png]
+    python -m simulations.device_level_table results/device_level.csv [--example results/fleet.csv]
+        [--plot docs/device-level-study.png]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from simulations.results_csv import Value, metrics, read
 
 NAME = re.compile(r"device-(\d+)dev-(linear|nessa)-eps([\d.]+)$")
 HEADER = ("| devices | device ε (δ) | DP linear start EER % (gap) | share of non-DP | DP NESSA EER % (gap) "
@@ -26,55 +28,57 @@ HEADER = ("| devices | device ε (δ) | DP linear start EER % (gap) | share of n
 ALIGN = "|---:|---|---|---:|---|---:|---|---|---:|---:|---:|"
 
 
-def _summary(path: Path) -> dict[str, Any] | None:
-    file = path / "summary.json"
-    return json.loads(file.read_text()) if file.is_file() else None
+Cells = dict[tuple[int, float], dict[str, dict[str, Value]]]
 
 
-def _load(paths: Sequence[Path]) -> dict[tuple[int, float], dict[str, dict[str, Any]]]:
-    cells: dict[tuple[int, float], dict[str, dict[str, Any]]] = {}
-    for p in paths:
-        m = NAME.search(p.name)
-        data = _summary(p) if m else None
-        if m and data is not None:
-            cells.setdefault((int(m.group(1)), float(m.group(3))), {})[m.group(2)] = data
-    return cells
+def cells(runs: Sequence[dict[str, Value]]) -> Cells:
+    """The study's rows by (devices, epsilon) and arm, from the run names."""
+    out: Cells = {}
+    for r in runs:
+        m = NAME.search(str(r["run"]))
+        if m:
+            out.setdefault((int(m.group(1)), float(m.group(3))), {})[m.group(2)] = r
+    return out
 
 
-def _cell(row: dict[str, Any] | None) -> str:
-    if not row or row.get("eer") is None:
+def _cell(row: dict[str, float | None] | None) -> str:
+    eer, gap = (row or {}).get("eer"), (row or {}).get("gap_closure")
+    if eer is None or gap is None:
         return "n/a"
-    return f"{100 * row['eer']:.2f} ({row['gap_closure']:.2f})"
+    return f"{100 * eer:.2f} ({gap:.2f})"
 
 
-def _example_level(root: Path, n: int, eps: float) -> dict[str, Any] | None:
-    """The example-level fleet study's NESSA run for this cell (its reference and what it shipped)."""
-    return _summary(root / f"fleet-{n}dev-nessa-eps{eps:g}")
+def rows(by_cell: Cells, example_runs: Sequence[dict[str, Value]]) -> list[dict[str, Any]]:
+    examples = {str(r["run"]): r for r in example_runs}
 
+    def example_level(n: int, eps: float) -> dict[str, Value] | None:
+        """The example-level fleet study's NESSA run for this cell (its reference and what it shipped)."""
+        return examples.get(f"fleet-{n}dev-nessa-eps{eps:g}")
 
-def rows(cells: dict[tuple[int, float], dict[str, dict[str, Any]]], root: Path) -> list[dict[str, Any]]:
     out = []
-    for (n, eps), runs in sorted(cells.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+    for (n, eps), runs in sorted(by_cell.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
         if "linear" not in runs or "nessa" not in runs:
             continue
         lin, nes = runs["linear"], runs["nessa"]
         # Two arms, each its own run with the whole epsilon: the linear start alone (one statistics
         # round) and NESSA trained end to end by device-level DP-SGD. No cross-run choice is made
         # (that would pick on the reported speakers).
-        example = _example_level(root, n, eps) or _example_level(root, n, 8.0)
-        ref = (example or {}).get("final", {}).get("centralised_nessa") or nes["final"].get("centralised_nessa")
-        nessa = nes["final"].get("dp_nessa") or nes["final"]
+        example = example_level(n, eps) or example_level(n, 8.0)
+        ref = (metrics(example, "centralised_nessa") if example else None) or metrics(nes, "centralised_nessa")
+        nessa = metrics(nes, "dp_nessa") or metrics(nes, "final") or {}
+        linear = metrics(lin, "final") or {}
 
-        def share(row: dict[str, Any], ref: dict[str, Any] | None = ref) -> float | None:
-            return row["gap_closure"] / ref["gap_closure"] if ref and ref.get("gap_closure") else None
+        def share(row: dict[str, float | None], ref: dict[str, float | None] | None = ref) -> float | None:
+            gap, ref_gap = row.get("gap_closure"), (ref or {}).get("gap_closure")
+            return gap / ref_gap if gap is not None and ref_gap else None
 
-        plan = nes["noise_plan"]
-        out.append({"devices": n, "epsilon": eps, "delta": nes["privacy"]["delta"], "linear": lin["final"],
-                     "linear_share": share(lin["final"]), "nessa": nessa, "nessa_share": share(nessa),
-                     "example": (example or {}).get("final") if _example_level(root, n, eps) else None,
-                     "reference": ref, "rounds": sum(1 for r in nes["rounds"] if r["phase"] == "dpsgd"),
-                     "sigma": plan["dpsgd_sigma"], "stats_sigma": lin["noise_plan"]["suffstats_sigma"],
-                     "seconds": nes["engine"].get("seconds_per_dpsgd_round_median")})
+        same_eps = example_level(n, eps)
+        out.append({"devices": n, "epsilon": eps, "delta": nes["delta"], "linear": linear,
+                     "linear_share": share(linear), "nessa": nessa, "nessa_share": share(nessa),
+                     "example": metrics(same_eps, "final") if same_eps else None,
+                     "reference": ref, "rounds": nes["dpsgd_rounds"],
+                     "sigma": nes["dpsgd_sigma"], "stats_sigma": lin["suffstats_sigma"],
+                     "seconds": nes["seconds_per_dpsgd_round_median"]})
     return out
 
 
@@ -127,12 +131,19 @@ def plot(table: list[dict[str, Any]], path: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simulations.device_level_table",
                                      description=__doc__.split("\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("csv", type=Path, help="the study's CSV (simulations.results_csv)")
+    parser.add_argument("--example", type=Path, default=Path("results/fleet.csv"),
+                        help="the example-level fleet study's CSV (its references and same-epsilon runs)")
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args(argv)
-    table = rows(_load(args.runs), args.runs[0].parent)
+    try:
+        table = rows(cells(read(args.csv)), read(args.example))
+    except (OSError, ValueError) as exc:
+        print(f"device_level_table: error: {exc}", file=sys.stderr)
+        return 2
     if not table:
-        print("no complete (linear, nessa) pair of device-level runs found", file=sys.stderr)
+        print(f"device_level_table: error: {args.csv}: no complete (linear, nessa) pair of device-level runs",
+              file=sys.stderr)
         return 2
     print(markdown(table))
     if args.plot:

@@ -1,22 +1,23 @@
-"""The fleet study's table and plot from its run folders (``results/fleet-*``).
+"""The fleet study's table and plot from its CSV (``results/fleet.csv``, one row per run).
 
 Per fleet size and epsilon: the DP linear start (all of epsilon on the statistics round), DP NESSA
 (30 % on the statistics round, the rest on DP-SGD), and what ``aligner = auto`` ships: the linear
 start where the auto rule says so, else the promotion gate's choice between that run's linear start
 and its DP NESSA (scored on the server's own validation speakers, never on the reported ones).
 
-    python -m simulations.fleet_table results/fleet-* [--plot docs/fleet-study.png]
+    python -m simulations.fleet_table results/fleet.csv [--plot docs/fleet-study.png]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from simulations.results_csv import Value, metrics, number, read
 
 NAME = re.compile(r"fleet-(\d+)dev-(linear|nessa)-eps([\d.]+)$")
 HEADER = ("| devices | pairs | ε | DP linear start EER % (gap) | DP NESSA EER % (gap) | auto rule "
@@ -25,51 +26,52 @@ HEADER = ("| devices | pairs | ε | DP linear start EER % (gap) | DP NESSA EER %
 ALIGN = "|---:|---:|---:|---|---|---|---|---|---:|---:|---:|---:|"
 
 
-def _load(paths: Sequence[Path]) -> dict[tuple[int, float], dict[str, dict[str, Any]]]:
-    cells: dict[tuple[int, float], dict[str, dict[str, Any]]] = {}
-    for p in paths:
-        m = NAME.search(p.name)
-        if not m or not (p / "summary.json").is_file():
-            continue
-        cells.setdefault((int(m.group(1)), float(m.group(3))), {})[m.group(2)] = json.loads(
-            (p / "summary.json").read_text())
-    return cells
+Cells = dict[tuple[int, float], dict[str, dict[str, Value]]]
 
 
-def _cell(row: dict[str, Any] | None) -> str:
-    if not row or row.get("eer") is None:
+def cells(runs: Sequence[dict[str, Value]]) -> Cells:
+    """The study's rows by (devices, epsilon) and arm, from the run names (``fleet-<n>dev-<arm>-eps<e>``)."""
+    out: Cells = {}
+    for r in runs:
+        m = NAME.search(str(r["run"]))
+        if m:
+            out.setdefault((int(m.group(1)), float(m.group(3))), {})[m.group(2)] = r
+    return out
+
+
+def _cell(row: dict[str, float | None] | None) -> str:
+    eer, gap = (row or {}).get("eer"), (row or {}).get("gap_closure")
+    if eer is None or gap is None:
         return "n/a"
-    return f"{100 * row['eer']:.2f} ({row['gap_closure']:.2f})"
+    return f"{100 * eer:.2f} ({gap:.2f})"
 
 
-def shipped(linear: dict[str, Any], nessa: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+def shipped(linear: dict[str, Value], nessa: dict[str, Value]) -> tuple[str, dict[str, float | None] | None]:
     """What aligner = auto ships for this cell (see the module doc)."""
-    plan = nessa.get("noise_plan") or nessa["engine"]["noise_plan"]  # studies before the top-level key
     from fed_nessa.federated.noise_plan import AUTO_SIGNAL_THRESHOLD
 
-    if plan["signal"] < AUTO_SIGNAL_THRESHOLD:
-        return f"linear ({plan['signal']:.0f})", linear["final"]
-    gate = nessa["final"].get("gate", {})
-    if gate.get("shipped") == "dp-nessa":
-        return f"NESSA ({plan['signal']:.0f}), gate: NESSA", nessa["final"]
-    return f"NESSA ({plan['signal']:.0f}), gate: start", nessa["final"]["linear_start"]
+    signal = number(nessa["auto_signal"]) or 0.0
+    if signal < AUTO_SIGNAL_THRESHOLD:
+        return f"linear ({signal:.0f})", metrics(linear, "final")
+    if nessa["gate_shipped"] == "dp-nessa":
+        return f"NESSA ({signal:.0f}), gate: NESSA", metrics(nessa, "final")
+    return f"NESSA ({signal:.0f}), gate: start", metrics(nessa, "linear_start")
 
 
-def rows(cells: dict[tuple[int, float], dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+def rows(by_cell: Cells) -> list[dict[str, Any]]:
     out = []
-    for (n, eps), runs in sorted(cells.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+    for (n, eps), runs in sorted(by_cell.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
         if "linear" not in runs or "nessa" not in runs:
             continue
         lin, nes = runs["linear"], runs["nessa"]
         rule, ship = shipped(lin, nes)
-        ref = nes["final"]["centralised_nessa"]
-        share = (ship["gap_closure"] / ref["gap_closure"]) if ref.get("gap_closure") else None
-        eng = nes["engine"]
-        out.append({"devices": n, "pairs": eng["pairs"], "epsilon": eps, "linear": lin["final"],
-                    "nessa": nes["final"], "rule": rule, "shipped": ship, "reference": ref, "share": share,
-                    "rounds": sum(1 for r in nes["rounds"] if r["phase"] == "dpsgd"),
-                    "seconds": eng.get("seconds_per_dpsgd_round_median"),
-                    "rss_gib": eng["peak_rss_mib"] / 1024})
+        ref = metrics(nes, "centralised_nessa") or {}
+        shipped_gap, ref_gap = (ship or {}).get("gap_closure"), ref.get("gap_closure")
+        share = shipped_gap / ref_gap if shipped_gap is not None and ref_gap else None
+        out.append({"devices": n, "pairs": nes["pairs"], "epsilon": eps, "linear": metrics(lin, "final"),
+                    "nessa": metrics(nes, "final"), "rule": rule, "shipped": ship, "reference": ref, "share": share,
+                    "rounds": nes["dpsgd_rounds"], "seconds": nes["seconds_per_dpsgd_round_median"],
+                    "rss_gib": (number(nes["peak_rss_mib"]) or 0.0) / 1024})
     return out
 
 
@@ -110,12 +112,16 @@ def plot(table: list[dict[str, Any]], path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simulations.fleet_table", description=__doc__.split("\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("csv", type=Path, help="the study's CSV (simulations.results_csv)")
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args(argv)
-    table = rows(_load(args.runs))
+    try:
+        table = rows(cells(read(args.csv)))
+    except (OSError, ValueError) as exc:
+        print(f"fleet_table: error: {exc}", file=sys.stderr)
+        return 2
     if not table:
-        print("no complete (linear, nessa) pair of fleet runs found", file=sys.stderr)
+        print(f"fleet_table: error: {args.csv}: no complete (linear, nessa) pair of fleet runs", file=sys.stderr)
         return 2
     print(markdown(table))
     if args.plot:

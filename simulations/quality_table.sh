@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every run of the README's federated quality table (synthetic 1000/300 devices and real-dev, each
-# mode at epsilon 8/3/1), one `fed-nessa simulate` each, into results/fed-*; then the table.
+# mode at epsilon 8/3/1), one `fed-nessa simulate` each, into runs/studies/fed-* (not committed), its
+# row added to results/federated.csv (simulations/results_csv.py); then the table from the CSV.
 # About 45 min on a 2-core machine (the 1000-device statistics rounds dominate).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,7 +10,14 @@ export OMP_NUM_THREADS=1 FLWR_HOME="${FLWR_HOME:-$PWD/.flwr-home}" FLWR_DISABLE_
 common="--set secagg-num-shares=11 --set secagg-reconstruction-threshold=6 --set min-arrival-fraction=0.8
         --set batch-size=64 --set hidden=64 --set depth=1 --set server-lr=0.05 --set server-optimizer=sgd
         --set aligner=nessa"
-run() { local name=$1; shift; echo "$(date +%T) $name"; "$VENV/bin/fed-nessa" simulate --quiet $common "$@" --run-dir "results/$name"; }
+RUNS=runs/studies CSV=results/federated.csv
+# `simulate` refuses a run folder that already holds a run: a re-run of the study replaces its own folders.
+fresh() { rm -rf "$1" "$1.keys"; echo "$1"; }
+run() {
+  local name=$1; shift; echo "$(date +%T) $name"
+  "$VENV/bin/fed-nessa" simulate --quiet $common "$@" --run-dir "$(fresh "$RUNS/$name")"
+  "$VENV/bin/python" -m simulations.results_csv "$CSV" "$RUNS/$name"
+}
 min_arrivals() { [ "$1" = 1000 ] && echo 50 || echo 15; }
 cohort() { [ "$1" = 1000 ] && echo 100 || echo 30; }
 # Each device's own policy (--device-set): its budget and the g its noise share is sized for, which
@@ -49,4 +57,4 @@ for spec in "${specs[@]}"; do
   run "fed-real-dev-local-eps$eps" $real --set epsilon-budget="$eps" --set dp-mode=local \
     --set suffstats-noise-multiplier="$s_split" --set noise-multiplier="$s_sgd" --set num-server-rounds=4 --set lr=0.05 --device-set epsilon-budget="$eps"
 done
-"$VENV/bin/python" -m simulations.results_table results/fed-*
+"$VENV/bin/python" -m simulations.results_table "$CSV"

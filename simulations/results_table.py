@@ -8,11 +8,12 @@ Every figure is read from each folder's ``summary.json``; nothing is recomputed.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from simulations.results_csv import Value, metrics, read
 
 HEADER = ("| data | devices | mode | noise | ε budget | σ stats / σ DP-SGD | rounds | EER after start % "
           "| final EER % | gap closure | share of centralised NESSA's | centralised NESSA EER % (gap) "
@@ -21,60 +22,65 @@ HEADER = ("| data | devices | mode | noise | ε budget | σ stats / σ DP-SGD | 
 ALIGN = "|---|---:|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 
 
-def _mode(cfg: dict[str, Any]) -> str:
-    if cfg.get("linear-start") == "suffstats" and int(cfg["num-server-rounds"]) == int(cfg.get("suffstats-rounds", 1)):
+def _mode(cfg: dict[str, Value]) -> str:
+    if cfg["linear-start"] == "suffstats" and cfg["num-server-rounds"] == (cfg["suffstats-rounds"] or 1):
         return "linear start only"
     if cfg.get("linear-start") == "suffstats":
         return "linear start + DP-SGD"
     return "DP-SGD"
 
 
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.2f}"
+def _pct(x: Value) -> str:
+    return "n/a" if x is None else f"{100 * float(x):.2f}"
 
 
-def _row(summary: dict[str, Any]) -> tuple[tuple[Any, ...], str]:
-    cfg, final, rounds = summary["config"], summary["final"], summary["rounds"]
-    cen, ridge, priv = final.get("centralised_nessa") or {}, final.get("ridge") or {}, summary["privacy"]
-    share = final.get("share_of_centralised_gap_closure")
-    later = [r["seconds"] for r in rounds[1:]]
+def _row(r: dict[str, Value]) -> tuple[tuple[Any, ...], str]:
+    cfg = r  # the config keys are columns of their own
+    cen, ridge = metrics(r, "centralised_nessa") or {}, metrics(r, "ridge") or {}
+    share = r["share_of_centralised_gap_closure"]
+    later = r["later_rounds_seconds_mean"]
     noise, mode = cfg["dp-mode"], _mode(cfg)
     sgd_sigma = "–" if mode == "linear start only" else f"{cfg['noise-multiplier']:g}"
     sigmas = "–" if noise == "none" else f"{cfg['suffstats-noise-multiplier']:g} / {sgd_sigma}"
     eps = "∞" if noise == "none" else f"{cfg['epsilon-budget']:g}"
     data = "synthetic" if cfg["data-source"] == "synthetic" else cfg["data-source"]
-    cells = [data, cfg["num-devices"], mode, noise, eps, sigmas, len(rounds), _pct(rounds[0].get("eer")),
-             _pct(final.get("eer")), f"{final['gap_closure']:.2f}",
-             "n/a" if share is None else f"{100 * share:.0f} %",
-             f"{_pct(cen.get('eer'))} ({cen.get('gap_closure', float('nan')):.2f})",
-             f"{_pct(ridge.get('eer'))} ({ridge.get('gap_closure', float('nan')):.2f})",
-             f"{priv.get('epsilon_max', 0):.2f} / {priv.get('epsilon_median', 0):.2f}",
-             sum(int(r.get("declined", 0)) for r in rounds),
-             f"{rounds[0]['seconds']:.0f} / " + (f"{sum(later) / len(later):.1f}" if later else "–")]
-    key = (data, -int(cfg["num-devices"]), mode, noise, -float(cfg.get("epsilon-budget", 0)))
+    cells = [data, cfg["num-devices"], mode, noise, eps, sigmas, r["rounds"], _pct(r["first_round_eer"]),
+             _pct(r["final_eer"]), f"{r['final_gap_closure']:.2f}",
+             "n/a" if share is None else f"{100 * float(share):.0f} %",
+             f"{_pct(cen.get('eer'))} ({_or_nan(cen.get('gap_closure')):.2f})",
+             f"{_pct(ridge.get('eer'))} ({_or_nan(ridge.get('gap_closure')):.2f})",
+             f"{_or_zero(r['epsilon_max']):.2f} / {_or_zero(r['epsilon_median']):.2f}",
+             r["declined"],
+             f"{r['first_round_seconds']:.0f} / " + (f"{later:.1f}" if later is not None else "–")]
+    key = (data, -int(cfg["num-devices"] or 0), mode, noise, -_or_zero(cfg["epsilon-budget"]))
     return key, "| " + " | ".join(str(c) for c in cells) + " |"
 
 
-def table(folders: Sequence[Path]) -> str:
-    rows = []
-    for folder in folders:
-        path = Path(folder) / "summary.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no summary.json (not a run folder, or the run has not finished a round)")
-        summary = json.loads(path.read_text())
-        if not summary.get("final"):
-            raise ValueError(f"{path}: the run has no final evaluation yet")
-        rows.append(_row(summary))
-    return "\n".join([HEADER, ALIGN, *(line for _, line in sorted(rows))])
+def _or_nan(x: Value) -> float:
+    return float("nan") if x is None else float(x)
+
+
+def _or_zero(x: Value) -> float:
+    return 0.0 if x is None else float(x)
+
+
+def table(runs: Sequence[dict[str, Value]], where: str = "the CSV") -> str:
+    """The table of the federated study's rows; a run without a final evaluation is an error."""
+    lines = []
+    for r in runs:
+        if r["final_eer"] is None or r["final_gap_closure"] is None:
+            raise ValueError(f"{where}: run {r['run']} has no final evaluation yet")
+        lines.append(_row(r))
+    return "\n".join([HEADER, ALIGN, *(line for _, line in sorted(lines))])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simulations.results_table", description=__doc__.split("\n")[0])
-    parser.add_argument("folders", nargs="+", type=Path)
+    parser.add_argument("csv", type=Path, help="the study's CSV (simulations.results_csv)")
     args = parser.parse_args(argv)
     try:
-        print(table(args.folders))
-    except (OSError, ValueError, KeyError) as exc:
+        print(table(read(args.csv), str(args.csv)))
+    except (OSError, ValueError) as exc:
         print(f"results_table: error: {exc}", file=sys.stderr)
         return 2
     return 0

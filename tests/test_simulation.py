@@ -82,11 +82,12 @@ def test_run_folder_has_every_required_key_and_file(tmp_path: Path, data: Path) 
     assert "aligner nessa" in final["aligner_plan"] and final["gate"]["applied"] is False
     priv = on_disk["privacy"]
     for key in ("unit", "mode", "trust", "delta", "accountant", "epsilon_budget", "epsilon_max", "epsilon_median",
-                "device_ledgers"):
+                "device_ledger_pattern", "num_device_ledgers"):
         assert key in priv
     assert priv["mode"] == "distributed" and 0 < priv["epsilon_max"] <= 30
-    for rel in priv["device_ledgers"].values():
-        assert (run / rel).is_file()
+    # one pattern and a count, not one path per device
+    ledgers = sorted(run.glob(priv["device_ledger_pattern"].replace("{device_id}", "*")))
+    assert priv["num_device_ledgers"] == len(ledgers) == 8 and "device_ledgers" not in priv
     sa = on_disk["secure_aggregation"]
     assert sa["num_shares"] == 5 and sa["reconstruction_threshold"] == 3 and sa["saturated_coordinates"] == 0
     for name in ("report.md", "eer-per-round.png", "epsilon-per-round.png", "federation-ledger.jsonl",

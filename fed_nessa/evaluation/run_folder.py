@@ -37,9 +37,11 @@ def _finite(x: Any) -> Any:
     return x
 
 
-def privacy_block(cfg: FederationConfig, device_epsilons: dict[str, float], ledger_paths: dict[str, str],
+def privacy_block(cfg: FederationConfig, device_epsilons: dict[str, float], num_ledgers: int,
                   accountant: str = "rdp", noise_source: str | None = None) -> dict[str, Any]:
-    """The ``privacy`` block: the privacy statement plus measured epsilon max/median and the ledgers."""
+    """The ``privacy`` block: the privacy statement plus measured epsilon max/median and the ledgers
+    (their path pattern and how many the run folder holds; the audit checks they are there)."""
+    from fed_nessa.federated.protocol import DEVICE_LEDGER_PATTERN
     from fed_nessa.privacy.statement import privacy_statement
 
     eps = sorted(device_epsilons.values())
@@ -58,7 +60,8 @@ def privacy_block(cfg: FederationConfig, device_epsilons: dict[str, float], ledg
         "epsilon_median": statistics.median(eps) if eps else 0.0,
         "devices_within_budget": cfg.dp_mode == "none" or all(e <= cfg.epsilon_budget + 1e-9 for e in eps),
         "num_devices_with_spend": sum(1 for e in eps if e > 0),
-        "device_ledgers": ledger_paths,
+        "device_ledger_pattern": DEVICE_LEDGER_PATTERN,
+        "num_device_ledgers": num_ledgers,
     })
     return block
 
@@ -202,7 +205,7 @@ def render_report(summary: dict[str, Any]) -> str:
         f"{priv['epsilon_median']:.3f}; all within budget: {priv['devices_within_budget']}",
         *([f"- implied example-level epsilon (one changed pair moves a device's clipped contribution by <= 2 C): "
            f"max {priv['epsilon_example_max']:.3f}"] if "epsilon_example_max" in priv else []),
-        "- per-device ledgers: see `privacy.device_ledgers` in summary.json",
+        f"- per-device ledgers: {priv.get('num_device_ledgers', 0)} at `{priv.get('device_ledger_pattern')}`",
         "", "## Secure aggregation", "",
         f"- {sa['protocol']}: {sa['num_shares']} shares, reconstruction threshold {sa['reconstruction_threshold']}, "
         f"clipping range {sa['clipping_range']:g}, {sa['quantization_range']} levels; {sa['weighting']}",

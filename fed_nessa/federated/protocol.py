@@ -30,7 +30,7 @@ from flwr.common.constant import PARTITION_ID_KEY as PARTITION_ID_KEY
 
 from fed_nessa.config import BUILTIN_DATA_SOURCES, FederationConfig
 from fed_nessa.data.shards import SHARD_SUFFIX, ShardError, shard_paths
-from fed_nessa.privacy.ledger import device_key_folder
+from fed_nessa.privacy.ledger import DEVICE_LEDGER_NAME, device_key_folder
 
 PLAN_RECORD = "plan"
 PHASE_KEY = "phase"
@@ -59,6 +59,9 @@ STATE_DIR_KEY = "state-dir"
 DEVICE_ID_KEY = "device-id"
 SHARDS_DIR = "shards"
 DEVICES_DIR = "devices"
+# Where each device's ledger lies in a run folder; summary.json records this pattern and the number
+# of ledgers, not one path per device (80 % of a 30k-device summary).
+DEVICE_LEDGER_PATTERN = f"{DEVICES_DIR}/{{device_id}}/{DEVICE_LEDGER_NAME}"
 
 
 def round_config(phase: str, round_num: int, promised: int, fleet: int,

@@ -861,13 +861,13 @@ class FleetEngine:
                 "noise share and sample from the OS CSPRNG")
 
     def summary(self, final: dict[str, Any], eps: dict[str, float]) -> dict[str, Any]:
-        paths = {dev: f"{DEVICES_DIR}/{dev}/privacy-ledger.jsonl" for dev in self.fleet.ids}
         seconds = [e["seconds"] for e in self.history if e["phase"] == str(Phase.DPSGD)]
         return {
             "config": run_folder.portable_config(self.cfg.to_run_config()),
             "rounds": self.history,
             "final": final,
-            "privacy": run_folder.privacy_block(self.cfg, eps, paths, noise_source=self._noise_statement()),
+            "privacy": run_folder.privacy_block(self.cfg, eps, len(self.fleet.ids),
+                                                noise_source=self._noise_statement()),
             "noise_plan": run_folder.noise_plan_block(self.plan),
             "secure_aggregation": {**run_folder.secagg_block(self.cfg, self.saturated_total),
                                    "simulated": MASKS_NOTE},

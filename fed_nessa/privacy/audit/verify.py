@@ -161,10 +161,20 @@ def _without_federation_ledger(root: Path, run_folder: bool, findings: list[Find
 
 
 def _check_referenced_files(root: Path, summary: dict[str, Any], findings: list[Finding]) -> None:
-    """Every file the summary references (``privacy.device_ledgers``) must exist."""
-    if not root.is_dir():
+    """Every device ledger the summary references must exist: ``privacy.device_ledger_pattern`` with
+    ``privacy.num_device_ledgers`` (or, in older run folders, one path per device in ``privacy.device_ledgers``)."""
+    privacy = summary.get("privacy")
+    if not root.is_dir() or not isinstance(privacy, dict):
         return
-    refs = (summary.get("privacy") or {}).get("device_ledgers") if isinstance(summary.get("privacy"), dict) else None
+    pattern, count = privacy.get("device_ledger_pattern"), privacy.get("num_device_ledgers")
+    if isinstance(pattern, str) and isinstance(count, int):
+        inside = pattern and not Path(pattern).is_absolute() and ".." not in Path(pattern).parts
+        found = sum(1 for p in root.glob(pattern.replace("{device_id}", "*")) if p.is_file()) if inside else 0
+        if found < count:
+            findings.append(Finding(FAIL, "evidence.missing_file",
+                                    f"summary.json states {count} device ledgers at {pattern!r}; "
+                                    f"{found} are in the run folder"))
+    refs = privacy.get("device_ledgers")
     if not isinstance(refs, dict):
         return
     for device_id, rel in sorted(refs.items()):

@@ -1,0 +1,177 @@
+"""The results CSVs: one row per run from its summary.json, typed cells that round-trip, and the
+committed studies' tables reproduced from the committed CSVs (the docs cite them)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from simulations import device_level_table, fleet_table, results_table
+from simulations.results_csv import (
+    COLUMNS,
+    ROUND_COLUMNS,
+    main,
+    metrics,
+    read,
+    round_rows,
+    rounds_path,
+    row,
+    upsert,
+    write,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _summary() -> dict[str, Any]:
+    return {
+        "config": {"num-devices": 1000, "epsilon-budget": 8.0, "aligner": "nessa", "references": False,
+                   "not-a-column": "ignored"},
+        "rounds": [{"round": 1, "phase": "suffstats", "eer": 0.07, "seconds": 20.0, "declined": 2},
+                   {"round": 2, "phase": "dpsgd", "eer": None, "seconds": 0.5, "declined": 1},
+                   {"round": 3, "phase": "dpsgd", "eer": 0.06, "seconds": 0.25, "declined": 0}],
+        "final": {"eer": 0.06, "gap_closure": 0.6, "linear_start": {"eer": 0.07, "gap_closure": 0.5},
+                  "gate": {"shipped": "dp-nessa", "reason": "DP NESSA 5.00 % < linear start 7.00 %"}},
+        "privacy": {"epsilon_max": 7.99, "epsilon_median": 7.5, "delta": 1e-5, "devices_within_budget": True},
+        "engine": {"name": "fleet", "numerics": "fast", "pairs": 111684, "peak_rss_mib": 5300.5,
+                   "noise_plan": {"signal": 7079.1, "dpsgd_sigma": 0.7}},
+    }
+
+
+def test_a_summary_is_one_row_and_a_missing_key_an_empty_cell() -> None:
+    r = row(_summary(), "fleet-1000dev-nessa-eps8")
+    assert list(r) == [c.name for c in COLUMNS]
+    assert r["run"] == "fleet-1000dev-nessa-eps8" and r["num-devices"] == 1000 and r["references"] is False
+    assert r["final_eer"] == 0.06 and r["linear_start_gap_closure"] == 0.5 and r["dp_nessa_eer"] is None
+    assert r["gate_shipped"] == "dp-nessa" and r["gate_reason"].startswith("DP NESSA")  # type: ignore[union-attr]
+    assert r["auto_signal"] == 7079.1 and r["dpsgd_sigma"] == 0.7  # the first studies' noise plan under engine
+    assert (r["engine"], r["numerics"], r["pairs"], r["devices"]) == ("fleet", "fast", 111684, 1000)
+    assert (r["rounds"], r["dpsgd_rounds"], r["declined"]) == (3, 2, 3)
+    assert (r["first_round_eer"], r["first_round_seconds"], r["later_rounds_seconds_mean"]) == (0.07, 20.0, 0.375)
+    assert r["epsilon_example_max"] is None and r["privacy-unit"] is None and r["delta"] == 1e-5
+    assert metrics(r, "linear_start") == {"eer": 0.07, "min_dcf": None, "sid_top1": None, "gap_closure": 0.5}
+    assert metrics(r, "ridge") is None
+
+
+def test_a_summary_without_an_engine_block_is_the_flower_engine() -> None:
+    summary = _summary()
+    del summary["engine"]
+    summary["noise_plan"] = {"signal": 10.0}
+    r = row(summary, "fed-a")
+    assert (r["engine"], r["numerics"], r["auto_signal"], r["pairs"]) == ("flower", None, 10.0, None)
+
+
+def test_only_evaluated_rounds_are_kept() -> None:
+    rounds = round_rows(_summary(), "run-a")
+    assert [(r["run"], r["round"], r["eer"]) for r in rounds] == [("run-a", 1, 0.07), ("run-a", 3, 0.06)]
+    assert list(rounds[0]) == [c.name for c in ROUND_COLUMNS]
+
+
+@pytest.mark.parametrize(("summary", "message"), [
+    ([1, 2], "x/summary.json: not a run summary (no 'config' object)"),
+    ({"rounds": []}, "x/summary.json: not a run summary (no 'config' object)"),
+    ({"config": {"num-devices": 7.5}}, "x/summary.json: num-devices is 7.5, expected int"),
+    ({"config": {"epsilon-budget": "eight"}}, "x/summary.json: epsilon-budget is 'eight', expected float"),
+])
+def test_a_bad_summary_is_one_error_naming_the_file(summary: Any, message: str) -> None:
+    with pytest.raises(ValueError) as err:
+        row(summary, "x", where="x/summary.json")
+    assert str(err.value) == message
+
+
+def test_cells_round_trip_exactly(tmp_path: Path) -> None:
+    path = tmp_path / "study.csv"
+    r = row(_summary(), "a")
+    r["final_eer"] = 0.1 + 0.2  # 0.30000000000000004: every digit survives the CSV
+    write(path, [r])
+    assert read(path) == [r]
+
+
+def test_upsert_replaces_a_runs_rows(tmp_path: Path) -> None:
+    path = tmp_path / "study.csv"
+    upsert(path, [row(_summary(), "a"), row(_summary(), "b")])
+    again = row(_summary(), "a")
+    again["final_eer"] = 0.05
+    assert upsert(path, [again]) == 2
+    assert [(r["run"], r["final_eer"]) for r in read(path)] == [("a", 0.05), ("b", 0.06)]
+
+
+def test_a_csv_with_an_unknown_column_or_a_bad_cell_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "study.csv"
+    path.write_text("run,final_eer,colour\na,0.1,red\n")
+    with pytest.raises(ValueError, match=f"{path}: unknown column\\(s\\) colour"):
+        read(path)
+    path.write_text("run,final_eer\na,low\n")
+    with pytest.raises(ValueError, match=f"{path}: column 'final_eer' holds 'low', expected float"):
+        read(path)
+
+
+def test_a_csv_from_before_a_column_existed_reads_it_as_empty(tmp_path: Path) -> None:
+    path = tmp_path / "study.csv"
+    path.write_text("run,final_eer\na,0.1\n")
+    (r,) = read(path)
+    assert r["final_eer"] == 0.1 and r["peak_rss_mib"] is None and len(r) == len(COLUMNS)
+
+
+def test_the_command_writes_both_csvs_and_names_a_folder_without_a_summary(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "runs" / "fleet-1000dev-nessa-eps8"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps(_summary()))
+    csv = tmp_path / "results" / "fleet.csv"
+    assert main([str(csv), str(run)]) == 0
+    assert [r["run"] for r in read(csv)] == [run.name]
+    assert len(read(rounds_path(csv), ROUND_COLUMNS)) == 2 and rounds_path(csv).name == "fleet_rounds.csv"
+    assert main([str(csv), str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"results_csv: error: {tmp_path}/summary.json: no summary.json (not a run folder, or the run " \
+                  "has not finished a round)"
+
+
+def _doc_lines() -> set[str]:
+    return {line for name in ("docs/results.md", "README.md", "BENCHMARKS.md")
+            for line in (ROOT / name).read_text().splitlines()}
+
+
+def test_the_committed_tables_reproduce_from_the_committed_csvs() -> None:
+    """Every row of the three study tables the docs show, regenerated from results/*.csv."""
+    results = ROOT / "results"
+    tables = [
+        fleet_table.markdown(fleet_table.rows(fleet_table.cells(read(results / "fleet.csv")))),
+        device_level_table.markdown(device_level_table.rows(
+            device_level_table.cells(read(results / "device_level.csv")), read(results / "fleet.csv"))),
+        results_table.table(read(results / "federated.csv")),
+    ]
+    docs = _doc_lines()
+    for text in tables:
+        lines = text.splitlines()
+        assert len(lines) > 2
+        assert [line for line in lines if line not in docs] == []
+
+
+@pytest.mark.parametrize("module", [fleet_table, device_level_table])
+def test_a_table_without_its_csv_or_without_a_complete_cell_is_one_clear_error(
+        module: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nope.csv"
+    assert module.main([str(missing), *(["--example", str(missing)] if module is device_level_table else [])]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"{missing}: no such results CSV")
+    lonely = tmp_path / "study.csv"
+    write(lonely, [row(_summary(), "fleet-1000dev-linear-eps8"), row(_summary(), "device-1000dev-linear-eps8")])
+    assert module.main([str(lonely), *(["--example", str(lonely)] if module is device_level_table else [])]) == 2
+    assert "no complete (linear, nessa) pair" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("script", "csv", "table"), [
+    ("fleet_study.sh", "results/fleet.csv", "simulations.fleet_table"),
+    ("device_level_study.sh", "results/device_level.csv", "simulations.device_level_table"),
+    ("quality_table.sh", "results/federated.csv", "simulations.results_table"),
+])
+def test_each_study_script_writes_ignored_run_folders_and_its_committed_csv(script: str, csv: str, table: str) -> None:
+    text = (ROOT / "simulations" / script).read_text()
+    assert f"RUNS=runs/studies CSV={csv}" in text and "-m simulations.results_csv" in text
+    assert f'-m {table} "$CSV"' in text and (ROOT / csv).is_file() and rounds_path(ROOT / csv).is_file()
+    assert "runs/" in (ROOT / ".gitignore").read_text().splitlines()
+    assert f"{table} {csv}" in (ROOT / "docs" / "results.md").read_text()
