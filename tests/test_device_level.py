@@ -16,13 +16,12 @@ from fed_nessa.config import ConfigError, DevicePolicy, FederationConfig, Phase,
 from fed_nessa.federated import suffstats
 from fed_nessa.federated.device import (
     RoundRequest,
-    device_subset,
     planned_event,
     policy_refusal,
     separation_refusal,
-    stats_weight,
 )
 from fed_nessa.federated.layout import build_net
+from fed_nessa.federated.mechanism import device_subset, mechanism_for
 from fed_nessa.model.training import device_update
 from fed_nessa.privacy.accounting import (
     PLD,
@@ -80,9 +79,9 @@ def test_a_devices_statistics_weigh_at_most_k_pairs() -> None:
     cfg = FederationConfig(privacy_unit="device", device_stats_pairs=10)
     for n in (1, 10, 11, 200):
         (x, y), = _devices([n], seed=n)
-        vec = suffstats.device_vector(x, y) * stats_weight(n, cfg)
+        vec = suffstats.device_vector(x, y) * mechanism_for(cfg).stats_weight(n)
         assert np.linalg.norm(vec) <= cfg.device_stats_pairs * suffstats.SENSITIVITY + 1e-9
-        rows = suffstats.device_vector(x, y, np.full(n, stats_weight(n, cfg)))
+        rows = suffstats.device_vector(x, y, np.full(n, mechanism_for(cfg).stats_weight(n)))
         np.testing.assert_allclose(rows, vec, atol=1e-9)  # the fleet's per-row weights give the same vector
 
 

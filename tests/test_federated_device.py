@@ -16,14 +16,14 @@ import pytest
 
 from fed_nessa.config import DevicePolicy, DPMode, FederationConfig, LinearStart, Phase, ReplyStatus
 from fed_nessa.data.shards import Shard, make_shard
+from fed_nessa.federated import suffstats
 from fed_nessa.federated.device import (
-    SUFFSTATS_SENSITIVITY,
     RoundRequest,
     client_round,
-    noise_std,
     plan_round,
     planned_event,
     policy_refusal,
+    share_std,
     suffstats_vector,
 )
 from fed_nessa.federated.layout import build_net, load_flat
@@ -80,14 +80,14 @@ def test_suffstats_sensitivity_bound() -> None:
     s = _shards(1)[0]
     full = suffstats_vector(s)
     minus_one = suffstats_vector(make_shard(s.enroll[1:], s.runtime[1:], s.speaker[1:], "X", "Y"))
-    assert np.linalg.norm(full - minus_one) <= SUFFSTATS_SENSITIVITY + 1e-9
+    assert np.linalg.norm(full - minus_one) <= suffstats.SENSITIVITY + 1e-9
 
 
 def test_planned_events() -> None:
     cfg = Cfg()
     policy = replace(POLICY, delta=1e-6)
     e = planned_event(req(Phase.SUFFSTATS, 1), 30, cfg, policy)
-    assert (e.mechanism, e.steps, e.sample_rate, e.clip_norm) == ("gaussian-sum", 1, 1.0, SUFFSTATS_SENSITIVITY)
+    assert (e.mechanism, e.steps, e.sample_rate, e.clip_norm) == ("gaussian-sum", 1, 1.0, suffstats.SENSITIVITY)
     assert e.delta == 1e-6  # the device's own delta, not the run-config's
     d = planned_event(req(Phase.DPSGD, 2), 40, cfg, policy)
     assert (d.mechanism, d.steps, d.sample_rate, d.mode) == ("dp-sgd", 1, 0.2, "distributed")
@@ -322,11 +322,12 @@ def test_reproducible_noise_replays_and_says_the_guarantee_does_not_hold(tmp_pat
 
 
 # ----------------------------------------------------------------------------- the noise share is the device's
-def test_noise_std_uses_the_devices_own_g() -> None:
-    cfg = Cfg(noise_multiplier=2.0)
-    assert noise_std(cfg, POLICY, 2.0, 0.5) == pytest.approx(2.0 * 0.5 / 2)
-    assert noise_std(cfg, replace(POLICY, guaranteed_arrivals=100), 2.0, 0.5) == pytest.approx(0.1)
-    assert noise_std(cfg.replace(dp_mode=DPMode.LOCAL), replace(POLICY, guaranteed_arrivals=100), 2.0, 0.5) == 1.0
+def test_the_noise_share_uses_the_devices_own_g() -> None:
+    cfg = Cfg(noise_multiplier=2.0, clip_norm=0.5)
+    r = RoundRequest(Phase.DPSGD, 2, 100, 1000)
+    assert share_std(r, cfg, POLICY) == pytest.approx(2.0 * 0.5 / math.sqrt(POLICY.guaranteed_arrivals))
+    assert share_std(r, cfg, replace(POLICY, guaranteed_arrivals=100)) == pytest.approx(0.1)
+    assert share_std(r, cfg.replace(dp_mode=DPMode.LOCAL), replace(POLICY, guaranteed_arrivals=100)) == 1.0
 
 
 def test_a_larger_promise_from_the_server_does_not_shrink_the_share(tmp_path: Path) -> None:

@@ -12,8 +12,9 @@ from test_federated_device import FLEET, Cfg, _shards
 from fed_nessa.config import DPMode, FederationConfig, LinearStart, Phase
 from fed_nessa.federated import suffstats
 from fed_nessa.federated.device import suffstats_vector
+from fed_nessa.federated.mechanism import PAYLOAD_SIGMAS
 from fed_nessa.federated.noise_plan import noise_plan
-from fed_nessa.federated.server_model import PAYLOAD_SIGMAS, ServerModel
+from fed_nessa.federated.server_model import ServerModel
 from fed_nessa.model.aligners import AlignerInfo, RidgeAligner
 from fed_nessa.model.aligners.base import l2_normalize
 

@@ -36,7 +36,6 @@ noise. Nothing derived from the data leaves except the vector and the reply metr
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,23 +43,16 @@ import numpy as np
 from fed_nessa.config import DevicePolicy, DPMode, FederationConfig, Phase, PrivacyUnit, ReplyStatus
 from fed_nessa.data.shards import Shard
 from fed_nessa.federated import suffstats
-from fed_nessa.federated.layout import build_net, flat, load_flat, trainable
-from fed_nessa.federated.noise_plan import device_sensitivity, noise_plan
+from fed_nessa.federated.layout import build_net, load_flat
+from fed_nessa.federated.mechanism import mechanism_for
+from fed_nessa.federated.noise_plan import noise_plan
 from fed_nessa.model.training import (
-    DPConfig,
-    TrainConfig,
-    device_update,
     dp_sample_rate,
     dp_steps,
-    noisy_gradient_sum,
-    train_local,
 )
 from fed_nessa.privacy.events import DEVICE, DISTRIBUTED, DP_SGD, GAUSSIAN_SUM, LOCAL, DPEvent
 from fed_nessa.privacy.ledger import DeviceLedger, model_sha256
 from fed_nessa.privacy.noise import REPRODUCIBLE_WARNING, NoiseSource, noise_source
-
-#: L2 sensitivity of the sufficient-statistics vector to one pair.
-SUFFSTATS_SENSITIVITY = suffstats.SENSITIVITY
 
 
 @dataclass(frozen=True)
@@ -99,16 +91,9 @@ def sample_rate(req: RoundRequest, n: int, cfg: FederationConfig) -> float:
     return cfg.round_sample_rate(n, req.fleet_size, cfg.cohort_size(req.fleet_size))
 
 
-def noise_std(cfg: FederationConfig, policy: DevicePolicy, sigma: float, sensitivity: float) -> float:
-    """This device's noise std: all of it locally, a 1/sqrt(g) share (its policy's g) distributed."""
-    if cfg.dp_mode == DPMode.DISTRIBUTED:
-        return sigma * sensitivity / math.sqrt(policy.guaranteed_arrivals)
-    return sigma * sensitivity
-
-
-def stats_weight(n: int, cfg: FederationConfig) -> float:
-    """Device level: the weight of a device's statistics, so at most K pairs' worth enters the sum."""
-    return min(1.0, cfg.device_stats_pairs / max(n, 1))
+def share_std(req: RoundRequest, cfg: FederationConfig, policy: DevicePolicy) -> float:
+    """This device's noise std for the round: the run's mechanism, sized by its OWN policy's g."""
+    return mechanism_for(cfg).share_std(req.phase, noise_plan(cfg, req.fleet_size), policy.guaranteed_arrivals)
 
 
 def _device_event(req: RoundRequest, cfg: FederationConfig, policy: DevicePolicy, sigma: float,
@@ -116,7 +101,7 @@ def _device_event(req: RoundRequest, cfg: FederationConfig, policy: DevicePolicy
     what = (f"sufficient statistics weighted min(1, {cfg.device_stats_pairs}/n)" if req.phase == Phase.SUFFSTATS
             else "mean gradient over all the device's pairs, clipped as one vector")
     return DPEvent(round=req.round, mechanism=GAUSSIAN_SUM, steps=1, sample_rate=1.0, noise_multiplier=sigma,
-                   clip_norm=device_sensitivity(req.phase, cfg), delta=policy.delta, mode=DISTRIBUTED,
+                   clip_norm=mechanism_for(cfg).sensitivity(req.phase), delta=policy.delta, mode=DISTRIBUTED,
                    unit=DEVICE, note=f"device level: {what}; no sampling; noise share sized for g = "
                                      f"{policy.guaranteed_arrivals} arrivals; {source}")
 
@@ -135,7 +120,7 @@ def planned_event(req: RoundRequest, n: int, cfg: FederationConfig, policy: Devi
     share = f"; noise share sized for g = {policy.guaranteed_arrivals} arrivals" if distributed else ""
     if phase == Phase.SUFFSTATS:
         return DPEvent(round=round_num, mechanism=GAUSSIAN_SUM, steps=1, sample_rate=1.0,
-                       noise_multiplier=sigma, clip_norm=SUFFSTATS_SENSITIVITY,
+                       noise_multiplier=sigma, clip_norm=mechanism_for(cfg).sensitivity(phase),
                        delta=policy.delta, mode=mode,
                        note=f"sufficient statistics of unit-norm pairs{share}; {source}")
     q = sample_rate(req, n, cfg) if distributed else dp_sample_rate(n, cfg.batch_size)
@@ -285,57 +270,14 @@ def suffstats_vector(shard: Shard) -> np.ndarray:
 
 def _compute(req: RoundRequest, shard: Shard, global_vector: np.ndarray, cfg: FederationConfig,
              policy: DevicePolicy, noise: NoiseSource) -> np.ndarray:
-    sigma = _sigma(req, cfg)
-    if cfg.privacy_unit == PrivacyUnit.DEVICE:
-        return _device_level(req, shard, global_vector, cfg, policy, noise, sigma)
+    """The device's vector: its (weighted) statistics or its DP-SGD contribution, plus its noise share."""
+    mech = mechanism_for(cfg)
+    std = share_std(req, cfg, policy)
     if req.phase == Phase.SUFFSTATS:
-        vec = suffstats_vector(shard)
-        if cfg.dp_mode != DPMode.NONE:
-            std = noise_std(cfg, policy, sigma, SUFFSTATS_SENSITIVITY)
+        vec = suffstats_vector(shard) * mech.stats_weight(shard.n)
+        if std > 0:
             vec = vec + noise.normal(vec.shape, std)
         return np.asarray(vec, np.float32)
     net = build_net(cfg, shard.d_x, shard.d_y)
     load_flat(list(net.parameters()), np.asarray(global_vector, np.float32))
-    if cfg.dp_mode == DPMode.DISTRIBUTED:
-        share_sigma = sigma / math.sqrt(policy.guaranteed_arrivals)
-        return noisy_gradient_sum(net, shard.enroll, shard.runtime, batch_size=cfg.batch_size,
-                                  noise_multiplier=share_sigma, max_grad_norm=cfg.clip_norm, noise=noise,
-                                  sample_rate=sample_rate(req, shard.n, cfg))
-    before = flat(trainable(net))
-    dp = None if cfg.dp_mode == DPMode.NONE else DPConfig(sigma, cfg.clip_norm, noise=noise)
-    train_local(net, shard.enroll, shard.runtime,
-                TrainConfig(epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed), dp)
-    delta = flat(trainable(net)) - before
-    norm = float(np.linalg.norm(delta))
-    if norm > cfg.update_clip:  # bounds SecAgg+'s range; not a privacy mechanism
-        delta *= cfg.update_clip / norm
-    return delta
-
-
-def _device_level(req: RoundRequest, shard: Shard, global_vector: np.ndarray, cfg: FederationConfig,
-                  policy: DevicePolicy, noise: NoiseSource, sigma: float) -> np.ndarray:
-    """The device's whole contribution clipped to :func:`device_sensitivity`, plus its noise share."""
-    dp = cfg.dp_mode != DPMode.NONE
-    std = noise_std(cfg, policy, sigma, device_sensitivity(req.phase, cfg)) if dp else 0.0
-    if req.phase == Phase.SUFFSTATS:
-        vec = suffstats_vector(shard) * stats_weight(shard.n, cfg)
-        if dp:
-            vec = vec + noise.normal(vec.shape, std)
-        return np.asarray(vec, np.float32)
-    net = build_net(cfg, shard.d_x, shard.d_y)
-    load_flat(list(net.parameters()), np.asarray(global_vector, np.float32))
-    rows = device_subset(noise.uniform(shard.n), cfg.device_batch)
-    return device_update(net, shard.enroll[rows], shard.runtime[rows], clip_norm=cfg.device_clip_norm,
-                         noise_std=std, noise=noise)
-
-
-def device_subset(uniforms: np.ndarray, batch: int) -> np.ndarray:
-    """The rows of a device-level round: the ``batch`` with the smallest uniforms, in order (0: all).
-
-    A compute bound, not a privacy mechanism: the clipped mean over these rows is still
-    one vector of norm <= clip, and no amplification is claimed from drawing them.
-    """
-    n = len(uniforms)
-    if batch <= 0 or batch >= n:
-        return np.arange(n)
-    return np.sort(np.argsort(uniforms, kind="stable")[:batch])
+    return mech.dpsgd_vector(net, shard, std, noise, sample_rate(req, shard.n, cfg))

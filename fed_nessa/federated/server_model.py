@@ -19,20 +19,10 @@ import torch
 from fed_nessa.config import AlignerChoice, DPMode, FederationConfig, LinearStart, Phase, PrivacyUnit, ServerOptimizer
 from fed_nessa.federated import suffstats
 from fed_nessa.federated.layout import build_net, flat, load_flat, nessa_config, trainable
-from fed_nessa.federated.noise_plan import NoisePlan, device_sensitivity
+from fed_nessa.federated.mechanism import mechanism_for
+from fed_nessa.federated.noise_plan import NoisePlan
 from fed_nessa.model.aligners.base import AlignerInfo
 from fed_nessa.model.aligners.nessa import NessaAligner
-
-#: Noise is bounded at this many standard deviations when sizing SecAgg+'s range.
-PAYLOAD_SIGMAS = 12.0
-
-
-def max_sampled(cfg: FederationConfig, sample_rate: float) -> float:
-    """A bound on the pairs one device's Poisson sample holds (sizes the DP-SGD payload)."""
-    if sample_rate <= 0:
-        return 4.0 * cfg.batch_size
-    mean = min(sample_rate, 1.0) * cfg.max_pairs_per_device
-    return max(4.0 * mean, mean + 8.0 * math.sqrt(mean) + 8.0)
 
 
 class ServerModel:
@@ -40,6 +30,7 @@ class ServerModel:
 
     def __init__(self, cfg: FederationConfig, d_x: int, d_y: int, enroll_model: str, runtime_model: str) -> None:
         self.cfg, self.d_x, self.d_y = cfg, d_x, d_y
+        self.mechanism = mechanism_for(cfg)
         self.info = AlignerInfo(d_x=d_x, d_y=d_y, enroll_model=enroll_model, runtime_model=runtime_model)
         self.net = build_net(cfg, d_x, d_y)
         # Adam (lr 1e-3) is the measured choice for DP-SGD at fleet scale (field-notes: SGD with
@@ -71,26 +62,8 @@ class ServerModel:
         return flat(list(self.net.parameters()))
 
     def payload_bound(self, phase: Phase, plan: NoisePlan) -> float:
-        """Largest |coordinate| an honest device's vector can have (sizes SecAgg+'s range).
-
-        The noise term assumes the largest share any policy can choose (g = 1, the full
-        sigma), so no honest device saturates whatever its own g. A DP-SGD sum holds at most
-        k clipped gradients (each coordinate <= C); k is bounded by 4x the expected sample of
-        the largest device (``max-pairs-per-device``) or, with q = 1/ceil(n/B), by 4B.
-        """
-        dp = self.cfg.dp_mode != DPMode.NONE
-        if self.device_unit:
-            # A device-level vector: weighted statistics (<= K pairs' worth) or a clipped mean gradient.
-            sigma = plan.suffstats_sigma if phase == Phase.SUFFSTATS else plan.dpsgd_sigma
-            sens = device_sensitivity(phase, self.cfg)
-            return sens + (PAYLOAD_SIGMAS * sigma * sens if dp else 0.0)
-        if phase == Phase.SUFFSTATS:
-            noise = PAYLOAD_SIGMAS * plan.suffstats_sigma * suffstats.SENSITIVITY if dp else 0.0
-            return float(self.cfg.max_pairs_per_device) + noise
-        if self.cfg.dp_mode == DPMode.DISTRIBUTED:
-            noise = PAYLOAD_SIGMAS * plan.dpsgd_sigma * self.cfg.clip_norm
-            return self.cfg.clip_norm * max_sampled(self.cfg, plan.sample_rate) + noise
-        return float(self.cfg.update_clip)
+        """Largest |coordinate| an honest device's vector can have (sizes SecAgg+'s range; the mechanism's)."""
+        return self.mechanism.payload_bound(phase, plan)
 
     @property
     def device_unit(self) -> bool:
@@ -144,22 +117,21 @@ class ServerModel:
         return NoisePlan(self.cfg.suffstats_noise_multiplier, self.cfg.noise_multiplier, 0)
 
     def released_noise_var(self, n_arrived: int, noise_arrivals: Sequence[int], sigma_s: float | None = None) -> float:
-        """Per-entry DP noise variance in a released statistics sum (0 without DP)."""
-        if self.cfg.dp_mode == DPMode.NONE:
-            return 0.0
-        sens = device_sensitivity(Phase.SUFFSTATS, self.cfg) if self.device_unit else suffstats.SENSITIVITY
-        sigma = (self.cfg.suffstats_noise_multiplier if sigma_s is None else sigma_s) * sens
-        if self.cfg.dp_mode == DPMode.LOCAL:
-            return n_arrived * sigma ** 2
+        """Per-entry DP noise variance in a released statistics sum (0 without DP).
+
+        ``noise_arrivals`` are the g each device sized its share for; without them (tests) every
+        device is taken to have the run's ``min-arrivals``.
+        """
+        plan = self.default_plan() if sigma_s is None else NoisePlan(sigma_s, self.cfg.noise_multiplier, 0)
         gs = list(noise_arrivals) or [self.cfg.min_arrivals] * n_arrived
-        return float(sum(sigma ** 2 / g for g in gs))
+        return self.mechanism.released_variance(Phase.SUFFSTATS, plan, gs)
 
     def _apply_gradient(self, grad_sum: np.ndarray, n_arrived: int) -> None:
         params = trainable(self.net)
         offset = 0
         # Example level: a sum of ~batch-size clipped gradients per device; device level: one
         # clipped mean gradient per device. Either way the step follows the mean per device.
-        per_device = 1 if self.device_unit else self.cfg.batch_size
+        per_device = self.mechanism.gradient_units()
         g = torch.from_numpy(grad_sum / max(n_arrived * per_device, 1))
         for p in params:
             p.grad = g[offset:offset + p.numel()].view_as(p).clone()

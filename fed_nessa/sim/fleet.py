@@ -81,19 +81,17 @@ from fed_nessa.federated.codec import SaturationError, SecAggCodec, make_codec
 from fed_nessa.federated.cohort import sample_positions
 from fed_nessa.federated.device import (
     RoundRequest,
-    device_subset,
     model_refusal,
-    noise_std,
     planned_event,
     policy_refusal,
     separation_refusal,
-    stats_weight,
 )
 from fed_nessa.federated.layout import trainable
-from fed_nessa.federated.noise_plan import device_sensitivity, noise_plan
+from fed_nessa.federated.mechanism import device_subset, max_sampled
+from fed_nessa.federated.noise_plan import noise_plan
 from fed_nessa.federated.protocol import DEVICES_DIR, round_config
 from fed_nessa.federated.release import may_start, may_unmask, promised_arrivals
-from fed_nessa.federated.server_model import ServerModel, max_sampled
+from fed_nessa.federated.server_model import ServerModel
 from fed_nessa.privacy.accounting import UnitNotCoveredError
 from fed_nessa.privacy.events import EXAMPLE, GAUSSIAN_SUM, DPEvent
 from fed_nessa.privacy.ledger import (
@@ -335,7 +333,7 @@ class FleetEngine:
         """The released statistics sum and the devices in it (a device failing its range check is not)."""
         cfg, fleet = self.cfg, self.fleet
         dp = cfg.dp_mode != DPMode.NONE
-        sens = device_sensitivity(Phase.SUFFSTATS, cfg) if self.model.device_unit else suffstats.SENSITIVITY
+        mech = self.model.mechanism
         if self.numerics == FleetNumerics.FAST:
             rows = np.concatenate([np.arange(fleet.starts[i], fleet.starts[i + 1]) for i in arrived])
             weights = self._stats_weights()
@@ -346,19 +344,18 @@ class FleetEngine:
                 total += suffstats.device_vector(fleet.x[idx].cpu().numpy(), fleet.y[idx].cpu().numpy(),
                                                  None if weights is None else weights[fleet.owner[part]])
             if dp:
-                var = sum(noise_std(cfg, book.policies[i], self.plan.suffstats_sigma, sens) ** 2 for i in arrived)
+                var = mech.released_variance(Phase.SUFFSTATS, self.plan,
+                                             [book.policies[i].guaranteed_arrivals for i in arrived])
                 total = total + self._fleet_noise(r).normal(total.shape, math.sqrt(var))
             return self._fast_rounding(total, len(arrived), codec), arrived
         vectors = []
         for i in arrived:
             shard_x = fleet.x[fleet.starts[i]:fleet.starts[i + 1]].cpu().numpy()
             shard_y = fleet.y[fleet.starts[i]:fleet.starts[i + 1]].cpu().numpy()
-            vec = suffstats.device_vector(shard_x, shard_y)
-            if self.model.device_unit:
-                vec = vec * stats_weight(int(fleet.n[i]), cfg)
+            vec = suffstats.device_vector(shard_x, shard_y) * mech.stats_weight(int(fleet.n[i]))
             if dp:
                 stream = noise_source(cfg.reproducible_noise, cfg.seed, "device", fleet.ids[i], r)
-                std = noise_std(cfg, book.policies[i], self.plan.suffstats_sigma, sens)
+                std = mech.share_std(Phase.SUFFSTATS, self.plan, book.policies[i].guaranteed_arrivals)
                 vec = vec + stream.normal(vec.shape, std)
             vectors.append(np.asarray(vec, np.float32))
         payloads, sent, failed = self._encode_all(vectors, arrived, codec)
@@ -370,7 +367,7 @@ class FleetEngine:
         """Device level: each device's statistics weight ``min(1, K / n)`` (None at example level)."""
         if not self.model.device_unit:
             return None
-        return np.array([stats_weight(int(k), self.cfg) for k in self.fleet.n], np.float64)
+        return np.array([self.model.mechanism.stats_weight(int(k)) for k in self.fleet.n], np.float64)
 
     # -- SecAgg+ arithmetic ----------------------------------------------------------------
     def _fast_rounding(self, total: np.ndarray, n: int, codec: SecAggCodec) -> np.ndarray:
@@ -543,8 +540,8 @@ class FleetEngine:
         self.model.net.to("cpu")
         out = total.cpu().numpy().astype(np.float64)
         if dp:
-            var = sum((self.plan.dpsgd_sigma * cfg.clip_norm) ** 2 / book.policies[i].guaranteed_arrivals
-                      for i in sent)
+            var = self.model.mechanism.released_variance(Phase.DPSGD, self.plan,
+                                                         [book.policies[i].guaranteed_arrivals for i in sent])
             out = out + self._fleet_noise(r).normal(out.shape, math.sqrt(var))
         return self._fast_rounding(out, len(sent), codec)
 
@@ -586,7 +583,7 @@ class FleetEngine:
                 vec = host[j]
                 if dp:
                     stream = self._streams.pop(i)
-                    std = noise_std(cfg, book.policies[i], self.plan.dpsgd_sigma, cfg.device_clip_norm)
+                    std = self.model.mechanism.share_std(Phase.DPSGD, self.plan, book.policies[i].guaranteed_arrivals)
                     vec = vec + np.concatenate([np.asarray(stream.normal(tuple(p.shape), std)).reshape(-1)
                                                 for p in params])
                 vectors[i] = vec.astype(np.float32)
@@ -628,8 +625,8 @@ class FleetEngine:
         """The released device-level sum: the clipped sum plus ONE draw of the summed noise shares."""
         out = np.asarray(clipped_sum, np.float64)
         if self.cfg.dp_mode != DPMode.NONE:
-            var = sum(noise_std(self.cfg, book.policies[i], self.plan.dpsgd_sigma, self.cfg.device_clip_norm) ** 2
-                      for i in sent)
+            var = self.model.mechanism.released_variance(Phase.DPSGD, self.plan,
+                                                         [book.policies[i].guaranteed_arrivals for i in sent])
             out = out + self._fleet_noise(r).normal(out.shape, math.sqrt(var))
         return self._fast_rounding(out, len(sent), codec)
 
@@ -659,7 +656,7 @@ class FleetEngine:
             for j, i in enumerate(chunk):
                 vec = sums_np[j].astype(np.float32)
                 if dp:
-                    share = self.plan.dpsgd_sigma / math.sqrt(book.policies[i].guaranteed_arrivals) * cfg.clip_norm
+                    share = self.model.mechanism.share_std(Phase.DPSGD, self.plan, book.policies[i].guaranteed_arrivals)
                     noise = np.concatenate([streams[j].normal(tuple(p.shape), share).reshape(-1) for p in params])
                     vec = (vec + noise.astype(np.float32)).astype(np.float32)
                 vectors.append(vec)

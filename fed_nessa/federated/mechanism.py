@@ -1,0 +1,195 @@
+"""The noise mechanism of a round: one object per privacy unit, the one place its numbers are computed.
+
+The device (to clip and add its noise share), the server (to size SecAgg+'s range and floor the
+statistics solve by the released noise) and both engines must agree on four numbers, so they
+all ask the run's :class:`Mechanism` (:func:`mechanism_for`):
+
+* :meth:`Mechanism.sensitivity`: the L2 bound of one privacy unit's contribution to a phase's sum;
+* :meth:`Mechanism.share_std`: one device's noise std, all of it (``local``) or its ``1/sqrt(g)``
+  share sized by its OWN policy's g (``distributed``), nothing without DP;
+* :meth:`Mechanism.released_variance`: the per-coordinate DP noise variance of a released sum;
+* :meth:`Mechanism.payload_bound`: the largest coordinate an honest device's vector can have.
+
+The privacy unit is the only thing that differs between the two registered mechanisms: one
+utterance pair (:class:`ExampleLevel`, per-example clipping) or one whole device
+(:class:`DeviceLevel`, the device's whole round contribution clipped). A new unit is one class
+here and one :data:`MECHANISMS` line; nothing else branches on the unit to compute a noise number.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import ClassVar
+
+import numpy as np
+from torch import nn
+
+from fed_nessa.config import DPMode, FederationConfig, Phase, PrivacyUnit
+from fed_nessa.data.shards import Shard
+from fed_nessa.federated import suffstats
+from fed_nessa.federated.layout import flat, trainable
+from fed_nessa.federated.noise_plan import NoisePlan
+from fed_nessa.model.training import DPConfig, TrainConfig, device_update, noisy_gradient_sum, train_local
+from fed_nessa.privacy.noise import NoiseSource
+
+#: Noise is bounded at this many standard deviations when sizing SecAgg+'s range.
+PAYLOAD_SIGMAS = 12.0
+
+
+def max_sampled(cfg: FederationConfig, sample_rate: float) -> float:
+    """A bound on the pairs one device's Poisson sample holds (sizes the DP-SGD payload)."""
+    if sample_rate <= 0:
+        return 4.0 * cfg.batch_size
+    mean = min(sample_rate, 1.0) * cfg.max_pairs_per_device
+    return max(4.0 * mean, mean + 8.0 * math.sqrt(mean) + 8.0)
+
+
+class Mechanism(ABC):
+    """The Gaussian sum mechanism of one privacy unit, in the run's noise placement (``dp-mode``)."""
+
+    unit: ClassVar[PrivacyUnit]
+
+    def __init__(self, cfg: FederationConfig) -> None:
+        self.cfg = cfg
+
+    @property
+    def dp(self) -> bool:
+        return self.cfg.dp_mode != DPMode.NONE
+
+    @abstractmethod
+    def sensitivity(self, phase: Phase) -> float:
+        """L2 bound of one unit's contribution to the phase's released sum."""
+
+    @abstractmethod
+    def stats_weight(self, n: int) -> float:
+        """The weight of a device's sufficient statistics (so one unit moves them by <= the sensitivity)."""
+
+    @abstractmethod
+    def gradient_units(self) -> int:
+        """How many clipped gradients one device's DP-SGD vector holds on average (the server's mean)."""
+
+    @abstractmethod
+    def payload_bound(self, phase: Phase, plan: NoisePlan) -> float:
+        """Largest |coordinate| an honest device's vector can have (sizes SecAgg+'s range)."""
+
+    @abstractmethod
+    def dpsgd_vector(self, net: nn.Module, shard: Shard, std: float, noise: NoiseSource,
+                     sample_rate: float) -> np.ndarray:
+        """A device's DP-SGD round contribution from ``net`` (the global model) with noise share ``std``.
+
+        Runs on the device only (:mod:`fed_nessa.federated.device`, the privacy boundary); the
+        fleet engine's exact numerics reproduce its draw order.
+        """
+
+    @staticmethod
+    def sigma(phase: Phase, plan: NoisePlan) -> float:
+        """The phase's noise multiplier (noise std of the released sum per unit of sensitivity)."""
+        return plan.suffstats_sigma if phase == Phase.SUFFSTATS else plan.dpsgd_sigma
+
+    def share_std(self, phase: Phase, plan: NoisePlan, g: int) -> float:
+        """One device's noise std: the full noise locally, a ``1/sqrt(g)`` share distributed (g: its policy's)."""
+        if not self.dp:
+            return 0.0
+        full = self.sigma(phase, plan) * self.sensitivity(phase)
+        return full / math.sqrt(g) if self.cfg.dp_mode == DPMode.DISTRIBUTED else full
+
+    def released_variance(self, phase: Phase, plan: NoisePlan, arrivals: Sequence[int]) -> float:
+        """Per-coordinate DP noise variance of a sum released from devices whose policies' g are ``arrivals``."""
+        return float(sum(self.share_std(phase, plan, g) ** 2 for g in arrivals))
+
+
+class ExampleLevel(Mechanism):
+    """One utterance pair: unit-norm statistics rows, per-example clipped DP-SGD gradients."""
+
+    unit = PrivacyUnit.EXAMPLE
+
+    def sensitivity(self, phase: Phase) -> float:
+        return suffstats.SENSITIVITY if phase == Phase.SUFFSTATS else self.cfg.clip_norm
+
+    def stats_weight(self, n: int) -> float:
+        return 1.0
+
+    def gradient_units(self) -> int:
+        return self.cfg.batch_size
+
+    def payload_bound(self, phase: Phase, plan: NoisePlan) -> float:
+        """A statistics vector holds <= ``max-pairs-per-device`` unit rows; a DP-SGD sum <= the largest
+        Poisson sample's clipped gradients (each coordinate <= C); local mode sends a clipped delta.
+        The noise term assumes the full sigma (g = 1), so no honest device saturates whatever its g."""
+        noise = PAYLOAD_SIGMAS * self.sigma(phase, plan) * self.sensitivity(phase) if self.dp else 0.0
+        if phase == Phase.SUFFSTATS:
+            return float(self.cfg.max_pairs_per_device) + noise
+        if self.cfg.dp_mode == DPMode.DISTRIBUTED:
+            return self.cfg.clip_norm * max_sampled(self.cfg, plan.sample_rate) + noise
+        return float(self.cfg.update_clip)
+
+    def dpsgd_vector(self, net: nn.Module, shard: Shard, std: float, noise: NoiseSource,
+                     sample_rate: float) -> np.ndarray:
+        """Distributed: ONE sum of per-example clipped gradients of a secret Poisson sample at ``sample_rate``
+        plus the share; local: Opacus DP-SGD with the full noise on every step, the (clipped) delta sent."""
+        cfg = self.cfg
+        if cfg.dp_mode == DPMode.DISTRIBUTED:
+            return noisy_gradient_sum(net, shard.enroll, shard.runtime, batch_size=cfg.batch_size,
+                                      noise_multiplier=std / cfg.clip_norm, max_grad_norm=cfg.clip_norm, noise=noise,
+                                      sample_rate=sample_rate)
+        before = flat(trainable(net))
+        dp = DPConfig(std / cfg.clip_norm, cfg.clip_norm, noise=noise) if self.dp else None
+        train_local(net, shard.enroll, shard.runtime,
+                    TrainConfig(epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed), dp)
+        delta = flat(trainable(net)) - before
+        norm = float(np.linalg.norm(delta))
+        if norm > cfg.update_clip:  # bounds SecAgg+'s range; not a privacy mechanism
+            delta *= cfg.update_clip / norm
+        return delta
+
+
+class DeviceLevel(Mechanism):
+    """One whole device: its statistics weighted to <= K pairs, its mean gradient clipped as one vector."""
+
+    unit = PrivacyUnit.DEVICE
+
+    def sensitivity(self, phase: Phase) -> float:
+        if phase == Phase.SUFFSTATS:
+            return self.cfg.device_stats_pairs * suffstats.SENSITIVITY
+        return self.cfg.device_clip_norm
+
+    def stats_weight(self, n: int) -> float:
+        return min(1.0, self.cfg.device_stats_pairs / max(n, 1))
+
+    def gradient_units(self) -> int:
+        return 1
+
+    def payload_bound(self, phase: Phase, plan: NoisePlan) -> float:
+        sens = self.sensitivity(phase)
+        return sens + (PAYLOAD_SIGMAS * self.sigma(phase, plan) * sens if self.dp else 0.0)
+
+    def dpsgd_vector(self, net: nn.Module, shard: Shard, std: float, noise: NoiseSource,
+                     sample_rate: float) -> np.ndarray:
+        """The mean gradient over ``device-batch`` secretly drawn pairs (a compute bound, no amplification
+        claimed), clipped as ONE vector to ``device-clip-norm``, plus the share."""
+        rows = device_subset(noise.uniform(shard.n), self.cfg.device_batch)
+        return device_update(net, shard.enroll[rows], shard.runtime[rows], clip_norm=self.cfg.device_clip_norm,
+                             noise_std=std, noise=noise)
+
+
+def device_subset(uniforms: np.ndarray, batch: int) -> np.ndarray:
+    """The rows of a device-level round: the ``batch`` with the smallest uniforms, in order (0: all).
+
+    A compute bound, not a privacy mechanism: the clipped mean over these rows is still
+    one vector of norm <= clip, and no amplification is claimed from drawing them.
+    """
+    n = len(uniforms)
+    if batch <= 0 or batch >= n:
+        return np.arange(n)
+    return np.sort(np.argsort(uniforms, kind="stable")[:batch])
+
+
+#: The registered mechanisms, by privacy unit (a new unit: one class above and one line here).
+MECHANISMS: dict[str, type[Mechanism]] = {PrivacyUnit.EXAMPLE: ExampleLevel, PrivacyUnit.DEVICE: DeviceLevel}
+
+
+def mechanism_for(cfg: FederationConfig) -> Mechanism:
+    """The run's mechanism (its ``privacy-unit``)."""
+    return MECHANISMS[cfg.privacy_unit](cfg)

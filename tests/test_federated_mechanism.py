@@ -1,0 +1,87 @@
+"""The mechanism registry: one object per privacy unit computes every noise number of a round."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from fed_nessa.config import Phase, from_run_config
+from fed_nessa.federated import suffstats
+from fed_nessa.federated.mechanism import (
+    MECHANISMS,
+    PAYLOAD_SIGMAS,
+    DeviceLevel,
+    ExampleLevel,
+    max_sampled,
+    mechanism_for,
+)
+from fed_nessa.federated.noise_plan import NoisePlan
+
+PLAN = NoisePlan(suffstats_sigma=0.8, dpsgd_sigma=1.5, dpsgd_rounds_per_device=10, sample_rate=0.1)
+
+
+def _cfg(**kw: object):
+    return from_run_config({"num-devices": 1000, **{k.replace("_", "-"): v for k, v in kw.items()}})
+
+
+def test_registry_covers_every_unit() -> None:
+    assert set(MECHANISMS) == {"example", "device"}
+    assert isinstance(mechanism_for(_cfg()), ExampleLevel)
+    assert isinstance(mechanism_for(_cfg(privacy_unit="device", delta=1e-6)), DeviceLevel)
+
+
+def test_example_level_sensitivities() -> None:
+    m = mechanism_for(_cfg(clip_norm=0.7))
+    assert m.sensitivity(Phase.SUFFSTATS) == suffstats.SENSITIVITY
+    assert m.sensitivity(Phase.DPSGD) == 0.7
+    assert m.stats_weight(5000) == 1.0
+
+
+def test_device_level_sensitivities_and_weights() -> None:
+    m = mechanism_for(_cfg(privacy_unit="device", delta=1e-6, device_stats_pairs=40, device_clip_norm=0.2))
+    assert m.sensitivity(Phase.SUFFSTATS) == 40 * suffstats.SENSITIVITY
+    assert m.sensitivity(Phase.DPSGD) == 0.2
+    assert m.stats_weight(20) == 1.0 and m.stats_weight(80) == 0.5
+    # a device's weighted statistics move the sum by at most the sensitivity
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(80, 8)), rng.normal(size=(80, 6))
+    vec = suffstats.device_vector(x / np.linalg.norm(x, axis=1, keepdims=True),
+                                  y / np.linalg.norm(y, axis=1, keepdims=True)) * m.stats_weight(80)
+    assert np.linalg.norm(vec) <= m.sensitivity(Phase.SUFFSTATS) + 1e-9
+
+
+@pytest.mark.parametrize("mode", ["distributed", "local", "none"])
+def test_share_and_released_variance(mode: str) -> None:
+    m = mechanism_for(_cfg(dp_mode=mode, clip_norm=2.0))
+    full = PLAN.dpsgd_sigma * 2.0
+    share = m.share_std(Phase.DPSGD, PLAN, g=25)
+    expected = {"distributed": full / 5.0, "local": full, "none": 0.0}[mode]
+    assert share == pytest.approx(expected)
+    var = m.released_variance(Phase.DPSGD, PLAN, [25] * 25)
+    assert var == pytest.approx({"distributed": full ** 2, "local": 25 * full ** 2, "none": 0.0}[mode])
+
+
+def test_distributed_shares_sum_to_the_full_noise_whatever_each_g() -> None:
+    m = mechanism_for(_cfg())
+    gs = [50, 80, 200]
+    var = m.released_variance(Phase.SUFFSTATS, PLAN, gs)
+    assert var == pytest.approx(sum((0.8 * suffstats.SENSITIVITY) ** 2 / g for g in gs))
+
+
+def test_payload_bounds() -> None:
+    cfg = _cfg(max_pairs_per_device=30, clip_norm=1.0)
+    m = mechanism_for(cfg)
+    assert m.payload_bound(Phase.SUFFSTATS, PLAN) == pytest.approx(30 + PAYLOAD_SIGMAS * 0.8)
+    assert m.payload_bound(Phase.DPSGD, PLAN) == pytest.approx(max_sampled(cfg, 0.1) + PAYLOAD_SIGMAS * 1.5)
+    dev = mechanism_for(_cfg(privacy_unit="device", delta=1e-6, device_clip_norm=0.1))
+    assert dev.payload_bound(Phase.DPSGD, PLAN) == pytest.approx(0.1 * (1 + PAYLOAD_SIGMAS * 1.5))
+    assert mechanism_for(_cfg(dp_mode="local")).payload_bound(Phase.DPSGD, PLAN) == 1.0
+
+
+def test_max_sampled_bounds_a_poisson_sample() -> None:
+    cfg = _cfg(max_pairs_per_device=1000)
+    mean = 0.05 * 1000
+    assert max_sampled(cfg, 0.05) >= mean + 8 * math.sqrt(mean)
+    assert max_sampled(cfg, 0.0) == 4.0 * cfg.batch_size
