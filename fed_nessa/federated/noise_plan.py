@@ -31,8 +31,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from fed_nessa.config import AlignerChoice, FederationConfig, LinearStart, Phase, PrivacyUnit
-from fed_nessa.federated import suffstats
+from fed_nessa.config import AlignerChoice, FederationConfig, LinearStart, PrivacyUnit
 from fed_nessa.privacy.calibration import sigma_for_epsilon
 
 #: Clipped examples per unit of noise std in one DP-SGD round above which DP NESSA is tried.
@@ -48,15 +47,6 @@ class NoisePlan:
     aligner: AlignerChoice = AlignerChoice.NESSA  # LINEAR: no DP-SGD round is run
     signal: float = math.inf  # the auto rule's statistic (examples per noise std per round)
     reason: str = ""
-
-
-def device_sensitivity(phase: Phase, cfg: FederationConfig) -> float:
-    """Device level: the L2 bound of one device's whole contribution (its noise is sized to it).
-
-    Here because the device (to clip and noise) and the server (to size SecAgg+'s range and the
-    statistics solve's noise floor) must use the same number.
-    """
-    return cfg.device_stats_pairs * suffstats.SENSITIVITY if phase == Phase.SUFFSTATS else cfg.device_clip_norm
 
 
 def dpsgd_rounds(cfg: FederationConfig) -> int:
