@@ -18,7 +18,7 @@ first round.
 ``--canaries M`` plants M canary pairs into the devices before round 1 (a hook on the
 federation the runner builds; the engines are unchanged) for a privacy auditor's
 ``fed-nessa audit-empirical --run``; the secret goes beside the run folder
-(:mod:`fed_nessa.privacy.canary.federated`).
+(:mod:`fed_nessa.canary.federated`).
 
 The library never imports ``server/`` or ``client/``: like ``flwr run``, the runner loads
 the apps named in ``pyproject.toml``'s ``[tool.flwr.app.components]``.
@@ -217,7 +217,7 @@ def simulate(cfg: FederationConfig, *, policy: DevicePolicy | None = None, quiet
     The ServerApp's ``run_federation`` and the ClientApp come from the components named in
     ``pyproject.toml`` (``client_app`` may replace the latter, for tests). ``plant`` may change
     the devices once they exist and before round 1 (the federated canary audit,
-    :mod:`fed_nessa.privacy.canary.federated`); the engine runs them as any other devices.
+    :mod:`fed_nessa.canary.federated`); the engine runs them as any other devices.
     """
     from fed_nessa.data.population import load_federation_data
     from fed_nessa.sim.grid import InProcessGrid
@@ -398,7 +398,7 @@ def _canary_planter(args: argparse.Namespace, cfg: FederationConfig) -> Planter 
     m = getattr(args, "canaries", 0)
     if not m:
         return None
-    from fed_nessa.privacy.canary.federated import planter
+    from fed_nessa.canary.federated import planter
 
     return planter(m, getattr(args, "canary_seed", 0), cfg.run_dir)
 

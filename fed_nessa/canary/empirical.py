@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fed_nessa.canary.stats import OneRunAudit, one_run_audit
 from fed_nessa.privacy.accounting import PLD, RDP, compute_epsilon
-from fed_nessa.privacy.canary.stats import OneRunAudit, one_run_audit
 from fed_nessa.privacy.events import DP_SGD, LOCAL, DPEvent
 
 

@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from fed_nessa.atomic import atomic_write_bytes
+from fed_nessa.canary.empirical import make_canaries
 from fed_nessa.data.datasets import device_filename
 from fed_nessa.data.population import FederationData
 from fed_nessa.data.shards import SHARD_SUFFIX, Shard, load_shard, make_shard, write_shard
@@ -48,7 +49,6 @@ from fed_nessa.errors import FedNessaError
 from fed_nessa.model.aligners.base import Aligner, load_aligner
 from fed_nessa.model.artifacts import CARD_FILE
 from fed_nessa.privacy.accounting import PLD, RDP, EpsilonMemo
-from fed_nessa.privacy.canary.empirical import make_canaries
 from fed_nessa.privacy.chain import HEADER, read_chain
 from fed_nessa.privacy.events import DPEvent
 from fed_nessa.privacy.ledger import DEVICE_LEDGER_NAME, DEVICE_PUB_NAME
