@@ -101,9 +101,21 @@ def test_the_incremental_curve_equals_each_prefix_accounted_afresh(name: str) ->
     assert acc.curve(events, DELTA) == pytest.approx(fresh, rel=1e-6, abs=1e-6)
 
 
-def test_the_prv_curve_of_device_level_events_halves_sigma_once() -> None:
-    # Example-level view of device-level events: sigma / 2 once. The PRV curve used to re-apply
-    # the halving per prefix (sigma / 4), so its last point overstated the total.
+@pytest.mark.parametrize("unit", ["example", DEVICE])
+def test_the_prv_curve_of_device_level_events_ends_at_the_total(unit: str) -> None:
+    # The PRV curve used to account each prefix per example whatever the unit asked, after the
+    # unit's view was already applied: sigma / 4 per example (sigma / 2 per device), overstating both.
     events = [_ev(1.0, 6.0, 1, r, unit=DEVICE) for r in range(2)]
-    total = compute_epsilon(events, DELTA, PRV)
-    assert epsilon_curve(events, DELTA, PRV)[-1] == pytest.approx(total, abs=1e-9)
+    total = compute_epsilon(events, DELTA, PRV, unit)
+    assert epsilon_curve(events, DELTA, PRV, unit)[-1] == pytest.approx(total, abs=1e-9)
+
+
+def test_the_gaussian_sums_mu_event_by_event_as_it_always_did() -> None:
+    # Merging 29 equal events into one group changes mu in its last bit; the audit's figures must not move.
+    import math
+
+    from fed_nessa.privacy.accountants.gaussian import _invert
+
+    events = [_ev(1.0, 20.0, 1, r, unit=DEVICE) for r in range(29)]
+    mu = math.sqrt(sum(1 / 20.0 ** 2 for _ in events))
+    assert create_accountant(GAUSSIAN).epsilon(events, DELTA) == _invert(mu, DELTA)

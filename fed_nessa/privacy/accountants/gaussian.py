@@ -10,8 +10,10 @@ histories are exactly such Gaussians, so this is the reference both must bound.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 
 from fed_nessa.privacy.accountants.accountant import Accountant, History
+from fed_nessa.privacy.events import DPEvent
 
 GAUSSIAN = "gaussian"
 #: Bisection steps on epsilon (the bracket halves each step: far below any reported digit).
@@ -24,22 +26,38 @@ class GaussianAccountant(Accountant):
     name = GAUSSIAN
     subsampled = False
 
+    def epsilon(self, events: Sequence[DPEvent], delta: float) -> float:
+        """mu summed event by event (not over merged groups): the audit's figures stay bit for bit."""
+        spent = [ev for ev in events if ev.steps]
+        _check_full_batch(float(ev.sample_rate) for ev in spent)
+        return _invert(math.sqrt(sum(ev.steps / ev.noise_multiplier ** 2 for ev in spent)), delta)
+
     def epsilon_of_history(self, groups: History, delta: float) -> float:
-        from scipy.stats import norm
+        _check_full_batch(q for q, _, _ in groups)
+        return _invert(math.sqrt(sum(steps / sigma ** 2 for _, sigma, steps in groups)), delta)
 
-        if any(q < 1.0 for q, _, _ in groups):
-            raise ValueError("the gaussian accountant covers q = 1 histories only (no subsampling)")
-        mu = math.sqrt(sum(steps / sigma ** 2 for _, sigma, steps in groups))
 
-        def delta_of(eps: float) -> float:
-            return float(norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * norm.cdf(-eps / mu - mu / 2))
+def _check_full_batch(rates: Iterable[float]) -> None:
+    if any(q < 1.0 for q in rates):
+        raise ValueError("the gaussian accountant covers q = 1 histories only (no subsampling)")
 
-        if delta_of(0.0) <= delta:
-            return 0.0
-        lo, hi = 0.0, 1.0
-        while delta_of(hi) > delta:
-            lo, hi = hi, 2 * hi
-        for _ in range(BISECTION_STEPS):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if delta_of(mid) > delta else (lo, mid)
-        return hi
+
+def _invert(mu: float, delta: float) -> float:
+    """The smallest epsilon with delta(epsilon) <= ``delta`` for a mu-GDP mechanism (0.0 for mu = 0)."""
+    from scipy.stats import norm
+
+    if mu == 0.0:
+        return 0.0
+
+    def delta_of(eps: float) -> float:
+        return float(norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * norm.cdf(-eps / mu - mu / 2))
+
+    if delta_of(0.0) <= delta:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    while delta_of(hi) > delta:
+        lo, hi = hi, 2 * hi
+    for _ in range(BISECTION_STEPS):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if delta_of(mid) > delta else (lo, mid)
+    return hi
