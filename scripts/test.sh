@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test suite: the layer rules (import-linter), ruff, mypy, then pytest (unit + end-to-end with
-# real Flower, SecAgg+ and Opacus). Installs first if needed. Arguments go to pytest.
+# real Flower, SecAgg+ and Opacus). Installs first if needed. Arguments go to pytest
+# (the fast lane: `bash scripts/test.sh -m "not slow"`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${FED_NESSA_VENV:-.venv}"
@@ -14,4 +15,5 @@ echo "$layers" | grep -E "KEPT|Contracts:"
 echo "== ruff"; "$VENV/bin/ruff" check .
 echo "== mypy"; "$VENV/bin/mypy"
 echo "== pytest"
-exec "$VENV/bin/python" -m pytest "$@"
+# --durations=15: the slowest tests, so a test that grows slow shows up in every run.
+exec "$VENV/bin/python" -m pytest --durations=15 "$@"

@@ -288,7 +288,7 @@ def test_audit_empirical_with_an_output_that_is_a_file(tmp_path: Path, capsys: p
 @pytest.mark.parametrize("case", ["empty", "truncated"])
 def test_audit_empirical_run_with_a_corrupt_secret(tmp_path: Path, capsys: pytest.CaptureFixture, case: str) -> None:
     """Before: EOFError / BadZipFile tracebacks."""
-    from fed_nessa.privacy.canary.federated import make_spec, spec_path
+    from fed_nessa.canary.federated import make_spec, spec_path
 
     run = tmp_path / "run"
     run.mkdir()
@@ -304,7 +304,7 @@ def test_audit_empirical_run_with_a_corrupt_secret(tmp_path: Path, capsys: pytes
 def test_audit_empirical_run_with_a_summary_without_config(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                           summary: str) -> None:
     """Before: KeyError 'config' traceback."""
-    from fed_nessa.privacy.canary.federated import make_spec, spec_path
+    from fed_nessa.canary.federated import make_spec, spec_path
 
     run = tmp_path / "run"
     RidgeAligner(AlignerInfo(d_x=6, d_y=5)).save(run / "aligner")

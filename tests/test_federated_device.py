@@ -32,7 +32,7 @@ from fed_nessa.federated.server_model import ServerModel
 from fed_nessa.model.aligners.base import l2_normalize
 from fed_nessa.model.training import noisy_gradient_sum
 from fed_nessa.privacy.ledger import DeviceLedger
-from fed_nessa.privacy.noise import REPRODUCIBLE_WARNING, ReproducibleNoise
+from fed_nessa.randomness import REPRODUCIBLE_WARNING, ReproducibleNoise
 
 # The real, validated config with small test-sized values.
 _TEST_DEFAULTS = dict(num_server_rounds=3, batch_size=8, lr=0.01, server_lr=1.0, noise_multiplier=1.0,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -39,3 +41,47 @@ def test_flat_and_load_flat_round_trip_and_check_the_length() -> None:
     with pytest.raises(ValueError, match="global model vector has 3 values"):
         load_flat(params, np.zeros(3, np.float32))
     assert flat([]).shape == (0,)
+
+
+def test_the_network_is_looked_up_by_aligner_name_default_nessa(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch import nn
+
+    from fed_nessa.federated import layout
+    from fed_nessa.model.aligners import federated
+    from fed_nessa.model.aligners.nessa import NessaNet
+    from fed_nessa.model.aligners.network import Architecture, FederatedNet
+
+    assert federated.DEFAULT_FEDERATED_ALIGNER == "nessa"
+    assert type(build_net(_cfg(), 5, 4)) is NessaNet
+    assert "NessaNet" not in Path(layout.__file__).read_text(encoding="utf-8")
+
+    class TinyNet(FederatedNet):
+        def __init__(self, d_y: int, d_x: int) -> None:
+            super().__init__()
+            self.linear = nn.Linear(d_y, d_x)
+
+        @classmethod
+        def from_architecture(cls, d_y: int, d_x: int, arch: Architecture, seed: int) -> TinyNet:
+            return cls(d_y, d_x)
+
+        def set_linear(self, W: np.ndarray, b: np.ndarray) -> None:
+            raise NotImplementedError
+
+        def set_linear_trainable(self, flag: bool) -> None:
+            self.linear.requires_grad_(flag)
+
+    monkeypatch.setitem(federated.FEDERATED_ALIGNERS, "tiny", TinyNet)  # a new aligner: one registry line
+    net = build_net(_cfg(), 5, 4, aligner="tiny")
+    assert isinstance(net, TinyNet) and len(flat(trainable(net))) == 4 * 5 + 5
+    with pytest.raises(ValueError, match=r"no federated aligner 'ridge'; choose one of \['nessa', 'tiny'\]"):
+        build_net(_cfg(), 5, 4, aligner="ridge")
+
+
+def test_a_federated_network_must_implement_the_linear_start() -> None:
+    from fed_nessa.model.aligners.network import FederatedNet
+
+    class Incomplete(FederatedNet):
+        pass
+
+    with pytest.raises(TypeError, match="abstract"):
+        Incomplete()  # type: ignore[abstract]

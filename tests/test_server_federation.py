@@ -17,7 +17,7 @@ from fed_nessa.config import ReplyStatus
 from fed_nessa.federated.device import ClientOutcome
 from fed_nessa.federated.server_model import ServerModel
 from fed_nessa.privacy.ledger import DEVICE_LEDGER_NAME, DeviceLedger
-from fed_nessa.privacy.noise import REPRODUCIBLE_WARNING
+from fed_nessa.randomness import REPRODUCIBLE_WARNING
 from fed_nessa.sim.runner import build_config
 from server.checkpoint import ResumeError
 

@@ -18,7 +18,7 @@ from fed_nessa.model.training import (
     noisy_gradient_sum,
     train_local,
 )
-from fed_nessa.privacy.noise import ReproducibleNoise
+from fed_nessa.randomness import ReproducibleNoise
 
 
 def _data(n: int = 40, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

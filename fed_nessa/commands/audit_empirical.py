@@ -1,7 +1,7 @@
 """``fed-nessa audit-empirical``: canary audits with a positive control, centralised or federated.
 
 * default: DP-SGD training (``train_local``) on base pairs, canaries added
-  (:mod:`fed_nessa.privacy.canary.empirical`);
+  (:mod:`fed_nessa.canary.empirical`);
 * ``--federated``: canaries planted inside the devices of two real ``fed-nessa simulate``
   runs (the DP run and its no-noise control) and scored from the aligner each shipped
   (:mod:`fed_nessa.sim.canary_audit`);
@@ -22,7 +22,7 @@ _DEFAULT_DATA = Path(__file__).resolve().parents[2] / "data" / "real-voices-dev"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from fed_nessa.privacy.canary.empirical import EmpiricalConfig
+    from fed_nessa.canary.empirical import EmpiricalConfig
     from fed_nessa.sim.canary_audit import DEFAULT_CONFIG
 
     d = EmpiricalConfig()
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--canaries: a run folder's canaries were planted by `fed-nessa simulate --canaries M`; "
                          "--run scores those")
     if args.canaries is None:
-        from fed_nessa.privacy.canary.empirical import EmpiricalConfig
+        from fed_nessa.canary.empirical import EmpiricalConfig
 
         args.canaries = EmpiricalConfig().canaries
     if args.federated:
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _centralised(args: argparse.Namespace) -> int:
-    from fed_nessa.privacy.canary.empirical import (
+    from fed_nessa.canary.empirical import (
         EmpiricalConfig,
         empirical_audit,
         load_base_pairs,
@@ -126,7 +126,7 @@ def _federated(args: argparse.Namespace) -> int:
 
 
 def _score_folders(args: argparse.Namespace) -> int:
-    from fed_nessa.privacy.canary.empirical import control_clearly_above
+    from fed_nessa.canary.empirical import control_clearly_above
     from fed_nessa.sim.canary_audit import score_run, write_federated_report
 
     runs = [score_run(args.run, "dp", args.confidence)]

@@ -52,7 +52,7 @@ from fed_nessa.model.training import (
 )
 from fed_nessa.privacy.events import DEVICE, DISTRIBUTED, DP_SGD, GAUSSIAN_SUM, LOCAL, DPEvent
 from fed_nessa.privacy.ledger import DeviceLedger, model_sha256
-from fed_nessa.privacy.noise import REPRODUCIBLE_WARNING, NoiseSource, noise_source
+from fed_nessa.randomness import REPRODUCIBLE_WARNING, NoiseSource, noise_source
 
 
 @dataclass(frozen=True)

@@ -2,30 +2,41 @@
 
 The server and every device must build bit-identical networks from the run config alone
 (the model travels as one flat float32 vector), so the architecture and the flattening
-order are defined once, here.
+order are defined once, here. Which network is built is looked up by aligner name
+(:mod:`fed_nessa.model.aligners.federated`, default NESSA); nothing here names a network class.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import torch
 
 from fed_nessa.config import FederationConfig, LinearStart
-from fed_nessa.model.aligners.nessa import NessaConfig, NessaNet
+from fed_nessa.model.aligners.federated import DEFAULT_FEDERATED_ALIGNER, federated_net
+from fed_nessa.model.aligners.nessa import NessaConfig
+from fed_nessa.model.aligners.network import Architecture, FederatedNet
 
 
-def nessa_config(cfg: FederationConfig) -> NessaConfig:
+def architecture(cfg: FederationConfig) -> Architecture:
     """The architecture every party builds.
 
     After a private linear start the linear part stays frozen (DP noise grows
     with what is trained); without one it must be learned by DP-SGD.
     """
-    return NessaConfig(hidden=cfg.hidden, depth=cfg.depth, train_linear=cfg.linear_start == LinearStart.NONE,
-                       ridge_alpha=cfg.ridge_alpha)
+    return Architecture(hidden=cfg.hidden, depth=cfg.depth, train_linear=cfg.linear_start == LinearStart.NONE,
+                        ridge_alpha=cfg.ridge_alpha)
 
 
-def build_net(cfg: FederationConfig, d_x: int, d_y: int) -> NessaNet:
-    return NessaNet(d_y, d_x, nessa_config(cfg), seed=cfg.seed)  # identical on every party
+def nessa_config(cfg: FederationConfig) -> NessaConfig:
+    """NESSA's own config for :func:`architecture` (the server's comparator and artifact are NESSA)."""
+    return NessaConfig(**dataclasses.asdict(architecture(cfg)))
+
+
+def build_net(cfg: FederationConfig, d_x: int, d_y: int, aligner: str = DEFAULT_FEDERATED_ALIGNER) -> FederatedNet:
+    """The federated aligner's network, looked up by name; identical on every party."""
+    return federated_net(aligner, d_y, d_x, architecture(cfg), seed=cfg.seed)
 
 
 def trainable(net: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from fed_nessa.model.losses import get_loss
-from fed_nessa.privacy.noise import NoiseSource, SecureNoise
+from fed_nessa.randomness import NoiseSource, SecureNoise
 
 # Opacus' hooks on a frozen-input model trigger this torch warning on every backward; it is expected.
 warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)

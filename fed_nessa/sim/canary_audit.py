@@ -2,7 +2,7 @@
 
 Both runs go through :func:`fed_nessa.sim.runner.run_engine`, the code path of
 ``fed-nessa simulate`` (either engine), with the runner's planting hook
-(:func:`fed_nessa.privacy.canary.federated.planter`); nothing of the protocol is
+(:func:`fed_nessa.canary.federated.planter`); nothing of the protocol is
 re-implemented here. Each run folder is then scored from what it published (its
 aligner) against the auditor's secret beside it (``<run-dir>.canaries.npz``), and its
 claim is re-derived from the canary devices' ledgers.
@@ -25,10 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from fed_nessa.config import DPMode, FederationConfig, LinearStart, from_run_config
-from fed_nessa.federated.layout import build_net
-from fed_nessa.privacy.canary.empirical import canary_cosines, control_clearly_above, score_histogram
-from fed_nessa.privacy.canary.federated import (
+from fed_nessa.canary.empirical import canary_cosines, control_clearly_above, score_histogram
+from fed_nessa.canary.federated import (
     ASSIGNMENT_RULE,
     MIN_CANARIES,
     CanaryError,
@@ -40,7 +38,9 @@ from fed_nessa.privacy.canary.federated import (
     planter,
     spec_path,
 )
-from fed_nessa.privacy.canary.stats import one_run_audit
+from fed_nessa.canary.stats import one_run_audit
+from fed_nessa.config import DPMode, FederationConfig, LinearStart, from_run_config
+from fed_nessa.federated.layout import build_net
 from fed_nessa.privacy.ledger import key_store
 from fed_nessa.sim.runner import ENGINES, build_config, build_policy, run_engine
 

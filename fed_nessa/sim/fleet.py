@@ -104,7 +104,7 @@ from fed_nessa.privacy.ledger import (
     received_chain,
     server_key_folder,
 )
-from fed_nessa.privacy.noise import NoiseSource, noise_source
+from fed_nessa.randomness import NoiseSource, noise_source
 from fed_nessa.sim.ghost import clipped_gradient_sums, device_clipped_sum, device_clipped_vectors
 
 log = logging.getLogger(__name__)

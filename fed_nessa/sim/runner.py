@@ -18,16 +18,16 @@ first round.
 ``--canaries M`` plants M canary pairs into the devices before round 1 (a hook on the
 federation the runner builds; the engines are unchanged) for a privacy auditor's
 ``fed-nessa audit-empirical --run``; the secret goes beside the run folder
-(:mod:`fed_nessa.privacy.canary.federated`).
+(:mod:`fed_nessa.canary.federated`).
 
-The library never imports ``server/`` or ``client/``: like ``flwr run``, the runner loads
-the apps named in ``pyproject.toml``'s ``[tool.flwr.app.components]``.
+The library never imports ``server/`` or ``client/``: like ``flwr run``, the runner runs
+the apps named in ``pyproject.toml``'s ``[tool.flwr.app.components]``, loaded by
+:mod:`fed_nessa.sim.launcher` (the one place the library reaches the apps and the configs).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 import time
@@ -49,9 +49,8 @@ from fed_nessa.config import (
 )
 from fed_nessa.data.population import FederationData
 from fed_nessa.federated.protocol import DEVICES_DIR, shard_folder
+from fed_nessa.sim.launcher import config_path, load_apps
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CONFIG_DIR = REPO_ROOT / "simulations" / "configs"
 DEFAULT_CONFIG = "main"
 ENGINES = ("flower", "fleet")
 DEVICE_TABLE = "device"
@@ -65,16 +64,6 @@ def parse_value(text: str) -> bool | int | float | str:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
-
-
-def config_path(path: str | Path) -> Path:
-    """The config file ``path`` names: a file, or a bare name looked up in ``simulations/configs/``."""
-    p = Path(path)
-    if not p.exists() and (CONFIG_DIR / f"{path}.toml").exists():
-        p = CONFIG_DIR / f"{path}.toml"
-    if not p.is_file():
-        raise FileNotFoundError(f"{path}: config file not found (or a name from {CONFIG_DIR.name}/)")
-    return p
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -182,18 +171,6 @@ class ProgressView:
             Console(stderr=True).print(f"[bold green]run folder:[/] {event['run_dir']}")
 
 
-def load_component(ref: str) -> Any:
-    """``module:attribute`` as in ``[tool.flwr.app.components]``."""
-    module, _, attr = ref.partition(":")
-    return getattr(importlib.import_module(module), attr)
-
-
-def app_components() -> dict[str, str]:
-    """The ServerApp/ClientApp references of ``pyproject.toml`` (the one place they are named)."""
-    data = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-    return dict(data["tool"]["flwr"]["app"]["components"])
-
-
 def device_node_config(policy: DevicePolicy) -> Callable[[int, int], dict[str, Any]]:
     """Each virtual device's node config: its partition and its own policy (never the run-config)."""
     own = policy.to_node_config()
@@ -217,25 +194,23 @@ def simulate(cfg: FederationConfig, *, policy: DevicePolicy | None = None, quiet
     The ServerApp's ``run_federation`` and the ClientApp come from the components named in
     ``pyproject.toml`` (``client_app`` may replace the latter, for tests). ``plant`` may change
     the devices once they exist and before round 1 (the federated canary audit,
-    :mod:`fed_nessa.privacy.canary.federated`); the engine runs them as any other devices.
+    :mod:`fed_nessa.canary.federated`); the engine runs them as any other devices.
     """
     from fed_nessa.data.population import load_federation_data
     from fed_nessa.sim.grid import InProcessGrid
 
-    components = app_components()
-    client_app = client_app or load_component(components["clientapp"])
-    server_module = importlib.import_module(components["serverapp"].partition(":")[0])
+    apps = load_apps(client_app)
     # Flower logs every SecAgg+ stage of every device at DEBUG/INFO: at hundreds of devices that is
     # both noise and measurable time. Warnings (e.g. drop-outs) still show.
     logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.WARNING)
     t0 = time.perf_counter()
     data = _planted(load_federation_data(cfg, shard_folder(cfg)), plant, cfg)
     run_config = cfg.to_run_config()
-    grid = InProcessGrid(client_app, len(data.shards), run_config, drop=drop,
+    grid = InProcessGrid(apps.client_app, len(data.shards), run_config, drop=drop,
                          node_config=device_node_config(policy or DevicePolicy()))
     context = Context(run_id=1, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(), run_config=run_config)
-    summary = server_module.run_federation(grid, context, cfg=cfg, data=data,
-                                           progress=ProgressView(cfg.num_server_rounds, quiet=quiet))
+    summary = apps.run_federation(grid, context, cfg=cfg, data=data,
+                                  progress=ProgressView(cfg.num_server_rounds, quiet=quiet))
     summary.setdefault("timing", {})["total_seconds"] = time.perf_counter() - t0
     return summary
 
@@ -398,7 +373,7 @@ def _canary_planter(args: argparse.Namespace, cfg: FederationConfig) -> Planter 
     m = getattr(args, "canaries", 0)
     if not m:
         return None
-    from fed_nessa.privacy.canary.federated import planter
+    from fed_nessa.canary.federated import planter
 
     return planter(m, getattr(args, "canary_seed", 0), cfg.run_dir)
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from fed_nessa.model.aligners.base import Aligner, AlignerInfo, check_input, l2_normalize
 from fed_nessa.model.aligners.linear import RidgeStats, ridge_from_stats
+from fed_nessa.model.aligners.network import Architecture, FederatedNet
 from fed_nessa.model.losses import LossFn
 
 
@@ -65,7 +66,7 @@ def _mlp(d_in: int, d_out: int, cfg: NessaConfig) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class NessaNet(nn.Module):
+class NessaNet(FederatedNet):
     """``y -> W y + b + h(y)`` (unnormalised; scoring and export normalise)."""
 
     def __init__(self, d_y: int, d_x: int, cfg: NessaConfig | None = None, seed: int = 0) -> None:
@@ -76,6 +77,11 @@ class NessaNet(nn.Module):
             self.linear = nn.Linear(d_y, d_x)
             self.residual = _mlp(d_y, d_x, self.cfg)
         self.set_linear_trainable(self.cfg.train_linear)
+
+    @classmethod
+    def from_architecture(cls, d_y: int, d_x: int, arch: Architecture, seed: int) -> NessaNet:
+        return cls(d_y, d_x, NessaConfig(hidden=arch.hidden, depth=arch.depth, train_linear=arch.train_linear,
+                                         ridge_alpha=arch.ridge_alpha), seed=seed)
 
     def set_linear_trainable(self, flag: bool) -> None:
         for p in self.linear.parameters():

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from fed_nessa.privacy import signing
-from fed_nessa.privacy.accounting import PLD, RDP, EpsilonMemo, UnitNotCoveredError, gaussian_epsilon
+from fed_nessa.privacy.accounting import GAUSSIAN, PLD, RDP, EpsilonMemo, UnitNotCoveredError, compute_epsilon
 from fed_nessa.privacy.audit.findings import (
     BUDGET_SLACK,
     FAIL,
@@ -67,9 +67,6 @@ from fed_nessa.privacy.ledger import (
     received_chain,
 )
 from fed_nessa.privacy.statement import privacy_statement
-
-#: The closed-form (analytic Gaussian) epsilon of a device-level history, beside the accountants'.
-GAUSSIAN = "gaussian"
 
 # Re-exported: callers (and docs) have long imported these names from this module.
 __all__ = ["BUDGET_SLACK", "FAIL", "RDP_SLACK", "REPORT_TOLERANCE", "TIGHT_OVER_RDP", "WARN", "AuditResult",
@@ -414,7 +411,7 @@ def _units(dev: DeviceAudit, accountants: tuple[str, str], curve, findings: list
                 return False
             continue
         if unit == DEVICE and all(ev.sample_rate >= 1.0 for ev in dev.events if ev.steps):
-            values[GAUSSIAN] = gaussian_epsilon(dev.events, dev.delta or 0.0, DEVICE) if dev.events else 0.0
+            values[GAUSSIAN] = compute_epsilon(dev.events, dev.delta or 0.0, GAUSSIAN, DEVICE) if dev.events else 0.0
         dev.epsilon_by_unit[unit] = values
     return True
 

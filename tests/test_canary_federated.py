@@ -8,13 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fed_nessa.cli import main
-from fed_nessa.config import from_run_config
-from fed_nessa.data.population import load_federation_data
-from fed_nessa.data.shards import load_shard, make_shard
-from fed_nessa.model.aligners import AlignerInfo, NessaAligner, NessaConfig
-from fed_nessa.privacy.canary.empirical import make_canaries
-from fed_nessa.privacy.canary.federated import (
+from fed_nessa.canary.empirical import make_canaries
+from fed_nessa.canary.federated import (
     CanaryError,
     CanarySpec,
     canary_scores,
@@ -27,7 +22,12 @@ from fed_nessa.privacy.canary.federated import (
     planter,
     spec_path,
 )
-from fed_nessa.privacy.canary.stats import one_run_audit
+from fed_nessa.canary.stats import one_run_audit
+from fed_nessa.cli import main
+from fed_nessa.config import from_run_config
+from fed_nessa.data.population import load_federation_data
+from fed_nessa.data.shards import load_shard, make_shard
+from fed_nessa.model.aligners import AlignerInfo, NessaAligner, NessaConfig
 from fed_nessa.sim.canary_audit import initial_cosines, score_run
 
 TINY = ["num-devices=10", "secagg-num-shares=5", "secagg-reconstruction-threshold=3", "min-arrivals=8",

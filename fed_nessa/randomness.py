@@ -1,5 +1,9 @@
 """Where every random draw of a DP mechanism comes from.
 
+A primitive at the bottom of the library (it imports nothing of ``fed_nessa``): the model's
+DP-SGD, the device, the fleet engine and the privacy code all draw from here, so no layer has
+to reach up into the accounting package for its noise.
+
 A DP guarantee holds only if the noise (and the secret Poisson sample) cannot be
 recomputed by whoever sees the output. So a device draws them from the OS CSPRNG
 (``os.urandom`` via :mod:`secrets`): :class:`SecureNoise` turns fresh OS bytes into

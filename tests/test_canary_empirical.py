@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from fed_nessa.canary.empirical import EmpiricalConfig, canary_cosines, load_base_pairs, make_canaries
 from fed_nessa.cli import main
-from fed_nessa.privacy.canary.empirical import EmpiricalConfig, canary_cosines, load_base_pairs, make_canaries
 
 torch.set_num_threads(1)
 DATA = Path(__file__).resolve().parents[1] / "data" / "real-voices-dev" / "embeddings.npz"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fed_nessa.privacy.canary.stats import (
+from fed_nessa.canary.stats import (
     clopper_pearson_lower,
     epsilon_lower_bound_cp,
     epsilon_lower_bound_one_run,

@@ -41,14 +41,15 @@ from pathlib import Path
 import numpy as np
 
 from fed_nessa.atomic import atomic_write_bytes
+from fed_nessa.canary.empirical import CLAIM_ACCOUNTANTS, make_canaries
 from fed_nessa.data.datasets import device_filename
 from fed_nessa.data.population import FederationData
 from fed_nessa.data.shards import SHARD_SUFFIX, Shard, load_shard, make_shard, write_shard
 from fed_nessa.errors import FedNessaError
 from fed_nessa.model.aligners.base import Aligner, load_aligner
 from fed_nessa.model.artifacts import CARD_FILE
-from fed_nessa.privacy.accounting import PLD, RDP, EpsilonMemo
-from fed_nessa.privacy.canary.empirical import make_canaries
+from fed_nessa.privacy.accountants import create_accountant
+from fed_nessa.privacy.accounting import EpsilonMemo
 from fed_nessa.privacy.chain import HEADER, read_chain
 from fed_nessa.privacy.events import DPEvent
 from fed_nessa.privacy.ledger import DEVICE_LEDGER_NAME, DEVICE_PUB_NAME
@@ -271,11 +272,13 @@ def ledger_events(run_dir: Path | str, dev: str) -> tuple[list[DPEvent], float]:
     return events, float(budget["delta"])
 
 
-def claimed_epsilon(run_dir: Path | str, spec: CanarySpec, accountants: tuple[str, ...] = (RDP, PLD)) -> Claim:
+def claimed_epsilon(run_dir: Path | str, spec: CanarySpec, accountants: tuple[str, ...] = CLAIM_ACCOUNTANTS) -> Claim:
     """The example-level claim covering every canary: the max over the devices they were assigned to.
 
     A device that reserved no DP event (the positive control's devices) claims nothing: inf.
     """
+    for acc in accountants:
+        create_accountant(acc)  # an unknown name fails here, before any ledger is read
     per_device: dict[str, dict[str, float]] = {}
     deltas: set[float] = set()
     memo = EpsilonMemo()  # a fleet on one schedule has one history: account it once per accountant

@@ -30,10 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from fed_nessa.privacy.accounting import PLD, RDP, compute_epsilon
-from fed_nessa.privacy.canary.stats import OneRunAudit, one_run_audit
+from fed_nessa.canary.stats import OneRunAudit, one_run_audit
+from fed_nessa.privacy.accountants import PLD, RDP, create_accountant
 from fed_nessa.privacy.events import DP_SGD, LOCAL, DPEvent
 
+#: The accountants (registry names) a canary audit's claimed epsilon is stated in: the upper
+#: bound devices budget with and the independent tight one.
+CLAIM_ACCOUNTANTS: tuple[str, ...] = (RDP, PLD)
 
 @dataclass(frozen=True)
 class EmpiricalConfig:
@@ -149,9 +152,9 @@ def audit_run(label: str, base_enroll: np.ndarray, base_runtime: np.ndarray, cfg
         event = DPEvent(round=0, mechanism=DP_SGD, steps=result.steps, sample_rate=result.sample_rate,
                         noise_multiplier=noise_multiplier, clip_norm=cfg.clip_norm, delta=cfg.delta, mode=LOCAL,
                         note=f"empirical audit, {label}")
-        claimed = {acc: compute_epsilon([event], cfg.delta, acc) for acc in (RDP, PLD)}
+        claimed = {acc: create_accountant(acc).epsilon([event], cfg.delta) for acc in CLAIM_ACCOUNTANTS}
     else:
-        claimed = {RDP: float("inf"), PLD: float("inf")}
+        claimed = dict.fromkeys(CLAIM_ACCOUNTANTS, float("inf"))
     attack = one_run_audit(scores, included, cfg.delta, cfg.confidence)
     return RunAudit(label=label, noise_multiplier=noise_multiplier, steps=result.steps,
                     sample_rate=result.sample_rate, train_seconds=seconds, epsilon_claimed=claimed,

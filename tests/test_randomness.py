@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fed_nessa.privacy.noise import ReproducibleNoise, SecureNoise, noise_source
+from fed_nessa.randomness import ReproducibleNoise, SecureNoise, noise_source
 
 
 def test_secure_noise_is_fresh_and_has_the_asked_distribution() -> None:
