@@ -32,7 +32,7 @@ from fed_nessa.federated import suffstats
 from fed_nessa.federated.layout import flat, trainable
 from fed_nessa.federated.noise_plan import NoisePlan
 from fed_nessa.model.training import DPConfig, TrainConfig, device_update, noisy_gradient_sum, train_local
-from fed_nessa.privacy.noise import NoiseSource
+from fed_nessa.randomness import NoiseSource
 
 #: Noise is bounded at this many standard deviations when sizing SecAgg+'s range.
 PAYLOAD_SIGMAS = 12.0
