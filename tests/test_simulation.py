@@ -68,7 +68,8 @@ def data(tmp_path: Path) -> Path:
 
 
 def test_run_folder_has_every_required_key_and_file(tmp_path: Path, data: Path) -> None:
-    summary = simulate(build_config(None, overrides(tmp_path)), quiet=True)
+    # no validation.npz in the folder: ship-without-validation lets the pinned DP NESSA ship (and its ONNX)
+    summary = simulate(build_config(None, overrides(tmp_path, ship_without_validation="true")), quiet=True)
     run = tmp_path / "run"
     on_disk = json.loads((run / "summary.json").read_text())
     assert set(on_disk) >= {"config", "rounds", "final", "privacy", "secure_aggregation"}
@@ -78,8 +79,9 @@ def test_run_folder_has_every_required_key_and_file(tmp_path: Path, data: Path) 
     final = on_disk["final"]
     for key in ("eer", "min_dcf", "sid_top1", "gap_closure", "centralised_nessa", "ridge", "aligner_plan", "gate"):
         assert key in final
-    # aligner = nessa: the gate is reported but not applied (only aligner = auto ships its pick)
-    assert "aligner nessa" in final["aligner_plan"] and final["gate"]["applied"] is False
+    # aligner = nessa pins DP NESSA; untested (no validation set) because the run config says so
+    assert "aligner nessa" in final["aligner_plan"] and final["gate"]["shipped"] == "dp-nessa"
+    assert "ship-without-validation = true" in final["gate"]["reason"] and final["eer"] == final["dp_nessa"]["eer"]
     priv = on_disk["privacy"]
     for key in ("unit", "mode", "trust", "delta", "accountant", "epsilon_budget", "epsilon_max", "epsilon_median",
                 "device_ledgers"):
