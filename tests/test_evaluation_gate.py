@@ -98,6 +98,7 @@ def test_a_pinned_aligner_ships_only_where_it_beats_not_updating(world: dict[str
     assert pinned.shipped == KEEP and pinned.aligner == DP_NESSA and "pins DP NESSA" in pinned.reason
     better = promotion_gate({LINEAR_START: broken, DP_NESSA: start}, world["val"], SCENARIO, "linear")
     assert better.shipped == KEEP and better.aligner == LINEAR_START  # the pin holds although DP NESSA is better
+    assert "the DP linear start does not beat not updating" in better.reason
 
 
 def test_without_validation_nothing_ships_unless_the_operator_says_so(world: dict[str, object]) -> None:

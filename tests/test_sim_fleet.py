@@ -153,7 +153,7 @@ def test_a_harmful_run_ships_nothing(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert json.loads((run / "aligner" / "card.json").read_text())["training"]["shipped"] is False
     assert not (run / "aligner" / "aligner.onnx").exists()
     assert (run / "report.md").read_text().splitlines()[2].startswith(
-        "**Shipped: nothing (keep the current runtime model).** Aligner = nessa pins DP NESSA; no aligner beats")
+        "**Shipped: nothing (keep the current runtime model).** Aligner = nessa pins DP NESSA; DP NESSA does not beat")
     np.save(tmp_path / "in.npy", np.zeros((2, 192), np.float32))
     capsys.readouterr()
     assert main(["apply", "--aligner", str(run / "aligner"), "--input", str(tmp_path / "in.npy"),

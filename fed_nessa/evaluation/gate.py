@@ -54,7 +54,6 @@ class GateDecision:
         return asdict(self)
 
 
-
 def _pct(x: float) -> str:
     return f"{100 * x:.2f} %"
 
@@ -107,8 +106,9 @@ def promotion_gate(candidates: Mapping[str, Any], validation: Any | None, scenar
     where = " EER on the server's validation speakers"
     if scores[aligner] < scores[KEEP]:
         return GateDecision(aligner, aligner, dict(scores), f"{pin_note}{versus}{where}")
+    loses = f"{LABEL[pin]} does not beat" if pin else "no aligner beats"
     return GateDecision(KEEP, aligner, dict(scores),
-                        f"{pin_note}no aligner beats not updating: {versus}{where}; keep the current runtime model")
+                        f"{pin_note}{loses} not updating: {versus}{where}; keep the current runtime model")
 
 
 def final_figures(report: ScenarioReport, decision: GateDecision) -> dict[str, Any]:
