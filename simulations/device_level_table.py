@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from simulations.fleet_table import arm
+
 NAME = re.compile(r"device-(\d+)dev-(linear|nessa)-eps([\d.]+)$")
 HEADER = ("| devices | device ε (δ) | DP linear start EER % (gap) | share of non-DP | DP NESSA EER % (gap) "
           "| share of non-DP | example-level DP NESSA, same ε (500 rounds), EER % (gap) | non-DP NESSA EER % (gap) "
@@ -63,15 +65,16 @@ def rows(cells: dict[tuple[int, float], dict[str, dict[str, Any]]], root: Path) 
         # (that would pick on the reported speakers).
         example = _example_level(root, n, eps) or _example_level(root, n, 8.0)
         ref = (example or {}).get("final", {}).get("centralised_nessa") or nes["final"].get("centralised_nessa")
-        nessa = nes["final"].get("dp_nessa") or nes["final"]
+        nessa = arm(nes, "dp_nessa")
+        linear = arm(lin, "linear_start")
 
         def share(row: dict[str, Any], ref: dict[str, Any] | None = ref) -> float | None:
             return row["gap_closure"] / ref["gap_closure"] if ref and ref.get("gap_closure") else None
 
         plan = nes["noise_plan"]
-        out.append({"devices": n, "epsilon": eps, "delta": nes["privacy"]["delta"], "linear": lin["final"],
-                     "linear_share": share(lin["final"]), "nessa": nessa, "nessa_share": share(nessa),
-                     "example": (example or {}).get("final") if _example_level(root, n, eps) else None,
+        out.append({"devices": n, "epsilon": eps, "delta": nes["privacy"]["delta"], "linear": linear,
+                     "linear_share": share(linear), "nessa": nessa, "nessa_share": share(nessa),
+                     "example": arm(example, "dp_nessa") if example and _example_level(root, n, eps) else None,
                      "reference": ref, "rounds": sum(1 for r in nes["rounds"] if r["phase"] == "dpsgd"),
                      "sigma": plan["dpsgd_sigma"], "stats_sigma": lin["noise_plan"]["suffstats_sigma"],
                      "seconds": nes["engine"].get("seconds_per_dpsgd_round_median")})

@@ -2,8 +2,9 @@
 
 Per fleet size and epsilon: the DP linear start (all of epsilon on the statistics round), DP NESSA
 (30 % on the statistics round, the rest on DP-SGD), and what ``aligner = auto`` ships: the linear
-start where the auto rule says so, else the promotion gate's choice between that run's linear start
-and its DP NESSA (scored on the server's own validation speakers, never on the reported ones).
+start where the auto rule says so, else the promotion gate's choice among not updating, that run's
+linear start and its DP NESSA (scored on the server's own validation speakers, never on the reported
+ones; run folders from before the gate weighed not updating never say ``none``).
 
     python -m simulations.fleet_table results/fleet-* [--plot docs/fleet-study.png]
 """
@@ -48,11 +49,19 @@ def shipped(linear: dict[str, Any], nessa: dict[str, Any]) -> tuple[str, dict[st
     from fed_nessa.federated.noise_plan import AUTO_SIGNAL_THRESHOLD
 
     if plan["signal"] < AUTO_SIGNAL_THRESHOLD:
-        return f"linear ({plan['signal']:.0f})", linear["final"]
+        return f"linear ({plan['signal']:.0f})", linear["final"]  # the shipped figures (gate included)
     gate = nessa["final"].get("gate", {})
     if gate.get("shipped") == "dp-nessa":
-        return f"NESSA ({plan['signal']:.0f}), gate: NESSA", nessa["final"]
+        return f"NESSA ({plan['signal']:.0f}), gate: NESSA", arm(nessa, "dp_nessa")
+    if gate.get("shipped") == "none":  # final holds what the operator gets: not updating
+        return f"NESSA ({plan['signal']:.0f}), gate: none", nessa["final"]
     return f"NESSA ({plan['signal']:.0f}), gate: start", nessa["final"]["linear_start"]
+
+
+def arm(summary: dict[str, Any], key: str) -> dict[str, Any]:
+    """One arm's own figures (``final.linear_start`` / ``final.dp_nessa``), whatever the gate shipped;
+    ``final`` itself is the shipped aligner's (not updating's when the gate shipped nothing)."""
+    return summary["final"].get(key) or summary["final"]
 
 
 def rows(cells: dict[tuple[int, float], dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -65,8 +74,8 @@ def rows(cells: dict[tuple[int, float], dict[str, dict[str, Any]]]) -> list[dict
         ref = nes["final"]["centralised_nessa"]
         share = (ship["gap_closure"] / ref["gap_closure"]) if ref.get("gap_closure") else None
         eng = nes["engine"]
-        out.append({"devices": n, "pairs": eng["pairs"], "epsilon": eps, "linear": lin["final"],
-                    "nessa": nes["final"], "rule": rule, "shipped": ship, "reference": ref, "share": share,
+        out.append({"devices": n, "pairs": eng["pairs"], "epsilon": eps, "linear": arm(lin, "linear_start"),
+                    "nessa": arm(nes, "dp_nessa"), "rule": rule, "shipped": ship, "reference": ref, "share": share,
                     "rounds": sum(1 for r in nes["rounds"] if r["phase"] == "dpsgd"),
                     "seconds": eng.get("seconds_per_dpsgd_round_median"),
                     "rss_gib": eng["peak_rss_mib"] / 1024})
