@@ -119,6 +119,12 @@ def test_bad_shard_fails_its_device_and_the_rounds_go_on(tmp_path: Path, data: P
     rounds = summary["rounds"]
     assert all(r["status"] == "applied" for r in rounds)
     assert all(r["failed"] == 1 and r["participants"] == 7 for r in rounds)
+    # The Flower engine's gate: a folder without validation.npz ships nothing by default
+    final, run = summary["final"], tmp_path / "run"
+    assert final["gate"]["shipped"] == "none" and "no server-side validation set" in final["gate"]["reason"]
+    assert final["eer"] == final["sym_before"]["eer"] and final["dp_nessa"]["eer"] != final["eer"]
+    assert not (run / "aligner" / "aligner.onnx").exists() and (run / "aligner" / "card.json").is_file()
+    assert (run / "report.md").read_text().splitlines()[2].startswith("**Shipped: nothing")
 
 
 def test_devices_decline_when_the_budget_is_spent(tmp_path: Path, data: Path) -> None:
