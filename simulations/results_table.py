@@ -33,6 +33,13 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}"
 
 
+def _final_eer(final: dict[str, Any]) -> str:
+    """What the run ships; where its gate shipped nothing, that is not updating (and the cell says so)."""
+    if (final.get("gate") or {}).get("shipped") == "none":
+        return f"{_pct(final.get('eer'))} (nothing shipped: not updating)"
+    return _pct(final.get("eer"))
+
+
 def _row(summary: dict[str, Any]) -> tuple[tuple[Any, ...], str]:
     cfg, final, rounds = summary["config"], summary["final"], summary["rounds"]
     cen, ridge, priv = final.get("centralised_nessa") or {}, final.get("ridge") or {}, summary["privacy"]
@@ -44,7 +51,7 @@ def _row(summary: dict[str, Any]) -> tuple[tuple[Any, ...], str]:
     eps = "∞" if noise == "none" else f"{cfg['epsilon-budget']:g}"
     data = "synthetic" if cfg["data-source"] == "synthetic" else cfg["data-source"]
     cells = [data, cfg["num-devices"], mode, noise, eps, sigmas, len(rounds), _pct(rounds[0].get("eer")),
-             _pct(final.get("eer")), f"{final['gap_closure']:.2f}",
+             _final_eer(final), f"{final['gap_closure']:.2f}",
              "n/a" if share is None else f"{100 * share:.0f} %",
              f"{_pct(cen.get('eer'))} ({cen.get('gap_closure', float('nan')):.2f})",
              f"{_pct(ridge.get('eer'))} ({ridge.get('gap_closure', float('nan')):.2f})",
