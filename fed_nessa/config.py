@@ -70,7 +70,10 @@ class ServerOptimizer(StrEnum):
 
 
 class AlignerChoice(StrEnum):
-    """What the run ships: the DP linear start, DP NESSA, or the better of the two (the gate)."""
+    """Which aligner the run may ship: the DP linear start, DP NESSA, or the gate's pick (``auto``).
+
+    Whatever the choice, the promotion gate ships it only where it beats not updating
+    (:mod:`fed_nessa.evaluation.gate`)."""
 
     LINEAR = "linear"
     NESSA = "nessa"
@@ -155,6 +158,7 @@ class FederationConfig:
     expected_pairs_per_device: float = 112.0  # public prior for aligner=auto (never measured on devices)
     fleet_numerics: str = "fast"
     validation_speakers: int = 100  # synthetic: the server's own validation speakers for the gate
+    ship_without_validation: bool = False  # no validation set: ship the aligner untested (else ship nothing)
     dropout_rate: float = 0.0  # fleet engine: chance an accepted device drops out before sending
     budget_split: float = 0.0  # share of epsilon-budget for the statistics round; 0: sigmas as given
     privacy_unit: str = "example"  # "device": each device clips its whole round contribution

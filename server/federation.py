@@ -36,11 +36,11 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.app.typing import ConfigRecordValues as ConfigRecordValue
 from flwr.serverapp.grid import Grid
 
-from fed_nessa.config import AlignerChoice, FederationConfig, Phase, ReplyStatus, RoundStatus, from_run_config
+from fed_nessa.config import FederationConfig, Phase, ReplyStatus, RoundStatus, from_run_config
 from fed_nessa.data.population import SCENARIO, FederationData, load_federation_data
 from fed_nessa.errors import FedNessaError
 from fed_nessa.evaluation import run_folder
-from fed_nessa.evaluation.gate import LINEAR_START, promotion_gate
+from fed_nessa.evaluation.gate import SHIPPED, card_fields, gate_run
 from fed_nessa.federated.codec import make_codec, saturation_note
 from fed_nessa.federated.cohort import sample_positions
 from fed_nessa.federated.noise_plan import NoisePlan, noise_plan
@@ -335,26 +335,10 @@ class Federation:
                 "ridge": self._row(report, "asym_ridge"),
                 "sym_before": self._row(report, "sym_before"), "sym_after": self._row(report, "sym_after")}
 
-    def gate(self) -> dict[str, Any] | None:
-        """The promotion gate after DP-SGD rounds (``aligner = auto`` ships its choice)."""
-        if Phase.DPSGD not in self.model.completed:
-            return None
-        dp_nessa = self._row(self.evaluate(), "asym_federated")  # before the gate may restore the start
-        decision = promotion_gate(self.model.linear_start_aligner(), self.model.comparator(), self.data.validation,
-                                  SCENARIO)
-        applied = self.cfg.aligner == AlignerChoice.AUTO
-        if applied and decision.shipped == LINEAR_START:
-            self.model.restore_linear_start()
-        return {**decision.to_dict(), "applied": applied, "dp_nessa_test": dp_nessa}
-
     def finish(self) -> dict[str, Any]:
-        gate = self.gate()
-        report = self.evaluate()
-        final: dict[str, Any] = self._row(report, "asym_federated")
+        final = gate_run(self.model, self.data.validation, self.data.eval, SCENARIO, self.cfg)  # every run
         final["aligner_plan"] = self.plan.reason if self.plan else ""
-        if gate is not None:  # DP NESSA on the reported speakers, and the gate's choice
-            final["dp_nessa"] = gate.pop("dp_nessa_test")
-            final["gate"] = gate
+        report = self.evaluate()
         if self.data.shards:
             final.update(self.centralised_rows())
             central = final["centralised_nessa"]["gap_closure"]
@@ -364,8 +348,9 @@ class Federation:
         summary = self.summary(final)
         card = {"federated": True, "rounds": len(self.history), "privacy": {
             k: summary["privacy"][k] for k in ("unit", "mode", "trust", "delta", "accountant", "epsilon_budget",
-                                               "epsilon_max")}, "secure_aggregation": summary["secure_aggregation"]}
-        self.model.save_artifact(self.run_dir / ALIGNER_DIR, card)
+                                               "epsilon_max")}, "secure_aggregation": summary["secure_aggregation"],
+                **card_fields(final["gate"])}
+        self.model.save_artifact(self.run_dir / ALIGNER_DIR, card, deployable=card[SHIPPED])
         run_folder.write_summary(self.run_dir, summary)
         run_folder.write_report(self.run_dir, summary)
         run_folder.write_plots(self.run_dir, summary["rounds"])

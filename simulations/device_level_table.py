@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from simulations.results_csv import Value, metrics, read
+from simulations.results_csv import Value, arm, metrics, read
 
 NAME = re.compile(r"device-(\d+)dev-(linear|nessa)-eps([\d.]+)$")
 HEADER = ("| devices | device ε (δ) | DP linear start EER % (gap) | share of non-DP | DP NESSA EER % (gap) "
@@ -65,8 +65,8 @@ def rows(by_cell: Cells, example_runs: Sequence[dict[str, Value]]) -> list[dict[
         # (that would pick on the reported speakers).
         example = example_level(n, eps) or example_level(n, 8.0)
         ref = (metrics(example, "centralised_nessa") if example else None) or metrics(nes, "centralised_nessa")
-        nessa = metrics(nes, "dp_nessa") or metrics(nes, "final") or {}
-        linear = metrics(lin, "final") or {}
+        nessa = arm(nes, "dp_nessa") or {}
+        linear = arm(lin, "linear_start") or {}
 
         def share(row: dict[str, float | None], ref: dict[str, float | None] | None = ref) -> float | None:
             gap, ref_gap = row.get("gap_closure"), (ref or {}).get("gap_closure")
@@ -75,7 +75,7 @@ def rows(by_cell: Cells, example_runs: Sequence[dict[str, Value]]) -> list[dict[
         same_eps = example_level(n, eps)
         out.append({"devices": n, "epsilon": eps, "delta": nes["delta"], "linear": linear,
                      "linear_share": share(linear), "nessa": nessa, "nessa_share": share(nessa),
-                     "example": metrics(same_eps, "final") if same_eps else None,
+                     "example": arm(same_eps, "dp_nessa") if same_eps else None,
                      "reference": ref, "rounds": nes["dpsgd_rounds"],
                      "sigma": nes["dpsgd_sigma"], "stats_sigma": lin["suffstats_sigma"],
                      "seconds": nes["seconds_per_dpsgd_round_median"]})

@@ -2,8 +2,9 @@
 
 Per fleet size and epsilon: the DP linear start (all of epsilon on the statistics round), DP NESSA
 (30 % on the statistics round, the rest on DP-SGD), and what ``aligner = auto`` ships: the linear
-start where the auto rule says so, else the promotion gate's choice between that run's linear start
-and its DP NESSA (scored on the server's own validation speakers, never on the reported ones).
+start where the auto rule says so, else the promotion gate's choice among not updating, that run's
+linear start and its DP NESSA (scored on the server's own validation speakers, never on the reported
+ones; runs from before the gate weighed not updating never say ``none``).
 
     python -m simulations.fleet_table results/fleet.csv [--plot docs/fleet-study.png]
 """
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from simulations.results_csv import Value, metrics, number, read
+from simulations.results_csv import Value, arm, metrics, number, read
 
 NAME = re.compile(r"fleet-(\d+)dev-(linear|nessa)-eps([\d.]+)$")
 HEADER = ("| devices | pairs | ε | DP linear start EER % (gap) | DP NESSA EER % (gap) | auto rule "
@@ -54,7 +55,9 @@ def shipped(linear: dict[str, Value], nessa: dict[str, Value]) -> tuple[str, dic
     if signal < AUTO_SIGNAL_THRESHOLD:
         return f"linear ({signal:.0f})", metrics(linear, "final")
     if nessa["gate_shipped"] == "dp-nessa":
-        return f"NESSA ({signal:.0f}), gate: NESSA", metrics(nessa, "final")
+        return f"NESSA ({signal:.0f}), gate: NESSA", arm(nessa, "dp_nessa")
+    if nessa["gate_shipped"] == "none":  # final holds what the operator gets: not updating
+        return f"NESSA ({signal:.0f}), gate: none", metrics(nessa, "final")
     return f"NESSA ({signal:.0f}), gate: start", metrics(nessa, "linear_start")
 
 
@@ -68,8 +71,8 @@ def rows(by_cell: Cells) -> list[dict[str, Any]]:
         ref = metrics(nes, "centralised_nessa") or {}
         shipped_gap, ref_gap = (ship or {}).get("gap_closure"), ref.get("gap_closure")
         share = shipped_gap / ref_gap if shipped_gap is not None and ref_gap else None
-        out.append({"devices": n, "pairs": nes["pairs"], "epsilon": eps, "linear": metrics(lin, "final"),
-                    "nessa": metrics(nes, "final"), "rule": rule, "shipped": ship, "reference": ref, "share": share,
+        out.append({"devices": n, "pairs": nes["pairs"], "epsilon": eps, "linear": arm(lin, "linear_start"),
+                    "nessa": arm(nes, "dp_nessa"), "rule": rule, "shipped": ship, "reference": ref, "share": share,
                     "rounds": nes["dpsgd_rounds"], "seconds": nes["seconds_per_dpsgd_round_median"],
                     "rss_gib": (number(nes["peak_rss_mib"]) or 0.0) / 1024})
     return out

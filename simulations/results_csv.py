@@ -107,8 +107,13 @@ COLUMNS: tuple[Column, ...] = (
     Column("share_of_centralised_gap_closure", float, _at("final", "share_of_centralised_gap_closure")),
     Column("gate_shipped", str, _at("final", "gate", "shipped")),
     Column("gate_reason", str, _at("final", "gate", "reason")),
-    Column("gate_linear_start_eer", float, _at("final", "gate", "linear_start_eer")),
-    Column("gate_dp_nessa_eer", float, _at("final", "gate", "dp_nessa_eer")),
+    # The candidates' EER on the server's validation speakers (the gate's evidence; older runs had no
+    # "not updating" candidate and recorded the two aligners under other keys).
+    Column("gate_not_updating_eer", float, _at("final", "gate", "validation_eer", "none")),
+    Column("gate_linear_start_eer", float, _either(_at("final", "gate", "validation_eer", "linear-start"),
+                                                   _at("final", "gate", "linear_start_eer"))),
+    Column("gate_dp_nessa_eer", float, _either(_at("final", "gate", "validation_eer", "dp-nessa"),
+                                               _at("final", "gate", "dp_nessa_eer"))),
     Column("epsilon_max", float, _at("privacy", "epsilon_max")),
     Column("epsilon_median", float, _at("privacy", "epsilon_median")),
     Column("epsilon_example_max", float, _at("privacy", "epsilon_example_max")),  # device-level runs
@@ -169,6 +174,12 @@ def metrics(r: dict[str, Value], name: str) -> dict[str, float | None] | None:
     """One evaluated aligner's metrics (``name`` in ``METRIC_ROWS``) from a row; None if it was not evaluated."""
     out = {metric: number(r[f"{name}_{metric}"]) for metric in METRICS}
     return out if any(v is not None for v in out.values()) else None
+
+
+def arm(r: dict[str, Value], name: str) -> dict[str, float | None] | None:
+    """One arm's own figures (``linear_start`` / ``dp_nessa``) whatever the gate shipped; runs that did not
+    record them separately (before the gate weighed not updating) fall back to ``final``."""
+    return metrics(r, name) or metrics(r, "final")
 
 
 def _check(summary: Any, where: str) -> dict[str, Any]:

@@ -34,6 +34,13 @@ def _pct(x: Value) -> str:
     return "n/a" if x is None else f"{100 * float(x):.2f}"
 
 
+def _final_eer(r: dict[str, Value]) -> str:
+    """What the run ships; where its gate shipped nothing, that is not updating (and the cell says so)."""
+    if r["gate_shipped"] == "none":
+        return f"{_pct(r['final_eer'])} (nothing shipped: not updating)"
+    return _pct(r["final_eer"])
+
+
 def _row(r: dict[str, Value]) -> tuple[tuple[Any, ...], str]:
     cfg = r  # the config keys are columns of their own
     cen, ridge = metrics(r, "centralised_nessa") or {}, metrics(r, "ridge") or {}
@@ -45,7 +52,7 @@ def _row(r: dict[str, Value]) -> tuple[tuple[Any, ...], str]:
     eps = "∞" if noise == "none" else f"{cfg['epsilon-budget']:g}"
     data = "synthetic" if cfg["data-source"] == "synthetic" else cfg["data-source"]
     cells = [data, cfg["num-devices"], mode, noise, eps, sigmas, r["rounds"], _pct(r["first_round_eer"]),
-             _pct(r["final_eer"]), f"{r['final_gap_closure']:.2f}",
+             _final_eer(r), f"{r['final_gap_closure']:.2f}",
              "n/a" if share is None else f"{100 * float(share):.0f} %",
              f"{_pct(cen.get('eer'))} ({_or_nan(cen.get('gap_closure')):.2f})",
              f"{_pct(ridge.get('eer'))} ({_or_nan(ridge.get('gap_closure')):.2f})",

@@ -1,4 +1,5 @@
-"""The promotion gate never ships an aligner worse than the linear start on the server's validation set."""
+"""The promotion gate ships nothing rather than harm: not updating, the DP linear start and DP NESSA,
+scored on the server's own validation speakers; the best ships, ties go to the simpler candidate."""
 
 from __future__ import annotations
 
@@ -8,7 +9,16 @@ import torch
 
 from fed_nessa.data.population import EvalSet
 from fed_nessa.data.synthetic import generate_population
-from fed_nessa.evaluation.gate import DP_NESSA, LINEAR_START, promotion_gate, validation_eer
+from fed_nessa.evaluation.gate import (
+    DP_NESSA,
+    KEEP,
+    LINEAR_START,
+    ROW,
+    final_figures,
+    promotion_gate,
+    validation_eers,
+)
+from fed_nessa.evaluation.protocol import evaluate_eval_set
 from fed_nessa.model.aligners import AlignerInfo, NessaAligner, NessaConfig, RidgeAligner
 from fed_nessa.model.training import TrainConfig
 
@@ -53,28 +63,64 @@ def test_validation_speakers_are_not_the_reported_ones() -> None:
     assert not set(np.unique(pop.eval.speaker)) & set(np.unique(pop.validation.speaker))
 
 
-def test_gate_ships_the_linear_start_over_a_worse_dp_nessa(world: dict[str, object]) -> None:
-    start = _aligner(world, epochs=0)
-    broken = _aligner(world, epochs=0, damage=0.5)
-    decision = promotion_gate(start, broken, world["val"], SCENARIO)
-    assert decision.shipped == LINEAR_START
-    assert decision.dp_nessa_eer is not None and decision.linear_start_eer is not None
-    assert decision.dp_nessa_eer > decision.linear_start_eer
+def test_aligners_all_worse_than_not_updating_ship_nothing(world: dict[str, object]) -> None:
+    cands = {LINEAR_START: _aligner(world, 0, damage=0.5), DP_NESSA: _aligner(world, 0, damage=5.0)}
+    for choice in ("auto", "linear", "nessa"):
+        decision = promotion_gate(cands, world["val"], SCENARIO, choice)
+        eer = decision.validation_eer
+        assert decision.shipped == KEEP and not decision.ships, choice
+        assert eer[KEEP] is not None and min(eer[LINEAR_START], eer[DP_NESSA]) > eer[KEEP]  # type: ignore[type-var]
+        assert "keep the current runtime model" in decision.reason
+    # auto keeps the better of the two aligners in its (unshipped) artifact
+    assert promotion_gate(cands, world["val"], SCENARIO).aligner == LINEAR_START
 
 
-def test_gate_ships_dp_nessa_only_when_it_is_better(world: dict[str, object]) -> None:
-    start = _aligner(world, epochs=0)
-    trained = _aligner(world, epochs=8)
+def test_a_good_run_ships_the_best_candidate(world: dict[str, object]) -> None:
+    start, broken = _aligner(world, 0), _aligner(world, 0, damage=0.5)
     val = world["val"]
-    decision = promotion_gate(start, trained, val, SCENARIO)
-    args = (val.embeddings, val.speaker, val.utterance, val.old_model, val.new_model, SCENARIO)  # type: ignore[attr-defined]
-    lin, nes = validation_eer(start, *args), validation_eer(trained, *args)
-    assert decision.shipped == (DP_NESSA if nes < lin else LINEAR_START)
-    shipped_eer = nes if decision.shipped == DP_NESSA else lin
-    assert shipped_eer <= lin  # never worse than the start, whichever it picked
+    decision = promotion_gate({LINEAR_START: broken, DP_NESSA: start}, val, SCENARIO)
+    eer = validation_eers({LINEAR_START: broken, DP_NESSA: start}, val, SCENARIO)
+    assert eer[DP_NESSA] < eer[KEEP] < eer[LINEAR_START]
+    assert decision.shipped == decision.aligner == DP_NESSA and decision.validation_eer == eer
+    linear_only = promotion_gate({LINEAR_START: start}, val, SCENARIO, "linear")
+    assert linear_only.shipped == LINEAR_START and DP_NESSA not in linear_only.validation_eer
 
 
-def test_gate_without_evidence_ships_the_start_and_without_a_start_ships_nessa(world: dict[str, object]) -> None:
-    start, other = _aligner(world, epochs=0), _aligner(world, epochs=0, damage=0.1)
-    assert promotion_gate(start, other, None, SCENARIO).shipped == LINEAR_START
-    assert promotion_gate(None, other, world["val"], SCENARIO).shipped == DP_NESSA
+def test_ties_go_to_the_simpler_candidate(world: dict[str, object]) -> None:
+    start = _aligner(world, 0)
+    assert promotion_gate({LINEAR_START: start, DP_NESSA: start}, world["val"], SCENARIO).shipped == LINEAR_START
+
+
+def test_a_pinned_aligner_ships_only_where_it_beats_not_updating(world: dict[str, object]) -> None:
+    start, broken = _aligner(world, 0), _aligner(world, 0, damage=0.5)
+    # aligner = nessa pins DP NESSA: a worse DP NESSA is not swapped for the linear start, and not shipped
+    pinned = promotion_gate({LINEAR_START: start, DP_NESSA: broken}, world["val"], SCENARIO, "nessa")
+    assert pinned.shipped == KEEP and pinned.aligner == DP_NESSA and "pins DP NESSA" in pinned.reason
+    better = promotion_gate({LINEAR_START: broken, DP_NESSA: start}, world["val"], SCENARIO, "linear")
+    assert better.shipped == KEEP and better.aligner == LINEAR_START  # the pin holds although DP NESSA is better
+    assert "the DP linear start does not beat not updating" in better.reason
+
+
+def test_without_validation_nothing_ships_unless_the_operator_says_so(world: dict[str, object]) -> None:
+    start, other = _aligner(world, 0), _aligner(world, 0, damage=0.1)
+    cands = {LINEAR_START: start, DP_NESSA: other}
+    decision = promotion_gate(cands, None, SCENARIO)
+    assert decision.shipped == KEEP and "ship-without-validation" in decision.reason
+    assert decision.validation_eer == {KEEP: None, LINEAR_START: None, DP_NESSA: None}
+    assert promotion_gate(cands, None, SCENARIO, ship_without_validation=True).shipped == LINEAR_START
+    assert promotion_gate(cands, None, SCENARIO, "nessa", ship_without_validation=True).shipped == DP_NESSA
+    assert promotion_gate({}, world["val"], SCENARIO).shipped == KEEP
+
+
+def test_final_figures_are_what_the_operator_gets(world: dict[str, object]) -> None:
+    """Nothing shipped: the summary's final EER is not updating's (sym_before), on the test speakers."""
+    cands = {LINEAR_START: _aligner(world, 0, damage=0.5)}
+    decision = promotion_gate(cands, world["val"], SCENARIO)
+    test = world["val"]  # any EvalSet serves as the test set here
+    report = evaluate_eval_set(test, SCENARIO, {ROW[c]: a for c, a in cands.items()})
+    final = final_figures(report, decision)
+    assert final["eer"] == report.row("sym_before").metrics.eer
+    assert final["linear_start"]["eer"] == report.row("asym_linear_start").metrics.eer > final["eer"]
+    assert final["gate"]["shipped"] == KEEP and "dp_nessa" not in final
+    shipped = final_figures(report, promotion_gate({LINEAR_START: _aligner(world, 0)}, world["val"], SCENARIO))
+    assert shipped["gate"]["shipped"] == LINEAR_START and shipped["eer"] == shipped["linear_start"]["eer"]

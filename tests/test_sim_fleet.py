@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -130,3 +131,54 @@ def test_fast_numerics_agree_with_exact_in_distribution(tmp_path: Path) -> None:
     z = (fast.mean(axis=0) - exact.mean(axis=0)) / se
     assert abs(float(z.mean())) < 0.2 and 0.7 < float(z.std()) < 1.3
     assert engine.numerics == FleetNumerics.EXACT  # both paths were driven explicitly above
+
+
+def test_a_harmful_run_ships_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Huge noise: both aligners are far worse than not updating on the validation speakers, so the run
+    ships nothing: the final figures are not updating's, no ONNX is written and ``apply`` refuses."""
+    from fed_nessa.cli import main
+    from fed_nessa.data.population import SCENARIO, load_federation_data
+    from fed_nessa.evaluation.protocol import evaluate_eval_set
+    from fed_nessa.sim.fleet import run_fleet
+
+    cfg = _cfg(tmp_path, "harm", **{"suffstats-noise-multiplier": 30.0, "noise-multiplier": 30.0, "references": False})
+    final = run_fleet(cfg, POLICY)["final"]
+    gate = final["gate"]
+    assert gate["shipped"] == "none" and gate["aligner"] == "dp-nessa"
+    val = gate["validation_eer"]
+    assert min(val["linear-start"], val["dp-nessa"]) > val["none"]
+    not_updating = evaluate_eval_set(load_federation_data(cfg, None).eval, SCENARIO, {}).row("sym_before")
+    assert final["eer"] == not_updating.metrics.eer and final["dp_nessa"]["eer"] > final["eer"]
+    run = tmp_path / "harm"
+    assert json.loads((run / "aligner" / "card.json").read_text())["training"]["shipped"] is False
+    assert not (run / "aligner" / "aligner.onnx").exists()
+    assert (run / "report.md").read_text().splitlines()[2].startswith(
+        "**Shipped: nothing (keep the current runtime model).** Aligner = nessa pins DP NESSA; DP NESSA does not beat")
+    np.save(tmp_path / "in.npy", np.zeros((2, 192), np.float32))
+    capsys.readouterr()
+    assert main(["apply", "--aligner", str(run / "aligner"), "--input", str(tmp_path / "in.npy"),
+                 "--output", str(tmp_path / "out.npy")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not shipped by its run's promotion gate" in err[0] and not (tmp_path / "out.npy").exists()
+
+
+@pytest.mark.parametrize(("devices", "validation", "ship_untested", "shipped"), [
+    (150, 20, False, "linear-start"),  # a linear-start-only run (aligner auto) that beats not updating
+    (12, 0, False, "none"),  # no validation set: nothing ships...
+    (12, 0, True, "linear-start"),  # ...unless the operator says so
+])
+def test_the_gate_runs_for_a_linear_start_only_run(tmp_path: Path, devices: int, validation: int,
+                                                   ship_untested: bool, shipped: str) -> None:
+    from fed_nessa.sim.fleet import run_fleet
+
+    cfg = _cfg(tmp_path, "run", **{"num-devices": devices, "num-server-rounds": 1, "aligner": "auto",
+                                   "dp-mode": "none", "references": False, "validation-speakers": validation,
+                                   "ship-without-validation": ship_untested})
+    final = run_fleet(cfg, DevicePolicy(guaranteed_arrivals=8, allow_non_dp=True))["final"]
+    assert final["gate"]["shipped"] == shipped and "dp_nessa" not in final
+    if shipped == "linear-start":
+        assert final["eer"] == final["linear_start"]["eer"]
+        assert (tmp_path / "run" / "aligner" / "aligner.onnx").is_file()
+    if not validation:
+        assert set(final["gate"]["validation_eer"].values()) == {None}
+        assert "ship-without-validation" in final["gate"]["reason"]

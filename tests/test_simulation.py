@@ -68,7 +68,8 @@ def data(tmp_path: Path) -> Path:
 
 
 def test_run_folder_has_every_required_key_and_file(tmp_path: Path, data: Path) -> None:
-    summary = simulate(build_config(None, overrides(tmp_path)), quiet=True)
+    # no validation.npz in the folder: ship-without-validation lets the pinned DP NESSA ship (and its ONNX)
+    summary = simulate(build_config(None, overrides(tmp_path, ship_without_validation="true")), quiet=True)
     run = tmp_path / "run"
     on_disk = json.loads((run / "summary.json").read_text())
     assert set(on_disk) >= {"config", "rounds", "final", "privacy", "secure_aggregation"}
@@ -78,8 +79,9 @@ def test_run_folder_has_every_required_key_and_file(tmp_path: Path, data: Path) 
     final = on_disk["final"]
     for key in ("eer", "min_dcf", "sid_top1", "gap_closure", "centralised_nessa", "ridge", "aligner_plan", "gate"):
         assert key in final
-    # aligner = nessa: the gate is reported but not applied (only aligner = auto ships its pick)
-    assert "aligner nessa" in final["aligner_plan"] and final["gate"]["applied"] is False
+    # aligner = nessa pins DP NESSA; untested (no validation set) because the run config says so
+    assert "aligner nessa" in final["aligner_plan"] and final["gate"]["shipped"] == "dp-nessa"
+    assert "ship-without-validation = true" in final["gate"]["reason"] and final["eer"] == final["dp_nessa"]["eer"]
     priv = on_disk["privacy"]
     for key in ("unit", "mode", "trust", "delta", "accountant", "epsilon_budget", "epsilon_max", "epsilon_median",
                 "device_ledger_pattern", "num_device_ledgers"):
@@ -118,6 +120,12 @@ def test_bad_shard_fails_its_device_and_the_rounds_go_on(tmp_path: Path, data: P
     rounds = summary["rounds"]
     assert all(r["status"] == "applied" for r in rounds)
     assert all(r["failed"] == 1 and r["participants"] == 7 for r in rounds)
+    # The Flower engine's gate: a folder without validation.npz ships nothing by default
+    final, run = summary["final"], tmp_path / "run"
+    assert final["gate"]["shipped"] == "none" and "no server-side validation set" in final["gate"]["reason"]
+    assert final["eer"] == final["sym_before"]["eer"] and final["dp_nessa"]["eer"] != final["eer"]
+    assert not (run / "aligner" / "aligner.onnx").exists() and (run / "aligner" / "card.json").is_file()
+    assert (run / "report.md").read_text().splitlines()[2].startswith("**Shipped: nothing")
 
 
 def test_devices_decline_when_the_budget_is_spent(tmp_path: Path, data: Path) -> None:

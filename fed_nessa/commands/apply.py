@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from fed_nessa.atomic import atomic_write_bytes
+from fed_nessa.evaluation.gate import unshipped_reason
 from fed_nessa.model.aligners import load_aligner
 from fed_nessa.outputs import check_output
 
@@ -46,6 +47,10 @@ def _load_input(path: Path, d_y: int) -> np.ndarray:
 def run(args: argparse.Namespace) -> int:
     check_output(args.output, "--output", "file")
     aligner = load_aligner(args.aligner)
+    unshipped = unshipped_reason(aligner.info.training)
+    if unshipped is not None:  # the run's gate kept the current runtime model: this aligner is not for use
+        raise ValueError(f"{args.aligner}: not shipped by its run's promotion gate, keep the current runtime model "
+                         f"({unshipped})")
     runtime = _load_input(args.input, aligner.info.d_y)
     aligned = aligner.transform(runtime).astype(np.float32)
     buffer = io.BytesIO()

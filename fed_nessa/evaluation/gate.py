@@ -1,62 +1,175 @@
-"""The promotion gate: ship DP NESSA only where it beats the DP linear start.
+"""The promotion gate: ship an aligner only where it beats not updating, else ship nothing.
 
-DP-SGD rounds can make the aligner worse than the private linear start they began from
-(field-notes: at 1,000 devices every DP-SGD setup did). The server therefore scores both on
-its OWN validation speakers (server-side data, never device data, never the speakers the
-run is reported on) and ships the better one. Everything here is post-processing of
-released aggregates: it costs no privacy.
+The candidates are **not updating** (keep the current runtime model: the old model scored
+against the old enrollment profiles, the scenario's ``sym_before``), the run's DP linear start
+(when it has one) and DP NESSA (when DP-SGD rounds ran). DP training can make an aligner worse
+than not updating (field-notes: real-dev voices, 8 households, 38.3 % against 12.8 %), so the
+server scores every candidate on its OWN validation speakers (server-side data, never device
+data, never the speakers the run is reported on) and ships the best; ties go to the simpler,
+safer candidate (not updating, then the linear start). Without a validation set nothing can be
+shown to help, so nothing ships unless the operator says so (``ship-without-validation``).
+Everything here is post-processing of released aggregates: it costs no privacy.
+
+``aligner = auto`` ships the gate's choice among the aligners; ``linear`` / ``nessa`` pin
+which aligner the run may ship, but the pinned one still ships only where it beats not
+updating (an explicit choice never hands an operator harm; the reason names the pin).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
-import numpy as np
+from fed_nessa.config import AlignerChoice, FederationConfig, Phase
+from fed_nessa.evaluation.protocol import ScenarioReport, evaluate_eval_set, summary_row
 
-from fed_nessa.evaluation.protocol import evaluate_scenario
-
+KEEP = "none"  # ship nothing: keep the current runtime model
 LINEAR_START = "linear-start"
 DP_NESSA = "dp-nessa"
+#: Simplest and safest first: a tie goes to the earlier one.
+CANDIDATES = (KEEP, LINEAR_START, DP_NESSA)
+#: The summary key (and evaluation row suffix) of each aligner candidate.
+ROW = {LINEAR_START: "linear_start", DP_NESSA: "dp_nessa"}
+#: What ``aligner = linear|nessa`` pins (``auto`` pins nothing).
+PINNED = {AlignerChoice.LINEAR: LINEAR_START, AlignerChoice.NESSA: DP_NESSA}
+#: The aligner card's flag: false when the run's gate shipped nothing (the artifact is not for deployment).
+SHIPPED = "shipped"
+LABEL = {KEEP: "nothing (keep the current runtime model)", LINEAR_START: "the DP linear start",
+         DP_NESSA: "DP NESSA"}
 
 
 @dataclass(frozen=True)
 class GateDecision:
-    shipped: str  # LINEAR_START or DP_NESSA
-    linear_start_eer: float | None
-    dp_nessa_eer: float | None
+    shipped: str  # one of CANDIDATES (KEEP: nothing is shipped)
+    aligner: str | None  # the aligner the run's artifact holds (shipped or not); None without any
+    validation_eer: dict[str, float | None]  # every candidate's EER on the server's validation speakers
     reason: str
+
+    @property
+    def ships(self) -> bool:
+        return self.shipped != KEEP
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def validation_eer(aligner: Any, embeddings: dict[str, np.ndarray], speaker: np.ndarray, utterance: np.ndarray,
-                   old_model: str, new_model: str, scenario: str) -> float:
-    report = evaluate_scenario(embeddings, speaker, utterance, old_model, new_model, scenario,
-                               aligners={"candidate": aligner})
-    return float(report.row("asym_candidate").metrics.eer)
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f} %"
 
 
-def promotion_gate(linear_start: Any | None, dp_nessa: Any, validation: Any | None, scenario: str) -> GateDecision:
-    """Ship the better of the two on ``validation`` (an EvalSet); ties and no evidence ship the linear start.
+def validation_eers(candidates: Mapping[str, Any], validation: Any, scenario: str) -> dict[str, float]:
+    """EER of not updating and of every aligner candidate on ``validation`` (an EvalSet)."""
+    report = evaluate_eval_set(validation, scenario, {ROW[c]: a for c, a in candidates.items()})
+    out = {KEEP: float(report.row("sym_before").metrics.eer)}
+    out.update({c: float(report.row(f"asym_{ROW[c]}").metrics.eer) for c in candidates})
+    return out
 
-    Without a linear start (``linear-start = none``) DP NESSA is all there is. Without a
-    validation set the gate cannot show DP NESSA is better, so it ships the linear start
-    and says so.
+
+def _best(eers: Mapping[str, float], among: list[str]) -> str:
+    """The lowest EER among ``among`` (in CANDIDATES order: a tie keeps the simpler one)."""
+    best = among[0]
+    for c in among[1:]:
+        if eers[c] < eers[best]:
+            best = c
+    return best
+
+
+def promotion_gate(candidates: Mapping[str, Any], validation: Any | None, scenario: str,
+                   choice: str = AlignerChoice.AUTO, ship_without_validation: bool = False) -> GateDecision:
+    """Decide what ships among not updating and ``candidates`` ({LINEAR_START/DP_NESSA: aligner}).
+
+    ``choice`` is the run's ``aligner`` key: a pinned aligner (``linear``/``nessa``) is the only
+    one that may ship; ``auto`` takes the best. The shipped aligner must beat not updating on
+    the validation speakers; without them it ships only with ``ship_without_validation``.
     """
-    if linear_start is None:
-        return GateDecision(DP_NESSA, None, None, "no linear start in this run: DP NESSA is shipped")
+    ran = [c for c in CANDIDATES if c in candidates]
+    if not ran:
+        return GateDecision(KEEP, None, {}, "the run produced no aligner")
+    pinned = PINNED.get(AlignerChoice(choice))
+    pin = pinned if pinned in ran else None
+    pin_note = f"aligner = {choice} pins {LABEL[pin]}; " if pin else ""
     if validation is None:
-        return GateDecision(LINEAR_START, None, None, "no server-side validation set: the gate cannot show that "
-                                                      "DP NESSA beats the linear start, so the linear start is shipped")
-    args = (validation.embeddings, validation.speaker, validation.utterance, validation.old_model,
-            validation.new_model, scenario)
-    lin, nessa = validation_eer(linear_start, *args), validation_eer(dp_nessa, *args)
-    if nessa < lin:
-        return GateDecision(DP_NESSA, lin, nessa, f"DP NESSA {100 * nessa:.2f} % < linear start "
-                                                   f"{100 * lin:.2f} % "
-                                                   "EER on the server's validation speakers")
-    return GateDecision(LINEAR_START, lin, nessa,
-                        f"DP NESSA {100 * nessa:.2f} % >= linear start {100 * lin:.2f} % EER on the server's "
-                        "validation speakers: the linear start is shipped")
+        aligner = pin or ran[0]
+        eers: dict[str, float | None] = {c: None for c in [KEEP, *ran]}
+        if ship_without_validation:
+            return GateDecision(aligner, aligner, eers, f"{pin_note}no server-side validation set, shipped untested "
+                                                        "because ship-without-validation = true")
+        return GateDecision(KEEP, aligner, eers, f"{pin_note}no server-side validation set: the gate cannot show that "
+                                                 "any aligner beats not updating (set ship-without-validation = true "
+                                                 "to ship untested)")
+    scores = validation_eers({c: candidates[c] for c in ran}, validation, scenario)
+    aligner = pin or _best(scores, ran)
+    others = ", ".join(f"{LABEL[c]} {_pct(scores[c])}" for c in ran if c != aligner)
+    versus = f"{LABEL[aligner]} {_pct(scores[aligner])} vs not updating {_pct(scores[KEEP])}" + (
+        f" ({others})" if others else "")
+    where = " EER on the server's validation speakers"
+    if scores[aligner] < scores[KEEP]:
+        return GateDecision(aligner, aligner, dict(scores), f"{pin_note}{versus}{where}")
+    loses = f"{LABEL[pin]} does not beat" if pin else "no aligner beats"
+    return GateDecision(KEEP, aligner, dict(scores),
+                        f"{pin_note}{loses} not updating: {versus}{where}; keep the current runtime model")
+
+
+def final_figures(report: ScenarioReport, decision: GateDecision) -> dict[str, Any]:
+    """The summary's ``final`` figures on the test speakers: what the operator actually gets.
+
+    ``report`` scores every aligner candidate (rows ``asym_<ROW>``) on the reported speakers.
+    When nothing ships the operator keeps the runtime model: the figures are ``sym_before``'s.
+    """
+    row = "sym_before" if not decision.ships else f"asym_{ROW[decision.shipped]}"
+    final = summary_row(report, row)
+    for c, key in ROW.items():
+        if c in decision.validation_eer:
+            final[key] = summary_row(report, f"asym_{key}")
+    final["gate"] = decision.to_dict()
+    return final
+
+
+class GatedModel(Protocol):
+    """What the gate needs of the server's model (``ServerModel``, which this layer may not import)."""
+
+    completed: list[Phase]
+
+    def linear_start_aligner(self) -> Any | None: ...
+
+    def comparator(self) -> Any: ...
+
+    def restore_linear_start(self) -> None: ...
+
+
+def gate_run(model: GatedModel, validation: Any | None, test: Any, scenario: str,
+             cfg: FederationConfig) -> dict[str, Any]:
+    """Both engines' end of run: decide, leave ``model`` holding the aligner its artifact keeps, and
+    return the ``final`` figures on the test speakers ``test`` (with ``final["gate"]``).
+
+    DP NESSA is a candidate only when DP-SGD rounds ran; every aligner is scored before the
+    linear start is restored (the DP NESSA aligner shares the model's network).
+    """
+    dp_nessa = model.comparator() if Phase.DPSGD in model.completed else None
+    candidates = {c: a for c, a in ((LINEAR_START, model.linear_start_aligner()), (DP_NESSA, dp_nessa))
+                  if a is not None}
+    decision = promotion_gate(candidates, validation, scenario, cfg.aligner, cfg.ship_without_validation)
+    final = final_figures(evaluate_eval_set(test, scenario, {ROW[c]: a for c, a in candidates.items()}), decision)
+    if decision.aligner == LINEAR_START:
+        model.restore_linear_start()
+    return final
+
+
+def card_fields(gate: Mapping[str, Any]) -> dict[str, Any]:
+    """What the aligner card records about the gate (a summary's ``final.gate``); ``fed-nessa apply``
+    reads :data:`SHIPPED`."""
+    return {SHIPPED: gate["shipped"] != KEEP, "gate": dict(gate)}
+
+
+def decision_sentence(gate: Mapping[str, Any]) -> str:
+    """A summary's ``final.gate`` in one sentence (the top of the run report)."""
+    reason = str(gate["reason"])
+    return f"**Shipped: {LABEL[gate['shipped']]}.** {reason[:1].upper()}{reason[1:]}."
+
+
+def unshipped_reason(training: Mapping[str, Any]) -> str | None:
+    """Why an aligner card's run did not ship it (None: shipped, or an aligner made outside a run)."""
+    if training.get(SHIPPED, True) is not False:
+        return None
+    return str((training.get("gate") or {}).get("reason", "the run's promotion gate shipped nothing"))

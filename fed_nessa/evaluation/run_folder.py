@@ -16,6 +16,7 @@ from typing import Any
 
 from fed_nessa.atomic import atomic_write_text
 from fed_nessa.config import DPMode, FederationConfig
+from fed_nessa.evaluation.gate import KEEP, decision_sentence
 from fed_nessa.privacy.statement import UNIT as PRIVACY_UNIT
 
 SUMMARY_FILE = "summary.json"
@@ -160,9 +161,11 @@ def _phase_lines(cfg: dict[str, Any], mode: str, plan: dict[str, Any] | None = N
 def render_report(summary: dict[str, Any]) -> str:
     """A human-readable ``report.md`` from the summary (no numbers that are not in it)."""
     cfg, priv, sa, final = summary["config"], summary["privacy"], summary["secure_aggregation"], summary["final"]
+    gate = [decision_sentence(final["gate"]), ""] if final.get("gate") else []
     lines = [
         "# Federated NESSA run",
         "",
+        *gate,
         f"- data: {cfg['data-source']} ({cfg['num-devices']} devices), {cfg['num-server-rounds']} round(s)",
         *_phase_lines(cfg, priv["mode"], summary.get("noise_plan"), summary.get("rounds")),
         "",
@@ -179,7 +182,10 @@ def render_report(summary: dict[str, Any]) -> str:
         )
     lines += ["", "## Final aligner (held-out speakers)", "",
               "| system | EER (%) | minDCF | SID top-1 (%) | gap closure |", "|---|---|---|---|---|"]
-    for name, key in (("federated aligner", None), ("centralised non-DP NESSA", "centralised_nessa"),
+    shipped = ("not updating (nothing shipped)" if (final.get("gate") or {}).get("shipped") == KEEP
+               else "shipped aligner")
+    for name, key in ((shipped, None), ("DP linear start", "linear_start"), ("DP NESSA", "dp_nessa"),
+                      ("centralised non-DP NESSA", "centralised_nessa"),
                       ("centralised ridge", "ridge"), ("sym_before", "sym_before"), ("sym_after", "sym_after")):
         row = final if key is None else final.get(key)
         if not row:

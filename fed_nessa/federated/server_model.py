@@ -170,7 +170,7 @@ class ServerModel:
         return aligner
 
     def restore_linear_start(self) -> None:
-        """Ship the linear start: the gate found DP NESSA no better on the server's validation set."""
+        """Hold the linear start again: the gate picked it over DP NESSA on the server's validation speakers."""
         if self.linear_state is not None:
             self.net.load_state_dict(self.linear_state)
 
@@ -179,13 +179,18 @@ class ServerModel:
         aligner.net = self.net
         return aligner
 
-    def save_artifact(self, out_dir: Path, card_extra: dict[str, Any]) -> None:
+    def save_artifact(self, out_dir: Path, card_extra: dict[str, Any], deployable: bool = True) -> None:
+        """Weights and card, plus the ONNX head a product deploys; an aligner the gate did not ship
+        (``deployable`` false) gets no ONNX file: nothing in the folder is fit to deploy."""
         from fed_nessa.model.artifacts import ONNX_FILE, check_onnx_matches, export_onnx
 
         aligner = self.comparator()
         aligner.info.training.update(card_extra)
         out_dir = Path(out_dir)
         aligner.save(out_dir)
+        (out_dir / ONNX_FILE).unlink(missing_ok=True)  # a replaced run's ONNX must not outlive its aligner
+        if not deployable:
+            return
         head = aligner.head()
         export_onnx(head, self.d_y, out_dir / ONNX_FILE)
         check_onnx_matches(head, out_dir / ONNX_FILE, self.d_y)

@@ -112,7 +112,7 @@ def _run_facts(summary: dict[str, Any]) -> dict[str, Any]:
         "noise_plan": summary.get("noise_plan"),
         "pairs": (summary.get("engine") or {}).get("pairs"),
         "eer": final.get("eer"),
-        "gate_shipped": gate.get("shipped") if gate.get("applied") else None,
+        "gate_shipped": gate.get("shipped"),
         "seconds": (summary.get("timing") or {}).get("total_seconds"),
     }
 

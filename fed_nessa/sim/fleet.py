@@ -60,7 +60,6 @@ from flwr.common.secure_aggregation.quantization import quantize
 
 from fed_nessa.config import (
     SECAGG_MODULUS_RANGE,
-    AlignerChoice,
     DevicePolicy,
     DPMode,
     FederationConfig,
@@ -74,7 +73,7 @@ from fed_nessa.data.population import SCENARIO, FederationData
 from fed_nessa.data.shards import SHARD_SUFFIX, Shard
 from fed_nessa.errors import FedNessaError
 from fed_nessa.evaluation import run_folder
-from fed_nessa.evaluation.gate import LINEAR_START, promotion_gate
+from fed_nessa.evaluation.gate import SHIPPED, card_fields, gate_run
 from fed_nessa.evaluation.protocol import evaluate_eval_set, summary_row
 from fed_nessa.federated import suffstats
 from fed_nessa.federated.codec import SaturationError, SecAggCodec, make_codec
@@ -765,23 +764,8 @@ class FleetEngine:
         return out
 
     def finish(self, book: DeviceBook) -> dict[str, Any]:
-        gate, dp_nessa = None, None
-        if Phase.DPSGD in self.model.completed:
-            # DP NESSA on the reported speakers, recorded before the gate may restore the linear start
-            dp_nessa = self._row(self._evaluate(), "asym_federated")
-            decision = promotion_gate(self.model.linear_start_aligner(), self.model.comparator(),
-                                      self.data.validation, SCENARIO)
-            applied = self.cfg.aligner == AlignerChoice.AUTO
-            if applied and decision.shipped == LINEAR_START:
-                self.model.restore_linear_start()
-            gate = {**decision.to_dict(), "applied": applied}
-        final: dict[str, Any] = self._row(self._evaluate(), "asym_federated")
+        final = gate_run(self.model, self.data.validation, self.data.eval, SCENARIO, self.cfg)  # every run
         final["aligner_plan"] = self.plan.reason
-        if gate is not None:
-            final["gate"], final["dp_nessa"] = gate, dp_nessa
-        linear = self.model.linear_start_aligner()
-        if linear is not None:
-            final["linear_start"] = self._row(self._evaluate({"linear_start": linear}), "asym_linear_start")
         if self.cfg.references:
             final.update(self._references())
         central = final.get("centralised_nessa", {}).get("gap_closure")
@@ -798,8 +782,8 @@ class FleetEngine:
             summary["privacy"]["epsilon_example_median"] = statistics.median(example)
         card = {"federated": True, "engine": ENGINE, "rounds": len(self.history), "privacy": {
             k: summary["privacy"][k] for k in ("unit", "mode", "trust", "delta", "accountant", "epsilon_budget",
-                                               "epsilon_max")}}
-        self.model.save_artifact(self.run_dir / ALIGNER_DIR, card)
+                                               "epsilon_max")}, **card_fields(final["gate"])}
+        self.model.save_artifact(self.run_dir / ALIGNER_DIR, card, deployable=card[SHIPPED])
         run_folder.write_summary(self.run_dir, summary)
         run_folder.write_report(self.run_dir, summary)
         run_folder.write_plots(self.run_dir, summary["rounds"])

@@ -391,7 +391,7 @@ def run_from_args(args: argparse.Namespace) -> int:
                          plant=plant, replace=getattr(args, "replace", False))
     final = summary["final"]
     print(f"final EER {100 * final['eer']:.2f}%  gap closure {final['gap_closure']}  "
-          f"epsilon max {summary['privacy']['epsilon_max']:.3f}  -> {cfg.run_dir}")
+          f"epsilon max {summary['privacy']['epsilon_max']:.3f}  shipped {final['gate']['shipped']}  -> {cfg.run_dir}")
     applied = [r for r in summary["rounds"] if r.get("status") == "applied"]
     if not applied:
         reasons = sorted({str(r.get("note", r.get("status"))) for r in summary["rounds"]})
