@@ -31,9 +31,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from fed_nessa.config import AlignerChoice, FederationConfig, LinearStart, Phase, PrivacyUnit
+from fed_nessa.config import AlignerChoice, DPMode, FederationConfig, LinearStart, Phase, PrivacyUnit
 from fed_nessa.federated import suffstats
 from fed_nessa.privacy.calibration import sigma_for_epsilon
+from fed_nessa.privacy.events import DP_SGD, GAUSSIAN_SUM
 
 #: Clipped examples per unit of noise std in one DP-SGD round above which DP NESSA is tried.
 AUTO_SIGNAL_THRESHOLD = 25_000.0
@@ -108,3 +109,29 @@ def noise_plan(cfg: FederationConfig, fleet: int) -> NoisePlan:
             s_sigma = sigma_for_epsilon(cfg.epsilon_budget, cfg.delta)
         return NoisePlan(s_sigma, sigma, 0, q, AlignerChoice.LINEAR, signal, reason)
     return NoisePlan(s_sigma, sigma, rounds, q, AlignerChoice.NESSA, signal, reason)
+
+
+def public_parameters(phase: Phase, cfg: FederationConfig, fleet: int) -> dict[str, object] | None:
+    """The public DP parameters every device's event of a ``phase`` round must carry (None without DP).
+
+    The server signs them into its federation-ledger entry of the round, and the audit compares
+    each device's signed event with them: two parties' records of one mechanism must agree.
+    ``sample_rate`` is None where it depends on a device's private pair count (``sample-rate = 0``
+    or local mode), so only the fleet-wide rate is cross-checked.
+    """
+    if cfg.dp_mode == DPMode.NONE:
+        return None
+    plan = noise_plan(cfg, fleet)
+    device_unit = cfg.privacy_unit == PrivacyUnit.DEVICE
+    stats = phase == Phase.SUFFSTATS
+    if device_unit:
+        clip: float = device_sensitivity(phase, cfg)
+    else:
+        clip = suffstats.SENSITIVITY if stats else cfg.clip_norm
+    rate: float | None = 1.0 if device_unit or stats else None
+    if rate is None and cfg.dp_mode == DPMode.DISTRIBUTED and cfg.sample_rate > 0:
+        rate = cfg.round_sample_rate(1, fleet, cfg.cohort_size(fleet))
+    return {"mechanism": GAUSSIAN_SUM if device_unit or stats else DP_SGD,
+            "unit": str(cfg.privacy_unit), "mode": str(cfg.dp_mode),
+            "noise_multiplier": plan.suffstats_sigma if stats else plan.dpsgd_sigma,
+            "clip_norm": float(clip), "sample_rate": rate}
