@@ -88,11 +88,6 @@ class DPEvent:
     #: Where the noise came from (:data:`NOISE_SOURCES`); "" in events written before it was recorded.
     noise_source: str = ""
 
-    @property
-    def guarantee_holds(self) -> bool:
-        """False when the noise came from a public seed (anyone can recompute and subtract it)."""
-        return self.noise_source != PUBLIC_SEED
-
     def __post_init__(self) -> None:
         _validate(self)
 
