@@ -153,7 +153,6 @@ def data(tmp_path: Path) -> Path:
     return make_folder(tmp_path / "data")
 
 
-@pytest.mark.slow
 def test_flower_keyless_tail_cut_and_a_dropped_last_round_fail(tmp_path: Path, data: Path) -> None:
     """Flower engine: devices reply with their ledger head, the server signs it; cutting the newest
     round everywhere (summary edited to agree), or only the federation ledger's, FAILS."""
