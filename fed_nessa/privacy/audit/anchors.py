@@ -165,9 +165,9 @@ def recorded_participants(rounds: list[dict[str, Any]],
                           spans: list[tuple[int, int, dict[str, Any], dict[str, list[int]]]]) -> dict[int, int]:
     """round -> devices whose contribution the server records as in the round (joined, less drop-outs)."""
     counts: dict[int, int] = defaultdict(int)
-    for rec in rounds:
+    for rec in rounds:  # a round re-run after a crash is recorded again: its last record counts
         if isinstance(rec.get("round"), int):
-            counts[rec["round"]] += len(rec.get("joined") or [])
+            counts[rec["round"]] = len(rec.get("joined") or [])
     for first, last, rec, dropped in spans:
         gone: dict[int, int] = defaultdict(int)
         for rs in dropped.values():
