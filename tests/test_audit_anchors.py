@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -165,15 +166,15 @@ def test_flower_keyless_tail_cut_and_a_dropped_last_round_fail(tmp_path: Path, d
         assert set(heads) == set(e["payload"]["joined"]) and heads  # every arrived device's head, signed
         assert e["payload"]["extra"][PUBLIC_PARAMETERS]["noise_multiplier"] == 1.0
     assert audit(run, write=False).passed
-    copy = tmp_path / "fed-only"
-    copy.mkdir()
-    for path in run.rglob("*"):
-        if path.is_file() and "audit" not in path.parts:
-            (copy / path.relative_to(run)).parent.mkdir(parents=True, exist_ok=True)
-            (copy / path.relative_to(run)).write_bytes(path.read_bytes())
+    copy = shutil.copytree(run, tmp_path / "fed-only")
     lines = (copy / FED).read_text().splitlines(keepends=True)
     (copy / FED).write_text("".join(lines[:-2]))  # the last round and the end record
     assert "federation.end" in _checks(audit(copy, write=False))  # was a PASS with warnings
+    one = shutil.copytree(run, tmp_path / "one-device")
+    device = fed[-2]["payload"]["joined"][0]
+    path = one / "devices" / device / DEVICE_LEDGER_NAME
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:-1]))  # its last complete entry
+    assert ("evidence.ledger_head", device, None) in _fails(audit(one, write=False))
     _cut_from(run, 3)
     result = audit(run, write=False)
     assert _checks(result) == {"federation.end"}, [f.message for f in result.failures]
