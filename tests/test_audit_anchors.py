@@ -276,3 +276,26 @@ def test_the_end_record_must_match_what_precedes_it(tmp_path: Path) -> None:
     fed = FederationLedger.open(run / FED, tmp_path / "run.keys" / "server")
     fed._chain.append(END, {"last_round": 1, "rounds": 1, "devices": 0, "heads_digest": "0" * 64})
     assert any(f.check == "federation.end" and f.seq == 4 for f in audit(run, write=False).failures)
+
+
+@pytest.mark.parametrize("over", [{"sample-rate": 0.2}, {"sample-rate": 0.0}, {"dp-mode": "local"},
+                                  {"privacy-unit": "device"},
+                                  {"budget-split": 0.3, "epsilon-budget": 4.0, "sample-rate": 0.1}])
+@pytest.mark.parametrize("phase", ["suffstats", "dpsgd"])
+def test_the_servers_public_parameters_are_what_every_device_spends(over: dict[str, Any], phase: str) -> None:
+    """What the server signs per round and what a device's event carries come from one config: they agree."""
+    from fed_nessa.config import Phase, from_run_config
+    from fed_nessa.federated.device import RoundRequest, planned_event
+    from fed_nessa.federated.noise_plan import public_parameters
+    from fed_nessa.privacy.events import PUBLIC_FIELDS
+
+    cfg = from_run_config({"num-devices": 20, "min-arrivals": 8, "clients-per-round": 10, "secagg-num-shares": 5,
+                           "secagg-reconstruction-threshold": 3, **over})
+    params = public_parameters(Phase(phase), cfg, 20)
+    assert params is not None and set(params) == set(PUBLIC_FIELDS)
+    for n in (7, 30, 400):
+        event = planned_event(RoundRequest(Phase(phase), 2, 8, 20), n, cfg, DevicePolicy(guaranteed_arrivals=8))
+        assert event is not None
+        assert {k: getattr(event, k) for k in PUBLIC_FIELDS if params[k] is not None} == \
+            {k: v for k, v in params.items() if v is not None}
+    assert public_parameters(Phase(phase), cfg.replace(dp_mode="none", budget_split=0.0), 20) is None

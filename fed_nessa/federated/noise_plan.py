@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from fed_nessa.config import AlignerChoice, DPMode, FederationConfig, LinearStart, Phase, PrivacyUnit
 from fed_nessa.federated import suffstats
 from fed_nessa.privacy.calibration import sigma_for_epsilon
-from fed_nessa.privacy.events import DP_SGD, GAUSSIAN_SUM
+from fed_nessa.privacy.events import DP_SGD, GAUSSIAN_SUM, PUBLIC_FIELDS
 
 #: Clipped examples per unit of noise std in one DP-SGD round above which DP NESSA is tried.
 AUTO_SIGNAL_THRESHOLD = 25_000.0
@@ -131,7 +131,6 @@ def public_parameters(phase: Phase, cfg: FederationConfig, fleet: int) -> dict[s
     rate: float | None = 1.0 if device_unit or stats else None
     if rate is None and cfg.dp_mode == DPMode.DISTRIBUTED and cfg.sample_rate > 0:
         rate = cfg.round_sample_rate(1, fleet, cfg.cohort_size(fleet))
-    return {"mechanism": GAUSSIAN_SUM if device_unit or stats else DP_SGD,
-            "unit": str(cfg.privacy_unit), "mode": str(cfg.dp_mode),
-            "noise_multiplier": plan.suffstats_sigma if stats else plan.dpsgd_sigma,
-            "clip_norm": float(clip), "sample_rate": rate}
+    values = (GAUSSIAN_SUM if device_unit or stats else DP_SGD, str(cfg.privacy_unit), str(cfg.dp_mode),
+              plan.suffstats_sigma if stats else plan.dpsgd_sigma, float(clip), rate)
+    return dict(zip(PUBLIC_FIELDS, values, strict=True))

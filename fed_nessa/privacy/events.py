@@ -52,6 +52,10 @@ OS_CSPRNG = "os-csprng"
 PUBLIC_SEED = "public-seed"
 NOISE_SOURCES: tuple[str, ...] = (OS_CSPRNG, PUBLIC_SEED)
 
+#: The event fields fixed by a round's public config: the server signs them per round
+#: (``noise_plan.public_parameters``) and the audit holds every device event to them.
+PUBLIC_FIELDS: tuple[str, ...] = ("mechanism", "unit", "mode", "noise_multiplier", "clip_norm", "sample_rate")
+
 
 class EventError(FedNessaError, ValueError):
     """A DP event with a missing, mistyped or out-of-range field."""

@@ -25,12 +25,9 @@ from collections import defaultdict
 from typing import Any
 
 from fed_nessa.privacy.audit.findings import FAIL, DeviceAudit, Finding, format_rounds
-from fed_nessa.privacy.events import PUBLIC_SEED, DPEvent
+from fed_nessa.privacy.events import PUBLIC_FIELDS, PUBLIC_SEED, DPEvent
 from fed_nessa.privacy.ledger import END, LEDGER_HEADS, PUBLIC_PARAMETERS, ROUND, SPAN, final_heads, heads_digest
 from fed_nessa.privacy.noise import REPRODUCIBLE_WARNING
-
-#: The event fields the server's signed round parameters fix (``sample_rate`` only where it is fleet-wide).
-CROSS_CHECKED = ("mechanism", "unit", "mode", "noise_multiplier", "clip_norm", "sample_rate")
 
 
 # ----------------------------------------------------------------------------- noise source
@@ -151,7 +148,8 @@ def check_parameters(devices: list[DeviceAudit], params: dict[int, dict[str, Any
             want = params.get(ev.round)
             if want is None:
                 continue
-            wrong = [k for k in CROSS_CHECKED if want.get(k) is not None and getattr(ev, k) != want[k]]
+            # (a null field, e.g. a sample rate that depends on a device's private pair count, is not checked)
+            wrong = [k for k in PUBLIC_FIELDS if want.get(k) is not None and getattr(ev, k) != want[k]]
             if wrong:
                 findings.append(Finding(FAIL, "params.mismatch",
                                         f"round {ev.round}: the device's event has "
