@@ -1,7 +1,7 @@
 """The privacy audit: verify ledgers and recompute every epsilon from the files alone.
 
 Split in four so each part can change alone, with imports running one way
-(``verify -> report -> findings``):
+(``verify -> report -> findings``, ``verify -> anchors -> findings``):
 
 - :mod:`.findings`: severities, tolerances and the result types;
 - :mod:`.verify`: the checks and :func:`audit`, the entry point;
