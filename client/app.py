@@ -17,7 +17,8 @@ Two messages per round, both answered from the device's own shard and ledger:
   quantizes it; only masked integers leave the device.
 
 What leaves a device beyond the masked vector: the plan's status/reason, its
-ledger's public-key fingerprint (pinned by the server) and the metric keys in
+ledger's public-key fingerprint (pinned by the server), its ledger head after the
+round (signed by the server into its record of the round) and the metric keys in
 :data:`REPLY_METRIC_KEYS` (privacy spend, a decline reason). A round whose server
 key fingerprint differs from the one the device pinned is declined; the device
 signs the SHA-256 of the model and round config it received into its ledger.
@@ -52,6 +53,8 @@ from fed_nessa.federated.protocol import (
     ENROLL_MODEL_KEY,
     FLEET_SIZE_KEY,
     KEY_FINGERPRINT_REPLY_KEY,
+    LEDGER_HEAD_REPLY_KEY,
+    LEDGER_SEQ_REPLY_KEY,
     PHASE_KEY,
     PLAN_RECORD,
     PROMISED_ARRIVALS_KEY,
@@ -111,6 +114,15 @@ def _safe_metrics(metrics: Mapping[str, Any]) -> dict[str, bool | bytes | float 
     return out
 
 
+def _ledger_head(ledger: Any) -> dict[str, int | str]:
+    """The ledger's head after the round (the server signs it: a later cut of the ledger is caught)."""
+    head = getattr(ledger, "head", None)
+    if not callable(head):
+        return {}
+    seq, digest = head()
+    return {LEDGER_SEQ_REPLY_KEY: int(seq), LEDGER_HEAD_REPLY_KEY: str(digest)}
+
+
 def build_client_app(runtime: DeviceRuntime | None = None) -> ClientApp:
     """A ClientApp bound to ``runtime`` (default: the production round logic, loaded lazily)."""
     app = ClientApp(mods=[secagg_only_mod])
@@ -160,7 +172,7 @@ def build_client_app(runtime: DeviceRuntime | None = None) -> ClientApp:
             status=Status(code=Code.OK, message=""),
             parameters=ndarrays_to_parameters([payload]),
             num_examples=CONSTANT_WEIGHT,
-            metrics=_safe_metrics(outcome.metrics),
+            metrics=_safe_metrics({**outcome.metrics, **_ledger_head(ledger)}),
         )
         return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
 

@@ -43,10 +43,13 @@ from fed_nessa.evaluation import run_folder
 from fed_nessa.evaluation.gate import SHIPPED, card_fields, gate_run
 from fed_nessa.federated.codec import make_codec, saturation_note
 from fed_nessa.federated.cohort import sample_positions
+from fed_nessa.federated.mechanism import public_parameters
 from fed_nessa.federated.noise_plan import NoisePlan, noise_plan
 from fed_nessa.federated.protocol import (
     DEVICE_ID_REPLY_KEY,
     KEY_FINGERPRINT_REPLY_KEY,
+    LEDGER_HEAD_REPLY_KEY,
+    LEDGER_SEQ_REPLY_KEY,
     PLAN_RECORD,
     ROUND_KEY,
     STATUS_KEY,
@@ -55,7 +58,7 @@ from fed_nessa.federated.protocol import (
 from fed_nessa.federated.protocol import round_config as _round_config
 from fed_nessa.federated.release import may_start, promised_arrivals
 from fed_nessa.federated.server_model import ServerModel
-from fed_nessa.privacy.ledger import config_sha256, model_sha256, server_key_folder
+from fed_nessa.privacy.ledger import LEDGER_HEADS, PUBLIC_PARAMETERS, config_sha256, model_sha256, server_key_folder
 from server.checkpoint import Checkpoint, check_resumable, latest_checkpoint, save_checkpoint
 from server.secagg_round import secure_sum
 
@@ -192,6 +195,7 @@ class Federation:
                                                      self.cfg.to_run_config()))
             run_folder.write_summary(self.run_dir, self.summary(final=None))
             self.progress({"event": "round", **entry})
+        ledger.record_end()  # signed: a federation ledger cut back to an earlier round lacks it
         return self.finish()
 
     def run_round(self, r: int, phase: Phase, ledger: Any) -> dict[str, Any]:
@@ -212,6 +216,7 @@ class Federation:
         status, arrived, failed = RoundStatus.SKIPPED, [], list(plan.failed)
         saturated, note = 0, may_start(len(plan.accepted), promised).reason
         round_eps: dict[str, float] = {}
+        heads: dict[str, list[int | str]] = {}
         if may_start(len(plan.accepted), promised).release:
             codec = make_codec(self.model.payload_bound(phase, noise), cfg.secagg_clipping_range,
                                cfg.secagg_quantization_range, len(plan.accepted))
@@ -224,6 +229,7 @@ class Federation:
                              request, codec, min_release=promised)
             arrived = res.arrived
             failed += [n for n in plan.accepted if n not in set(arrived)]
+            heads = _ledger_heads(res.metrics, plan.device_ids)
             if res.refused is not None:
                 status, note = RoundStatus.REFUSED, res.refused
             elif not res.completed:
@@ -256,7 +262,8 @@ class Federation:
                             {"phase": str(phase), "status": str(status), "saturated": saturated,
                              "guaranteed_arrivals": promised, "note": note,
                              "decline_reasons": dict(Counter(plan.reasons.values())),
-                             **sent, "device_key_fingerprints": new_pins,
+                             **sent, "device_key_fingerprints": new_pins, LEDGER_HEADS: heads,
+                             PUBLIC_PARAMETERS: public_parameters(phase, cfg, len(nodes)),
                              **({"key_mismatch": mismatched} if mismatched else {})})
         eps_all = list(self.device_epsilon.values()) or [0.0]
         return {
@@ -356,6 +363,16 @@ class Federation:
         run_folder.write_plots(self.run_dir, summary["rounds"])
         self.progress({"event": "done", "run_dir": str(self.run_dir)})
         return summary
+
+
+def _ledger_heads(metrics: dict[int, dict], device_ids: dict[int, str]) -> dict[str, list[int | str]]:
+    """Each replying device's ledger head ``{id: [seq, sha256]}`` as its train reply states it."""
+    heads: dict[str, list[int | str]] = {}
+    for nid, m in metrics.items():
+        seq, digest = m.get(LEDGER_SEQ_REPLY_KEY), m.get(LEDGER_HEAD_REPLY_KEY)
+        if isinstance(seq, int) and isinstance(digest, str):
+            heads[device_ids.get(nid, str(nid))] = [seq, digest]
+    return heads
 
 
 def run_federation(grid: Grid, context: Context, **kwargs: Any) -> dict[str, Any]:

@@ -73,6 +73,7 @@ def _run(tmp_path: Path, n_devices: int = 3, rounds: int = 3) -> Path:
                 led.complete(led.reserve(_ev(r), _received(r, fed)), led.epsilon(DELTA))
                 joined.append(f"dev{i}")
         fed.record_round(r, joined, [], [], _sent_extra(r, pins))
+    fed.record_end()
     statement = privacy_statement("local", DELTA, BUDGET, "rdp")
     statement["epsilon_max"] = compute_epsilon([_ev(1, 10 * rounds)], DELTA)
     (run / "summary.json").write_text(json.dumps({"privacy": statement}))
@@ -286,6 +287,7 @@ def _span_run(tmp_path: Path, spans: dict[str, DPEvent], dropped: dict | None = 
                     {"dropped": dropped or {}, "models": {str(r): list(_sent(r)) for r in rounds},
                      "model_chain": received_chain((r, *_sent(r)) for r in rounds),
                      "device_key_fingerprints": pins})
+    fed.record_end()
     return run
 
 
@@ -314,14 +316,15 @@ def test_span_that_misses_a_joined_round_fails_and_names_it(tmp_path: Path) -> N
     assert f"rounds {SPAN_ROUNDS - 4}..{SPAN_ROUNDS}" in finding.message
 
 
-def test_span_declined_and_unrecorded_reservations_are_warned(tmp_path: Path) -> None:
+def test_span_declined_and_unrecorded_reservations_fail(tmp_path: Path) -> None:
+    """Issue 17 (6): a reservation the server's signed record does not account for (declined, or not
+    listed at all) is two signed records that disagree: FAIL, not a warning."""
     spans = {"dev0": _span(1, SPAN_ROUNDS + 3), "dev1": _span(1, SPAN_ROUNDS)}
     result = audit(_span_run(tmp_path, spans, declined=("dev1",)))
-    assert result.passed
-    warns = {(f.check, f.device, f.seq) for f in result.findings}
+    assert not result.passed
     # As for round records, a declined-yet-reserved device is also unrecorded for those rounds.
-    assert warns == {("federation.declined", "dev1", 1), ("federation.unrecorded", "dev1", 1),
-                     ("federation.unrecorded", "dev0", 3)}
+    assert _fails(result) == {("federation.declined", "dev1", 1), ("federation.unrecorded", "dev1", 1),
+                              ("federation.unrecorded", "dev1", 3), ("federation.unrecorded", "dev0", 3)}
     unrecorded = next(f for f in result.findings if f.check == "federation.unrecorded" and f.device == "dev0")
     assert f"rounds {SPAN_ROUNDS + 1}..{SPAN_ROUNDS + 3}" in unrecorded.message
 
@@ -334,8 +337,10 @@ def test_round_records_and_spans_mix_in_one_run(tmp_path: Path) -> None:
     fed.record_round(0, ["d"], [], [], _sent_extra(0, {"d": led.key_fingerprint}))
     led.complete(led.reserve(_span(1, 10)), led.epsilon(DELTA), received=_chain(1, 10))  # ...then the fleet's span
     fed.record_span(1, 10, ["d"], [], [], {"models": {str(r): list(_sent(r)) for r in range(1, 11)}})
+    fed.record_end()
     assert audit(run).passed, [f.message for f in audit(run).failures]
     fed.record_round(11, ["d"], [], [], _sent_extra(11, {}))  # the server claims a round the device never reserved
+    fed.record_end()
     result = audit(run)
     assert _fails(result) == {("federation.joined", "d", None)} and "round 11" in result.failures[0].message
 
@@ -345,7 +350,7 @@ def test_malformed_span_entry_is_a_schema_failure(tmp_path: Path) -> None:
     fed = FederationLedger.open(run / "federation-ledger.jsonl", tmp_path / "run.keys" / "server")
     fed._chain.append("span", {"first_round": 9, "last_round": 3, "joined": ["dev0"], "declined": [],
                                "failed": [], "extra": {}})  # signed, but not a span record_span would write
-    assert ("federation.schema", "server", 2) in _fails(audit(run))
+    assert ("federation.schema", "server", 3) in _fails(audit(run))  # after the span (1) and the end record (2)
 
 
 def test_memoised_audit_gives_each_device_its_own_epsilons(tmp_path: Path) -> None:

@@ -102,7 +102,8 @@ def test_simulation_keeps_private_keys_out_of_the_run_folder_and_pins_both_ways(
     assert len(list((store / "devices").glob("*/device-key.pem"))) == 8
     fed = _entries(run / "federation-ledger.jsonl")
     server_fp = fed[0]["payload"]["key_fingerprint"]
-    pins = {d: fp for e in fed[1:] for d, fp in e["payload"]["extra"]["device_key_fingerprints"].items()}
+    assert fed[-1]["kind"] == "end"  # the signed end-of-run record
+    pins = {d: fp for e in fed[1:-1] for d, fp in e["payload"]["extra"]["device_key_fingerprints"].items()}
     for dev_dir in sorted((run / "devices").iterdir()):
         header = _entries(dev_dir / DEVICE_LEDGER_NAME)[0]["payload"]
         assert pins[dev_dir.name] == header["key_fingerprint"]
@@ -120,7 +121,7 @@ def test_the_server_refuses_a_device_whose_key_changed(tmp_path: Path, data: Pat
     summary = simulate(build_config(None, overrides(tmp_path, num_server_rounds=2, resume="true",
                                                     clients_per_round=0)), quiet=True)
     assert summary["rounds"][1]["failed"] >= 1
-    round2 = _entries(run / "federation-ledger.jsonl")[-1]["payload"]
+    round2 = _entries(run / "federation-ledger.jsonl")[-2]["payload"]  # before the end-of-run record
     assert round2["round"] == 2 and victim in round2["failed"] and victim in round2["extra"]["key_mismatch"]
     assert ("federation.key", victim, None) in _fails(audit(run))
 
@@ -206,11 +207,12 @@ def test_fleet_run_folders_carry_pins_and_model_chains_and_pass(tmp_path: Path) 
 
     from fed_nessa.sim.fleet import run_fleet
 
-    run_fleet(_cfg(tmp_path, "fleet"), FLEET_POLICY)
+    run_fleet(_cfg(tmp_path, "fleet", **{"reproducible-noise": False}), FLEET_POLICY)  # a guarantee to audit
     run = tmp_path / "fleet"
     assert not [p for p in run.rglob("*.pem") if not p.name.endswith(".pub.pem")]
     fed = _entries(run / "federation-ledger.jsonl")
-    pins = {d: fp for e in fed[1:] for d, fp in e["payload"]["extra"].get("device_key_fingerprints", {}).items()}
+    assert fed[-1]["kind"] == "end"  # the signed end-of-run record
+    pins = {d: fp for e in fed[1:-1] for d, fp in e["payload"]["extra"].get("device_key_fingerprints", {}).items()}
     chains = {e["payload"]["extra"]["model_chain"] for e in fed if e["kind"] == "span"}
     assert len(chains) == 1
     for dev_dir in sorted((run / "devices").iterdir()):

@@ -50,7 +50,7 @@ from fed_nessa.model.training import (
     dp_sample_rate,
     dp_steps,
 )
-from fed_nessa.privacy.events import DEVICE, DISTRIBUTED, DP_SGD, GAUSSIAN_SUM, LOCAL, DPEvent
+from fed_nessa.privacy.events import DEVICE, DISTRIBUTED, DP_SGD, GAUSSIAN_SUM, LOCAL, OS_CSPRNG, PUBLIC_SEED, DPEvent
 from fed_nessa.privacy.ledger import DeviceLedger, model_sha256
 from fed_nessa.randomness import REPRODUCIBLE_WARNING, NoiseSource, noise_source
 
@@ -102,8 +102,14 @@ def _device_event(req: RoundRequest, cfg: FederationConfig, policy: DevicePolicy
             else "mean gradient over all the device's pairs, clipped as one vector")
     return DPEvent(round=req.round, mechanism=GAUSSIAN_SUM, steps=1, sample_rate=1.0, noise_multiplier=sigma,
                    clip_norm=mechanism_for(cfg).sensitivity(req.phase), delta=policy.delta, mode=DISTRIBUTED,
-                   unit=DEVICE, note=f"device level: {what}; no sampling; noise share sized for g = "
-                                     f"{policy.guaranteed_arrivals} arrivals; {source}")
+                   unit=DEVICE, noise_source=_noise_source(cfg),
+                   note=f"device level: {what}; no sampling; noise share sized for g = "
+                        f"{policy.guaranteed_arrivals} arrivals; {source}")
+
+
+def _noise_source(cfg: FederationConfig) -> str:
+    """The event's structured noise source: what the audit reads (the note only says it in words)."""
+    return PUBLIC_SEED if cfg.reproducible_noise else OS_CSPRNG
 
 
 def planned_event(req: RoundRequest, n: int, cfg: FederationConfig, policy: DevicePolicy) -> DPEvent | None:
@@ -121,14 +127,14 @@ def planned_event(req: RoundRequest, n: int, cfg: FederationConfig, policy: Devi
     if phase == Phase.SUFFSTATS:
         return DPEvent(round=round_num, mechanism=GAUSSIAN_SUM, steps=1, sample_rate=1.0,
                        noise_multiplier=sigma, clip_norm=mechanism_for(cfg).sensitivity(phase),
-                       delta=policy.delta, mode=mode,
+                       delta=policy.delta, mode=mode, noise_source=_noise_source(cfg),
                        note=f"sufficient statistics of unit-norm pairs{share}; {source}")
     q = sample_rate(req, n, cfg) if distributed else dp_sample_rate(n, cfg.batch_size)
     steps = 1 if distributed else dp_steps(n, cfg.batch_size, cfg.local_epochs)
     what = "one clipped-gradient sum per round" if distributed else "Opacus DP-SGD, full noise on the device"
     return DPEvent(round=round_num, mechanism=DP_SGD, steps=steps, sample_rate=q,
                    noise_multiplier=sigma, clip_norm=cfg.clip_norm, delta=policy.delta,
-                   mode=mode, note=f"{what}{share}; {source}")
+                   mode=mode, noise_source=_noise_source(cfg), note=f"{what}{share}; {source}")
 
 
 def policy_refusal(req: RoundRequest, n: int, cfg: FederationConfig, policy: DevicePolicy,

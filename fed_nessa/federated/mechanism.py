@@ -30,8 +30,9 @@ from fed_nessa.config import DPMode, FederationConfig, Phase, PrivacyUnit
 from fed_nessa.data.shards import Shard
 from fed_nessa.federated import suffstats
 from fed_nessa.federated.layout import flat, trainable
-from fed_nessa.federated.noise_plan import NoisePlan
+from fed_nessa.federated.noise_plan import NoisePlan, noise_plan
 from fed_nessa.model.training import DPConfig, TrainConfig, device_update, noisy_gradient_sum, train_local
+from fed_nessa.privacy.events import DP_SGD, GAUSSIAN_SUM, PUBLIC_FIELDS
 from fed_nessa.randomness import NoiseSource
 
 #: Noise is bounded at this many standard deviations when sizing SecAgg+'s range.
@@ -88,6 +89,27 @@ class Mechanism(ABC):
         """The phase's noise multiplier (noise std of the released sum per unit of sensitivity)."""
         return plan.suffstats_sigma if phase == Phase.SUFFSTATS else plan.dpsgd_sigma
 
+    @abstractmethod
+    def event_mechanism(self, phase: Phase) -> str:
+        """The accounted mechanism of a phase's event (a Gaussian sum, or Poisson-subsampled DP-SGD)."""
+
+    @abstractmethod
+    def public_sample_rate(self, phase: Phase, fleet: int) -> float | None:
+        """The phase's sampling rate where it is public and fleet-wide (None: it depends on a device's data)."""
+
+    def public_parameters(self, phase: Phase, fleet: int) -> dict[str, object] | None:
+        """The public DP parameters every device's event of a ``phase`` round must carry (None without DP).
+
+        The server signs them into its federation-ledger entry of the round, and the audit compares
+        each device's signed event with them: two parties' records of one mechanism must agree.
+        """
+        if not self.dp:
+            return None
+        plan = noise_plan(self.cfg, fleet)
+        values = (self.event_mechanism(phase), str(self.cfg.privacy_unit), str(self.cfg.dp_mode),
+                  self.sigma(phase, plan), float(self.sensitivity(phase)), self.public_sample_rate(phase, fleet))
+        return dict(zip(PUBLIC_FIELDS, values, strict=True))
+
     def share_std(self, phase: Phase, plan: NoisePlan, g: int) -> float:
         """One device's noise std: the full noise locally, a ``1/sqrt(g)`` share distributed (g: its policy's)."""
         if not self.dp:
@@ -124,6 +146,18 @@ class ExampleLevel(Mechanism):
         if self.cfg.dp_mode == DPMode.DISTRIBUTED:
             return self.cfg.clip_norm * max_sampled(self.cfg, plan.sample_rate) + noise
         return float(self.cfg.update_clip)
+
+    def event_mechanism(self, phase: Phase) -> str:
+        return GAUSSIAN_SUM if phase == Phase.SUFFSTATS else DP_SGD
+
+    def public_sample_rate(self, phase: Phase, fleet: int) -> float | None:
+        """1 for the statistics sum; a fleet-wide ``sample-rate`` of distributed DP-SGD (``sample-rate = 0``
+        or local mode: each device's rate depends on its pair count, so it is not cross-checked)."""
+        if phase == Phase.SUFFSTATS:
+            return 1.0
+        if self.cfg.dp_mode == DPMode.DISTRIBUTED and self.cfg.sample_rate > 0:
+            return self.cfg.round_sample_rate(1, fleet, self.cfg.cohort_size(fleet))
+        return None
 
     def dpsgd_vector(self, net: nn.Module, shard: Shard, std: float, noise: NoiseSource,
                      sample_rate: float) -> np.ndarray:
@@ -165,6 +199,12 @@ class DeviceLevel(Mechanism):
         sens = self.sensitivity(phase)
         return sens + (PAYLOAD_SIGMAS * self.sigma(phase, plan) * sens if self.dp else 0.0)
 
+    def event_mechanism(self, phase: Phase) -> str:
+        return GAUSSIAN_SUM  # one Gaussian sum per participation, q = 1: no amplification is claimed
+
+    def public_sample_rate(self, phase: Phase, fleet: int) -> float | None:
+        return 1.0
+
     def dpsgd_vector(self, net: nn.Module, shard: Shard, std: float, noise: NoiseSource,
                      sample_rate: float) -> np.ndarray:
         """The mean gradient over ``device-batch`` secretly drawn pairs (a compute bound, no amplification
@@ -193,3 +233,8 @@ MECHANISMS: dict[str, type[Mechanism]] = {PrivacyUnit.EXAMPLE: ExampleLevel, Pri
 def mechanism_for(cfg: FederationConfig) -> Mechanism:
     """The run's mechanism (its ``privacy-unit``)."""
     return MECHANISMS[cfg.privacy_unit](cfg)
+
+
+def public_parameters(phase: Phase, cfg: FederationConfig, fleet: int) -> dict[str, object] | None:
+    """The run's public DP parameters of a ``phase`` round (:meth:`Mechanism.public_parameters`)."""
+    return mechanism_for(cfg).public_parameters(phase, fleet)

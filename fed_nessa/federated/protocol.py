@@ -48,11 +48,16 @@ KEY_FINGERPRINT_REPLY_KEY = "key_fingerprint"
 #: shard was embedded with other models declines the round before anything is reserved.
 ENROLL_MODEL_KEY = "enroll-model-id"
 RUNTIME_MODEL_KEY = "runtime-model-id"
+#: The device's ledger head after its round (seq and SHA-256 of its last entry), in its ``train`` reply:
+#: the server signs it into the round's federation-ledger entry, anchoring the device ledger's tail.
+LEDGER_SEQ_REPLY_KEY = "ledger_seq"
+LEDGER_HEAD_REPLY_KEY = "ledger_head"
 #: The only metrics a device's reply may carry (anything else is dropped on the device).
 #: ``noise_arrivals`` is the g the device sized its noise share for (its policy's, public);
-#: ``key_fingerprint`` is its ledger's public-key fingerprint (public).
+#: ``key_fingerprint`` is its ledger's public-key fingerprint (public); the ledger head is a
+#: hash of signed entries the auditor reads anyway (public).
 REPLY_METRIC_KEYS = frozenset({"epsilon_spent", "epsilon_if_run", "reason", "noise_arrivals",
-                               KEY_FINGERPRINT_REPLY_KEY})
+                               KEY_FINGERPRINT_REPLY_KEY, LEDGER_SEQ_REPLY_KEY, LEDGER_HEAD_REPLY_KEY})
 
 SHARD_PATH_KEY = "shard-path"
 STATE_DIR_KEY = "state-dir"

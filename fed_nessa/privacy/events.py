@@ -46,6 +46,16 @@ EXAMPLE = PrivacyUnit.EXAMPLE.value
 DEVICE = PrivacyUnit.DEVICE.value
 UNITS: tuple[str, ...] = (EXAMPLE, DEVICE)
 
+#: Where the mechanism's noise came from: the OS CSPRNG (nobody can recompute it) ...
+OS_CSPRNG = "os-csprng"
+#: ... or a public seed (``reproducible-noise``): anyone can subtract it, NO guarantee holds.
+PUBLIC_SEED = "public-seed"
+NOISE_SOURCES: tuple[str, ...] = (OS_CSPRNG, PUBLIC_SEED)
+
+#: The event fields fixed by a round's public config: the server signs them per round
+#: (``noise_plan.public_parameters``) and the audit holds every device event to them.
+PUBLIC_FIELDS: tuple[str, ...] = ("mechanism", "unit", "mode", "noise_multiplier", "clip_norm", "sample_rate")
+
 
 class EventError(FedNessaError, ValueError):
     """A DP event with a missing, mistyped or out-of-range field."""
@@ -79,6 +89,8 @@ class DPEvent:
     last_round: int | None = None
     #: Whose data ``clip_norm`` bounds: one example (default) or one whole device (docs/privacy.md).
     unit: str = EXAMPLE
+    #: Where the noise came from (:data:`NOISE_SOURCES`); "" in events written before it was recorded.
+    noise_source: str = ""
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -108,6 +120,8 @@ class DPEvent:
             del data["last_round"]
         if data["unit"] == EXAMPLE:  # example-level events serialise exactly as before units existed
             del data["unit"]
+        if not data["noise_source"]:  # events without a recorded source serialise as before it existed
+            del data["noise_source"]
         return data
 
     @classmethod
@@ -127,8 +141,9 @@ class DPEvent:
 
 
 #: Fields an event dict may leave out: ``note`` (free text), ``last_round`` (absent in every
-#: ledger written before spans: a single round) and ``unit`` (absent: one example).
-_OPTIONAL = frozenset({"note", "last_round", "unit"})
+#: ledger written before spans: a single round), ``unit`` (absent: one example) and ``noise_source``
+#: (absent in ledgers written before it was recorded: the audit then reads the legacy note marker).
+_OPTIONAL = frozenset({"note", "last_round", "unit", "noise_source"})
 
 
 def _is_int(value: object) -> bool:
@@ -164,6 +179,8 @@ def _validate(ev: DPEvent) -> None:
         raise EventError(f"last_round must be None or an int >= round ({ev.round}), got {ev.last_round!r}")
     if ev.unit not in UNITS:
         raise EventError(f"unit must be one of {UNITS}, got {ev.unit!r}")
+    if ev.noise_source and ev.noise_source not in NOISE_SOURCES:
+        raise EventError(f"noise_source must be one of {NOISE_SOURCES} (or absent), got {ev.noise_source!r}")
     if ev.unit == DEVICE and (ev.mechanism != GAUSSIAN_SUM or ev.mode != DISTRIBUTED):
         # Device-level DP here is one Gaussian sum per participation, no sampling: the guarantee
         # must never lean on amplification from the server's choice of devices.

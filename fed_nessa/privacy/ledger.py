@@ -37,7 +37,7 @@ from fed_nessa.config import DevicePolicy
 from fed_nessa.privacy import signing
 from fed_nessa.privacy.accounting import ACCOUNTANTS, RDP, compute_epsilon
 from fed_nessa.privacy.budget import BudgetDecision, BudgetExceededError, check_budget, validate_budget
-from fed_nessa.privacy.chain import LedgerError, SignedChain
+from fed_nessa.privacy.chain import LedgerError, SignedChain, entry_hash
 from fed_nessa.privacy.events import EXAMPLE, UNITS, DPEvent
 
 DEVICE_LEDGER_NAME = "privacy-ledger.jsonl"
@@ -51,6 +51,12 @@ RESERVE = "reserve"
 COMPLETE = "complete"
 ROUND = "round"
 SPAN = "span"
+#: The federation ledger's signed end-of-run record: its absence means the run did not finish or was cut.
+END = "end"
+#: Key of a round/span entry's ``extra``: each participating device's ledger head ``{id: [seq, sha256]}``.
+LEDGER_HEADS = "ledger_heads"
+#: Key of a round/span entry's ``extra``: the public DP parameters of the round (:func:`public_parameters`).
+PUBLIC_PARAMETERS = "public_parameters"
 STATUSES = ("done", "failed")
 
 #: Environment variable naming the key store of a simulated run (default: ``<run-dir>.keys/`` beside it).
@@ -65,7 +71,8 @@ LEGACY_KEYS_DIR = "keys"
 _CHAIN_GENESIS = hashlib.sha256(b"fed-nessa received-model chain v1").hexdigest()
 
 __all__ = ["DeviceLedger", "FederationLedger", "LedgerError", "BudgetDecision", "BudgetExceededError",
-           "dropped_by_round", "key_store", "model_sha256", "config_sha256", "received_chain"]
+           "dropped_by_round", "final_heads", "heads_digest", "key_store", "model_sha256", "config_sha256",
+           "received_chain"]
 
 
 # ----------------------------------------------------------------------------- key store
@@ -262,6 +269,12 @@ class DeviceLedger:
                     return str(fp)
         return None
 
+    def head(self) -> tuple[int, str]:
+        """``(seq, SHA-256)`` of the ledger's last entry: the server signs it per round, so a ledger
+        cut back to an earlier entry (still validly signed) no longer reaches the head it signed."""
+        last = self._chain.entries[-1]
+        return int(last["seq"]), entry_hash(last)
+
     def reserve(self, event: DPEvent, received: Mapping[str, Any] | None = None) -> int:
         """Durably record ``event`` before it runs; returns its seq for :meth:`complete`.
 
@@ -449,6 +462,19 @@ class FederationLedger:
         payload = {"first_round": first_round, "last_round": last_round, **lists, "extra": plain}
         return int(self._chain.append(SPAN, payload)["seq"])
 
+    def record_end(self) -> int:
+        """Append the signed end-of-run record: the last round recorded, how many rounds, and the digest of
+        every device's last recorded ledger head. Dropping any round (or the record itself) leaves a ledger
+        without this record as its last entry, which the audit fails."""
+        payloads = [e["payload"] for e in self._chain.entries if e["kind"] in (ROUND, SPAN)]
+        rounds: set[int] = set()
+        for p in payloads:
+            rounds.update(range(p["first_round"], p["last_round"] + 1) if "first_round" in p else [p["round"]])
+        heads = final_heads(payloads)
+        payload = {"last_round": max(rounds) if rounds else 0, "rounds": len(rounds), "devices": len(heads),
+                   "heads_digest": heads_digest(heads)}
+        return int(self._chain.append(END, payload)["seq"])
+
     def rounds(self) -> list[dict[str, Any]]:
         """Payloads of the per-round entries (``round``), in order; spans are in :meth:`spans`."""
         return [e["payload"] for e in self._chain.entries if e["kind"] == ROUND]
@@ -477,6 +503,29 @@ def dropped_by_round(span: dict[str, Any]) -> dict[int, list[str]]:
             raise ValueError(f"extra.dropped[{key!r}] must list device ids as non-empty strings")
         out[r] = out.get(r, []) + ids
     return out
+
+
+def final_heads(payloads: Iterable[Mapping[str, Any]]) -> dict[str, tuple[int, str]]:
+    """Each device's newest ledger head recorded in round/span payloads (``extra.ledger_heads``), by seq.
+
+    Shared by the server (its end-of-run record) and the audit (which recomputes it); malformed
+    heads are skipped here and reported by the audit.
+    """
+    out: dict[str, tuple[int, str]] = {}
+    for payload in payloads:
+        heads = (payload.get("extra") or {}).get(LEDGER_HEADS) or {}
+        if not isinstance(heads, dict):
+            continue
+        for dev, head in heads.items():
+            if (isinstance(head, list) and len(head) == 2 and isinstance(head[0], int) and isinstance(head[1], str)
+                    and (dev not in out or head[0] >= out[dev][0])):
+                out[str(dev)] = (head[0], head[1])
+    return out
+
+
+def heads_digest(heads: Mapping[str, tuple[int, str]]) -> str:
+    """SHA-256 of ``{device: [seq, sha256]}`` in canonical JSON (sorted keys)."""
+    return signing.sha256_hex(signing.canonical_json({d: [int(s), str(h)] for d, (s, h) in heads.items()}))
 
 
 def _check_round(value: object, name: str) -> None:

@@ -86,7 +86,7 @@ from fed_nessa.federated.device import (
     separation_refusal,
 )
 from fed_nessa.federated.layout import trainable
-from fed_nessa.federated.mechanism import device_subset, max_sampled
+from fed_nessa.federated.mechanism import device_subset, max_sampled, public_parameters
 from fed_nessa.federated.noise_plan import noise_plan
 from fed_nessa.federated.protocol import DEVICES_DIR, round_config
 from fed_nessa.federated.release import may_start, may_unmask, promised_arrivals
@@ -95,6 +95,8 @@ from fed_nessa.privacy.accounting import UnitNotCoveredError
 from fed_nessa.privacy.events import EXAMPLE, GAUSSIAN_SUM, DPEvent
 from fed_nessa.privacy.ledger import (
     CHAIN_SCHEME,
+    LEDGER_HEADS,
+    PUBLIC_PARAMETERS,
     DeviceLedger,
     FederationLedger,
     config_sha256,
@@ -267,6 +269,7 @@ class FleetEngine:
             self.progress({"event": "round", **entry})
         if dp_rounds:
             self._close_spans(book, dp_rounds, fed_ledger)
+        fed_ledger.record_end()  # signed: a federation ledger cut back to an earlier round lacks it
         return self.finish(book)
 
     # -- statistics round ------------------------------------------------------------------
@@ -318,7 +321,8 @@ class FleetEngine:
         fed_ledger.record_round(r, [ids[i] for i in arrived], [ids[i] for i in declined], [ids[i] for i in dropped],
                                 {"phase": str(Phase.SUFFSTATS), "status": str(status), "note": note,
                                  "guaranteed_arrivals": promised, "engine": ENGINE, "decline_reasons": reasons,
-                                 **self._sent_extra([r])})
+                                 **self._sent_extra([r]), LEDGER_HEADS: _heads(book, seqs),
+                                 PUBLIC_PARAMETERS: public_parameters(Phase.SUFFSTATS, cfg, len(ids))})
         return self._entry(r, Phase.SUFFSTATS, status, note, len(arrived), len(declined), len(dropped), book)
 
     def _dropouts(self, accepted: list[int]) -> list[int]:
@@ -415,10 +419,14 @@ class FleetEngine:
             if not rounds:
                 continue
             ledger, policy = book.ledgers[i], book.policies[i]
-            req = RoundRequest(Phase.DPSGD, rounds[0], promised_arrivals(cfg, cfg.cohort_size(len(fleet.ids))),
-                               len(fleet.ids), **self._model_ids())
+            kept = _separated(rounds, ledger.rounds(), policy)  # the device's own min-separation
+            # The device answers for the first round it keeps: the rounds its separation drops are
+            # declined, not the whole span (docs/privacy.md).
+            req = RoundRequest(Phase.DPSGD, (kept or rounds)[0],
+                               promised_arrivals(cfg, cfg.cohort_size(len(fleet.ids))), len(fleet.ids),
+                               **self._model_ids())
             why = fleet.refusal(req, i, int(fleet.n[i]), cfg, policy, ledger)
-            rounds = _separated(rounds, ledger.rounds(), policy)  # the device's own min-separation
+            rounds = kept
             if why or not rounds:
                 book.refused[i] = why or separation_refusal(req.round, ledger.rounds(), policy) or "declined"
                 continue
@@ -674,10 +682,10 @@ class FleetEngine:
         return {"round": r, "model_sha256": self._sent[r][0], "config_sha256": self._sent[r][1],
                 "server_key_fingerprint": self._server_fp}
 
-    def _sent_extra(self, rounds: list[int]) -> dict[str, Any]:
+    def _sent_extra(self, rounds: list[int], span: bool = False) -> dict[str, Any]:
         """Federation-ledger evidence: per-round hashes (one round) or their chain (a span), plus new pins."""
         pins, self._pins = self._pins, {}
-        if len(rounds) == 1:
+        if len(rounds) == 1 and not span:
             model, config = self._sent[rounds[0]]
             return {"model_sha256": model, "config_sha256": config, "device_key_fingerprints": pins}
         return {"models": {str(r): list(self._sent[r]) for r in rounds}, "model_chain_scheme": CHAIN_SCHEME,
@@ -697,32 +705,41 @@ class FleetEngine:
                                 received=chains[rounds])
         ids = self.fleet.ids
         joined = sorted(book.span_rounds)
+        heads = _heads(book, book.span_seq)
         dropped = {str(r): [ids[i] for i in devs] for r, devs in self._dropped.items() if devs}
         extra = {"phase": str(Phase.DPSGD), "engine": ENGINE, "dropped": dropped,
                  "decline_reasons": {reason: sum(1 for v in book.refused.values() if v == reason)
-                                     for reason in set(book.refused.values())}}
+                                     for reason in set(book.refused.values())},
+                 PUBLIC_PARAMETERS: public_parameters(Phase.DPSGD, self.cfg, len(ids))}
         if self.cfg.cohort_size(len(ids)) >= len(ids):
-            # One span entry per distinct range of joined rounds (a device whose budget covers fewer
-            # rounds than the phase joins a shorter span); drop-outs listed inside their span.
-            groups: dict[tuple[int, int], list[int]] = {}
+            # One span entry per run of consecutive rounds of each distinct schedule: it lists exactly
+            # the rounds its devices joined (a budget cut short, or a min-separation leaving gaps),
+            # drop-outs listed inside their span; each device's ledger head on its last entry.
+            groups: dict[tuple[int, ...], list[int]] = {}
             for i in joined:
-                groups.setdefault((book.span_rounds[i][0], book.span_rounds[i][-1]), []).append(i)
+                groups.setdefault(tuple(book.span_rounds[i]), []).append(i)
+            entries = sorted((run, members) for rounds, members in groups.items() for run in _runs(rounds))
             refused = [ids[i] for i in sorted(book.refused)]
-            for n, ((first, last), members) in enumerate(sorted(groups.items())):
+            for n, ((first, last), members) in enumerate(entries):
                 member_ids = {ids[i] for i in members}
                 gone = {r: [d for d in devs if d in member_ids] for r, devs in dropped.items()
                         if first <= int(r) <= last}
+                ending = {ids[i]: heads[ids[i]] for i in members
+                          if book.span_rounds[i][-1] == last and ids[i] in heads}
                 fed_ledger.record_span(first, last, sorted(member_ids), refused if n == 0 else [], [],
                                        {**extra, "dropped": {r: d for r, d in gone.items() if d},
-                                        **self._sent_extra(list(range(first, last + 1)))})
+                                        **self._sent_extra(list(range(first, last + 1)), span=True),
+                                        LEDGER_HEADS: ending})
             if not groups and refused:
                 fed_ledger.record_span(dp_rounds[0], dp_rounds[-1], [], refused, [], extra)
             return
         for r in dp_rounds:  # cohorts: one entry per round (each lists only its cohort)
             in_round = [i for i in joined if r in book.span_rounds[i]]
             lost = set(self._dropped.get(r, []))
+            ending = {ids[i]: heads[ids[i]] for i in in_round if book.span_rounds[i][-1] == r and ids[i] in heads}
             fed_ledger.record_round(r, [ids[i] for i in in_round if i not in lost], [],
-                                    [ids[i] for i in sorted(lost)], {**extra, "dropped": {}, **self._sent_extra([r])})
+                                    [ids[i] for i in sorted(lost)], {**extra, "dropped": {}, **self._sent_extra([r]),
+                                                                     LEDGER_HEADS: ending})
 
     # -- reporting -------------------------------------------------------------------------
     def _evaluate(self, aligners: dict[str, Any] | None = None) -> Any:
@@ -874,6 +891,11 @@ def _separated(rounds: list[int], joined: set[int], policy: DevicePolicy) -> lis
             continue
         kept.append(r)
     return kept
+
+
+def _heads(book: DeviceBook, reserved: dict[int, Any]) -> dict[str, list[int | str]]:
+    """The ledger head ``[seq, sha256]`` of every device in ``reserved`` (the server signs them)."""
+    return {book.ledgers[i].device_id: list(book.ledgers[i].head()) for i in reserved}
 
 
 def _runs(rounds: tuple[int, ...]) -> list[tuple[int, int]]:

@@ -118,6 +118,8 @@ class DeviceAudit:
     chains: list[tuple[int, tuple[Interval, ...], str, int]] = field(default_factory=list)
     #: server key fingerprint -> first seq recording it (the device's pin of the server).
     server_pins: dict[str, int] = field(default_factory=dict)
+    #: SHA-256 of every entry by seq ("" for an unparsable line): the heads the server signed are checked on it.
+    entry_hashes: list[str] = field(default_factory=list)
 
     def cover(self) -> None:
         """Compute :attr:`covered` from :attr:`reserve_spans` (once, after parsing)."""

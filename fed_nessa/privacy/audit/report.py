@@ -126,9 +126,12 @@ def _markdown(result: AuditResult, plots: list[str]) -> str:
               f"- {data['threat_model']['secure_aggregation_hides']}.",
               f"- {data['threat_model']['secure_aggregation_does_not_hide']}.",
               "- The ledgers are signed by each device's own Ed25519 key and hash-chained: an edited, forged, "
-              "deleted or reordered entry is detected. Dropping the newest entries of a ledger is detectable "
-              "only against the server's federation ledger (cross-checked below) or a key/length registered "
-              "out of band.", "",
+              "deleted or reordered entry is detected. Dropping the newest entries of a ledger is caught across "
+              "parties: the server signs each participating device's ledger head into its record of the round "
+              "(of a fleet span: once, after the span completed) and ends its "
+              "federation ledger with a signed end-of-run record; each device event's public parameters are "
+              "held against the server's signed round parameters. Whoever holds every key can still sign a "
+              "consistent false history (docs/privacy.md, \"What an insider with keys can still do\").", "",
               "## Mechanisms and parameters", "",
               "| mechanism | unit | mode | sample rate q | noise multiplier | clip norm | delta | events | steps "
               "| devices |",

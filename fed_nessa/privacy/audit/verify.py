@@ -34,6 +34,7 @@ from typing import Any
 
 from fed_nessa.privacy import signing
 from fed_nessa.privacy.accounting import GAUSSIAN, PLD, RDP, EpsilonMemo, UnitNotCoveredError, compute_epsilon
+from fed_nessa.privacy.audit import anchors
 from fed_nessa.privacy.audit.findings import (
     BUDGET_SLACK,
     FAIL,
@@ -45,13 +46,14 @@ from fed_nessa.privacy.audit.findings import (
     DeviceAudit,
     Finding,
     Interval,
+    count_rounds,
     format_rounds,
     merge_intervals,
     subtract_intervals,
 )
 from fed_nessa.privacy.audit.report import write_report
-from fed_nessa.privacy.chain import HEADER, ChainRead, read_chain
-from fed_nessa.privacy.events import DEVICE, EXAMPLE, DPEvent, EventError
+from fed_nessa.privacy.chain import HEADER, ChainRead, entry_hash, read_chain
+from fed_nessa.privacy.events import DEVICE, EXAMPLE, GAUSSIAN_SUM, DPEvent, EventError
 from fed_nessa.privacy.ledger import (
     CHAIN_SCHEME,
     COMPLETE,
@@ -93,12 +95,13 @@ def audit(path: Path | str, out_dir: Path | str | None = None, accountants: tupl
     not_checked: list[str] = []
     started = time.perf_counter()
     claim = _summary_privacy(summary, findings)
+    anchors.check_summary_guarantee(claim, findings)
     if summary is not None:
         _check_referenced_files(root, summary, findings)
     memo = EpsilonMemo()
     devices = [_audit_device(p, accountants, findings, memo) for p in device_paths]
     _check_unique_ids(devices, findings)
-    federation = _audit_federation(fed_path, devices, findings) if fed_path else None
+    federation = _audit_federation(fed_path, devices, findings, summary, not_checked) if fed_path else None
     if fed_path is None:
         not_checked += _without_federation_ledger(root, run_folder, findings)
     _check_claim(claim, devices, accountants, findings)
@@ -214,7 +217,8 @@ def _audit_device(path: Path, accountants: tuple[str, str], findings: list[Findi
     device_id = str(header.get("device_id") or path.parent.name)
     findings.extend(replace(f, device=device_id) for f in key_findings)
     dev = DeviceAudit(device_id=device_id, path=str(path), key_fingerprint=header.get("key_fingerprint"),
-                      chain_ok=read.ok, n_entries=len(read.entries))
+                      chain_ok=read.ok, n_entries=len(read.entries),
+                      entry_hashes=[entry_hash(e) if e else "" for e in read.entries])
     for fault in read.faults:
         findings.append(Finding(FAIL, f"chain.{fault.kind}", fault.message(), device_id, fault.seq))
     if read.torn_tail:
@@ -224,6 +228,7 @@ def _audit_device(path: Path, accountants: tuple[str, str], findings: list[Findi
                                 device_id))
     reserves, completes = _parse_entries(read, dev, findings)
     dev.events = [ev for _, ev, _ in reserves]
+    anchors.check_noise_source(dev, findings)
     _check_budget_records(header, reserves, dev, findings)
     if dev.delta is None:
         return dev
@@ -467,7 +472,8 @@ def _check_unique_ids(devices: list[DeviceAudit], findings: list[Finding]) -> No
 
 
 # ----------------------------------------------------------------------------- federation
-def _audit_federation(path: Path, devices: list[DeviceAudit], findings: list[Finding]) -> dict[str, Any]:
+def _audit_federation(path: Path, devices: list[DeviceAudit], findings: list[Finding],
+                      summary: dict[str, Any] | None = None, not_checked: list[str] | None = None) -> dict[str, Any]:
     """Cross-check the server's ``round`` and ``span`` entries against the device ledgers.
 
     All by round *coverage*: a device's reservations and the server's records
@@ -507,6 +513,7 @@ def _audit_federation(path: Path, devices: list[DeviceAudit], findings: list[Fin
         _check_fingerprints(rec, f"round {r}", by_id, findings)
         evidence.add_round(r, rec, findings)
     spans: list[dict[str, Any]] = []
+    span_records: list[tuple[dict[str, Any], dict[str, list[int]]]] = []
     for seq, rec in span_entries:
         parsed = _parse_span(seq, rec, findings)
         if parsed is None:
@@ -533,17 +540,25 @@ def _audit_federation(path: Path, devices: list[DeviceAudit], findings: list[Fin
             _check_declined(by_id.get(device_id), device_id, first, last, findings)
         _check_fingerprints(rec, where, by_id, findings)
         evidence.add_span(seq, first, last, rec, dropped, findings)
+        span_records.append((rec, dropped))
         spans.append({"seq": seq, "first_round": first, "last_round": last, "joined": len(rec["joined"]),
                       "declined": len(rec["declined"]), "failed": len(rec["failed"]),
                       "dropouts": sum(len(v) for v in dropped.values())})
     if rounds or spans:
         for dev in devices:
-            gaps = subtract_intervals(dev.covered, merge_intervals(recorded.get(dev.device_id, [])))
-            for first, last in gaps:
-                findings.append(Finding(WARN, "federation.unrecorded",
-                                        f"reserved {format_rounds([(first, last)])} but the server did not record "
-                                        "it as joined or failed (counted anyway)", dev.device_id,
-                                        dev.first_seq_covering(first, last)))
+            _check_unrecorded(dev, merge_intervals(recorded.get(dev.device_id, [])), findings)
+    anchors.check_end_record(read.entries, findings)
+    payloads = rounds + [rec for _seq, rec in span_entries]
+    anchors.check_ledger_heads(payloads, by_id, findings)
+    parsed_spans = [(s["first_round"], s["last_round"], rec, dropped) for s, (rec, dropped) in
+                    zip(spans, span_records, strict=True)]
+    params = anchors.parameters_by_round(rounds, [(a, b, rec) for a, b, rec, _d in parsed_spans])
+    if params:
+        anchors.check_parameters(devices, params, findings)
+    elif not_checked is not None and (rounds or spans):
+        not_checked.append("the federation ledger records no public DP parameters per round (written before "
+                           "they were recorded): device events are not cross-checked against them")
+    anchors.check_summary_rounds(summary, anchors.recorded_participants(rounds, parsed_spans), findings)
     for device_id in sorted(not_audited):  # evidence deleted: a joined device's spend cannot be checked
         findings.append(Finding(FAIL, "evidence.missing_ledger",
                                 f"the federation ledger records device {device_id} as joined, but no "
@@ -591,8 +606,30 @@ def _check_declined(dev: DeviceAudit | None, device_id: str, first: int, last: i
     seq = dev.first_seq_covering(first, last) if dev is not None else None
     if seq is not None:
         where = f"round {first}" if first == last else f"rounds {first}..{last}"
-        findings.append(Finding(WARN, "federation.declined",
-                                f"declined {where} per the server, yet reserved it (counted anyway)", device_id, seq))
+        findings.append(Finding(FAIL, "federation.declined",
+                                f"declined {where} per the server, yet reserved it: the two signed records disagree "
+                                "(counted anyway)", device_id, seq))
+
+
+def _check_unrecorded(dev: DeviceAudit, recorded: list[Interval], findings: list[Finding]) -> None:
+    """Every round a device reserved must be one the server signed it into (joined, failed or dropped out).
+
+    A span with fewer steps than rounds (a Poisson DP-SGD span over a sampled schedule) names its
+    rounds only by count: the server must record at least that many of them for the device.
+    """
+    for ev, (first, last, seq) in zip(dev.events, dev.reserve_spans, strict=True):
+        if ev.mechanism != GAUSSIAN_SUM and 0 < ev.steps < ev.n_rounds:
+            have = count_rounds(subtract_intervals([(first, last)], subtract_intervals([(first, last)], recorded)))
+            if have < ev.steps:
+                findings.append(Finding(FAIL, "federation.unrecorded",
+                                        f"reserved {ev.steps} round(s) within rounds {first}..{last}, but the server "
+                                        f"recorded the device in only {have} of them (counted anyway)",
+                                        dev.device_id, seq))
+            continue
+        for a, b in subtract_intervals([(first, last)], recorded):
+            findings.append(Finding(FAIL, "federation.unrecorded",
+                                    f"reserved {format_rounds([(a, b)])} but the server did not record it as joined "
+                                    "or failed: the two signed records disagree (counted anyway)", dev.device_id, seq))
 
 
 def _check_fingerprints(rec: dict[str, Any], where: str, by_id: dict[str, DeviceAudit],
