@@ -310,7 +310,9 @@ def _check_ranges(c: FederationConfig) -> list[str]:
     if c.data_source not in BUILTIN_DATA_SOURCES and not c.data_source.strip():
         p.append("data-source = '': allowed values synthetic, real-dev, or a folder of shards")
     _range(p, "num-devices", c.num_devices, 3, 10_000_000)
-    if c.data_source == "synthetic" and c.clients_per_round > c.num_devices:
+    # num-devices is the fleet of a synthetic run and must be a shard folder's count (the runner checks);
+    # real-dev builds its own households.
+    if c.data_source != DataSourceName.REAL_DEV and c.clients_per_round > c.num_devices:
         p.append(
             f"clients-per-round = {c.clients_per_round}: allowed range [3, num-devices = {c.num_devices}]"
         )
@@ -415,6 +417,9 @@ class DevicePolicy:
     max_participations: int = 100_000
     #: whether the device answers rounds that add no DP noise at all (research baselines only)
     allow_non_dp: bool = False
+    #: whether the device answers rounds whose noise comes from the run's public seed
+    #: (``reproducible-noise = true``: the server can recompute and subtract it; tests and studies only)
+    allow_reproducible_noise: bool = False
     #: the unit its epsilon-budget is stated in: "device" declines every example-level round
     privacy_unit: str = "example"
     #: fewest rounds between two of its participations (1: consecutive rounds allowed)

@@ -158,7 +158,7 @@ def _fresh(run_dir: Path) -> None:
 def run_with_canaries(audit: FederatedAudit, run_dir: Path, label: str, extra: tuple[str, ...] = (),
                       device_extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """One real run (the runner's path, canaries planted before round 1), then its score."""
-    cfg = build_config(audit.config, [*audit.overrides, *extra, f'run-dir="{run_dir}"'])
+    cfg = build_config(audit.config, [*audit.overrides, *extra], run_dir=run_dir)
     policy = build_policy(audit.config, [*audit.device_overrides, *device_extra])
     _fresh(Path(cfg.run_dir))
     t0 = time.perf_counter()
