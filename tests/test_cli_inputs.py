@@ -738,3 +738,96 @@ def test_replace_leaves_a_folder_without_a_run_alone(tmp_path: Path) -> None:
     (run / "devices").mkdir(parents=True)
     replace_run_dir(FederationConfig(run_dir=str(run), resume=True))
     assert (run / "devices").is_dir()
+
+
+# -- the sweep: empty, odd and absurd inputs of every command ----------------------------------------------
+@pytest.mark.parametrize("argv", [
+    ["synth", "--devices", "2", "--out", ""],  # before: wrote the shards into the current folder
+    ["audit", ""],  # before: audited the current folder
+    ["apply", "--aligner", "", "--input", "x.npy", "--output", "o.npy"],
+    ["evaluate", "--old-model", "a", "--new-model", "b", "--out", " "],
+    ["train", "--data", "synthetic", "--enroll-model", "a", "--runtime-model", "b", "--out", ""],
+])
+def test_an_empty_path_argument_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                           monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert "empty path" in _one_error_line(capsys, argv[0])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_simulate_with_an_empty_config_name(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Before: `--config ""` silently ran the main job's config (1000 devices)."""
+    assert main(["simulate", "--config", "", "--quiet", "--run-dir", str(tmp_path / "run")]) == 2
+    assert "--config '': empty" in _one_error_line(capsys, "simulate")
+    assert not (tmp_path / "run").exists()
+
+
+def test_simulate_with_absurdly_many_canaries(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Before: a MemoryError traceback (191 GiB) after the run folder and its shards were written."""
+    run = tmp_path / "run"
+    assert main(_simulate(run, "--canaries", "100000000")) == 2
+    assert "--canaries 100000000: at most 100000 canaries" in _one_error_line(capsys, "simulate")
+    assert not run.exists()
+
+
+def test_running_out_of_memory_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: a numpy _ArrayMemoryError traceback (e.g. --set eval-speakers=1000000: 28.6 GiB)."""
+    import fed_nessa.data.population as population
+
+    def too_big(*_: object, **__: object) -> None:
+        raise MemoryError("Unable to allocate 28.6 GiB for an array")
+
+    monkeypatch.setattr(population, "load_federation_data", too_big)
+    assert main(_simulate(tmp_path / "run")) == 2
+    line = _one_error_line(capsys, "simulate")
+    assert "out of memory (Unable to allocate 28.6 GiB for an array): a size given is too large" in line
+
+
+@pytest.mark.parametrize(("extra", "fault"), [
+    (["--methods", ""], "--methods '': names no method"),  # before: exit 0, a table of baselines only
+    (["--methods", ","], "--methods ',': names no method"),
+    (["--scenarios", ""], "--scenarios '': choose one or more of"),  # before: exit 0, no table at all
+])
+def test_evaluate_with_nothing_to_evaluate(fleet: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                           extra: list[str], fault: str) -> None:
+    out = tmp_path / "eval"
+    assert main([*_evaluate(fleet, out), *extra]) == 2
+    assert fault in _one_error_line(capsys, "evaluate")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("extra", "models", "fault"), [
+    (["--epsilon", "inf"], (EMB, RUN), "--epsilon must be a finite number > 0, got inf"),  # before: exit 0
+    ([], (EMB, EMB), f"--enroll-model and --runtime-model are the same ('{EMB}'): nothing to align"),
+])
+def test_train_with_settings_that_cannot_apply(fleet: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                               extra: list[str], models: tuple[str, str], fault: str) -> None:
+    out = tmp_path / "al"
+    assert main(["train", "--data", str(fleet), "--enroll-model", models[0], "--runtime-model", models[1],
+                 "--method", "ridge", "--out", str(out), *extra]) == 2
+    assert fault in _one_error_line(capsys, "train")
+    assert not out.exists()
+
+
+def test_apply_refuses_an_all_zero_row(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Before: exit 0, the aligner's bias written for a row that is no embedding (the shared row check)."""
+    folder = RidgeAligner(AlignerInfo(d_x=6, d_y=5)).save(tmp_path / "al")
+    path = tmp_path / "in.npy"
+    rows = np.ones((4, 5), np.float32)
+    rows[2] = 0.0
+    np.save(path, rows)
+    assert main(["apply", "--aligner", str(folder), "--input", str(path), "--output", str(tmp_path / "o.npy")]) == 2
+    assert f"{path}: 1 all-zero row(s), first at row 2" in _one_error_line(capsys, "apply")
+    assert not (tmp_path / "o.npy").exists()
+
+
+def test_apply_of_no_rows_is_honoured_and_said(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    folder = RidgeAligner(AlignerInfo(d_x=6, d_y=5)).save(tmp_path / "al")
+    np.save(tmp_path / "in.npy", np.zeros((0, 5), np.float32))
+    assert main(["apply", "--aligner", str(folder), "--input", str(tmp_path / "in.npy"),
+                 "--output", str(tmp_path / "o.npy")]) == 0
+    assert "0 rows, d=6" in capsys.readouterr().out and np.load(tmp_path / "o.npy").shape == (0, 6)

@@ -7,7 +7,8 @@ The heavy model packages are imported only when the command runs, so the CLI
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from fed_nessa.outputs import path_arg
 
 MODEL_CHOICES = ("campp", "resemblyzer", "vfl_dvec")
 
@@ -25,13 +26,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Needs the 'extract' extra (see docs/extraction.md)."
         ),
     )
-    p.add_argument("audio_dir", type=Path, metavar="AUDIO_DIR")
+    p.add_argument("audio_dir", type=path_arg, metavar="AUDIO_DIR")
     p.add_argument("--enroll-model", required=True, choices=MODEL_CHOICES, help="enrollment model X")
     p.add_argument("--runtime-model", required=True, choices=MODEL_CHOICES, help="runtime model Y")
-    p.add_argument("--out", required=True, type=Path, metavar="SHARD",
+    p.add_argument("--out", required=True, type=path_arg, metavar="SHARD",
                    help="output shard, NAME.shard.safetensors (side files: NAME.speakers.json, "
                         "NAME.extract-report.json, NAME.extract-cache/)")
-    p.add_argument("--eval-set", type=Path, default=None, metavar="EVAL_NPZ",
+    p.add_argument("--eval-set", type=path_arg, default=None, metavar="EVAL_NPZ",
                    help="also write the shard as a server evaluation set (AUDIO_DIR must then hold HELD-OUT "
                         "speakers only, > 10 utterances each); put it in the device-shard folder as eval.npz")
     p.add_argument("--workers", type=int, default=None, metavar="N",

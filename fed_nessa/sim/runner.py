@@ -71,6 +71,8 @@ def parse_value(text: str) -> bool | int | float | str:
 
 def config_path(path: str | Path) -> Path:
     """The config file ``path`` names: a file, or a bare name looked up in ``simulations/configs/``."""
+    if not str(path).strip():
+        raise FileNotFoundError(f"--config {str(path)!r}: empty (leave --config out for {DEFAULT_CONFIG})")
     p = Path(path)
     if not p.exists() and (CONFIG_DIR / f"{path}.toml").exists():
         p = CONFIG_DIR / f"{path}.toml"
@@ -94,7 +96,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 def _in_config(exc: ValueError, config_file: str | None, flag: str, overrides: Sequence[str]) -> ValueError:
     """``exc`` with the config file (and whether overrides took part) in front: the line names the file."""
-    where = str(config_path(config_file or DEFAULT_CONFIG)) + (f" + {flag}" if overrides else "")
+    where = str(config_path(DEFAULT_CONFIG if config_file is None else config_file))
+    where += f" + {flag}" if overrides else ""
     named = ConfigError(exc.problems) if isinstance(exc, ConfigError) else ValueError(str(exc))
     named.args = (f"{where}: {exc}",)
     return named
@@ -121,7 +124,7 @@ def _overrides(items: Sequence[str], flag: str) -> dict[str, Any]:
 
 def _tables(config_file: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """The config file's run-config keys and its ``[device]`` table."""
-    table = read_config_file(config_file or DEFAULT_CONFIG)
+    table = read_config_file(DEFAULT_CONFIG if config_file is None else config_file)
     try:
         return split_device_table(table)
     except ValueError as exc:
