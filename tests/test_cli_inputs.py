@@ -831,3 +831,10 @@ def test_apply_of_no_rows_is_honoured_and_said(tmp_path: Path, capsys: pytest.Ca
     assert main(["apply", "--aligner", str(folder), "--input", str(tmp_path / "in.npy"),
                  "--output", str(tmp_path / "o.npy")]) == 0
     assert "0 rows, d=6" in capsys.readouterr().out and np.load(tmp_path / "o.npy").shape == (0, 6)
+
+
+def test_replace_and_resume_together_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Sweep. Before: --resume silently won and --replace was ignored."""
+    assert main(_simulate(tmp_path / "run", "--replace", "--resume")) == 2
+    assert "--replace and --resume contradict each other" in _one_error_line(capsys, "simulate")
+    assert not (tmp_path / "run").exists()

@@ -383,6 +383,9 @@ def run_engine(cfg: FederationConfig, policy: DevicePolicy, *, engine: str = ENG
     torch.set_num_threads(1)  # one process per core is faster here than intra-op threads
     if engine not in ENGINES:
         raise ValueError(f"--engine {engine!r}: allowed values {', '.join(ENGINES)}")
+    if replace and cfg.resume:
+        raise ValueError("--replace and --resume contradict each other: --resume continues the run in the run "
+                         "folder, --replace removes it")
     if engine == "fleet":
         if cfg.resume:
             raise ValueError("--resume: fleet-engine runs are simulations without checkpoints; start a new run folder")
