@@ -310,9 +310,9 @@ def _check_ranges(c: FederationConfig) -> list[str]:
     if c.data_source not in BUILTIN_DATA_SOURCES and not c.data_source.strip():
         p.append("data-source = '': allowed values synthetic, real-dev, or a folder of shards")
     _range(p, "num-devices", c.num_devices, 3, 10_000_000)
-    # num-devices is the fleet of a synthetic run and must be a shard folder's count (the runner checks);
-    # real-dev builds its own households.
-    if c.data_source != DataSourceName.REAL_DEV and c.clients_per_round > c.num_devices:
+    # num-devices is the fleet: a synthetic run's size, a shard folder's count and real-dev's households
+    # (both checked against the data before anything is written).
+    if c.clients_per_round > c.num_devices:
         p.append(
             f"clients-per-round = {c.clients_per_round}: allowed range [3, num-devices = {c.num_devices}]"
         )
@@ -346,7 +346,7 @@ def _check_ranges(c: FederationConfig) -> list[str]:
     if c.privacy_unit == PrivacyUnit.DEVICE and c.dp_mode == DPMode.LOCAL:
         p.append("privacy-unit = 'device' adds distributed noise shares under SecAgg+: it needs dp-mode "
                  "'distributed' (or 'none' for a non-DP baseline), got 'local'")
-    if c.privacy_unit == PrivacyUnit.DEVICE and c.data_source == "synthetic" and c.delta >= 1.0 / c.num_devices:
+    if c.privacy_unit == PrivacyUnit.DEVICE and c.delta >= 1.0 / c.num_devices:
         p.append(f"delta = {c.delta:g}: a device-level guarantee needs delta below 1 / num-devices "
                  f"({1.0 / c.num_devices:.3g}), or releasing one whole device would fit inside delta")
     if c.privacy_unit == PrivacyUnit.DEVICE and c.budget_split > 0 and c.sample_rate > 0:

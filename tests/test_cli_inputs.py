@@ -838,3 +838,15 @@ def test_replace_and_resume_together_are_refused(tmp_path: Path, capsys: pytest.
     assert main(_simulate(tmp_path / "run", "--replace", "--resume")) == 2
     assert "--replace and --resume contradict each other" in _one_error_line(capsys, "simulate")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("engine", ["flower", "fleet"])
+def test_simulate_real_dev_refuses_num_devices_other_than_its_households(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture,
+                                                                        engine: str) -> None:
+    """Sweep. Before: num-devices 30 on real-dev's 8 households ran, its cohort and SecAgg+ checks sized for 30."""
+    run = tmp_path / "run"
+    assert main(_simulate(run, "--engine", engine, "--set", "data-source=real-dev", "--set", "enroll-model=resemblyzer",
+                          "--set", "runtime-model=campp")) == 2
+    assert "num-devices = 30: data-source real-dev makes 8 households" in _one_error_line(capsys, "simulate")
+    assert not run.exists()
