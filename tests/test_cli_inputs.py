@@ -671,7 +671,9 @@ def _tree(*roots: Path) -> dict[str, bytes]:
 
 
 def test_replace_replaces_an_earlier_run_and_its_key_store(earlier: Path, tmp_path: Path) -> None:
+    """Also after `fed-nessa audit` wrote its report into the run folder (audit/ is a fed-nessa output)."""
     run = _earlier_copy(earlier, tmp_path)
+    assert main(["audit", str(run)]) in (0, 1) and (run / "audit" / "report.md").is_file()
     old_key = (tmp_path / "run.keys" / "server" / "server-key.pem").read_bytes()
     assert main(_simulate(run, "--replace")) == 0
     assert (tmp_path / "run.keys" / "server" / "server-key.pem").read_bytes() != old_key
