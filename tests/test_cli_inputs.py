@@ -852,3 +852,14 @@ def test_simulate_real_dev_refuses_num_devices_other_than_its_households(tmp_pat
                           "--set", "runtime-model=campp")) == 2
     assert "num-devices = 30: data-source real-dev makes 8 households" in _one_error_line(capsys, "simulate")
     assert not run.exists()
+
+
+def test_federated_canary_audit_of_a_run_that_trained_nothing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Sweep. Before: with reproducible-noise and default policies every device declined, the DP run released
+    nothing, and the audit scored an untrained aligner (a lower bound near 0 that proves nothing)."""
+    out = tmp_path / "audit"
+    assert main(["audit-empirical", "--federated", "--config", "smoke", "--canaries", "20", "--out", str(out),
+                 "--set", "reproducible-noise=true", "--set", "num-server-rounds=2"]) == 2
+    line = _one_error_line(capsys, "audit-empirical")
+    assert "the dp run" in line and "released no aggregate" in line and "allow-reproducible-noise" in line
+    assert not (out / "report.md").exists()

@@ -44,6 +44,7 @@ from fed_nessa.config import (
     ConfigError,
     DevicePolicy,
     FederationConfig,
+    RoundStatus,
     from_run_config,
     policy_from_node_config,
 )
@@ -456,7 +457,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     final = summary["final"]
     print(f"final EER {100 * final['eer']:.2f}%  gap closure {final['gap_closure']}  "
           f"epsilon max {summary['privacy']['epsilon_max']:.3f}  -> {cfg.run_dir}")
-    applied = [r for r in summary["rounds"] if r.get("status") == "applied"]
+    applied = [r for r in summary["rounds"] if r.get("status") == RoundStatus.APPLIED]
     if not applied:
         reasons = sorted({str(r.get("note", r.get("status"))) for r in summary["rounds"]})
         declined = decline_reasons(Path(cfg.run_dir))
