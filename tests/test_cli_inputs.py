@@ -863,3 +863,14 @@ def test_federated_canary_audit_of_a_run_that_trained_nothing(tmp_path: Path, ca
     line = _one_error_line(capsys, "audit-empirical")
     assert "the dp run" in line and "released no aggregate" in line and "allow-reproducible-noise" in line
     assert not (out / "report.md").exists()
+
+
+def test_extract_refuses_a_shard_name_that_gives_no_safe_device_id(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    """Sweep (issue 17 item 4 at its source). Before: `...shard.safetensors` was extracted (device id `..`)."""
+    (tmp_path / "audio" / "s1").mkdir(parents=True)
+    out = tmp_path / "...shard.safetensors"
+    assert main(["extract", str(tmp_path / "audio"), "--enroll-model", "resemblyzer", "--runtime-model", "campp",
+                 "--out", str(out), "--no-progress"]) == 2
+    assert f"--out {out}: device id '..' is not a safe folder name" in _one_error_line(capsys, "extract")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["audio"]

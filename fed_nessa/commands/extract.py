@@ -7,6 +7,7 @@ The heavy model packages are imported only when the command runs, so the CLI
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from fed_nessa.outputs import path_arg
 
@@ -41,6 +42,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _check_device_id(out: Path) -> None:
+    """A shard's name (less ``.shard.safetensors``) is its device's id: refuse one that is no safe folder name."""
+    from fed_nessa.data.shards import SHARD_SUFFIX
+    from fed_nessa.federated.protocol import device_id_of
+    from fed_nessa.privacy.ledger import device_id_problem
+
+    problem = device_id_problem(device_id_of(out)) if out.name.endswith(SHARD_SUFFIX) else None
+    if problem:
+        raise ValueError(f"--out {out}: {problem} (a shard's name gives its device id)")
+
+
 def run(args: argparse.Namespace) -> int:
     from fed_nessa.cli import CliError
     from fed_nessa.data.extract import MODEL_NAMES, MissingExtraError
@@ -51,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
     # Before any audio is read: the shard, its side files (cache folder, report) and the evaluation set.
     check_output(args.out, "--out", "file")
+    _check_device_id(args.out)
     if args.eval_set is not None:
         check_output(args.eval_set, "--eval-set", "file")
         if args.eval_set.suffix != ".npz":
