@@ -9,25 +9,17 @@ reverse), a parent on the way is a file, or the nearest existing folder is read-
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 from typing import Literal
 
 from fed_nessa.errors import FedNessaError
 
-__all__ = ["OutputPathError", "check_output", "path_arg"]
+__all__ = ["OutputPathError", "check_output"]
 
 
 class OutputPathError(FedNessaError, ValueError):
     """An output path that cannot be written (the message names the path and the fault)."""
-
-
-def path_arg(text: str) -> Path:
-    """The argparse ``type`` of every path argument: ``""`` would silently be ``Path(".")``, the current folder."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError(f"empty path {text!r}")
-    return Path(text)
 
 
 def check_output(path: str | os.PathLike[str], flag: str, kind: Literal["file", "folder"]) -> Path:

@@ -874,3 +874,21 @@ def test_extract_refuses_a_shard_name_that_gives_no_safe_device_id(tmp_path: Pat
                  "--out", str(out), "--no-progress"]) == 2
     assert f"--out {out}: device id '..' is not a safe folder name" in _one_error_line(capsys, "extract")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["audio"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["simulate", "--config", "smoke", "--quiet", "--canaries", "20", "--canary-seed", "-1"],  # before: a run folder
+    ["synth", "--devices", "2", "--seed", "-1"],  # left behind, and numpy's 'expected non-negative integer'
+    ["evaluate", "--old-model", "a", "--new-model", "b", "--seed", "-1"],
+    ["train", "--data", "synthetic", "--enroll-model", "a", "--runtime-model", "b", "--seed", "-1"],
+    ["audit-empirical", "--seed", "-1"],
+])
+def test_a_negative_seed_is_refused_naming_the_argument(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                        argv: list[str]) -> None:
+    out = tmp_path / "out"
+    where = ["--run-dir", str(out)] if argv[0] == "simulate" else ["--out", str(out)]
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, *where])
+    assert exc.value.code == 2
+    assert "seed: expected an integer >= 0, got -1" in _one_error_line(capsys, argv[0])
+    assert list(tmp_path.iterdir()) == []

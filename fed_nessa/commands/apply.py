@@ -8,10 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
+from fed_nessa.arguments import path_arg
 from fed_nessa.atomic import atomic_write_bytes
 from fed_nessa.data.shards import row_fault
 from fed_nessa.model.aligners import load_aligner
-from fed_nessa.outputs import check_output, path_arg
+from fed_nessa.outputs import check_output
 
 
 def register(sub: argparse._SubParsersAction) -> None:

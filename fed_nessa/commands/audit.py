@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from fed_nessa.outputs import path_arg
+from fed_nessa.arguments import path_arg
 from fed_nessa.privacy.accounting import ACCOUNTANTS
 
 

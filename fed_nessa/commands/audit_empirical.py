@@ -18,7 +18,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from fed_nessa.outputs import path_arg
+from fed_nessa.arguments import path_arg, seed_arg
 
 _DEFAULT_DATA = Path(__file__).resolve().parents[2] / "data" / "real-voices-dev" / "embeddings.npz"
 
@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=path_arg, default=Path("audit-empirical"), help="output folder")
     p.add_argument("--canaries", type=int, default=None,
                    help=f"canaries to plant (default {d.canaries}; with --run, the run's own secret says)")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of the canaries and their inclusion coins")
+    p.add_argument("--seed", type=seed_arg, default=d.seed, help="seed of the canaries and their inclusion coins")
     p.add_argument("--confidence", type=float, default=d.confidence)
     fed = p.add_argument_group("federated mode (--federated)")
     fed.add_argument("--config", default=DEFAULT_CONFIG,

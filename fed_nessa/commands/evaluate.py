@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from fed_nessa.arguments import path_arg, seed_arg
 from fed_nessa.evaluation.centralised import METHODS, SCENARIOS, CentralisedConfig
-from fed_nessa.outputs import path_arg
 
 
 def _floats(text: str) -> list[float]:
@@ -47,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                   "(e.g. real-speed-dev)")
     p.add_argument("--devices", type=int, default=1000, help="synthetic population size")
     p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("--out", required=True, type=path_arg)
     p.set_defaults(func=run)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fed_nessa.outputs import path_arg
+from fed_nessa.arguments import path_arg
 
 MODEL_CHOICES = ("campp", "resemblyzer", "vfl_dvec")
 

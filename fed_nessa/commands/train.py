@@ -7,10 +7,10 @@ import dataclasses
 import json
 from typing import Any
 
+from fed_nessa.arguments import path_arg, seed_arg
 from fed_nessa.evaluation.centralised import CentralisedConfig, fit_dp_nessa, fit_method, fit_nessa, plan_dp
 from fed_nessa.model.aligners import Aligner, NessaAligner, NessaConfig
 from fed_nessa.model.training import TrainConfig
-from fed_nessa.outputs import path_arg
 
 METHODS = ("nessa", "nessa-shared", "ridge", "procrustes", "speaker-logit")
 
@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", choices=METHODS, default="nessa")
     p.add_argument("--out", required=True, type=path_arg)
     p.add_argument("--devices", type=int, default=1000, help="synthetic population size (data=synthetic)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0)
     g = p.add_argument_group("NESSA training")
     g.add_argument("--epochs", type=int, default=40)
     g.add_argument("--batch-size", type=int, default=128)

@@ -39,6 +39,7 @@ import tomllib
 from flwr.app import Context, RecordDict
 from flwr.common.constant import NUM_PARTITIONS_KEY, PARTITION_ID_KEY, SUPERLINK_NODE_ID
 
+from fed_nessa.arguments import seed_arg
 from fed_nessa.config import (
     BUILTIN_DATA_SOURCES,
     ConfigError,
@@ -427,7 +428,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="plant M canary pairs (each included with probability 1/2) into the devices before "
                              "round 1, for `fed-nessa audit-empirical --run`; their secret goes to "
                              "RUN_DIR.canaries.npz beside the run folder (docs/privacy.md)")
-    parser.add_argument("--canary-seed", type=int, default=0, help="seed of the canaries and their coins")
+    parser.add_argument("--canary-seed", type=seed_arg, default=0, help="seed of the canaries and their coins")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.add_argument("--verbose", action="store_true", help="show Flower's INFO log (SecAgg+ stages)")
 
