@@ -320,14 +320,14 @@ def check_run_dir(cfg: FederationConfig, *, replacing: bool = False) -> Path:
     return run_dir
 
 
-def check_shard_folder(folder: Path, cfg: FederationConfig | None = None) -> None:
+def check_shard_folder(folder: Path, cfg: FederationConfig) -> None:
     """Every shard of a prepared ``data-source`` folder, and its evaluation set, read before the run starts.
 
     One unreadable, truncated, empty, all-zero or non-finite shard, one of other dimensions, or
     one whose name gives no safe device id (:func:`fed_nessa.privacy.ledger.device_id_problem`,
     unique even where file names ignore case) is an operator's input fault: one line naming
     the file, instead of a device failing every round (or the server's pooled baselines
-    failing) after the run folder exists. With ``cfg``, ``num-devices`` must be the folder's
+    failing) after the run folder exists. ``num-devices`` must be the folder's
     shard count: it sizes the cohort and the SecAgg+ range checks, which a different count would
     make wrong.
     """
@@ -353,7 +353,7 @@ def check_shard_folder(folder: Path, cfg: FederationConfig | None = None) -> Non
     load_eval_file(folder / EVAL_FILE)
     if (folder / VALIDATION_FILE).exists():
         load_eval_file(folder / VALIDATION_FILE)
-    if cfg is not None and cfg.num_devices != len(paths):
+    if cfg.num_devices != len(paths):
         raise ValueError(f"num-devices = {cfg.num_devices}: the data-source folder {folder} holds {len(paths)} "
                          f"shard(s), one per device; set num-devices = {len(paths)} (it sizes the cohort and the "
                          "SecAgg+ range checks)")
