@@ -25,6 +25,7 @@ from fed_nessa.model.artifacts import CARD_FILE, ONNX_FILE, WEIGHTS_FILE
 from fed_nessa.privacy import signing
 from fed_nessa.privacy.chain import read_chain
 from fed_nessa.privacy.ledger import (
+    DEVICE_ID_PATTERN,
     DEVICE_KEY_NAME,
     DEVICE_KEYS,
     DEVICE_LEDGER_NAME,
@@ -45,6 +46,7 @@ AUDIT_DIR = "audit"
 _AUDIT_FILES = frozenset({"audit.json", REPORT_FILE, "epsilon-distribution.png", "epsilon-per-round.png"})
 _TORN = re.compile(r"\.torn-\d+$")  # a ledger's torn tail set aside on reopen
 _CHECKPOINT = re.compile(r"round-\d{5}\.pt")
+_SHARD = re.compile(DEVICE_ID_PATTERN.pattern + re.escape(SHARD_SUFFIX))  # a synthetic run's device shards
 _SHARD_FILES = frozenset({EVAL_FILE, VALIDATION_FILE, "manifest.json"})
 
 
@@ -99,8 +101,7 @@ _SUBFOLDERS = {
     DEVICES_DIR: lambda f: _per_device_stray(f, frozenset({DEVICE_PUB_NAME}), ledger=DEVICE_LEDGER_NAME),
     CHECKPOINT_DIR: lambda f: _only(f, pattern=_CHECKPOINT),
     "aligner": lambda f: _only(f, frozenset({CARD_FILE, WEIGHTS_FILE, ONNX_FILE})),
-    SHARDS_DIR: lambda f: _only(f, _SHARD_FILES, pattern=re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*" + re.escape(
-        SHARD_SUFFIX))),
+    SHARDS_DIR: lambda f: _only(f, _SHARD_FILES, pattern=_SHARD),
     AUDIT_DIR: lambda f: _only(f, _AUDIT_FILES),
 }
 _RUN_FILES = frozenset({SUMMARY_FILE, REPORT_FILE, SERVER_PUB_NAME, EER_PLOT, EPSILON_PLOT})
