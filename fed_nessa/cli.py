@@ -58,6 +58,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # ValueError covers ShardError/ConfigError: they already name the file and fault.
         print(f"fed-nessa {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except MemoryError as exc:  # an absurd size (canaries, speakers, devices) found out while allocating
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"fed-nessa {args.command}: error: out of memory ({detail}): a size given is too large for this "
+              "machine", file=sys.stderr)
+        return 2
     except OSError as exc:
         # FileNotFoundError we raise names the file and fault; one the system raises (a folder where a
         # file is expected, a parent that is a file, a read-only folder, a full disk) names its path.

@@ -314,7 +314,9 @@ def _check_ranges(c: FederationConfig) -> list[str]:
     if c.data_source not in BUILTIN_DATA_SOURCES and not c.data_source.strip():
         p.append("data-source = '': allowed values synthetic, real-dev, or a folder of shards")
     _range(p, "num-devices", c.num_devices, 3, 10_000_000)
-    if c.data_source == "synthetic" and c.clients_per_round > c.num_devices:
+    # num-devices is the fleet: a synthetic run's size, a shard folder's count and real-dev's households
+    # (both checked against the data before anything is written).
+    if c.clients_per_round > c.num_devices:
         p.append(
             f"clients-per-round = {c.clients_per_round}: allowed range [3, num-devices = {c.num_devices}]"
         )
@@ -348,7 +350,7 @@ def _check_ranges(c: FederationConfig) -> list[str]:
     if c.privacy_unit == PrivacyUnit.DEVICE and c.dp_mode == DPMode.LOCAL:
         p.append("privacy-unit = 'device' adds distributed noise shares under SecAgg+: it needs dp-mode "
                  "'distributed' (or 'none' for a non-DP baseline), got 'local'")
-    if c.privacy_unit == PrivacyUnit.DEVICE and c.data_source == "synthetic" and c.delta >= 1.0 / c.num_devices:
+    if c.privacy_unit == PrivacyUnit.DEVICE and c.delta >= 1.0 / c.num_devices:
         p.append(f"delta = {c.delta:g}: a device-level guarantee needs delta below 1 / num-devices "
                  f"({1.0 / c.num_devices:.3g}), or releasing one whole device would fit inside delta")
     if c.privacy_unit == PrivacyUnit.DEVICE and c.budget_split > 0 and c.sample_rate > 0:
@@ -419,6 +421,9 @@ class DevicePolicy:
     max_participations: int = 100_000
     #: whether the device answers rounds that add no DP noise at all (research baselines only)
     allow_non_dp: bool = False
+    #: whether the device answers rounds whose noise comes from the run's public seed
+    #: (``reproducible-noise = true``: the server can recompute and subtract it; tests and studies only)
+    allow_reproducible_noise: bool = False
     #: the unit its epsilon-budget is stated in: "device" declines every example-level round
     privacy_unit: str = "example"
     #: fewest rounds between two of its participations (1: consecutive rounds allowed)

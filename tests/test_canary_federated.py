@@ -220,7 +220,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.Capture
 def test_federated_audit_dp_bound_below_claim_and_control_clearly_above(tmp_path: Path) -> None:
     """The shipped audit config on the fleet engine (reproducible noise: deterministic, no guarantee)."""
     out = tmp_path / "audit"
-    rc = main(["audit-empirical", "--federated", "--out", str(out), "--set", "reproducible-noise=true"])
+    rc = main(["audit-empirical", "--federated", "--out", str(out), "--set", "reproducible-noise=true",
+               "--device-set", "allow-reproducible-noise=true"])
     res = json.loads((out / "empirical.json").read_text())
     dp, control = res["runs"]
     assert dp["dp_mode"] == "distributed" and control["dp_mode"] == "none"

@@ -517,24 +517,378 @@ def test_argparse_errors_are_one_line(capsys: pytest.CaptureFixture) -> None:
     assert "the following arguments are required: --new-model, --out" in line and "--help" in line
 
 
-def test_replace_removes_only_an_earlier_run_and_its_key_store(tmp_path: Path) -> None:
-    """`--replace` (scripts/simulate.sh passes it for runs/latest) removes a folder holding a run and its
-    key store, and never a folder that holds no run."""
+# ----------------------------------------------------------------------------- issue 17: device policy, key store,
+# device ids, --replace, all-zero rows, settings that cannot apply to the data
+#: The smoke config sized for the 6-shard `fleet` folder.
+SIX = ("--set", "num-devices=6", "--set", "clients-per-round=6")
+
+
+@pytest.mark.parametrize("engine", ["flower", "fleet"])
+def test_reproducible_noise_trains_nothing_unless_the_devices_allow_it(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                       engine: str) -> None:
+    """Issue 17 item 1. Before: every device joined, spending epsilon on noise the server could recompute."""
+    run = tmp_path / "run"
+    assert main(_simulate(run, "--engine", engine, "--set", "reproducible-noise=true")) == 1
+    err = capsys.readouterr().err
+    assert "nothing was trained" in err and "reproducible noise" in err and "allow-reproducible-noise" in err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["privacy"]["epsilon_max"] == 0.0
+    assert {r["status"] for r in summary["rounds"]} == {"skipped"} and all(r["participants"] == 0
+                                                                          for r in summary["rounds"])
+    ok = tmp_path / "allowed"
+    assert main(_simulate(ok, "--engine", engine, "--set", "reproducible-noise=true",
+                          "--device-set", "allow-reproducible-noise=true")) == 0
+    allowed = json.loads((ok / "summary.json").read_text())
+    assert allowed["privacy"]["guarantee_holds"] is False and "REPRODUCIBLE NOISE" in allowed["privacy"]["noise_source"]
+    assert allowed["privacy"]["epsilon_max"] > 0
+
+
+@pytest.mark.parametrize("where", ["inside", "the-run-dir", "a-file", "default-is-a-file"])
+def test_simulate_refuses_a_key_store_inside_the_run_folder_or_a_file(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                    monkeypatch: pytest.MonkeyPatch,
+                                                                    where: str) -> None:
+    """Issue 17 items 3 and 9. Before: FED_NESSA_KEY_STORE=<run>/keys put every private key inside the run folder;
+    a store that is a file failed (exit 2) only after the run folder was made."""
+    run = tmp_path / "run"
+    store = {"inside": run / "keys", "the-run-dir": run, "a-file": _a_file(tmp_path),
+             "default-is-a-file": tmp_path / "run.keys"}[where]
+    if where == "default-is-a-file":
+        store.write_text("x")
+    else:
+        monkeypatch.setenv("FED_NESSA_KEY_STORE", str(store))
+    assert main(_simulate(run)) == 2
+    line = _one_error_line(capsys, "simulate")
+    if where in ("inside", "the-run-dir"):
+        assert f"FED_NESSA_KEY_STORE={store}: inside the run folder {run}" in line
+    else:
+        assert f"{store}: exists and is not a folder" in line and "key store" in line
+    assert not run.exists()
+
+
+@pytest.mark.parametrize(("name", "shown"), [("...shard.safetensors", "'..'"), (".shard.safetensors", "''"),
+                                              ("-x.shard.safetensors", "'-x'"),
+                                              ("d\N{BULLET}1.shard.safetensors", "'d\N{BULLET}1'")])
+def test_simulate_refuses_a_shard_whose_name_is_no_safe_device_id(fleet: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture, name: str,
+                                                                  shown: str) -> None:
+    """Issue 17 item 4. Before: `...shard.safetensors` gave device id `..`: its ledger landed in the run folder's
+    root and its private key in the key store's root; an empty id was not caught up front."""
+    data = _copy(fleet, tmp_path / "data")
+    (data / "device-00005.shard.safetensors").rename(data / name)
+    run = tmp_path / "run"
+    assert main(_simulate(run, "--set", f'data-source="{data}"', *SIX)) == 2
+    line = _one_error_line(capsys, "simulate")
+    assert f"{data / name}: device id {shown} is not a safe folder name" in line
+    assert not run.exists()
+
+
+def test_simulate_refuses_device_ids_that_differ_only_in_case(fleet: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    data = _copy(fleet, tmp_path / "data")
+    (data / "device-00005.shard.safetensors").rename(data / "DEVICE-00004.shard.safetensors")
+    assert main(_simulate(tmp_path / "run", "--set", f'data-source="{data}"', *SIX)) == 2
+    assert "device id 'device-00004' is also the id of DEVICE-00004.shard.safetensors" in _one_error_line(
+        capsys, "simulate")
+
+
+@pytest.mark.parametrize("device_id", ["..", "", "a/b", ".hidden", "x" * 129])
+def test_deployment_and_ledgers_refuse_an_unsafe_device_id(tmp_path: Path, device_id: str) -> None:
+    """Issue 17 item 4: the node config's `device-id` and DeviceLedger.open apply the same rule."""
+    from fed_nessa.config import FederationConfig
+    from fed_nessa.federated.protocol import locate
+    from fed_nessa.privacy.ledger import DeviceLedger
+
+    with pytest.raises(ValueError, match=r"node config 'device-id': device id .* is not a safe folder name"):
+        locate({"shard-path": str(tmp_path / "x.shard.safetensors"), "state-dir": str(tmp_path / "state"),
+                "device-id": device_id}, FederationConfig())
+    with pytest.raises(ValueError, match=f"{tmp_path / 'led'}: device id .* is not a safe folder name"):
+        DeviceLedger.open(tmp_path / "led", device_id, epsilon_budget=1.0, delta=1e-5)
+    assert locate({"shard-path": str(tmp_path / "x.shard.safetensors"), "state-dir": str(tmp_path / "s"),
+                   "device-id": "node-7.a_b"}, FederationConfig()).device_id == "node-7.a_b"
+
+
+def test_simulate_refuses_num_devices_other_than_the_folders_shard_count(fleet: Path, tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    """Sweep. Before: num-devices 30 (smoke) on a folder of 6 shards ran; the cohort and the SecAgg+ range
+    checks were made for 30 devices, not the 6 that exist."""
+    run = tmp_path / "run"
+    assert main(_simulate(run, "--set", f'data-source="{fleet}"')) == 2
+    line = _one_error_line(capsys, "simulate")
+    assert f"num-devices = 30: the data-source folder {fleet} holds 6 shard(s)" in line and "num-devices = 6" in line
+    assert not run.exists()
+
+
+def test_simulate_refuses_a_shard_with_an_all_zero_row(fleet: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    """Issue 17 item 9. Before: a shard of all-zero embeddings was trained on silently."""
+    from fed_nessa.data.shards import load_shard
+
+    data = _copy(fleet, tmp_path / "data")
+    shard = data / "device-00002.shard.safetensors"
+    runtime = load_shard(shard).runtime.copy()
+    runtime[4] = 0.0
+    _rewrite_shard(shard, runtime=runtime)
+    run = tmp_path / "run"
+    assert main(_simulate(run, "--set", f'data-source="{data}"', *SIX)) == 2
+    assert f"{shard}: 'runtime' has 1 all-zero row(s), first at row 4" in _one_error_line(capsys, "simulate")
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("run_dir", ['runs"quoted', "runs\\new", "runs with spaces"])
+def test_simulate_takes_a_run_dir_with_odd_characters_literally(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                run_dir: str) -> None:
+    """Sweep. Before: --run-dir went through TOML: `runs\\new` became `runs<newline>ew` and a quote kept its quotes."""
+    from fed_nessa.sim.runner import add_arguments, build_config_from_args
+
+    monkeypatch.chdir(tmp_path)
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cfg = build_config_from_args(parser.parse_args(["--config", "smoke", "--run-dir", run_dir]))
+    assert cfg.run_dir == str(tmp_path / run_dir)
+
+
+# -- --replace -------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def earlier(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real smoke run (run folder + its key store beside it) that each --replace test copies."""
+    run = tmp_path_factory.mktemp("earlier") / "run"
+    assert main(_simulate(run)) == 0
+    return run
+
+
+def _earlier_copy(earlier: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    run = _copy(earlier, tmp_path / "run")
+    shutil.copytree(earlier.parent / "run.keys", tmp_path / "run.keys")
+    return run
+
+
+def _tree(*roots: Path) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for root in roots for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_replace_replaces_an_earlier_run_and_its_key_store(earlier: Path, tmp_path: Path) -> None:
+    """Also after `fed-nessa audit` wrote its report into the run folder (audit/ is a fed-nessa output)."""
+    run = _earlier_copy(earlier, tmp_path)
+    assert main(["audit", str(run)]) in (0, 1) and (run / "audit" / "report.md").is_file()
+    old_key = (tmp_path / "run.keys" / "server" / "server-key.pem").read_bytes()
+    assert main(_simulate(run, "--replace")) == 0
+    assert (tmp_path / "run.keys" / "server" / "server-key.pem").read_bytes() != old_key
+    assert (run / "summary.json").is_file()
+
+
+def test_replace_with_a_refused_input_keeps_the_earlier_run(earlier: Path, fleet: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    """Issue 17 item 7. Before: --replace deleted the run and its key store, then refused the shard (exit 2)."""
+    run = _earlier_copy(earlier, tmp_path)
+    before = _tree(run, tmp_path / "run.keys")
+    path, fault = _broken_fleet(fleet, tmp_path / "data", "nan")
+    assert main(_simulate(run, "--replace", "--set", f'data-source="{tmp_path / "data"}"',
+                          *SIX)) == 2
+    assert f"{path}: {fault}" in _one_error_line(capsys, "simulate")
+    assert _tree(run, tmp_path / "run.keys") == before
+
+
+@pytest.mark.parametrize("case", ["user-file-in-run", "notes-in-checkpoints", "foreign-file-in-store",
+                                  "no-ledger", "tampered-ledger", "another-servers-store"])
+def test_replace_removes_nothing_it_cannot_prove_is_its_own(earlier: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture, case: str) -> None:
+    """Issue 17 item 8. Before: any folder with a `checkpoints/` subfolder was deleted (user files included), and
+    a `<run>.keys` folder with files it never wrote."""
+    run = _earlier_copy(earlier, tmp_path)
+    store = tmp_path / "run.keys"
+    if case == "user-file-in-run":
+        (run / "thesis.tex").write_text("mine")
+        named = run / "thesis.tex"
+    elif case == "notes-in-checkpoints":
+        run = named = tmp_path / "notes"
+        (run / "checkpoints").mkdir(parents=True)
+        (run / "checkpoints" / "ideas.txt").write_text("mine")
+    elif case == "foreign-file-in-store":
+        named = store / "devices" / "device-00003" / "backup.pem"
+        named.write_text("mine")
+    elif case == "no-ledger":
+        (run / "federation-ledger.jsonl").unlink()
+        named = run
+    elif case == "tampered-ledger":
+        ledger = run / "federation-ledger.jsonl"
+        ledger.write_text(ledger.read_text().replace('"applied"', '"skipped"', 1))
+        named = ledger
+    else:
+        (store / "server" / "server-key.pub.pem").write_text("another key")
+        named = store
+    before = _tree(tmp_path)
+    assert main(_simulate(run, "--replace")) == 2
+    line = _one_error_line(capsys, "simulate")
+    assert "--replace: " in line and str(named) in line and "nothing removed" in line
+    assert _tree(tmp_path) == before
+
+
+def test_replace_leaves_a_folder_without_a_run_alone(tmp_path: Path) -> None:
     from fed_nessa.config import FederationConfig
     from fed_nessa.sim.runner import replace_run_dir
 
-    run = tmp_path / "run"
-    (run / "devices").mkdir(parents=True)
-    (run / "summary.json").write_text("{}")
-    keys = tmp_path / "run.keys"
-    keys.mkdir()
-    replace_run_dir(FederationConfig(run_dir=str(run)))
-    assert not run.exists() and not keys.exists()
     other = tmp_path / "notes"
     other.mkdir()
     (other / "mine.txt").write_text("keep")
     replace_run_dir(FederationConfig(run_dir=str(other)))
     assert (other / "mine.txt").read_text() == "keep"
+    run = tmp_path / "run"
     (run / "devices").mkdir(parents=True)
     replace_run_dir(FederationConfig(run_dir=str(run), resume=True))
     assert (run / "devices").is_dir()
+
+
+# -- the sweep: empty, odd and absurd inputs of every command ----------------------------------------------
+@pytest.mark.parametrize("argv", [
+    ["synth", "--devices", "2", "--out", ""],  # before: wrote the shards into the current folder
+    ["audit", ""],  # before: audited the current folder
+    ["apply", "--aligner", "", "--input", "x.npy", "--output", "o.npy"],
+    ["evaluate", "--old-model", "a", "--new-model", "b", "--out", " "],
+    ["train", "--data", "synthetic", "--enroll-model", "a", "--runtime-model", "b", "--out", ""],
+])
+def test_an_empty_path_argument_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                           monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert "empty path" in _one_error_line(capsys, argv[0])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_simulate_with_an_empty_config_name(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Before: `--config ""` silently ran the main job's config (1000 devices)."""
+    assert main(["simulate", "--config", "", "--quiet", "--run-dir", str(tmp_path / "run")]) == 2
+    assert "--config '': empty" in _one_error_line(capsys, "simulate")
+    assert not (tmp_path / "run").exists()
+
+
+def test_simulate_with_absurdly_many_canaries(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Before: a MemoryError traceback (191 GiB) after the run folder and its shards were written."""
+    run = tmp_path / "run"
+    assert main(_simulate(run, "--canaries", "100000000")) == 2
+    assert "--canaries 100000000: at most 100000 canaries" in _one_error_line(capsys, "simulate")
+    assert not run.exists()
+
+
+def test_running_out_of_memory_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: a numpy _ArrayMemoryError traceback (e.g. --set eval-speakers=1000000: 28.6 GiB)."""
+    import fed_nessa.data.population as population
+
+    def too_big(*_: object, **__: object) -> None:
+        raise MemoryError("Unable to allocate 28.6 GiB for an array")
+
+    monkeypatch.setattr(population, "load_federation_data", too_big)
+    assert main(_simulate(tmp_path / "run")) == 2
+    line = _one_error_line(capsys, "simulate")
+    assert "out of memory (Unable to allocate 28.6 GiB for an array): a size given is too large" in line
+
+
+@pytest.mark.parametrize(("extra", "fault"), [
+    (["--methods", ""], "--methods '': names no method"),  # before: exit 0, a table of baselines only
+    (["--methods", ","], "--methods ',': names no method"),
+    (["--scenarios", ""], "--scenarios '': choose one or more of"),  # before: exit 0, no table at all
+])
+def test_evaluate_with_nothing_to_evaluate(fleet: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                           extra: list[str], fault: str) -> None:
+    out = tmp_path / "eval"
+    assert main([*_evaluate(fleet, out), *extra]) == 2
+    assert fault in _one_error_line(capsys, "evaluate")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("extra", "models", "fault"), [
+    (["--epsilon", "inf"], (EMB, RUN), "--epsilon must be a finite number > 0, got inf"),  # before: exit 0
+    ([], (EMB, EMB), f"--enroll-model and --runtime-model are the same ('{EMB}'): nothing to align"),
+])
+def test_train_with_settings_that_cannot_apply(fleet: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                               extra: list[str], models: tuple[str, str], fault: str) -> None:
+    out = tmp_path / "al"
+    assert main(["train", "--data", str(fleet), "--enroll-model", models[0], "--runtime-model", models[1],
+                 "--method", "ridge", "--out", str(out), *extra]) == 2
+    assert fault in _one_error_line(capsys, "train")
+    assert not out.exists()
+
+
+def test_apply_refuses_an_all_zero_row(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Before: exit 0, the aligner's bias written for a row that is no embedding (the shared row check)."""
+    folder = RidgeAligner(AlignerInfo(d_x=6, d_y=5)).save(tmp_path / "al")
+    path = tmp_path / "in.npy"
+    rows = np.ones((4, 5), np.float32)
+    rows[2] = 0.0
+    np.save(path, rows)
+    assert main(["apply", "--aligner", str(folder), "--input", str(path), "--output", str(tmp_path / "o.npy")]) == 2
+    assert f"{path}: 1 all-zero row(s), first at row 2" in _one_error_line(capsys, "apply")
+    assert not (tmp_path / "o.npy").exists()
+
+
+def test_apply_of_no_rows_is_honoured_and_said(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    folder = RidgeAligner(AlignerInfo(d_x=6, d_y=5)).save(tmp_path / "al")
+    np.save(tmp_path / "in.npy", np.zeros((0, 5), np.float32))
+    assert main(["apply", "--aligner", str(folder), "--input", str(tmp_path / "in.npy"),
+                 "--output", str(tmp_path / "o.npy")]) == 0
+    assert "0 rows, d=6" in capsys.readouterr().out and np.load(tmp_path / "o.npy").shape == (0, 6)
+
+
+def test_replace_and_resume_together_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Sweep. Before: --resume silently won and --replace was ignored."""
+    assert main(_simulate(tmp_path / "run", "--replace", "--resume")) == 2
+    assert "--replace and --resume contradict each other" in _one_error_line(capsys, "simulate")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("engine", ["flower", "fleet"])
+def test_simulate_real_dev_refuses_num_devices_other_than_its_households(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture,
+                                                                        engine: str) -> None:
+    """Sweep. Before: num-devices 30 on real-dev's 8 households ran, its cohort and SecAgg+ checks sized for 30."""
+    run = tmp_path / "run"
+    assert main(_simulate(run, "--engine", engine, "--set", "data-source=real-dev", "--set", "enroll-model=resemblyzer",
+                          "--set", "runtime-model=campp")) == 2
+    assert "num-devices = 30: data-source real-dev makes 8 households" in _one_error_line(capsys, "simulate")
+    assert not run.exists()
+
+
+def test_federated_canary_audit_of_a_run_that_trained_nothing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Sweep. Before: with reproducible-noise and default policies every device declined, the DP run released
+    nothing, and the audit scored an untrained aligner (a lower bound near 0 that proves nothing)."""
+    out = tmp_path / "audit"
+    assert main(["audit-empirical", "--federated", "--config", "smoke", "--canaries", "20", "--out", str(out),
+                 "--set", "reproducible-noise=true", "--set", "num-server-rounds=2"]) == 2
+    line = _one_error_line(capsys, "audit-empirical")
+    assert "the dp run" in line and "released no aggregate" in line and "allow-reproducible-noise" in line
+    assert not (out / "report.md").exists()
+
+
+def test_extract_refuses_a_shard_name_that_gives_no_safe_device_id(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    """Sweep (issue 17 item 4 at its source). Before: `...shard.safetensors` was extracted (device id `..`)."""
+    (tmp_path / "audio" / "s1").mkdir(parents=True)
+    out = tmp_path / "...shard.safetensors"
+    assert main(["extract", str(tmp_path / "audio"), "--enroll-model", "resemblyzer", "--runtime-model", "campp",
+                 "--out", str(out), "--no-progress"]) == 2
+    assert f"--out {out}: device id '..' is not a safe folder name" in _one_error_line(capsys, "extract")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["audio"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["simulate", "--config", "smoke", "--quiet", "--canaries", "20", "--canary-seed", "-1"],  # before: a run folder
+    ["synth", "--devices", "2", "--seed", "-1"],  # left behind, and numpy's 'expected non-negative integer'
+    ["evaluate", "--old-model", "a", "--new-model", "b", "--seed", "-1"],
+    ["train", "--data", "synthetic", "--enroll-model", "a", "--runtime-model", "b", "--seed", "-1"],
+    ["audit-empirical", "--seed", "-1"],
+])
+def test_a_negative_seed_is_refused_naming_the_argument(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                        argv: list[str]) -> None:
+    out = tmp_path / "out"
+    where = ["--run-dir", str(out)] if argv[0] == "simulate" else ["--out", str(out)]
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, *where])
+    assert exc.value.code == 2
+    assert "seed: expected an integer >= 0, got -1" in _one_error_line(capsys, argv[0])
+    assert list(tmp_path.iterdir()) == []

@@ -107,3 +107,17 @@ def test_device_policy_from_a_node_config() -> None:
     with pytest.raises(ConfigError) as err:
         policy_from_node_config({"epsilon-budget": -1, "guaranteed-arrivals": 0})
     assert "device policy epsilon-budget = -1.0" in str(err.value) and "guaranteed-arrivals = 0" in str(err.value)
+
+
+def test_allow_reproducible_noise_is_a_device_key_kept_in_the_ledger_header(tmp_path: Path) -> None:
+    """Issue 17 item 1: one definition (DevicePolicy), off by default, carried by the node config and the
+    ledger header; a later node config cannot switch it on for a ledger that started without it."""
+    from fed_nessa.config import DevicePolicy, policy_from_node_config
+    from fed_nessa.privacy.ledger import DeviceLedger
+
+    assert DevicePolicy().allow_reproducible_noise is False
+    allows = policy_from_node_config({"allow-reproducible-noise": "true"})
+    assert allows.allow_reproducible_noise and allows.to_node_config()["allow-reproducible-noise"] is True
+    DeviceLedger.open(tmp_path / "dev", "dev-1", policy=DevicePolicy())
+    reopened = DeviceLedger.open(tmp_path / "dev", "dev-1", policy=allows)
+    assert reopened.policy is not None and reopened.policy.allow_reproducible_noise is False

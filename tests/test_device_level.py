@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -249,10 +250,11 @@ def test_device_level_flower_engine_equals_the_fleet_engine(tmp_path: Path,
 
     monkeypatch.setattr(ServerModel, "apply", spy)
     over = {"num-server-rounds": 3, "reproducible-noise": True, "fleet-numerics": "exact"}
-    simulate(_fleet_cfg(tmp_path, "flower", **over), policy=DEVICE_POLICY, quiet=True)
+    replay = replace(DEVICE_POLICY, allow_reproducible_noise=True)  # the devices allow the public-seed noise
+    simulate(_fleet_cfg(tmp_path, "flower", **over), policy=replay, quiet=True)
     flower = list(seen)
     seen.clear()
-    run_fleet(_fleet_cfg(tmp_path, "fleet", **over), DEVICE_POLICY)
+    run_fleet(_fleet_cfg(tmp_path, "fleet", **over), replay)
     assert [s[0] for s in flower] == [s[0] for s in seen] == ["suffstats", "dpsgd", "dpsgd"]
     cfg = _fleet_cfg(tmp_path, "bounds", **over)
     model, plan = ServerModel(cfg, 256, 192, "x", "y"), noise_plan(cfg, 12)

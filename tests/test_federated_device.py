@@ -41,6 +41,8 @@ _TEST_DEFAULTS = dict(num_server_rounds=3, batch_size=8, lr=0.01, server_lr=1.0,
 #: A device whose policy matches the test config: g = 4 = min-arrivals, a roomy budget.
 POLICY = DevicePolicy(epsilon_budget=8.0, guaranteed_arrivals=4)
 NON_DP = replace(POLICY, allow_non_dp=True)
+#: A test device that allows noise from the public seed (reproducible-noise runs only).
+REPLAY = replace(POLICY, allow_reproducible_noise=True)
 
 
 def Cfg(**changes: object) -> FederationConfig:  # noqa: N802 - reads like the dataclass it builds
@@ -168,6 +170,7 @@ def _dpsgd_noise(tmp_path: Path, cfg: FederationConfig, policy: DevicePolicy, pr
     minus the clipped-gradient sum of the same Poisson sample (the same stream, no noise)."""
     s = _shards(1)[0]
     cfg = cfg.replace(reproducible_noise=True)
+    policy = replace(policy, allow_reproducible_noise=True)
     vector = ServerModel(cfg, 5, 4, "X", "Y").vector()
     noisy = client_round(req(promised=promised), s, vector, cfg, _ledger(tmp_path, "d", policy), policy).vector
     net = build_net(cfg, 5, 4)
@@ -281,8 +284,8 @@ def _twice(tmp_path: Path, cfg: FederationConfig, phase: Phase) -> tuple[np.ndar
     vector = ServerModel(cfg, 5, 4, "X", "Y").vector()
     outs, ledgers = [], []
     for name in ("first", "second"):  # the same device id, shard, seed, round: identical inputs
-        ledger = _ledger(tmp_path / name, "dev-000")
-        outs.append(client_round(req(phase, round_num=3), s, vector, cfg, ledger, POLICY).vector)
+        ledger = _ledger(tmp_path / name, "dev-000", REPLAY)
+        outs.append(client_round(req(phase, round_num=3), s, vector, cfg, ledger, REPLAY).vector)
         ledgers.append(ledger)
     return outs[0], outs[1], ledgers
 
@@ -317,8 +320,25 @@ def test_reproducible_noise_replays_and_says_the_guarantee_does_not_hold(tmp_pat
         assert REPRODUCIBLE_WARNING in event.note and "NO differential-privacy guarantee" in event.note
     # another round (or device) is another stream
     other = client_round(req(phase, round_num=4), _shards(1)[0], ServerModel(cfg, 5, 4, "X", "Y").vector(), cfg,
-                         _ledger(tmp_path / "third", "dev-000"), POLICY).vector
+                         _ledger(tmp_path / "third", "dev-000", REPLAY), REPLAY).vector
     assert not np.allclose(a, other)
+
+
+@pytest.mark.parametrize("phase", [Phase.SUFFSTATS, Phase.DPSGD])
+def test_a_device_declines_noise_from_the_public_seed_unless_its_policy_allows_it(tmp_path: Path,
+                                                                                 phase: Phase) -> None:
+    """Issue 17 item 1: the server's ``reproducible-noise = true`` made every device spend epsilon on noise
+    the server could recompute and subtract; a default policy now declines before anything is reserved."""
+    cfg = Cfg(linear_start=LinearStart.NONE if phase == Phase.DPSGD else LinearStart.SUFFSTATS,
+              reproducible_noise=True)
+    ledger = _ledger(tmp_path / "dev")
+    out = client_round(req(phase), _shards(1)[0], ServerModel(cfg, 5, 4, "X", "Y").vector(), cfg, ledger, POLICY)
+    assert out.status == ReplyStatus.DECLINED and out.vector is None
+    reason = str(out.metrics["reason"])
+    assert "reproducible noise" in reason and "allow-reproducible-noise" in reason
+    assert ledger.events() == []
+    assert policy_refusal(req(phase), 30, cfg, REPLAY, ledger) is None
+    assert policy_refusal(req(phase), 30, cfg.replace(dp_mode=DPMode.NONE), NON_DP, ledger) is None  # no noise at all
 
 
 # ----------------------------------------------------------------------------- the noise share is the device's

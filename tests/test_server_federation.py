@@ -153,7 +153,8 @@ def test_the_run_summary_says_whether_the_guarantee_holds(tmp_path: Path, data: 
     secure = simulate(build_config(None, overrides(tmp_path, num_server_rounds=1)), quiet=True)
     assert secure["privacy"]["guarantee_holds"] is True
     replay = simulate(build_config(None, overrides(tmp_path, num_server_rounds=1, reproducible_noise="true",
-                                                   run_dir=f'"{tmp_path / "replay"}"')), quiet=True)
+                                                   run_dir=f'"{tmp_path / "replay"}"')),
+                      replace(POLICY, allow_reproducible_noise=True), quiet=True)
     assert replay["privacy"]["guarantee_holds"] is False
     assert "REPRODUCIBLE NOISE" in replay["privacy"]["noise_source"]
     for d in (tmp_path / "replay" / "devices").iterdir():

@@ -130,3 +130,13 @@ def test_write_refuses_invalid_and_keeps_old_file(tmp_path: Path) -> None:
 def test_missing_folder(tmp_path: Path) -> None:
     with pytest.raises(ShardError, match="shard folder not found"):
         shard_paths(tmp_path / "absent")
+
+
+def test_a_shard_with_an_all_zero_row_is_refused() -> None:
+    """Issue 17 item 9: the shard loader shares the embedding-set loader's row check (non-finite, all-zero)."""
+    enroll = np.ones((3, 4), np.float32)
+    enroll[1] = 0.0
+    with pytest.raises(ShardError, match=r"'enroll' has 1 all-zero row\(s\), first at row 1"):
+        make_shard(enroll, np.ones((3, 2), np.float32), np.zeros(3), "X", "Y")
+    with pytest.raises(ShardError, match=r"'runtime' has no columns"):
+        make_shard(np.ones((3, 4), np.float32), np.ones((3, 0), np.float32), np.zeros(3), "X", "Y")

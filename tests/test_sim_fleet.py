@@ -22,7 +22,8 @@ from fed_nessa.privacy.ledger import DeviceLedger
 from fed_nessa.sim.ghost import clipped_gradient_sums
 
 DEVICES = 12
-POLICY = DevicePolicy(guaranteed_arrivals=8)
+#: These runs replay the noise (reproducible-noise = true), so their devices must allow it.
+POLICY = DevicePolicy(guaranteed_arrivals=8, allow_reproducible_noise=True)
 
 
 def _cfg(tmp: Path, name: str, **over: Any) -> FederationConfig:

@@ -63,6 +63,8 @@ ALIGNER_DIR = "aligner"
 DEVICES_DIR = "devices"
 #: The one-run analysis needs at least this many canaries to have any grid to guess on.
 MIN_CANARIES = 10
+#: Most canaries one audit plants (each a pair of embeddings in memory; beyond this the bound gains nothing).
+MAX_CANARIES = 100_000
 #: How canaries are spread over the devices (stated in the spec file and the report).
 ASSIGNMENT_RULE = "canary j is assigned to device j mod fleet; appended to its pairs only if included"
 
@@ -132,9 +134,11 @@ def spec_path(run_dir: Path | str) -> Path:
 
 
 def check_canaries(m: int) -> None:
-    """Refuse too few canaries before anything runs (the bound's grid needs >= 2% of m per side)."""
+    """Refuse too few canaries (the bound's grid needs >= 2% of m per side) or absurdly many, before anything runs."""
     if m < MIN_CANARIES:
         raise CanaryError(f"--canaries {m}: need at least {MIN_CANARIES} canaries for the one-run analysis")
+    if m > MAX_CANARIES:
+        raise CanaryError(f"--canaries {m}: at most {MAX_CANARIES} canaries (each is a planted pair held in memory)")
 
 
 def make_spec(m: int, d_x: int, d_y: int, fleet: int, seed: int) -> CanarySpec:

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
+from fed_nessa.arguments import path_arg
 from fed_nessa.atomic import atomic_write_bytes
+from fed_nessa.data.shards import row_fault
 from fed_nessa.evaluation.gate import unshipped_reason
 from fed_nessa.model.aligners import load_aligner
 from fed_nessa.outputs import check_output
@@ -18,9 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("apply", help="map runtime embeddings (.npy) into the enrollment space",
                        description="Map a float32 (n, d_Y) array of runtime embeddings into the aligner's "
                                    "scoring space (L2-normalised rows), for re-scoring stored embeddings.")
-    p.add_argument("--aligner", required=True, type=Path, help="aligner folder (card.json + aligner.safetensors)")
-    p.add_argument("--input", required=True, type=Path, help="runtime embeddings, .npy, float32 (n, d_Y)")
-    p.add_argument("--output", required=True, type=Path, help="where to write the aligned .npy")
+    p.add_argument("--aligner", required=True, type=path_arg, help="aligner folder (card.json + aligner.safetensors)")
+    p.add_argument("--input", required=True, type=path_arg, help="runtime embeddings, .npy, float32 (n, d_Y)")
+    p.add_argument("--output", required=True, type=path_arg, help="where to write the aligned .npy")
     p.set_defaults(func=run)
 
 
@@ -38,9 +40,9 @@ def _load_input(path: Path, d_y: int) -> np.ndarray:
         raise ValueError(f"{path}: expected an (n, {d_y}) array for this aligner, got shape {arr.shape}")
     if not np.issubdtype(arr.dtype, np.floating):
         raise ValueError(f"{path}: expected float embeddings, got dtype {arr.dtype}")
-    bad = ~np.isfinite(arr).all(axis=1)
-    if bad.any():
-        raise ValueError(f"{path}: {int(bad.sum())} non-finite row(s), first at row {int(np.argmax(bad))}")
+    fault = row_fault(arr)  # non-finite or all-zero rows: the one check every embedding loader shares
+    if fault:
+        raise ValueError(f"{path}: {fault}")
     return arr.astype(np.float32, copy=False)
 
 

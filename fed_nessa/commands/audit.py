@@ -10,6 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
+from fed_nessa.arguments import path_arg
 from fed_nessa.privacy.accounting import ACCOUNTANTS
 
 
@@ -19,9 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Verify every device ledger (hash chain, Ed25519 signatures), recompute each device's "
                     "epsilon with two independent accountants, compare with reported values and budgets, "
                     "cross-check the server's federation ledger, and write audit/audit.json + report.md.")
-    p.add_argument("path", type=Path, help="a run folder, a folder of collected device ledgers, or one "
+    p.add_argument("path", type=path_arg, help="a run folder, a folder of collected device ledgers, or one "
                                            "privacy-ledger.jsonl")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: <path>/audit)")
+    p.add_argument("--out", type=path_arg, default=None, help="output folder (default: <path>/audit)")
     p.add_argument("--accountants", default="rdp,pld",
                    help=f"two of {','.join(ACCOUNTANTS)} (default rdp,pld)")
     p.set_defaults(func=run)

@@ -18,6 +18,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from fed_nessa.arguments import path_arg, seed_arg
+
 _DEFAULT_DATA = Path(__file__).resolve().parents[2] / "data" / "real-voices-dev" / "embeddings.npz"
 
 
@@ -35,15 +37,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--federated", action="store_true",
                       help="audit a federation: canaries inside the devices of a real simulate run and its control")
-    mode.add_argument("--run", type=Path, default=None, metavar="RUN_DIR",
+    mode.add_argument("--run", type=path_arg, default=None, metavar="RUN_DIR",
                       help="score a run folder made by `fed-nessa simulate --canaries M` (its secret is "
                            "RUN_DIR.canaries.npz beside it)")
-    p.add_argument("--control", type=Path, default=None, metavar="RUN_DIR",
+    p.add_argument("--control", type=path_arg, default=None, metavar="RUN_DIR",
                    help="with --run: the positive control's run folder (same config, dp-mode none)")
-    p.add_argument("--out", type=Path, default=Path("audit-empirical"), help="output folder")
+    p.add_argument("--out", type=path_arg, default=Path("audit-empirical"), help="output folder")
     p.add_argument("--canaries", type=int, default=None,
                    help=f"canaries to plant (default {d.canaries}; with --run, the run's own secret says)")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of the canaries and their inclusion coins")
+    p.add_argument("--seed", type=seed_arg, default=d.seed, help="seed of the canaries and their inclusion coins")
     p.add_argument("--confidence", type=float, default=d.confidence)
     fed = p.add_argument_group("federated mode (--federated)")
     fed.add_argument("--config", default=DEFAULT_CONFIG,
@@ -55,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     fed.add_argument("--device-set", dest="device_overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override one device-policy key of both runs (repeatable)")
     cen = p.add_argument_group("centralised mode (default)")
-    cen.add_argument("--data", type=Path, default=None,
+    cen.add_argument("--data", type=path_arg, default=None,
                      help="base pairs: a device shard (.shard.safetensors) or an embeddings .npz "
                           "(default: the bundled real-voices-dev embeddings)")
     cen.add_argument("--noise-multiplier", type=float, default=d.noise_multiplier)

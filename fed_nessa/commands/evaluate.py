@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fed_nessa.arguments import path_arg, seed_arg
 from fed_nessa.evaluation.centralised import METHODS, SCENARIOS, CentralisedConfig
 
 
@@ -47,8 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                   "(e.g. real-speed-dev)")
     p.add_argument("--devices", type=int, default=1000, help="synthetic population size")
     p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--seed", type=seed_arg, default=0)
+    p.add_argument("--out", required=True, type=path_arg)
     p.set_defaults(func=run)
 
 
@@ -120,11 +120,12 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args)
     methods = tuple(m for m in args.methods.split(",") if m)
     unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        raise ValueError(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
+    if unknown or not methods:
+        raise ValueError(f"--methods {args.methods!r}: unknown {unknown}; choose from {list(METHODS)}" if unknown
+                         else f"--methods {args.methods!r}: names no method; choose from {list(METHODS)}")
     scenarios = tuple(s for s in args.scenarios.split(",") if s)
-    if set(scenarios) - set(SCENARIOS):
-        raise ValueError(f"--scenarios: choose from {list(SCENARIOS)}")
+    if set(scenarios) - set(SCENARIOS) or not scenarios:
+        raise ValueError(f"--scenarios {args.scenarios!r}: choose one or more of {list(SCENARIOS)}")
     cfg = CentralisedConfig(methods=methods, seed=args.seed,
                             train=TrainConfig(epochs=args.epochs, batch_size=128, lr=3e-4, patience=6,
                                               seed=args.seed))

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fed_nessa.arguments import path_arg
+
 MODEL_CHOICES = ("campp", "resemblyzer", "vfl_dvec")
 
 
@@ -25,19 +27,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Needs the 'extract' extra (see docs/extraction.md)."
         ),
     )
-    p.add_argument("audio_dir", type=Path, metavar="AUDIO_DIR")
+    p.add_argument("audio_dir", type=path_arg, metavar="AUDIO_DIR")
     p.add_argument("--enroll-model", required=True, choices=MODEL_CHOICES, help="enrollment model X")
     p.add_argument("--runtime-model", required=True, choices=MODEL_CHOICES, help="runtime model Y")
-    p.add_argument("--out", required=True, type=Path, metavar="SHARD",
+    p.add_argument("--out", required=True, type=path_arg, metavar="SHARD",
                    help="output shard, NAME.shard.safetensors (side files: NAME.speakers.json, "
                         "NAME.extract-report.json, NAME.extract-cache/)")
-    p.add_argument("--eval-set", type=Path, default=None, metavar="EVAL_NPZ",
+    p.add_argument("--eval-set", type=path_arg, default=None, metavar="EVAL_NPZ",
                    help="also write the shard as a server evaluation set (AUDIO_DIR must then hold HELD-OUT "
                         "speakers only, > 10 utterances each); put it in the device-shard folder as eval.npz")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="worker processes, one thread each (default: one per available core)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (skipped files are still printed)")
     p.set_defaults(func=run)
+
+
+def _check_device_id(out: Path) -> None:
+    """A shard's name (less ``.shard.safetensors``) is its device's id: refuse one that is no safe folder name."""
+    from fed_nessa.data.shards import SHARD_SUFFIX
+    from fed_nessa.federated.protocol import device_id_of
+    from fed_nessa.privacy.ledger import device_id_problem
+
+    problem = device_id_problem(device_id_of(out)) if out.name.endswith(SHARD_SUFFIX) else None
+    if problem:
+        raise ValueError(f"--out {out}: {problem} (a shard's name gives its device id)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
     # Before any audio is read: the shard, its side files (cache folder, report) and the evaluation set.
     check_output(args.out, "--out", "file")
+    _check_device_id(args.out)
     if args.eval_set is not None:
         check_output(args.eval_set, "--eval-set", "file")
         if args.eval_set.suffix != ".npz":

@@ -13,6 +13,7 @@ import argparse
 import time
 from pathlib import Path
 
+from fed_nessa.arguments import path_arg, seed_arg
 from fed_nessa.data.datasets import write_devices
 from fed_nessa.data.shards import SHARD_SUFFIX, make_shard
 from fed_nessa.data.synthetic import SCENARIOS, generate_population
@@ -28,8 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "utterances each, two non-linear models) from a seed and write one shard "
                                    "per device, the evaluation set of other speakers and a manifest.")
     p.add_argument("--devices", type=int, required=True, help="number of devices (households)")
-    p.add_argument("--seed", type=int, default=0, help="population seed (the two models come from the world seed)")
-    p.add_argument("--out", type=Path, required=True, help="output folder (must not hold shards already)")
+    p.add_argument("--seed", type=seed_arg, default=0, help="population seed (the two models come from the world seed)")
+    p.add_argument("--out", type=path_arg, required=True, help="output folder (must not hold shards already)")
     p.add_argument("--scenario", choices=SCENARIOS, default="runtime-upgrade",
                    help="runtime-upgrade: enroll=old 256-d, runtime=new 192-d; enrollment-upgrade: the reverse")
     p.add_argument("--eval-speakers", type=int, default=200, help="speakers in the evaluation set")

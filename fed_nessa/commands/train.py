@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from pathlib import Path
 from typing import Any
 
+from fed_nessa.arguments import path_arg, seed_arg
 from fed_nessa.evaluation.centralised import CentralisedConfig, fit_dp_nessa, fit_method, fit_nessa, plan_dp
 from fed_nessa.model.aligners import Aligner, NessaAligner, NessaConfig
 from fed_nessa.model.training import TrainConfig
@@ -24,9 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--enroll-model", required=True, help="model name on the enrollment (profile) side")
     p.add_argument("--runtime-model", required=True, help="model name on the runtime (test) side")
     p.add_argument("--method", choices=METHODS, default="nessa")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", required=True, type=path_arg)
     p.add_argument("--devices", type=int, default=1000, help="synthetic population size (data=synthetic)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0)
     g = p.add_argument_group("NESSA training")
     g.add_argument("--epochs", type=int, default=40)
     g.add_argument("--batch-size", type=int, default=128)
@@ -49,8 +49,10 @@ def _check(args: argparse.Namespace) -> None:
     for key in ("epochs", "batch_size", "hidden", "depth", "dp_epochs", "dp_batch_size", "devices"):
         if getattr(args, key) < 1:
             problems.append(f"--{key.replace('_', '-')} must be >= 1")
-    if args.epsilon is not None and not args.epsilon > 0:
-        problems.append("--epsilon must be > 0")
+    if args.epsilon is not None and not 0 < args.epsilon < float("inf"):
+        problems.append(f"--epsilon must be a finite number > 0, got {args.epsilon:g}")
+    if args.enroll_model == args.runtime_model:
+        problems.append(f"--enroll-model and --runtime-model are the same ({args.runtime_model!r}): nothing to align")
     if not 0 < args.delta < 1:
         problems.append("--delta must be in (0, 1)")
     if args.epsilon is not None and not (args.clip_norm > 0 and args.clip_norm < float("inf")):

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from fed_nessa.atomic import atomic_write_bytes as _atomic_write
-from fed_nessa.data.shards import SHARD_SUFFIX, Shard, make_shard, write_shard
+from fed_nessa.data.shards import SHARD_SUFFIX, Shard, make_shard, row_fault, write_shard
 from fed_nessa.errors import FedNessaError
 
 EMBEDDING_SET_FORMAT = "fed-nessa embedding set"
@@ -89,13 +89,9 @@ def _set_problems(es: EmbeddingSet) -> list[str]:
         if emb.dtype != np.float32:
             out.append(f"model '{model}': must be float32, got {emb.dtype}")
             continue
-        bad = ~np.isfinite(emb).all(axis=1)
-        if bad.any():
-            out.append(f"model '{model}': {int(bad.sum())} non-finite row(s), first at row {int(np.argmax(bad))}")
-            continue
-        zero = np.linalg.norm(emb, axis=1) < 1e-12
-        if zero.any():
-            out.append(f"model '{model}': {int(zero.sum())} all-zero row(s), first at row {int(np.argmax(zero))}")
+        fault = row_fault(emb)
+        if fault:
+            out.append(f"model '{model}': {fault}")
         if not es.model_ids.get(model):
             out.append(f"model '{model}': missing model id")
     extra_ids = sorted(set(es.model_ids) - set(es.embeddings))

@@ -103,6 +103,9 @@ def _real_dev(cfg: FederationConfig, folder: Path | None) -> FederationData:
     real = datasets.load_real("real-dev")
     train, held_out = datasets.split_by_voice(real, seed=cfg.seed)
     devices = datasets.make_households(train, cfg.enroll_model, cfg.runtime_model, seed=cfg.seed)
+    if len(devices) != cfg.num_devices:  # checked before a shard is written: it sizes the cohort and SecAgg+
+        raise ValueError(f"num-devices = {cfg.num_devices}: data-source real-dev makes {len(devices)} households "
+                         f"(devices) of its training voices; set num-devices = {len(devices)}")
     paths = _write_devices(devices, folder) if folder is not None else []
     emb = {m: np.asarray(held_out.embeddings[m], np.float32) for m in (cfg.enroll_model, cfg.runtime_model)}
     ev = EvalSet(emb, np.asarray(held_out.speaker), np.asarray(held_out.utterance), cfg.enroll_model,

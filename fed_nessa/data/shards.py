@@ -63,6 +63,25 @@ class Shard:
         return int(np.unique(self.speaker).size)
 
 
+#: Rows with a smaller L2 norm are all zeros: no direction to align, and L2-normalising them divides by 0.
+ZERO_NORM = 1e-12
+
+
+def row_fault(arr: np.ndarray) -> str | None:
+    """What is wrong with the rows of a 2-D embedding array: non-finite, else all-zero (None: nothing).
+
+    One check for every loader of embeddings (device shards, embedding sets): a zero row is
+    no embedding, and training on one silently would teach the aligner nothing but noise.
+    """
+    bad = ~np.isfinite(arr).all(axis=1)
+    if bad.any():
+        return f"{int(bad.sum())} non-finite row(s), first at row {int(np.argmax(bad))}"
+    zero = np.linalg.norm(arr, axis=1) < ZERO_NORM
+    if zero.any():
+        return f"{int(zero.sum())} all-zero row(s), first at row {int(np.argmax(zero))}"
+    return None
+
+
 def _problems(shard: Shard, expect_dx: int | None, expect_dy: int | None) -> list[str]:
     """All schema violations of a shard, in a stable order (empty when valid)."""
     out: list[str] = []
@@ -73,6 +92,8 @@ def _problems(shard: Shard, expect_dx: int | None, expect_dy: int | None) -> lis
             out.append(f"'{name}' must be 2-D, got shape {arr.shape}")
         elif arr.dtype != np.float32:
             out.append(f"'{name}' must be float32, got {arr.dtype}")
+        elif arr.shape[1] < 1:
+            out.append(f"'{name}' has no columns (dimension 0)")
     if out:
         return out
     if shard.speaker.ndim != 1 or not np.issubdtype(shard.speaker.dtype, np.integer):
@@ -89,9 +110,9 @@ def _problems(shard: Shard, expect_dx: int | None, expect_dy: int | None) -> lis
     if expect_dy is not None and shard.runtime.shape[1] != expect_dy:
         out.append(f"wrong runtime dimension: {shard.runtime.shape[1]} (expected {expect_dy})")
     for name, arr in (("enroll", shard.enroll), ("runtime", shard.runtime)):
-        bad = ~np.isfinite(arr).all(axis=1)
-        if bad.any():
-            out.append(f"'{name}' has {int(bad.sum())} non-finite row(s), first at row {int(np.argmax(bad))}")
+        fault = row_fault(arr)
+        if fault:
+            out.append(f"'{name}' has {fault}")
     if n and (shard.speaker < 0).any():
         out.append("negative speaker id(s)")
     if not shard.enroll_model or not shard.runtime_model:

@@ -6,7 +6,8 @@ It answers two questions per round, both from the device's own shard, ledger and
 * **plan** (:func:`plan_round`, no training): is the round for the models the device's shard
   was embedded with (:func:`shard_refusal`), and would it stay within the device's
   policy and budget? A request beyond the policy (a larger budget or delta, less noise,
-  fewer promised arrivals than the policy's ``g``, a non-DP round, too many participations,
+  fewer promised arrivals than the policy's ``g``, a non-DP round, a round with noise from the
+  public seed (``reproducible-noise``) unless the policy allows it, too many participations,
   more pairs than a payload may hold) is declined with the reason.
 * **compute** (:func:`client_round`): reserve the DP event in the ledger (fsynced before
   the mechanism runs), compute the vector with noise from the OS CSPRNG, complete the
@@ -142,6 +143,10 @@ def policy_refusal(req: RoundRequest, n: int, cfg: FederationConfig, policy: Dev
     """Why this request goes beyond the device's policy (None when it does not)."""
     if cfg.dp_mode == DPMode.NONE and not policy.allow_non_dp:
         return "declined: the run adds no DP noise (dp-mode none) and this device's policy does not allow it"
+    if cfg.dp_mode != DPMode.NONE and cfg.reproducible_noise and not policy.allow_reproducible_noise:
+        return ("declined: the run asks for reproducible noise (reproducible-noise = true: derived from the public "
+                "seed, so the server can subtract it) and this device's policy does not allow it "
+                "(allow-reproducible-noise)")
     if cfg.dp_mode != DPMode.NONE:
         sigma = _sigma(req, cfg)
         floor = policy.min_suffstats_noise_multiplier if req.phase == Phase.SUFFSTATS else policy.min_noise_multiplier

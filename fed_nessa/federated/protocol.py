@@ -30,7 +30,7 @@ from flwr.common.constant import PARTITION_ID_KEY as PARTITION_ID_KEY
 
 from fed_nessa.config import BUILTIN_DATA_SOURCES, FederationConfig
 from fed_nessa.data.shards import SHARD_SUFFIX, ShardError, shard_paths
-from fed_nessa.privacy.ledger import DEVICE_LEDGER_NAME, device_key_folder
+from fed_nessa.privacy.ledger import DEVICE_LEDGER_NAME, device_id_problem, device_key_folder
 
 PLAN_RECORD = "plan"
 PHASE_KEY = "phase"
@@ -144,7 +144,9 @@ def locate(node_config: dict[str, Any], cfg: FederationConfig) -> DevicePaths:
     """Resolve this node's shard and ledger folder from its node config.
 
     Deployment: ``shard-path`` (a shard file, or a folder holding exactly one) and
-    ``state-dir`` (the folder that keeps the ledger across restarts). Simulation: only
+    ``state-dir`` (the folder that keeps the ledger across restarts), and optionally
+    ``device-id`` (default: the shard's name); an id that is not a safe folder name
+    (:func:`fed_nessa.privacy.ledger.device_id_problem`) is refused. Simulation: only
     ``partition-id``: the device is that shard of the run's shard folder and its ledger
     lives in ``<run-dir>/devices/<device_id>/``, its private key in the run's key store.
     """
@@ -152,7 +154,12 @@ def locate(node_config: dict[str, Any], cfg: FederationConfig) -> DevicePaths:
         shard = _single_shard(Path(str(node_config[SHARD_PATH_KEY])))
         if STATE_DIR_KEY not in node_config:
             raise ValueError(f"node config has {SHARD_PATH_KEY!r} but no {STATE_DIR_KEY!r} for the privacy ledger")
-        device_id = str(node_config.get(DEVICE_ID_KEY) or device_id_of(shard))
+        given = node_config.get(DEVICE_ID_KEY)
+        device_id = device_id_of(shard) if given is None else str(given)
+        problem = device_id_problem(device_id)
+        if problem:
+            source = f"node config {DEVICE_ID_KEY!r}" if given is not None else f"shard {shard}"
+            raise ValueError(f"{source}: {problem}")
         state_dir = Path(str(node_config[STATE_DIR_KEY]))
         return DevicePaths(device_id, shard, state_dir, state_dir)
     if PARTITION_ID_KEY not in node_config:
@@ -162,5 +169,8 @@ def locate(node_config: dict[str, Any], cfg: FederationConfig) -> DevicePaths:
     if not 0 <= pid < len(shards):
         raise ShardError(shard_folder(cfg), f"no shard for partition {pid} ({len(shards)} shard(s) in the folder)")
     device_id = device_id_of(shards[pid])
+    problem = device_id_problem(device_id)
+    if problem:
+        raise ShardError(shards[pid], problem)
     return DevicePaths(device_id, shards[pid], Path(cfg.run_dir) / DEVICES_DIR / device_id,
                        device_key_folder(cfg.run_dir, device_id))

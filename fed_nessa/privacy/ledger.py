@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ import numpy as np
 
 from fed_nessa import __version__
 from fed_nessa.config import DevicePolicy
+from fed_nessa.outputs import check_output
 from fed_nessa.privacy import signing
 from fed_nessa.privacy.accounting import ACCOUNTANTS, RDP, compute_epsilon
 from fed_nessa.privacy.budget import BudgetDecision, BudgetExceededError, check_budget, validate_budget
@@ -70,23 +72,59 @@ CHAIN_SCHEME = "sha256-chain-v1"
 LEGACY_KEYS_DIR = "keys"
 _CHAIN_GENESIS = hashlib.sha256(b"fed-nessa received-model chain v1").hexdigest()
 
+#: A device id is a folder name in the run folder and in the key store: letters, digits, ``.``, ``_`` and
+#: ``-``, starting with a letter or digit (so never ``.``, ``..`` or hidden), 1 to 128 characters.
+DEVICE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
 __all__ = ["DeviceLedger", "FederationLedger", "LedgerError", "BudgetDecision", "BudgetExceededError",
-           "dropped_by_round", "final_heads", "heads_digest", "key_store", "model_sha256", "config_sha256",
-           "received_chain"]
+           "dropped_by_round", "final_heads", "heads_digest", "key_store", "check_key_store", "device_id_problem",
+           "model_sha256", "config_sha256", "received_chain"]
+
+
+
+# ----------------------------------------------------------------------------- device ids
+def device_id_problem(device_id: object) -> str | None:
+    """Why ``device_id`` is not a safe, single path component (None when it is).
+
+    The id names the device's ledger folder (``<run>/devices/<id>``) and its private-key
+    folder (``<store>/devices/<id>``); ``..`` or ``a/b`` would put them elsewhere.
+    """
+    if not isinstance(device_id, str) or not DEVICE_ID_PATTERN.fullmatch(device_id):
+        return (f"device id {device_id!r} is not a safe folder name (1-128 letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit)")
+    return None
 
 
 # ----------------------------------------------------------------------------- key store
+def default_key_store(run_dir: Path | str) -> Path:
+    """``<run-dir>.keys/`` beside the run folder: the store a run uses without ``$FED_NESSA_KEY_STORE``."""
+    run_dir = Path(run_dir)
+    return run_dir.parent / f"{run_dir.name}.keys"
+
+
 def key_store(run_dir: Path | str) -> Path:
     """Where a simulated run keeps its PRIVATE signing keys: never inside the run folder.
 
     ``$FED_NESSA_KEY_STORE`` if set (one store per run: it holds ``server/`` and
-    ``devices/<id>/``), else ``<run-dir>.keys/`` beside the run folder. The public keys
-    stay beside the ledgers, so a run folder carries what an auditor needs and nothing
-    that could re-sign it.
+    ``devices/<id>/``), else :func:`default_key_store`. The public keys stay beside the
+    ledgers, so a run folder carries what an auditor needs and nothing that could re-sign
+    it; a store named inside the run folder is refused (``ValueError``), as it would put
+    the keys back beside the ledgers they sign.
     """
     env = os.environ.get(KEY_STORE_ENV, "").strip()
-    run_dir = Path(run_dir)
-    return Path(env) if env else run_dir.parent / f"{run_dir.name}.keys"
+    if not env:
+        return default_key_store(run_dir)
+    store, run = Path(env).resolve(), Path(run_dir).resolve()
+    if store == run or run in store.parents:
+        raise ValueError(f"{KEY_STORE_ENV}={env}: inside the run folder {run_dir}; the private keys must live "
+                         "outside it, or anyone holding the run folder could re-sign its ledgers")
+    return Path(env)
+
+
+def check_key_store(run_dir: Path | str) -> Path:
+    """The run's key store, checked before anything is written: outside the run folder and a writable folder."""
+    where = f"key store ({KEY_STORE_ENV})" if os.environ.get(KEY_STORE_ENV, "").strip() else "key store"
+    return check_output(key_store(run_dir), where, "folder")
 
 
 def device_key_folder(run_dir: Path | str, device_id: str) -> Path:
@@ -202,9 +240,10 @@ class DeviceLedger:
         ``key_folder`` the key is looked up beside the ledger, then in the simulation's key
         store for ``<run>/devices/<id>`` folders.
         """
-        if not isinstance(device_id, str) or not device_id.strip():
-            raise ValueError(f"device_id must be a non-empty string, got {device_id!r}")
         folder = Path(folder)
+        problem = device_id_problem(device_id)
+        if problem:
+            raise ValueError(f"{folder}: {problem}")
         folder.mkdir(parents=True, exist_ok=True)
         unit = EXAMPLE
         if policy is not None:

@@ -39,10 +39,10 @@ from fed_nessa.canary.federated import (
     spec_path,
 )
 from fed_nessa.canary.stats import one_run_audit
-from fed_nessa.config import DPMode, FederationConfig, LinearStart, from_run_config
+from fed_nessa.config import DPMode, FederationConfig, LinearStart, RoundStatus, from_run_config
 from fed_nessa.federated.layout import build_net
 from fed_nessa.privacy.ledger import key_store
-from fed_nessa.sim.runner import ENGINES, build_config, build_policy, run_engine
+from fed_nessa.sim.runner import ENGINES, build_config, build_policy, decline_reasons, run_engine
 
 DEFAULT_CONFIG = "canary-audit"
 DP_RUN, CONTROL_RUN = "dp", "control"
@@ -158,12 +158,17 @@ def _fresh(run_dir: Path) -> None:
 def run_with_canaries(audit: FederatedAudit, run_dir: Path, label: str, extra: tuple[str, ...] = (),
                       device_extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """One real run (the runner's path, canaries planted before round 1), then its score."""
-    cfg = build_config(audit.config, [*audit.overrides, *extra, f'run-dir="{run_dir}"'])
+    cfg = build_config(audit.config, [*audit.overrides, *extra], run_dir=run_dir)
     policy = build_policy(audit.config, [*audit.device_overrides, *device_extra])
     _fresh(Path(cfg.run_dir))
     t0 = time.perf_counter()
     summary = run_engine(cfg, policy, engine=audit.engine, quiet=True,
                          plant=planter(audit.canaries, audit.seed, cfg.run_dir))
+    if not any(r.get("status") == RoundStatus.APPLIED for r in summary["rounds"]):
+        declined = decline_reasons(Path(cfg.run_dir))
+        raise CanaryError(f"the {label} run {cfg.run_dir} released no aggregate, so its aligner learnt nothing and "
+                          f"an audit of it would prove nothing" + (f" (devices declined: {'; '.join(declined)})"
+                                                                   if declined else ""))
     seconds = summary.get("timing", {}).get("total_seconds", time.perf_counter() - t0)
     return {**score_run(cfg.run_dir, label, audit.confidence), "seconds": seconds}
 

@@ -28,6 +28,8 @@ SERVER_ENTRY = "run_federation"
 
 def config_path(path: str | Path) -> Path:
     """The config file ``path`` names: a file, or a bare name looked up in ``simulations/configs/``."""
+    if not str(path).strip():
+        raise FileNotFoundError(f"--config {str(path)!r}: empty (leave --config out for the default config)")
     p = Path(path)
     if not p.exists() and (CONFIG_DIR / f"{path}.toml").exists():
         p = CONFIG_DIR / f"{path}.toml"

@@ -39,17 +39,21 @@ import tomllib
 from flwr.app import Context, RecordDict
 from flwr.common.constant import NUM_PARTITIONS_KEY, PARTITION_ID_KEY, SUPERLINK_NODE_ID
 
+from fed_nessa.arguments import seed_arg
 from fed_nessa.config import (
     BUILTIN_DATA_SOURCES,
     ConfigError,
     DevicePolicy,
     FederationConfig,
+    RoundStatus,
     from_run_config,
     policy_from_node_config,
 )
 from fed_nessa.data.population import FederationData
-from fed_nessa.federated.protocol import DEVICES_DIR, shard_folder
+from fed_nessa.federated.protocol import DEVICES_DIR, device_id_of, shard_folder
+from fed_nessa.privacy.ledger import check_key_store, device_id_problem
 from fed_nessa.sim.launcher import config_path, load_apps
+from fed_nessa.sim.replace import Replacement, plan_replacement
 
 DEFAULT_CONFIG = "main"
 ENGINES = ("flower", "fleet")
@@ -81,7 +85,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 def _in_config(exc: ValueError, config_file: str | None, flag: str, overrides: Sequence[str]) -> ValueError:
     """``exc`` with the config file (and whether overrides took part) in front: the line names the file."""
-    where = str(config_path(config_file or DEFAULT_CONFIG)) + (f" + {flag}" if overrides else "")
+    where = str(config_path(DEFAULT_CONFIG if config_file is None else config_file))
+    where += f" + {flag}" if overrides else ""
     named = ConfigError(exc.problems) if isinstance(exc, ConfigError) else ValueError(str(exc))
     named.args = (f"{where}: {exc}",)
     return named
@@ -108,7 +113,7 @@ def _overrides(items: Sequence[str], flag: str) -> dict[str, Any]:
 
 def _tables(config_file: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """The config file's run-config keys and its ``[device]`` table."""
-    table = read_config_file(config_file or DEFAULT_CONFIG)
+    table = read_config_file(DEFAULT_CONFIG if config_file is None else config_file)
     try:
         return split_device_table(table)
     except ValueError as exc:
@@ -129,10 +134,17 @@ def build_policy(config_file: str | None, overrides: Sequence[str] = ()) -> Devi
         raise _in_config(exc, config_file, "--device-set", overrides) from None
 
 
-def build_config(config_file: str | None, overrides: Sequence[str]) -> FederationConfig:
-    """Defaults <- config file <- ``key=value`` overrides, validated; ``run-dir`` made absolute."""
+def build_config(config_file: str | None, overrides: Sequence[str], *,
+                 run_dir: str | Path | None = None) -> FederationConfig:
+    """Defaults <- config file <- ``key=value`` overrides <- ``run_dir``, validated; ``run-dir`` made absolute.
+
+    ``run_dir`` (``--run-dir``) is a path taken literally: through TOML's string syntax a
+    backslash would be an escape (``runs\\new`` a newline) and a quote would end the string.
+    """
     merged, _ = _tables(config_file)
     merged.update(_overrides(overrides, "--set"))
+    if run_dir is not None:
+        merged["run-dir"] = str(run_dir)
     try:
         cfg = from_run_config(merged, base_dir=Path.cwd())
     except ValueError as exc:
@@ -236,23 +248,23 @@ def simulate_fleet(cfg: FederationConfig, policy: DevicePolicy, *, device: str =
 
 
 def replace_run_dir(cfg: FederationConfig) -> None:
-    """``--replace``: remove an earlier run from the run folder, with its key store, before this one starts.
+    """``--replace`` alone: check, then remove an earlier run in ``cfg.run_dir`` and its key store.
 
-    Only a folder that holds a run (what :func:`check_run_dir` refuses) is removed, so a mistyped
-    ``--run-dir`` naming some other folder is never deleted. ``scripts/simulate.sh`` passes it: the
-    main job's ``runs/latest`` is the latest run, not an accumulation of runs.
+    Only a run it can prove is its own is removed (:mod:`fed_nessa.sim.replace`); a mistyped
+    ``--run-dir`` naming some other folder is refused and left as it was. :func:`run_engine`
+    plans the same replacement first and removes only after every other input is checked.
     """
-    import shutil
+    planned = _planned_replacement(cfg)
+    if planned is not None:
+        planned.apply()
 
-    from fed_nessa.privacy.ledger import key_store
 
+def _planned_replacement(cfg: FederationConfig) -> Replacement | None:
+    """What ``--replace`` will remove (None: no earlier run there); raises if it is not provably a run."""
     run_dir = Path(cfg.run_dir)
     if cfg.resume or not run_dir.is_dir() or not _earlier_run(run_dir):
-        return
-    shutil.rmtree(run_dir)
-    store = key_store(run_dir)
-    if store == run_dir.parent / f"{run_dir.name}.keys":  # a store named by FED_NESSA_KEY_STORE is the user's
-        shutil.rmtree(store, ignore_errors=True)
+        return None
+    return plan_replacement(run_dir)
 
 
 def _earlier_run(run_dir: Path) -> list[str]:
@@ -263,8 +275,8 @@ def _earlier_run(run_dir: Path) -> list[str]:
             if (run_dir / name).exists()]
 
 
-def check_run_dir(cfg: FederationConfig) -> Path:
-    """The run folder can be written and holds no earlier run (unless resumed), checked before round 1.
+def check_run_dir(cfg: FederationConfig, *, replacing: bool = False) -> Path:
+    """The run folder can be written and holds no earlier run (unless resumed or being replaced).
 
     A second run into a used folder would append to its ledgers (each device's earlier spending
     counts against its budget, the audit sees two runs' rounds interleaved) and overwrite its
@@ -274,19 +286,23 @@ def check_run_dir(cfg: FederationConfig) -> Path:
 
     run_dir = check_output(cfg.run_dir, "run-dir", "folder")
     used = _earlier_run(run_dir)
-    if used and not cfg.resume:
+    if used and not cfg.resume and not replacing:
         raise ValueError(f"run-dir {run_dir}: holds an earlier run ({', '.join(used)}); its ledgers would carry "
                          "that run's spending into this one: choose a new --run-dir, remove it or pass --replace "
                          "(flower engine: --resume continues it)")
     return run_dir
 
 
-def check_shard_folder(folder: Path) -> None:
+def check_shard_folder(folder: Path, cfg: FederationConfig) -> None:
     """Every shard of a prepared ``data-source`` folder, and its evaluation set, read before the run starts.
 
-    One unreadable, truncated, empty or non-finite shard, or one of other dimensions, is an
-    operator's input fault: one line naming the file, instead of a device failing every round
-    (or the server's pooled baselines failing) after the run folder exists.
+    One unreadable, truncated, empty, all-zero or non-finite shard, one of other dimensions, or
+    one whose name gives no safe device id (:func:`fed_nessa.privacy.ledger.device_id_problem`,
+    unique even where file names ignore case) is an operator's input fault: one line naming
+    the file, instead of a device failing every round (or the server's pooled baselines
+    failing) after the run folder exists. ``num-devices`` must be the folder's
+    shard count: it sizes the cohort and the SecAgg+ range checks, which a different count would
+    make wrong.
     """
     from fed_nessa.data.population import EVAL_FILE, VALIDATION_FILE, load_eval_file
     from fed_nessa.data.shards import ShardError, load_shard, shard_paths
@@ -294,12 +310,26 @@ def check_shard_folder(folder: Path) -> None:
     paths = shard_paths(folder)
     if not paths:
         raise ShardError(folder, "no *.shard.safetensors files")
+    seen: dict[str, Path] = {}
+    for path in paths:
+        dev = device_id_of(path)
+        problem = device_id_problem(dev)
+        if problem:
+            raise ShardError(path, f"{problem}: rename the shard")
+        if dev.lower() in seen:
+            raise ShardError(path, f"device id {dev!r} is also the id of {seen[dev.lower()].name} (ids must differ "
+                                   "in more than letter case): rename one shard")
+        seen[dev.lower()] = path
     first = load_shard(paths[0])
     for path in paths[1:]:
         load_shard(path, expect_dx=first.d_x, expect_dy=first.d_y)
     load_eval_file(folder / EVAL_FILE)
     if (folder / VALIDATION_FILE).exists():
         load_eval_file(folder / VALIDATION_FILE)
+    if cfg.num_devices != len(paths):
+        raise ValueError(f"num-devices = {cfg.num_devices}: the data-source folder {folder} holds {len(paths)} "
+                         f"shard(s), one per device; set num-devices = {len(paths)} (it sizes the cohort and the "
+                         "SecAgg+ range checks)")
 
 
 def _check_torch_device(device: str) -> None:
@@ -318,14 +348,19 @@ def run_engine(cfg: FederationConfig, policy: DevicePolicy, *, engine: str = ENG
                replace: bool = False) -> dict[str, Any]:
     """One run on either engine: what ``fed-nessa simulate`` does after reading its arguments.
 
-    Every input is checked before anything is written: the engine and its torch device, the
-    run folder (:func:`check_run_dir`) and a prepared data-source folder (:func:`check_shard_folder`).
+    Every input is checked before anything is written or removed: the engine and its torch device,
+    a prepared data-source folder (:func:`check_shard_folder`), with ``replace`` that the earlier run
+    is provably one (:func:`fed_nessa.sim.replace.plan_replacement`), the run folder
+    (:func:`check_run_dir`) and the key store (:func:`fed_nessa.privacy.ledger.check_key_store`).
     """
     import torch
 
     torch.set_num_threads(1)  # one process per core is faster here than intra-op threads
     if engine not in ENGINES:
         raise ValueError(f"--engine {engine!r}: allowed values {', '.join(ENGINES)}")
+    if replace and cfg.resume:
+        raise ValueError("--replace and --resume contradict each other: --resume continues the run in the run "
+                         "folder, --replace removes it")
     if engine == "fleet":
         if cfg.resume:
             raise ValueError("--resume: fleet-engine runs are simulations without checkpoints; start a new run folder")
@@ -333,11 +368,13 @@ def run_engine(cfg: FederationConfig, policy: DevicePolicy, *, engine: str = ENG
             raise ValueError(f"data-source {cfg.data_source}: the fleet engine builds its devices in memory from "
                              f"{' or '.join(BUILTIN_DATA_SOURCES)}; run a folder of shards with --engine flower")
         _check_torch_device(device)
-    if replace:
-        replace_run_dir(cfg)
-    check_run_dir(cfg)
     if cfg.data_source not in BUILTIN_DATA_SOURCES:
-        check_shard_folder(Path(cfg.data_source))
+        check_shard_folder(Path(cfg.data_source), cfg)
+    planned = _planned_replacement(cfg) if replace else None
+    check_run_dir(cfg, replacing=planned is not None)
+    check_key_store(cfg.run_dir)
+    if planned is not None:  # every input checked: only now is the earlier run removed
+        planned.apply()
     if engine == "fleet":
         return simulate_fleet(cfg, policy, device=device, quiet=quiet, plant=plant)
     return simulate(cfg, policy=policy, quiet=quiet, verbose=verbose, plant=plant)
@@ -353,8 +390,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", help="run folder (same as --set run-dir=...)")
     parser.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     parser.add_argument("--replace", action="store_true",
-                        help="remove an earlier run from the run folder (and its key store) first; without it a "
-                             "folder holding a run is refused")
+                        help="remove an earlier run from the run folder (and its key store) once every input is "
+                             "checked; only a folder that provably holds a run (a verifying federation ledger, "
+                             "nothing a run does not write) is removed, anything else is refused")
     parser.add_argument("--engine", choices=ENGINES, default=ENGINES[0],
                         help="flower: the real ServerApp/ClientApp with SecAgg+ (the main job); fleet: the same round "
                              "maths vectorised over 10^4-10^6 devices (docs/federation.md)")
@@ -363,7 +401,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="plant M canary pairs (each included with probability 1/2) into the devices before "
                              "round 1, for `fed-nessa audit-empirical --run`; their secret goes to "
                              "RUN_DIR.canaries.npz beside the run folder (docs/privacy.md)")
-    parser.add_argument("--canary-seed", type=int, default=0, help="seed of the canaries and their coins")
+    parser.add_argument("--canary-seed", type=seed_arg, default=0, help="seed of the canaries and their coins")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.add_argument("--verbose", action="store_true", help="show Flower's INFO log (SecAgg+ stages)")
 
@@ -378,13 +416,14 @@ def _canary_planter(args: argparse.Namespace, cfg: FederationConfig) -> Planter 
     return planter(m, getattr(args, "canary_seed", 0), cfg.run_dir)
 
 
+def build_config_from_args(args: argparse.Namespace) -> FederationConfig:
+    """The run config ``fed-nessa simulate`` arguments name (``--run-dir`` and ``--resume`` last)."""
+    overrides = [*args.overrides, *(["resume=true"] if args.resume else [])]
+    return build_config(args.config, overrides, run_dir=args.run_dir)
+
+
 def run_from_args(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides)
-    if args.run_dir:
-        overrides.append(f'run-dir="{args.run_dir}"')
-    if args.resume:
-        overrides.append("resume=true")
-    cfg = build_config(args.config, overrides)
+    cfg = build_config_from_args(args)
     policy = build_policy(args.config, args.device_overrides)
     plant = _canary_planter(args, cfg)
     summary = run_engine(cfg, policy, engine=args.engine, device=args.device, quiet=args.quiet, verbose=args.verbose,
@@ -392,13 +431,30 @@ def run_from_args(args: argparse.Namespace) -> int:
     final = summary["final"]
     print(f"final EER {100 * final['eer']:.2f}%  gap closure {final['gap_closure']}  "
           f"epsilon max {summary['privacy']['epsilon_max']:.3f}  shipped {final['gate']['shipped']}  -> {cfg.run_dir}")
-    applied = [r for r in summary["rounds"] if r.get("status") == "applied"]
+    applied = [r for r in summary["rounds"] if r.get("status") == RoundStatus.APPLIED]
     if not applied:
         reasons = sorted({str(r.get("note", r.get("status"))) for r in summary["rounds"]})
-        print(f"simulate: error: no round released an aggregate, nothing was trained ({'; '.join(reasons)})",
+        declined = decline_reasons(Path(cfg.run_dir))
+        why = f"; devices declined: {'; '.join(declined)}" if declined else ""
+        print(f"simulate: error: no round released an aggregate, nothing was trained ({'; '.join(reasons)}){why}",
               file=sys.stderr)
         return 1
     return 0
+
+
+def decline_reasons(run_dir: Path) -> list[str]:
+    """Every distinct reason devices gave for declining, as the run's federation ledger records them."""
+    from fed_nessa.privacy.chain import read_chain
+    from fed_nessa.privacy.ledger import FEDERATION_LEDGER_NAME
+
+    path = run_dir / FEDERATION_LEDGER_NAME
+    if not path.is_file():
+        return []
+    found: set[str] = set()
+    for entry in read_chain(path).entries:
+        extra = (entry.get("payload") or {}).get("extra") or {}
+        found.update(str(reason) for reason in (extra.get("decline_reasons") or {}) if reason)
+    return sorted(found)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
