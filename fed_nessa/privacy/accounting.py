@@ -241,6 +241,15 @@ def _rdp_total(groups: History) -> np.ndarray:
 
 
 def _rdp_epsilon(rdp: np.ndarray, delta: float) -> float:
+    return rdp_to_epsilon(rdp, RDP_ORDERS, delta)
+
+
+def rdp_to_epsilon(rdp: Sequence[float] | np.ndarray, orders: Sequence[float], delta: float) -> float:
+    """Epsilon at ``delta`` of an RDP curve given at ``orders``, by Opacus' conversion.
+
+    The one RDP -> (epsilon, delta) conversion of the project (Balle et al. 2020, as Opacus
+    implements it), so every mechanism's accountant converts the same way.
+    """
     import warnings
 
     from opacus.accountants.analysis import rdp as rdp_analysis
@@ -248,7 +257,8 @@ def _rdp_epsilon(rdp: np.ndarray, delta: float) -> float:
     with warnings.catch_warnings():
         # "optimal order is the largest/smallest alpha": the bound is still valid, only looser.
         warnings.simplefilter("ignore", UserWarning)
-        eps, _ = rdp_analysis.get_privacy_spent(orders=list(RDP_ORDERS), rdp=rdp, delta=delta)
+        eps, _ = rdp_analysis.get_privacy_spent(orders=list(orders), rdp=np.asarray(rdp, dtype=np.float64),
+                                                delta=delta)
     return float(eps)
 
 
