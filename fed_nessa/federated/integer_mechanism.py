@@ -310,6 +310,9 @@ def decode(field_sum: np.ndarray, params: IntegerMechanismParams, n_devices: int
                          "the accounted noise or the bit width does not cover this sum")
     ints = centred(field_sum, params)
     bound = sum_bound(params, n_devices, wrap_probability)
+    if bound >= params.modulus // 2:
+        raise WrapAroundError(f"too few bits ({params.bits}) for {n_devices} devices: the bound {bound:.0f} "
+                              "reaches the half-range, so a wrap could not be told apart; refused")
     worst = int(np.abs(ints).max())
     if worst > bound:
         raise WrapAroundError(f"decoded sum has a coordinate of magnitude {worst} > bound {bound:.0f} "

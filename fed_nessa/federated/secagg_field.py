@@ -24,6 +24,7 @@ of Flower is patched in place).
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import types
 from typing import Any
 
@@ -85,8 +86,8 @@ def exact_quantize(parameters: list[np.ndarray], clipping_range: float, target_r
 
 
 def _exact_flower_mod() -> Any:
-    from flwr.client.mod.secure_aggregation import secaggplus_mod as module
-
+    # the package re-exports the function under the module's name: import the module itself
+    module = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
     scope: dict[str, Any] = dict(vars(module))
     scope["quantize"] = exact_quantize
     for name in ("_collect_masked_vectors", "secaggplus_mod"):
