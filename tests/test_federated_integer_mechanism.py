@@ -209,7 +209,7 @@ def test_build_params_sizes_and_refusals() -> None:
     small, large = _params(dim=78000, n=1000), _params(dim=78000, n=1_000_000)
     assert small.padded_dim == 131072 and small.bits < large.bits <= im.MAX_BITS
     assert small.norm_bound / (small.scale * small.l2_clip) - 1 < 0.003  # the stated inflation at the default
-    assert small.central_variance == pytest.approx((1.0 * small.norm_bound) ** 2)
+    assert small.central_variance == pytest.approx((1.0 * small.scale * small.l2_clip) ** 2)  # equal noise
     with pytest.raises(ValueError, match="bits"):
         _params(dim=78000, n=10 ** 9)
     with pytest.raises(ValueError, match="padded_dim"):

@@ -96,7 +96,10 @@ def build_params(dim: int, l2_clip: float, noise_multiplier: float, rotation_see
                  max_devices: int, beta: float = DEFAULT_BETA,
                  clip_per_sqrt_dim: float = DEFAULT_CLIP_PER_SQRT_DIM,
                  wrap_probability: float = DEFAULT_WRAP_PROBABILITY) -> IntegerMechanismParams:
-    """Parameters for ``dim`` values clipped to ``l2_clip``, central noise std ``noise_multiplier x norm_bound``.
+    """Parameters for ``dim`` values clipped to ``l2_clip`` and a central noise std of ``noise_multiplier x l2_clip``.
+
+    The noise multiplier means what the continuous Gaussian's does (std over the clip, in the
+    input's units), so equal multipliers are equal noise; the accountant charges the rounded bound.
 
     The scale puts the clip at ``clip_per_sqrt_dim x sqrt(padded_dim)`` integer units; the bit
     width is the smallest that holds :func:`sum_bound` at ``max_devices`` with probability
@@ -105,7 +108,7 @@ def build_params(dim: int, l2_clip: float, noise_multiplier: float, rotation_see
     padded = padded_dimension(dim)
     scale = clip_per_sqrt_dim * math.sqrt(padded) / l2_clip
     norm_bound = rounded_l2_norm_bound(scale * l2_clip, beta, padded)
-    device_variance = (noise_multiplier * norm_bound) ** 2 / min_devices
+    device_variance = (noise_multiplier * scale * l2_clip) ** 2 / min_devices
     draft = IntegerMechanismParams(dim, padded, scale, MAX_BITS, l2_clip, norm_bound, beta, device_variance,
                                    rotation_seed, min_devices, max_devices)
     bound = sum_bound(draft, max_devices, wrap_probability)
