@@ -291,3 +291,56 @@ def test_exact_secaggplus_mod_is_flowers_mod_with_our_quantizer() -> None:
     assert exact_secaggplus_mod.__code__ is flower.secaggplus_mod.__code__
     assert flower.quantize is not exact_quantize  # Flower itself is untouched
     assert "quantize" in flower._collect_masked_vectors.__code__.co_names  # the name we rebind is still used
+
+
+def _run_real_secaggplus(encodings: np.ndarray, params: im.IntegerMechanismParams) -> np.ndarray:
+    """One real SecAgg+ round (Flower's workflow and client mod, in-process Grid) over ``encodings``."""
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+    from flwr.common.constant import PARTITION_ID_KEY
+    from flwr.compat.common import recorddict_compat as compat
+    from flwr.server.client_manager import SimpleClientManager
+    from flwr.server.compat.legacy_context import LegacyContext
+    from flwr.server.workflow import SecAggPlusWorkflow
+    from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+    from flwr.server.workflow.constant import Key as WorkflowKey
+
+    from fed_nessa.sim.grid import InProcessGrid
+    from server.secagg_round import _CohortStrategy
+
+    app = ClientApp(mods=[exact_secaggplus_mod])
+
+    @app.train()
+    def train(msg: Message, ctx: Context) -> Message:
+        vec = to_flower(encodings[int(ctx.node_config[PARTITION_ID_KEY])], params)
+        res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([vec]), num_examples=1, metrics={})
+        return Message(compat.fitres_to_recorddict(res, keep_input=True), reply_to=msg)
+
+    n = len(encodings)
+    grid = InProcessGrid(app, n, {})
+    strategy = _CohortStrategy(grid, 1, list(grid.get_node_ids()), {})
+    state = RecordDict()
+    state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: 1})
+    state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord([np.zeros(1, np.float32)])
+    legacy = LegacyContext(Context(run_id=1, node_id=1, node_config={}, state=state, run_config={}),
+                           strategy=strategy, client_manager=SimpleClientManager())
+    s = flower_settings(params)
+    SecAggPlusWorkflow(num_shares=n, reconstruction_threshold=3, max_weight=s.max_weight,
+                       clipping_range=s.clipping_range, quantization_range=s.quantization_range,
+                       modulus_range=s.modulus_range)(grid, legacy)
+    assert strategy.mean is not None, strategy.failures
+    return field_sum_from_flower(strategy.mean, len(strategy.arrived), params)
+
+
+def test_a_real_secaggplus_round_sums_our_field_exactly_with_no_global_draw(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower's workflow + our exact mod: the unmasked sum is the modular sum; numpy's global generator never used."""
+    params = im.build_params(100, 1.0, 1.0, 21, min_devices=5, max_devices=5)
+    noise = ReproducibleNoise(15, "round")
+    encodings = np.stack([im.encode(x, params, noise) for x in np.random.default_rng(16).normal(size=(5, 100))])
+    for name in ("rand", "randn", "random", "random_sample", "randint", "uniform", "normal", "choice", "seed"):
+        monkeypatch.setattr(np.random, name, _raise)
+    revealed = _run_real_secaggplus(encodings, params)
+    assert np.array_equal(revealed, im.modular_sum(encodings, params))
+    decoded = im.decode(revealed, params, 5)
+    assert decoded.shape == (100,)
