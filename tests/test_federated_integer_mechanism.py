@@ -344,3 +344,27 @@ def test_a_real_secaggplus_round_sums_our_field_exactly_with_no_global_draw(monk
     assert np.array_equal(revealed, im.modular_sum(encodings, params))
     decoded = im.decode(revealed, params, 5)
     assert decoded.shape == (100,)
+
+
+def test_summed_noise_has_the_law_of_the_sum_of_shares() -> None:
+    params = dataclasses.replace(_params(dim=200, n=4), device_variance=7.0)
+    noise = ReproducibleNoise(17, "summed")
+    draws = np.concatenate([im.summed_noise(params, 4, noise) for _ in range(100)])
+    assert _chi_square_pvalue(draws, lambda k: skellam_log_pmf(k, 28.0)) > 1e-3
+    assert _chi_square_pvalue(draws, lambda k: skellam_log_pmf(k, 7.0)) < 1e-6
+
+
+def test_example_level_rounds_each_example_on_its_own() -> None:
+    """encode_many: one share over the integer sum of per-row roundings, each row within the norm bound."""
+    params = dataclasses.replace(im.build_params(300, 0.5, 1.0, 3, min_devices=2, max_devices=2,
+                                                 vectors_per_device=4), device_variance=0.0)
+    rows = np.random.default_rng(18).normal(size=(4, 300))
+    total = im.centred(im.encode_many(rows, params, ReproducibleNoise(19, "rows")), params)
+    again = ReproducibleNoise(19, "rows")
+    per_row = [im.encode_rounded(r, params, again) for r in rows]
+    assert np.array_equal(total, np.sum(per_row, axis=0))  # the same draws, row by row, then summed
+    assert all(int(np.dot(r, r)) <= params.norm_bound ** 2 for r in per_row)
+    with pytest.raises(ValueError, match="at most 4 row"):
+        im.encode_many(np.zeros((5, 300)), params, again)
+    # the bit width counts rounded vectors, not devices
+    assert im.sum_bound(params, 2) > im.sum_bound(dataclasses.replace(params, vectors_per_device=1), 2)

@@ -59,6 +59,10 @@ class IntegerMechanismParams:
     rotation_seed: int
     min_devices: int
     max_devices: int
+    #: Rounded vectors one device may sum: 1 at device level; at example level, the most examples a
+    #: device may round in one round (each example is rounded on its own, so one example's
+    #: sensitivity is ``norm_bound``).
+    vectors_per_device: int = 1
 
     def __post_init__(self) -> None:
         if self.padded_dim != padded_dimension(self.dim):
@@ -69,6 +73,8 @@ class IntegerMechanismParams:
             raise ValueError(f"scale, l2_clip must be > 0 and device_variance >= 0, got {self}")
         if not 1 <= self.min_devices <= self.max_devices:
             raise ValueError(f"need 1 <= min_devices <= max_devices, got {self.min_devices}, {self.max_devices}")
+        if self.vectors_per_device < 1:
+            raise ValueError(f"vectors_per_device must be >= 1, got {self.vectors_per_device}")
 
     @property
     def modulus(self) -> int:
@@ -93,7 +99,7 @@ def padded_dimension(dim: int) -> int:
 
 
 def build_params(dim: int, l2_clip: float, noise_multiplier: float, rotation_seed: int, min_devices: int,
-                 max_devices: int, beta: float = DEFAULT_BETA,
+                 max_devices: int, vectors_per_device: int = 1, beta: float = DEFAULT_BETA,
                  clip_per_sqrt_dim: float = DEFAULT_CLIP_PER_SQRT_DIM,
                  wrap_probability: float = DEFAULT_WRAP_PROBABILITY) -> IntegerMechanismParams:
     """Parameters for ``dim`` values clipped to ``l2_clip`` and a central noise std of ``noise_multiplier x l2_clip``.
@@ -110,7 +116,7 @@ def build_params(dim: int, l2_clip: float, noise_multiplier: float, rotation_see
     norm_bound = rounded_l2_norm_bound(scale * l2_clip, beta, padded)
     device_variance = (noise_multiplier * scale * l2_clip) ** 2 / min_devices
     draft = IntegerMechanismParams(dim, padded, scale, MAX_BITS, l2_clip, norm_bound, beta, device_variance,
-                                   rotation_seed, min_devices, max_devices)
+                                   rotation_seed, min_devices, max_devices, vectors_per_device)
     bound = sum_bound(draft, max_devices, wrap_probability)
     bits = math.ceil(math.log2(bound + 1)) + 1
     if bits > MAX_BITS:
@@ -142,16 +148,18 @@ def sum_bound(params: IntegerMechanismParams, n_devices: int,
               wrap_probability: float = DEFAULT_WRAP_PROBABILITY) -> float:
     """B such that every coordinate of the integer sum of ``n_devices`` encodings is within +-B w.p. >= 1 - p.
 
-    Three parts, union-bounded over the padded coordinates, half of ``p`` each for signal and noise:
+    Three parts, union-bounded over the padded coordinates, half of ``p`` each for signal and noise
+    (``m = n x vectors_per_device`` rounded vectors):
     - signal: for inputs fixed before the public seed, a coordinate of the rotated sum (norm
-      <= n x scale x clip) is sub-Gaussian with variance proxy ``(n scale clip)^2 / padded_dim``;
-    - rounding: each device moves each coordinate by less than 1, so by less than n in all;
+      <= m x scale x clip) is sub-Gaussian with variance proxy ``(m scale clip)^2 / padded_dim``;
+    - rounding: each vector moves each coordinate by less than 1, so by less than m in all;
     - noise: Sk(n x device_variance), by its Chernoff bound.
     """
     d = params.padded_dim
-    signal = math.sqrt(2.0 * math.log(4.0 * d / wrap_probability)) * n_devices * params.scale * params.l2_clip
+    vectors = n_devices * params.vectors_per_device
+    signal = math.sqrt(2.0 * math.log(4.0 * d / wrap_probability)) * vectors * params.scale * params.l2_clip
     noise = _skellam_tail_bound(n_devices * params.device_variance, wrap_probability / (2.0 * d))
-    return signal / math.sqrt(d) + n_devices + noise
+    return signal / math.sqrt(d) + vectors + noise
 
 
 def rotation_signs(seed: int, padded_dim: int) -> np.ndarray:
@@ -282,9 +290,33 @@ def encode_rounded(x: np.ndarray, params: IntegerMechanismParams, noise: NoiseSo
 
 def encode(x: np.ndarray, params: IntegerMechanismParams, noise: NoiseSource) -> np.ndarray:
     """One device's field element vector in ``[0, 2^bits)`` (int64): rounded vector + Skellam share, mod 2^bits."""
-    rounded = encode_rounded(x, params, noise)
-    noisy = rounded + skellam_share(params.device_variance, params.padded_dim, noise)
-    return np.mod(noisy, params.modulus)
+    return encode_many(np.asarray(x)[None, :], params, noise)
+
+
+def encode_many(rows: np.ndarray, params: IntegerMechanismParams, noise: NoiseSource) -> np.ndarray:
+    """One device's field elements for several vectors (example level: one row per example's clipped gradient).
+
+    Each row is clipped, rotated and conditionally rounded on its own, the integer vectors are
+    summed and ONE Skellam share is added: adding or removing one example moves the integer sum by
+    that example's rounded vector, norm <= ``norm_bound``. Rounding the sum instead would not bound
+    one example's effect by ``norm_bound`` (two roundings of neighbouring sums are not coupled).
+    """
+    if rows.ndim != 2 or rows.shape[0] > params.vectors_per_device:
+        raise ValueError(f"encoder expects at most {params.vectors_per_device} row(s) of {params.dim} values, "
+                         f"got shape {rows.shape}")
+    total = np.zeros(params.padded_dim, np.int64)
+    for row in rows:
+        total += encode_rounded(row, params, noise)
+    return np.mod(total + skellam_share(params.device_variance, params.padded_dim, noise), params.modulus)
+
+
+def summed_noise(params: IntegerMechanismParams, n_devices: int, noise: NoiseSource) -> np.ndarray:
+    """The sum of ``n_devices`` devices' Skellam shares drawn at once: ``Sk(n x device_variance)``, the same law.
+
+    What a simulator's fast numerics may draw instead of every share (a sum of independent
+    Skellams is Skellam; tested against the sum of shares).
+    """
+    return skellam_share(n_devices * params.device_variance, params.padded_dim, noise)
 
 
 def modular_sum(encodings: np.ndarray, params: IntegerMechanismParams) -> np.ndarray:
