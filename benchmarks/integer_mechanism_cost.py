@@ -22,7 +22,7 @@ import numpy as np
 from fed_nessa.federated.integer_mechanism import build_params, encode, padded_dimension
 from fed_nessa.privacy.accounting import RDP_ORDERS, rdp_to_epsilon
 from fed_nessa.privacy.noise import SecureNoise
-from fed_nessa.privacy.skellam import SKELLAM_ORDERS, SkellamRelease, poisson_subsampled_rdp, skellam_epsilon
+from fed_nessa.privacy.skellam import SKELLAM_ORDERS, poisson_subsampled_rdp, skellam_epsilon
 
 #: (name, noise multiplier, sample rate, steps): the statistics round at about epsilon 8, and a DP-SGD span.
 SCHEDULES = (("statistics round", 0.64, 1.0, 1), ("DP-SGD span", 1.5, 0.02, 1000))
@@ -62,7 +62,7 @@ def rows(dims: list[int], devices: list[int], delta: float) -> list[dict]:
         for n in devices:
             for name, z, q, steps in SCHEDULES:
                 p = build_params(dim, 1.0, z, rotation_seed=1, min_devices=n, max_devices=n)
-                sk = skellam_epsilon([SkellamRelease(p.norm_bound, p.l1_bound, p.central_variance, q, steps)], delta)
+                sk = skellam_epsilon([p.release(q, steps)], delta)
                 gauss = gaussian_epsilon(z, q, steps, delta)
                 out.append({"dims": same, "devices": n, "schedule": name, "noise_multiplier": z,
                             "padded_dim": p.padded_dim,

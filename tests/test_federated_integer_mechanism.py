@@ -368,3 +368,15 @@ def test_example_level_rounds_each_example_on_its_own() -> None:
         im.encode_many(np.zeros((5, 300)), params, again)
     # the bit width counts rounded vectors, not devices
     assert im.sum_bound(params, 2) > im.sum_bound(dataclasses.replace(params, vectors_per_device=1), 2)
+
+
+def test_edited_parameters_are_refused_and_the_release_is_what_is_accounted() -> None:
+    params = _params(dim=500, n=10)
+    for field, value in (("norm_bound", params.norm_bound * 0.9), ("scale", params.scale * 2),
+                         ("l2_clip", 0.5), ("beta", 0.01)):
+        with pytest.raises(ValueError, match="is not the rounded bound"):
+            dataclasses.replace(params, **{field: value})
+    release = params.release(0.02, 30)
+    assert (release.l2_sensitivity, release.l1_sensitivity) == (params.norm_bound, params.l1_bound)
+    assert release.variance == params.device_variance * params.min_devices
+    assert (release.sample_rate, release.steps) == (0.02, 30)

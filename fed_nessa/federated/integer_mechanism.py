@@ -26,7 +26,7 @@ import math
 import numpy as np
 
 from fed_nessa.privacy.noise import NoiseSource
-from fed_nessa.privacy.skellam import DEFAULT_BETA, integer_l1_bound, rounded_l2_norm_bound
+from fed_nessa.privacy.skellam import DEFAULT_BETA, SkellamRelease, integer_l1_bound, rounded_l2_norm_bound
 
 #: Scaled clip per sqrt(padded dim): the rounding's L2 inflation is about 1/(8 k^2) (0.2 % at 8).
 DEFAULT_CLIP_PER_SQRT_DIM = 8.0
@@ -75,6 +75,12 @@ class IntegerMechanismParams:
             raise ValueError(f"need 1 <= min_devices <= max_devices, got {self.min_devices}, {self.max_devices}")
         if self.vectors_per_device < 1:
             raise ValueError(f"vectors_per_device must be >= 1, got {self.vectors_per_device}")
+        # The accountant charges norm_bound: it must be the bound the rounding was built for, so a record
+        # whose scale, clip, beta or bound was edited is refused rather than accounted.
+        expected = rounded_l2_norm_bound(self.scale * self.l2_clip, self.beta, self.padded_dim)
+        if self.norm_bound != expected:
+            raise ValueError(f"norm_bound {self.norm_bound!r} is not the rounded bound {expected!r} of scale x clip "
+                             f"{self.scale * self.l2_clip:g}, beta {self.beta:g}, padded_dim {self.padded_dim}")
 
     @property
     def modulus(self) -> int:
@@ -89,6 +95,10 @@ class IntegerMechanismParams:
     def central_variance(self) -> float:
         """Per-coordinate Skellam variance of the sum when the fewest allowed devices contribute."""
         return self.device_variance * self.min_devices
+
+    def release(self, sample_rate: float = 1.0, steps: int = 1) -> SkellamRelease:
+        """What the accountant charges for ``steps`` releases at ``sample_rate`` (add/remove one device or example)."""
+        return SkellamRelease(self.norm_bound, self.l1_bound, self.central_variance, sample_rate, steps)
 
 
 def padded_dimension(dim: int) -> int:
