@@ -93,6 +93,18 @@ def test_zhu_wang_bounds_the_exact_subsampled_gaussian(q: float) -> None:
     assert np.array_equal(poisson_subsampled_rdp(base, 1.0), base)
 
 
+def test_zhu_wang_matches_the_theorem_written_out() -> None:
+    """Theorem 6 of Zhu & Wang (2019) term by term in plain arithmetic, for a few small orders."""
+    q = 0.1
+    base = [0.3 * a + 0.02 * a * a for a in range(2, 12)]  # any RDP curve
+    ours = poisson_subsampled_rdp(base, q)
+    for i, a in enumerate(range(2, 12)):
+        total = (1 - q) ** (a - 1) * (a * q - q + 1) + math.comb(a, 2) * q ** 2 * (1 - q) ** (a - 2) * math.exp(base[0])
+        total += 3 * sum(math.comb(a, ell) * (1 - q) ** (a - ell) * q ** ell * math.exp((ell - 1) * base[ell - 2])
+                         for ell in range(3, a + 1))
+        assert ours[i] == pytest.approx(min(math.log(total) / (a - 1), base[i]), rel=1e-12)
+
+
 def test_large_variance_epsilon_approaches_the_gaussian_at_equal_noise() -> None:
     l2, l1, sigma = 3000.0, 3000.0 * 362, 1.0
     variance = (sigma * l2) ** 2
