@@ -11,6 +11,8 @@ from fed_nessa.privacy.accounting import rdp_to_epsilon
 from fed_nessa.privacy.skellam import (
     SKELLAM_ORDERS,
     SkellamRelease,
+    audit_release,
+    audit_shift,
     calibrate_variance,
     integer_l1_bound,
     numerical_divergence,
@@ -141,3 +143,23 @@ def test_bad_inputs_are_refused() -> None:
         release_rdp(SkellamRelease(1.0, 1.0, 1.0), orders=(2, 4))
     with pytest.raises(ValueError, match="epsilon"):
         calibrate_variance(0.0, 1e-5, 1.0, 1.0)
+
+
+def test_audit_shift_stays_within_the_norm() -> None:
+    for l2, dim in ((3.7, 100), (50.0, 100), (2902.5, 131072), (0.5, 10)):
+        shift = audit_shift(l2, dim)
+        assert shift.size <= dim and float(np.linalg.norm(shift)) <= max(l2, 1.0)
+
+
+def test_audit_release_passes_the_accounted_release_and_catches_a_low_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fed_nessa.privacy import skellam
+
+    release = SkellamRelease(60.0, integer_l1_bound(60.0, 1024), 60.0 ** 2 * 1.1, 1.0, 3)
+    ratio = audit_release(release, 1024, orders=tuple(range(2, 17)))
+    assert 0.9 < ratio <= 1.0
+    sub = SkellamRelease(60.0, integer_l1_bound(60.0, 1024), 60.0 ** 2 * 1.1, 0.05, 40)
+    assert audit_release(sub, 1024, orders=tuple(range(2, 17))) <= 1.0
+    # a closed form that forgot half the Gaussian term is caught
+    monkeypatch.setattr(skellam, "skellam_rdp", lambda a, l2, l1, mu: a * l2 ** 2 / (4 * mu))
+    with pytest.raises(ArithmeticError, match="closed form"):
+        audit_release(release, 1024, orders=tuple(range(2, 17)))
