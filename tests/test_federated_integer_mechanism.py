@@ -293,6 +293,44 @@ def test_exact_secaggplus_mod_is_flowers_mod_with_our_quantizer() -> None:
     assert "quantize" in flower._collect_masked_vectors.__code__.co_names  # the name we rebind is still used
 
 
+def _capture_strategy(grid):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+    """A legacy Strategy that sends every node the same FitIns and keeps the unmasked aggregate."""
+    from flwr.common import FitIns
+    from flwr.server.compat.grid_client_proxy import GridClientProxy
+    from flwr.server.strategy import Strategy
+
+    class Capture(Strategy):
+        mean: np.ndarray | None = None
+        arrived: list[int] = []
+        failures: list[str] = []
+
+        def initialize_parameters(self, client_manager):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+            return None
+
+        def configure_fit(self, server_round, parameters, client_manager):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+            return [(GridClientProxy(nid, grid, 1), FitIns(parameters, {})) for nid in grid.get_node_ids()]
+
+        def aggregate_fit(self, server_round, results, failures):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+            from flwr.common import parameters_to_ndarrays
+
+            self.failures = [str(f) for f in failures]
+            if results:
+                self.mean = parameters_to_ndarrays(results[0][1].parameters)[0]
+                self.arrived = [int(proxy.node_id) for proxy, _ in results]
+            return None, {}
+
+        def configure_evaluate(self, server_round, parameters, client_manager):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+            return []
+
+        def aggregate_evaluate(self, server_round, results, failures):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+            return None, {}
+
+        def evaluate(self, server_round, parameters):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+            return None
+
+    return Capture()
+
+
 def _run_real_secaggplus(encodings: np.ndarray, params: im.IntegerMechanismParams) -> np.ndarray:
     """One real SecAgg+ round (Flower's workflow and client mod, in-process Grid) over ``encodings``."""
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -307,7 +345,6 @@ def _run_real_secaggplus(encodings: np.ndarray, params: im.IntegerMechanismParam
     from flwr.server.workflow.constant import Key as WorkflowKey
 
     from fed_nessa.sim.grid import InProcessGrid
-    from server.secagg_round import _CohortStrategy
 
     app = ClientApp(mods=[exact_secaggplus_mod])
 
@@ -319,7 +356,7 @@ def _run_real_secaggplus(encodings: np.ndarray, params: im.IntegerMechanismParam
 
     n = len(encodings)
     grid = InProcessGrid(app, n, {})
-    strategy = _CohortStrategy(grid, 1, list(grid.get_node_ids()), {})
+    strategy = _capture_strategy(grid)
     state = RecordDict()
     state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: 1})
     state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord([np.zeros(1, np.float32)])
