@@ -56,10 +56,21 @@ def _one_step(q: float, sigma: float) -> np.ndarray:
 
 
 def _to_epsilon(rdp: np.ndarray, delta: float) -> float:
+    return rdp_to_epsilon(rdp, RDP_ORDERS, delta)
+
+
+def rdp_to_epsilon(rdp: Sequence[float] | np.ndarray, orders: Sequence[float], delta: float) -> float:
+    """Epsilon at ``delta`` of an RDP curve given at ``orders``, by Opacus' conversion.
+
+    The one RDP -> (epsilon, delta) conversion of the project (Balle et al. 2020, as Opacus
+    implements it), so every mechanism's accountant (the Gaussian's here, the integer mechanism's in
+    :mod:`fed_nessa.privacy.skellam`) converts the same way.
+    """
     from opacus.accountants.analysis import rdp as rdp_analysis
 
     with warnings.catch_warnings():
         # "optimal order is the largest/smallest alpha": the bound is still valid, only looser.
         warnings.simplefilter("ignore", UserWarning)
-        eps, _ = rdp_analysis.get_privacy_spent(orders=list(RDP_ORDERS), rdp=rdp, delta=delta)
+        eps, _ = rdp_analysis.get_privacy_spent(orders=list(orders), rdp=np.asarray(rdp, dtype=np.float64),
+                                                delta=delta)
     return float(eps)
