@@ -421,7 +421,7 @@ def fleet_overrides(config_file: str | None, overrides: list[str],
         settings = derive(run_table, device_table)
     except ValueError as exc:
         raise _in_config(exc, config_file, "--set", overrides) from None
-    print(settings.describe(int(run_table.get("num-devices", FederationConfig().num_devices))), file=sys.stderr)
+    print(settings.describe(int(run_table.get("num-devices", FederationConfig().num_devices))), flush=True)
     return as_overrides(settings.run) + overrides, as_overrides(settings.device) + device_overrides
 
 
