@@ -57,8 +57,8 @@ class RunState:
 
     @property
     def finished(self) -> bool:
-        """A run is finished once its summary has a ``final`` block."""
-        return isinstance(self.summary.get("final"), dict)
+        """A run is finished once its summary's ``final`` block has figures (running: absent, null or empty)."""
+        return bool(obj(self.summary.get("final")))
 
 
 def _json_file(path: Path, notes: list[str]) -> dict[str, Any]:
