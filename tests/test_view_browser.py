@@ -46,7 +46,8 @@ def browser() -> Iterator[Any]:
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), "OMP_NUM_THREADS": "1"}
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture()
@@ -75,7 +76,8 @@ def _wait(predicate: Callable[[], Any], timeout: float, what: str,
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if proc is not None and proc.poll() not in (None, 0):
-            raise AssertionError(f"the run failed while waiting for {what}: {proc.stderr.read() if proc.stderr else ''}")
+            said = proc.stderr.read() if proc.stderr else ""
+            raise AssertionError(f"the run failed while waiting for {what}: {said}")
         value = predicate()
         if value:
             return value
