@@ -110,3 +110,14 @@ def test_a_fleet_run_reports_the_real_epsilon_every_round(tmp_path: Path) -> Non
     eps = [r["epsilon_max"] for r in summary["rounds"]]
     assert eps[0] > 0 and all(b >= a for a, b in zip(eps, eps[1:])) and eps[1] > eps[0]
     assert math.isclose(eps[-1], summary["privacy"]["epsilon_max"], rel_tol=1e-9)
+
+
+@pytest.mark.parametrize(("name", "devices", "unit"), [("fleet-10k", 10_000, "example"),
+                                                       ("fleet-100k", 100_000, "example"),
+                                                       ("device-level-100k", 100_000, "device")])
+def test_the_named_fleet_configs_configure_themselves(name: str, devices: int, unit: str) -> None:
+    run, device = fleet_overrides(name, [], [])
+    cfg, policy = build_config(name, run), build_policy(name, device)
+    assert cfg.num_devices == devices and cfg.privacy_unit == policy.privacy_unit == unit
+    assert devices * cfg.secagg_quantization_range < SECAGG_MODULUS_RANGE
+    assert policy.guaranteed_arrivals == math.ceil(0.8 * devices) and policy.delta == cfg.delta < 1 / devices
