@@ -15,7 +15,7 @@ from typing import Any
 from fed_nessa.view.run_state import RunState, obj, spend_summary
 
 #: Rounds shown in the table (the latest ones; the charts show all).
-TABLE_ROUNDS = 40
+TABLE_ROUNDS = 15
 #: Devices listed by most epsilon spent.
 TOP_DEVICES = 10
 #: Seconds between two refreshes of the live part.
@@ -88,7 +88,7 @@ def rounds_section(state: RunState) -> str:
                      esc(r.get("declined")), esc(r.get("failed")), pct(r.get("eer")),
                      num(r.get("epsilon_max")), num(r.get("seconds"))])
     earlier = len(state.rounds) - TABLE_ROUNDS
-    more = f'<p class="note">{earlier} earlier round(s) in the charts.</p>' if earlier > 0 else ""
+    more = f'<p class="note">the latest {TABLE_ROUNDS}; {earlier} earlier round(s) in the charts</p>' if earlier > 0 else ""
     return ("<h2>Rounds</h2>" + more + table(
         ["round", "phase", "status", "why", "arrivals / promised", "declined", "failed", "EER", "epsilon max",
          "seconds"], reversed(rows)))
@@ -102,7 +102,7 @@ def quality_section(state: RunState, stamp: str) -> str:
                                ("non-DP reference (centralised NESSA)", "centralised_nessa"), ("ridge", "ridge"))
             if not key or key in final]
     gate = _block(final, "gate")
-    gate_rows = [[esc(k), esc(v)] for k, v in gate.items() if not isinstance(v, dict | list)]
+    gate_rows = [[esc(k), num(v, ".4g")] for k, v in gate.items() if not isinstance(v, dict | list)]
     gate_html = table(["gate", ""], gate_rows) if gate_rows else '<p class="note">no gate decision yet</p>'
     body = table(["aligner", "EER"], rows) if final else '<p class="note">final figures when the run ends</p>'
     return (f'<h2>Quality</h2><div class="grid"><img alt="EER per round" src="chart/quality.svg?v={stamp}">'
@@ -158,8 +158,8 @@ def engine_section(state: RunState, stamp: str) -> str:
 
 def fragment(state: RunState, name: str, stamp: str) -> str:
     """The live part of the page (re-fetched every few seconds)."""
-    return "".join([header(state, name), rounds_section(state), quality_section(state, stamp),
-                    privacy_section(state, stamp), engine_section(state, stamp)])
+    return "".join([header(state, name), quality_section(state, stamp), privacy_section(state, stamp),
+                    engine_section(state, stamp), rounds_section(state)])
 
 
 def page(state: RunState, name: str, stamp: str, nonce: str) -> str:
