@@ -88,7 +88,8 @@ def rounds_section(state: RunState) -> str:
                      esc(r.get("declined")), esc(r.get("failed")), pct(r.get("eer")),
                      num(r.get("epsilon_max")), num(r.get("seconds"))])
     earlier = len(state.rounds) - TABLE_ROUNDS
-    more = f'<p class="note">the latest {TABLE_ROUNDS}; {earlier} earlier round(s) in the charts</p>' if earlier > 0 else ""
+    more = (f'<p class="note">the latest {TABLE_ROUNDS}; {earlier} earlier round(s) in the charts</p>'
+            if earlier > 0 else "")
     return ("<h2>Rounds</h2>" + more + table(
         ["round", "phase", "status", "why", "arrivals / promised", "declined", "failed", "EER", "epsilon max",
          "seconds"], reversed(rows)))
