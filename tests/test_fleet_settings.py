@@ -122,3 +122,22 @@ def test_the_named_fleet_configs_configure_themselves(name: str, devices: int, u
     assert devices * cfg.secagg_quantization_range < SECAGG_MODULUS_RANGE
     assert policy.guaranteed_arrivals == math.ceil(0.8 * devices) and policy.delta == cfg.delta
     assert unit == "example" or cfg.delta < 1 / devices  # device level: delta below 1 / devices
+
+
+@pytest.mark.slow
+def test_a_fleet_run_writes_a_progress_summary_for_the_viewer(tmp_path: Path) -> None:
+    """Before, the fleet engine wrote summary.json only at the end: `fed-nessa view` saw nothing live."""
+    from fed_nessa.sim.fleet import PROGRESS_EVERY, run_fleet
+
+    run = tmp_path / "run"
+    overrides, device = fleet_overrides("smoke", ["num-server-rounds=7", f'run-dir="{run}"'], [])
+    seen: list[tuple[int, int, object]] = []
+
+    def progress(event: dict) -> None:
+        if event["event"] == "round" and (run / "summary.json").exists():
+            live = json.loads((run / "summary.json").read_text())
+            seen.append((event["round"], len(live["rounds"]), live["final"]))
+
+    run_fleet(build_config("smoke", overrides), build_policy("smoke", device), progress=progress)
+    assert (1, 1, None) in seen and (PROGRESS_EVERY, PROGRESS_EVERY, None) in seen
+    assert json.loads((run / "summary.json").read_text())["final"]  # the full summary at the end
