@@ -121,3 +121,19 @@ def test_path_traversal_is_refused_over_http(served: tuple[str, int]) -> None:
                  "/file/%2e%2e%2f%2e%2e%2fetc%2fpasswd", "/../secret.json", "/file//etc/passwd"):
         status, body = _raw_get(host, port, path)
         assert status in (400, 404) and b"secret" not in body, (path, status)
+
+
+@pytest.mark.parametrize(("args", "fault"), [(["--port", "70000"], "--port 70000: allowed range [0, 65535]"),
+                                             ([], "not a folder")])
+def test_view_refuses_bad_input_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture, args: list[str],
+                                            fault: str) -> None:
+    from fed_nessa.cli import main
+
+    target = tmp_path / "run"
+    if not args:
+        target.write_text("not a run folder")
+    else:
+        target.mkdir()
+    assert main(["view", str(target), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fault in err[0] and err[0].startswith("fed-nessa view: error:")
