@@ -65,6 +65,11 @@ def test_the_state_is_read_defensively(tmp_path: Path) -> None:
     assert state.rounds == [] and any("summary.json" in n for n in state.notes)
     assert read_run(tmp_path / "absent", DeviceLedgers()).rounds == []
     assert federation_rounds(tmp_path / "absent.jsonl") == ({}, {})
+    span = {"kind": "span", "payload": {"first_round": 2, "last_round": 4, "joined": ["a", "b"], "declined": [],
+                                        "failed": [], "extra": {"guaranteed_arrivals": 2}}}
+    (run / "federation-ledger.jsonl").write_text(json.dumps(span) + "\n")
+    rounds, _ = federation_rounds(run / "federation-ledger.jsonl")
+    assert sorted(rounds) == [2, 3, 4] and rounds[3]["guaranteed_arrivals"] == 2 and rounds[3]["joined"] == 2
 
 
 def test_nothing_outside_the_run_folder_is_served(tmp_path: Path) -> None:

@@ -30,6 +30,8 @@ from fed_nessa.privacy.ledger import (
 )
 
 AUDIT_FILE = Path("audit") / "audit.json"
+#: The longest span the view spreads over its rounds (the run config's num-server-rounds limit).
+MAX_SPAN_ROUNDS = 100_000
 
 
 @dataclass
@@ -112,8 +114,12 @@ def federation_rounds(path: Path) -> tuple[dict[int, dict[str, Any]], Counter[st
         if not isinstance(first, int):
             continue
         counts = {k: len(p[k]) if isinstance(p.get(k), list) else 0 for k in ("joined", "declined", "failed")}
-        rounds[first] = {**counts, "last_round": p.get("last_round", first), **{
+        last = p.get("last_round", first)
+        info = {**counts, "last_round": last, **{
             k: extra[k] for k in ("guaranteed_arrivals", "status", "note", "phase") if k in extra}}
+        last = last if isinstance(last, int) and first <= last <= first + MAX_SPAN_ROUNDS else first
+        for r in range(first, last + 1):
+            rounds[r] = info  # a span entry speaks for every round it covers (a hostile one for one round)
         why = extra.get("decline_reasons")
         if isinstance(why, dict):
             for reason, n in why.items():
