@@ -114,10 +114,10 @@ def federation_rounds(path: Path) -> tuple[dict[int, dict[str, Any]], Counter[st
         if not isinstance(first, int):
             continue
         counts = {k: len(p[k]) if isinstance(p.get(k), list) else 0 for k in ("joined", "declined", "failed")}
-        last = p.get("last_round", first)
-        info = {**counts, "last_round": last, **{
-            k: extra[k] for k in ("guaranteed_arrivals", "status", "note", "phase") if k in extra}}
-        last = last if isinstance(last, int) and first <= last <= first + MAX_SPAN_ROUNDS else first
+        given = p.get("last_round", first)
+        last = given if isinstance(given, int) and first <= given <= first + MAX_SPAN_ROUNDS else first
+        info: dict[str, Any] = {**counts, "last_round": last}
+        info.update({k: extra[k] for k in ("guaranteed_arrivals", "status", "note", "phase") if k in extra})
         for r in range(first, last + 1):
             rounds[r] = info  # a span entry speaks for every round it covers (a hostile one for one round)
         why = extra.get("decline_reasons")
