@@ -22,24 +22,20 @@ sizes=${1:-"10000 30000"}
 epsilons=${2:-"8 3 1"}
 rounds=${3:-100}
 lr=${4:-0.01}
+# The fleet-size settings (quantization range, promised g, delta < 1/devices, budget split 1, the devices'
+# device-level policies) are derived by the fleet engine from num-devices, privacy-unit and epsilon
+# (fed_nessa/sim/fleet_settings.py).
 for n in $sizes; do
-  qr=$("$VENV/bin/python" -c "import math; print(min(2**22, 2 ** int(math.log2((2**32 - 1) / $n))))")
-  g=$((n * 8 / 10))
-  common="--engine fleet --quiet --set num-devices=$n --set clients-per-round=0 --set min-arrivals=50
-          --set secagg-quantization-range=$qr --set eval-every=25 --set references=false --set delta=1e-5
-          --set privacy-unit=device --device-set privacy-unit=device --device-set delta=1e-5
-          --device-set guaranteed-arrivals=$g --device-set min-noise-multiplier=0.2
-          --device-set min-suffstats-noise-multiplier=0.2"
+  common="--engine fleet --quiet --set num-devices=$n --set eval-every=25 --set references=false
+          --set privacy-unit=device"
   for eps in $epsilons; do
     echo "$(date +%T) device-${n}dev-linear-eps$eps"
-    "$VENV/bin/fed-nessa" simulate $common --set epsilon-budget="$eps" --device-set epsilon-budget="$eps" \
-      --set aligner=linear --set budget-split=1.0 --set num-server-rounds=1 \
-      --run-dir "$(fresh "$RUNS/device-${n}dev-linear-eps$eps")"
+    "$VENV/bin/fed-nessa" simulate $common --set epsilon-budget="$eps" --set aligner=linear \
+      --set num-server-rounds=1 --run-dir "$(fresh "$RUNS/device-${n}dev-linear-eps$eps")"
     record "device-${n}dev-linear-eps$eps"
     echo "$(date +%T) device-${n}dev-nessa-eps$eps"
-    "$VENV/bin/fed-nessa" simulate $common --set epsilon-budget="$eps" --device-set epsilon-budget="$eps" \
-      --set aligner=nessa --set linear-start=none --set budget-split=1.0 --set device-batch=8 \
-      --set server-lr="$lr" --set num-server-rounds="$rounds" \
+    "$VENV/bin/fed-nessa" simulate $common --set epsilon-budget="$eps" --set aligner=nessa \
+      --set linear-start=none --set device-batch=8 --set server-lr="$lr" --set num-server-rounds="$rounds" \
       --run-dir "$(fresh "$RUNS/device-${n}dev-nessa-eps$eps")"
     record "device-${n}dev-nessa-eps$eps"
   done

@@ -16,23 +16,18 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 sizes=${1:-"1000 3000 10000"}
 epsilons=${2:-"8 3 1"}
 rounds=${3:-500}
+# The fleet-size settings (quantization range, promised g, q, budget split, the devices' policies) are
+# derived by the fleet engine from num-devices and epsilon (fed_nessa/sim/fleet_settings.py).
 for n in $sizes; do
-  q=$("$VENV/bin/python" -c "print(min(1.0, 22800 / ($n * 112)))")
-  qr=$("$VENV/bin/python" -c "import math; print(min(2**22, 2 ** int(math.log2((2**32 - 1) / $n))))")
-  g=$((n * 8 / 10))
-  common="--engine fleet --quiet --set num-devices=$n --set clients-per-round=0 --set min-arrivals=50
-          --set secagg-quantization-range=$qr --set eval-every=50 --device-set guaranteed-arrivals=$g
-          --device-set min-noise-multiplier=0.2 --device-set min-suffstats-noise-multiplier=0.2"
+  common="--engine fleet --quiet --set num-devices=$n --set eval-every=50"
   for eps in $epsilons; do
     echo "$(date +%T) fleet-${n}dev-linear-eps$eps"
-    "$VENV/bin/fed-nessa" simulate $common --set epsilon-budget="$eps" --device-set epsilon-budget="$eps" \
-      --set aligner=linear --set budget-split=0.3 --set sample-rate="$q" --set num-server-rounds=1 \
-      --run-dir "$(fresh "$RUNS/fleet-${n}dev-linear-eps$eps")"
+    "$VENV/bin/fed-nessa" simulate $common --set epsilon-budget="$eps" --set aligner=linear \
+      --set num-server-rounds=1 --run-dir "$(fresh "$RUNS/fleet-${n}dev-linear-eps$eps")"
     record "fleet-${n}dev-linear-eps$eps"
     echo "$(date +%T) fleet-${n}dev-nessa-eps$eps"
-    "$VENV/bin/fed-nessa" simulate $common --set epsilon-budget="$eps" --device-set epsilon-budget="$eps" \
-      --set aligner=nessa --set budget-split=0.3 --set sample-rate="$q" --set num-server-rounds=$((rounds + 1)) \
-      --run-dir "$(fresh "$RUNS/fleet-${n}dev-nessa-eps$eps")"
+    "$VENV/bin/fed-nessa" simulate $common --set epsilon-budget="$eps" --set aligner=nessa \
+      --set num-server-rounds=$((rounds + 1)) --run-dir "$(fresh "$RUNS/fleet-${n}dev-nessa-eps$eps")"
     record "fleet-${n}dev-nessa-eps$eps"
   done
 done

@@ -37,6 +37,30 @@ def test_onnx_matches_pytorch(aligner: tuple[NessaAligner, Path], tmp_path: Path
     np.testing.assert_allclose(out, a.map_runtime(y), atol=1e-5)  # same function as the library path
 
 
+def test_onnx_export_uses_the_current_exporter(aligner: tuple[NessaAligner, Path], tmp_path: Path) -> None:
+    """torch.export-based (dynamo) exporter: no legacy TorchScript warning, the batch axis dynamic (1 row too)."""
+    import warnings
+
+    import onnx
+    import onnxruntime as ort
+
+    from fed_nessa.model.artifacts import ONNX_OPSET
+
+    a, _ = aligner
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = export_onnx(a.head(), 6, tmp_path / ONNX_FILE)
+    said = [str(w.message) for w in caught]
+    assert not [m for m in said if "TorchScript" in m or "legacy" in m or "deprecated" in m], said
+    model = onnx.load(str(path))
+    assert model.opset_import[0].version == ONNX_OPSET
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch, not a fixed 2
+    for rows in (1, 5):
+        y = l2_normalize(np.random.default_rng(rows).standard_normal((rows, 6))).astype(np.float32)
+        out = ort.InferenceSession(str(path)).run(None, {"runtime_embedding": y})[0]
+        np.testing.assert_allclose(out, a.map_runtime(y), atol=1e-5)
+
+
 def test_apply_command(aligner: tuple[NessaAligner, Path], tmp_path: Path) -> None:
     a, folder = aligner
     y = l2_normalize(np.random.default_rng(1).standard_normal((9, 6)))

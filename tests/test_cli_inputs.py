@@ -645,7 +645,7 @@ def test_simulate_takes_a_run_dir_with_odd_characters_literally(tmp_path: Path, 
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    cfg = build_config_from_args(parser.parse_args(["--config", "smoke", "--run-dir", run_dir]))
+    cfg, _ = build_config_from_args(parser.parse_args(["--config", "smoke", "--run-dir", run_dir]))
     assert cfg.run_dir == str(tmp_path / run_dir)
 
 

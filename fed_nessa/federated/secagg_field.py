@@ -24,7 +24,7 @@ of Flower is patched in place).
 from __future__ import annotations
 
 import dataclasses
-import importlib
+import sys
 import types
 from typing import Any
 
@@ -86,8 +86,10 @@ def exact_quantize(parameters: list[np.ndarray], clipping_range: float, target_r
 
 
 def _exact_flower_mod() -> Any:
-    # the package re-exports the function under the module's name: import the module itself
-    module = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
+    # the package re-exports the function under the module's name: take the module itself
+    import flwr.client.mod.secure_aggregation.secaggplus_mod  # noqa: F401
+
+    module = sys.modules["flwr.client.mod.secure_aggregation.secaggplus_mod"]
     scope: dict[str, Any] = dict(vars(module))
     scope["quantize"] = exact_quantize
     for name in ("_collect_masked_vectors", "secaggplus_mod"):

@@ -79,19 +79,46 @@ def read_weights_and_card(folder: Path) -> tuple[dict[str, np.ndarray], dict[str
     return tensors, card
 
 
-def export_onnx(module: Any, d_y: int, path: Path, opset: int = 17) -> Path:
-    """Export a torch module ``y -> normalize(g(y))`` to ONNX with a dynamic batch axis."""
+#: The ONNX opset of exported aligners (the torch.export-based exporter's own default and lowest well-supported).
+ONNX_OPSET = 18
+#: What the torch.export-based exporter logs or warns about that does not concern an aligner: its registry
+#: skipping torchvision's operators (not installed), and torch's own internal pytree deprecation.
+_EXPORTER_LOGGER = "torch.onnx._internal.exporter._registration"
+_EXPORTER_NOISE = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+
+
+def export_onnx(module: Any, d_y: int, path: Path, opset: int = ONNX_OPSET) -> Path:
+    """Export a torch module ``y -> normalize(g(y))`` to ONNX with a dynamic batch axis.
+
+    Uses the ``torch.export``-based exporter (``dynamo=True``, which needs onnxscript): the
+    TorchScript one is deprecated since PyTorch 2.9. :func:`check_onnx_matches` holds the
+    graph to the PyTorch model.
+    """
+    import importlib.util
+    import logging
+    import warnings
+
     import torch
 
+    if importlib.util.find_spec("onnxscript") is None:
+        raise FedNessaError(f"{path}: the ONNX export needs onnxscript, a dependency of fed-nessa "
+                            "(bash scripts/setup.sh installs it)")
     path.parent.mkdir(parents=True, exist_ok=True)
     module = module.eval()
     example = torch.zeros(2, d_y, dtype=torch.float32)
-    torch.onnx.export(
-        module, (example,), str(path), input_names=["runtime_embedding"],
-        output_names=["aligned_embedding"], dynamic_axes={"runtime_embedding": {0: "batch"},
-                                                          "aligned_embedding": {0: "batch"}},
-        opset_version=opset, dynamo=False,
-    )
+    registry_log = logging.getLogger(_EXPORTER_LOGGER)
+    level = registry_log.level
+    registry_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_EXPORTER_NOISE, category=FutureWarning)
+            torch.onnx.export(
+                module, (example,), str(path), input_names=["runtime_embedding"],
+                output_names=["aligned_embedding"], dynamic_shapes=({0: torch.export.Dim("batch")},),
+                opset_version=opset, dynamo=True, verbose=False,
+            )
+    finally:
+        registry_log.setLevel(level)
     return path
 
 

@@ -106,6 +106,7 @@ from fed_nessa.privacy.ledger import (
     server_key_folder,
 )
 from fed_nessa.randomness import NoiseSource, noise_source
+from fed_nessa.sim.fleet_epsilon import SpentEpsilon
 from fed_nessa.sim.ghost import clipped_gradient_sums, device_clipped_sum, device_clipped_vectors
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,8 @@ EXAMPLE_CHUNK = 65_536
 DEVICE_CHUNK = 256
 #: Device level: zero-padded rows (devices x largest device) per batched per-device gradient.
 DEVICE_LEVEL_PADDED_ROWS = 131_072
+#: Rounds between two light progress summaries (summary.json without ``final``) for `fed-nessa view`.
+PROGRESS_EVERY = 5
 #: Pairs the pooled non-DP NESSA reference trains on at most (a random subset beyond).
 REFERENCE_MAX_PAIRS = 1_200_000
 
@@ -215,6 +218,7 @@ class FleetEngine:
         self._pins: dict[str, str] = {}
         self._sent: dict[int, tuple[str, str]] = {}
         self._streams: dict[int, NoiseSource] = {}  # exact device level: each device's stream within a round
+        self._spent = SpentEpsilon(cfg.privacy_unit)
 
     # -- noise -----------------------------------------------------------------------------
     def _fleet_noise(self, round_num: int) -> NoiseSource:
@@ -263,9 +267,14 @@ class FleetEngine:
                 if r == dp_rounds[0]:
                     self._reserve_spans(book, dp_rounds)
                 entry = self._dpsgd_round(r, book)
+            if phase == Phase.SUFFSTATS or r == dp_rounds[0]:
+                self._spent.changed()
+            entry.update(self._spent.after(r, book.ledgers, [p.delta for p in book.policies], book.span_rounds))
             entry["seconds"] = time.perf_counter() - t0
             entry["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             self.history.append(entry)
+            if r < len(phases) and (r == 1 or r % PROGRESS_EVERY == 0):
+                run_folder.write_summary(self.run_dir, self._progress_summary(len(phases)))
             self.progress({"event": "round", **entry})
         if dp_rounds:
             self._close_spans(book, dp_rounds, fed_ledger)
@@ -788,10 +797,7 @@ class FleetEngine:
         central = final.get("centralised_nessa", {}).get("gap_closure")
         if central and final["gap_closure"] is not None and central > 0:
             final["share_of_centralised_gap_closure"] = final["gap_closure"] / central
-        eps = self._epsilons(book)
-        values = list(eps.values()) or [0.0]
-        for entry in self.history:  # the ledgers are the truth: epsilon after the run, per device
-            entry["epsilon_max"], entry["epsilon_median"] = max(values), statistics.median(values)
+        eps = self._epsilons(book)  # the last round's entry states the same figures (fed_nessa.sim.fleet_epsilon)
         summary = self.summary(final, eps)
         if self.cfg.privacy_unit != EXAMPLE:  # the implied example-level figures beside the device-level ones
             example = sorted(self._epsilons(book, EXAMPLE).values()) or [0.0]
@@ -857,6 +863,14 @@ class FleetEngine:
                 "from the OS CSPRNG; the Poisson samples come from a PCG64 stream keyed with 128 fresh bits of OS "
                 "entropy per round; the rounding errors from their distribution. A deployed device draws its own "
                 "noise share and sample from the OS CSPRNG")
+
+    def _progress_summary(self, rounds: int) -> dict[str, Any]:
+        """The light summary written while the run goes on: rounds so far, no ``final`` (a run in progress)."""
+        return {"config": run_folder.portable_config(self.cfg.to_run_config()), "rounds": self.history,
+                "final": None, "progress": {"rounds_done": len(self.history), "rounds": rounds},
+                "noise_plan": run_folder.noise_plan_block(self.plan),
+                "engine": {"name": ENGINE, "numerics": str(self.numerics), "device": str(self.torch_device),
+                           "devices": len(self.fleet.ids), "pairs": int(self.fleet.starts[-1])}}
 
     def summary(self, final: dict[str, Any], eps: dict[str, float]) -> dict[str, Any]:
         seconds = [e["seconds"] for e in self.history if e["phase"] == str(Phase.DPSGD)]

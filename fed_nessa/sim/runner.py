@@ -56,6 +56,8 @@ from fed_nessa.sim.launcher import config_path, load_apps
 from fed_nessa.sim.replace import Replacement, plan_replacement
 
 DEFAULT_CONFIG = "main"
+#: The fleet engine's config without ``--config``: nothing sized for 1000 devices (the rest is derived).
+DEFAULT_FLEET_CONFIG = "fleet"
 ENGINES = ("flower", "fleet")
 DEVICE_TABLE = "device"
 #: A hook that changes a federation's devices before round 1 (the federated canary audit's planting).
@@ -416,15 +418,40 @@ def _canary_planter(args: argparse.Namespace, cfg: FederationConfig) -> Planter 
     return planter(m, getattr(args, "canary_seed", 0), cfg.run_dir)
 
 
-def build_config_from_args(args: argparse.Namespace) -> FederationConfig:
-    """The run config ``fed-nessa simulate`` arguments name (``--run-dir`` and ``--resume`` last)."""
+def fleet_overrides(config_file: str | None, overrides: list[str],
+                    device_overrides: list[str]) -> tuple[list[str], list[str]]:
+    """``overrides`` and ``device_overrides`` with the fleet settings the user left out derived in front.
+
+    What the file and the flags set wins (:mod:`fed_nessa.sim.fleet_settings`); what was derived
+    is printed, so a run never hides a choice.
+    """
+    from fed_nessa.sim.fleet_settings import as_overrides, derive
+
+    run_table, device_table = _tables(config_file)
+    run_table.update(_overrides(overrides, "--set"))
+    device_table.update(_overrides(device_overrides, "--device-set"))
+    try:
+        settings = derive(run_table, device_table)
+    except ValueError as exc:
+        raise _in_config(exc, config_file, "--set", overrides) from None
+    print(settings.describe(int(run_table.get("num-devices", FederationConfig().num_devices))), flush=True)
+    return as_overrides(settings.run) + overrides, as_overrides(settings.device) + device_overrides
+
+
+def build_config_from_args(args: argparse.Namespace) -> tuple[FederationConfig, DevicePolicy]:
+    """The run config and the devices' policy ``fed-nessa simulate`` arguments name (``--run-dir`` and
+    ``--resume`` last; on the fleet engine, the settings left out derived from the fleet size)."""
     overrides = [*args.overrides, *(["resume=true"] if args.resume else [])]
-    return build_config(args.config, overrides, run_dir=args.run_dir)
+    config_file, device_overrides = args.config, list(args.device_overrides)
+    if getattr(args, "engine", None) == "fleet":
+        config_file = config_file or DEFAULT_FLEET_CONFIG
+        overrides, device_overrides = fleet_overrides(config_file, overrides, device_overrides)
+    cfg = build_config(config_file, overrides, run_dir=args.run_dir)
+    return cfg, build_policy(config_file, device_overrides)
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    cfg = build_config_from_args(args)
-    policy = build_policy(args.config, args.device_overrides)
+    cfg, policy = build_config_from_args(args)
     plant = _canary_planter(args, cfg)
     summary = run_engine(cfg, policy, engine=args.engine, device=args.device, quiet=args.quiet, verbose=args.verbose,
                          plant=plant, replace=getattr(args, "replace", False))

@@ -1,0 +1,165 @@
+"""Fleet runs that configure themselves: the settings a fleet size implies, derived in one place.
+
+A fleet-engine run at 10^4-10^5 devices needs eight settings that follow from the fleet size,
+the privacy unit and epsilon, and that a new user cannot guess (docs/federation.md "Fleet runs
+that configure themselves"):
+
+* ``secagg-quantization-range``: the largest power of two (at most the default 2**22) whose
+  product with the devices per round stays below SecAgg+'s 2**32 modulus;
+* the promised g, ``max(min-arrivals, ceil(min-arrival-fraction x cohort))``
+  (:func:`fed_nessa.federated.release.promised_arrivals`), and every simulated device's
+  ``guaranteed-arrivals`` equal to it, so each noise share is sized for exactly that promise;
+* the local DP-SGD rate ``sample-rate`` (example level): an expected
+  :data:`PAIRS_PER_ROUND` pairs per round over the fleet, at ``expected-pairs-per-device`` each;
+* ``budget-split`` (:data:`BUDGET_SPLIT`, when no noise multiplier is given): the noise is
+  calibrated from epsilon instead of taken as given;
+* ``delta`` (device level): a power of ten below 1 / devices;
+* the devices' policy: ``min-noise-multiplier`` and ``min-suffstats-noise-multiplier``
+  (:data:`DEVICE_MIN_NOISE`), their ``epsilon-budget``, ``delta`` and ``privacy-unit`` equal
+  to the run's.
+
+An explicit setting (a config file or ``--set``/``--device-set``) always wins; an explicit
+setting that contradicts the fleet (a range that wraps the modulus, a device g the server can
+never promise, a device-level policy on an example-level run) is one clear error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fed_nessa.config import SECAGG_MODULUS_RANGE, FederationConfig, PrivacyUnit, from_run_config
+from fed_nessa.errors import FedNessaError
+from fed_nessa.federated.release import promised_arrivals
+
+#: Expected pairs sampled per DP-SGD round over the whole fleet (the fleet study's setting).
+PAIRS_PER_ROUND = 22_800
+#: Share of epsilon spent on the statistics round, by privacy unit (the studies' settings: at
+#: device level each arm is its own run with the whole epsilon).
+BUDGET_SPLIT = {PrivacyUnit.EXAMPLE.value: 0.3, PrivacyUnit.DEVICE.value: 1.0}
+#: The simulated devices' smallest accepted noise multipliers (both phases).
+DEVICE_MIN_NOISE = 0.2
+#: The largest quantization range derived (the run-config default).
+MAX_QUANTIZATION_RANGE = FederationConfig().secagg_quantization_range
+
+
+class FleetSettingsError(FedNessaError, ValueError):
+    """An explicit setting that contradicts the fleet it is meant for."""
+
+
+@dataclass(frozen=True)
+class FleetSettings:
+    """What was derived (only keys the user did not set), as run-config and device-policy keys."""
+
+    run: dict[str, Any]
+    device: dict[str, Any]
+
+    def describe(self, devices: int) -> str:
+        """One line for the terminal: what the engine chose and from what."""
+        chosen = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.run.items()]
+        chosen += [f"device {k}={v:g}" if isinstance(v, float) else f"device {k}={v}" for k, v in self.device.items()]
+        return f"fleet settings derived for {devices} devices: " + (", ".join(chosen) or "none (all given)")
+
+
+def quantization_range(devices_per_round: int) -> int:
+    """The largest power of two <= the default whose sum over ``devices_per_round`` stays below 2**32."""
+    fit = 2 ** int(math.log2((SECAGG_MODULUS_RANGE - 1) / max(devices_per_round, 1)))
+    return min(MAX_QUANTIZATION_RANGE, fit)
+
+
+def device_level_delta(devices: int, default: float) -> float:
+    """The largest power of ten strictly below 1 / devices, at most ``default``."""
+    exponent = math.floor(math.log10(1.0 / devices))
+    delta = 10.0 ** exponent
+    if delta >= 1.0 / devices:
+        delta = 10.0 ** (exponent - 1)
+    return min(default, delta)
+
+
+def _value(given: Mapping[str, Any], key: str, default_obj: Any) -> Any:
+    return given.get(key, getattr(default_obj, key.replace("-", "_")))
+
+
+def derive(given_run: Mapping[str, Any], given_device: Mapping[str, Any]) -> FleetSettings:
+    """The settings a fleet-engine run derives from the keys it was given (run config, device policy).
+
+    ``given_*`` hold only what the user set (config file, ``--set``, ``--device-set``);
+    derived keys never replace them. Raises :class:`FleetSettingsError` on a contradiction.
+    """
+    base = FederationConfig()
+    devices = int(_value(given_run, "num-devices", base))
+    cpr = int(_value(given_run, "clients-per-round", base))
+    cohort = devices if cpr == 0 else min(cpr, devices)
+    unit = str(_value(given_run, "privacy-unit", base))
+    linear_stats = str(_value(given_run, "linear-start", base)) == "suffstats"
+    per_round = max(cohort, devices if linear_stats else 0)  # the statistics round sums every device
+    run: dict[str, Any] = {}
+    if "secagg-quantization-range" not in given_run:
+        run["secagg-quantization-range"] = quantization_range(per_round)
+    if unit == PrivacyUnit.EXAMPLE and "sample-rate" not in given_run:
+        pairs = float(_value(given_run, "expected-pairs-per-device", base))
+        run["sample-rate"] = min(1.0, PAIRS_PER_ROUND / (devices * pairs))
+    if not {"budget-split", "noise-multiplier", "suffstats-noise-multiplier"} & set(given_run):
+        run["budget-split"] = BUDGET_SPLIT.get(unit, 0.0)
+    if unit == PrivacyUnit.DEVICE and "delta" not in given_run:
+        run["delta"] = device_level_delta(devices, base.delta)
+    _check_range(given_run, per_round)
+    cfg = _config(given_run, run)
+    g = promised_arrivals(cfg, cohort)
+    device = _device(given_device, cfg, g)
+    _check_device(given_device, cfg, g)
+    return FleetSettings(run, device)
+
+
+def _config(given_run: Mapping[str, Any], derived: Mapping[str, Any]) -> FederationConfig:
+    """The run config the derived keys make (validated; a config error names the keys)."""
+    return from_run_config({**given_run, **derived})
+
+
+def _device(given: Mapping[str, Any], cfg: FederationConfig, g: int) -> dict[str, Any]:
+    """The simulated devices' policy keys the fleet implies and the user did not set."""
+    implied: dict[str, Any] = {
+        "guaranteed-arrivals": g,
+        "min-noise-multiplier": DEVICE_MIN_NOISE,
+        "min-suffstats-noise-multiplier": DEVICE_MIN_NOISE,
+        "epsilon-budget": cfg.epsilon_budget,
+        "delta": cfg.delta,
+        "privacy-unit": cfg.privacy_unit,
+    }
+    return {k: v for k, v in implied.items() if k not in given}
+
+
+def _check_range(given_run: Mapping[str, Any], per_round: int) -> None:
+    """An explicit quantization range that wraps SecAgg+'s modulus at this fleet size."""
+    qr = given_run.get("secagg-quantization-range")
+    if isinstance(qr, int) and not isinstance(qr, bool) and per_round * qr >= SECAGG_MODULUS_RANGE:
+        raise FleetSettingsError(
+            f"secagg-quantization-range = {qr} contradicts the fleet: {per_round} devices per round x {qr} >= 2**32 "
+            f"(leave it out to derive {quantization_range(per_round)})")
+
+
+def _check_device(given: Mapping[str, Any], cfg: FederationConfig, g: int) -> None:
+    """Explicit device-policy keys no round of this run could satisfy."""
+    wanted = given.get("guaranteed-arrivals")
+    if isinstance(wanted, int) and wanted > g:
+        raise FleetSettingsError(
+            f"device guaranteed-arrivals = {wanted} contradicts the fleet: the server promises g = {g} "
+            f"(min-arrivals {cfg.min_arrivals}, min-arrival-fraction {cfg.min_arrival_fraction:g} of the cohort), "
+            "so every device would decline every round (leave it out to derive it)")
+    unit = given.get("privacy-unit")
+    if unit == PrivacyUnit.DEVICE and cfg.privacy_unit != PrivacyUnit.DEVICE:
+        raise FleetSettingsError(
+            "device privacy-unit = device contradicts the run's privacy-unit = example: every device would decline "
+            "every round (set privacy-unit=device for the run, or leave the device's out)")
+
+
+def as_overrides(keys: Mapping[str, Any]) -> list[str]:
+    """``key=value`` items in ``--set``/``--device-set`` form (TOML scalars) for derived keys."""
+    return [f"{k}={json.dumps(v)}" for k, v in keys.items()]
+
+
+__all__ = ["BUDGET_SPLIT", "DEVICE_MIN_NOISE", "PAIRS_PER_ROUND", "FleetSettings", "FleetSettingsError", "as_overrides",
+           "derive", "device_level_delta", "quantization_range"]
