@@ -3,8 +3,8 @@
 :func:`fed_nessa.data.synthetic.generate_population` holds every pair of every device (15 GiB at
 30k devices); a 10^6-device fleet (~200 GB of float32) must instead be generated block by block
 and forgotten. Here nothing is stored per device: device ``j``'s household size, utterance counts,
-latent identities, sessions and both models' noise are drawn by
-:func:`~fed_nessa.data.synthetic.draw_household` from the counter-keyed stream ``(seed, 0, j)``
+latent identities, sessions and both models' noise are drawn as
+:func:`~fed_nessa.data.synthetic.draw_household` draws them, from the counter-keyed stream ``(seed, 0, j)``
 (the eager generator's own streams, so the draws are the same numbers), and embedded by the same
 two models with the same equations.
 
@@ -27,13 +27,15 @@ from fed_nessa.data.datasets import EmbeddingSet
 from fed_nessa.data.shards import Shard
 from fed_nessa.data.synthetic import (
     EVAL_SPEAKER_OFFSET,
+    Draws,
     Matmul,
     PopulationConfig,
     Scenario,
     SyntheticWorld,
     WorldConfig,
-    draw_household,
+    draw_speakers,
     generate_eval,
+    household_counts,
     population_config,
     scenario_models,
 )
@@ -97,15 +99,26 @@ class LazyPopulation:
         return self.block(j, j + 1).shard(j)
 
     def block(self, start: int, stop: int) -> DeviceBlock:
-        """Devices ``start .. stop - 1`` in the fleet engine's layout, generated chunk by chunk."""
+        """Devices ``start .. stop - 1`` in the fleet engine's layout, generated chunk by chunk.
+
+        The household sizes are drawn first for the whole block (each stream is kept open), so
+        the block's arrays are allocated once and each chunk embeds straight into them.
+        """
         if not 0 <= start < stop <= self.num_devices:
             raise IndexError(f"block {start}..{stop} is outside the fleet's devices 0..{self.num_devices - 1}")
-        chunks = [self._chunk(start + a, start + b) for a, b in block_ranges(stop - start, self.chunk_devices)]
-        if len(chunks) == 1:
-            x, y, n, speaker = chunks[0]
-        else:
-            x, y, n, speaker = (np.concatenate(parts) for parts in zip(*chunks))
+        cfg = self.config
+        streams = [household_counts(cfg.seed, j, cfg.speakers_per_device, cfg.utts_per_speaker)
+                   for j in range(start, stop)]
+        n = np.array([int(counts.sum()) for _, counts in streams], dtype=np.int64)
         starts = np.concatenate([[0], np.cumsum(n)]).astype(np.int64)
+        models = self.world.models
+        x = np.empty((int(starts[-1]), models[self.enroll_model].dim), dtype=np.float32)
+        y = np.empty((int(starts[-1]), models[self.runtime_model].dim), dtype=np.float32)
+        speaker = np.empty(int(starts[-1]), dtype=np.int64)
+        for a, b in block_ranges(stop - start, self.chunk_devices):
+            rows = slice(int(starts[a]), int(starts[b]))
+            x[rows], y[rows], speaker[rows] = self._embed([draw_speakers(rng, counts, self.world)
+                                                          for rng, counts in streams[a:b]])
         return DeviceBlock(start, x, y, starts, speaker, self.model_ids[self.enroll_model],
                            self.model_ids[self.runtime_model])
 
@@ -131,17 +144,17 @@ class LazyPopulation:
         """The server's validation speakers: stream ``(seed, 2)``, identical to the eager population's."""
         return generate_eval(self.world, self.config.seed, speakers, self.config.eval_utterances, stream=2)
 
-    def _chunk(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Devices ``a .. b - 1``: x, y, pairs per device, local speaker ids."""
-        cfg = self.config
-        draws = [draw_household(cfg.seed, j, cfg.speakers_per_device, cfg.utts_per_speaker, self.world)
-                 for j in range(a, b)]
+    def _embed(self, draws: list[Draws]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Consecutive devices' draws embedded by both models: x, y and local speaker ids.
+
+        Every matrix product is taken device by device; everything else is row-wise.
+        """
         k = np.array([d.counts.size for d in draws], dtype=np.int64)
         counts = np.concatenate([d.counts for d in draws])
         n = np.array([int(d.counts.sum()) for d in draws], dtype=np.int64)
         spk_starts = np.concatenate([[0], np.cumsum(k)])
         pair_starts = np.concatenate([[0], np.cumsum(n)])
-        rows = np.repeat(np.arange(counts.size), counts)  # chunk speaker of each pair
+        rows = np.repeat(np.arange(counts.size), counts)  # the chunk's speaker of each pair
         z = np.concatenate([d.z for d in draws])
         c = np.concatenate([d.c for d in draws])
         emb = {}
@@ -150,5 +163,4 @@ class LazyPopulation:
             low = np.concatenate([d.noise[name][0] for d in draws])
             iso = np.concatenate([d.noise[name][1] for d in draws])
             emb[name] = model.embed(spk[rows], c, low, iso, per_device_matmul(pair_starts))
-        local = rows - np.repeat(spk_starts[:-1], n)
-        return emb[self.enroll_model], emb[self.runtime_model], n, local.astype(np.int64)
+        return emb[self.enroll_model], emb[self.runtime_model], rows - np.repeat(spk_starts[:-1], n)

@@ -224,7 +224,8 @@ class Draws:
     noise: dict[str, tuple[np.ndarray, np.ndarray]]  # model -> (lowrank (N, r), iso (N, d))
 
 
-def _draw(rng: np.random.Generator, counts: np.ndarray, world: SyntheticWorld) -> Draws:
+def draw_speakers(rng: np.random.Generator, counts: np.ndarray, world: SyntheticWorld) -> Draws:
+    """Latents and both models' noise for ``counts.size`` speakers, in this order, from ``rng``."""
     cfg = world.config
     n = int(counts.sum())
     z = rng.standard_normal((counts.size, cfg.latent_dim), dtype=np.float32)
@@ -235,18 +236,26 @@ def _draw(rng: np.random.Generator, counts: np.ndarray, world: SyntheticWorld) -
     return Draws(z, counts, c, noise)
 
 
+def household_counts(seed: int, device: int, speakers_per_device: tuple[int, int],
+                     utts_per_speaker: tuple[int, int]) -> tuple[np.random.Generator, np.ndarray]:
+    """Device ``device``'s stream ``(seed, 0, device)`` and its utterances per speaker (its first draws).
+
+    Household size uniform in ``speakers_per_device``, utterances per speaker uniform in
+    ``utts_per_speaker``; the stream continues with the latents and noise (:func:`draw_household`).
+    """
+    rng = np.random.default_rng([seed, 0, device])
+    k = int(rng.integers(speakers_per_device[0], speakers_per_device[1] + 1))
+    return rng, rng.integers(utts_per_speaker[0], utts_per_speaker[1] + 1, size=k).astype(np.int64)
+
+
 def draw_household(seed: int, device: int, speakers_per_device: tuple[int, int],
                    utts_per_speaker: tuple[int, int], world: SyntheticWorld) -> Draws:
     """Device ``device``'s draws, from its own stream ``(seed, 0, device)`` and nothing else.
 
-    Household size uniform in ``speakers_per_device``, utterances per speaker uniform in
-    ``utts_per_speaker``, then the latents and both models' noise (the order of :func:`_draw`).
-    The eager and the lazy population both call this, so their draws are the same numbers.
+    The counts (:func:`household_counts`), then the latents and both models' noise (the order of
+    :func:`draw_speakers`). The eager and the lazy population draw this way, so their draws are the same numbers.
     """
-    rng = np.random.default_rng([seed, 0, device])
-    k = int(rng.integers(speakers_per_device[0], speakers_per_device[1] + 1))
-    counts = rng.integers(utts_per_speaker[0], utts_per_speaker[1] + 1, size=k).astype(np.int64)
-    return _draw(rng, counts, world)
+    return draw_speakers(*household_counts(seed, device, speakers_per_device, utts_per_speaker), world)
 
 
 #: Devices drawn and embedded together (bounds the generator's memory, not its output).
@@ -290,7 +299,7 @@ def generate_eval(world: SyntheticWorld, seed: int, speakers: int = 200, utteran
                          f"got {speakers} x {utterances}")
     rng = np.random.default_rng([seed, stream])
     counts = np.full(speakers, utterances, dtype=np.int64)
-    emb, rows = _embed_all(world, [_draw(rng, counts, world)])
+    emb, rows = _embed_all(world, [draw_speakers(rng, counts, world)])
     ids = EVAL_SPEAKER_OFFSET * stream + rows
     return EmbeddingSet(emb, speaker=ids, voice=ids, utterance=_utterance_index(counts),
                         model_ids={k: m.model_id for k, m in world.models.items()},
