@@ -114,3 +114,11 @@ def test_the_subsample_is_uniform_over_pairs() -> None:
     assert np.abs(z).max() < 4.5, z
     keys = pair_keys(np.repeat(np.arange(5), n), np.concatenate([np.arange(k) for k in n]), seed=3)
     assert np.unique(keys).size == total
+
+
+def test_a_lazy_fleet_and_its_shard_folder_give_the_same_sample(folder: Path, lazy: LazyPopulation) -> None:
+    streamed = pooled_subsample(iter_shard_blocks(folder, 4), limit=300, seed=2)
+    generated = pooled_subsample(lazy.blocks(3), limit=300, seed=2)
+    assert streamed.x.shape[0] == 300 and streamed.total_pairs == generated.total_pairs
+    for name in ("x", "y", "device", "row"):
+        np.testing.assert_array_equal(getattr(streamed, name), getattr(generated, name))
