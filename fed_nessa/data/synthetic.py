@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
@@ -43,6 +43,8 @@ Scenario = Literal["runtime-upgrade", "enrollment-upgrade"]
 EVAL_SPEAKER_OFFSET = 1_000_000_000
 DEFAULT_WORLD_SEED = 20240122
 _CHUNK = 65536
+#: ``a @ w`` for a (rows, k) float32 array; the lazy population passes one that multiplies device by device.
+Matmul = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -111,28 +113,32 @@ class SyntheticModel:
     def dim(self) -> int:
         return self.spec.dim
 
-    def speaker_part(self, z: np.ndarray) -> np.ndarray:
-        """S_m(z): the identity's contribution (computed once per speaker)."""
+    def speaker_part(self, z: np.ndarray, mm: Matmul = np.matmul) -> np.ndarray:
+        """S_m(z): the identity's contribution (computed once per speaker).
+
+        ``mm`` does the matrix products: BLAS rounds a row differently by where it sits in the
+        product, so a caller that needs a row to be independent of its neighbours passes its own.
+        """
         z = z.astype(np.float32, copy=False)
-        out = np.tanh(z @ self._a) @ self._g
+        out = mm(np.tanh(mm(z, self._a)), self._g)
         if self.spec.even_gain:
-            out += _logcosh(z @ self._r) @ self._e
+            out += mm(_logcosh(mm(z, self._r)), self._e)
         return out
 
-    def channel_part(self, c: np.ndarray) -> np.ndarray:
-        return np.tanh(c.astype(np.float32, copy=False) @ self._b) @ self._k
+    def channel_part(self, c: np.ndarray, mm: Matmul = np.matmul) -> np.ndarray:
+        return mm(np.tanh(mm(c.astype(np.float32, copy=False), self._b)), self._k)
 
     def embed(self, spk_part: np.ndarray, c: np.ndarray, lowrank: np.ndarray | None = None,
-              iso: np.ndarray | None = None) -> np.ndarray:
+              iso: np.ndarray | None = None, mm: Matmul = np.matmul) -> np.ndarray:
         """normalise(normalise(S(z) + C(c)) + noise); pass no noise for the clean embedding.
 
         The noise is added to the unit-length clean embedding, so ``noise_lowrank`` and
         ``noise_iso`` are norms relative to the signal, whatever the paths' raw scale.
         """
-        out = spk_part + self.channel_part(c)
+        out = spk_part + self.channel_part(c, mm)
         out /= np.linalg.norm(out, axis=1, keepdims=True)
         if lowrank is not None:
-            out += lowrank.astype(np.float32, copy=False) @ self._n
+            out += mm(lowrank.astype(np.float32, copy=False), self._n)
         if iso is not None:
             out += iso.astype(np.float32, copy=False) * self._iso
         out /= np.linalg.norm(out, axis=1, keepdims=True)
@@ -209,14 +215,17 @@ def scenario_models(scenario: str) -> tuple[str, str]:
 
 
 @dataclass
-class _Draws:
+class Draws:
+    """The random draws of a group of speakers (a household, or an evaluation set)."""
+
     z: np.ndarray  # (S, dz) speaker latents
     counts: np.ndarray  # (S,) utterances per speaker
     c: np.ndarray  # (N, dc)
     noise: dict[str, tuple[np.ndarray, np.ndarray]]  # model -> (lowrank (N, r), iso (N, d))
 
 
-def _draw(rng: np.random.Generator, counts: np.ndarray, world: SyntheticWorld) -> _Draws:
+def draw_speakers(rng: np.random.Generator, counts: np.ndarray, world: SyntheticWorld) -> Draws:
+    """Latents and both models' noise for ``counts.size`` speakers, in this order, from ``rng``."""
     cfg = world.config
     n = int(counts.sum())
     z = rng.standard_normal((counts.size, cfg.latent_dim), dtype=np.float32)
@@ -224,14 +233,36 @@ def _draw(rng: np.random.Generator, counts: np.ndarray, world: SyntheticWorld) -
     noise = {name: (rng.standard_normal((n, cfg.noise_rank), dtype=np.float32),
                     rng.standard_normal((n, m.dim), dtype=np.float32))
              for name, m in world.models.items()}
-    return _Draws(z, counts, c, noise)
+    return Draws(z, counts, c, noise)
+
+
+def household_counts(seed: int, device: int, speakers_per_device: tuple[int, int],
+                     utts_per_speaker: tuple[int, int]) -> tuple[np.random.Generator, np.ndarray]:
+    """Device ``device``'s stream ``(seed, 0, device)`` and its utterances per speaker (its first draws).
+
+    Household size uniform in ``speakers_per_device``, utterances per speaker uniform in
+    ``utts_per_speaker``; the stream continues with the latents and noise (:func:`draw_household`).
+    """
+    rng = np.random.default_rng([seed, 0, device])
+    k = int(rng.integers(speakers_per_device[0], speakers_per_device[1] + 1))
+    return rng, rng.integers(utts_per_speaker[0], utts_per_speaker[1] + 1, size=k).astype(np.int64)
+
+
+def draw_household(seed: int, device: int, speakers_per_device: tuple[int, int],
+                   utts_per_speaker: tuple[int, int], world: SyntheticWorld) -> Draws:
+    """Device ``device``'s draws, from its own stream ``(seed, 0, device)`` and nothing else.
+
+    The counts (:func:`household_counts`), then the latents and both models' noise (the order of
+    :func:`draw_speakers`). The eager and the lazy population draw this way, so their draws are the same numbers.
+    """
+    return draw_speakers(*household_counts(seed, device, speakers_per_device, utts_per_speaker), world)
 
 
 #: Devices drawn and embedded together (bounds the generator's memory, not its output).
 _DEVICE_BLOCK = 512
 
 
-def _embed_all(world: SyntheticWorld, draws: Iterable[_Draws]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def _embed_all(world: SyntheticWorld, draws: Iterable[Draws]) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Embeddings of every utterance by both models, plus the row -> speaker index map."""
     draws = list(draws)
     z = np.concatenate([d.z for d in draws])
@@ -268,11 +299,28 @@ def generate_eval(world: SyntheticWorld, seed: int, speakers: int = 200, utteran
                          f"got {speakers} x {utterances}")
     rng = np.random.default_rng([seed, stream])
     counts = np.full(speakers, utterances, dtype=np.int64)
-    emb, rows = _embed_all(world, [_draw(rng, counts, world)])
+    emb, rows = _embed_all(world, [draw_speakers(rng, counts, world)])
     ids = EVAL_SPEAKER_OFFSET * stream + rows
     return EmbeddingSet(emb, speaker=ids, voice=ids, utterance=_utterance_index(counts),
                         model_ids={k: m.model_id for k, m in world.models.items()},
                         name=f"synthetic-eval(seed={seed}, stream={stream})", meta=meta or {})
+
+
+def population_config(
+    num_devices: int, seed: int = 0, scenario: Scenario = "runtime-upgrade", *, eval_speakers: int = 200,
+    eval_utterances: int = 30, speakers_per_device: tuple[int, int] = (1, 6),
+    utts_per_speaker: tuple[int, int] = (5, 60), world: WorldConfig | None = None,
+) -> PopulationConfig:
+    """A checked population config (the eager and the lazy population share it)."""
+    if int(num_devices) < 1:
+        raise ValueError(f"num_devices must be >= 1, got {num_devices}")
+    s_lo, s_hi = (int(v) for v in speakers_per_device)
+    u_lo, u_hi = (int(v) for v in utts_per_speaker)
+    if not (1 <= s_lo <= s_hi and 1 <= u_lo <= u_hi):
+        raise ValueError(f"bad household ranges: speakers {speakers_per_device}, utterances {utts_per_speaker}")
+    scenario_models(scenario)
+    return PopulationConfig(int(num_devices), int(seed), scenario, int(eval_speakers), int(eval_utterances),
+                            (s_lo, s_hi), (u_lo, u_hi), world or WorldConfig())
 
 
 def generate_population(
@@ -287,15 +335,10 @@ def generate_population(
     ``speakers_per_device``, utterances per speaker uniform in ``utts_per_speaker``. The
     evaluation set draws from ``(seed, 1)``, so it does not depend on ``num_devices``.
     """
-    if int(num_devices) < 1:
-        raise ValueError(f"num_devices must be >= 1, got {num_devices}")
-    s_lo, s_hi = (int(v) for v in speakers_per_device)
-    u_lo, u_hi = (int(v) for v in utts_per_speaker)
-    if not (1 <= s_lo <= s_hi and 1 <= u_lo <= u_hi):
-        raise ValueError(f"bad household ranges: speakers {speakers_per_device}, utterances {utts_per_speaker}")
+    config = population_config(num_devices, seed, scenario, eval_speakers=eval_speakers,
+                               eval_utterances=eval_utterances, speakers_per_device=speakers_per_device,
+                               utts_per_speaker=utts_per_speaker, world=world)
     enroll, runtime = scenario_models(scenario)
-    config = PopulationConfig(int(num_devices), int(seed), scenario, int(eval_speakers), int(eval_utterances),
-                              (s_lo, s_hi), (u_lo, u_hi), world or WorldConfig())
     w = SyntheticWorld.build(config.world)
     device_ids = range(config.num_devices)
     if progress:
@@ -304,12 +347,13 @@ def generate_population(
         device_ids = tqdm(device_ids, desc="drawing households", unit="device")
     # Devices are drawn and embedded a block at a time: a draw holds every model's noise for every
     # utterance (several times the embeddings' size), so 10^4-10^5 devices would not fit at once.
-    # Each device has its own stream and embedding is row-wise, so the result does not depend on it.
+    # Each device has its own stream and embedding is row-wise, so the result does not depend on it
+    # beyond float32 rounding (BLAS rounds a row by its place in the product; the lazy population does not).
     parts: dict[str, list[np.ndarray]] = {name: [] for name in w.models}
     rows_parts: list[np.ndarray] = []
     count_parts: list[np.ndarray] = []
     speakers_per: list[int] = []
-    block: list[_Draws] = []
+    block: list[Draws] = []
 
     def flush() -> None:
         if not block:
@@ -322,10 +366,8 @@ def generate_population(
         block.clear()
 
     for d in device_ids:
-        rng = np.random.default_rng([config.seed, 0, d])
-        k = int(rng.integers(s_lo, s_hi + 1))
-        block.append(_draw(rng, rng.integers(u_lo, u_hi + 1, size=k).astype(np.int64), w))
-        speakers_per.append(k)
+        block.append(draw_household(config.seed, d, config.speakers_per_device, config.utts_per_speaker, w))
+        speakers_per.append(int(block[-1].counts.size))
         if len(block) == _DEVICE_BLOCK:
             flush()
     flush()
