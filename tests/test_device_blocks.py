@@ -69,13 +69,14 @@ def test_an_empty_folder_is_refused(tmp_path: Path) -> None:
 
 
 def _toy_blocks(n: list[int], per_block: int) -> list[DeviceBlock]:
-    """Tiny blocks whose x encodes (device, row), to check which pairs a sample holds."""
+    """Tiny blocks whose x encodes (device, row) as (device + 1, row + 1) (a shard refuses all-zero rows),
+    to check which pairs a sample holds."""
     out = []
     for first in range(0, len(n), per_block):
         shards = []
         for j in range(first, min(first + per_block, len(n))):
             rows = np.arange(n[j])
-            x = np.c_[np.full(n[j], j), rows].astype(np.float32)
+            x = np.c_[np.full(n[j], j + 1), rows + 1].astype(np.float32)
             shards.append(make_shard(x, -x, np.zeros(n[j]), "a", "b"))
         out.append(DeviceBlock.from_shards(first, shards))
     return out
@@ -90,7 +91,7 @@ def test_the_subsample_is_bounded_reproducible_and_independent_of_the_blocking()
     for name in ("x", "y", "device", "row"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
     assert not np.array_equal(a.x, c.x)
-    np.testing.assert_array_equal(a.x, np.c_[a.device, a.row])  # each row is the pair it names
+    np.testing.assert_array_equal(a.x, np.c_[a.device + 1, a.row + 1])  # each row is the pair it names
     assert np.all(np.diff(a.device * 100 + a.row) > 0)  # in (device, row) order, no repeats
     assert "25 of 100 pairs (25.00%; at most 25; seed 7)" in a.describe()
     everything = pooled_subsample(_toy_blocks(n, 3), limit=1000, seed=1)
