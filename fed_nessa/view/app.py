@@ -99,6 +99,9 @@ def serve(run_dir: Path, host: str = DEFAULT_HOST, port: int = 0) -> None:
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
+    # Listen before the address is printed: a browser that connects at once is queued until the
+    # server accepts, never refused (uvicorn starts accepting only after its start-up).
+    sock.listen(128)
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if family == socket.AF_INET6 else host
     print(f"fed-nessa view: http://{shown}:{bound}/ (run folder {run_dir}; Ctrl-C stops)", flush=True)
