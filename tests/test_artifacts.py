@@ -52,6 +52,7 @@ def test_onnx_export_uses_the_current_exporter(aligner: tuple[NessaAligner, Path
         path = export_onnx(a.head(), 6, tmp_path / ONNX_FILE)
     said = [str(w.message) for w in caught]
     assert not [m for m in said if "TorchScript" in m or "legacy" in m or "deprecated" in m], said
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ONNX_FILE]  # one self-contained file, no .data beside it
     model = onnx.load(str(path))
     assert model.opset_import[0].version == ONNX_OPSET
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch, not a fixed 2

@@ -116,6 +116,7 @@ def export_onnx(module: Any, d_y: int, path: Path, opset: int = ONNX_OPSET) -> P
                 module, (example,), str(path), input_names=["runtime_embedding"],
                 output_names=["aligned_embedding"], dynamic_shapes=({0: torch.export.Dim("batch")},),
                 opset_version=opset, dynamo=True, verbose=False,
+                external_data=False,  # one self-contained file for the runtime (the aligner is small)
             )
     finally:
         registry_log.setLevel(level)
