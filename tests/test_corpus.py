@@ -188,3 +188,41 @@ def test_build_skips_voices_already_done(tmp_path: Path, table: list[Voice], mon
 
 def test_all_models_are_kept() -> None:
     assert set(MODEL_NAMES) == {"campp", "resemblyzer", "vfl_dvec"}
+
+
+def test_distinctness_tells_separate_voices_from_merged_ones() -> None:
+    from fed_nessa.evaluation.corpus_distinctness import distinctness, two_group_eer
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((6, 32))
+    voice = np.repeat(np.arange(6), 10)
+    emb = centres[voice] + 0.1 * rng.standard_normal((60, 32))
+    d = distinctness(emb, voice, np.arange(6))
+    assert d.voices == 6 and d.within > 0.9 > d.between and d.eer_all == 0 and d.nn_eer_max == 0
+    merged = centres[0] + 0.1 * rng.standard_normal((20, 32))  # one identity split in two groups
+    assert two_group_eer(merged, np.repeat([0, 1], 10)) > 0.3
+
+
+def test_data_name_gives_the_parent_disjoint_split(tmp_path: Path, table: list[Voice],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from fed_nessa.data.sources import CORPUS_NAME, resolve
+
+    voices = table[:30]
+    store.write_corpus(tmp_path / CORPUS_NAME, voices, _per_voice(voices))
+    monkeypatch.setenv("FED_NESSA_DATA", str(tmp_path))
+    source = resolve(CORPUS_NAME)
+    assert source.held_out is not None
+    parents = {v.voice_id: set(v.parents) for v in voices}
+    train = set().union(*(parents[int(v)] for v in source.train.voices))
+    held = set().union(*(parents[int(v)] for v in source.held_out.voices))
+    assert train and held and not train & held
+
+
+def test_a_published_model_hash_other_than_the_pin_is_refused(tmp_path: Path) -> None:
+    import zipfile
+
+    name, version, member = pins.MODEL_SHA256_PACKAGE
+    with zipfile.ZipFile(tmp_path / f"{name.replace('-', '_')}-{version}-py3-none-any.whl", "w") as whl:
+        whl.writestr(member, "0" * 64 + "\n")
+    with pytest.raises(fetch.FetchError, match=f"publishes model sha256 0{{64}}, pinned {pins.MODEL_SHA256}"):
+        fetch.published_model_sha256(tmp_path)

