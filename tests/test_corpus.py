@@ -226,3 +226,17 @@ def test_a_published_model_hash_other_than_the_pin_is_refused(tmp_path: Path) ->
         whl.writestr(member, "0" * 64 + "\n")
     with pytest.raises(fetch.FetchError, match=f"publishes model sha256 0{{64}}, pinned {pins.MODEL_SHA256}"):
         fetch.published_model_sha256(tmp_path)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--stop-at", "25:00"], "--stop-at must be HH:MM (UTC), got '25:00'"),
+    (["--limit", "0"], "--first must be >= 0 and --limit >= 1, got 0 and 0"),
+])
+def test_corpus_command_refuses_bad_arguments_before_fetching(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                              argv: list[str], message: str) -> None:
+    from fed_nessa.cli import main
+
+    assert main(["corpus", "build", "--cache", str(tmp_path / "cache"), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"fed-nessa corpus: error: {message}"]
+    assert not (tmp_path / "cache").exists()

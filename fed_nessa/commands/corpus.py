@@ -50,6 +50,9 @@ def run(args: argparse.Namespace) -> int:
     from fed_nessa.data.corpus.fetch import cache_dir, ensure_runtime, fetch, load_packs
     from fed_nessa.data.corpus.voices import voice_table
 
+    stop_at = _stop_time(args.stop_at)  # every argument checked before anything is fetched
+    if args.first < 0 or (args.limit is not None and args.limit < 1):
+        raise ValueError(f"--first must be >= 0 and --limit >= 1, got {args.first} and {args.limit}")
     cache = args.cache or cache_dir()
     assets = fetch(cache)
     packs = load_packs(assets.voices)
@@ -65,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     ensure_runtime(cache)
     write_table(cache, table)
     stats = build(cache, assets.model, assets.voices, packs, table, first=args.first, limit=args.limit,
-                  stop_at=_stop_time(args.stop_at))
+                  stop_at=stop_at)
     per = stats["cpu_s"] / max(1.0, stats["utterances"])
     print(f"built {int(stats['built'])} voices ({int(stats['utterances'])} utterances, {per:.2f} CPU-s each); "
           f"{int(stats['skipped_done'])} were already done; table has {len(table)} voices")
