@@ -161,7 +161,7 @@ def test_loader_refuses_a_bad_voice_row(tmp_path: Path, table: list[Voice]) -> N
 def test_build_skips_voices_already_done(tmp_path: Path, table: list[Voice], monkeypatch: pytest.MonkeyPatch) -> None:
     voices = table[:3]
     done = _per_voice(voices[:1])[voices[0].voice_id]
-    build._atomic_savez(build.work_file(tmp_path, voices[0].voice_id), done)
+    build.atomic_savez(build.work_file(tmp_path, voices[0].voice_id), done)
     build.work_file(tmp_path, voices[1].voice_id).write_bytes(b"partial")  # a damaged file is redone
     made: list[int] = []
 
@@ -240,3 +240,21 @@ def test_corpus_command_refuses_bad_arguments_before_fetching(tmp_path: Path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"fed-nessa corpus: error: {message}"]
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_committed_corpus_seeds_the_work_so_its_voices_are_not_rebuilt(tmp_path: Path, table: list[Voice]) -> None:
+    voices = table[:4]
+    per_voice = _per_voice(voices)
+    for v in voices:
+        per_voice[v.voice_id].update(noise_type=np.array(["pink"] * 4), snr_db=np.full(4, 12.5))
+    store.write_corpus(tmp_path / "corpus", voices[:3], per_voice)
+    cache = tmp_path / "cache"
+    assert store.seed_work(cache, tmp_path / "corpus") == 3
+    assert store.seed_work(cache, tmp_path / "corpus") == 0  # idempotent
+    assert [build.is_done(build.work_file(cache, v.voice_id)) for v in voices] == [True, True, True, False]
+    # assembling again gives the same corpus, conditions included
+    before = dict(np.load(tmp_path / "corpus" / store.EMBEDDINGS))
+    store.assemble(cache, voices, tmp_path / "again")
+    after = dict(np.load(tmp_path / "again" / store.EMBEDDINGS))
+    assert sorted(before) == sorted(after) and all(np.array_equal(before[k], after[k]) for k in before)
+    assert after["noise_type"][0] == "pink" and after["snr_db"].dtype == np.float16

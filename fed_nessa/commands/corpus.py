@@ -31,7 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None, metavar="N", help="build: at most N voices this run")
     p.add_argument("--stop-at", default=None, metavar="HH:MM",
                    help="build: start no new voice after this UTC time today")
-    p.add_argument("--out", type=Path, default=Path("data/kokoro-voices"), help="assemble: the corpus folder")
+    p.add_argument("--out", type=Path, default=Path("data/kokoro-voices"),
+                   help="the corpus folder: assemble writes it; build skips the voices already in it")
     p.set_defaults(func=run)
 
 
@@ -64,7 +65,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {args.out}: {n} voices")
         return 0
     from fed_nessa.data.corpus.build import build, write_table
+    from fed_nessa.data.corpus.store import seed_work
 
+    seeded = seed_work(cache, args.out)  # voices already in the corpus folder are not built again
+    if seeded:
+        print(f"{seeded} voices of {args.out} taken as done")
     ensure_runtime(cache)
     write_table(cache, table)
     stats = build(cache, assets.model, assets.voices, packs, table, first=args.first, limit=args.limit,

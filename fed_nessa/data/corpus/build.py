@@ -70,7 +70,7 @@ def is_done(path: Path) -> bool:
         return False
 
 
-def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
+def atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as fh:
@@ -88,7 +88,7 @@ def babble_pool(cache: Path, synth: Synthesiser, packs: dict[str, np.ndarray], n
     rng = np.random.default_rng((DEGRADE_SEED, 0 if split == TRAIN else 1))
     chosen = sorted(rng.choice(list(names), size=min(BABBLE_PACKS, len(names)), replace=False).tolist())
     clips = {name: synth.speak(HARVARD[int(rng.integers(len(HARVARD)))], packs[name], 1.0) for name in chosen}
-    _atomic_savez(path, clips)
+    atomic_savez(path, clips)
     return [clips[k] for k in sorted(clips)]
 
 
@@ -135,7 +135,7 @@ def build(cache: Path, assets_model: Path, assets_voices: Path, packs: dict[str,
             break
         cpu = time.process_time()
         arrays = embed_voice(voice, synth, packs, backends, pools[voice.split])
-        _atomic_savez(work_file(cache, voice.voice_id), arrays)
+        atomic_savez(work_file(cache, voice.voice_id), arrays)
         spent = time.process_time() - cpu
         stats["built"] += 1
         stats["utterances"] += arrays["sentence"].size

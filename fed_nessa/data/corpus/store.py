@@ -4,7 +4,8 @@ Layout (``data/kokoro-voices/``):
 
 - ``embeddings.npz``: ``campp`` (N, 192), ``resemblyzer`` (N, 256), ``vfl_dvec``
   (N, 256) float16 unit rows; ``voice`` and ``utterance`` (int32); ``sentence``
-  (int16, index into the Harvard list); rows sorted by (voice, utterance);
+  (int16, index into the Harvard list); the conditions drawn per utterance
+  (:data:`CONDITIONS`); rows sorted by (voice, utterance);
 - ``voices.csv``: voice_id, split (train/heldout), parents and weights ('+'-joined),
   speed, utterances.
 
@@ -30,6 +31,9 @@ from fed_nessa.data.extract import MODEL_NAMES
 EMBEDDINGS = "embeddings.npz"
 VOICES = "voices.csv"
 VOICE_FIELDS = ("voice_id", "split", "parents", "weights", "speed", "utterances")
+# Per-utterance conditions kept beside the embeddings (build.DEGRADATION_FIELDS + duration), compactly typed.
+CONDITIONS = {"duration_s": np.float16, "reverb": np.bool_, "noise_type": np.str_, "snr_db": np.float16,
+              "telephone": np.bool_, "gain_db": np.float16, "clipped_frac": np.float16}
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,9 @@ def write_corpus(out: Path, voices: list[Voice], per_voice: dict[int, dict[str, 
     arrays["voice"] = np.concatenate([np.full(per_voice[i]["sentence"].size, i, np.int32) for i in ids])
     arrays["utterance"] = np.concatenate([np.arange(per_voice[i]["sentence"].size, dtype=np.int32) for i in ids])
     arrays["sentence"] = np.concatenate([per_voice[i]["sentence"] for i in ids]).astype(np.int16)
+    for key, dtype in CONDITIONS.items():  # what was drawn per utterance, where the work files have it
+        if all(key in per_voice[i] for i in ids):
+            arrays[key] = np.concatenate([per_voice[i][key] for i in ids]).astype(dtype)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".{EMBEDDINGS}.tmp"
     with open(tmp, "wb") as fh:
@@ -161,8 +168,29 @@ def assemble(cache: Path, table: list[Voice], out: Path) -> int:
     per_voice = {}
     for v in done:
         with np.load(work_file(cache, v.voice_id)) as z:
-            per_voice[v.voice_id] = {k: z[k] for k in (*MODEL_NAMES, "sentence")}
+            per_voice[v.voice_id] = {k: z[k] for k in z.files}
     if not done:
         raise ValueError(f"{cache}: no finished voice to assemble")
     write_corpus(out, done, per_voice)
     return len(done)
+
+
+def seed_work(cache: Path, corpus: Path) -> int:
+    """Write a work file for every voice of an assembled corpus that has none: a build on another
+    machine (or after the cache was lost) then resumes after the committed voices. Returns how many."""
+    from fed_nessa.data.corpus.build import atomic_savez, work_file
+
+    npz = corpus / EMBEDDINGS
+    if not npz.is_file():
+        return 0
+    arrays = _arrays(npz)
+    check_arrays(npz, arrays)
+    written = 0
+    for v in np.unique(arrays["voice"]).tolist():
+        path = work_file(cache, int(v))
+        if path.is_file():
+            continue
+        rows = arrays["voice"] == v
+        atomic_savez(path, {k: a[rows] for k, a in arrays.items() if k not in ("voice", "utterance")})
+        written += 1
+    return written
