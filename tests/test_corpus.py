@@ -258,3 +258,12 @@ def test_a_committed_corpus_seeds_the_work_so_its_voices_are_not_rebuilt(tmp_pat
     after = dict(np.load(tmp_path / "again" / store.EMBEDDINGS))
     assert sorted(before) == sorted(after) and all(np.array_equal(before[k], after[k]) for k in before)
     assert after["noise_type"][0] == "pink" and after["snr_db"].dtype == np.float16
+
+
+def test_the_committed_corpus_loads_with_a_parent_disjoint_split() -> None:
+    from fed_nessa.data.datasets import repo_root
+
+    corpus = store.load_corpus(repo_root() / "data" / "kokoro-voices")
+    store.check_split(corpus.voices)
+    assert corpus.train.num_voices >= 100 and corpus.held_out.num_voices >= 20
+    assert np.bincount(corpus.train.voice.astype(np.int64)).max() == build.UTTERANCES_PER_VOICE
