@@ -31,9 +31,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="evaluation tables on held-out voices (design.md section 2)",
                        description="Fit every method on train-side voices and evaluate EER, minDCF and SID top-1 "
                                    "for sym_before/sym_after/asym_* in both update scenarios on held-out voices "
-                                   "(voice folds for real data, the separate evaluation population for synthetic). "
+                                   "(voice folds for real data, the separate evaluation population for synthetic, "
+                                   "the parent-disjoint held-out voices for kokoro-voices). "
                                    "Writes evaluation.json and evaluation.md.")
-    p.add_argument("--data", default="synthetic", help="synthetic | real-dev | real-dev+speed | ...")
+    p.add_argument("--data", default="synthetic", help="synthetic | real-dev | real-dev+speed | kokoro-voices | ...")
     p.add_argument("--old-model", required=True, help="the model before the update (worse)")
     p.add_argument("--new-model", required=True, help="the model after the update (better)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")

@@ -3,7 +3,8 @@
 Names: ``synthetic`` (the embedded default population: train = every device's
 speakers, held-out = the separate evaluation population), ``real-dev``,
 ``real-speed-dev``, ``real-dev+speed`` (real-model embeddings; held-out figures
-come from voice folds). A folder of device shards is pooled (speaker ids made
+come from voice folds), ``kokoro-voices`` (the Kokoro blend corpus: its fixed
+held-out voices share no parent pack with its training voices). A folder of device shards is pooled (speaker ids made
 global per device); a single ``.safetensors`` file is an EmbeddingSet.
 """
 
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 
 REAL_NAMES = ("real-dev", "real-speed-dev", "real-dev+speed")
+CORPUS_NAME = "kokoro-voices"  # also its folder under data/
 
 
 @dataclass(frozen=True)
@@ -37,12 +39,17 @@ def resolve(spec: str, *, num_devices: int = 1000, seed: int = 0) -> DataSource:
         return DataSource(f"synthetic(devices={num_devices}, seed={seed})", pop.train, pop.eval)
     if spec in REAL_NAMES:
         return DataSource(spec, datasets.load_real(spec), None)
+    if spec == CORPUS_NAME:
+        from fed_nessa.data.corpus.store import load_corpus
+
+        corpus = load_corpus(datasets.resolve_real_folder(CORPUS_NAME))
+        return DataSource(spec, corpus.train, corpus.held_out)
     path = Path(spec)
     if path.is_dir():
         return DataSource(str(path), pooled_shards(path), None)
     if path.is_file():
         return DataSource(str(path), datasets.EmbeddingSet.load(path), None)
-    raise FileNotFoundError(f"{spec}: not a data name ({', '.join(('synthetic',) + REAL_NAMES)}), "
+    raise FileNotFoundError(f"{spec}: not a data name ({', '.join(('synthetic',) + REAL_NAMES + (CORPUS_NAME,))}), "
                             f"a shard folder or an embedding-set file")
 
 
