@@ -179,7 +179,7 @@ class FederationConfig:
     device_stats_pairs: int = 100  # device level: a device's statistics weigh at most this many pairs
     device_batch: int = 16  # device level: pairs a device draws (secretly) for its round's mean gradient; 0: all
     device_update: str = "fedsgd"  # device level: "fedavg" trains locally and sends its clipped model delta
-    local_lr: float = 0.1  # device level, fedavg: the device's plain-SGD step size (local-epochs epochs)
+    local_lr: float = 0.01  # device level, fedavg: the device's plain-SGD step size (local-epochs epochs)
     local_batch: int = 16  # device level, fedavg: pairs per local minibatch; 0: full batch
     clip_target_quantile: float = 0.0  # device level: adaptive clipping to this quantile of update norms; 0: off
     clip_lr: float = 0.2  # adaptive clipping: geometric step, C <- C exp(-clip-lr (noisy fraction - quantile))

@@ -88,11 +88,12 @@ def fedavg_block(net: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: BlockS
 
     step = vmap(grad(device_loss))
     k = x.shape[0]
-    device = torch.arange(k)[:, None]
+    device = torch.arange(k, device=x.device)[:, None]
+    rows, weights = steps.rows.to(x.device), steps.weights.to(x.device)
     params = {n: p.expand(k, *p.shape).clone() for n, p in start.items()}
-    for s in range(steps.rows.shape[1]):
-        idx = steps.rows[:, s]
-        grads = step(params, x[device, idx], y[device, idx], steps.weights[:, s])
+    for s in range(rows.shape[1]):
+        idx = rows[:, s]
+        grads = step(params, x[device, idx], y[device, idx], weights[:, s])
         params = {n: params[n] - lr * grads[n] for n in names}
     delta = torch.cat([(start[n] - params[n]).reshape(k, -1) for n in names], dim=1)
     norms = torch.linalg.vector_norm(delta.double(), dim=1)
