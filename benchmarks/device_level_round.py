@@ -94,8 +94,9 @@ def fedavg_round(net: nn.Module, devices: int, pairs: int, chunk: int, clip: flo
     return total + torch.randn_like(total) * clip
 
 
-def _time(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int) -> list[float]:
-    fn()  # warm-up (kernels, allocator)
+def _time(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int, warmup: bool = True) -> list[float]:
+    if warmup:
+        fn()  # warm-up (kernels, allocator)
     out = []
     for _ in range(repeats):
         _sync(device)
@@ -124,7 +125,7 @@ def measure(devices: int, algorithm: str, args: argparse.Namespace, device: torc
         passes = args.local_epochs
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    seconds = _time(fn, device, args.repeats)
+    seconds = _time(fn, device, args.repeats, not args.no_warmup)
     flops = 6.0 * n_params * devices * pairs * passes
     med = statistics.median(seconds)
     return {"algorithm": algorithm, "devices": devices, "pairs_per_device": pairs, "local_epochs": passes,
@@ -151,6 +152,7 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=16_384, help="devices per FedSGD chunk")
     p.add_argument("--fedavg-chunk", type=int, default=8_192, help="devices per DP-FedAvg chunk")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-warmup", action="store_true", help="time the first round too (a 10^5-device CPU round)")
     p.add_argument("--out")
     a = p.parse_args()
     device = torch.device(a.device)
