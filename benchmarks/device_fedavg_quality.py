@@ -125,6 +125,9 @@ def run_arm(arm: str, a: argparse.Namespace, pop: LazyPopulation, blocks: list[D
     ckpt = out / f"{arm}.pt"
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
+        run = {"devices": pop.num_devices, "rounds": a.rounds, "epsilon": a.epsilon, "seed": a.seed}
+        if state["run"] != run:  # sigma was calibrated for the stored run: mixing them would misstate epsilon
+            raise SystemExit(f"{ckpt}: checkpoint of run {state['run']}, asked for {run}; use another --out")
         net.load_state_dict(state["net"])
         opt.load_state_dict(state["opt"])
         clip, start = AdaptiveClip(*state["clip"]), state["round"] + 1
@@ -157,7 +160,8 @@ def run_arm(arm: str, a: argparse.Namespace, pop: LazyPopulation, blocks: list[D
         if t % a.eval_every == 0 or t == a.rounds:
             row["eer"] = eer(net, ev, info, cfg)
         _log(out, row)
-        torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "round": t,
+        torch.save({"run": {"devices": pop.num_devices, "rounds": a.rounds, "epsilon": a.epsilon, "seed": a.seed},
+                    "net": net.state_dict(), "opt": opt.state_dict(), "round": t,
                     "clip": (clip.clip, clip.quantile, clip.lr)}, ckpt)
 
 
