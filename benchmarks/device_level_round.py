@@ -9,10 +9,10 @@ is timed in ``benchmarks/fleet_round.py``):
     clipped to C as one vector (:func:`fed_nessa.sim.ghost.device_clipped_sum`, the engine's
     fast numerics), summed over devices, plus one Gaussian of the summed noise.
 ``fedavg``
-    the DP-FedAvg update the device-level issue asks for (not in the engines yet): each device
-    runs ``--local-steps`` full-batch gradient steps on its own copy of the global aligner
-    (vectorised over the devices with ``torch.func``), its model delta is clipped to C as one
-    vector, and the deltas are summed. A prototype of the maths, timed to size that engine.
+    the DP-FedAvg update (:func:`fed_nessa.sim.fedavg.fedavg_block`, not in the engines yet):
+    each device runs ``--local-epochs`` of plain SGD in minibatches of ``--local-batch`` on its own
+    copy of the global aligner (vectorised over the devices with ``torch.func``), its model delta
+    is clipped to C as one vector, and the deltas are summed.
 
 Pairs are random unit vectors generated on the device chunk by chunk from (seed, chunk): the
 arithmetic and the memory of a round do not depend on the values, and 10^6 devices' pairs are
@@ -37,7 +37,7 @@ from torch import nn
 
 from fed_nessa.config import from_run_config
 from fed_nessa.federated.layout import build_net, trainable
-from fed_nessa.model.losses import get_loss
+from fed_nessa.sim.fedavg import BlockSteps, fedavg_block
 from fed_nessa.sim.ghost import device_clipped_sum
 
 D_X, D_Y = 256, 192  # the synthetic population's enrollment and runtime dimensions
@@ -68,37 +68,35 @@ def fedsgd_round(net: nn.Module, devices: int, pairs: int, chunk: int, clip: flo
     return total + torch.randn_like(total) * clip
 
 
+def _equal_steps(k: int, pairs: int, epochs: int, batch: int, device: torch.device, seed: int) -> BlockSteps:
+    """The local steps of ``k`` devices of ``pairs`` each, drawn on the device in one call (no padding):
+    what :func:`fed_nessa.sim.fedavg.block_steps` builds, without its per-device Python loop."""
+    batch = batch if batch > 0 else pairs
+    if pairs % batch:
+        raise ValueError(f"--local-pairs {pairs} must be a multiple of --local-batch {batch}")
+    gen = torch.Generator(device=device).manual_seed(seed)
+    orders = torch.rand(k, epochs, pairs, device=device, generator=gen).argsort(dim=-1)
+    rows = orders.reshape(k, epochs * pairs // batch, batch)
+    return BlockSteps(rows, torch.ones(rows.shape, device=device))
+
+
 def fedavg_round(net: nn.Module, devices: int, pairs: int, chunk: int, clip: float, device: torch.device,
-                 local_steps: int, lr: float) -> torch.Tensor:
-    """Sum over every device of its clipped local-training delta (full-batch steps, vectorised)."""
-    from torch.func import functional_call, grad, vmap
-
-    names = [n for n, p in net.named_parameters() if p.requires_grad]
-    frozen = {n: p.detach() for n, p in net.named_parameters() if not p.requires_grad}
-    start_params = {n: p.detach() for n, p in net.named_parameters() if p.requires_grad}
-    loss_fn: Callable[..., torch.Tensor] = get_loss("cosine")
-
-    def device_loss(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return loss_fn(functional_call(net, {**params, **frozen}, (y,)), x).mean()
-
-    step = vmap(grad(device_loss))
-    total = torch.zeros(sum(p.numel() for p in start_params.values()), device=device)
+                 local_epochs: int, lr: float, local_batch: int) -> torch.Tensor:
+    """Sum over every device of its clipped DP-FedAvg delta (:func:`fed_nessa.sim.fedavg.fedavg_block`:
+    ``local_epochs`` of plain SGD in minibatches of ``local_batch``, secret row orders)."""
+    total = torch.zeros(sum(p.numel() for p in trainable(net)), device=device)
     for c, start in enumerate(range(0, devices, chunk)):
         k = min(chunk, devices - start)
         x, y = _pairs(k * pairs, device, c)
-        x, y = x.view(k, pairs, D_X), y.view(k, pairs, D_Y)
-        params = {n: p.expand(k, *p.shape).clone() for n, p in start_params.items()}
-        for _ in range(local_steps):
-            grads = step(params, x, y)
-            params = {n: params[n] - lr * grads[n] for n in names}
-        delta = torch.cat([(params[n] - start_params[n]).reshape(k, -1) for n in names], dim=1)
-        factor = (clip / (delta.norm(dim=1) + 1e-6)).clamp(max=1.0)
-        total += (delta * factor[:, None]).sum(0)
+        out = fedavg_block(net, x.view(k, pairs, D_X), y.view(k, pairs, D_Y),
+                           _equal_steps(k, pairs, local_epochs, local_batch, device, c), lr=lr, clip_norm=clip)
+        total += out.clipped.sum(0)
     return total + torch.randn_like(total) * clip
 
 
-def _time(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int) -> list[float]:
-    fn()  # warm-up (kernels, allocator)
+def _time(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int, warmup: bool = True) -> list[float]:
+    if warmup:
+        fn()  # warm-up (kernels, allocator)
     out = []
     for _ in range(repeats):
         _sync(device)
@@ -122,14 +120,15 @@ def measure(devices: int, algorithm: str, args: argparse.Namespace, device: torc
         passes = 1
     else:
         def fn() -> torch.Tensor:
-            return fedavg_round(net, devices, pairs, args.fedavg_chunk, 0.1, device, args.local_steps, args.lr)
-        passes = args.local_steps
+            return fedavg_round(net, devices, pairs, args.fedavg_chunk, 0.1, device, args.local_epochs, args.lr,
+                                args.local_batch)
+        passes = args.local_epochs
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    seconds = _time(fn, device, args.repeats)
+    seconds = _time(fn, device, args.repeats, not args.no_warmup)
     flops = 6.0 * n_params * devices * pairs * passes
     med = statistics.median(seconds)
-    return {"algorithm": algorithm, "devices": devices, "pairs_per_device": pairs, "local_steps": passes,
+    return {"algorithm": algorithm, "devices": devices, "pairs_per_device": pairs, "local_epochs": passes,
             "trainable_params": n_params, "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "threads": torch.get_num_threads(), "seconds": [round(s, 4) for s in seconds],
@@ -147,11 +146,13 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--pairs", type=int, default=8, help="pairs per device in a FedSGD round (device-batch)")
     p.add_argument("--local-pairs", type=int, default=112, help="pairs per device in a DP-FedAvg round")
-    p.add_argument("--local-steps", type=int, default=1)
-    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--local-batch", type=int, default=16, help="pairs per local minibatch (0: full batch)")
+    p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--chunk", type=int, default=16_384, help="devices per FedSGD chunk")
     p.add_argument("--fedavg-chunk", type=int, default=8_192, help="devices per DP-FedAvg chunk")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-warmup", action="store_true", help="time the first round too (a 10^5-device CPU round)")
     p.add_argument("--out")
     a = p.parse_args()
     device = torch.device(a.device)

@@ -67,6 +67,19 @@ class RoundStatus(StrEnum):
 class ServerOptimizer(StrEnum):
     ADAM = "adam"
     SGD = "sgd"  # SGD with momentum 0.9
+    ADAM_BC = "adam-bc"  # Adam minus the known DP noise variance in its second moment (DP-AdamBC)
+
+
+#: Server optimizers the engines' ServerModel builds today; ``adam-bc`` lives in
+#: :mod:`fed_nessa.federated.server_optimizers` until ServerModel builds it from there.
+ENGINE_SERVER_OPTIMIZERS = (ServerOptimizer.ADAM.value, ServerOptimizer.SGD.value)
+
+
+class DeviceUpdate(StrEnum):
+    """What a device computes in a device-level DP-SGD round (docs/privacy.md "DP-FedAvg at device level")."""
+
+    FEDSGD = "fedsgd"  # one mean gradient over device-batch pairs, clipped as one vector
+    FEDAVG = "fedavg"  # local-epochs of plain SGD over its own pairs, the model delta clipped as one vector
 
 
 class AlignerChoice(StrEnum):
@@ -165,6 +178,12 @@ class FederationConfig:
     device_clip_norm: float = 0.1  # device level: L2 bound on a device's clipped mean-gradient update
     device_stats_pairs: int = 100  # device level: a device's statistics weigh at most this many pairs
     device_batch: int = 16  # device level: pairs a device draws (secretly) for its round's mean gradient; 0: all
+    device_update: str = "fedsgd"  # device level: "fedavg" trains locally and sends its clipped model delta
+    local_lr: float = 0.01  # device level, fedavg: the device's plain-SGD step size (local-epochs epochs)
+    local_batch: int = 16  # device level, fedavg: pairs per local minibatch; 0: full batch
+    clip_target_quantile: float = 0.0  # device level: adaptive clipping to this quantile of update norms; 0: off
+    clip_lr: float = 0.2  # adaptive clipping: geometric step, C <- C exp(-clip-lr (noisy fraction - quantile))
+    clip_count_noise: float = 0.05  # adaptive clipping: the noisy count's std, as a fraction of the fleet
     references: bool = True  # fleet engine: fit the pooled non-DP references (false: a study reuses them)
 
     def cohort_size(self, fleet: int) -> int:
@@ -238,15 +257,15 @@ def _coerce(key: str, value: Any, default: Any) -> tuple[Any, str | None]:
 
 
 def _range(problems: list[str], key: str, value: float, lo: float, hi: float, *,
-           lo_open: bool = False) -> None:
-    """Append a problem if ``value`` is outside ``[lo, hi]`` (``(lo, hi]`` when ``lo_open``)."""
+           lo_open: bool = False, hi_open: bool = False) -> None:
+    """Append a problem if ``value`` is outside ``[lo, hi]`` (``(`` / ``)`` where ``lo_open`` / ``hi_open``)."""
     if isinstance(value, float) and not math.isfinite(value):
         problems.append(f"{key} = {value!r}: must be a finite number in [{lo:g}, {hi:g}]")
         return
-    bad = value <= lo if lo_open else value < lo
-    if bad or value > hi:
-        bracket = "(" if lo_open else "["
-        problems.append(f"{key} = {value!r}: allowed range {bracket}{lo:g}, {hi:g}]")
+    bad = (value <= lo if lo_open else value < lo) or (value >= hi if hi_open else value > hi)
+    if bad:
+        left, right = "(" if lo_open else "[", ")" if hi_open else "]"
+        problems.append(f"{key} = {value!r}: allowed range {left}{lo:g}, {hi:g}{right}")
 
 
 def _choice(problems: list[str], key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -353,6 +372,19 @@ def _check_ranges(c: FederationConfig) -> list[str]:
     if c.privacy_unit == PrivacyUnit.DEVICE and c.delta >= 1.0 / c.num_devices:
         p.append(f"delta = {c.delta:g}: a device-level guarantee needs delta below 1 / num-devices "
                  f"({1.0 / c.num_devices:.3g}), or releasing one whole device would fit inside delta")
+    _choice(p, "device-update", c.device_update, tuple(u.value for u in DeviceUpdate))
+    _range(p, "local-lr", c.local_lr, 0.0, 100.0, lo_open=True)
+    _range(p, "local-batch", c.local_batch, 0, 10_000_000)
+    _range(p, "clip-target-quantile", c.clip_target_quantile, 0.0, 1.0, hi_open=True)
+    _range(p, "clip-lr", c.clip_lr, 0.0, 10.0, lo_open=True)
+    _range(p, "clip-count-noise", c.clip_count_noise, 0.0, 1e3, lo_open=True)
+    if c.device_update == DeviceUpdate.FEDAVG and c.privacy_unit != PrivacyUnit.DEVICE:
+        p.append("device-update = 'fedavg' is the device-level update: it needs privacy-unit = 'device'")
+    if c.clip_target_quantile > 0 and c.device_update != DeviceUpdate.FEDAVG:
+        p.append("clip-target-quantile > 0 adapts the clip of DP-FedAvg deltas: it needs device-update = 'fedavg'")
+    if c.server_optimizer == ServerOptimizer.ADAM_BC:
+        p.append(f"server-optimizer = {c.server_optimizer!r}: not built by the engines yet (library only: "
+                 f"fed_nessa.federated.server_optimizers); allowed values {', '.join(ENGINE_SERVER_OPTIMIZERS)}")
     if c.privacy_unit == PrivacyUnit.DEVICE and c.budget_split > 0 and c.sample_rate > 0:
         p.append("privacy-unit = 'device' uses no sampling (q = 1 per participation): leave sample-rate at 0")
     return p

@@ -26,17 +26,29 @@ from typing import ClassVar
 import numpy as np
 from torch import nn
 
-from fed_nessa.config import DPMode, FederationConfig, Phase, PrivacyUnit
+from fed_nessa.config import DeviceUpdate, DPMode, FederationConfig, Phase, PrivacyUnit
 from fed_nessa.data.shards import Shard
 from fed_nessa.federated import suffstats
 from fed_nessa.federated.layout import flat, trainable
 from fed_nessa.federated.noise_plan import NoisePlan, noise_plan
-from fed_nessa.model.training import DPConfig, TrainConfig, device_update, noisy_gradient_sum, train_local
+from fed_nessa.model.training import (
+    DPConfig,
+    TrainConfig,
+    device_update,
+    fedavg_delta,
+    noisy_gradient_sum,
+    train_local,
+    with_noise_share,
+)
 from fed_nessa.privacy.events import DP_SGD, GAUSSIAN_SUM, PUBLIC_FIELDS
 from fed_nessa.randomness import NoiseSource
 
 #: Noise is bounded at this many standard deviations when sizing SecAgg+'s range.
 PAYLOAD_SIGMAS = 12.0
+
+#: The adaptive clip's bit is sent centred, ``1[norm <= C] - 1/2``: adding or removing one device
+#: moves the released count by at most 1/2 (Andrew et al. 2021).
+BIT_SENSITIVITY = 0.5
 
 
 def max_sampled(cfg: FederationConfig, sample_rate: float) -> float:
@@ -207,11 +219,79 @@ class DeviceLevel(Mechanism):
 
     def dpsgd_vector(self, net: nn.Module, shard: Shard, std: float, noise: NoiseSource,
                      sample_rate: float) -> np.ndarray:
-        """The mean gradient over ``device-batch`` secretly drawn pairs (a compute bound, no amplification
-        claimed), clipped as ONE vector to ``device-clip-norm``, plus the share."""
+        """``fedsgd``: the mean gradient over ``device-batch`` secretly drawn pairs (a compute bound, no
+        amplification claimed), clipped as ONE vector to ``device-clip-norm``, plus the share;
+        ``fedavg``: :meth:`fedavg_vector` at the fixed ``device-clip-norm`` (no bit)."""
+        if self.cfg.device_update == DeviceUpdate.FEDAVG:
+            return self.fedavg_vector(net, shard, self.cfg.device_clip_norm, std, noise)
         rows = device_subset(noise.uniform(shard.n), self.cfg.device_batch)
         return device_update(net, shard.enroll[rows], shard.runtime[rows], clip_norm=self.cfg.device_clip_norm,
                              noise_std=std, noise=noise)
+
+
+    # -- DP-FedAvg and its adaptive clip ------------------------------------------------------
+    @property
+    def adaptive(self) -> bool:
+        """Whether the clip follows a private quantile of the update norms (``clip-target-quantile > 0``)."""
+        return self.cfg.clip_target_quantile > 0
+
+    def count_sigma(self, fleet: int) -> float:
+        """Noise std of the released count of adaptive-clip bits (``clip-count-noise`` x the fleet)."""
+        return self.cfg.clip_count_noise * fleet
+
+    def delta_sigma(self, plan: NoisePlan, fleet: int) -> float:
+        """The noise multiplier of the delta sum, so that the delta AND the bit together spend ``plan``'s sigma.
+
+        Each round releases two Gaussian sums of one device: the deltas (sensitivity C, noise
+        ``z_d C``) and the centred bits (sensitivity 1/2, noise ``sigma_b``). Scaled to unit noise
+        they are one Gaussian mechanism with sensitivity ``sqrt(1/z_d^2 + (1/2 / sigma_b)^2)``, i.e.
+        one Gaussian sum with multiplier ``z = (z_d^-2 + (sigma_b / (1/2))^-2)^-1/2`` (Andrew et al.
+        2021, Thm 1). The ledger charges ``z`` (the plan's sigma), so ``z_d`` is solved from it.
+        """
+        z = self.sigma(Phase.DPSGD, plan)
+        if not (self.dp and self.adaptive):
+            return z
+        z_bit = self.count_sigma(fleet) / BIT_SENSITIVITY
+        if z_bit <= z:
+            raise ValueError(f"clip-count-noise = {self.cfg.clip_count_noise:g}: the bit count's noise multiplier "
+                             f"{z_bit:.3g} is <= the round's {z:.3g}, so the bit alone would spend the budget")
+        return float((z ** -2 - z_bit ** -2) ** -0.5)
+
+    def _share(self, full: float, g: int) -> float:
+        return full / math.sqrt(g) if self.cfg.dp_mode == DPMode.DISTRIBUTED else full
+
+    def delta_share_std(self, plan: NoisePlan, g: int, clip: float, fleet: int) -> float:
+        """One device's noise std on its clipped delta at this round's ``clip`` (0 without DP)."""
+        return self._share(self.delta_sigma(plan, fleet) * clip, g) if self.dp else 0.0
+
+    def count_share_std(self, g: int, fleet: int) -> float:
+        """One device's noise std on its centred bit (0 without DP or without adaptive clipping)."""
+        return self._share(self.count_sigma(fleet), g) if self.dp and self.adaptive else 0.0
+
+    def fedavg_vector(self, net: nn.Module, shard: Shard, clip: float, delta_std: float, noise: NoiseSource,
+                      count_std: float | None = None) -> np.ndarray:
+        """A device's DP-FedAvg contribution: its clipped pseudo-gradient plus its share, then (adaptive
+        clipping) one more coordinate, ``1[norm <= clip] - 1/2`` plus its count share.
+
+        Draw order (the vectorised engine reproduces it): ``local-epochs`` row orders
+        (:func:`local_orders`), the delta's share tensor by tensor, the bit's share.
+        """
+        cfg = self.cfg
+        orders = local_orders(noise, shard.n, cfg.local_epochs)
+        delta, norm = fedavg_delta(net, shard.enroll, shard.runtime, orders=orders, batch=cfg.local_batch,
+                                   lr=cfg.local_lr, clip_norm=clip)
+        out = with_noise_share(delta.numpy(), [p for p in net.parameters() if p.requires_grad], delta_std, noise)
+        if count_std is None:
+            return out
+        bit = (1.0 if norm <= clip else 0.0) - BIT_SENSITIVITY
+        if count_std > 0:
+            bit += float(np.asarray(noise.normal((1,), count_std))[0])
+        return np.append(out, np.float32(bit))
+
+
+def local_orders(noise: NoiseSource, n: int, epochs: int) -> list[np.ndarray]:
+    """One secret permutation of a device's ``n`` rows per local epoch (argsort of uniforms, stable)."""
+    return [np.argsort(noise.uniform(n), kind="stable") for _ in range(epochs)]
 
 
 def device_subset(uniforms: np.ndarray, batch: int) -> np.ndarray:

@@ -385,11 +385,18 @@ def device_update(model: nn.Module, enroll: np.ndarray, runtime: np.ndarray, *, 
         flat = flat * device_clip_factor(torch.linalg.vector_norm(flat), clip_norm)
     else:
         flat = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)
-    out = flat.numpy()
-    if noise_std > 0:
-        out = out + np.concatenate([np.asarray(stream.normal(tuple(p.shape), noise_std)).reshape(-1)
-                                    for p in params])
-    return out.astype(np.float32)
+    return with_noise_share(flat.numpy(), params, noise_std, stream)
+
+
+def with_noise_share(vector: np.ndarray, params: list[nn.Parameter], std: float, noise: NoiseSource) -> np.ndarray:
+    """``vector + N(0, std^2 I)`` as float32, the Gaussian drawn one trainable tensor at a time, in order.
+
+    The one draw order of a device-level share (FedSGD and DP-FedAvg alike), which the fleet
+    engine's exact numerics reproduce.
+    """
+    if std > 0:
+        vector = vector + np.concatenate([np.asarray(noise.normal(tuple(p.shape), std)).reshape(-1) for p in params])
+    return np.asarray(vector, dtype=np.float32)
 
 
 def _dp_optimizer(inner: torch.optim.Optimizer, noise_multiplier: float, max_grad_norm: float,
@@ -414,3 +421,48 @@ def _dp_optimizer(inner: torch.optim.Optimizer, noise_multiplier: float, max_gra
 
     return _StreamNoiseDPOptimizer(inner, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                                    expected_batch_size=expected_batch_size, loss_reduction="sum")
+
+
+# ----------------------------------------------------------------------------- DP-FedAvg at device level
+def local_minibatches(orders: list[np.ndarray], batch: int) -> list[np.ndarray]:
+    """The local SGD steps of one device: each epoch's row order cut into minibatches of ``batch`` (0: all).
+
+    ``orders`` holds one permutation of the device's rows per local epoch (drawn by the caller from
+    the device's noise stream, so the vectorised engine can reproduce them); the last minibatch of
+    an epoch may be short.
+    """
+    steps: list[np.ndarray] = []
+    for order in orders:
+        size = len(order) if batch <= 0 else batch
+        steps.extend(order[s:s + size] for s in range(0, len(order), size))
+    return steps
+
+
+def fedavg_delta(model: nn.Module, enroll: np.ndarray, runtime: np.ndarray, *, orders: list[np.ndarray],
+                 batch: int, lr: float, clip_norm: float, loss: str = "cosine") -> tuple[torch.Tensor, float]:
+    """DP-FedAvg's device update (McMahan et al. 2018) before noise: ``(clip(start - end), ||start - end||)``.
+
+    Plain SGD at ``lr`` over :func:`local_minibatches` of the device's own pairs, from ``model``'s
+    weights (left unchanged), then the model difference clipped as ONE vector to ``clip_norm``, so
+    adding or removing the whole device moves the released sum by at most ``clip_norm`` whatever
+    the local steps did. The sign is the pseudo-gradient's (start minus end), so the server's
+    optimiser applies the mean as a gradient (FedOpt); the unclipped norm is returned for the
+    adaptive clip's bit. float32 steps, float64 result.
+    """
+    x, y = _tensors(enroll, runtime)
+    params = [p for p in model.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in params]
+    try:
+        for rows in local_minibatches(orders, batch):
+            idx = torch.as_tensor(rows, dtype=torch.long)
+            grads = torch.autograd.grad(pair_loss(model, x[idx], y[idx], loss).mean(), params)
+            with torch.no_grad():
+                for p, g in zip(params, grads, strict=True):
+                    p.sub_(lr * g)
+        flat = torch.cat([(s - p.detach()).reshape(-1) for s, p in zip(start, params, strict=True)]).double()
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, start, strict=True):
+                p.copy_(s)
+    norm = float(torch.linalg.vector_norm(flat))
+    return flat * float(device_clip_factor(norm, clip_norm)), norm

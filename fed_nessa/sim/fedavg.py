@@ -1,0 +1,101 @@
+"""DP-FedAvg's device update for a whole block of devices at once (``torch.func.vmap``).
+
+The same maths as :func:`fed_nessa.model.training.fedavg_delta` (the device side, run by the
+Flower ClientApp through :meth:`fed_nessa.federated.mechanism.DeviceLevel.fedavg_vector`), for
+``k`` devices in one batched pass: each device's rows are padded to the block's largest device,
+each local step gathers every device's minibatch (weight 0 on padding, so a device whose epoch
+has fewer steps simply stops moving), and ``vmap(grad(...))`` gives the ``k`` gradients in one
+call. Same row orders in, the same clipped deltas out to float tolerance
+(tests/test_sim_fedavg.py). Noise is not added here: the engine adds the shares, per device
+(exact numerics) or as one draw of their sum (fast numerics).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from fed_nessa.model.losses import get_loss
+from fed_nessa.model.training import device_clip_factor, local_minibatches
+
+
+@dataclass(frozen=True)
+class BlockSteps:
+    """The local SGD steps of a block, padded: ``rows[j, s]`` are device j's minibatch at step s."""
+
+    rows: torch.Tensor  # [k, steps, batch] long, indices into the device's padded rows
+    weights: torch.Tensor  # [k, steps, batch] float, 1 on real rows, 0 on padding
+
+
+@dataclass(frozen=True)
+class BlockDeltas:
+    """What a block of devices computed before noise: clipped pseudo-gradients and their raw norms."""
+
+    clipped: torch.Tensor  # [k, params] float32, each row of norm <= clip
+    norms: torch.Tensor  # [k] float32, the unclipped norms (the adaptive clip's bit: norm <= C)
+
+
+def block_steps(orders: Sequence[Sequence[np.ndarray]], batch: int) -> BlockSteps:
+    """Pad every device's :func:`local_minibatches` to the block's most steps and widest minibatch."""
+    per_device = [local_minibatches(list(o), batch) for o in orders]
+    steps = max(len(s) for s in per_device)
+    width = max(len(b) for s in per_device for b in s)
+    rows = np.zeros((len(orders), steps, width), np.int64)  # padding points at row 0: always a real row
+    weights = np.zeros((len(orders), steps, width), np.float32)
+    for j, device_steps in enumerate(per_device):
+        for s, mb in enumerate(device_steps):
+            rows[j, s, :len(mb)] = mb
+            weights[j, s, :len(mb)] = 1.0
+    return BlockSteps(torch.from_numpy(rows), torch.from_numpy(weights))
+
+
+def pad_block(enroll: Sequence[np.ndarray], runtime: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack devices' pairs into ``[k, most rows, d]`` tensors (zero rows past a device's own)."""
+    n = max(len(e) for e in enroll)
+    x = torch.zeros(len(enroll), n, enroll[0].shape[1])
+    y = torch.zeros(len(runtime), n, runtime[0].shape[1])
+    for j, (e, r) in enumerate(zip(enroll, runtime, strict=True)):
+        x[j, :len(e)] = torch.as_tensor(np.asarray(e, np.float32))
+        y[j, :len(r)] = torch.as_tensor(np.asarray(r, np.float32))
+    return x, y
+
+
+def fedavg_block(net: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: BlockSteps, *, lr: float,
+                 clip_norm: float, loss: str = "cosine") -> BlockDeltas:
+    """Every device of a block trains its own copy of ``net`` (plain SGD) and clips ``start - end`` to C.
+
+    ``x``/``y``: ``[k, rows, d]`` padded pairs (:func:`pad_block`); ``steps``: :func:`block_steps`.
+    ``net`` is left unchanged; a net with its own ``pair_loss`` is refused (its forward is not its loss).
+    """
+    from torch.func import functional_call, grad, vmap
+
+    if getattr(net, "pair_loss", None) is not None:
+        raise ValueError(f"{type(net).__name__} defines its own pair_loss: the vectorised update supports "
+                         "nets whose loss is loss(net(y), x)")
+    loss_fn = get_loss(loss)
+    names = [n for n, p in net.named_parameters() if p.requires_grad]
+    frozen = {n: p.detach() for n, p in net.named_parameters() if not p.requires_grad}
+    start = {n: p.detach() for n, p in net.named_parameters() if p.requires_grad}
+
+    def device_loss(params: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor,
+                    wb: torch.Tensor) -> torch.Tensor:
+        per_pair = loss_fn(functional_call(net, {**params, **frozen}, (yb,)), xb)
+        return (per_pair * wb).sum() / wb.sum().clamp(min=1.0)
+
+    step = vmap(grad(device_loss))
+    k = x.shape[0]
+    device = torch.arange(k, device=x.device)[:, None]
+    rows, weights = steps.rows.to(x.device), steps.weights.to(x.device)
+    params = {n: p.expand(k, *p.shape).clone() for n, p in start.items()}
+    for s in range(rows.shape[1]):
+        idx = rows[:, s]
+        grads = step(params, x[device, idx], y[device, idx], weights[:, s])
+        params = {n: params[n] - lr * grads[n] for n in names}
+    delta = torch.cat([(start[n] - params[n]).reshape(k, -1) for n in names], dim=1)
+    norms = torch.linalg.vector_norm(delta.double(), dim=1)
+    clipped = delta.double() * device_clip_factor(norms, clip_norm)[:, None]
+    return BlockDeltas(clipped.float(), norms.float())

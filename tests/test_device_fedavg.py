@@ -1,0 +1,215 @@
+"""DP-FedAvg at device level: the device update, its vectorised twin, adaptive clipping, DP-AdamBC."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fed_nessa.config import ConfigError, FederationConfig, from_run_config
+from fed_nessa.data.shards import Shard
+from fed_nessa.federated.adaptive_clip import AdaptiveClip
+from fed_nessa.federated.layout import build_net
+from fed_nessa.federated.mechanism import BIT_SENSITIVITY, DeviceLevel, local_orders, mechanism_for
+from fed_nessa.federated.noise_plan import noise_plan
+from fed_nessa.federated.server_optimizers import AdamBC, server_optimizer
+from fed_nessa.model.training import fedavg_delta, local_minibatches
+from fed_nessa.privacy.accountants.gaussian import GaussianAccountant
+from fed_nessa.privacy.events import DEVICE, DISTRIBUTED, GAUSSIAN_SUM, DPEvent
+from fed_nessa.randomness import ReproducibleNoise
+from fed_nessa.sim.fedavg import block_steps, fedavg_block, pad_block
+
+D_X, D_Y = 24, 16
+
+
+def _cfg(**extra: object) -> FederationConfig:
+    base: dict[str, object] = {"privacy-unit": "device", "device-update": "fedavg", "num-devices": 100,
+                               "delta": 1e-3, "min-arrivals": 2, "linear-start": "none", "hidden": 8,
+                               "local-epochs": 2, "local-batch": 3, "local-lr": 0.5}
+    base.update(extra)
+    return from_run_config(base)
+
+
+def _net(cfg: FederationConfig) -> torch.nn.Module:
+    torch.manual_seed(0)
+    net = build_net(cfg, D_X, D_Y)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return net
+
+
+def _shard(n: int, seed: int) -> Shard:
+    rng = np.random.default_rng(seed)
+    return Shard(enroll=rng.standard_normal((n, D_X)).astype(np.float32),
+                 runtime=rng.standard_normal((n, D_Y)).astype(np.float32), speaker=np.zeros(n, np.int64),
+                 enroll_model="x", runtime_model="y")
+
+
+# -- config ----------------------------------------------------------------------------------
+def test_fedavg_keys_are_validated_and_fedsgd_stays_the_default() -> None:
+    assert from_run_config({}).device_update == "fedsgd"
+    with pytest.raises(ConfigError, match="device-update = 'fedavg' is the device-level update"):
+        from_run_config({"device-update": "fedavg"})
+    with pytest.raises(ConfigError, match="device-update = 'sgd': allowed values fedsgd, fedavg"):
+        _cfg(**{"device-update": "sgd"})
+    with pytest.raises(ConfigError, match=r"clip-target-quantile = 1.0: allowed range \[0, 1\)"):
+        _cfg(**{"clip-target-quantile": 1.0})
+    with pytest.raises(ConfigError, match="clip-target-quantile > 0 adapts the clip of DP-FedAvg"):
+        _cfg(**{"device-update": "fedsgd", "clip-target-quantile": 0.5})
+    with pytest.raises(ConfigError, match="server-optimizer = 'adam-bc': not built by the engines yet"):
+        _cfg(**{"server-optimizer": "adam-bc"})
+
+
+# -- the device update -----------------------------------------------------------------------
+def test_minibatches_cut_each_epochs_order_and_zero_means_full_batch() -> None:
+    orders = [np.array([2, 0, 1, 3, 4]), np.array([4, 3, 2, 1, 0])]
+    assert [b.tolist() for b in local_minibatches(orders, 2)] == [[2, 0], [1, 3], [4], [4, 3], [2, 1], [0]]
+    assert [b.tolist() for b in local_minibatches(orders, 0)] == [[2, 0, 1, 3, 4], [4, 3, 2, 1, 0]]
+
+
+@pytest.mark.parametrize("clip", [1e-3, 10.0])
+def test_the_delta_is_clipped_as_one_vector_and_the_model_is_left_unchanged(clip: float) -> None:
+    cfg = _cfg()
+    net, shard = _net(cfg), _shard(7, 1)
+    before = [p.detach().clone() for p in net.parameters()]
+    delta, norm = fedavg_delta(net, shard.enroll, shard.runtime, orders=[np.arange(7)], batch=0, lr=0.5,
+                               clip_norm=clip)
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
+    assert float(delta.norm()) <= clip * (1 + 1e-9)
+    assert norm > 1e-3 and (clip < norm) == (float(delta.norm()) < norm - 1e-12)
+
+
+def test_one_full_batch_step_is_lr_times_the_mean_gradient_the_pseudo_gradient_sign() -> None:
+    cfg = _cfg()
+    net, shard = _net(cfg), _shard(5, 2)
+    delta, _ = fedavg_delta(net, shard.enroll, shard.runtime, orders=[np.arange(5)], batch=0, lr=0.5, clip_norm=1e9)
+    x, y = torch.from_numpy(shard.enroll), torch.from_numpy(shard.runtime)
+    from fed_nessa.model.training import pair_loss
+    params = [p for p in net.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(pair_loss(net, x, y, "cosine").mean(), params)
+    expect = 0.5 * torch.cat([g.reshape(-1) for g in grads]).double()
+    torch.testing.assert_close(delta, expect, rtol=1e-5, atol=1e-7)
+
+
+def test_the_vectorised_block_agrees_with_each_device_on_the_same_draws() -> None:
+    """Devices of different sizes (short last minibatches, fewer steps than the block's most)."""
+    cfg = _cfg()
+    net = _net(cfg)
+    shards = [_shard(n, 10 + j) for j, n in enumerate([1, 4, 7, 9])]
+    orders = [local_orders(ReproducibleNoise(j), s.n, cfg.local_epochs) for j, s in enumerate(shards)]
+    clip = 0.05
+    singles = [fedavg_delta(net, s.enroll, s.runtime, orders=o, batch=cfg.local_batch, lr=cfg.local_lr,
+                            clip_norm=clip) for s, o in zip(shards, orders, strict=True)]
+    x, y = pad_block([s.enroll for s in shards], [s.runtime for s in shards])
+    block = fedavg_block(net, x, y, block_steps(orders, cfg.local_batch), lr=cfg.local_lr, clip_norm=clip)
+    torch.testing.assert_close(block.clipped.double(), torch.stack([d for d, _ in singles]), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(block.norms.double(), torch.tensor([n for _, n in singles], dtype=torch.float64),
+                               rtol=1e-4, atol=1e-6)
+    assert bool((block.norms > clip).any()) and bool((block.clipped.norm(dim=1) <= clip * (1 + 1e-5)).all())
+
+
+def test_the_device_vector_draws_orders_then_the_delta_share_then_the_bit_share() -> None:
+    cfg = _cfg()
+    mech = mechanism_for(cfg)
+    assert isinstance(mech, DeviceLevel)
+    net, shard = _net(cfg), _shard(6, 3)
+    clip = cfg.device_clip_norm
+    out = mech.fedavg_vector(net, shard, clip, 0.01, ReproducibleNoise(7), count_std=0.3)
+    noise = ReproducibleNoise(7)
+    orders = local_orders(noise, shard.n, cfg.local_epochs)
+    delta, norm = fedavg_delta(net, shard.enroll, shard.runtime, orders=orders, batch=cfg.local_batch,
+                               lr=cfg.local_lr, clip_norm=clip)
+    shares = np.concatenate([noise.normal(tuple(p.shape), 0.01).reshape(-1) for p in net.parameters()
+                             if p.requires_grad])
+    bit = (1.0 if norm <= clip else 0.0) - BIT_SENSITIVITY + noise.normal((1,), 0.3)[0]
+    np.testing.assert_allclose(out, np.append(delta.numpy() + shares, bit).astype(np.float32), rtol=1e-6)
+    # without adaptive clipping the ClientApp path (dpsgd_vector) sends the delta alone
+    plain = mech.dpsgd_vector(net, shard, 0.01, ReproducibleNoise(7), 1.0)
+    np.testing.assert_allclose(plain, out[:-1], rtol=1e-6)
+
+
+# -- adaptive clipping: the bit's cost -------------------------------------------------------
+def test_the_delta_and_the_bit_together_are_charged_the_rounds_sigma() -> None:
+    """The ledger charges z; the two releases, accounted as separate Gaussian events, cost exactly that."""
+    cfg = _cfg(**{"clip-target-quantile": 0.5, "noise-multiplier": 2.0, "clip-count-noise": 0.05})
+    mech = mechanism_for(cfg)
+    assert isinstance(mech, DeviceLevel)
+    fleet = 100
+    plan = noise_plan(cfg, fleet)
+    z = plan.dpsgd_sigma
+    z_delta, z_bit = mech.delta_sigma(plan, fleet), mech.count_sigma(fleet) / BIT_SENSITIVITY
+    assert z == 2.0 and z_delta == pytest.approx(2.041, abs=1e-3)  # docs/privacy.md's figure
+    assert z_bit == pytest.approx(0.05 * fleet / 0.5)
+
+    def ev(sigma: float) -> DPEvent:
+        return DPEvent(round=1, mechanism=GAUSSIAN_SUM, steps=1, sample_rate=1.0, noise_multiplier=sigma,
+                       clip_norm=cfg.device_clip_norm, delta=cfg.delta, mode=DISTRIBUTED, unit=DEVICE)
+
+    acc = GaussianAccountant()
+    charged = acc.epsilon([ev(z)] * 10, cfg.delta)
+    assert acc.epsilon([ev(z_delta), ev(z_bit)] * 10, cfg.delta) == pytest.approx(charged, rel=1e-9)
+    assert acc.epsilon([ev(z_delta)] * 10, cfg.delta) < charged  # the bit is not free
+    # shares: the distributed delta and count shares reassemble the released noise
+    assert mech.delta_share_std(plan, 4, 0.2, fleet) == pytest.approx(z_delta * 0.2 / 2)
+    assert mech.count_share_std(4, fleet) == pytest.approx(mech.count_sigma(fleet) / 2)
+    assert mechanism_for(_cfg()).count_share_std(4, fleet) == 0.0
+
+
+def test_a_count_noise_too_small_to_pay_for_is_one_clear_error() -> None:
+    cfg = _cfg(**{"clip-target-quantile": 0.5, "noise-multiplier": 2.0, "clip-count-noise": 0.005})
+    mech = mechanism_for(cfg)
+    assert isinstance(mech, DeviceLevel)
+    with pytest.raises(ValueError, match="clip-count-noise = 0.005: the bit count's noise multiplier 1 is <= "):
+        mech.delta_sigma(noise_plan(cfg, 100), 100)
+
+
+def test_the_clip_moves_geometrically_toward_the_target_quantile() -> None:
+    clip = AdaptiveClip.from_config(_cfg(**{"clip-target-quantile": 0.5, "clip-lr": 0.2}))
+    assert clip.clip == 0.1
+    # all 10 devices under C: fraction 1 > 0.5, C shrinks by exp(-0.2 * 0.5)
+    assert clip.next(10 * 0.5, 10).clip == pytest.approx(0.1 * math.exp(-0.1))
+    assert clip.next(-10 * 0.5, 10).clip == pytest.approx(0.1 * math.exp(0.1))
+    # a fleet whose norms are 1.0: C converges to the median from both sides
+    norms = np.linspace(0.5, 1.5, 101)
+    for start in (0.01, 100.0):
+        c = AdaptiveClip(start, 0.5, 0.2)
+        for _ in range(200):
+            c = c.next(float(np.sum((norms <= c.clip) - 0.5)), len(norms))
+        assert c.clip == pytest.approx(1.0, abs=0.03)
+
+
+# -- DP-AdamBC ---------------------------------------------------------------------------------
+def test_adam_bc_removes_the_noise_variance_from_the_second_moment() -> None:
+    """Zero signal, gradients pure noise of std sigma: plain Adam's v ~ sigma^2, the corrected one ~ 0."""
+    sigma, gen = 0.3, torch.Generator().manual_seed(0)
+    p_bc, p_adam = torch.nn.Parameter(torch.zeros(2000)), torch.nn.Parameter(torch.zeros(2000))
+    bc, adam = AdamBC([p_bc], lr=1e-3, gamma=1e-12), torch.optim.Adam([p_adam], lr=1e-3)
+    bc.noise_var = sigma ** 2
+    for _ in range(3000):
+        g = sigma * torch.randn(2000, generator=gen)
+        p_bc.grad, p_adam.grad = g.clone(), g.clone()
+        bc.step()
+        adam.step()
+    plain_v = adam.state[p_adam]["exp_avg_sq"] / (1 - 0.999 ** 3000)
+    assert float(plain_v.mean()) == pytest.approx(sigma ** 2, rel=0.05)
+    raw = bc.state[p_bc]["v"] / (1 - 0.999 ** 3000) - sigma ** 2
+    assert abs(float(raw.mean())) < 0.05 * sigma ** 2
+    assert float(bc.corrected_second_moment(p_bc).median()) < 0.1 * sigma ** 2
+
+
+def test_adam_bc_without_noise_is_adam_and_the_factory_builds_every_name() -> None:
+    p1, p2 = torch.nn.Parameter(torch.ones(5)), torch.nn.Parameter(torch.ones(5))
+    bc, adam = AdamBC([p1], lr=0.01, gamma=1e-30), torch.optim.Adam([p2], lr=0.01, eps=0.0)
+    for t in range(5):
+        g = torch.arange(5.0) + t
+        p1.grad, p2.grad = g.clone(), g.clone()
+        bc.step()
+        adam.step()
+    torch.testing.assert_close(p1.detach()[1:], p2.detach()[1:])
+    for name, cls in (("adam", torch.optim.Adam), ("adam-bc", AdamBC), ("sgd", torch.optim.SGD)):
+        assert isinstance(server_optimizer(name, [torch.nn.Parameter(torch.ones(1))], 0.1), cls)
+    with pytest.raises(ValueError, match="server-optimizer = 'lion': allowed values adam, sgd, adam-bc"):
+        server_optimizer("lion", [torch.nn.Parameter(torch.ones(1))], 0.1)
