@@ -44,6 +44,7 @@ from fed_nessa.config import (
     BUILTIN_DATA_SOURCES,
     ConfigError,
     DevicePolicy,
+    DeviceUpdate,
     FederationConfig,
     RoundStatus,
     from_run_config,
@@ -363,7 +364,14 @@ def run_engine(cfg: FederationConfig, policy: DevicePolicy, *, engine: str = ENG
     if replace and cfg.resume:
         raise ValueError("--replace and --resume contradict each other: --resume continues the run in the run "
                          "folder, --replace removes it")
+    if cfg.clip_target_quantile > 0:
+        raise ValueError(f"clip-target-quantile = {cfg.clip_target_quantile:g}: adaptive clipping is library code only "
+                         "so far (fed_nessa.federated.adaptive_clip); no engine sends the clip bit yet, so the clip "
+                         "would never adapt: leave it at 0")
     if engine == "fleet":
+        if cfg.device_update == DeviceUpdate.FEDAVG:
+            raise ValueError("device-update = 'fedavg': the fleet engine does not vectorise DP-FedAvg yet (it would "
+                             "run FedSGD); run it with --engine flower, whose devices train locally")
         if cfg.resume:
             raise ValueError("--resume: fleet-engine runs are simulations without checkpoints; start a new run folder")
         if cfg.data_source not in BUILTIN_DATA_SOURCES:
