@@ -164,7 +164,7 @@ def ensure_runtime(cache: Path | None = None) -> None:
     if site.is_dir() and str(site) not in sys.path:
         sys.path.append(str(site))
     try:
-        importlib.import_module("kokoro_onnx")
+        import kokoro_onnx  # noqa: F401
         return
     except ImportError:
         pass
@@ -174,4 +174,4 @@ def ensure_runtime(cache: Path | None = None) -> None:
     if str(site) not in sys.path:
         sys.path.append(str(site))
     importlib.invalidate_caches()
-    importlib.import_module("kokoro_onnx")
+    import kokoro_onnx  # noqa: F401,F811
