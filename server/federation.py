@@ -161,6 +161,17 @@ class Federation:
         return summary_row(report, name)
 
     # -- the loop -----------------------------------------------------------------------
+    def _noise_plan(self) -> NoisePlan:
+        """The run's noise plan, built ONCE from the fleet connected when it starts.
+
+        Every round's sigmas, round config (``fleet``) and signed public parameters come from this
+        one plan: nodes joining or leaving mid-run change the cohorts sampled, never the noise the
+        devices were promised.
+        """
+        if self.plan is None:
+            self.plan = noise_plan(self.cfg, len(list(self.grid.get_node_ids())))
+        return self.plan
+
     def _resume(self) -> int:
         if not self.cfg.resume:
             return 1
@@ -183,7 +194,7 @@ class Federation:
         # The private key lives in the run's key store (deployment: beside the run folder), never in it.
         ledger = FederationLedger.open(self.run_dir / LEDGER_FILE, server_key_folder(self.run_dir))
         self.pins = ledger.pinned_devices()
-        self.plan = noise_plan(self.cfg, len(list(self.grid.get_node_ids())))
+        self.plan = self._noise_plan()
         log.info(self.plan.reason)
         phases = self.model.phases(self.plan.aligner)
         start = self._resume()
@@ -207,9 +218,9 @@ class Federation:
         cohort = sample_cohort(nodes, cfg, r, phase)
         promised = promised_arrivals(cfg, len(cohort))
         server_fp = getattr(ledger, "key_fingerprint", None)
-        request = round_config(phase, r, promised, len(nodes), server_fp if isinstance(server_fp, str) else None,
+        noise = self._noise_plan()
+        request = round_config(phase, r, promised, noise.fleet, server_fp if isinstance(server_fp, str) else None,
                                self.data.enroll_model, self.data.runtime_model)
-        noise = noise_plan(cfg, len(nodes))
         plan = plan_round(self.grid, cfg, cohort, request)
         new_pins, mismatched = self._pin(plan)
         sent: dict[str, str] = {}
@@ -263,7 +274,7 @@ class Federation:
                              "guaranteed_arrivals": promised, "note": note,
                              "decline_reasons": dict(Counter(plan.reasons.values())),
                              **sent, "device_key_fingerprints": new_pins, LEDGER_HEADS: heads,
-                             PUBLIC_PARAMETERS: public_parameters(phase, cfg, len(nodes)),
+                             PUBLIC_PARAMETERS: public_parameters(phase, cfg, noise.fleet),
                              **({"key_mismatch": mismatched} if mismatched else {})})
         eps_all = list(self.device_epsilon.values()) or [0.0]
         return {

@@ -135,6 +135,30 @@ def test_fast_numerics_agree_with_exact_in_distribution(tmp_path: Path) -> None:
     assert engine.numerics == FleetNumerics.EXACT  # both paths were driven explicitly above
 
 
+def test_fast_numerics_replay_under_reproducible_noise(tmp_path: Path) -> None:
+    """reproducible-noise: a fast round's released sum (noise share AND rounding errors) is the same on
+    every replay of the same round, and differs from another round's."""
+    from fed_nessa.data.population import load_federation_data
+    from fed_nessa.sim.fleet import FleetEngine
+
+    cfg = _cfg(tmp_path, "replay", **{"fleet-numerics": "fast", "num-server-rounds": 2})
+    engine = FleetEngine(cfg, POLICY, load_federation_data(cfg, None))
+    book = engine._open_ledgers()
+    arrived = list(range(DEVICES))
+    codec = make_codec(engine.model.payload_bound(Phase.DPSGD, engine.plan), cfg.secagg_clipping_range,
+                       cfg.secagg_quantization_range, DEVICES)
+    q = engine._rates(arrived)
+
+    def released(r: int) -> np.ndarray:
+        rows, _ = engine._sample(arrived, r, q)
+        return engine._fast_gradient_total(rows, arrived, book, r, codec)
+
+    assert np.array_equal(released(2), released(2))
+    assert not np.array_equal(released(2), released(3))
+    zero = np.zeros(5)
+    assert np.array_equal(*(engine._fast_rounding(zero, DEVICES, codec, 2) for _ in range(2)))
+
+
 def test_a_harmful_run_ships_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Huge noise: both aligners are far worse than not updating on the validation speakers, so the run
     ships nothing: the final figures are not updating's, no ONNX is written and ``apply`` refuses."""

@@ -47,6 +47,7 @@ class NoisePlan:
     aligner: AlignerChoice = AlignerChoice.NESSA  # LINEAR: no DP-SGD round is run
     signal: float = math.inf  # the auto rule's statistic (examples per noise std per round)
     reason: str = ""
+    fleet: int = 0  # the fleet size the plan was built for (every round's config and public parameters use it)
 
 
 def dpsgd_rounds(cfg: FederationConfig) -> int:
@@ -96,5 +97,5 @@ def noise_plan(cfg: FederationConfig, fleet: int) -> NoisePlan:
     if choice == AlignerChoice.LINEAR and uses_stats:
         if cfg.budget_split > 0:
             s_sigma = sigma_for_epsilon(cfg.epsilon_budget, cfg.delta)
-        return NoisePlan(s_sigma, sigma, 0, q, AlignerChoice.LINEAR, signal, reason)
-    return NoisePlan(s_sigma, sigma, rounds, q, AlignerChoice.NESSA, signal, reason)
+        return NoisePlan(s_sigma, sigma, 0, q, AlignerChoice.LINEAR, signal, reason, fleet)
+    return NoisePlan(s_sigma, sigma, rounds, q, AlignerChoice.NESSA, signal, reason, fleet)

@@ -126,6 +126,9 @@ DEVICE_LEVEL_PADDED_ROWS = 131_072
 PROGRESS_EVERY = 5
 #: Pairs the pooled non-DP NESSA reference trains on at most (a random subset beyond).
 REFERENCE_MAX_PAIRS = 1_200_000
+#: Stream key of the fast numerics' rounding errors under ``reproducible-noise`` (beside 7: drop-outs,
+#: 11: Poisson uniforms, 13: the reference subsample).
+ROUNDING_STREAM = 17
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -359,7 +362,7 @@ class FleetEngine:
                 var = mech.released_variance(Phase.SUFFSTATS, self.plan,
                                              [book.policies[i].guaranteed_arrivals for i in arrived])
                 total = total + self._fleet_noise(r).normal(total.shape, math.sqrt(var))
-            return self._fast_rounding(total, len(arrived), codec), arrived
+            return self._fast_rounding(total, len(arrived), codec, r), arrived
         vectors = []
         for i in arrived:
             shard_x = fleet.x[fleet.starts[i]:fleet.starts[i + 1]].cpu().numpy()
@@ -382,10 +385,16 @@ class FleetEngine:
         return np.array([self.model.mechanism.stats_weight(int(k)) for k in self.fleet.n], np.float64)
 
     # -- SecAgg+ arithmetic ----------------------------------------------------------------
-    def _fast_rounding(self, total: np.ndarray, n: int, codec: SecAggCodec) -> np.ndarray:
-        """Add the devices' summed stochastic-rounding error, drawn from its distribution."""
+    def _fast_rounding(self, total: np.ndarray, n: int, codec: SecAggCodec, round_num: int) -> np.ndarray:
+        """Add the devices' summed stochastic-rounding error, drawn from its distribution.
+
+        Not a privacy mechanism (SecAgg+'s quantization), but part of the released sum: under
+        ``reproducible-noise`` it is keyed by (seed, round) so a fast run replays bit for bit.
+        """
         std = codec.step * math.sqrt(n / 6.0)
-        return (total + np.random.default_rng().normal(0.0, std, total.shape)).astype(np.float32)
+        rng = (np.random.default_rng([self.cfg.seed, ROUNDING_STREAM, round_num]) if self.cfg.reproducible_noise
+               else np.random.default_rng())
+        return (total + rng.normal(0.0, std, total.shape)).astype(np.float32)
 
     @staticmethod
     def _encode_all(vectors: list[np.ndarray], devices: list[int],
@@ -559,7 +568,7 @@ class FleetEngine:
             var = self.model.mechanism.released_variance(Phase.DPSGD, self.plan,
                                                          [book.policies[i].guaranteed_arrivals for i in sent])
             out = out + self._fleet_noise(r).normal(out.shape, math.sqrt(var))
-        return self._fast_rounding(out, len(sent), codec)
+        return self._fast_rounding(out, len(sent), codec, r)
 
     def _device_vectors(self, arrived: list[int], book: DeviceBook, r: int) -> list[np.ndarray]:
         """Device level: each device's clipped mean gradient over its round's pairs.
@@ -644,7 +653,7 @@ class FleetEngine:
             var = self.model.mechanism.released_variance(Phase.DPSGD, self.plan,
                                                          [book.policies[i].guaranteed_arrivals for i in sent])
             out = out + self._fleet_noise(r).normal(out.shape, math.sqrt(var))
-        return self._fast_rounding(out, len(sent), codec)
+        return self._fast_rounding(out, len(sent), codec, r)
 
     def _exact_vectors(self, arrived: list[int], book: DeviceBook, r: int, q: np.ndarray) -> list[np.ndarray]:
         """Per-device vectors with the Flower engine's draw order: the Poisson sample, then one Gaussian
