@@ -49,7 +49,6 @@ import resource
 import secrets
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,6 +89,7 @@ from fed_nessa.federated.mechanism import device_subset, max_sampled, public_par
 from fed_nessa.federated.noise_plan import noise_plan
 from fed_nessa.federated.protocol import DEVICES_DIR, round_config
 from fed_nessa.federated.release import may_start, may_unmask, promised_arrivals
+from fed_nessa.federated.rounds import LEDGER_FILE, Progress, RunOutputs, evaluates, finish_run, not_evaluated
 from fed_nessa.federated.server_model import ServerModel
 from fed_nessa.privacy.accounting import UnitNotCoveredError
 from fed_nessa.privacy.events import EXAMPLE, GAUSSIAN_SUM, DPEvent
@@ -114,8 +114,6 @@ log = logging.getLogger(__name__)
 ENGINE = "fleet"
 MASKS_NOTE = ("SecAgg+'s pairwise and private masks are left out: they cancel exactly in the modular sum, so the "
               "released aggregate does not depend on them; key agreement, secret sharing and unmasking are not run")
-LEDGER_FILE = "federation-ledger.jsonl"
-ALIGNER_DIR = "aligner"
 #: Examples per ghost-clipping batch (bounds memory; the sums are exact across batches).
 EXAMPLE_CHUNK = 65_536
 #: Devices per chunk in exact numerics (per-device vectors of P values each).
@@ -129,8 +127,8 @@ REFERENCE_MAX_PAIRS = 1_200_000
 #: Stream key of the fast numerics' rounding errors under ``reproducible-noise`` (beside 7: drop-outs,
 #: 11: Poisson uniforms, 13: the reference subsample).
 ROUNDING_STREAM = 17
-
-Progress = Callable[[dict[str, Any]], None]
+#: The end of a run: evaluation's gate and run folder, injected into the library's protocol.
+OUTPUTS = RunOutputs(gate_run, card_fields, SHIPPED, run_folder.write_outputs)
 
 
 class FleetError(FedNessaError, RuntimeError):
@@ -767,11 +765,10 @@ class FleetEngine:
 
     def _entry(self, r: int, phase: Phase, status: RoundStatus, note: str, joined: int, declined: int,
                failed: int, book: DeviceBook) -> dict[str, Any]:
-        last = r == len(self.model.phases(self.plan.aligner))
-        if r % self.cfg.eval_every == 0 or last or phase == Phase.SUFFSTATS:
+        if evaluates(self.cfg, r, len(self.model.phases(self.plan.aligner)), phase, statistics_rounds=True):
             fed = self._row(self._evaluate(), "asym_federated")
         else:
-            fed = {"eer": None, "min_dcf": None, "sid_top1": None, "gap_closure": None}
+            fed = not_evaluated()
         return {"round": r, "phase": str(phase), "status": str(status), "note": note, **fed,
                 "participants": joined, "declined": declined, "failed": failed,
                 "sampled": joined + declined + failed, "saturated": 0,
@@ -799,27 +796,20 @@ class FleetEngine:
         return out
 
     def finish(self, book: DeviceBook) -> dict[str, Any]:
-        final = gate_run(self.model, self.data.validation, self.data.eval, SCENARIO, self.cfg)  # every run
-        final["aligner_plan"] = self.plan.reason
-        if self.cfg.references:
-            final.update(self._references())
-        central = final.get("centralised_nessa", {}).get("gap_closure")
-        if central and final["gap_closure"] is not None and central > 0:
-            final["share_of_centralised_gap_closure"] = final["gap_closure"] / central
-        eps = self._epsilons(book)  # the last round's entry states the same figures (fed_nessa.sim.fleet_epsilon)
-        summary = self.summary(final, eps)
-        if self.cfg.privacy_unit != EXAMPLE:  # the implied example-level figures beside the device-level ones
+        """The protocol's end (:func:`fed_nessa.federated.rounds.finish_run`) with the fleet's references."""
+        return finish_run(self.model, self.data, self.cfg, self.plan, OUTPUTS, rounds=len(self.history),
+                          summary_of=lambda final: self._final_summary(final, book),
+                          references=self._references if self.cfg.references else None,
+                          card_extra=lambda summary: {"engine": ENGINE}, progress=self.progress)
+
+    def _final_summary(self, final: dict[str, Any], book: DeviceBook) -> dict[str, Any]:
+        """The summary with every device's epsilon from its ledger (the last round's entry states the same
+        figures: fed_nessa.sim.fleet_epsilon) and, device level, the implied example-level figures."""
+        summary = self.summary(final, self._epsilons(book))
+        if self.cfg.privacy_unit != EXAMPLE:
             example = sorted(self._epsilons(book, EXAMPLE).values()) or [0.0]
             summary["privacy"]["epsilon_example_max"] = example[-1]
             summary["privacy"]["epsilon_example_median"] = statistics.median(example)
-        card = {"federated": True, "engine": ENGINE, "rounds": len(self.history), "privacy": {
-            k: summary["privacy"][k] for k in ("unit", "mode", "trust", "delta", "accountant", "epsilon_budget",
-                                               "epsilon_max")}, **card_fields(final["gate"])}
-        self.model.save_artifact(self.run_dir / ALIGNER_DIR, card, deployable=card[SHIPPED])
-        run_folder.write_summary(self.run_dir, summary)
-        run_folder.write_report(self.run_dir, summary)
-        run_folder.write_plots(self.run_dir, summary["rounds"])
-        self.progress({"event": "done", "run_dir": str(self.run_dir)})
         return summary
 
     def _references(self) -> dict[str, Any]:
