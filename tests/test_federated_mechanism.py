@@ -85,3 +85,20 @@ def test_max_sampled_bounds_a_poisson_sample() -> None:
     mean = 0.05 * 1000
     assert max_sampled(cfg, 0.05) >= mean + 8 * math.sqrt(mean)
     assert max_sampled(cfg, 0.0) == 4.0 * cfg.batch_size
+
+
+def test_what_each_unit_carries_sends_and_clips() -> None:
+    """Issue 18: the questions the device, the server model and the fleet engine used to answer with a unit
+    branch are the mechanism's: statistics weights (one device or all at once), pairs a payload carries,
+    whether a DP-SGD sum holds gradients, whether a device's whole contribution is clipped as one vector."""
+    n = np.array([0, 1, 50, 400, 10_000])
+    example = mechanism_for(_cfg(dp_mode="local"))
+    assert example.stats_weights(n) is None and example.carried_pairs(10_000) == 10_000
+    assert not example.sends_gradients() and mechanism_for(_cfg()).sends_gradients()
+    assert not example.clips_whole_device
+    device = mechanism_for(_cfg(privacy_unit="device", delta=1e-6, device_stats_pairs=200, dp_mode="none"))
+    weights = device.stats_weights(n)
+    assert weights is not None and weights.tolist() == [device.stats_weight(int(k)) for k in n]
+    assert weights.tolist() == [1.0, 1.0, 1.0, 0.5, 0.02]
+    assert device.carried_pairs(10_000) == 200 and device.carried_pairs(50) == 50
+    assert device.sends_gradients() and device.clips_whole_device  # DP or not

@@ -51,6 +51,9 @@ class Mechanism(ABC):
     """The Gaussian sum mechanism of one privacy unit, in the run's noise placement (``dp-mode``)."""
 
     unit: ClassVar[PrivacyUnit]
+    #: Whether a device's whole round contribution is clipped as ONE vector (no per-example sampling):
+    #: the engines' vectorised DP-SGD maths pick their strategy by it, never by the unit's name.
+    clips_whole_device: ClassVar[bool] = False
 
     def __init__(self, cfg: FederationConfig) -> None:
         self.cfg = cfg
@@ -66,6 +69,18 @@ class Mechanism(ABC):
     @abstractmethod
     def stats_weight(self, n: int) -> float:
         """The weight of a device's sufficient statistics (so one unit moves them by <= the sensitivity)."""
+
+    def stats_weights(self, n: np.ndarray) -> np.ndarray | None:
+        """:meth:`stats_weight` of every device at once from their pair counts ``n`` (None: all 1)."""
+        return np.array([self.stats_weight(int(k)) for k in n], np.float64)
+
+    @abstractmethod
+    def carried_pairs(self, n: int) -> int:
+        """How many pairs' weight a device with ``n`` pairs puts into one statistics payload."""
+
+    @abstractmethod
+    def sends_gradients(self) -> bool:
+        """Whether a DP-SGD round's sum holds gradients (else the devices' local model deltas)."""
 
     @abstractmethod
     def gradient_units(self) -> int:
@@ -133,6 +148,16 @@ class ExampleLevel(Mechanism):
     def stats_weight(self, n: int) -> float:
         return 1.0
 
+    def stats_weights(self, n: np.ndarray) -> np.ndarray | None:
+        return None  # every pair at weight 1
+
+    def carried_pairs(self, n: int) -> int:
+        return n
+
+    def sends_gradients(self) -> bool:
+        """Distributed mode sends one clipped-gradient sum; local mode (and ``dp-mode none``) a model delta."""
+        return self.cfg.dp_mode == DPMode.DISTRIBUTED
+
     def gradient_units(self) -> int:
         return self.cfg.batch_size
 
@@ -183,6 +208,7 @@ class DeviceLevel(Mechanism):
     """One whole device: its statistics weighted to <= K pairs, its mean gradient clipped as one vector."""
 
     unit = PrivacyUnit.DEVICE
+    clips_whole_device = True
 
     def sensitivity(self, phase: Phase) -> float:
         if phase == Phase.SUFFSTATS:
@@ -191,6 +217,13 @@ class DeviceLevel(Mechanism):
 
     def stats_weight(self, n: int) -> float:
         return min(1.0, self.cfg.device_stats_pairs / max(n, 1))
+
+    def carried_pairs(self, n: int) -> int:
+        """At most ``device-stats-pairs`` pairs' weight, whatever ``n``."""
+        return min(n, self.cfg.device_stats_pairs)
+
+    def sends_gradients(self) -> bool:
+        return True  # the device's clipped mean gradient, DP or not
 
     def gradient_units(self) -> int:
         return 1

@@ -377,10 +377,8 @@ class FleetEngine:
         return (self._modular_sum(payloads, codec) if payloads else np.zeros(0, np.float32)), sent
 
     def _stats_weights(self) -> np.ndarray | None:
-        """Device level: each device's statistics weight ``min(1, K / n)`` (None at example level)."""
-        if not self.model.device_unit:
-            return None
-        return np.array([self.model.mechanism.stats_weight(int(k)) for k in self.fleet.n], np.float64)
+        """Each device's statistics weight (the mechanism's; None: every pair at weight 1)."""
+        return self.model.mechanism.stats_weights(self.fleet.n)
 
     # -- SecAgg+ arithmetic ----------------------------------------------------------------
     def _fast_rounding(self, total: np.ndarray, n: int, codec: SecAggCodec, round_num: int) -> np.ndarray:
@@ -501,7 +499,8 @@ class FleetEngine:
             codec = make_codec(self.model.payload_bound(Phase.DPSGD, self.plan), cfg.secagg_clipping_range,
                                cfg.secagg_quantization_range, len(accepted))
             q = self._rates(arrived)
-            if self.model.device_unit:  # every device's whole mean gradient, no sampling
+            whole = self.model.mechanism.clips_whole_device
+            if whole:  # every device's whole mean gradient, no sampling
                 vectors = self._device_vectors(arrived, book, r)
                 if self.numerics == FleetNumerics.EXACT:
                     payloads, sent, _failed = self._encode_all(vectors, arrived, codec)
@@ -521,7 +520,7 @@ class FleetEngine:
             else:
                 if self.numerics == FleetNumerics.EXACT:
                     total = self._modular_sum(payloads, codec)
-                elif self.model.device_unit:
+                elif whole:
                     total = self._fast_device_total(vectors[0], sent, book, r, codec)
                 else:
                     total = self._fast_gradient_total(rows, sent, book, r, codec)
