@@ -56,7 +56,15 @@ from fed_nessa.federated.protocol import (
 )
 from fed_nessa.federated.protocol import round_config as _round_config
 from fed_nessa.federated.release import may_start, promised_arrivals
-from fed_nessa.federated.rounds import LEDGER_FILE, Progress, RunOutputs, evaluates, finish_run, not_evaluated
+from fed_nessa.federated.rounds import (
+    LEDGER_FILE,
+    Progress,
+    RunOutputs,
+    evaluates,
+    finish_run,
+    not_evaluated,
+    round_entry,
+)
 from fed_nessa.federated.server_model import ServerModel
 from fed_nessa.privacy.ledger import LEDGER_HEADS, PUBLIC_PARAMETERS, config_sha256, model_sha256, server_key_folder
 from server.checkpoint import Checkpoint, check_resumable, latest_checkpoint, save_checkpoint
@@ -271,17 +279,13 @@ class Federation:
                              "guaranteed_arrivals": promised, "note": note,
                              "decline_reasons": dict(Counter(plan.reasons.values())),
                              **sent, "device_key_fingerprints": new_pins, LEDGER_HEADS: heads,
-                             PUBLIC_PARAMETERS: public_parameters(phase, cfg, noise.fleet),
+                             PUBLIC_PARAMETERS: public_parameters(phase, cfg, noise),
                              **({"key_mismatch": mismatched} if mismatched else {})})
         eps_all = list(self.device_epsilon.values()) or [0.0]
-        return {
-            "round": r, "phase": str(phase), "status": str(status), "note": note,
-            **{k: fed[k] for k in ("eer", "min_dcf", "sid_top1")},
-            "gap_closure": fed["gap_closure"], "participants": len(arrived), "declined": len(plan.declined),
-            "failed": len(failed), "sampled": len(plan.accepted) + len(plan.declined) + len(plan.failed),
-            "saturated": saturated, "epsilon_max": max(eps_all), "epsilon_median": statistics.median(eps_all),
-            "seconds": time.perf_counter() - t0, "device_epsilon": round_eps,
-        }
+        return {**round_entry(r, phase, status, note, fed, participants=len(arrived), declined=len(plan.declined),
+                              failed=len(failed), saturated=saturated),
+                "epsilon_max": max(eps_all), "epsilon_median": statistics.median(eps_all),
+                "seconds": time.perf_counter() - t0, "device_epsilon": round_eps}
 
     def _pin(self, plan: Plan) -> tuple[dict[str, str], dict[str, str]]:
         """Pin each device's key fingerprint at first sight; refuse (as failed) a device whose key changed.

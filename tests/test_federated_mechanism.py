@@ -102,3 +102,21 @@ def test_what_each_unit_carries_sends_and_clips() -> None:
     assert weights.tolist() == [1.0, 1.0, 1.0, 0.5, 0.02]
     assert device.carried_pairs(10_000) == 200 and device.carried_pairs(50) == 50
     assert device.sends_gradients() and device.clips_whole_device  # DP or not
+
+
+def test_the_noise_plans_unit_rules_are_the_mechanisms() -> None:
+    """q, the auto rule's signal and its decision per unit (fed_nessa.federated.noise_plan composes them)."""
+    from fed_nessa.config import AlignerChoice
+    from fed_nessa.federated.mechanism import AUTO_SIGNAL_THRESHOLD
+    from fed_nessa.federated.noise_plan import noise_plan
+
+    example = mechanism_for(_cfg(sample_rate=0.02))
+    assert example.plan_sample_rate(1000, 1000) == 0.02 and mechanism_for(_cfg()).plan_sample_rate(1000, 1000) == 0
+    assert example.auto_choice(10, AUTO_SIGNAL_THRESHOLD)[0] == AlignerChoice.NESSA
+    assert example.auto_choice(10, AUTO_SIGNAL_THRESHOLD - 1)[0] == AlignerChoice.LINEAR
+    assert example.auto_choice(0, math.inf)[0] == AlignerChoice.LINEAR  # no DP-SGD round to run
+    device = mechanism_for(_cfg(privacy_unit="device", delta=1e-6, device_clip_norm=0.5))
+    assert device.plan_sample_rate(1000, 100) == 1.0 and device.plan_signal(100, 1.0, 2.0) == 100.0
+    assert device.auto_choice(10, 0.0)[0] == AlignerChoice.NESSA  # no calibrated threshold: the gate decides
+    plan = noise_plan(_cfg(privacy_unit="device", delta=1e-6, aligner="auto"), 1000)
+    assert plan.sample_rate == 1.0 and plan.reason.startswith("aligner auto, device level") and plan.fleet == 1000

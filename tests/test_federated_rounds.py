@@ -17,6 +17,7 @@ from fed_nessa.federated.rounds import (
     evaluates,
     finish_run,
     not_evaluated,
+    round_entry,
     share_of_centralised,
 )
 
@@ -27,6 +28,16 @@ def test_the_evaluation_cadence() -> None:
     assert not evaluates(cfg, 1, 7, Phase.SUFFSTATS)
     assert evaluates(cfg, 1, 7, Phase.SUFFSTATS, statistics_rounds=True)  # the fleet engine's cadence
     assert not_evaluated() == {"eer": None, "min_dcf": None, "sid_top1": None, "gap_closure": None}
+
+
+def test_the_round_entry_every_engine_states() -> None:
+    fed = {"eer": 0.1, "min_dcf": 0.2, "sid_top1": 0.9, "gap_closure": 0.5, "not_a_column": 1}
+    entry = round_entry(3, Phase.DPSGD, "applied", "sum of 5", fed, participants=5, declined=2, failed=1)
+    assert list(entry) == ["round", "phase", "status", "note", "eer", "min_dcf", "sid_top1", "gap_closure",
+                           "participants", "declined", "failed", "sampled", "saturated"]  # the summary's order
+    assert (entry["phase"], entry["sampled"], entry["saturated"]) == ("dpsgd", 8, 0)
+    assert round_entry(1, Phase.SUFFSTATS, "skipped", "", not_evaluated(), participants=0, declined=0,
+                       failed=0)["eer"] is None
 
 
 def test_share_of_centralised_only_when_both_are_known() -> None:

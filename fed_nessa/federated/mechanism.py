@@ -21,22 +21,27 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 from torch import nn
 
-from fed_nessa.config import DPMode, FederationConfig, Phase, PrivacyUnit
+from fed_nessa.config import AlignerChoice, DPMode, FederationConfig, LinearStart, Phase, PrivacyUnit
 from fed_nessa.data.shards import Shard
 from fed_nessa.federated import suffstats
 from fed_nessa.federated.layout import flat, trainable
-from fed_nessa.federated.noise_plan import NoisePlan, noise_plan
 from fed_nessa.model.training import DPConfig, TrainConfig, device_update, noisy_gradient_sum, train_local
 from fed_nessa.privacy.events import DP_SGD, GAUSSIAN_SUM, PUBLIC_FIELDS
 from fed_nessa.randomness import NoiseSource
 
+if TYPE_CHECKING:  # the plan is built from the mechanism's rules (noise_plan imports this module)
+    from fed_nessa.federated.noise_plan import NoisePlan
+
 #: Noise is bounded at this many standard deviations when sizing SecAgg+'s range.
 PAYLOAD_SIGMAS = 12.0
+#: Example level, ``aligner = auto``: clipped examples per unit of noise std in one DP-SGD round above
+#: which DP NESSA is tried (calibrated by the fleet study; fed_nessa.federated.noise_plan's doc).
+AUTO_SIGNAL_THRESHOLD = 25_000.0
 
 
 def max_sampled(cfg: FederationConfig, sample_rate: float) -> float:
@@ -112,7 +117,19 @@ class Mechanism(ABC):
     def public_sample_rate(self, phase: Phase, fleet: int) -> float | None:
         """The phase's sampling rate where it is public and fleet-wide (None: it depends on a device's data)."""
 
-    def public_parameters(self, phase: Phase, fleet: int) -> dict[str, object] | None:
+    @abstractmethod
+    def plan_sample_rate(self, fleet: int, cohort: int) -> float:
+        """The noise plan's DP-SGD q for ``cohort`` of ``fleet`` devices (0: each device's own 1/ceil(n/B))."""
+
+    @abstractmethod
+    def plan_signal(self, cohort: int, q: float, sigma: float) -> float:
+        """The auto rule's statistic: clipped units in one DP-SGD round's sum per unit of noise std."""
+
+    @abstractmethod
+    def auto_choice(self, rounds: int, signal: float) -> tuple[AlignerChoice, str]:
+        """``aligner = auto``: the aligner the plan ships before round 1 and why (``rounds``: DP-SGD rounds)."""
+
+    def public_parameters(self, phase: Phase, plan: NoisePlan) -> dict[str, object] | None:
         """The public DP parameters every device's event of a ``phase`` round must carry (None without DP).
 
         The server signs them into its federation-ledger entry of the round, and the audit compares
@@ -120,9 +137,8 @@ class Mechanism(ABC):
         """
         if not self.dp:
             return None
-        plan = noise_plan(self.cfg, fleet)
         values = (self.event_mechanism(phase), str(self.cfg.privacy_unit), str(self.cfg.dp_mode),
-                  self.sigma(phase, plan), float(self.sensitivity(phase)), self.public_sample_rate(phase, fleet))
+                  self.sigma(phase, plan), float(self.sensitivity(phase)), self.public_sample_rate(phase, plan.fleet))
         return dict(zip(PUBLIC_FIELDS, values, strict=True))
 
     def share_std(self, phase: Phase, plan: NoisePlan, g: int) -> float:
@@ -174,6 +190,23 @@ class ExampleLevel(Mechanism):
 
     def event_mechanism(self, phase: Phase) -> str:
         return GAUSSIAN_SUM if phase == Phase.SUFFSTATS else DP_SGD
+
+    def plan_sample_rate(self, fleet: int, cohort: int) -> float:
+        return self.cfg.round_sample_rate(1, fleet, cohort) if self.cfg.sample_rate > 0 else 0.0
+
+    def plan_signal(self, cohort: int, q: float, sigma: float) -> float:
+        cfg = self.cfg
+        per_device = cfg.expected_pairs_per_device * q if q > 0 else min(cfg.batch_size, cfg.expected_pairs_per_device)
+        return cohort * per_device / max(sigma * cfg.clip_norm, 1e-12)
+
+    def auto_choice(self, rounds: int, signal: float) -> tuple[AlignerChoice, str]:
+        """DP NESSA when the signal reaches :data:`AUTO_SIGNAL_THRESHOLD` (or without a linear start to fall
+        back on), else the DP linear start alone."""
+        go = rounds > 0 and (signal >= AUTO_SIGNAL_THRESHOLD or self.cfg.linear_start != LinearStart.SUFFSTATS)
+        reason = (f"aligner auto: {signal:.0f} clipped examples per unit noise std per round "
+                  f"{'>=' if go else '<'} {AUTO_SIGNAL_THRESHOLD:.0f}: "
+                  + ("DP-SGD NESSA rounds, then the promotion gate" if go else "the DP linear start alone"))
+        return (AlignerChoice.NESSA if go else AlignerChoice.LINEAR), reason
 
     def public_sample_rate(self, phase: Phase, fleet: int) -> float | None:
         """1 for the statistics sum; a fleet-wide ``sample-rate`` of distributed DP-SGD (``sample-rate = 0``
@@ -235,6 +268,18 @@ class DeviceLevel(Mechanism):
     def event_mechanism(self, phase: Phase) -> str:
         return GAUSSIAN_SUM  # one Gaussian sum per participation, q = 1: no amplification is claimed
 
+    def plan_sample_rate(self, fleet: int, cohort: int) -> float:
+        return 1.0  # no sampling
+
+    def plan_signal(self, cohort: int, q: float, sigma: float) -> float:
+        return cohort / max(sigma * self.cfg.device_clip_norm, 1e-12)
+
+    def auto_choice(self, rounds: int, signal: float) -> tuple[AlignerChoice, str]:
+        """No calibrated threshold at this unit: DP NESSA rounds run whenever there are any, the gate decides."""
+        reason = (f"aligner auto, device level: {signal:.0f} devices per unit noise std per round; no calibrated "
+                  "threshold at this unit, so DP-SGD NESSA rounds run and the promotion gate decides")
+        return (AlignerChoice.NESSA if rounds > 0 else AlignerChoice.LINEAR), reason
+
     def public_sample_rate(self, phase: Phase, fleet: int) -> float | None:
         return 1.0
 
@@ -268,6 +313,6 @@ def mechanism_for(cfg: FederationConfig) -> Mechanism:
     return MECHANISMS[cfg.privacy_unit](cfg)
 
 
-def public_parameters(phase: Phase, cfg: FederationConfig, fleet: int) -> dict[str, object] | None:
-    """The run's public DP parameters of a ``phase`` round (:meth:`Mechanism.public_parameters`)."""
-    return mechanism_for(cfg).public_parameters(phase, fleet)
+def public_parameters(phase: Phase, cfg: FederationConfig, plan: NoisePlan) -> dict[str, object] | None:
+    """The run's public DP parameters of a ``phase`` round under its plan (:meth:`Mechanism.public_parameters`)."""
+    return mechanism_for(cfg).public_parameters(phase, plan)

@@ -46,6 +46,16 @@ def not_evaluated() -> dict[str, Any]:
     return dict.fromkeys(EVAL_COLUMNS)
 
 
+def round_entry(r: int, phase: Phase, status: str, note: str, evaluation: Mapping[str, Any], *,
+                participants: int, declined: int, failed: int, saturated: int = 0) -> dict[str, Any]:
+    """A round's entry in the summary, the columns every engine states, in order (the engine adds its epsilon
+    and timing columns). ``failed`` counts the accepted devices whose vector did not make it into the sum,
+    so ``sampled`` is everyone the round asked."""
+    return {"round": r, "phase": str(phase), "status": str(status), "note": note,
+            **{k: evaluation[k] for k in EVAL_COLUMNS}, "participants": participants, "declined": declined,
+            "failed": failed, "sampled": participants + declined + failed, "saturated": saturated}
+
+
 @dataclass(frozen=True)
 class RunOutputs:
     """What the end of a run needs from evaluation and the run folder, injected by the engine."""

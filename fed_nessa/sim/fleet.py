@@ -89,7 +89,15 @@ from fed_nessa.federated.mechanism import device_subset, max_sampled, public_par
 from fed_nessa.federated.noise_plan import noise_plan
 from fed_nessa.federated.protocol import DEVICES_DIR, round_config
 from fed_nessa.federated.release import may_start, may_unmask, promised_arrivals
-from fed_nessa.federated.rounds import LEDGER_FILE, Progress, RunOutputs, evaluates, finish_run, not_evaluated
+from fed_nessa.federated.rounds import (
+    LEDGER_FILE,
+    Progress,
+    RunOutputs,
+    evaluates,
+    finish_run,
+    not_evaluated,
+    round_entry,
+)
 from fed_nessa.federated.server_model import ServerModel
 from fed_nessa.privacy.accounting import UnitNotCoveredError
 from fed_nessa.privacy.events import EXAMPLE, GAUSSIAN_SUM, DPEvent
@@ -332,7 +340,7 @@ class FleetEngine:
                                 {"phase": str(Phase.SUFFSTATS), "status": str(status), "note": note,
                                  "guaranteed_arrivals": promised, "engine": ENGINE, "decline_reasons": reasons,
                                  **self._sent_extra([r]), LEDGER_HEADS: _heads(book, seqs),
-                                 PUBLIC_PARAMETERS: public_parameters(Phase.SUFFSTATS, cfg, len(ids))})
+                                 PUBLIC_PARAMETERS: public_parameters(Phase.SUFFSTATS, cfg, self.plan)})
         return self._entry(r, Phase.SUFFSTATS, status, note, len(arrived), len(declined), len(dropped), book)
 
     def _dropouts(self, accepted: list[int]) -> list[int]:
@@ -725,7 +733,7 @@ class FleetEngine:
         extra = {"phase": str(Phase.DPSGD), "engine": ENGINE, "dropped": dropped,
                  "decline_reasons": {reason: sum(1 for v in book.refused.values() if v == reason)
                                      for reason in set(book.refused.values())},
-                 PUBLIC_PARAMETERS: public_parameters(Phase.DPSGD, self.cfg, len(ids))}
+                 PUBLIC_PARAMETERS: public_parameters(Phase.DPSGD, self.cfg, self.plan)}
         if self.cfg.cohort_size(len(ids)) >= len(ids):
             # One span entry per run of consecutive rounds of each distinct schedule: it lists exactly
             # the rounds its devices joined (a budget cut short, or a min-separation leaving gaps),
@@ -768,10 +776,8 @@ class FleetEngine:
             fed = self._row(self._evaluate(), "asym_federated")
         else:
             fed = not_evaluated()
-        return {"round": r, "phase": str(phase), "status": str(status), "note": note, **fed,
-                "participants": joined, "declined": declined, "failed": failed,
-                "sampled": joined + declined + failed, "saturated": 0,
-                "epsilon_max": 0.0, "epsilon_median": 0.0}
+        return {**round_entry(r, phase, status, note, fed, participants=joined, declined=declined, failed=failed),
+                "epsilon_max": 0.0, "epsilon_median": 0.0}  # stated by fed_nessa.sim.fleet_epsilon after the round
 
     def _epsilons(self, book: DeviceBook, unit: str | None = None) -> dict[str, float]:
         """Each device's epsilon from its ledger in ``unit`` (default: the run's privacy unit).
