@@ -29,7 +29,8 @@ Two numerics (``fleet-numerics``):
     variance; the devices' stochastic-rounding errors are drawn as one Gaussian with
     variance ``n s^2 / 6`` per coordinate (s the quantization step; 1/6 = E[p(1-p)] for a
     uniform fractional part p). A device's range check uses its sample count (its clipped
-    sum has coordinates of at most ``k C``).
+    sum has coordinates of at most ``k C``). SecAgg+'s arithmetic and these fleet-wide streams are
+  :mod:`fed_nessa.sim.fleet_numerics`.
 
 Ledgers at fleet scale: a device reserves its whole DP-SGD phase as one *span* (one
 signed, fsynced line: ``steps`` = its scheduled rounds, counted in full even if it drops
@@ -46,7 +47,6 @@ import functools
 import logging
 import math
 import resource
-import secrets
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -55,10 +55,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.common.secure_aggregation.quantization import quantize
 
 from fed_nessa.config import (
-    SECAGG_MODULUS_RANGE,
     DevicePolicy,
     DPMode,
     FederationConfig,
@@ -75,7 +73,7 @@ from fed_nessa.evaluation import run_folder
 from fed_nessa.evaluation.gate import SHIPPED, card_fields, gate_run
 from fed_nessa.evaluation.protocol import evaluate_eval_set, summary_row
 from fed_nessa.federated import suffstats
-from fed_nessa.federated.codec import SaturationError, SecAggCodec, make_codec
+from fed_nessa.federated.codec import SecAggCodec, make_codec
 from fed_nessa.federated.cohort import sample_positions
 from fed_nessa.federated.device import (
     RoundRequest,
@@ -115,6 +113,7 @@ from fed_nessa.privacy.ledger import (
 )
 from fed_nessa.randomness import NoiseSource, noise_source
 from fed_nessa.sim.fleet_epsilon import SpentEpsilon
+from fed_nessa.sim.fleet_numerics import encode_all, fast_rounding, modular_sum, summed_noise, uniforms
 from fed_nessa.sim.ghost import clipped_gradient_sums, device_clipped_sum, device_clipped_vectors
 
 log = logging.getLogger(__name__)
@@ -132,9 +131,6 @@ DEVICE_LEVEL_PADDED_ROWS = 131_072
 PROGRESS_EVERY = 5
 #: Pairs the pooled non-DP NESSA reference trains on at most (a random subset beyond).
 REFERENCE_MAX_PAIRS = 1_200_000
-#: Stream key of the fast numerics' rounding errors under ``reproducible-noise`` (beside 7: drop-outs,
-#: 11: Poisson uniforms, 13: the reference subsample).
-ROUNDING_STREAM = 17
 #: The end of a run: evaluation's gate and run folder, injected into the library's protocol.
 OUTPUTS = RunOutputs(gate_run, card_fields, SHIPPED, run_folder.write_outputs)
 
@@ -228,21 +224,6 @@ class FleetEngine:
         self._sent: dict[int, tuple[str, str]] = {}
         self._streams: dict[int, NoiseSource] = {}  # exact device level: each device's stream within a round
         self._spent = SpentEpsilon(cfg.privacy_unit)
-
-    # -- noise -----------------------------------------------------------------------------
-    def _fleet_noise(self, round_num: int) -> NoiseSource:
-        """The summed-noise stream of a fast round: OS CSPRNG, or the reproducible key's seed."""
-        return noise_source(self.cfg.reproducible_noise, self.cfg.seed, "fleet", round_num)
-
-    def _uniforms(self, n: int, round_num: int) -> np.ndarray:
-        """The fast numerics' Poisson-sample uniforms for every pair of the fleet at once.
-
-        A PCG64 stream keyed with 128 fresh bits of OS entropy per round (the field-notes
-        recipe for fleet scale); reproducible only under ``reproducible-noise``.
-        """
-        if self.cfg.reproducible_noise:
-            return np.random.default_rng([self.cfg.seed, 11, round_num]).random(n)
-        return np.random.Generator(np.random.PCG64(np.random.SeedSequence(secrets.randbits(128)))).random(n)
 
     # -- ledgers ---------------------------------------------------------------------------
     def _open_ledgers(self) -> DeviceBook:
@@ -367,8 +348,8 @@ class FleetEngine:
             if dp:
                 var = mech.released_variance(Phase.SUFFSTATS, self.plan,
                                              [book.policies[i].guaranteed_arrivals for i in arrived])
-                total = total + self._fleet_noise(r).normal(total.shape, math.sqrt(var))
-            return self._fast_rounding(total, len(arrived), codec, r), arrived
+                total = total + summed_noise(self.cfg, r).normal(total.shape, math.sqrt(var))
+            return fast_rounding(total, len(arrived), codec, cfg, r), arrived
         vectors = []
         for i in arrived:
             shard_x = fleet.x[fleet.starts[i]:fleet.starts[i + 1]].cpu().numpy()
@@ -379,54 +360,14 @@ class FleetEngine:
                 std = mech.share_std(Phase.SUFFSTATS, self.plan, book.policies[i].guaranteed_arrivals)
                 vec = vec + stream.normal(vec.shape, std)
             vectors.append(np.asarray(vec, np.float32))
-        payloads, sent, failed = self._encode_all(vectors, arrived, codec)
+        payloads, sent, failed = encode_all(vectors, arrived, codec)
         if failed:
             log.warning("round %d: %d device(s) failed their own range check and sent nothing", r, len(failed))
-        return (self._modular_sum(payloads, codec) if payloads else np.zeros(0, np.float32)), sent
+        return (modular_sum(payloads, codec) if payloads else np.zeros(0, np.float32)), sent
 
     def _stats_weights(self) -> np.ndarray | None:
         """Each device's statistics weight (the mechanism's; None: every pair at weight 1)."""
         return self.model.mechanism.stats_weights(self.fleet.n)
-
-    # -- SecAgg+ arithmetic ----------------------------------------------------------------
-    def _fast_rounding(self, total: np.ndarray, n: int, codec: SecAggCodec, round_num: int) -> np.ndarray:
-        """Add the devices' summed stochastic-rounding error, drawn from its distribution.
-
-        Not a privacy mechanism (SecAgg+'s quantization), but part of the released sum: under
-        ``reproducible-noise`` it is keyed by (seed, round) so a fast run replays bit for bit.
-        """
-        std = codec.step * math.sqrt(n / 6.0)
-        rng = (np.random.default_rng([self.cfg.seed, ROUNDING_STREAM, round_num]) if self.cfg.reproducible_noise
-               else np.random.default_rng())
-        return (total + rng.normal(0.0, std, total.shape)).astype(np.float32)
-
-    @staticmethod
-    def _encode_all(vectors: list[np.ndarray], devices: list[int],
-                    codec: SecAggCodec) -> tuple[list[np.ndarray], list[int], list[int]]:
-        """Each device's codec step and own range check: a saturated vector fails on its device."""
-        payloads, sent, failed = [], [], []
-        for vec, i in zip(vectors, devices, strict=True):
-            try:
-                payloads.append(codec.encode(vec)[0])
-                sent.append(i)
-            except SaturationError:
-                failed.append(i)
-        return payloads, sent, failed
-
-    @staticmethod
-    def _modular_sum(payloads: list[np.ndarray], codec: SecAggCodec) -> np.ndarray:
-        """Flower's quantization of each payload, the modular sum, the workflow's dequantization."""
-        c, t = codec.clipping_range, codec.quantization_range
-        acc: np.ndarray | None = None
-        for payload in payloads:
-            qv = quantize([payload], c, t)[0].astype(np.int64)
-            acc = qv if acc is None else (acc + qv) % SECAGG_MODULUS_RANGE
-        assert acc is not None
-        n = len(payloads)
-        # Flower's workflow: dequantize the sum, shift by -(n-1)c, divide by the summed weight factor.
-        mean = (acc.astype(np.float64) * (2 * c / t) - c - (n - 1) * c) / n
-        total, _ = codec.decode(mean, n)
-        return total
 
     # -- DP-SGD rounds ---------------------------------------------------------------------
     def _reserve_spans(self, book: DeviceBook, dp_rounds: list[int]) -> None:
@@ -511,11 +452,11 @@ class FleetEngine:
             if whole:  # every device's whole mean gradient, no sampling
                 vectors = self._device_vectors(arrived, book, r)
                 if self.numerics == FleetNumerics.EXACT:
-                    payloads, sent, _failed = self._encode_all(vectors, arrived, codec)
+                    payloads, sent, _failed = encode_all(vectors, arrived, codec)
                 else:
                     sent = arrived
             elif self.numerics == FleetNumerics.EXACT:
-                payloads, sent, _failed = self._encode_all(self._exact_vectors(arrived, book, r, q), arrived, codec)
+                payloads, sent, _failed = encode_all(self._exact_vectors(arrived, book, r, q), arrived, codec)
             else:
                 rows, owner = self._sample(arrived, r, q)
                 fits = np.bincount(owner, minlength=len(arrived)) <= max_sampled(cfg, self.plan.sample_rate)
@@ -527,7 +468,7 @@ class FleetEngine:
                 status, note = RoundStatus.REFUSED, unmask.reason
             else:
                 if self.numerics == FleetNumerics.EXACT:
-                    total = self._modular_sum(payloads, codec)
+                    total = modular_sum(payloads, codec)
                 elif whole:
                     total = self._fast_device_total(vectors[0], sent, book, r, codec)
                 else:
@@ -547,7 +488,7 @@ class FleetEngine:
         position[np.asarray(arrived, np.int64)] = np.arange(len(arrived))
         rows_all = np.flatnonzero(position[owner_all] >= 0)
         owner = position[owner_all[rows_all]]
-        keep = self._uniforms(len(rows_all), r) < q[owner]
+        keep = uniforms(self.cfg, len(rows_all), r) < q[owner]
         return rows_all[keep], owner[keep]
 
     def _rates(self, arrived: list[int]) -> np.ndarray:
@@ -572,8 +513,8 @@ class FleetEngine:
         if dp:
             var = self.model.mechanism.released_variance(Phase.DPSGD, self.plan,
                                                          [book.policies[i].guaranteed_arrivals for i in sent])
-            out = out + self._fleet_noise(r).normal(out.shape, math.sqrt(var))
-        return self._fast_rounding(out, len(sent), codec, r)
+            out = out + summed_noise(self.cfg, r).normal(out.shape, math.sqrt(var))
+        return fast_rounding(out, len(sent), codec, self.cfg, r)
 
     def _device_vectors(self, arrived: list[int], book: DeviceBook, r: int) -> list[np.ndarray]:
         """Device level: each device's clipped mean gradient over its round's pairs.
@@ -641,7 +582,7 @@ class FleetEngine:
             return {i: np.arange(fleet.starts[i], fleet.starts[i + 1]) for i in arrived}
         rows = np.concatenate([np.arange(fleet.starts[i], fleet.starts[i + 1]) for i in arrived])
         owner = fleet.owner[rows]
-        order = np.lexsort((self._uniforms(len(rows), r), owner))
+        order = np.lexsort((uniforms(self.cfg, len(rows), r), owner))
         rows, owner = rows[order], owner[order]
         first = np.searchsorted(owner, owner, side="left")
         keep = (np.arange(len(rows)) - first) < batch
@@ -657,8 +598,8 @@ class FleetEngine:
         if self.cfg.dp_mode != DPMode.NONE:
             var = self.model.mechanism.released_variance(Phase.DPSGD, self.plan,
                                                          [book.policies[i].guaranteed_arrivals for i in sent])
-            out = out + self._fleet_noise(r).normal(out.shape, math.sqrt(var))
-        return self._fast_rounding(out, len(sent), codec, r)
+            out = out + summed_noise(self.cfg, r).normal(out.shape, math.sqrt(var))
+        return fast_rounding(out, len(sent), codec, self.cfg, r)
 
     def _exact_vectors(self, arrived: list[int], book: DeviceBook, r: int, q: np.ndarray) -> list[np.ndarray]:
         """Per-device vectors with the Flower engine's draw order: the Poisson sample, then one Gaussian
