@@ -26,7 +26,6 @@ import math
 import statistics
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -57,16 +56,23 @@ from fed_nessa.federated.protocol import (
 )
 from fed_nessa.federated.protocol import round_config as _round_config
 from fed_nessa.federated.release import may_start, promised_arrivals
+from fed_nessa.federated.rounds import (
+    LEDGER_FILE,
+    Progress,
+    RunOutputs,
+    evaluates,
+    finish_run,
+    not_evaluated,
+    round_entry,
+)
 from fed_nessa.federated.server_model import ServerModel
 from fed_nessa.privacy.ledger import LEDGER_HEADS, PUBLIC_PARAMETERS, config_sha256, model_sha256, server_key_folder
 from server.checkpoint import Checkpoint, check_resumable, latest_checkpoint, save_checkpoint
 from server.secagg_round import secure_sum
 
 log = logging.getLogger(__name__)
-ALIGNER_DIR = "aligner"
-LEDGER_FILE = "federation-ledger.jsonl"
-
-Progress = Callable[[dict[str, Any]], None]
+#: The end of a run: evaluation's gate and run folder, injected into the library's protocol.
+OUTPUTS = RunOutputs(gate_run, card_fields, SHIPPED, run_folder.write_outputs)
 
 
 class NotEnoughDevices(FedNessaError, RuntimeError):
@@ -161,6 +167,17 @@ class Federation:
         return summary_row(report, name)
 
     # -- the loop -----------------------------------------------------------------------
+    def _noise_plan(self) -> NoisePlan:
+        """The run's noise plan, built ONCE from the fleet connected when it starts.
+
+        Every round's sigmas, round config (``fleet``) and signed public parameters come from this
+        one plan: nodes joining or leaving mid-run change the cohorts sampled, never the noise the
+        devices were promised.
+        """
+        if self.plan is None:
+            self.plan = noise_plan(self.cfg, len(list(self.grid.get_node_ids())))
+        return self.plan
+
     def _resume(self) -> int:
         if not self.cfg.resume:
             return 1
@@ -183,7 +200,7 @@ class Federation:
         # The private key lives in the run's key store (deployment: beside the run folder), never in it.
         ledger = FederationLedger.open(self.run_dir / LEDGER_FILE, server_key_folder(self.run_dir))
         self.pins = ledger.pinned_devices()
-        self.plan = noise_plan(self.cfg, len(list(self.grid.get_node_ids())))
+        self.plan = self._noise_plan()
         log.info(self.plan.reason)
         phases = self.model.phases(self.plan.aligner)
         start = self._resume()
@@ -207,9 +224,9 @@ class Federation:
         cohort = sample_cohort(nodes, cfg, r, phase)
         promised = promised_arrivals(cfg, len(cohort))
         server_fp = getattr(ledger, "key_fingerprint", None)
-        request = round_config(phase, r, promised, len(nodes), server_fp if isinstance(server_fp, str) else None,
+        noise = self._noise_plan()
+        request = round_config(phase, r, promised, noise.fleet, server_fp if isinstance(server_fp, str) else None,
                                self.data.enroll_model, self.data.runtime_model)
-        noise = noise_plan(cfg, len(nodes))
         plan = plan_round(self.grid, cfg, cohort, request)
         new_pins, mismatched = self._pin(plan)
         sent: dict[str, str] = {}
@@ -251,11 +268,10 @@ class Federation:
             dev = plan.device_ids.get(nid, str(nid))
             round_eps.setdefault(dev, max(eps, self.device_epsilon.get(dev, 0.0)))
         self.device_epsilon.update(round_eps)
-        last = r == len(self.model.phases(self.plan.aligner)) if self.plan else True
-        if r % cfg.eval_every == 0 or last:
+        if evaluates(cfg, r, len(self.model.phases(noise.aligner)), phase):
             fed = self._row(self.evaluate(), "asym_federated")
         else:
-            fed = {"eer": None, "min_dcf": None, "sid_top1": None, "gap_closure": None}
+            fed = not_evaluated()
         ids = plan.device_ids
         ledger.record_round(r, [ids.get(n, str(n)) for n in arrived], [ids.get(n, str(n)) for n in plan.declined],
                             [ids.get(n, str(n)) for n in failed],
@@ -263,17 +279,13 @@ class Federation:
                              "guaranteed_arrivals": promised, "note": note,
                              "decline_reasons": dict(Counter(plan.reasons.values())),
                              **sent, "device_key_fingerprints": new_pins, LEDGER_HEADS: heads,
-                             PUBLIC_PARAMETERS: public_parameters(phase, cfg, len(nodes)),
+                             PUBLIC_PARAMETERS: public_parameters(phase, cfg, noise),
                              **({"key_mismatch": mismatched} if mismatched else {})})
         eps_all = list(self.device_epsilon.values()) or [0.0]
-        return {
-            "round": r, "phase": str(phase), "status": str(status), "note": note,
-            **{k: fed[k] for k in ("eer", "min_dcf", "sid_top1")},
-            "gap_closure": fed["gap_closure"], "participants": len(arrived), "declined": len(plan.declined),
-            "failed": len(failed), "sampled": len(plan.accepted) + len(plan.declined) + len(plan.failed),
-            "saturated": saturated, "epsilon_max": max(eps_all), "epsilon_median": statistics.median(eps_all),
-            "seconds": time.perf_counter() - t0, "device_epsilon": round_eps,
-        }
+        return {**round_entry(r, phase, status, note, fed, participants=len(arrived), declined=len(plan.declined),
+                              failed=len(failed), saturated=saturated),
+                "epsilon_max": max(eps_all), "epsilon_median": statistics.median(eps_all),
+                "seconds": time.perf_counter() - t0, "device_epsilon": round_eps}
 
     def _pin(self, plan: Plan) -> tuple[dict[str, str], dict[str, str]]:
         """Pin each device's key fingerprint at first sight; refuse (as failed) a device whose key changed.
@@ -343,26 +355,13 @@ class Federation:
                 "sym_before": self._row(report, "sym_before"), "sym_after": self._row(report, "sym_after")}
 
     def finish(self) -> dict[str, Any]:
-        final = gate_run(self.model, self.data.validation, self.data.eval, SCENARIO, self.cfg)  # every run
-        final["aligner_plan"] = self.plan.reason if self.plan else ""
-        report = self.evaluate()
-        if self.data.shards:
-            final.update(self.centralised_rows())
-            central = final["centralised_nessa"]["gap_closure"]
-            if central and final["gap_closure"] is not None and central > 0:
-                final["share_of_centralised_gap_closure"] = final["gap_closure"] / central
-        final["evaluation"] = report.to_dict()
-        summary = self.summary(final)
-        card = {"federated": True, "rounds": len(self.history), "privacy": {
-            k: summary["privacy"][k] for k in ("unit", "mode", "trust", "delta", "accountant", "epsilon_budget",
-                                               "epsilon_max")}, "secure_aggregation": summary["secure_aggregation"],
-                **card_fields(final["gate"])}
-        self.model.save_artifact(self.run_dir / ALIGNER_DIR, card, deployable=card[SHIPPED])
-        run_folder.write_summary(self.run_dir, summary)
-        run_folder.write_report(self.run_dir, summary)
-        run_folder.write_plots(self.run_dir, summary["rounds"])
-        self.progress({"event": "done", "run_dir": str(self.run_dir)})
-        return summary
+        """The protocol's end (:func:`fed_nessa.federated.rounds.finish_run`): the pooled references when the
+        run has the devices' shards (simulation), and the final evaluation report in the summary."""
+        return finish_run(self.model, self.data, self.cfg, self.plan, OUTPUTS, rounds=len(self.history),
+                          summary_of=self.summary, evaluation=lambda: self.evaluate().to_dict(),
+                          references=self.centralised_rows if self.data.shards else None,
+                          card_extra=lambda summary: {"secure_aggregation": summary["secure_aggregation"]},
+                          progress=self.progress)
 
 
 def _ledger_heads(metrics: dict[int, dict], device_ids: dict[int, str]) -> dict[str, list[int | str]]:

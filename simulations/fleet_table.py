@@ -49,7 +49,7 @@ def _cell(row: dict[str, float | None] | None) -> str:
 
 def shipped(linear: dict[str, Value], nessa: dict[str, Value]) -> tuple[str, dict[str, float | None] | None]:
     """What aligner = auto ships for this cell (see the module doc)."""
-    from fed_nessa.federated.noise_plan import AUTO_SIGNAL_THRESHOLD
+    from fed_nessa.federated.mechanism import AUTO_SIGNAL_THRESHOLD
 
     signal = number(nessa["auto_signal"]) or 0.0
     if signal < AUTO_SIGNAL_THRESHOLD:

@@ -287,15 +287,17 @@ def test_the_servers_public_parameters_are_what_every_device_spends(over: dict[s
     from fed_nessa.config import Phase, from_run_config
     from fed_nessa.federated.device import RoundRequest, planned_event
     from fed_nessa.federated.mechanism import public_parameters
+    from fed_nessa.federated.noise_plan import noise_plan
     from fed_nessa.privacy.events import PUBLIC_FIELDS
 
     cfg = from_run_config({"num-devices": 20, "min-arrivals": 8, "clients-per-round": 10, "secagg-num-shares": 5,
                            "secagg-reconstruction-threshold": 3, **over})
-    params = public_parameters(Phase(phase), cfg, 20)
+    params = public_parameters(Phase(phase), cfg, noise_plan(cfg, 20))
     assert params is not None and set(params) == set(PUBLIC_FIELDS)
     for n in (7, 30, 400):
         event = planned_event(RoundRequest(Phase(phase), 2, 8, 20), n, cfg, DevicePolicy(guaranteed_arrivals=8))
         assert event is not None
         assert {k: getattr(event, k) for k in PUBLIC_FIELDS if params[k] is not None} == \
             {k: v for k, v in params.items() if v is not None}
-    assert public_parameters(Phase(phase), cfg.replace(dp_mode="none", budget_split=0.0), 20) is None
+    none = cfg.replace(dp_mode="none", budget_split=0.0)
+    assert public_parameters(Phase(phase), none, noise_plan(none, 20)) is None

@@ -85,3 +85,38 @@ def test_max_sampled_bounds_a_poisson_sample() -> None:
     mean = 0.05 * 1000
     assert max_sampled(cfg, 0.05) >= mean + 8 * math.sqrt(mean)
     assert max_sampled(cfg, 0.0) == 4.0 * cfg.batch_size
+
+
+def test_what_each_unit_carries_sends_and_clips() -> None:
+    """Issue 18: the questions the device, the server model and the fleet engine used to answer with a unit
+    branch are the mechanism's: statistics weights (one device or all at once), pairs a payload carries,
+    whether a DP-SGD sum holds gradients, whether a device's whole contribution is clipped as one vector."""
+    n = np.array([0, 1, 50, 400, 10_000])
+    example = mechanism_for(_cfg(dp_mode="local"))
+    assert example.stats_weights(n) is None and example.carried_pairs(10_000) == 10_000
+    assert not example.sends_gradients() and mechanism_for(_cfg()).sends_gradients()
+    assert not example.clips_whole_device
+    device = mechanism_for(_cfg(privacy_unit="device", delta=1e-6, device_stats_pairs=200, dp_mode="none"))
+    weights = device.stats_weights(n)
+    assert weights is not None and weights.tolist() == [device.stats_weight(int(k)) for k in n]
+    assert weights.tolist() == [1.0, 1.0, 1.0, 0.5, 0.02]
+    assert device.carried_pairs(10_000) == 200 and device.carried_pairs(50) == 50
+    assert device.sends_gradients() and device.clips_whole_device  # DP or not
+
+
+def test_the_noise_plans_unit_rules_are_the_mechanisms() -> None:
+    """q, the auto rule's signal and its decision per unit (fed_nessa.federated.noise_plan composes them)."""
+    from fed_nessa.config import AlignerChoice
+    from fed_nessa.federated.mechanism import AUTO_SIGNAL_THRESHOLD
+    from fed_nessa.federated.noise_plan import noise_plan
+
+    example = mechanism_for(_cfg(sample_rate=0.02))
+    assert example.plan_sample_rate(1000, 1000) == 0.02 and mechanism_for(_cfg()).plan_sample_rate(1000, 1000) == 0
+    assert example.auto_choice(10, AUTO_SIGNAL_THRESHOLD)[0] == AlignerChoice.NESSA
+    assert example.auto_choice(10, AUTO_SIGNAL_THRESHOLD - 1)[0] == AlignerChoice.LINEAR
+    assert example.auto_choice(0, math.inf)[0] == AlignerChoice.LINEAR  # no DP-SGD round to run
+    device = mechanism_for(_cfg(privacy_unit="device", delta=1e-6, device_clip_norm=0.5))
+    assert device.plan_sample_rate(1000, 100) == 1.0 and device.plan_signal(100, 1.0, 2.0) == 100.0
+    assert device.auto_choice(10, 0.0)[0] == AlignerChoice.NESSA  # no calibrated threshold: the gate decides
+    plan = noise_plan(_cfg(privacy_unit="device", delta=1e-6, aligner="auto"), 1000)
+    assert plan.sample_rate == 1.0 and plan.reason.startswith("aligner auto, device level") and plan.fleet == 1000

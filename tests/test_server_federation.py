@@ -189,3 +189,13 @@ def test_the_round_config_names_only_public_values_and_no_cohort_size() -> None:
     cohort = sample_cohort(nodes, some, 2, Phase.DPSGD)
     assert len(cohort) == 6 and set(cohort) <= set(nodes) and cohort == sample_cohort(nodes, some, 2, Phase.DPSGD)
     assert sample_cohort(nodes, some, 1, Phase.SUFFSTATS) == nodes  # the statistics round: every device once
+
+
+def test_the_noise_plan_is_built_once_per_run(tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 18: the Flower engine builds its noise plan once (from the fleet connected at the start),
+    and every round's public parameters name that plan's fleet. It built one more per round before."""
+    import server.federation
+
+    calls = _spy(monkeypatch, server.federation, "noise_plan")
+    simulate(build_config(None, overrides(tmp_path, num_server_rounds=2)), quiet=True)
+    assert [args[1] for args in calls] == [8]  # one plan, for the 8 connected devices

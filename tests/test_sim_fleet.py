@@ -19,6 +19,7 @@ from fed_nessa.model.aligners.nessa import NessaConfig, NessaNet
 from fed_nessa.model.losses import get_loss
 from fed_nessa.privacy.audit import audit
 from fed_nessa.privacy.ledger import DeviceLedger
+from fed_nessa.sim.fleet_numerics import encode_all, fast_rounding, modular_sum
 from fed_nessa.sim.ghost import clipped_gradient_sums
 
 DEVICES = 12
@@ -106,23 +107,27 @@ def test_fleet_engine_equals_the_flower_engine(tmp_path: Path, monkeypatch: pyte
         assert {f.check for f in audit(tmp_path / run).failures} == {"noise.public_seed", "summary.guarantee"}
 
 
-def test_fast_numerics_agree_with_exact_in_distribution(tmp_path: Path) -> None:
-    """Over repeated draws at a fixed model, the fast round's aggregate has the exact round's mean and
-    per-coordinate noise variance (the distribution-equivalent claim of fleet-numerics = fast)."""
+def _dpsgd_round_at_hand(tmp: Path, name: str, **over: Any) -> tuple[Any, Any, list[int], Any, np.ndarray]:
+    """A fleet engine with its ledgers open and round 2's codec and rates: a DP-SGD round to drive by hand."""
     from fed_nessa.data.population import load_federation_data
     from fed_nessa.sim.fleet import FleetEngine
 
-    cfg = _cfg(tmp_path, "dist", **{"reproducible-noise": False, "num-server-rounds": 2})
+    cfg = _cfg(tmp, name, **{"num-server-rounds": 2, **over})
     engine = FleetEngine(cfg, POLICY, load_federation_data(cfg, None))
-    book = engine._open_ledgers()
     arrived = list(range(DEVICES))
     codec = make_codec(engine.model.payload_bound(Phase.DPSGD, engine.plan), cfg.secagg_clipping_range,
                        cfg.secagg_quantization_range, DEVICES)
-    q = engine._rates(arrived)
+    return engine, engine._open_ledgers(), arrived, codec, engine._rates(arrived)
+
+
+def test_fast_numerics_agree_with_exact_in_distribution(tmp_path: Path) -> None:
+    """Over repeated draws at a fixed model, the fast round's aggregate has the exact round's mean and
+    per-coordinate noise variance (the distribution-equivalent claim of fleet-numerics = fast)."""
+    engine, book, arrived, codec, q = _dpsgd_round_at_hand(tmp_path, "dist", **{"reproducible-noise": False})
     draws: dict[str, list[np.ndarray]] = {"exact": [], "fast": []}
     for _ in range(40):
-        payloads, sent, _ = engine._encode_all(engine._exact_vectors(arrived, book, 2, q), arrived, codec)
-        draws["exact"].append(engine._modular_sum(payloads, codec))
+        payloads, sent, _ = encode_all(engine._exact_vectors(arrived, book, 2, q), arrived, codec)
+        draws["exact"].append(modular_sum(payloads, codec))
         rows, _ = engine._sample(arrived, 2, q)
         draws["fast"].append(engine._fast_gradient_total(rows, arrived, book, 2, codec))
     exact, fast = (np.stack(draws[m]).astype(np.float64) for m in ("exact", "fast"))
@@ -133,6 +138,21 @@ def test_fast_numerics_agree_with_exact_in_distribution(tmp_path: Path) -> None:
     z = (fast.mean(axis=0) - exact.mean(axis=0)) / se
     assert abs(float(z.mean())) < 0.2 and 0.7 < float(z.std()) < 1.3
     assert engine.numerics == FleetNumerics.EXACT  # both paths were driven explicitly above
+
+
+def test_fast_numerics_replay_under_reproducible_noise(tmp_path: Path) -> None:
+    """reproducible-noise: a fast round's released sum (noise share AND rounding errors) is the same on
+    every replay of the same round, and differs from another round's."""
+    engine, book, arrived, codec, q = _dpsgd_round_at_hand(tmp_path, "replay", **{"fleet-numerics": "fast"})
+
+    def released(r: int) -> np.ndarray:
+        rows, _ = engine._sample(arrived, r, q)
+        return engine._fast_gradient_total(rows, arrived, book, r, codec)
+
+    assert np.array_equal(released(2), released(2))
+    assert not np.array_equal(released(2), released(3))
+    zero = np.zeros(5)
+    assert np.array_equal(*(fast_rounding(zero, DEVICES, codec, engine.cfg, 2) for _ in range(2)))
 
 
 def test_a_harmful_run_ships_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -228,6 +228,13 @@ def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
     return path
 
 
+def write_outputs(run_dir: Path, summary: dict[str, Any]) -> None:
+    """The end of a run's folder, every engine alike: summary.json, report.md and the plots."""
+    write_summary(run_dir, summary)
+    write_report(run_dir, summary)
+    write_plots(run_dir, summary["rounds"])
+
+
 def portable_config(config: dict[str, Any]) -> dict[str, Any]:
     """The run config as a report should carry it: paths relative to the working directory.
 

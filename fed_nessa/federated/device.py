@@ -166,8 +166,7 @@ def policy_refusal(req: RoundRequest, n: int, cfg: FederationConfig, policy: Dev
     if separation:
         return separation
     bound = min(policy.max_pairs_per_payload, cfg.max_pairs_per_device)
-    # At device level the statistics carry at most device-stats-pairs pairs' weight, whatever n.
-    carried = min(n, cfg.device_stats_pairs) if cfg.privacy_unit == PrivacyUnit.DEVICE else n
+    carried = mechanism_for(cfg).carried_pairs(n)  # device level: at most device-stats-pairs, whatever n
     if req.phase == Phase.SUFFSTATS and carried > bound:
         return (f"declined: the device holds {n} pairs, more than one statistics payload may carry ({bound}: "
                 "max-pairs-per-device of the run, max-pairs-per-payload of the policy)")

@@ -21,16 +21,15 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 from torch import nn
 
-from fed_nessa.config import DeviceUpdate, DPMode, FederationConfig, Phase, PrivacyUnit
+from fed_nessa.config import AlignerChoice, DeviceUpdate, DPMode, FederationConfig, LinearStart, Phase, PrivacyUnit
 from fed_nessa.data.shards import Shard
 from fed_nessa.federated import suffstats
 from fed_nessa.federated.layout import flat, trainable
-from fed_nessa.federated.noise_plan import NoisePlan, noise_plan
 from fed_nessa.model.training import (
     DPConfig,
     TrainConfig,
@@ -43,8 +42,14 @@ from fed_nessa.model.training import (
 from fed_nessa.privacy.events import DP_SGD, GAUSSIAN_SUM, PUBLIC_FIELDS
 from fed_nessa.randomness import NoiseSource
 
+if TYPE_CHECKING:  # the plan is built from the mechanism's rules (noise_plan imports this module)
+    from fed_nessa.federated.noise_plan import NoisePlan
+
 #: Noise is bounded at this many standard deviations when sizing SecAgg+'s range.
 PAYLOAD_SIGMAS = 12.0
+#: Example level, ``aligner = auto``: clipped examples per unit of noise std in one DP-SGD round above
+#: which DP NESSA is tried (calibrated by the fleet study; fed_nessa.federated.noise_plan's doc).
+AUTO_SIGNAL_THRESHOLD = 25_000.0
 
 #: The adaptive clip's bit is sent centred, ``1[norm <= C] - 1/2``: adding or removing one device
 #: moves the released count by at most 1/2 (Andrew et al. 2021).
@@ -63,6 +68,9 @@ class Mechanism(ABC):
     """The Gaussian sum mechanism of one privacy unit, in the run's noise placement (``dp-mode``)."""
 
     unit: ClassVar[PrivacyUnit]
+    #: Whether a device's whole round contribution is clipped as ONE vector (no per-example sampling):
+    #: the engines' vectorised DP-SGD maths pick their strategy by it, never by the unit's name.
+    clips_whole_device: ClassVar[bool] = False
 
     def __init__(self, cfg: FederationConfig) -> None:
         self.cfg = cfg
@@ -78,6 +86,18 @@ class Mechanism(ABC):
     @abstractmethod
     def stats_weight(self, n: int) -> float:
         """The weight of a device's sufficient statistics (so one unit moves them by <= the sensitivity)."""
+
+    def stats_weights(self, n: np.ndarray) -> np.ndarray | None:
+        """:meth:`stats_weight` of every device at once from their pair counts ``n`` (None: all 1)."""
+        return np.array([self.stats_weight(int(k)) for k in n], np.float64)
+
+    @abstractmethod
+    def carried_pairs(self, n: int) -> int:
+        """How many pairs' weight a device with ``n`` pairs puts into one statistics payload."""
+
+    @abstractmethod
+    def sends_gradients(self) -> bool:
+        """Whether a DP-SGD round's sum holds gradients (else the devices' local model deltas)."""
 
     @abstractmethod
     def gradient_units(self) -> int:
@@ -109,7 +129,19 @@ class Mechanism(ABC):
     def public_sample_rate(self, phase: Phase, fleet: int) -> float | None:
         """The phase's sampling rate where it is public and fleet-wide (None: it depends on a device's data)."""
 
-    def public_parameters(self, phase: Phase, fleet: int) -> dict[str, object] | None:
+    @abstractmethod
+    def plan_sample_rate(self, fleet: int, cohort: int) -> float:
+        """The noise plan's DP-SGD q for ``cohort`` of ``fleet`` devices (0: each device's own 1/ceil(n/B))."""
+
+    @abstractmethod
+    def plan_signal(self, cohort: int, q: float, sigma: float) -> float:
+        """The auto rule's statistic: clipped units in one DP-SGD round's sum per unit of noise std."""
+
+    @abstractmethod
+    def auto_choice(self, rounds: int, signal: float) -> tuple[AlignerChoice, str]:
+        """``aligner = auto``: the aligner the plan ships before round 1 and why (``rounds``: DP-SGD rounds)."""
+
+    def public_parameters(self, phase: Phase, plan: NoisePlan) -> dict[str, object] | None:
         """The public DP parameters every device's event of a ``phase`` round must carry (None without DP).
 
         The server signs them into its federation-ledger entry of the round, and the audit compares
@@ -117,9 +149,8 @@ class Mechanism(ABC):
         """
         if not self.dp:
             return None
-        plan = noise_plan(self.cfg, fleet)
         values = (self.event_mechanism(phase), str(self.cfg.privacy_unit), str(self.cfg.dp_mode),
-                  self.sigma(phase, plan), float(self.sensitivity(phase)), self.public_sample_rate(phase, fleet))
+                  self.sigma(phase, plan), float(self.sensitivity(phase)), self.public_sample_rate(phase, plan.fleet))
         return dict(zip(PUBLIC_FIELDS, values, strict=True))
 
     def share_std(self, phase: Phase, plan: NoisePlan, g: int) -> float:
@@ -145,6 +176,16 @@ class ExampleLevel(Mechanism):
     def stats_weight(self, n: int) -> float:
         return 1.0
 
+    def stats_weights(self, n: np.ndarray) -> np.ndarray | None:
+        return None  # every pair at weight 1
+
+    def carried_pairs(self, n: int) -> int:
+        return n
+
+    def sends_gradients(self) -> bool:
+        """Distributed mode sends one clipped-gradient sum; local mode (and ``dp-mode none``) a model delta."""
+        return self.cfg.dp_mode == DPMode.DISTRIBUTED
+
     def gradient_units(self) -> int:
         return self.cfg.batch_size
 
@@ -161,6 +202,23 @@ class ExampleLevel(Mechanism):
 
     def event_mechanism(self, phase: Phase) -> str:
         return GAUSSIAN_SUM if phase == Phase.SUFFSTATS else DP_SGD
+
+    def plan_sample_rate(self, fleet: int, cohort: int) -> float:
+        return self.cfg.round_sample_rate(1, fleet, cohort) if self.cfg.sample_rate > 0 else 0.0
+
+    def plan_signal(self, cohort: int, q: float, sigma: float) -> float:
+        cfg = self.cfg
+        per_device = cfg.expected_pairs_per_device * q if q > 0 else min(cfg.batch_size, cfg.expected_pairs_per_device)
+        return cohort * per_device / max(sigma * cfg.clip_norm, 1e-12)
+
+    def auto_choice(self, rounds: int, signal: float) -> tuple[AlignerChoice, str]:
+        """DP NESSA when the signal reaches :data:`AUTO_SIGNAL_THRESHOLD` (or without a linear start to fall
+        back on), else the DP linear start alone."""
+        go = rounds > 0 and (signal >= AUTO_SIGNAL_THRESHOLD or self.cfg.linear_start != LinearStart.SUFFSTATS)
+        reason = (f"aligner auto: {signal:.0f} clipped examples per unit noise std per round "
+                  f"{'>=' if go else '<'} {AUTO_SIGNAL_THRESHOLD:.0f}: "
+                  + ("DP-SGD NESSA rounds, then the promotion gate" if go else "the DP linear start alone"))
+        return (AlignerChoice.NESSA if go else AlignerChoice.LINEAR), reason
 
     def public_sample_rate(self, phase: Phase, fleet: int) -> float | None:
         """1 for the statistics sum; a fleet-wide ``sample-rate`` of distributed DP-SGD (``sample-rate = 0``
@@ -195,6 +253,7 @@ class DeviceLevel(Mechanism):
     """One whole device: its statistics weighted to <= K pairs, its mean gradient clipped as one vector."""
 
     unit = PrivacyUnit.DEVICE
+    clips_whole_device = True
 
     def sensitivity(self, phase: Phase) -> float:
         if phase == Phase.SUFFSTATS:
@@ -203,6 +262,13 @@ class DeviceLevel(Mechanism):
 
     def stats_weight(self, n: int) -> float:
         return min(1.0, self.cfg.device_stats_pairs / max(n, 1))
+
+    def carried_pairs(self, n: int) -> int:
+        """At most ``device-stats-pairs`` pairs' weight, whatever ``n``."""
+        return min(n, self.cfg.device_stats_pairs)
+
+    def sends_gradients(self) -> bool:
+        return True  # the device's clipped mean gradient, DP or not
 
     def gradient_units(self) -> int:
         return 1
@@ -213,6 +279,18 @@ class DeviceLevel(Mechanism):
 
     def event_mechanism(self, phase: Phase) -> str:
         return GAUSSIAN_SUM  # one Gaussian sum per participation, q = 1: no amplification is claimed
+
+    def plan_sample_rate(self, fleet: int, cohort: int) -> float:
+        return 1.0  # no sampling
+
+    def plan_signal(self, cohort: int, q: float, sigma: float) -> float:
+        return cohort / max(sigma * self.cfg.device_clip_norm, 1e-12)
+
+    def auto_choice(self, rounds: int, signal: float) -> tuple[AlignerChoice, str]:
+        """No calibrated threshold at this unit: DP NESSA rounds run whenever there are any, the gate decides."""
+        reason = (f"aligner auto, device level: {signal:.0f} devices per unit noise std per round; no calibrated "
+                  "threshold at this unit, so DP-SGD NESSA rounds run and the promotion gate decides")
+        return (AlignerChoice.NESSA if rounds > 0 else AlignerChoice.LINEAR), reason
 
     def public_sample_rate(self, phase: Phase, fleet: int) -> float | None:
         return 1.0
@@ -315,6 +393,6 @@ def mechanism_for(cfg: FederationConfig) -> Mechanism:
     return MECHANISMS[cfg.privacy_unit](cfg)
 
 
-def public_parameters(phase: Phase, cfg: FederationConfig, fleet: int) -> dict[str, object] | None:
-    """The run's public DP parameters of a ``phase`` round (:meth:`Mechanism.public_parameters`)."""
-    return mechanism_for(cfg).public_parameters(phase, fleet)
+def public_parameters(phase: Phase, cfg: FederationConfig, plan: NoisePlan) -> dict[str, object] | None:
+    """The run's public DP parameters of a ``phase`` round under its plan (:meth:`Mechanism.public_parameters`)."""
+    return mechanism_for(cfg).public_parameters(phase, plan)

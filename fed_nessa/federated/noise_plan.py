@@ -14,9 +14,9 @@ statistics solve and pick its phases) must use the same numbers, so both call
 start: the decision statistic is the expected number of clipped examples in one round's
 released sum per unit of noise std, ``cohort x expected-pairs-per-device x q / sigma``
 (signal grows with the fleet, the DP noise does not; field-notes "DP NESSA needs fleet
-scale"). Below :data:`AUTO_SIGNAL_THRESHOLD` the run is the linear start alone, and with a
-budget split the statistics round then gets the whole budget. The threshold is calibrated
-by the fleet study in docs/results.md (500 full-participation rounds of ~22.8k examples: DP
+scale"). Below :data:`fed_nessa.federated.mechanism.AUTO_SIGNAL_THRESHOLD` the run is the linear
+start alone, and with a budget split the statistics round then gets the whole budget. The
+threshold is calibrated by the fleet study in docs/results.md (500 full-participation rounds of ~22.8k examples: DP
 NESSA beat the linear start at 32,189 and lost at 21,540 and below). That is an in-sample
 calibration on the synthetic generator, so the promotion gate still checks every run it passes.
 
@@ -24,6 +24,9 @@ calibration on the synthetic generator, so the promotion gate still checks every
 so no amplification), and the calibration composes exactly those. The auto rule's threshold
 was measured for example-level rounds only, so a device-level ``auto`` run always tries DP
 NESSA rounds and leaves the choice to the promotion gate (the plan's reason says so).
+
+What depends on the unit (q, the signal, the auto decision) is the run's mechanism's
+(:class:`fed_nessa.federated.mechanism.Mechanism`); this module composes them with the budget.
 """
 
 from __future__ import annotations
@@ -31,11 +34,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from fed_nessa.config import AlignerChoice, FederationConfig, LinearStart, PrivacyUnit
+from fed_nessa.config import AlignerChoice, FederationConfig, LinearStart
+from fed_nessa.federated.mechanism import mechanism_for
 from fed_nessa.privacy.calibration import sigma_for_epsilon
-
-#: Clipped examples per unit of noise std in one DP-SGD round above which DP NESSA is tried.
-AUTO_SIGNAL_THRESHOLD = 25_000.0
 
 
 @dataclass(frozen=True)
@@ -47,16 +48,12 @@ class NoisePlan:
     aligner: AlignerChoice = AlignerChoice.NESSA  # LINEAR: no DP-SGD round is run
     signal: float = math.inf  # the auto rule's statistic (examples per noise std per round)
     reason: str = ""
+    fleet: int = 0  # the fleet size the plan was built for (every round's config and public parameters use it)
 
 
 def dpsgd_rounds(cfg: FederationConfig) -> int:
     stats = cfg.suffstats_rounds if cfg.linear_start == LinearStart.SUFFSTATS else 0
     return max(cfg.num_server_rounds - stats, 0)
-
-
-def _signal(cfg: FederationConfig, cohort: int, q: float, sigma: float) -> float:
-    per_device = cfg.expected_pairs_per_device * q if q > 0 else min(cfg.batch_size, cfg.expected_pairs_per_device)
-    return cohort * per_device / max(sigma * cfg.clip_norm, 1e-12)
 
 
 def _split(cfg: FederationConfig, q: float, rounds: int) -> tuple[float, float]:
@@ -71,30 +68,24 @@ def _split(cfg: FederationConfig, q: float, rounds: int) -> tuple[float, float]:
 
 
 def noise_plan(cfg: FederationConfig, fleet: int) -> NoisePlan:
-    """The sigmas, q and shipped aligner for a fleet of ``fleet`` devices (cohorts from ``clients-per-round``)."""
+    """The sigmas, q and shipped aligner for a fleet of ``fleet`` devices (cohorts from ``clients-per-round``).
+
+    What depends on the privacy unit (q, the auto rule's signal and its decision) is the run's
+    mechanism's (:mod:`fed_nessa.federated.mechanism`)."""
+    mech = mechanism_for(cfg)
     dp_cohort = cfg.cohort_size(fleet)
     rounds = math.ceil(dpsgd_rounds(cfg) * dp_cohort / max(fleet, 1))
-    device_unit = cfg.privacy_unit == PrivacyUnit.DEVICE
-    q = 1.0 if device_unit else (cfg.round_sample_rate(1, fleet, dp_cohort) if cfg.sample_rate > 0 else 0.0)
+    q = mech.plan_sample_rate(fleet, dp_cohort)
     s_sigma, sigma = _split(cfg, q, rounds)
-    signal = (dp_cohort / max(sigma * cfg.device_clip_norm, 1e-12) if device_unit
-              else _signal(cfg, dp_cohort, q, sigma)) if rounds else 0.0
+    signal = mech.plan_signal(dp_cohort, q, sigma) if rounds else 0.0
     uses_stats = cfg.linear_start == LinearStart.SUFFSTATS
     choice = AlignerChoice(cfg.aligner)
-    if choice == AlignerChoice.AUTO and device_unit:
-        choice = AlignerChoice.NESSA if rounds > 0 else AlignerChoice.LINEAR
-        reason = (f"aligner auto, device level: {signal:.0f} devices per unit noise std per round; no calibrated "
-                  "threshold at this unit, so DP-SGD NESSA rounds run and the promotion gate decides")
-    elif choice == AlignerChoice.AUTO:
-        go = rounds > 0 and (signal >= AUTO_SIGNAL_THRESHOLD or not uses_stats)
-        choice = AlignerChoice.NESSA if go else AlignerChoice.LINEAR
-        reason = (f"aligner auto: {signal:.0f} clipped examples per unit noise std per round "
-                  f"{'>=' if go else '<'} {AUTO_SIGNAL_THRESHOLD:.0f}: "
-                  + ("DP-SGD NESSA rounds, then the promotion gate" if go else "the DP linear start alone"))
+    if choice == AlignerChoice.AUTO:
+        choice, reason = mech.auto_choice(rounds, signal)
     else:
         reason = f"aligner {choice} (set in the run config)"
     if choice == AlignerChoice.LINEAR and uses_stats:
         if cfg.budget_split > 0:
             s_sigma = sigma_for_epsilon(cfg.epsilon_budget, cfg.delta)
-        return NoisePlan(s_sigma, sigma, 0, q, AlignerChoice.LINEAR, signal, reason)
-    return NoisePlan(s_sigma, sigma, rounds, q, AlignerChoice.NESSA, signal, reason)
+        return NoisePlan(s_sigma, sigma, 0, q, AlignerChoice.LINEAR, signal, reason, fleet)
+    return NoisePlan(s_sigma, sigma, rounds, q, AlignerChoice.NESSA, signal, reason, fleet)

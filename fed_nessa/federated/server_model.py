@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fed_nessa.config import AlignerChoice, DPMode, FederationConfig, LinearStart, Phase, PrivacyUnit, ServerOptimizer
+from fed_nessa.config import AlignerChoice, FederationConfig, LinearStart, Phase, ServerOptimizer
 from fed_nessa.federated import suffstats
 from fed_nessa.federated.layout import build_net, flat, load_flat, nessa_config, trainable
 from fed_nessa.federated.mechanism import mechanism_for
@@ -66,15 +66,9 @@ class ServerModel:
         return self.mechanism.payload_bound(phase, plan)
 
     @property
-    def device_unit(self) -> bool:
-        """Whether each device clips its whole round contribution (``privacy-unit = device``)."""
-        return self.cfg.privacy_unit == PrivacyUnit.DEVICE
-
-    @property
     def devices_send_gradients(self) -> bool:
-        """Whether a DP-SGD round's sum holds gradients (distributed mode, or device level, DP or not);
-        else it holds the devices' local model deltas (local mode, and example-level ``dp-mode none``)."""
-        return self.cfg.dp_mode == DPMode.DISTRIBUTED or self.device_unit
+        """Whether a DP-SGD round's sum holds gradients, else the devices' local model deltas (the mechanism's)."""
+        return self.mechanism.sends_gradients()
 
     def apply(self, phase: Phase, aggregate_sum: np.ndarray, n_arrived: int,
               noise_arrivals: Sequence[int] = (), quantization_std: float = 0.0,

@@ -29,7 +29,8 @@ Two numerics (``fleet-numerics``):
     variance; the devices' stochastic-rounding errors are drawn as one Gaussian with
     variance ``n s^2 / 6`` per coordinate (s the quantization step; 1/6 = E[p(1-p)] for a
     uniform fractional part p). A device's range check uses its sample count (its clipped
-    sum has coordinates of at most ``k C``).
+    sum has coordinates of at most ``k C``). SecAgg+'s arithmetic and these fleet-wide streams are
+  :mod:`fed_nessa.sim.fleet_numerics`.
 
 Ledgers at fleet scale: a device reserves its whole DP-SGD phase as one *span* (one
 signed, fsynced line: ``steps`` = its scheduled rounds, counted in full even if it drops
@@ -46,20 +47,16 @@ import functools
 import logging
 import math
 import resource
-import secrets
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.common.secure_aggregation.quantization import quantize
 
 from fed_nessa.config import (
-    SECAGG_MODULUS_RANGE,
     DevicePolicy,
     DPMode,
     FederationConfig,
@@ -76,7 +73,7 @@ from fed_nessa.evaluation import run_folder
 from fed_nessa.evaluation.gate import SHIPPED, card_fields, gate_run
 from fed_nessa.evaluation.protocol import evaluate_eval_set, summary_row
 from fed_nessa.federated import suffstats
-from fed_nessa.federated.codec import SaturationError, SecAggCodec, make_codec
+from fed_nessa.federated.codec import SecAggCodec, make_codec
 from fed_nessa.federated.cohort import sample_positions
 from fed_nessa.federated.device import (
     RoundRequest,
@@ -90,6 +87,15 @@ from fed_nessa.federated.mechanism import device_subset, max_sampled, public_par
 from fed_nessa.federated.noise_plan import noise_plan
 from fed_nessa.federated.protocol import DEVICES_DIR, round_config
 from fed_nessa.federated.release import may_start, may_unmask, promised_arrivals
+from fed_nessa.federated.rounds import (
+    LEDGER_FILE,
+    Progress,
+    RunOutputs,
+    evaluates,
+    finish_run,
+    not_evaluated,
+    round_entry,
+)
 from fed_nessa.federated.server_model import ServerModel
 from fed_nessa.privacy.accounting import UnitNotCoveredError
 from fed_nessa.privacy.events import EXAMPLE, GAUSSIAN_SUM, DPEvent
@@ -107,6 +113,7 @@ from fed_nessa.privacy.ledger import (
 )
 from fed_nessa.randomness import NoiseSource, noise_source
 from fed_nessa.sim.fleet_epsilon import SpentEpsilon
+from fed_nessa.sim.fleet_numerics import encode_all, fast_rounding, modular_sum, summed_noise, uniforms
 from fed_nessa.sim.ghost import clipped_gradient_sums, device_clipped_sum, device_clipped_vectors
 
 log = logging.getLogger(__name__)
@@ -114,8 +121,6 @@ log = logging.getLogger(__name__)
 ENGINE = "fleet"
 MASKS_NOTE = ("SecAgg+'s pairwise and private masks are left out: they cancel exactly in the modular sum, so the "
               "released aggregate does not depend on them; key agreement, secret sharing and unmasking are not run")
-LEDGER_FILE = "federation-ledger.jsonl"
-ALIGNER_DIR = "aligner"
 #: Examples per ghost-clipping batch (bounds memory; the sums are exact across batches).
 EXAMPLE_CHUNK = 65_536
 #: Devices per chunk in exact numerics (per-device vectors of P values each).
@@ -126,8 +131,8 @@ DEVICE_LEVEL_PADDED_ROWS = 131_072
 PROGRESS_EVERY = 5
 #: Pairs the pooled non-DP NESSA reference trains on at most (a random subset beyond).
 REFERENCE_MAX_PAIRS = 1_200_000
-
-Progress = Callable[[dict[str, Any]], None]
+#: The end of a run: evaluation's gate and run folder, injected into the library's protocol.
+OUTPUTS = RunOutputs(gate_run, card_fields, SHIPPED, run_folder.write_outputs)
 
 
 class FleetError(FedNessaError, RuntimeError):
@@ -219,21 +224,6 @@ class FleetEngine:
         self._sent: dict[int, tuple[str, str]] = {}
         self._streams: dict[int, NoiseSource] = {}  # exact device level: each device's stream within a round
         self._spent = SpentEpsilon(cfg.privacy_unit)
-
-    # -- noise -----------------------------------------------------------------------------
-    def _fleet_noise(self, round_num: int) -> NoiseSource:
-        """The summed-noise stream of a fast round: OS CSPRNG, or the reproducible key's seed."""
-        return noise_source(self.cfg.reproducible_noise, self.cfg.seed, "fleet", round_num)
-
-    def _uniforms(self, n: int, round_num: int) -> np.ndarray:
-        """The fast numerics' Poisson-sample uniforms for every pair of the fleet at once.
-
-        A PCG64 stream keyed with 128 fresh bits of OS entropy per round (the field-notes
-        recipe for fleet scale); reproducible only under ``reproducible-noise``.
-        """
-        if self.cfg.reproducible_noise:
-            return np.random.default_rng([self.cfg.seed, 11, round_num]).random(n)
-        return np.random.Generator(np.random.PCG64(np.random.SeedSequence(secrets.randbits(128)))).random(n)
 
     # -- ledgers ---------------------------------------------------------------------------
     def _open_ledgers(self) -> DeviceBook:
@@ -331,7 +321,7 @@ class FleetEngine:
                                 {"phase": str(Phase.SUFFSTATS), "status": str(status), "note": note,
                                  "guaranteed_arrivals": promised, "engine": ENGINE, "decline_reasons": reasons,
                                  **self._sent_extra([r]), LEDGER_HEADS: _heads(book, seqs),
-                                 PUBLIC_PARAMETERS: public_parameters(Phase.SUFFSTATS, cfg, len(ids))})
+                                 PUBLIC_PARAMETERS: public_parameters(Phase.SUFFSTATS, cfg, self.plan)})
         return self._entry(r, Phase.SUFFSTATS, status, note, len(arrived), len(declined), len(dropped), book)
 
     def _dropouts(self, accepted: list[int]) -> list[int]:
@@ -358,8 +348,8 @@ class FleetEngine:
             if dp:
                 var = mech.released_variance(Phase.SUFFSTATS, self.plan,
                                              [book.policies[i].guaranteed_arrivals for i in arrived])
-                total = total + self._fleet_noise(r).normal(total.shape, math.sqrt(var))
-            return self._fast_rounding(total, len(arrived), codec), arrived
+                total = total + summed_noise(self.cfg, r).normal(total.shape, math.sqrt(var))
+            return fast_rounding(total, len(arrived), codec, cfg, r), arrived
         vectors = []
         for i in arrived:
             shard_x = fleet.x[fleet.starts[i]:fleet.starts[i + 1]].cpu().numpy()
@@ -370,50 +360,14 @@ class FleetEngine:
                 std = mech.share_std(Phase.SUFFSTATS, self.plan, book.policies[i].guaranteed_arrivals)
                 vec = vec + stream.normal(vec.shape, std)
             vectors.append(np.asarray(vec, np.float32))
-        payloads, sent, failed = self._encode_all(vectors, arrived, codec)
+        payloads, sent, failed = encode_all(vectors, arrived, codec)
         if failed:
             log.warning("round %d: %d device(s) failed their own range check and sent nothing", r, len(failed))
-        return (self._modular_sum(payloads, codec) if payloads else np.zeros(0, np.float32)), sent
+        return (modular_sum(payloads, codec) if payloads else np.zeros(0, np.float32)), sent
 
     def _stats_weights(self) -> np.ndarray | None:
-        """Device level: each device's statistics weight ``min(1, K / n)`` (None at example level)."""
-        if not self.model.device_unit:
-            return None
-        return np.array([self.model.mechanism.stats_weight(int(k)) for k in self.fleet.n], np.float64)
-
-    # -- SecAgg+ arithmetic ----------------------------------------------------------------
-    def _fast_rounding(self, total: np.ndarray, n: int, codec: SecAggCodec) -> np.ndarray:
-        """Add the devices' summed stochastic-rounding error, drawn from its distribution."""
-        std = codec.step * math.sqrt(n / 6.0)
-        return (total + np.random.default_rng().normal(0.0, std, total.shape)).astype(np.float32)
-
-    @staticmethod
-    def _encode_all(vectors: list[np.ndarray], devices: list[int],
-                    codec: SecAggCodec) -> tuple[list[np.ndarray], list[int], list[int]]:
-        """Each device's codec step and own range check: a saturated vector fails on its device."""
-        payloads, sent, failed = [], [], []
-        for vec, i in zip(vectors, devices, strict=True):
-            try:
-                payloads.append(codec.encode(vec)[0])
-                sent.append(i)
-            except SaturationError:
-                failed.append(i)
-        return payloads, sent, failed
-
-    @staticmethod
-    def _modular_sum(payloads: list[np.ndarray], codec: SecAggCodec) -> np.ndarray:
-        """Flower's quantization of each payload, the modular sum, the workflow's dequantization."""
-        c, t = codec.clipping_range, codec.quantization_range
-        acc: np.ndarray | None = None
-        for payload in payloads:
-            qv = quantize([payload], c, t)[0].astype(np.int64)
-            acc = qv if acc is None else (acc + qv) % SECAGG_MODULUS_RANGE
-        assert acc is not None
-        n = len(payloads)
-        # Flower's workflow: dequantize the sum, shift by -(n-1)c, divide by the summed weight factor.
-        mean = (acc.astype(np.float64) * (2 * c / t) - c - (n - 1) * c) / n
-        total, _ = codec.decode(mean, n)
-        return total
+        """Each device's statistics weight (the mechanism's; None: every pair at weight 1)."""
+        return self.model.mechanism.stats_weights(self.fleet.n)
 
     # -- DP-SGD rounds ---------------------------------------------------------------------
     def _reserve_spans(self, book: DeviceBook, dp_rounds: list[int]) -> None:
@@ -494,14 +448,15 @@ class FleetEngine:
             codec = make_codec(self.model.payload_bound(Phase.DPSGD, self.plan), cfg.secagg_clipping_range,
                                cfg.secagg_quantization_range, len(accepted))
             q = self._rates(arrived)
-            if self.model.device_unit:  # every device's whole mean gradient, no sampling
+            whole = self.model.mechanism.clips_whole_device
+            if whole:  # every device's whole mean gradient, no sampling
                 vectors = self._device_vectors(arrived, book, r)
                 if self.numerics == FleetNumerics.EXACT:
-                    payloads, sent, _failed = self._encode_all(vectors, arrived, codec)
+                    payloads, sent, _failed = encode_all(vectors, arrived, codec)
                 else:
                     sent = arrived
             elif self.numerics == FleetNumerics.EXACT:
-                payloads, sent, _failed = self._encode_all(self._exact_vectors(arrived, book, r, q), arrived, codec)
+                payloads, sent, _failed = encode_all(self._exact_vectors(arrived, book, r, q), arrived, codec)
             else:
                 rows, owner = self._sample(arrived, r, q)
                 fits = np.bincount(owner, minlength=len(arrived)) <= max_sampled(cfg, self.plan.sample_rate)
@@ -513,8 +468,8 @@ class FleetEngine:
                 status, note = RoundStatus.REFUSED, unmask.reason
             else:
                 if self.numerics == FleetNumerics.EXACT:
-                    total = self._modular_sum(payloads, codec)
-                elif self.model.device_unit:
+                    total = modular_sum(payloads, codec)
+                elif whole:
                     total = self._fast_device_total(vectors[0], sent, book, r, codec)
                 else:
                     total = self._fast_gradient_total(rows, sent, book, r, codec)
@@ -533,7 +488,7 @@ class FleetEngine:
         position[np.asarray(arrived, np.int64)] = np.arange(len(arrived))
         rows_all = np.flatnonzero(position[owner_all] >= 0)
         owner = position[owner_all[rows_all]]
-        keep = self._uniforms(len(rows_all), r) < q[owner]
+        keep = uniforms(self.cfg, len(rows_all), r) < q[owner]
         return rows_all[keep], owner[keep]
 
     def _rates(self, arrived: list[int]) -> np.ndarray:
@@ -558,8 +513,8 @@ class FleetEngine:
         if dp:
             var = self.model.mechanism.released_variance(Phase.DPSGD, self.plan,
                                                          [book.policies[i].guaranteed_arrivals for i in sent])
-            out = out + self._fleet_noise(r).normal(out.shape, math.sqrt(var))
-        return self._fast_rounding(out, len(sent), codec)
+            out = out + summed_noise(self.cfg, r).normal(out.shape, math.sqrt(var))
+        return fast_rounding(out, len(sent), codec, self.cfg, r)
 
     def _device_vectors(self, arrived: list[int], book: DeviceBook, r: int) -> list[np.ndarray]:
         """Device level: each device's clipped mean gradient over its round's pairs.
@@ -627,7 +582,7 @@ class FleetEngine:
             return {i: np.arange(fleet.starts[i], fleet.starts[i + 1]) for i in arrived}
         rows = np.concatenate([np.arange(fleet.starts[i], fleet.starts[i + 1]) for i in arrived])
         owner = fleet.owner[rows]
-        order = np.lexsort((self._uniforms(len(rows), r), owner))
+        order = np.lexsort((uniforms(self.cfg, len(rows), r), owner))
         rows, owner = rows[order], owner[order]
         first = np.searchsorted(owner, owner, side="left")
         keep = (np.arange(len(rows)) - first) < batch
@@ -643,8 +598,8 @@ class FleetEngine:
         if self.cfg.dp_mode != DPMode.NONE:
             var = self.model.mechanism.released_variance(Phase.DPSGD, self.plan,
                                                          [book.policies[i].guaranteed_arrivals for i in sent])
-            out = out + self._fleet_noise(r).normal(out.shape, math.sqrt(var))
-        return self._fast_rounding(out, len(sent), codec)
+            out = out + summed_noise(self.cfg, r).normal(out.shape, math.sqrt(var))
+        return fast_rounding(out, len(sent), codec, self.cfg, r)
 
     def _exact_vectors(self, arrived: list[int], book: DeviceBook, r: int, q: np.ndarray) -> list[np.ndarray]:
         """Per-device vectors with the Flower engine's draw order: the Poisson sample, then one Gaussian
@@ -719,7 +674,7 @@ class FleetEngine:
         extra = {"phase": str(Phase.DPSGD), "engine": ENGINE, "dropped": dropped,
                  "decline_reasons": {reason: sum(1 for v in book.refused.values() if v == reason)
                                      for reason in set(book.refused.values())},
-                 PUBLIC_PARAMETERS: public_parameters(Phase.DPSGD, self.cfg, len(ids))}
+                 PUBLIC_PARAMETERS: public_parameters(Phase.DPSGD, self.cfg, self.plan)}
         if self.cfg.cohort_size(len(ids)) >= len(ids):
             # One span entry per run of consecutive rounds of each distinct schedule: it lists exactly
             # the rounds its devices joined (a budget cut short, or a min-separation leaving gaps),
@@ -758,15 +713,12 @@ class FleetEngine:
 
     def _entry(self, r: int, phase: Phase, status: RoundStatus, note: str, joined: int, declined: int,
                failed: int, book: DeviceBook) -> dict[str, Any]:
-        last = r == len(self.model.phases(self.plan.aligner))
-        if r % self.cfg.eval_every == 0 or last or phase == Phase.SUFFSTATS:
+        if evaluates(self.cfg, r, len(self.model.phases(self.plan.aligner)), phase, statistics_rounds=True):
             fed = self._row(self._evaluate(), "asym_federated")
         else:
-            fed = {"eer": None, "min_dcf": None, "sid_top1": None, "gap_closure": None}
-        return {"round": r, "phase": str(phase), "status": str(status), "note": note, **fed,
-                "participants": joined, "declined": declined, "failed": failed,
-                "sampled": joined + declined + failed, "saturated": 0,
-                "epsilon_max": 0.0, "epsilon_median": 0.0}
+            fed = not_evaluated()
+        return {**round_entry(r, phase, status, note, fed, participants=joined, declined=declined, failed=failed),
+                "epsilon_max": 0.0, "epsilon_median": 0.0}  # stated by fed_nessa.sim.fleet_epsilon after the round
 
     def _epsilons(self, book: DeviceBook, unit: str | None = None) -> dict[str, float]:
         """Each device's epsilon from its ledger in ``unit`` (default: the run's privacy unit).
@@ -790,27 +742,20 @@ class FleetEngine:
         return out
 
     def finish(self, book: DeviceBook) -> dict[str, Any]:
-        final = gate_run(self.model, self.data.validation, self.data.eval, SCENARIO, self.cfg)  # every run
-        final["aligner_plan"] = self.plan.reason
-        if self.cfg.references:
-            final.update(self._references())
-        central = final.get("centralised_nessa", {}).get("gap_closure")
-        if central and final["gap_closure"] is not None and central > 0:
-            final["share_of_centralised_gap_closure"] = final["gap_closure"] / central
-        eps = self._epsilons(book)  # the last round's entry states the same figures (fed_nessa.sim.fleet_epsilon)
-        summary = self.summary(final, eps)
-        if self.cfg.privacy_unit != EXAMPLE:  # the implied example-level figures beside the device-level ones
+        """The protocol's end (:func:`fed_nessa.federated.rounds.finish_run`) with the fleet's references."""
+        return finish_run(self.model, self.data, self.cfg, self.plan, OUTPUTS, rounds=len(self.history),
+                          summary_of=lambda final: self._final_summary(final, book),
+                          references=self._references if self.cfg.references else None,
+                          card_extra=lambda summary: {"engine": ENGINE}, progress=self.progress)
+
+    def _final_summary(self, final: dict[str, Any], book: DeviceBook) -> dict[str, Any]:
+        """The summary with every device's epsilon from its ledger (the last round's entry states the same
+        figures: fed_nessa.sim.fleet_epsilon) and, device level, the implied example-level figures."""
+        summary = self.summary(final, self._epsilons(book))
+        if self.cfg.privacy_unit != EXAMPLE:
             example = sorted(self._epsilons(book, EXAMPLE).values()) or [0.0]
             summary["privacy"]["epsilon_example_max"] = example[-1]
             summary["privacy"]["epsilon_example_median"] = statistics.median(example)
-        card = {"federated": True, "engine": ENGINE, "rounds": len(self.history), "privacy": {
-            k: summary["privacy"][k] for k in ("unit", "mode", "trust", "delta", "accountant", "epsilon_budget",
-                                               "epsilon_max")}, **card_fields(final["gate"])}
-        self.model.save_artifact(self.run_dir / ALIGNER_DIR, card, deployable=card[SHIPPED])
-        run_folder.write_summary(self.run_dir, summary)
-        run_folder.write_report(self.run_dir, summary)
-        run_folder.write_plots(self.run_dir, summary["rounds"])
-        self.progress({"event": "done", "run_dir": str(self.run_dir)})
         return summary
 
     def _references(self) -> dict[str, Any]:
