@@ -186,3 +186,14 @@ def test_a_truncated_entry_in_the_store_is_a_parse_fault_and_is_never_extended(r
     assert ("chain.parse", VICTIM, None) in _fails(audit(run, write=False, workers=1))
     with pytest.raises(LedgerError, match="fails verification"):
         open_device_ledgers(run, [VICTIM], DevicePolicy(), SQLITE)
+
+
+def test_the_run_summary_names_the_layout_and_where_the_ledgers_are() -> None:
+    from fed_nessa.config import FederationConfig
+    from fed_nessa.evaluation.run_folder import privacy_block
+
+    store = privacy_block(FederationConfig(), {"a": 1.0}, 1, ledger_layout=SQLITE)
+    assert store["ledger_layout"] == SQLITE and store["ledger_store"] == STORE_NAME
+    assert "device_ledger_pattern" not in store
+    files = privacy_block(FederationConfig(), {"a": 1.0}, 1)
+    assert files["ledger_layout"] == FILES and "device_ledger_pattern" in files
