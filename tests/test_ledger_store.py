@@ -125,6 +125,7 @@ def test_a_store_and_the_file_layout_of_the_same_events_give_the_same_verdict_an
     assert files.passed and store.passed
     assert {d.device_id: d.epsilon for d in files.devices} == {d.device_id: d.epsilon for d in store.devices}
     assert len(store.devices) == DEVICES and store.performance["ledger_store"]["devices"] == DEVICES
+    assert store.devices[0].events is store.devices[1].events  # one copy per distinct history (memory at 10^6)
 
 
 @pytest.mark.parametrize("tamper", [_cut, _edit, _reorder])
