@@ -18,6 +18,7 @@ from fed_nessa.atomic import atomic_write_text
 from fed_nessa.config import DPMode, FederationConfig
 from fed_nessa.evaluation.gate import KEEP, decision_sentence
 from fed_nessa.privacy.statement import UNIT as PRIVACY_UNIT
+from fed_nessa.privacy.store import FILES, STORE_NAME
 
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.md"
@@ -39,9 +40,10 @@ def _finite(x: Any) -> Any:
 
 
 def privacy_block(cfg: FederationConfig, device_epsilons: dict[str, float], num_ledgers: int,
-                  accountant: str = "rdp", noise_source: str | None = None) -> dict[str, Any]:
+                  accountant: str = "rdp", noise_source: str | None = None,
+                  ledger_layout: str = FILES) -> dict[str, Any]:
     """The ``privacy`` block: the privacy statement plus measured epsilon max/median and the ledgers
-    (their path pattern and how many the run folder holds; the audit checks they are there)."""
+    (their layout, where they are and how many the run folder holds; the audit checks they are there)."""
     from fed_nessa.federated.protocol import DEVICE_LEDGER_PATTERN
     from fed_nessa.privacy.statement import privacy_statement
 
@@ -61,7 +63,9 @@ def privacy_block(cfg: FederationConfig, device_epsilons: dict[str, float], num_
         "epsilon_median": statistics.median(eps) if eps else 0.0,
         "devices_within_budget": cfg.dp_mode == "none" or all(e <= cfg.epsilon_budget + 1e-9 for e in eps),
         "num_devices_with_spend": sum(1 for e in eps if e > 0),
-        "device_ledger_pattern": DEVICE_LEDGER_PATTERN,
+        "ledger_layout": ledger_layout,
+        **({"device_ledger_pattern": DEVICE_LEDGER_PATTERN} if ledger_layout == FILES
+           else {"ledger_store": STORE_NAME}),
         "num_device_ledgers": num_ledgers,
     })
     return block

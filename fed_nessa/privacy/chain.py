@@ -22,7 +22,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -33,6 +33,12 @@ SCHEMA_VERSION = 1
 GENESIS_HASH = "0" * 64
 HEADER = "header"
 _ENTRY_FIELDS = ("schema_version", "seq", "kind", "time", "prev_hash", "payload", "signature")
+
+
+class LineSink(Protocol):
+    """Durably stores entry ``seq`` (one canonical-JSON line) of a log kept outside a JSONL file."""
+
+    def __call__(self, seq: int, line: bytes) -> None: ...
 
 
 class LedgerError(FedNessaError, ValueError):
@@ -89,8 +95,13 @@ def read_chain(path: Path, trusted_key: Ed25519PublicKey | None = None) -> Chain
     a registry); the header's key must equal it, or a wholesale re-signed ledger
     would verify against its own forged header.
     """
+    return read_chain_bytes(path, path.read_bytes(), trusted_key)
+
+
+def read_chain_bytes(path: Path, data: bytes, trusted_key: Ed25519PublicKey | None = None) -> ChainRead:
+    """:func:`read_chain` over a log's bytes (one entry per line): a file, or a device's rows in a
+    :mod:`~fed_nessa.privacy.store` joined by newlines, so both layouts are verified by one code path."""
     result = ChainRead(path=path)
-    data = path.read_bytes()
     complete, _, tail = data.rpartition(b"\n")
     if data and not data.endswith(b"\n"):
         result.torn_tail = tail
@@ -194,11 +205,30 @@ def _check_header(path: Path, entry: dict[str, Any], result: ChainRead,
 class SignedChain:
     """Appends signed, chained entries to a verified log; one writer process per file."""
 
-    def __init__(self, path: Path, key: Ed25519PrivateKey, entries: list[dict[str, Any]], size: int):
+    def __init__(self, path: Path, key: Ed25519PrivateKey, entries: list[dict[str, Any]], size: int,
+                 sink: LineSink | None = None):
         self.path = path
         self._key = key
         self.entries = entries
         self._size = size
+        self._sink = sink  # None: the JSONL file at ``path``; else another storage (a ledger store)
+
+    @classmethod
+    def open_lines(cls, label: Path, data: bytes, key: Ed25519PrivateKey, header_payload: dict[str, Any],
+                   sink: LineSink) -> SignedChain:
+        """Verify and continue a log held elsewhere (``data``: its lines as stored; ``sink`` appends one).
+
+        The same refusal as :meth:`open`: a log with any fault is never extended.
+        """
+        if not data:
+            chain = cls(label, key, [], 0, sink)
+            chain.append(HEADER, _header(key, header_payload))
+            return chain
+        read = read_chain_bytes(label, data, trusted_key=key.public_key())
+        if read.faults or read.torn_tail:
+            raise LedgerError(f"refusing to extend a ledger that fails verification: "
+                              f"{read.faults[0].message() if read.faults else 'a torn entry'}")
+        return cls(label, key, read.entries, read.size, sink)
 
     @classmethod
     def open(cls, path: Path, key: Ed25519PrivateKey, header_payload: dict[str, Any]) -> SignedChain:
@@ -208,12 +238,9 @@ class SignedChain:
         never silently extended. A torn tail (crash mid-append) is moved aside to
         ``<name>.torn-<n>`` for the record, then the log continues.
         """
-        pub_hex = signing.public_key_hex(key.public_key())
         if not path.exists() or path.stat().st_size == 0:
             chain = cls(path, key, [], 0)
-            chain.append(HEADER, {**header_payload, "public_key_hex": pub_hex,
-                                  "public_key_pem": signing.public_key_pem(key.public_key()),
-                                  "key_fingerprint": signing.fingerprint(key.public_key())})
+            chain.append(HEADER, _header(key, header_payload))
             signing.fsync_dir(path.parent)
             return chain
         read = read_chain(path, trusted_key=key.public_key())
@@ -241,6 +268,16 @@ class SignedChain:
         }
         entry["signature"] = signing.sign(self._key, signed_bytes(entry))
         line = signing.canonical_json(entry) + b"\n"
+        if self._sink is not None:
+            self._sink(entry["seq"], line)
+        else:
+            self._append_to_file(line)
+        self._size += len(line)
+        self.entries.append(entry)
+        return entry
+
+    def _append_to_file(self, line: bytes) -> None:
+        """One ``write`` of a whole line, then ``fsync``: a crash leaves at most a torn tail."""
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
             size = os.fstat(fd).st_size
@@ -254,9 +291,13 @@ class SignedChain:
             os.fsync(fd)
         finally:
             os.close(fd)
-        self._size += len(line)
-        self.entries.append(entry)
-        return entry
+
+
+def _header(key: Ed25519PrivateKey, payload: dict[str, Any]) -> dict[str, Any]:
+    """The header payload: the caller's, plus the signer's public key (hex, PEM) and its fingerprint."""
+    return {**payload, "public_key_hex": signing.public_key_hex(key.public_key()),
+            "public_key_pem": signing.public_key_pem(key.public_key()),
+            "key_fingerprint": signing.fingerprint(key.public_key())}
 
 
 def _set_aside_torn_tail(path: Path, read: ChainRead) -> None:

@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from fed_nessa.privacy.accounting import ACCOUNTANTS, RDP, compute_epsilon
 from fed_nessa.privacy.budget import BudgetDecision, BudgetExceededError, check_budget, validate_budget
 from fed_nessa.privacy.chain import LedgerError, SignedChain, entry_hash
 from fed_nessa.privacy.events import EXAMPLE, UNITS, DPEvent
+from fed_nessa.privacy.store import FILES, LAYOUTS, LedgerStore
 
 DEVICE_LEDGER_NAME = "privacy-ledger.jsonl"
 DEVICE_KEY_NAME = "device-key.pem"
@@ -78,7 +80,7 @@ DEVICE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 __all__ = ["DeviceLedger", "FederationLedger", "LedgerError", "BudgetDecision", "BudgetExceededError",
            "dropped_by_round", "final_heads", "heads_digest", "key_store", "check_key_store", "device_id_problem",
-           "model_sha256", "config_sha256", "received_chain"]
+           "model_sha256", "config_sha256", "received_chain", "open_device_ledgers", "ledger_batch"]
 
 
 
@@ -225,7 +227,8 @@ class DeviceLedger:
     @classmethod
     def open(cls, folder: Path, device_id: str, *, policy: DevicePolicy | None = None,
              epsilon_budget: float | None = None, delta: float | None = None,
-             budget_accountant: str = RDP, key_folder: Path | None = None) -> DeviceLedger:
+             budget_accountant: str = RDP, key_folder: Path | None = None,
+             store: LedgerStore | None = None) -> DeviceLedger:
         """Open (verify and continue) or create ``folder/privacy-ledger.jsonl``.
 
         ``policy`` (the device's own, from its node config) is written into the header of
@@ -239,16 +242,28 @@ class DeviceLedger:
         legacy key found beside the ledger is moved into ``key_folder``. Without
         ``key_folder`` the key is looked up beside the ledger, then in the simulation's key
         store for ``<run>/devices/<id>`` folders.
+
+        ``store``: keep the chain in the run's :class:`~fed_nessa.privacy.store.LedgerStore` instead
+        (the fleet engine's layout at 10^5-10^6 devices): the same entries and signatures, the key
+        derived from the store's seed; ``folder`` and ``key_folder`` are then unused.
         """
         folder = Path(folder)
         problem = device_id_problem(device_id)
         if problem:
             raise ValueError(f"{folder}: {problem}")
-        folder.mkdir(parents=True, exist_ok=True)
         unit = EXAMPLE
         if policy is not None:
             epsilon_budget, delta, unit = policy.epsilon_budget, policy.delta, policy.privacy_unit
         budget = _budget_arg(epsilon_budget, delta, budget_accountant, unit)
+        header = {"role": "device", "device_id": device_id, "software": f"fed-nessa {__version__}",
+                  "budget": budget.to_dict() if budget else None,
+                  "policy": policy.to_dict() if policy is not None else None}
+        if store is not None:
+            key = store.device_key(device_id)
+            num = store.register(device_id, key)
+            chain = SignedChain.open_lines(store.label(device_id), store.lines(num), key, header, store.sink(num))
+            return cls._checked(cls(folder, device_id, chain), device_id, policy, budget)
+        folder.mkdir(parents=True, exist_ok=True)
         path = folder / DEVICE_LEDGER_NAME
         new = not path.exists() or path.stat().st_size == 0
         key_dir = _device_key_path(folder, device_id, key_folder)
@@ -258,14 +273,16 @@ class DeviceLedger:
         key_dir.mkdir(parents=True, exist_ok=True)
         key = signing.load_or_create_private_key(key_dir / DEVICE_KEY_NAME, folder / DEVICE_PUB_NAME,
                                                  create=new)
-        header = {"role": "device", "device_id": device_id, "software": f"fed-nessa {__version__}",
-                  "budget": budget.to_dict() if budget else None,
-                  "policy": policy.to_dict() if policy is not None else None}
-        chain = SignedChain.open(path, key, header)
-        found = chain.header.get("device_id")
+        return cls._checked(cls(folder, device_id, SignedChain.open(path, key, header)), device_id, policy, budget)
+
+    @classmethod
+    def _checked(cls, ledger: DeviceLedger, device_id: str, policy: DevicePolicy | None,
+                 budget: Budget | None) -> DeviceLedger:
+        """The reopened ledger, checked against the caller: its device, and a policy/budget it recorded."""
+        path = ledger.path
+        found = ledger._chain.header.get("device_id")
         if found != device_id:
             raise LedgerError(f"{path}: belongs to device {found!r}, not {device_id!r}")
-        ledger = cls(folder, device_id, chain)
         if policy is not None:
             if ledger._policy is None:
                 raise LedgerError(f"{path}: the ledger's header holds no device policy (made without one); "
@@ -638,3 +655,31 @@ def _budget_arg(epsilon_budget: float | None, delta: float | None, accountant: s
     if unit not in UNITS:
         raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
     return Budget(float(epsilon_budget), float(delta), accountant, unit)
+
+
+# ----------------------------------------------------------------------------- for the engines
+def open_device_ledgers(run_dir: Path | str, device_ids: Iterable[str], policy: DevicePolicy,
+                        layout: str = FILES) -> tuple[list[DeviceLedger], LedgerStore | None]:
+    """Every device's ledger of a simulated run, in ``layout`` (``files``: ``<run>/devices/<id>/``, the
+    default; ``sqlite``: the run's :class:`~fed_nessa.privacy.store.LedgerStore`, one transaction for all).
+
+    Returns the ledgers and the store (None for files): wrap each pass of reserves (and of completes)
+    in :func:`ledger_batch` so the store makes it durable with one fsync before the mechanisms run.
+    """
+    run_dir = Path(run_dir)
+    if layout not in LAYOUTS:
+        raise ValueError(f"ledger layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout == FILES:
+        return [DeviceLedger.open(run_dir / DEVICE_KEYS / dev, dev, policy=policy,
+                                  key_folder=device_key_folder(run_dir, dev)) for dev in device_ids], None
+    store = LedgerStore.open(run_dir, key_store(run_dir) / DEVICE_KEYS)
+    with store.batch():
+        ledgers = [DeviceLedger.open(run_dir / DEVICE_KEYS / dev, dev, policy=policy, store=store)
+                   for dev in device_ids]
+    return ledgers, store
+
+
+def ledger_batch(store: LedgerStore | None) -> AbstractContextManager[None]:
+    """One durable transaction for a pass of appends in a ledger store; nothing to batch for files
+    (each line is fsynced as it is written)."""
+    return store.batch() if store is not None else nullcontext()

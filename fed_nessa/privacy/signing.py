@@ -128,3 +128,14 @@ def fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def public_key_from_pem(text: str) -> Ed25519PublicKey:
+    """An Ed25519 public key from PEM text (a ledger store's record of a device's key)."""
+    try:
+        key = serialization.load_pem_public_key(str(text).encode("ascii"))
+    except (ValueError, TypeError, UnicodeEncodeError) as exc:
+        raise KeyFileError(f"cannot read a PEM public key: {exc}") from exc
+    if not isinstance(key, Ed25519PublicKey):
+        raise KeyFileError("not an Ed25519 public key")
+    return key
