@@ -93,6 +93,13 @@ class AlignerChoice(StrEnum):
     AUTO = "auto"
 
 
+class LedgerLayout(StrEnum):
+    """Where a simulated fleet keeps its device ledgers (a real device keeps its own file)."""
+
+    FILES = "files"  # one signed JSONL per device, <run>/devices/<id>/ (the layout of a real device)
+    SQLITE = "sqlite"  # the fleet engine's ledger store: one SQLite file, one fsync per pass (10^5-10^6 devices)
+
+
 class FleetNumerics(StrEnum):
     """How the fleet engine computes a round (the Flower engine is always exact)."""
 
@@ -170,6 +177,7 @@ class FederationConfig:
     aligner: str = "auto"
     expected_pairs_per_device: float = 112.0  # public prior for aligner=auto (never measured on devices)
     fleet_numerics: str = "fast"
+    ledger_layout: str = "files"  # fleet engine: "sqlite" keeps every device ledger in one store (docs/privacy.md)
     validation_speakers: int = 100  # synthetic: the server's own validation speakers for the gate
     ship_without_validation: bool = False  # no validation set: ship the aligner untested (else ship nothing)
     dropout_rate: float = 0.0  # fleet engine: chance an accepted device drops out before sending
@@ -354,6 +362,7 @@ def _check_ranges(c: FederationConfig) -> list[str]:
     _choice(p, "aligner", c.aligner, tuple(a.value for a in AlignerChoice))
     _range(p, "expected-pairs-per-device", c.expected_pairs_per_device, 1.0, 1e7)
     _choice(p, "fleet-numerics", c.fleet_numerics, tuple(n.value for n in FleetNumerics))
+    _choice(p, "ledger-layout", c.ledger_layout, tuple(layout.value for layout in LedgerLayout))
     _range(p, "budget-split", c.budget_split, 0.0, 1.0)
     _range(p, "validation-speakers", c.validation_speakers, 0, 1_000_000)
     _range(p, "dropout-rate", c.dropout_rate, 0.0, 0.99)

@@ -204,3 +204,39 @@ def test_the_gate_runs_for_a_linear_start_only_run(tmp_path: Path, devices: int,
     if not validation:
         assert set(final["gate"]["validation_eer"].values()) == {None}
         assert "ship-without-validation" in final["gate"]["reason"]
+
+
+def test_a_fleet_run_with_the_ledger_store_equals_one_with_files_and_passes_its_audit(tmp_path: Path) -> None:
+    """ledger-layout = sqlite: the same spending in one store (no per-device files), named in the summary,
+    the same epsilons as the file layout, and `fed-nessa audit` reads it and passes."""
+    from fed_nessa.privacy.audit import audit
+    from fed_nessa.sim.fleet import run_fleet
+
+    files = run_fleet(_cfg(tmp_path, "files", **{"reproducible-noise": False}), POLICY)
+    store = run_fleet(_cfg(tmp_path, "store", **{"reproducible-noise": False, "ledger-layout": "sqlite"}), POLICY)
+    assert store["privacy"]["ledger_layout"] == "sqlite" and files["privacy"]["ledger_layout"] == "files"
+    assert not (tmp_path / "store" / "devices").exists() and (tmp_path / "files" / "devices").is_dir()
+    assert store["privacy"]["epsilon_max"] == pytest.approx(files["privacy"]["epsilon_max"])
+    result = audit(tmp_path / "store", write=False)
+    assert result.passed, result.failures[:3]
+
+
+def test_the_flower_engine_refuses_the_ledger_store(tmp_path: Path) -> None:
+    from fed_nessa.sim.runner import run_engine
+
+    with pytest.raises(ValueError, match="every device keeps its own ledger file"):
+        run_engine(_cfg(tmp_path, "f", **{"ledger-layout": "sqlite"}), POLICY, engine="flower", quiet=True)
+    assert not (tmp_path / "f").exists()
+
+
+def test_replace_replaces_a_run_kept_in_the_ledger_store(tmp_path: Path) -> None:
+    """--replace proves a store-backed run its own (the store file, the seed in the key store) and replaces it."""
+    from fed_nessa.sim.runner import run_engine
+
+    cfg = _cfg(tmp_path, "run", **{"ledger-layout": "sqlite"})
+    run_engine(cfg, POLICY, engine="fleet", quiet=True)
+    assert (tmp_path / "run" / "ledger-store.sqlite").is_file()
+    (tmp_path / "run" / "summary.json").write_text("{}")  # the replaced run's summary must go
+    summary = run_engine(cfg, POLICY, engine="fleet", quiet=True, replace=True)
+    assert summary["privacy"]["ledger_layout"] == "sqlite"
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["privacy"]["ledger_layout"] == "sqlite"

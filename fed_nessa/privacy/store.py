@@ -32,6 +32,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from fed_nessa.config import LedgerLayout
 from fed_nessa.privacy import signing
 from fed_nessa.privacy.chain import LedgerError, LineSink
 
@@ -40,7 +41,7 @@ STORE_NAME = "ledger-store.sqlite"
 #: The per-run seed in the key store that derives every device's key.
 SEED_NAME = "device-keys.seed"
 #: The two layouts a run's device ledgers can have (named in the run summary's ``privacy.ledger_layout``).
-FILES, SQLITE = "files", "sqlite"
+FILES, SQLITE = LedgerLayout.FILES.value, LedgerLayout.SQLITE.value
 LAYOUTS = (FILES, SQLITE)
 _KEY_CONTEXT = b"fed-nessa device key v1:"
 _SCHEMA = """

@@ -85,7 +85,7 @@ from fed_nessa.federated.device import (
 from fed_nessa.federated.layout import trainable
 from fed_nessa.federated.mechanism import device_subset, max_sampled, public_parameters
 from fed_nessa.federated.noise_plan import noise_plan
-from fed_nessa.federated.protocol import DEVICES_DIR, round_config
+from fed_nessa.federated.protocol import round_config
 from fed_nessa.federated.release import may_start, may_unmask, promised_arrivals
 from fed_nessa.federated.rounds import (
     LEDGER_FILE,
@@ -106,11 +106,13 @@ from fed_nessa.privacy.ledger import (
     DeviceLedger,
     FederationLedger,
     config_sha256,
-    device_key_folder,
+    ledger_batch,
     model_sha256,
+    open_device_ledgers,
     received_chain,
     server_key_folder,
 )
+from fed_nessa.privacy.store import LedgerStore
 from fed_nessa.randomness import NoiseSource, noise_source
 from fed_nessa.sim.fleet_epsilon import SpentEpsilon
 from fed_nessa.sim.fleet_numerics import encode_all, fast_rounding, modular_sum, summed_noise, uniforms
@@ -224,18 +226,13 @@ class FleetEngine:
         self._sent: dict[int, tuple[str, str]] = {}
         self._streams: dict[int, NoiseSource] = {}  # exact device level: each device's stream within a round
         self._spent = SpentEpsilon(cfg.privacy_unit)
+        self._store: LedgerStore | None = None  # the ledger store (ledger-layout = sqlite), else None
 
     # -- ledgers ---------------------------------------------------------------------------
     def _open_ledgers(self) -> DeviceBook:
-        ledgers, policies = [], []
-        for dev in self.fleet.ids:
-            folder = self.run_dir / DEVICES_DIR / dev
-            folder.mkdir(parents=True, exist_ok=True)
-            ledger = DeviceLedger.open(folder, dev, policy=self.policy,
-                                       key_folder=device_key_folder(self.run_dir, dev))  # keys outside the run
-            ledgers.append(ledger)
-            policies.append(ledger.policy or self.policy)
-        return DeviceBook(ledgers, policies)
+        """Every device's ledger (its keys outside the run folder), in the run's ``ledger-layout``."""
+        ledgers, self._store = open_device_ledgers(self.run_dir, self.fleet.ids, self.policy, self.cfg.ledger_layout)
+        return DeviceBook(ledgers, [ledger.policy or self.policy for ledger in ledgers])
 
     # -- the loop --------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -255,7 +252,8 @@ class FleetEngine:
                 entry = self._stats_round(r, book, fed_ledger)
             else:
                 if r == dp_rounds[0]:
-                    self._reserve_spans(book, dp_rounds)
+                    with ledger_batch(self._store):  # every span reserved, durable, before round one
+                        self._reserve_spans(book, dp_rounds)
                 entry = self._dpsgd_round(r, book)
             if phase == Phase.SUFFSTATS or r == dp_rounds[0]:
                 self._spent.changed()
@@ -269,7 +267,11 @@ class FleetEngine:
         if dp_rounds:
             self._close_spans(book, dp_rounds, fed_ledger)
         fed_ledger.record_end()  # signed: a federation ledger cut back to an earlier round lacks it
-        return self.finish(book)
+        try:
+            return self.finish(book)
+        finally:
+            if self._store is not None:
+                self._store.close()
 
     # -- statistics round ------------------------------------------------------------------
     def _stats_round(self, r: int, book: DeviceBook, fed_ledger: FederationLedger) -> dict[str, Any]:
@@ -280,20 +282,21 @@ class FleetEngine:
         received = self._send(Phase.SUFFSTATS, r, promised)
         accepted, declined, seqs = [], [], {}
         reasons: dict[str, int] = {}
-        for i in cohort.tolist():
-            ledger, policy = book.ledgers[i], book.policies[i]
-            why = fleet.refusal(req, i, int(fleet.n[i]), cfg, policy, ledger)
-            event = None if why else planned_event(req, int(fleet.n[i]), cfg, policy)
-            if event is not None:
-                decision = ledger.check_budget(event, cfg.epsilon_budget, cfg.delta)
-                why = None if decision.allowed else decision.reason
-            if why:
-                declined.append(i)
-                reasons[why] = reasons.get(why, 0) + 1
-                continue
-            accepted.append(i)
-            if event is not None:
-                seqs[i] = ledger.reserve(event, received)
+        with ledger_batch(self._store):  # reserves durable before the mechanism runs
+            for i in cohort.tolist():
+                ledger, policy = book.ledgers[i], book.policies[i]
+                why = fleet.refusal(req, i, int(fleet.n[i]), cfg, policy, ledger)
+                event = None if why else planned_event(req, int(fleet.n[i]), cfg, policy)
+                if event is not None:
+                    decision = ledger.check_budget(event, cfg.epsilon_budget, cfg.delta)
+                    why = None if decision.allowed else decision.reason
+                if why:
+                    declined.append(i)
+                    reasons[why] = reasons.get(why, 0) + 1
+                    continue
+                accepted.append(i)
+                if event is not None:
+                    seqs[i] = ledger.reserve(event, received)
         status, note, arrived = RoundStatus.SKIPPED, may_start(len(accepted), promised).reason, []
         if may_start(len(accepted), promised).release:
             arrived = self._dropouts(accepted)
@@ -312,9 +315,10 @@ class FleetEngine:
                                      noise_arrivals=[book.policies[i].guaranteed_arrivals for i in arrived],
                                      quantization_std=codec.device_error_std(), plan=self.plan)
                     status, note = RoundStatus.APPLIED, f"sum of {len(arrived)} devices released (g = {promised})"
-        for i, seq in seqs.items():
-            ledger = book.ledgers[i]
-            ledger.complete(seq, float(ledger.epsilon(book.policies[i].delta)), status="done")
+        with ledger_batch(self._store):
+            for i, seq in seqs.items():
+                ledger = book.ledgers[i]
+                ledger.complete(seq, float(ledger.epsilon(book.policies[i].delta)), status="done")
         ids = self.fleet.ids
         dropped = sorted(set(accepted) - set(arrived))
         fed_ledger.record_round(r, [ids[i] for i in arrived], [ids[i] for i in declined], [ids[i] for i in dropped],
@@ -658,15 +662,16 @@ class FleetEngine:
 
     def _close_spans(self, book: DeviceBook, dp_rounds: list[int], fed_ledger: FederationLedger) -> None:
         chains: dict[tuple[int, ...], dict[str, Any]] = {}  # devices on one schedule share one chain
-        for i, spans in book.span_seq.items():
-            ledger = book.ledgers[i]
-            for seq, first, last in spans:
-                rounds = tuple(r for r in book.span_rounds[i] if first <= r <= last)
-                if rounds not in chains:
-                    chains[rounds] = {"scheme": CHAIN_SCHEME, "rounds": [[a, b] for a, b in _runs(rounds)],
-                                      "chain": received_chain((r, *self._sent[r]) for r in rounds)}
-                ledger.complete(seq, float(ledger.epsilon(book.policies[i].delta)), status="done",
-                                received=chains[rounds])
+        with ledger_batch(self._store):
+            for i, spans in book.span_seq.items():
+                ledger = book.ledgers[i]
+                for seq, first, last in spans:
+                    rounds = tuple(r for r in book.span_rounds[i] if first <= r <= last)
+                    if rounds not in chains:
+                        chains[rounds] = {"scheme": CHAIN_SCHEME, "rounds": [[a, b] for a, b in _runs(rounds)],
+                                          "chain": received_chain((r, *self._sent[r]) for r in rounds)}
+                    ledger.complete(seq, float(ledger.epsilon(book.policies[i].delta)), status="done",
+                                    received=chains[rounds])
         ids = self.fleet.ids
         joined = sorted(book.span_rounds)
         heads = _heads(book, book.span_seq)
@@ -824,7 +829,8 @@ class FleetEngine:
             "rounds": self.history,
             "final": final,
             "privacy": run_folder.privacy_block(self.cfg, eps, len(self.fleet.ids),
-                                                noise_source=self._noise_statement()),
+                                                noise_source=self._noise_statement(),
+                                                ledger_layout=self.cfg.ledger_layout),
             "noise_plan": run_folder.noise_plan_block(self.plan),
             "secure_aggregation": {**run_folder.secagg_block(self.cfg, self.saturated_total),
                                    "simulated": MASKS_NOTE},

@@ -38,6 +38,7 @@ from fed_nessa.privacy.ledger import (
     default_key_store,
     device_id_problem,
 )
+from fed_nessa.privacy.store import SEED_NAME, STORE_NAME
 
 #: The server's checkpoint folder (named in ``server/checkpoint.py``, which the library never imports).
 CHECKPOINT_DIR = "checkpoints"
@@ -104,7 +105,8 @@ _SUBFOLDERS = {
     SHARDS_DIR: lambda f: _only(f, _SHARD_FILES, pattern=_SHARD),
     AUDIT_DIR: lambda f: _only(f, _AUDIT_FILES),
 }
-_RUN_FILES = frozenset({SUMMARY_FILE, REPORT_FILE, SERVER_PUB_NAME, EER_PLOT, EPSILON_PLOT})
+_RUN_FILES = frozenset({SUMMARY_FILE, REPORT_FILE, SERVER_PUB_NAME, EER_PLOT, EPSILON_PLOT,
+                        *(STORE_NAME + suffix for suffix in ("", "-wal", "-shm"))})  # the fleet's ledger store
 
 
 def _run_stray(run_dir: Path) -> str | None:
@@ -144,7 +146,11 @@ def _store_stray(store: Path) -> str | None:
         if entry.name == SERVER_KEYS and entry.is_dir() and not entry.is_symlink():
             stray = _only(entry, frozenset({SERVER_KEY_NAME, SERVER_PUB_NAME}))
         elif entry.name == DEVICE_KEYS and entry.is_dir() and not entry.is_symlink():
-            stray = _per_device_stray(entry, frozenset({DEVICE_KEY_NAME}))
+            seed = entry / SEED_NAME  # the ledger store's device-key seed (ledger-layout = sqlite)
+            if seed.is_file() and not seed.is_symlink():
+                stray = _only(entry, frozenset({SEED_NAME}))
+            else:
+                stray = _per_device_stray(entry, frozenset({DEVICE_KEY_NAME}))
         else:
             stray = str(entry)
         if stray:

@@ -46,6 +46,7 @@ from fed_nessa.config import (
     DevicePolicy,
     DeviceUpdate,
     FederationConfig,
+    LedgerLayout,
     RoundStatus,
     from_run_config,
     policy_from_node_config,
@@ -368,6 +369,9 @@ def run_engine(cfg: FederationConfig, policy: DevicePolicy, *, engine: str = ENG
         raise ValueError(f"clip-target-quantile = {cfg.clip_target_quantile:g}: adaptive clipping is library code only "
                          "so far (fed_nessa.federated.adaptive_clip); no engine sends the clip bit yet, so the clip "
                          "would never adapt: leave it at 0")
+    if engine != "fleet" and cfg.ledger_layout != LedgerLayout.FILES:
+        raise ValueError(f"ledger-layout = {cfg.ledger_layout!r}: on the Flower engine every device keeps its own "
+                         "ledger file (as a real device does); the ledger store is the fleet engine's")
     if engine == "fleet":
         if cfg.device_update == DeviceUpdate.FEDAVG:
             raise ValueError("device-update = 'fedavg': the fleet engine does not vectorise DP-FedAvg yet (it would "
