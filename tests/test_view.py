@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -14,8 +16,10 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
+from fed_nessa.privacy.store import STORE_NAME, LedgerStore
+from fed_nessa.view import run_state
 from fed_nessa.view.app import create_app, inside
-from fed_nessa.view.run_state import DeviceLedgers, federation_rounds, read_run
+from fed_nessa.view.run_state import DeviceLedgers, federation_rounds, read_run, spend_summary, store_connection
 
 #: A device id and a note a hostile device or ledger might hold.
 HOSTILE_ID = '<img src=x onerror="document.title=\'pwned\'">'
@@ -23,14 +27,19 @@ HOSTILE_NOTE = "<script>document.title='pwned'</script>"
 REPO = Path(__file__).resolve().parents[1]
 
 
-def hostile_run(run: Path) -> Path:
-    """A run folder (as an engine writes it, unsigned) whose device id and notes hold markup."""
-    (run / "devices" / HOSTILE_ID).mkdir(parents=True)
+def _hostile_ledger() -> list[str]:
+    """A device ledger's lines (unsigned) whose device id and note hold markup."""
     event = {"round": 1, "mechanism": "gaussian-sum", "steps": 1, "sample_rate": 1.0, "noise_multiplier": 1.0,
              "clip_norm": 1.0, "delta": 1e-5, "mode": "distributed", "note": HOSTILE_NOTE}
     lines = [{"kind": "header", "payload": {"device_id": HOSTILE_ID, "budget": {"epsilon": 8.0, "delta": 1e-5}}},
              {"kind": "reserve", "payload": {"event": event, "new_field": [1, 2]}}]
-    (run / "devices" / HOSTILE_ID / "privacy-ledger.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return [json.dumps(x) for x in lines]
+
+
+def hostile_run(run: Path) -> Path:
+    """A run folder (as an engine writes it, unsigned) whose device id and notes hold markup."""
+    (run / "devices" / HOSTILE_ID).mkdir(parents=True)
+    (run / "devices" / HOSTILE_ID / "privacy-ledger.jsonl").write_text("\n".join(_hostile_ledger()) + "\n")
     rounds = [{"round": 1, "phase": "suffstats", "status": "refused", "note": HOSTILE_NOTE, "eer": 0.2,
                "participants": 1, "declined": 1, "failed": 0, "epsilon_max": 4.7, "seconds": 0.5}]
     (run / "summary.json").write_text(json.dumps({"config": {"num-server-rounds": 3}, "rounds": rounds,
@@ -142,3 +151,98 @@ def test_view_refuses_bad_input_in_one_line(tmp_path: Path, capsys: pytest.Captu
     assert main(["view", str(target), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and fault in err[0] and err[0].startswith("fed-nessa view: error:")
+
+
+@pytest.fixture(scope="module")
+def fleet_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The same small fleet run (the smoke config, 2 rounds), its device ledgers as files and in the store."""
+    from fed_nessa.sim.fleet import run_fleet
+    from fed_nessa.sim.runner import build_config, build_policy, fleet_overrides
+
+    runs = {}
+    for layout in ("files", "sqlite"):
+        run = tmp_path_factory.mktemp("fleet") / layout
+        overrides, device = fleet_overrides("smoke", ["num-server-rounds=2", f'run-dir="{run}"',
+                                                      f'ledger-layout="{layout}"'], [])
+        run_fleet(build_config("smoke", overrides), build_policy("smoke", device))
+        runs[layout] = run
+    return runs
+
+
+def test_the_view_reads_the_ledger_store_as_it_reads_files(fleet_runs: dict[str, Path]) -> None:
+    """A fleet run with ledger-layout = sqlite shows the same devices, epsilons and declines as with files."""
+    assert (fleet_runs["sqlite"] / STORE_NAME).is_file() and not (fleet_runs["sqlite"] / "devices").exists()
+    files, store = (read_run(fleet_runs[k], DeviceLedgers()) for k in ("files", "sqlite"))
+    assert store.devices_total == files.devices_total == len(files.devices) > 0
+    def spending(state: run_state.RunState) -> list[tuple[str, float, int, int]]:
+        return sorted((d.device, d.epsilon, d.reserved, d.completed) for d in state.devices)
+    assert spending(store) == spending(files) and store.declines == files.declines and not store.notes
+    assert spend_summary(store.devices, store.devices_total) == spend_summary(files.devices, files.devices_total)
+    assert max(d.epsilon for d in store.devices) > 0
+    assert "spent epsilon over devices" in TestClient(create_app(fleet_runs["sqlite"])).get("/").text
+
+
+def test_a_large_store_is_sampled_and_the_page_says_so(fleet_runs: dict[str, Path],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above STORE_SAMPLE devices the view reads an even sample and counts all devices in SQL."""
+    full = read_run(fleet_runs["sqlite"], DeviceLedgers())
+    monkeypatch.setattr(run_state, "STORE_SAMPLE", 5)
+    state = read_run(fleet_runs["sqlite"], DeviceLedgers())
+    assert len(state.devices) == 5 and state.devices_total == full.devices_total
+    by_id = {d.device: d for d in full.devices}
+    assert all(by_id[d.device] == d for d in state.devices)  # the sample's figures are the devices' own
+    ids = sorted(by_id)
+    assert ids[0] in {d.device for d in state.devices} and ids[-1] in {d.device for d in state.devices}
+    summary = spend_summary(state.devices, state.devices_total)
+    assert summary["devices"] == full.devices_total and summary["devices read (an even sample)"] == 5
+    page = TestClient(create_app(fleet_runs["sqlite"])).get("/").text
+    assert f"an even sample of 5 of the {full.devices_total} devices in the ledger store" in page
+
+
+def _hostile_store(run: Path, keys: Path) -> LedgerStore:
+    store = LedgerStore.open(run, keys)
+    num = store.register(HOSTILE_ID, store.device_key(HOSTILE_ID))
+    append = store.sink(num)
+    for seq, line in enumerate(_hostile_ledger()):
+        append(seq, line.encode("ascii") + b"\n")
+    return store
+
+
+def test_a_device_id_holding_markup_in_the_store_is_shown_as_text(tmp_path: Path) -> None:
+    _hostile_store(tmp_path / "run", tmp_path / "keys").close()
+    state = read_run(tmp_path / "run", DeviceLedgers())
+    assert [d.device for d in state.devices] == [HOSTILE_ID] and 0 < state.devices[0].epsilon < 8
+    page = TestClient(create_app(tmp_path / "run")).get("/").text
+    assert HOSTILE_ID not in page and HOSTILE_NOTE not in page
+    assert "&lt;img src=x onerror=&quot;document.title=&#x27;pwned&#x27;&quot;&gt;" in page
+
+
+def _folder(run: Path) -> dict[str, str]:
+    """Each file's hash; of SQLite's -shm (the shared-memory index where every WAL reader marks what it
+    reads, not evidence) only that it exists."""
+    return {p.name: "" if p.name.endswith("-shm") else hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in run.iterdir() if p.is_file()}
+
+
+@pytest.mark.parametrize("live", [True, False])
+def test_the_view_never_writes_the_store(tmp_path: Path, live: bool) -> None:
+    """Opened read-only, live (a writer holds the store: a WAL reader) or finished (immutable: no -wal/-shm
+    files left beside it); a write through the view's connection fails; the store, its WAL and the
+    folder's file list are unchanged."""
+    run = tmp_path / "run"
+    writer = _hostile_store(run, tmp_path / "keys")
+    if not live:
+        writer.close()
+    try:
+        before = _folder(run)
+        client = TestClient(create_app(run))
+        assert client.get("/").status_code == 200 and client.get("/chart/epsilon.svg").status_code == 200
+        conn = store_connection(run / STORE_NAME)
+        try:
+            with pytest.raises(sqlite3.OperationalError, match="readonly"):
+                conn.execute("INSERT INTO devices (device_id, public_key_pem) VALUES ('x', 'y')")
+        finally:
+            conn.close()
+        assert _folder(run) == before
+    finally:
+        writer.close()

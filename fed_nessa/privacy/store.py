@@ -74,8 +74,14 @@ def _load_or_create_seed(key_folder: Path, create: bool) -> bytes:
     return seed
 
 
-def connect(path: Path, read_only: bool = False) -> sqlite3.Connection:
-    """A connection to the store at ``path`` (read-only for the audit: it never writes evidence)."""
+def connect(path: Path, read_only: bool = False, immutable: bool = False) -> sqlite3.Connection:
+    """A connection to the store at ``path`` (read-only for the audit: it never writes evidence).
+
+    ``immutable``: read-only for a store no writer holds open (no ``-wal`` file), without the
+    ``-wal``/``-shm`` files a read-only WAL reader would otherwise leave beside it.
+    """
+    if immutable:
+        return sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)
     if read_only:
         return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     conn = sqlite3.connect(path, isolation_level=None)  # explicit BEGIN/COMMIT: batches are ours

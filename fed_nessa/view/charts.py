@@ -11,7 +11,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from fed_nessa.view.run_state import RunState, obj
+from fed_nessa.view.run_state import RunState, obj, sample_note
 
 
 def _figure() -> Any:
@@ -67,7 +67,8 @@ def epsilon(state: RunState) -> bytes:
     for b in sorted(budgets)[:3]:
         ax.axvline(b, color="red", linestyle="--", label=f"budget {b:g}")
     ax.set_xlabel("epsilon spent (per device ledger)")
-    ax.set_ylabel("devices")
+    ax.set_ylabel(f"devices (sample of {len(state.devices)} of {state.devices_total})"
+                  if sample_note(state) else "devices")
     if budgets:
         ax.legend(fontsize=7)
     return _svg(plt, fig)

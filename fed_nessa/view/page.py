@@ -12,7 +12,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from fed_nessa.view.run_state import RunState, obj, spend_summary
+from fed_nessa.view.run_state import RunState, obj, sample_note, spend_summary
 
 #: Rounds shown in the table (the latest ones; the charts show all).
 TABLE_ROUNDS = 15
@@ -113,7 +113,8 @@ def quality_section(state: RunState, stamp: str) -> str:
 def privacy_section(state: RunState, stamp: str) -> str:
     priv = _block(state.summary, "privacy")
     plan = _block(state.summary, "noise_plan")
-    spend = spend_summary(state.devices)
+    spend = spend_summary(state.devices, state.devices_total)
+    sampled = sample_note(state)
     spend_rows = [[esc(k), num(v)] for k, v in spend.items()]
     top = sorted(state.devices, key=lambda d: -d.epsilon if math.isfinite(d.epsilon) else -math.inf)[:TOP_DEVICES]
     dev_rows = [[esc(d.device), num(d.epsilon), num(d.budget),
@@ -125,7 +126,8 @@ def privacy_section(state: RunState, stamp: str) -> str:
     return ("<h2>Privacy</h2>"
             f'<div class="grid"><img alt="epsilon over devices" src="chart/epsilon.svg?v={stamp}">'
             f"<div>{table(['spent epsilon over devices', ''], spend_rows)}</div></div>"
-            f"<h3>Devices with the most epsilon spent (ledgers as written, not verified)</h3>"
+            f"<h3>Devices with the most epsilon spent (ledgers as written, not verified"
+            f"{'; ' + esc(sampled) if sampled else ''})</h3>"
             f"{table(['device', 'epsilon', 'budget', 'left', 'reservations'], dev_rows)}"
             f"<h3>Declines by reason</h3>"
             f"{table(['reason', 'devices'], declines) if declines else '<p class=note>none</p>'}"
