@@ -433,7 +433,8 @@ def from_run_config(run_config: Mapping[str, Any], *, base_dir: str | Path | Non
         folder = folder if folder.is_absolute() else Path(base_dir) / folder
         if not folder.is_dir():
             problems.append(
-                f"data-source = {cfg.data_source!r}: not an existing folder of shards ({_FOLDER_HINT})"
+                f"data-source = {cfg.data_source!r}: not {', '.join(map(repr, FEDERATION_NAMES))} or an "
+                f"existing folder of shards"
             )
     if problems:
         raise ConfigError(problems)

@@ -73,3 +73,15 @@ def test_simulate_refuses_a_centralised_only_name() -> None:
         from_run_config({"data-source": "kokoro-voices"})
     with pytest.raises(ValueError, match="not a federated source"):
         load_federation_data(FederationConfig(data_source="kokoro-voices"), None)
+
+
+def test_canary_audit_reads_registry_names() -> None:
+    from fed_nessa.canary.empirical import load_base_pairs
+    from fed_nessa.commands.audit_empirical import _DEFAULT_DATA
+
+    enroll, runtime, what = load_base_pairs("real-dev", limit=50)
+    bundled_enroll, bundled_runtime, _ = load_base_pairs(_DEFAULT_DATA, limit=50)
+    assert what.startswith("real-dev:")
+    assert np.array_equal(enroll, bundled_enroll) and np.array_equal(runtime, bundled_runtime)
+    with pytest.raises(ValueError, match="--data synthetic: no resemblyzer or campp embeddings"):
+        load_base_pairs("synthetic")
