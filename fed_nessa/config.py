@@ -119,7 +119,8 @@ LINEAR_STARTS = tuple(s.value for s in LinearStart)
 # The data names, listed once (the config sits below fed_nessa.data, which maps each to its source in
 # fed_nessa.data.registry; tests/test_data_registry.py keeps the two in step). FEDERATION_NAMES also build a
 # simulation's devices; any other name is for the centralised commands only.
-SOURCE_NAMES = ("synthetic", "real-dev", "real-speed-dev", "real-dev+speed", "kokoro-voices")
+CORPUS_NAME = "kokoro-voices"  # also its folder under data/
+SOURCE_NAMES = ("synthetic", "real-dev", "real-speed-dev", "real-dev+speed", CORPUS_NAME)
 FEDERATION_NAMES = ("synthetic", "real-dev")
 BUILTIN_DATA_SOURCES = FEDERATION_NAMES
 _FOLDER_HINT = f"allowed values {', '.join(FEDERATION_NAMES)}, or a folder of shards"

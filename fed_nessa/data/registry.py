@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from fed_nessa.config import FEDERATION_NAMES, SOURCE_NAMES
+from fed_nessa.config import CORPUS_NAME, FEDERATION_NAMES, SOURCE_NAMES
 
 if TYPE_CHECKING:
     from fed_nessa.config import FederationConfig
@@ -130,8 +130,6 @@ class SetFile:
         raise ValueError(f"data-source = {cfg.data_source!r}: an embedding-set file is not a federation "
                          f"(federated: {', '.join(FEDERATION_NAMES)} or a folder of shards)")
 
-
-CORPUS_NAME = "kokoro-voices"  # also its folder under data/
 
 SOURCES: dict[str, Source] = {
     "synthetic": Synthetic(),
