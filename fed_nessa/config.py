@@ -114,14 +114,16 @@ class PrivacyUnit(StrEnum):
     DEVICE = "device"  # everything one device holds: its whole round contribution clipped
 
 
-class DataSourceName(StrEnum):
-    SYNTHETIC = "synthetic"
-    REAL_DEV = "real-dev"
-
-
 DP_MODES = tuple(m.value for m in DPMode)
 LINEAR_STARTS = tuple(s.value for s in LinearStart)
-BUILTIN_DATA_SOURCES = tuple(s.value for s in DataSourceName)
+# The data names, listed once (the config sits below fed_nessa.data, which maps each to its source in
+# fed_nessa.data.registry; tests/test_data_registry.py keeps the two in step). FEDERATION_NAMES also build a
+# simulation's devices; any other name is for the centralised commands only.
+CORPUS_NAME = "kokoro-voices"  # also its folder under data/
+SOURCE_NAMES = ("synthetic", "real-dev", "real-speed-dev", "real-dev+speed", CORPUS_NAME)
+FEDERATION_NAMES = ("synthetic", "real-dev")
+BUILTIN_DATA_SOURCES = FEDERATION_NAMES
+_FOLDER_HINT = f"allowed values {', '.join(FEDERATION_NAMES)}, or a folder of shards"
 
 
 class ConfigError(FedNessaError, ValueError):
@@ -339,7 +341,9 @@ def _check_ranges(c: FederationConfig) -> list[str]:
         )
     _range(p, "round-timeout", c.round_timeout, 0.0, 86_400.0)
     if c.data_source not in BUILTIN_DATA_SOURCES and not c.data_source.strip():
-        p.append("data-source = '': allowed values synthetic, real-dev, or a folder of shards")
+        p.append(f"data-source = '': {_FOLDER_HINT}")
+    elif c.data_source in SOURCE_NAMES and c.data_source not in BUILTIN_DATA_SOURCES:
+        p.append(f"data-source = {c.data_source!r}: not a federated source ({_FOLDER_HINT})")
     _range(p, "num-devices", c.num_devices, 3, 10_000_000)
     # num-devices is the fleet: a synthetic run's size, a shard folder's count and real-dev's households
     # (both checked against the data before anything is written).
@@ -430,7 +434,8 @@ def from_run_config(run_config: Mapping[str, Any], *, base_dir: str | Path | Non
         folder = folder if folder.is_absolute() else Path(base_dir) / folder
         if not folder.is_dir():
             problems.append(
-                f"data-source = {cfg.data_source!r}: not 'synthetic', 'real-dev' or an existing folder of shards"
+                f"data-source = {cfg.data_source!r}: not {', '.join(map(repr, FEDERATION_NAMES))} or an "
+                f"existing folder of shards"
             )
     if problems:
         raise ConfigError(problems)

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from fed_nessa.canary.stats import OneRunAudit, one_run_audit
+from fed_nessa.config import SOURCE_NAMES
 from fed_nessa.privacy.accountants import PLD, RDP, create_accountant
 from fed_nessa.privacy.events import DP_SGD, LOCAL, DPEvent
 
@@ -162,14 +163,20 @@ def audit_run(label: str, base_enroll: np.ndarray, base_runtime: np.ndarray, cfg
 
 
 def load_base_pairs(source: str | Path, limit: int | None = None) -> tuple[np.ndarray, np.ndarray, str]:
-    """Base (non-canary) pairs: a device shard file, or an embeddings .npz (resemblyzer <- campp).
+    """Base (non-canary) pairs: a registry data name, a device shard file, or an embeddings .npz.
+
+    A name (``real-dev``, ... from :mod:`fed_nessa.data.registry`) gives its train side's
+    resemblyzer <- campp pairs, as the bundled .npz does.
 
     Every fault (unreadable or truncated file, missing arrays, arrays that are not (n, d) with the
     same n, non-finite rows, no pair at all) raises a ``ValueError`` naming the file.
     """
+    if str(source) in SOURCE_NAMES:
+        return _named_pairs(str(source), limit)
     path = Path(source)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such shard or embeddings file")
+        raise FileNotFoundError(f"{path}: no such shard or embeddings file, nor a data name "
+                                f"({', '.join(SOURCE_NAMES)})")
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
     if path.name.endswith(".safetensors"):
@@ -190,6 +197,21 @@ def load_base_pairs(source: str | Path, limit: int | None = None) -> tuple[np.nd
     if limit is not None:
         enroll, runtime = enroll[:limit], runtime[:limit]
     return enroll, runtime, what
+
+
+def _named_pairs(name: str, limit: int | None) -> tuple[np.ndarray, np.ndarray, str]:
+    """The resemblyzer <- campp pairs of a registry source's train side (one row per utterance)."""
+    from fed_nessa.data.sources import resolve
+
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {limit}")
+    train = resolve(name).train
+    missing = [m for m in ("resemblyzer", "campp") if m not in train.models]
+    if missing:
+        raise ValueError(f"--data {name}: no {' or '.join(missing)} embeddings (models: {', '.join(train.models)})")
+    enroll = np.asarray(train.emb("resemblyzer"), np.float32)[:limit]
+    runtime = np.asarray(train.emb("campp"), np.float32)[:limit]
+    return enroll, runtime, f"{name}: x = resemblyzer (256-d), y = CAM++ (192-d)"
 
 
 def _check_pairs(path: Path, enroll: np.ndarray, runtime: np.ndarray) -> None:

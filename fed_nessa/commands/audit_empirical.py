@@ -58,8 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="override one device-policy key of both runs (repeatable)")
     cen = p.add_argument_group("centralised mode (default)")
     cen.add_argument("--data", type=path_arg, default=None,
-                     help="base pairs: a device shard (.shard.safetensors) or an embeddings .npz "
-                          "(default: the bundled real-voices-dev embeddings)")
+                     help="base pairs: a data name (resemblyzer <- campp pairs of its train side), a device shard "
+                          "(.shard.safetensors) or an embeddings .npz (default: the bundled real-voices-dev "
+                          "embeddings)")
     cen.add_argument("--noise-multiplier", type=float, default=d.noise_multiplier)
     cen.add_argument("--control-noise-multiplier", type=float, default=d.control_noise_multiplier)
     cen.add_argument("--clip-norm", type=float, default=d.clip_norm)

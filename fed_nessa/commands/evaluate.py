@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from fed_nessa.arguments import path_arg, seed_arg
+from fed_nessa.data.registry import NAMES_HELP
 from fed_nessa.evaluation.centralised import METHODS, SCENARIOS, CentralisedConfig
 
 
@@ -34,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "(voice folds for real data, the separate evaluation population for synthetic, "
                                    "the parent-disjoint held-out voices for kokoro-voices). "
                                    "Writes evaluation.json and evaluation.md.")
-    p.add_argument("--data", default="synthetic", help="synthetic | real-dev | real-dev+speed | kokoro-voices | ...")
+    p.add_argument("--data", default="synthetic", help=NAMES_HELP)
     p.add_argument("--old-model", required=True, help="the model before the update (worse)")
     p.add_argument("--new-model", required=True, help="the model after the update (better)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")

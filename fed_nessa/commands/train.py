@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 from fed_nessa.arguments import path_arg, seed_arg
+from fed_nessa.data.registry import NAMES_HELP
 from fed_nessa.evaluation.centralised import CentralisedConfig, fit_dp_nessa, fit_method, fit_nessa, plan_dp
 from fed_nessa.model.aligners import Aligner, NessaAligner, NessaConfig
 from fed_nessa.model.training import TrainConfig
@@ -19,8 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train an aligner centrally (plain or DP-SGD)",
                        description="Fit an aligner runtime-model -> enrollment-model on all speakers of --data "
                                    "and write it (safetensors + card.json; NESSA also aligner.onnx).")
-    p.add_argument("--data", required=True, help="synthetic | real-dev | real-speed-dev | real-dev+speed | "
-                                                 "a shard folder | an embedding-set file")
+    p.add_argument("--data", required=True, help=NAMES_HELP)
     p.add_argument("--enroll-model", required=True, help="model name on the enrollment (profile) side")
     p.add_argument("--runtime-model", required=True, help="model name on the runtime (test) side")
     p.add_argument("--method", choices=METHODS, default="nessa")

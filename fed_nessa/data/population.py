@@ -23,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fed_nessa.config import DataSourceName, FederationConfig
+from fed_nessa.config import FederationConfig
 from fed_nessa.data.datasets import write_devices
+from fed_nessa.data.registry import SOURCES, ShardFolder
 from fed_nessa.data.shards import Shard, ShardError, load_shard, shard_paths
 
 EVAL_FILE = "eval.npz"
@@ -83,7 +84,7 @@ def _eval_from_embedding_set(es, enroll_model: str, runtime_model: str) -> EvalS
     return EvalSet(embeddings, np.asarray(es.speaker), np.asarray(es.utterance), enroll_model, runtime_model)
 
 
-def _synthetic(cfg: FederationConfig, folder: Path | None) -> FederationData:
+def synthetic_federation(cfg: FederationConfig, folder: Path | None) -> FederationData:
     from fed_nessa.data.synthetic import generate_population
 
     pop = generate_population(cfg.num_devices, cfg.seed, eval_speakers=cfg.eval_speakers,
@@ -97,7 +98,7 @@ def _synthetic(cfg: FederationConfig, folder: Path | None) -> FederationData:
                           tuple(pop.devices) if folder is None else ())
 
 
-def _real_dev(cfg: FederationConfig, folder: Path | None) -> FederationData:
+def real_dev_federation(cfg: FederationConfig, folder: Path | None) -> FederationData:
     from fed_nessa.data import datasets
 
     real = datasets.load_real("real-dev")
@@ -150,7 +151,7 @@ def load_eval_file(path: Path) -> EvalSet:
     return EvalSet(emb, speaker, utterance, old, new)
 
 
-def _folder(folder: Path) -> FederationData:
+def folder_federation(folder: Path) -> FederationData:
     paths = shard_paths(folder)
     if not paths:
         raise ValueError(f"{folder}: no *.shard.safetensors files")
@@ -167,10 +168,5 @@ def load_federation_data(cfg: FederationConfig, shard_folder: Path | None) -> Fe
     passed in so that data never depends on the federated layer. ``None`` (fleet engine,
     built-in sources): the devices stay in memory and no shard file is written.
     """
-    if cfg.data_source == DataSourceName.SYNTHETIC:
-        return _synthetic(cfg, shard_folder)
-    if cfg.data_source == DataSourceName.REAL_DEV:
-        return _real_dev(cfg, shard_folder)
-    if shard_folder is None:
-        raise ValueError("a folder data source needs its shard folder")
-    return _folder(shard_folder)
+    source = SOURCES.get(cfg.data_source, ShardFolder())  # a name not in the registry is a shard folder
+    return source.federation(cfg, shard_folder)

@@ -1,7 +1,7 @@
-"""Resolve a ``--data`` argument to embedding sets: a bundled name, a shard folder, or a set file.
+"""Embedding sets for ``train`` and ``evaluate``: the centralised side of each registry source.
 
-Names: ``synthetic`` (the embedded default population: train = every device's
-speakers, held-out = the separate evaluation population), ``real-dev``,
+The names are listed once in :mod:`fed_nessa.data.registry`. ``synthetic`` (the embedded
+default population: train = every device's speakers, held-out = the separate evaluation population), ``real-dev``,
 ``real-speed-dev``, ``real-dev+speed`` (real-model embeddings; held-out figures
 come from voice folds), ``kokoro-voices`` (the Kokoro blend corpus: its fixed
 held-out voices share no parent pack with its training voices). A folder of device shards is pooled (speaker ids made
@@ -16,8 +16,7 @@ from typing import Any
 
 import numpy as np
 
-REAL_NAMES = ("real-dev", "real-speed-dev", "real-dev+speed")
-CORPUS_NAME = "kokoro-voices"  # also its folder under data/
+from fed_nessa.data.registry import CORPUS_NAME, lookup
 
 
 @dataclass(frozen=True)
@@ -30,27 +29,32 @@ class DataSource:
 
 
 def resolve(spec: str, *, num_devices: int = 1000, seed: int = 0) -> DataSource:
+    """The embedding sets of ``spec``, looked up in the one registry (:mod:`fed_nessa.data.registry`)."""
+    return lookup(spec).embedding_sets(spec, num_devices, seed)
+
+
+def synthetic_sets(num_devices: int, seed: int) -> DataSource:
+    """Train = every device's speakers, held-out = the separate evaluation population."""
+    from fed_nessa.data.synthetic import generate_population
+
+    pop = generate_population(num_devices, seed)
+    return DataSource(f"synthetic(devices={num_devices}, seed={seed})", pop.train, pop.eval)
+
+
+def real_sets(name: str) -> DataSource:
+    """A bundled real-model set; its held-out figures come from voice folds."""
     from fed_nessa.data import datasets
 
-    if spec == "synthetic":
-        from fed_nessa.data.synthetic import generate_population
+    return DataSource(name, datasets.load_real(name), None)
 
-        pop = generate_population(num_devices, seed)
-        return DataSource(f"synthetic(devices={num_devices}, seed={seed})", pop.train, pop.eval)
-    if spec in REAL_NAMES:
-        return DataSource(spec, datasets.load_real(spec), None)
-    if spec == CORPUS_NAME:
-        from fed_nessa.data.corpus.store import load_corpus
 
-        corpus = load_corpus(datasets.resolve_real_folder(CORPUS_NAME))
-        return DataSource(spec, corpus.train, corpus.held_out)
-    path = Path(spec)
-    if path.is_dir():
-        return DataSource(str(path), pooled_shards(path), None)
-    if path.is_file():
-        return DataSource(str(path), datasets.EmbeddingSet.load(path), None)
-    raise FileNotFoundError(f"{spec}: not a data name ({', '.join(('synthetic',) + REAL_NAMES + (CORPUS_NAME,))}), "
-                            f"a shard folder or an embedding-set file")
+def corpus_sets(name: str) -> DataSource:
+    """The Kokoro corpus: its own parent-disjoint held-out voices."""
+    from fed_nessa.data import datasets
+    from fed_nessa.data.corpus.store import load_corpus
+
+    corpus = load_corpus(datasets.resolve_real_folder(CORPUS_NAME))
+    return DataSource(name, corpus.train, corpus.held_out)
 
 
 def pooled_shards(folder: Path) -> Any:

@@ -1,0 +1,87 @@
+"""The one data-source registry: one name list, one lookup, the same data bit for bit as before it."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import numpy as np
+import pytest
+
+from fed_nessa.config import FEDERATION_NAMES, SOURCE_NAMES, ConfigError, FederationConfig, from_run_config
+from fed_nessa.data import registry
+from fed_nessa.data.population import load_federation_data
+from fed_nessa.data.sources import resolve
+
+
+def _digest(*arrays: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+def _set(es) -> str:  # noqa: ANN001  (EmbeddingSet or EvalSet)
+    return _digest(es.speaker, es.utterance, *[es.embeddings[k] for k in sorted(es.embeddings)])
+
+
+def _devices(fd) -> str:  # noqa: ANN001
+    return _digest(*[x for d in fd.devices for x in (d.enroll, d.runtime, d.speaker)])
+
+
+# Pinned on the resolvers before the registry (commit 7492ce6): the same speakers held out, the same devices.
+def test_centralised_sets_unchanged() -> None:
+    s = resolve("synthetic", num_devices=20, seed=3)
+    assert (s.name, _set(s.train), _set(s.held_out)) == (
+        "synthetic(devices=20, seed=3)", "1ec1da75fa512c57", "ce10c3945a66ee09")
+    s = resolve("real-dev")
+    assert (_set(s.train), s.held_out) == ("5cb62ff7b8bdec27", None)
+    s = resolve("kokoro-voices")
+    assert (_set(s.train), _set(s.held_out)) == ("1017b4cc75934ed2", "2f98d1e7ef7cff72")
+
+
+def test_federations_unchanged() -> None:
+    cfg = FederationConfig(num_devices=20, seed=3)
+    fd = load_federation_data(cfg, None)
+    assert fd.validation is not None
+    assert (_set(fd.eval), _devices(fd), _set(fd.validation)) == (
+        "8d3eede97e145154", "fe70804a67146107", "9846398e287b6507")
+    real = dataclasses.replace(cfg, data_source="real-dev", num_devices=12, enroll_model="campp",
+                               runtime_model="resemblyzer")
+    fd = load_federation_data(real, None)
+    assert (_set(fd.eval), _devices(fd)) == ("2ef1900ced7f668e", "70de4c92455bc56c")
+
+
+def test_one_name_list() -> None:
+    assert tuple(registry.SOURCES) == SOURCE_NAMES
+    assert FEDERATION_NAMES == tuple(n for n, s in registry.SOURCES.items() if s.federated)
+    for name in SOURCE_NAMES:
+        assert name in registry.NAMES_HELP
+
+
+def test_bad_name_lists_the_names(tmp_path) -> None:  # noqa: ANN001
+    with pytest.raises(FileNotFoundError) as err:
+        resolve(str(tmp_path / "nope"))
+    message = str(err.value)
+    assert "\n" not in message and all(n in message for n in SOURCE_NAMES)
+
+
+def test_simulate_refuses_a_centralised_only_name() -> None:
+    with pytest.raises(ConfigError, match="kokoro-voices.*not a federated source.*synthetic, real-dev"):
+        from_run_config({"data-source": "kokoro-voices"})
+    with pytest.raises(ValueError, match="not a federated source"):
+        load_federation_data(FederationConfig(data_source="kokoro-voices"), None)
+
+
+def test_canary_audit_reads_registry_names() -> None:
+    from fed_nessa.canary.empirical import load_base_pairs
+    from fed_nessa.commands.audit_empirical import _DEFAULT_DATA
+
+    enroll, runtime, what = load_base_pairs("real-dev", limit=50)
+    bundled_enroll, bundled_runtime, _ = load_base_pairs(_DEFAULT_DATA, limit=50)
+    assert what.startswith("real-dev:")
+    assert np.array_equal(enroll, bundled_enroll) and np.array_equal(runtime, bundled_runtime)
+    with pytest.raises(ValueError, match="--data synthetic: no resemblyzer or campp embeddings"):
+        load_base_pairs("synthetic")
