@@ -58,6 +58,7 @@ import torch
 
 from fed_nessa.config import (
     DevicePolicy,
+    DeviceUpdate,
     DPMode,
     FederationConfig,
     FleetNumerics,
@@ -83,7 +84,7 @@ from fed_nessa.federated.device import (
     separation_refusal,
 )
 from fed_nessa.federated.layout import trainable
-from fed_nessa.federated.mechanism import device_subset, max_sampled, public_parameters
+from fed_nessa.federated.mechanism import device_subset, local_orders, max_sampled, public_parameters
 from fed_nessa.federated.noise_plan import noise_plan
 from fed_nessa.federated.protocol import round_config
 from fed_nessa.federated.release import may_start, may_unmask, promised_arrivals
@@ -97,6 +98,7 @@ from fed_nessa.federated.rounds import (
     round_entry,
 )
 from fed_nessa.federated.server_model import ServerModel
+from fed_nessa.model.training import with_noise_share
 from fed_nessa.privacy.accounting import UnitNotCoveredError
 from fed_nessa.privacy.events import EXAMPLE, GAUSSIAN_SUM, DPEvent
 from fed_nessa.privacy.ledger import (
@@ -114,6 +116,7 @@ from fed_nessa.privacy.ledger import (
 )
 from fed_nessa.privacy.store import LedgerStore
 from fed_nessa.randomness import NoiseSource, noise_source
+from fed_nessa.sim.fedavg import block_steps, fedavg_block
 from fed_nessa.sim.fleet_epsilon import SpentEpsilon
 from fed_nessa.sim.fleet_numerics import encode_all, fast_rounding, modular_sum, summed_noise, uniforms
 from fed_nessa.sim.ghost import clipped_gradient_sums, device_clipped_sum, device_clipped_vectors
@@ -129,6 +132,8 @@ EXAMPLE_CHUNK = 65_536
 DEVICE_CHUNK = 256
 #: Device level: zero-padded rows (devices x largest device) per batched per-device gradient.
 DEVICE_LEVEL_PADDED_ROWS = 131_072
+#: Device level, DP-FedAvg: devices per vectorised block (each holds its own copy of the trainable weights).
+FEDAVG_BLOCK = 256
 #: Rounds between two light progress summaries (summary.json without ``final``) for `fed-nessa view`.
 PROGRESS_EVERY = 5
 #: Pairs the pooled non-DP NESSA reference trains on at most (a random subset beyond).
@@ -527,22 +532,17 @@ class FleetEngine:
         exact: per-device vectors plus each device's noise share from its own stream, in the
         draw order of ``model.training.device_update``.
         """
+        if self.cfg.device_update == DeviceUpdate.FEDAVG:
+            return self._fedavg_vectors(arrived, book, r)
         cfg, fleet = self.cfg, self.fleet
         net = self.model.net.to(self.torch_device)
         params = trainable(net)
         dp = cfg.dp_mode != DPMode.NONE
         rows_of = self._device_rows(arrived, r)
         n = {i: len(rows_of[i]) for i in arrived}
-        order = sorted(arrived, key=lambda i: n[i])  # similar sizes per chunk: little padding
         total = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64, device=self.torch_device)
         vectors: dict[int, np.ndarray] = {}
-        c = 0
-        while c < len(order):
-            chunk = [order[c]]
-            while (c + len(chunk) < len(order)
-                   and (len(chunk) + 1) * int(n[order[c + len(chunk)]]) <= DEVICE_LEVEL_PADDED_ROWS):
-                chunk.append(order[c + len(chunk)])
-            c += len(chunk)
+        for chunk in _blocks(arrived, n, len(arrived)):
             rows = np.concatenate([rows_of[i] for i in chunk])
             seg = np.repeat(np.arange(len(chunk)), [n[i] for i in chunk])
             idx = torch.from_numpy(rows).to(self.torch_device)
@@ -566,6 +566,65 @@ class FleetEngine:
         if self.numerics == FleetNumerics.FAST:
             return [total.cpu().numpy()]
         return [vectors[i] for i in arrived]
+
+    def _fedavg_vectors(self, arrived: list[int], book: DeviceBook, r: int) -> list[np.ndarray]:
+        """Device level, ``device-update = fedavg``: each device's clipped DP-FedAvg delta, by blocks.
+
+        The update is :func:`fed_nessa.sim.fedavg.fedavg_block` (the ClientApp's
+        :meth:`DeviceLevel.fedavg_vector` vectorised). Exact numerics: per-device vectors, each device's
+        row orders and then its noise share drawn from its own stream in the device's order; fast:
+        ONE vector, the clipped deltas' sum (the engine adds one draw of the summed shares).
+        Clipped with or without DP, as on the device (the codec's range assumes it).
+        """
+        cfg, fleet = self.cfg, self.fleet
+        net = self.model.net.to(self.torch_device)
+        params = trainable(net)
+        dp = cfg.dp_mode != DPMode.NONE
+        orders, streams = self._fedavg_orders(arrived, r)
+        n = {i: int(fleet.n[i]) for i in arrived}
+        total = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64, device=self.torch_device)
+        vectors: dict[int, np.ndarray] = {}
+        for chunk in _blocks(arrived, n, FEDAVG_BLOCK):
+            width = max(n[i] for i in chunk)
+            local = np.arange(width)
+            # row l of device i is fleet row starts[i] + l; padding points at the device's first row
+            idx = np.stack([fleet.starts[i] + np.where(local < n[i], local, 0) for i in chunk])
+            gather = torch.from_numpy(idx).to(self.torch_device)
+            steps = block_steps([orders[i] for i in chunk], cfg.local_batch)
+            clipped = fedavg_block(net, fleet.x[gather], fleet.y[gather], steps, lr=cfg.local_lr,
+                                   clip_norm=cfg.device_clip_norm).clipped
+            if self.numerics == FleetNumerics.FAST:
+                total += clipped.double().sum(dim=0)
+                continue
+            host = clipped.cpu().numpy().astype(np.float64)
+            for j, i in enumerate(chunk):
+                std = (self.model.mechanism.share_std(Phase.DPSGD, self.plan, book.policies[i].guaranteed_arrivals)
+                       if dp else 0.0)
+                vectors[i] = with_noise_share(host[j], params, std, streams[i])
+        self.model.net.to("cpu")
+        if self.numerics == FleetNumerics.FAST:
+            return [total.cpu().numpy()]
+        return [vectors[i] for i in arrived]
+
+    def _fedavg_orders(self, arrived: list[int], r: int) -> tuple[dict[int, list[np.ndarray]], dict[int, NoiseSource]]:
+        """Each device's ``local-epochs`` row orders (local indices) and, exact numerics, its stream.
+
+        Exact: :func:`local_orders` from the device's own stream, as on a device (the stream is kept
+        for the noise share, drawn next). Fast: per epoch, one fleet-wide draw of sort keys (keyed
+        like the fast Poisson samples), each device's rows sorted by them: a uniform permutation each.
+        """
+        cfg, fleet, epochs = self.cfg, self.fleet, self.cfg.local_epochs
+        if self.numerics == FleetNumerics.EXACT:
+            streams = {i: noise_source(cfg.reproducible_noise, cfg.seed, "device", fleet.ids[i], r) for i in arrived}
+            return {i: local_orders(streams[i], int(fleet.n[i]), epochs) for i in arrived}, streams
+        devices = sorted(arrived)
+        rows = np.concatenate([np.arange(fleet.starts[i], fleet.starts[i + 1]) for i in devices])
+        owner = fleet.owner[rows]  # ascending: each device's rows are contiguous, in device order
+        keys = uniforms(cfg, len(rows) * epochs, r).reshape(epochs, len(rows))
+        ordered = [rows[np.lexsort((keys[e], owner))] - fleet.starts[owner] for e in range(epochs)]
+        bounds = np.searchsorted(owner, np.asarray(devices, np.int64), side="left")
+        out = {i: [o[a:a + int(fleet.n[i])] for o in ordered] for i, a in zip(devices, bounds, strict=True)}
+        return out, {}
 
     def _device_rows(self, arrived: list[int], r: int) -> dict[int, np.ndarray]:
         """Each arrived device's rows for a device-level round (``device-batch`` of its pairs, or all).
@@ -840,6 +899,19 @@ class FleetEngine:
                        "seconds_per_dpsgd_round_median": statistics.median(seconds) if seconds else None,
                        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
         }
+
+
+def _blocks(devices: list[int], n: dict[int, int], most: int) -> list[list[int]]:
+    """The devices in blocks of similar row counts (little padding): at most ``most`` devices and
+    :data:`DEVICE_LEVEL_PADDED_ROWS` padded rows (devices x the block's largest) per block."""
+    order = sorted(devices, key=lambda i: n[i])
+    out: list[list[int]] = []
+    for i in order:
+        if out and len(out[-1]) < most and (len(out[-1]) + 1) * n[i] <= DEVICE_LEVEL_PADDED_ROWS:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
 
 
 def _separated(rounds: list[int], joined: set[int], policy: DevicePolicy) -> list[int]:

@@ -44,7 +44,6 @@ from fed_nessa.config import (
     BUILTIN_DATA_SOURCES,
     ConfigError,
     DevicePolicy,
-    DeviceUpdate,
     FederationConfig,
     LedgerLayout,
     RoundStatus,
@@ -373,9 +372,6 @@ def run_engine(cfg: FederationConfig, policy: DevicePolicy, *, engine: str = ENG
         raise ValueError(f"ledger-layout = {cfg.ledger_layout!r}: on the Flower engine every device keeps its own "
                          "ledger file (as a real device does); the ledger store is the fleet engine's")
     if engine == "fleet":
-        if cfg.device_update == DeviceUpdate.FEDAVG:
-            raise ValueError("device-update = 'fedavg': the fleet engine does not vectorise DP-FedAvg yet (it would "
-                             "run FedSGD); run it with --engine flower, whose devices train locally")
         if cfg.resume:
             raise ValueError("--resume: fleet-engine runs are simulations without checkpoints; start a new run folder")
         if cfg.data_source not in BUILTIN_DATA_SOURCES:
