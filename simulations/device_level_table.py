@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from simulations.results_csv import Value, arm, metrics, read
+from simulations.results_csv import Cells, Value, arm, eer_gap, metrics, read, study_cells
 
 NAME = re.compile(r"device-(\d+)dev-(linear|nessa)-eps([\d.]+)$")
 HEADER = ("| devices | device ε (δ) | DP linear start EER % (gap) | share of non-DP | DP NESSA EER % (gap) "
@@ -28,24 +28,9 @@ HEADER = ("| devices | device ε (δ) | DP linear start EER % (gap) | share of n
 ALIGN = "|---:|---|---|---:|---|---:|---|---|---:|---:|---:|"
 
 
-Cells = dict[tuple[int, float], dict[str, dict[str, Value]]]
-
-
 def cells(runs: Sequence[dict[str, Value]]) -> Cells:
     """The study's rows by (devices, epsilon) and arm, from the run names."""
-    out: Cells = {}
-    for r in runs:
-        m = NAME.search(str(r["run"]))
-        if m:
-            out.setdefault((int(m.group(1)), float(m.group(3))), {})[m.group(2)] = r
-    return out
-
-
-def _cell(row: dict[str, float | None] | None) -> str:
-    eer, gap = (row or {}).get("eer"), (row or {}).get("gap_closure")
-    if eer is None or gap is None:
-        return "n/a"
-    return f"{100 * eer:.2f} ({gap:.2f})"
+    return study_cells(runs, NAME)
 
 
 def rows(by_cell: Cells, example_runs: Sequence[dict[str, Value]]) -> list[dict[str, Any]]:
@@ -88,9 +73,9 @@ def markdown(table: list[dict[str, Any]]) -> str:
         return "n/a" if x is None else f"{x:.2f}"
 
     for r in table:
-        lines.append(f"| {r['devices']} | {r['epsilon']:g} ({r['delta']:g}) | {_cell(r['linear'])} "
-                     f"| {fmt(r['linear_share'])} | {_cell(r['nessa'])} | {fmt(r['nessa_share'])} "
-                     f"| {_cell(r['example'])} | {_cell(r['reference'])} | {r['rounds']} "
+        lines.append(f"| {r['devices']} | {r['epsilon']:g} ({r['delta']:g}) | {eer_gap(r['linear'])} "
+                     f"| {fmt(r['linear_share'])} | {eer_gap(r['nessa'])} | {fmt(r['nessa_share'])} "
+                     f"| {eer_gap(r['example'])} | {eer_gap(r['reference'])} | {r['rounds']} "
                      f"| {r['stats_sigma']:.3g} / {r['sigma']:.3g} | {fmt(r['seconds'])} |")
     return "\n".join(lines)
 

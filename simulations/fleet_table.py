@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from simulations.results_csv import Value, arm, metrics, number, read
+from simulations.results_csv import Cells, Value, arm, eer_gap, metrics, number, read, study_cells
 
 NAME = re.compile(r"fleet-(\d+)dev-(linear|nessa)-eps([\d.]+)$")
 HEADER = ("| devices | pairs | ε | DP linear start EER % (gap) | DP NESSA EER % (gap) | auto rule "
@@ -27,24 +27,9 @@ HEADER = ("| devices | pairs | ε | DP linear start EER % (gap) | DP NESSA EER %
 ALIGN = "|---:|---:|---:|---|---|---|---|---|---:|---:|---:|---:|"
 
 
-Cells = dict[tuple[int, float], dict[str, dict[str, Value]]]
-
-
 def cells(runs: Sequence[dict[str, Value]]) -> Cells:
     """The study's rows by (devices, epsilon) and arm, from the run names (``fleet-<n>dev-<arm>-eps<e>``)."""
-    out: Cells = {}
-    for r in runs:
-        m = NAME.search(str(r["run"]))
-        if m:
-            out.setdefault((int(m.group(1)), float(m.group(3))), {})[m.group(2)] = r
-    return out
-
-
-def _cell(row: dict[str, float | None] | None) -> str:
-    eer, gap = (row or {}).get("eer"), (row or {}).get("gap_closure")
-    if eer is None or gap is None:
-        return "n/a"
-    return f"{100 * eer:.2f} ({gap:.2f})"
+    return study_cells(runs, NAME)
 
 
 def shipped(linear: dict[str, Value], nessa: dict[str, Value]) -> tuple[str, dict[str, float | None] | None]:
@@ -83,8 +68,9 @@ def markdown(table: list[dict[str, Any]]) -> str:
     for r in table:
         share = "n/a" if r["share"] is None else f"{r['share']:.2f}"
         secs = "n/a" if r["seconds"] is None else f"{r['seconds']:.2f}"
-        lines.append(f"| {r['devices']} | {r['pairs']} | {r['epsilon']:g} | {_cell(r['linear'])} | {_cell(r['nessa'])} "
-                     f"| {r['rule']} | {_cell(r['shipped'])} | {_cell(r['reference'])} | {share} | {r['rounds']} "
+        lines.append(f"| {r['devices']} | {r['pairs']} | {r['epsilon']:g} | {eer_gap(r['linear'])} "
+                     f"| {eer_gap(r['nessa'])} "
+                     f"| {r['rule']} | {eer_gap(r['shipped'])} | {eer_gap(r['reference'])} | {share} | {r['rounds']} "
                      f"| {secs} | {r['rss_gib']:.1f} |")
     return "\n".join(lines)
 

@@ -20,6 +20,7 @@ import argparse
 import csv
 import io
 import json
+import re
 import statistics
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -174,6 +175,28 @@ def metrics(r: dict[str, Value], name: str) -> dict[str, float | None] | None:
     """One evaluated aligner's metrics (``name`` in ``METRIC_ROWS``) from a row; None if it was not evaluated."""
     out = {metric: number(r[f"{name}_{metric}"]) for metric in METRICS}
     return out if any(v is not None for v in out.values()) else None
+
+
+#: A study's rows by (devices, epsilon) and arm (the fleet and device-level tables).
+Cells = dict[tuple[int, float], dict[str, dict[str, Value]]]
+
+
+def study_cells(runs: Sequence[dict[str, Value]], name: re.Pattern[str]) -> Cells:
+    """The rows by (devices, epsilon) and arm, read from run names ``name`` matches as (devices, arm, epsilon)."""
+    out: Cells = {}
+    for r in runs:
+        m = name.search(str(r["run"]))
+        if m:
+            out.setdefault((int(m.group(1)), float(m.group(3))), {})[m.group(2)] = r
+    return out
+
+
+def eer_gap(row: dict[str, float | None] | None) -> str:
+    """A table cell: ``EER % (gap closure)``, or n/a when the aligner was not evaluated."""
+    eer, gap = (row or {}).get("eer"), (row or {}).get("gap_closure")
+    if eer is None or gap is None:
+        return "n/a"
+    return f"{100 * eer:.2f} ({gap:.2f})"
 
 
 def arm(r: dict[str, Value], name: str) -> dict[str, float | None] | None:
