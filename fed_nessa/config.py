@@ -122,7 +122,6 @@ LINEAR_STARTS = tuple(s.value for s in LinearStart)
 CORPUS_NAME = "kokoro-voices"  # also its folder under data/
 SOURCE_NAMES = ("synthetic", "real-dev", "real-speed-dev", "real-dev+speed", CORPUS_NAME)
 FEDERATION_NAMES = ("synthetic", "real-dev")
-BUILTIN_DATA_SOURCES = FEDERATION_NAMES
 _FOLDER_HINT = f"allowed values {', '.join(FEDERATION_NAMES)}, or a folder of shards"
 
 
@@ -340,9 +339,9 @@ def _check_ranges(c: FederationConfig) -> list[str]:
             f"modulus), lower one of them"
         )
     _range(p, "round-timeout", c.round_timeout, 0.0, 86_400.0)
-    if c.data_source not in BUILTIN_DATA_SOURCES and not c.data_source.strip():
+    if c.data_source not in FEDERATION_NAMES and not c.data_source.strip():
         p.append(f"data-source = '': {_FOLDER_HINT}")
-    elif c.data_source in SOURCE_NAMES and c.data_source not in BUILTIN_DATA_SOURCES:
+    elif c.data_source in SOURCE_NAMES and c.data_source not in FEDERATION_NAMES:
         p.append(f"data-source = {c.data_source!r}: not a federated source ({_FOLDER_HINT})")
     _range(p, "num-devices", c.num_devices, 3, 10_000_000)
     # num-devices is the fleet: a synthetic run's size, a shard folder's count and real-dev's households
@@ -429,7 +428,7 @@ def from_run_config(run_config: Mapping[str, Any], *, base_dir: str | Path | Non
         raise ConfigError(problems)
     cfg = FederationConfig(**values)
     problems = _check_ranges(cfg)
-    if cfg.data_source not in BUILTIN_DATA_SOURCES and base_dir is not None and not problems:
+    if cfg.data_source not in FEDERATION_NAMES and base_dir is not None and not problems:
         folder = Path(cfg.data_source)
         folder = folder if folder.is_absolute() else Path(base_dir) / folder
         if not folder.is_dir():

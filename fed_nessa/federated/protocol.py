@@ -28,7 +28,7 @@ from typing import Any
 from flwr.common.constant import NUM_PARTITIONS_KEY as NUM_PARTITIONS_KEY
 from flwr.common.constant import PARTITION_ID_KEY as PARTITION_ID_KEY
 
-from fed_nessa.config import BUILTIN_DATA_SOURCES, FederationConfig
+from fed_nessa.config import FEDERATION_NAMES, FederationConfig
 from fed_nessa.data.shards import SHARD_SUFFIX, ShardError, shard_paths
 from fed_nessa.privacy.ledger import DEVICE_LEDGER_NAME, device_id_problem, device_key_folder
 
@@ -104,7 +104,7 @@ class DevicePaths:
 
 def shard_folder(cfg: FederationConfig) -> Path:
     """The run's shard folder in simulation (same rule on server and clients)."""
-    if cfg.data_source not in BUILTIN_DATA_SOURCES:
+    if cfg.data_source not in FEDERATION_NAMES:
         return Path(cfg.data_source)
     return Path(cfg.run_dir) / SHARDS_DIR
 

@@ -41,7 +41,7 @@ from flwr.common.constant import NUM_PARTITIONS_KEY, PARTITION_ID_KEY, SUPERLINK
 
 from fed_nessa.arguments import seed_arg
 from fed_nessa.config import (
-    BUILTIN_DATA_SOURCES,
+    FEDERATION_NAMES,
     ConfigError,
     DevicePolicy,
     FederationConfig,
@@ -153,7 +153,7 @@ def build_config(config_file: str | None, overrides: Sequence[str], *,
     except ValueError as exc:
         raise _in_config(exc, config_file, "--set", overrides) from None
     changes: dict[str, Any] = {"run_dir": str(Path(cfg.run_dir).resolve())}
-    if cfg.data_source not in BUILTIN_DATA_SOURCES:
+    if cfg.data_source not in FEDERATION_NAMES:
         changes["data_source"] = str(Path(cfg.data_source).resolve())
     return cfg.replace(**changes)
 
@@ -374,11 +374,11 @@ def run_engine(cfg: FederationConfig, policy: DevicePolicy, *, engine: str = ENG
     if engine == "fleet":
         if cfg.resume:
             raise ValueError("--resume: fleet-engine runs are simulations without checkpoints; start a new run folder")
-        if cfg.data_source not in BUILTIN_DATA_SOURCES:
+        if cfg.data_source not in FEDERATION_NAMES:
             raise ValueError(f"data-source {cfg.data_source}: the fleet engine builds its devices in memory from "
-                             f"{' or '.join(BUILTIN_DATA_SOURCES)}; run a folder of shards with --engine flower")
+                             f"{' or '.join(FEDERATION_NAMES)}; run a folder of shards with --engine flower")
         _check_torch_device(device)
-    if cfg.data_source not in BUILTIN_DATA_SOURCES:
+    if cfg.data_source not in FEDERATION_NAMES:
         check_shard_folder(Path(cfg.data_source), cfg)
     planned = _planned_replacement(cfg) if replace else None
     check_run_dir(cfg, replacing=planned is not None)
