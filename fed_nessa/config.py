@@ -121,7 +121,7 @@ LINEAR_STARTS = tuple(s.value for s in LinearStart)
 # simulation's devices; any other name is for the centralised commands only.
 CORPUS_NAME = "kokoro-voices"  # also its folder under data/
 SOURCE_NAMES = ("synthetic", "real-dev", "real-speed-dev", "real-dev+speed", CORPUS_NAME)
-FEDERATION_NAMES = ("synthetic", "real-dev")
+FEDERATION_NAMES = ("synthetic", "real-dev", CORPUS_NAME)
 _FOLDER_HINT = f"allowed values {', '.join(FEDERATION_NAMES)}, or a folder of shards"
 
 
@@ -179,7 +179,7 @@ class FederationConfig:
     expected_pairs_per_device: float = 112.0  # public prior for aligner=auto (never measured on devices)
     fleet_numerics: str = "fast"
     ledger_layout: str = "files"  # fleet engine: "sqlite" keeps every device ledger in one store (docs/privacy.md)
-    validation_speakers: int = 100  # synthetic: the server's own validation speakers for the gate
+    validation_speakers: int = 100  # synthetic, kokoro-voices: the server's own validation speakers for the gate
     ship_without_validation: bool = False  # no validation set: ship the aligner untested (else ship nothing)
     dropout_rate: float = 0.0  # fleet engine: chance an accepted device drops out before sending
     budget_split: float = 0.0  # share of epsilon-budget for the statistics round; 0: sigmas as given
@@ -344,8 +344,8 @@ def _check_ranges(c: FederationConfig) -> list[str]:
     elif c.data_source in SOURCE_NAMES and c.data_source not in FEDERATION_NAMES:
         p.append(f"data-source = {c.data_source!r}: not a federated source ({_FOLDER_HINT})")
     _range(p, "num-devices", c.num_devices, 3, 10_000_000)
-    # num-devices is the fleet: a synthetic run's size, a shard folder's count and real-dev's households
-    # (both checked against the data before anything is written).
+    # num-devices is the fleet: a synthetic run's size, a shard folder's count, real-dev's households and
+    # kokoro-voices' device voices (each checked against the data before anything is written).
     if c.clients_per_round > c.num_devices:
         p.append(
             f"clients-per-round = {c.clients_per_round}: allowed range [3, num-devices = {c.num_devices}]"

@@ -69,10 +69,10 @@ def test_bad_name_lists_the_names(tmp_path) -> None:  # noqa: ANN001
 
 
 def test_simulate_refuses_a_centralised_only_name() -> None:
-    with pytest.raises(ConfigError, match="kokoro-voices.*not a federated source.*synthetic, real-dev"):
-        from_run_config({"data-source": "kokoro-voices"})
+    with pytest.raises(ConfigError, match="real-speed-dev.*not a federated source.*synthetic, real-dev, kokoro-voices"):
+        from_run_config({"data-source": "real-speed-dev"})
     with pytest.raises(ValueError, match="not a federated source"):
-        load_federation_data(FederationConfig(data_source="kokoro-voices"), None)
+        load_federation_data(FederationConfig(data_source="real-speed-dev"), None)
 
 
 def test_canary_audit_reads_registry_names() -> None:

@@ -425,13 +425,14 @@ def split_by_voice(
     return es.subset(~mask, name=f"{es.name}/train"), es.subset(mask, name=f"{es.name}/test")
 
 
-def validation_split(es: EmbeddingSet, fraction: float, seed: int = 0) -> tuple[EmbeddingSet, EmbeddingSet]:
-    """Split a *training* set into (fit, validation) by whole voices, for early stopping.
+def validation_split(es: EmbeddingSet, fraction: float | None, seed: int = 0, *,
+                     count: int | None = None) -> tuple[EmbeddingSet, EmbeddingSet]:
+    """Split a *training* set into (fit, validation) by whole voices (a ``fraction`` or a ``count`` of them).
 
-    Call it on the train side of :func:`split_by_voice` only: early stopping on test voices would
-    tune the model to the figures it reports.
+    Call it on the train side of :func:`split_by_voice` only: early stopping (or a promotion gate)
+    on test voices would tune the model to the figures it reports.
     """
-    n_val = _count(es.num_voices, fraction, None, "validation")
+    n_val = _count(es.num_voices, fraction, count, "validation")
     order = _voice_order(es, seed, stream=1)
     mask = np.isin(es.voice, order[:n_val])
     return es.subset(~mask, name=f"{es.name}/fit"), es.subset(mask, name=f"{es.name}/val")

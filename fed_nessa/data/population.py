@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fed_nessa.config import FederationConfig
-from fed_nessa.data.datasets import write_devices
+from fed_nessa.config import CORPUS_NAME, FederationConfig
+from fed_nessa.data.datasets import EmbeddingSet, write_devices
 from fed_nessa.data.registry import SOURCES, ShardFolder
 from fed_nessa.data.shards import Shard, ShardError, load_shard, shard_paths
 
@@ -113,6 +113,70 @@ def real_dev_federation(cfg: FederationConfig, folder: Path | None) -> Federatio
                  cfg.runtime_model)
     first = devices[0]
     return FederationData(first.d_x, first.d_y, first.enroll_model, first.runtime_model, ev, paths, None,
+                          tuple(devices) if folder is None else ())
+
+
+#: kokoro-voices: voices per device (one device per training voice, all its utterances).
+CORPUS_VOICES_PER_DEVICE = (1, 1)
+
+
+@dataclass(frozen=True)
+class CorpusPopulation:
+    """The corpus split three ways by whole voices: devices' voices, the server's validation voices, held-out."""
+
+    devices: EmbeddingSet  # the training voices the devices hold
+    validation: EmbeddingSet | None  # training voices withheld from every device (the gate's)
+    held_out: EmbeddingSet  # the corpus's held-out voices (no parent pack shared with the above)
+    folder: Path
+
+
+def corpus_population(validation_speakers: int, seed: int) -> CorpusPopulation:
+    """kokoro-voices as a federation's population: ``validation_speakers`` training voices withheld, seeded.
+
+    The held-out voices are the corpus's own (split by parent packs, :mod:`fed_nessa.data.corpus.store`):
+    neither a device nor the gate ever sees them.
+    """
+    from fed_nessa.data.corpus.store import load_corpus
+    from fed_nessa.data.datasets import resolve_real_folder, validation_split
+
+    folder = resolve_real_folder(CORPUS_NAME)
+    corpus = load_corpus(folder)
+    if validation_speakers == 0:
+        return CorpusPopulation(corpus.train, None, corpus.held_out, folder)
+    try:
+        devices, validation = validation_split(corpus.train, None, seed, count=validation_speakers)
+    except ValueError as exc:
+        raise ValueError(f"{folder}: validation-speakers = {validation_speakers}: {exc}") from None
+    return CorpusPopulation(devices, validation, corpus.held_out, folder)
+
+
+def corpus_device_count(validation_speakers: int, seed: int = 0) -> int:
+    """How many devices kokoro-voices makes (``num-devices`` must equal it): one per device voice."""
+    return corpus_population(validation_speakers, seed).devices.num_voices
+
+
+def corpus_federation(cfg: FederationConfig, folder: Path | None) -> FederationData:
+    """kokoro-voices: one device per training voice; the corpus's held-out voices are the evaluation set."""
+    from fed_nessa.data import datasets
+    from fed_nessa.data.extract import MODEL_NAMES
+
+    pop = corpus_population(cfg.validation_speakers, cfg.seed)
+    for key, model in (("enroll-model", cfg.enroll_model), ("runtime-model", cfg.runtime_model)):
+        if model not in MODEL_NAMES:
+            raise ValueError(f"{pop.folder}: {key} = {model!r}: the corpus has no such model "
+                             f"(models: {', '.join(MODEL_NAMES)})")
+    devices = datasets.make_households(pop.devices, cfg.enroll_model, cfg.runtime_model, seed=cfg.seed,
+                                       speakers_per_device=CORPUS_VOICES_PER_DEVICE)
+    if len(devices) != cfg.num_devices:  # checked before a shard is written: it sizes the cohort and SecAgg+
+        raise ValueError(f"num-devices = {cfg.num_devices}: data-source kokoro-voices makes {len(devices)} devices "
+                         f"(one per training voice, validation-speakers = {cfg.validation_speakers} withheld for the "
+                         f"server's gate); set num-devices = {len(devices)}")
+    paths = _write_devices(devices, folder) if folder is not None else []
+    ev = _eval_from_embedding_set(pop.held_out, cfg.enroll_model, cfg.runtime_model)
+    val = (_eval_from_embedding_set(pop.validation, cfg.enroll_model, cfg.runtime_model)
+           if pop.validation is not None else None)
+    first = devices[0]
+    return FederationData(first.d_x, first.d_y, first.enroll_model, first.runtime_model, ev, paths, val,
                           tuple(devices) if folder is None else ())
 
 

@@ -81,9 +81,14 @@ class RealSet:
 
 @dataclass(frozen=True)
 class Corpus:
-    """The Kokoro blend corpus: fixed held-out voices that share no parent pack with training voices."""
+    """The Kokoro blend corpus: fixed held-out voices that share no parent pack with training voices.
 
-    federated: bool = False
+    Federated: one device per training voice, less ``validation-speakers`` training voices the server
+    keeps for its gate; the held-out voices are the evaluation set
+    (:func:`fed_nessa.data.population.corpus_federation`).
+    """
+
+    federated: bool = True
 
     def embedding_sets(self, name: str, num_devices: int, seed: int) -> DataSource:
         from fed_nessa.data.sources import corpus_sets
@@ -91,8 +96,9 @@ class Corpus:
         return corpus_sets(name)
 
     def federation(self, cfg: FederationConfig, shard_folder: Path | None) -> FederationData:
-        raise ValueError(f"data-source = {cfg.data_source!r}: not a federated source "
-                         f"(federated: {', '.join(FEDERATION_NAMES)} or a folder of shards)")
+        from fed_nessa.data.population import corpus_federation
+
+        return corpus_federation(cfg, shard_folder)
 
 
 @dataclass(frozen=True)
