@@ -80,7 +80,7 @@ def test_dp_needs_noise_and_ints_are_accepted_for_floats(tmp_path: Path) -> None
     with pytest.raises(ConfigError, match="must be > 0 when dp-mode is 'local'"):
         from_run_config({"dp-mode": "local", "noise-multiplier": 0})
     assert from_run_config({"dp-mode": "none", "noise-multiplier": 0, "lr": 1}).lr == 1.0
-    with pytest.raises(ConfigError, match="not 'synthetic', 'real-dev' or an existing folder"):
+    with pytest.raises(ConfigError, match="not 'synthetic', 'real-dev', 'kokoro-voices' or an existing folder"):
         from_run_config({"data-source": "no/such/folder"}, base_dir=tmp_path)
     assert from_run_config({"data-source": "."}, base_dir=tmp_path).data_source == "."
 

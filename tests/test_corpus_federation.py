@@ -149,3 +149,23 @@ def test_a_fleet_run_evaluates_on_the_held_out_voices_and_gates_on_validation_vo
     assert final["gate"]["shipped"] == "none"  # random embeddings: nothing beats not updating, so the final
     assert final["eer"] == pytest.approx(held_out)  # figures are not updating's on the held-out voices
     assert final["gate"]["validation_eer"]["none"] == pytest.approx(validation) != pytest.approx(held_out)
+
+
+@pytest.mark.parametrize("engine", ["flower", "fleet"])
+@pytest.mark.parametrize(("sets", "message"), [
+    (["num-devices=30"], "num-devices = 30: data-source kokoro-voices makes 10 devices"),
+    (["num-devices=10", "runtime-model=ecapa"], "runtime-model = 'ecapa': the corpus has no such model"),
+])
+def test_simulate_refuses_bad_input_in_one_line_before_writing(corpus: Path, tmp_path: Path, engine: str,
+                                                               sets: list[str], message: str,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from fed_nessa.cli import main
+
+    run = tmp_path / "run"
+    argv = ["simulate", "--config", "smoke", "--quiet", "--run-dir", str(run), "--engine", engine,
+            "--set", f"data-source={CORPUS_NAME}", "--set", "validation-speakers=4", "--set", "enroll-model=vfl_dvec",
+            "--set", "runtime-model=resemblyzer", *(x for s in sets for x in ("--set", s))]
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fed-nessa simulate: error: ") and message in lines[0]
+    assert not (run / "shards").exists()

@@ -76,6 +76,9 @@ class RealSet:
     def federation(self, cfg: FederationConfig, shard_folder: Path | None) -> FederationData:
         from fed_nessa.data.population import real_dev_federation
 
+        if not self.federated:  # only real-dev makes households; the speed sets would be read as real-dev
+            raise ValueError(f"data-source = {cfg.data_source!r}: not a federated source "
+                             f"(federated: {', '.join(FEDERATION_NAMES)} or a folder of shards)")
         return real_dev_federation(cfg, shard_folder)
 
 
