@@ -33,11 +33,11 @@ CSV=results/kokoro_federated.csv
 # The corpus's sizes: voices, training voices, devices (training voices less the validation voices) and
 # utterances per voice (a device-level statistics weight: one device holds one voice's utterances).
 read -r voices train_voices devices utts < <("$PY" -c "
-from fed_nessa.data.population import corpus_population
+from fed_nessa.data.population import corpus_device_count, corpus_population
 p = corpus_population($validation, 0)
 val = p.validation.num_voices if p.validation is not None else 0
-print(p.devices.num_voices + val + p.held_out.num_voices, p.devices.num_voices + val, p.devices.num_voices,
-      int(max(p.devices.utterance) + 1))")
+print(p.devices.num_voices + val + p.held_out.num_voices, p.devices.num_voices + val,
+      corpus_device_count($validation, 0), int(max(p.devices.utterance) + 1))")
 RUNS=runs/studies DONE="runs/studies/kokoro${voices}v-done"
 mkdir -p "$DONE"
 echo "kokoro-voices: $voices voices ($train_voices training, $devices devices, $validation validation), $utts utterances each"

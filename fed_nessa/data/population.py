@@ -151,8 +151,12 @@ def corpus_population(validation_speakers: int, seed: int) -> CorpusPopulation:
 
 
 def corpus_device_count(validation_speakers: int, seed: int = 0) -> int:
-    """How many devices kokoro-voices makes (``num-devices`` must equal it): one per device voice."""
-    return corpus_population(validation_speakers, seed).devices.num_voices
+    """How many devices kokoro-voices makes (``num-devices`` must equal it): one per device voice that has
+    the households' minimum of utterances (every voice of a finished build)."""
+    from fed_nessa.data.datasets import plan_households
+
+    devices = corpus_population(validation_speakers, seed).devices
+    return len(plan_households(devices, seed, speakers_per_device=CORPUS_VOICES_PER_DEVICE))
 
 
 def corpus_federation(cfg: FederationConfig, folder: Path | None) -> FederationData:
