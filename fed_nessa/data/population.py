@@ -1,8 +1,8 @@
 """A federation's population: the devices' shards (simulation) and the server's held-out evaluation set.
 
 The server never holds device data in deployment. In simulation the devices are
-*created* here (the synthetic population or households built from the real-dev
-train voices) and written, by the one shard writer
+*created* here (the synthetic population, households built from the real-dev
+train voices, or one device per kokoro-voices training voice) and written, by the one shard writer
 (:func:`fed_nessa.data.datasets.write_devices`), into the run's shard folder for the
 ClientApps to load by partition id; the server keeps only the held-out evaluation
 set (speakers no device has) plus, for the final comparison rows, the pooled
