@@ -63,6 +63,7 @@ from fed_nessa.privacy.ledger import (
     DEVICE_LEDGER_NAME,
     DEVICE_PUB_NAME,
     FEDERATION_LEDGER_NAME,
+    PUBLIC_PARAMETERS,
     RESERVE,
     ROUND,
     SERVER_PUB_NAME,
@@ -563,6 +564,24 @@ def _check_unique_ids(devices: list[DeviceAudit], findings: list[Finding]) -> No
 
 
 # ----------------------------------------------------------------------------- federation
+def _no_dp_round(rec: dict[str, Any], summary: dict[str, Any] | None) -> bool:
+    """Whether a signed round (or span) record is one that added no DP noise, so its participants reserve nothing.
+
+    Both parties must say so: the server signs no public DP parameters for the round, and the run's
+    summary states dp-mode none. A server that drops the parameters of a DP round still fails
+    ``federation.joined`` for every device whose reservation is missing.
+    """
+    extra = rec.get("extra") or {}
+    mode = ((summary or {}).get("privacy") or {}).get("mode")
+    return PUBLIC_PARAMETERS in extra and extra[PUBLIC_PARAMETERS] is None and mode == "none"
+
+
+def _round_list(rounds: list[int], most: int = 8) -> str:
+    """``1, 2, 3`` or ``1, 2, ... (40 rounds)``: a finding names the rounds without listing thousands."""
+    shown = ", ".join(str(r) for r in rounds[:most])
+    return shown if len(rounds) <= most else f"{shown}, ... ({len(rounds)} rounds)"
+
+
 def _audit_federation(path: Path, devices: list[DeviceAudit], findings: list[Finding],
                       summary: dict[str, Any] | None = None, not_checked: list[str] | None = None) -> dict[str, Any]:
     """Cross-check the server's ``round`` and ``span`` entries against the device ledgers.
@@ -582,16 +601,20 @@ def _audit_federation(path: Path, devices: list[DeviceAudit], findings: list[Fin
     # reservations outside them were never recorded by the server.
     recorded: dict[str, list[Interval]] = defaultdict(list)
     evidence = _Evidence(read)
+    unguarded: dict[str, list[int]] = defaultdict(list)  # device -> non-DP rounds it joined
     for rec in rounds:
         r = rec.get("round")
         if not isinstance(r, int):
             findings.append(Finding(FAIL, "federation.schema", f"round entry without an int round: {r!r}",
                                     "server"))
             continue
+        no_dp = _no_dp_round(rec, summary)
         for device_id in rec.get("joined", []):
             dev = by_id.get(device_id)
             if dev is None:
                 not_audited.add(device_id)
+            elif no_dp:  # nothing to reserve: the device spent no epsilon because it got no guarantee
+                unguarded[device_id].append(r)
             elif subtract_intervals([(r, r)], dev.covered):
                 findings.append(Finding(FAIL, "federation.joined",
                                         f"the server recorded device {device_id} as joining round {r}, but its "
@@ -611,11 +634,15 @@ def _audit_federation(path: Path, devices: list[DeviceAudit], findings: list[Fin
             continue
         first, last, dropped = parsed
         where = f"rounds {first}..{last}" if last > first else f"round {first}"
+        no_dp = _no_dp_round(rec, summary)
         for device_id in rec["joined"]:
             recorded[device_id].append((first, last))
             dev = by_id.get(device_id)
             if dev is None:
                 not_audited.add(device_id)
+                continue
+            if no_dp:
+                unguarded[device_id].extend(range(first, last + 1))
                 continue
             excused = merge_intervals((r, r) for r in dropped.get(device_id, ()))
             missing = subtract_intervals(subtract_intervals([(first, last)], dev.covered), excused)
@@ -635,6 +662,12 @@ def _audit_federation(path: Path, devices: list[DeviceAudit], findings: list[Fin
         spans.append({"seq": seq, "first_round": first, "last_round": last, "joined": len(rec["joined"]),
                       "declined": len(rec["declined"]), "failed": len(rec["failed"]),
                       "dropouts": sum(len(v) for v in dropped.values())})
+    if unguarded:
+        rounds_joined = sorted({r for rs in unguarded.values() for r in rs})
+        findings.append(Finding(WARN, "federation.no_dp",
+                                f"{len(unguarded)} device(s) joined round(s) {_round_list(rounds_joined)} that added "
+                                "no DP noise (dp-mode none): no DP guarantee covers what they sent, and their ledgers "
+                                "rightly reserve nothing for those rounds", "server"))
     if rounds or spans:
         for dev in devices:
             _check_unrecorded(dev, merge_intervals(recorded.get(dev.device_id, [])), findings)
