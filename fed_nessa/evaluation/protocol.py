@@ -605,3 +605,9 @@ def summary_row(report: ScenarioReport, name: str) -> dict[str, Any]:
     row = report.row(name)
     return {"eer": row.metrics.eer, "min_dcf": row.metrics.min_dcf, "sid_top1": row.metrics.sid_top1,
             "gap_closure": row.gap_closure}
+
+
+def federated_row(ev: Any, scenario: str, comparator: Any) -> dict[str, Any]:
+    """A round entry's evaluation: the federated aligner's row on a federation's evaluation set
+    (injected into the round protocol, which may not import this package)."""
+    return summary_row(evaluate_eval_set(ev, scenario, {"federated": comparator}), "asym_federated")
