@@ -32,16 +32,15 @@ Two numerics (``fleet-numerics``):
     sum has coordinates of at most ``k C``). SecAgg+'s arithmetic and these fleet-wide streams are
   :mod:`fed_nessa.sim.fleet_numerics`.
 
-Ledgers at fleet scale: a device reserves its whole DP-SGD phase as one *span* (one
-signed, fsynced line: ``steps`` = its scheduled rounds, counted in full even if it drops
-out, which is conservative) and completes it at the end; the federation ledger records a
-full-participation phase as one span entry. ``fed-nessa audit`` re-derives every epsilon
-from those lines.
+Ledgers at fleet scale: a device reserves its whole DP-SGD phase as one *span* and
+completes it at the end; the federation ledger records a full-participation phase as one
+span entry (:mod:`fed_nessa.sim.fleet_ledgers`). The rounds themselves are the library's
+round protocol (:func:`fed_nessa.federated.protocol_loop.run_protocol`): this engine is its
+transport (:class:`fed_nessa.federated.engine.Engine`).
 """
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import functools
 import logging
@@ -81,36 +80,27 @@ from fed_nessa.federated.device import (
     model_refusal,
     planned_event,
     policy_refusal,
-    separation_refusal,
 )
 from fed_nessa.federated.engine import Answers, Ending, Engine, Pins, Released, RunState
 from fed_nessa.federated.layout import trainable
-from fed_nessa.federated.mechanism import device_subset, local_orders, max_sampled, public_parameters
+from fed_nessa.federated.mechanism import device_subset, local_orders, max_sampled
 from fed_nessa.federated.noise_plan import NoisePlan, noise_plan
 from fed_nessa.federated.protocol import PROMISED_ARRIVALS_KEY
 from fed_nessa.federated.protocol_loop import run_protocol
-from fed_nessa.federated.release import may_unmask, promised_arrivals
+from fed_nessa.federated.release import may_unmask
 from fed_nessa.federated.rounds import Progress, RunOutputs
 from fed_nessa.federated.server_model import ServerModel
 from fed_nessa.model.training import with_noise_share
-from fed_nessa.privacy.accounting import UnitNotCoveredError
-from fed_nessa.privacy.events import EXAMPLE, GAUSSIAN_SUM, DPEvent
+from fed_nessa.privacy.events import EXAMPLE
 from fed_nessa.privacy.ledger import (
-    CHAIN_SCHEME,
-    LEDGER_HEADS,
-    PUBLIC_PARAMETERS,
     DeviceLedger,
     FederationLedger,
-    config_sha256,
     ledger_batch,
-    model_sha256,
-    open_device_ledgers,
-    received_chain,
 )
-from fed_nessa.privacy.store import LedgerStore
 from fed_nessa.randomness import NoiseSource, noise_source
 from fed_nessa.sim.fedavg import block_steps, fedavg_block
 from fed_nessa.sim.fleet_epsilon import SpentEpsilon
+from fed_nessa.sim.fleet_ledgers import DeviceBook
 from fed_nessa.sim.fleet_numerics import encode_all, fast_rounding, modular_sum, summed_noise, uniforms
 from fed_nessa.sim.ghost import clipped_gradient_sums, device_clipped_sum, device_clipped_vectors
 
@@ -196,18 +186,6 @@ class _Ids(Mapping[int, str]):
         return len(self._ids)
 
 
-@dataclass
-class DeviceBook:
-    """Each device's policy decision and ledger handle for the run."""
-
-    ledgers: list[DeviceLedger]
-    policies: list[DevicePolicy]
-    #: device index -> reserve seqs of its DP-SGD span(s): one per run of consecutive joined rounds
-    span_seq: dict[int, list[tuple[int, int, int]]] = field(default_factory=dict)  # (seq, first, last)
-    span_rounds: dict[int, list[int]] = field(default_factory=dict)  # device index -> rounds it joins
-    refused: dict[int, str] = field(default_factory=dict)  # device index -> why it declines the DP-SGD phase
-
-
 class FleetEngine(Engine):
     """One fleet-engine run (see the module docstring): the round protocol's transport
     (:func:`fed_nessa.federated.protocol_loop.run_protocol` runs the rounds)."""
@@ -235,23 +213,16 @@ class FleetEngine(Engine):
         self.state = RunState()
         self.numerics = FleetNumerics(cfg.fleet_numerics)
         self._sim_rng = np.random.default_rng([cfg.seed, 7])  # drop-outs only: not a privacy mechanism
-        self._dropped: dict[int, list[int]] = {}
-        # Evidence (docs/privacy.md, "one model per round"): the server key devices pin and the
-        # (model, config) SHA-256 sent per round.
-        self._server_fp: str | None = None
-        self._sent: dict[int, tuple[str, str]] = {}
         self._streams: dict[int, NoiseSource] = {}  # exact device level: each device's stream within a round
         self._spent = SpentEpsilon(cfg.privacy_unit)
-        self._store: LedgerStore | None = None  # the ledger store (ledger-layout = sqlite), else None
-        self.book = DeviceBook([], [])  # every device's ledger and policy, opened by start()
+        self.book = DeviceBook([], [])  # every device's ledger, policy and spans, opened by start()
         self._dp_rounds: list[int] = []
         self._seqs: dict[int, int] = {}  # the statistics round's reservations: device index -> seq
 
     # -- ledgers ---------------------------------------------------------------------------
     def _open_ledgers(self) -> DeviceBook:
         """Every device's ledger (its keys outside the run folder), in the run's ``ledger-layout``."""
-        ledgers, self._store = open_device_ledgers(self.run_dir, self.fleet.ids, self.policy, self.cfg.ledger_layout)
-        return DeviceBook(ledgers, [ledger.policy or self.policy for ledger in ledgers])
+        return DeviceBook.open(self.run_dir, self.fleet.ids, self.policy, self.cfg.ledger_layout)
 
     # -- the engine (fed_nessa.federated.engine.Engine) --------------------------------------
     def run(self) -> dict[str, Any]:
@@ -264,7 +235,7 @@ class FleetEngine(Engine):
     def start(self, ledger: FederationLedger, pins: Pins, state: RunState) -> int:
         """Every device's ledger opened; its key pinned from the ledger itself (written in the next record)."""
         self.state, self.book = state, self._open_ledgers()
-        self._server_fp = ledger.key_fingerprint
+        self.book.server_fp = ledger.key_fingerprint
         for dev, led in zip(self.fleet.ids, self.book.ledgers, strict=True):
             pins.offer(dev, led.key_fingerprint)
         phases = self.model.phases(self.plan.aligner)
@@ -273,8 +244,8 @@ class FleetEngine(Engine):
 
     def before_round(self, r: int, phase: Phase) -> None:
         if self._dp_rounds and r == self._dp_rounds[0]:
-            with ledger_batch(self._store):  # every span reserved, durable, before round one
-                self._reserve_spans(self.book, self._dp_rounds)
+            with ledger_batch(self.book.store):  # every span reserved, durable, before round one
+                self.book.reserve_spans(self.cfg, self.fleet, self._dp_rounds, self._model_ids())
 
     def cohort(self, r: int, phase: Phase) -> list[int]:
         return [int(i) for i in sample_positions(len(self.fleet.ids), self.cfg, r, phase).tolist()]
@@ -282,7 +253,7 @@ class FleetEngine(Engine):
     def ask(self, r: int, phase: Phase, cohort: list[int], request: dict[str, Any]) -> Answers:
         """Statistics round: each device's policy and budget, its reservation durable before the sum.
         DP-SGD round: the devices whose span holds this round (reserved before the first one)."""
-        received = self._send(r, request)
+        received = self.book.send(r, request, self.model.vector())
         answers = Answers(device_ids=_Ids(self.fleet.ids), evidence={"model_sha256": received["model_sha256"],
                                                                      "config_sha256": received["config_sha256"]})
         if phase != Phase.SUFFSTATS:
@@ -292,7 +263,7 @@ class FleetEngine(Engine):
         cfg, fleet, book = self.cfg, self.fleet, self.book
         req = RoundRequest(Phase.SUFFSTATS, r, int(request[PROMISED_ARRIVALS_KEY]), len(fleet.ids), **self._model_ids())
         self._seqs = {}
-        with ledger_batch(self._store):  # reserves durable before the mechanism runs
+        with ledger_batch(book.store):  # reserves durable before the mechanism runs
             for i in cohort:
                 ledger, policy = book.ledgers[i], book.policies[i]
                 why = fleet.refusal(req, i, int(fleet.n[i]), cfg, policy, ledger)
@@ -319,13 +290,13 @@ class FleetEngine(Engine):
         """Statistics round: every reservation completed, the heads signed. DP-SGD: who dropped out."""
         book = self.book
         if phase != Phase.SUFFSTATS:
-            self._dropped[r] = sorted(set(answers.accepted) - set(released.arrived if released else []))
+            book.dropped[r] = sorted(set(answers.accepted) - set(released.arrived if released else []))
             return {}
-        with ledger_batch(self._store):
+        with ledger_batch(book.store):
             for i, seq in self._seqs.items():
                 ledger = book.ledgers[i]
                 ledger.complete(seq, float(ledger.epsilon(book.policies[i].delta)), status="done")
-        return _heads(book, self._seqs)
+        return book.heads(self._seqs)
 
     def records_round(self, phase: Phase) -> bool:
         return phase == Phase.SUFFSTATS  # the DP-SGD phase is recorded as spans by close()
@@ -344,7 +315,7 @@ class FleetEngine(Engine):
 
     def close(self, ledger: FederationLedger, pins: Pins) -> None:
         if self._dp_rounds:
-            self._close_spans(self.book, self._dp_rounds, ledger, pins)
+            self.book.close_spans(self.cfg, self.plan, self._dp_rounds, ledger, pins, ENGINE)
 
     def ending(self) -> Ending:
         """The fleet's summary (every device's epsilon from its ledger) and its pooled references."""
@@ -353,8 +324,8 @@ class FleetEngine(Engine):
                       card_extra=lambda summary: {"engine": ENGINE})
 
     def release(self) -> None:
-        if self._store is not None:
-            self._store.close()
+        if self.book.store is not None:
+            self.book.store.close()
 
     # -- statistics round ------------------------------------------------------------------
     def _stats_release(self, r: int, accepted: list[int], codec: SecAggCodec, promised: int) -> Released:
@@ -415,70 +386,6 @@ class FleetEngine(Engine):
         return self.model.mechanism.stats_weights(self.fleet.n)
 
     # -- DP-SGD rounds ---------------------------------------------------------------------
-    def _reserve_spans(self, book: DeviceBook, dp_rounds: list[int]) -> None:
-        """Every device reserves the DP-SGD rounds it is scheduled for, as one span, within its budget."""
-        cfg, fleet = self.cfg, self.fleet
-        schedule: dict[int, list[int]] = {i: [] for i in range(len(fleet.ids))}
-        for r in dp_rounds:
-            for i in sample_positions(len(fleet.ids), cfg, r, Phase.DPSGD).tolist():
-                schedule[i].append(r)
-        cap_cache: dict[tuple[Any, ...], int] = {}
-        for i, rounds in schedule.items():
-            if not rounds:
-                continue
-            ledger, policy = book.ledgers[i], book.policies[i]
-            kept = _separated(rounds, ledger.rounds(), policy)  # the device's own min-separation
-            # The device answers for the first round it keeps: the rounds its separation drops are
-            # declined, not the whole span (docs/privacy.md).
-            req = RoundRequest(Phase.DPSGD, (kept or rounds)[0],
-                               promised_arrivals(cfg, cfg.cohort_size(len(fleet.ids))), len(fleet.ids),
-                               **self._model_ids())
-            why = fleet.refusal(req, i, int(fleet.n[i]), cfg, policy, ledger)
-            rounds = kept
-            if why or not rounds:
-                book.refused[i] = why or separation_refusal(req.round, ledger.rounds(), policy) or "declined"
-                continue
-            one = planned_event(req, int(fleet.n[i]), cfg, policy)
-            if one is None:  # no DP: nothing to reserve
-                book.span_rounds[i] = rounds
-                continue
-            key = (one.sample_rate, one.noise_multiplier, one.unit, len(rounds),
-                   tuple(sorted((e.sample_rate, e.noise_multiplier, e.steps, e.mechanism, e.unit)
-                                for e in ledger.events())))
-            if key not in cap_cache:
-                cap_cache[key] = self._affordable(ledger, one, len(rounds))
-            k = min(cap_cache[key], policy.max_participations - ledger.participations(), len(rounds))
-            if k <= 0:
-                book.refused[i] = "declined: the DP-SGD phase would take this device over its budget"
-                continue
-            joined = rounds[:k]
-            # A Poisson DP-SGD span may skip rounds (cohorts); a device-level Gaussian sum is one
-            # mechanism per round, so its spans are runs of consecutive rounds.
-            runs = _runs(tuple(joined)) if one.mechanism == GAUSSIAN_SUM else [(joined[0], joined[-1])]
-            seqs = []
-            for first, last in runs:
-                steps = k if one.mechanism != GAUSSIAN_SUM else last - first + 1
-                span = DPEvent.from_dict({**one.to_dict(), "steps": steps, "round": first, "last_round": last,
-                                          "note": f"{one.note}; span of {steps} scheduled round(s) reserved at "
-                                                  "once (counted in full even if the device drops out)"})
-                seqs.append((ledger.reserve(span, {"server_key_fingerprint": self._server_fp}), first, last))
-            book.span_seq[i] = seqs
-            book.span_rounds[i] = joined
-
-    def _affordable(self, ledger: DeviceLedger, one: DPEvent, most: int) -> int:
-        """The most rounds (<= most) a device with this history can join within its budget."""
-        def fits(k: int) -> bool:
-            span = DPEvent.from_dict({**one.to_dict(), "steps": k, "last_round": one.round + k - 1})
-            return ledger.check_budget(span, self.cfg.epsilon_budget, self.cfg.delta).allowed
-
-        if fits(most):
-            return most
-        lo, hi = 0, most
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
-        return lo
-
     def _dpsgd_release(self, r: int, accepted: list[int], codec: SecAggCodec, promised: int) -> Released:
         """The DP-SGD sum of the devices that did not drop out or fail their own range check."""
         cfg, book = self.cfg, self.book
@@ -724,103 +631,18 @@ class FleetEngine(Engine):
         """The federation's model ids, stated in every round (a device with other models declines)."""
         return {"enroll_model": self.data.enroll_model, "runtime_model": self.data.runtime_model}
 
-    def _send(self, r: int, request: dict[str, Any]) -> dict[str, Any]:
-        """Hash the model and round config of round ``r`` (what every device of the round receives)."""
-        self._sent[r] = (model_sha256(self.model.vector()), config_sha256(request))
-        return {"round": r, "model_sha256": self._sent[r][0], "config_sha256": self._sent[r][1],
-                "server_key_fingerprint": self._server_fp}
-
-    def _sent_extra(self, rounds: list[int], pins: Pins, span: bool = False) -> dict[str, Any]:
-        """Federation-ledger evidence: per-round hashes (one round) or their chain (a span), plus new pins."""
-        if len(rounds) == 1 and not span:
-            model, config = self._sent[rounds[0]]
-            return {"model_sha256": model, "config_sha256": config, "device_key_fingerprints": pins.flush()}
-        return {"models": {str(r): list(self._sent[r]) for r in rounds}, "model_chain_scheme": CHAIN_SCHEME,
-                "model_chain": received_chain((r, *self._sent[r]) for r in rounds),
-                "device_key_fingerprints": pins.flush()}
-
-    def _close_spans(self, book: DeviceBook, dp_rounds: list[int], fed_ledger: FederationLedger, pins: Pins) -> None:
-        chains: dict[tuple[int, ...], dict[str, Any]] = {}  # devices on one schedule share one chain
-        with ledger_batch(self._store):
-            for i, spans in book.span_seq.items():
-                ledger = book.ledgers[i]
-                for seq, first, last in spans:
-                    rounds = tuple(r for r in book.span_rounds[i] if first <= r <= last)
-                    if rounds not in chains:
-                        chains[rounds] = {"scheme": CHAIN_SCHEME, "rounds": [[a, b] for a, b in _runs(rounds)],
-                                          "chain": received_chain((r, *self._sent[r]) for r in rounds)}
-                    ledger.complete(seq, float(ledger.epsilon(book.policies[i].delta)), status="done",
-                                    received=chains[rounds])
-        ids = self.fleet.ids
-        joined = sorted(book.span_rounds)
-        heads = _heads(book, book.span_seq)
-        dropped = {str(r): [ids[i] for i in devs] for r, devs in self._dropped.items() if devs}
-        extra = {"phase": str(Phase.DPSGD), "engine": ENGINE, "dropped": dropped,
-                 "decline_reasons": {reason: sum(1 for v in book.refused.values() if v == reason)
-                                     for reason in set(book.refused.values())},
-                 PUBLIC_PARAMETERS: public_parameters(Phase.DPSGD, self.cfg, self.plan)}
-        if self.cfg.cohort_size(len(ids)) >= len(ids):
-            # One span entry per run of consecutive rounds of each distinct schedule: it lists exactly
-            # the rounds its devices joined (a budget cut short, or a min-separation leaving gaps),
-            # drop-outs listed inside their span; each device's ledger head on its last entry.
-            groups: dict[tuple[int, ...], list[int]] = {}
-            for i in joined:
-                groups.setdefault(tuple(book.span_rounds[i]), []).append(i)
-            entries = sorted((run, members) for rounds, members in groups.items() for run in _runs(rounds))
-            refused = [ids[i] for i in sorted(book.refused)]
-            for n, ((first, last), members) in enumerate(entries):
-                member_ids = {ids[i] for i in members}
-                gone = {r: [d for d in devs if d in member_ids] for r, devs in dropped.items()
-                        if first <= int(r) <= last}
-                ending = {ids[i]: heads[ids[i]] for i in members
-                          if book.span_rounds[i][-1] == last and ids[i] in heads}
-                fed_ledger.record_span(first, last, sorted(member_ids), refused if n == 0 else [], [],
-                                       {**extra, "dropped": {r: d for r, d in gone.items() if d},
-                                        **self._sent_extra(list(range(first, last + 1)), pins, span=True),
-                                        LEDGER_HEADS: ending})
-            if not groups and refused:
-                fed_ledger.record_span(dp_rounds[0], dp_rounds[-1], [], refused, [], extra)
-            return
-        for r in dp_rounds:  # cohorts: one entry per round (each lists only its cohort)
-            in_round = [i for i in joined if r in book.span_rounds[i]]
-            lost = set(self._dropped.get(r, []))
-            ending = {ids[i]: heads[ids[i]] for i in in_round if book.span_rounds[i][-1] == r and ids[i] in heads}
-            fed_ledger.record_round(r, [ids[i] for i in in_round if i not in lost], [], [ids[i] for i in sorted(lost)],
-                                    {**extra, "dropped": {}, **self._sent_extra([r], pins), LEDGER_HEADS: ending})
-
     # -- reporting -------------------------------------------------------------------------
     def _evaluate(self, aligners: dict[str, Any] | None = None) -> Any:
         return evaluate_eval_set(self.data.eval, SCENARIO, {"federated": self.model.comparator(), **(aligners or {})})
 
     _row = staticmethod(summary_row)
 
-    def _epsilons(self, book: DeviceBook, unit: str | None = None) -> dict[str, float]:
-        """Each device's epsilon from its ledger in ``unit`` (default: the run's privacy unit).
-
-        Identical histories are computed once; a history with no bound in ``unit`` (an
-        example-level event under a device-level claim) is infinite, so the claim fails loudly.
-        """
-        unit = unit or self.cfg.privacy_unit
-        cache: dict[tuple[Any, ...], float] = {}
-        out = {}
-        for dev, ledger, policy in zip(self.fleet.ids, book.ledgers, book.policies, strict=True):
-            events = ledger.events()
-            key = tuple(sorted((e.mechanism, e.steps, e.sample_rate, e.noise_multiplier, e.clip_norm, e.unit)
-                               for e in events)) + (policy.delta,)
-            if key not in cache:
-                try:
-                    cache[key] = float(ledger.epsilon(policy.delta, unit=unit))
-                except UnitNotCoveredError:
-                    cache[key] = math.inf
-            out[dev] = cache[key]
-        return out
-
     def _final_summary(self, final: dict[str, Any], book: DeviceBook) -> dict[str, Any]:
         """The summary with every device's epsilon from its ledger (the last round's entry states the same
         figures: fed_nessa.sim.fleet_epsilon) and, device level, the implied example-level figures."""
-        summary = self.summary(final, self._epsilons(book))
+        summary = self.summary(final, book.epsilons(self.cfg))
         if self.cfg.privacy_unit != EXAMPLE:
-            example = sorted(self._epsilons(book, EXAMPLE).values()) or [0.0]
+            example = sorted(book.epsilons(self.cfg, EXAMPLE).values()) or [0.0]
             summary["privacy"]["epsilon_example_max"] = example[-1]
             summary["privacy"]["epsilon_example_median"] = statistics.median(example)
         return summary
@@ -914,38 +736,6 @@ def _blocks(devices: list[int], n: dict[int, int], most: int) -> list[list[int]]
             out[-1].append(i)
         else:
             out.append([i])
-    return out
-
-
-def _separated(rounds: list[int], joined: set[int], policy: DevicePolicy) -> list[int]:
-    """The scheduled rounds a device keeps under its policy's min-separation (greedy, earliest first)."""
-    gap = policy.min_separation
-    if gap <= 1:
-        return [r for r in rounds if r not in joined]
-    prior = sorted(joined)
-    kept: list[int] = []
-    for r in rounds:
-        at = bisect.bisect_left(prior, r)
-        near = [abs(r - prior[j]) for j in (at - 1, at) if 0 <= j < len(prior)]
-        if (kept and r - kept[-1] < gap) or (near and min(near) < gap):
-            continue
-        kept.append(r)
-    return kept
-
-
-def _heads(book: DeviceBook, reserved: dict[int, Any]) -> dict[str, list[int | str]]:
-    """The ledger head ``[seq, sha256]`` of every device in ``reserved`` (the server signs them)."""
-    return {book.ledgers[i].device_id: list(book.ledgers[i].head()) for i in reserved}
-
-
-def _runs(rounds: tuple[int, ...]) -> list[tuple[int, int]]:
-    """Sorted rounds as maximal runs of consecutive rounds ``(first, last)``."""
-    out: list[tuple[int, int]] = []
-    for r in rounds:
-        if out and r == out[-1][1] + 1:
-            out[-1] = (out[-1][0], r)
-        else:
-            out.append((r, r))
     return out
 
 
