@@ -34,7 +34,7 @@ from fed_nessa.data.population import SCENARIO, FederationData, load_federation_
 from fed_nessa.errors import FedNessaError
 from fed_nessa.evaluation import run_folder
 from fed_nessa.evaluation.gate import SHIPPED, card_fields, gate_run
-from fed_nessa.evaluation.protocol import federated_row
+from fed_nessa.evaluation.protocol import evaluate_eval_set, federated_row, reference_rows
 from fed_nessa.federated.codec import SecAggCodec
 from fed_nessa.federated.cohort import sample_positions
 from fed_nessa.federated.engine import Answers, Ending, Engine, Pins, Released, RunState
@@ -136,15 +136,8 @@ class Federation(Engine):
 
     # -- evaluation ---------------------------------------------------------------------
     def evaluate(self, aligners: dict[str, Any] | None = None) -> Any:
-        from fed_nessa.evaluation.protocol import evaluate_eval_set
-
+        """The global aligner (and ``aligners``) on the held-out evaluation set."""
         return evaluate_eval_set(self.data.eval, SCENARIO, {"federated": self.model.comparator(), **(aligners or {})})
-
-    @staticmethod
-    def _row(report: Any, name: str) -> dict[str, Any]:
-        from fed_nessa.evaluation.protocol import summary_row
-
-        return summary_row(report, name)
 
     # -- the engine (fed_nessa.federated.engine.Engine) ------------------------------------
     def noise_plan(self) -> NoisePlan:
@@ -270,10 +263,7 @@ class Federation(Engine):
                            runtime_model=self.data.runtime_model)
         refs = pooled_references(x, y, info, hidden=self.cfg.hidden, depth=self.cfg.depth,
                                  ridge_alpha=self.cfg.ridge_alpha, seed=self.cfg.seed)
-        report = self.evaluate(dict(refs))
-        return {"centralised_nessa": self._row(report, "asym_centralised_nessa"),
-                "ridge": self._row(report, "asym_ridge"),
-                "sym_before": self._row(report, "sym_before"), "sym_after": self._row(report, "sym_after")}
+        return reference_rows(self.evaluate(dict(refs)))
 
 
 def _ledger_heads(metrics: dict[int, dict], answers: Answers) -> dict[str, list[int | str]]:

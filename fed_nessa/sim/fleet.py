@@ -71,7 +71,7 @@ from fed_nessa.data.shards import SHARD_SUFFIX, Shard
 from fed_nessa.errors import FedNessaError
 from fed_nessa.evaluation import run_folder
 from fed_nessa.evaluation.gate import SHIPPED, card_fields, gate_run
-from fed_nessa.evaluation.protocol import evaluate_eval_set, federated_row, summary_row
+from fed_nessa.evaluation.protocol import evaluate_eval_set, federated_row, reference_rows
 from fed_nessa.federated import suffstats
 from fed_nessa.federated.codec import SecAggCodec
 from fed_nessa.federated.cohort import sample_positions
@@ -632,11 +632,6 @@ class FleetEngine(Engine):
         return {"enroll_model": self.data.enroll_model, "runtime_model": self.data.runtime_model}
 
     # -- reporting -------------------------------------------------------------------------
-    def _evaluate(self, aligners: dict[str, Any] | None = None) -> Any:
-        return evaluate_eval_set(self.data.eval, SCENARIO, {"federated": self.model.comparator(), **(aligners or {})})
-
-    _row = staticmethod(summary_row)
-
     def _final_summary(self, final: dict[str, Any], book: DeviceBook) -> dict[str, Any]:
         """The summary with every device's epsilon from its ledger (the last round's entry states the same
         figures: fed_nessa.sim.fleet_epsilon) and, device level, the implied example-level figures."""
@@ -683,20 +678,8 @@ class FleetEngine(Engine):
                                                                           "runtime_model")}),
                              NessaConfig(hidden=self.cfg.hidden, depth=self.cfg.depth)).fit(
             x_ref, y_ref, train_cfg=TrainConfig(epochs=epochs, batch_size=256, lr=1e-3, seed=self.cfg.seed))
-        report = self._evaluate({"centralised_nessa": nessa, "ridge": ridge})
-        return {"centralised_nessa": self._row(report, "asym_centralised_nessa"),
-                "ridge": self._row(report, "asym_ridge"),
-                "sym_before": self._row(report, "sym_before"), "sym_after": self._row(report, "sym_after")}
-
-    def _noise_statement(self) -> str:
-        """Where this simulation's draws came from (a deployed device draws all of them from the OS CSPRNG)."""
-        if self.numerics == FleetNumerics.EXACT:
-            return ("fleet engine, exact numerics: every device's Gaussian share and Poisson sample drawn from the OS "
-                    "CSPRNG, as on a device; residual risk: floating-point Gaussian samplers (Mironov, CCS 2012)")
-        return ("fleet engine, distribution-equivalent numerics (a simulation): the summed Gaussian noise is one draw "
-                "from the OS CSPRNG; the Poisson samples come from a PCG64 stream keyed with 128 fresh bits of OS "
-                "entropy per round; the rounding errors from their distribution. A deployed device draws its own "
-                "noise share and sample from the OS CSPRNG")
+        aligners = {"federated": self.model.comparator(), "centralised_nessa": nessa, "ridge": ridge}
+        return reference_rows(evaluate_eval_set(self.data.eval, SCENARIO, aligners))
 
     def _progress_summary(self, rounds: int) -> dict[str, Any]:
         """The light summary written while the run goes on: rounds so far, no ``final`` (a run in progress)."""
@@ -713,7 +696,7 @@ class FleetEngine(Engine):
             "rounds": self.state.history,
             "final": final,
             "privacy": run_folder.privacy_block(self.cfg, eps, len(self.fleet.ids),
-                                                noise_source=self._noise_statement(),
+                                                noise_source=noise_statement(self.numerics),
                                                 ledger_layout=self.cfg.ledger_layout),
             "noise_plan": run_folder.noise_plan_block(self.plan),
             "secure_aggregation": {**run_folder.secagg_block(self.cfg, self.state.saturated_total),
@@ -737,6 +720,17 @@ def _blocks(devices: list[int], n: dict[int, int], most: int) -> list[list[int]]
         else:
             out.append([i])
     return out
+
+
+def noise_statement(numerics: FleetNumerics) -> str:
+    """Where this simulation's draws came from (a deployed device draws all of them from the OS CSPRNG)."""
+    if numerics == FleetNumerics.EXACT:
+        return ("fleet engine, exact numerics: every device's Gaussian share and Poisson sample drawn from the OS "
+                "CSPRNG, as on a device; residual risk: floating-point Gaussian samplers (Mironov, CCS 2012)")
+    return ("fleet engine, distribution-equivalent numerics (a simulation): the summed Gaussian noise is one draw "
+            "from the OS CSPRNG; the Poisson samples come from a PCG64 stream keyed with 128 fresh bits of OS "
+            "entropy per round; the rounding errors from their distribution. A deployed device draws its own "
+            "noise share and sample from the OS CSPRNG")
 
 
 def run_fleet(cfg: FederationConfig, policy: DevicePolicy, *, device: str = "cpu",
