@@ -26,7 +26,6 @@ from typing import Any, cast
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.app.typing import ConfigRecordValues as ConfigRecordValue
 from flwr.serverapp.grid import Grid
 
 from fed_nessa.config import FederationConfig, Phase, ReplyStatus, from_run_config
@@ -49,7 +48,6 @@ from fed_nessa.federated.protocol import (
     STATUS_KEY,
     shard_folder,
 )
-from fed_nessa.federated.protocol import round_config as _round_config
 from fed_nessa.federated.protocol_loop import run_protocol
 from fed_nessa.federated.rounds import Progress, RunOutputs
 from fed_nessa.federated.server_model import ServerModel
@@ -73,23 +71,13 @@ def sample_cohort(node_ids: list[int], cfg: FederationConfig, round_num: int, ph
     return sorted(nodes[i] for i in sample_positions(len(nodes), cfg, round_num, phase))
 
 
-def round_config(phase: Phase, round_num: int, promised: int, fleet: int,
-                 server_key_fingerprint: str | None = None, enroll_model: str | None = None,
-                 runtime_model: str | None = None) -> dict[str, ConfigRecordValue]:
-    """What every device of a round is told (plan and fit config alike), with the server's key
-    fingerprint and the federation's model ids (a device whose shard holds other models declines)."""
-    return cast(dict[str, ConfigRecordValue],
-                _round_config(str(phase), round_num, promised, fleet, server_key_fingerprint,
-                              enroll_model, runtime_model))
-
-
 def plan_round(grid: Grid, cfg: FederationConfig, cohort: list[int], request: dict[str, Any]) -> Answers:
     """Ask every sampled device whether it takes part (policy and budget check, no training)."""
     msgs = [Message(RecordDict({PLAN_RECORD: ConfigRecord(dict(request))}), nid, "query",
                     group_id=str(request[ROUND_KEY])) for nid in cohort]
     replies = {m.metadata.src_node_id: m for m in grid.send_and_receive(msgs, timeout=cfg.secagg_timeout)}
-    answers = Answers(device_ids={})
-    ids = cast(dict[int, str], answers.device_ids)
+    ids: dict[int, str] = {}
+    answers = Answers(device_ids=ids)
     for nid in cohort:
         reply = replies.get(nid)
         if reply is None or reply.has_error():
