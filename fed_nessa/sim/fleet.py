@@ -257,8 +257,9 @@ class FleetEngine(Engine):
         answers = Answers(device_ids=_Ids(self.fleet.ids), evidence={"model_sha256": received["model_sha256"],
                                                                      "config_sha256": received["config_sha256"]})
         if phase != Phase.SUFFSTATS:
-            answers.accepted = [i for i in cohort if r in self.book.span_rounds.get(i, ())]
-            answers.declined = [i for i in cohort if r not in self.book.span_rounds.get(i, ())]
+            joins = [r in self.book.span_rounds.get(i, ()) for i in cohort]
+            answers.accepted = [i for i, j in zip(cohort, joins, strict=True) if j]
+            answers.declined = [i for i, j in zip(cohort, joins, strict=True) if not j]
             return answers
         cfg, fleet, book = self.cfg, self.fleet, self.book
         req = RoundRequest(Phase.SUFFSTATS, r, int(request[PROMISED_ARRIVALS_KEY]), len(fleet.ids), **self._model_ids())
