@@ -26,7 +26,12 @@ from typing import Any
 from fed_nessa.config import DevicePolicy, Phase, from_run_config
 from fed_nessa.data.population import load_federation_data
 from fed_nessa.federated import suffstats
-from fed_nessa.sim.fleet import DeviceBook, FleetEngine
+from fed_nessa.federated.engine import Pins, RunState
+from fed_nessa.federated.protocol_loop import run_round
+from fed_nessa.federated.rounds import LEDGER_FILE
+from fed_nessa.privacy.ledger import FederationLedger, server_key_folder
+from fed_nessa.sim.fleet import OUTPUTS, FleetEngine
+from fed_nessa.sim.fleet_ledgers import DeviceBook
 
 
 def quantization_range(devices: int) -> int:
@@ -56,11 +61,16 @@ def time_fleet(devices: int, q: float, rounds: int, numerics: str, device: str) 
         engine.model.apply(Phase.SUFFSTATS, total, devices, noise_arrivals=[policy.guaranteed_arrivals] * devices,
                            plan=engine.plan)
         rounds_of = {i: list(range(2, rounds + 2)) for i in range(devices)}
-        book = DeviceBook(ledgers=[], policies=[policy] * devices, span_rounds=rounds_of)
+        # Every device already holds its schedule and no ledger: the timed rounds are the protocol's
+        # rounds on the fleet engine, without the span reservation (before_round) or the ledgers' epsilon.
+        engine.book = DeviceBook(ledgers=[], policies=[policy] * devices, span_rounds=rounds_of)
+        engine._dp_rounds, engine.state = list(range(2, rounds + 2)), RunState()
+        engine.before_round = lambda r, phase: None  # type: ignore[method-assign]
+        ledger = FederationLedger.open(Path(tmp) / LEDGER_FILE, server_key_folder(Path(tmp)))
         seconds = []
         for r in range(2, rounds + 2):
             t = time.perf_counter()
-            entry = engine._dpsgd_round(r, book)
+            entry = run_round(engine, OUTPUTS, ledger, Pins({}), engine.state, r, Phase.DPSGD, 10**6)
             seconds.append(time.perf_counter() - t)
             assert entry["status"] == "applied", entry
         pairs = int(engine.fleet.starts[-1])

@@ -69,7 +69,8 @@ def _finish(tmp_path: Path, shipped: bool, **kw: Any) -> tuple[dict[str, Any], _
     def card_fields(gate_block: Mapping[str, Any]) -> dict[str, Any]:
         return {"shipped": gate_block["shipped"], "gate": dict(gate_block)}
 
-    outputs = RunOutputs(gate, card_fields, "shipped", lambda run_dir, summary: written.append((run_dir, summary)))
+    outputs = RunOutputs(gate, card_fields, "shipped", lambda run_dir, summary: written.append((run_dir, summary)),
+                         lambda ev, scenario, comparator: {})
     model, events = _Model(), []
     privacy = dict.fromkeys(CARD_PRIVACY_KEYS, 1) | {"extra": 2}
     cfg = from_run_config({"run-dir": str(tmp_path / "run")})

@@ -53,9 +53,7 @@ def test_matching_or_unstated_model_ids_change_nothing(tmp_path: Path) -> None:
 
 def test_the_round_config_carries_the_model_ids_and_the_client_parses_them() -> None:
     from client.app import _request
-    from server.federation import round_config as server_round_config
-
-    wire = server_round_config(Phase.DPSGD, 3, 7, 8, "f" * 64, "campp:aa", "vfl_dvec:bb")
+    wire = round_config(str(Phase.DPSGD), 3, 7, 8, "f" * 64, "campp:aa", "vfl_dvec:bb")  # the round loop's
     assert (wire[ENROLL_MODEL_KEY], wire[RUNTIME_MODEL_KEY]) == ("campp:aa", "vfl_dvec:bb")
     req = _request(wire)
     assert (req.enroll_model, req.runtime_model, req.server_key_fingerprint) == ("campp:aa", "vfl_dvec:bb",

@@ -176,10 +176,10 @@ def test_the_round_config_names_only_public_values_and_no_cohort_size() -> None:
     fleet size on the device; a server-chosen cohort size is not on the wire.
     """
     from fed_nessa.config import FederationConfig, Phase
-    from fed_nessa.federated.protocol import FLEET_SIZE_KEY, PHASE_KEY, PROMISED_ARRIVALS_KEY, ROUND_KEY
-    from server.federation import round_config, sample_cohort
+    from fed_nessa.federated.protocol import FLEET_SIZE_KEY, PHASE_KEY, PROMISED_ARRIVALS_KEY, ROUND_KEY, round_config
+    from server.federation import sample_cohort
 
-    assert round_config(Phase.DPSGD, 3, 7, 8) == {PHASE_KEY: "dpsgd", ROUND_KEY: 3, PROMISED_ARRIVALS_KEY: 7,
+    assert round_config(str(Phase.DPSGD), 3, 7, 8) == {PHASE_KEY: "dpsgd", ROUND_KEY: 3, PROMISED_ARRIVALS_KEY: 7,
                                                   FLEET_SIZE_KEY: 8}
     nodes = [10**19 + i for i in range(8)]  # Flower's node ids reach 2**64
     full = FederationConfig().replace(num_devices=8, secagg_num_shares=5, secagg_reconstruction_threshold=3,

@@ -46,6 +46,7 @@ from fed_nessa.data.datasets import device_filename
 from fed_nessa.data.population import FederationData
 from fed_nessa.data.shards import SHARD_SUFFIX, Shard, load_shard, make_shard, write_shard
 from fed_nessa.errors import FedNessaError
+from fed_nessa.federated.rounds import ALIGNER_DIR
 from fed_nessa.model.aligners.base import Aligner, load_aligner
 from fed_nessa.model.artifacts import CARD_FILE
 from fed_nessa.privacy.accountants import create_accountant
@@ -57,8 +58,6 @@ from fed_nessa.privacy.signing import load_public_key
 
 #: The auditor's file beside a run folder: ``<run-dir>.canaries.npz``.
 SPEC_SUFFIX = ".canaries.npz"
-#: The shipped aligner's folder inside a run folder (as both engines write it).
-ALIGNER_DIR = "aligner"
 #: Where a run keeps device ledgers (``<run-dir>/devices/<id>/``); the wire contract's name.
 DEVICES_DIR = "devices"
 #: The one-run analysis needs at least this many canaries to have any grid to guess on.

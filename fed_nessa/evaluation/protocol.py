@@ -605,3 +605,17 @@ def summary_row(report: ScenarioReport, name: str) -> dict[str, Any]:
     row = report.row(name)
     return {"eer": row.metrics.eer, "min_dcf": row.metrics.min_dcf, "sid_top1": row.metrics.sid_top1,
             "gap_closure": row.gap_closure}
+
+
+def federated_row(ev: Any, scenario: str, comparator: Any) -> dict[str, Any]:
+    """A round entry's evaluation: the federated aligner's row on a federation's evaluation set
+    (injected into the round protocol, which may not import this package)."""
+    return summary_row(evaluate_eval_set(ev, scenario, {"federated": comparator}), "asym_federated")
+
+
+def reference_rows(report: ScenarioReport) -> dict[str, Any]:
+    """The final rows beside the federated one, as every engine states them: the pooled non-DP NESSA and
+    ridge references and the two symmetric baselines."""
+    return {"centralised_nessa": summary_row(report, "asym_centralised_nessa"),
+            "ridge": summary_row(report, "asym_ridge"),
+            "sym_before": summary_row(report, "sym_before"), "sym_after": summary_row(report, "sym_after")}

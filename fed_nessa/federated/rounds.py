@@ -8,8 +8,9 @@ report and plots). Evaluation, the gate and the run folder are *injected* (:clas
 ``federated/`` never imports ``evaluation/`` (pyproject's layer rules), and no engine
 re-implements them.
 
-The per-round steps (cohort, asking the devices, the secure sum, apply, the ledger record) still
-run inside each engine; docs/architecture.md says where that stands.
+The per-round steps (cohort, asking the devices, key pinning, the release rule, apply, the ledger
+record) are :mod:`fed_nessa.federated.protocol_loop`; an engine implements
+:class:`fed_nessa.federated.engine.Engine`.
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ class RunOutputs:
     shipped_key: str
     #: summary.json, report.md and the plots (``evaluation.run_folder``).
     write: Callable[[Path, dict[str, Any]], None]
+    #: A round entry's evaluation: evaluation set, scenario, the global aligner's comparator
+    #: (``evaluation.protocol.federated_row``).
+    round_row: Callable[[Any, str, Any], dict[str, Any]]
 
 
 def share_of_centralised(final: dict[str, Any]) -> None:

@@ -32,16 +32,15 @@ Two numerics (``fleet-numerics``):
     sum has coordinates of at most ``k C``). SecAgg+'s arithmetic and these fleet-wide streams are
   :mod:`fed_nessa.sim.fleet_numerics`.
 
-Ledgers at fleet scale: a device reserves its whole DP-SGD phase as one *span* (one
-signed, fsynced line: ``steps`` = its scheduled rounds, counted in full even if it drops
-out, which is conservative) and completes it at the end; the federation ledger records a
-full-participation phase as one span entry. ``fed-nessa audit`` re-derives every epsilon
-from those lines.
+Ledgers at fleet scale: a device reserves its whole DP-SGD phase as one *span* and
+completes it at the end; the federation ledger records a full-participation phase as one
+span entry (:mod:`fed_nessa.sim.fleet_ledgers`). The rounds themselves are the library's
+round protocol (:func:`fed_nessa.federated.protocol_loop.run_protocol`): this engine is its
+transport (:class:`fed_nessa.federated.engine.Engine`).
 """
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import functools
 import logging
@@ -49,6 +48,7 @@ import math
 import resource
 import statistics
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,7 +64,6 @@ from fed_nessa.config import (
     FleetNumerics,
     Phase,
     ReplyStatus,
-    RoundStatus,
 )
 from fed_nessa.data.datasets import device_filename
 from fed_nessa.data.population import SCENARIO, FederationData
@@ -72,52 +71,36 @@ from fed_nessa.data.shards import SHARD_SUFFIX, Shard
 from fed_nessa.errors import FedNessaError
 from fed_nessa.evaluation import run_folder
 from fed_nessa.evaluation.gate import SHIPPED, card_fields, gate_run
-from fed_nessa.evaluation.protocol import evaluate_eval_set, summary_row
+from fed_nessa.evaluation.protocol import evaluate_eval_set, federated_row, reference_rows
 from fed_nessa.federated import suffstats
-from fed_nessa.federated.codec import SecAggCodec, make_codec
+from fed_nessa.federated.codec import SecAggCodec
 from fed_nessa.federated.cohort import sample_positions
 from fed_nessa.federated.device import (
     RoundRequest,
     model_refusal,
     planned_event,
     policy_refusal,
-    separation_refusal,
 )
+from fed_nessa.federated.engine import Answers, Ending, Engine, Pins, Released, RunState
 from fed_nessa.federated.layout import trainable
-from fed_nessa.federated.mechanism import device_subset, local_orders, max_sampled, public_parameters
-from fed_nessa.federated.noise_plan import noise_plan
-from fed_nessa.federated.protocol import round_config
-from fed_nessa.federated.release import may_start, may_unmask, promised_arrivals
-from fed_nessa.federated.rounds import (
-    LEDGER_FILE,
-    Progress,
-    RunOutputs,
-    evaluates,
-    finish_run,
-    not_evaluated,
-    round_entry,
-)
+from fed_nessa.federated.mechanism import device_subset, local_orders, max_sampled
+from fed_nessa.federated.noise_plan import NoisePlan, noise_plan
+from fed_nessa.federated.protocol import PROMISED_ARRIVALS_KEY
+from fed_nessa.federated.protocol_loop import run_protocol
+from fed_nessa.federated.release import may_unmask
+from fed_nessa.federated.rounds import Progress, RunOutputs
 from fed_nessa.federated.server_model import ServerModel
 from fed_nessa.model.training import with_noise_share
-from fed_nessa.privacy.accounting import UnitNotCoveredError
-from fed_nessa.privacy.events import EXAMPLE, GAUSSIAN_SUM, DPEvent
+from fed_nessa.privacy.events import EXAMPLE
 from fed_nessa.privacy.ledger import (
-    CHAIN_SCHEME,
-    LEDGER_HEADS,
-    PUBLIC_PARAMETERS,
     DeviceLedger,
     FederationLedger,
-    config_sha256,
     ledger_batch,
-    model_sha256,
-    open_device_ledgers,
-    received_chain,
-    server_key_folder,
 )
-from fed_nessa.privacy.store import LedgerStore
 from fed_nessa.randomness import NoiseSource, noise_source
 from fed_nessa.sim.fedavg import block_steps, fedavg_block
 from fed_nessa.sim.fleet_epsilon import SpentEpsilon
+from fed_nessa.sim.fleet_ledgers import DeviceBook
 from fed_nessa.sim.fleet_numerics import encode_all, fast_rounding, modular_sum, summed_noise, uniforms
 from fed_nessa.sim.ghost import clipped_gradient_sums, device_clipped_sum, device_clipped_vectors
 
@@ -139,7 +122,7 @@ PROGRESS_EVERY = 5
 #: Pairs the pooled non-DP NESSA reference trains on at most (a random subset beyond).
 REFERENCE_MAX_PAIRS = 1_200_000
 #: The end of a run: evaluation's gate and run folder, injected into the library's protocol.
-OUTPUTS = RunOutputs(gate_run, card_fields, SHIPPED, run_folder.write_outputs)
+OUTPUTS = RunOutputs(gate_run, card_fields, SHIPPED, run_folder.write_outputs, federated_row)
 
 
 class FleetError(FedNessaError, RuntimeError):
@@ -187,20 +170,28 @@ class FleetState:
         return models or policy_refusal(req, n, cfg, policy, ledger)
 
 
-@dataclass
-class DeviceBook:
-    """Each device's policy decision and ledger handle for the run."""
+class _Ids(Mapping[int, str]):
+    """The fleet's device ids as the handle -> id mapping an answer carries (no copy per round)."""
 
-    ledgers: list[DeviceLedger]
-    policies: list[DevicePolicy]
-    #: device index -> reserve seqs of its DP-SGD span(s): one per run of consecutive joined rounds
-    span_seq: dict[int, list[tuple[int, int, int]]] = field(default_factory=dict)  # (seq, first, last)
-    span_rounds: dict[int, list[int]] = field(default_factory=dict)  # device index -> rounds it joins
-    refused: dict[int, str] = field(default_factory=dict)  # device index -> why it declines the DP-SGD phase
+    def __init__(self, ids: list[str]) -> None:
+        self._ids = ids
+
+    def __getitem__(self, i: int) -> str:
+        return self._ids[i]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(len(self._ids)))
+
+    def __len__(self) -> int:
+        return len(self._ids)
 
 
-class FleetEngine:
-    """One fleet-engine run (see the module docstring)."""
+class FleetEngine(Engine):
+    """One fleet-engine run (see the module docstring): the round protocol's transport
+    (:func:`fed_nessa.federated.protocol_loop.run_protocol` runs the rounds)."""
+
+    name = ENGINE
+    evaluates_statistics_round = True
 
     def __init__(self, cfg: FederationConfig, policy: DevicePolicy, data: FederationData, *,
                  device: str = "cpu", progress: Progress | None = None) -> None:
@@ -219,76 +210,62 @@ class FleetEngine:
         self.model = ServerModel(cfg, data.d_x, data.d_y, data.enroll_model, data.runtime_model)
         self.plan = noise_plan(cfg, len(self.fleet.ids))
         self.progress = progress or (lambda event: None)
-        self.history: list[dict[str, Any]] = []
+        self.state = RunState()
         self.numerics = FleetNumerics(cfg.fleet_numerics)
         self._sim_rng = np.random.default_rng([cfg.seed, 7])  # drop-outs only: not a privacy mechanism
-        self.saturated_total = 0
-        self._dropped: dict[int, list[int]] = {}
-        # Evidence (docs/privacy.md, "one model per round"): the server key devices pin, device key
-        # pins not yet written to the federation ledger, and (model, config) SHA-256 sent per round.
-        self._server_fp: str | None = None
-        self._pins: dict[str, str] = {}
-        self._sent: dict[int, tuple[str, str]] = {}
         self._streams: dict[int, NoiseSource] = {}  # exact device level: each device's stream within a round
         self._spent = SpentEpsilon(cfg.privacy_unit)
-        self._store: LedgerStore | None = None  # the ledger store (ledger-layout = sqlite), else None
+        self.book = DeviceBook([], [])  # every device's ledger, policy and spans, opened by start()
+        self._dp_rounds: list[int] = []
+        self._seqs: dict[int, int] = {}  # the statistics round's reservations: device index -> seq
 
     # -- ledgers ---------------------------------------------------------------------------
     def _open_ledgers(self) -> DeviceBook:
         """Every device's ledger (its keys outside the run folder), in the run's ``ledger-layout``."""
-        ledgers, self._store = open_device_ledgers(self.run_dir, self.fleet.ids, self.policy, self.cfg.ledger_layout)
-        return DeviceBook(ledgers, [ledger.policy or self.policy for ledger in ledgers])
+        return DeviceBook.open(self.run_dir, self.fleet.ids, self.policy, self.cfg.ledger_layout)
 
-    # -- the loop --------------------------------------------------------------------------
+    # -- the engine (fed_nessa.federated.engine.Engine) --------------------------------------
     def run(self) -> dict[str, Any]:
-        fed_ledger = FederationLedger.open(self.run_dir / LEDGER_FILE, server_key_folder(self.run_dir))
-        book = self._open_ledgers()
-        self._server_fp = fed_ledger.key_fingerprint
-        pinned = fed_ledger.pinned_devices()
-        self._pins = {dev: led.key_fingerprint for dev, led in zip(self.fleet.ids, book.ledgers, strict=True)
-                      if dev not in pinned}
-        phases = self.model.phases(self.plan.aligner)
-        log.info(self.plan.reason)
-        self.progress({"event": "start", "first_round": 1, "rounds": len(phases)})
-        dp_rounds = [r for r, p in enumerate(phases, start=1) if p == Phase.DPSGD]
-        for r, phase in enumerate(phases, start=1):
-            t0 = time.perf_counter()
-            if phase == Phase.SUFFSTATS:
-                entry = self._stats_round(r, book, fed_ledger)
-            else:
-                if r == dp_rounds[0]:
-                    with ledger_batch(self._store):  # every span reserved, durable, before round one
-                        self._reserve_spans(book, dp_rounds)
-                entry = self._dpsgd_round(r, book)
-            if phase == Phase.SUFFSTATS or r == dp_rounds[0]:
-                self._spent.changed()
-            entry.update(self._spent.after(r, book.ledgers, [p.delta for p in book.policies], book.span_rounds))
-            entry["seconds"] = time.perf_counter() - t0
-            entry["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            self.history.append(entry)
-            if r < len(phases) and (r == 1 or r % PROGRESS_EVERY == 0):
-                run_folder.write_summary(self.run_dir, self._progress_summary(len(phases)))
-            self.progress({"event": "round", **entry})
-        if dp_rounds:
-            self._close_spans(book, dp_rounds, fed_ledger)
-        fed_ledger.record_end()  # signed: a federation ledger cut back to an earlier round lacks it
-        try:
-            return self.finish(book)
-        finally:
-            if self._store is not None:
-                self._store.close()
+        """Every round through the library's round protocol; returns the summary."""
+        return run_protocol(self, OUTPUTS, self.progress)
 
-    # -- statistics round ------------------------------------------------------------------
-    def _stats_round(self, r: int, book: DeviceBook, fed_ledger: FederationLedger) -> dict[str, Any]:
-        cfg, fleet = self.cfg, self.fleet
-        cohort = sample_positions(len(fleet.ids), cfg, r, Phase.SUFFSTATS)
-        promised = promised_arrivals(cfg, len(cohort))
-        req = RoundRequest(Phase.SUFFSTATS, r, promised, len(fleet.ids), **self._model_ids())
-        received = self._send(Phase.SUFFSTATS, r, promised)
-        accepted, declined, seqs = [], [], {}
-        reasons: dict[str, int] = {}
-        with ledger_batch(self._store):  # reserves durable before the mechanism runs
-            for i in cohort.tolist():
+    def noise_plan(self) -> NoisePlan:
+        return self.plan
+
+    def start(self, ledger: FederationLedger, pins: Pins, state: RunState) -> int:
+        """Every device's ledger opened; its key pinned from the ledger itself (written in the next record)."""
+        self.state, self.book = state, self._open_ledgers()
+        self.book.server_fp = ledger.key_fingerprint
+        for dev, led in zip(self.fleet.ids, self.book.ledgers, strict=True):
+            pins.offer(dev, led.key_fingerprint)
+        phases = self.model.phases(self.plan.aligner)
+        self._dp_rounds = [r for r, p in enumerate(phases, start=1) if p == Phase.DPSGD]
+        return 1
+
+    def before_round(self, r: int, phase: Phase) -> None:
+        if self._dp_rounds and r == self._dp_rounds[0]:
+            with ledger_batch(self.book.store):  # every span reserved, durable, before round one
+                self.book.reserve_spans(self.cfg, self.fleet, self._dp_rounds, self._model_ids())
+
+    def cohort(self, r: int, phase: Phase) -> list[int]:
+        return [int(i) for i in sample_positions(len(self.fleet.ids), self.cfg, r, phase).tolist()]
+
+    def ask(self, r: int, phase: Phase, cohort: list[int], request: dict[str, Any]) -> Answers:
+        """Statistics round: each device's policy and budget, its reservation durable before the sum.
+        DP-SGD round: the devices whose span holds this round (reserved before the first one)."""
+        received = self.book.send(r, request, self.model.vector())
+        answers = Answers(device_ids=_Ids(self.fleet.ids), evidence={"model_sha256": received["model_sha256"],
+                                                                     "config_sha256": received["config_sha256"]})
+        if phase != Phase.SUFFSTATS:
+            joins = [r in self.book.span_rounds.get(i, ()) for i in cohort]
+            answers.accepted = [i for i, j in zip(cohort, joins, strict=True) if j]
+            answers.declined = [i for i, j in zip(cohort, joins, strict=True) if not j]
+            return answers
+        cfg, fleet, book = self.cfg, self.fleet, self.book
+        req = RoundRequest(Phase.SUFFSTATS, r, int(request[PROMISED_ARRIVALS_KEY]), len(fleet.ids), **self._model_ids())
+        self._seqs = {}
+        with ledger_batch(book.store):  # reserves durable before the mechanism runs
+            for i in cohort:
                 ledger, policy = book.ledgers[i], book.policies[i]
                 why = fleet.refusal(req, i, int(fleet.n[i]), cfg, policy, ledger)
                 event = None if why else planned_event(req, int(fleet.n[i]), cfg, policy)
@@ -296,42 +273,73 @@ class FleetEngine:
                     decision = ledger.check_budget(event, cfg.epsilon_budget, cfg.delta)
                     why = None if decision.allowed else decision.reason
                 if why:
-                    declined.append(i)
-                    reasons[why] = reasons.get(why, 0) + 1
+                    answers.declined.append(i)
+                    answers.reasons[i] = why
                     continue
-                accepted.append(i)
+                answers.accepted.append(i)
                 if event is not None:
-                    seqs[i] = ledger.reserve(event, received)
-        status, note, arrived = RoundStatus.SKIPPED, may_start(len(accepted), promised).reason, []
-        if may_start(len(accepted), promised).release:
-            arrived = self._dropouts(accepted)
-            unmask = may_unmask(len(arrived), promised)
-            if not unmask.release:
-                status, note = RoundStatus.REFUSED, unmask.reason
-            else:
-                codec = make_codec(self.model.payload_bound(Phase.SUFFSTATS, self.plan), cfg.secagg_clipping_range,
-                                   cfg.secagg_quantization_range, len(accepted))
-                total, arrived = self._stats_sum(arrived, book, r, codec)
-                unmask = may_unmask(len(arrived), promised)
-                if not unmask.release:
-                    status, note = RoundStatus.REFUSED, unmask.reason
-                else:
-                    self.model.apply(Phase.SUFFSTATS, total, len(arrived),
-                                     noise_arrivals=[book.policies[i].guaranteed_arrivals for i in arrived],
-                                     quantization_std=codec.device_error_std(), plan=self.plan)
-                    status, note = RoundStatus.APPLIED, f"sum of {len(arrived)} devices released (g = {promised})"
-        with ledger_batch(self._store):
-            for i, seq in seqs.items():
+                    self._seqs[i] = ledger.reserve(event, received)
+        return answers
+
+    def secure_sum(self, r: int, phase: Phase, answers: Answers, request: dict[str, Any], codec: SecAggCodec,
+                   promised: int) -> Released:
+        if phase == Phase.SUFFSTATS:
+            return self._stats_release(r, answers.accepted, codec, promised)
+        return self._dpsgd_release(r, answers.accepted, codec, promised)
+
+    def settle(self, r: int, phase: Phase, answers: Answers, released: Released | None) -> dict[str, list[int | str]]:
+        """Statistics round: every reservation completed, the heads signed. DP-SGD: who dropped out."""
+        book = self.book
+        if phase != Phase.SUFFSTATS:
+            book.dropped[r] = sorted(set(answers.accepted) - set(released.arrived if released else []))
+            return {}
+        with ledger_batch(book.store):
+            for i, seq in self._seqs.items():
                 ledger = book.ledgers[i]
                 ledger.complete(seq, float(ledger.epsilon(book.policies[i].delta)), status="done")
-        ids = self.fleet.ids
-        dropped = sorted(set(accepted) - set(arrived))
-        fed_ledger.record_round(r, [ids[i] for i in arrived], [ids[i] for i in declined], [ids[i] for i in dropped],
-                                {"phase": str(Phase.SUFFSTATS), "status": str(status), "note": note,
-                                 "guaranteed_arrivals": promised, "engine": ENGINE, "decline_reasons": reasons,
-                                 **self._sent_extra([r]), LEDGER_HEADS: _heads(book, seqs),
-                                 PUBLIC_PARAMETERS: public_parameters(Phase.SUFFSTATS, cfg, self.plan)})
-        return self._entry(r, Phase.SUFFSTATS, status, note, len(arrived), len(declined), len(dropped), book)
+        return book.heads(self._seqs)
+
+    def records_round(self, phase: Phase) -> bool:
+        return phase == Phase.SUFFSTATS  # the DP-SGD phase is recorded as spans by close()
+
+    def device_epsilons(self, r: int, phase: Phase, answers: Answers, released: Released | None) -> dict[str, Any]:
+        """Every device's epsilon from its ledger after round ``r`` (fed_nessa.sim.fleet_epsilon)."""
+        if phase == Phase.SUFFSTATS or r == self._dp_rounds[0]:
+            self._spent.changed()
+        book = self.book
+        return self._spent.after(r, book.ledgers, [p.delta for p in book.policies], book.span_rounds)
+
+    def round_done(self, r: int, rounds: int, entry: dict[str, Any]) -> None:
+        entry["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if r < rounds and (r == 1 or r % PROGRESS_EVERY == 0):
+            run_folder.write_summary(self.run_dir, self._progress_summary(rounds))
+
+    def close(self, ledger: FederationLedger, pins: Pins) -> None:
+        if self._dp_rounds:
+            self.book.close_spans(self.cfg, self.plan, self._dp_rounds, ledger, pins, ENGINE)
+
+    def ending(self) -> Ending:
+        """The fleet's summary (every device's epsilon from its ledger) and its pooled references."""
+        return Ending(summary_of=lambda final: self._final_summary(final, self.book),
+                      references=self._references if self.cfg.references else None,
+                      card_extra=lambda summary: {"engine": ENGINE})
+
+    def release(self) -> None:
+        if self.book.store is not None:
+            self.book.store.close()
+
+    # -- statistics round ------------------------------------------------------------------
+    def _stats_release(self, r: int, accepted: list[int], codec: SecAggCodec, promised: int) -> Released:
+        """The statistics sum of the devices that did not drop out (never computed below g)."""
+        arrived = self._dropouts(accepted)
+        unmask = may_unmask(len(arrived), promised)
+        if unmask.release:
+            total, arrived = self._stats_sum(arrived, self.book, r, codec)
+            unmask = may_unmask(len(arrived), promised)
+        if not unmask.release:
+            return Released(None, arrived, len(arrived), refused=unmask.reason)
+        return Released(total, arrived, len(arrived),
+                        noise_arrivals=[self.book.policies[i].guaranteed_arrivals for i in arrived])
 
     def _dropouts(self, accepted: list[int]) -> list[int]:
         if self.cfg.dropout_rate <= 0:
@@ -379,115 +387,37 @@ class FleetEngine:
         return self.model.mechanism.stats_weights(self.fleet.n)
 
     # -- DP-SGD rounds ---------------------------------------------------------------------
-    def _reserve_spans(self, book: DeviceBook, dp_rounds: list[int]) -> None:
-        """Every device reserves the DP-SGD rounds it is scheduled for, as one span, within its budget."""
-        cfg, fleet = self.cfg, self.fleet
-        schedule: dict[int, list[int]] = {i: [] for i in range(len(fleet.ids))}
-        for r in dp_rounds:
-            for i in sample_positions(len(fleet.ids), cfg, r, Phase.DPSGD).tolist():
-                schedule[i].append(r)
-        cap_cache: dict[tuple[Any, ...], int] = {}
-        for i, rounds in schedule.items():
-            if not rounds:
-                continue
-            ledger, policy = book.ledgers[i], book.policies[i]
-            kept = _separated(rounds, ledger.rounds(), policy)  # the device's own min-separation
-            # The device answers for the first round it keeps: the rounds its separation drops are
-            # declined, not the whole span (docs/privacy.md).
-            req = RoundRequest(Phase.DPSGD, (kept or rounds)[0],
-                               promised_arrivals(cfg, cfg.cohort_size(len(fleet.ids))), len(fleet.ids),
-                               **self._model_ids())
-            why = fleet.refusal(req, i, int(fleet.n[i]), cfg, policy, ledger)
-            rounds = kept
-            if why or not rounds:
-                book.refused[i] = why or separation_refusal(req.round, ledger.rounds(), policy) or "declined"
-                continue
-            one = planned_event(req, int(fleet.n[i]), cfg, policy)
-            if one is None:  # no DP: nothing to reserve
-                book.span_rounds[i] = rounds
-                continue
-            key = (one.sample_rate, one.noise_multiplier, one.unit, len(rounds),
-                   tuple(sorted((e.sample_rate, e.noise_multiplier, e.steps, e.mechanism, e.unit)
-                                for e in ledger.events())))
-            if key not in cap_cache:
-                cap_cache[key] = self._affordable(ledger, one, len(rounds))
-            k = min(cap_cache[key], policy.max_participations - ledger.participations(), len(rounds))
-            if k <= 0:
-                book.refused[i] = "declined: the DP-SGD phase would take this device over its budget"
-                continue
-            joined = rounds[:k]
-            # A Poisson DP-SGD span may skip rounds (cohorts); a device-level Gaussian sum is one
-            # mechanism per round, so its spans are runs of consecutive rounds.
-            runs = _runs(tuple(joined)) if one.mechanism == GAUSSIAN_SUM else [(joined[0], joined[-1])]
-            seqs = []
-            for first, last in runs:
-                steps = k if one.mechanism != GAUSSIAN_SUM else last - first + 1
-                span = DPEvent.from_dict({**one.to_dict(), "steps": steps, "round": first, "last_round": last,
-                                          "note": f"{one.note}; span of {steps} scheduled round(s) reserved at "
-                                                  "once (counted in full even if the device drops out)"})
-                seqs.append((ledger.reserve(span, {"server_key_fingerprint": self._server_fp}), first, last))
-            book.span_seq[i] = seqs
-            book.span_rounds[i] = joined
-
-    def _affordable(self, ledger: DeviceLedger, one: DPEvent, most: int) -> int:
-        """The most rounds (<= most) a device with this history can join within its budget."""
-        def fits(k: int) -> bool:
-            span = DPEvent.from_dict({**one.to_dict(), "steps": k, "last_round": one.round + k - 1})
-            return ledger.check_budget(span, self.cfg.epsilon_budget, self.cfg.delta).allowed
-
-        if fits(most):
-            return most
-        lo, hi = 0, most
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
-        return lo
-
-    def _dpsgd_round(self, r: int, book: DeviceBook) -> dict[str, Any]:
-        cfg, fleet = self.cfg, self.fleet
-        cohort = sample_positions(len(fleet.ids), cfg, r, Phase.DPSGD).tolist()
-        promised = promised_arrivals(cfg, len(cohort))
-        self._send(Phase.DPSGD, r, promised)
-        accepted = [i for i in cohort if r in book.span_rounds.get(i, ())]
-        declined = len(cohort) - len(accepted)
-        status, note = RoundStatus.SKIPPED, may_start(len(accepted), promised).reason
-        sent: list[int] = []
-        if may_start(len(accepted), promised).release:
-            arrived = self._dropouts(accepted)
-            codec = make_codec(self.model.payload_bound(Phase.DPSGD, self.plan), cfg.secagg_clipping_range,
-                               cfg.secagg_quantization_range, len(accepted))
-            q = self._rates(arrived)
-            whole = self.model.mechanism.clips_whole_device
-            if whole:  # every device's whole mean gradient, no sampling
-                vectors = self._device_vectors(arrived, book, r)
-                if self.numerics == FleetNumerics.EXACT:
-                    payloads, sent, _failed = encode_all(vectors, arrived, codec)
-                else:
-                    sent = arrived
-            elif self.numerics == FleetNumerics.EXACT:
-                payloads, sent, _failed = encode_all(self._exact_vectors(arrived, book, r, q), arrived, codec)
+    def _dpsgd_release(self, r: int, accepted: list[int], codec: SecAggCodec, promised: int) -> Released:
+        """The DP-SGD sum of the devices that did not drop out or fail their own range check."""
+        cfg, book = self.cfg, self.book
+        arrived = self._dropouts(accepted)
+        q = self._rates(arrived)
+        whole = self.model.mechanism.clips_whole_device
+        if whole:  # every device's whole mean gradient, no sampling
+            vectors = self._device_vectors(arrived, book, r)
+            if self.numerics == FleetNumerics.EXACT:
+                payloads, sent, _failed = encode_all(vectors, arrived, codec)
             else:
-                rows, owner = self._sample(arrived, r, q)
-                fits = np.bincount(owner, minlength=len(arrived)) <= max_sampled(cfg, self.plan.sample_rate)
-                sent = [i for i, ok in zip(arrived, fits, strict=True) if ok]
-                # a device whose sample could saturate fails locally: nothing sent, counted as failed
-                rows = rows[fits[owner]]
-            unmask = may_unmask(len(sent), promised)
-            if not unmask.release:
-                status, note = RoundStatus.REFUSED, unmask.reason
-            else:
-                if self.numerics == FleetNumerics.EXACT:
-                    total = modular_sum(payloads, codec)
-                elif whole:
-                    total = self._fast_device_total(vectors[0], sent, book, r, codec)
-                else:
-                    total = self._fast_gradient_total(rows, sent, book, r, codec)
-                self.model.apply(Phase.DPSGD, total, len(sent), gradients=True,
-                                 noise_arrivals=[book.policies[i].guaranteed_arrivals for i in sent],
-                                 quantization_std=codec.device_error_std(), plan=self.plan)
-                status, note = RoundStatus.APPLIED, f"sum of {len(sent)} devices released (g = {promised})"
-        self._dropped[r] = sorted(set(accepted) - set(sent))
-        return self._entry(r, Phase.DPSGD, status, note, len(sent), declined, len(accepted) - len(sent), book)
+                sent = arrived
+        elif self.numerics == FleetNumerics.EXACT:
+            payloads, sent, _failed = encode_all(self._exact_vectors(arrived, book, r, q), arrived, codec)
+        else:
+            rows, owner = self._sample(arrived, r, q)
+            fits = np.bincount(owner, minlength=len(arrived)) <= max_sampled(cfg, self.plan.sample_rate)
+            sent = [i for i, ok in zip(arrived, fits, strict=True) if ok]
+            # a device whose sample could saturate fails locally: nothing sent, counted as failed
+            rows = rows[fits[owner]]
+        unmask = may_unmask(len(sent), promised)
+        if not unmask.release:
+            return Released(None, sent, len(sent), refused=unmask.reason)
+        if self.numerics == FleetNumerics.EXACT:
+            total = modular_sum(payloads, codec)
+        elif whole:
+            total = self._fast_device_total(vectors[0], sent, book, r, codec)
+        else:
+            total = self._fast_gradient_total(rows, sent, book, r, codec)
+        return Released(total, sent, len(sent), gradients=True,
+                        noise_arrivals=[book.policies[i].guaranteed_arrivals for i in sent])
 
     def _sample(self, arrived: list[int], r: int, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(rows, position in ``arrived``) of the fast numerics' fleet-wide Poisson sample."""
@@ -702,122 +632,13 @@ class FleetEngine:
         """The federation's model ids, stated in every round (a device with other models declines)."""
         return {"enroll_model": self.data.enroll_model, "runtime_model": self.data.runtime_model}
 
-    def _send(self, phase: Phase, r: int, promised: int) -> dict[str, Any]:
-        """Hash the model and round config of round ``r`` (what every device of the round receives)."""
-        config = round_config(str(phase), r, promised, len(self.fleet.ids), self._server_fp, **self._model_ids())
-        self._sent[r] = (model_sha256(self.model.vector()), config_sha256(config))
-        return {"round": r, "model_sha256": self._sent[r][0], "config_sha256": self._sent[r][1],
-                "server_key_fingerprint": self._server_fp}
-
-    def _sent_extra(self, rounds: list[int], span: bool = False) -> dict[str, Any]:
-        """Federation-ledger evidence: per-round hashes (one round) or their chain (a span), plus new pins."""
-        pins, self._pins = self._pins, {}
-        if len(rounds) == 1 and not span:
-            model, config = self._sent[rounds[0]]
-            return {"model_sha256": model, "config_sha256": config, "device_key_fingerprints": pins}
-        return {"models": {str(r): list(self._sent[r]) for r in rounds}, "model_chain_scheme": CHAIN_SCHEME,
-                "model_chain": received_chain((r, *self._sent[r]) for r in rounds),
-                "device_key_fingerprints": pins}
-
-    def _close_spans(self, book: DeviceBook, dp_rounds: list[int], fed_ledger: FederationLedger) -> None:
-        chains: dict[tuple[int, ...], dict[str, Any]] = {}  # devices on one schedule share one chain
-        with ledger_batch(self._store):
-            for i, spans in book.span_seq.items():
-                ledger = book.ledgers[i]
-                for seq, first, last in spans:
-                    rounds = tuple(r for r in book.span_rounds[i] if first <= r <= last)
-                    if rounds not in chains:
-                        chains[rounds] = {"scheme": CHAIN_SCHEME, "rounds": [[a, b] for a, b in _runs(rounds)],
-                                          "chain": received_chain((r, *self._sent[r]) for r in rounds)}
-                    ledger.complete(seq, float(ledger.epsilon(book.policies[i].delta)), status="done",
-                                    received=chains[rounds])
-        ids = self.fleet.ids
-        joined = sorted(book.span_rounds)
-        heads = _heads(book, book.span_seq)
-        dropped = {str(r): [ids[i] for i in devs] for r, devs in self._dropped.items() if devs}
-        extra = {"phase": str(Phase.DPSGD), "engine": ENGINE, "dropped": dropped,
-                 "decline_reasons": {reason: sum(1 for v in book.refused.values() if v == reason)
-                                     for reason in set(book.refused.values())},
-                 PUBLIC_PARAMETERS: public_parameters(Phase.DPSGD, self.cfg, self.plan)}
-        if self.cfg.cohort_size(len(ids)) >= len(ids):
-            # One span entry per run of consecutive rounds of each distinct schedule: it lists exactly
-            # the rounds its devices joined (a budget cut short, or a min-separation leaving gaps),
-            # drop-outs listed inside their span; each device's ledger head on its last entry.
-            groups: dict[tuple[int, ...], list[int]] = {}
-            for i in joined:
-                groups.setdefault(tuple(book.span_rounds[i]), []).append(i)
-            entries = sorted((run, members) for rounds, members in groups.items() for run in _runs(rounds))
-            refused = [ids[i] for i in sorted(book.refused)]
-            for n, ((first, last), members) in enumerate(entries):
-                member_ids = {ids[i] for i in members}
-                gone = {r: [d for d in devs if d in member_ids] for r, devs in dropped.items()
-                        if first <= int(r) <= last}
-                ending = {ids[i]: heads[ids[i]] for i in members
-                          if book.span_rounds[i][-1] == last and ids[i] in heads}
-                fed_ledger.record_span(first, last, sorted(member_ids), refused if n == 0 else [], [],
-                                       {**extra, "dropped": {r: d for r, d in gone.items() if d},
-                                        **self._sent_extra(list(range(first, last + 1)), span=True),
-                                        LEDGER_HEADS: ending})
-            if not groups and refused:
-                fed_ledger.record_span(dp_rounds[0], dp_rounds[-1], [], refused, [], extra)
-            return
-        for r in dp_rounds:  # cohorts: one entry per round (each lists only its cohort)
-            in_round = [i for i in joined if r in book.span_rounds[i]]
-            lost = set(self._dropped.get(r, []))
-            ending = {ids[i]: heads[ids[i]] for i in in_round if book.span_rounds[i][-1] == r and ids[i] in heads}
-            fed_ledger.record_round(r, [ids[i] for i in in_round if i not in lost], [],
-                                    [ids[i] for i in sorted(lost)], {**extra, "dropped": {}, **self._sent_extra([r]),
-                                                                     LEDGER_HEADS: ending})
-
     # -- reporting -------------------------------------------------------------------------
-    def _evaluate(self, aligners: dict[str, Any] | None = None) -> Any:
-        return evaluate_eval_set(self.data.eval, SCENARIO, {"federated": self.model.comparator(), **(aligners or {})})
-
-    _row = staticmethod(summary_row)
-
-    def _entry(self, r: int, phase: Phase, status: RoundStatus, note: str, joined: int, declined: int,
-               failed: int, book: DeviceBook) -> dict[str, Any]:
-        if evaluates(self.cfg, r, len(self.model.phases(self.plan.aligner)), phase, statistics_rounds=True):
-            fed = self._row(self._evaluate(), "asym_federated")
-        else:
-            fed = not_evaluated()
-        return {**round_entry(r, phase, status, note, fed, participants=joined, declined=declined, failed=failed),
-                "epsilon_max": 0.0, "epsilon_median": 0.0}  # stated by fed_nessa.sim.fleet_epsilon after the round
-
-    def _epsilons(self, book: DeviceBook, unit: str | None = None) -> dict[str, float]:
-        """Each device's epsilon from its ledger in ``unit`` (default: the run's privacy unit).
-
-        Identical histories are computed once; a history with no bound in ``unit`` (an
-        example-level event under a device-level claim) is infinite, so the claim fails loudly.
-        """
-        unit = unit or self.cfg.privacy_unit
-        cache: dict[tuple[Any, ...], float] = {}
-        out = {}
-        for dev, ledger, policy in zip(self.fleet.ids, book.ledgers, book.policies, strict=True):
-            events = ledger.events()
-            key = tuple(sorted((e.mechanism, e.steps, e.sample_rate, e.noise_multiplier, e.clip_norm, e.unit)
-                               for e in events)) + (policy.delta,)
-            if key not in cache:
-                try:
-                    cache[key] = float(ledger.epsilon(policy.delta, unit=unit))
-                except UnitNotCoveredError:
-                    cache[key] = math.inf
-            out[dev] = cache[key]
-        return out
-
-    def finish(self, book: DeviceBook) -> dict[str, Any]:
-        """The protocol's end (:func:`fed_nessa.federated.rounds.finish_run`) with the fleet's references."""
-        return finish_run(self.model, self.data, self.cfg, self.plan, OUTPUTS, rounds=len(self.history),
-                          summary_of=lambda final: self._final_summary(final, book),
-                          references=self._references if self.cfg.references else None,
-                          card_extra=lambda summary: {"engine": ENGINE}, progress=self.progress)
-
     def _final_summary(self, final: dict[str, Any], book: DeviceBook) -> dict[str, Any]:
         """The summary with every device's epsilon from its ledger (the last round's entry states the same
         figures: fed_nessa.sim.fleet_epsilon) and, device level, the implied example-level figures."""
-        summary = self.summary(final, self._epsilons(book))
+        summary = self.summary(final, book.epsilons(self.cfg))
         if self.cfg.privacy_unit != EXAMPLE:
-            example = sorted(self._epsilons(book, EXAMPLE).values()) or [0.0]
+            example = sorted(book.epsilons(self.cfg, EXAMPLE).values()) or [0.0]
             summary["privacy"]["epsilon_example_max"] = example[-1]
             summary["privacy"]["epsilon_example_median"] = statistics.median(example)
         return summary
@@ -858,40 +679,28 @@ class FleetEngine:
                                                                           "runtime_model")}),
                              NessaConfig(hidden=self.cfg.hidden, depth=self.cfg.depth)).fit(
             x_ref, y_ref, train_cfg=TrainConfig(epochs=epochs, batch_size=256, lr=1e-3, seed=self.cfg.seed))
-        report = self._evaluate({"centralised_nessa": nessa, "ridge": ridge})
-        return {"centralised_nessa": self._row(report, "asym_centralised_nessa"),
-                "ridge": self._row(report, "asym_ridge"),
-                "sym_before": self._row(report, "sym_before"), "sym_after": self._row(report, "sym_after")}
-
-    def _noise_statement(self) -> str:
-        """Where this simulation's draws came from (a deployed device draws all of them from the OS CSPRNG)."""
-        if self.numerics == FleetNumerics.EXACT:
-            return ("fleet engine, exact numerics: every device's Gaussian share and Poisson sample drawn from the OS "
-                    "CSPRNG, as on a device; residual risk: floating-point Gaussian samplers (Mironov, CCS 2012)")
-        return ("fleet engine, distribution-equivalent numerics (a simulation): the summed Gaussian noise is one draw "
-                "from the OS CSPRNG; the Poisson samples come from a PCG64 stream keyed with 128 fresh bits of OS "
-                "entropy per round; the rounding errors from their distribution. A deployed device draws its own "
-                "noise share and sample from the OS CSPRNG")
+        aligners = {"federated": self.model.comparator(), "centralised_nessa": nessa, "ridge": ridge}
+        return reference_rows(evaluate_eval_set(self.data.eval, SCENARIO, aligners))
 
     def _progress_summary(self, rounds: int) -> dict[str, Any]:
         """The light summary written while the run goes on: rounds so far, no ``final`` (a run in progress)."""
-        return {"config": run_folder.portable_config(self.cfg.to_run_config()), "rounds": self.history,
-                "final": None, "progress": {"rounds_done": len(self.history), "rounds": rounds},
+        return {"config": run_folder.portable_config(self.cfg.to_run_config()), "rounds": self.state.history,
+                "final": None, "progress": {"rounds_done": len(self.state.history), "rounds": rounds},
                 "noise_plan": run_folder.noise_plan_block(self.plan),
                 "engine": {"name": ENGINE, "numerics": str(self.numerics), "device": str(self.torch_device),
                            "devices": len(self.fleet.ids), "pairs": int(self.fleet.starts[-1])}}
 
     def summary(self, final: dict[str, Any], eps: dict[str, float]) -> dict[str, Any]:
-        seconds = [e["seconds"] for e in self.history if e["phase"] == str(Phase.DPSGD)]
+        seconds = [e["seconds"] for e in self.state.history if e["phase"] == str(Phase.DPSGD)]
         return {
             "config": run_folder.portable_config(self.cfg.to_run_config()),
-            "rounds": self.history,
+            "rounds": self.state.history,
             "final": final,
             "privacy": run_folder.privacy_block(self.cfg, eps, len(self.fleet.ids),
-                                                noise_source=self._noise_statement(),
+                                                noise_source=noise_statement(self.numerics),
                                                 ledger_layout=self.cfg.ledger_layout),
             "noise_plan": run_folder.noise_plan_block(self.plan),
-            "secure_aggregation": {**run_folder.secagg_block(self.cfg, self.saturated_total),
+            "secure_aggregation": {**run_folder.secagg_block(self.cfg, self.state.saturated_total),
                                    "simulated": MASKS_NOTE},
             "engine": {"name": ENGINE, "numerics": str(self.numerics), "masks": MASKS_NOTE,
                        "device": str(self.torch_device), "devices": len(self.fleet.ids),
@@ -914,36 +723,15 @@ def _blocks(devices: list[int], n: dict[int, int], most: int) -> list[list[int]]
     return out
 
 
-def _separated(rounds: list[int], joined: set[int], policy: DevicePolicy) -> list[int]:
-    """The scheduled rounds a device keeps under its policy's min-separation (greedy, earliest first)."""
-    gap = policy.min_separation
-    if gap <= 1:
-        return [r for r in rounds if r not in joined]
-    prior = sorted(joined)
-    kept: list[int] = []
-    for r in rounds:
-        at = bisect.bisect_left(prior, r)
-        near = [abs(r - prior[j]) for j in (at - 1, at) if 0 <= j < len(prior)]
-        if (kept and r - kept[-1] < gap) or (near and min(near) < gap):
-            continue
-        kept.append(r)
-    return kept
-
-
-def _heads(book: DeviceBook, reserved: dict[int, Any]) -> dict[str, list[int | str]]:
-    """The ledger head ``[seq, sha256]`` of every device in ``reserved`` (the server signs them)."""
-    return {book.ledgers[i].device_id: list(book.ledgers[i].head()) for i in reserved}
-
-
-def _runs(rounds: tuple[int, ...]) -> list[tuple[int, int]]:
-    """Sorted rounds as maximal runs of consecutive rounds ``(first, last)``."""
-    out: list[tuple[int, int]] = []
-    for r in rounds:
-        if out and r == out[-1][1] + 1:
-            out[-1] = (out[-1][0], r)
-        else:
-            out.append((r, r))
-    return out
+def noise_statement(numerics: FleetNumerics) -> str:
+    """Where this simulation's draws came from (a deployed device draws all of them from the OS CSPRNG)."""
+    if numerics == FleetNumerics.EXACT:
+        return ("fleet engine, exact numerics: every device's Gaussian share and Poisson sample drawn from the OS "
+                "CSPRNG, as on a device; residual risk: floating-point Gaussian samplers (Mironov, CCS 2012)")
+    return ("fleet engine, distribution-equivalent numerics (a simulation): the summed Gaussian noise is one draw "
+            "from the OS CSPRNG; the Poisson samples come from a PCG64 stream keyed with 128 fresh bits of OS "
+            "entropy per round; the rounding errors from their distribution. A deployed device draws its own "
+            "noise share and sample from the OS CSPRNG")
 
 
 def run_fleet(cfg: FederationConfig, policy: DevicePolicy, *, device: str = "cpu",
