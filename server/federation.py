@@ -40,7 +40,7 @@ from fed_nessa.data.population import SCENARIO, FederationData, load_federation_
 from fed_nessa.errors import FedNessaError
 from fed_nessa.evaluation import run_folder
 from fed_nessa.evaluation.gate import SHIPPED, card_fields, gate_run
-from fed_nessa.federated.codec import make_codec, saturation_note
+from fed_nessa.federated.codec import saturation_note
 from fed_nessa.federated.cohort import sample_positions
 from fed_nessa.federated.mechanism import public_parameters
 from fed_nessa.federated.noise_plan import NoisePlan, noise_plan
@@ -66,6 +66,7 @@ from fed_nessa.federated.rounds import (
     round_entry,
 )
 from fed_nessa.federated.server_model import ServerModel
+from fed_nessa.federated.skellam_mechanism import round_codec
 from fed_nessa.privacy.ledger import LEDGER_HEADS, PUBLIC_PARAMETERS, config_sha256, model_sha256, server_key_folder
 from server.checkpoint import Checkpoint, check_resumable, latest_checkpoint, save_checkpoint
 from server.secagg_round import secure_sum
@@ -235,8 +236,8 @@ class Federation:
         round_eps: dict[str, float] = {}
         heads: dict[str, list[int | str]] = {}
         if may_start(len(plan.accepted), promised).release:
-            codec = make_codec(self.model.payload_bound(phase, noise), cfg.secagg_clipping_range,
-                               cfg.secagg_quantization_range, len(plan.accepted))
+            codec = round_codec(cfg, phase, noise, (self.model.d_x, self.model.d_y), r, promised,
+                                len(plan.accepted), self.model.payload_bound(phase, noise))
             vector = np.asarray(self.model.vector(), np.float32).reshape(-1)
             # What every device of the round is sent, hashed for the federation ledger; each device
             # signs the hashes of what it received, and the audit proves they all match.

@@ -44,6 +44,7 @@ from fed_nessa.config import (
     FEDERATION_NAMES,
     ConfigError,
     DevicePolicy,
+    DistributedMechanism,
     FederationConfig,
     LedgerLayout,
     RoundStatus,
@@ -378,6 +379,9 @@ def run_engine(cfg: FederationConfig, policy: DevicePolicy, *, engine: str = ENG
             raise ValueError(f"data-source {cfg.data_source}: the fleet engine builds its devices in memory from "
                              f"{' or '.join(FEDERATION_NAMES)}; run a folder of shards with --engine flower")
         _check_torch_device(device)
+        if cfg.distributed_mechanism == DistributedMechanism.SKELLAM:
+            raise ValueError("distributed-mechanism = 'skellam': the fleet engine does not run the integer mechanism "
+                             "yet (the Flower engine does); use --engine flower or distributed-mechanism 'gaussian'")
     if cfg.data_source not in FEDERATION_NAMES:
         check_shard_folder(Path(cfg.data_source), cfg)
     planned = _planned_replacement(cfg) if replace else None
