@@ -49,13 +49,15 @@ def privacy_block(cfg: FederationConfig, device_epsilons: dict[str, float], num_
 
     eps = sorted(device_epsilons.values())
     if cfg.dp_mode == DPMode.NONE:
-        block: dict[str, Any] = {"unit": PRIVACY_UNIT, "mode": "none", "trust": TRUST_NONE, "delta": cfg.delta,
-                                 "epsilon_budget": None, "accountant": accountant}
+        block: dict[str, Any] = {"unit": PRIVACY_UNIT, "mode": "none", "mechanism": cfg.noise_mechanism,
+                                 "trust": TRUST_NONE, "delta": cfg.delta, "epsilon_budget": None,
+                                 "accountant": accountant}
     else:
         block = privacy_statement(cfg.dp_mode, cfg.delta, cfg.epsilon_budget, accountant,
                                   min_arrivals=cfg.min_arrivals,
                                   reconstruction_threshold=cfg.secagg_reconstruction_threshold,
-                                  reproducible_noise=cfg.reproducible_noise, unit=cfg.privacy_unit)
+                                  reproducible_noise=cfg.reproducible_noise, unit=cfg.privacy_unit,
+                                  mechanism=cfg.noise_mechanism)
         if noise_source is not None and not cfg.reproducible_noise:
             block["noise_source"] = noise_source
     block.update({
@@ -206,7 +208,7 @@ def render_report(summary: dict[str, Any]) -> str:
         f"- unit: {priv['unit']} ({priv.get('privacy_unit', 'example')}-level); "
         f"{priv.get('group_privacy', '')}",
         *([f"- level: {priv['level']}"] if priv.get("privacy_unit") == "device" else []),
-        f"- mode: {priv['mode']}. Trust: {priv['trust']}",
+        f"- mode: {priv['mode']}, noise mechanism: {priv.get('mechanism', 'gaussian')}. Trust: {priv['trust']}",
         f"- accountant: {priv['accountant']}, delta {priv['delta']:g}, budget epsilon {priv['epsilon_budget']} "
         "per device (the run's request; each device's own policy, fixed in its ledger header, decides)",
         *([f"- noise: {priv['noise_source']}"] if priv.get("guarantee_holds", True) and "noise_source" in priv

@@ -75,21 +75,25 @@ def payload_dim(cfg: FederationConfig, phase: Phase, d_x: int, d_y: int) -> int:
 
 def round_params(cfg: FederationConfig, phase: Phase, plan: NoisePlan, dim: int, round_num: int,
                  promised: int) -> IntegerMechanismParams:
-    """The round's public parameters: noise sized for ``promised`` arrivals, the field for the whole fleet.
+    """The round's public parameters: sums of at least ``promised`` devices, the field for the whole fleet.
 
-    Sizing the bit width for every device of the fleet (not the round's cohort, which a device
-    does not know when it plans) costs at most log2(fleet / cohort) bits and lets every party
-    build it alone. Raises ValueError (one line) when the sum needs more than 31 bits.
+    Their ``device_variance`` is the WHOLE noise (a device whose g is 1): the bit width and the
+    decoder's bound are sized for it, so no honest device's share, whatever its g, can make a sum
+    look wrapped (as the Gaussian's payload bound assumes the full sigma). A device then takes its
+    share (:func:`device_params`). Sizing for every device of the fleet (not the round's cohort,
+    which a device does not know when it plans) costs at most log2(fleet / cohort) bits and lets
+    every party build the parameters alone. Raises ValueError (one line) above 31 bits.
     """
     mech = mechanism_for(cfg)
-    return build_params(dim, mech.sensitivity(phase), mech.sigma(phase, plan), rotation_seed(cfg.seed, round_num),
-                        promised, max(plan.fleet, promised), vectors_per_device(cfg, phase),
-                        clip_per_sqrt_dim=ROUND_CLIP_PER_SQRT_DIM)
+    whole = build_params(dim, mech.sensitivity(phase), mech.sigma(phase, plan), rotation_seed(cfg.seed, round_num),
+                         1, max(plan.fleet, promised), vectors_per_device(cfg, phase),
+                         clip_per_sqrt_dim=ROUND_CLIP_PER_SQRT_DIM)
+    return dataclasses.replace(whole, min_devices=promised)
 
 
 def device_params(params: IntegerMechanismParams, g: int) -> IntegerMechanismParams:
-    """``params`` with the noise share of a device whose policy promises ``g`` arrivals."""
-    return dataclasses.replace(params, device_variance=params.central_variance / g)
+    """The round's ``params`` (:func:`round_params`: the whole noise) with the share of a device sized for ``g``."""
+    return dataclasses.replace(params, device_variance=params.device_variance / g)
 
 
 def sensitivity_after_rounding(params: IntegerMechanismParams) -> float:

@@ -11,11 +11,13 @@ were edited is refused when it is read (:func:`fed_nessa.privacy.events.check_sk
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 from fed_nessa.privacy.accounting import RDP, SKELLAM_ACCOUNTANT
 from fed_nessa.privacy.audit.findings import FAIL, DeviceAudit, Finding
 from fed_nessa.privacy.events import SKELLAM
 from fed_nessa.privacy.skellam import SkellamRelease, audit_release, event_release
+from fed_nessa.privacy.statement import GAUSSIAN_NOISE, SKELLAM_NOISE
 
 #: The accountants a ledger with the integer mechanism is replayed through.
 INTEGER_ACCOUNTANTS = (RDP, SKELLAM_ACCOUNTANT)
@@ -38,6 +40,18 @@ def accountants_for(dev: DeviceAudit, accountants: tuple[str, str], findings: li
 def holds_integer(devices: list[DeviceAudit]) -> bool:
     """Whether any audited ledger holds a skellam event (the report then shows :data:`INTEGER_ACCOUNTANTS`)."""
     return any(ev.mechanism == SKELLAM for d in devices for ev in d.events)
+
+
+def check_claimed_mechanism(claim: dict[str, Any], devices: list[DeviceAudit], findings: list[Finding]) -> None:
+    """The summary's ``mechanism`` must be what the ledgers record: skellam iff any event is skellam."""
+    stated = claim.get("mechanism")
+    spent = [ev for d in devices for ev in d.events if ev.steps]
+    if stated is None or not spent:
+        return
+    recorded = SKELLAM_NOISE if any(ev.mechanism == SKELLAM for ev in spent) else GAUSSIAN_NOISE
+    if stated != recorded:
+        findings.append(Finding(FAIL, "summary.mechanism", f"summary states noise mechanism {stated!r}, the ledgers "
+                                                           f"record {recorded!r} events"))
 
 
 @functools.lru_cache(maxsize=256)

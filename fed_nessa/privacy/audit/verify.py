@@ -904,6 +904,7 @@ def _check_claim(claim: dict[str, Any] | None, devices: list[DeviceAudit], accou
     if claim.get("mode") and modes and modes != {claim["mode"]}:
         findings.append(Finding(FAIL, "summary.mode", f"summary states mode {claim['mode']!r}, ledgers record "
                                                       f"{sorted(modes)}"))
+    integer.check_claimed_mechanism(claim, devices, findings)
     # The summary states the budget the run *asked* for; each device's own policy (its ledger header)
     # decides. A device budget above the stated one would make the summary's claim false (FAIL); one
     # below it is the device's policy at work (e.g. a run that asked for more and was declined).
