@@ -307,3 +307,24 @@ def test_the_audit_fails_a_closed_form_below_the_numerical_divergence(tmp_path: 
     audit_integer._numerical_check.cache_clear()
     skellam._integer_curve.cache_clear()
     assert any(f.check == "skellam.numerical" for f in failed.findings) and not failed.passed
+
+
+def test_pair_rows_are_each_pairs_unit_norm_term_and_sum_to_the_device_vector() -> None:
+    from fed_nessa.federated import suffstats
+
+    rng = np.random.default_rng(3)
+    enroll, runtime = rng.normal(size=(7, 16)), rng.normal(size=(7, 12))
+    rows = suffstats.pair_rows(enroll, runtime, 0.5)
+    np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 0.5)
+    np.testing.assert_allclose(rows.sum(axis=0), 0.5 * suffstats.device_vector(enroll, runtime), atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [1, 2, 64, 128, 256, 2048])
+def test_the_blocked_hadamard_transform_is_the_sylvester_matrix(n: int) -> None:
+    from scipy.linalg import hadamard
+
+    from fed_nessa.federated.integer_mechanism import fwht
+
+    x = np.random.default_rng(n).normal(size=(3, n))
+    np.testing.assert_allclose(fwht(x), x @ hadamard(n) / math.sqrt(n), atol=1e-9)
+    np.testing.assert_allclose(fwht(fwht(x)), x, atol=1e-9)

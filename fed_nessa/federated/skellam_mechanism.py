@@ -123,8 +123,7 @@ def device_rows(cfg: FederationConfig, phase: Phase, vector: np.ndarray | None,
     """The rows a device rounds: one per pair (example-level statistics: each pair's own term), else its vector."""
     if per_example_rows(cfg, phase):
         assert enroll is not None and runtime is not None
-        return np.stack([suffstats.device_vector(enroll[i:i + 1], runtime[i:i + 1]) * weight
-                         for i in range(len(enroll))])
+        return suffstats.pair_rows(enroll, runtime, weight)
     assert vector is not None
     return np.asarray(vector, np.float64)[None, :]
 
