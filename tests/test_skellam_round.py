@@ -263,6 +263,8 @@ def test_device_level_rounds_are_audited_and_every_output_names_the_mechanism(tm
     assert [e["status"] for e in summary["rounds"]] == ["applied", "applied"]
     privacy = summary["privacy"]
     assert privacy["mechanism"] == "skellam" and "integer mechanism" in privacy["noise_source"]
+    secagg = summary["secure_aggregation"]  # the Gaussian's ranges would be a false claim here
+    assert "Z_2^b" in secagg["field"] and "quantization_range" not in secagg
     run = tmp_path / "run"
     assert "noise mechanism: skellam" in (run / "report.md").read_text()
     card = json.loads((run / "aligner" / "card.json").read_text())

@@ -73,13 +73,22 @@ def privacy_block(cfg: FederationConfig, device_epsilons: dict[str, float], num_
     return block
 
 
+#: What SecAgg+ sums under ``distributed-mechanism = skellam`` (its ranges come from the round's field, not the config).
+INTEGER_FIELD = ("Z_2^b: each device's integer field elements, b per round as its ledger event records "
+                 "(skellam.bits); clipping range 2^(b-1), quantization range 2^b, Flower's quantizer the identity")
+
+
 def secagg_block(cfg: FederationConfig, saturated_total: int) -> dict[str, Any]:
+    """The ``secure_aggregation`` block: the Gaussian's quantization ranges, or the integer mechanism's field."""
+    ranges: dict[str, Any] = ({"field": INTEGER_FIELD} if cfg.integer_noise else
+                              {"clipping_range": cfg.secagg_clipping_range,
+                               "quantization_range": cfg.secagg_quantization_range})
     return {
-        "protocol": "SecAgg+ (Flower SecAggPlusWorkflow + secaggplus_mod)",
+        "protocol": "SecAgg+ (Flower SecAggPlusWorkflow + " + (
+            "exact_secaggplus_mod)" if cfg.integer_noise else "secaggplus_mod)"),
         "num_shares": cfg.secagg_num_shares,
         "reconstruction_threshold": cfg.secagg_reconstruction_threshold,
-        "clipping_range": cfg.secagg_clipping_range,
-        "quantization_range": cfg.secagg_quantization_range,
+        **ranges,
         "min_arrivals": cfg.min_arrivals,
         "weighting": "constant (every device weight 1; no num_examples)",
         "saturated_coordinates": int(saturated_total),
@@ -220,7 +229,8 @@ def render_report(summary: dict[str, Any]) -> str:
         f"- per-device ledgers: {priv.get('num_device_ledgers', 0)} at `{priv.get('device_ledger_pattern')}`",
         "", "## Secure aggregation", "",
         f"- {sa['protocol']}: {sa['num_shares']} shares, reconstruction threshold {sa['reconstruction_threshold']}, "
-        f"clipping range {sa['clipping_range']:g}, {sa['quantization_range']} levels; {sa['weighting']}",
+        + (f"field {sa['field']}; " if "field" in sa else
+         f"clipping range {sa['clipping_range']:g}, {sa['quantization_range']} levels; ") + f"{sa['weighting']}",
         f"- aggregates released only with >= {sa['min_arrivals']} devices; saturated coordinates: "
         f"{sa['saturated_coordinates']}",
         "", f"Plots: `{EER_PLOT}`, `{EPSILON_PLOT}`.", "",
