@@ -147,6 +147,7 @@ def test_skellam_costs_epsilon_only_for_the_rounding_and_the_discretisation() ->
     ({"dp-mode": "local"}, "is the noise of dp-mode 'distributed'"),
     ({"aligner": "nessa", "num-server-rounds": 3}, "does not run example-level DP-SGD rounds yet"),
     ({"distributed-mechanism": "discrete-gaussian"}, "allowed values gaussian, skellam"),
+    ({"budget-split": 0.5, "sample-rate": 0.01}, "budget-split calibrates the Gaussian's noise multipliers"),
 ])
 def test_what_skellam_does_not_run_is_one_clear_error(extra: dict[str, Any], fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment):
