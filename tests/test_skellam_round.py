@@ -197,6 +197,7 @@ def test_no_global_generator_draw_during_a_real_secagg_round(tmp_path: Path, dat
     monkeypatch.setattr("server.federation.secure_sum", guarded)
     cfg = _example_stats(tmp_path, "run", distributed_mechanism=f'"{mechanism}"')
     summary = simulate(cfg, quiet=True)
+    assert summary["privacy"]["mechanism"] == mechanism
     if mechanism == "gaussian":
         assert "numpy.random.rand" in calls  # Flower's stochastic rounding
         return
@@ -331,3 +332,20 @@ def test_the_blocked_hadamard_transform_is_the_sylvester_matrix(n: int) -> None:
     x = np.random.default_rng(n).normal(size=(3, n))
     np.testing.assert_allclose(fwht(x), x @ hadamard(n) / math.sqrt(n), atol=1e-9)
     np.testing.assert_allclose(fwht(fwht(x)), x, atol=1e-9)
+
+
+def test_the_decoded_noise_has_the_gaussians_released_variance() -> None:
+    """Unrotated and descaled, the integer noise of g shares sized for g has exactly the continuous Gaussian's
+    per-coordinate variance (sigma C)^2, so the statistics solve's floor is unchanged."""
+    from fed_nessa.federated.mechanism import mechanism_for
+
+    cfg = from_run_config({"distributed-mechanism": "skellam", "privacy-unit": "device", "delta": 1e-4})
+    g, plan = 4, noise_plan(cfg, 8)
+    params = skellam_mechanism.round_params(cfg, Phase.SUFFSTATS, plan, 300, 1, g)
+    share = skellam_mechanism.device_params(params, g)
+    noise, rows = SecureNoise(), np.zeros((1, 300))
+    decoded = np.concatenate([skellam_mechanism.IntegerCodec(params).decode_field(
+        np.stack([skellam_mechanism.encode_device(rows, share, noise) for _ in range(g)]), g) for _ in range(30)])
+    expected = skellam_mechanism.released_variance(params, plan.suffstats_sigma, [g] * g)
+    assert expected == pytest.approx(mechanism_for(cfg).released_variance(Phase.SUFFSTATS, plan, [g] * g))
+    assert decoded.var() == pytest.approx(expected, rel=0.1)
