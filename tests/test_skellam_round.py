@@ -258,10 +258,12 @@ def test_a_wrapped_sum_is_refused_and_never_applied(tmp_path: Path, data: Path,
         skellam_mechanism.IntegerCodec(params).decode_field(field[None, :], 7)
 
 
-def test_device_level_rounds_are_audited_and_every_output_names_the_mechanism(tmp_path: Path, data: Path) -> None:
+@pytest.mark.parametrize("update", ["fedsgd", pytest.param("fedavg", marks=pytest.mark.slow)])
+def test_device_level_rounds_are_audited_and_every_output_names_the_mechanism(tmp_path: Path, data: Path,
+                                                                              update: str) -> None:
     from fed_nessa.privacy.audit import audit
 
-    summary = simulate(_device_rounds(tmp_path, "run"), policy=DEVICE_POLICY, quiet=True)
+    summary = simulate(_device_rounds(tmp_path, "run", device_update=f'"{update}"'), policy=DEVICE_POLICY, quiet=True)
     assert [e["status"] for e in summary["rounds"]] == ["applied", "applied"]
     privacy = summary["privacy"]
     assert privacy["mechanism"] == "skellam" and "integer mechanism" in privacy["noise_source"]
