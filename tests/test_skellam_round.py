@@ -16,7 +16,7 @@ import torch
 from test_simulation import make_folder, overrides, simulate
 
 from fed_nessa.config import ConfigError, DevicePolicy, FederationConfig, Phase, from_run_config
-from fed_nessa.federated import skellam_mechanism
+from fed_nessa.federated import skellam_mechanism, suffstats
 from fed_nessa.federated.device import RoundRequest, integer_params
 from fed_nessa.federated.integer_mechanism import WrapAroundError, centred, encode_rounded, modular_sum
 from fed_nessa.federated.noise_plan import noise_plan
@@ -154,10 +154,11 @@ def test_what_skellam_does_not_run_is_one_clear_error(extra: dict[str, Any], fra
         from_run_config({"distributed-mechanism": "skellam", **extra})
 
 
-def test_the_fleet_engine_refuses_skellam(tmp_path: Path) -> None:
+def test_the_fleet_engine_refuses_skellams_dpsgd_rounds(tmp_path: Path) -> None:
     cfg = from_run_config({"distributed-mechanism": "skellam", "privacy-unit": "device", "num-devices": 12,
-                           "min-arrivals": 3, "delta": 1e-3, "run-dir": str(tmp_path / "run")})
-    with pytest.raises(ValueError, match="the fleet engine does not run the integer mechanism yet"):
+                           "min-arrivals": 3, "delta": 1e-3, "num-server-rounds": 3, "aligner": "nessa",
+                           "run-dir": str(tmp_path / "run")})
+    with pytest.raises(ValueError, match="runs the integer mechanism's statistics round only"):
         run_engine(cfg, DEVICE_POLICY, engine="fleet", quiet=True)
     assert not (tmp_path / "run").exists()
 
@@ -316,8 +317,6 @@ def test_the_audit_fails_a_closed_form_below_the_numerical_divergence(tmp_path: 
 
 
 def test_pair_rows_are_each_pairs_unit_norm_term_and_sum_to_the_device_vector() -> None:
-    from fed_nessa.federated import suffstats
-
     rng = np.random.default_rng(3)
     enroll, runtime = rng.normal(size=(7, 16)), rng.normal(size=(7, 12))
     rows = suffstats.pair_rows(enroll, runtime, 0.5)
@@ -351,3 +350,62 @@ def test_the_decoded_noise_has_the_gaussians_released_variance() -> None:
     expected = skellam_mechanism.released_variance(params, plan.suffstats_sigma, [g] * g)
     assert expected == pytest.approx(mechanism_for(cfg).released_variance(Phase.SUFFSTATS, plan, [g] * g))
     assert decoded.var() == pytest.approx(expected, rel=0.1)
+
+
+# -- the fleet engine's statistics round ------------------------------------------------------
+
+def _fleet_stats_cfg(tmp: Path, name: str, **over: Any) -> FederationConfig:
+    base = {"num-devices": 12, "num-server-rounds": 1, "min-arrivals": 8, "secagg-num-shares": 5,
+            "secagg-reconstruction-threshold": 3, "privacy-unit": "device", "suffstats-noise-multiplier": 2.0,
+            "aligner": "linear", "eval-speakers": 20, "validation-speakers": 20, "hidden": 8,
+            "device-stats-pairs": 20, "references": False, "distributed-mechanism": "skellam",
+            "reproducible-noise": True, "fleet-numerics": "exact", "delta": 1e-3, "run-dir": str(tmp / name)}
+    base.update(over)
+    return from_run_config(base)
+
+
+def test_flower_and_fleet_engines_release_the_same_integer_statistics_sum(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Device level, reproducible noise: every device's rounding and share come from the same stream in both
+    engines, so the decoded sums are equal (up to float summation order) and so are the ledgers' epsilons."""
+    from fed_nessa.sim.fleet import run_fleet
+
+    seen: list[np.ndarray] = []
+    apply = ServerModel.apply
+
+    def spy(self: ServerModel, phase: Phase, aggregate_sum: np.ndarray, n_arrived: int, **kw: Any) -> None:
+        seen.append(np.array(aggregate_sum, np.float64))
+        apply(self, phase, aggregate_sum, n_arrived, **kw)
+
+    monkeypatch.setattr(ServerModel, "apply", spy)
+    policy = DevicePolicy(privacy_unit="device", guaranteed_arrivals=8, min_suffstats_noise_multiplier=0.2,
+                          delta=1e-3, allow_reproducible_noise=True)
+    from fed_nessa.sim.runner import simulate as flower_simulate
+
+    flower_simulate(_fleet_stats_cfg(tmp_path, "flower"), policy=policy, quiet=True)
+    run_fleet(_fleet_stats_cfg(tmp_path, "fleet"), policy)
+    assert len(seen) == 2
+    np.testing.assert_allclose(seen[0], seen[1], rtol=0, atol=1e-6 * np.abs(seen[0]).max())
+    for i in range(12):
+        dev = f"device-{i:05d}"
+        events = [DeviceLedger.open(tmp_path / run / "devices" / dev, dev).events() for run in ("flower", "fleet")]
+        assert events[0] == events[1] and events[0][0].mechanism == SKELLAM
+
+
+def test_fleet_fast_numerics_match_the_exact_ones_in_mean_and_variance() -> None:
+    """The fast numerics' one summed Skellam draw plus the rounding's Gaussian: the exact numerics' law (40 draws)."""
+    from fed_nessa.sim import fleet_integer
+
+    cfg = from_run_config({"distributed-mechanism": "skellam", "aligner": "linear", "suffstats-noise-multiplier": 0.2})
+    rng = np.random.default_rng(5)
+    shards = [(rng.normal(size=(n, 16)), rng.normal(size=(n, 12))) for n in (3, 5, 4)]
+    plan = noise_plan(cfg, 3)
+    dim = skellam_mechanism.payload_dim(cfg, Phase.SUFFSTATS, 16, 12)
+    codec = skellam_mechanism.IntegerCodec(skellam_mechanism.round_params(cfg, Phase.SUFFSTATS, plan, dim, 1, 3))
+    truth = np.sum([suffstats.device_vector(x, y) for x, y in shards], axis=0)
+    draws = {numerics: np.stack([fleet_integer.stats_sum(cfg, numerics, shards, ["a", "b", "c"], [3, 3, 3], 1, codec)
+                                 for _ in range(40)]) - truth for numerics in ("exact", "fast")}
+    expected = skellam_mechanism.released_variance(codec.params, plan.suffstats_sigma, [3, 3, 3])
+    for numerics, err in draws.items():
+        assert abs(err.mean()) < 4 * math.sqrt(expected / err.size), numerics
+        assert err.var() == pytest.approx(expected, rel=0.05), numerics

@@ -98,6 +98,7 @@ from fed_nessa.federated.rounds import (
     round_entry,
 )
 from fed_nessa.federated.server_model import ServerModel
+from fed_nessa.federated.skellam_mechanism import IntegerCodec, round_codec
 from fed_nessa.model.training import with_noise_share
 from fed_nessa.privacy.accounting import UnitNotCoveredError
 from fed_nessa.privacy.events import EXAMPLE, GAUSSIAN_SUM, DPEvent
@@ -116,6 +117,7 @@ from fed_nessa.privacy.ledger import (
 )
 from fed_nessa.privacy.store import LedgerStore
 from fed_nessa.randomness import NoiseSource, noise_source
+from fed_nessa.sim import fleet_integer
 from fed_nessa.sim.fedavg import block_steps, fedavg_block
 from fed_nessa.sim.fleet_epsilon import SpentEpsilon
 from fed_nessa.sim.fleet_numerics import encode_all, fast_rounding, modular_sum, summed_noise, uniforms
@@ -291,7 +293,8 @@ class FleetEngine:
             for i in cohort.tolist():
                 ledger, policy = book.ledgers[i], book.policies[i]
                 why = fleet.refusal(req, i, int(fleet.n[i]), cfg, policy, ledger)
-                event = None if why else planned_event(req, int(fleet.n[i]), cfg, policy)
+                event = None if why else planned_event(req, int(fleet.n[i]), cfg, policy,
+                                                       (self.data.d_x, self.data.d_y))
                 if event is not None:
                     decision = ledger.check_budget(event, cfg.epsilon_budget, cfg.delta)
                     why = None if decision.allowed else decision.reason
@@ -309,8 +312,8 @@ class FleetEngine:
             if not unmask.release:
                 status, note = RoundStatus.REFUSED, unmask.reason
             else:
-                codec = make_codec(self.model.payload_bound(Phase.SUFFSTATS, self.plan), cfg.secagg_clipping_range,
-                                   cfg.secagg_quantization_range, len(accepted))
+                codec = round_codec(cfg, Phase.SUFFSTATS, self.plan, (self.data.d_x, self.data.d_y), r, promised,
+                                    len(accepted), self.model.payload_bound(Phase.SUFFSTATS, self.plan))
                 total, arrived = self._stats_sum(arrived, book, r, codec)
                 unmask = may_unmask(len(arrived), promised)
                 if not unmask.release:
@@ -340,9 +343,14 @@ class FleetEngine:
         return [i for i, k in zip(accepted, keep, strict=True) if k]
 
     def _stats_sum(self, arrived: list[int], book: DeviceBook, r: int,
-                   codec: SecAggCodec) -> tuple[np.ndarray, list[int]]:
+                   codec: SecAggCodec | IntegerCodec) -> tuple[np.ndarray, list[int]]:
         """The released statistics sum and the devices in it (a device failing its range check is not)."""
         cfg, fleet = self.cfg, self.fleet
+        if isinstance(codec, IntegerCodec):  # distributed-mechanism = skellam
+            shards = [(fleet.x[fleet.starts[i]:fleet.starts[i + 1]].cpu().numpy(),
+                       fleet.y[fleet.starts[i]:fleet.starts[i + 1]].cpu().numpy()) for i in arrived]
+            return fleet_integer.stats_sum(cfg, self.numerics, shards, [fleet.ids[i] for i in arrived],
+                                           [book.policies[i].guaranteed_arrivals for i in arrived], r, codec), arrived
         dp = cfg.dp_mode != DPMode.NONE
         mech = self.model.mechanism
         if self.numerics == FleetNumerics.FAST:
@@ -865,6 +873,8 @@ class FleetEngine:
 
     def _noise_statement(self) -> str:
         """Where this simulation's draws came from (a deployed device draws all of them from the OS CSPRNG)."""
+        if self.cfg.integer_noise:
+            return fleet_integer.noise_statement(self.numerics)
         if self.numerics == FleetNumerics.EXACT:
             return ("fleet engine, exact numerics: every device's Gaussian share and Poisson sample drawn from the OS "
                     "CSPRNG, as on a device; residual risk: floating-point Gaussian samplers (Mironov, CCS 2012)")
