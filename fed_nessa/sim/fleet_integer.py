@@ -37,19 +37,23 @@ def stats_sum(cfg: FederationConfig, numerics: str, shards: Sequence[tuple[np.nd
     """
     mech = mechanism_for(cfg)
     per_pair = skellam_mechanism.per_example_rows(cfg, Phase.SUFFSTATS)
-    rows = [skellam_mechanism.device_rows(
-        cfg, Phase.SUFFSTATS, None if per_pair else suffstats.device_vector(x, y) * mech.stats_weight(len(x)),
-        x, y, mech.stats_weight(len(x))) for x, y in shards]
     params = codec.params
     if numerics == FleetNumerics.EXACT:
-        encodings = [skellam_mechanism.encode_device(dev_rows, skellam_mechanism.device_params(params, g),
-                                                     noise_source(cfg.reproducible_noise, cfg.seed, "device", i, r))
-                     for dev_rows, i, g in zip(rows, ids, gs, strict=True)]
+        encodings = []
+        for (x, y), i, g in zip(shards, ids, gs, strict=True):
+            weight = mech.stats_weight(len(x))
+            rows = skellam_mechanism.device_rows(cfg, Phase.SUFFSTATS,
+                                                 None if per_pair else suffstats.device_vector(x, y) * weight,
+                                                 x, y, weight)
+            encodings.append(skellam_mechanism.encode_device(rows, skellam_mechanism.device_params(params, g),
+                                                             noise_source(cfg.reproducible_noise, cfg.seed, "device",
+                                                                          i, r)))
         return codec.decode_field(np.stack(encodings), len(shards))
-    total = np.sum([dev_rows.sum(axis=0) for dev_rows in rows], axis=0)
+    # the rows of a device sum to its (weighted) statistics vector: the float sum needs no row
+    total = np.sum([suffstats.device_vector(x, y) * mech.stats_weight(len(x)) for x, y in shards], axis=0)
     stream = summed_noise(cfg, r)
     variance = sum(params.device_variance / g for g in gs)
-    vectors = sum(len(dev_rows) for dev_rows in rows)
+    vectors = sum(len(x) for x, _ in shards) if per_pair else len(shards)
     rotated = (skellam_share(variance, params.padded_dim, stream).astype(np.float64)
                + stream.normal((params.padded_dim,), math.sqrt(vectors / 6.0)))
     return (total + unrotate(rotated, params) / params.scale).astype(np.float32)
