@@ -7,7 +7,9 @@ Two messages per round, both answered from the device's own shard and ledger:
   policy (from its node config, fixed in its ledger header) and its budget
   (``plan_round``, no training) and answers ``status`` ``ok`` or ``declined`` with a
   reason. A device that declines never enters the SecAgg+ cohort.
-* ``train`` (the SecAgg+ stages): ``secaggplus_mod`` runs the protocol; at its
+* ``train`` (the SecAgg+ stages): ``secaggplus_mod`` runs the protocol (``distributed-mechanism =
+  skellam``: :data:`~fed_nessa.federated.secagg_field.exact_secaggplus_mod`, whose quantizer is the
+  identity on the device's field elements, so nothing of Flower's rounding decides the guarantee); at its
   "collect masked vectors" stage it calls the handler below, which trains
   (``client_round``: DP-SGD etc., every DP event recorded in the device's
   ledger), scales the vector into SecAgg+'s range with the round's codec,
@@ -123,6 +125,15 @@ def _ledger_head(ledger: Any) -> dict[str, int | str]:
     return {LEDGER_SEQ_REPLY_KEY: int(seq), LEDGER_HEAD_REPLY_KEY: str(digest)}
 
 
+def _payload(cfg: FederationConfig, vector: np.ndarray, config: dict[str, Any]) -> np.ndarray:
+    """What the device hands SecAgg+: its field elements, already as Flower's exact quantizer reads them
+    (``skellam``: a value outside the server's field fails in the mod, nothing sent), or its vector
+    scaled into the codec's range (the continuous Gaussian)."""
+    if cfg.integer_noise:
+        return np.asarray(vector, np.float64)
+    return SecAggCodec.from_config(config).encode(vector)[0]
+
+
 def build_client_app(runtime: DeviceRuntime | None = None) -> ClientApp:
     """A ClientApp bound to ``runtime`` (default: the production round logic, loaded lazily)."""
     app = ClientApp(mods=[secagg_only_mod])
@@ -161,13 +172,12 @@ def build_client_app(runtime: DeviceRuntime | None = None) -> ClientApp:
             raise RuntimeError("refusing to send an update outside a SecAgg+ round (no secaggplus record)")
         cfg = _config(context)
         fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-        codec = SecAggCodec.from_config(dict(fitins.config))
         global_vector = parameters_to_ndarrays(fitins.parameters)[0].astype(np.float32, copy=False)
         _paths, shard, ledger, policy = open_device(context, cfg)
         outcome = rt().client_round(_request(fitins.config), shard, global_vector, cfg, ledger, policy)
         if outcome.status != ReplyStatus.OK or outcome.vector is None:
             raise RoundDeclined(f"declined at training: {outcome.metrics.get('reason', outcome.status)}")
-        payload, _saturated = codec.encode(outcome.vector)
+        payload = _payload(cfg, outcome.vector, dict(fitins.config))
         fitres = FitRes(
             status=Status(code=Code.OK, message=""),
             parameters=ndarrays_to_parameters([payload]),

@@ -36,6 +36,13 @@ class DPMode(StrEnum):
     NONE = "none"
 
 
+class DistributedMechanism(StrEnum):
+    """The noise of ``dp-mode = distributed`` (docs/privacy.md "The integer mechanism")."""
+
+    GAUSSIAN = "gaussian"  # continuous Gaussian shares, Flower's quantizer rounds them (accounted as Gaussian)
+    SKELLAM = "skellam"  # integer Skellam shares in SecAgg+'s field: what is released is what is accounted
+
+
 class LinearStart(StrEnum):
     SUFFSTATS = "suffstats"
     NONE = "none"
@@ -144,6 +151,7 @@ class FederationConfig:
     lr: float = 0.001
     server_lr: float = 0.001
     dp_mode: str = "distributed"
+    distributed_mechanism: str = "gaussian"  # dp-mode distributed: "skellam" is the exact integer mechanism
     noise_multiplier: float = 1.5
     clip_norm: float = 1.0
     delta: float = 1e-5
@@ -194,6 +202,19 @@ class FederationConfig:
     clip_lr: float = 0.2  # adaptive clipping: geometric step, C <- C exp(-clip-lr (noisy fraction - quantile))
     clip_count_noise: float = 0.05  # adaptive clipping: the noisy count's std, as a fraction of the fleet
     references: bool = True  # fleet engine: fit the pooled non-DP references (false: a study reuses them)
+
+    @property
+    def integer_noise(self) -> bool:
+        """Whether the run's distributed noise is the integer (Skellam) mechanism."""
+        return self.dp_mode == DPMode.DISTRIBUTED and self.distributed_mechanism == DistributedMechanism.SKELLAM
+
+    @property
+    def noise_mechanism(self) -> str:
+        """The noise every output names: the distributed mechanism, else the continuous Gaussian (local), or none."""
+        if self.dp_mode == DPMode.NONE:
+            return "none"
+        distributed = self.dp_mode == DPMode.DISTRIBUTED
+        return str(self.distributed_mechanism) if distributed else DistributedMechanism.GAUSSIAN.value
 
     def cohort_size(self, fleet: int) -> int:
         """Devices sampled per DP-SGD round in a fleet of ``fleet`` (0 means all of them)."""
@@ -282,6 +303,27 @@ def _choice(problems: list[str], key: str, value: str, allowed: tuple[str, ...])
         problems.append(f"{key} = {value!r}: allowed values {', '.join(allowed)}")
 
 
+def _skellam_problems(c: FederationConfig) -> list[str]:
+    """What ``distributed-mechanism = skellam`` does not run (yet): each a clear refusal, never a silent Gaussian."""
+    if c.distributed_mechanism != DistributedMechanism.SKELLAM:
+        return []
+    key = "distributed-mechanism = 'skellam'"
+    if c.dp_mode != DPMode.DISTRIBUTED:
+        return [f"{key} is the noise of dp-mode 'distributed', got dp-mode {c.dp_mode!r}"]
+    p = []
+    dpsgd = c.num_server_rounds > (c.suffstats_rounds if c.linear_start == LinearStart.SUFFSTATS else 0)
+    if c.privacy_unit == PrivacyUnit.EXAMPLE and dpsgd and c.aligner != "linear":
+        p.append(f"{key} does not run example-level DP-SGD rounds yet (each example's gradient must be rounded on "
+                 "its own): use privacy-unit 'device', aligner 'linear', or distributed-mechanism 'gaussian'")
+    if c.clip_target_quantile > 0:
+        p.append(f"{key} does not carry the adaptive clip's bit yet: clip-target-quantile must be 0")
+    if c.budget_split > 0:
+        p.append(f"{key}: budget-split calibrates the Gaussian's noise multipliers, and the integer mechanism costs "
+                 "slightly more epsilon at the same multiplier (its rounding and discretisation), so the calibrated "
+                 "run would exceed the budget: set budget-split 0 and the noise multipliers")
+    return p
+
+
 def _check_ranges(c: FederationConfig) -> list[str]:
     """Range and consistency checks; empty when the config is usable."""
     p: list[str] = []
@@ -294,6 +336,8 @@ def _check_ranges(c: FederationConfig) -> list[str]:
     _range(p, "lr", c.lr, 0.0, 100.0, lo_open=True)
     _range(p, "server-lr", c.server_lr, 0.0, 100.0, lo_open=True)
     _choice(p, "dp-mode", c.dp_mode, DP_MODES)
+    _choice(p, "distributed-mechanism", c.distributed_mechanism, tuple(m.value for m in DistributedMechanism))
+    p += _skellam_problems(c)
     _range(p, "noise-multiplier", c.noise_multiplier, 0.0, 1000.0)
     if c.dp_mode != "none" and c.noise_multiplier <= 0:
         p.append(f"noise-multiplier = {c.noise_multiplier!r}: must be > 0 when dp-mode is {c.dp_mode!r}")

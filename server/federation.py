@@ -34,7 +34,6 @@ from fed_nessa.errors import FedNessaError
 from fed_nessa.evaluation import run_folder
 from fed_nessa.evaluation.gate import SHIPPED, card_fields, gate_run
 from fed_nessa.evaluation.protocol import evaluate_eval_set, federated_row, reference_rows
-from fed_nessa.federated.codec import SecAggCodec
 from fed_nessa.federated.cohort import sample_positions
 from fed_nessa.federated.engine import Answers, Ending, Engine, Pins, Released, RunState
 from fed_nessa.federated.noise_plan import NoisePlan, noise_plan
@@ -51,6 +50,7 @@ from fed_nessa.federated.protocol import (
 from fed_nessa.federated.protocol_loop import run_protocol
 from fed_nessa.federated.rounds import Progress, RunOutputs
 from fed_nessa.federated.server_model import ServerModel
+from fed_nessa.federated.skellam_mechanism import RoundCodec
 from fed_nessa.privacy.ledger import FederationLedger, config_sha256, model_sha256
 from server.checkpoint import Checkpoint, check_resumable, latest_checkpoint, save_checkpoint
 from server.secagg_round import secure_sum
@@ -166,7 +166,7 @@ class Federation(Engine):
     def ask(self, r: int, phase: Phase, cohort: list[int], request: dict[str, Any]) -> Answers:
         return plan_round(self.grid, self.cfg, cohort, request)
 
-    def secure_sum(self, r: int, phase: Phase, answers: Answers, request: dict[str, Any], codec: SecAggCodec,
+    def secure_sum(self, r: int, phase: Phase, answers: Answers, request: dict[str, Any], codec: RoundCodec,
                    promised: int) -> Released:
         """One SecAgg+ round; the workflow refuses to unmask fewer than ``promised`` masked vectors."""
         vector = np.asarray(self.model.vector(), np.float32).reshape(-1)

@@ -41,7 +41,9 @@ from flwr.serverapp.grid import Grid
 
 from fed_nessa.config import SECAGG_MODULUS_RANGE, FederationConfig
 from fed_nessa.federated.codec import MAX_WEIGHT, SecAggCodec
+from fed_nessa.federated.integer_mechanism import WrapAroundError
 from fed_nessa.federated.release import may_unmask
+from fed_nessa.federated.skellam_mechanism import IntegerCodec
 
 
 @dataclass
@@ -119,22 +121,31 @@ class GuardedSecAggPlusWorkflow(SecAggPlusWorkflow):
         return bool(super().unmask_stage(grid, context, state))
 
 
-def make_workflow(cfg: FederationConfig, min_release: int) -> GuardedSecAggPlusWorkflow:
-    """The guarded SecAgg+ workflow: integer shares/threshold, a constant weight (never num_examples)."""
+def make_workflow(cfg: FederationConfig, min_release: int,
+                  ranges: tuple[float, int, int] | None = None) -> GuardedSecAggPlusWorkflow:
+    """The guarded SecAgg+ workflow: integer shares/threshold, a constant weight (never num_examples).
+
+    ``ranges`` (clipping range, quantization range, modulus) are the round codec's
+    (:meth:`SecAggCodec.flower_ranges`; the integer mechanism's make the quantizer exact); None:
+    the run config's.
+    """
+    clipping, quantization, modulus = ranges or (cfg.secagg_clipping_range, cfg.secagg_quantization_range,
+                                                 SECAGG_MODULUS_RANGE)
     return GuardedSecAggPlusWorkflow(
         min_release=min_release,
         num_shares=int(cfg.secagg_num_shares),
         reconstruction_threshold=int(cfg.secagg_reconstruction_threshold),
         max_weight=MAX_WEIGHT,
-        clipping_range=float(cfg.secagg_clipping_range),
-        quantization_range=int(cfg.secagg_quantization_range),
-        modulus_range=SECAGG_MODULUS_RANGE,
+        clipping_range=float(clipping),
+        quantization_range=int(quantization),
+        modulus_range=int(modulus),
         timeout=cfg.secagg_timeout,
     )
 
 
 def secure_sum(grid: Grid, context: Context, cfg: FederationConfig, round_num: int, cohort: list[int],
-               global_vector: np.ndarray, fit_config: dict, codec: SecAggCodec, *, min_release: int) -> SecureSum:
+               global_vector: np.ndarray, fit_config: dict, codec: SecAggCodec | IntegerCodec, *,
+               min_release: int) -> SecureSum:
     """Run one SecAgg+ round over ``cohort`` and decode the SUM of the arrived devices' vectors.
 
     ``fit_config`` (flat, ConfigRecord-safe) and the codec travel to every
@@ -155,13 +166,18 @@ def secure_sum(grid: Grid, context: Context, cfg: FederationConfig, round_num: i
         strategy=strategy,
         client_manager=SimpleClientManager(),
     )
-    workflow = make_workflow(cfg, min_release)
+    workflow = make_workflow(cfg, min_release, codec.flower_ranges())
     workflow(grid, legacy)
     if strategy.mean is None:
         return SecureSum(completed=False, sum_vector=None, n_arrived=0, saturated=0,
                          failures=strategy.failures, refused=workflow.refused,
                          masked_arrivals=workflow.masked_arrivals)
-    total, saturated = codec.decode(strategy.mean, len(strategy.arrived))
+    try:
+        total, saturated = codec.decode(strategy.mean, len(strategy.arrived))
+    except WrapAroundError as exc:  # the integer mechanism's sum may have wrapped: refused, never used
+        return SecureSum(completed=True, sum_vector=None, n_arrived=len(strategy.arrived), saturated=0,
+                         arrived=sorted(strategy.arrived), failures=strategy.failures, metrics=strategy.metrics,
+                         refused=str(exc), masked_arrivals=workflow.masked_arrivals)
     return SecureSum(completed=True, sum_vector=total, n_arrived=len(strategy.arrived), saturated=saturated,
                      arrived=sorted(strategy.arrived), failures=strategy.failures, metrics=strategy.metrics,
                      masked_arrivals=workflow.masked_arrivals)

@@ -58,8 +58,9 @@ def bench_fractional_shares(cfg: Any, shares: float, threshold: float, policy: A
 
     original = secagg_round.make_workflow
 
-    def fractional(cfg: FederationConfig, min_release: int) -> secagg_round.GuardedSecAggPlusWorkflow:
-        wf = original(cfg, min_release)
+    def fractional(cfg: FederationConfig, min_release: int,
+                   ranges: tuple[float, int, int] | None = None) -> secagg_round.GuardedSecAggPlusWorkflow:
+        wf = original(cfg, min_release, ranges)
         return secagg_round.GuardedSecAggPlusWorkflow(
             min_release=min_release, num_shares=shares, reconstruction_threshold=threshold,
             max_weight=wf.max_weight, clipping_range=wf.clipping_range, quantization_range=wf.quantization_range,

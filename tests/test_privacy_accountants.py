@@ -13,6 +13,7 @@ from fed_nessa.privacy.accountants import (
     PLD,
     PRV,
     RDP,
+    SKELLAM_ACCOUNTANT,
     Accountant,
     create_accountant,
 )
@@ -41,7 +42,7 @@ def _analytic_gaussian(sigma: float) -> float:
 
 
 def test_the_registry_names_every_accountant_once_and_builds_it() -> None:
-    assert set(ACCOUNTANT_REGISTRY) == {RDP, PRV, PLD, GAUSSIAN}
+    assert set(ACCOUNTANT_REGISTRY) == {RDP, PRV, PLD, GAUSSIAN, SKELLAM_ACCOUNTANT}
     for name, cls in ACCOUNTANT_REGISTRY.items():
         acc = create_accountant(name)
         assert isinstance(acc, Accountant) and isinstance(acc, cls) and acc.name == name
@@ -49,13 +50,13 @@ def test_the_registry_names_every_accountant_once_and_builds_it() -> None:
 
 def test_budgetable_accountants_are_those_that_cover_subsampling() -> None:
     # The closed form covers q = 1 only: a reference for the audit, never a device's budget.
-    assert ACCOUNTANTS == (RDP, PRV, PLD)
+    assert ACCOUNTANTS == (RDP, PRV, PLD, SKELLAM_ACCOUNTANT)
     assert GAUSSIAN not in ACCOUNTANTS
 
 
 @pytest.mark.parametrize("name", ["gdp", "", "RDP", None])
 def test_an_unknown_name_is_one_clear_error(name) -> None:
-    with pytest.raises(ValueError, match=r"accountant must be one of \('rdp', 'prv', 'pld', 'gaussian'\)"):
+    with pytest.raises(ValueError, match=r"accountant must be one of \('rdp', 'prv', 'pld', 'gaussian', 'skellam'\)"):
         create_accountant(name)
     with pytest.raises(ValueError, match="accountant must be one of"):
         compute_epsilon([_ev(0.1, 1.0, 1)], DELTA, name)

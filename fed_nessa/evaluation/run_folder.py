@@ -49,13 +49,15 @@ def privacy_block(cfg: FederationConfig, device_epsilons: dict[str, float], num_
 
     eps = sorted(device_epsilons.values())
     if cfg.dp_mode == DPMode.NONE:
-        block: dict[str, Any] = {"unit": PRIVACY_UNIT, "mode": "none", "trust": TRUST_NONE, "delta": cfg.delta,
-                                 "epsilon_budget": None, "accountant": accountant}
+        block: dict[str, Any] = {"unit": PRIVACY_UNIT, "mode": "none", "mechanism": cfg.noise_mechanism,
+                                 "trust": TRUST_NONE, "delta": cfg.delta, "epsilon_budget": None,
+                                 "accountant": accountant}
     else:
         block = privacy_statement(cfg.dp_mode, cfg.delta, cfg.epsilon_budget, accountant,
                                   min_arrivals=cfg.min_arrivals,
                                   reconstruction_threshold=cfg.secagg_reconstruction_threshold,
-                                  reproducible_noise=cfg.reproducible_noise, unit=cfg.privacy_unit)
+                                  reproducible_noise=cfg.reproducible_noise, unit=cfg.privacy_unit,
+                                  mechanism=cfg.noise_mechanism)
         if noise_source is not None and not cfg.reproducible_noise:
             block["noise_source"] = noise_source
     block.update({
@@ -71,13 +73,22 @@ def privacy_block(cfg: FederationConfig, device_epsilons: dict[str, float], num_
     return block
 
 
+#: What SecAgg+ sums under ``distributed-mechanism = skellam`` (its ranges come from the round's field, not the config).
+INTEGER_FIELD = ("Z_2^b: each device's integer field elements, b per round as its ledger event records "
+                 "(skellam.bits); clipping range 2^(b-1), quantization range 2^b, Flower's quantizer the identity")
+
+
 def secagg_block(cfg: FederationConfig, saturated_total: int) -> dict[str, Any]:
+    """The ``secure_aggregation`` block: the Gaussian's quantization ranges, or the integer mechanism's field."""
+    ranges: dict[str, Any] = ({"field": INTEGER_FIELD} if cfg.integer_noise else
+                              {"clipping_range": cfg.secagg_clipping_range,
+                               "quantization_range": cfg.secagg_quantization_range})
     return {
-        "protocol": "SecAgg+ (Flower SecAggPlusWorkflow + secaggplus_mod)",
+        "protocol": "SecAgg+ (Flower SecAggPlusWorkflow + " + (
+            "exact_secaggplus_mod)" if cfg.integer_noise else "secaggplus_mod)"),
         "num_shares": cfg.secagg_num_shares,
         "reconstruction_threshold": cfg.secagg_reconstruction_threshold,
-        "clipping_range": cfg.secagg_clipping_range,
-        "quantization_range": cfg.secagg_quantization_range,
+        **ranges,
         "min_arrivals": cfg.min_arrivals,
         "weighting": "constant (every device weight 1; no num_examples)",
         "saturated_coordinates": int(saturated_total),
@@ -206,7 +217,7 @@ def render_report(summary: dict[str, Any]) -> str:
         f"- unit: {priv['unit']} ({priv.get('privacy_unit', 'example')}-level); "
         f"{priv.get('group_privacy', '')}",
         *([f"- level: {priv['level']}"] if priv.get("privacy_unit") == "device" else []),
-        f"- mode: {priv['mode']}. Trust: {priv['trust']}",
+        f"- mode: {priv['mode']}, noise mechanism: {priv.get('mechanism', 'gaussian')}. Trust: {priv['trust']}",
         f"- accountant: {priv['accountant']}, delta {priv['delta']:g}, budget epsilon {priv['epsilon_budget']} "
         "per device (the run's request; each device's own policy, fixed in its ledger header, decides)",
         *([f"- noise: {priv['noise_source']}"] if priv.get("guarantee_holds", True) and "noise_source" in priv
@@ -218,7 +229,8 @@ def render_report(summary: dict[str, Any]) -> str:
         f"- per-device ledgers: {priv.get('num_device_ledgers', 0)} at `{priv.get('device_ledger_pattern')}`",
         "", "## Secure aggregation", "",
         f"- {sa['protocol']}: {sa['num_shares']} shares, reconstruction threshold {sa['reconstruction_threshold']}, "
-        f"clipping range {sa['clipping_range']:g}, {sa['quantization_range']} levels; {sa['weighting']}",
+        + (f"field {sa['field']}; " if "field" in sa else
+         f"clipping range {sa['clipping_range']:g}, {sa['quantization_range']} levels; ") + f"{sa['weighting']}",
         f"- aggregates released only with >= {sa['min_arrivals']} devices; saturated coordinates: "
         f"{sa['saturated_coordinates']}",
         "", f"Plots: `{EER_PLOT}`, `{EPSILON_PLOT}`.", "",

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from fed_nessa.config import SECAGG_MODULUS_RANGE
 from fed_nessa.errors import FedNessaError
 
 # The weight every device sends to SecAgg+ and the workflow's max_weight: equal, so the
@@ -108,6 +109,10 @@ class SecAggCodec:
         variance ``p (1 - p) s^2`` is at most ``s^2 / 4``.
         """
         return 0.5 * self.step
+
+    def flower_ranges(self) -> tuple[float, int, int]:
+        """SecAgg+'s clipping range, quantization range and modulus for this codec's rounds."""
+        return self.clipping_range, self.quantization_range, SECAGG_MODULUS_RANGE
 
     def to_config(self) -> dict[str, float | int]:
         """Flat, ConfigRecord-safe form (keys prefixed ``codec-``)."""

@@ -43,15 +43,27 @@ import numpy as np
 
 from fed_nessa.config import DevicePolicy, DPMode, FederationConfig, Phase, PrivacyUnit, ReplyStatus
 from fed_nessa.data.shards import Shard
-from fed_nessa.federated import suffstats
+from fed_nessa.federated import skellam_mechanism, suffstats
+from fed_nessa.federated.integer_mechanism import IntegerMechanismParams
 from fed_nessa.federated.layout import build_net, load_flat
 from fed_nessa.federated.mechanism import mechanism_for
 from fed_nessa.federated.noise_plan import noise_plan
+from fed_nessa.federated.secagg_field import to_flower
 from fed_nessa.model.training import (
     dp_sample_rate,
     dp_steps,
 )
-from fed_nessa.privacy.events import DEVICE, DISTRIBUTED, DP_SGD, GAUSSIAN_SUM, LOCAL, OS_CSPRNG, PUBLIC_SEED, DPEvent
+from fed_nessa.privacy.events import (
+    DEVICE,
+    DISTRIBUTED,
+    DP_SGD,
+    GAUSSIAN_SUM,
+    LOCAL,
+    OS_CSPRNG,
+    PUBLIC_SEED,
+    SKELLAM,
+    DPEvent,
+)
 from fed_nessa.privacy.ledger import DeviceLedger, model_sha256
 from fed_nessa.randomness import REPRODUCIBLE_WARNING, NoiseSource, noise_source
 
@@ -113,10 +125,18 @@ def _noise_source(cfg: FederationConfig) -> str:
     return PUBLIC_SEED if cfg.reproducible_noise else OS_CSPRNG
 
 
-def planned_event(req: RoundRequest, n: int, cfg: FederationConfig, policy: DevicePolicy) -> DPEvent | None:
-    """The DP event a device with ``n`` pairs would spend in this round (None without DP)."""
+def planned_event(req: RoundRequest, n: int, cfg: FederationConfig, policy: DevicePolicy,
+                  dims: tuple[int, int] | None = None) -> DPEvent | None:
+    """The DP event a device with ``n`` pairs would spend in this round (None without DP).
+
+    ``dims`` (the shard's d_x, d_y) size the integer mechanism's payload (needed with ``skellam``).
+    """
     if cfg.dp_mode == DPMode.NONE:
         return None
+    if cfg.integer_noise:
+        if dims is None:
+            raise ValueError("the integer mechanism's event needs the shard's dimensions (d_x, d_y)")
+        return _skellam_event(req, cfg, policy, dims)
     if cfg.privacy_unit == PrivacyUnit.DEVICE:
         source = REPRODUCIBLE_WARNING if cfg.reproducible_noise else "noise from the OS CSPRNG"
         return _device_event(req, cfg, policy, _sigma(req, cfg), source)
@@ -136,6 +156,29 @@ def planned_event(req: RoundRequest, n: int, cfg: FederationConfig, policy: Devi
     return DPEvent(round=round_num, mechanism=DP_SGD, steps=steps, sample_rate=q,
                    noise_multiplier=sigma, clip_norm=cfg.clip_norm, delta=policy.delta,
                    mode=mode, noise_source=_noise_source(cfg), note=f"{what}{share}; {source}")
+
+
+def integer_params(req: RoundRequest, cfg: FederationConfig, policy: DevicePolicy,
+                   dims: tuple[int, int]) -> IntegerMechanismParams:
+    """This device's parameters of a skellam round: the public ones, its noise share sized by its OWN g."""
+    plan = noise_plan(cfg, req.fleet_size)
+    dim = skellam_mechanism.payload_dim(cfg, req.phase, *dims)
+    params = skellam_mechanism.round_params(cfg, req.phase, plan, dim, req.round, req.promised_arrivals)
+    return skellam_mechanism.device_params(params, policy.guaranteed_arrivals)
+
+
+def _skellam_event(req: RoundRequest, cfg: FederationConfig, policy: DevicePolicy, dims: tuple[int, int]) -> DPEvent:
+    params = integer_params(req, cfg, policy, dims)
+    sigma = _sigma(req, cfg)
+    source = REPRODUCIBLE_WARNING if cfg.reproducible_noise else "rounding and noise from the OS CSPRNG"
+    rows = "each pair rounded on its own" if skellam_mechanism.per_example_rows(cfg, req.phase) else "one vector"
+    return DPEvent(round=req.round, mechanism=SKELLAM, steps=1, sample_rate=1.0, noise_multiplier=sigma,
+                   clip_norm=mechanism_for(cfg).sensitivity(req.phase), delta=policy.delta, mode=DISTRIBUTED,
+                   unit=str(cfg.privacy_unit), noise_source=_noise_source(cfg),
+                   skellam=skellam_mechanism.event_parameters(params, sigma),
+                   note=f"integer Skellam share in SecAgg+'s field ({params.bits} bits, {rows}, randomised Hadamard "
+                        f"rotation from the public round seed); share sized for g = {policy.guaranteed_arrivals} "
+                        f"arrivals; {source}")
 
 
 def policy_refusal(req: RoundRequest, n: int, cfg: FederationConfig, policy: DevicePolicy,
@@ -232,7 +275,7 @@ def plan_round(req: RoundRequest, shard: Shard, cfg: FederationConfig, ledger: D
                or policy_refusal(req, shard.n, cfg, policy, ledger))
     if refusal is not None:
         return ClientOutcome(ReplyStatus.DECLINED, None, {"reason": refusal})
-    event = planned_event(req, shard.n, cfg, policy)
+    event = planned_event(req, shard.n, cfg, policy, (shard.d_x, shard.d_y))
     if event is None:
         return ClientOutcome(ReplyStatus.OK, None, {"epsilon_spent": 0.0})
     decision = ledger.check_budget(event, cfg.epsilon_budget, cfg.delta)
@@ -256,7 +299,7 @@ def client_round(req: RoundRequest, shard: Shard, global_vector: np.ndarray, cfg
         return ClientOutcome(ReplyStatus.DECLINED, None, {
             "reason": f"declined: the server's model has {np.asarray(global_vector).size} values, a model for this "
                       f"device's shard (d_x {shard.d_x}, d_y {shard.d_y}) has {expected}"})
-    event = planned_event(req, shard.n, cfg, policy)
+    event = planned_event(req, shard.n, cfg, policy, (shard.d_x, shard.d_y))
     seq = ledger.reserve(event, received_record(req, global_vector)) if event is not None else None
     noise = noise_source(cfg.reproducible_noise, cfg.seed, "device", ledger.device_id, req.round)
     try:
@@ -282,6 +325,8 @@ def _compute(req: RoundRequest, shard: Shard, global_vector: np.ndarray, cfg: Fe
              policy: DevicePolicy, noise: NoiseSource) -> np.ndarray:
     """The device's vector: its (weighted) statistics or its DP-SGD contribution, plus its noise share."""
     mech = mechanism_for(cfg)
+    if cfg.integer_noise:
+        return _integer_vector(req, shard, global_vector, cfg, policy, noise)
     std = share_std(req, cfg, policy)
     if req.phase == Phase.SUFFSTATS:
         vec = suffstats_vector(shard) * mech.stats_weight(shard.n)
@@ -291,3 +336,21 @@ def _compute(req: RoundRequest, shard: Shard, global_vector: np.ndarray, cfg: Fe
     net = build_net(cfg, shard.d_x, shard.d_y)
     load_flat(list(net.parameters()), np.asarray(global_vector, np.float32))
     return mech.dpsgd_vector(net, shard, std, noise, sample_rate(req, shard.n, cfg))
+
+
+def _integer_vector(req: RoundRequest, shard: Shard, global_vector: np.ndarray, cfg: FederationConfig,
+                    policy: DevicePolicy, noise: NoiseSource) -> np.ndarray:
+    """The device's field elements (as Flower's exact quantizer reads them: ``u - 2^(bits-1)``): its un-noised
+    contribution (its rows), rounded and Skellam-noised in the field."""
+    mech = mechanism_for(cfg)
+    params = integer_params(req, cfg, policy, (shard.d_x, shard.d_y))
+    if req.phase == Phase.SUFFSTATS:
+        weight = mech.stats_weight(shard.n)
+        rows = skellam_mechanism.device_rows(cfg, req.phase, suffstats_vector(shard) * weight,
+                                             shard.enroll, shard.runtime, weight)
+    else:
+        net = build_net(cfg, shard.d_x, shard.d_y)
+        load_flat(list(net.parameters()), np.asarray(global_vector, np.float32))
+        vector = mech.dpsgd_vector(net, shard, 0.0, noise, sample_rate(req, shard.n, cfg))
+        rows = skellam_mechanism.device_rows(cfg, req.phase, vector)
+    return to_flower(skellam_mechanism.encode_device(rows, params, noise), params)

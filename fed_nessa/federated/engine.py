@@ -24,9 +24,9 @@ import numpy as np
 
 from fed_nessa.config import FederationConfig, Phase
 from fed_nessa.data.population import FederationData
-from fed_nessa.federated.codec import SecAggCodec
 from fed_nessa.federated.noise_plan import NoisePlan
 from fed_nessa.federated.server_model import ServerModel
+from fed_nessa.federated.skellam_mechanism import RoundCodec
 from fed_nessa.privacy.ledger import FederationLedger
 
 log = logging.getLogger(__name__)
@@ -190,7 +190,7 @@ class Engine(abc.ABC):
         """Send ``request`` (the round config) to the cohort; each device checks its policy and budget."""
 
     @abc.abstractmethod
-    def secure_sum(self, r: int, phase: Phase, answers: Answers, request: dict[str, Any], codec: SecAggCodec,
+    def secure_sum(self, r: int, phase: Phase, answers: Answers, request: dict[str, Any], codec: RoundCodec,
                    promised: int) -> Released:
         """The accepted devices train and the sum of what arrives is released, never fewer than ``promised``.
 

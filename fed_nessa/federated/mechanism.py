@@ -39,7 +39,7 @@ from fed_nessa.model.training import (
     train_local,
     with_noise_share,
 )
-from fed_nessa.privacy.events import DP_SGD, GAUSSIAN_SUM, PUBLIC_FIELDS
+from fed_nessa.privacy.events import DP_SGD, GAUSSIAN_SUM, PUBLIC_FIELDS, SKELLAM
 from fed_nessa.randomness import NoiseSource
 
 if TYPE_CHECKING:  # the plan is built from the mechanism's rules (noise_plan imports this module)
@@ -149,7 +149,8 @@ class Mechanism(ABC):
         """
         if not self.dp:
             return None
-        values = (self.event_mechanism(phase), str(self.cfg.privacy_unit), str(self.cfg.dp_mode),
+        mechanism = SKELLAM if self.cfg.integer_noise else self.event_mechanism(phase)
+        values = (mechanism, str(self.cfg.privacy_unit), str(self.cfg.dp_mode),
                   self.sigma(phase, plan), float(self.sensitivity(phase)), self.public_sample_rate(phase, plan.fleet))
         return dict(zip(PUBLIC_FIELDS, values, strict=True))
 

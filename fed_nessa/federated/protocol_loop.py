@@ -27,7 +27,7 @@ from typing import Any
 
 from fed_nessa.config import FederationConfig, Phase, RoundStatus
 from fed_nessa.data.population import SCENARIO
-from fed_nessa.federated.codec import SecAggCodec, make_codec, saturation_note
+from fed_nessa.federated.codec import saturation_note
 from fed_nessa.federated.engine import Answers, Engine, Pins, Released, RunState
 from fed_nessa.federated.mechanism import public_parameters
 from fed_nessa.federated.noise_plan import NoisePlan
@@ -42,6 +42,7 @@ from fed_nessa.federated.rounds import (
     not_evaluated,
     round_entry,
 )
+from fed_nessa.federated.skellam_mechanism import RoundCodec, round_codec
 from fed_nessa.privacy.ledger import LEDGER_HEADS, PUBLIC_PARAMETERS, FederationLedger, server_key_folder
 
 log = logging.getLogger(__name__)
@@ -91,8 +92,8 @@ def run_round(engine: Engine, outputs: RunOutputs, ledger: FederationLedger, pin
     start = may_start(len(answers.accepted), promised)
     status, note, released = RoundStatus.SKIPPED, start.reason, None
     if start.release:
-        codec = make_codec(model.payload_bound(phase, plan), cfg.secagg_clipping_range,
-                           cfg.secagg_quantization_range, len(answers.accepted))
+        codec = round_codec(cfg, phase, plan, (model.d_x, model.d_y), r, promised, len(answers.accepted),
+                            model.payload_bound(phase, plan))
         released = engine.secure_sum(r, phase, answers, request, codec, promised)
         status, note = _release(engine, state, r, phase, released, codec, promised) or (status, note)
     heads = engine.settle(r, phase, answers, released)
@@ -115,7 +116,7 @@ def run_round(engine: Engine, outputs: RunOutputs, ledger: FederationLedger, pin
     return {**entry, **engine.device_epsilons(r, phase, answers, released), "seconds": time.perf_counter() - t0}
 
 
-def _release(engine: Engine, state: RunState, r: int, phase: Phase, released: Released, codec: SecAggCodec,
+def _release(engine: Engine, state: RunState, r: int, phase: Phase, released: Released, codec: RoundCodec,
              promised: int) -> tuple[RoundStatus, str] | None:
     """The release rule on what came back, then ``ServerModel.apply``: the round's status and note
     (None: nothing came back and nothing halted, the round stays as ``may_start`` left it)."""

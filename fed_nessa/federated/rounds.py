@@ -31,7 +31,7 @@ ALIGNER_DIR = "aligner"
 #: The evaluation columns of a round entry (None on a round the cadence skips).
 EVAL_COLUMNS = ("eer", "min_dcf", "sid_top1", "gap_closure")
 #: The summary's privacy fields the aligner's card repeats.
-CARD_PRIVACY_KEYS = ("unit", "mode", "trust", "delta", "accountant", "epsilon_budget", "epsilon_max")
+CARD_PRIVACY_KEYS = ("unit", "mode", "mechanism", "trust", "delta", "accountant", "epsilon_budget", "epsilon_max")
 
 Progress = Callable[[dict[str, Any]], None]
 

@@ -84,6 +84,16 @@ def device_vector(enroll: np.ndarray, runtime: np.ndarray, row_weights: np.ndarr
     return np.concatenate([GRAM_WEIGHT * gram, CROSS_WEIGHT * cross])
 
 
+def pair_rows(enroll: np.ndarray, runtime: np.ndarray, weight: float = 1.0) -> np.ndarray:
+    """Each pair's own term of :func:`device_vector` (one row per pair, L2 norm exactly ``weight``; they sum
+    to it): what a device rounds one by one when one pair is the privacy unit."""
+    t, x = augment(runtime), _unit_rows(enroll)
+    (rows, cols), scale = _triu_scale(t.shape[1])
+    gram = t[:, rows] * t[:, cols] * scale
+    cross = (t[:, :, None] * x[:, None, :]).reshape(len(t), -1)
+    return weight * np.concatenate([GRAM_WEIGHT * gram, CROSS_WEIGHT * cross], axis=1)
+
+
 def unpack(vec: np.ndarray, d_x: int, d_y: int) -> tuple[np.ndarray, np.ndarray]:
     """The summed ``(T'T, T'X)`` with the public weights divided out."""
     vec = np.asarray(vec, np.float64)

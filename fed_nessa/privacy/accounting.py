@@ -33,24 +33,29 @@ from fed_nessa.privacy.accountants import (
     PLD,
     PRV,
     RDP,
+    SKELLAM_ACCOUNTANT,
     Accountant,
     History,
     create_accountant,
     history,
 )
-from fed_nessa.privacy.events import DEVICE, EXAMPLE, UNITS, DPEvent
+from fed_nessa.privacy.events import DEVICE, EXAMPLE, SKELLAM, UNITS, DPEvent
 
 # Re-exported: the ledgers, budget, statement, audit and commands import these names from here.
 __all__ = ["ACCOUNTANTS", "EXAMPLE_PER_DEVICE_SENSITIVITY", "GAUSSIAN", "PLD", "PRV", "RDP", "AccountingKey",
-           "EpsilonMemo", "History", "UnitNotCoveredError", "accounting_key", "compute_epsilon", "epsilon_curve",
-           "for_unit", "gaussian_epsilon", "history"]
+           "EpsilonMemo", "History", "MechanismNotCoveredError", "SKELLAM_ACCOUNTANT", "UnitNotCoveredError",
+           "accounting_key", "compute_epsilon", "epsilon_curve", "for_unit", "gaussian_epsilon", "history"]
 
 #: Largest L2 change of a device-level contribution when ONE example of the device changes,
 #: in units of the device clip: both the old and the new contribution have norm <= clip.
 EXAMPLE_PER_DEVICE_SENSITIVITY = 2.0
 
-#: A history as the accountants see it, in order: one (q, sigma, steps) per event.
-AccountingKey = tuple[tuple[float, float, int, str], ...]
+#: A history as the accountants see it, in order: one (q, sigma, steps, unit, skellam parameters) per event.
+AccountingKey = tuple[tuple[float, float, int, str, tuple[tuple[str, float], ...]], ...]
+
+
+class MechanismNotCoveredError(ValueError):
+    """An accountant was asked for a history holding a mechanism it does not analyse (the integer one)."""
 
 
 class UnitNotCoveredError(ArithmeticError):
@@ -75,20 +80,32 @@ def for_unit(events: Sequence[DPEvent], unit: str = EXAMPLE) -> list[DPEvent]:
             raise UnitNotCoveredError(f"{len(uncovered)} example-level event(s) (first: round {uncovered[0].round}) "
                                       "give no device-level guarantee")
         return list(events)
-    return [ev if ev.unit == EXAMPLE else dataclasses.replace(
-        ev, noise_multiplier=ev.noise_multiplier / EXAMPLE_PER_DEVICE_SENSITIVITY) for ev in events]
+    return [ev if ev.unit == EXAMPLE else _per_example(ev) for ev in events]
+
+
+def _per_example(ev: DPEvent) -> DPEvent:
+    """A device-level event as one example's guarantee sees it: sensitivity x :data:`EXAMPLE_PER_DEVICE_SENSITIVITY`.
+
+    A Gaussian event's noise multiplier is divided by it; a skellam event's L2 and L1 bounds are
+    multiplied by it (the change is the difference of two rounded vectors, each within the bounds).
+    """
+    factor = EXAMPLE_PER_DEVICE_SENSITIVITY
+    if ev.skellam is None:
+        return dataclasses.replace(ev, noise_multiplier=ev.noise_multiplier / factor)
+    bounds = {**ev.skellam, "l2_bound": ev.skellam["l2_bound"] * factor, "l1_bound": ev.skellam["l1_bound"] * factor}
+    return dataclasses.replace(ev, noise_multiplier=ev.noise_multiplier / factor, skellam=bounds)
 
 
 def compute_epsilon(events: Sequence[DPEvent], delta: float, accountant: str = RDP, unit: str = EXAMPLE) -> float:
     """Epsilon at ``delta`` of all ``events`` composed, for a guarantee in ``unit`` (0.0 for an empty history)."""
-    acc = _accountant(delta, accountant)
+    acc = _accountant(delta, accountant, events)
     return acc.epsilon(for_unit(events, unit), delta)
 
 
 def epsilon_curve(events: Sequence[DPEvent], delta: float, accountant: str = RDP,
                   unit: str = EXAMPLE) -> list[float]:
     """Epsilon after each event in order (for plots and for checking reported values)."""
-    acc = _accountant(delta, accountant)
+    acc = _accountant(delta, accountant, events)
     return acc.curve(for_unit(events, unit), delta)
 
 
@@ -100,12 +117,13 @@ def gaussian_epsilon(events: Sequence[DPEvent], delta: float, unit: str = DEVICE
 def accounting_key(events: Sequence[DPEvent]) -> AccountingKey:
     """Exactly what :func:`epsilon_curve` and :func:`compute_epsilon` read of ``events``.
 
-    Everything else (round, last_round, note, mode, clip norm, mechanism name)
-    cannot change an epsilon, so two ledgers with equal keys have equal curves;
+    Everything else (round, last_round, note, mode, clip norm, mechanism name: a skellam event is
+    told apart by its parameters) cannot change an epsilon, so two ledgers with equal keys have equal curves;
     keeping the order keeps the per-event curve exact. The unit is kept: it decides how
     an event enters each guarantee (:func:`for_unit`).
     """
-    return tuple((float(ev.sample_rate), float(ev.noise_multiplier), int(ev.steps), ev.unit) for ev in events)
+    return tuple((float(ev.sample_rate), float(ev.noise_multiplier), int(ev.steps), ev.unit,
+                  tuple(sorted((ev.skellam or {}).items()))) for ev in events)
 
 
 class EpsilonMemo:
@@ -144,8 +162,13 @@ class EpsilonMemo:
         return {"misses": self.misses, "hits": self.hits}
 
 
-def _accountant(delta: float, accountant: str) -> Accountant:
-    """The registered accountant, after checking ``delta`` (both bad inputs are one clear error)."""
+def _accountant(delta: float, accountant: str, events: Sequence[DPEvent] = ()) -> Accountant:
+    """The registered accountant, after checking ``delta`` and that it covers every event's mechanism
+    (each bad input is one clear error)."""
     if not (isinstance(delta, (int, float)) and 0.0 < float(delta) < 1.0):
         raise ValueError(f"delta must be in (0, 1), got {delta!r}")
-    return create_accountant(accountant)
+    acc = create_accountant(accountant)
+    if not acc.covers_integer and any(ev.mechanism == SKELLAM for ev in events):
+        raise MechanismNotCoveredError(f"the {accountant} accountant has no {SKELLAM} mechanism; a history with the "
+                                       f"integer mechanism is accounted by {RDP} or {SKELLAM_ACCOUNTANT}")
+    return acc

@@ -32,7 +32,17 @@ from fed_nessa.errors import FedNessaError
 DP_SGD = "dp-sgd"
 #: One Gaussian mechanism on a sum (e.g. sufficient statistics): q=1, steps=1.
 GAUSSIAN_SUM = "gaussian-sum"
-MECHANISMS: tuple[str, ...] = (DP_SGD, GAUSSIAN_SUM)
+#: The distributed integer mechanism on a full sum (q = 1, one per round): integer vectors of L2 norm <= l2_bound
+#: (after conditional rounding) plus Skellam noise of variance mu, summed in SecAgg+'s field (docs/privacy.md).
+SKELLAM = "skellam"
+MECHANISMS: tuple[str, ...] = (DP_SGD, GAUSSIAN_SUM, SKELLAM)
+#: The mechanisms accounted as one release per round of a full sum (q = 1, steps = rounds covered).
+FULL_SUMS: tuple[str, ...] = (GAUSSIAN_SUM, SKELLAM)
+#: What a skellam event records of its mechanism (``DPEvent.skellam``), all in the integer domain but
+#: ``scale`` (integer units per input unit) and ``beta`` (the conditional rounding's parameter):
+#: bits (SecAgg+'s field is Z_2^bits), the L2 and L1 bounds of one rounded contribution, the central
+#: Skellam variance mu per coordinate, the rotation's (padded) dimension.
+SKELLAM_FIELDS: tuple[str, ...] = ("scale", "bits", "l2_bound", "l1_bound", "mu", "dim", "beta")
 
 #: Each device adds the full noise: the guarantee needs no trust in anyone.
 LOCAL = "local"
@@ -91,6 +101,8 @@ class DPEvent:
     unit: str = EXAMPLE
     #: Where the noise came from (:data:`NOISE_SOURCES`); "" in events written before it was recorded.
     noise_source: str = ""
+    #: A :data:`SKELLAM` event's mechanism parameters (:data:`SKELLAM_FIELDS`); None for every Gaussian event.
+    skellam: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -122,6 +134,8 @@ class DPEvent:
             del data["unit"]
         if not data["noise_source"]:  # events without a recorded source serialise as before it existed
             del data["noise_source"]
+        if data["skellam"] is None:  # Gaussian events serialise exactly as before the integer mechanism
+            del data["skellam"]
         return data
 
     @classmethod
@@ -137,13 +151,17 @@ class DPEvent:
         missing = sorted(required - set(data))
         if missing:
             raise EventError(f"DP event lacks field(s) {missing}")
-        return cls(**data)
+        event = cls(**data)
+        check_skellam_parameters(event)
+        return event
 
 
 #: Fields an event dict may leave out: ``note`` (free text), ``last_round`` (absent in every
 #: ledger written before spans: a single round), ``unit`` (absent: one example) and ``noise_source``
 #: (absent in ledgers written before it was recorded: the audit then reads the legacy note marker).
-_OPTIONAL = frozenset({"note", "last_round", "unit", "noise_source"})
+_OPTIONAL = frozenset({"note", "last_round", "unit", "noise_source", "skellam"})
+#: Relative tolerance of the recorded mu against ``(noise_multiplier x scale x clip_norm)^2`` (float rounding only).
+MU_TOLERANCE = 1e-9
 
 
 def _is_int(value: object) -> bool:
@@ -181,14 +199,65 @@ def _validate(ev: DPEvent) -> None:
         raise EventError(f"unit must be one of {UNITS}, got {ev.unit!r}")
     if ev.noise_source and ev.noise_source not in NOISE_SOURCES:
         raise EventError(f"noise_source must be one of {NOISE_SOURCES} (or absent), got {ev.noise_source!r}")
-    if ev.unit == DEVICE and (ev.mechanism != GAUSSIAN_SUM or ev.mode != DISTRIBUTED):
+    _validate_skellam(ev)
+    if ev.unit == DEVICE and (ev.mechanism not in FULL_SUMS or ev.mode != DISTRIBUTED):
         # Device-level DP here is one Gaussian sum per participation, no sampling: the guarantee
         # must never lean on amplification from the server's choice of devices.
-        raise EventError("a device-level event is a distributed gaussian-sum (q = 1, no amplification by "
+        raise EventError("a device-level event is a distributed full sum (q = 1, no amplification by "
                          f"sampling), got mechanism {ev.mechanism!r} in mode {ev.mode!r}")
-    if ev.mechanism == GAUSSIAN_SUM and (ev.sample_rate != 1.0 or ev.steps != ev.n_rounds):
+    if ev.mechanism in FULL_SUMS and (ev.sample_rate != 1.0 or ev.steps != ev.n_rounds):
         # One sum per round: a span of K rounds is K Gaussian mechanisms, so steps == K.
         raise EventError(
             "a gaussian-sum event is one Gaussian mechanism on a full sum per round: "
             f"sample_rate must be 1 and steps {ev.n_rounds} (its rounds), got {ev.sample_rate!r} "
             f"and {ev.steps!r}")
+
+
+def _validate_skellam(ev: DPEvent) -> None:
+    """A skellam event carries exactly its parameters, in range; every other event carries none."""
+    if ev.mechanism != SKELLAM:
+        if ev.skellam is not None:
+            raise EventError(f"only a {SKELLAM} event carries skellam parameters, got them on {ev.mechanism!r}")
+        return
+    if ev.mode != DISTRIBUTED:
+        raise EventError(f"a {SKELLAM} event is distributed (shares under SecAgg+), got mode {ev.mode!r}")
+    params = ev.skellam
+    if not isinstance(params, dict) or set(params) != set(SKELLAM_FIELDS):
+        raise EventError(f"a {SKELLAM} event records exactly {SKELLAM_FIELDS}, got "
+                         f"{sorted(params) if isinstance(params, dict) else params!r}")
+    bad = [k for k in SKELLAM_FIELDS if not _is_real(params[k]) or (k != "beta" and params[k] <= 0)]
+    if bad:
+        raise EventError(f"skellam parameter(s) {bad} must be finite numbers > 0 (beta >= 0), got "
+                         f"{ {k: params[k] for k in bad} }")
+    dim = params["dim"]
+    if not (_is_int(params["bits"]) and isinstance(dim, int)) or dim & (dim - 1):
+        raise EventError(f"skellam bits and dim must be ints, dim a power of two, got {params['bits']!r}, "
+                         f"{params['dim']!r}")
+
+
+def check_skellam_parameters(ev: DPEvent) -> None:
+    """Refuse a skellam event whose recorded bounds are not the ones its recorded mechanism implies.
+
+    The accountant charges ``l2_bound``, ``l1_bound`` and ``mu``; they must be the rounded bound of
+    ``scale x clip_norm`` (conditional rounding at ``beta`` in ``dim`` coordinates), its integer L1
+    bound, and the variance of noise multiplier ``noise_multiplier`` at that scale, so that a record
+    whose scale, clip, bound or noise was edited is refused rather than accounted. Checked when an
+    event is read from a record (:meth:`DPEvent.from_dict`): the accountants' unit conversion
+    (:func:`fed_nessa.privacy.accounting.for_unit`) derives events that are no record.
+    """
+    if ev.mechanism != SKELLAM or ev.skellam is None:
+        return
+    from fed_nessa.privacy.skellam import integer_l1_bound, rounded_l2_norm_bound
+
+    p = ev.skellam
+    l2 = rounded_l2_norm_bound(float(p["scale"]) * ev.clip_norm, float(p["beta"]), int(p["dim"]))
+    mu = (ev.noise_multiplier * float(p["scale"]) * ev.clip_norm) ** 2
+    problems = []
+    if p["l2_bound"] != l2:
+        problems.append(f"l2_bound {p['l2_bound']!r} is not the rounded bound {l2!r} of scale x clip_norm")
+    if p["l1_bound"] != integer_l1_bound(l2, int(p["dim"])):
+        problems.append(f"l1_bound {p['l1_bound']!r} is not {integer_l1_bound(l2, int(p['dim']))!r}")
+    if abs(p["mu"] - mu) > MU_TOLERANCE * mu:
+        problems.append(f"mu {p['mu']!r} is not (noise_multiplier x scale x clip_norm)^2 = {mu!r}")
+    if problems:
+        raise EventError(f"skellam event of round {ev.round}: " + "; ".join(problems))

@@ -23,12 +23,14 @@ Pure functions, two independent computations:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
 import numpy as np
 
 from fed_nessa.privacy.accountants.rdp import rdp_to_epsilon
+from fed_nessa.privacy.events import DPEvent
 
 #: Integer RDP orders, contiguous from 2: the Skellam bound holds at integer orders and
 #: Zhu & Wang's subsampling bound at order a needs the base curve at every order 2..a.
@@ -141,6 +143,29 @@ def release_rdp(release: SkellamRelease, orders: Sequence[int] = SKELLAM_ORDERS)
         raise ValueError("Skellam orders must be the contiguous integers 2..A (Zhu & Wang needs every order)")
     one = poisson_subsampled_rdp(_base_curve(release, orders), release.sample_rate)
     return one * release.steps
+
+
+def curve_at(release: SkellamRelease, orders: Sequence[float]) -> np.ndarray:
+    """``release``'s RDP at any ``orders`` > 1: the bound at each integer order, and at a fractional order
+    (or one below 2) the bound at the next integer order >= 2, an upper bound because Rényi divergence
+    does not decrease with the order. So the integer mechanism composes with Gaussian curves at
+    Opacus' orders (:class:`fed_nessa.privacy.accountants.rdp.RDPAccountant`)."""
+    ceilings = [max(2, math.ceil(a)) for a in orders]
+    return _integer_curve(release, max(ceilings))[np.array(ceilings) - 2]
+
+
+@functools.lru_cache(maxsize=1024)
+def _integer_curve(release: SkellamRelease, top: int) -> np.ndarray:
+    # a fleet's ledgers repeat one release per round: its curve is computed once
+    return release_rdp(release, tuple(range(2, top + 1)))
+
+
+def event_release(ev: DPEvent) -> SkellamRelease:
+    """What a recorded :data:`~fed_nessa.privacy.events.SKELLAM` event charges (its recorded bounds and mu)."""
+    if ev.skellam is None:
+        raise ValueError(f"round {ev.round}: a {ev.mechanism} event records no skellam parameters")
+    p = ev.skellam
+    return SkellamRelease(float(p["l2_bound"]), float(p["l1_bound"]), float(p["mu"]), float(ev.sample_rate), ev.steps)
 
 
 def skellam_epsilon(releases: Sequence[SkellamRelease], delta: float,

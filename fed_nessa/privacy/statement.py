@@ -25,7 +25,8 @@ DEVICE_NEIGHBOURING = ("add/remove one device together with all its pairs and al
                        "round; every other device and round unchanged")
 DEVICE_LEVEL = ("device-level: each device clips its whole round contribution (statistics weighted to at most "
                 "device-stats-pairs pairs, the mean gradient over all its pairs clipped to device-clip-norm) and "
-                "every participation is one Gaussian sum with q = 1 (no sampling), composed over the rounds the "
+                "every participation is one full noisy sum with q = 1 (no sampling; the noise named by "
+                "'mechanism'), composed over the rounds the "
                 "device joined under its own participation limits (max-participations, min-separation). "
                 "Example-level is implied: one changed pair moves a device's clipped contribution by at most "
                 f"{EXAMPLE_PER_DEVICE_SENSITIVITY:g} x its clip, so epsilon_example is accounted at half the noise "
@@ -45,6 +46,16 @@ SECAGG_DOES_NOT_HIDE = ("SecAgg+ does not hide participation (which devices join
 NOISE_SECURE = ("every Gaussian noise draw and every Poisson sample is drawn on the device from the OS CSPRNG "
                 "(fresh bytes per draw, no seed); residual risk: floating-point Gaussian samplers can leak "
                 "through low-order bits (Mironov, CCS 2012)")
+NOISE_SKELLAM = ("integer mechanism (distributed Skellam): each device scales its clipped contribution, rotates it "
+                 "(randomised Hadamard, signs from the public round seed), rounds it to integers with conditional "
+                 "randomised rounding until its L2 norm is within the accounted bound, and adds integer Skellam noise; "
+                 "every rounding and noise draw comes from the OS CSPRNG on the device, SecAgg+ sums the integers "
+                 "modulo 2^bits exactly (no Flower quantizer draw), and a sum that may have wrapped is refused. The "
+                 "released integer sum is exactly what is accounted (RDP of the Skellam mechanism at the rounded "
+                 "L2 and L1 bounds); no floating-point noise sample leaves a device")
+#: The distributed mechanisms' names as outputs state them (config's DistributedMechanism values).
+GAUSSIAN_NOISE = "gaussian"
+SKELLAM_NOISE = "skellam"
 NOISE_REPRODUCIBLE = ("REPRODUCIBLE NOISE (simulation key reproducible-noise = true): the noise is derived from a "
                       "public seed and can be recomputed and subtracted, so NO differential-privacy guarantee "
                       "holds for this run; the epsilons below are what the mechanisms would give with secret noise")
@@ -97,8 +108,12 @@ def trust_statement(mode: str, min_arrivals: int | None = None,
 def privacy_statement(mode: str, delta: float, epsilon_budget: float | None, accountant: str,
                       *, min_arrivals: int | None = None,
                       reconstruction_threshold: int | None = None,
-                      reproducible_noise: bool = False, unit: str = EXAMPLE) -> dict[str, Any]:
+                      reproducible_noise: bool = False, unit: str = EXAMPLE,
+                      mechanism: str = GAUSSIAN_NOISE) -> dict[str, Any]:
     """The ``summary.json["privacy"]`` statement (callers add measured epsilons to it).
+
+    ``mechanism`` names the noise (``gaussian``, or ``skellam``: the integer mechanism of
+    ``dp-mode = distributed``); the statement's noise source says what it draws and from where.
 
     ``unit`` is the unit the budget and ``epsilon_*`` figures are stated in (``example`` or
     ``device``); ``privacy_unit`` names it in the output so the audit can check the claim.
@@ -119,6 +134,7 @@ def privacy_statement(mode: str, delta: float, epsilon_budget: float | None, acc
         "level": DEVICE_LEVEL if device else ("example-level (per utterance pair); no device-level or speaker-level "
                                               "guarantee is claimed"),
         "mode": mode,
+        "mechanism": mechanism,
         "trust": trust_statement(mode, min_arrivals, reconstruction_threshold),
         "delta": delta,
         "epsilon_budget": epsilon_budget,
@@ -131,7 +147,8 @@ def privacy_statement(mode: str, delta: float, epsilon_budget: float | None, acc
         "secure_aggregation_hides": SECAGG_HIDES,
         "secure_aggregation_does_not_hide": SECAGG_DOES_NOT_HIDE,
         "guarantee_holds": not reproducible_noise,
-        "noise_source": NOISE_REPRODUCIBLE if reproducible_noise else NOISE_SECURE,
+        "noise_source": NOISE_REPRODUCIBLE if reproducible_noise else (
+            NOISE_SKELLAM if mechanism == SKELLAM_NOISE else NOISE_SECURE),
         "who_sets_what": WHO_SETS_WHAT,
         "malicious_device": MALICIOUS_DEVICE,
     }

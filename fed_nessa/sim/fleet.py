@@ -90,6 +90,7 @@ from fed_nessa.federated.protocol_loop import run_protocol
 from fed_nessa.federated.release import may_unmask
 from fed_nessa.federated.rounds import Progress, RunOutputs
 from fed_nessa.federated.server_model import ServerModel
+from fed_nessa.federated.skellam_mechanism import IntegerCodec, RoundCodec
 from fed_nessa.model.training import with_noise_share
 from fed_nessa.privacy.events import EXAMPLE
 from fed_nessa.privacy.ledger import (
@@ -98,6 +99,7 @@ from fed_nessa.privacy.ledger import (
     ledger_batch,
 )
 from fed_nessa.randomness import NoiseSource, noise_source
+from fed_nessa.sim import fleet_integer
 from fed_nessa.sim.fedavg import block_steps, fedavg_block
 from fed_nessa.sim.fleet_epsilon import SpentEpsilon
 from fed_nessa.sim.fleet_ledgers import DeviceBook
@@ -268,7 +270,8 @@ class FleetEngine(Engine):
             for i in cohort:
                 ledger, policy = book.ledgers[i], book.policies[i]
                 why = fleet.refusal(req, i, int(fleet.n[i]), cfg, policy, ledger)
-                event = None if why else planned_event(req, int(fleet.n[i]), cfg, policy)
+                event = None if why else planned_event(req, int(fleet.n[i]), cfg, policy,
+                                                       (self.data.d_x, self.data.d_y))
                 if event is not None:
                     decision = ledger.check_budget(event, cfg.epsilon_budget, cfg.delta)
                     why = None if decision.allowed else decision.reason
@@ -281,7 +284,7 @@ class FleetEngine(Engine):
                     self._seqs[i] = ledger.reserve(event, received)
         return answers
 
-    def secure_sum(self, r: int, phase: Phase, answers: Answers, request: dict[str, Any], codec: SecAggCodec,
+    def secure_sum(self, r: int, phase: Phase, answers: Answers, request: dict[str, Any], codec: RoundCodec,
                    promised: int) -> Released:
         if phase == Phase.SUFFSTATS:
             return self._stats_release(r, answers.accepted, codec, promised)
@@ -329,7 +332,7 @@ class FleetEngine(Engine):
             self.book.store.close()
 
     # -- statistics round ------------------------------------------------------------------
-    def _stats_release(self, r: int, accepted: list[int], codec: SecAggCodec, promised: int) -> Released:
+    def _stats_release(self, r: int, accepted: list[int], codec: RoundCodec, promised: int) -> Released:
         """The statistics sum of the devices that did not drop out (never computed below g)."""
         arrived = self._dropouts(accepted)
         unmask = may_unmask(len(arrived), promised)
@@ -348,9 +351,15 @@ class FleetEngine(Engine):
         return [i for i, k in zip(accepted, keep, strict=True) if k]
 
     def _stats_sum(self, arrived: list[int], book: DeviceBook, r: int,
-                   codec: SecAggCodec) -> tuple[np.ndarray, list[int]]:
+                   codec: RoundCodec) -> tuple[np.ndarray, list[int]]:
         """The released statistics sum and the devices in it (a device failing its range check is not)."""
         cfg, fleet = self.cfg, self.fleet
+        if isinstance(codec, IntegerCodec):  # distributed-mechanism = skellam
+            shards = [(fleet.x[fleet.starts[i]:fleet.starts[i + 1]].cpu().numpy(),
+                       fleet.y[fleet.starts[i]:fleet.starts[i + 1]].cpu().numpy()) for i in arrived]
+            return fleet_integer.stats_sum(cfg, self.numerics, shards, [fleet.ids[i] for i in arrived],
+                                           [book.policies[i].guaranteed_arrivals for i in arrived], r,
+                                           codec), arrived
         dp = cfg.dp_mode != DPMode.NONE
         mech = self.model.mechanism
         if self.numerics == FleetNumerics.FAST:
@@ -387,8 +396,10 @@ class FleetEngine(Engine):
         return self.model.mechanism.stats_weights(self.fleet.n)
 
     # -- DP-SGD rounds ---------------------------------------------------------------------
-    def _dpsgd_release(self, r: int, accepted: list[int], codec: SecAggCodec, promised: int) -> Released:
+    def _dpsgd_release(self, r: int, accepted: list[int], codec: RoundCodec, promised: int) -> Released:
         """The DP-SGD sum of the devices that did not drop out or fail their own range check."""
+        if not isinstance(codec, SecAggCodec):  # the config refuses skellam DP-SGD rounds on this engine
+            raise FleetError("the fleet engine runs the integer mechanism for the statistics round only")
         cfg, book = self.cfg, self.book
         arrived = self._dropouts(accepted)
         q = self._rates(arrived)
@@ -697,7 +708,7 @@ class FleetEngine(Engine):
             "rounds": self.state.history,
             "final": final,
             "privacy": run_folder.privacy_block(self.cfg, eps, len(self.fleet.ids),
-                                                noise_source=noise_statement(self.numerics),
+                                                noise_source=noise_statement(self.numerics, self.cfg),
                                                 ledger_layout=self.cfg.ledger_layout),
             "noise_plan": run_folder.noise_plan_block(self.plan),
             "secure_aggregation": {**run_folder.secagg_block(self.cfg, self.state.saturated_total),
@@ -723,8 +734,10 @@ def _blocks(devices: list[int], n: dict[int, int], most: int) -> list[list[int]]
     return out
 
 
-def noise_statement(numerics: FleetNumerics) -> str:
+def noise_statement(numerics: FleetNumerics, cfg: FederationConfig) -> str:
     """Where this simulation's draws came from (a deployed device draws all of them from the OS CSPRNG)."""
+    if cfg.integer_noise:
+        return fleet_integer.noise_statement(numerics)
     if numerics == FleetNumerics.EXACT:
         return ("fleet engine, exact numerics: every device's Gaussian share and Poisson sample drawn from the OS "
                 "CSPRNG, as on a device; residual risk: floating-point Gaussian samplers (Mironov, CCS 2012)")

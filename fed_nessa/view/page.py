@@ -23,7 +23,7 @@ REFRESH_SECONDS = 2
 
 _STATEMENT_KEYS = ("unit", "level", "neighbouring_relation", "mode", "trust", "amplification", "group_privacy",
                    "noise_source")
-_MECHANISM_KEYS = ("unit", "mode", "accountant", "delta", "epsilon_budget")
+_MECHANISM_KEYS = ("unit", "mode", "mechanism", "accountant", "delta", "epsilon_budget")
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:1.2em;color:#222;max-width:1200px}
 h1{font-size:1.3em}h2{font-size:1.1em;border-bottom:1px solid #ccc;margin-top:1.4em}

@@ -42,6 +42,9 @@ class Accountant(ABC):
     name: ClassVar[str]
     #: Whether it covers Poisson-subsampled events (q < 1); a closed form for full-batch sums does not.
     subsampled: ClassVar[bool] = True
+    #: Whether it covers the integer mechanism's events (:data:`~fed_nessa.privacy.events.SKELLAM`);
+    #: one that does not refuses a history holding one (:func:`fed_nessa.privacy.accounting.compute_epsilon`).
+    covers_integer: ClassVar[bool] = False
 
     def epsilon(self, events: Sequence[DPEvent], delta: float) -> float:
         """Epsilon at ``delta`` of all ``events`` composed (0.0 when nothing was spent)."""

@@ -12,12 +12,14 @@ from fed_nessa.privacy.accountants.gaussian import GaussianAccountant
 from fed_nessa.privacy.accountants.pld import PLDAccountant
 from fed_nessa.privacy.accountants.prv import PRVAccountant
 from fed_nessa.privacy.accountants.rdp import RDPAccountant
+from fed_nessa.privacy.accountants.skellam import SkellamAccountant
 
 ACCOUNTANT_REGISTRY: dict[str, type[Accountant]] = {
     RDPAccountant.name: RDPAccountant,
     PRVAccountant.name: PRVAccountant,
     PLDAccountant.name: PLDAccountant,
     GaussianAccountant.name: GaussianAccountant,
+    SkellamAccountant.name: SkellamAccountant,
 }
 
 #: The accountants that cover every history (subsampled or not): what a device may budget with,

@@ -19,7 +19,7 @@ FAIL = "fail"
 WARN = "warn"
 #: (relative, absolute) tolerance of a reported epsilon against the recomputed one.
 REPORT_TOLERANCE: dict[str, tuple[float, float]] = {"rdp": (1e-4, 1e-6), "prv": (0.01, 0.02),
-                                                    "pld": (0.01, 0.02)}
+                                                    "pld": (0.01, 0.02), "skellam": (1e-4, 1e-6)}
 #: Tight accountant may exceed the RDP upper bound only by its discretisation error.
 TIGHT_OVER_RDP = (0.001, 0.01)
 #: RDP's slack over a tight accountant beyond which the gap is flagged for explanation.

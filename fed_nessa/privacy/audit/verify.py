@@ -3,7 +3,9 @@
 Written for an auditor who trusts neither the devices' software nor the server:
 it reads only ledgers (and the run's ``summary.json`` for the stated claim),
 checks every chain and signature, replays every device's DP events through two
-independent accountants (Opacus RDP and Google's dp_accounting PLD by default),
+independent accountants (Opacus RDP and Google's dp_accounting PLD by default; a ledger with
+the integer mechanism: RDP and the skellam accountant, each skellam event's bound checked
+against the Rényi divergence summed numerically, :mod:`.integer`),
 compares the result with what each device reported and with its budget, and
 cross-checks the server's federation ledger. Every failed check is a
 :class:`Finding` naming the device and entry; any ``fail`` finding fails the
@@ -37,7 +39,7 @@ from typing import Any
 
 from fed_nessa.privacy import signing
 from fed_nessa.privacy.accounting import GAUSSIAN, PLD, RDP, EpsilonMemo, UnitNotCoveredError, compute_epsilon
-from fed_nessa.privacy.audit import anchors
+from fed_nessa.privacy.audit import anchors, integer
 from fed_nessa.privacy.audit.findings import (
     BUDGET_SLACK,
     FAIL,
@@ -119,8 +121,8 @@ def audit(path: Path | str, out_dir: Path | str | None = None, accountants: tupl
         not_checked += _without_federation_ledger(root, run_folder, findings)
     _check_claim(claim, devices, accountants, findings)
     statement = _statement(claim, devices)
-    result = AuditResult(str(root), devices, findings, federation, statement, (accountants[0], accountants[1]),
-                         not_checked=not_checked)
+    shown = integer.INTEGER_ACCOUNTANTS if integer.holds_integer(devices) else (accountants[0], accountants[1])
+    result = AuditResult(str(root), devices, findings, federation, statement, shown, not_checked=not_checked)
     result.performance = {"accounting": memo.stats(), "check_seconds": round(time.perf_counter() - started, 3)}
     if store_stats:
         result.performance["ledger_store"] = store_stats
@@ -324,7 +326,8 @@ def _audit_read(read: ChainRead, name: str, key_findings: list[Finding], account
     _check_budget_records(header, reserves, dev, findings)
     if dev.delta is None:
         return dev
-    _recompute(dev, reserves, completes, accountants, findings, memo or EpsilonMemo())
+    _recompute(dev, reserves, completes, integer.accountants_for(dev, accountants, findings), findings,
+               memo or EpsilonMemo())
     return dev
 
 
@@ -507,7 +510,8 @@ def _units(dev: DeviceAudit, accountants: tuple[str, str], curve, findings: list
                                         dev.device_id))
                 return False
             continue
-        if unit == DEVICE and all(ev.sample_rate >= 1.0 for ev in dev.events if ev.steps):
+        if unit == DEVICE and all(ev.sample_rate >= 1.0 and ev.mechanism == GAUSSIAN_SUM for ev in dev.events
+                                  if ev.steps):
             values[GAUSSIAN] = compute_epsilon(dev.events, dev.delta or 0.0, GAUSSIAN, DEVICE) if dev.events else 0.0
         dev.epsilon_by_unit[unit] = values
     return True
@@ -933,6 +937,7 @@ def _check_claim(claim: dict[str, Any] | None, devices: list[DeviceAudit], accou
     if claim.get("mode") and modes and modes != {claim["mode"]}:
         findings.append(Finding(FAIL, "summary.mode", f"summary states mode {claim['mode']!r}, ledgers record "
                                                       f"{sorted(modes)}"))
+    integer.check_claimed_mechanism(claim, devices, findings)
     # The summary states the budget the run *asked* for; each device's own policy (its ledger header)
     # decides. A device budget above the stated one would make the summary's claim false (FAIL); one
     # below it is the device's policy at work (e.g. a run that asked for more and was declined).
