@@ -10,6 +10,7 @@ from :data:`RAY_MIN_DEVICES` devices (measured: BENCHMARKS.md "Block engine") or
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -64,6 +65,8 @@ class RayBackend:
                          runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}})
         self._ray = ray
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= len(specs) else 0
+        if gpus:
+            specs = [dataclasses.replace(s, device="cuda") for s in specs]
         actor: Any = ray.remote(BlockWorker).options(num_cpus=1, num_gpus=gpus)  # Ray's handles are untyped
         self.actors: list[Any] = [actor.remote(spec, cfg, policy) for spec in specs]
 

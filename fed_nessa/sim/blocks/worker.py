@@ -25,6 +25,7 @@ Noise numbers come from the run's mechanism (:mod:`fed_nessa.federated.mechanism
 
 from __future__ import annotations
 
+import copy
 import math
 import secrets
 from collections import Counter
@@ -79,6 +80,7 @@ class BlockSpec:
     run_dir: str
     key_folder: str  # the key store's folder holding the run's device-key seed
     cache: bool = False  # hold the block's pairs between rounds (when they fit in memory)
+    device: str = "cpu"  # where the round maths run (``cuda``: the actor's GPU)
 
     @property
     def store_dir(self) -> Path:
@@ -104,7 +106,7 @@ class ReserveReply:
     declined: np.ndarray  # global indices of the devices that declined
     reasons: dict[str, int]
     arrivals: dict[int, int]  # each accepted device's policy g -> how many
-    pins: dict[str, str]  # device id -> its key fingerprint
+    pins: dict[str, str]  # device id -> its key fingerprint (devices whose ledger is new)
 
 
 @dataclass(frozen=True)
@@ -199,7 +201,8 @@ class BlockWorker:
             for i in mine.tolist():
                 ledger = self._ledger(i)
                 policy = ledger.policy or self.policy
-                pins[self.ids[i]] = ledger.key_fingerprint
+                if len(ledger.entries()) == 1:  # a new ledger (its header alone): the server pins its key once
+                    pins[self.ids[i]] = ledger.key_fingerprint
                 why = (model_refusal(req.request, enroll, runtime)
                        or policy_refusal(req.request, int(self.n[i]), cfg, policy, ledger))
                 event = None if why else _span(planned_event(req.request, int(self.n[i]), cfg, policy), req.rounds)
@@ -295,8 +298,11 @@ class BlockWorker:
         """Each device's mean gradient over ``rows`` clipped as one vector (per device, or their sum)."""
         cfg = self.cfg
         idx = np.concatenate(rows)
-        seg = torch.from_numpy(np.repeat(np.arange(len(rows)), [len(r) for r in rows]))
-        x, y = torch.from_numpy(chunk.x[idx]), torch.from_numpy(chunk.y[idx])
+        on = torch.device(self.spec.device)
+        seg = torch.from_numpy(np.repeat(np.arange(len(rows)), [len(r) for r in rows])).to(on)
+        x, y = torch.from_numpy(chunk.x[idx]).to(on), torch.from_numpy(chunk.y[idx]).to(on)
+        if on.type != "cpu":
+            net = copy.deepcopy(net).to(on)  # the request's net stays where the driver keeps it
         fn = device_clipped_vectors if per_device else device_clipped_sum
         out = fn(net, x, y, seg, len(rows), cfg.device_clip_norm, clip_enabled=cfg.dp_mode != DPMode.NONE)
         return out.cpu().numpy().astype(np.float64)
@@ -337,6 +343,14 @@ class BlockWorker:
         if self.cfg.reproducible_noise:
             return np.random.default_rng([self.cfg.seed, UNIFORMS_STREAM, round_num, chunk_first]).random(n)
         return np.random.Generator(np.random.PCG64(np.random.SeedSequence(secrets.randbits(128)))).random(n)
+
+    def usage(self, _request: object = None) -> dict[str, float]:
+        """This worker's process: peak RSS (MiB) and CPU seconds so far (benchmarks; a Ray actor is its own)."""
+        import resource
+        import time
+
+        return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "cpu_seconds": time.process_time()}
 
     def close(self) -> str:
         """Close the block's store; returns its folder (for the driver's merge)."""
