@@ -89,19 +89,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out["start_s"] = time.perf_counter() - t0
     req = RoundRequest(phase, 1, promised_arrivals(cfg, args.fleet), args.fleet)
     steps: dict[str, float] = {}
+    cpu: dict[str, list[float]] = {}
+
+    def worker_cpu(step: str, before: list[dict[str, float]]) -> list[dict[str, float]]:
+        now = backend.call("usage", None)
+        cpu[step] = [round(b["cpu_seconds"] - a["cpu_seconds"], 2) for a, b in zip(before, now, strict=True)]
+        return now
+
+    mark = backend.call("usage", None)
     t0 = time.perf_counter()
     replies = backend.call("reserve", ReserveRequest(req, (1,), {}))
     steps["reserve_s"] = time.perf_counter() - t0
+    mark = worker_cpu("reserve", mark)
     accepted = sum(len(r.accepted) for r in replies)
     out["decline_reasons"] = {k: v for r in replies for k, v in r.reasons.items()}
     for k in range(args.repeats):
         t0 = time.perf_counter()
         partials = backend.call("contribute", SumRequest(phase, 1, codec, plan, net if phase == Phase.DPSGD else None))
         steps[f"contribute_s_{k}"] = time.perf_counter() - t0
+        mark = worker_cpu(f"contribute_{k}", mark)
         out[f"load_after_contribute_{k}"] = _load()
     t0 = time.perf_counter()
     backend.call("complete", CompleteRequest())
     steps["complete_s"] = time.perf_counter() - t0
+    worker_cpu("complete", mark)
     usage = backend.call("usage", None)
     backend.close()
     n_pairs: int = devices * min(8, args.pairs or 8)  # device level: device-batch = 8 pairs each
@@ -113,6 +124,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                       for s in specs for j in range(s.first, s.stop))
         flop = STATS_FLOP_PER_PAIR * n_pairs
     out.update(steps)
+    out["worker_cpu_seconds"] = cpu
     out.update({"accepted": accepted, "sent": sum(p.sent for p in partials), "trainable_parameters": params,
                 "pairs_in_round": n_pairs, "dense_flop": flop,
                 "workers": usage, "driver_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -30,7 +30,7 @@ import math
 import secrets
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +58,8 @@ from fed_nessa.sim.fleet import device_id
 from fed_nessa.sim.fleet_numerics import ROUNDING_STREAM, UNIFORMS_STREAM, partial_modular_sum
 from fed_nessa.sim.ghost import device_clipped_sum, device_clipped_vectors
 
-#: Devices generated and computed on at once inside a block (bounds a worker's memory: ~0.4 GiB).
-CHUNK_DEVICES = 1024
+#: Devices generated and computed on at once inside a block (bounds a worker's memory: ~1 GiB at ~114 pairs each).
+CHUNK_DEVICES = 2048
 #: The folder of a run holding each block's ledger store until the driver merges them.
 BLOCK_STORES = "ledger-blocks"
 #: The stream name of a block's one draw of summed noise (fast numerics).
@@ -171,15 +171,12 @@ class BlockWorker:
 
     # -- data ------------------------------------------------------------------------------
     def chunks(self) -> Iterator[DeviceBlock]:
-        """The block's devices' pairs, :data:`CHUNK_DEVICES` at a time (or the cached block, once)."""
+        """The block's devices' pairs, :data:`CHUNK_DEVICES` at a time (views of the cached block, or generated)."""
         first, stop = self.spec.first, self.spec.stop
-        if self.spec.cache:
-            if self._cache is None:
-                self._cache = self.population.block(first, stop)
-            yield self._cache
-            return
+        if self.spec.cache and self._cache is None:
+            self._cache = self.population.block(first, stop)
         for a, b in block_ranges(stop - first, CHUNK_DEVICES):
-            yield self.population.block(first + a, first + b)
+            yield _view(self._cache, a, b) if self._cache is not None else self.population.block(first + a, first + b)
 
     # -- ledgers ---------------------------------------------------------------------------
     def _ledger(self, i: int) -> DeviceLedger:
@@ -356,6 +353,13 @@ class BlockWorker:
         """Close the block's store; returns its folder (for the driver's merge)."""
         self.store.close()
         return str(self.spec.store_dir)
+
+
+def _view(block: DeviceBlock, a: int, b: int) -> DeviceBlock:
+    """Devices ``a .. b - 1`` (local) of ``block`` as a block of views (no copy)."""
+    lo, hi = int(block.starts[a]), int(block.starts[b])
+    return replace(block, first=block.first + a, x=block.x[lo:hi], y=block.y[lo:hi],
+                               starts=block.starts[a:b + 1] - lo, speaker=block.speaker[lo:hi])
 
 
 def _rows(chunk: DeviceBlock, device: int) -> np.ndarray:
