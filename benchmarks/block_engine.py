@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     os.environ[KEY_STORE_ENV] = str(work / "keys")
     cfg = from_run_config({"num-devices": args.fleet, "num-server-rounds": 2, "clients-per-round": 0,
                            "privacy-unit": "device", "device-batch": 8, "delta": 0.1 / args.fleet,
-                           "fleet-numerics": "fast",
+                           "fleet-numerics": "fast", "suffstats-noise-multiplier": 2.0,
                            "linear-start": "suffstats" if args.round == "stats" else "none",
                            "suffstats-rounds": 1, "ledger-layout": "sqlite", "run-dir": str(work / "run"),
                            # the modulus bounds devices x quantization range: the range shrinks with the fleet

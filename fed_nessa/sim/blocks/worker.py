@@ -171,11 +171,14 @@ class BlockWorker:
 
     # -- data ------------------------------------------------------------------------------
     def chunks(self) -> Iterator[DeviceBlock]:
-        """The block's devices' pairs, :data:`CHUNK_DEVICES` at a time (views of the cached block, or generated)."""
+        """The pairs of the chunks holding an accepted device, :data:`CHUNK_DEVICES` devices at a time
+        (views of the cached block, or generated; a chunk no accepted device is in is never generated)."""
         first, stop = self.spec.first, self.spec.stop
         if self.spec.cache and self._cache is None:
             self._cache = self.population.block(first, stop)
         for a, b in block_ranges(stop - first, CHUNK_DEVICES):
+            if not ((self._accepted >= a) & (self._accepted < b)).any():
+                continue
             yield _view(self._cache, a, b) if self._cache is not None else self.population.block(first + a, first + b)
 
     # -- ledgers ---------------------------------------------------------------------------
