@@ -60,6 +60,8 @@ from fed_nessa.sim.ghost import device_clipped_sum, device_clipped_vectors
 
 #: Devices generated and computed on at once inside a block (bounds a worker's memory: ~1 GiB at ~114 pairs each).
 CHUNK_DEVICES = 2048
+#: Pairs per statistics-vector call in fast numerics (its float64 temporaries: ~0.25 GiB).
+STATS_ROWS = 65_536
 #: The folder of a run holding each block's ledger store until the driver merges them.
 BLOCK_STORES = "ledger-blocks"
 #: The stream name of a block's one draw of summed noise (fast numerics).
@@ -322,7 +324,10 @@ class BlockWorker:
             if req.phase == Phase.SUFFSTATS:
                 idx = np.concatenate(rows)
                 w = None if weights is None else np.repeat(weights[local], [len(r) for r in rows])
-                part = suffstats.device_vector(chunk.x[idx], chunk.y[idx], w)
+                part = np.zeros(suffstats.vector_size(chunk.x.shape[1], chunk.y.shape[1]))
+                for c in range(0, len(idx), STATS_ROWS):  # linear in the pairs: float64 temporaries bounded
+                    rc, wc = idx[c:c + STATS_ROWS], None if w is None else w[c:c + STATS_ROWS]
+                    part += suffstats.device_vector(chunk.x[rc], chunk.y[rc], wc)
             else:
                 assert req.net is not None
                 keys = self._uniforms(req.round, chunk.first, sum(len(r) for r in rows))
