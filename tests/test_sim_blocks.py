@@ -206,3 +206,18 @@ def test_a_worker_refuses_dp_fedavg(tmp_path: Path) -> None:
     with pytest.raises(BlockError, match="fedsgd"):
         worker.contribute(SumRequest(Phase.DPSGD, 2, make_codec(1.0, 8.0, 1 << 22, 10), plan, _net(cfg)))
     worker.close()
+
+
+def test_the_command_runs_a_small_fleet_and_names_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fed_nessa.sim.blocks.__main__ import main
+
+    run_dir = tmp_path / "cli"
+    assert main(["--devices", "12", "--devices-per-block", "5", "--backend", "in-process", "--guaranteed-arrivals",
+                 "8", "--set", f"run-dir={run_dir}", "--set", "min-arrivals=8", "--set", "num-server-rounds=2",
+                 "--set", "hidden=8", "--set", "secagg-num-shares=5", "--set", "secagg-reconstruction-threshold=3",
+                 "--set", "fleet-numerics=fast"]) == 0
+    assert "epsilon max" in capsys.readouterr().out
+    assert json.loads((run_dir / "summary.json").read_text())["privacy"]["num_device_ledgers"] == 12
+    assert main(["--devices", "12", "--set", "no-equals-sign"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "no-equals-sign" in err and "\n" not in err
