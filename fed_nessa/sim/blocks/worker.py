@@ -156,7 +156,7 @@ class BlockWorker:
         if cfg.dp_mode == DPMode.LOCAL:
             raise BlockError("the block engine simulates distributed DP (and dp-mode none), not local mode")
         self.spec, self.cfg, self.policy = spec, cfg, policy
-        self.population = LazyPopulation(spec.population, chunk_devices=min(256, CHUNK_DEVICES))
+        self.population = LazyPopulation(spec.population)
         self.mechanism = mechanism_for(cfg)
         self.numerics = FleetNumerics(cfg.fleet_numerics)
         pc = spec.population
