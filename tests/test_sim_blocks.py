@@ -184,6 +184,7 @@ def test_a_block_run_passes_the_audit(tmp_path: Path) -> None:
     summary = BlockEngine(cfg, policy, _population(), devices_per_block=10, backend=IN_PROCESS).run()
     assert [e["participants"] for e in summary["rounds"]] == [DEVICES] * 3
     assert summary["privacy"]["num_device_ledgers"] == DEVICES and summary["privacy"]["epsilon_max"] > 0
+    assert summary["privacy"]["noise_source"].startswith("block engine, distribution-equivalent numerics")
     assert len(_ledgers(cfg.run_dir)) == DEVICES
     assert not (Path(cfg.run_dir) / BLOCK_STORES).exists() or not any((Path(cfg.run_dir) / BLOCK_STORES).iterdir())
     result = audit(cfg.run_dir, write=False)

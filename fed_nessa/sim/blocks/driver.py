@@ -270,9 +270,20 @@ class BlockEngine:
             self.epsilons.update(rep.epsilons)
         return heads
 
+    def noise_statement(self) -> str:
+        """Where this simulation's draws came from (a deployed device draws all of them from the OS CSPRNG)."""
+        if self.numerics == FleetNumerics.EXACT:
+            return ("block engine, exact numerics: every device's Gaussian share and row subset drawn from the OS "
+                    "CSPRNG, as on a device; residual risk: floating-point Gaussian samplers (Mironov, CCS 2012)")
+        return ("block engine, distribution-equivalent numerics (a simulation): each block's summed Gaussian noise is "
+                "one draw from the OS CSPRNG; the devices' row subsets come from PCG64 streams keyed with 128 fresh "
+                "bits of OS entropy per chunk and round; the rounding errors from their distribution. A deployed "
+                "device draws its own noise share and rows from the OS CSPRNG")
+
     def summary(self) -> dict[str, Any]:
         return {"config": run_folder.portable_config(self.cfg.to_run_config()), "rounds": self.history,
-                "privacy": run_folder.privacy_block(self.cfg, self.epsilons, self.fleet, ledger_layout=SQLITE),
+                "privacy": run_folder.privacy_block(self.cfg, self.epsilons, self.fleet, ledger_layout=SQLITE,
+                                                    noise_source=self.noise_statement()),
                 "engine": {"name": ENGINE, "numerics": str(self.numerics), "devices": self.fleet,
                            "backend": type(self.backend).__name__,
                            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}
