@@ -104,10 +104,11 @@ def test_partial_modular_sums_of_disjoint_groups_add_to_the_whole_sum() -> None:
     np.testing.assert_allclose(unkeyed, dequantized_total(whole, 10, codec), atol=10 * codec.step * 10)
 
 
-def test_a_blocks_exact_vectors_are_what_each_device_sends(tmp_path: Path) -> None:
-    """Exact numerics, device-level round: the block's partial sum equals the modular sum of the vectors
-    each device computes itself (``DeviceLevel.dpsgd_vector`` on its own shard and stream)."""
-    cfg = _cfg(tmp_path, "run")
+@pytest.mark.parametrize("update", ["fedsgd", "fedavg"])
+def test_a_blocks_exact_vectors_are_what_each_device_sends(tmp_path: Path, update: str) -> None:
+    """Exact numerics, device-level round (FedSGD and DP-FedAvg): the block's partial sum equals the modular
+    sum of the vectors each device computes itself (``DeviceLevel.dpsgd_vector`` on its own shard and stream)."""
+    cfg = _cfg(tmp_path, "run", **{"device-update": update})
     spec = block_specs(_population(), 10, Path(cfg.run_dir))[1]  # devices 10..19
     worker = BlockWorker(spec, cfg, POLICY)
     lazy = LazyPopulation(_population())
@@ -175,10 +176,11 @@ def test_auto_backend_picks_ray_for_large_fleets_or_a_cluster() -> None:
 
 
 # -- the driver ----------------------------------------------------------------------------
-def test_a_block_run_passes_the_audit(tmp_path: Path) -> None:
-    """Fast numerics, secure noise: the merged store holds every device's chain, the blocks' stores are
-    gone, the summary states every round, and ``fed-nessa audit`` PASSES."""
-    cfg = _cfg(tmp_path, "run", **{"reproducible-noise": False, "fleet-numerics": "fast"})
+@pytest.mark.parametrize("update", ["fedsgd", "fedavg"])
+def test_a_block_run_passes_the_audit(tmp_path: Path, update: str) -> None:
+    """Fast numerics, secure noise (FedSGD and DP-FedAvg): the merged store holds every device's chain, the
+    blocks' stores are gone, the summary states every round, and ``fed-nessa audit`` PASSES."""
+    cfg = _cfg(tmp_path, "run", **{"reproducible-noise": False, "fleet-numerics": "fast", "device-update": update})
     policy = DevicePolicy(privacy_unit="device", guaranteed_arrivals=8, min_noise_multiplier=0.2,
                           min_suffstats_noise_multiplier=0.2)
     summary = BlockEngine(cfg, policy, _population(), devices_per_block=10, backend=IN_PROCESS).run()
@@ -200,11 +202,11 @@ def test_the_driver_refuses_what_it_does_not_simulate(tmp_path: Path, over: dict
         BlockEngine(_cfg(tmp_path, "run", **over), POLICY, _population(), devices_per_block=10, backend=IN_PROCESS)
 
 
-def test_a_worker_refuses_dp_fedavg(tmp_path: Path) -> None:
-    cfg = _cfg(tmp_path, "run", **{"device-update": "fedavg"})
+def test_a_worker_refuses_the_adaptive_clip(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, "run", **{"device-update": "fedavg", "clip-target-quantile": 0.5})
     worker = BlockWorker(block_specs(_population(), 10, Path(cfg.run_dir))[0], cfg, POLICY)
     plan = noise_plan(cfg, DEVICES)
-    with pytest.raises(BlockError, match="fedsgd"):
+    with pytest.raises(BlockError, match="clip-target-quantile"):
         worker.contribute(SumRequest(Phase.DPSGD, 2, make_codec(1.0, 8.0, 1 << 22, 10), plan, _net(cfg)))
     worker.close()
 

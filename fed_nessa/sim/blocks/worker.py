@@ -47,14 +47,15 @@ from fed_nessa.federated.codec import SaturationError, SecAggCodec
 from fed_nessa.federated.cohort import sample_positions
 from fed_nessa.federated.device import RoundRequest, model_refusal, planned_event, policy_refusal
 from fed_nessa.federated.layout import trainable
-from fed_nessa.federated.mechanism import device_subset, mechanism_for
+from fed_nessa.federated.mechanism import device_subset, local_orders, mechanism_for
 from fed_nessa.federated.noise_plan import NoisePlan
 from fed_nessa.model.training import with_noise_share
 from fed_nessa.privacy.events import DPEvent
 from fed_nessa.privacy.ledger import DEVICE_KEYS, DeviceLedger
 from fed_nessa.privacy.store import LedgerStore
 from fed_nessa.randomness import noise_source
-from fed_nessa.sim.fleet import device_id
+from fed_nessa.sim.fedavg import block_steps, fedavg_block, pad_block
+from fed_nessa.sim.fleet import FEDAVG_BLOCK, device_id
 from fed_nessa.sim.fleet_numerics import ROUNDING_STREAM, UNIFORMS_STREAM, partial_modular_sum
 from fed_nessa.sim.ghost import device_clipped_sum, device_clipped_vectors
 
@@ -246,8 +247,8 @@ class BlockWorker:
         """The block's one partial sum over the devices of the last reserve (see the module doc)."""
         if req.phase == Phase.DPSGD and not self.mechanism.clips_whole_device:
             raise BlockError("the block engine runs device-level DP-SGD rounds (privacy-unit = device) only")
-        if req.phase == Phase.DPSGD and self.cfg.device_update == DeviceUpdate.FEDAVG:
-            raise BlockError("the block engine runs device-update = fedsgd rounds; DP-FedAvg is the fleet engine's")
+        if req.phase == Phase.DPSGD and self.cfg.clip_target_quantile > 0:
+            raise BlockError("the block engine runs DP-FedAvg at a fixed clip (clip-target-quantile = 0)")
         if self.numerics == FleetNumerics.EXACT:
             return self._exact(req)
         return self._fast(req)
@@ -290,8 +291,12 @@ class BlockWorker:
                 out.append(np.asarray(vec, np.float32))
             return out
         assert req.net is not None
-        picked = {i: rows[i][device_subset(streams[i].uniform(len(rows[i])), cfg.device_batch)] for i in local}
-        vecs = self._gradients(req.net, chunk, [picked[i] for i in local], per_device=True)
+        if cfg.device_update == DeviceUpdate.FEDAVG:  # the row orders first, then the share (fedavg_vector's order)
+            orders = [local_orders(streams[i], len(rows[i]), cfg.local_epochs) for i in local]
+            vecs = self._fedavg(req.net, chunk, [rows[i] for i in local], orders, per_device=True)
+        else:
+            picked = {i: rows[i][device_subset(streams[i].uniform(len(rows[i])), cfg.device_batch)] for i in local}
+            vecs = self._gradients(req.net, chunk, [picked[i] for i in local], per_device=True)
         params = trainable(req.net)
         return [with_noise_share(vecs[j], params, self._std(Phase.DPSGD, req.plan, g_of[i]) if dp else 0.0,
                                  streams[i]) for j, i in enumerate(local)]
@@ -308,6 +313,23 @@ class BlockWorker:
         fn = device_clipped_vectors if per_device else device_clipped_sum
         out = fn(net, x, y, seg, len(rows), cfg.device_clip_norm, clip_enabled=cfg.dp_mode != DPMode.NONE)
         return out.cpu().numpy().astype(np.float64)
+
+    def _fedavg(self, net: nn.Module, chunk: DeviceBlock, rows: list[np.ndarray], orders: list[list[np.ndarray]],
+                per_device: bool) -> np.ndarray:
+        """Each device's clipped DP-FedAvg delta (:func:`fed_nessa.sim.fedavg.fedavg_block`, :data:`FEDAVG_BLOCK`
+        devices per vectorised pass; clipped with or without DP, as on the device), per device or summed."""
+        cfg, on = self.cfg, torch.device(self.spec.device)
+        if on.type != "cpu":
+            net = copy.deepcopy(net).to(on)
+        out = []
+        for s in range(0, len(rows), FEDAVG_BLOCK):
+            part = rows[s:s + FEDAVG_BLOCK]
+            x, y = pad_block([chunk.x[r] for r in part], [chunk.y[r] for r in part])
+            steps = block_steps(orders[s:s + FEDAVG_BLOCK], cfg.local_batch)
+            clipped = fedavg_block(net, x.to(on), y.to(on), steps, lr=cfg.local_lr, clip_norm=cfg.device_clip_norm).clipped.double()
+            out.append(clipped if per_device else clipped.sum(dim=0, keepdim=True))
+        total = torch.cat(out)
+        return (total if per_device else total.sum(dim=0)).cpu().numpy()
 
     def _fast(self, req: SumRequest) -> PartialSum:
         """The block's float64 sum of its devices' vectors plus ONE draw of its summed noise shares."""
@@ -330,10 +352,16 @@ class BlockWorker:
                     part += suffstats.device_vector(chunk.x[rc], chunk.y[rc], wc)
             else:
                 assert req.net is not None
-                keys = self._uniforms(req.round, chunk.first, sum(len(r) for r in rows))
                 at = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
-                picked = [r[device_subset(keys[a:b], cfg.device_batch)] for r, a, b in zip(rows, at[:-1], at[1:])]
-                part = self._gradients(req.net, chunk, picked, per_device=False)
+                if cfg.device_update == DeviceUpdate.FEDAVG:  # per epoch, a uniform permutation of each device's rows
+                    keys = self._uniforms(req.round, chunk.first, int(at[-1]) * cfg.local_epochs)
+                    keys = keys.reshape(cfg.local_epochs, -1)
+                    orders = [[np.argsort(k[a:b], kind="stable") for k in keys] for a, b in zip(at[:-1], at[1:])]
+                    part = self._fedavg(req.net, chunk, rows, orders, per_device=False)
+                else:
+                    keys = self._uniforms(req.round, chunk.first, int(at[-1]))
+                    picked = [r[device_subset(keys[a:b], cfg.device_batch)] for r, a, b in zip(rows, at[:-1], at[1:])]
+                    part = self._gradients(req.net, chunk, picked, per_device=False)
             total = part if total is None else total + part
         if total is None:
             return PartialSum(first, np.zeros(0), 0)
