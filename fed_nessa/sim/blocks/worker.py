@@ -326,7 +326,8 @@ class BlockWorker:
             part = rows[s:s + FEDAVG_BLOCK]
             x, y = pad_block([chunk.x[r] for r in part], [chunk.y[r] for r in part])
             steps = block_steps(orders[s:s + FEDAVG_BLOCK], cfg.local_batch)
-            clipped = fedavg_block(net, x.to(on), y.to(on), steps, lr=cfg.local_lr, clip_norm=cfg.device_clip_norm).clipped.double()
+            clipped = fedavg_block(net, x.to(on), y.to(on), steps, lr=cfg.local_lr,
+                                   clip_norm=cfg.device_clip_norm).clipped.double()
             out.append(clipped if per_device else clipped.sum(dim=0, keepdim=True))
         total = torch.cat(out)
         return (total if per_device else total.sum(dim=0)).cpu().numpy()
