@@ -6,10 +6,11 @@ hold the devices and answer each step for their whole block, in-process or on Ra
 (:mod:`fed_nessa.sim.blocks.backends`). Per run: the statistics round(s) (each device reserves,
 contributes its statistics plus its share, completes), then the device-level DP-SGD rounds
 (``device-update = fedsgd``: each device's mean gradient over ``device-batch`` pairs clipped as one
-vector; ``fedavg``: its DP-FedAvg delta at the fixed ``device-clip-norm``) with each device's rounds reserved as one span before the first and completed after the
-last, as the fleet engine does. At the end the blocks' ledger stores are merged into the run's
-``ledger-store.sqlite`` and ``summary.json`` states the privacy block and the rounds, so
-``fed-nessa audit`` checks the run folder like a fleet run's.
+vector; ``fedavg``: its DP-FedAvg delta at the fixed ``device-clip-norm``) with each device's rounds
+reserved as one span before the first and completed after the last, as the fleet engine does. At
+the end the blocks' ledger stores are merged into the run's ``ledger-store.sqlite`` and
+``summary.json`` states the privacy block and the rounds, so ``fed-nessa audit`` checks the run
+folder like a fleet run's.
 
 What it leaves out (the fleet engine has them): drop-outs, cohorts smaller than the fleet in
 DP-SGD rounds, per-device min-separation, the adaptive clip, evaluation and the promotion gate.

@@ -321,16 +321,21 @@ class BlockWorker:
         cfg, on = self.cfg, torch.device(self.spec.device)
         if on.type != "cpu":
             net = copy.deepcopy(net).to(on)
+        by_size = np.argsort([len(r) for r in rows], kind="stable")  # similar sizes together: little padding
         out = []
         for s in range(0, len(rows), FEDAVG_BLOCK):
-            part = rows[s:s + FEDAVG_BLOCK]
-            x, y = pad_block([chunk.x[r] for r in part], [chunk.y[r] for r in part])
-            steps = block_steps(orders[s:s + FEDAVG_BLOCK], cfg.local_batch)
+            part = by_size[s:s + FEDAVG_BLOCK].tolist()
+            x, y = pad_block([chunk.x[rows[j]] for j in part], [chunk.y[rows[j]] for j in part])
+            steps = block_steps([orders[j] for j in part], cfg.local_batch)
             clipped = fedavg_block(net, x.to(on), y.to(on), steps, lr=cfg.local_lr,
                                    clip_norm=cfg.device_clip_norm).clipped.double()
             out.append(clipped if per_device else clipped.sum(dim=0, keepdim=True))
-        total = torch.cat(out)
-        return (total if per_device else total.sum(dim=0)).cpu().numpy()
+        total = torch.cat(out).cpu().numpy()
+        if not per_device:
+            return total.sum(axis=0)
+        vectors = np.empty_like(total)
+        vectors[by_size] = total  # back in the devices' order
+        return vectors
 
     def _fast(self, req: SumRequest) -> PartialSum:
         """The block's float64 sum of its devices' vectors plus ONE draw of its summed noise shares."""
