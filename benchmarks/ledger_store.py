@@ -18,7 +18,6 @@ import json
 import multiprocessing
 import os
 import resource
-import shutil
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -46,7 +45,14 @@ from fed_nessa.privacy.ledger import (
     received_chain,
     server_key_folder,
 )
-from fed_nessa.privacy.store import FILES, LAYOUTS, SQLITE, STORE_NAME, LedgerStore, connect, derive_device_key
+from fed_nessa.privacy.store import (
+    FILES,
+    LAYOUTS,
+    SQLITE,
+    LedgerStore,
+    derive_device_key,
+    merge_parts,
+)
 
 DELTA, BUDGET = 1e-5, 8.0
 SAMPLE_RATE, SIGMA, CLIP = 0.02, 1.5, 1.0
@@ -83,23 +89,6 @@ def _write_part(job: tuple[Path, list[str], str, dict[str, Any]]) -> dict[str, t
     return _write_devices(part, ids, SQLITE, fed_fp, chain)
 
 
-def _merge(run_dir: Path, parts: list[Path]) -> None:
-    """Append each part's store to the run's (device numbers shifted): one store, as one writer would leave it."""
-    conn = connect(run_dir / STORE_NAME)
-    for part in parts:
-        conn.execute("ATTACH DATABASE ? AS part", (str(part / STORE_NAME),))
-        offset = conn.execute("SELECT coalesce(max(num), 0) FROM devices").fetchone()[0]
-        conn.execute("BEGIN")
-        conn.execute("INSERT INTO devices (num, device_id, public_key_pem) SELECT num + ?, device_id, "
-                     "public_key_pem FROM part.devices ORDER BY num", (offset,))
-        conn.execute("INSERT INTO entries (num, seq, entry) SELECT num + ?, seq, entry FROM part.entries "
-                     "ORDER BY rowid", (offset,))
-        conn.execute("COMMIT")
-        conn.execute("DETACH DATABASE part")
-        shutil.rmtree(part)
-    conn.close()
-
-
 def build_run(run_dir: Path, n_devices: int, layout: str = FILES, rounds: int = 10,
               build_workers: int = 1) -> dict[str, float]:
     """Write the synthetic run; returns seconds for the device ledgers and for the federation ledger.
@@ -123,7 +112,7 @@ def build_run(run_dir: Path, n_devices: int, layout: str = FILES, rounds: int = 
         with ProcessPoolExecutor(build_workers, mp_context=multiprocessing.get_context("fork")) as pool:
             heads = {d: v for part in pool.map(_write_part, jobs) for d, v in part.items()}
         del os.environ[KEY_STORE_ENV]
-        _merge(run_dir, parts)
+        merge_parts(run_dir, parts)
     else:
         heads = _write_devices(run_dir, ids, layout, fed.key_fingerprint, chain)
     devices_s = time.perf_counter() - started

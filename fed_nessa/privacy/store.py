@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import shutil
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -194,6 +195,30 @@ def read_block(path: Path, first: int, last: int) -> list[tuple[str, str, bytes]
                                        "ORDER BY num, rowid", (first, last)):
             lines.setdefault(num, []).append(entry.encode("utf-8") + b"\n")
     return [(device_id, pem, b"".join(lines[num])) for num, device_id, pem in devices]
+
+
+def merge_parts(run_dir: Path, parts: list[Path]) -> None:
+    """Append each part's store (a folder holding :data:`STORE_NAME`, the run's seed) to the run's, device
+    numbers shifted, in the order given; each part is removed once merged.
+
+    Writers that must not wait on one another (block workers, build processes) keep a store each; the
+    merged store is the one a single writer would have left, so the audit reads one store.
+    """
+    conn = connect(Path(run_dir) / STORE_NAME)
+    try:
+        for part in parts:
+            conn.execute("ATTACH DATABASE ? AS part", (str(Path(part) / STORE_NAME),))
+            offset = conn.execute("SELECT coalesce(max(num), 0) FROM devices").fetchone()[0]
+            conn.execute("BEGIN")
+            conn.execute("INSERT INTO devices (num, device_id, public_key_pem) SELECT num + ?, device_id, "
+                         "public_key_pem FROM part.devices ORDER BY num", (offset,))
+            conn.execute("INSERT INTO entries (num, seq, entry) SELECT num + ?, seq, entry FROM part.entries "
+                         "ORDER BY rowid", (offset,))
+            conn.execute("COMMIT")
+            conn.execute("DETACH DATABASE part")
+            shutil.rmtree(part)
+    finally:
+        conn.close()
 
 
 @contextmanager

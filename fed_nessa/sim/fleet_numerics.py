@@ -74,14 +74,37 @@ def encode_all(vectors: list[np.ndarray], devices: list[int],
 
 def modular_sum(payloads: list[np.ndarray], codec: SecAggCodec) -> np.ndarray:
     """Flower's quantization of each payload, the modular sum, the workflow's dequantization."""
+    return dequantized_total(partial_modular_sum(payloads, codec), len(payloads), codec)
+
+
+def partial_modular_sum(payloads: list[np.ndarray], codec: SecAggCodec,
+                        keys: list[list[int]] | None = None) -> np.ndarray:
+    """Flower's quantization of each payload and their sum modulo SecAgg+'s modulus (int64).
+
+    Partial sums of disjoint groups of devices add (modulo the same modulus) to the whole
+    sum, so a block of devices can send one (:mod:`fed_nessa.sim.blocks`). ``keys`` (one per
+    payload, reproducible runs): Flower's stochastic rounding draws from NumPy's global
+    generator, which is seeded with the payload's key for its call (and restored after), so a
+    payload rounds the same in any process.
+    """
     c, t = codec.clipping_range, codec.quantization_range
     acc: np.ndarray | None = None
-    for payload in payloads:
+    for k, payload in enumerate(payloads):
+        state = np.random.get_state() if keys is not None else None
+        if keys is not None:
+            np.random.seed(np.asarray(keys[k], np.uint32))
         qv = quantize([payload], c, t)[0].astype(np.int64)
+        if state is not None:
+            np.random.set_state(state)
         acc = qv if acc is None else (acc + qv) % SECAGG_MODULUS_RANGE
     assert acc is not None
-    n = len(payloads)
+    return acc
+
+
+def dequantized_total(acc: np.ndarray, n: int, codec: SecAggCodec) -> np.ndarray:
+    """The released sum of ``n`` payloads from their modular sum ``acc`` (the workflow's dequantization)."""
+    c, t = codec.clipping_range, codec.quantization_range
     # Flower's workflow: dequantize the sum, shift by -(n-1)c, divide by the summed weight factor.
-    mean = (acc.astype(np.float64) * (2 * c / t) - c - (n - 1) * c) / n
+    mean = (np.asarray(acc).astype(np.float64) * (2 * c / t) - c - (n - 1) * c) / n
     total, _ = codec.decode(mean, n)
     return total

@@ -1,0 +1,426 @@
+"""A block worker: a contiguous block of lazy devices that answers a round with ONE partial sum.
+
+The fleet engine (:mod:`fed_nessa.sim.fleet`) holds every pair and every ``DeviceLedger`` of the
+fleet in memory, which stops it near 3x10^4 devices. A worker owns devices ``first .. stop - 1``
+of a :class:`~fed_nessa.data.lazy_population.LazyPopulation` (their pairs regenerated on demand,
+or cached when ``BlockSpec.cache`` says the block fits), their keys (derived from the run's seed)
+and their ledgers, in ITS OWN ledger store (one SQLite file per block, the run's seed: a worker
+never waits on another's transaction; the driver merges the parts into the run's store at the
+end, so the audit sees one store). A ledger is opened for the step that needs it and dropped.
+
+A round is three calls, each answered for the whole block (the driver keeps the protocol):
+
+* :meth:`BlockWorker.reserve`: each device's model and policy checks, its budget check and its
+  durable reserve (one transaction per block, committed before any mechanism runs);
+* :meth:`BlockWorker.contribute`: the block's partial sum over the devices that reserved:
+  ``exact`` numerics: each device's vector and noise share from its own stream, its codec step
+  and range check, Flower's quantization, summed modulo SecAgg+'s modulus
+  (:func:`~fed_nessa.sim.fleet_numerics.partial_modular_sum`); ``fast``: the float64 sum of the
+  block's vectors plus ONE Gaussian draw of the block's summed noise shares;
+* :meth:`BlockWorker.complete`: each device's complete entry; returns the ledger heads the
+  federation ledger's record signs.
+
+Noise numbers come from the run's mechanism (:mod:`fed_nessa.federated.mechanism`) only.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import secrets
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fed_nessa.config import DevicePolicy, DeviceUpdate, DPMode, FederationConfig, FleetNumerics, Phase
+from fed_nessa.data.blocks import DeviceBlock, block_ranges
+from fed_nessa.data.lazy_population import LazyPopulation
+from fed_nessa.data.synthetic import PopulationConfig, household_counts
+from fed_nessa.federated import suffstats
+from fed_nessa.federated.codec import SaturationError, SecAggCodec
+from fed_nessa.federated.cohort import sample_positions
+from fed_nessa.federated.device import RoundRequest, model_refusal, planned_event, policy_refusal
+from fed_nessa.federated.layout import trainable
+from fed_nessa.federated.mechanism import device_subset, local_orders, mechanism_for
+from fed_nessa.federated.noise_plan import NoisePlan
+from fed_nessa.model.training import with_noise_share
+from fed_nessa.privacy.events import DPEvent
+from fed_nessa.privacy.ledger import DEVICE_KEYS, DeviceLedger
+from fed_nessa.privacy.store import LedgerStore
+from fed_nessa.randomness import noise_source
+from fed_nessa.sim.fedavg import block_steps, fedavg_block, pad_block
+from fed_nessa.sim.fleet import FEDAVG_BLOCK, device_id
+from fed_nessa.sim.fleet_numerics import ROUNDING_STREAM, UNIFORMS_STREAM, partial_modular_sum
+from fed_nessa.sim.ghost import device_clipped_sum, device_clipped_vectors
+
+#: Devices generated and computed on at once inside a block (bounds a worker's memory: ~1 GiB at ~114 pairs each).
+CHUNK_DEVICES = 2048
+#: Pairs per statistics-vector call in fast numerics (its float64 temporaries: ~0.25 GiB).
+STATS_ROWS = 65_536
+#: The folder of a run holding each block's ledger store until the driver merges them.
+BLOCK_STORES = "ledger-blocks"
+#: The stream name of a block's one draw of summed noise (fast numerics).
+BLOCK_NOISE = "block"
+
+
+class BlockError(ValueError):
+    """A round a block worker cannot run (a mode it does not simulate)."""
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """What a worker needs to rebuild its devices anywhere (picklable: it is sent to a Ray actor)."""
+
+    population: PopulationConfig
+    first: int
+    stop: int
+    run_dir: str
+    key_folder: str  # the key store's folder holding the run's device-key seed
+    cache: bool = False  # hold the block's pairs between rounds (when they fit in memory)
+    device: str = "cpu"  # where the round maths run (``cuda``: the actor's GPU)
+
+    @property
+    def store_dir(self) -> Path:
+        """This block's own ledger store's folder (merged into the run's store at the end)."""
+        return Path(self.run_dir) / BLOCK_STORES / f"{self.first:07d}-{self.stop:07d}"
+
+
+@dataclass(frozen=True)
+class ReserveRequest:
+    """Reserve ``rounds`` (one statistics round, or a DP-SGD phase's consecutive rounds as one span)."""
+
+    request: RoundRequest  # what the devices check (its round is the first of ``rounds``)
+    rounds: tuple[int, ...]
+    received: dict[str, Any]  # what the server sent, signed into each reserve entry
+
+
+@dataclass(frozen=True)
+class ReserveReply:
+    """A block's answer to a reserve: who reserved, who declined and why, the devices' key pins."""
+
+    first: int
+    accepted: np.ndarray  # global indices of the devices that reserved (or joined without DP)
+    declined: np.ndarray  # global indices of the devices that declined
+    reasons: dict[str, int]
+    arrivals: dict[int, int]  # each accepted device's policy g -> how many
+    pins: dict[str, str]  # device id -> its key fingerprint (devices whose ledger is new)
+
+
+@dataclass(frozen=True)
+class SumRequest:
+    """One round's contribution: the phase's model (DP-SGD) and the round's codec and plan."""
+
+    phase: Phase
+    round: int
+    codec: SecAggCodec
+    plan: NoisePlan
+    net: nn.Module | None = None  # the global model (DP-SGD rounds)
+
+
+@dataclass(frozen=True)
+class PartialSum:
+    """A block's one partial sum and the devices in it."""
+
+    first: int
+    total: np.ndarray  # exact: int64 modular sum of the payloads; fast: float64 sum with the block's noise
+    sent: int  # devices in the sum
+    failed: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # own range check failed
+    arrivals: dict[int, int] = field(default_factory=dict)  # g of the devices in the sum -> how many
+
+
+@dataclass(frozen=True)
+class CompleteRequest:
+    """Close the reservations of the last reserve (``received``: a span's chain of what was received)."""
+
+    status: str = "done"
+    received: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class CompleteReply:
+    """The closed devices' ledger heads ``[seq, sha256]`` (the server signs them) and epsilons after."""
+
+    heads: dict[str, list[Any]]
+    epsilons: dict[str, float]
+
+
+class BlockWorker:
+    """Devices ``spec.first .. spec.stop - 1``: their pairs, keys, ledgers and partial sums."""
+
+    def __init__(self, spec: BlockSpec, cfg: FederationConfig, policy: DevicePolicy) -> None:
+        if cfg.dp_mode == DPMode.LOCAL:
+            raise BlockError("the block engine simulates distributed DP (and dp-mode none), not local mode")
+        self.spec, self.cfg, self.policy = spec, cfg, policy
+        self.population = LazyPopulation(spec.population)
+        self.mechanism = mechanism_for(cfg)
+        self.numerics = FleetNumerics(cfg.fleet_numerics)
+        pc = spec.population
+        # Pair counts are the first draws of each device's stream: cheap, and needed before any pair is.
+        self.n = np.array([int(household_counts(pc.seed, j, pc.speakers_per_device, pc.utts_per_speaker)[1].sum())
+                           for j in range(spec.first, spec.stop)], np.int64)
+        self.ids = [device_id(j) for j in range(spec.first, spec.stop)]
+        spec.store_dir.mkdir(parents=True, exist_ok=True)
+        self.store = LedgerStore.open(spec.store_dir, spec.key_folder)
+        self._cache: DeviceBlock | None = None
+        self._seqs: dict[int, int] = {}  # local index -> seq of its open reservation
+        self._accepted = np.zeros(0, np.int64)  # local indices that reserved in the last reserve
+        self._g = np.zeros(0, np.int64)  # their policies' g
+
+    # -- data ------------------------------------------------------------------------------
+    def chunks(self) -> Iterator[DeviceBlock]:
+        """The pairs of the chunks holding an accepted device, :data:`CHUNK_DEVICES` devices at a time
+        (views of the cached block, or generated; a chunk no accepted device is in is never generated)."""
+        first, stop = self.spec.first, self.spec.stop
+        if self.spec.cache and self._cache is None:
+            self._cache = self.population.block(first, stop)
+        for a, b in block_ranges(stop - first, CHUNK_DEVICES):
+            if not ((self._accepted >= a) & (self._accepted < b)).any():
+                continue
+            yield _view(self._cache, a, b) if self._cache is not None else self.population.block(first + a, first + b)
+
+    # -- ledgers ---------------------------------------------------------------------------
+    def _ledger(self, i: int) -> DeviceLedger:
+        dev = self.ids[i]
+        return DeviceLedger.open(Path(self.spec.run_dir) / DEVICE_KEYS / dev, dev, policy=self.policy, store=self.store)
+
+    def reserve(self, req: ReserveRequest) -> ReserveReply:
+        """Each cohort device's checks and durable reserve (one transaction; see the module doc)."""
+        cfg, first = self.cfg, self.spec.first
+        fleet = req.request.fleet_size
+        cohort = sample_positions(fleet, cfg, req.rounds[0], req.request.phase)
+        mine = cohort[(cohort >= first) & (cohort < self.spec.stop)] - first
+        models = self.population.model_ids
+        enroll, runtime = models[self.population.enroll_model], models[self.population.runtime_model]
+        accepted, declined, g, pins = [], [], [], {}
+        reasons: Counter[str] = Counter()
+        self._seqs = {}
+        with self.store.batch():
+            for i in mine.tolist():
+                ledger = self._ledger(i)
+                policy = ledger.policy or self.policy
+                if len(ledger.entries()) == 1:  # a new ledger (its header alone): the server pins its key once
+                    pins[self.ids[i]] = ledger.key_fingerprint
+                why = (model_refusal(req.request, enroll, runtime)
+                       or policy_refusal(req.request, int(self.n[i]), cfg, policy, ledger))
+                event = None if why else _span(planned_event(req.request, int(self.n[i]), cfg, policy), req.rounds)
+                if event is not None:
+                    decision = ledger.check_budget(event, cfg.epsilon_budget, cfg.delta)
+                    why = None if decision.allowed else decision.reason
+                if why:
+                    declined.append(i)
+                    reasons[why] += 1
+                    continue
+                accepted.append(i)
+                g.append(policy.guaranteed_arrivals)
+                if event is not None:
+                    self._seqs[i] = ledger.reserve(event, req.received)
+        self._accepted, self._g = np.asarray(accepted, np.int64), np.asarray(g, np.int64)
+        return ReserveReply(first, self._accepted + first, np.asarray(declined, np.int64) + first, dict(reasons),
+                            _counts(self._g), pins)
+
+    def complete(self, req: CompleteRequest) -> CompleteReply:
+        """Close every open reservation; returns each such device's ledger head and epsilon."""
+        heads: dict[str, list[Any]] = {}
+        spent: dict[str, float] = {}
+        epsilons: dict[tuple[Any, ...], float] = {}  # identical histories are composed once
+        with self.store.batch():
+            for i, seq in self._seqs.items():
+                ledger = self._ledger(i)
+                delta = (ledger.policy or self.policy).delta
+                key = (tuple(tuple(sorted(e.to_dict().items(), key=str)) for e in ledger.events()), delta)
+                if key not in epsilons:
+                    epsilons[key] = float(ledger.epsilon(delta))
+                ledger.complete(seq, epsilons[key], status=req.status, received=req.received)
+                heads[self.ids[i]] = list(ledger.head())
+                spent[self.ids[i]] = epsilons[key]
+        self._seqs = {}
+        return CompleteReply(heads, spent)
+
+    # -- the partial sum -------------------------------------------------------------------
+    def contribute(self, req: SumRequest) -> PartialSum:
+        """The block's one partial sum over the devices of the last reserve (see the module doc)."""
+        if req.phase == Phase.DPSGD and not self.mechanism.clips_whole_device:
+            raise BlockError("the block engine runs device-level DP-SGD rounds (privacy-unit = device) only")
+        if req.phase == Phase.DPSGD and self.cfg.clip_target_quantile > 0:
+            raise BlockError("the block engine runs DP-FedAvg at a fixed clip (clip-target-quantile = 0)")
+        if self.numerics == FleetNumerics.EXACT:
+            return self._exact(req)
+        return self._fast(req)
+
+    def _std(self, phase: Phase, plan: NoisePlan, g: int) -> float:
+        return self.mechanism.share_std(phase, plan, g)
+
+    def _exact(self, req: SumRequest) -> PartialSum:
+        """Per device: its vector, its share from its own stream, its codec step; summed modulo the field."""
+        first = self.spec.first
+        g_of = dict(zip(self._accepted.tolist(), self._g.tolist(), strict=True))
+        payloads, failed, sent_g, keys = [], [], [], []
+        for chunk in self.chunks():
+            lo = chunk.first - first
+            local = [i for i in self._accepted.tolist() if lo <= i < lo + chunk.devices]
+            for i, vec in zip(local, self._device_vectors(req, chunk, local), strict=True):
+                try:
+                    payloads.append(req.codec.encode(vec)[0])
+                    sent_g.append(g_of[i])
+                    keys.append([self.cfg.seed, ROUNDING_STREAM, req.round, i + first])
+                except SaturationError:
+                    failed.append(i + first)
+        keyed = keys if self.cfg.reproducible_noise else None  # the rounding replays only when the noise does
+        total = partial_modular_sum(payloads, req.codec, keyed) if payloads else np.zeros(0, np.int64)
+        return PartialSum(first, total, len(payloads), np.asarray(failed, np.int64), _counts(np.asarray(sent_g)))
+
+    def _device_vectors(self, req: SumRequest, chunk: DeviceBlock, local: list[int]) -> list[np.ndarray]:
+        """The chunk's devices' noisy vectors, each drawn as its device draws it (fleet engine's order)."""
+        cfg, first, dp = self.cfg, self.spec.first, self.cfg.dp_mode != DPMode.NONE
+        g_of = dict(zip(self._accepted.tolist(), self._g.tolist(), strict=True))
+        streams = {i: noise_source(cfg.reproducible_noise, cfg.seed, "device", self.ids[i], req.round) for i in local}
+        rows = {i: _rows(chunk, i + first) for i in local}
+        if req.phase == Phase.SUFFSTATS:
+            out = []
+            for i in local:
+                vec = (suffstats.device_vector(chunk.x[rows[i]], chunk.y[rows[i]])
+                       * self.mechanism.stats_weight(int(self.n[i])))
+                if dp:
+                    vec = vec + streams[i].normal(vec.shape, self._std(Phase.SUFFSTATS, req.plan, g_of[i]))
+                out.append(np.asarray(vec, np.float32))
+            return out
+        assert req.net is not None
+        if cfg.device_update == DeviceUpdate.FEDAVG:  # the row orders first, then the share (fedavg_vector's order)
+            orders = [local_orders(streams[i], len(rows[i]), cfg.local_epochs) for i in local]
+            vecs = self._fedavg(req.net, chunk, [rows[i] for i in local], orders, per_device=True)
+        else:
+            picked = {i: rows[i][device_subset(streams[i].uniform(len(rows[i])), cfg.device_batch)] for i in local}
+            vecs = self._gradients(req.net, chunk, [picked[i] for i in local], per_device=True)
+        params = trainable(req.net)
+        return [with_noise_share(vecs[j], params, self._std(Phase.DPSGD, req.plan, g_of[i]) if dp else 0.0,
+                                 streams[i]) for j, i in enumerate(local)]
+
+    def _gradients(self, net: nn.Module, chunk: DeviceBlock, rows: list[np.ndarray], per_device: bool) -> np.ndarray:
+        """Each device's mean gradient over ``rows`` clipped as one vector (per device, or their sum)."""
+        cfg = self.cfg
+        idx = np.concatenate(rows)
+        on = torch.device(self.spec.device)
+        seg = torch.from_numpy(np.repeat(np.arange(len(rows)), [len(r) for r in rows])).to(on)
+        x, y = torch.from_numpy(chunk.x[idx]).to(on), torch.from_numpy(chunk.y[idx]).to(on)
+        if on.type != "cpu":
+            net = copy.deepcopy(net).to(on)  # the request's net stays where the driver keeps it
+        fn = device_clipped_vectors if per_device else device_clipped_sum
+        out = fn(net, x, y, seg, len(rows), cfg.device_clip_norm, clip_enabled=cfg.dp_mode != DPMode.NONE)
+        return out.cpu().numpy().astype(np.float64)
+
+    def _fedavg(self, net: nn.Module, chunk: DeviceBlock, rows: list[np.ndarray], orders: list[list[np.ndarray]],
+                per_device: bool) -> np.ndarray:
+        """Each device's clipped DP-FedAvg delta (:func:`fed_nessa.sim.fedavg.fedavg_block`, :data:`FEDAVG_BLOCK`
+        devices per vectorised pass; clipped with or without DP, as on the device), per device or summed."""
+        cfg, on = self.cfg, torch.device(self.spec.device)
+        if on.type != "cpu":
+            net = copy.deepcopy(net).to(on)
+        by_size = np.argsort([len(r) for r in rows], kind="stable")  # similar sizes together: little padding
+        out = []
+        for s in range(0, len(rows), FEDAVG_BLOCK):
+            part = by_size[s:s + FEDAVG_BLOCK].tolist()
+            x, y = pad_block([chunk.x[rows[j]] for j in part], [chunk.y[rows[j]] for j in part])
+            steps = block_steps([orders[j] for j in part], cfg.local_batch)
+            clipped = fedavg_block(net, x.to(on), y.to(on), steps, lr=cfg.local_lr,
+                                   clip_norm=cfg.device_clip_norm).clipped.double()
+            out.append(clipped if per_device else clipped.sum(dim=0, keepdim=True))
+        total = torch.cat(out).cpu().numpy()
+        if not per_device:
+            return total.sum(axis=0)
+        vectors = np.empty_like(total)
+        vectors[by_size] = total  # back in the devices' order
+        return vectors
+
+    def _fast(self, req: SumRequest) -> PartialSum:
+        """The block's float64 sum of its devices' vectors plus ONE draw of its summed noise shares."""
+        cfg, first = self.cfg, self.spec.first
+        accepted = set(self._accepted.tolist())
+        weights = self.mechanism.stats_weights(self.n)
+        total: np.ndarray | None = None
+        for chunk in self.chunks():
+            lo = chunk.first - first
+            local = [i for i in range(lo, lo + chunk.devices) if i in accepted]
+            if not local:
+                continue
+            rows = [_rows(chunk, i + first) for i in local]
+            if req.phase == Phase.SUFFSTATS:
+                idx = np.concatenate(rows)
+                w = None if weights is None else np.repeat(weights[local], [len(r) for r in rows])
+                part = np.zeros(suffstats.vector_size(chunk.x.shape[1], chunk.y.shape[1]))
+                for c in range(0, len(idx), STATS_ROWS):  # linear in the pairs: float64 temporaries bounded
+                    rc, wc = idx[c:c + STATS_ROWS], None if w is None else w[c:c + STATS_ROWS]
+                    part += suffstats.device_vector(chunk.x[rc], chunk.y[rc], wc)
+            else:
+                assert req.net is not None
+                at = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
+                if cfg.device_update == DeviceUpdate.FEDAVG:  # per epoch, a uniform permutation of each device's rows
+                    keys = self._uniforms(req.round, chunk.first, int(at[-1]) * cfg.local_epochs)
+                    keys = keys.reshape(cfg.local_epochs, -1)
+                    orders = [[np.argsort(k[a:b], kind="stable") for k in keys] for a, b in zip(at[:-1], at[1:])]
+                    part = self._fedavg(req.net, chunk, rows, orders, per_device=False)
+                else:
+                    keys = self._uniforms(req.round, chunk.first, int(at[-1]))
+                    picked = [r[device_subset(keys[a:b], cfg.device_batch)] for r, a, b in zip(rows, at[:-1], at[1:])]
+                    part = self._gradients(req.net, chunk, picked, per_device=False)
+            total = part if total is None else total + part
+        if total is None:
+            return PartialSum(first, np.zeros(0), 0)
+        if cfg.dp_mode != DPMode.NONE:
+            var = self.mechanism.released_variance(req.phase, req.plan, self._g.tolist())
+            noise = noise_source(cfg.reproducible_noise, cfg.seed, BLOCK_NOISE, first, req.round)
+            total = total + noise.normal(total.shape, math.sqrt(var))
+        return PartialSum(first, np.asarray(total, np.float64), len(self._accepted), arrivals=_counts(self._g))
+
+    def _uniforms(self, round_num: int, chunk_first: int, n: int) -> np.ndarray:
+        """Fast numerics: a chunk's row-selection keys (keyed by (seed, round, chunk) when reproducible)."""
+        if self.cfg.reproducible_noise:
+            return np.random.default_rng([self.cfg.seed, UNIFORMS_STREAM, round_num, chunk_first]).random(n)
+        return np.random.Generator(np.random.PCG64(np.random.SeedSequence(secrets.randbits(128)))).random(n)
+
+    def usage(self, _request: object = None) -> dict[str, float]:
+        """This worker's process: peak RSS (MiB) and CPU seconds so far (benchmarks; a Ray actor is its own)."""
+        import resource
+        import time
+
+        return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "cpu_seconds": time.process_time()}
+
+    def close(self) -> str:
+        """Close the block's store; returns its folder (for the driver's merge)."""
+        self.store.close()
+        return str(self.spec.store_dir)
+
+
+def _view(block: DeviceBlock, a: int, b: int) -> DeviceBlock:
+    """Devices ``a .. b - 1`` (local) of ``block`` as a block of views (no copy)."""
+    lo, hi = int(block.starts[a]), int(block.starts[b])
+    return replace(block, first=block.first + a, x=block.x[lo:hi], y=block.y[lo:hi],
+                               starts=block.starts[a:b + 1] - lo, speaker=block.speaker[lo:hi])
+
+
+def _rows(chunk: DeviceBlock, device: int) -> np.ndarray:
+    """Device ``device``'s rows in ``chunk``."""
+    k = device - chunk.first
+    return np.arange(int(chunk.starts[k]), int(chunk.starts[k + 1]))
+
+
+def _span(event: DPEvent | None, rounds: tuple[int, ...]) -> DPEvent | None:
+    """A round's event over consecutive ``rounds`` (one reserve line; the fleet engine's span)."""
+    if event is None or len(rounds) == 1:
+        return event
+    if list(rounds) != list(range(rounds[0], rounds[-1] + 1)):
+        raise BlockError(f"a span covers consecutive rounds, got {rounds}")
+    return DPEvent.from_dict({**event.to_dict(), "steps": len(rounds), "round": rounds[0], "last_round": rounds[-1],
+                              "note": f"{event.note}; span of {len(rounds)} scheduled round(s) reserved at once"})
+
+
+def _counts(g: np.ndarray) -> dict[int, int]:
+    """Policy g -> how many devices hold it."""
+    values, counts = np.unique(np.asarray(g, np.int64), return_counts=True)
+    return {int(v): int(c) for v, c in zip(values, counts, strict=True)}
