@@ -185,3 +185,20 @@ def test_a_fleet_run_writes_a_progress_summary_for_the_viewer(tmp_path: Path) ->
     run_fleet(build_config("smoke", overrides), build_policy("smoke", device), progress=progress)
     assert (1, 1, None) in seen and (PROGRESS_EVERY, PROGRESS_EVERY, None) in seen
     assert json.loads((run / "summary.json").read_text())["final"]  # the full summary at the end
+
+
+@pytest.mark.slow
+def test_a_run_given_only_its_fleet_size_prints_and_records_the_derived_schedule(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The derived q, rounds, budget split and server lr reach the run and its summary.json; at 300 devices
+    the auto rule ships the linear start alone, so only the statistics round runs."""
+    run = tmp_path / "run"
+    assert main(["simulate", "--engine", "fleet", "--quiet", "--set", "num-devices=300", "--set", "references=false",
+                 "--set", "ledger-layout=sqlite", "--run-dir", str(run)]) == 0
+    printed = capsys.readouterr().out
+    derived = derive({"num-devices": 300}, {}).run
+    config = json.loads((run / "summary.json").read_text())["config"]
+    for key, value in derived.items():
+        assert config[key] == pytest.approx(value) and f"{key}=" in printed
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["noise_plan"]["aligner"] == "linear" and len(summary["rounds"]) == 1
