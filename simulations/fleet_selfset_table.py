@@ -8,7 +8,8 @@ over the draws of what shipped, the gate's choices, the shipped share of non-DP 
 target, and whether every draw's shipped aligner is at least as good as not updating (gap closure >= 0) and as
 its own DP linear start on the reported (held-out) speakers. The runs skip the pooled non-DP references
 (``references = false``); non-DP NESSA's gap closure comes from the fleet study's runs of the same size on the
-same population (``--reference results/fleet.csv``; the held-out speakers' ``sym_before`` EER must agree).
+same population seed (``--reference results/fleet.csv``; a study run on another seed is an error, and where a run
+recorded the held-out speakers' ``sym_before`` EER it must agree).
 
     python -m simulations.fleet_selfset_table results/fleet_selfset.csv --reference results/fleet.csv \
         [--plot docs/fleet-selfset.png]
@@ -84,6 +85,10 @@ def rows(by_cell: dict[tuple[int, float], list[dict[str, Value]]],
     out = []
     for (n, eps), runs in sorted(by_cell.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
         ref_gap, ref_before = refs.get(n, (None, None))
+        seeds = {r["seed"] or 0 for r in runs}
+        if seeds != {0}:
+            raise ValueError(f"{n} devices, epsilon {eps:g}: population seed(s) {sorted(seeds)}, but the "
+                             "references are the seed-0 population's")
         befores = set(_figures(runs, "sym_before", "eer"))
         if ref_before is not None and befores and befores != {ref_before}:
             raise ValueError(f"{n} devices: the reference's held-out sym_before EER {ref_before} differs from the "

@@ -62,6 +62,13 @@ def test_a_draw_worse_than_its_start_or_than_not_updating_is_flagged(tmp_path: P
     assert cell["safe"] is False and "| NO |" in table.markdown([cell])
 
 
+def test_a_study_run_on_another_population_seed_is_one_clear_error(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    study, ref = _csvs(tmp_path, [_summary(0.045, 0.85, 0.068, seed=1)])
+    assert table.main([str(study), "--reference", str(ref)]) == 2
+    assert "population seed(s) [1]" in capsys.readouterr().err
+
+
 def test_a_reference_from_another_population_is_one_clear_error(tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     other = _summary(0.045, 0.85, 0.068)
