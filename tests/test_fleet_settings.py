@@ -10,12 +10,20 @@ import pytest
 
 from fed_nessa.cli import main
 from fed_nessa.config import SECAGG_MODULUS_RANGE, DevicePolicy, from_run_config
+from fed_nessa.federated.noise_plan import noise_plan
+from fed_nessa.privacy.calibration import gaussian_epsilon, sigma_for_epsilon
 from fed_nessa.privacy.events import DPEvent
 from fed_nessa.sim.fleet_epsilon import events_up_to
 from fed_nessa.sim.fleet_settings import (
     BUDGET_SPLIT,
     DEVICE_MIN_NOISE,
+    DPSGD_ROUNDS,
+    MAX_STATS_SHARE,
+    PAIRS_PER_ROUND,
+    SERVER_LR,
+    STATS_SIGMA,
     FleetSettingsError,
+    budget_split,
     derive,
     device_level_delta,
     quantization_range,
@@ -23,19 +31,55 @@ from fed_nessa.sim.fleet_settings import (
 from fed_nessa.sim.runner import build_config, build_policy, fleet_overrides
 
 
-def test_the_derivation_reproduces_the_studies_hand_settings() -> None:
-    """simulations/fleet_study.sh derived these by hand at 10k devices (example level, epsilon 3)."""
+def test_the_rule_at_10k_devices_and_epsilon_3_is_the_tuned_schedule() -> None:
+    """q 0.04, the statistics round at sigma 2.5, 1,000 DP-SGD rounds, Adam 2e-3 (docs/results.md)."""
     s = derive({"num-devices": 10_000, "epsilon-budget": 3.0}, {})
-    assert s.run == {"secagg-quantization-range": 2**18, "sample-rate": pytest.approx(22_800 / (10_000 * 112)),
-                     "budget-split": BUDGET_SPLIT["example"]}
+    assert s.run == {"secagg-quantization-range": 2**18, "sample-rate": pytest.approx(0.04),
+                     "budget-split": pytest.approx(gaussian_epsilon(STATS_SIGMA, 1e-5) / 3.0),
+                     "num-server-rounds": 1 + DPSGD_ROUNDS, "server-lr": SERVER_LR}
+    cfg = from_run_config({"num-devices": 10_000, "epsilon-budget": 3.0, "aligner": "nessa", **s.run})
+    assert noise_plan(cfg, 10_000).suffstats_sigma == pytest.approx(STATS_SIGMA, rel=1e-3)
     assert s.device == {"guaranteed-arrivals": 8000, "min-noise-multiplier": DEVICE_MIN_NOISE,
                         "min-suffstats-noise-multiplier": DEVICE_MIN_NOISE, "epsilon-budget": 3.0, "delta": 1e-5,
                         "privacy-unit": "example"}
 
 
+@pytest.mark.parametrize(("devices", "epsilon", "tries_nessa"), [(10_000, 8.0, True), (10_000, 3.0, True),
+                                                                 (10_000, 1.0, False), (1000, 8.0, False)])
+def test_under_the_rule_aligner_auto_tries_dp_nessa_only_where_the_tuning_population_says(
+        devices: int, epsilon: float, tries_nessa: bool) -> None:
+    """The threshold lies between the tuning evidence's losses (<= 8.6k) and wins (>= 17.6k)."""
+    given = {"num-devices": devices, "epsilon-budget": epsilon}
+    plan = noise_plan(from_run_config({**given, **derive(given, {}).run}), devices)
+    assert (plan.aligner == "nessa") is tries_nessa and (plan.dpsgd_rounds_per_device > 0) is tries_nessa
+
+
+@pytest.mark.parametrize(("epsilon", "share"), [(8.0, 0.21), (3.0, 0.56), (1.0, MAX_STATS_SHARE)])
+def test_the_statistics_round_gets_the_share_that_buys_its_sigma_up_to_the_cap(epsilon: float, share: float) -> None:
+    split = budget_split("example", epsilon, 1e-5)
+    assert split == pytest.approx(share, abs=0.01) and split <= MAX_STATS_SHARE
+    if split < MAX_STATS_SHARE:
+        assert sigma_for_epsilon(split * epsilon, 1e-5) == pytest.approx(STATS_SIGMA, rel=1e-3)
+
+
+@pytest.mark.parametrize(("devices", "q"), [(1000, 0.4), (3000, 44_800 / 336_000), (30_000, 44_800 / 3_360_000)])
+def test_the_local_rate_keeps_the_expected_pairs_per_round(devices: int, q: float) -> None:
+    rate = derive({"num-devices": devices}, {}).run["sample-rate"]
+    assert rate == pytest.approx(q) == PAIRS_PER_ROUND / (devices * 112)
+
+
+def test_a_linear_only_run_gets_its_statistics_rounds_and_an_explicit_schedule_wins() -> None:
+    assert derive({"num-devices": 10_000, "aligner": "linear"}, {}).run["num-server-rounds"] == 1
+    assert derive({"num-devices": 10_000, "linear-start": "none"}, {}).run["num-server-rounds"] == DPSGD_ROUNDS
+    given = derive({"num-devices": 10_000, "num-server-rounds": 501, "server-lr": 1e-3}, {}).run
+    assert "num-server-rounds" not in given and "server-lr" not in given
+    assert "server-lr" not in derive({"num-devices": 10_000, "server-optimizer": "sgd"}, {}).run
+
+
 def test_device_level_derives_delta_below_one_over_devices_and_no_sample_rate() -> None:
     s = derive({"num-devices": 100_000, "privacy-unit": "device"}, {})
     assert s.run["delta"] == 1e-6 < 1 / 100_000 and "sample-rate" not in s.run
+    assert "num-server-rounds" not in s.run and "server-lr" not in s.run  # no device-level evidence
     assert s.run["budget-split"] == BUDGET_SPLIT["device"]
     assert s.device["privacy-unit"] == "device" and s.device["delta"] == 1e-6
     assert device_level_delta(30_000, 1e-5) == 1e-5 and device_level_delta(10_000, 1e-5) == 1e-5
@@ -141,3 +185,20 @@ def test_a_fleet_run_writes_a_progress_summary_for_the_viewer(tmp_path: Path) ->
     run_fleet(build_config("smoke", overrides), build_policy("smoke", device), progress=progress)
     assert (1, 1, None) in seen and (PROGRESS_EVERY, PROGRESS_EVERY, None) in seen
     assert json.loads((run / "summary.json").read_text())["final"]  # the full summary at the end
+
+
+@pytest.mark.slow
+def test_a_run_given_only_its_fleet_size_prints_and_records_the_derived_schedule(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The derived q, rounds, budget split and server lr reach the run and its summary.json; at 300 devices
+    the auto rule ships the linear start alone, so only the statistics round runs."""
+    run = tmp_path / "run"
+    assert main(["simulate", "--engine", "fleet", "--quiet", "--set", "num-devices=300", "--set", "references=false",
+                 "--set", "ledger-layout=sqlite", "--run-dir", str(run)]) == 0
+    printed = capsys.readouterr().out
+    derived = derive({"num-devices": 300}, {}).run
+    config = json.loads((run / "summary.json").read_text())["config"]
+    for key, value in derived.items():
+        assert config[key] == pytest.approx(value) and f"{key}=" in printed
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["noise_plan"]["aligner"] == "linear" and len(summary["rounds"]) == 1

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from simulations import device_level_table, fleet_table, results_table
+from simulations import device_level_table, fleet_selfset_table, fleet_table, results_table
 from simulations.results_csv import (
     COLUMNS,
     ROUND_COLUMNS,
@@ -137,13 +137,16 @@ def _doc_lines() -> set[str]:
 
 
 def test_the_committed_tables_reproduce_from_the_committed_csvs() -> None:
-    """Every row of the three study tables the docs show, regenerated from results/*.csv."""
+    """Every row of the four study tables the docs show, regenerated from results/*.csv."""
     results = ROOT / "results"
     tables = [
         fleet_table.markdown(fleet_table.rows(fleet_table.cells(read(results / "fleet.csv")))),
         device_level_table.markdown(device_level_table.rows(
             device_level_table.cells(read(results / "device_level.csv")), read(results / "fleet.csv"))),
         results_table.table(read(results / "federated.csv")),
+        fleet_selfset_table.markdown(fleet_selfset_table.rows(
+            fleet_selfset_table.draws(read(results / "fleet_selfset.csv")),
+            fleet_selfset_table.references(read(results / "fleet.csv")))),
     ]
     docs = _doc_lines()
     for text in tables:
@@ -168,6 +171,7 @@ def test_a_table_without_its_csv_or_without_a_complete_cell_is_one_clear_error(
     ("fleet_study.sh", "results/fleet.csv", "simulations.fleet_table"),
     ("device_level_study.sh", "results/device_level.csv", "simulations.device_level_table"),
     ("quality_table.sh", "results/federated.csv", "simulations.results_table"),
+    ("fleet_selfset_study.sh", "results/fleet_selfset.csv", "simulations.fleet_selfset_table"),
 ])
 def test_each_study_script_writes_ignored_run_folders_and_its_committed_csv(script: str, csv: str, table: str) -> None:
     text = (ROOT / "simulations" / script).read_text()

@@ -16,9 +16,8 @@ released sum per unit of noise std, ``cohort x expected-pairs-per-device x q / s
 (signal grows with the fleet, the DP noise does not; field-notes "DP NESSA needs fleet
 scale"). Below :data:`fed_nessa.federated.mechanism.AUTO_SIGNAL_THRESHOLD` the run is the linear
 start alone, and with a budget split the statistics round then gets the whole budget. The
-threshold is calibrated by the fleet study in docs/results.md (500 full-participation rounds of ~22.8k examples: DP
-NESSA beat the linear start at 32,189 and lost at 21,540 and below). That is an in-sample
-calibration on the synthetic generator, so the promotion gate still checks every run it passes.
+threshold is set off the reported study, from tuning evidence over 1,000 full-participation rounds (docs/results.md
+"How the self-set protocol was chosen"); the promotion gate still checks every run it passes.
 
 ``privacy-unit = device``: every participation is one Gaussian sum with q = 1 (no sampling,
 so no amplification), and the calibration composes exactly those. The auto rule's threshold

@@ -27,6 +27,12 @@ def _epsilon(sigma: float, prior_sigma: float | None, sample_rate: float, steps:
     return compute_epsilon(events, delta, RDP)
 
 
+def gaussian_epsilon(sigma: float, delta: float) -> float:
+    """Epsilon at ``delta`` of one Gaussian sum at noise multiplier ``sigma`` alone (RDP; the inverse of
+    ``sigma_for_epsilon(epsilon, delta)``)."""
+    return _epsilon(sigma, None, 1.0, 1, delta)
+
+
 @functools.lru_cache(maxsize=1024)
 def sigma_for_epsilon(epsilon: float, delta: float, sample_rate: float = 1.0, steps: int = 1,
                       prior_sigma: float | None = None) -> float:
