@@ -17,7 +17,6 @@ from fed_nessa.federated.codec import make_codec
 from fed_nessa.federated.layout import build_net
 from fed_nessa.federated.mechanism import mechanism_for
 from fed_nessa.federated.noise_plan import noise_plan
-from fed_nessa.federated.server_model import ServerModel
 from fed_nessa.privacy.audit import audit
 from fed_nessa.privacy.store import STORE_NAME
 from fed_nessa.randomness import noise_source
@@ -59,18 +58,6 @@ def _net(cfg: FederationConfig) -> Any:
 @pytest.fixture(autouse=True)
 def _key_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FED_NESSA_KEY_STORE", str(tmp_path / "keys"))
-
-
-def _spy(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, np.ndarray, int]]:
-    seen: list[tuple[str, np.ndarray, int]] = []
-    original = ServerModel.apply
-
-    def apply(self: ServerModel, phase: Phase, aggregate_sum: np.ndarray, n_arrived: int, **kw: Any) -> None:
-        seen.append((str(phase), np.array(aggregate_sum, np.float64), n_arrived))
-        original(self, phase, aggregate_sum, n_arrived, **kw)
-
-    monkeypatch.setattr(ServerModel, "apply", apply)
-    return seen
 
 
 def _ledgers(run_dir: str) -> dict[str, list[tuple[int, str, str]]]:
@@ -134,9 +121,10 @@ def test_a_blocks_exact_vectors_are_what_each_device_sends(tmp_path: Path, updat
 
 # -- backends ------------------------------------------------------------------------------
 def test_one_block_and_three_blocks_release_the_same_sums_and_ledgers(tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                      monkeypatch: pytest.MonkeyPatch,
+        applied_sums: list[tuple[str, np.ndarray, int]]) -> None:
     """Exact numerics, reproducible noise: how the fleet is cut into blocks changes nothing released or signed."""
-    seen = _spy(monkeypatch)
+    seen = applied_sums
     BlockEngine(_cfg(tmp_path, "one"), POLICY, _population(), devices_per_block=DEVICES, backend=IN_PROCESS).run()
     one, seen[:] = list(seen), []
     BlockEngine(_cfg(tmp_path, "three"), POLICY, _population(), devices_per_block=10, backend=IN_PROCESS).run()
@@ -148,11 +136,12 @@ def test_one_block_and_three_blocks_release_the_same_sums_and_ledgers(tmp_path: 
 
 
 @pytest.mark.slow
-def test_two_ray_actors_equal_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_two_ray_actors_equal_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        applied_sums: list[tuple[str, np.ndarray, int]]) -> None:
     """The issue's test: in-process and 2 Ray actors give identical aggregates and ledgers (exact numerics,
     reproducible noise). Slow: local Ray's start-up."""
     ray = pytest.importorskip("ray")
-    seen = _spy(monkeypatch)
+    seen = applied_sums
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
     BlockEngine(_cfg(tmp_path, "local"), POLICY, _population(), devices_per_block=12, backend=IN_PROCESS).run()
     local, seen[:] = list(seen), []

@@ -37,18 +37,6 @@ def _cfg(tmp: Path, name: str, **over: Any) -> FederationConfig:
     return from_run_config(base)
 
 
-def _spy(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, np.ndarray, int]]:
-    seen: list[tuple[str, np.ndarray, int]] = []
-    original = ServerModel.apply
-
-    def apply(self: ServerModel, phase: Phase, aggregate_sum: np.ndarray, n_arrived: int, **kw: Any) -> None:
-        seen.append((str(phase), np.array(aggregate_sum, np.float64), n_arrived))
-        original(self, phase, aggregate_sum, n_arrived, **kw)
-
-    monkeypatch.setattr(ServerModel, "apply", apply)
-    return seen
-
-
 def test_ghost_clipping_equals_per_example_gradients() -> None:
     """Ghost norms and clipped sums equal those of explicit per-example gradients (torch.func)."""
     torch.manual_seed(0)
@@ -74,13 +62,14 @@ def test_ghost_clipping_equals_per_example_gradients() -> None:
 
 
 @pytest.mark.slow
-def test_fleet_engine_equals_the_flower_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fleet_engine_equals_the_flower_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        applied_sums: list[tuple[str, np.ndarray, int]]) -> None:
     """Same seeds (reproducible-noise), 12 devices: the same released aggregate every round within
     SecAgg+'s quantization error, and the same epsilon in every device's ledger."""
     from fed_nessa.sim.fleet import run_fleet
     from fed_nessa.sim.runner import simulate
 
-    seen = _spy(monkeypatch)
+    seen = applied_sums
     flower = simulate(_cfg(tmp_path, "flower"), policy=POLICY, quiet=True)
     flower_sums = list(seen)
     seen.clear()
