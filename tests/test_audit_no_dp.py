@@ -49,3 +49,14 @@ def test_a_summary_that_claims_dp_makes_the_missing_reservations_fail(non_dp_run
         summary_path.write_text(original)
     assert not result.passed
     assert any(f.check == "federation.joined" for f in result.failures)
+
+
+def test_a_non_dp_report_states_no_epsilon_rather_than_epsilon_zero(non_dp_run: Path) -> None:
+    """An epsilon of 0 would claim perfect privacy; a run without noise has no epsilon at all."""
+    from fed_nessa.evaluation.run_folder import epsilon_phrase
+
+    report = (non_dp_run / "report.md").read_text()
+    line = next(x for x in report.splitlines() if x.startswith("- epsilon per "))
+    assert "no DP" in line and "0.000" not in line
+    assert epsilon_phrase(json.loads((non_dp_run / "summary.json").read_text())["privacy"]).startswith("none")
+    assert epsilon_phrase({"mode": "distributed", "epsilon_max": 7.9651}) == "max 7.965"

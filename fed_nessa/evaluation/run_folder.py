@@ -73,6 +73,14 @@ def privacy_block(cfg: FederationConfig, device_epsilons: dict[str, float], num_
     return block
 
 
+def epsilon_phrase(priv: dict[str, Any]) -> str:
+    """The run's epsilon as people read it: a run without DP has no epsilon at all, not an epsilon of 0
+    (the block's 0.0 counts spend, which is nil; printing it as "epsilon 0" would claim perfect privacy)."""
+    if priv["mode"] == "none":
+        return "none (no DP: nothing is guaranteed)"
+    return f"max {priv['epsilon_max']:.3f}"
+
+
 #: What SecAgg+ sums under ``distributed-mechanism = skellam`` (its ranges come from the round's field, not the config).
 INTEGER_FIELD = ("Z_2^b: each device's integer field elements, b per round as its ledger event records "
                  "(skellam.bits); clipping range 2^(b-1), quantization range 2^b, Flower's quantizer the identity")
@@ -222,8 +230,9 @@ def render_report(summary: dict[str, Any]) -> str:
         "per device (the run's request; each device's own policy, fixed in its ledger header, decides)",
         *([f"- noise: {priv['noise_source']}"] if priv.get("guarantee_holds", True) and "noise_source" in priv
           else []),  # a run without DP (dp-mode none) has no noise to state
-        f"- epsilon per {priv.get('privacy_unit', 'example')} over devices: max {priv['epsilon_max']:.3f}, median "
-        f"{priv['epsilon_median']:.3f}; all within budget: {priv['devices_within_budget']}",
+        f"- epsilon per {priv.get('privacy_unit', 'example')} over devices: {epsilon_phrase(priv)}"
+        + ("" if priv["mode"] == "none" else f", median {priv['epsilon_median']:.3f}; all within budget: "
+           f"{priv['devices_within_budget']}"),
         *([f"- implied example-level epsilon (one changed pair moves a device's clipped contribution by <= 2 C): "
            f"max {priv['epsilon_example_max']:.3f}"] if "epsilon_example_max" in priv else []),
         f"- per-device ledgers: {priv.get('num_device_ledgers', 0)} at `{priv.get('device_ledger_pattern')}`",

@@ -52,6 +52,7 @@ from fed_nessa.config import (
     policy_from_node_config,
 )
 from fed_nessa.data.population import FederationData
+from fed_nessa.evaluation.run_folder import epsilon_phrase
 from fed_nessa.federated.noise_plan import dpsgd_rounds
 from fed_nessa.federated.protocol import DEVICES_DIR, device_id_of, shard_folder
 from fed_nessa.privacy.ledger import check_key_store, device_id_problem
@@ -471,7 +472,7 @@ def run_from_args(args: argparse.Namespace) -> int:
                          plant=plant, replace=getattr(args, "replace", False))
     final = summary["final"]
     print(f"final EER {100 * final['eer']:.2f}%  gap closure {final['gap_closure']}  "
-          f"epsilon max {summary['privacy']['epsilon_max']:.3f}  shipped {final['gate']['shipped']}  -> {cfg.run_dir}")
+          f"epsilon {epsilon_phrase(summary['privacy'])}  shipped {final['gate']['shipped']}  -> {cfg.run_dir}")
     applied = [r for r in summary["rounds"] if r.get("status") == RoundStatus.APPLIED]
     if not applied:
         reasons = sorted({str(r.get("note", r.get("status"))) for r in summary["rounds"]})
