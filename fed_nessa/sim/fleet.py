@@ -92,7 +92,6 @@ from fed_nessa.federated.rounds import Progress, RunOutputs
 from fed_nessa.federated.server_model import ServerModel
 from fed_nessa.federated.skellam_mechanism import IntegerCodec, RoundCodec
 from fed_nessa.model.training import with_noise_share
-from fed_nessa.privacy.events import EXAMPLE
 from fed_nessa.privacy.ledger import (
     DeviceLedger,
     FederationLedger,
@@ -646,12 +645,12 @@ class FleetEngine(Engine):
     # -- reporting -------------------------------------------------------------------------
     def _final_summary(self, final: dict[str, Any], book: DeviceBook) -> dict[str, Any]:
         """The summary with every device's epsilon from its ledger (the last round's entry states the same
-        figures: fed_nessa.sim.fleet_epsilon) and, device level, the implied example-level figures."""
+        figures: fed_nessa.sim.fleet_epsilon) and the figures its unit implies (device level: example level)."""
         summary = self.summary(final, book.epsilons(self.cfg))
-        if self.cfg.privacy_unit != EXAMPLE:
-            example = sorted(book.epsilons(self.cfg, EXAMPLE).values()) or [0.0]
-            summary["privacy"]["epsilon_example_max"] = example[-1]
-            summary["privacy"]["epsilon_example_median"] = statistics.median(example)
+        for unit in self.model.mechanism.implied_units():
+            implied = sorted(book.epsilons(self.cfg, unit.value).values()) or [0.0]
+            summary["privacy"][f"epsilon_{unit.value}_max"] = implied[-1]
+            summary["privacy"][f"epsilon_{unit.value}_median"] = statistics.median(implied)
         return summary
 
     def _references(self) -> dict[str, Any]:
