@@ -32,9 +32,10 @@ import torch
 
 from fed_nessa.config import FederationConfig, from_run_config
 from fed_nessa.data.blocks import DeviceBlock
+from fed_nessa.data.datasets import EmbeddingSet
 from fed_nessa.data.lazy_population import LazyPopulation
-from fed_nessa.data.population import EvalSet
-from fed_nessa.evaluation.protocol import evaluate_eval_set
+from fed_nessa.data.population import Scenario
+from fed_nessa.evaluation.protocol import evaluate_held_out
 from fed_nessa.federated.adaptive_clip import AdaptiveClip
 from fed_nessa.federated.layout import build_net, nessa_config, trainable
 from fed_nessa.federated.mechanism import BIT_SENSITIVITY, DeviceLevel, device_subset, mechanism_for
@@ -103,14 +104,17 @@ def start_linear(net: torch.nn.Module, block: DeviceBlock, alpha: float) -> None
     nessa.set_linear_trainable(False)
 
 
-def eer(net: torch.nn.Module, ev: EvalSet, info: AlignerInfo, cfg: FederationConfig) -> dict[str, float]:
+HeldOut = tuple[EmbeddingSet, Scenario]  # the held-out set and the scenario it is scored in
+
+
+def eer(net: torch.nn.Module, ev: HeldOut, info: AlignerInfo, cfg: FederationConfig) -> dict[str, float]:
     aligner = NessaAligner(info, nessa_config(cfg))
     aligner.net = net
-    report = evaluate_eval_set(ev, SCENARIO, {"federated": aligner})
+    report = evaluate_held_out(*ev, {"federated": aligner})
     return {r.name: round(float(r.metrics.eer), 5) for r in report.rows}
 
 
-def run_arm(arm: str, a: argparse.Namespace, pop: LazyPopulation, blocks: list[DeviceBlock], ev: EvalSet,
+def run_arm(arm: str, a: argparse.Namespace, pop: LazyPopulation, blocks: list[DeviceBlock], ev: HeldOut,
             out: Path, deadline: float) -> None:
     cfg = arm_config(arm, pop.num_devices, a.rounds, a.epsilon)
     mech = mechanism_for(cfg)
@@ -187,9 +191,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     pop = LazyPopulation.create(a.devices, seed=a.seed, scenario=SCENARIO)
     blocks = list(pop.blocks(1024))
-    es = pop.eval_set()
-    ev = EvalSet({m: np.asarray(es.emb(m), np.float32) for m in (pop.enroll_model, pop.runtime_model)},
-                 np.asarray(es.speaker), np.asarray(es.utterance), pop.enroll_model, pop.runtime_model)
+    ev = pop.eval_set(), Scenario(pop.enroll_model, pop.runtime_model, SCENARIO)
     for arm in a.arms:
         run_arm(arm, a, pop, blocks, ev, out, deadline)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fed_nessa.config import DevicePolicy, Phase, from_run_config
-from fed_nessa.data.population import load_federation_data
+from fed_nessa.data.registry import load_federation_data
 from fed_nessa.federated import suffstats
 from fed_nessa.federated.engine import Pins, RunState
 from fed_nessa.federated.protocol_loop import run_round

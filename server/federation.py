@@ -29,11 +29,12 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp.grid import Grid
 
 from fed_nessa.config import FederationConfig, Phase, ReplyStatus, from_run_config
-from fed_nessa.data.population import SCENARIO, FederationData, load_federation_data
+from fed_nessa.data.population import Population
+from fed_nessa.data.registry import load_federation_data
 from fed_nessa.errors import FedNessaError
 from fed_nessa.evaluation import run_folder
 from fed_nessa.evaluation.gate import SHIPPED, card_fields, gate_run
-from fed_nessa.evaluation.protocol import evaluate_eval_set, federated_row, reference_rows
+from fed_nessa.evaluation.protocol import evaluate_held_out, federated_row, reference_rows
 from fed_nessa.federated.cohort import sample_positions
 from fed_nessa.federated.engine import Answers, Ending, Engine, Pins, Released, RunState
 from fed_nessa.federated.noise_plan import NoisePlan, noise_plan
@@ -105,7 +106,7 @@ class Federation(Engine):
     name = "flower"
 
     def __init__(self, grid: Grid, context: Context, cfg: FederationConfig | None = None,
-                 data: FederationData | None = None, progress: Progress | None = None) -> None:
+                 data: Population | None = None, progress: Progress | None = None) -> None:
         self.grid, self.context = grid, context
         self.cfg = cfg or from_run_config(dict(context.run_config))
         self.run_dir = Path(self.cfg.run_dir)
@@ -125,7 +126,7 @@ class Federation(Engine):
     # -- evaluation ---------------------------------------------------------------------
     def evaluate(self, aligners: dict[str, Any] | None = None) -> Any:
         """The global aligner (and ``aligners``) on the held-out evaluation set."""
-        return evaluate_eval_set(self.data.eval, SCENARIO, {"federated": self.model.comparator(), **(aligners or {})})
+        return evaluate_held_out(*self.data.evaluation(), {"federated": self.model.comparator(), **(aligners or {})})
 
     # -- the engine (fed_nessa.federated.engine.Engine) ------------------------------------
     def noise_plan(self) -> NoisePlan:

@@ -25,7 +25,7 @@ from fed_nessa.canary.federated import (
 from fed_nessa.canary.stats import one_run_audit
 from fed_nessa.cli import main
 from fed_nessa.config import from_run_config
-from fed_nessa.data.population import load_federation_data
+from fed_nessa.data.registry import load_federation_data
 from fed_nessa.data.shards import load_shard, make_shard
 from fed_nessa.model.aligners import AlignerInfo, NessaAligner, NessaConfig
 from fed_nessa.sim.canary_audit import initial_cosines, score_run

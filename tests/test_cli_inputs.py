@@ -778,12 +778,12 @@ def test_simulate_with_absurdly_many_canaries(tmp_path: Path, capsys: pytest.Cap
 def test_running_out_of_memory_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Before: a numpy _ArrayMemoryError traceback (e.g. --set eval-speakers=1000000: 28.6 GiB)."""
-    import fed_nessa.data.population as population
+    import fed_nessa.data.registry as registry
 
     def too_big(*_: object, **__: object) -> None:
         raise MemoryError("Unable to allocate 28.6 GiB for an array")
 
-    monkeypatch.setattr(population, "load_federation_data", too_big)
+    monkeypatch.setattr(registry, "load_federation_data", too_big)
     assert main(_simulate(tmp_path / "run")) == 2
     line = _one_error_line(capsys, "simulate")
     assert "out of memory (Unable to allocate 28.6 GiB for an array): a size given is too large" in line

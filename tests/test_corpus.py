@@ -205,8 +205,7 @@ def test_distinctness_tells_separate_voices_from_merged_ones() -> None:
 
 def test_data_name_gives_the_parent_disjoint_split(tmp_path: Path, table: list[Voice],
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    from fed_nessa.data.registry import CORPUS_NAME
-    from fed_nessa.data.sources import resolve
+    from fed_nessa.data.registry import CORPUS_NAME, resolve
 
     voices = table[:30]
     store.write_corpus(tmp_path / CORPUS_NAME, voices, _per_voice(voices))

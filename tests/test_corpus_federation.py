@@ -13,8 +13,9 @@ import pytest
 from fed_nessa.config import CORPUS_NAME, FEDERATION_NAMES, DevicePolicy, FederationConfig, from_run_config
 from fed_nessa.data.corpus import store
 from fed_nessa.data.corpus.voices import HELDOUT, TRAIN, Voice
-from fed_nessa.data.population import CORPUS_VOICES_PER_DEVICE, SCENARIO, corpus_device_count, load_federation_data
-from fed_nessa.evaluation.protocol import evaluate_eval_set
+from fed_nessa.data.population import CORPUS_VOICES_PER_DEVICE, corpus_device_count
+from fed_nessa.data.registry import load_federation_data
+from fed_nessa.evaluation.protocol import evaluate_held_out
 
 TRAIN_VOICES, HELDOUT_VOICES, UTTERANCES = 14, 5, 6
 DIMS = {"campp": 192, "resemblyzer": 256, "vfl_dvec": 256}
@@ -83,7 +84,7 @@ def test_devices_validation_and_held_out_voices_are_disjoint(corpus: Path) -> No
     devices = set().union(*device_voices)
     assert fd.validation is not None
     validation = set(np.unique(fd.validation.speaker).tolist())
-    held_out = set(np.unique(fd.eval.speaker).tolist())
+    held_out = set(np.unique(fd.held_out.speaker).tolist())
     assert len(devices) == TRAIN_VOICES - 4 and len(validation) == 4 and devices | validation == set(range(14))
     assert not devices & validation
     assert held_out == set(range(100, 100 + HELDOUT_VOICES))  # every held-out voice, and only those
@@ -91,8 +92,8 @@ def test_devices_validation_and_held_out_voices_are_disjoint(corpus: Path) -> No
     first = fd.devices[0]
     assert (first.d_x, first.d_y) == (256, 256) and first.enroll_model.startswith("vfl_dvec")
     assert _global_voices(corpus, first.runtime, "resemblyzer") == device_voices[0]
-    assert (fd.eval.old_model, fd.eval.new_model) == ("vfl_dvec", "resemblyzer")
-    assert _global_voices(corpus, fd.eval.embeddings["vfl_dvec"], "vfl_dvec") == held_out
+    assert (fd.scenario.old_model, fd.scenario.new_model) == ("vfl_dvec", "resemblyzer")
+    assert _global_voices(corpus, fd.held_out.emb("vfl_dvec"), "vfl_dvec") == held_out
 
 
 def test_the_split_is_seeded_and_counted(corpus: Path) -> None:
@@ -157,8 +158,8 @@ def test_a_fleet_run_evaluates_on_the_held_out_voices_and_gates_on_validation_vo
     # not updating, scored on the held-out voices (the reported figures) and on the validation voices (the gate's)
     fd = load_federation_data(cfg, None)
     assert fd.validation is not None
-    held_out, validation = (evaluate_eval_set(ev, SCENARIO, {}).row("sym_before").metrics.eer
-                            for ev in (fd.eval, fd.validation))
+    held_out, validation = (evaluate_held_out(ev, fd.scenario, {}).row("sym_before").metrics.eer
+                            for ev in (fd.held_out, fd.validation))
     assert final["sym_before"]["eer"] == pytest.approx(held_out)
     assert final["gate"]["validation_eer"]["none"] == pytest.approx(validation) != pytest.approx(held_out)
 

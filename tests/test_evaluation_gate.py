@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fed_nessa.data.population import EvalSet
+from fed_nessa.data.population import Scenario
 from fed_nessa.data.synthetic import generate_population
 from fed_nessa.evaluation.gate import (
     DP_NESSA,
@@ -18,11 +18,12 @@ from fed_nessa.evaluation.gate import (
     promotion_gate,
     validation_eers,
 )
-from fed_nessa.evaluation.protocol import evaluate_eval_set
+from fed_nessa.evaluation.protocol import evaluate_held_out
 from fed_nessa.model.aligners import AlignerInfo, NessaAligner, NessaConfig, RidgeAligner
 from fed_nessa.model.training import TrainConfig
 
-SCENARIO = "runtime-upgrade"
+#: The synthetic population's models: enrolled by the old, tested with the new (runtime upgrade).
+SCENARIO = Scenario("synth-old", "synth-new")
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +32,10 @@ def world() -> dict[str, object]:
     x = np.concatenate([d.enroll for d in pop.devices])
     y = np.concatenate([d.runtime for d in pop.devices])
 
-    def as_eval(es: object) -> EvalSet:
-        emb = {m: np.asarray(es.emb(m), np.float32) for m in (pop.enroll_model, pop.runtime_model)}  # type: ignore[attr-defined]
-        return EvalSet(emb, np.asarray(es.speaker), np.asarray(es.utterance), pop.enroll_model,  # type: ignore[attr-defined]
-                       pop.runtime_model)
-
-    assert pop.validation is not None
+    assert pop.validation is not None and (pop.enroll_model, pop.runtime_model) == (SCENARIO.old_model,
+                                                                                     SCENARIO.new_model)
     info = AlignerInfo(d_x=x.shape[1], d_y=y.shape[1], enroll_model=pop.enroll_model, runtime_model=pop.runtime_model)
-    return {"x": x, "y": y, "val": as_eval(pop.validation), "info": info}
+    return {"x": x, "y": y, "val": pop.validation, "info": info}
 
 
 def _aligner(world: dict[str, object], epochs: int, damage: float = 0.0) -> NessaAligner:
@@ -116,8 +113,8 @@ def test_final_figures_are_what_the_operator_gets(world: dict[str, object]) -> N
     """Nothing shipped: the summary's final EER is not updating's (sym_before), on the test speakers."""
     cands = {LINEAR_START: _aligner(world, 0, damage=0.5)}
     decision = promotion_gate(cands, world["val"], SCENARIO)
-    test = world["val"]  # any EvalSet serves as the test set here
-    report = evaluate_eval_set(test, SCENARIO, {ROW[c]: a for c, a in cands.items()})
+    test = world["val"]  # any held-out set serves as the test set here
+    report = evaluate_held_out(test, SCENARIO, {ROW[c]: a for c, a in cands.items()})
     final = final_figures(report, decision)
     assert final["eer"] == report.row("sym_before").metrics.eer
     assert final["linear_start"]["eer"] == report.row("asym_linear_start").metrics.eer > final["eer"]

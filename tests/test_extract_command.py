@@ -53,8 +53,8 @@ def test_extract_command_writes_shard_and_reports(tmp_path: Path, capsys: pytest
     assert "0 embedded now, 4 from cache" in out and "wrote evaluation set" in out
     from fed_nessa.data.population import load_eval_file
 
-    ev = load_eval_file(tmp_path / "eval.npz")
-    assert ev.old_model == shard.enroll_model and ev.speaker.tolist() == shard.speaker.tolist()
+    ev, scenario = load_eval_file(tmp_path / "eval.npz")
+    assert scenario.old_model == shard.enroll_model and ev.speaker.tolist() == shard.speaker.tolist()
 
 
 @pytest.mark.parametrize(

@@ -32,10 +32,10 @@ def test_the_server_reads_it(tmp_path: Path) -> None:
     from fed_nessa.data.population import load_eval_file
 
     shard = _shard()
-    ev = load_eval_file(write_eval_set(shard, tmp_path / "eval.npz"))
-    assert (ev.old_model, ev.new_model) == (shard.enroll_model, shard.runtime_model)
-    np.testing.assert_array_equal(ev.embeddings[shard.enroll_model], shard.enroll)
-    np.testing.assert_array_equal(ev.embeddings[shard.runtime_model], shard.runtime)
+    ev, scenario = load_eval_file(write_eval_set(shard, tmp_path / "eval.npz"))
+    assert (scenario.old_model, scenario.new_model) == (shard.enroll_model, shard.runtime_model)
+    np.testing.assert_array_equal(ev.emb(shard.enroll_model), shard.enroll)
+    np.testing.assert_array_equal(ev.emb(shard.runtime_model), shard.runtime)
     np.testing.assert_array_equal(ev.speaker, shard.speaker)
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,3 +122,71 @@ def test_the_noise_plans_unit_rules_are_the_mechanisms() -> None:
     assert device.auto_choice(10, 0.0)[0] == AlignerChoice.NESSA  # no calibrated threshold: the gate decides
     plan = noise_plan(_cfg(privacy_unit="device", delta=1e-6, aligner="auto"), 1000)
     assert plan.sample_rate == 1.0 and plan.reason.startswith("aligner auto, device level") and plan.fleet == 1000
+
+
+def test_each_unit_records_its_own_event() -> None:
+    """Example level: a Gaussian statistics sum, then DP-SGD at the device's Poisson rate; device level:
+    one Gaussian sum at the whole-device sensitivity, q = 1, in the device unit."""
+    ex = mechanism_for(_cfg(sample_rate=0.05, clip_norm=0.7))
+    stats = ex.event(Phase.SUFFSTATS, 1, 40, 1000, 0.8, 1e-5, 800)
+    assert (stats.mechanism, stats.sample_rate, stats.clip_norm, stats.unit) == ("gaussian-sum", 1.0, 1.0, "example")
+    sgd = ex.event(Phase.DPSGD, 2, 40, 1000, 1.5, 1e-5, 800)
+    assert (sgd.mechanism, sgd.steps, sgd.clip_norm) == ("dp-sgd", 1, 0.7)
+    assert sgd.sample_rate == ex.device_sample_rate(40, 1000) and "g = 800" in sgd.note
+    dev = mechanism_for(_cfg(privacy_unit="device", delta=1e-6, device_stats_pairs=16, device_clip_norm=0.4))
+    for phase, sens in ((Phase.SUFFSTATS, 16.0), (Phase.DPSGD, 0.4)):
+        e = dev.event(phase, 3, 40, 1000, 0.9, 1e-6, 800)
+        assert (e.mechanism, e.steps, e.sample_rate, e.clip_norm, e.unit) == ("gaussian-sum", 1, 1.0, sens, "device")
+
+
+def test_policy_units_implied_units_and_rounded_rows() -> None:
+    ex, dev = mechanism_for(_cfg()), mechanism_for(_cfg(privacy_unit="device", delta=1e-6))
+    assert ex.policy_refusal("example") is None and dev.policy_refusal("example") is None  # device level covers it
+    assert dev.policy_refusal("device") is None
+    why = ex.policy_refusal("device")
+    assert why == ("declined: this device's policy budgets per device and the round is example-level "
+                   "(it would bound one pair, not everything the device holds)")
+    assert (ex.implied_units(), dev.implied_units()) == ((), ("example",))
+    assert ex.per_example_rows(Phase.SUFFSTATS) and not ex.per_example_rows(Phase.DPSGD)
+    assert not dev.per_example_rows(Phase.SUFFSTATS) and not dev.per_example_rows(Phase.DPSGD)
+
+
+def _unit_named(node: ast.AST) -> bool:
+    """Whether an expression names the privacy unit: ``privacy_unit``/``unit``, ``PrivacyUnit.X``,
+    the ``EXAMPLE``/``DEVICE`` constants, a ``"privacy_unit"`` key, or the strings ``"example"``/``"device"``."""
+    names = {"privacy_unit", "unit"}
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        return any(_unit_named(e) for e in node.elts)
+    if isinstance(node, ast.Attribute):
+        return node.attr in names or (isinstance(node.value, ast.Name) and node.value.id == "PrivacyUnit")
+    if isinstance(node, ast.Name):
+        return node.id in names | {"EXAMPLE", "DEVICE"}
+    if isinstance(node, ast.Call):
+        return any(isinstance(a, ast.Constant) and a.value in names for a in node.args)
+    if isinstance(node, ast.Subscript):
+        return isinstance(node.slice, ast.Constant) and node.slice.value in names
+    return isinstance(node, ast.Constant) and node.value in ("example", "device")
+
+
+def unit_comparisons(source: str) -> list[int]:
+    """Lines of ``source`` that compare the privacy unit (``==``, ``!=``, ``in``, ...)."""
+    return [n.lineno for n in ast.walk(ast.parse(source))
+            if isinstance(n, ast.Compare) and any(_unit_named(x) for x in (n.left, *n.comparators))]
+
+
+def test_the_unit_check_sees_every_spelling() -> None:
+    """The detector below would catch each way the unit was compared before the mechanism owned it."""
+    for line in ("cfg.privacy_unit == PrivacyUnit.DEVICE", "self.cfg.privacy_unit != EXAMPLE",
+                 "unit == 'device'", "priv.get('privacy_unit') == x", "x in (PrivacyUnit.EXAMPLE,)"):
+        assert unit_comparisons(line) == [1], line
+    assert unit_comparisons("phase == Phase.SUFFSTATS") == []
+
+
+def test_only_the_mechanism_compares_the_unit() -> None:
+    """No module of ``federated/`` but ``mechanism.py``, nor the fleet engine, branches on the privacy unit:
+    a new unit is one mechanism class (docs/architecture.md "Where to add")."""
+    root = Path(__file__).resolve().parents[1] / "fed_nessa"
+    modules = [p for p in sorted((root / "federated").rglob("*.py")) if p.name != "mechanism.py"]
+    modules.append(root / "sim" / "fleet.py")
+    found = {str(p.relative_to(root)): lines for p in modules if (lines := unit_comparisons(p.read_text()))}
+    assert found == {}

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
 from fed_nessa.config import FederationConfig, Phase, from_run_config
+from fed_nessa.data.datasets import EmbeddingSet
+from fed_nessa.data.population import Population, Scenario
 from fed_nessa.federated.codec import SecAggCodec
 from fed_nessa.federated.engine import Answers, Ending, Engine, Pins, Released
 from fed_nessa.federated.noise_plan import NoisePlan, noise_plan
@@ -53,7 +54,9 @@ class _Scripted(Engine):
 
     def __init__(self, cfg: FederationConfig, accept: dict[int, int], arrive: dict[int, int], rekey: int) -> None:
         self.cfg, self.model = cfg, _Model()  # type: ignore[assignment]
-        self.data = SimpleNamespace(eval=None, validation=None, enroll_model="e", runtime_model="r")  # type: ignore[assignment]
+        held_out = EmbeddingSet({m: np.eye(2, dtype=np.float32) for m in "er"}, [0, 1], [0, 1], [0, 0],
+                                {m: m for m in "er"}, "scripted")
+        self.data = Population("scripted", held_out, scenario=Scenario("e", "r"), enroll_model="e", runtime_model="r")
         self.plan = noise_plan(cfg, DEVICES)
         self.accept, self.arrive, self.rekey = accept, arrive, rekey
         self.summed: list[int] = []

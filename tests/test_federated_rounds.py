@@ -63,7 +63,8 @@ class _Model:
 def _finish(tmp_path: Path, shipped: bool, **kw: Any) -> tuple[dict[str, Any], _Model, list[Any]]:
     written: list[Any] = []
 
-    def gate(model: Any, validation: Any, test: Any, scenario: str, cfg: Any) -> dict[str, Any]:
+    def gate(model: Any, validation: Any, test: Any, scenario: Any, cfg: Any) -> dict[str, Any]:
+        assert (validation, test, scenario) == ("val", "test", "scenario")  # the population's sets, as it hands them
         return {"gap_closure": 0.2, "gate": {"shipped": shipped}}
 
     def card_fields(gate_block: Mapping[str, Any]) -> dict[str, Any]:
@@ -74,7 +75,7 @@ def _finish(tmp_path: Path, shipped: bool, **kw: Any) -> tuple[dict[str, Any], _
     model, events = _Model(), []
     privacy = dict.fromkeys(CARD_PRIVACY_KEYS, 1) | {"extra": 2}
     cfg = from_run_config({"run-dir": str(tmp_path / "run")})
-    data = SimpleNamespace(validation="val", eval="test")
+    data = SimpleNamespace(validation="val", evaluation=lambda: ("test", "scenario"))
     summary = finish_run(model, data, cfg, NoisePlan(1.0, 1.0, 0, reason="the plan"), outputs,  # type: ignore[arg-type]
                          rounds=4, summary_of=lambda final: {"final": final, "privacy": privacy},
                          progress=events.append, **kw)

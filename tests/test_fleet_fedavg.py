@@ -70,7 +70,7 @@ def test_fleet_fedavg_equals_the_flower_engine(tmp_path: Path, monkeypatch: pyte
 
 
 def _engine(tmp: Path, name: str, numerics: str, **over: Any) -> Any:
-    from fed_nessa.data.population import load_federation_data
+    from fed_nessa.data.registry import load_federation_data
     from fed_nessa.sim.fleet import FleetEngine
 
     cfg = _cfg(tmp, name, **{"num-server-rounds": 2, "fleet-numerics": numerics, **over})

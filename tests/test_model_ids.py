@@ -89,7 +89,7 @@ def test_fleet_engine_a_device_of_other_models_declines_every_round(tmp_path: Pa
     from test_sim_fleet import POLICY as FLEET_POLICY
     from test_sim_fleet import _cfg
 
-    from fed_nessa.data.population import load_federation_data
+    from fed_nessa.data.registry import load_federation_data
     from fed_nessa.sim.fleet import FleetEngine
 
     cfg = _cfg(tmp_path, "fleet", **{"num-server-rounds": 2})

@@ -98,7 +98,7 @@ def test_fleet_engine_equals_the_flower_engine(tmp_path: Path, monkeypatch: pyte
 
 def _dpsgd_round_at_hand(tmp: Path, name: str, **over: Any) -> tuple[Any, Any, list[int], Any, np.ndarray]:
     """A fleet engine with its ledgers open and round 2's codec and rates: a DP-SGD round to drive by hand."""
-    from fed_nessa.data.population import load_federation_data
+    from fed_nessa.data.registry import load_federation_data
     from fed_nessa.sim.fleet import FleetEngine
 
     cfg = _cfg(tmp, name, **{"num-server-rounds": 2, **over})
@@ -148,8 +148,8 @@ def test_a_harmful_run_ships_nothing(tmp_path: Path, capsys: pytest.CaptureFixtu
     """Huge noise: both aligners are far worse than not updating on the validation speakers, so the run
     ships nothing: the final figures are not updating's, no ONNX is written and ``apply`` refuses."""
     from fed_nessa.cli import main
-    from fed_nessa.data.population import SCENARIO, load_federation_data
-    from fed_nessa.evaluation.protocol import evaluate_eval_set
+    from fed_nessa.data.registry import load_federation_data
+    from fed_nessa.evaluation.protocol import evaluate_held_out
     from fed_nessa.sim.fleet import run_fleet
 
     cfg = _cfg(tmp_path, "harm", **{"suffstats-noise-multiplier": 30.0, "noise-multiplier": 30.0, "references": False})
@@ -158,7 +158,7 @@ def test_a_harmful_run_ships_nothing(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert gate["shipped"] == "none" and gate["aligner"] == "dp-nessa"
     val = gate["validation_eer"]
     assert min(val["linear-start"], val["dp-nessa"]) > val["none"]
-    not_updating = evaluate_eval_set(load_federation_data(cfg, None).eval, SCENARIO, {}).row("sym_before")
+    not_updating = evaluate_held_out(*load_federation_data(cfg, None).evaluation(), {}).row("sym_before")
     assert final["eer"] == not_updating.metrics.eer and final["dp_nessa"]["eer"] > final["eer"]
     run = tmp_path / "harm"
     assert json.loads((run / "aligner" / "card.json").read_text())["training"]["shipped"] is False

@@ -201,11 +201,11 @@ def load_base_pairs(source: str | Path, limit: int | None = None) -> tuple[np.nd
 
 def _named_pairs(name: str, limit: int | None) -> tuple[np.ndarray, np.ndarray, str]:
     """The resemblyzer <- campp pairs of a registry source's train side (one row per utterance)."""
-    from fed_nessa.data.sources import resolve
+    from fed_nessa.data.registry import resolve
 
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
-    train = resolve(name).train
+    train = resolve(name).train_set()
     missing = [m for m in ("resemblyzer", "campp") if m not in train.models]
     if missing:
         raise ValueError(f"--data {name}: no {' or '.join(missing)} embeddings (models: {', '.join(train.models)})")

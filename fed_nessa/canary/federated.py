@@ -43,7 +43,7 @@ import numpy as np
 from fed_nessa.atomic import atomic_write_bytes
 from fed_nessa.canary.empirical import CLAIM_ACCOUNTANTS, make_canaries
 from fed_nessa.data.datasets import device_filename
-from fed_nessa.data.population import FederationData
+from fed_nessa.data.population import Population
 from fed_nessa.data.shards import SHARD_SUFFIX, Shard, load_shard, make_shard, write_shard
 from fed_nessa.errors import FedNessaError
 from fed_nessa.federated.rounds import ALIGNER_DIR
@@ -67,7 +67,7 @@ MAX_CANARIES = 100_000
 #: How canaries are spread over the devices (stated in the spec file and the report).
 ASSIGNMENT_RULE = "canary j is assigned to device j mod fleet; appended to its pairs only if included"
 
-Planter = Callable[[FederationData], FederationData]
+Planter = Callable[[Population], Population]
 
 
 class CanaryError(FedNessaError, ValueError):
@@ -184,7 +184,7 @@ def _check_fleet(n: int, spec: CanarySpec) -> None:
         raise CanaryError(f"the canaries were assigned over {spec.fleet} devices, the federation has {n}")
 
 
-def plant(data: FederationData, spec: CanarySpec) -> FederationData:
+def plant(data: Population, spec: CanarySpec) -> Population:
     """The federation with the canaries in its devices (in memory, or rewritten shard files)."""
     if spec.x.shape[1] != data.d_x or spec.y.shape[1] != data.d_y:
         raise CanaryError(f"canaries of dims ({spec.x.shape[1]}, {spec.y.shape[1]}) do not fit a federation of "
@@ -207,7 +207,7 @@ def planter(m: int, seed: int, run_dir: Path | str) -> Planter:
     if target.exists():
         raise CanaryError(f"{target} exists: it is an earlier run's secret; plant into a new run folder")
 
-    def hook(data: FederationData) -> FederationData:
+    def hook(data: Population) -> Population:
         fleet = len(data.devices) or len(data.shards)
         spec = make_spec(m, data.d_x, data.d_y, fleet, seed)
         spec.save(target)

@@ -55,13 +55,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _splits(args: argparse.Namespace) -> tuple[str, list[Any]]:
-    from fed_nessa.data.sources import resolve
+    from fed_nessa.data.registry import resolve
     from fed_nessa.evaluation.reference_tables import Split, voice_folds
 
     source = resolve(args.data, num_devices=args.devices, seed=args.seed)
     if source.held_out is not None:
-        return source.name, [Split("held-out", source.train, source.held_out)]
-    folds = voice_folds(source.train, args.folds, seed=args.seed)
+        return source.name, [Split("held-out", source.train_set(), source.held_out)]
+    folds = voice_folds(source.train_set(), args.folds, seed=args.seed)
     return source.name, folds[: args.max_folds] if args.max_folds else folds
 
 

@@ -71,13 +71,13 @@ def _progress(record: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fed_nessa.data.sources import resolve
+    from fed_nessa.data.registry import resolve
     from fed_nessa.outputs import check_output
 
     check_output(args.out, "--out", "folder")
     _check(args)
     source = resolve(args.data, num_devices=args.devices, seed=args.seed)
-    train = source.train
+    train = source.train_set()
     for m in (args.enroll_model, args.runtime_model):
         if m not in train.embeddings:
             raise ValueError(f"--data {args.data}: no model {m!r} (have: {sorted(train.embeddings)})")

@@ -1,4 +1,10 @@
-"""A federation's population: the devices' shards (simulation) and the server's held-out evaluation set.
+"""The one population type: what a data source gives every command that reads data.
+
+A :class:`Population` holds the train side (the devices of a simulation, or their speakers pooled
+for ``train``/``evaluate``), the held-out evaluation set and the server's validation set. Held-out
+and validation sets are :class:`~fed_nessa.data.datasets.EmbeddingSet` s (the one held-out type);
+the :class:`Scenario` names the old (enrollment-side) and new (runtime-side) model they are scored
+with. The registry (:mod:`fed_nessa.data.registry`) builds one per data name or path.
 
 The server never holds device data in deployment. In simulation the devices are
 *created* here (the synthetic population, households built from the real-dev
@@ -18,42 +24,64 @@ from __future__ import annotations
 
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from fed_nessa.config import CORPUS_NAME, FederationConfig
-from fed_nessa.data.datasets import EmbeddingSet, write_devices
-from fed_nessa.data.registry import SOURCES, ShardFolder
+from fed_nessa.data.datasets import EmbeddingSet, EmbeddingSetError, write_devices
 from fed_nessa.data.shards import Shard, ShardError, load_shard, shard_paths
 
 EVAL_FILE = "eval.npz"
 VALIDATION_FILE = "validation.npz"  # optional: the server's validation speakers (same layout as eval.npz)
+#: The update scenario a federation is judged in: the runtime model is upgraded, enrolled profiles stay.
 SCENARIO = "runtime-upgrade"
 
 
 @dataclass(frozen=True)
-class EvalSet:
-    """Held-out speakers embedded by both models (the design.md protocol's input)."""
+class Scenario:
+    """Which model embeds the enrolled profiles (``old_model``) and which the runtime tests (``new_model``)."""
 
-    embeddings: dict[str, np.ndarray]
-    speaker: np.ndarray
-    utterance: np.ndarray
     old_model: str  # the enrollment-side model of the asymmetric system
     new_model: str  # the runtime-side model
+    name: str = SCENARIO
 
 
 @dataclass(frozen=True)
-class FederationData:
-    d_x: int
-    d_y: int
-    enroll_model: str
-    runtime_model: str
-    eval: EvalSet
-    shards: list[Path]  # the simulation's devices (empty when the server has none)
-    validation: EvalSet | None = None  # the server's own validation speakers (the promotion gate's)
+class Population:
+    """One data source's data: the train side, the held-out evaluation set and the server's validation set.
+
+    A simulation's population has ``devices`` (in memory) or ``shards`` (their files), their
+    dimensions and the ``scenario`` its held-out sets are scored in; ``train``/``evaluate`` read
+    ``train`` (every training speaker pooled) and ``held_out`` (None: the command's voice folds).
+    """
+
+    name: str
+    held_out: EmbeddingSet | None  # speakers no device (and no training side) has
+    train: EmbeddingSet | None = None  # the train side pooled (centralised commands)
+    validation: EmbeddingSet | None = None  # the server's own validation speakers (the promotion gate's)
+    scenario: Scenario | None = None  # a federation's old/new models (None: the command names them)
+    shards: list[Path] = field(default_factory=list)  # the simulation's device files (empty: none on disk)
     devices: tuple[Shard, ...] = ()  # the devices in memory (fleet engine: no shard files written)
+    d_x: int = 0  # a federation's devices' enrollment-side and runtime-side embedding dimensions
+    d_y: int = 0
+    #: The devices' two models, as every round config states them (a folder's ``eval.npz`` names its
+    #: scenario's models itself; the built-in sources take both from the devices).
+    enroll_model: str = ""
+    runtime_model: str = ""
+
+    def train_set(self) -> EmbeddingSet:
+        """The train side pooled, as the centralised commands read it (a federation's is on its devices)."""
+        if self.train is None:
+            raise ValueError(f"{self.name}: no pooled train side (a federation's devices hold it)")
+        return self.train
+
+    def evaluation(self) -> tuple[EmbeddingSet, Scenario]:
+        """The held-out evaluation set and the scenario it is scored in (what every engine reports)."""
+        if self.held_out is None or self.scenario is None:
+            raise ValueError(f"{self.name}: no held-out evaluation set and scenario (not a federation)")
+        return self.held_out, self.scenario
 
     def pooled(self) -> tuple[np.ndarray, np.ndarray]:
         """All devices' pairs (simulation only; for the centralised comparison rows)."""
@@ -70,6 +98,17 @@ class FederationData:
         return np.concatenate([s.enroll for s in loaded]), np.concatenate([s.runtime for s in loaded])
 
 
+def federation_population(name: str, devices: list[Shard], folder: Path | None, held_out: EmbeddingSet,
+                          validation: EmbeddingSet | None, scenario: Scenario) -> Population:
+    """A simulation's population: its devices written to ``folder`` (None: kept in memory), its held-out and
+    validation sets scored in ``scenario``."""
+    first = devices[0]
+    paths = _write_devices(devices, folder) if folder is not None else []
+    return Population(name, held_out, validation=validation, scenario=scenario, shards=paths,
+                      devices=tuple(devices) if folder is None else (), d_x=first.d_x, d_y=first.d_y,
+                      enroll_model=first.enroll_model, runtime_model=first.runtime_model)
+
+
 def _write_devices(devices: list[Shard], folder: Path) -> list[Path]:
     """Write the simulation's shards once (a resumed run reuses them: same devices, same ledgers)."""
     existing = shard_paths(folder) if folder.is_dir() else []
@@ -78,27 +117,23 @@ def _write_devices(devices: list[Shard], folder: Path) -> list[Path]:
     return write_devices(devices, folder, overwrite=True)
 
 
-def _eval_from_embedding_set(es, enroll_model: str, runtime_model: str) -> EvalSet:  # noqa: ANN001
-    """The evaluation set for the asymmetric system (enroll_model profiles, runtime_model tests)."""
-    embeddings = {m: np.asarray(es.emb(m), np.float32) for m in (enroll_model, runtime_model)}
-    return EvalSet(embeddings, np.asarray(es.speaker), np.asarray(es.utterance), enroll_model, runtime_model)
-
-
-def synthetic_federation(cfg: FederationConfig, folder: Path | None) -> FederationData:
+def synthetic_federation(cfg: FederationConfig, folder: Path | None) -> Population:
+    """The synthetic devices; the separate evaluation population is held out, ``validation-speakers`` drawn
+    apart for the gate."""
     from fed_nessa.data.synthetic import generate_population
 
     pop = generate_population(cfg.num_devices, cfg.seed, eval_speakers=cfg.eval_speakers,
                               validation_speakers=cfg.validation_speakers)
-    first = pop.devices[0]
-    paths = _write_devices(pop.devices, folder) if folder is not None else []
-    ev = _eval_from_embedding_set(pop.eval, pop.enroll_model, pop.runtime_model)
-    val = (_eval_from_embedding_set(pop.validation, pop.enroll_model, pop.runtime_model)
-           if pop.validation is not None else None)
-    return FederationData(first.d_x, first.d_y, first.enroll_model, first.runtime_model, ev, paths, val,
-                          tuple(pop.devices) if folder is None else ())
+    return federation_population(cfg.data_source, pop.devices, folder, pop.eval, pop.validation,
+                                 Scenario(pop.enroll_model, pop.runtime_model))
 
 
-def real_dev_federation(cfg: FederationConfig, folder: Path | None) -> FederationData:
+def real_dev_federation(cfg: FederationConfig, folder: Path | None) -> Population:
+    """Households of real-dev's training voices; one seeded voice split is held out (no validation set).
+
+    The centralised commands judge real-dev by voice folds instead (every voice is tested once across
+    the folds); a federation is one model judged as it trains, so it needs one fixed held-out split.
+    """
     from fed_nessa.data import datasets
 
     real = datasets.load_real("real-dev")
@@ -107,13 +142,8 @@ def real_dev_federation(cfg: FederationConfig, folder: Path | None) -> Federatio
     if len(devices) != cfg.num_devices:  # checked before a shard is written: it sizes the cohort and SecAgg+
         raise ValueError(f"num-devices = {cfg.num_devices}: data-source real-dev makes {len(devices)} households "
                          f"(devices) of its training voices; set num-devices = {len(devices)}")
-    paths = _write_devices(devices, folder) if folder is not None else []
-    emb = {m: np.asarray(held_out.embeddings[m], np.float32) for m in (cfg.enroll_model, cfg.runtime_model)}
-    ev = EvalSet(emb, np.asarray(held_out.speaker), np.asarray(held_out.utterance), cfg.enroll_model,
-                 cfg.runtime_model)
-    first = devices[0]
-    return FederationData(first.d_x, first.d_y, first.enroll_model, first.runtime_model, ev, paths, None,
-                          tuple(devices) if folder is None else ())
+    return federation_population(cfg.data_source, devices, folder, held_out, None,
+                                 Scenario(cfg.enroll_model, cfg.runtime_model))
 
 
 #: kokoro-voices: voices per device (one device per training voice, all its utterances).
@@ -159,7 +189,7 @@ def corpus_device_count(validation_speakers: int, seed: int = 0) -> int:
     return len(plan_households(devices, seed, speakers_per_device=CORPUS_VOICES_PER_DEVICE))
 
 
-def corpus_federation(cfg: FederationConfig, folder: Path | None) -> FederationData:
+def corpus_federation(cfg: FederationConfig, folder: Path | None) -> Population:
     """kokoro-voices: one device per training voice; the corpus's held-out voices are the evaluation set."""
     from fed_nessa.data import datasets
     from fed_nessa.data.extract import MODEL_NAMES
@@ -175,17 +205,12 @@ def corpus_federation(cfg: FederationConfig, folder: Path | None) -> FederationD
         raise ValueError(f"num-devices = {cfg.num_devices}: data-source kokoro-voices makes {len(devices)} devices "
                          f"(one per training voice, validation-speakers = {cfg.validation_speakers} withheld for the "
                          f"server's gate); set num-devices = {len(devices)}")
-    paths = _write_devices(devices, folder) if folder is not None else []
-    ev = _eval_from_embedding_set(pop.held_out, cfg.enroll_model, cfg.runtime_model)
-    val = (_eval_from_embedding_set(pop.validation, cfg.enroll_model, cfg.runtime_model)
-           if pop.validation is not None else None)
-    first = devices[0]
-    return FederationData(first.d_x, first.d_y, first.enroll_model, first.runtime_model, ev, paths, val,
-                          tuple(devices) if folder is None else ())
+    return federation_population(cfg.data_source, devices, folder, pop.held_out, pop.validation,
+                                 Scenario(cfg.enroll_model, cfg.runtime_model))
 
 
-def load_eval_file(path: Path) -> EvalSet:
-    """Read ``eval.npz`` (see module doc); every fault names the file."""
+def load_eval_file(path: Path) -> tuple[EmbeddingSet, Scenario]:
+    """Read ``eval.npz`` (see module doc): the held-out set and the scenario it names; every fault names the file."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: evaluation set not found (a shard folder data source needs {EVAL_FILE})")
     try:
@@ -216,25 +241,22 @@ def load_eval_file(path: Path) -> EvalSet:
         if bad.any():
             raise ValueError(f"{path}: 'emb:{m}' has {int(bad.sum())} non-finite row(s), first at row "
                              f"{int(np.argmax(bad))}")
-    return EvalSet(emb, speaker, utterance, old, new)
+    try:
+        held_out = EmbeddingSet({m: emb[m] for m in dict.fromkeys((old, new))}, speaker, speaker, utterance,
+                                {m: m for m in (old, new)}, name=str(path))
+    except EmbeddingSetError as exc:
+        raise ValueError(f"{path}: {exc.problem}") from None
+    return held_out, Scenario(old, new)
 
 
-def folder_federation(folder: Path) -> FederationData:
+def folder_federation(folder: Path) -> Population:
+    """A folder of device shards prepared elsewhere: its ``eval.npz`` (and ``validation.npz``) and scenario."""
     paths = shard_paths(folder)
     if not paths:
         raise ValueError(f"{folder}: no *.shard.safetensors files")
     first = load_shard(paths[0])
-    ev = load_eval_file(folder / EVAL_FILE)
-    val = load_eval_file(folder / VALIDATION_FILE) if (folder / VALIDATION_FILE).is_file() else None
-    return FederationData(first.d_x, first.d_y, first.enroll_model, first.runtime_model, ev, paths, val)
-
-
-def load_federation_data(cfg: FederationConfig, shard_folder: Path | None) -> FederationData:
-    """Build (simulation) or locate the devices and the server's evaluation set for ``cfg``.
-
-    ``shard_folder`` is the wire contract's rule (:func:`fed_nessa.federated.protocol.shard_folder`),
-    passed in so that data never depends on the federated layer. ``None`` (fleet engine,
-    built-in sources): the devices stay in memory and no shard file is written.
-    """
-    source = SOURCES.get(cfg.data_source, ShardFolder())  # a name not in the registry is a shard folder
-    return source.federation(cfg, shard_folder)
+    held_out, scenario = load_eval_file(folder / EVAL_FILE)
+    val = load_eval_file(folder / VALIDATION_FILE)[0] if (folder / VALIDATION_FILE).is_file() else None
+    return Population(str(folder), held_out, validation=val, scenario=scenario, shards=paths,
+                      d_x=first.d_x, d_y=first.d_y, enroll_model=first.enroll_model,
+                      runtime_model=first.runtime_model)

@@ -7,6 +7,10 @@ The names themselves are listed once in :mod:`fed_nessa.config` (``SOURCE_NAMES`
 ``data-source`` with them); this module maps each to its source and the CLI help reads it. Besides a name, a path is a
 source: a folder of device shards or one embedding-set file.
 
+Every source returns the one population type (:class:`fed_nessa.data.population.Population`):
+:func:`resolve` its centralised side (``train``, ``evaluate``, the centralised canary audit),
+:func:`load_federation_data` a simulation's devices (both engines, the federated canary audit).
+
 Adding a data source: one module with a class that has the :class:`Source` methods,
 and one line in :data:`SOURCES` plus its name in ``fed_nessa.config.SOURCE_NAMES``
 (docs/architecture.md "Where to add").
@@ -24,23 +28,23 @@ from fed_nessa.config import CORPUS_NAME, FEDERATION_NAMES, SOURCE_NAMES
 
 if TYPE_CHECKING:
     from fed_nessa.config import FederationConfig
-    from fed_nessa.data.population import FederationData
-    from fed_nessa.data.sources import DataSource
+    from fed_nessa.data.population import Population
 
 
 class Source(Protocol):
-    """What one data source provides: embedding sets (centralised) and, if ``federated``, a federation."""
+    """What one data source provides: its population for the centralised commands and, if ``federated``,
+    for a simulation (the same type; the sources that split differently say why)."""
 
     @property
     def federated(self) -> bool:
         """Whether it can build a simulation's devices and the server's held-out sets."""
         ...
 
-    def embedding_sets(self, name: str, num_devices: int, seed: int) -> DataSource:
-        """Train-side speakers and the fixed held-out set (None: use voice folds)."""
+    def centralised(self, name: str, num_devices: int, seed: int) -> Population:
+        """Train-side speakers pooled and the fixed held-out set (None: use voice folds)."""
         ...
 
-    def federation(self, cfg: FederationConfig, shard_folder: Path | None) -> FederationData:
+    def federation(self, cfg: FederationConfig, shard_folder: Path | None) -> Population:
         """The simulation's devices, the held-out evaluation set and the server's validation set."""
         ...
 
@@ -51,12 +55,12 @@ class Synthetic:
 
     federated: bool = True
 
-    def embedding_sets(self, name: str, num_devices: int, seed: int) -> DataSource:
+    def centralised(self, name: str, num_devices: int, seed: int) -> Population:
         from fed_nessa.data.sources import synthetic_sets
 
         return synthetic_sets(num_devices, seed)
 
-    def federation(self, cfg: FederationConfig, shard_folder: Path | None) -> FederationData:
+    def federation(self, cfg: FederationConfig, shard_folder: Path | None) -> Population:
         from fed_nessa.data.population import synthetic_federation
 
         return synthetic_federation(cfg, shard_folder)
@@ -68,12 +72,12 @@ class RealSet:
 
     federated: bool = False
 
-    def embedding_sets(self, name: str, num_devices: int, seed: int) -> DataSource:
+    def centralised(self, name: str, num_devices: int, seed: int) -> Population:
         from fed_nessa.data.sources import real_sets
 
         return real_sets(name)
 
-    def federation(self, cfg: FederationConfig, shard_folder: Path | None) -> FederationData:
+    def federation(self, cfg: FederationConfig, shard_folder: Path | None) -> Population:
         from fed_nessa.data.population import real_dev_federation
 
         if not self.federated:  # only real-dev makes households; the speed sets would be read as real-dev
@@ -93,12 +97,12 @@ class Corpus:
 
     federated: bool = True
 
-    def embedding_sets(self, name: str, num_devices: int, seed: int) -> DataSource:
+    def centralised(self, name: str, num_devices: int, seed: int) -> Population:
         from fed_nessa.data.sources import corpus_sets
 
         return corpus_sets(name)
 
-    def federation(self, cfg: FederationConfig, shard_folder: Path | None) -> FederationData:
+    def federation(self, cfg: FederationConfig, shard_folder: Path | None) -> Population:
         from fed_nessa.data.population import corpus_federation
 
         return corpus_federation(cfg, shard_folder)
@@ -110,12 +114,12 @@ class ShardFolder:
 
     federated: bool = True
 
-    def embedding_sets(self, name: str, num_devices: int, seed: int) -> DataSource:
-        from fed_nessa.data.sources import DataSource, pooled_shards
+    def centralised(self, name: str, num_devices: int, seed: int) -> Population:
+        from fed_nessa.data.sources import shard_folder_sets
 
-        return DataSource(name, pooled_shards(Path(name)), None)
+        return shard_folder_sets(name)
 
-    def federation(self, cfg: FederationConfig, shard_folder: Path | None) -> FederationData:
+    def federation(self, cfg: FederationConfig, shard_folder: Path | None) -> Population:
         from fed_nessa.data.population import folder_federation
 
         if shard_folder is None:
@@ -129,13 +133,12 @@ class SetFile:
 
     federated: bool = False
 
-    def embedding_sets(self, name: str, num_devices: int, seed: int) -> DataSource:
-        from fed_nessa.data.datasets import EmbeddingSet
-        from fed_nessa.data.sources import DataSource
+    def centralised(self, name: str, num_devices: int, seed: int) -> Population:
+        from fed_nessa.data.sources import set_file_sets
 
-        return DataSource(name, EmbeddingSet.load(Path(name)), None)
+        return set_file_sets(name)
 
-    def federation(self, cfg: FederationConfig, shard_folder: Path | None) -> FederationData:
+    def federation(self, cfg: FederationConfig, shard_folder: Path | None) -> Population:
         raise ValueError(f"data-source = {cfg.data_source!r}: an embedding-set file is not a federation "
                          f"(federated: {', '.join(FEDERATION_NAMES)} or a folder of shards)")
 
@@ -163,3 +166,19 @@ def lookup(spec: str) -> Source:
         return SetFile()
     raise FileNotFoundError(f"{spec}: not a data name ({', '.join(SOURCE_NAMES)}), "
                             f"a shard folder or an embedding-set file")
+
+
+def resolve(spec: str, *, num_devices: int = 1000, seed: int = 0) -> Population:
+    """The centralised population of ``spec`` (a name or a path): train side pooled, fixed held-out set."""
+    return lookup(spec).centralised(spec, num_devices, seed)
+
+
+def load_federation_data(cfg: FederationConfig, shard_folder: Path | None) -> Population:
+    """Build (simulation) or locate the devices, the held-out evaluation set and the server's validation set.
+
+    ``shard_folder`` is the wire contract's rule (:func:`fed_nessa.federated.protocol.shard_folder`),
+    passed in so that data never depends on the federated layer. ``None`` (fleet engine,
+    built-in sources): the devices stay in memory and no shard file is written.
+    """
+    source = SOURCES.get(cfg.data_source, ShardFolder())  # a name not in the registry is a shard folder
+    return source.federation(cfg, shard_folder)

@@ -1,4 +1,5 @@
-"""Embedding sets for ``train`` and ``evaluate``: the centralised side of each registry source.
+"""The centralised side of each registry source: its :class:`~fed_nessa.data.population.Population` for
+``train`` and ``evaluate`` (every training speaker pooled, and the fixed held-out set where there is one).
 
 The names are listed once in :mod:`fed_nessa.data.registry`. ``synthetic`` (the embedded
 default population: train = every device's speakers, held-out = the separate evaluation population), ``real-dev``,
@@ -10,56 +11,51 @@ global per device); a single ``.safetensors`` file is an EmbeddingSet.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from fed_nessa.data.registry import CORPUS_NAME, lookup
+from fed_nessa.config import CORPUS_NAME
+from fed_nessa.data.datasets import EmbeddingSet
+from fed_nessa.data.population import Population
 
 
-@dataclass(frozen=True)
-class DataSource:
-    """Train-side data and, where the source has one, a fixed held-out set."""
-
-    name: str
-    train: Any  # EmbeddingSet
-    held_out: Any | None  # EmbeddingSet of other speakers, or None (use voice folds)
-
-
-def resolve(spec: str, *, num_devices: int = 1000, seed: int = 0) -> DataSource:
-    """The embedding sets of ``spec``, looked up in the one registry (:mod:`fed_nessa.data.registry`)."""
-    return lookup(spec).embedding_sets(spec, num_devices, seed)
-
-
-def synthetic_sets(num_devices: int, seed: int) -> DataSource:
+def synthetic_sets(num_devices: int, seed: int) -> Population:
     """Train = every device's speakers, held-out = the separate evaluation population."""
     from fed_nessa.data.synthetic import generate_population
 
     pop = generate_population(num_devices, seed)
-    return DataSource(f"synthetic(devices={num_devices}, seed={seed})", pop.train, pop.eval)
+    return Population(f"synthetic(devices={num_devices}, seed={seed})", pop.eval, train=pop.train)
 
 
-def real_sets(name: str) -> DataSource:
+def real_sets(name: str) -> Population:
     """A bundled real-model set; its held-out figures come from voice folds."""
     from fed_nessa.data import datasets
 
-    return DataSource(name, datasets.load_real(name), None)
+    return Population(name, None, train=datasets.load_real(name))
 
 
-def corpus_sets(name: str) -> DataSource:
+def corpus_sets(name: str) -> Population:
     """The Kokoro corpus: its own parent-disjoint held-out voices."""
     from fed_nessa.data import datasets
     from fed_nessa.data.corpus.store import load_corpus
 
     corpus = load_corpus(datasets.resolve_real_folder(CORPUS_NAME))
-    return DataSource(name, corpus.train, corpus.held_out)
+    return Population(name, corpus.held_out, train=corpus.train)
 
 
-def pooled_shards(folder: Path) -> Any:
+def shard_folder_sets(name: str) -> Population:
+    """A folder of device shards (``name``, as given), pooled (no fixed held-out set: voice folds)."""
+    return Population(name, None, train=pooled_shards(Path(name)))
+
+
+def set_file_sets(name: str) -> Population:
+    """One embedding-set file (``name``, as given; no fixed held-out set: voice folds)."""
+    return Population(name, None, train=EmbeddingSet.load(Path(name)))
+
+
+def pooled_shards(folder: Path) -> EmbeddingSet:
     """All shards of a folder as one EmbeddingSet (local speaker ids offset per device)."""
-    from fed_nessa.data.datasets import EmbeddingSet
     from fed_nessa.data.shards import load_shard, shard_paths
 
     paths = shard_paths(folder)

@@ -19,10 +19,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fed_nessa.config import AlignerChoice, FederationConfig, Phase
-from fed_nessa.evaluation.protocol import ScenarioReport, evaluate_eval_set, summary_row
+from fed_nessa.evaluation.protocol import ScenarioReport, evaluate_held_out, summary_row
+
+if TYPE_CHECKING:
+    from fed_nessa.data.datasets import EmbeddingSet
+    from fed_nessa.data.population import Scenario
 
 KEEP = "none"  # ship nothing: keep the current runtime model
 LINEAR_START = "linear-start"
@@ -58,9 +62,9 @@ def _pct(x: float) -> str:
     return f"{100 * x:.2f} %"
 
 
-def validation_eers(candidates: Mapping[str, Any], validation: Any, scenario: str) -> dict[str, float]:
-    """EER of not updating and of every aligner candidate on ``validation`` (an EvalSet)."""
-    report = evaluate_eval_set(validation, scenario, {ROW[c]: a for c, a in candidates.items()})
+def validation_eers(candidates: Mapping[str, Any], validation: EmbeddingSet, scenario: Scenario) -> dict[str, float]:
+    """EER of not updating and of every aligner candidate on the server's ``validation`` speakers."""
+    report = evaluate_held_out(validation, scenario, {ROW[c]: a for c, a in candidates.items()})
     out = {KEEP: float(report.row("sym_before").metrics.eer)}
     out.update({c: float(report.row(f"asym_{ROW[c]}").metrics.eer) for c in candidates})
     return out
@@ -75,7 +79,7 @@ def _best(eers: Mapping[str, float], among: list[str]) -> str:
     return best
 
 
-def promotion_gate(candidates: Mapping[str, Any], validation: Any | None, scenario: str,
+def promotion_gate(candidates: Mapping[str, Any], validation: EmbeddingSet | None, scenario: Scenario,
                    choice: str = AlignerChoice.AUTO, ship_without_validation: bool = False) -> GateDecision:
     """Decide what ships among not updating and ``candidates`` ({LINEAR_START/DP_NESSA: aligner}).
 
@@ -138,7 +142,7 @@ class GatedModel(Protocol):
     def restore_linear_start(self) -> None: ...
 
 
-def gate_run(model: GatedModel, validation: Any | None, test: Any, scenario: str,
+def gate_run(model: GatedModel, validation: EmbeddingSet | None, test: EmbeddingSet, scenario: Scenario,
              cfg: FederationConfig) -> dict[str, Any]:
     """Both engines' end of run: decide, leave ``model`` holding the aligner its artifact keeps, and
     return the ``final`` figures on the test speakers ``test`` (with ``final["gate"]``).
@@ -150,7 +154,7 @@ def gate_run(model: GatedModel, validation: Any | None, test: Any, scenario: str
     candidates = {c: a for c, a in ((LINEAR_START, model.linear_start_aligner()), (DP_NESSA, dp_nessa))
                   if a is not None}
     decision = promotion_gate(candidates, validation, scenario, cfg.aligner, cfg.ship_without_validation)
-    final = final_figures(evaluate_eval_set(test, scenario, {ROW[c]: a for c, a in candidates.items()}), decision)
+    final = final_figures(evaluate_held_out(test, scenario, {ROW[c]: a for c, a in candidates.items()}), decision)
     if decision.aligner == LINEAR_START:
         model.restore_linear_start()
     return final

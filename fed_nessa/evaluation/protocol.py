@@ -17,9 +17,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from fed_nessa.data.datasets import EmbeddingSet
+    from fed_nessa.data.population import Scenario
 
 SCENARIOS = ("runtime-upgrade", "enrollment-upgrade")
 DEFAULT_K = 10
@@ -593,11 +597,12 @@ def reports_to_dict(reports: Sequence[ScenarioReport]) -> dict[str, Any]:
     }
 
 
-def evaluate_eval_set(ev: Any, scenario: str, aligners: Mapping[str, Any]) -> ScenarioReport:
-    """The protocol on a federation's evaluation set (``EvalSet``-like: embeddings, speaker, utterance,
-    old_model, new_model); both engines score their aligner with it."""
-    return evaluate_scenario(ev.embeddings, ev.speaker, ev.utterance, ev.old_model, ev.new_model, scenario,
-                             aligners=dict(aligners))
+def evaluate_held_out(held_out: EmbeddingSet, scenario: Scenario, aligners: Mapping[str, Any]) -> ScenarioReport:
+    """The protocol on a held-out set in a scenario (its old and new model); both engines and the gate
+    score their aligners with it."""
+    embeddings = {m: held_out.emb(m) for m in (scenario.old_model, scenario.new_model)}
+    return evaluate_scenario(embeddings, held_out.speaker, held_out.utterance, scenario.old_model,
+                             scenario.new_model, scenario.name, aligners=dict(aligners))
 
 
 def summary_row(report: ScenarioReport, name: str) -> dict[str, Any]:
@@ -607,10 +612,10 @@ def summary_row(report: ScenarioReport, name: str) -> dict[str, Any]:
             "gap_closure": row.gap_closure}
 
 
-def federated_row(ev: Any, scenario: str, comparator: Any) -> dict[str, Any]:
-    """A round entry's evaluation: the federated aligner's row on a federation's evaluation set
+def federated_row(held_out: EmbeddingSet, scenario: Scenario, comparator: Any) -> dict[str, Any]:
+    """A round entry's evaluation: the federated aligner's row on a federation's held-out set
     (injected into the round protocol, which may not import this package)."""
-    return summary_row(evaluate_eval_set(ev, scenario, {"federated": comparator}), "asym_federated")
+    return summary_row(evaluate_held_out(held_out, scenario, {"federated": comparator}), "asym_federated")
 
 
 def reference_rows(report: ScenarioReport) -> dict[str, Any]:

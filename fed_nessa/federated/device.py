@@ -41,26 +41,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fed_nessa.config import DevicePolicy, DPMode, FederationConfig, Phase, PrivacyUnit, ReplyStatus
+from fed_nessa.config import DevicePolicy, DPMode, FederationConfig, Phase, ReplyStatus
 from fed_nessa.data.shards import Shard
 from fed_nessa.federated import skellam_mechanism, suffstats
 from fed_nessa.federated.integer_mechanism import IntegerMechanismParams
 from fed_nessa.federated.layout import build_net, load_flat
-from fed_nessa.federated.mechanism import mechanism_for
+from fed_nessa.federated.mechanism import event_noise_source, mechanism_for
 from fed_nessa.federated.noise_plan import noise_plan
 from fed_nessa.federated.secagg_field import to_flower
-from fed_nessa.model.training import (
-    dp_sample_rate,
-    dp_steps,
-)
 from fed_nessa.privacy.events import (
-    DEVICE,
     DISTRIBUTED,
-    DP_SGD,
-    GAUSSIAN_SUM,
-    LOCAL,
-    OS_CSPRNG,
-    PUBLIC_SEED,
     SKELLAM,
     DPEvent,
 )
@@ -101,7 +91,7 @@ def _sigma(req: RoundRequest, cfg: FederationConfig) -> float:
 
 def sample_rate(req: RoundRequest, n: int, cfg: FederationConfig) -> float:
     """This device's Poisson rate for the round (its sample itself stays secret)."""
-    return cfg.round_sample_rate(n, req.fleet_size, cfg.cohort_size(req.fleet_size))
+    return mechanism_for(cfg).device_sample_rate(n, req.fleet_size)
 
 
 def share_std(req: RoundRequest, cfg: FederationConfig, policy: DevicePolicy) -> float:
@@ -109,25 +99,10 @@ def share_std(req: RoundRequest, cfg: FederationConfig, policy: DevicePolicy) ->
     return mechanism_for(cfg).share_std(req.phase, noise_plan(cfg, req.fleet_size), policy.guaranteed_arrivals)
 
 
-def _device_event(req: RoundRequest, cfg: FederationConfig, policy: DevicePolicy, sigma: float,
-                  source: str) -> DPEvent:
-    what = (f"sufficient statistics weighted min(1, {cfg.device_stats_pairs}/n)" if req.phase == Phase.SUFFSTATS
-            else "mean gradient over all the device's pairs, clipped as one vector")
-    return DPEvent(round=req.round, mechanism=GAUSSIAN_SUM, steps=1, sample_rate=1.0, noise_multiplier=sigma,
-                   clip_norm=mechanism_for(cfg).sensitivity(req.phase), delta=policy.delta, mode=DISTRIBUTED,
-                   unit=DEVICE, noise_source=_noise_source(cfg),
-                   note=f"device level: {what}; no sampling; noise share sized for g = "
-                        f"{policy.guaranteed_arrivals} arrivals; {source}")
-
-
-def _noise_source(cfg: FederationConfig) -> str:
-    """The event's structured noise source: what the audit reads (the note only says it in words)."""
-    return PUBLIC_SEED if cfg.reproducible_noise else OS_CSPRNG
-
-
 def planned_event(req: RoundRequest, n: int, cfg: FederationConfig, policy: DevicePolicy,
                   dims: tuple[int, int] | None = None) -> DPEvent | None:
-    """The DP event a device with ``n`` pairs would spend in this round (None without DP).
+    """The DP event a device with ``n`` pairs would spend in this round (None without DP): the run's
+    mechanism's (:meth:`fed_nessa.federated.mechanism.Mechanism.event`), or the integer mechanism's.
 
     ``dims`` (the shard's d_x, d_y) size the integer mechanism's payload (needed with ``skellam``).
     """
@@ -137,25 +112,8 @@ def planned_event(req: RoundRequest, n: int, cfg: FederationConfig, policy: Devi
         if dims is None:
             raise ValueError("the integer mechanism's event needs the shard's dimensions (d_x, d_y)")
         return _skellam_event(req, cfg, policy, dims)
-    if cfg.privacy_unit == PrivacyUnit.DEVICE:
-        source = REPRODUCIBLE_WARNING if cfg.reproducible_noise else "noise from the OS CSPRNG"
-        return _device_event(req, cfg, policy, _sigma(req, cfg), source)
-    phase, round_num, sigma = req.phase, req.round, _sigma(req, cfg)
-    distributed = cfg.dp_mode == DPMode.DISTRIBUTED
-    mode = DISTRIBUTED if distributed else LOCAL
-    source = REPRODUCIBLE_WARNING if cfg.reproducible_noise else "noise from the OS CSPRNG"
-    share = f"; noise share sized for g = {policy.guaranteed_arrivals} arrivals" if distributed else ""
-    if phase == Phase.SUFFSTATS:
-        return DPEvent(round=round_num, mechanism=GAUSSIAN_SUM, steps=1, sample_rate=1.0,
-                       noise_multiplier=sigma, clip_norm=mechanism_for(cfg).sensitivity(phase),
-                       delta=policy.delta, mode=mode, noise_source=_noise_source(cfg),
-                       note=f"sufficient statistics of unit-norm pairs{share}; {source}")
-    q = sample_rate(req, n, cfg) if distributed else dp_sample_rate(n, cfg.batch_size)
-    steps = 1 if distributed else dp_steps(n, cfg.batch_size, cfg.local_epochs)
-    what = "one clipped-gradient sum per round" if distributed else "Opacus DP-SGD, full noise on the device"
-    return DPEvent(round=round_num, mechanism=DP_SGD, steps=steps, sample_rate=q,
-                   noise_multiplier=sigma, clip_norm=cfg.clip_norm, delta=policy.delta,
-                   mode=mode, noise_source=_noise_source(cfg), note=f"{what}{share}; {source}")
+    return mechanism_for(cfg).event(req.phase, req.round, n, req.fleet_size, _sigma(req, cfg), policy.delta,
+                                    policy.guaranteed_arrivals)
 
 
 def integer_params(req: RoundRequest, cfg: FederationConfig, policy: DevicePolicy,
@@ -174,7 +132,7 @@ def _skellam_event(req: RoundRequest, cfg: FederationConfig, policy: DevicePolic
     rows = "each pair rounded on its own" if skellam_mechanism.per_example_rows(cfg, req.phase) else "one vector"
     return DPEvent(round=req.round, mechanism=SKELLAM, steps=1, sample_rate=1.0, noise_multiplier=sigma,
                    clip_norm=mechanism_for(cfg).sensitivity(req.phase), delta=policy.delta, mode=DISTRIBUTED,
-                   unit=str(cfg.privacy_unit), noise_source=_noise_source(cfg),
+                   unit=str(cfg.privacy_unit), noise_source=event_noise_source(cfg),
                    skellam=skellam_mechanism.event_parameters(params, sigma),
                    note=f"integer Skellam share in SecAgg+'s field ({params.bits} bits, {rows}, randomised Hadamard "
                         f"rotation from the public round seed); share sized for g = {policy.guaranteed_arrivals} "
@@ -199,9 +157,9 @@ def policy_refusal(req: RoundRequest, n: int, cfg: FederationConfig, policy: Dev
     if cfg.dp_mode == DPMode.DISTRIBUTED and req.promised_arrivals < policy.guaranteed_arrivals:
         return (f"declined: the server promises to unmask sums of >= {req.promised_arrivals} devices, fewer than "
                 f"the g = {policy.guaranteed_arrivals} this device's noise share is sized for")
-    if policy.privacy_unit == PrivacyUnit.DEVICE and cfg.privacy_unit != PrivacyUnit.DEVICE:
-        return ("declined: this device's policy budgets per device and the round is example-level (it would "
-                "bound one pair, not everything the device holds)")
+    unit_refusal = mechanism_for(cfg).policy_refusal(policy.privacy_unit)
+    if unit_refusal:
+        return unit_refusal
     if ledger.participations() >= policy.max_participations:
         return (f"declined: this device has joined {ledger.participations()} round(s), its policy's limit is "
                 f"{policy.max_participations}")

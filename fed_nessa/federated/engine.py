@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from fed_nessa.config import FederationConfig, Phase
-from fed_nessa.data.population import FederationData
+from fed_nessa.data.population import Population
 from fed_nessa.federated.noise_plan import NoisePlan
 from fed_nessa.federated.server_model import ServerModel
 from fed_nessa.federated.skellam_mechanism import RoundCodec
@@ -157,7 +157,7 @@ class Engine(abc.ABC):
     name: str
     cfg: FederationConfig
     model: ServerModel
-    data: FederationData
+    data: Population
     #: The evaluation cadence also evaluates the statistics round (the fleet engine's, kept as it was).
     evaluates_statistics_round: bool = False
     #: The loop's state, bound by :meth:`start` (the engine's summary reads the history).

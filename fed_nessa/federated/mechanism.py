@@ -8,12 +8,18 @@ all ask the run's :class:`Mechanism` (:func:`mechanism_for`):
 * :meth:`Mechanism.share_std`: one device's noise std, all of it (``local``) or its ``1/sqrt(g)``
   share sized by its OWN policy's g (``distributed``), nothing without DP;
 * :meth:`Mechanism.released_variance`: the per-coordinate DP noise variance of a released sum;
-* :meth:`Mechanism.payload_bound`: the largest coordinate an honest device's vector can have.
+* :meth:`Mechanism.payload_bound`: the largest coordinate an honest device's vector can have;
+
+and every other question whose answer depends on the unit: the DP event a device records
+(:meth:`Mechanism.event`), whether a device's policy accepts the unit (:meth:`Mechanism.policy_refusal`),
+the units its guarantee implies (:meth:`Mechanism.implied_units`) and whether the integer mechanism
+rounds one vector per example (:meth:`Mechanism.per_example_rows`).
 
 The privacy unit is the only thing that differs between the two registered mechanisms: one
 utterance pair (:class:`ExampleLevel`, per-example clipping) or one whole device
 (:class:`DeviceLevel`, the device's whole round contribution clipped). A new unit is one class
-here and one :data:`MECHANISMS` line; nothing else branches on the unit to compute a noise number.
+here and one :data:`MECHANISMS` line; no other module of ``fed_nessa/federated/`` (nor the fleet
+engine) compares the unit (``tests/test_federated_mechanism_unit.py``).
 """
 
 from __future__ import annotations
@@ -34,13 +40,25 @@ from fed_nessa.model.training import (
     DPConfig,
     TrainConfig,
     device_update,
+    dp_sample_rate,
+    dp_steps,
     fedavg_delta,
     noisy_gradient_sum,
     train_local,
     with_noise_share,
 )
-from fed_nessa.privacy.events import DP_SGD, GAUSSIAN_SUM, PUBLIC_FIELDS, SKELLAM
-from fed_nessa.randomness import NoiseSource
+from fed_nessa.privacy.events import (
+    DISTRIBUTED,
+    DP_SGD,
+    GAUSSIAN_SUM,
+    LOCAL,
+    OS_CSPRNG,
+    PUBLIC_FIELDS,
+    PUBLIC_SEED,
+    SKELLAM,
+    DPEvent,
+)
+from fed_nessa.randomness import REPRODUCIBLE_WARNING, NoiseSource
 
 if TYPE_CHECKING:  # the plan is built from the mechanism's rules (noise_plan imports this module)
     from fed_nessa.federated.noise_plan import NoisePlan
@@ -58,6 +76,16 @@ AUTO_SIGNAL_THRESHOLD = 12_000.0
 BIT_SENSITIVITY = 0.5
 
 
+def event_noise_source(cfg: FederationConfig) -> str:
+    """An event's structured noise source: what the audit reads (the note only says it in words)."""
+    return PUBLIC_SEED if cfg.reproducible_noise else OS_CSPRNG
+
+
+def noise_words(cfg: FederationConfig) -> str:
+    """Where a Gaussian share's noise comes from, in the words of an event's note."""
+    return REPRODUCIBLE_WARNING if cfg.reproducible_noise else "noise from the OS CSPRNG"
+
+
 def max_sampled(cfg: FederationConfig, sample_rate: float) -> float:
     """A bound on the pairs one device's Poisson sample holds (sizes the DP-SGD payload)."""
     if sample_rate <= 0:
@@ -70,6 +98,10 @@ class Mechanism(ABC):
     """The Gaussian sum mechanism of one privacy unit, in the run's noise placement (``dp-mode``)."""
 
     unit: ClassVar[PrivacyUnit]
+    #: What one unit is, in words (a device's refusal names what the round would bound).
+    bounds: ClassVar[str]
+    #: The units this mechanism's guarantee also covers (a bound on a whole device bounds each of its pairs).
+    implies: ClassVar[tuple[PrivacyUnit, ...]] = ()
     #: Whether a device's whole round contribution is clipped as ONE vector (no per-example sampling):
     #: the engines' vectorised DP-SGD maths pick their strategy by it, never by the unit's name.
     clips_whole_device: ClassVar[bool] = False
@@ -124,6 +156,33 @@ class Mechanism(ABC):
         return plan.suffstats_sigma if phase == Phase.SUFFSTATS else plan.dpsgd_sigma
 
     @abstractmethod
+    def event(self, phase: Phase, round_num: int, n: int, fleet: int, sigma: float, delta: float,
+              g: int) -> DPEvent:
+        """The Gaussian DP event a device with ``n`` pairs records for a round (its policy's ``delta`` and g)."""
+
+    @abstractmethod
+    def per_example_rows(self, phase: Phase) -> bool:
+        """Whether the integer mechanism rounds one vector per example (else the device's one vector)."""
+
+    def device_sample_rate(self, n: int, fleet: int) -> float:
+        """A device's Poisson rate for a DP-SGD round of ``fleet`` devices (its sample itself stays secret)."""
+        return self.cfg.round_sample_rate(n, fleet, self.cfg.cohort_size(fleet))
+
+    def implied_units(self) -> tuple[PrivacyUnit, ...]:
+        """The other units a guarantee at this unit covers: their figures are implied (and reported)."""
+        return self.implies
+
+    def policy_refusal(self, policy_unit: str) -> str | None:
+        """Why a device whose policy budgets per ``policy_unit`` declines this unit's rounds (None: it accepts).
+
+        A round at this unit bounds only what it clips; a policy at a unit it does not cover wants more.
+        """
+        if policy_unit == self.unit or policy_unit in self.implies:
+            return None
+        return (f"declined: this device's policy budgets per {policy_unit} and the round is {self.unit}-level "
+                f"(it would bound {self.bounds}, not {MECHANISMS[policy_unit].bounds})")
+
+    @abstractmethod
     def event_mechanism(self, phase: Phase) -> str:
         """The accounted mechanism of a phase's event (a Gaussian sum, or Poisson-subsampled DP-SGD)."""
 
@@ -172,6 +231,7 @@ class ExampleLevel(Mechanism):
     """One utterance pair: unit-norm statistics rows, per-example clipped DP-SGD gradients."""
 
     unit = PrivacyUnit.EXAMPLE
+    bounds = "one pair"
 
     def sensitivity(self, phase: Phase) -> float:
         return suffstats.SENSITIVITY if phase == Phase.SUFFSTATS else self.cfg.clip_norm
@@ -205,6 +265,31 @@ class ExampleLevel(Mechanism):
 
     def event_mechanism(self, phase: Phase) -> str:
         return GAUSSIAN_SUM if phase == Phase.SUFFSTATS else DP_SGD
+
+    def event(self, phase: Phase, round_num: int, n: int, fleet: int, sigma: float, delta: float,
+              g: int) -> DPEvent:
+        """The statistics sum (q = 1), or DP-SGD: one clipped-gradient sum at the device's Poisson rate
+        (distributed), or Opacus' steps at ``batch / n`` (local)."""
+        cfg = self.cfg
+        distributed = cfg.dp_mode == DPMode.DISTRIBUTED
+        mode = DISTRIBUTED if distributed else LOCAL
+        source = noise_words(cfg)
+        share = f"; noise share sized for g = {g} arrivals" if distributed else ""
+        if phase == Phase.SUFFSTATS:
+            return DPEvent(round=round_num, mechanism=GAUSSIAN_SUM, steps=1, sample_rate=1.0,
+                           noise_multiplier=sigma, clip_norm=self.sensitivity(phase),
+                           delta=delta, mode=mode, noise_source=event_noise_source(cfg),
+                           note=f"sufficient statistics of unit-norm pairs{share}; {source}")
+        q = self.device_sample_rate(n, fleet) if distributed else dp_sample_rate(n, cfg.batch_size)
+        steps = 1 if distributed else dp_steps(n, cfg.batch_size, cfg.local_epochs)
+        what = "one clipped-gradient sum per round" if distributed else "Opacus DP-SGD, full noise on the device"
+        return DPEvent(round=round_num, mechanism=DP_SGD, steps=steps, sample_rate=q,
+                       noise_multiplier=sigma, clip_norm=cfg.clip_norm, delta=delta,
+                       mode=mode, noise_source=event_noise_source(cfg), note=f"{what}{share}; {source}")
+
+    def per_example_rows(self, phase: Phase) -> bool:
+        """The statistics sum rounds each pair on its own (each is a unit); DP-SGD sends one vector."""
+        return phase == Phase.SUFFSTATS
 
     def plan_sample_rate(self, fleet: int, cohort: int) -> float:
         return self.cfg.round_sample_rate(1, fleet, cohort) if self.cfg.sample_rate > 0 else 0.0
@@ -256,6 +341,8 @@ class DeviceLevel(Mechanism):
     """One whole device: its statistics weighted to <= K pairs, its mean gradient clipped as one vector."""
 
     unit = PrivacyUnit.DEVICE
+    bounds = "everything the device holds"
+    implies = (PrivacyUnit.EXAMPLE,)
     clips_whole_device = True
 
     def sensitivity(self, phase: Phase) -> float:
@@ -282,6 +369,20 @@ class DeviceLevel(Mechanism):
 
     def event_mechanism(self, phase: Phase) -> str:
         return GAUSSIAN_SUM  # one Gaussian sum per participation, q = 1: no amplification is claimed
+
+    def event(self, phase: Phase, round_num: int, n: int, fleet: int, sigma: float, delta: float,
+              g: int) -> DPEvent:
+        """One Gaussian sum per participation at the device's whole-contribution sensitivity, q = 1."""
+        what = (f"sufficient statistics weighted min(1, {self.cfg.device_stats_pairs}/n)" if phase == Phase.SUFFSTATS
+                else "mean gradient over all the device's pairs, clipped as one vector")
+        return DPEvent(round=round_num, mechanism=GAUSSIAN_SUM, steps=1, sample_rate=1.0, noise_multiplier=sigma,
+                       clip_norm=self.sensitivity(phase), delta=delta, mode=DISTRIBUTED,
+                       unit=self.unit.value, noise_source=event_noise_source(self.cfg),
+                       note=f"device level: {what}; no sampling; noise share sized for g = "
+                            f"{g} arrivals; {noise_words(self.cfg)}")
+
+    def per_example_rows(self, phase: Phase) -> bool:
+        return False  # the device's one weighted or clipped vector
 
     def plan_sample_rate(self, fleet: int, cohort: int) -> float:
         return 1.0  # no sampling

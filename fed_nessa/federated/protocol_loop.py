@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from fed_nessa.config import FederationConfig, Phase, RoundStatus
-from fed_nessa.data.population import SCENARIO
 from fed_nessa.federated.codec import saturation_note
 from fed_nessa.federated.engine import Answers, Engine, Pins, Released, RunState
 from fed_nessa.federated.mechanism import public_parameters
@@ -102,7 +101,7 @@ def run_round(engine: Engine, outputs: RunOutputs, ledger: FederationLedger, pin
     failed = answers.failed + [h for h in answers.accepted if h not in landed]
     saturated = released.saturated if released is not None and status == RoundStatus.APPLIED else 0
     if evaluates(cfg, r, rounds, phase, statistics_rounds=engine.evaluates_statistics_round):
-        fed = outputs.round_row(engine.data.eval, SCENARIO, model.comparator())
+        fed = outputs.round_row(*engine.data.evaluation(), model.comparator())
     else:
         fed = not_evaluated()
     if engine.records_round(phase):

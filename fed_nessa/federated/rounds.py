@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from fed_nessa.config import FederationConfig, Phase
-from fed_nessa.data.population import SCENARIO, FederationData
+from fed_nessa.data.datasets import EmbeddingSet
+from fed_nessa.data.population import Population, Scenario
 from fed_nessa.federated.noise_plan import NoisePlan
 from fed_nessa.federated.server_model import ServerModel
 
@@ -62,7 +63,7 @@ class RunOutputs:
     """What the end of a run needs from evaluation and the run folder, injected by the engine."""
 
     #: The promotion gate (``evaluation.gate.gate_run``): model, validation set, test set, scenario, config.
-    gate: Callable[[ServerModel, Any, Any, str, FederationConfig], dict[str, Any]]
+    gate: Callable[[ServerModel, EmbeddingSet | None, EmbeddingSet, Scenario, FederationConfig], dict[str, Any]]
     #: The card's gate fields (``evaluation.gate.card_fields``) and the one naming whether it ships.
     card_fields: Callable[[Mapping[str, Any]], dict[str, Any]]
     shipped_key: str
@@ -70,7 +71,7 @@ class RunOutputs:
     write: Callable[[Path, dict[str, Any]], None]
     #: A round entry's evaluation: evaluation set, scenario, the global aligner's comparator
     #: (``evaluation.protocol.federated_row``).
-    round_row: Callable[[Any, str, Any], dict[str, Any]]
+    round_row: Callable[[EmbeddingSet, Scenario, Any], dict[str, Any]]
 
 
 def share_of_centralised(final: dict[str, Any]) -> None:
@@ -80,7 +81,7 @@ def share_of_centralised(final: dict[str, Any]) -> None:
         final["share_of_centralised_gap_closure"] = final["gap_closure"] / central
 
 
-def finish_run(model: ServerModel, data: FederationData, cfg: FederationConfig, plan: NoisePlan | None,
+def finish_run(model: ServerModel, data: Population, cfg: FederationConfig, plan: NoisePlan | None,
                outputs: RunOutputs, *, rounds: int, summary_of: Callable[[dict[str, Any]], dict[str, Any]],
                references: Callable[[], dict[str, Any]] | None = None,
                evaluation: Callable[[], dict[str, Any]] | None = None,
@@ -94,7 +95,8 @@ def finish_run(model: ServerModel, data: FederationData, cfg: FederationConfig, 
     picks what the engine adds to the card from that summary.
     """
     run_dir = Path(cfg.run_dir)
-    final = outputs.gate(model, data.validation, data.eval, SCENARIO, cfg)  # every run
+    held_out, scenario = data.evaluation()
+    final = outputs.gate(model, data.validation, held_out, scenario, cfg)  # every run
     final["aligner_plan"] = plan.reason if plan else ""
     report = evaluation() if evaluation is not None else None
     if references is not None:

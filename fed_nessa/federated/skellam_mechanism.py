@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fed_nessa.config import FederationConfig, Phase, PrivacyUnit
+from fed_nessa.config import FederationConfig, Phase
 from fed_nessa.federated import suffstats
 from fed_nessa.federated.codec import SecAggCodec, make_codec
 from fed_nessa.federated.integer_mechanism import (
@@ -59,7 +59,7 @@ def rotation_seed(seed: int, round_num: int) -> int:
 
 def per_example_rows(cfg: FederationConfig, phase: Phase) -> bool:
     """Whether a device rounds one vector per example (example-level statistics) rather than one vector."""
-    return cfg.privacy_unit == PrivacyUnit.EXAMPLE and phase == Phase.SUFFSTATS
+    return mechanism_for(cfg).per_example_rows(phase)
 
 
 def vectors_per_device(cfg: FederationConfig, phase: Phase) -> int:

@@ -66,12 +66,12 @@ from fed_nessa.config import (
     ReplyStatus,
 )
 from fed_nessa.data.datasets import device_filename
-from fed_nessa.data.population import SCENARIO, FederationData
+from fed_nessa.data.population import Population
 from fed_nessa.data.shards import SHARD_SUFFIX, Shard
 from fed_nessa.errors import FedNessaError
 from fed_nessa.evaluation import run_folder
 from fed_nessa.evaluation.gate import SHIPPED, card_fields, gate_run
-from fed_nessa.evaluation.protocol import evaluate_eval_set, federated_row, reference_rows
+from fed_nessa.evaluation.protocol import evaluate_held_out, federated_row, reference_rows
 from fed_nessa.federated import suffstats
 from fed_nessa.federated.codec import SecAggCodec
 from fed_nessa.federated.cohort import sample_positions
@@ -92,7 +92,6 @@ from fed_nessa.federated.rounds import Progress, RunOutputs
 from fed_nessa.federated.server_model import ServerModel
 from fed_nessa.federated.skellam_mechanism import IntegerCodec, RoundCodec
 from fed_nessa.model.training import with_noise_share
-from fed_nessa.privacy.events import EXAMPLE
 from fed_nessa.privacy.ledger import (
     DeviceLedger,
     FederationLedger,
@@ -195,7 +194,7 @@ class FleetEngine(Engine):
     name = ENGINE
     evaluates_statistics_round = True
 
-    def __init__(self, cfg: FederationConfig, policy: DevicePolicy, data: FederationData, *,
+    def __init__(self, cfg: FederationConfig, policy: DevicePolicy, data: Population, *,
                  device: str = "cpu", progress: Progress | None = None) -> None:
         """``data.devices`` are copied into one tensor pair and then dropped (memory at 10^5 devices)."""
         if cfg.dp_mode == DPMode.LOCAL:
@@ -646,12 +645,12 @@ class FleetEngine(Engine):
     # -- reporting -------------------------------------------------------------------------
     def _final_summary(self, final: dict[str, Any], book: DeviceBook) -> dict[str, Any]:
         """The summary with every device's epsilon from its ledger (the last round's entry states the same
-        figures: fed_nessa.sim.fleet_epsilon) and, device level, the implied example-level figures."""
+        figures: fed_nessa.sim.fleet_epsilon) and the figures its unit implies (device level: example level)."""
         summary = self.summary(final, book.epsilons(self.cfg))
-        if self.cfg.privacy_unit != EXAMPLE:
-            example = sorted(book.epsilons(self.cfg, EXAMPLE).values()) or [0.0]
-            summary["privacy"]["epsilon_example_max"] = example[-1]
-            summary["privacy"]["epsilon_example_median"] = statistics.median(example)
+        for unit in self.model.mechanism.implied_units():
+            implied = sorted(book.epsilons(self.cfg, unit.value).values()) or [0.0]
+            summary["privacy"][f"epsilon_{unit.value}_max"] = implied[-1]
+            summary["privacy"][f"epsilon_{unit.value}_median"] = statistics.median(implied)
         return summary
 
     def _references(self) -> dict[str, Any]:
@@ -691,7 +690,7 @@ class FleetEngine(Engine):
                              NessaConfig(hidden=self.cfg.hidden, depth=self.cfg.depth)).fit(
             x_ref, y_ref, train_cfg=TrainConfig(epochs=epochs, batch_size=256, lr=1e-3, seed=self.cfg.seed))
         aligners = {"federated": self.model.comparator(), "centralised_nessa": nessa, "ridge": ridge}
-        return reference_rows(evaluate_eval_set(self.data.eval, SCENARIO, aligners))
+        return reference_rows(evaluate_held_out(*self.data.evaluation(), aligners))
 
     def _progress_summary(self, rounds: int) -> dict[str, Any]:
         """The light summary written while the run goes on: rounds so far, no ``final`` (a run in progress)."""
@@ -750,7 +749,7 @@ def noise_statement(numerics: FleetNumerics, cfg: FederationConfig) -> str:
 def run_fleet(cfg: FederationConfig, policy: DevicePolicy, *, device: str = "cpu",
               progress: Progress | None = None) -> dict[str, Any]:
     """Build the fleet's devices in memory and run every round with the fleet engine."""
-    from fed_nessa.data.population import load_federation_data
+    from fed_nessa.data.registry import load_federation_data
 
     t0 = time.perf_counter()
     engine = FleetEngine(cfg, policy, load_federation_data(cfg, None), device=device, progress=progress)

@@ -51,7 +51,7 @@ from fed_nessa.config import (
     from_run_config,
     policy_from_node_config,
 )
-from fed_nessa.data.population import FederationData
+from fed_nessa.data.population import Population
 from fed_nessa.evaluation.run_folder import epsilon_phrase
 from fed_nessa.federated.noise_plan import dpsgd_rounds
 from fed_nessa.federated.protocol import DEVICES_DIR, device_id_of, shard_folder
@@ -65,7 +65,7 @@ DEFAULT_FLEET_CONFIG = "fleet"
 ENGINES = ("flower", "fleet")
 DEVICE_TABLE = "device"
 #: A hook that changes a federation's devices before round 1 (the federated canary audit's planting).
-Planter = Callable[[FederationData], FederationData]
+Planter = Callable[[Population], Population]
 
 
 def parse_value(text: str) -> bool | int | float | str:
@@ -195,7 +195,7 @@ def device_node_config(policy: DevicePolicy) -> Callable[[int, int], dict[str, A
     return lambda pid, n: {PARTITION_ID_KEY: pid, NUM_PARTITIONS_KEY: n, **own}
 
 
-def _planted(data: FederationData, plant: Planter | None, cfg: FederationConfig) -> FederationData:
+def _planted(data: Population, plant: Planter | None, cfg: FederationConfig) -> Population:
     """The federation after the ``plant`` hook (an audit's canaries), if any, before round 1."""
     if plant is None:
         return data
@@ -214,7 +214,7 @@ def simulate(cfg: FederationConfig, *, policy: DevicePolicy | None = None, quiet
     the devices once they exist and before round 1 (the federated canary audit,
     :mod:`fed_nessa.canary.federated`); the engine runs them as any other devices.
     """
-    from fed_nessa.data.population import load_federation_data
+    from fed_nessa.data.registry import load_federation_data
     from fed_nessa.sim.grid import InProcessGrid
 
     apps = load_apps(client_app)
@@ -240,7 +240,7 @@ def simulate_fleet(cfg: FederationConfig, policy: DevicePolicy, *, device: str =
     Without a hook this is :func:`fed_nessa.sim.fleet.run_fleet` itself; with one it builds the
     same data the same way, plants, and hands the devices to the same engine.
     """
-    from fed_nessa.data.population import load_federation_data
+    from fed_nessa.data.registry import load_federation_data
     from fed_nessa.sim.fleet import FleetEngine, run_fleet
 
     progress = ProgressView(cfg.num_server_rounds, quiet=quiet)
