@@ -103,7 +103,14 @@ from fed_nessa.sim import fleet_integer
 from fed_nessa.sim.fedavg import block_steps, fedavg_block
 from fed_nessa.sim.fleet_epsilon import SpentEpsilon
 from fed_nessa.sim.fleet_ledgers import DeviceBook
-from fed_nessa.sim.fleet_numerics import encode_all, fast_rounding, modular_sum, summed_noise, uniforms
+from fed_nessa.sim.fleet_numerics import (
+    encode_all,
+    fast_rounding,
+    modular_sum,
+    rounding_keys,
+    summed_noise,
+    uniforms,
+)
 from fed_nessa.sim.ghost import clipped_gradient_sums, device_clipped_sum, device_clipped_vectors
 
 log = logging.getLogger(__name__)
@@ -389,7 +396,8 @@ class FleetEngine(Engine):
         payloads, sent, failed = encode_all(vectors, arrived, codec)
         if failed:
             log.warning("round %d: %d device(s) failed their own range check and sent nothing", r, len(failed))
-        return (modular_sum(payloads, codec) if payloads else np.zeros(0, np.float32)), sent
+        return (modular_sum(payloads, codec, rounding_keys(cfg, r, sent)) if payloads
+                else np.zeros(0, np.float32)), sent
 
     def _stats_weights(self) -> np.ndarray | None:
         """Each device's statistics weight (the mechanism's; None: every pair at weight 1)."""
@@ -422,7 +430,7 @@ class FleetEngine(Engine):
         if not unmask.release:
             return Released(None, sent, len(sent), refused=unmask.reason)
         if self.numerics == FleetNumerics.EXACT:
-            total = modular_sum(payloads, codec)
+            total = modular_sum(payloads, codec, rounding_keys(cfg, r, sent))
         elif whole:
             total = self._fast_device_total(vectors[0], sent, book, r, codec)
         else:

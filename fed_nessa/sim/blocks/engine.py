@@ -132,6 +132,8 @@ def refusal(cfg: FederationConfig, policy: DevicePolicy) -> str | None:
     from fed_nessa.federated.noise_plan import dpsgd_rounds
 
     n = cfg.num_devices
+    if cfg.resume:
+        return "--resume: block-engine runs are simulations without checkpoints; start a new run folder"
     if cfg.dp_mode == DPMode.LOCAL:
         return "dp-mode = 'local': the block engine simulates distributed DP (and dp-mode none); use --engine flower"
     if cfg.data_source != FEDERATION_NAMES[0]:
@@ -150,8 +152,6 @@ def refusal(cfg: FederationConfig, policy: DevicePolicy) -> str | None:
                 "(privacy-unit = 'device'), or only the statistics rounds (aligner = 'linear')")
     if cfg.ledger_layout != LedgerLayout.SQLITE:
         return "ledger-layout = 'files': the block engine keeps every device's ledger in the ledger store ('sqlite')"
-    if cfg.resume:
-        return "--resume: block-engine runs are simulations without checkpoints; start a new run folder"
     if policy.min_separation > 1:
         return "min-separation: the block engine does not apply a device's min-separation (leave it at 1)"
     return None

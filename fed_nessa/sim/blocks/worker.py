@@ -57,7 +57,7 @@ from fed_nessa.randomness import noise_source
 from fed_nessa.sim.fedavg import block_steps, fedavg_block, pad_block
 from fed_nessa.sim.fleet import FEDAVG_BLOCK, device_id
 from fed_nessa.sim.fleet_ledgers import span_event
-from fed_nessa.sim.fleet_numerics import ROUNDING_STREAM, UNIFORMS_STREAM, partial_modular_sum
+from fed_nessa.sim.fleet_numerics import UNIFORMS_STREAM, partial_modular_sum, rounding_keys
 from fed_nessa.sim.ghost import device_clipped_sum, device_clipped_vectors
 
 #: Devices generated and computed on at once inside a block (bounds a worker's memory: ~1 GiB at ~114 pairs each).
@@ -295,7 +295,7 @@ class BlockWorker:
         """Per device: its vector, its share from its own stream, its codec step; summed modulo the field."""
         first = self.spec.first
         g_of = dict(zip(self._accepted.tolist(), self._g.tolist(), strict=True))
-        payloads, failed, sent_g, keys = [], [], [], []
+        payloads, failed, sent_g, sent = [], [], [], []
         for chunk in self.chunks():
             lo = chunk.first - first
             local = [i for i in self._accepted.tolist() if lo <= i < lo + chunk.devices]
@@ -303,11 +303,11 @@ class BlockWorker:
                 try:
                     payloads.append(req.codec.encode(vec)[0])
                     sent_g.append(g_of[i])
-                    keys.append([self.cfg.seed, ROUNDING_STREAM, req.round, i + first])
+                    sent.append(i + first)
                 except SaturationError:
                     failed.append(i + first)
-        keyed = keys if self.cfg.reproducible_noise else None  # the rounding replays only when the noise does
-        total = partial_modular_sum(payloads, req.codec, keyed) if payloads else np.zeros(0, np.int64)
+        keys = rounding_keys(self.cfg, req.round, sent)  # the rounding replays only when the noise does
+        total = partial_modular_sum(payloads, req.codec, keys) if payloads else np.zeros(0, np.int64)
         return PartialSum(first, total, len(payloads), np.asarray(failed, np.int64), _counts(np.asarray(sent_g)))
 
     def _device_vectors(self, req: SumRequest, chunk: DeviceBlock, local: list[int]) -> list[np.ndarray]:
