@@ -152,8 +152,9 @@ def test_cutting_the_fleet_into_other_blocks_changes_nothing(tmp_path: Path,
 
 def test_simulate_engine_blocks_writes_a_run_folder_that_passes_the_audit(tmp_path: Path,
                                                                           capsys: pytest.CaptureFixture[str]) -> None:
-    """``fed-nessa simulate --engine blocks`` (secure noise, fast numerics): the loop's run folder (evaluated
-    rounds, the gate, summary), one merged ledger store, and ``fed-nessa audit`` PASSES."""
+    """``fed-nessa simulate --engine blocks`` (secure noise, fast numerics; the ledger store without asking):
+    the loop's run folder (evaluated rounds, the gate, summary), one merged ledger store, and
+    ``fed-nessa audit`` PASSES."""
     from fed_nessa.sim.runner import main
 
     run_dir = tmp_path / "cli"
@@ -163,7 +164,7 @@ def test_simulate_engine_blocks_writes_a_run_folder_that_passes_the_audit(tmp_pa
     for key, value in {"num-devices": DEVICES, "num-server-rounds": 3, "min-arrivals": 8, "privacy-unit": "device",
                        "device-batch": 8, "fleet-numerics": "fast", "hidden": 8, "references": "false",
                        "eval-speakers": 20, "validation-speakers": 10, "suffstats-noise-multiplier": 1.0,
-                       "noise-multiplier": 1.5, "ledger-layout": "sqlite", "secagg-num-shares": 5,
+                       "noise-multiplier": 1.5, "secagg-num-shares": 5,
                        "secagg-reconstruction-threshold": 3}.items():
         args += ["--set", f"{key}={value}"]
     assert main(args) == 0, capsys.readouterr().err
@@ -172,6 +173,7 @@ def test_simulate_engine_blocks_writes_a_run_folder_that_passes_the_audit(tmp_pa
     assert summary["engine"]["name"] == ENGINE and summary["engine"]["blocks"] == 3
     assert [e["participants"] for e in summary["rounds"]] == [DEVICES] * 3
     assert summary["privacy"]["num_device_ledgers"] == DEVICES and summary["privacy"]["epsilon_max"] > 0
+    assert summary["privacy"]["ledger_layout"] == "sqlite"
     assert summary["privacy"]["noise_source"].startswith("block engine, distribution-equivalent numerics")
     assert 0 < summary["final"]["eer"] < 0.5 and "gate" in summary["final"]
     assert all(e["eer"] is not None for e in summary["rounds"])  # the loop's evaluation cadence: every round here

@@ -333,6 +333,8 @@ ENGINES: dict[str, EngineEntry] = {
 DEFAULT_ENGINE = "flower"
 #: Engines over a fleet: their settings derived from the fleet size (fed_nessa.sim.fleet_settings).
 FLEET_ENGINES = ("fleet", "blocks")
+#: The block engine keeps every device's ledger in the ledger store: set for it unless given.
+BLOCKS_LEDGER_LAYOUT = f"ledger-layout={LedgerLayout.SQLITE}"
 
 
 def replace_run_dir(cfg: FederationConfig) -> None:
@@ -543,7 +545,10 @@ def build_config_from_args(args: argparse.Namespace) -> tuple[FederationConfig, 
     ``--resume`` last; on the fleet engine, the settings left out derived from the fleet size)."""
     overrides = [*args.overrides, *(["resume=true"] if args.resume else [])]
     config_file, device_overrides = args.config, list(args.device_overrides)
-    if getattr(args, "engine", None) in FLEET_ENGINES:
+    engine = getattr(args, "engine", None)
+    if engine == "blocks":  # its only ledger layout: the store (a --set ledger-layout=files is refused by name)
+        overrides = [BLOCKS_LEDGER_LAYOUT, *overrides]
+    if engine in FLEET_ENGINES:
         config_file = config_file or DEFAULT_FLEET_CONFIG
         overrides, device_overrides = fleet_overrides(config_file, overrides, device_overrides)
     cfg = build_config(config_file, overrides, run_dir=args.run_dir)
