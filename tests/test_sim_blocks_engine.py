@@ -171,6 +171,7 @@ def test_simulate_engine_blocks_writes_a_run_folder_that_passes_the_audit(tmp_pa
     assert "final EER" in capsys.readouterr().out
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["engine"]["name"] == ENGINE and summary["engine"]["blocks"] == 3
+    assert len(summary["engine"]["workers_peak_rss_mib"]) == 3 and all(e["peak_rss_mib"] > 0 for e in summary["rounds"])
     assert [e["participants"] for e in summary["rounds"]] == [DEVICES] * 3
     assert summary["privacy"]["num_device_ledgers"] == DEVICES and summary["privacy"]["epsilon_max"] > 0
     assert summary["privacy"]["ledger_layout"] == "sqlite"

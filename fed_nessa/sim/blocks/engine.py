@@ -99,6 +99,8 @@ log = logging.getLogger(__name__)
 ENGINE = "blocks"
 #: Devices per block unless ``--devices-per-block`` says otherwise (one worker, one Ray actor each).
 DEVICES_PER_BLOCK = 50_000
+#: The one data source the block engine runs: the synthetic population, generated lazily (its default).
+LAZY_SOURCE = FederationConfig.data_source
 #: The pooled non-DP references train on the pairs of at most this many devices, drawn at random
 #: (stated in the summary's engine block): the fleet's pairs are never held at once.
 REFERENCE_MAX_DEVICES = 10_000
@@ -128,7 +130,6 @@ class Combined:
 
 def refusal(cfg: FederationConfig, policy: DevicePolicy) -> str | None:
     """Why the block engine cannot run ``cfg`` (None: it can); one sentence naming the setting."""
-    from fed_nessa.config import FEDERATION_NAMES
     from fed_nessa.federated.noise_plan import dpsgd_rounds
 
     n = cfg.num_devices
@@ -136,9 +137,9 @@ def refusal(cfg: FederationConfig, policy: DevicePolicy) -> str | None:
         return "--resume: block-engine runs are simulations without checkpoints; start a new run folder"
     if cfg.dp_mode == DPMode.LOCAL:
         return "dp-mode = 'local': the block engine simulates distributed DP (and dp-mode none); use --engine flower"
-    if cfg.data_source != FEDERATION_NAMES[0]:
+    if cfg.data_source != LAZY_SOURCE:
         return (f"data-source {cfg.data_source}: the block engine generates the built-in synthetic population "
-                f"lazily ({FEDERATION_NAMES[0]!r}); use --engine fleet or flower for other sources")
+                f"lazily ({LAZY_SOURCE!r}); use --engine fleet or flower for other sources")
     if cfg.cohort_size(n) < n:
         return "clients-per-round: the block engine runs full-participation rounds (clients-per-round = 0)"
     if cfg.dropout_rate > 0:
@@ -243,6 +244,7 @@ class BlockEngine(Engine):
         self._histories: list[History] | None = None
         self._memo = EpsilonMemo()
         self.epsilons: dict[str, float] = {}  # device id -> epsilon, from the blocks' completes
+        self._workers_rss: list[float] = []  # each worker's peak RSS (MiB) after the last round
 
     def run(self) -> dict[str, Any]:
         """Every round through the library's round protocol; returns the summary."""
@@ -346,7 +348,10 @@ class BlockEngine(Engine):
         return {"epsilon_max": max(values), "epsilon_median": statistics.median(values)}
 
     def round_done(self, r: int, rounds: int, entry: dict[str, Any]) -> None:
+        """The round entry's memory: this process's peak RSS and each worker's (a Ray actor is its own process)."""
         entry["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        self._workers_rss = [round(u["peak_rss_mib"], 1) for u in self._call("usage", None)]
+        entry["workers_peak_rss_mib"] = self._workers_rss
 
     def close(self, ledger: FederationLedger, pins: Pins) -> None:
         """The DP-SGD spans completed and recorded as one span entry; the blocks' stores merged into the run's."""
@@ -457,7 +462,8 @@ class BlockEngine(Engine):
                        "devices_per_block": opts.devices_per_block,
                        "blocks": math.ceil(self.fleet / opts.devices_per_block),
                        "backend": opts.backend, "ray_address": opts.ray_address,
-                       "evaluation": f"every evaluated round on the held-out set: {self.cfg.eval_speakers} speakers",
+                       "evaluation": f"every evaluated round on the held-out set: {self.population.eval_speakers} "
+                                     "speakers", "workers_peak_rss_mib": self._workers_rss,
                        "references_devices": (int(min(self.fleet, REFERENCE_MAX_DEVICES))
                                               if self.cfg.references else None),
                        "seconds_per_dpsgd_round_median": statistics.median(seconds) if seconds else None,
