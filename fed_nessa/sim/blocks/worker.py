@@ -182,7 +182,7 @@ class BlockWorker:
         self._seqs: dict[int, int] = {}  # local index -> seq of its open reservation
         self._accepted = np.zeros(0, np.int64)  # local indices that reserved in the last reserve
         self._g = np.zeros(0, np.int64)  # their policies' g
-        # Each device's ledger history as of its last reserve (a key into _kinds; absent: no events yet).
+        # Each device's ledger history as of its last reserve (absent: never asked, no events).
         self._history: dict[int, tuple[tuple[DPEvent, ...], float, tuple[int, ...]]] = {}
         self._interned: dict[Any, Any] = {}
         self._scheduled: dict[int, tuple[int, ...]] = {}  # local index -> DP-SGD rounds its span covers
