@@ -1,6 +1,6 @@
 """The block engine at 10^4-10^6 devices: one round's reserve, partial sums and completes, timed per step.
 
-Runs the block workers (:mod:`fed_nessa.sim.blocks`) directly, without the driver's model
+Runs the block workers (:mod:`fed_nessa.sim.blocks`) directly, without the round loop's model
 updates, so each step of one round is timed on its own: ``reserve`` (each device's ledger opened,
 its checks, one signed reserve entry), ``contribute`` (the blocks' partial sums: the round maths,
 with the devices' pairs generated lazily or held by the worker with ``--cache``) and
@@ -26,6 +26,7 @@ import os
 import resource
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ from fed_nessa.federated.release import promised_arrivals
 from fed_nessa.privacy.ledger import DEVICE_KEYS, KEY_STORE_ENV, key_store
 from fed_nessa.privacy.store import LedgerStore
 from fed_nessa.sim.blocks.backends import make_backend
-from fed_nessa.sim.blocks.driver import block_specs
+from fed_nessa.sim.blocks.engine import block_specs
 from fed_nessa.sim.blocks.worker import CompleteRequest, ReserveRequest, SumRequest
 
 STATS_FLOP_PER_PAIR = 173e3  # suffstats.device_vector, BENCHMARKS.md "Lazy population"
@@ -102,7 +103,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     steps["reserve_s"] = time.perf_counter() - t0
     mark = worker_cpu("reserve", mark)
     accepted = sum(len(r.accepted) for r in replies)
-    out["decline_reasons"] = {k: v for r in replies for k, v in r.reasons.items()}
+    out["decline_reasons"] = dict(Counter(why for r in replies for why in r.reasons.values()))
     for k in range(args.repeats):
         t0 = time.perf_counter()
         partials = backend.call("contribute", SumRequest(phase, 1, codec, plan, net if phase == Phase.DPSGD else None))
@@ -132,7 +133,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     best = min(v for k, v in steps.items() if k.startswith("contribute"))
     out["contribute_best_s"] = best
     out["achieved_gflop_per_s"] = flop / best / 1e9 if flop else None
+    if args.through_loop:
+        out["loop"] = through_loop(args, cfg, policy, pop, work)
+        direct = out["start_s"] + steps["reserve_s"] + steps["complete_s"] + sum(
+            v for k, v in steps.items() if k.startswith("contribute"))
+        out["loop"]["ratio_total_to_direct"] = out["loop"]["total_s"] / direct
     return out
+
+
+def through_loop(args: argparse.Namespace, cfg: Any, policy: DevicePolicy, pop: Any, work: Path) -> dict[str, Any]:
+    """The same fleet, backend and blocks as one run of the round loop (``BlockEngine``): ``repeats``
+    device-level rounds, the span reserved before the first and completed after the last, each round
+    evaluated and recorded, the gate and the run folder at the end (no pooled references)."""
+    from dataclasses import replace
+
+    from fed_nessa.sim.blocks.engine import BlockEngine, BlockOptions
+
+    loop_cfg = replace(cfg, num_server_rounds=args.repeats, run_dir=str(work / "loop"), references=False)
+    t0 = time.perf_counter()
+    summary = BlockEngine(loop_cfg, policy, pop, BlockOptions(args.devices_per_block, args.backend, args.ray_address,
+                                                             args.cache)).run()
+    total = time.perf_counter() - t0
+    seconds = [e["seconds"] for e in summary["rounds"]]
+    return {"total_s": total, "round_seconds": seconds, "statuses": [e["status"] for e in summary["rounds"]],
+            "final_eer": summary["final"]["eer"], "epsilon_max": summary["privacy"]["epsilon_max"],
+            "driver_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "load_after": _load()}
 
 
 def main() -> None:
@@ -146,8 +171,12 @@ def main() -> None:
     parser.add_argument("--backend", default="in-process", choices=("in-process", "ray", "auto"))
     parser.add_argument("--ray-address", default=None)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--through-loop", action="store_true",
+                        help="then run the same rounds through the round loop (BlockEngine) and compare")
     parser.add_argument("--out", default=None, help="append the result to this JSON list")
     args = parser.parse_args()
+    if args.through_loop and (args.round != "device" or args.only_blocks):
+        parser.error("--through-loop runs device-level rounds over the whole fleet (--round device, no --only-blocks)")
     result = run(args)
     print(json.dumps(result, indent=1))
     if args.out:

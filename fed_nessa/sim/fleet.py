@@ -48,7 +48,7 @@ import math
 import resource
 import statistics
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,7 +102,14 @@ from fed_nessa.sim import fleet_integer
 from fed_nessa.sim.fedavg import block_steps, fedavg_block
 from fed_nessa.sim.fleet_epsilon import SpentEpsilon
 from fed_nessa.sim.fleet_ledgers import DeviceBook
-from fed_nessa.sim.fleet_numerics import encode_all, fast_rounding, modular_sum, summed_noise, uniforms
+from fed_nessa.sim.fleet_numerics import (
+    encode_all,
+    fast_rounding,
+    modular_sum,
+    rounding_keys,
+    summed_noise,
+    uniforms,
+)
 from fed_nessa.sim.ghost import clipped_gradient_sums, device_clipped_sum, device_clipped_vectors
 
 log = logging.getLogger(__name__)
@@ -388,7 +395,8 @@ class FleetEngine(Engine):
         payloads, sent, failed = encode_all(vectors, arrived, codec)
         if failed:
             log.warning("round %d: %d device(s) failed their own range check and sent nothing", r, len(failed))
-        return (modular_sum(payloads, codec) if payloads else np.zeros(0, np.float32)), sent
+        return (modular_sum(payloads, codec, rounding_keys(cfg, r, sent)) if payloads
+                else np.zeros(0, np.float32)), sent
 
     def _stats_weights(self) -> np.ndarray | None:
         """Each device's statistics weight (the mechanism's; None: every pair at weight 1)."""
@@ -421,7 +429,7 @@ class FleetEngine(Engine):
         if not unmask.release:
             return Released(None, sent, len(sent), refused=unmask.reason)
         if self.numerics == FleetNumerics.EXACT:
-            total = modular_sum(payloads, codec)
+            total = modular_sum(payloads, codec, rounding_keys(cfg, r, sent))
         elif whole:
             total = self._fast_device_total(vectors[0], sent, book, r, codec)
         else:
@@ -654,43 +662,13 @@ class FleetEngine(Engine):
         return summary
 
     def _references(self) -> dict[str, Any]:
-        """Pooled non-DP NESSA and ridge on the fleet's pairs (the same references as the Flower engine).
+        """Pooled non-DP NESSA and ridge on the fleet's pairs (:func:`pooled_references`); the fleet's
+        pairs are released before the NESSA fit (memory at 30k devices)."""
+        def drop_pairs() -> None:
+            self.fleet.x, self.fleet.y = self.fleet.x[:0], self.fleet.y[:0]
 
-        Ridge comes from sufficient statistics summed in chunks (exactly centralised ridge, any fleet
-        size); the NESSA reference trains its fixed step budget on at most
-        :data:`REFERENCE_MAX_PAIRS` pairs drawn at random (all of them up to ~10k devices).
-        """
-        from fed_nessa.evaluation.centralised import REFERENCE_STEPS
-        from fed_nessa.model.aligners import AlignerInfo, NessaAligner, NessaConfig, RidgeAligner
-        from fed_nessa.model.aligners.base import l2_normalize
-        from fed_nessa.model.aligners.linear import RidgeStats, ridge_from_stats
-        from fed_nessa.model.training import TrainConfig
-
-        info = AlignerInfo(d_x=self.data.d_x, d_y=self.data.d_y, enroll_model=self.data.enroll_model,
-                           runtime_model=self.data.runtime_model)
-        total = len(self.fleet.x)
-        stats: RidgeStats | None = None
-        for c in range(0, total, EXAMPLE_CHUNK):
-            x = l2_normalize(self.fleet.x[c:c + EXAMPLE_CHUNK].cpu().numpy())
-            y = l2_normalize(self.fleet.y[c:c + EXAMPLE_CHUNK].cpu().numpy())
-            part = RidgeStats.from_pairs(x, y)
-            stats = part if stats is None else stats + part
-        assert stats is not None
-        ridge = RidgeAligner(info, alpha=self.cfg.ridge_alpha)
-        ridge.W, ridge.b = ridge_from_stats(stats, self.cfg.ridge_alpha)
-        rows = np.arange(total)
-        if total > REFERENCE_MAX_PAIRS:
-            rows = np.sort(np.random.default_rng([self.cfg.seed, 13]).choice(total, REFERENCE_MAX_PAIRS, replace=False))
-        x_ref, y_ref = self.fleet.x[rows].cpu().numpy(), self.fleet.y[rows].cpu().numpy()
-        # The rounds are over: release the fleet's pairs before the reference fit (memory at 30k devices).
-        self.fleet.x, self.fleet.y = self.fleet.x[:0], self.fleet.y[:0]
-        epochs = max(1, min(20, math.ceil(REFERENCE_STEPS * 256 / len(rows))))
-        nessa = NessaAligner(AlignerInfo(**{k: getattr(info, k) for k in ("d_x", "d_y", "enroll_model",
-                                                                          "runtime_model")}),
-                             NessaConfig(hidden=self.cfg.hidden, depth=self.cfg.depth)).fit(
-            x_ref, y_ref, train_cfg=TrainConfig(epochs=epochs, batch_size=256, lr=1e-3, seed=self.cfg.seed))
-        aligners = {"federated": self.model.comparator(), "centralised_nessa": nessa, "ridge": ridge}
-        return reference_rows(evaluate_held_out(*self.data.evaluation(), aligners))
+        return pooled_references(self.cfg, self.data, self.model.comparator(), self.fleet.x, self.fleet.y,
+                                 release=drop_pairs)
 
     def _progress_summary(self, rounds: int) -> dict[str, Any]:
         """The light summary written while the run goes on: rounds so far, no ``final`` (a run in progress)."""
@@ -731,6 +709,45 @@ def _blocks(devices: list[int], n: dict[int, int], most: int) -> list[list[int]]
         else:
             out.append([i])
     return out
+
+
+def pooled_references(cfg: FederationConfig, data: Population, federated: Any, x: torch.Tensor,
+                      y: torch.Tensor, release: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Pooled non-DP NESSA and ridge on the pairs ``x, y`` (the same references as the Flower engine).
+
+    Ridge comes from sufficient statistics summed in chunks (exactly centralised ridge, any number
+    of pairs); the NESSA reference trains its fixed step budget on at most
+    :data:`REFERENCE_MAX_PAIRS` pairs drawn at random. ``release`` is called once the pairs are no
+    longer needed, before the NESSA fit.
+    """
+    from fed_nessa.evaluation.centralised import REFERENCE_STEPS
+    from fed_nessa.model.aligners import AlignerInfo, NessaAligner, NessaConfig, RidgeAligner
+    from fed_nessa.model.aligners.base import l2_normalize
+    from fed_nessa.model.aligners.linear import RidgeStats, ridge_from_stats
+    from fed_nessa.model.training import TrainConfig
+
+    info = AlignerInfo(d_x=data.d_x, d_y=data.d_y, enroll_model=data.enroll_model, runtime_model=data.runtime_model)
+    total = len(x)
+    stats: RidgeStats | None = None
+    for c in range(0, total, EXAMPLE_CHUNK):
+        part = RidgeStats.from_pairs(l2_normalize(x[c:c + EXAMPLE_CHUNK].cpu().numpy()),
+                                     l2_normalize(y[c:c + EXAMPLE_CHUNK].cpu().numpy()))
+        stats = part if stats is None else stats + part
+    assert stats is not None
+    ridge = RidgeAligner(info, alpha=cfg.ridge_alpha)
+    ridge.W, ridge.b = ridge_from_stats(stats, cfg.ridge_alpha)
+    rows = np.arange(total)
+    if total > REFERENCE_MAX_PAIRS:
+        rows = np.sort(np.random.default_rng([cfg.seed, 13]).choice(total, REFERENCE_MAX_PAIRS, replace=False))
+    x_ref, y_ref = x[rows].cpu().numpy(), y[rows].cpu().numpy()
+    if release is not None:
+        release()
+    epochs = max(1, min(20, math.ceil(REFERENCE_STEPS * 256 / len(rows))))
+    nessa = NessaAligner(AlignerInfo(**{k: getattr(info, k) for k in ("d_x", "d_y", "enroll_model", "runtime_model")}),
+                         NessaConfig(hidden=cfg.hidden, depth=cfg.depth)).fit(
+        x_ref, y_ref, train_cfg=TrainConfig(epochs=epochs, batch_size=256, lr=1e-3, seed=cfg.seed))
+    aligners = {"federated": federated, "centralised_nessa": nessa, "ridge": ridge}
+    return reference_rows(evaluate_held_out(*data.evaluation(), aligners))
 
 
 def noise_statement(numerics: FleetNumerics, cfg: FederationConfig) -> str:

@@ -117,9 +117,7 @@ class DeviceBook:
             seqs = []
             for first, last in runs:
                 steps = k if one.mechanism != GAUSSIAN_SUM else last - first + 1
-                span = DPEvent.from_dict({**one.to_dict(), "steps": steps, "round": first, "last_round": last,
-                                          "note": f"{one.note}; span of {steps} scheduled round(s) reserved at "
-                                                  "once (counted in full even if the device drops out)"})
+                span = span_event(one, first, last, steps)
                 seqs.append((ledger.reserve(span, {"server_key_fingerprint": self.server_fp}), first, last))
             book.span_seq[i] = seqs
             book.span_rounds[i] = joined
@@ -226,6 +224,14 @@ class DeviceBook:
                     cache[key] = math.inf
             out[dev] = cache[key]
         return out
+
+
+def span_event(one: DPEvent, first: int, last: int, steps: int) -> DPEvent:
+    """One round's event reserved for ``steps`` scheduled rounds ``first .. last`` as one span line
+    (every engine over a fleet writes it so: the device ledgers of two engines compare line for line)."""
+    return DPEvent.from_dict({**one.to_dict(), "steps": steps, "round": first, "last_round": last,
+                              "note": f"{one.note}; span of {steps} scheduled round(s) reserved at "
+                                      "once (counted in full even if the device drops out)"})
 
 
 def _separated(rounds: list[int], joined: set[int], policy: DevicePolicy) -> list[int]:

@@ -72,9 +72,19 @@ def encode_all(vectors: list[np.ndarray], devices: list[int],
     return payloads, sent, failed
 
 
-def modular_sum(payloads: list[np.ndarray], codec: SecAggCodec) -> np.ndarray:
-    """Flower's quantization of each payload, the modular sum, the workflow's dequantization."""
-    return dequantized_total(partial_modular_sum(payloads, codec), len(payloads), codec)
+def modular_sum(payloads: list[np.ndarray], codec: SecAggCodec, keys: list[list[int]] | None = None) -> np.ndarray:
+    """Flower's quantization of each payload, the modular sum, the workflow's dequantization (``keys``:
+    :func:`partial_modular_sum`'s)."""
+    return dequantized_total(partial_modular_sum(payloads, codec, keys), len(payloads), codec)
+
+
+def rounding_keys(cfg: FederationConfig, round_num: int, devices: list[int]) -> list[list[int]] | None:
+    """Each device's key for its payload's stochastic rounding in round ``round_num`` under
+    ``reproducible-noise`` (None otherwise: Flower's own rounding). Keyed by the device's place in the
+    fleet, so the fleet engine and the block engine round a device's payload alike."""
+    if not cfg.reproducible_noise:
+        return None
+    return [[cfg.seed, ROUNDING_STREAM, round_num, int(i)] for i in devices]
 
 
 def partial_modular_sum(payloads: list[np.ndarray], codec: SecAggCodec,

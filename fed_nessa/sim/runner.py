@@ -32,6 +32,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,8 @@ from fed_nessa.sim.replace import Replacement, plan_replacement
 DEFAULT_CONFIG = "main"
 #: The fleet engine's config without ``--config``: nothing sized for 1000 devices (the rest is derived).
 DEFAULT_FLEET_CONFIG = "fleet"
-ENGINES = ("flower", "fleet")
+#: Options only the block engine reads (``--devices-per-block``, ``--backend``, ``--ray-address``, ``--cache``).
+BLOCK_FLAGS = ("devices_per_block", "backend", "ray_address", "cache")
 DEVICE_TABLE = "device"
 #: A hook that changes a federation's devices before round 1 (the federated canary audit's planting).
 Planter = Callable[[Population], Population]
@@ -253,6 +255,89 @@ def simulate_fleet(cfg: FederationConfig, policy: DevicePolicy, *, device: str =
     return summary
 
 
+@dataclass(frozen=True)
+class RunRequest:
+    """What ``fed-nessa simulate`` asks of an engine besides the config and the devices' policy."""
+
+    device: str = "cpu"
+    quiet: bool = False
+    verbose: bool = False
+    plant: Planter | None = None
+    blocks: Any = None  # fed_nessa.sim.blocks.engine.BlockOptions (imported with the block engine)
+
+
+@dataclass(frozen=True)
+class EngineEntry:
+    """One engine of ``--engine``: what it says in ``--help``, what it refuses, how it runs."""
+
+    help: str
+    #: Why this engine cannot run the config and request (one sentence), or None; checked before anything is written.
+    refusal: Callable[[FederationConfig, DevicePolicy, RunRequest], str | None]
+    run: Callable[[FederationConfig, DevicePolicy, RunRequest], dict[str, Any]]
+
+
+def _flower_refusal(cfg: FederationConfig, policy: DevicePolicy, req: RunRequest) -> str | None:
+    if cfg.ledger_layout != LedgerLayout.FILES:
+        return (f"ledger-layout = {cfg.ledger_layout!r}: on the Flower engine every device keeps its own ledger file "
+                "(as a real device does); the ledger store is the fleet and block engines'")
+    return None
+
+
+def _fleet_refusal(cfg: FederationConfig, policy: DevicePolicy, req: RunRequest) -> str | None:
+    if cfg.resume:
+        return "--resume: fleet-engine runs are simulations without checkpoints; start a new run folder"
+    if cfg.data_source not in FEDERATION_NAMES:
+        return (f"data-source {cfg.data_source}: the fleet engine builds its devices in memory from "
+                f"{' or '.join(FEDERATION_NAMES)}; run a folder of shards with --engine flower")
+    if cfg.integer_noise and dpsgd_rounds(cfg) > 0 and cfg.aligner != AlignerChoice.LINEAR:
+        return ("distributed-mechanism = 'skellam': the fleet engine runs the integer mechanism's statistics round "
+                "only, not its DP-SGD rounds yet (the Flower engine runs device-level ones); use --engine flower, "
+                "aligner 'linear' or distributed-mechanism 'gaussian'")
+    return None
+
+
+def _blocks_refusal(cfg: FederationConfig, policy: DevicePolicy, req: RunRequest) -> str | None:
+    from fed_nessa.sim.blocks.engine import refusal
+
+    if req.plant is not None:
+        return "--canaries: the block engine's devices are generated lazily, nothing can be planted; use --engine fleet"
+    if req.device != "cpu":
+        return (f"--device {req.device}: the block engine runs its workers' maths where they live (a Ray actor takes "
+                "one GPU each where the cluster has one per block); leave --device at cpu")
+    return refusal(cfg, policy)
+
+
+def _run_flower(cfg: FederationConfig, policy: DevicePolicy, req: RunRequest) -> dict[str, Any]:
+    return simulate(cfg, policy=policy, quiet=req.quiet, verbose=req.verbose, plant=req.plant)
+
+
+def _run_fleet(cfg: FederationConfig, policy: DevicePolicy, req: RunRequest) -> dict[str, Any]:
+    return simulate_fleet(cfg, policy, device=req.device, quiet=req.quiet, plant=req.plant)
+
+
+def _run_blocks(cfg: FederationConfig, policy: DevicePolicy, req: RunRequest) -> dict[str, Any]:
+    from fed_nessa.sim.blocks.engine import BlockOptions, run_blocks
+
+    return run_blocks(cfg, policy, req.blocks or BlockOptions(),
+                      progress=ProgressView(cfg.num_server_rounds, quiet=req.quiet))
+
+
+#: The engines, named once: ``--engine``, :func:`run_engine` and the docs read this table.
+ENGINES: dict[str, EngineEntry] = {
+    "flower": EngineEntry("the real ServerApp/ClientApp with SecAgg+ (the main job)", _flower_refusal, _run_flower),
+    "fleet": EngineEntry("the same round maths vectorised over 10^4-10^6 devices held in memory", _fleet_refusal,
+                         _run_fleet),
+    "blocks": EngineEntry("lazy devices in blocks, each block a worker in-process or a Ray actor with its own "
+                          "ledger store (--devices-per-block, --backend, --ray-address)", _blocks_refusal,
+                          _run_blocks),
+}
+DEFAULT_ENGINE = "flower"
+#: Engines over a fleet: their settings derived from the fleet size (fed_nessa.sim.fleet_settings).
+FLEET_ENGINES = ("fleet", "blocks")
+#: The block engine keeps every device's ledger in the ledger store: set for it unless given.
+BLOCKS_LEDGER_LAYOUT = f"ledger-layout={LedgerLayout.SQLITE}"
+
+
 def replace_run_dir(cfg: FederationConfig) -> None:
     """``--replace`` alone: check, then remove an earlier run in ``cfg.run_dir`` and its key store.
 
@@ -349,21 +434,25 @@ def _check_torch_device(device: str) -> None:
         raise ValueError(f"--device {device!r}: this machine has no CUDA device (torch {torch.__version__})")
 
 
-def run_engine(cfg: FederationConfig, policy: DevicePolicy, *, engine: str = ENGINES[0], device: str = "cpu",
+def run_engine(cfg: FederationConfig, policy: DevicePolicy, *, engine: str = DEFAULT_ENGINE, device: str = "cpu",
                quiet: bool = False, verbose: bool = False, plant: Planter | None = None,
-               replace: bool = False) -> dict[str, Any]:
-    """One run on either engine: what ``fed-nessa simulate`` does after reading its arguments.
+               replace: bool = False, blocks: Any = None) -> dict[str, Any]:
+    """One run on one engine of :data:`ENGINES`: what ``fed-nessa simulate`` does after reading its arguments.
 
-    Every input is checked before anything is written or removed: the engine and its torch device,
-    a prepared data-source folder (:func:`check_shard_folder`), with ``replace`` that the earlier run
-    is provably one (:func:`fed_nessa.sim.replace.plan_replacement`), the run folder
+    Every input is checked before anything is written or removed: the engine (its refusal) and its
+    torch device, a prepared data-source folder (:func:`check_shard_folder`), with ``replace`` that
+    the earlier run is provably one (:func:`fed_nessa.sim.replace.plan_replacement`), the run folder
     (:func:`check_run_dir`) and the key store (:func:`fed_nessa.privacy.ledger.check_key_store`).
+    ``blocks`` are the block engine's options (:class:`fed_nessa.sim.blocks.engine.BlockOptions`).
     """
     import torch
 
     torch.set_num_threads(1)  # one process per core is faster here than intra-op threads
     if engine not in ENGINES:
         raise ValueError(f"--engine {engine!r}: allowed values {', '.join(ENGINES)}")
+    if blocks is not None and engine != "blocks":
+        raise ValueError(f"--devices-per-block, --backend, --ray-address and --cache are the block engine's options; "
+                         f"--engine {engine} takes none of them")
     if replace and cfg.resume:
         raise ValueError("--replace and --resume contradict each other: --resume continues the run in the run "
                          "folder, --replace removes it")
@@ -371,20 +460,12 @@ def run_engine(cfg: FederationConfig, policy: DevicePolicy, *, engine: str = ENG
         raise ValueError(f"clip-target-quantile = {cfg.clip_target_quantile:g}: adaptive clipping is library code only "
                          "so far (fed_nessa.federated.adaptive_clip); no engine sends the clip bit yet, so the clip "
                          "would never adapt: leave it at 0")
-    if engine != "fleet" and cfg.ledger_layout != LedgerLayout.FILES:
-        raise ValueError(f"ledger-layout = {cfg.ledger_layout!r}: on the Flower engine every device keeps its own "
-                         "ledger file (as a real device does); the ledger store is the fleet engine's")
+    request = RunRequest(device, quiet, verbose, plant, blocks)
+    why = ENGINES[engine].refusal(cfg, policy, request)
+    if why:
+        raise ValueError(why)
     if engine == "fleet":
-        if cfg.resume:
-            raise ValueError("--resume: fleet-engine runs are simulations without checkpoints; start a new run folder")
-        if cfg.data_source not in FEDERATION_NAMES:
-            raise ValueError(f"data-source {cfg.data_source}: the fleet engine builds its devices in memory from "
-                             f"{' or '.join(FEDERATION_NAMES)}; run a folder of shards with --engine flower")
         _check_torch_device(device)
-        if cfg.integer_noise and dpsgd_rounds(cfg) > 0 and cfg.aligner != AlignerChoice.LINEAR:
-            raise ValueError("distributed-mechanism = 'skellam': the fleet engine runs the integer mechanism's "
-                             "statistics round only, not its DP-SGD rounds yet (the Flower engine runs device-level "
-                             "ones); use --engine flower, aligner 'linear' or distributed-mechanism 'gaussian'")
     if cfg.data_source not in FEDERATION_NAMES:
         check_shard_folder(Path(cfg.data_source), cfg)
     planned = _planned_replacement(cfg) if replace else None
@@ -392,9 +473,7 @@ def run_engine(cfg: FederationConfig, policy: DevicePolicy, *, engine: str = ENG
     check_key_store(cfg.run_dir)
     if planned is not None:  # every input checked: only now is the earlier run removed
         planned.apply()
-    if engine == "fleet":
-        return simulate_fleet(cfg, policy, device=device, quiet=quiet, plant=plant)
-    return simulate(cfg, policy=policy, quiet=quiet, verbose=verbose, plant=plant)
+    return ENGINES[engine].run(cfg, policy, request)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -410,10 +489,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="remove an earlier run from the run folder (and its key store) once every input is "
                              "checked; only a folder that provably holds a run (a verifying federation ledger, "
                              "nothing a run does not write) is removed, anything else is refused")
-    parser.add_argument("--engine", choices=ENGINES, default=ENGINES[0],
-                        help="flower: the real ServerApp/ClientApp with SecAgg+ (the main job); fleet: the same round "
-                             "maths vectorised over 10^4-10^6 devices (docs/federation.md)")
+    parser.add_argument("--engine", choices=tuple(ENGINES), default=DEFAULT_ENGINE,
+                        help="; ".join(f"{name}: {entry.help}" for name, entry in ENGINES.items())
+                        + " (docs/federation.md)")
     parser.add_argument("--device", default="cpu", help="torch device of the fleet engine (cpu, cuda)")
+    blocks = parser.add_argument_group("block engine (--engine blocks)")
+    blocks.add_argument("--devices-per-block", type=int, default=None, metavar="B",
+                        help="devices per block: one worker (one Ray actor) each (default 50,000)")
+    blocks.add_argument("--backend", default=None, choices=("auto", "in-process", "ray"),
+                        help="where the workers run (default auto: local Ray from 20,000 devices on a multi-core "
+                             "machine, or when --ray-address is given; else in this process)")
+    blocks.add_argument("--ray-address", default=None, help="join this Ray cluster (default: local Ray or none)")
+    blocks.add_argument("--cache", action="store_true", default=None,
+                        help="workers hold their blocks' pairs between rounds (when they fit in memory)")
     parser.add_argument("--canaries", type=int, default=0, metavar="M",
                         help="plant M canary pairs (each included with probability 1/2) into the devices before "
                              "round 1, for `fed-nessa audit-empirical --run`; their secret goes to "
@@ -458,18 +546,33 @@ def build_config_from_args(args: argparse.Namespace) -> tuple[FederationConfig, 
     ``--resume`` last; on the fleet engine, the settings left out derived from the fleet size)."""
     overrides = [*args.overrides, *(["resume=true"] if args.resume else [])]
     config_file, device_overrides = args.config, list(args.device_overrides)
-    if getattr(args, "engine", None) == "fleet":
+    engine = getattr(args, "engine", None)
+    if engine == "blocks":  # its only ledger layout: the store (a --set ledger-layout=files is refused by name)
+        overrides = [BLOCKS_LEDGER_LAYOUT, *overrides]
+    if engine in FLEET_ENGINES:
         config_file = config_file or DEFAULT_FLEET_CONFIG
         overrides, device_overrides = fleet_overrides(config_file, overrides, device_overrides)
     cfg = build_config(config_file, overrides, run_dir=args.run_dir)
     return cfg, build_policy(config_file, device_overrides)
 
 
+def block_options(args: argparse.Namespace) -> Any:
+    """The block engine's options from its flags (None when none was given: the engine's defaults)."""
+    given: dict[str, Any] = {k: getattr(args, k) for k in BLOCK_FLAGS if getattr(args, k, None) is not None}
+    if not given:
+        return None
+    from fed_nessa.sim.blocks.engine import BlockOptions
+
+    if given.get("devices_per_block", 1) < 1:
+        raise ValueError(f"--devices-per-block {given['devices_per_block']}: must be at least 1")
+    return BlockOptions(**given)
+
+
 def run_from_args(args: argparse.Namespace) -> int:
     cfg, policy = build_config_from_args(args)
     plant = _canary_planter(args, cfg)
     summary = run_engine(cfg, policy, engine=args.engine, device=args.device, quiet=args.quiet, verbose=args.verbose,
-                         plant=plant, replace=getattr(args, "replace", False))
+                         plant=plant, replace=getattr(args, "replace", False), blocks=block_options(args))
     final = summary["final"]
     print(f"final EER {100 * final['eer']:.2f}%  gap closure {final['gap_closure']}  "
           f"epsilon {epsilon_phrase(summary['privacy'])}  shipped {final['gate']['shipped']}  -> {cfg.run_dir}")

@@ -56,7 +56,8 @@ from fed_nessa.privacy.store import LedgerStore
 from fed_nessa.randomness import noise_source
 from fed_nessa.sim.fedavg import block_steps, fedavg_block, pad_block
 from fed_nessa.sim.fleet import FEDAVG_BLOCK, device_id
-from fed_nessa.sim.fleet_numerics import ROUNDING_STREAM, UNIFORMS_STREAM, partial_modular_sum
+from fed_nessa.sim.fleet_ledgers import span_event
+from fed_nessa.sim.fleet_numerics import UNIFORMS_STREAM, partial_modular_sum, rounding_keys
 from fed_nessa.sim.ghost import device_clipped_sum, device_clipped_vectors
 
 #: Devices generated and computed on at once inside a block (bounds a worker's memory: ~1 GiB at ~114 pairs each).
@@ -107,9 +108,9 @@ class ReserveReply:
     first: int
     accepted: np.ndarray  # global indices of the devices that reserved (or joined without DP)
     declined: np.ndarray  # global indices of the devices that declined
-    reasons: dict[str, int]
+    reasons: dict[int, str]  # global index of a declined device -> why
     arrivals: dict[int, int]  # each accepted device's policy g -> how many
-    pins: dict[str, str]  # device id -> its key fingerprint (devices whose ledger is new)
+    pins: dict[int, str]  # global index -> its key fingerprint (devices whose ledger is new)
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,16 @@ class PartialSum:
     sent: int  # devices in the sum
     failed: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # own range check failed
     arrivals: dict[int, int] = field(default_factory=dict)  # g of the devices in the sum -> how many
+
+
+@dataclass(frozen=True)
+class History:
+    """Devices of a block sharing one ledger history: their events, delta and scheduled DP-SGD rounds."""
+
+    events: tuple[DPEvent, ...]
+    delta: float
+    scheduled: tuple[int, ...]  # the DP-SGD rounds of the span the devices joined (empty: none)
+    count: int
 
 
 @dataclass(frozen=True)
@@ -171,6 +182,10 @@ class BlockWorker:
         self._seqs: dict[int, int] = {}  # local index -> seq of its open reservation
         self._accepted = np.zeros(0, np.int64)  # local indices that reserved in the last reserve
         self._g = np.zeros(0, np.int64)  # their policies' g
+        # Each device's ledger history as of its last reserve (absent: never asked, no events).
+        self._history: dict[int, tuple[tuple[DPEvent, ...], float, tuple[int, ...]]] = {}
+        self._interned: dict[Any, Any] = {}
+        self._scheduled: dict[int, tuple[int, ...]] = {}  # local index -> DP-SGD rounds its span covers
 
     # -- data ------------------------------------------------------------------------------
     def chunks(self) -> Iterator[DeviceBlock]:
@@ -198,14 +213,15 @@ class BlockWorker:
         models = self.population.model_ids
         enroll, runtime = models[self.population.enroll_model], models[self.population.runtime_model]
         accepted, declined, g, pins = [], [], [], {}
-        reasons: Counter[str] = Counter()
+        reasons: dict[int, str] = {}
         self._seqs = {}
+        span = req.request.phase == Phase.DPSGD
         with self.store.batch():
             for i in mine.tolist():
                 ledger = self._ledger(i)
                 policy = ledger.policy or self.policy
                 if len(ledger.entries()) == 1:  # a new ledger (its header alone): the server pins its key once
-                    pins[self.ids[i]] = ledger.key_fingerprint
+                    pins[i + first] = ledger.key_fingerprint
                 why = (model_refusal(req.request, enroll, runtime)
                        or policy_refusal(req.request, int(self.n[i]), cfg, policy, ledger))
                 event = None if why else _span(planned_event(req.request, int(self.n[i]), cfg, policy), req.rounds)
@@ -214,15 +230,34 @@ class BlockWorker:
                     why = None if decision.allowed else decision.reason
                 if why:
                     declined.append(i)
-                    reasons[why] += 1
+                    reasons[i + first] = why
+                    self._remember(i, ledger, policy.delta)
                     continue
                 accepted.append(i)
                 g.append(policy.guaranteed_arrivals)
+                if span:
+                    self._scheduled[i] = tuple(req.rounds)
                 if event is not None:
                     self._seqs[i] = ledger.reserve(event, req.received)
+                self._remember(i, ledger, policy.delta)
         self._accepted, self._g = np.asarray(accepted, np.int64), np.asarray(g, np.int64)
-        return ReserveReply(first, self._accepted + first, np.asarray(declined, np.int64) + first, dict(reasons),
+        return ReserveReply(first, self._accepted + first, np.asarray(declined, np.int64) + first, reasons,
                             _counts(self._g), pins)
+
+    def _remember(self, i: int, ledger: DeviceLedger, delta: float) -> None:
+        """Device ``i``'s history as it stands; equal histories share one tuple (memory at 10^5 devices)."""
+        key = (tuple(ledger.events()), delta, self._scheduled.get(i, ()))
+        self._history[i] = self._interned.setdefault(key, key)
+
+    def histories(self, _request: object = None) -> list[History]:
+        """The block's distinct ledger histories (as of each device's last reserve) and how many devices
+        hold each; devices never asked hold none. The driver composes each once (the round's epsilon)."""
+        counts = Counter(self._history.values())
+        out = [History(events, delta, scheduled, k) for (events, delta, scheduled), k in counts.items()]
+        unseen = len(self.ids) - len(self._history)
+        if unseen:
+            out.append(History((), self.policy.delta, (), unseen))
+        return out
 
     def complete(self, req: CompleteRequest) -> CompleteReply:
         """Close every open reservation; returns each such device's ledger head and epsilon."""
@@ -260,7 +295,7 @@ class BlockWorker:
         """Per device: its vector, its share from its own stream, its codec step; summed modulo the field."""
         first = self.spec.first
         g_of = dict(zip(self._accepted.tolist(), self._g.tolist(), strict=True))
-        payloads, failed, sent_g, keys = [], [], [], []
+        payloads, failed, sent_g, sent = [], [], [], []
         for chunk in self.chunks():
             lo = chunk.first - first
             local = [i for i in self._accepted.tolist() if lo <= i < lo + chunk.devices]
@@ -268,11 +303,11 @@ class BlockWorker:
                 try:
                     payloads.append(req.codec.encode(vec)[0])
                     sent_g.append(g_of[i])
-                    keys.append([self.cfg.seed, ROUNDING_STREAM, req.round, i + first])
+                    sent.append(i + first)
                 except SaturationError:
                     failed.append(i + first)
-        keyed = keys if self.cfg.reproducible_noise else None  # the rounding replays only when the noise does
-        total = partial_modular_sum(payloads, req.codec, keyed) if payloads else np.zeros(0, np.int64)
+        keys = rounding_keys(self.cfg, req.round, sent)  # the rounding replays only when the noise does
+        total = partial_modular_sum(payloads, req.codec, keys) if payloads else np.zeros(0, np.int64)
         return PartialSum(first, total, len(payloads), np.asarray(failed, np.int64), _counts(np.asarray(sent_g)))
 
     def _device_vectors(self, req: SumRequest, chunk: DeviceBlock, local: list[int]) -> list[np.ndarray]:
@@ -411,13 +446,12 @@ def _rows(chunk: DeviceBlock, device: int) -> np.ndarray:
 
 
 def _span(event: DPEvent | None, rounds: tuple[int, ...]) -> DPEvent | None:
-    """A round's event over consecutive ``rounds`` (one reserve line; the fleet engine's span)."""
+    """A round's event over consecutive ``rounds`` (one reserve line: the fleet engine's span, word for word)."""
     if event is None or len(rounds) == 1:
         return event
     if list(rounds) != list(range(rounds[0], rounds[-1] + 1)):
         raise BlockError(f"a span covers consecutive rounds, got {rounds}")
-    return DPEvent.from_dict({**event.to_dict(), "steps": len(rounds), "round": rounds[0], "last_round": rounds[-1],
-                              "note": f"{event.note}; span of {len(rounds)} scheduled round(s) reserved at once"})
+    return span_event(event, rounds[0], rounds[-1], len(rounds))
 
 
 def _counts(g: np.ndarray) -> dict[int, int]:
