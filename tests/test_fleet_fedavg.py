@@ -72,6 +72,9 @@ def test_fleet_fedavg_equals_the_flower_engine(tmp_path: Path, monkeypatch: pyte
         assert clips[0][0] is None and clips[0][1] == 0.1 and clips[0][2] != 0.1  # the clip moved after round 2
         # the bits' sum carries SecAgg+'s rounding like every coordinate (divided by the public bit scale)
         assert clips[1][0] is None and clips[0][1:] == pytest.approx(clips[1][1:], rel=1e-3, abs=0)
+        for run in ("flower", "fleet"):  # every device's event agrees with the server's signed public parameters
+            checks = {f.check for f in audit(tmp_path / run).findings}
+            assert "params.mismatch" not in checks and not any(c.startswith("evidence") for c in checks), checks
     else:
         assert clips == [[None] * 3] * 2
     cfg = _cfg(tmp_path, "bounds", **over)
