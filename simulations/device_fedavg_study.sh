@@ -39,3 +39,4 @@ for arm in fedsgd fedavg fedavg-adaptive fedavg-adaptive-adambc; do
   "$VENV/bin/python" -m fed_nessa.cli simulate $common ${arms[$arm]} --run-dir "$(fresh "$RUNS/$run")"
   record "$run"
 done
+"$VENV/bin/python" -m simulations.device_fedavg_table "$CSV"

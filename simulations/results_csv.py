@@ -96,8 +96,8 @@ CONFIG_KEYS: tuple[tuple[str, type], ...] = (
     ("hidden", int), ("depth", int), ("min-arrivals", int), ("min-arrival-fraction", float),
     ("secagg-num-shares", int), ("secagg-reconstruction-threshold", int), ("secagg-quantization-range", int),
     ("eval-every", int), ("references", bool), ("reproducible-noise", bool), ("fleet-numerics", str), ("seed", int),
-    ("device-update", str), ("local-epochs", int), ("local-batch", int), ("local-lr", float),
-    ("clip-target-quantile", float), ("clip-lr", float), ("clip-count-noise", float),
+    ("device-update", str), ("device-clip-norm", float), ("local-epochs", int), ("local-batch", int),
+    ("local-lr", float), ("clip-target-quantile", float), ("clip-lr", float), ("clip-count-noise", float),
 )
 # Each evaluated aligner's metrics: the shipped one (``final``) and the rows beside it.
 METRIC_ROWS = ("final", "linear_start", "dp_nessa", "centralised_nessa", "ridge", "sym_before", "sym_after")
