@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from fed_nessa.config import DevicePolicy, FederationConfig, FleetNumerics, Phas
 from fed_nessa.federated.codec import make_codec
 from fed_nessa.federated.layout import trainable
 from fed_nessa.federated.noise_plan import noise_plan
-from fed_nessa.federated.rounds import CLIP_COLUMN
+from fed_nessa.federated.rounds import CLIP_COLUMN, LEDGER_FILE
 from fed_nessa.federated.server_model import ServerModel
 from fed_nessa.privacy.audit import audit
 from fed_nessa.privacy.ledger import DeviceLedger
@@ -72,6 +73,10 @@ def test_fleet_fedavg_equals_the_flower_engine(tmp_path: Path, monkeypatch: pyte
         assert clips[0][0] is None and clips[0][1] == 0.1 and clips[0][2] != 0.1  # the clip moved after round 2
         # the bits' sum carries SecAgg+'s rounding like every coordinate (divided by the public bit scale)
         assert clips[1][0] is None and clips[0][1:] == pytest.approx(clips[1][1:], rel=1e-3, abs=0)
+        lines = [json.loads(line) for line in (tmp_path / "flower" / LEDGER_FILE).read_text().splitlines()]
+        signed = {e["payload"]["round"]: e["payload"]["extra"][CLIP_COLUMN] for e in lines
+                  if e.get("kind") == "round" and CLIP_COLUMN in e["payload"].get("extra", {})}
+        assert signed == {2: clips[0][1], 3: clips[0][2]}  # the Flower engine's federation ledger signs each C_t
         for run in ("flower", "fleet"):  # every device's event agrees with the server's signed public parameters
             checks = {f.check for f in audit(tmp_path / run).findings}
             assert "params.mismatch" not in checks and not any(c.startswith("evidence") for c in checks), checks
