@@ -3,8 +3,9 @@
 # FedSGD vs DP-FedAvg vs DP-FedAvg with adaptive clipping vs the same with server Adam's DP bias correction,
 # every run a `fed-nessa simulate --engine fleet` (fast numerics) with privacy-unit = device into
 # runs/studies/fedavg-* (not committed), its row added to results/device_fedavg.csv (simulations/results_csv.py).
-#   bash simulations/device_fedavg_study.sh [DEVICES] [EPSILON] [ROUNDS]
-# defaults: 3000 8 20. Every device in every round (q = 1); NESSA trained end to end (linear-start none, as
+#   bash simulations/device_fedavg_study.sh [DEVICES] [EPSILON] [ROUNDS] [ARMS]
+# defaults: 3000 8 20 "fedsgd fedavg fedavg-adaptive fedavg-adaptive-adambc" (ARMS: a subset, e.g. to run
+# two arms side by side). Every device in every round (q = 1); NESSA trained end to end (linear-start none, as
 # the device-level study's NESSA arm) by ROUNDS device-level rounds calibrated to the whole epsilon
 # (delta derived below 1 / devices). Arms:
 #   fedsgd                  each device's mean gradient over 8 of its pairs clipped to 0.1, server Adam lr 0.01;
@@ -23,6 +24,7 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 n=${1:-3000}
 eps=${2:-8}
 rounds=${3:-20}
+chosen=${4:-"fedsgd fedavg fedavg-adaptive fedavg-adaptive-adambc"}
 common="--engine fleet --quiet --set num-devices=$n --set eval-every=5 --set references=false
         --set privacy-unit=device --set epsilon-budget=$eps --set aligner=nessa --set linear-start=none
         --set num-server-rounds=$rounds"
@@ -33,7 +35,7 @@ declare -A arms=(
   [fedavg-adaptive]="$fedavg --set server-optimizer=sgd --set server-lr=0.1 --set clip-target-quantile=0.5"
   [fedavg-adaptive-adambc]="$fedavg --set server-optimizer=adam-bc --set server-lr=0.01 --set clip-target-quantile=0.5"
 )
-for arm in fedsgd fedavg fedavg-adaptive fedavg-adaptive-adambc; do
+for arm in $chosen; do
   run="fedavg-${n}dev-${arm}-eps$eps"
   echo "$(date +%T) $run"
   "$VENV/bin/python" -m fed_nessa.cli simulate $common ${arms[$arm]} --run-dir "$(fresh "$RUNS/$run")"

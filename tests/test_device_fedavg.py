@@ -363,3 +363,17 @@ def test_a_bit_count_noise_that_leaves_the_delta_nothing_is_refused_before_anyth
     with pytest.raises(ValueError, match="clip-count-noise = 0.01: the bit count's noise multiplier 0.6 is <= "):
         run_engine(cfg, DevicePolicy(), engine="fleet", quiet=True)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("count_noise", "bit_above_clip"), [(0.05, False), (0.011, True)])
+def test_the_payload_bound_holds_the_scaled_bit_whatever_the_count_noise(count_noise: float,
+                                                                         bit_above_clip: bool) -> None:
+    """The scaled bit's signal is C z_d / z_b: below C at the defaults, above it when z_b < sqrt(2) z (here
+    z_b = 2.2 against z = 2), and the payload bound covers it plus the noise headroom either way."""
+    cfg = _cfg(**{"clip-target-quantile": 0.5, "noise-multiplier": 2.0, "clip-count-noise": count_noise})
+    mech, plan, clip = mechanism_for(cfg), noise_plan(cfg, 100), 0.3
+    scale = mech.bit_scale(clip, plan)
+    assert scale is not None
+    signal, noise = BIT_SENSITIVITY * scale, 12 * mech.vector_sigma(Phase.DPSGD, plan) * clip
+    assert (signal > clip) is bit_above_clip
+    assert mech.payload_bound(Phase.DPSGD, plan, clip) == pytest.approx(max(clip, signal) + noise)

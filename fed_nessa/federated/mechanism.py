@@ -293,10 +293,15 @@ class DeviceLevel(Mechanism):
         return 1
 
     def payload_bound(self, phase: Phase, plan: NoisePlan, clip: float | None = None) -> float:
-        """The clipped vector plus :data:`PAYLOAD_SIGMAS` of its full noise; the adaptive clip's bit is
-        sent scaled into the same bound (:meth:`bit_scale`)."""
+        """The clipped vector plus :data:`PAYLOAD_SIGMAS` of its full noise. The adaptive clip's scaled bit
+        (:meth:`bit_scale`) has the same noise and a signal of at most ``C z_d / z_b``: <= C unless the bit's
+        count noise is barely above the round's budget (``z_b < sqrt(2) z``), where the bound grows with it."""
         sens = self.sensitivity(phase) if clip is None or phase == Phase.SUFFSTATS else clip
-        return sens + (PAYLOAD_SIGMAS * self.vector_sigma(phase, plan) * sens if self.dp else 0.0)
+        signal = sens
+        scale = self.bit_scale(sens, plan) if phase == Phase.DPSGD else None
+        if scale is not None:
+            signal = max(sens, BIT_SENSITIVITY * scale)
+        return signal + (PAYLOAD_SIGMAS * self.vector_sigma(phase, plan) * sens if self.dp else 0.0)
 
     def event_mechanism(self, phase: Phase) -> str:
         return GAUSSIAN_SUM  # one Gaussian sum per participation, q = 1: no amplification is claimed
@@ -350,9 +355,10 @@ class DeviceLevel(Mechanism):
     def bit_scale(self, clip: float, plan: NoisePlan) -> float | None:
         """The factor the centred bit (and its count share) is multiplied by in the payload: the delta's noise
         std over the count's, ``z_d C / sigma_b``, so the bit coordinate carries the same noise std as a
-        delta coordinate and its signal ``C z_d / (2 sigma_b) < C / 2`` fits SecAgg+'s range sized for the
-        delta (:meth:`payload_bound`). Without DP: ``C`` (the bit in [-C/2, C/2]). Public: the server divides
-        the released coordinate by it. None without adaptive clipping."""
+        delta coordinate and a signal of at most ``C z_d / (2 sigma_b) = C z_d / z_b`` (<= C once
+        ``z_b >= sqrt(2) z``; :meth:`payload_bound` covers it either way) instead of widening SecAgg+'s range
+        by ``sigma_b``. Without DP: ``C`` (the bit in [-C/2, C/2]). Public: the server divides the released
+        coordinate by it. None without adaptive clipping."""
         if not self.adaptive:
             return None
         if not self.dp:
