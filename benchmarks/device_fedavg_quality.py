@@ -4,7 +4,7 @@ Evidence for the device-level study, not the study: the vectorised round maths
 (:mod:`fed_nessa.sim.fedavg` and :func:`fed_nessa.sim.ghost.device_clipped_sum`) driven directly,
 without an engine, ledgers or SecAgg+. Every device joins every round (q = 1); the noise of each
 released sum is ONE Gaussian draw with the full std the mechanism gives for the delta (g = 1) and,
-with adaptive clipping, one for the bit count (:meth:`DeviceLevel.delta_share_std`,
+with adaptive clipping, one for the bit count (:meth:`DeviceLevel.share_std` at the round's clip,
 :meth:`DeviceLevel.count_share_std`); sigma is calibrated so all ``--rounds`` spend
 ``--epsilon`` at delta = 0.1 / N (:func:`fed_nessa.federated.noise_plan.noise_plan`). Every arm
 starts from the same NON-DP ridge fit on the first 1,024 devices' pairs as the frozen linear part (a
@@ -30,7 +30,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from fed_nessa.config import FederationConfig, from_run_config
+from fed_nessa.config import FederationConfig, Phase, from_run_config
 from fed_nessa.data.blocks import DeviceBlock
 from fed_nessa.data.datasets import EmbeddingSet
 from fed_nessa.data.lazy_population import LazyPopulation
@@ -145,7 +145,7 @@ def run_arm(arm: str, a: argparse.Namespace, pop: LazyPopulation, blocks: list[D
         t0 = time.perf_counter()
         c = clip.clip if cfg.clip_target_quantile > 0 else cfg.device_clip_norm
         total, bits = round_sum(arm, cfg, net, blocks, c, np.random.default_rng([a.seed, t, ARMS.index(arm)]))
-        std = mech.delta_share_std(plan, 1, c, pop.num_devices)
+        std = mech.share_std(Phase.DPSGD, plan, 1, c)
         total += torch.from_numpy(noise.normal(0.0, std, total.shape))
         bits += float(noise.normal(0.0, mech.count_share_std(1, pop.num_devices))) if mech.adaptive else 0.0
         mean = (total / pop.num_devices).float()

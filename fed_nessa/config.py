@@ -77,11 +77,6 @@ class ServerOptimizer(StrEnum):
     ADAM_BC = "adam-bc"  # Adam minus the known DP noise variance in its second moment (DP-AdamBC)
 
 
-#: Server optimizers the engines' ServerModel builds today; ``adam-bc`` lives in
-#: :mod:`fed_nessa.federated.server_optimizers` until ServerModel builds it from there.
-ENGINE_SERVER_OPTIMIZERS = (ServerOptimizer.ADAM.value, ServerOptimizer.SGD.value)
-
-
 class DeviceUpdate(StrEnum):
     """What a device computes in a device-level DP-SGD round (docs/privacy.md "DP-FedAvg at device level")."""
 
@@ -438,9 +433,6 @@ def _check_ranges(c: FederationConfig) -> list[str]:
         p.append("device-update = 'fedavg' is the device-level update: it needs privacy-unit = 'device'")
     if c.clip_target_quantile > 0 and c.device_update != DeviceUpdate.FEDAVG:
         p.append("clip-target-quantile > 0 adapts the clip of DP-FedAvg deltas: it needs device-update = 'fedavg'")
-    if c.server_optimizer == ServerOptimizer.ADAM_BC:
-        p.append(f"server-optimizer = {c.server_optimizer!r}: not built by the engines yet (library only: "
-                 f"fed_nessa.federated.server_optimizers); allowed values {', '.join(ENGINE_SERVER_OPTIMIZERS)}")
     if c.privacy_unit == PrivacyUnit.DEVICE and c.budget_split > 0 and c.sample_rate > 0:
         p.append("privacy-unit = 'device' uses no sampling (q = 1 per participation): leave sample-rate at 0")
     return p

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from fed_nessa.config import Phase
+from fed_nessa.federated.rounds import CLIP_COLUMN
 
 Value = int | float | str | bool | None
 
@@ -95,6 +96,8 @@ CONFIG_KEYS: tuple[tuple[str, type], ...] = (
     ("hidden", int), ("depth", int), ("min-arrivals", int), ("min-arrival-fraction", float),
     ("secagg-num-shares", int), ("secagg-reconstruction-threshold", int), ("secagg-quantization-range", int),
     ("eval-every", int), ("references", bool), ("reproducible-noise", bool), ("fleet-numerics", str), ("seed", int),
+    ("device-update", str), ("device-clip-norm", float), ("local-epochs", int), ("local-batch", int),
+    ("local-lr", float), ("clip-target-quantile", float), ("clip-lr", float), ("clip-count-noise", float),
 )
 # Each evaluated aligner's metrics: the shipped one (``final``) and the rows beside it.
 METRIC_ROWS = ("final", "linear_start", "dp_nessa", "centralised_nessa", "ridge", "sym_before", "sym_after")
@@ -137,6 +140,8 @@ COLUMNS: tuple[Column, ...] = (
     Column("later_rounds_seconds_mean", float, _later_rounds_seconds_mean),
     Column("seconds_per_dpsgd_round_median", float, _at("engine", "seconds_per_dpsgd_round_median")),
     Column("peak_rss_mib", float, _at("engine", "peak_rss_mib")),
+    # adaptive clipping: the clip the last round's config stated (the adaptive clip's C_t; empty at a fixed clip)
+    Column("last_round_clip", float, lambda s: _rounds_of(s)[-1].get(CLIP_COLUMN) if _rounds_of(s) else None),
 )
 # One evaluated round of a run (rounds without an evaluation are summarised in the run's row).
 ROUND_COLUMNS: tuple[Column, ...] = (
@@ -144,7 +149,8 @@ ROUND_COLUMNS: tuple[Column, ...] = (
     *(Column(key, kind, _at(key)) for key, kind in (
         ("round", int), ("phase", str), ("status", str), ("eer", float), ("min_dcf", float), ("sid_top1", float),
         ("gap_closure", float), ("participants", int), ("declined", int), ("failed", int), ("sampled", int),
-        ("saturated", int), ("epsilon_max", float), ("epsilon_median", float), ("seconds", float))),
+        ("saturated", int), ("epsilon_max", float), ("epsilon_median", float), ("seconds", float),
+        (CLIP_COLUMN, float))),
 )
 
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-from fed_nessa.config import ConfigError, FederationConfig, from_run_config
+from fed_nessa.config import ConfigError, FederationConfig, Phase, from_run_config
 from fed_nessa.data.shards import Shard
 from fed_nessa.federated.adaptive_clip import AdaptiveClip
 from fed_nessa.federated.layout import build_net
@@ -18,7 +21,9 @@ from fed_nessa.federated.noise_plan import noise_plan
 from fed_nessa.federated.server_optimizers import AdamBC, server_optimizer
 from fed_nessa.model.training import fedavg_delta, local_minibatches
 from fed_nessa.privacy.accountants.gaussian import GaussianAccountant
+from fed_nessa.privacy.accounting import GAUSSIAN
 from fed_nessa.privacy.events import DEVICE, DISTRIBUTED, GAUSSIAN_SUM, DPEvent
+from fed_nessa.privacy.ledger import DeviceLedger
 from fed_nessa.randomness import ReproducibleNoise
 from fed_nessa.sim.fedavg import block_steps, fedavg_block, pad_block
 
@@ -60,8 +65,12 @@ def test_fedavg_keys_are_validated_and_fedsgd_stays_the_default() -> None:
         _cfg(**{"clip-target-quantile": 1.0})
     with pytest.raises(ConfigError, match="clip-target-quantile > 0 adapts the clip of DP-FedAvg"):
         _cfg(**{"device-update": "fedsgd", "clip-target-quantile": 0.5})
-    with pytest.raises(ConfigError, match="server-optimizer = 'adam-bc': not built by the engines yet"):
-        _cfg(**{"server-optimizer": "adam-bc"})
+    with pytest.raises(ConfigError, match=r"clip-target-quantile = -0.1: allowed range \[0, 1\)"):
+        _cfg(**{"clip-target-quantile": -0.1})
+    for lr in (0.0, -0.5):
+        with pytest.raises(ConfigError, match=rf"clip-lr = {lr}: allowed range \(0, 10\]"):
+            _cfg(**{"clip-target-quantile": 0.5, "clip-lr": lr})
+    assert _cfg(**{"server-optimizer": "adam-bc"}).server_optimizer == "adam-bc"  # the engines build it
 
 
 # -- the device update -----------------------------------------------------------------------
@@ -154,7 +163,7 @@ def test_the_delta_and_the_bit_together_are_charged_the_rounds_sigma() -> None:
     assert acc.epsilon([ev(z_delta), ev(z_bit)] * 10, cfg.delta) == pytest.approx(charged, rel=1e-9)
     assert acc.epsilon([ev(z_delta)] * 10, cfg.delta) < charged  # the bit is not free
     # shares: the distributed delta and count shares reassemble the released noise
-    assert mech.delta_share_std(plan, 4, 0.2, fleet) == pytest.approx(z_delta * 0.2 / 2)
+    assert mech.share_std(Phase.DPSGD, plan, 4, 0.2) == pytest.approx(z_delta * 0.2 / 2)
     assert mech.count_share_std(4, fleet) == pytest.approx(mech.count_sigma(fleet) / 2)
     assert mechanism_for(_cfg()).count_share_std(4, fleet) == 0.0
 
@@ -216,14 +225,155 @@ def test_adam_bc_without_noise_is_adam_and_the_factory_builds_every_name() -> No
         server_optimizer("lion", [torch.nn.Parameter(torch.ones(1))], 0.1)
 
 
-@pytest.mark.parametrize("engine", ["flower", "fleet"])
-def test_the_engines_refuse_what_they_do_not_run_yet(tmp_path: Path, engine: str) -> None:
-    """No key silently does nothing: no engine sends the clip bit (both run DP-FedAvg at a fixed clip)."""
+# -- adaptive clipping through a device's round and the server's release ------------------------
+def _round(cfg: FederationConfig, tmp: Path, clip: float | None, fleet: int = 100) -> tuple[Any, DeviceLedger]:
+    from fed_nessa.config import DevicePolicy
+    from fed_nessa.federated.device import RoundRequest, client_round
+    from fed_nessa.federated.layout import flat
+
+    policy = DevicePolicy(privacy_unit="device", guaranteed_arrivals=4, min_noise_multiplier=0.1,
+                          delta=cfg.delta, epsilon_budget=1000.0)
+    ledger = DeviceLedger.open(tmp / "dev", "dev", policy=policy)
+    req = RoundRequest(Phase.DPSGD, 1, 4, fleet).at_clip(clip)
+    out = client_round(req, _shard(9, 4), flat(list(_net(cfg).parameters())), cfg, ledger, policy)
+    return out, ledger
+
+
+def test_the_devices_ledger_charges_the_noise_its_delta_and_its_bit_actually_carry(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stds a device really adds to its delta (per unit of C) and to its bit (per unit of 1/2) are read at
+    the mechanism; accounted as two Gaussian events they cost exactly the epsilon the ledger records. A
+    device that sized its delta's noise by the round's z alone (the bit's noise ignored) fails here."""
+    cfg = _cfg(**{"clip-target-quantile": 0.5, "noise-multiplier": 1.5, "clip-count-noise": 0.05})
+    seen: dict[str, float] = {}
+    original = DeviceLevel.fedavg_vector
+
+    def spy(self: DeviceLevel, net: torch.nn.Module, shard: Shard, clip: float, delta_std: float, noise: Any,
+            count_std: float | None = None, bit_scale: float = 1.0) -> np.ndarray:
+        seen.update(clip=clip, delta_std=delta_std, count_std=count_std or 0.0, bit_scale=bit_scale)
+        return original(self, net, shard, clip, delta_std, noise, count_std, bit_scale)
+
+    monkeypatch.setattr(DeviceLevel, "fedavg_vector", spy)
+    out, ledger = _round(cfg, tmp_path, 0.37)
+    assert out.vector is not None and seen["clip"] == 0.37 and seen["count_std"] > 0
+    g = 4  # each share is 1/sqrt(g) of the released noise
+    z_delta = seen["delta_std"] * math.sqrt(g) / seen["clip"]
+    z_bit = seen["count_std"] * math.sqrt(g) / BIT_SENSITIVITY
+
+    def ev(sigma: float) -> DPEvent:
+        return DPEvent(round=1, mechanism=GAUSSIAN_SUM, steps=1, sample_rate=1.0, noise_multiplier=sigma,
+                       clip_norm=1.0, delta=cfg.delta, mode=DISTRIBUTED, unit=DEVICE)
+
+    acc = GaussianAccountant()
+    spent = ledger.epsilon(cfg.delta, accountant=GAUSSIAN)  # the analytic accountant the two events are read by
+    assert spent == pytest.approx(acc.epsilon([ev(z_delta), ev(z_bit)], cfg.delta), rel=1e-6)
+    assert spent > acc.epsilon([ev(z_delta)], cfg.delta) * 1.0001  # the bit's noise is in the accounting
+    (event,) = ledger.events()
+    assert event.noise_multiplier == 1.5 and "adaptive clip's centred bit" in event.note
+    # the payload: the bit rides scaled, with the delta's share std, inside SecAgg+'s range for the delta
+    assert seen["count_std"] * seen["bit_scale"] == pytest.approx(seen["delta_std"])
+    mech, plan = mechanism_for(cfg), noise_plan(cfg, 100)
+    assert abs(out.vector[-1]) <= mech.payload_bound(Phase.DPSGD, plan, 0.37)
+
+
+def test_an_adaptive_round_without_a_clip_or_with_a_bad_one_is_declined(tmp_path: Path) -> None:
+    cfg = _cfg(**{"clip-target-quantile": 0.5})
+    for clip, why in ((None, "states no clip"), (-1.0, "is not a finite number > 0"),
+                      (math.inf, "is not a finite number > 0")):
+        out, ledger = _round(cfg, tmp_path / str(clip), clip)
+        assert out.vector is None and why in str(out.metrics["reason"]) and ledger.events() == []
+
+
+def test_the_released_clip_moves_to_a_known_quantile_of_the_norms() -> None:
+    """A synthetic population of 1,000 devices whose update norms are log-normal (the true 0.3 quantile known):
+    each round every device's scaled bit plus its count share (clip_bit, DeviceLevel.bit_scale) is summed as
+    SecAgg+ would release it, and the server's ServerModel reads the fraction off the sum and moves C. From a
+    clip 30x too small or too large, C ends within 10 % of the true quantile."""
+    from fed_nessa.federated.mechanism import clip_bit
+    from fed_nessa.federated.server_model import ServerModel
+
+    fleet, target = 1000, 0.3
+    cfg = _cfg(**{"clip-target-quantile": target, "clip-lr": 0.2, "noise-multiplier": 1.0,
+                  "num-devices": fleet, "delta": 1e-4})
+    rng = np.random.default_rng(5)
+    norms = np.exp(rng.normal(0.0, 0.5, fleet))
+    truth = float(np.quantile(norms, target))
+    plan, noise = noise_plan(cfg, fleet), ReproducibleNoise(11)
+    for start in (truth / 30, truth * 30):
+        model = ServerModel(replace(cfg, device_clip_norm=start), D_X, D_Y, "x", "y")
+        p = sum(q.numel() for q in model.net.parameters() if q.requires_grad)
+        for _ in range(120):
+            clip = model.round_clip(Phase.DPSGD)
+            assert clip is not None
+            scale = model.mechanism.bit_scale(clip, plan)
+            count_std = model.mechanism.share_std(Phase.DPSGD, plan, fleet, clip) / scale  # shares of g = N
+            bits = sum(clip_bit(float(n), clip, count_std, noise) * scale for n in norms)
+            model.apply(Phase.DPSGD, np.append(np.zeros(p, np.float32), bits), fleet, noise_arrivals=[fleet] * fleet,
+                        plan=plan)
+        assert model.round_clip(Phase.DPSGD) == pytest.approx(truth, rel=0.1)
+
+
+def _engine_cfg(tmp: Path, name: str, **over: object) -> FederationConfig:
+    base = {"privacy-unit": "device", "device-update": "fedavg", "num-devices": 30, "min-arrivals": 3,
+            "delta": 1e-5, "num-server-rounds": 4, "linear-start": "suffstats", "aligner": "nessa",
+            "clip-target-quantile": 0.5, "clip-count-noise": 0.5, "noise-multiplier": 2.0,
+            "suffstats-noise-multiplier": 2.0, "hidden": 8, "eval-speakers": 20, "validation-speakers": 20,
+            "references": False, "run-dir": str(tmp / name)}
+    base.update(over)
+    return from_run_config(base)
+
+
+@pytest.mark.parametrize("numerics", ["exact", "fast"])
+def test_a_fleet_run_with_adaptive_clipping_records_its_clips_and_passes_its_audit(tmp_path: Path,
+                                                                                   numerics: str) -> None:
+    from fed_nessa.config import DevicePolicy
+    from fed_nessa.federated.rounds import CLIP_COLUMN, LEDGER_FILE
+    from fed_nessa.privacy.audit import audit
+    from fed_nessa.sim.fleet_ledgers import ADAPTIVE_CLIPS
+    from fed_nessa.sim.runner import run_engine
+
+    policy = DevicePolicy(privacy_unit="device", guaranteed_arrivals=3, min_noise_multiplier=0.2,
+                          min_suffstats_noise_multiplier=0.2)
+    summary = run_engine(_engine_cfg(tmp_path, "run", **{"fleet-numerics": numerics, "server-optimizer": "adam-bc"}),
+                         policy, engine="fleet", quiet=True)
+    clips = [e.get(CLIP_COLUMN) for e in summary["rounds"]]
+    assert clips[0] is None and clips[1] == 0.1 and len(set(clips[1:])) == 3  # C moves every round
+    assert [e["status"] for e in summary["rounds"]] == ["applied"] * 4
+    lines = (tmp_path / "run" / LEDGER_FILE).read_text().splitlines()
+    recorded = {k: v for line in lines for k, v in _extra(json.loads(line)).get(ADAPTIVE_CLIPS, {}).items()}
+    assert recorded == {str(r): c for r, c in zip(range(2, 5), clips[1:], strict=True)}
+    result = audit(tmp_path / "run")
+    assert result.passed, [f.message for f in result.findings]
+
+
+def _extra(entry: dict[str, Any]) -> dict[str, Any]:
+    """A federation-ledger line's ``extra`` (the signed record's public fields)."""
+    for value in (entry, *(v for v in entry.values() if isinstance(v, dict))):
+        if isinstance(value.get("extra"), dict):
+            return dict(value["extra"])
+    return {}
+
+
+def test_a_bit_count_noise_that_leaves_the_delta_nothing_is_refused_before_anything_is_written(
+        tmp_path: Path) -> None:
     from fed_nessa.config import DevicePolicy
     from fed_nessa.sim.runner import run_engine
 
-    base = {"privacy-unit": "device", "device-update": "fedavg", "num-devices": 30, "min-arrivals": 3,
-            "delta": 1e-3, "run-dir": str(tmp_path / "run")}
-    with pytest.raises(ValueError, match="no engine sends the clip bit"):
-        run_engine(from_run_config({**base, "clip-target-quantile": 0.5}), DevicePolicy(), engine=engine, quiet=True)
-    assert not (tmp_path / "run").exists()  # refused before anything is written
+    cfg = _engine_cfg(tmp_path, "run", **{"clip-count-noise": 0.01})
+    with pytest.raises(ValueError, match="clip-count-noise = 0.01: the bit count's noise multiplier 0.6 is <= "):
+        run_engine(cfg, DevicePolicy(), engine="fleet", quiet=True)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("count_noise", "bit_above_clip"), [(0.05, False), (0.011, True)])
+def test_the_payload_bound_holds_the_scaled_bit_whatever_the_count_noise(count_noise: float,
+                                                                         bit_above_clip: bool) -> None:
+    """The scaled bit's signal is C z_d / z_b: below C at the defaults, above it when z_b < sqrt(2) z (here
+    z_b = 2.2 against z = 2), and the payload bound covers it plus the noise headroom either way."""
+    cfg = _cfg(**{"clip-target-quantile": 0.5, "noise-multiplier": 2.0, "clip-count-noise": count_noise})
+    mech, plan, clip = mechanism_for(cfg), noise_plan(cfg, 100), 0.3
+    scale = mech.bit_scale(clip, plan)
+    assert scale is not None
+    signal, noise = BIT_SENSITIVITY * scale, 12 * mech.vector_sigma(Phase.DPSGD, plan) * clip
+    assert (signal > clip) is bit_above_clip
+    assert mech.payload_bound(Phase.DPSGD, plan, clip) == pytest.approx(max(clip, signal) + noise)

@@ -36,6 +36,9 @@ class _Model:
     def payload_bound(self, phase: Phase, plan: NoisePlan) -> float:
         return 1.0
 
+    def round_clip(self, phase: Phase) -> float | None:
+        return None  # a fixed clip: the round config states none
+
     def apply(self, phase: Phase, total: np.ndarray, n: int, **kw: Any) -> None:
         self.applied.append((phase, n))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,9 @@ import pytest
 
 from fed_nessa.config import DevicePolicy, FederationConfig, FleetNumerics, Phase, from_run_config
 from fed_nessa.federated.codec import make_codec
+from fed_nessa.federated.layout import trainable
 from fed_nessa.federated.noise_plan import noise_plan
+from fed_nessa.federated.rounds import CLIP_COLUMN, LEDGER_FILE
 from fed_nessa.federated.server_model import ServerModel
 from fed_nessa.privacy.audit import audit
 from fed_nessa.privacy.ledger import DeviceLedger
@@ -34,9 +37,17 @@ def _cfg(tmp: Path, name: str, **over: Any) -> FederationConfig:
     return from_run_config(base)
 
 
-def test_fleet_fedavg_equals_the_flower_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+#: Adaptive clipping on, with server Adam's DP bias correction (12 devices: the bit's count noise of 1 x the fleet
+#: leaves the delta z_d = 3.02 of the round's z = 3).
+ADAPTIVE = {"clip-target-quantile": 0.5, "clip-count-noise": 1.0, "clip-lr": 0.5, "server-optimizer": "adam-bc"}
+
+
+@pytest.mark.parametrize("extra", [{}, ADAPTIVE], ids=["fixed-clip", "adaptive-clip"])
+def test_fleet_fedavg_equals_the_flower_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               extra: dict[str, Any]) -> None:
     """Reproducible noise: the Flower ClientApps' DP-FedAvg sums and the fleet's exact numerics agree round by
-    round within SecAgg+'s rounding, and every device's ledger holds the same epsilon."""
+    round within SecAgg+'s rounding, and every device's ledger holds the same epsilon. With adaptive clipping
+    the sums carry the bits' sum as their last coordinate, and both engines move the clip alike."""
     from fed_nessa.sim.fleet import run_fleet
     from fed_nessa.sim.runner import simulate
 
@@ -48,13 +59,29 @@ def test_fleet_fedavg_equals_the_flower_engine(tmp_path: Path, monkeypatch: pyte
         original(self, phase, aggregate_sum, n_arrived, **kw)
 
     monkeypatch.setattr(ServerModel, "apply", spy)
-    over = {"reproducible-noise": True, "fleet-numerics": "exact"}
+    over = {"reproducible-noise": True, "fleet-numerics": "exact", **extra}
     replay = replace(POLICY, allow_reproducible_noise=True)
-    simulate(_cfg(tmp_path, "flower", **over), policy=replay, quiet=True)
+    runs = [simulate(_cfg(tmp_path, "flower", **over), policy=replay, quiet=True)]
     flower = list(seen)
     seen.clear()
-    run_fleet(_cfg(tmp_path, "fleet", **over), replay)
+    runs.append(run_fleet(_cfg(tmp_path, "fleet", **over), replay))
     assert [s[0] for s in flower] == [s[0] for s in seen] == ["suffstats", "dpsgd", "dpsgd"]
+    clips = [[e.get(CLIP_COLUMN) for e in run["rounds"]] for run in runs]
+    if extra:
+        params = trainable(ServerModel(_cfg(tmp_path, "n"), 256, 192, "x", "y").net)
+        assert len(flower[1][1]) == sum(p.numel() for p in params) + 1  # the delta, then the bits' sum
+        assert clips[0][0] is None and clips[0][1] == 0.1 and clips[0][2] != 0.1  # the clip moved after round 2
+        # the bits' sum carries SecAgg+'s rounding like every coordinate (divided by the public bit scale)
+        assert clips[1][0] is None and clips[0][1:] == pytest.approx(clips[1][1:], rel=1e-3, abs=0)
+        lines = [json.loads(line) for line in (tmp_path / "flower" / LEDGER_FILE).read_text().splitlines()]
+        signed = {e["payload"]["round"]: e["payload"]["extra"][CLIP_COLUMN] for e in lines
+                  if e.get("kind") == "round" and CLIP_COLUMN in e["payload"].get("extra", {})}
+        assert signed == {2: clips[0][1], 3: clips[0][2]}  # the Flower engine's federation ledger signs each C_t
+        for run in ("flower", "fleet"):  # every device's event agrees with the server's signed public parameters
+            checks = {f.check for f in audit(tmp_path / run).findings}
+            assert "params.mismatch" not in checks and not any(c.startswith("evidence") for c in checks), checks
+    else:
+        assert clips == [[None] * 3] * 2
     cfg = _cfg(tmp_path, "bounds", **over)
     model, plan = ServerModel(cfg, 256, 192, "x", "y"), noise_plan(cfg, DEVICES)
     for (phase, a), (_, b) in zip(flower, seen, strict=True):

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from simulations import device_level_table, fleet_selfset_table, fleet_table, results_table
+from simulations import device_fedavg_table, device_level_table, fleet_selfset_table, fleet_table, results_table
 from simulations.results_csv import (
     COLUMNS,
     ROUND_COLUMNS,
@@ -147,6 +147,7 @@ def test_the_committed_tables_reproduce_from_the_committed_csvs() -> None:
         fleet_selfset_table.markdown(fleet_selfset_table.rows(
             fleet_selfset_table.draws(read(results / "fleet_selfset.csv")),
             fleet_selfset_table.references(read(results / "fleet.csv")))),
+        device_fedavg_table.markdown(device_fedavg_table.rows(read(results / "device_fedavg.csv"))),
     ]
     docs = _doc_lines()
     for text in tables:
@@ -172,6 +173,7 @@ def test_a_table_without_its_csv_or_without_a_complete_cell_is_one_clear_error(
     ("device_level_study.sh", "results/device_level.csv", "simulations.device_level_table"),
     ("quality_table.sh", "results/federated.csv", "simulations.results_table"),
     ("fleet_selfset_study.sh", "results/fleet_selfset.csv", "simulations.fleet_selfset_table"),
+    ("device_fedavg_study.sh", "results/device_fedavg.csv", "simulations.device_fedavg_table"),
 ])
 def test_each_study_script_writes_ignored_run_folders_and_its_committed_csv(script: str, csv: str, table: str) -> None:
     text = (ROOT / "simulations" / script).read_text()
@@ -179,3 +181,29 @@ def test_each_study_script_writes_ignored_run_folders_and_its_committed_csv(scri
     assert f'-m {table} "$CSV"' in text and (ROOT / csv).is_file() and rounds_path(ROOT / csv).is_file()
     assert "runs/" in (ROOT / ".gitignore").read_text().splitlines()
     assert f"{table} {csv}" in (ROOT / "docs" / "results.md").read_text()
+
+
+def test_the_update_rule_table_states_each_runs_clip_and_arm(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """An adaptive-clip run's row carries the clip its last round stated; the table shows first -> last, a
+    fixed-clip run its one clip; a CSV without a run of the study's names is one clear error."""
+    adaptive = _summary()
+    adaptive["config"].update({"device-update": "fedavg", "clip-target-quantile": 0.5, "device-clip-norm": 0.1,
+                               "server-optimizer": "adam-bc", "server-lr": 0.01})
+    adaptive["rounds"][1]["clip_norm"], adaptive["rounds"][2]["clip_norm"] = 0.1, 0.0734
+    adaptive["final"]["dp_nessa"] = {"eer": 0.3, "gap_closure": -1.5}
+    fixed = _summary()
+    fixed["config"].update({"device-update": "fedsgd", "device-clip-norm": 0.1, "server-optimizer": "adam",
+                            "server-lr": 0.01})
+    runs = [row(adaptive, "fedavg-1000dev-fedavg-adaptive-adambc-eps8"), row(fixed, "fedavg-1000dev-fedsgd-eps8")]
+    assert runs[0]["last_round_clip"] == 0.0734 and runs[1]["last_round_clip"] is None
+    rounds = round_rows(adaptive, "x")
+    assert [r["clip_norm"] for r in rounds] == [None, 0.0734]  # the evaluated rounds (1 and 3)
+    lines = device_fedavg_table.markdown(device_fedavg_table.rows(runs)).splitlines()
+    assert lines[2].startswith("| 1000 | 8 (1e-05) | fedsgd | fedsgd | adam (0.01) | 0.1 (fixed) | 6.00 (0.60) |")
+    assert lines[3].startswith("| 1000 | 8 (1e-05) | fedavg-adaptive-adambc | fedavg | adam-bc (0.01) | 0.1 → 0.0734 "
+                               "| 30.00 (-1.50) |")
+    other = tmp_path / "other.csv"
+    write(other, [row(fixed, "device-1000dev-nessa-eps8")])
+    assert device_fedavg_table.main([str(other)]) == 2
+    assert "no run named fedavg-<n>dev-<arm>-eps<e>" in capsys.readouterr().err

@@ -37,6 +37,8 @@ noise. Nothing derived from the data leaves except the vector and the reply metr
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -73,6 +75,16 @@ class RoundRequest:
     #: The federation's model ids as the round config states them (None: not stated, not checked).
     enroll_model: str | None = None
     runtime_model: str | None = None
+    #: The round's clip as the round config states it (adaptive clipping: the server's public C_t; None: the
+    #: run's fixed ``device-clip-norm``). Set by :meth:`at_clip` only, so callers that build a request from
+    #: string keywords (model ids) cannot set it by accident.
+    clip: float | None = field(default=None, init=False)
+
+    def at_clip(self, clip: float | None) -> RoundRequest:
+        """This request stating the round's clip (a copy)."""
+        out = dataclasses.replace(self)
+        object.__setattr__(out, "clip", clip)  # frozen: the one place the field is written
+        return out
 
 
 @dataclass(frozen=True)
@@ -95,8 +107,22 @@ def sample_rate(req: RoundRequest, n: int, cfg: FederationConfig) -> float:
 
 
 def share_std(req: RoundRequest, cfg: FederationConfig, policy: DevicePolicy) -> float:
-    """This device's noise std for the round: the run's mechanism, sized by its OWN policy's g."""
-    return mechanism_for(cfg).share_std(req.phase, noise_plan(cfg, req.fleet_size), policy.guaranteed_arrivals)
+    """This device's noise std for the round: the run's mechanism, sized by its OWN policy's g (and the
+    round's public clip, where the server adapts it)."""
+    return mechanism_for(cfg).share_std(req.phase, noise_plan(cfg, req.fleet_size), policy.guaranteed_arrivals,
+                                        req.clip if req.phase == Phase.DPSGD else None)
+
+
+def clip_refusal(req: RoundRequest, cfg: FederationConfig) -> str | None:
+    """Why the round's clip cannot be used: adaptive clipping needs the server's C_t in the round config, a
+    finite number > 0 (the noise is sized by it, so any such C keeps the accounted multiplier)."""
+    if req.phase != Phase.DPSGD or cfg.clip_target_quantile <= 0:
+        return None
+    if req.clip is None:
+        return "declined: the run adapts the clip (clip-target-quantile > 0) and the round config states no clip"
+    if not math.isfinite(req.clip) or req.clip <= 0:
+        return f"declined: the round's clip {req.clip!r} is not a finite number > 0"
+    return None
 
 
 def planned_event(req: RoundRequest, n: int, cfg: FederationConfig, policy: DevicePolicy,
@@ -229,7 +255,7 @@ def plan_round(req: RoundRequest, shard: Shard, cfg: FederationConfig, ledger: D
                policy: DevicePolicy) -> ClientOutcome:
     """Policy and budget check only: would this round stay within what the device allows?"""
     policy = _policy_of(ledger, policy)
-    refusal = (server_pin_refusal(req, ledger) or shard_refusal(req, shard)
+    refusal = (server_pin_refusal(req, ledger) or shard_refusal(req, shard) or clip_refusal(req, cfg)
                or policy_refusal(req, shard.n, cfg, policy, ledger))
     if refusal is not None:
         return ClientOutcome(ReplyStatus.DECLINED, None, {"reason": refusal})
@@ -293,7 +319,8 @@ def _compute(req: RoundRequest, shard: Shard, global_vector: np.ndarray, cfg: Fe
         return np.asarray(vec, np.float32)
     net = build_net(cfg, shard.d_x, shard.d_y)
     load_flat(list(net.parameters()), np.asarray(global_vector, np.float32))
-    return mech.dpsgd_vector(net, shard, std, noise, sample_rate(req, shard.n, cfg))
+    scale = None if req.clip is None else mech.bit_scale(req.clip, noise_plan(cfg, req.fleet_size))
+    return mech.dpsgd_vector(net, shard, std, noise, sample_rate(req, shard.n, cfg), clip=req.clip, bit_scale=scale)
 
 
 def _integer_vector(req: RoundRequest, shard: Shard, global_vector: np.ndarray, cfg: FederationConfig,

@@ -138,16 +138,18 @@ class Mechanism(ABC):
         """How many clipped gradients one device's DP-SGD vector holds on average (the server's mean)."""
 
     @abstractmethod
-    def payload_bound(self, phase: Phase, plan: NoisePlan) -> float:
-        """Largest |coordinate| an honest device's vector can have (sizes SecAgg+'s range)."""
+    def payload_bound(self, phase: Phase, plan: NoisePlan, clip: float | None = None) -> float:
+        """Largest |coordinate| an honest device's vector can have (sizes SecAgg+'s range; ``clip``: the round's)."""
 
     @abstractmethod
     def dpsgd_vector(self, net: nn.Module, shard: Shard, std: float, noise: NoiseSource,
-                     sample_rate: float) -> np.ndarray:
+                     sample_rate: float, clip: float | None = None, bit_scale: float | None = None) -> np.ndarray:
         """A device's DP-SGD round contribution from ``net`` (the global model) with noise share ``std``.
 
-        Runs on the device only (:mod:`fed_nessa.federated.device`, the privacy boundary); the
-        fleet engine's exact numerics reproduce its draw order.
+        ``clip`` / ``bit_scale``: the round's public clip and the adaptive clip's bit factor
+        (:meth:`bit_scale`; None: a fixed clip, no bit). Runs on the device only
+        (:mod:`fed_nessa.federated.device`, the privacy boundary); the fleet engine's exact numerics
+        reproduce its draw order.
         """
 
     @staticmethod
@@ -215,16 +217,30 @@ class Mechanism(ABC):
                   self.sigma(phase, plan), float(self.sensitivity(phase)), self.public_sample_rate(phase, plan.fleet))
         return dict(zip(PUBLIC_FIELDS, values, strict=True))
 
-    def share_std(self, phase: Phase, plan: NoisePlan, g: int) -> float:
-        """One device's noise std: the full noise locally, a ``1/sqrt(g)`` share distributed (g: its policy's)."""
+    def vector_sigma(self, phase: Phase, plan: NoisePlan) -> float:
+        """The noise multiplier on the vector's coordinates: the accounted :meth:`sigma`, unless part of the
+        round's budget pays for something else in the same sum (the adaptive clip's bit, :class:`DeviceLevel`)."""
+        return self.sigma(phase, plan)
+
+    def share_std(self, phase: Phase, plan: NoisePlan, g: int, clip: float | None = None) -> float:
+        """One device's noise std: the full noise locally, a ``1/sqrt(g)`` share distributed (g: its policy's).
+
+        ``clip``: the round's sensitivity where the server sets it per round (the adaptive clip's C,
+        public in the round config); None: the phase's fixed :meth:`sensitivity`.
+        """
         if not self.dp:
             return 0.0
-        full = self.sigma(phase, plan) * self.sensitivity(phase)
+        full = self.vector_sigma(phase, plan) * (self.sensitivity(phase) if clip is None else clip)
         return full / math.sqrt(g) if self.cfg.dp_mode == DPMode.DISTRIBUTED else full
 
-    def released_variance(self, phase: Phase, plan: NoisePlan, arrivals: Sequence[int]) -> float:
+    def released_variance(self, phase: Phase, plan: NoisePlan, arrivals: Sequence[int],
+                          clip: float | None = None) -> float:
         """Per-coordinate DP noise variance of a sum released from devices whose policies' g are ``arrivals``."""
-        return float(sum(self.share_std(phase, plan, g) ** 2 for g in arrivals))
+        return float(sum(self.share_std(phase, plan, g, clip) ** 2 for g in arrivals))
+
+    def bit_scale(self, clip: float, plan: NoisePlan) -> float | None:
+        """The public factor an adaptive clip's bit is sent at (None: the round sends no bit; :class:`DeviceLevel`)."""
+        return None
 
 
 class ExampleLevel(Mechanism):
@@ -252,7 +268,7 @@ class ExampleLevel(Mechanism):
     def gradient_units(self) -> int:
         return self.cfg.batch_size
 
-    def payload_bound(self, phase: Phase, plan: NoisePlan) -> float:
+    def payload_bound(self, phase: Phase, plan: NoisePlan, clip: float | None = None) -> float:
         """A statistics vector holds <= ``max-pairs-per-device`` unit rows; a DP-SGD sum <= the largest
         Poisson sample's clipped gradients (each coordinate <= C); local mode sends a clipped delta.
         The noise term assumes the full sigma (g = 1), so no honest device saturates whatever its g."""
@@ -318,7 +334,7 @@ class ExampleLevel(Mechanism):
         return None
 
     def dpsgd_vector(self, net: nn.Module, shard: Shard, std: float, noise: NoiseSource,
-                     sample_rate: float) -> np.ndarray:
+                     sample_rate: float, clip: float | None = None, bit_scale: float | None = None) -> np.ndarray:
         """Distributed: ONE sum of per-example clipped gradients of a secret Poisson sample at ``sample_rate``
         plus the share; local: Opacus DP-SGD with the full noise on every step, the (clipped) delta sent."""
         cfg = self.cfg
@@ -363,9 +379,16 @@ class DeviceLevel(Mechanism):
     def gradient_units(self) -> int:
         return 1
 
-    def payload_bound(self, phase: Phase, plan: NoisePlan) -> float:
-        sens = self.sensitivity(phase)
-        return sens + (PAYLOAD_SIGMAS * self.sigma(phase, plan) * sens if self.dp else 0.0)
+    def payload_bound(self, phase: Phase, plan: NoisePlan, clip: float | None = None) -> float:
+        """The clipped vector plus :data:`PAYLOAD_SIGMAS` of its full noise. The adaptive clip's scaled bit
+        (:meth:`bit_scale`) has the same noise and a signal of at most ``C z_d / z_b``: <= C unless the bit's
+        count noise is barely above the round's budget (``z_b < sqrt(2) z``), where the bound grows with it."""
+        sens = self.sensitivity(phase) if clip is None or phase == Phase.SUFFSTATS else clip
+        signal = sens
+        scale = self.bit_scale(sens, plan) if phase == Phase.DPSGD else None
+        if scale is not None:
+            signal = max(sens, BIT_SENSITIVITY * scale)
+        return signal + (PAYLOAD_SIGMAS * self.vector_sigma(phase, plan) * sens if self.dp else 0.0)
 
     def event_mechanism(self, phase: Phase) -> str:
         return GAUSSIAN_SUM  # one Gaussian sum per participation, q = 1: no amplification is claimed
@@ -374,12 +397,26 @@ class DeviceLevel(Mechanism):
               g: int) -> DPEvent:
         """One Gaussian sum per participation at the device's whole-contribution sensitivity, q = 1."""
         what = (f"sufficient statistics weighted min(1, {self.cfg.device_stats_pairs}/n)" if phase == Phase.SUFFSTATS
-                else "mean gradient over all the device's pairs, clipped as one vector")
+                else self._dpsgd_what(fleet, sigma))
         return DPEvent(round=round_num, mechanism=GAUSSIAN_SUM, steps=1, sample_rate=1.0, noise_multiplier=sigma,
                        clip_norm=self.sensitivity(phase), delta=delta, mode=DISTRIBUTED,
                        unit=self.unit.value, noise_source=event_noise_source(self.cfg),
                        note=f"device level: {what}; no sampling; noise share sized for g = "
                             f"{g} arrivals; {noise_words(self.cfg)}")
+
+    def _dpsgd_what(self, fleet: int, sigma: float) -> str:
+        """What a device-level DP-SGD event releases, in words (the adaptive clip's joint release spelled out)."""
+        if self.cfg.device_update != DeviceUpdate.FEDAVG:
+            return "mean gradient over all the device's pairs, clipped as one vector"
+        if self.cfg.clip_target_quantile <= 0:
+            return "DP-FedAvg model delta, clipped as one vector"
+        from fed_nessa.federated.noise_plan import noise_plan  # the plan is built from this module's rules
+
+        plan = noise_plan(self.cfg, fleet)
+        return (f"DP-FedAvg model delta clipped to the round's public C (clip_norm is the starting C) with noise "
+                f"multiplier {self.vector_sigma(Phase.DPSGD, plan):.6g}, and in the same sum the adaptive clip's "
+                f"centred bit (sensitivity {BIT_SENSITIVITY:g}, noise std {self.count_sigma(fleet):.6g}): jointly "
+                f"one Gaussian sum of noise multiplier {sigma:.6g}, the one charged")
 
     def per_example_rows(self, phase: Phase) -> bool:
         return False  # the device's one weighted or clipped vector
@@ -400,12 +437,17 @@ class DeviceLevel(Mechanism):
         return 1.0
 
     def dpsgd_vector(self, net: nn.Module, shard: Shard, std: float, noise: NoiseSource,
-                     sample_rate: float) -> np.ndarray:
+                     sample_rate: float, clip: float | None = None, bit_scale: float | None = None) -> np.ndarray:
         """``fedsgd``: the mean gradient over ``device-batch`` secretly drawn pairs (a compute bound, no
         amplification claimed), clipped as ONE vector to ``device-clip-norm``, plus the share;
-        ``fedavg``: :meth:`fedavg_vector` at the fixed ``device-clip-norm`` (no bit)."""
+        ``fedavg``: :meth:`fedavg_vector` at the round's ``clip`` (default ``device-clip-norm``), with the
+        adaptive clip's bit when ``bit_scale`` is given: its count share is ``std / bit_scale``
+        (= :meth:`count_share_std`, since the scale is the ratio of the two noise stds)."""
         if self.cfg.device_update == DeviceUpdate.FEDAVG:
-            return self.fedavg_vector(net, shard, self.cfg.device_clip_norm, std, noise)
+            clip = self.cfg.device_clip_norm if clip is None else clip
+            if bit_scale is None:
+                return self.fedavg_vector(net, shard, clip, std, noise)
+            return self.fedavg_vector(net, shard, clip, std, noise, count_std=std / bit_scale, bit_scale=bit_scale)
         rows = device_subset(noise.uniform(shard.n), self.cfg.device_batch)
         return device_update(net, shard.enroll[rows], shard.runtime[rows], clip_norm=self.cfg.device_clip_norm,
                              noise_std=std, noise=noise)
@@ -420,6 +462,23 @@ class DeviceLevel(Mechanism):
     def count_sigma(self, fleet: int) -> float:
         """Noise std of the released count of adaptive-clip bits (``clip-count-noise`` x the fleet)."""
         return self.cfg.clip_count_noise * fleet
+
+    def vector_sigma(self, phase: Phase, plan: NoisePlan) -> float:
+        """A DP-SGD round with adaptive clipping: the delta's :meth:`delta_sigma` (the bit pays the rest of z)."""
+        return self.delta_sigma(plan, plan.fleet) if phase == Phase.DPSGD else self.sigma(phase, plan)
+
+    def bit_scale(self, clip: float, plan: NoisePlan) -> float | None:
+        """The factor the centred bit (and its count share) is multiplied by in the payload: the delta's noise
+        std over the count's, ``z_d C / sigma_b``, so the bit coordinate carries the same noise std as a
+        delta coordinate and a signal of at most ``C z_d / (2 sigma_b) = C z_d / z_b`` (<= C once
+        ``z_b >= sqrt(2) z``; :meth:`payload_bound` covers it either way) instead of widening SecAgg+'s range
+        by ``sigma_b``. Without DP: ``C`` (the bit in [-C/2, C/2]). Public: the server divides the released
+        coordinate by it. None without adaptive clipping."""
+        if not self.adaptive:
+            return None
+        if not self.dp:
+            return clip
+        return self.delta_sigma(plan, plan.fleet) * clip / self.count_sigma(plan.fleet)
 
     def delta_sigma(self, plan: NoisePlan, fleet: int) -> float:
         """The noise multiplier of the delta sum, so that the delta AND the bit together spend ``plan``'s sigma.
@@ -442,18 +501,14 @@ class DeviceLevel(Mechanism):
     def _share(self, full: float, g: int) -> float:
         return full / math.sqrt(g) if self.cfg.dp_mode == DPMode.DISTRIBUTED else full
 
-    def delta_share_std(self, plan: NoisePlan, g: int, clip: float, fleet: int) -> float:
-        """One device's noise std on its clipped delta at this round's ``clip`` (0 without DP)."""
-        return self._share(self.delta_sigma(plan, fleet) * clip, g) if self.dp else 0.0
-
     def count_share_std(self, g: int, fleet: int) -> float:
         """One device's noise std on its centred bit (0 without DP or without adaptive clipping)."""
         return self._share(self.count_sigma(fleet), g) if self.dp and self.adaptive else 0.0
 
     def fedavg_vector(self, net: nn.Module, shard: Shard, clip: float, delta_std: float, noise: NoiseSource,
-                      count_std: float | None = None) -> np.ndarray:
+                      count_std: float | None = None, bit_scale: float = 1.0) -> np.ndarray:
         """A device's DP-FedAvg contribution: its clipped pseudo-gradient plus its share, then (adaptive
-        clipping) one more coordinate, ``1[norm <= clip] - 1/2`` plus its count share.
+        clipping) one more coordinate, ``bit_scale (1[norm <= clip] - 1/2 + count share)`` (:func:`clip_bit`).
 
         Draw order (the vectorised engine reproduces it): ``local-epochs`` row orders
         (:func:`local_orders`), the delta's share tensor by tensor, the bit's share.
@@ -465,10 +520,16 @@ class DeviceLevel(Mechanism):
         out = with_noise_share(delta.numpy(), [p for p in net.parameters() if p.requires_grad], delta_std, noise)
         if count_std is None:
             return out
-        bit = (1.0 if norm <= clip else 0.0) - BIT_SENSITIVITY
-        if count_std > 0:
-            bit += float(np.asarray(noise.normal((1,), count_std))[0])
-        return np.append(out, np.float32(bit))
+        return np.append(out, np.float32(clip_bit(norm, clip, count_std, noise) * bit_scale))
+
+
+def clip_bit(norm: float, clip: float, count_std: float, noise: NoiseSource) -> float:
+    """A device's centred adaptive-clip bit ``1[norm <= clip] - 1/2`` plus its count share (drawn after the
+    delta's share: the device's and the fleet engine's draw order)."""
+    bit = (1.0 if norm <= clip else 0.0) - BIT_SENSITIVITY
+    if count_std > 0:
+        bit += float(np.asarray(noise.normal((1,), count_std))[0])
+    return bit
 
 
 def local_orders(noise: NoiseSource, n: int, epochs: int) -> list[np.ndarray]:

@@ -48,6 +48,9 @@ KEY_FINGERPRINT_REPLY_KEY = "key_fingerprint"
 #: shard was embedded with other models declines the round before anything is reserved.
 ENROLL_MODEL_KEY = "enroll-model-id"
 RUNTIME_MODEL_KEY = "runtime-model-id"
+#: The round's clip C_t under adaptive clipping (public: post-processing of released bit sums), in the
+#: round config of every DP-SGD round of such a run; a device clips its delta to it and sizes its noise by it.
+CLIP_KEY = "clip-norm"
 #: The device's ledger head after its round (seq and SHA-256 of its last entry), in its ``train`` reply:
 #: the server signs it into the round's federation-ledger entry, anchoring the device ledger's tail.
 LEDGER_SEQ_REPLY_KEY = "ledger_seq"
@@ -75,7 +78,8 @@ def round_config(phase: str, round_num: int, promised: int, fleet: int,
     """What every device of a round is told (plan and fit config alike; the fit config adds the codec).
 
     ``enroll_model`` / ``runtime_model`` are the federation's model ids (public): a device checks
-    them against its shard's. A key left out (None) is not on the wire and not checked.
+    them against its shard's. A key left out (None) is not on the wire and not checked. An adaptive
+    clip's round adds its C_t (:func:`with_clip`).
     """
     config: dict[str, Any] = {PHASE_KEY: str(phase), ROUND_KEY: round_num, PROMISED_ARRIVALS_KEY: promised,
                               FLEET_SIZE_KEY: fleet}
@@ -86,6 +90,17 @@ def round_config(phase: str, round_num: int, promised: int, fleet: int,
     if runtime_model is not None:
         config[RUNTIME_MODEL_KEY] = str(runtime_model)
     return config
+
+
+def with_clip(config: dict[str, Any], clip: float | None) -> dict[str, Any]:
+    """``config`` stating the round's adaptive clip C_t (unchanged at a fixed clip: None)."""
+    return config if clip is None else {**config, CLIP_KEY: float(clip)}
+
+
+def request_clip(config: dict[str, Any]) -> float | None:
+    """The round's clip as a round config states it (None: not stated; the run's fixed clip)."""
+    value = config.get(CLIP_KEY)
+    return None if value is None else float(value)
 
 
 @dataclass(frozen=True)

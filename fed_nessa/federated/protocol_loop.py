@@ -30,9 +30,10 @@ from fed_nessa.federated.codec import saturation_note
 from fed_nessa.federated.engine import Answers, Engine, Pins, Released, RunState
 from fed_nessa.federated.mechanism import public_parameters
 from fed_nessa.federated.noise_plan import NoisePlan
-from fed_nessa.federated.protocol import round_config
+from fed_nessa.federated.protocol import round_config, with_clip
 from fed_nessa.federated.release import may_start, may_unmask, promised_arrivals
 from fed_nessa.federated.rounds import (
+    CLIP_COLUMN,
     LEDGER_FILE,
     Progress,
     RunOutputs,
@@ -84,8 +85,9 @@ def run_round(engine: Engine, outputs: RunOutputs, ledger: FederationLedger, pin
     engine.before_round(r, phase)
     cohort = engine.cohort(r, phase)
     promised = promised_arrivals(cfg, len(cohort))
-    request = round_config(str(phase), r, promised, plan.fleet, ledger.key_fingerprint,
-                           engine.data.enroll_model, engine.data.runtime_model)
+    clip = model.round_clip(phase)  # the adaptive clip's C_t (public), None at a fixed clip
+    request = with_clip(round_config(str(phase), r, promised, plan.fleet, ledger.key_fingerprint,
+                                     engine.data.enroll_model, engine.data.runtime_model), clip)
     answers = engine.ask(r, phase, cohort, request)
     mismatched = pins.check(answers)
     start = may_start(len(answers.accepted), promised)
@@ -107,11 +109,13 @@ def run_round(engine: Engine, outputs: RunOutputs, ledger: FederationLedger, pin
     if engine.records_round(phase):
         name = answers.device_id
         fields = round_record(engine.name, phase, cfg, plan, status, note, promised, saturated, answers, released,
-                              pins.flush(), heads, mismatched)
+                              pins.flush(), heads, mismatched, clip)
         ledger.record_round(r, [name(h) for h in arrived], [name(h) for h in answers.declined],
                             [name(h) for h in failed], fields)
     entry = round_entry(r, phase, status, note, fed, participants=len(arrived), declined=len(answers.declined),
                         failed=len(failed), saturated=saturated)
+    if clip is not None:
+        entry[CLIP_COLUMN] = clip
     return {**entry, **engine.device_epsilons(r, phase, answers, released), "seconds": time.perf_counter() - t0}
 
 
@@ -140,13 +144,15 @@ def _release(engine: Engine, state: RunState, r: int, phase: Phase, released: Re
 
 def round_record(engine: str, phase: Phase, cfg: FederationConfig, plan: NoisePlan, status: RoundStatus, note: str,
                  promised: int, saturated: int, answers: Answers, released: Released | None, new_pins: dict[str, str],
-                 heads: dict[str, list[int | str]], mismatched: dict[str, str]) -> dict[str, Any]:
+                 heads: dict[str, list[int | str]], mismatched: dict[str, str],
+                 clip: float | None = None) -> dict[str, Any]:
     """The fields of a round's federation-ledger record (every engine's, built here only): what the
     round promised and did, why devices declined, what it sent (hashes), the keys pinned this round,
-    the devices' ledger heads and the public noise parameters."""
+    the devices' ledger heads, the public noise parameters and (adaptive clipping) the round's clip."""
     return {"phase": str(phase), "status": str(status), "note": note, "engine": engine, "saturated": saturated,
             "guaranteed_arrivals": promised, "decline_reasons": dict(Counter(answers.reasons.values())),
             **answers.evidence, **(released.evidence if released is not None else {}),
             "device_key_fingerprints": new_pins, LEDGER_HEADS: heads,
             PUBLIC_PARAMETERS: public_parameters(phase, cfg, plan),
-            **({"key_mismatch": mismatched} if mismatched else {})}
+            **({"key_mismatch": mismatched} if mismatched else {}),
+            **({CLIP_COLUMN: clip} if clip is not None else {})}

@@ -48,6 +48,10 @@ def not_evaluated() -> dict[str, Any]:
     return dict.fromkeys(EVAL_COLUMNS)
 
 
+#: A round entry's (and its federation-ledger record's) adaptive clip: the public C_t the round's config stated.
+CLIP_COLUMN = "clip_norm"
+
+
 def round_entry(r: int, phase: Phase, status: str, note: str, evaluation: Mapping[str, Any], *,
                 participants: int, declined: int, failed: int, saturated: int = 0) -> dict[str, Any]:
     """A round's entry in the summary, the columns every engine states, in order (the engine adds its epsilon

@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from fed_nessa.config import AlignerChoice, FederationConfig, LinearStart, Phase, ServerOptimizer
+from fed_nessa.config import AlignerChoice, FederationConfig, LinearStart, Phase
 from fed_nessa.federated import suffstats
+from fed_nessa.federated.adaptive_clip import AdaptiveClip
 from fed_nessa.federated.layout import build_net, flat, load_flat, nessa_config, trainable
 from fed_nessa.federated.mechanism import mechanism_for
 from fed_nessa.federated.noise_plan import NoisePlan
+from fed_nessa.federated.server_optimizers import AdamBC, server_optimizer
 from fed_nessa.model.aligners.base import AlignerInfo
 from fed_nessa.model.aligners.nessa import NessaAligner
 
@@ -37,10 +40,9 @@ class ServerModel:
         # momentum made no progress in 600 noise-free rounds); SGD+momentum stays for the landed
         # study configs. The linear part is frozen after a private start, so neither optimiser
         # touches it.
-        params = trainable(self.net)
-        self.opt: torch.optim.Optimizer = (
-            torch.optim.Adam(params, lr=cfg.server_lr) if cfg.server_optimizer == ServerOptimizer.ADAM
-            else torch.optim.SGD(params, lr=cfg.server_lr, momentum=0.9))
+        self.opt: torch.optim.Optimizer = server_optimizer(cfg.server_optimizer, trainable(self.net), cfg.server_lr)
+        # Adaptive clipping: the clip of the next DP-SGD round, moved by each released bit sum (public).
+        self.clip: AdaptiveClip | None = AdaptiveClip.from_config(cfg) if cfg.clip_target_quantile > 0 else None
         self.completed: list[Phase] = []
         self.linear_state: dict[str, torch.Tensor] | None = None  # the aligner after the private start
         self.stats_sum: np.ndarray | None = None  # accumulated (noisy) sufficient statistics
@@ -61,9 +63,14 @@ class ServerModel:
     def vector(self) -> np.ndarray:
         return flat(list(self.net.parameters()))
 
+    def round_clip(self, phase: Phase) -> float | None:
+        """The clip a ``phase`` round's config states: the adaptive clip's current C (None: the run's fixed clip)."""
+        return self.clip.clip if self.clip is not None and phase == Phase.DPSGD else None
+
     def payload_bound(self, phase: Phase, plan: NoisePlan) -> float:
-        """Largest |coordinate| an honest device's vector can have (sizes SecAgg+'s range; the mechanism's)."""
-        return self.mechanism.payload_bound(phase, plan)
+        """Largest |coordinate| an honest device's vector can have (sizes SecAgg+'s range; the mechanism's,
+        at the round's clip)."""
+        return self.mechanism.payload_bound(phase, plan, self.round_clip(phase))
 
     @property
     def devices_send_gradients(self) -> bool:
@@ -99,7 +106,11 @@ class ServerModel:
             self.net.set_linear(W, b)
             self.linear_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
         elif self.devices_send_gradients if gradients is None else gradients:
-            self._apply_gradient(np.asarray(aggregate_sum, np.float32), n_arrived)
+            total = np.asarray(aggregate_sum, np.float32)
+            clip = self.round_clip(phase)
+            if self.clip is not None:  # the last coordinate is the bits' sum (DeviceLevel.bit_scale)
+                total = self._next_clip(total, n_arrived, plan)
+            self._apply_gradient(total, n_arrived, noise_arrivals, plan, clip)
         else:
             params = trainable(self.net)
             mean = np.asarray(aggregate_sum, np.float32) / n_arrived
@@ -120,13 +131,29 @@ class ServerModel:
         gs = list(noise_arrivals) or [self.cfg.min_arrivals] * n_arrived
         return self.mechanism.released_variance(Phase.SUFFSTATS, plan, gs)
 
-    def _apply_gradient(self, grad_sum: np.ndarray, n_arrived: int) -> None:
+    def _next_clip(self, total: np.ndarray, n_arrived: int, plan: NoisePlan | None) -> np.ndarray:
+        """Move the adaptive clip by the released bit sum (the sum's last coordinate); the delta sum without it."""
+        if self.clip is None or plan is None:
+            raise ValueError("an adaptive-clip round's sum needs the run's noise plan (the bit's public scale)")
+        scale = self.mechanism.bit_scale(self.clip.clip, plan)
+        if scale is None:
+            raise ValueError("the mechanism sends no adaptive-clip bit")
+        self.clip = self.clip.next(float(total[-1]) / scale, n_arrived)
+        return total[:-1]
+
+    def _apply_gradient(self, grad_sum: np.ndarray, n_arrived: int, noise_arrivals: Sequence[int] = (),
+                        plan: NoisePlan | None = None, clip: float | None = None) -> None:
         params = trainable(self.net)
         offset = 0
         # Example level: a sum of ~batch-size clipped gradients per device; device level: one
         # clipped mean gradient per device. Either way the step follows the mean per device.
         per_device = self.mechanism.gradient_units()
-        g = torch.from_numpy(grad_sum / max(n_arrived * per_device, 1))
+        scale = max(n_arrived * per_device, 1)
+        if isinstance(self.opt, AdamBC):  # the released mean's known DP noise variance per coordinate
+            gs = list(noise_arrivals) or [self.cfg.min_arrivals] * n_arrived
+            variance = self.mechanism.released_variance(Phase.DPSGD, plan or self.default_plan(), gs, clip)
+            self.opt.noise_var = variance / scale ** 2
+        g = torch.from_numpy(grad_sum / scale)
         for p in params:
             p.grad = g[offset:offset + p.numel()].view_as(p).clone()
             offset += p.numel()
@@ -140,7 +167,7 @@ class ServerModel:
                 "completed": [str(p) for p in self.completed],
                 "stats_sum": None if self.stats_sum is None else torch.from_numpy(self.stats_sum),
                 "stats_devices": self.stats_devices, "stats_noise_var": self.stats_noise_var,
-                "linear_state": self.linear_state}
+                "linear_state": self.linear_state, "clip": None if self.clip is None else self.clip.clip}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.net.load_state_dict(state["net"])
@@ -151,6 +178,8 @@ class ServerModel:
         self.stats_devices = int(state.get("stats_devices", 0))
         self.stats_noise_var = float(state.get("stats_noise_var", 0.0))
         self.linear_state = state.get("linear_state")
+        if self.clip is not None and state.get("clip") is not None:
+            self.clip = replace(self.clip, clip=float(state["clip"]))
 
     def linear_start_aligner(self) -> NessaAligner | None:
         """The aligner as it was after the private linear start (None without one)."""

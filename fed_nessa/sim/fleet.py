@@ -83,12 +83,12 @@ from fed_nessa.federated.device import (
 )
 from fed_nessa.federated.engine import Answers, Ending, Engine, Pins, Released, RunState
 from fed_nessa.federated.layout import trainable
-from fed_nessa.federated.mechanism import device_subset, local_orders, max_sampled
+from fed_nessa.federated.mechanism import BIT_SENSITIVITY, clip_bit, device_subset, local_orders, max_sampled
 from fed_nessa.federated.noise_plan import NoisePlan, noise_plan
 from fed_nessa.federated.protocol import PROMISED_ARRIVALS_KEY
 from fed_nessa.federated.protocol_loop import run_protocol
 from fed_nessa.federated.release import may_unmask
-from fed_nessa.federated.rounds import Progress, RunOutputs
+from fed_nessa.federated.rounds import CLIP_COLUMN, Progress, RunOutputs
 from fed_nessa.federated.server_model import ServerModel
 from fed_nessa.federated.skellam_mechanism import IntegerCodec, RoundCodec
 from fed_nessa.model.training import with_noise_share
@@ -325,7 +325,8 @@ class FleetEngine(Engine):
 
     def close(self, ledger: FederationLedger, pins: Pins) -> None:
         if self._dp_rounds:
-            self.book.close_spans(self.cfg, self.plan, self._dp_rounds, ledger, pins, ENGINE)
+            clips = {int(e["round"]): float(e[CLIP_COLUMN]) for e in self.state.history if CLIP_COLUMN in e}
+            self.book.close_spans(self.cfg, self.plan, self._dp_rounds, ledger, pins, ENGINE, clips)
 
     def ending(self) -> Ending:
         """The fleet's summary (every device's epsilon from its ledger) and its pooled references."""
@@ -524,13 +525,15 @@ class FleetEngine(Engine):
         ONE vector, the clipped deltas' sum (the engine adds one draw of the summed shares).
         Clipped with or without DP, as on the device (the codec's range assumes it).
         """
-        cfg, fleet = self.cfg, self.fleet
+        cfg, fleet, mech = self.cfg, self.fleet, self.model.mechanism
         net = self.model.net.to(self.torch_device)
         params = trainable(net)
         dp = cfg.dp_mode != DPMode.NONE
+        clip, scale = self._round_clip()
         orders, streams = self._fedavg_orders(arrived, r)
         n = {i: int(fleet.n[i]) for i in arrived}
         total = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64, device=self.torch_device)
+        bits = 0.0  # fast numerics: the centred bits' sum (their shares are in the one summed draw)
         vectors: dict[int, np.ndarray] = {}
         for chunk in _blocks(arrived, n, FEDAVG_BLOCK):
             width = max(n[i] for i in chunk)
@@ -539,20 +542,32 @@ class FleetEngine(Engine):
             idx = np.stack([fleet.starts[i] + np.where(local < n[i], local, 0) for i in chunk])
             gather = torch.from_numpy(idx).to(self.torch_device)
             steps = block_steps([orders[i] for i in chunk], cfg.local_batch)
-            clipped = fedavg_block(net, fleet.x[gather], fleet.y[gather], steps, lr=cfg.local_lr,
-                                   clip_norm=cfg.device_clip_norm).clipped
+            block = fedavg_block(net, fleet.x[gather], fleet.y[gather], steps, lr=cfg.local_lr, clip_norm=clip)
             if self.numerics == FleetNumerics.FAST:
-                total += clipped.double().sum(dim=0)
+                total += block.clipped.double().sum(dim=0)
+                bits += float(((block.norms <= clip).double() - BIT_SENSITIVITY).sum())
                 continue
-            host = clipped.cpu().numpy().astype(np.float64)
+            host = block.clipped.cpu().numpy().astype(np.float64)
+            norms = block.norms.cpu().numpy()
             for j, i in enumerate(chunk):
-                std = (self.model.mechanism.share_std(Phase.DPSGD, self.plan, book.policies[i].guaranteed_arrivals)
-                       if dp else 0.0)
-                vectors[i] = with_noise_share(host[j], params, std, streams[i])
+                std = mech.share_std(Phase.DPSGD, self.plan, book.policies[i].guaranteed_arrivals, clip) if dp else 0.0
+                vec = with_noise_share(host[j], params, std, streams[i])
+                if scale is not None:  # the device's order: the delta's share, then the bit's (DeviceLevel)
+                    vec = np.append(vec, np.float32(clip_bit(float(norms[j]), clip, std / scale, streams[i]) * scale))
+                vectors[i] = vec
         self.model.net.to("cpu")
         if self.numerics == FleetNumerics.FAST:
-            return [total.cpu().numpy()]
+            out = total.cpu().numpy()
+            return [out if scale is None else np.append(out, bits * scale)]
         return [vectors[i] for i in arrived]
+
+    def _round_clip(self) -> tuple[float, float | None]:
+        """This DP-SGD round's clip (the adaptive clip's C_t the round config states, else ``device-clip-norm``)
+        and the adaptive clip's bit scale (None: no bit)."""
+        clip = self.model.round_clip(Phase.DPSGD)
+        if clip is None:
+            return self.cfg.device_clip_norm, None
+        return clip, self.model.mechanism.bit_scale(clip, self.plan)
 
     def _fedavg_orders(self, arrived: list[int], r: int) -> tuple[dict[int, list[np.ndarray]], dict[int, NoiseSource]]:
         """Each device's ``local-epochs`` row orders (local indices) and, exact numerics, its stream.
@@ -606,9 +621,10 @@ class FleetEngine(Engine):
                            codec: SecAggCodec) -> np.ndarray:
         """The released device-level sum: the clipped sum plus ONE draw of the summed noise shares."""
         out = np.asarray(clipped_sum, np.float64)
-        if self.cfg.dp_mode != DPMode.NONE:
+        if self.cfg.dp_mode != DPMode.NONE:  # the adaptive clip's scaled bit has the same share std
             var = self.model.mechanism.released_variance(Phase.DPSGD, self.plan,
-                                                         [book.policies[i].guaranteed_arrivals for i in sent])
+                                                         [book.policies[i].guaranteed_arrivals for i in sent],
+                                                         self.model.round_clip(Phase.DPSGD))
             out = out + summed_noise(self.cfg, r).normal(out.shape, math.sqrt(var))
         return fast_rounding(out, len(sent), codec, self.cfg, r)
 

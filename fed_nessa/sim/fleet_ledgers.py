@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,6 +44,9 @@ from fed_nessa.privacy.store import LedgerStore
 
 if TYPE_CHECKING:
     from fed_nessa.sim.fleet import FleetState
+
+#: A span (or cohort round) entry's adaptive clips: round -> the public C_t its config stated.
+ADAPTIVE_CLIPS = "clip_norms"
 
 
 @dataclass
@@ -152,9 +156,10 @@ class DeviceBook:
                 "device_key_fingerprints": pins.flush()}
 
     def close_spans(self, cfg: FederationConfig, plan: NoisePlan, dp_rounds: list[int], fed_ledger: FederationLedger,
-                    pins: Pins, engine: str) -> None:
+                    pins: Pins, engine: str, clips: Mapping[int, float] | None = None) -> None:
         """Every span completed (with the chain of what its rounds sent) and the DP-SGD phase recorded in the
-        federation ledger: one span entry per run of a schedule (full participation), else one entry per round."""
+        federation ledger: one span entry per run of a schedule (full participation), else one entry per round.
+        ``clips``: the adaptive clip's public C_t by round (recorded with the rounds they belong to)."""
         book = self
         chains: dict[tuple[int, ...], dict[str, Any]] = {}  # devices on one schedule share one chain
         with ledger_batch(self.store):
@@ -193,7 +198,7 @@ class DeviceBook:
                 fed_ledger.record_span(first, last, sorted(member_ids), refused if n == 0 else [], [],
                                        {**extra, "dropped": {r: d for r, d in gone.items() if d},
                                         **self.sent_extra(list(range(first, last + 1)), pins, span=True),
-                                        LEDGER_HEADS: ending})
+                                        **_clips(clips, range(first, last + 1)), LEDGER_HEADS: ending})
             if not groups and refused:
                 fed_ledger.record_span(dp_rounds[0], dp_rounds[-1], [], refused, [], extra)
             return
@@ -202,7 +207,8 @@ class DeviceBook:
             lost = set(self.dropped.get(r, []))
             ending = {ids[i]: heads[ids[i]] for i in in_round if book.span_rounds[i][-1] == r and ids[i] in heads}
             fed_ledger.record_round(r, [ids[i] for i in in_round if i not in lost], [], [ids[i] for i in sorted(lost)],
-                                    {**extra, "dropped": {}, **self.sent_extra([r], pins), LEDGER_HEADS: ending})
+                                    {**extra, "dropped": {}, **self.sent_extra([r], pins), **_clips(clips, [r]),
+                                     LEDGER_HEADS: ending})
 
     def epsilons(self, cfg: FederationConfig, unit: str | None = None) -> dict[str, float]:
         """Each device's epsilon from its ledger in ``unit`` (default: the run's privacy unit).
@@ -232,6 +238,12 @@ def span_event(one: DPEvent, first: int, last: int, steps: int) -> DPEvent:
     return DPEvent.from_dict({**one.to_dict(), "steps": steps, "round": first, "last_round": last,
                               "note": f"{one.note}; span of {steps} scheduled round(s) reserved at "
                                       "once (counted in full even if the device drops out)"})
+
+
+def _clips(clips: Mapping[int, float] | None, rounds: Iterable[int]) -> dict[str, dict[str, float]]:
+    """The federation-ledger field of the adaptive clip's C_t of ``rounds`` (nothing at a fixed clip)."""
+    held = {str(r): clips[r] for r in rounds if clips and r in clips}
+    return {ADAPTIVE_CLIPS: held} if held else {}
 
 
 def _separated(rounds: list[int], joined: set[int], policy: DevicePolicy) -> list[int]:

@@ -48,13 +48,15 @@ from fed_nessa.config import (
     DevicePolicy,
     FederationConfig,
     LedgerLayout,
+    Phase,
     RoundStatus,
     from_run_config,
     policy_from_node_config,
 )
 from fed_nessa.data.population import Population
 from fed_nessa.evaluation.run_folder import epsilon_phrase
-from fed_nessa.federated.noise_plan import dpsgd_rounds
+from fed_nessa.federated.mechanism import mechanism_for
+from fed_nessa.federated.noise_plan import dpsgd_rounds, noise_plan
 from fed_nessa.federated.protocol import DEVICES_DIR, device_id_of, shard_folder
 from fed_nessa.privacy.ledger import check_key_store, device_id_problem
 from fed_nessa.sim.launcher import config_path, load_apps
@@ -456,10 +458,8 @@ def run_engine(cfg: FederationConfig, policy: DevicePolicy, *, engine: str = DEF
     if replace and cfg.resume:
         raise ValueError("--replace and --resume contradict each other: --resume continues the run in the run "
                          "folder, --replace removes it")
-    if cfg.clip_target_quantile > 0:
-        raise ValueError(f"clip-target-quantile = {cfg.clip_target_quantile:g}: adaptive clipping is library code only "
-                         "so far (fed_nessa.federated.adaptive_clip); no engine sends the clip bit yet, so the clip "
-                         "would never adapt: leave it at 0")
+    if cfg.clip_target_quantile > 0:  # the bit's count noise must leave the delta some budget (one clear error)
+        mechanism_for(cfg).vector_sigma(Phase.DPSGD, noise_plan(cfg, cfg.num_devices))
     request = RunRequest(device, quiet, verbose, plant, blocks)
     why = ENGINES[engine].refusal(cfg, policy, request)
     if why:
