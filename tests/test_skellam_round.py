@@ -94,12 +94,12 @@ def test_the_released_integer_sum_has_the_accounted_distribution() -> None:
     from scipy.stats import chisquare
 
     cfg = from_run_config({"distributed-mechanism": "skellam", "privacy-unit": "device", "delta": 1e-4,
-                           "suffstats-noise-multiplier": 0.02, "device-stats-pairs": 1})
+                           "suffstats-noise-multiplier": 0.005, "device-stats-pairs": 1})
     g = 4
     params = _params(cfg, Phase.SUFFSTATS, g=g)
     mu = skellam_mechanism.event_parameters(params, noise_plan(cfg, 8).suffstats_sigma)["mu"]
     assert 20 < mu < 400  # small enough for a fine histogram
-    noise, rows = SecureNoise(), np.zeros((1, params.dim))
+    noise, rows = SecureNoise(), np.zeros(params.dim)
     draws = np.concatenate([centred(modular_sum(np.stack([skellam_mechanism.encode_device(rows, params, noise)
                                                           for _ in range(g)]), params), params)
                             for _ in range(40)])
@@ -145,13 +145,36 @@ def test_skellam_costs_epsilon_only_for_the_rounding_and_the_discretisation() ->
 
 @pytest.mark.parametrize(("extra", "fragment"), [
     ({"dp-mode": "local"}, "is the noise of dp-mode 'distributed'"),
-    ({"aligner": "nessa", "num-server-rounds": 3}, "does not run example-level DP-SGD rounds yet"),
     ({"distributed-mechanism": "discrete-gaussian"}, "allowed values gaussian, skellam"),
     ({"budget-split": 0.5, "sample-rate": 0.01}, "budget-split calibrates the Gaussian's noise multipliers"),
 ])
 def test_what_skellam_does_not_run_is_one_clear_error(extra: dict[str, Any], fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment):
         from_run_config({"distributed-mechanism": "skellam", **extra})
+
+
+def test_example_level_dpsgd_rounds_round_the_gradient_sum_once_and_are_audited(tmp_path: Path, data: Path) -> None:
+    """Example level, statistics then one DP-SGD round under skellam on Flower: each device rounds its clipped
+    sum once; the events record the coupled bound (beta 0, c + sqrt(d)) and, for DP-SGD, the Poisson rate; the
+    audit re-derives every epsilon."""
+    from fed_nessa.privacy.audit import audit
+
+    cfg = _example_stats(tmp_path, "run", aligner='"nessa"', num_server_rounds=2, sample_rate=0.5)
+    summary = simulate(cfg, quiet=True)
+    assert [e["status"] for e in summary["rounds"]] == ["applied", "applied"]
+    events = DeviceLedger.open(tmp_path / "run" / "devices" / "dev-000", "dev-000").events()
+    assert [ev.mechanism for ev in events] == [SKELLAM, SKELLAM]
+    for ev in events:
+        assert ev.skellam is not None and ev.skellam["beta"] == 0.0
+        c = ev.skellam["scale"] * ev.clip_norm
+        assert ev.skellam["l2_bound"] == c + math.sqrt(ev.skellam["dim"])
+    assert events[0].sample_rate == 1.0 and events[1].sample_rate == cfg.round_sample_rate(1, 8, cfg.cohort_size(8)) < 1
+    result = audit(tmp_path / "run", write=False)
+    assert result.passed, [f.message for f in result.findings]
+    # an example-level event claiming the one-vector bound (beta > 0) is refused
+    ev = events[1].to_dict()
+    with pytest.raises(EventError, match="coupled bound: beta must be 0"):
+        DPEvent.from_dict({**ev, "skellam": {**ev["skellam"], "beta": 0.5}})
 
 
 def test_the_fleet_engine_refuses_skellams_dpsgd_rounds(tmp_path: Path) -> None:
@@ -344,7 +367,7 @@ def test_the_decoded_noise_has_the_gaussians_released_variance() -> None:
     g, plan = 4, noise_plan(cfg, 8)
     params = skellam_mechanism.round_params(cfg, Phase.SUFFSTATS, plan, 300, 1, g)
     share = skellam_mechanism.device_params(params, g)
-    noise, rows = SecureNoise(), np.zeros((1, 300))
+    noise, rows = SecureNoise(), np.zeros(300)
     decoded = np.concatenate([skellam_mechanism.IntegerCodec(params).decode_field(
         np.stack([skellam_mechanism.encode_device(rows, share, noise) for _ in range(g)]), g) for _ in range(30)])
     expected = skellam_mechanism.released_variance(params, plan.suffstats_sigma, [g] * g)

@@ -136,7 +136,7 @@ def planned_event(req: RoundRequest, n: int, cfg: FederationConfig, policy: Devi
     if cfg.integer_noise:
         if dims is None:
             raise ValueError("the integer mechanism's event needs the shard's dimensions (d_x, d_y)")
-        return _skellam_event(req, cfg, policy, dims)
+        return _skellam_event(req, n, cfg, policy, dims)
     if cfg.privacy_unit == PrivacyUnit.DEVICE:
         source = REPRODUCIBLE_WARNING if cfg.reproducible_noise else "noise from the OS CSPRNG"
         return _device_event(req, cfg, policy, _sigma(req, cfg), source)
@@ -167,12 +167,20 @@ def integer_params(req: RoundRequest, cfg: FederationConfig, policy: DevicePolic
     return skellam_mechanism.device_params(params, policy.guaranteed_arrivals)
 
 
-def _skellam_event(req: RoundRequest, cfg: FederationConfig, policy: DevicePolicy, dims: tuple[int, int]) -> DPEvent:
+def _skellam_event(req: RoundRequest, n: int, cfg: FederationConfig, policy: DevicePolicy,
+                   dims: tuple[int, int]) -> DPEvent:
+    """The integer mechanism's event: a full sum, or at the example level's DP-SGD a Poisson-subsampled one."""
     params = integer_params(req, cfg, policy, dims)
     sigma = _sigma(req, cfg)
     source = REPRODUCIBLE_WARNING if cfg.reproducible_noise else "rounding and noise from the OS CSPRNG"
-    rows = "each pair rounded on its own" if skellam_mechanism.per_example_rows(cfg, req.phase) else "one vector"
-    return DPEvent(round=req.round, mechanism=SKELLAM, steps=1, sample_rate=1.0, noise_multiplier=sigma,
+    if not skellam_mechanism.sums_examples(cfg):
+        rows = "one vector, conditionally rounded"
+    elif req.phase == Phase.SUFFSTATS:
+        rows = "the sum of the pairs' rows rounded once, coupled bound"
+    else:
+        rows = "the clipped-gradient sum of a secret Poisson sample rounded once, coupled bound"
+    q = sample_rate(req, n, cfg) if skellam_mechanism.sums_examples(cfg) and req.phase == Phase.DPSGD else 1.0
+    return DPEvent(round=req.round, mechanism=SKELLAM, steps=1, sample_rate=q, noise_multiplier=sigma,
                    clip_norm=mechanism_for(cfg).sensitivity(req.phase), delta=policy.delta, mode=DISTRIBUTED,
                    unit=str(cfg.privacy_unit), noise_source=_noise_source(cfg),
                    skellam=skellam_mechanism.event_parameters(params, sigma),
@@ -341,16 +349,14 @@ def _compute(req: RoundRequest, shard: Shard, global_vector: np.ndarray, cfg: Fe
 def _integer_vector(req: RoundRequest, shard: Shard, global_vector: np.ndarray, cfg: FederationConfig,
                     policy: DevicePolicy, noise: NoiseSource) -> np.ndarray:
     """The device's field elements (as Flower's exact quantizer reads them: ``u - 2^(bits-1)``): its un-noised
-    contribution (its rows), rounded and Skellam-noised in the field."""
+    contribution (its weighted statistics, its clipped-gradient sum or its one clipped vector), rounded once
+    and Skellam-noised in the field."""
     mech = mechanism_for(cfg)
     params = integer_params(req, cfg, policy, (shard.d_x, shard.d_y))
     if req.phase == Phase.SUFFSTATS:
-        weight = mech.stats_weight(shard.n)
-        rows = skellam_mechanism.device_rows(cfg, req.phase, suffstats_vector(shard) * weight,
-                                             shard.enroll, shard.runtime, weight)
+        vector = suffstats_vector(shard) * mech.stats_weight(shard.n)
     else:
         net = build_net(cfg, shard.d_x, shard.d_y)
         load_flat(list(net.parameters()), np.asarray(global_vector, np.float32))
         vector = mech.dpsgd_vector(net, shard, 0.0, noise, sample_rate(req, shard.n, cfg))
-        rows = skellam_mechanism.device_rows(cfg, req.phase, vector)
-    return to_flower(skellam_mechanism.encode_device(rows, params, noise), params)
+    return to_flower(skellam_mechanism.encode_device(vector, params, noise), params)

@@ -200,16 +200,19 @@ def _validate(ev: DPEvent) -> None:
     if ev.noise_source and ev.noise_source not in NOISE_SOURCES:
         raise EventError(f"noise_source must be one of {NOISE_SOURCES} (or absent), got {ev.noise_source!r}")
     _validate_skellam(ev)
+    # the example level's integer DP-SGD sum is over a secret Poisson sample: the one full sum with q < 1
+    subsampled_skellam = ev.mechanism == SKELLAM and ev.unit == EXAMPLE
     if ev.unit == DEVICE and (ev.mechanism not in FULL_SUMS or ev.mode != DISTRIBUTED):
         # Device-level DP here is one Gaussian sum per participation, no sampling: the guarantee
         # must never lean on amplification from the server's choice of devices.
         raise EventError("a device-level event is a distributed full sum (q = 1, no amplification by "
                          f"sampling), got mechanism {ev.mechanism!r} in mode {ev.mode!r}")
-    if ev.mechanism in FULL_SUMS and (ev.sample_rate != 1.0 or ev.steps != ev.n_rounds):
+    if ev.mechanism in FULL_SUMS and (ev.steps != ev.n_rounds or (ev.sample_rate != 1.0 and not subsampled_skellam)):
         # One sum per round: a span of K rounds is K Gaussian mechanisms, so steps == K.
         raise EventError(
-            "a gaussian-sum event is one Gaussian mechanism on a full sum per round: "
-            f"sample_rate must be 1 and steps {ev.n_rounds} (its rounds), got {ev.sample_rate!r} "
+            f"a {ev.mechanism} event is one mechanism on a full sum per round: "
+            f"sample_rate must be 1 (but for an example-level {SKELLAM} event's Poisson sample) and steps "
+            f"{ev.n_rounds} (its rounds), got {ev.sample_rate!r} "
             f"and {ev.steps!r}")
 
 
@@ -233,6 +236,10 @@ def _validate_skellam(ev: DPEvent) -> None:
     if not (_is_int(params["bits"]) and isinstance(dim, int)) or dim & (dim - 1):
         raise EventError(f"skellam bits and dim must be ints, dim a power of two, got {params['bits']!r}, "
                          f"{params['dim']!r}")
+    if ev.unit == EXAMPLE and params["beta"] != 0:
+        # an example-level device rounds the SUM of its examples once: only the coupled bound (beta 0) holds
+        raise EventError(f"an example-level {SKELLAM} event is accounted with the coupled bound: beta must be 0, "
+                         f"got {params['beta']!r}")
 
 
 def check_skellam_parameters(ev: DPEvent) -> None:

@@ -66,12 +66,20 @@ class SkellamRelease:
 
 
 def rounded_l2_norm_bound(scaled_clip: float, beta: float, dim: int) -> float:
-    """L2 norm bound of a vector of norm <= ``scaled_clip`` after conditional randomised rounding.
+    """The L2 sensitivity after rounding of an input whose sensitivity is ``scaled_clip`` (``c``).
 
-    Kairouz, Liu & Steinke (ICML 2021), Theorem 1 / eq. (2), as TFF's ``rounded_l2_norm_bound``:
-    randomised rounding keeps the norm below ``sqrt(c^2 + d/4 + sqrt(2 ln(1/beta)) (c + sqrt(d)/2))``
-    with probability >= 1 - beta, and always below ``c + sqrt(d)``; the device re-draws until
-    the rounded norm is within the bound, so it holds for every released vector.
+    ``beta > 0`` (the device level: the vector is the whole unit): Kairouz, Liu & Steinke (ICML
+    2021), Theorem 1 / eq. (2), as TFF's ``rounded_l2_norm_bound``: randomised rounding keeps the
+    norm below ``sqrt(c^2 + d/4 + sqrt(2 ln(1/beta)) (c + sqrt(d)/2))`` with probability >= 1 - beta;
+    the device re-draws until it is within, so it holds for every released vector.
+
+    ``beta = 0`` (the example level: a device rounds the SUM of its clipped examples once):
+    ``c + sqrt(d)``, the coupled bound. Two neighbouring sums ``s`` and ``s + x`` (``||x|| <= c``)
+    rounded with the same uniforms differ by ``floor(x_j)`` or ``ceil(x_j)`` in every coordinate,
+    so by ``x + e`` with ``|e_j| < 1``: ``||.|| < c + sqrt(d)``. The release is a mixture over the
+    uniforms, of one law for both neighbours, of Skellam mechanisms whose inputs are that close, so
+    by the quasi-convexity of Renyi divergence its RDP is at most the Skellam RDP at that bound. It
+    is also the norm bound of one rounded vector of norm <= c (``|e_j| < 1`` again).
     """
     if scaled_clip < 0 or dim < 1 or not (0.0 <= beta < 1.0):
         raise ValueError(f"need scaled_clip >= 0, dim >= 1, 0 <= beta < 1, got {scaled_clip}, {dim}, {beta}")
