@@ -19,6 +19,7 @@ from fed_nessa.config import ConfigError, DevicePolicy, FederationConfig, Phase,
 from fed_nessa.federated import skellam_mechanism, suffstats
 from fed_nessa.federated.device import RoundRequest, integer_params
 from fed_nessa.federated.integer_mechanism import WrapAroundError, centred, encode_rounded, modular_sum
+from fed_nessa.federated.mechanism import mechanism_for
 from fed_nessa.federated.noise_plan import noise_plan
 from fed_nessa.federated.server_model import ServerModel
 from fed_nessa.privacy.accounting import MechanismNotCoveredError, compute_epsilon
@@ -26,7 +27,7 @@ from fed_nessa.privacy.events import SKELLAM, DPEvent, EventError
 from fed_nessa.privacy.ledger import DeviceLedger
 from fed_nessa.privacy.skellam import skellam_log_pmf
 from fed_nessa.randomness import SecureNoise
-from fed_nessa.sim.runner import build_config, run_engine
+from fed_nessa.sim.runner import build_config
 
 torch.set_num_threads(1)
 DEVICE_POLICY = DevicePolicy(epsilon_budget=30.0, guaranteed_arrivals=3, delta=1e-3, privacy_unit="device")
@@ -175,15 +176,6 @@ def test_example_level_dpsgd_rounds_round_the_gradient_sum_once_and_are_audited(
     ev = events[1].to_dict()
     with pytest.raises(EventError, match="coupled bound: beta must be 0"):
         DPEvent.from_dict({**ev, "skellam": {**ev["skellam"], "beta": 0.5}})
-
-
-def test_the_fleet_engine_refuses_skellams_dpsgd_rounds(tmp_path: Path) -> None:
-    cfg = from_run_config({"distributed-mechanism": "skellam", "privacy-unit": "device", "num-devices": 12,
-                           "min-arrivals": 3, "delta": 1e-3, "num-server-rounds": 3, "aligner": "nessa",
-                           "run-dir": str(tmp_path / "run")})
-    with pytest.raises(ValueError, match="runs the integer mechanism's statistics round only"):
-        run_engine(cfg, DEVICE_POLICY, engine="fleet", quiet=True)
-    assert not (tmp_path / "run").exists()
 
 
 # -- real Flower SecAgg+ rounds ---------------------------------------------------------------
@@ -413,6 +405,70 @@ def test_flower_and_fleet_engines_release_the_same_integer_statistics_sum(tmp_pa
         dev = f"device-{i:05d}"
         events = [DeviceLedger.open(tmp_path / run / "devices" / dev, dev).events() for run in ("flower", "fleet")]
         assert events[0] == events[1] and events[0][0].mechanism == SKELLAM
+
+
+@pytest.mark.parametrize("unit", ["example", "device-fedsgd", pytest.param("device-fedavg", marks=pytest.mark.slow)])
+def test_flower_and_fleet_engines_release_the_same_skellam_dpsgd_sums(tmp_path: Path, unit: str,
+                                                                     applied_sums: list[Any]) -> None:
+    """Reproducible noise, exact numerics, statistics then two DP-SGD rounds under skellam: every device's
+    Poisson sample (or rows), rounding and share come from the same stream in both engines, so the released sums
+    agree up to the float difference of the two engines' clipped gradients (a rounding it flips moves the sum by
+    at most one integer unit, C / k per device after the inverse rotation) and the ledgers hold the same events."""
+    from fed_nessa.sim.fleet import run_fleet
+    from fed_nessa.sim.runner import simulate as flower_simulate
+
+    level, _, update = unit.partition("-")
+    over: dict[str, Any] = {"num-server-rounds": 3, "aligner": "nessa", "noise-multiplier": 1.5,
+                            "privacy-unit": level}
+    if level == "example":
+        over.update({"sample-rate": 0.2, "suffstats-noise-multiplier": 1.0})
+    else:
+        over.update({"device-update": update, "local-epochs": 2, "local-batch": 3, "local-lr": 0.5})
+    policy = DevicePolicy(privacy_unit=level, guaranteed_arrivals=8, min_suffstats_noise_multiplier=0.2,
+                          min_noise_multiplier=0.2, delta=1e-3, allow_reproducible_noise=True)
+    flower_simulate(_fleet_stats_cfg(tmp_path, "flower", **over), policy=policy, quiet=True)
+    flower = list(applied_sums)
+    applied_sums.clear()
+    run_fleet(_fleet_stats_cfg(tmp_path, "fleet", **over), policy)
+    assert [s[0] for s in flower] == [s[0] for s in applied_sums] == ["suffstats", "dpsgd", "dpsgd"]
+    for (phase, a, n_a), (_, b, n_b) in zip(flower, applied_sums, strict=True):
+        assert n_a == n_b == 12
+        cfg = _fleet_stats_cfg(tmp_path, "x", **over)
+        clip = mechanism_for(cfg).sensitivity(Phase(phase))
+        params = skellam_mechanism.round_params(cfg, Phase(phase), noise_plan(cfg, 12),
+                                                a.size, 1, 8)
+        k = params.scale * clip / math.sqrt(params.padded_dim)
+        assert np.abs(a - b).max() <= 12 * clip / k + 1e-5 * np.abs(a).max(), phase
+        assert np.abs(a).max() > 100 * clip / k  # the sums are more than the rounding
+    for i in range(12):
+        dev = f"device-{i:05d}"
+        ledgers = [DeviceLedger.open(tmp_path / run / "devices" / dev, dev) for run in ("flower", "fleet")]
+        events = [ledger.events() for ledger in ledgers]
+        # the fleet reserves its DP-SGD rounds as one span: the same mechanism, the same epsilon
+        assert {ev.mechanism for ev in events[0] + events[1]} == {SKELLAM}
+        assert [(ev.skellam, ev.sample_rate) for ev in events[0][:2]] == [(ev.skellam, ev.sample_rate)
+                                                                         for ev in events[1]]
+        assert ledgers[0].epsilon(1e-3) == pytest.approx(ledgers[1].epsilon(1e-3), rel=1e-9)
+        if level == "example":
+            assert events[0][-1].sample_rate < 1
+
+
+@pytest.mark.parametrize("level", ["example", "device"])
+def test_a_fast_fleet_skellam_run_with_dpsgd_rounds_passes_its_audit(tmp_path: Path, level: str) -> None:
+    """Fast numerics (one summed Skellam draw per round), statistics then two DP-SGD rounds, OS CSPRNG noise:
+    the run applies every round, names the mechanism and passes the audit (every epsilon re-derived)."""
+    from fed_nessa.privacy.audit import audit
+    from fed_nessa.sim.fleet import run_fleet
+
+    over = {"num-server-rounds": 3, "aligner": "nessa", "privacy-unit": level, "sample-rate": 0.2,
+            "reproducible-noise": False, "fleet-numerics": "fast"}
+    policy = DevicePolicy(privacy_unit=level, guaranteed_arrivals=8, min_suffstats_noise_multiplier=0.2,
+                          min_noise_multiplier=0.2, delta=1e-3)
+    summary = run_fleet(_fleet_stats_cfg(tmp_path, "run", **over), policy)
+    assert [e["status"] for e in summary["rounds"]] == ["applied"] * 3
+    assert summary["privacy"]["mechanism"] == "skellam"
+    result = audit(tmp_path / "run", write=False)
+    assert result.passed, [f.message for f in result.findings]
 
 
 def test_fleet_fast_numerics_match_the_exact_ones_in_mean_and_variance() -> None:

@@ -200,20 +200,27 @@ def _validate(ev: DPEvent) -> None:
     if ev.noise_source and ev.noise_source not in NOISE_SOURCES:
         raise EventError(f"noise_source must be one of {NOISE_SOURCES} (or absent), got {ev.noise_source!r}")
     _validate_skellam(ev)
-    # the example level's integer DP-SGD sum is over a secret Poisson sample: the one full sum with q < 1
-    subsampled_skellam = ev.mechanism == SKELLAM and ev.unit == EXAMPLE
     if ev.unit == DEVICE and (ev.mechanism not in FULL_SUMS or ev.mode != DISTRIBUTED):
         # Device-level DP here is one Gaussian sum per participation, no sampling: the guarantee
         # must never lean on amplification from the server's choice of devices.
         raise EventError("a device-level event is a distributed full sum (q = 1, no amplification by "
                          f"sampling), got mechanism {ev.mechanism!r} in mode {ev.mode!r}")
-    if ev.mechanism in FULL_SUMS and (ev.steps != ev.n_rounds or (ev.sample_rate != 1.0 and not subsampled_skellam)):
+    if one_per_round(ev) and (ev.sample_rate != 1.0 or ev.steps != ev.n_rounds):
         # One sum per round: a span of K rounds is K Gaussian mechanisms, so steps == K.
         raise EventError(
             f"a {ev.mechanism} event is one mechanism on a full sum per round: "
-            f"sample_rate must be 1 (but for an example-level {SKELLAM} event's Poisson sample) and steps "
-            f"{ev.n_rounds} (its rounds), got {ev.sample_rate!r} "
+            f"sample_rate must be 1 and steps {ev.n_rounds} (its rounds), got {ev.sample_rate!r} "
             f"and {ev.steps!r}")
+
+
+def one_per_round(ev: DPEvent) -> bool:
+    """Whether ``ev`` is one release of a full sum (q = 1) in every round of its span.
+
+    Every :data:`FULL_SUMS` event but the example level's integer sums: a device's DP-SGD contribution
+    there is over a secret Poisson sample (q < 1), and its span, like a DP-SGD one, counts the rounds the
+    device joins (it may skip other cohorts' rounds).
+    """
+    return ev.mechanism in FULL_SUMS and not (ev.mechanism == SKELLAM and ev.unit == EXAMPLE)
 
 
 def _validate_skellam(ev: DPEvent) -> None:

@@ -26,7 +26,7 @@ from fed_nessa.federated import skellam_mechanism, suffstats
 from fed_nessa.federated.integer_mechanism import clip_l2, skellam_share, unrotate
 from fed_nessa.federated.mechanism import mechanism_for
 from fed_nessa.federated.skellam_mechanism import IntegerCodec
-from fed_nessa.randomness import noise_source
+from fed_nessa.randomness import NoiseSource, noise_source
 from fed_nessa.sim.fleet_numerics import summed_noise
 
 
@@ -38,27 +38,33 @@ def stats_sum(cfg: FederationConfig, numerics: str, shards: Sequence[tuple[np.nd
     """
     mech = mechanism_for(cfg)
     vectors = [suffstats.device_vector(x, y) * mech.stats_weight(len(x)) for x, y in shards]
-    return released_sum(cfg, numerics, vectors, ids, gs, r, codec)
-
-
-def released_sum(cfg: FederationConfig, numerics: str, vectors: Sequence[np.ndarray], ids: Sequence[str],
-                 gs: Sequence[int], r: int, codec: IntegerCodec) -> np.ndarray:
-    """The released sum (float32, input units) of the devices' un-noised ``vectors`` (their statistics,
-    clipped-gradient sums or clipped updates), each encoded as its device encodes it (``exact``) or
-    their float sum plus the summed noise and rounding (``fast``)."""
-    params = codec.params
     if numerics == FleetNumerics.EXACT:
-        encodings = [skellam_mechanism.encode_device(v, skellam_mechanism.device_params(params, g),
-                                                     noise_source(cfg.reproducible_noise, cfg.seed, "device", i, r))
-                     for v, i, g in zip(vectors, ids, gs, strict=True)]
-        return codec.decode_field(np.stack(encodings), len(vectors))
-    radius = params.vectors_per_device * params.l2_clip  # each device's projection, as its encoder does
+        return exact_sum(vectors, [noise_source(cfg.reproducible_noise, cfg.seed, "device", i, r) for i in ids],
+                         gs, codec)
+    radius = codec.params.vectors_per_device * codec.params.l2_clip  # each device's projection, as it encodes
     total = np.sum([clip_l2(np.asarray(v, np.float64), radius) for v in vectors], axis=0)
+    return fast_sum(cfg, total, gs, r, codec)
+
+
+def exact_sum(vectors: Sequence[np.ndarray], streams: Sequence[NoiseSource], gs: Sequence[int],
+              codec: IntegerCodec) -> np.ndarray:
+    """The released sum (float32, input units) of the devices' un-noised ``vectors`` (their statistics,
+    clipped-gradient sums or clipped updates), each encoded as its device encodes it, from its own stream
+    (what the device drew before, its Poisson sample or its rows, already drawn), share sized for its g."""
+    encodings = [skellam_mechanism.encode_device(v, skellam_mechanism.device_params(codec.params, g), stream)
+                 for v, stream, g in zip(vectors, streams, gs, strict=True)]
+    return codec.decode_field(np.stack(encodings), len(encodings))
+
+
+def fast_sum(cfg: FederationConfig, total: np.ndarray, gs: Sequence[int], r: int, codec: IntegerCodec) -> np.ndarray:
+    """The released sum (float32) from the devices' float ``total``: plus one draw of the summed Skellam noise
+    and of the rounding's error (one rounding per device, ``len(gs)`` devices), in the rotated domain."""
+    params = codec.params
     stream = summed_noise(cfg, r)
     variance = sum(params.device_variance / g for g in gs)
     rotated = (skellam_share(variance, params.padded_dim, stream).astype(np.float64)
-               + stream.normal((params.padded_dim,), math.sqrt(len(vectors) / 6.0)))
-    return (total + unrotate(rotated, params) / params.scale).astype(np.float32)
+               + stream.normal((params.padded_dim,), math.sqrt(len(gs) / 6.0)))
+    return (np.asarray(total, np.float64) + unrotate(rotated, params) / params.scale).astype(np.float32)
 
 
 def noise_statement(numerics: str) -> str:

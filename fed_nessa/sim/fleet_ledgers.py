@@ -26,7 +26,7 @@ from fed_nessa.federated.mechanism import public_parameters
 from fed_nessa.federated.noise_plan import NoisePlan
 from fed_nessa.federated.release import promised_arrivals
 from fed_nessa.privacy.accounting import UnitNotCoveredError
-from fed_nessa.privacy.events import GAUSSIAN_SUM, DPEvent
+from fed_nessa.privacy.events import DPEvent, one_per_round
 from fed_nessa.privacy.ledger import (
     CHAIN_SCHEME,
     LEDGER_HEADS,
@@ -74,8 +74,9 @@ class DeviceBook:
         return {self.ledgers[i].device_id: list(self.ledgers[i].head()) for i in reserved}
 
     def reserve_spans(self, cfg: FederationConfig, fleet: FleetState, dp_rounds: list[int],
-                      model_ids: dict[str, str]) -> None:
-        """Every device reserves the DP-SGD rounds it is scheduled for, as one span, within its budget."""
+                      model_ids: dict[str, str], dims: tuple[int, int]) -> None:
+        """Every device reserves the DP-SGD rounds it is scheduled for, as one span, within its budget
+        (``dims``: the shards' d_x, d_y, which size the integer mechanism's payload)."""
         book = self
         schedule: dict[int, list[int]] = {i: [] for i in range(len(fleet.ids))}
         for r in dp_rounds:
@@ -97,7 +98,7 @@ class DeviceBook:
             if why or not rounds:
                 book.refused[i] = why or separation_refusal(req.round, ledger.rounds(), policy) or "declined"
                 continue
-            one = planned_event(req, int(fleet.n[i]), cfg, policy)
+            one = planned_event(req, int(fleet.n[i]), cfg, policy, dims)
             if one is None:  # no DP: nothing to reserve
                 book.span_rounds[i] = rounds
                 continue
@@ -111,12 +112,13 @@ class DeviceBook:
                 book.refused[i] = "declined: the DP-SGD phase would take this device over its budget"
                 continue
             joined = rounds[:k]
-            # A Poisson DP-SGD span may skip rounds (cohorts); a device-level Gaussian sum is one
-            # mechanism per round, so its spans are runs of consecutive rounds.
-            runs = _runs(tuple(joined)) if one.mechanism == GAUSSIAN_SUM else [(joined[0], joined[-1])]
+            # A Poisson DP-SGD span may skip rounds (cohorts); a device-level sum (Gaussian or integer) is
+            # one mechanism per round, so its spans are runs of consecutive rounds.
+            per_round = one_per_round(one)
+            runs = _runs(tuple(joined)) if per_round else [(joined[0], joined[-1])]
             seqs = []
             for first, last in runs:
-                steps = k if one.mechanism != GAUSSIAN_SUM else last - first + 1
+                steps = last - first + 1 if per_round else k
                 span = DPEvent.from_dict({**one.to_dict(), "steps": steps, "round": first, "last_round": last,
                                           "note": f"{one.note}; span of {steps} scheduled round(s) reserved at "
                                                   "once (counted in full even if the device drops out)"})

@@ -42,7 +42,6 @@ from flwr.common.constant import NUM_PARTITIONS_KEY, PARTITION_ID_KEY, SUPERLINK
 from fed_nessa.arguments import seed_arg
 from fed_nessa.config import (
     FEDERATION_NAMES,
-    AlignerChoice,
     ConfigError,
     DevicePolicy,
     FederationConfig,
@@ -52,7 +51,6 @@ from fed_nessa.config import (
     policy_from_node_config,
 )
 from fed_nessa.data.population import FederationData
-from fed_nessa.federated.noise_plan import dpsgd_rounds
 from fed_nessa.federated.protocol import DEVICES_DIR, device_id_of, shard_folder
 from fed_nessa.privacy.ledger import check_key_store, device_id_problem
 from fed_nessa.sim.launcher import config_path, load_apps
@@ -380,10 +378,6 @@ def run_engine(cfg: FederationConfig, policy: DevicePolicy, *, engine: str = ENG
             raise ValueError(f"data-source {cfg.data_source}: the fleet engine builds its devices in memory from "
                              f"{' or '.join(FEDERATION_NAMES)}; run a folder of shards with --engine flower")
         _check_torch_device(device)
-        if cfg.integer_noise and dpsgd_rounds(cfg) > 0 and cfg.aligner != AlignerChoice.LINEAR:
-            raise ValueError("distributed-mechanism = 'skellam': the fleet engine runs the integer mechanism's "
-                             "statistics round only, not its DP-SGD rounds yet (the Flower engine runs device-level "
-                             "ones); use --engine flower, aligner 'linear' or distributed-mechanism 'gaussian'")
     if cfg.data_source not in FEDERATION_NAMES:
         check_shard_folder(Path(cfg.data_source), cfg)
     planned = _planned_replacement(cfg) if replace else None
