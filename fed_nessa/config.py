@@ -313,10 +313,6 @@ def _skellam_problems(c: FederationConfig) -> list[str]:
     p = []
     if c.clip_target_quantile > 0:
         p.append(f"{key} does not carry the adaptive clip's bit yet: clip-target-quantile must be 0")
-    if c.budget_split > 0:
-        p.append(f"{key}: budget-split calibrates the Gaussian's noise multipliers, and the integer mechanism costs "
-                 "slightly more epsilon at the same multiplier (its rounding and discretisation), so the calibrated "
-                 "run would exceed the budget: set budget-split 0 and the noise multipliers")
     return p
 
 

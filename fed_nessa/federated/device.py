@@ -37,7 +37,7 @@ noise. Nothing derived from the data leaves except the vector and the reply metr
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -47,7 +47,7 @@ from fed_nessa.federated import skellam_mechanism, suffstats
 from fed_nessa.federated.integer_mechanism import IntegerMechanismParams
 from fed_nessa.federated.layout import build_net, load_flat
 from fed_nessa.federated.mechanism import mechanism_for
-from fed_nessa.federated.noise_plan import noise_plan
+from fed_nessa.federated.noise_plan import NoisePlan, noise_plan
 from fed_nessa.federated.secagg_field import to_flower
 from fed_nessa.model.training import (
     dp_sample_rate,
@@ -83,6 +83,9 @@ class RoundRequest:
     #: The federation's model ids as the round config states them (None: not stated, not checked).
     enroll_model: str | None = None
     runtime_model: str | None = None
+    #: The device's OWN shard dimensions (d_x, d_y), set by the device from its shard (never from the server):
+    #: they size the integer mechanism's payload, which its budget-split calibration depends on.
+    dims: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -94,8 +97,13 @@ class ClientOutcome:
     metrics: dict[str, float | int | str] = field(default_factory=dict)
 
 
+def _plan(req: RoundRequest, cfg: FederationConfig) -> NoisePlan:
+    """The run's noise plan as this device computes it (the fleet size and its own shard's dimensions)."""
+    return noise_plan(cfg, req.fleet_size, req.dims)
+
+
 def _sigma(req: RoundRequest, cfg: FederationConfig) -> float:
-    plan = noise_plan(cfg, req.fleet_size)
+    plan = _plan(req, cfg)
     return plan.suffstats_sigma if req.phase == Phase.SUFFSTATS else plan.dpsgd_sigma
 
 
@@ -106,7 +114,7 @@ def sample_rate(req: RoundRequest, n: int, cfg: FederationConfig) -> float:
 
 def share_std(req: RoundRequest, cfg: FederationConfig, policy: DevicePolicy) -> float:
     """This device's noise std for the round: the run's mechanism, sized by its OWN policy's g."""
-    return mechanism_for(cfg).share_std(req.phase, noise_plan(cfg, req.fleet_size), policy.guaranteed_arrivals)
+    return mechanism_for(cfg).share_std(req.phase, _plan(req, cfg), policy.guaranteed_arrivals)
 
 
 def _device_event(req: RoundRequest, cfg: FederationConfig, policy: DevicePolicy, sigma: float,
@@ -161,7 +169,7 @@ def planned_event(req: RoundRequest, n: int, cfg: FederationConfig, policy: Devi
 def integer_params(req: RoundRequest, cfg: FederationConfig, policy: DevicePolicy,
                    dims: tuple[int, int]) -> IntegerMechanismParams:
     """This device's parameters of a skellam round: the public ones, its noise share sized by its OWN g."""
-    plan = noise_plan(cfg, req.fleet_size)
+    plan = noise_plan(cfg, req.fleet_size, dims)
     dim = skellam_mechanism.payload_dim(cfg, req.phase, *dims)
     params = skellam_mechanism.round_params(cfg, req.phase, plan, dim, req.round, req.promised_arrivals)
     return skellam_mechanism.device_params(params, policy.guaranteed_arrivals)
@@ -279,6 +287,7 @@ def plan_round(req: RoundRequest, shard: Shard, cfg: FederationConfig, ledger: D
                policy: DevicePolicy) -> ClientOutcome:
     """Policy and budget check only: would this round stay within what the device allows?"""
     policy = _policy_of(ledger, policy)
+    req = replace(req, dims=(shard.d_x, shard.d_y))
     refusal = (server_pin_refusal(req, ledger) or shard_refusal(req, shard)
                or policy_refusal(req, shard.n, cfg, policy, ledger))
     if refusal is not None:
@@ -299,6 +308,7 @@ def client_round(req: RoundRequest, shard: Shard, global_vector: np.ndarray, cfg
                  ledger: DeviceLedger, policy: DevicePolicy) -> ClientOutcome:
     """Compute this device's contribution, spending (and recording) privacy only if the policy allows."""
     policy = _policy_of(ledger, policy)
+    req = replace(req, dims=(shard.d_x, shard.d_y))
     plan = plan_round(req, shard, cfg, ledger, policy)
     if plan.status != ReplyStatus.OK:
         return plan

@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -40,10 +41,14 @@ from fed_nessa.federated.integer_mechanism import (
 )
 from fed_nessa.federated.layout import build_net, trainable
 from fed_nessa.federated.mechanism import max_sampled, mechanism_for
-from fed_nessa.federated.noise_plan import NoisePlan
 from fed_nessa.federated.secagg_field import field_sum_from_flower, flower_settings, to_flower
+from fed_nessa.privacy.accounting import RDP, compute_epsilon
+from fed_nessa.privacy.events import DISTRIBUTED, SKELLAM, DPEvent
 from fed_nessa.privacy.skellam import DEFAULT_BETA
 from fed_nessa.randomness import NoiseSource
+
+if TYPE_CHECKING:  # the plan calibrates with this module (noise_plan imports it)
+    from fed_nessa.federated.noise_plan import NoisePlan
 
 #: Round-config key: the field's bit width as the server built it (what the devices' payloads fit).
 BITS_KEY = "integer-bits"
@@ -61,14 +66,14 @@ def sums_examples(cfg: FederationConfig) -> bool:
     return cfg.privacy_unit == PrivacyUnit.EXAMPLE
 
 
-def vectors_per_device(cfg: FederationConfig, phase: Phase, plan: NoisePlan) -> int:
+def vectors_per_device(cfg: FederationConfig, phase: Phase, sample_rate: float) -> int:
     """Clipped vectors one device's sum is sized for: every pair it may carry (statistics), the bound on its
     Poisson sample (DP-SGD, as the Gaussian's payload bound), or its one vector (device level)."""
     if not sums_examples(cfg):
         return 1
     if phase == Phase.SUFFSTATS:
         return cfg.max_pairs_per_device
-    return math.ceil(max_sampled(cfg, plan.sample_rate))
+    return math.ceil(max_sampled(cfg, sample_rate))
 
 
 def payload_dim(cfg: FederationConfig, phase: Phase, d_x: int, d_y: int) -> int:
@@ -92,11 +97,32 @@ def round_params(cfg: FederationConfig, phase: Phase, plan: NoisePlan, dim: int,
     0 at the example level (the coupled bound), TFF's default at the device level. Raises ValueError
     (one line) when none fits.
     """
+    return phase_params(cfg, phase, mechanism_for(cfg).sigma(phase, plan), plan.sample_rate, plan.fleet, dim,
+                        round_num, promised)
+
+
+def phase_params(cfg: FederationConfig, phase: Phase, sigma: float, sample_rate: float, fleet: int, dim: int,
+                 round_num: int, promised: int) -> IntegerMechanismParams:
+    """:func:`round_params` from the public numbers themselves (what the budget-split calibration varies)."""
     mech = mechanism_for(cfg)
-    whole = build_params(dim, mech.sensitivity(phase), mech.sigma(phase, plan), rotation_seed(cfg.seed, round_num),
-                         1, max(plan.fleet, promised), vectors_per_device(cfg, phase, plan),
+    whole = build_params(dim, mech.sensitivity(phase), sigma, rotation_seed(cfg.seed, round_num),
+                         1, max(fleet, promised), vectors_per_device(cfg, phase, sample_rate),
                          beta=0.0 if sums_examples(cfg) else DEFAULT_BETA)
     return dataclasses.replace(whole, min_devices=promised)
+
+
+def calibration_epsilon(cfg: FederationConfig, fleet: int, dims: tuple[int, int],
+                        phases: Sequence[tuple[Phase, float, float, int]]) -> float:
+    """Epsilon (the devices' RDP accountant, at the run's delta and unit) of the integer mechanism's releases
+    ``(phase, sigma, q, rounds)`` composed: the skellam events a device would record, at the parameters the
+    rounds would build (their scale and so their bounds change with sigma)."""
+    events = []
+    for phase, sigma, q, rounds in phases:
+        params = phase_params(cfg, phase, sigma, q, fleet, payload_dim(cfg, phase, *dims), 1, 1)
+        events.append(DPEvent(1, SKELLAM, rounds, q, sigma, params.l2_clip, cfg.delta, DISTRIBUTED,
+                              last_round=rounds, unit=str(cfg.privacy_unit),
+                              skellam=event_parameters(params, sigma)))
+    return compute_epsilon(events, cfg.delta, RDP, str(cfg.privacy_unit))
 
 
 def device_params(params: IntegerMechanismParams, g: int) -> IntegerMechanismParams:

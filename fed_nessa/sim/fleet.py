@@ -210,7 +210,7 @@ class FleetEngine(Engine):
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.model = ServerModel(cfg, data.d_x, data.d_y, data.enroll_model, data.runtime_model)
-        self.plan = noise_plan(cfg, len(self.fleet.ids))
+        self.plan = noise_plan(cfg, len(self.fleet.ids), (data.d_x, data.d_y))
         self.progress = progress or (lambda event: None)
         self.state = RunState()
         self.numerics = FleetNumerics(cfg.fleet_numerics)
@@ -265,7 +265,8 @@ class FleetEngine(Engine):
             answers.declined = [i for i, j in zip(cohort, joins, strict=True) if not j]
             return answers
         cfg, fleet, book = self.cfg, self.fleet, self.book
-        req = RoundRequest(Phase.SUFFSTATS, r, int(request[PROMISED_ARRIVALS_KEY]), len(fleet.ids), **self._model_ids())
+        req = RoundRequest(Phase.SUFFSTATS, r, int(request[PROMISED_ARRIVALS_KEY]), len(fleet.ids), **self._model_ids(),
+                           dims=(self.data.d_x, self.data.d_y))
         self._seqs = {}
         with ledger_batch(book.store):  # reserves durable before the mechanism runs
             for i in cohort:

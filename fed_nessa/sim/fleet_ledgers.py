@@ -92,7 +92,7 @@ class DeviceBook:
             # declined, not the whole span (docs/privacy.md).
             req = RoundRequest(Phase.DPSGD, (kept or rounds)[0],
                                promised_arrivals(cfg, cfg.cohort_size(len(fleet.ids))), len(fleet.ids),
-                               **model_ids)
+                               **model_ids, dims=dims)
             why = fleet.refusal(req, i, int(fleet.n[i]), cfg, policy, ledger)
             rounds = kept
             if why or not rounds:

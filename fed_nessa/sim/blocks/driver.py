@@ -134,7 +134,7 @@ class BlockEngine:
         self.fleet = population.num_devices
         self.model = ServerModel(cfg, models[lazy.enroll_model].dim, models[lazy.runtime_model].dim,
                                  self.model_ids["enroll_model"], self.model_ids["runtime_model"])
-        self.plan = noise_plan(cfg, self.fleet)
+        self.plan = noise_plan(cfg, self.fleet, (self.model.d_x, self.model.d_y))
         self.numerics = FleetNumerics(cfg.fleet_numerics)
         self.backend: Backend = make_backend(backend, block_specs(population, devices_per_block, self.run_dir, cache),
                                              cfg, policy, ray_address=ray_address)
@@ -241,7 +241,8 @@ class BlockEngine:
     # -- evidence --------------------------------------------------------------------------
     def _request(self, phase: Phase, r: int, promised: int) -> RoundRequest:
         config = round_config(str(phase), r, promised, self.fleet, self._server_fp, **self.model_ids)
-        return RoundRequest(phase, r, promised, self.fleet, self._server_fp, config_sha256(config), **self.model_ids)
+        return RoundRequest(phase, r, promised, self.fleet, self._server_fp, config_sha256(config), **self.model_ids,
+                            dims=(self.model.d_x, self.model.d_y))
 
     def _send(self, req: RoundRequest) -> dict[str, Any]:
         """Hash the model and round config of the round (what every device receives)."""
