@@ -194,7 +194,7 @@ def _forbid_global_generators(monkeypatch: pytest.MonkeyPatch, calls: list[str])
         monkeypatch.setattr(torch, name, forbidden(f"torch.{name}"))
 
 
-@pytest.mark.parametrize("mechanism", ["skellam", "gaussian"])
+@pytest.mark.parametrize("mechanism", ["skellam", "skellam-dpsgd", "gaussian"])
 def test_no_global_generator_draw_during_a_real_secagg_round(tmp_path: Path, data: Path,
                                                              monkeypatch: pytest.MonkeyPatch, mechanism: str) -> None:
     """Every draw of a skellam round (rounding, noise, SecAgg+'s quantizer) avoids numpy's and torch's global
@@ -211,14 +211,18 @@ def test_no_global_generator_draw_during_a_real_secagg_round(tmp_path: Path, dat
 
     monkeypatch.setattr(secagg_round, "secure_sum", guarded)
     monkeypatch.setattr("server.federation.secure_sum", guarded)
-    cfg = _example_stats(tmp_path, "run", distributed_mechanism=f'"{mechanism}"')
+    name, _, dpsgd = mechanism.partition("-")
+    extra: dict[str, object] = {"aligner": '"nessa"', "num_server_rounds": 2, "sample_rate": 0.5} if dpsgd else {}
+    cfg = _example_stats(tmp_path, "run", distributed_mechanism=f'"{name}"', **extra)
     summary = simulate(cfg, quiet=True)
-    assert summary["privacy"]["mechanism"] == mechanism
+    assert summary["privacy"]["mechanism"] == name
     if mechanism == "gaussian":
         assert "numpy.random.rand" in calls  # Flower's stochastic rounding
         return
     assert calls == []
-    assert summary["rounds"][0]["status"] == "applied" and summary["rounds"][0]["participants"] == 8
+    assert [r["status"] for r in summary["rounds"]] == ["applied"] * len(summary["rounds"])
+    assert summary["rounds"][0]["participants"] == 8  # the statistics round's; a DP-SGD cohort is 6
+    assert len(summary["rounds"]) == (2 if dpsgd else 1)
 
 
 def test_the_released_sum_is_exactly_the_decoded_field_sum(tmp_path: Path, data: Path,
