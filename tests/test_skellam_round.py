@@ -501,6 +501,21 @@ def test_budget_split_calibrates_the_integer_mechanism_onto_the_budget(level: st
         noise_plan(cfg, 100)
 
 
+def test_the_calibration_searches_past_sigmas_whose_field_does_not_fit() -> None:
+    """The main job's shape (1,000 devices, 1,000 pairs each, one statistics round): the search's largest sigmas
+    need more than 31 bits; they are above every usable sigma, so the search moves down and lands on the budget."""
+    from fed_nessa.federated.integer_mechanism import FieldTooSmallError
+
+    cfg = from_run_config({"distributed-mechanism": "skellam", "budget-split": 1.0, "aligner": "linear",
+                           "num-devices": 1000, "epsilon-budget": 8.0, "delta": 1e-5, "sample-rate": 0.01})
+    dims = (256, 192)
+    with pytest.raises(FieldTooSmallError, match="bits"):
+        skellam_mechanism.calibration_epsilon(cfg, 1000, dims, [(Phase.SUFFSTATS, 2000.0, 1.0, 1)])
+    sigma = noise_plan(cfg, 1000, dims).suffstats_sigma
+    eps = skellam_mechanism.calibration_epsilon(cfg, 1000, dims, [(Phase.SUFFSTATS, sigma, 1.0, 1)])
+    assert 0.99 * 8.0 <= eps <= 8.0
+
+
 def test_a_budget_split_skellam_fleet_run_spends_its_budget(tmp_path: Path) -> None:
     """The calibrated run itself (fleet engine, fast numerics, example level): every device's ledger epsilon
     (the RDP accountant over its skellam events) is <= the budget and within 1 % of it; the audit passes."""

@@ -51,6 +51,10 @@ HADAMARD_BLOCK = 128
 MAX_ROUNDING_TRIES = 200
 
 
+class FieldTooSmallError(ValueError):
+    """No scale keeps the round's sum within :data:`MAX_BITS` (too many devices, vectors or too much noise)."""
+
+
 class WrapAroundError(ArithmeticError):
     """A decoded modular sum lies outside the stated bound: it may have wrapped; refused."""
 
@@ -135,7 +139,7 @@ def build_params(dim: int, l2_clip: float, noise_multiplier: float, rotation_see
     The scale puts the clip at ``k x sqrt(padded_dim)`` integer units, ``k = clip_per_sqrt_dim`` or
     (None) the largest of :data:`SCALE_CANDIDATES` that fits; the bit width is the smallest that
     holds :func:`sum_bound` at ``max_devices`` with probability ``1 - wrap_probability``. Raises
-    ValueError when that needs more than :data:`MAX_BITS` at every candidate.
+    :class:`FieldTooSmallError` when that needs more than :data:`MAX_BITS` at every candidate.
     """
     candidates = SCALE_CANDIDATES if clip_per_sqrt_dim is None else (clip_per_sqrt_dim,)
     needed = []
@@ -145,8 +149,8 @@ def build_params(dim: int, l2_clip: float, noise_multiplier: float, rotation_see
         if bits <= MAX_BITS:
             return dataclasses.replace(draft, bits=max(bits, 2))
         needed.append(bits)
-    raise ValueError(f"{max_devices} devices need {min(needed)} bits to keep the sum unwrapped (at most {MAX_BITS}) "
-                     f"even at the smallest scale k = {candidates[-1]:g}")
+    raise FieldTooSmallError(f"{max_devices} devices need {min(needed)} bits to keep the sum unwrapped (at most "
+                             f"{MAX_BITS}) even at the smallest scale k = {candidates[-1]:g}")
 
 
 def _params_at(dim: int, l2_clip: float, noise_multiplier: float, rotation_seed: int, min_devices: int,

@@ -35,6 +35,7 @@ import math
 from dataclasses import dataclass
 
 from fed_nessa.config import AlignerChoice, FederationConfig, LinearStart, Phase
+from fed_nessa.federated.integer_mechanism import FieldTooSmallError
 from fed_nessa.federated.mechanism import mechanism_for
 from fed_nessa.federated.skellam_mechanism import calibration_epsilon
 from fed_nessa.privacy.calibration import sigma_for_epsilon, smallest_sigma
@@ -101,7 +102,12 @@ def _integer_sigma(cfg: FederationConfig, epsilon: float, fleet: int, dims: tupl
     before = [] if prior is None else [(Phase.SUFFSTATS, prior, 1.0, 1)]
 
     def epsilon_at(sigma: float) -> float:
-        return calibration_epsilon(cfg, fleet, dims, [*before, *((p, sigma, q, n) for p, q, n in searched)])
+        try:
+            return calibration_epsilon(cfg, fleet, dims, [*before, *((p, sigma, q, n) for p, q, n in searched)])
+        except FieldTooSmallError:
+            # more noise than the field holds: above every sigma a round can use, so the search moves down
+            # (a plan that still lands there fails when its round builds the field, with that error)
+            return 0.0
 
     return smallest_sigma(epsilon_at, epsilon, f"the integer mechanism, delta {cfg.delta:g}, {searched}")
 
