@@ -35,7 +35,7 @@ def gaussian_epsilon(z: float, q: float, steps: int, delta: float) -> float:
 
 
 def encode_seconds(dim: int, repeats: int = 3) -> float:
-    params = build_params(dim, 1.0, 1.0, rotation_seed=1, min_devices=1000, max_devices=1000)
+    params = build_params(dim, 1.0, 1.0, rotation_seed=1, min_devices=1000, max_devices=1000, clip_per_sqrt_dim=8.0)
     x = np.full(dim, 1.0 / np.sqrt(dim))
     start = time.perf_counter()
     for _ in range(repeats):
@@ -61,7 +61,7 @@ def rows(dims: list[int], devices: list[int], delta: float) -> list[dict]:
         dim = same[0]
         for n in devices:
             for name, z, q, steps in SCHEDULES:
-                p = build_params(dim, 1.0, z, rotation_seed=1, min_devices=n, max_devices=n)
+                p = build_params(dim, 1.0, z, rotation_seed=1, min_devices=n, max_devices=n, clip_per_sqrt_dim=8.0)
                 sk = skellam_epsilon([p.release(q, steps)], delta)
                 gauss = gaussian_epsilon(z, q, steps, delta)
                 out.append({"dims": same, "devices": n, "schedule": name, "noise_multiplier": z,

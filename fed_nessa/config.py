@@ -306,16 +306,8 @@ def _skellam_problems(c: FederationConfig) -> list[str]:
     if c.dp_mode != DPMode.DISTRIBUTED:
         return [f"{key} is the noise of dp-mode 'distributed', got dp-mode {c.dp_mode!r}"]
     p = []
-    dpsgd = c.num_server_rounds > (c.suffstats_rounds if c.linear_start == LinearStart.SUFFSTATS else 0)
-    if c.privacy_unit == PrivacyUnit.EXAMPLE and dpsgd and c.aligner != "linear":
-        p.append(f"{key} does not run example-level DP-SGD rounds yet (each example's gradient must be rounded on "
-                 "its own): use privacy-unit 'device', aligner 'linear', or distributed-mechanism 'gaussian'")
     if c.clip_target_quantile > 0:
         p.append(f"{key} does not carry the adaptive clip's bit yet: clip-target-quantile must be 0")
-    if c.budget_split > 0:
-        p.append(f"{key}: budget-split calibrates the Gaussian's noise multipliers, and the integer mechanism costs "
-                 "slightly more epsilon at the same multiplier (its rounding and discretisation), so the calibrated "
-                 "run would exceed the budget: set budget-split 0 and the noise multipliers")
     return p
 
 

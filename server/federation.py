@@ -137,7 +137,7 @@ class Federation(Engine):
         devices were promised.
         """
         if self.plan is None:
-            self.plan = noise_plan(self.cfg, len(list(self.grid.get_node_ids())))
+            self.plan = noise_plan(self.cfg, len(list(self.grid.get_node_ids())), (self.data.d_x, self.data.d_y))
         return self.plan
 
     def start(self, ledger: FederationLedger, pins: Pins, state: RunState) -> int:

@@ -391,20 +391,101 @@ def test_summed_noise_has_the_law_of_the_sum_of_shares() -> None:
     assert _chi_square_pvalue(draws, lambda k: skellam_log_pmf(k, 7.0)) < 1e-6
 
 
-def test_example_level_rounds_each_example_on_its_own() -> None:
-    """encode_many: one share over the integer sum of per-row roundings, each row within the norm bound."""
+class _FixedUniforms:
+    """A noise source whose uniforms are given: the coupling's shared draws, chosen adversarially."""
+
+    def __init__(self, u: np.ndarray) -> None:
+        self.u = u
+
+    def uniform(self, n: int) -> np.ndarray:
+        assert n == self.u.size
+        return self.u
+
+    def normal(self, shape: tuple[int, ...], std: float) -> np.ndarray:  # pragma: no cover - never drawn
+        raise AssertionError("the rounding draws uniforms only")
+
+
+def _coupled_sup(params: im.IntegerMechanismParams, s: np.ndarray, x: np.ndarray) -> float:
+    """sup over the shared uniforms of ``||R_u(s + x) - R_u(s)||_2``, through the encoder itself.
+
+    A coordinate's difference depends on its own uniform only and is constant between the breakpoints
+    (the two fractional parts), so the left ends 0, f(s), f(s + x) of the pieces reach every value.
+    """
+    radius = params.vectors_per_device * params.l2_clip
+    a, b = (im.rotate(im.clip_l2(v, radius) * params.scale, params) for v in (s, s + x))
+    worst = np.zeros(params.padded_dim)
+    for u in (np.zeros(params.padded_dim), a - np.floor(a), b - np.floor(b)):
+        d = im.encode_rounded(s + x, params, _FixedUniforms(u)) - im.encode_rounded(s, params, _FixedUniforms(u))
+        worst = np.maximum(worst, d.astype(np.float64) ** 2)
+    return float(math.sqrt(worst.sum()))
+
+
+def test_the_example_levels_coupled_bound_is_never_exceeded_at_adversarial_inputs() -> None:
+    """Example level: a device rounds the SUM of its clipped examples once (beta 0). For neighbouring sums s and
+    s + x (||x|| <= clip) and the WORST shared uniforms, the rounded sums are within the recorded bound c + sqrt(d);
+    adversarial inputs come close to it, above both the clip and the one-vector (conditional rounding) bound."""
+    from fed_nessa.privacy.skellam import DEFAULT_BETA, rounded_l2_norm_bound
+
+    dim, m = 256, 4
+    params = im.build_params(dim, 1.0, 1.0, 3, min_devices=2, max_devices=2, vectors_per_device=m, beta=0.0,
+                             clip_per_sqrt_dim=8.0)
+    c = params.scale * params.l2_clip
+    assert params.norm_bound == c + math.sqrt(dim)
+
+    def from_rotated(y: np.ndarray) -> np.ndarray:
+        return im.unrotate(y, params) / params.scale
+
+    rng = np.random.default_rng(23)
+    half = np.where(np.arange(dim) % 2, 1e-3, 0.0)  # half the coordinates just above 0: each rounds 0 or 1
+    half[::2] = math.sqrt((c * c * (1 - 1e-6) - np.dot(half, half)) / (dim // 2))  # the rest spends the norm
+    spread = np.full(dim, c / math.sqrt(dim) * (1 - 1e-9))
+    spike = np.zeros(dim)
+    spike[0] = c * (1 - 1e-9)
+    adversarial = [half, -half, spread, spike, *(v / np.linalg.norm(v) * c for v in rng.normal(size=(10, dim)))]
+    sums = [np.full(dim, 0.5), rng.uniform(-3, 3, dim), 1e-3 * np.ones(dim)]
+    sups = []
+    for y_x in adversarial:
+        for y_s in sums:
+            x = from_rotated(y_x)
+            assert np.linalg.norm(x) <= params.l2_clip
+            sups.append(_coupled_sup(params, from_rotated(y_s), x))
+    # the projection onto the ball of m clips: a sum on its surface, x pushing out or in
+    edge = rng.normal(size=dim)
+    edge *= m * params.l2_clip / np.linalg.norm(edge)
+    for sign in (1.0, -1.0):
+        sups.append(_coupled_sup(params, edge, sign * edge / m))
+    assert max(sups) <= params.norm_bound
+    one_vector = rounded_l2_norm_bound(c, DEFAULT_BETA, dim)
+    assert max(sups) > one_vector and max(sups) > c + 0.4 * math.sqrt(dim)
+
+
+def test_a_sum_of_examples_is_rounded_once_and_projected() -> None:
+    """encode: one rounding and one share per device, its sum projected onto m clips; more than one vector
+    needs beta 0; the bit width counts the clipped vectors, the rounding error one per device."""
     params = dataclasses.replace(im.build_params(300, 0.5, 1.0, 3, min_devices=2, max_devices=2,
-                                                 vectors_per_device=4), device_variance=0.0)
-    rows = np.random.default_rng(18).normal(size=(4, 300))
-    total = im.centred(im.encode_many(rows, params, ReproducibleNoise(19, "rows")), params)
-    again = ReproducibleNoise(19, "rows")
-    per_row = [im.encode_rounded(r, params, again) for r in rows]
-    assert np.array_equal(total, np.sum(per_row, axis=0))  # the same draws, row by row, then summed
-    assert all(int(np.dot(r, r)) <= params.norm_bound ** 2 for r in per_row)
-    with pytest.raises(ValueError, match="at most 4 row"):
-        im.encode_many(np.zeros((5, 300)), params, again)
-    # the bit width counts rounded vectors, not devices
+                                                 vectors_per_device=4, beta=0.0), device_variance=0.0)
+    far = np.random.default_rng(18).normal(size=300) * 10
+    rounded = im.centred(im.encode(far, params, ReproducibleNoise(19, "rows")), params)
+    # the decoded vector is the projection onto radius 4 x 0.5 (up to the rounding of one vector)
+    decoded = im.unrotate(rounded.astype(np.float64), params) / params.scale
+    np.testing.assert_allclose(decoded, far * 2.0 / np.linalg.norm(far), atol=2 * math.sqrt(300) / params.scale)
+    with pytest.raises(ValueError, match="beta must be 0"):
+        im.build_params(300, 0.5, 1.0, 3, min_devices=2, max_devices=2, vectors_per_device=4)
     assert im.sum_bound(params, 2) > im.sum_bound(dataclasses.replace(params, vectors_per_device=1), 2)
+
+
+def test_the_scale_is_the_largest_candidate_whose_field_fits() -> None:
+    small = im.build_params(1000, 1.0, 1.0, 1, min_devices=4, max_devices=4)
+    assert small.scale * small.l2_clip == im.SCALE_CANDIDATES[0] * math.sqrt(small.padded_dim)
+    crowded = im.build_params(1 << 17, 1.0, 1.0, 1, min_devices=10, max_devices=10_000, vectors_per_device=400,
+                              beta=0.0)
+    k = crowded.scale * crowded.l2_clip / math.sqrt(crowded.padded_dim)
+    assert k in im.SCALE_CANDIDATES and k < im.SCALE_CANDIDATES[0] and crowded.bits <= im.MAX_BITS
+    bigger = [c for c in im.SCALE_CANDIDATES if c > k]
+    for c in bigger:  # every larger scale would need more than the field's bits
+        with pytest.raises(ValueError, match="bits"):
+            im.build_params(1 << 17, 1.0, 1.0, 1, min_devices=10, max_devices=10_000, vectors_per_device=400,
+                            beta=0.0, clip_per_sqrt_dim=c)
 
 
 def test_edited_parameters_are_refused_and_the_release_is_what_is_accounted() -> None:

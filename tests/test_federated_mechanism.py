@@ -147,8 +147,7 @@ def test_policy_units_implied_units_and_rounded_rows() -> None:
     assert why == ("declined: this device's policy budgets per device and the round is example-level "
                    "(it would bound one pair, not everything the device holds)")
     assert (ex.implied_units(), dev.implied_units()) == ((), ("example",))
-    assert ex.per_example_rows(Phase.SUFFSTATS) and not ex.per_example_rows(Phase.DPSGD)
-    assert not dev.per_example_rows(Phase.SUFFSTATS) and not dev.per_example_rows(Phase.DPSGD)
+    assert ex.sums_examples() and not dev.sums_examples()
 
 
 def _unit_named(node: ast.AST) -> bool:

@@ -163,3 +163,15 @@ def test_audit_release_passes_the_accounted_release_and_catches_a_low_bound(monk
     monkeypatch.setattr(skellam, "skellam_rdp", lambda a, l2, l1, mu: a * l2 ** 2 / (4 * mu))
     with pytest.raises(ArithmeticError, match="closed form"):
         audit_release(release, 1024, orders=tuple(range(2, 17)))
+
+
+@pytest.mark.parametrize("variance", [1e4, 1e6, 1e8, 1e9])
+def test_the_asymptotic_bessel_expansion_is_scipys_ive_where_both_hold(variance: float) -> None:
+    """The audit's pmf above ~2^31 (where scipy's ive returns NaN) is Debye's expansion: equal to ive below."""
+    from scipy.special import ive
+
+    from fed_nessa.privacy.skellam import log_ive_asymptotic
+
+    k = np.array([0.0, 1.0, 10.0, 1000.0, 3 * math.sqrt(variance), 12 * math.sqrt(variance)])
+    np.testing.assert_allclose(log_ive_asymptotic(k, variance), np.log(ive(k, variance)), rtol=1e-11, atol=1e-10)
+    assert np.isnan(ive(10.0, 4e9)) and np.isfinite(log_ive_asymptotic(np.array([10.0]), 4e9)).all()

@@ -5,6 +5,7 @@ Real Flower SecAgg+ rounds over the tiny folder federation of tests/test_simulat
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -19,6 +20,7 @@ from fed_nessa.config import ConfigError, DevicePolicy, FederationConfig, Phase,
 from fed_nessa.federated import skellam_mechanism, suffstats
 from fed_nessa.federated.device import RoundRequest, integer_params
 from fed_nessa.federated.integer_mechanism import WrapAroundError, centred, encode_rounded, modular_sum
+from fed_nessa.federated.mechanism import mechanism_for
 from fed_nessa.federated.noise_plan import noise_plan
 from fed_nessa.federated.server_model import ServerModel
 from fed_nessa.privacy.accounting import MechanismNotCoveredError, compute_epsilon
@@ -26,7 +28,7 @@ from fed_nessa.privacy.events import SKELLAM, DPEvent, EventError
 from fed_nessa.privacy.ledger import DeviceLedger
 from fed_nessa.privacy.skellam import skellam_log_pmf
 from fed_nessa.randomness import SecureNoise
-from fed_nessa.sim.runner import build_config, run_engine
+from fed_nessa.sim.runner import build_config
 
 torch.set_num_threads(1)
 DEVICE_POLICY = DevicePolicy(epsilon_budget=30.0, guaranteed_arrivals=3, delta=1e-3, privacy_unit="device")
@@ -94,12 +96,12 @@ def test_the_released_integer_sum_has_the_accounted_distribution() -> None:
     from scipy.stats import chisquare
 
     cfg = from_run_config({"distributed-mechanism": "skellam", "privacy-unit": "device", "delta": 1e-4,
-                           "suffstats-noise-multiplier": 0.02, "device-stats-pairs": 1})
+                           "suffstats-noise-multiplier": 0.005, "device-stats-pairs": 1})
     g = 4
     params = _params(cfg, Phase.SUFFSTATS, g=g)
     mu = skellam_mechanism.event_parameters(params, noise_plan(cfg, 8).suffstats_sigma)["mu"]
     assert 20 < mu < 400  # small enough for a fine histogram
-    noise, rows = SecureNoise(), np.zeros((1, params.dim))
+    noise, rows = SecureNoise(), np.zeros(params.dim)
     draws = np.concatenate([centred(modular_sum(np.stack([skellam_mechanism.encode_device(rows, params, noise)
                                                           for _ in range(g)]), params), params)
                             for _ in range(40)])
@@ -145,22 +147,35 @@ def test_skellam_costs_epsilon_only_for_the_rounding_and_the_discretisation() ->
 
 @pytest.mark.parametrize(("extra", "fragment"), [
     ({"dp-mode": "local"}, "is the noise of dp-mode 'distributed'"),
-    ({"aligner": "nessa", "num-server-rounds": 3}, "does not run example-level DP-SGD rounds yet"),
     ({"distributed-mechanism": "discrete-gaussian"}, "allowed values gaussian, skellam"),
-    ({"budget-split": 0.5, "sample-rate": 0.01}, "budget-split calibrates the Gaussian's noise multipliers"),
 ])
 def test_what_skellam_does_not_run_is_one_clear_error(extra: dict[str, Any], fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment):
         from_run_config({"distributed-mechanism": "skellam", **extra})
 
 
-def test_the_fleet_engine_refuses_skellams_dpsgd_rounds(tmp_path: Path) -> None:
-    cfg = from_run_config({"distributed-mechanism": "skellam", "privacy-unit": "device", "num-devices": 12,
-                           "min-arrivals": 3, "delta": 1e-3, "num-server-rounds": 3, "aligner": "nessa",
-                           "run-dir": str(tmp_path / "run")})
-    with pytest.raises(ValueError, match="runs the integer mechanism's statistics round only"):
-        run_engine(cfg, DEVICE_POLICY, engine="fleet", quiet=True)
-    assert not (tmp_path / "run").exists()
+def test_example_level_dpsgd_rounds_round_the_gradient_sum_once_and_are_audited(tmp_path: Path, data: Path) -> None:
+    """Example level, statistics then one DP-SGD round under skellam on Flower: each device rounds its clipped
+    sum once; the events record the coupled bound (beta 0, c + sqrt(d)) and, for DP-SGD, the Poisson rate; the
+    audit re-derives every epsilon."""
+    from fed_nessa.privacy.audit import audit
+
+    cfg = _example_stats(tmp_path, "run", aligner='"nessa"', num_server_rounds=2, sample_rate=0.5)
+    summary = simulate(cfg, quiet=True)
+    assert [e["status"] for e in summary["rounds"]] == ["applied", "applied"]
+    events = DeviceLedger.open(tmp_path / "run" / "devices" / "dev-000", "dev-000").events()
+    assert [ev.mechanism for ev in events] == [SKELLAM, SKELLAM]
+    for ev in events:
+        assert ev.skellam is not None and ev.skellam["beta"] == 0.0
+        c = ev.skellam["scale"] * ev.clip_norm
+        assert ev.skellam["l2_bound"] == c + math.sqrt(ev.skellam["dim"])
+    assert events[0].sample_rate == 1.0 and events[1].sample_rate == cfg.round_sample_rate(1, 8, cfg.cohort_size(8)) < 1
+    result = audit(tmp_path / "run", write=False)
+    assert result.passed, [f.message for f in result.findings]
+    # an example-level event claiming the one-vector bound (beta > 0) is refused
+    ev = events[1].to_dict()
+    with pytest.raises(EventError, match="coupled bound: beta must be 0"):
+        DPEvent.from_dict({**ev, "skellam": {**ev["skellam"], "beta": 0.5}})
 
 
 # -- real Flower SecAgg+ rounds ---------------------------------------------------------------
@@ -179,7 +194,7 @@ def _forbid_global_generators(monkeypatch: pytest.MonkeyPatch, calls: list[str])
         monkeypatch.setattr(torch, name, forbidden(f"torch.{name}"))
 
 
-@pytest.mark.parametrize("mechanism", ["skellam", "gaussian"])
+@pytest.mark.parametrize("mechanism", ["skellam", "skellam-dpsgd", "gaussian"])
 def test_no_global_generator_draw_during_a_real_secagg_round(tmp_path: Path, data: Path,
                                                              monkeypatch: pytest.MonkeyPatch, mechanism: str) -> None:
     """Every draw of a skellam round (rounding, noise, SecAgg+'s quantizer) avoids numpy's and torch's global
@@ -196,14 +211,18 @@ def test_no_global_generator_draw_during_a_real_secagg_round(tmp_path: Path, dat
 
     monkeypatch.setattr(secagg_round, "secure_sum", guarded)
     monkeypatch.setattr("server.federation.secure_sum", guarded)
-    cfg = _example_stats(tmp_path, "run", distributed_mechanism=f'"{mechanism}"')
+    name, _, dpsgd = mechanism.partition("-")
+    extra: dict[str, object] = {"aligner": '"nessa"', "num_server_rounds": 2, "sample_rate": 0.5} if dpsgd else {}
+    cfg = _example_stats(tmp_path, "run", distributed_mechanism=f'"{name}"', **extra)
     summary = simulate(cfg, quiet=True)
-    assert summary["privacy"]["mechanism"] == mechanism
+    assert summary["privacy"]["mechanism"] == name
     if mechanism == "gaussian":
         assert "numpy.random.rand" in calls  # Flower's stochastic rounding
         return
     assert calls == []
-    assert summary["rounds"][0]["status"] == "applied" and summary["rounds"][0]["participants"] == 8
+    assert [r["status"] for r in summary["rounds"]] == ["applied"] * len(summary["rounds"])
+    assert summary["rounds"][0]["participants"] == 8  # the statistics round's; a DP-SGD cohort is 6
+    assert len(summary["rounds"]) == (2 if dpsgd else 1)
 
 
 def test_the_released_sum_is_exactly_the_decoded_field_sum(tmp_path: Path, data: Path,
@@ -344,7 +363,7 @@ def test_the_decoded_noise_has_the_gaussians_released_variance() -> None:
     g, plan = 4, noise_plan(cfg, 8)
     params = skellam_mechanism.round_params(cfg, Phase.SUFFSTATS, plan, 300, 1, g)
     share = skellam_mechanism.device_params(params, g)
-    noise, rows = SecureNoise(), np.zeros((1, 300))
+    noise, rows = SecureNoise(), np.zeros(300)
     decoded = np.concatenate([skellam_mechanism.IntegerCodec(params).decode_field(
         np.stack([skellam_mechanism.encode_device(rows, share, noise) for _ in range(g)]), g) for _ in range(30)])
     expected = skellam_mechanism.released_variance(params, plan.suffstats_sigma, [g] * g)
@@ -390,6 +409,130 @@ def test_flower_and_fleet_engines_release_the_same_integer_statistics_sum(tmp_pa
         dev = f"device-{i:05d}"
         events = [DeviceLedger.open(tmp_path / run / "devices" / dev, dev).events() for run in ("flower", "fleet")]
         assert events[0] == events[1] and events[0][0].mechanism == SKELLAM
+
+
+@pytest.mark.parametrize("unit", ["example", "device-fedsgd", pytest.param("device-fedavg", marks=pytest.mark.slow)])
+def test_flower_and_fleet_engines_release_the_same_skellam_dpsgd_sums(tmp_path: Path, unit: str,
+                                                                     applied_sums: list[Any]) -> None:
+    """Reproducible noise, exact numerics, statistics then two DP-SGD rounds under skellam: every device's
+    Poisson sample (or rows), rounding and share come from the same stream in both engines, so the released sums
+    agree up to the float difference of the two engines' clipped gradients (a rounding it flips moves the sum by
+    at most one integer unit, C / k per device after the inverse rotation) and the ledgers hold the same events."""
+    from fed_nessa.sim.fleet import run_fleet
+    from fed_nessa.sim.runner import simulate as flower_simulate
+
+    level, _, update = unit.partition("-")
+    over: dict[str, Any] = {"num-server-rounds": 3, "aligner": "nessa", "noise-multiplier": 1.5,
+                            "privacy-unit": level}
+    if level == "example":
+        over.update({"sample-rate": 0.2, "suffstats-noise-multiplier": 1.0})
+    else:
+        over.update({"device-update": update, "local-epochs": 2, "local-batch": 3, "local-lr": 0.5})
+    policy = DevicePolicy(privacy_unit=level, guaranteed_arrivals=8, min_suffstats_noise_multiplier=0.2,
+                          min_noise_multiplier=0.2, delta=1e-3, allow_reproducible_noise=True)
+    flower_simulate(_fleet_stats_cfg(tmp_path, "flower", **over), policy=policy, quiet=True)
+    flower = list(applied_sums)
+    applied_sums.clear()
+    run_fleet(_fleet_stats_cfg(tmp_path, "fleet", **over), policy)
+    assert [s[0] for s in flower] == [s[0] for s in applied_sums] == ["suffstats", "dpsgd", "dpsgd"]
+    for (phase, a, n_a), (_, b, n_b) in zip(flower, applied_sums, strict=True):
+        assert n_a == n_b == 12
+        cfg = _fleet_stats_cfg(tmp_path, "x", **over)
+        clip = mechanism_for(cfg).sensitivity(Phase(phase))
+        params = skellam_mechanism.round_params(cfg, Phase(phase), noise_plan(cfg, 12),
+                                                a.size, 1, 8)
+        k = params.scale * clip / math.sqrt(params.padded_dim)
+        assert np.abs(a - b).max() <= 12 * clip / k + 1e-5 * np.abs(a).max(), phase
+        assert np.abs(a).max() > 100 * clip / k  # the sums are more than the rounding
+    for i in range(12):
+        dev = f"device-{i:05d}"
+        ledgers = [DeviceLedger.open(tmp_path / run / "devices" / dev, dev) for run in ("flower", "fleet")]
+        events = [ledger.events() for ledger in ledgers]
+        # the fleet reserves its DP-SGD rounds as one span: the same mechanism, the same epsilon
+        assert {ev.mechanism for ev in events[0] + events[1]} == {SKELLAM}
+        assert [(ev.skellam, ev.sample_rate) for ev in events[0][:2]] == [(ev.skellam, ev.sample_rate)
+                                                                         for ev in events[1]]
+        assert ledgers[0].epsilon(1e-3) == pytest.approx(ledgers[1].epsilon(1e-3), rel=1e-9)
+        if level == "example":
+            assert events[0][-1].sample_rate < 1
+
+
+@pytest.mark.parametrize("level", ["example", "device"])
+def test_a_fast_fleet_skellam_run_with_dpsgd_rounds_passes_its_audit(tmp_path: Path, level: str) -> None:
+    """Fast numerics (one summed Skellam draw per round), statistics then two DP-SGD rounds, OS CSPRNG noise:
+    the run applies every round, names the mechanism and passes the audit (every epsilon re-derived)."""
+    from fed_nessa.privacy.audit import audit
+    from fed_nessa.sim.fleet import run_fleet
+
+    over = {"num-server-rounds": 3, "aligner": "nessa", "privacy-unit": level, "sample-rate": 0.2,
+            "reproducible-noise": False, "fleet-numerics": "fast"}
+    policy = DevicePolicy(privacy_unit=level, guaranteed_arrivals=8, min_suffstats_noise_multiplier=0.2,
+                          min_noise_multiplier=0.2, delta=1e-3)
+    summary = run_fleet(_fleet_stats_cfg(tmp_path, "run", **over), policy)
+    assert [e["status"] for e in summary["rounds"]] == ["applied"] * 3
+    assert summary["privacy"]["mechanism"] == "skellam"
+    result = audit(tmp_path / "run", write=False)
+    assert result.passed, [f.message for f in result.findings]
+
+
+@pytest.mark.parametrize("level", ["example", "device"])
+def test_budget_split_calibrates_the_integer_mechanism_onto_the_budget(level: str) -> None:
+    """budget-split under skellam: each sigma is searched against the integer mechanism's own epsilon (the skellam
+    events a device records, at the scale each sigma's round would build), so the split lands within 1 % below
+    the budget; the Gaussian's calibrated sigmas would overspend it; without the payload's size, one error."""
+    cfg = from_run_config({"distributed-mechanism": "skellam", "budget-split": 0.4, "aligner": "nessa",
+                           "num-server-rounds": 21, "num-devices": 100, "privacy-unit": level, "delta": 1e-3,
+                           "sample-rate": 0.05 if level == "example" else 0.0, "epsilon-budget": 8.0})
+    dims = (16, 12)
+    plan = noise_plan(cfg, 100, dims)
+    stats = (Phase.SUFFSTATS, plan.suffstats_sigma, 1.0, 1)
+    dpsgd = (Phase.DPSGD, plan.dpsgd_sigma, plan.sample_rate, plan.dpsgd_rounds_per_device)
+    assert plan.dpsgd_rounds_per_device == 20
+    stats_eps = skellam_mechanism.calibration_epsilon(cfg, 100, dims, [stats])
+    total = skellam_mechanism.calibration_epsilon(cfg, 100, dims, [stats, dpsgd])
+    assert 0.99 * 0.4 * 8.0 <= stats_eps <= 0.4 * 8.0
+    assert 0.99 * 8.0 <= total <= 8.0
+    gaussian = noise_plan(dataclasses.replace(cfg, distributed_mechanism="gaussian"), 100)
+    overspent = skellam_mechanism.calibration_epsilon(
+        cfg, 100, dims, [(Phase.SUFFSTATS, gaussian.suffstats_sigma, 1.0, 1),
+                         (Phase.DPSGD, gaussian.dpsgd_sigma, plan.sample_rate, plan.dpsgd_rounds_per_device)])
+    assert overspent > 8.0
+    with pytest.raises(ValueError, match="needs the shards' dimensions"):
+        noise_plan(cfg, 100)
+
+
+def test_the_calibration_searches_past_sigmas_whose_field_does_not_fit() -> None:
+    """The main job's shape (1,000 devices, 1,000 pairs each, one statistics round): the search's largest sigmas
+    need more than 31 bits; they are above every usable sigma, so the search moves down and lands on the budget."""
+    from fed_nessa.federated.integer_mechanism import FieldTooSmallError
+
+    cfg = from_run_config({"distributed-mechanism": "skellam", "budget-split": 1.0, "aligner": "linear",
+                           "num-devices": 1000, "epsilon-budget": 8.0, "delta": 1e-5, "sample-rate": 0.01})
+    dims = (256, 192)
+    with pytest.raises(FieldTooSmallError, match="bits"):
+        skellam_mechanism.calibration_epsilon(cfg, 1000, dims, [(Phase.SUFFSTATS, 2000.0, 1.0, 1)])
+    sigma = noise_plan(cfg, 1000, dims).suffstats_sigma
+    eps = skellam_mechanism.calibration_epsilon(cfg, 1000, dims, [(Phase.SUFFSTATS, sigma, 1.0, 1)])
+    assert 0.99 * 8.0 <= eps <= 8.0
+
+
+def test_a_budget_split_skellam_fleet_run_spends_its_budget(tmp_path: Path) -> None:
+    """The calibrated run itself (fleet engine, fast numerics, example level): every device's ledger epsilon
+    (the RDP accountant over its skellam events) is <= the budget and within 1 % of it; the audit passes."""
+    from fed_nessa.privacy.audit import audit
+    from fed_nessa.sim.fleet import run_fleet
+
+    over = {"num-server-rounds": 3, "aligner": "nessa", "privacy-unit": "example", "sample-rate": 0.2,
+            "budget-split": 0.5, "epsilon-budget": 8.0, "reproducible-noise": False, "fleet-numerics": "fast"}
+    policy = DevicePolicy(guaranteed_arrivals=8, min_suffstats_noise_multiplier=0.05, min_noise_multiplier=0.05,
+                          delta=1e-3, epsilon_budget=8.0)
+    run_fleet(_fleet_stats_cfg(tmp_path, "run", **over), policy)
+    for i in range(12):
+        dev = f"device-{i:05d}"
+        eps = DeviceLedger.open(tmp_path / "run" / "devices" / dev, dev).epsilon(1e-3)
+        assert 0.99 * 8.0 <= eps <= 8.0, dev
+    result = audit(tmp_path / "run", write=False)
+    assert result.passed, [f.message for f in result.findings]
 
 
 def test_fleet_fast_numerics_match_the_exact_ones_in_mean_and_variance() -> None:

@@ -49,7 +49,7 @@ from fed_nessa.federated import skellam_mechanism, suffstats
 from fed_nessa.federated.integer_mechanism import IntegerMechanismParams
 from fed_nessa.federated.layout import build_net, load_flat
 from fed_nessa.federated.mechanism import event_noise_source, mechanism_for
-from fed_nessa.federated.noise_plan import noise_plan
+from fed_nessa.federated.noise_plan import NoisePlan, noise_plan
 from fed_nessa.federated.secagg_field import to_flower
 from fed_nessa.privacy.events import (
     DISTRIBUTED,
@@ -75,6 +75,10 @@ class RoundRequest:
     #: The federation's model ids as the round config states them (None: not stated, not checked).
     enroll_model: str | None = None
     runtime_model: str | None = None
+    #: The device's OWN shard dimensions (d_x, d_y), set by the device from its shard (never from the server):
+    #: they size the integer mechanism's payload, which its budget-split calibration depends on.
+    dims: tuple[int, int] | None = None
+
     #: The round's clip as the round config states it (adaptive clipping: the server's public C_t; None: the
     #: run's fixed ``device-clip-norm``). Set by :meth:`at_clip` only, so callers that build a request from
     #: string keywords (model ids) cannot set it by accident.
@@ -86,6 +90,11 @@ class RoundRequest:
         object.__setattr__(out, "clip", clip)  # frozen: the one place the field is written
         return out
 
+    def with_dims(self, shard: Shard) -> RoundRequest:
+        """This request sized by the device's own shard (a copy that keeps the round's clip: ``replace``
+        alone would reset the ``init=False`` field)."""
+        return dataclasses.replace(self, dims=(shard.d_x, shard.d_y)).at_clip(self.clip)
+
 
 @dataclass(frozen=True)
 class ClientOutcome:
@@ -96,8 +105,13 @@ class ClientOutcome:
     metrics: dict[str, float | int | str] = field(default_factory=dict)
 
 
+def _plan(req: RoundRequest, cfg: FederationConfig) -> NoisePlan:
+    """The run's noise plan as this device computes it (the fleet size and its own shard's dimensions)."""
+    return noise_plan(cfg, req.fleet_size, req.dims)
+
+
 def _sigma(req: RoundRequest, cfg: FederationConfig) -> float:
-    plan = noise_plan(cfg, req.fleet_size)
+    plan = _plan(req, cfg)
     return plan.suffstats_sigma if req.phase == Phase.SUFFSTATS else plan.dpsgd_sigma
 
 
@@ -109,7 +123,7 @@ def sample_rate(req: RoundRequest, n: int, cfg: FederationConfig) -> float:
 def share_std(req: RoundRequest, cfg: FederationConfig, policy: DevicePolicy) -> float:
     """This device's noise std for the round: the run's mechanism, sized by its OWN policy's g (and the
     round's public clip, where the server adapts it)."""
-    return mechanism_for(cfg).share_std(req.phase, noise_plan(cfg, req.fleet_size), policy.guaranteed_arrivals,
+    return mechanism_for(cfg).share_std(req.phase, _plan(req, cfg), policy.guaranteed_arrivals,
                                         req.clip if req.phase == Phase.DPSGD else None)
 
 
@@ -137,7 +151,7 @@ def planned_event(req: RoundRequest, n: int, cfg: FederationConfig, policy: Devi
     if cfg.integer_noise:
         if dims is None:
             raise ValueError("the integer mechanism's event needs the shard's dimensions (d_x, d_y)")
-        return _skellam_event(req, cfg, policy, dims)
+        return _skellam_event(req, n, cfg, policy, dims)
     return mechanism_for(cfg).event(req.phase, req.round, n, req.fleet_size, _sigma(req, cfg), policy.delta,
                                     policy.guaranteed_arrivals)
 
@@ -145,18 +159,26 @@ def planned_event(req: RoundRequest, n: int, cfg: FederationConfig, policy: Devi
 def integer_params(req: RoundRequest, cfg: FederationConfig, policy: DevicePolicy,
                    dims: tuple[int, int]) -> IntegerMechanismParams:
     """This device's parameters of a skellam round: the public ones, its noise share sized by its OWN g."""
-    plan = noise_plan(cfg, req.fleet_size)
+    plan = noise_plan(cfg, req.fleet_size, dims)
     dim = skellam_mechanism.payload_dim(cfg, req.phase, *dims)
     params = skellam_mechanism.round_params(cfg, req.phase, plan, dim, req.round, req.promised_arrivals)
     return skellam_mechanism.device_params(params, policy.guaranteed_arrivals)
 
 
-def _skellam_event(req: RoundRequest, cfg: FederationConfig, policy: DevicePolicy, dims: tuple[int, int]) -> DPEvent:
+def _skellam_event(req: RoundRequest, n: int, cfg: FederationConfig, policy: DevicePolicy,
+                   dims: tuple[int, int]) -> DPEvent:
+    """The integer mechanism's event: a full sum, or at the example level's DP-SGD a Poisson-subsampled one."""
     params = integer_params(req, cfg, policy, dims)
     sigma = _sigma(req, cfg)
     source = REPRODUCIBLE_WARNING if cfg.reproducible_noise else "rounding and noise from the OS CSPRNG"
-    rows = "each pair rounded on its own" if skellam_mechanism.per_example_rows(cfg, req.phase) else "one vector"
-    return DPEvent(round=req.round, mechanism=SKELLAM, steps=1, sample_rate=1.0, noise_multiplier=sigma,
+    if not skellam_mechanism.sums_examples(cfg):
+        rows = "one vector, conditionally rounded"
+    elif req.phase == Phase.SUFFSTATS:
+        rows = "the sum of the pairs' rows rounded once, coupled bound"
+    else:
+        rows = "the clipped-gradient sum of a secret Poisson sample rounded once, coupled bound"
+    q = sample_rate(req, n, cfg) if skellam_mechanism.sums_examples(cfg) and req.phase == Phase.DPSGD else 1.0
+    return DPEvent(round=req.round, mechanism=SKELLAM, steps=1, sample_rate=q, noise_multiplier=sigma,
                    clip_norm=mechanism_for(cfg).sensitivity(req.phase), delta=policy.delta, mode=DISTRIBUTED,
                    unit=str(cfg.privacy_unit), noise_source=event_noise_source(cfg),
                    skellam=skellam_mechanism.event_parameters(params, sigma),
@@ -255,6 +277,7 @@ def plan_round(req: RoundRequest, shard: Shard, cfg: FederationConfig, ledger: D
                policy: DevicePolicy) -> ClientOutcome:
     """Policy and budget check only: would this round stay within what the device allows?"""
     policy = _policy_of(ledger, policy)
+    req = req.with_dims(shard)
     refusal = (server_pin_refusal(req, ledger) or shard_refusal(req, shard) or clip_refusal(req, cfg)
                or policy_refusal(req, shard.n, cfg, policy, ledger))
     if refusal is not None:
@@ -275,6 +298,7 @@ def client_round(req: RoundRequest, shard: Shard, global_vector: np.ndarray, cfg
                  ledger: DeviceLedger, policy: DevicePolicy) -> ClientOutcome:
     """Compute this device's contribution, spending (and recording) privacy only if the policy allows."""
     policy = _policy_of(ledger, policy)
+    req = req.with_dims(shard)
     plan = plan_round(req, shard, cfg, ledger, policy)
     if plan.status != ReplyStatus.OK:
         return plan
@@ -326,16 +350,14 @@ def _compute(req: RoundRequest, shard: Shard, global_vector: np.ndarray, cfg: Fe
 def _integer_vector(req: RoundRequest, shard: Shard, global_vector: np.ndarray, cfg: FederationConfig,
                     policy: DevicePolicy, noise: NoiseSource) -> np.ndarray:
     """The device's field elements (as Flower's exact quantizer reads them: ``u - 2^(bits-1)``): its un-noised
-    contribution (its rows), rounded and Skellam-noised in the field."""
+    contribution (its weighted statistics, its clipped-gradient sum or its one clipped vector), rounded once
+    and Skellam-noised in the field."""
     mech = mechanism_for(cfg)
     params = integer_params(req, cfg, policy, (shard.d_x, shard.d_y))
     if req.phase == Phase.SUFFSTATS:
-        weight = mech.stats_weight(shard.n)
-        rows = skellam_mechanism.device_rows(cfg, req.phase, suffstats_vector(shard) * weight,
-                                             shard.enroll, shard.runtime, weight)
+        vector = suffstats_vector(shard) * mech.stats_weight(shard.n)
     else:
         net = build_net(cfg, shard.d_x, shard.d_y)
         load_flat(list(net.parameters()), np.asarray(global_vector, np.float32))
         vector = mech.dpsgd_vector(net, shard, 0.0, noise, sample_rate(req, shard.n, cfg))
-        rows = skellam_mechanism.device_rows(cfg, req.phase, vector)
-    return to_flower(skellam_mechanism.encode_device(rows, params, noise), params)
+    return to_flower(skellam_mechanism.encode_device(vector, params, noise), params)

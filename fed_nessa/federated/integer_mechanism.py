@@ -1,10 +1,16 @@
 """The distributed Skellam mechanism's device-side encoder and server-side decoder (issue 19).
 
-Device: clip to ``l2_clip`` -> scale by ``scale`` -> pad to a power of two -> randomised
-Hadamard rotation (sign flips from the PUBLIC per-round seed, so every party can undo it)
--> conditional randomised rounding (re-drawn until the rounded L2 norm is <= ``norm_bound``,
-checked in exact integer arithmetic) -> plus an integer Skellam share -> reduced into
-``Z_{2^bits}``. Rounding uniforms and Poisson draws come from a
+Device: project its vector onto the ball of radius ``vectors_per_device x l2_clip`` -> scale by
+``scale`` -> pad to a power of two -> randomised Hadamard rotation (sign flips from the PUBLIC
+per-round seed, so every party can undo it) -> randomised rounding, ONCE per device -> plus an
+integer Skellam share -> reduced into ``Z_{2^bits}``. The rounding is conditional (re-drawn until
+the rounded L2 norm is <= ``norm_bound``, checked in exact integer arithmetic) when ``beta > 0``:
+the device level, where the vector is the whole unit. At ``beta = 0`` (the example level, where
+the vector is a SUM of clipped examples) it is plain randomised rounding and ``norm_bound`` is the
+coupled bound ``c + sqrt(d)`` of :func:`fed_nessa.privacy.skellam.rounded_l2_norm_bound` on how far
+the rounded sums of two neighbouring inputs can be apart (docs/privacy.md "The example level").
+
+Rounding uniforms and Poisson draws come from a
 :class:`~fed_nessa.randomness.NoiseSource` (the OS CSPRNG in a real run); the only other
 randomness, the rotation's signs, is public by design.
 
@@ -29,8 +35,10 @@ import numpy as np
 from fed_nessa.privacy.skellam import DEFAULT_BETA, SkellamRelease, integer_l1_bound, rounded_l2_norm_bound
 from fed_nessa.randomness import NoiseSource
 
-#: Scaled clip per sqrt(padded dim): the rounding's L2 inflation is about 1/(8 k^2) (0.2 % at 8).
-DEFAULT_CLIP_PER_SQRT_DIM = 8.0
+#: Scaled clip per sqrt(padded dim) ``k`` a round tries, largest first: the largest whose field fits
+#: :data:`MAX_BITS`. The rounding inflates the L2 bound by ~1/(8 k^2) at the device level (conditional
+#: rounding) and by 1/k at the example level (the coupled bound): 0.8 % at 128, 12.5 % at 8.
+SCALE_CANDIDATES: tuple[float, ...] = (128.0, 64.0, 32.0, 16.0, 8.0)
 #: Probability (per round, over every coordinate) that the decoder refuses a sum; also bounds a wrap.
 DEFAULT_WRAP_PROBABILITY = 1e-9
 #: Flower's quantizer casts to int32 (``_stochastic_round``), so field elements must stay below 2^31.
@@ -39,10 +47,12 @@ MAX_BITS = 31
 PTRS_MIN_MEAN = 10.0
 #: Rows of the largest dense Hadamard factor :func:`fwht` multiplies by.
 HADAMARD_BLOCK = 128
-#: Rows rotated in one batched transform by :func:`encode_many` (bounds its memory: 64 x padded dim floats).
-ROTATION_BATCH = 64
 #: Conditional rounding re-draws at most this many times (each keeps w.p. >= 1 - beta ~ 0.39).
 MAX_ROUNDING_TRIES = 200
+
+
+class FieldTooSmallError(ValueError):
+    """No scale keeps the round's sum within :data:`MAX_BITS` (too many devices, vectors or too much noise)."""
 
 
 class WrapAroundError(ArithmeticError):
@@ -64,9 +74,10 @@ class IntegerMechanismParams:
     rotation_seed: int
     min_devices: int
     max_devices: int
-    #: Rounded vectors one device may sum: 1 at device level; at example level, the most examples a
-    #: device may round in one round (each example is rounded on its own, so one example's
-    #: sensitivity is ``norm_bound``).
+    #: Clipped vectors one device's contribution sums: 1 at the device level; at the example level, the
+    #: most examples its sum is sized for. The encoder projects the sum onto the ball of radius
+    #: ``vectors_per_device x l2_clip`` (1-Lipschitz, so one example still moves it by <= ``l2_clip``),
+    #: which bounds the field's signal; the sum is rounded once, so more than one needs ``beta = 0``.
     vectors_per_device: int = 1
 
     def __post_init__(self) -> None:
@@ -80,6 +91,9 @@ class IntegerMechanismParams:
             raise ValueError(f"need 1 <= min_devices <= max_devices, got {self.min_devices}, {self.max_devices}")
         if self.vectors_per_device < 1:
             raise ValueError(f"vectors_per_device must be >= 1, got {self.vectors_per_device}")
+        if self.vectors_per_device > 1 and self.beta != 0.0:
+            raise ValueError(f"a sum of up to {self.vectors_per_device} vectors is rounded once without conditioning: "
+                             f"its bound is the coupled one, beta must be 0, got {self.beta:g}")
         # The accountant charges norm_bound: it must be the bound the rounding was built for, so a record
         # whose scale, clip, beta or bound was edited is refused rather than accounted.
         expected = rounded_l2_norm_bound(self.scale * self.l2_clip, self.beta, self.padded_dim)
@@ -115,28 +129,42 @@ def padded_dimension(dim: int) -> int:
 
 def build_params(dim: int, l2_clip: float, noise_multiplier: float, rotation_seed: int, min_devices: int,
                  max_devices: int, vectors_per_device: int = 1, beta: float = DEFAULT_BETA,
-                 clip_per_sqrt_dim: float = DEFAULT_CLIP_PER_SQRT_DIM,
+                 clip_per_sqrt_dim: float | None = None,
                  wrap_probability: float = DEFAULT_WRAP_PROBABILITY) -> IntegerMechanismParams:
     """Parameters for ``dim`` values clipped to ``l2_clip`` and a central noise std of ``noise_multiplier x l2_clip``.
 
     The noise multiplier means what the continuous Gaussian's does (std over the clip, in the
     input's units), so equal multipliers are equal noise; the accountant charges the rounded bound.
 
-    The scale puts the clip at ``clip_per_sqrt_dim x sqrt(padded_dim)`` integer units; the bit
-    width is the smallest that holds :func:`sum_bound` at ``max_devices`` with probability
-    ``1 - wrap_probability``. Raises ValueError when that needs more than :data:`MAX_BITS`.
+    The scale puts the clip at ``k x sqrt(padded_dim)`` integer units, ``k = clip_per_sqrt_dim`` or
+    (None) the largest of :data:`SCALE_CANDIDATES` that fits; the bit width is the smallest that
+    holds :func:`sum_bound` at ``max_devices`` with probability ``1 - wrap_probability``. Raises
+    :class:`FieldTooSmallError` when that needs more than :data:`MAX_BITS` at every candidate.
     """
+    candidates = SCALE_CANDIDATES if clip_per_sqrt_dim is None else (clip_per_sqrt_dim,)
+    needed = []
+    for k in candidates:
+        bits, draft = _params_at(dim, l2_clip, noise_multiplier, rotation_seed, min_devices, max_devices,
+                                 vectors_per_device, beta, k, wrap_probability)
+        if bits <= MAX_BITS:
+            return dataclasses.replace(draft, bits=max(bits, 2))
+        needed.append(bits)
+    raise FieldTooSmallError(f"{max_devices} devices need {min(needed)} bits to keep the sum unwrapped (at most "
+                             f"{MAX_BITS}) even at the smallest scale k = {candidates[-1]:g}")
+
+
+def _params_at(dim: int, l2_clip: float, noise_multiplier: float, rotation_seed: int, min_devices: int,
+               max_devices: int, vectors_per_device: int, beta: float, k: float,
+               wrap_probability: float) -> tuple[int, IntegerMechanismParams]:
+    """The bits the field needs at scale ``k`` (may exceed :data:`MAX_BITS`) and the parameters (bits unset)."""
     padded = padded_dimension(dim)
-    scale = clip_per_sqrt_dim * math.sqrt(padded) / l2_clip
+    scale = k * math.sqrt(padded) / l2_clip
     norm_bound = rounded_l2_norm_bound(scale * l2_clip, beta, padded)
     device_variance = (noise_multiplier * scale * l2_clip) ** 2 / min_devices
     draft = IntegerMechanismParams(dim, padded, scale, MAX_BITS, l2_clip, norm_bound, beta, device_variance,
                                    rotation_seed, min_devices, max_devices, vectors_per_device)
     bound = sum_bound(draft, max_devices, wrap_probability)
-    bits = math.ceil(math.log2(bound + 1)) + 1
-    if bits > MAX_BITS:
-        raise ValueError(f"{max_devices} devices need {bits} bits to keep the sum unwrapped (at most {MAX_BITS})")
-    return dataclasses.replace(draft, bits=max(bits, 2))
+    return math.ceil(math.log2(bound + 1)) + 1, draft
 
 
 def _skellam_tail_bound(variance: float, tail: float) -> float:
@@ -164,17 +192,18 @@ def sum_bound(params: IntegerMechanismParams, n_devices: int,
     """B such that every coordinate of the integer sum of ``n_devices`` encodings is within +-B w.p. >= 1 - p.
 
     Three parts, union-bounded over the padded coordinates, half of ``p`` each for signal and noise
-    (``m = n x vectors_per_device`` rounded vectors):
+    (``m = n x vectors_per_device`` clipped vectors):
     - signal: for inputs fixed before the public seed, a coordinate of the rotated sum (norm
-      <= m x scale x clip) is sub-Gaussian with variance proxy ``(m scale clip)^2 / padded_dim``;
-    - rounding: each vector moves each coordinate by less than 1, so by less than m in all;
+      <= m x scale x clip: each device's projected sum is within ``vectors_per_device x clip``) is
+      sub-Gaussian with variance proxy ``(m scale clip)^2 / padded_dim``;
+    - rounding: each device rounds once, moving each coordinate by less than 1, so by less than n;
     - noise: Sk(n x device_variance), by its Chernoff bound.
     """
     d = params.padded_dim
     vectors = n_devices * params.vectors_per_device
     signal = math.sqrt(2.0 * math.log(4.0 * d / wrap_probability)) * vectors * params.scale * params.l2_clip
     noise = _skellam_tail_bound(n_devices * params.device_variance, wrap_probability / (2.0 * d))
-    return signal / math.sqrt(d) + vectors + noise
+    return signal / math.sqrt(d) + n_devices + noise
 
 
 def rotation_signs(seed: int, padded_dim: int) -> np.ndarray:
@@ -218,16 +247,20 @@ def rotate(x: np.ndarray, params: IntegerMechanismParams) -> np.ndarray:
     return fwht(padded * rotation_signs(params.rotation_seed, params.padded_dim))
 
 
-def rotate_rows(rows: np.ndarray, params: IntegerMechanismParams) -> np.ndarray:
-    """:func:`rotate` of every row at once (one batched transform)."""
-    padded = np.zeros((len(rows), params.padded_dim), np.float64)
-    padded[:, : params.dim] = rows
-    return fwht(padded * rotation_signs(params.rotation_seed, params.padded_dim))
-
-
 def unrotate(y: np.ndarray, params: IntegerMechanismParams) -> np.ndarray:
     """The inverse of :func:`rotate` (unpadded)."""
     return (fwht(y) * rotation_signs(params.rotation_seed, params.padded_dim))[: params.dim]
+
+
+def randomised_round(v: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+    """Unbiased randomised rounding of ``v`` driven by ``uniforms`` in [0, 1): up w.p. its fractional part.
+
+    Each coordinate lands on ``floor(v_j)`` or ``floor(v_j) + 1``, so ``|rounded_j - v_j| < 1``. Two
+    inputs rounded with the SAME uniforms differ by ``floor`` or ``ceil`` of their difference in
+    every coordinate (the coupling the example level's bound rests on, docs/privacy.md).
+    """
+    floor = np.floor(v)
+    return floor.astype(np.int64) + (uniforms < v - floor).astype(np.int64)
 
 
 def conditional_round(v: np.ndarray, norm_bound: float, noise: NoiseSource,
@@ -237,12 +270,9 @@ def conditional_round(v: np.ndarray, norm_bound: float, noise: NoiseSource,
     The check is in integers (Python int vs float comparison is exact), so the released vector's
     norm bound, the sensitivity the accountant uses, holds for every output.
     """
-    floor = np.floor(v)
-    frac = v - floor
-    base = floor.astype(np.int64)
     limit = norm_bound * norm_bound
     for _ in range(max_tries):
-        rounded = base + (noise.uniform(v.size) < frac).astype(np.int64)
+        rounded = randomised_round(v, noise.uniform(v.size))
         if int(np.dot(rounded, rounded)) <= limit:
             return rounded
     raise ArithmeticError(f"conditional rounding found no draw within norm {norm_bound:g} in {max_tries} tries")
@@ -313,45 +343,26 @@ def clip_l2(x: np.ndarray, l2_clip: float) -> np.ndarray:
 
 
 def encode_rounded(x: np.ndarray, params: IntegerMechanismParams, noise: NoiseSource) -> np.ndarray:
-    """The device's rounded integer vector before noise (``||.||_2 <= norm_bound``): clip, scale, rotate, round."""
+    """The device's rounded integer vector before noise: project, scale, rotate, round once.
+
+    ``x`` is the device's contribution: its one vector (device level) or the SUM of its clipped
+    examples (example level). With ``beta > 0`` the rounding is conditional, so ``||.||_2 <=
+    norm_bound`` for every output; with ``beta = 0`` it is plain, and ``norm_bound`` bounds how far
+    the outputs for two neighbouring inputs are apart under the coupling of :func:`randomised_round`.
+    """
     if x.shape != (params.dim,):
         raise ValueError(f"encoder expects a vector of {params.dim} values, got shape {x.shape}")
-    scaled = rotate(clip_l2(np.asarray(x, np.float64), params.l2_clip) * params.scale, params)
-    return conditional_round(scaled, params.norm_bound, noise)
+    radius = params.vectors_per_device * params.l2_clip
+    scaled = rotate(clip_l2(np.asarray(x, np.float64), radius) * params.scale, params)
+    if params.beta > 0:
+        return conditional_round(scaled, params.norm_bound, noise)
+    return randomised_round(scaled, noise.uniform(scaled.size))
 
 
 def encode(x: np.ndarray, params: IntegerMechanismParams, noise: NoiseSource) -> np.ndarray:
     """One device's field element vector in ``[0, 2^bits)`` (int64): rounded vector + Skellam share, mod 2^bits."""
-    return encode_many(np.asarray(x)[None, :], params, noise)
-
-
-def encode_many(rows: np.ndarray, params: IntegerMechanismParams, noise: NoiseSource) -> np.ndarray:
-    """One device's field elements for several vectors (example level: one row per example's clipped gradient).
-
-    Each row is clipped, rotated and conditionally rounded on its own, the integer vectors are
-    summed and ONE Skellam share is added: adding or removing one example moves the integer sum by
-    that example's rounded vector, norm <= ``norm_bound``. Rounding the sum instead would not bound
-    one example's effect by ``norm_bound`` (two roundings of neighbouring sums are not coupled).
-    """
-    if rows.ndim != 2 or rows.shape[0] > params.vectors_per_device:
-        raise ValueError(f"encoder expects at most {params.vectors_per_device} row(s) of {params.dim} values, "
-                         f"got shape {rows.shape}")
-    if rows.shape[1:] != (params.dim,):
-        raise ValueError(f"encoder expects rows of {params.dim} values, got shape {rows.shape}")
-    total = np.zeros(params.padded_dim, np.int64)
-    for start in range(0, len(rows), ROTATION_BATCH):
-        # the rotations are batched (deterministic); the roundings draw row by row, as encode_rounded does
-        for scaled in rotate_rows(_clip_rows(rows[start:start + ROTATION_BATCH], params.l2_clip) * params.scale,
-                                  params):
-            total += conditional_round(scaled, params.norm_bound, noise)
-    return np.mod(total + skellam_share(params.device_variance, params.padded_dim, noise), params.modulus)
-
-
-def _clip_rows(rows: np.ndarray, l2_clip: float) -> np.ndarray:
-    """Each row as :func:`clip_l2` clips it."""
-    rows = np.asarray(rows, np.float64)
-    norms = np.linalg.norm(rows, axis=1, keepdims=True)
-    return np.where(norms > l2_clip, rows * (l2_clip / np.maximum(norms, 1e-300)), rows)
+    rounded = encode_rounded(x, params, noise)
+    return np.mod(rounded + skellam_share(params.device_variance, params.padded_dim, noise), params.modulus)
 
 
 def summed_noise(params: IntegerMechanismParams, n_devices: int, noise: NoiseSource) -> np.ndarray:

@@ -13,7 +13,7 @@ all ask the run's :class:`Mechanism` (:func:`mechanism_for`):
 and every other question whose answer depends on the unit: the DP event a device records
 (:meth:`Mechanism.event`), whether a device's policy accepts the unit (:meth:`Mechanism.policy_refusal`),
 the units its guarantee implies (:meth:`Mechanism.implied_units`) and whether the integer mechanism
-rounds one vector per example (:meth:`Mechanism.per_example_rows`).
+rounds a sum of clipped examples once, with the coupled bound (:meth:`Mechanism.sums_examples`).
 
 The privacy unit is the only thing that differs between the two registered mechanisms: one
 utterance pair (:class:`ExampleLevel`, per-example clipping) or one whole device
@@ -163,8 +163,9 @@ class Mechanism(ABC):
         """The Gaussian DP event a device with ``n`` pairs records for a round (its policy's ``delta`` and g)."""
 
     @abstractmethod
-    def per_example_rows(self, phase: Phase) -> bool:
-        """Whether the integer mechanism rounds one vector per example (else the device's one vector)."""
+    def sums_examples(self) -> bool:
+        """Whether a device's integer-mechanism vector is a SUM of clipped examples, rounded once with the
+        coupled bound (``beta = 0``), rather than the whole unit's one vector, conditionally rounded."""
 
     def device_sample_rate(self, n: int, fleet: int) -> float:
         """A device's Poisson rate for a DP-SGD round of ``fleet`` devices (its sample itself stays secret)."""
@@ -303,9 +304,8 @@ class ExampleLevel(Mechanism):
                        noise_multiplier=sigma, clip_norm=cfg.clip_norm, delta=delta,
                        mode=mode, noise_source=event_noise_source(cfg), note=f"{what}{share}; {source}")
 
-    def per_example_rows(self, phase: Phase) -> bool:
-        """The statistics sum rounds each pair on its own (each is a unit); DP-SGD sends one vector."""
-        return phase == Phase.SUFFSTATS
+    def sums_examples(self) -> bool:
+        return True  # the unit is one example: a device's vector sums several units
 
     def plan_sample_rate(self, fleet: int, cohort: int) -> float:
         return self.cfg.round_sample_rate(1, fleet, cohort) if self.cfg.sample_rate > 0 else 0.0
@@ -418,8 +418,8 @@ class DeviceLevel(Mechanism):
                 f"centred bit (sensitivity {BIT_SENSITIVITY:g}, noise std {self.count_sigma(fleet):.6g}): jointly "
                 f"one Gaussian sum of noise multiplier {sigma:.6g}, the one charged")
 
-    def per_example_rows(self, phase: Phase) -> bool:
-        return False  # the device's one weighted or clipped vector
+    def sums_examples(self) -> bool:
+        return False  # the device's one weighted or clipped vector is the unit
 
     def plan_sample_rate(self, fleet: int, cohort: int) -> float:
         return 1.0  # no sampling

@@ -30,12 +30,15 @@ What depends on the unit (q, the signal, the auto decision) is the run's mechani
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
-from fed_nessa.config import AlignerChoice, FederationConfig, LinearStart
+from fed_nessa.config import AlignerChoice, FederationConfig, LinearStart, Phase
+from fed_nessa.federated.integer_mechanism import FieldTooSmallError
 from fed_nessa.federated.mechanism import mechanism_for
-from fed_nessa.privacy.calibration import sigma_for_epsilon
+from fed_nessa.federated.skellam_mechanism import calibration_epsilon
+from fed_nessa.privacy.calibration import sigma_for_epsilon, smallest_sigma
 
 
 @dataclass(frozen=True)
@@ -55,27 +58,71 @@ def dpsgd_rounds(cfg: FederationConfig) -> int:
     return max(cfg.num_server_rounds - stats, 0)
 
 
-def _split(cfg: FederationConfig, q: float, rounds: int) -> tuple[float, float]:
+def _split(cfg: FederationConfig, q: float, rounds: int, fleet: int,
+           dims: tuple[int, int] | None) -> tuple[float, float]:
     if cfg.budget_split <= 0:
         return cfg.suffstats_noise_multiplier, cfg.noise_multiplier
     uses_stats = cfg.linear_start == LinearStart.SUFFSTATS
-    s_sigma = (sigma_for_epsilon(cfg.budget_split * cfg.epsilon_budget, cfg.delta) if uses_stats
+    s_sigma = (_stats_sigma(cfg, cfg.budget_split * cfg.epsilon_budget, fleet, dims) if uses_stats
                else cfg.suffstats_noise_multiplier)
     if rounds == 0:
         return s_sigma, cfg.noise_multiplier
-    return s_sigma, sigma_for_epsilon(cfg.epsilon_budget, cfg.delta, q, rounds, s_sigma if uses_stats else None)
+    return s_sigma, _dpsgd_sigma(cfg, q, rounds, s_sigma if uses_stats else None, fleet, dims)
 
 
-def noise_plan(cfg: FederationConfig, fleet: int) -> NoisePlan:
+def _stats_sigma(cfg: FederationConfig, epsilon: float, fleet: int, dims: tuple[int, int] | None) -> float:
+    """The statistics round's sigma that spends ``epsilon`` alone, for the run's mechanism."""
+    if not cfg.integer_noise:
+        return sigma_for_epsilon(epsilon, cfg.delta)
+    d = _dims(dims)
+    return _integer_sigma(cfg, epsilon, fleet, d, ((Phase.SUFFSTATS, 1.0, 1),), None)
+
+
+def _dpsgd_sigma(cfg: FederationConfig, q: float, rounds: int, prior: float | None, fleet: int,
+                 dims: tuple[int, int] | None) -> float:
+    """The DP-SGD sigma that lands ``prior``'s statistics round plus ``rounds`` DP-SGD rounds on the budget."""
+    if not cfg.integer_noise:
+        return sigma_for_epsilon(cfg.epsilon_budget, cfg.delta, q, rounds, prior)
+    return _integer_sigma(cfg, cfg.epsilon_budget, fleet, _dims(dims), ((Phase.DPSGD, q, rounds),), prior)
+
+
+def _dims(dims: tuple[int, int] | None) -> tuple[int, int]:
+    if dims is None:
+        raise ValueError("budget-split under distributed-mechanism 'skellam' calibrates against the integer "
+                         "mechanism's epsilon, which depends on the payload's size: the noise plan needs the "
+                         "shards' dimensions (d_x, d_y)")
+    return dims
+
+
+@functools.lru_cache(maxsize=64)
+def _integer_sigma(cfg: FederationConfig, epsilon: float, fleet: int, dims: tuple[int, int],
+                   searched: tuple[tuple[Phase, float, int], ...], prior: float | None) -> float:
+    """The smallest sigma of the ``searched`` releases (phase, q, rounds) whose composition with the statistics
+    round at ``prior`` (None: none) keeps the integer mechanism's epsilon <= ``epsilon`` (the Gaussian's search)."""
+    before = [] if prior is None else [(Phase.SUFFSTATS, prior, 1.0, 1)]
+
+    def epsilon_at(sigma: float) -> float:
+        try:
+            return calibration_epsilon(cfg, fleet, dims, [*before, *((p, sigma, q, n) for p, q, n in searched)])
+        except FieldTooSmallError:
+            # more noise than the field holds: above every sigma a round can use, so the search moves down
+            # (a plan that still lands there fails when its round builds the field, with that error)
+            return 0.0
+
+    return smallest_sigma(epsilon_at, epsilon, f"the integer mechanism, delta {cfg.delta:g}, {searched}")
+
+
+def noise_plan(cfg: FederationConfig, fleet: int, dims: tuple[int, int] | None = None) -> NoisePlan:
     """The sigmas, q and shipped aligner for a fleet of ``fleet`` devices (cohorts from ``clients-per-round``).
 
     What depends on the privacy unit (q, the auto rule's signal and its decision) is the run's
-    mechanism's (:mod:`fed_nessa.federated.mechanism`)."""
+    mechanism's (:mod:`fed_nessa.federated.mechanism`). ``dims`` (the shards' d_x, d_y) size the
+    integer mechanism's payload: a ``budget-split`` under ``skellam`` needs them."""
     mech = mechanism_for(cfg)
     dp_cohort = cfg.cohort_size(fleet)
     rounds = math.ceil(dpsgd_rounds(cfg) * dp_cohort / max(fleet, 1))
     q = mech.plan_sample_rate(fleet, dp_cohort)
-    s_sigma, sigma = _split(cfg, q, rounds)
+    s_sigma, sigma = _split(cfg, q, rounds, fleet, dims)
     signal = mech.plan_signal(dp_cohort, q, sigma) if rounds else 0.0
     uses_stats = cfg.linear_start == LinearStart.SUFFSTATS
     choice = AlignerChoice(cfg.aligner)
@@ -85,6 +132,6 @@ def noise_plan(cfg: FederationConfig, fleet: int) -> NoisePlan:
         reason = f"aligner {choice} (set in the run config)"
     if choice == AlignerChoice.LINEAR and uses_stats:
         if cfg.budget_split > 0:
-            s_sigma = sigma_for_epsilon(cfg.epsilon_budget, cfg.delta)
+            s_sigma = _stats_sigma(cfg, cfg.epsilon_budget, fleet, dims)
         return NoisePlan(s_sigma, sigma, 0, q, AlignerChoice.LINEAR, signal, reason, fleet)
     return NoisePlan(s_sigma, sigma, rounds, q, AlignerChoice.NESSA, signal, reason, fleet)

@@ -8,8 +8,10 @@ each device encoded with. What differs per device is its noise share: sized for 
 
 The four numbers every mechanism answers (docs/privacy.md "The integer mechanism"):
 
-* sensitivity after rounding: one contribution's rounded L2 norm is <= ``norm_bound`` integer
-  units (:func:`sensitivity_after_rounding` in input units), checked exactly on the device;
+* sensitivity after rounding: ``norm_bound`` integer units (:func:`sensitivity_after_rounding` in
+  input units). Device level: one contribution's rounded L2 norm, checked exactly on the device
+  (conditional rounding). Example level: the device rounds the SUM of its clipped examples once, and
+  the rounded sums of two neighbouring inputs are within the coupled bound ``c + sqrt(d)``;
 * each device's noise share: Skellam of variance ``(sigma x scale x clip)^2 / g``;
 * the released variance: the same per-coordinate variance as the Gaussian's, ``sum_i (sigma C)^2 / g_i``
   (the inverse rotation is orthonormal, so it keeps the variance of i.i.d. noise);
@@ -23,6 +25,7 @@ import dataclasses
 import hashlib
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -33,20 +36,20 @@ from fed_nessa.federated.integer_mechanism import (
     IntegerMechanismParams,
     build_params,
     decode,
-    encode_many,
+    encode,
     modular_sum,
 )
 from fed_nessa.federated.layout import build_net, trainable
-from fed_nessa.federated.mechanism import mechanism_for
-from fed_nessa.federated.noise_plan import NoisePlan
+from fed_nessa.federated.mechanism import max_sampled, mechanism_for
 from fed_nessa.federated.secagg_field import field_sum_from_flower, flower_settings, to_flower
+from fed_nessa.privacy.accounting import RDP, compute_epsilon
+from fed_nessa.privacy.events import DISTRIBUTED, SKELLAM, DPEvent
+from fed_nessa.privacy.skellam import DEFAULT_BETA
 from fed_nessa.randomness import NoiseSource
 
-#: The scaled clip per sqrt(padded dim). At the main job's statistics round (z 0.64, 131,072 padded
-#: values, ~112 rounded pairs per device) the rounding's inflation of the L2 bound costs epsilon
-#: +0.09 % over the Gaussian (+0.34 % at the library's 8) and its variance is ~0.03 % of the DP
-#: noise's (~0.4 % at 8), for 1 more bit (29 against 28).
-ROUND_CLIP_PER_SQRT_DIM = 32.0
+if TYPE_CHECKING:  # the plan calibrates with this module (noise_plan imports it)
+    from fed_nessa.federated.noise_plan import NoisePlan
+
 #: Round-config key: the field's bit width as the server built it (what the devices' payloads fit).
 BITS_KEY = "integer-bits"
 
@@ -57,14 +60,20 @@ def rotation_seed(seed: int, round_num: int) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
-def per_example_rows(cfg: FederationConfig, phase: Phase) -> bool:
-    """Whether a device rounds one vector per example (example-level statistics) rather than one vector."""
-    return mechanism_for(cfg).per_example_rows(phase)
+def sums_examples(cfg: FederationConfig) -> bool:
+    """Whether a device's vector is a SUM of clipped examples (example level), rounded once with the coupled
+    bound (``beta = 0``); else it is the whole unit (device level), conditionally rounded. The mechanism decides."""
+    return mechanism_for(cfg).sums_examples()
 
 
-def vectors_per_device(cfg: FederationConfig, phase: Phase) -> int:
-    """Rounded vectors one device may sum in a round: every pair it may carry, or its one vector."""
-    return cfg.max_pairs_per_device if per_example_rows(cfg, phase) else 1
+def vectors_per_device(cfg: FederationConfig, phase: Phase, sample_rate: float) -> int:
+    """Clipped vectors one device's sum is sized for: every pair it may carry (statistics), the bound on its
+    Poisson sample (DP-SGD, as the Gaussian's payload bound), or its one vector (device level)."""
+    if not sums_examples(cfg):
+        return 1
+    if phase == Phase.SUFFSTATS:
+        return cfg.max_pairs_per_device
+    return math.ceil(max_sampled(cfg, sample_rate))
 
 
 def payload_dim(cfg: FederationConfig, phase: Phase, d_x: int, d_y: int) -> int:
@@ -83,13 +92,37 @@ def round_params(cfg: FederationConfig, phase: Phase, plan: NoisePlan, dim: int,
     look wrapped (as the Gaussian's payload bound assumes the full sigma). A device then takes its
     share (:func:`device_params`). Sizing for every device of the fleet (not the round's cohort,
     which a device does not know when it plans) costs at most log2(fleet / cohort) bits and lets
-    every party build the parameters alone. Raises ValueError (one line) above 31 bits.
+    every party build the parameters alone. The scale is the largest of
+    :data:`~fed_nessa.federated.integer_mechanism.SCALE_CANDIDATES` whose field fits 31 bits; beta is
+    0 at the example level (the coupled bound), TFF's default at the device level. Raises ValueError
+    (one line) when none fits.
     """
+    return phase_params(cfg, phase, mechanism_for(cfg).sigma(phase, plan), plan.sample_rate, plan.fleet, dim,
+                        round_num, promised)
+
+
+def phase_params(cfg: FederationConfig, phase: Phase, sigma: float, sample_rate: float, fleet: int, dim: int,
+                 round_num: int, promised: int) -> IntegerMechanismParams:
+    """:func:`round_params` from the public numbers themselves (what the budget-split calibration varies)."""
     mech = mechanism_for(cfg)
-    whole = build_params(dim, mech.sensitivity(phase), mech.sigma(phase, plan), rotation_seed(cfg.seed, round_num),
-                         1, max(plan.fleet, promised), vectors_per_device(cfg, phase),
-                         clip_per_sqrt_dim=ROUND_CLIP_PER_SQRT_DIM)
+    whole = build_params(dim, mech.sensitivity(phase), sigma, rotation_seed(cfg.seed, round_num),
+                         1, max(fleet, promised), vectors_per_device(cfg, phase, sample_rate),
+                         beta=0.0 if sums_examples(cfg) else DEFAULT_BETA)
     return dataclasses.replace(whole, min_devices=promised)
+
+
+def calibration_epsilon(cfg: FederationConfig, fleet: int, dims: tuple[int, int],
+                        phases: Sequence[tuple[Phase, float, float, int]]) -> float:
+    """Epsilon (the devices' RDP accountant, at the run's delta and unit) of the integer mechanism's releases
+    ``(phase, sigma, q, rounds)`` composed: the skellam events a device would record, at the parameters the
+    rounds would build (their scale and so their bounds change with sigma)."""
+    events = []
+    for phase, sigma, q, rounds in phases:
+        params = phase_params(cfg, phase, sigma, q, fleet, payload_dim(cfg, phase, *dims), 1, 1)
+        events.append(DPEvent(1, SKELLAM, rounds, q, sigma, params.l2_clip, cfg.delta, DISTRIBUTED,
+                              last_round=rounds, unit=str(cfg.privacy_unit),
+                              skellam=event_parameters(params, sigma)))
+    return compute_epsilon(events, cfg.delta, RDP, str(cfg.privacy_unit))
 
 
 def device_params(params: IntegerMechanismParams, g: int) -> IntegerMechanismParams:
@@ -118,20 +151,10 @@ def event_parameters(params: IntegerMechanismParams, sigma: float) -> dict[str, 
             "mu": central_mu(params, sigma), "dim": params.padded_dim, "beta": params.beta}
 
 
-def device_rows(cfg: FederationConfig, phase: Phase, vector: np.ndarray | None,
-                enroll: np.ndarray | None = None, runtime: np.ndarray | None = None,
-                weight: float = 1.0) -> np.ndarray:
-    """The rows a device rounds: one per pair (example-level statistics: each pair's own term), else its vector."""
-    if per_example_rows(cfg, phase):
-        assert enroll is not None and runtime is not None
-        return suffstats.pair_rows(enroll, runtime, weight)
-    assert vector is not None
-    return np.asarray(vector, np.float64)[None, :]
-
-
-def encode_device(rows: np.ndarray, params: IntegerMechanismParams, noise: NoiseSource) -> np.ndarray:
-    """The device's field elements: each row clipped, rotated, conditionally rounded; one Skellam share."""
-    return encode_many(rows, params, noise)
+def encode_device(vector: np.ndarray, params: IntegerMechanismParams, noise: NoiseSource) -> np.ndarray:
+    """The device's field elements: its vector (one, or the sum of its clipped examples) projected, rotated,
+    rounded once; one Skellam share."""
+    return encode(np.asarray(vector, np.float64), params, noise)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,8 +190,8 @@ class IntegerCodec:
         return s.clipping_range, s.quantization_range, s.modulus_range
 
     def device_error_std(self) -> float:
-        """A bound on one device's rounding error std per coordinate (input units): 1/2 per rounded vector."""
-        return 0.5 * math.sqrt(self.params.vectors_per_device) / self.params.scale
+        """A bound on one device's rounding error std per coordinate (input units): 1/2, one rounding per device."""
+        return 0.5 / self.params.scale
 
     def to_config(self) -> dict[str, int]:
         """What the round config states of the field (every device builds the same alone)."""

@@ -86,7 +86,8 @@ def device_vector(enroll: np.ndarray, runtime: np.ndarray, row_weights: np.ndarr
 
 def pair_rows(enroll: np.ndarray, runtime: np.ndarray, weight: float = 1.0) -> np.ndarray:
     """Each pair's own term of :func:`device_vector` (one row per pair, L2 norm exactly ``weight``; they sum
-    to it): what a device rounds one by one when one pair is the privacy unit."""
+    to it). One pair moves the statistics by its row, of norm <= ``weight``: the example level's
+    sensitivity, on which the integer mechanism's coupled bound for the rounded sum rests."""
     t, x = augment(runtime), _unit_rows(enroll)
     (rows, cols), scale = _triu_scale(t.shape[1])
     gram = t[:, rows] * t[:, cols] * scale

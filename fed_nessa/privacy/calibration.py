@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 from fed_nessa.privacy.accounting import RDP, compute_epsilon
 from fed_nessa.privacy.events import DISTRIBUTED, DP_SGD, GAUSSIAN_SUM, DPEvent
@@ -41,17 +42,28 @@ def sigma_for_epsilon(epsilon: float, delta: float, sample_rate: float = 1.0, st
 
     Raises ValueError when even the largest sigma cannot fit (the prior alone spends the budget).
     """
+    return smallest_sigma(lambda sigma: _epsilon(sigma, prior_sigma, sample_rate, steps, delta), epsilon,
+                          f"delta {delta:g}, q {sample_rate:g}, {steps} step(s), prior sigma {prior_sigma}")
+
+
+def smallest_sigma(epsilon_at: Callable[[float], float], epsilon: float, what: str) -> float:
+    """The smallest noise multiplier in :data:`SIGMA_RANGE` (within :data:`RELATIVE_TOLERANCE`) whose
+    ``epsilon_at(sigma)`` is <= ``epsilon``: the one search every mechanism's calibration uses.
+
+    Bisection keeps ``epsilon_at(hi) <= epsilon``, so the result never exceeds the budget even where
+    ``epsilon_at`` is not monotone (the integer mechanism's scale steps with sigma). Raises ValueError
+    naming ``what`` when even the largest sigma does not fit.
+    """
     if not (epsilon > 0 and math.isfinite(epsilon)):
         raise ValueError(f"epsilon must be a finite number > 0, got {epsilon!r}")
     lo, hi = SIGMA_RANGE
-    if _epsilon(hi, prior_sigma, sample_rate, steps, delta) > epsilon:
-        raise ValueError(f"no noise multiplier up to {hi:g} keeps epsilon <= {epsilon:g} (delta {delta:g}, "
-                         f"q {sample_rate:g}, {steps} step(s), prior sigma {prior_sigma})")
-    if _epsilon(lo, prior_sigma, sample_rate, steps, delta) <= epsilon:
+    if epsilon_at(hi) > epsilon:
+        raise ValueError(f"no noise multiplier up to {hi:g} keeps epsilon <= {epsilon:g} ({what})")
+    if epsilon_at(lo) <= epsilon:
         return lo
     while hi / lo > 1 + RELATIVE_TOLERANCE:
         mid = math.sqrt(lo * hi)
-        if _epsilon(mid, prior_sigma, sample_rate, steps, delta) <= epsilon:
+        if epsilon_at(mid) <= epsilon:
             hi = mid
         else:
             lo = mid

@@ -205,12 +205,22 @@ def _validate(ev: DPEvent) -> None:
         # must never lean on amplification from the server's choice of devices.
         raise EventError("a device-level event is a distributed full sum (q = 1, no amplification by "
                          f"sampling), got mechanism {ev.mechanism!r} in mode {ev.mode!r}")
-    if ev.mechanism in FULL_SUMS and (ev.sample_rate != 1.0 or ev.steps != ev.n_rounds):
+    if one_per_round(ev) and (ev.sample_rate != 1.0 or ev.steps != ev.n_rounds):
         # One sum per round: a span of K rounds is K Gaussian mechanisms, so steps == K.
         raise EventError(
-            "a gaussian-sum event is one Gaussian mechanism on a full sum per round: "
+            f"a {ev.mechanism} event is one mechanism on a full sum per round: "
             f"sample_rate must be 1 and steps {ev.n_rounds} (its rounds), got {ev.sample_rate!r} "
             f"and {ev.steps!r}")
+
+
+def one_per_round(ev: DPEvent) -> bool:
+    """Whether ``ev`` is one release of a full sum (q = 1) in every round of its span.
+
+    Every :data:`FULL_SUMS` event but the example level's integer sums: a device's DP-SGD contribution
+    there is over a secret Poisson sample (q < 1), and its span, like a DP-SGD one, counts the rounds the
+    device joins (it may skip other cohorts' rounds).
+    """
+    return ev.mechanism in FULL_SUMS and not (ev.mechanism == SKELLAM and ev.unit == EXAMPLE)
 
 
 def _validate_skellam(ev: DPEvent) -> None:
@@ -233,6 +243,10 @@ def _validate_skellam(ev: DPEvent) -> None:
     if not (_is_int(params["bits"]) and isinstance(dim, int)) or dim & (dim - 1):
         raise EventError(f"skellam bits and dim must be ints, dim a power of two, got {params['bits']!r}, "
                          f"{params['dim']!r}")
+    if ev.unit == EXAMPLE and params["beta"] != 0:
+        # an example-level device rounds the SUM of its examples once: only the coupled bound (beta 0) holds
+        raise EventError(f"an example-level {SKELLAM} event is accounted with the coupled bound: beta must be 0, "
+                         f"got {params['beta']!r}")
 
 
 def check_skellam_parameters(ev: DPEvent) -> None:

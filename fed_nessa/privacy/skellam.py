@@ -39,7 +39,11 @@ SKELLAM_ORDERS: tuple[int, ...] = tuple(range(2, 257))
 #: probability >= 1 - beta, and the bound below holds with it.
 DEFAULT_BETA = math.exp(-0.5)
 #: Support of the numerical divergence: this many standard deviations (plus the shift) each side.
-NUMERICAL_TAIL_SDS = 30.0
+NUMERICAL_TAIL_SDS = 12.0
+#: Largest variance at which :func:`skellam_log_pmf` sums the Bessel series for an underflowing tail.
+SERIES_MAX_VARIANCE = 1e7
+#: From this variance on, :func:`skellam_log_pmf` uses the asymptotic expansion (error O(mu^-5/2)).
+ASYMPTOTIC_MIN_VARIANCE = 1e7
 #: Bracket and precision (relative) of the variance calibration.
 VARIANCE_RANGE = (1e-6, 1e30)
 RELATIVE_TOLERANCE = 1e-6
@@ -66,12 +70,20 @@ class SkellamRelease:
 
 
 def rounded_l2_norm_bound(scaled_clip: float, beta: float, dim: int) -> float:
-    """L2 norm bound of a vector of norm <= ``scaled_clip`` after conditional randomised rounding.
+    """The L2 sensitivity after rounding of an input whose sensitivity is ``scaled_clip`` (``c``).
 
-    Kairouz, Liu & Steinke (ICML 2021), Theorem 1 / eq. (2), as TFF's ``rounded_l2_norm_bound``:
-    randomised rounding keeps the norm below ``sqrt(c^2 + d/4 + sqrt(2 ln(1/beta)) (c + sqrt(d)/2))``
-    with probability >= 1 - beta, and always below ``c + sqrt(d)``; the device re-draws until
-    the rounded norm is within the bound, so it holds for every released vector.
+    ``beta > 0`` (the device level: the vector is the whole unit): Kairouz, Liu & Steinke (ICML
+    2021), Theorem 1 / eq. (2), as TFF's ``rounded_l2_norm_bound``: randomised rounding keeps the
+    norm below ``sqrt(c^2 + d/4 + sqrt(2 ln(1/beta)) (c + sqrt(d)/2))`` with probability >= 1 - beta;
+    the device re-draws until it is within, so it holds for every released vector.
+
+    ``beta = 0`` (the example level: a device rounds the SUM of its clipped examples once):
+    ``c + sqrt(d)``, the coupled bound. Two neighbouring sums ``s`` and ``s + x`` (``||x|| <= c``)
+    rounded with the same uniforms differ by ``floor(x_j)`` or ``ceil(x_j)`` in every coordinate,
+    so by ``x + e`` with ``|e_j| < 1``: ``||.|| < c + sqrt(d)``. The release is a mixture over the
+    uniforms, of one law for both neighbours, of Skellam mechanisms whose inputs are that close, so
+    by the quasi-convexity of Renyi divergence its RDP is at most the Skellam RDP at that bound. It
+    is also the norm bound of one rounded vector of norm <= c (``|e_j| < 1`` again).
     """
     if scaled_clip < 0 or dim < 1 or not (0.0 <= beta < 1.0):
         raise ValueError(f"need scaled_clip >= 0, dim >= 1, 0 <= beta < 1, got {scaled_clip}, {dim}, {beta}")
@@ -204,22 +216,47 @@ def calibrate_variance(epsilon: float, delta: float, l2: float, l1: float, sampl
 def skellam_log_pmf(k: np.ndarray, variance: float) -> np.ndarray:
     """log P(Sk = k) for the symmetric Skellam of variance mu: ``log(e^-mu I_|k|(mu))``.
 
-    scipy's ``ive`` where it does not underflow; in the far tail, where it does, the Bessel
-    series ``I_k(x) = sum_m (x/2)^(2m+k) / (m! (m+k)!)`` summed in log space.
+    scipy's ``ive`` where it does not underflow, up to :data:`ASYMPTOTIC_MIN_VARIANCE` (above ~2^31 it
+    returns NaN); from there :func:`log_ive_asymptotic`; in the far tail, where ``ive`` underflows,
+    the Bessel series ``I_k(x) = sum_m (x/2)^(2m+k) / (m! (m+k)!)`` summed in log space (only below
+    :data:`SERIES_MAX_VARIANCE`: its length grows with mu).
     """
     from scipy.special import gammaln, ive, logsumexp
 
     x = float(variance)
     order = np.abs(np.asarray(k)).astype(np.float64)
-    with np.errstate(divide="ignore"):
+    if x >= ASYMPTOTIC_MIN_VARIANCE:
+        return log_ive_asymptotic(order, x)
+    with np.errstate(divide="ignore", invalid="ignore"):
         out = np.log(ive(order, x))
     tail = ~np.isfinite(out)
+    if tail.any() and x > SERIES_MAX_VARIANCE:
+        raise ArithmeticError(f"Skellam pmf underflows at variance {variance:g} beyond the Bessel series' reach")
     if tail.any():
         m = np.arange(int(2 * x) + 200, dtype=np.float64)[None, :]
         kk = order[tail][:, None]
         series = (2 * m + kk) * math.log(x / 2) - gammaln(m + 1) - gammaln(m + kk + 1)
         out[tail] = logsumexp(series, axis=1) - x
     return out
+
+
+def log_ive_asymptotic(order: np.ndarray, x: float) -> np.ndarray:
+    """``log(e^-x I_nu(x))`` by Debye's uniform asymptotic expansion (DLMF 10.41.3, four terms), for large x.
+
+    With ``r = sqrt(nu^2 + x^2)`` and ``t = nu / r``: ``nu eta - x = nu^2 / (r + x) - nu asinh(nu / x)``
+    (no cancellation between terms of size x) and ``u_k(t) / nu^k`` is a polynomial in ``t^2`` over
+    ``r^k``, so the expansion holds uniformly in ``nu >= 0``; its truncation error is O(r^-5)
+    (below 1e-30 at r >= 1e6). Tested against scipy's ``ive`` where both hold.
+    """
+    nu = np.asarray(order, np.float64)
+    r = np.hypot(nu, x)
+    t2 = (nu / r) ** 2
+    series = ((3 - 5 * t2) / (24 * r)
+              + (81 - 462 * t2 + 385 * t2 ** 2) / (1152 * r ** 2)
+              + (30375 - 369603 * t2 + 765765 * t2 ** 2 - 425425 * t2 ** 3) / (414720 * r ** 3)
+              + (4465125 - 94121676 * t2 + 349922430 * t2 ** 2 - 446185740 * t2 ** 3 + 185910725 * t2 ** 4)
+              / (39813120 * r ** 4))
+    return nu * nu / (r + x) - nu * np.arcsinh(nu / x) - 0.5 * np.log(2 * math.pi * r) + np.log1p(series)
 
 
 def numerical_divergence(order: float, shift: int, variance: float) -> float:
@@ -230,24 +267,35 @@ def numerical_divergence(order: float, shift: int, variance: float) -> float:
     mean ``order * shift``. Raises ArithmeticError if the pmf underflows inside that window
     (the sum would then be wrong, not merely truncated).
     """
+    return float(numerical_divergences((order,), shift, variance)[0])
+
+
+def numerical_divergences(orders: Sequence[float], shift: int, variance: float) -> np.ndarray:
+    """:func:`numerical_divergence` at every order, the pmf evaluated once on the widest order's window."""
     if shift == 0:
-        return 0.0
+        return np.zeros(len(orders))
     from scipy.special import logsumexp
 
     width = NUMERICAL_TAIL_SDS * math.sqrt(variance) + 50.0
-    lo = min(0, int(order * shift)) - int(width)
-    hi = max(0, int(order * shift)) + int(width)
+    tilt = [int(a * shift) for a in orders]
+    lo = min(0, *tilt) - int(width)
+    hi = max(0, *tilt) + int(width)
     k = np.arange(lo, hi + 1)
     log_p, log_q = skellam_log_pmf(k - shift, variance), skellam_log_pmf(k, variance)
     if not (np.isfinite(log_p).all() and np.isfinite(log_q).all()):
         raise ArithmeticError(f"Skellam pmf underflows in [{lo}, {hi}] at variance {variance:g}")
-    return float(logsumexp(order * log_p + (1 - order) * log_q)) / (order - 1)
+    return np.array([float(logsumexp(a * log_p + (1 - a) * log_q)) / (a - 1) for a in orders])
 
 
 def numerical_rdp(order: float, shift: Sequence[int] | np.ndarray, variance: float) -> float:
     """``D_order`` of the product mechanism for an integer ``shift`` vector: the per-coordinate sum."""
+    return float(numerical_rdp_curve((order,), shift, variance)[0])
+
+
+def numerical_rdp_curve(orders: Sequence[float], shift: Sequence[int] | np.ndarray, variance: float) -> np.ndarray:
+    """:func:`numerical_rdp` at every order (each distinct shift value's pmf evaluated once)."""
     values, counts = np.unique(np.asarray(shift, dtype=np.int64), return_counts=True)
-    return float(sum(c * numerical_divergence(order, int(v), variance) for v, c in zip(values, counts)))
+    return np.sum([c * numerical_divergences(orders, int(v), variance) for v, c in zip(values, counts)], axis=0)
 
 
 #: Orders the audit's numerical check evaluates (contiguous from 2; the summed divergence costs
@@ -279,7 +327,7 @@ def audit_release(release: SkellamRelease, dim: int, orders: Sequence[int] = AUD
     Returns the largest ratio numerical / closed form (<= 1; near 1 where the bound is tight).
     """
     shift = audit_shift(release.l2_sensitivity, dim)
-    numerical = np.array([numerical_rdp(a, shift, release.variance) for a in orders])
+    numerical = numerical_rdp_curve(orders, shift, release.variance)
     numerical = poisson_subsampled_rdp(numerical, release.sample_rate) * release.steps
     closed = release_rdp(release, orders)
     worst = int(np.argmax(numerical / closed))

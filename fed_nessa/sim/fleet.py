@@ -216,7 +216,7 @@ class FleetEngine(Engine):
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.model = ServerModel(cfg, data.d_x, data.d_y, data.enroll_model, data.runtime_model)
-        self.plan = noise_plan(cfg, len(self.fleet.ids))
+        self.plan = noise_plan(cfg, len(self.fleet.ids), (data.d_x, data.d_y))
         self.progress = progress or (lambda event: None)
         self.state = RunState()
         self.numerics = FleetNumerics(cfg.fleet_numerics)
@@ -253,7 +253,8 @@ class FleetEngine(Engine):
     def before_round(self, r: int, phase: Phase) -> None:
         if self._dp_rounds and r == self._dp_rounds[0]:
             with ledger_batch(self.book.store):  # every span reserved, durable, before round one
-                self.book.reserve_spans(self.cfg, self.fleet, self._dp_rounds, self._model_ids())
+                self.book.reserve_spans(self.cfg, self.fleet, self._dp_rounds, self._model_ids(),
+                                        (self.data.d_x, self.data.d_y))
 
     def cohort(self, r: int, phase: Phase) -> list[int]:
         return [int(i) for i in sample_positions(len(self.fleet.ids), self.cfg, r, phase).tolist()]
@@ -270,7 +271,8 @@ class FleetEngine(Engine):
             answers.declined = [i for i, j in zip(cohort, joins, strict=True) if not j]
             return answers
         cfg, fleet, book = self.cfg, self.fleet, self.book
-        req = RoundRequest(Phase.SUFFSTATS, r, int(request[PROMISED_ARRIVALS_KEY]), len(fleet.ids), **self._model_ids())
+        req = RoundRequest(Phase.SUFFSTATS, r, int(request[PROMISED_ARRIVALS_KEY]), len(fleet.ids), **self._model_ids(),
+                           dims=(self.data.d_x, self.data.d_y))
         self._seqs = {}
         with ledger_batch(book.store):  # reserves durable before the mechanism runs
             for i in cohort:
@@ -406,8 +408,8 @@ class FleetEngine(Engine):
     # -- DP-SGD rounds ---------------------------------------------------------------------
     def _dpsgd_release(self, r: int, accepted: list[int], codec: RoundCodec, promised: int) -> Released:
         """The DP-SGD sum of the devices that did not drop out or fail their own range check."""
-        if not isinstance(codec, SecAggCodec):  # the config refuses skellam DP-SGD rounds on this engine
-            raise FleetError("the fleet engine runs the integer mechanism for the statistics round only")
+        if isinstance(codec, IntegerCodec):  # distributed-mechanism = skellam
+            return self._integer_dpsgd_release(r, accepted, codec, promised)
         cfg, book = self.cfg, self.book
         arrived = self._dropouts(accepted)
         q = self._rates(arrived)
@@ -438,6 +440,29 @@ class FleetEngine(Engine):
         return Released(total, sent, len(sent), gradients=True,
                         noise_arrivals=[book.policies[i].guaranteed_arrivals for i in sent])
 
+    def _integer_dpsgd_release(self, r: int, accepted: list[int], codec: IntegerCodec, promised: int) -> Released:
+        """``skellam``: the devices' un-noised contributions (clipped-gradient sums of their Poisson samples, or
+        their clipped updates), each rounded and given its integer share from its own stream (exact), or their
+        float sum plus one draw of the summed Skellam noise and rounding error (fast; the projection onto the
+        payload's ``vectors_per_device`` clips is not simulated: it acts only on a sample beyond that bound)."""
+        book = self.book
+        arrived = self._dropouts(accepted)
+        unmask = may_unmask(len(arrived), promised)
+        if not unmask.release:
+            return Released(None, arrived, len(arrived), refused=unmask.reason)
+        gs = [book.policies[i].guaranteed_arrivals for i in arrived]
+        whole = self.model.mechanism.clips_whole_device
+        if self.numerics == FleetNumerics.EXACT:
+            vectors = (self._device_vectors(arrived, book, r, share=False) if whole
+                       else self._exact_vectors(arrived, book, r, self._rates(arrived), share=False))
+            total = fleet_integer.exact_sum(vectors, [self._streams.pop(i) for i in arrived], gs, codec)
+        elif whole:
+            total = fleet_integer.fast_sum(self.cfg, self._device_vectors(arrived, book, r)[0], gs, r, codec)
+        else:
+            rows, _owner = self._sample(arrived, r, self._rates(arrived))
+            total = fleet_integer.fast_sum(self.cfg, self._clipped_sum(rows), gs, r, codec)
+        return Released(total, arrived, len(arrived), gradients=True, noise_arrivals=gs)
+
     def _sample(self, arrived: list[int], r: int, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(rows, position in ``arrived``) of the fast numerics' fleet-wide Poisson sample."""
         fleet = self.fleet
@@ -458,31 +483,37 @@ class FleetEngine(Engine):
 
     def _fast_gradient_total(self, rows: np.ndarray, sent: list[int], book: DeviceBook, r: int,
                              codec: SecAggCodec) -> np.ndarray:
-        cfg = self.cfg
-        net = self.model.net.to(self.torch_device)
-        dp = cfg.dp_mode != DPMode.NONE
-        total = torch.zeros(sum(p.numel() for p in trainable(net)), device=self.torch_device)
-        for c in range(0, len(rows), EXAMPLE_CHUNK):
-            idx = torch.from_numpy(rows[c:c + EXAMPLE_CHUNK]).to(self.torch_device)
-            s, _ = clipped_gradient_sums(net, self.fleet.x[idx], self.fleet.y[idx], cfg.clip_norm, clip_enabled=dp)
-            total += s
-        self.model.net.to("cpu")
-        out = total.cpu().numpy().astype(np.float64)
+        dp = self.cfg.dp_mode != DPMode.NONE
+        out = self._clipped_sum(rows)
         if dp:
             var = self.model.mechanism.released_variance(Phase.DPSGD, self.plan,
                                                          [book.policies[i].guaranteed_arrivals for i in sent])
             out = out + summed_noise(self.cfg, r).normal(out.shape, math.sqrt(var))
         return fast_rounding(out, len(sent), codec, self.cfg, r)
 
-    def _device_vectors(self, arrived: list[int], book: DeviceBook, r: int) -> list[np.ndarray]:
+    def _clipped_sum(self, rows: np.ndarray) -> np.ndarray:
+        """The per-example clipped gradients of the fleet's ``rows`` summed (float64; unclipped without DP)."""
+        cfg = self.cfg
+        net = self.model.net.to(self.torch_device)
+        total = torch.zeros(sum(p.numel() for p in trainable(net)), device=self.torch_device)
+        for c in range(0, len(rows), EXAMPLE_CHUNK):
+            idx = torch.from_numpy(rows[c:c + EXAMPLE_CHUNK]).to(self.torch_device)
+            s, _ = clipped_gradient_sums(net, self.fleet.x[idx], self.fleet.y[idx], cfg.clip_norm,
+                                         clip_enabled=cfg.dp_mode != DPMode.NONE)
+            total += s
+        self.model.net.to("cpu")
+        return total.cpu().numpy().astype(np.float64)
+
+    def _device_vectors(self, arrived: list[int], book: DeviceBook, r: int, share: bool = True) -> list[np.ndarray]:
         """Device level: each device's clipped mean gradient over its round's pairs.
 
         Fast numerics: ONE vector, the clipped vectors' sum (without per-device vectors);
         exact: per-device vectors plus each device's noise share from its own stream, in the
-        draw order of ``model.training.device_update``.
+        draw order of ``model.training.device_update``. ``share = False`` (the integer mechanism):
+        no share; each device's stream stays in ``self._streams`` for its encoder.
         """
         if self.cfg.device_update == DeviceUpdate.FEDAVG:
-            return self._fedavg_vectors(arrived, book, r)
+            return self._fedavg_vectors(arrived, book, r, share)
         cfg, fleet = self.cfg, self.fleet
         net = self.model.net.to(self.torch_device)
         params = trainable(net)
@@ -505,7 +536,7 @@ class FleetEngine(Engine):
             host = vecs.cpu().numpy().astype(np.float64)
             for j, i in enumerate(chunk):
                 vec = host[j]
-                if dp:
+                if dp and share:
                     stream = self._streams.pop(i)
                     std = self.model.mechanism.share_std(Phase.DPSGD, self.plan, book.policies[i].guaranteed_arrivals)
                     vec = vec + np.concatenate([np.asarray(stream.normal(tuple(p.shape), std)).reshape(-1)
@@ -516,14 +547,15 @@ class FleetEngine(Engine):
             return [total.cpu().numpy()]
         return [vectors[i] for i in arrived]
 
-    def _fedavg_vectors(self, arrived: list[int], book: DeviceBook, r: int) -> list[np.ndarray]:
+    def _fedavg_vectors(self, arrived: list[int], book: DeviceBook, r: int, share: bool = True) -> list[np.ndarray]:
         """Device level, ``device-update = fedavg``: each device's clipped DP-FedAvg delta, by blocks.
 
         The update is :func:`fed_nessa.sim.fedavg.fedavg_block` (the ClientApp's
         :meth:`DeviceLevel.fedavg_vector` vectorised). Exact numerics: per-device vectors, each device's
         row orders and then its noise share drawn from its own stream in the device's order; fast:
         ONE vector, the clipped deltas' sum (the engine adds one draw of the summed shares).
-        Clipped with or without DP, as on the device (the codec's range assumes it).
+        Clipped with or without DP, as on the device (the codec's range assumes it). ``share = False``:
+        as :meth:`_device_vectors`.
         """
         cfg, fleet, mech = self.cfg, self.fleet, self.model.mechanism
         net = self.model.net.to(self.torch_device)
@@ -550,11 +582,14 @@ class FleetEngine(Engine):
             host = block.clipped.cpu().numpy().astype(np.float64)
             norms = block.norms.cpu().numpy()
             for j, i in enumerate(chunk):
-                std = mech.share_std(Phase.DPSGD, self.plan, book.policies[i].guaranteed_arrivals, clip) if dp else 0.0
+                std = (mech.share_std(Phase.DPSGD, self.plan, book.policies[i].guaranteed_arrivals, clip)
+                       if dp and share else 0.0)
                 vec = with_noise_share(host[j], params, std, streams[i])
                 if scale is not None:  # the device's order: the delta's share, then the bit's (DeviceLevel)
                     vec = np.append(vec, np.float32(clip_bit(float(norms[j]), clip, std / scale, streams[i]) * scale))
                 vectors[i] = vec
+                if not share:
+                    self._streams[i] = streams[i]
         self.model.net.to("cpu")
         if self.numerics == FleetNumerics.FAST:
             out = total.cpu().numpy()
@@ -628,9 +663,11 @@ class FleetEngine(Engine):
             out = out + summed_noise(self.cfg, r).normal(out.shape, math.sqrt(var))
         return fast_rounding(out, len(sent), codec, self.cfg, r)
 
-    def _exact_vectors(self, arrived: list[int], book: DeviceBook, r: int, q: np.ndarray) -> list[np.ndarray]:
+    def _exact_vectors(self, arrived: list[int], book: DeviceBook, r: int, q: np.ndarray,
+                       share: bool = True) -> list[np.ndarray]:
         """Per-device vectors with the Flower engine's draw order: the Poisson sample, then one Gaussian
-        per trainable parameter tensor in order (as Opacus' ``add_noise``)."""
+        per trainable parameter tensor in order (as Opacus' ``add_noise``). ``share = False`` (the integer
+        mechanism): no Gaussian; each device's stream stays in ``self._streams`` for its encoder."""
         cfg, fleet = self.cfg, self.fleet
         net = self.model.net.to(self.torch_device)
         params = trainable(net)
@@ -653,10 +690,12 @@ class FleetEngine(Engine):
             sums_np = sums.cpu().numpy()
             for j, i in enumerate(chunk):
                 vec = sums_np[j].astype(np.float32)
-                if dp:
-                    share = self.model.mechanism.share_std(Phase.DPSGD, self.plan, book.policies[i].guaranteed_arrivals)
-                    noise = np.concatenate([streams[j].normal(tuple(p.shape), share).reshape(-1) for p in params])
+                if dp and share:
+                    std = self.model.mechanism.share_std(Phase.DPSGD, self.plan, book.policies[i].guaranteed_arrivals)
+                    noise = np.concatenate([streams[j].normal(tuple(p.shape), std).reshape(-1) for p in params])
                     vec = (vec + noise.astype(np.float32)).astype(np.float32)
+                elif not share:
+                    self._streams[i] = streams[j]
                 vectors.append(vec)
         self.model.net.to("cpu")
         return vectors

@@ -1,16 +1,17 @@
-"""The fleet engine's statistics round under ``distributed-mechanism = skellam`` (issue 19).
+"""The fleet engine's rounds under ``distributed-mechanism = skellam`` (issue 19).
 
-``exact``: every device's rows (each pair's, or its one weighted vector), its rotation, conditional
-rounding and integer Skellam share from its own noise stream (the stream a Flower device uses:
-under ``reproducible-noise`` the two engines release the same sum bit for bit), the modular sum
-and the server's decode.
+``exact``: every device's vector (its weighted statistics, its clipped-gradient sum or its clipped
+update), its projection, rotation, rounding (once) and integer Skellam share from its own noise
+stream (the stream a Flower device uses: under ``reproducible-noise`` the two engines release the
+same sum bit for bit), the modular sum and the server's decode.
 
 ``fast`` (distribution-equivalent for the noise, approximate for the rounding): the exact float
-sum of the devices' rows, plus, in the rotated domain, ONE draw of the summed Skellam noise (a
-sum of independent Skellams is Skellam, so this is its exact law) and the rounding's error drawn
-as one Gaussian of variance ``m / 6`` per coordinate (m rounded vectors; 1/6 = E[p(1 - p)] for a
-uniform fractional part; the conditioning on the norm bound is not simulated), rotated back and
-descaled. Neither changes what is accounted: the ledgers record the same skellam events.
+sum of the devices' vectors (each projected as its encoder projects it), plus, in the rotated domain,
+ONE draw of the summed Skellam noise (a sum of independent Skellams is Skellam, so this is its exact
+law) and the rounding's error drawn as one Gaussian of variance ``n / 6`` per coordinate (n devices,
+each rounding once; 1/6 = E[p(1 - p)] for a uniform fractional part; the device level's conditioning
+on the norm bound is not simulated), rotated back and descaled. Neither changes what is accounted:
+the ledgers record the same skellam events.
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fed_nessa.config import FederationConfig, FleetNumerics, Phase
+from fed_nessa.config import FederationConfig, FleetNumerics
 from fed_nessa.federated import skellam_mechanism, suffstats
-from fed_nessa.federated.integer_mechanism import skellam_share, unrotate
+from fed_nessa.federated.integer_mechanism import clip_l2, skellam_share, unrotate
 from fed_nessa.federated.mechanism import mechanism_for
 from fed_nessa.federated.skellam_mechanism import IntegerCodec
-from fed_nessa.randomness import noise_source
+from fed_nessa.randomness import NoiseSource, noise_source
 from fed_nessa.sim.fleet_numerics import summed_noise
 
 
@@ -36,27 +37,34 @@ def stats_sum(cfg: FederationConfig, numerics: str, shards: Sequence[tuple[np.nd
     ``ids`` name their noise streams, ``gs`` are the g their policies size their shares for.
     """
     mech = mechanism_for(cfg)
-    per_pair = skellam_mechanism.per_example_rows(cfg, Phase.SUFFSTATS)
-    params = codec.params
+    vectors = [suffstats.device_vector(x, y) * mech.stats_weight(len(x)) for x, y in shards]
     if numerics == FleetNumerics.EXACT:
-        encodings = []
-        for (x, y), i, g in zip(shards, ids, gs, strict=True):
-            weight = mech.stats_weight(len(x))
-            rows = skellam_mechanism.device_rows(cfg, Phase.SUFFSTATS,
-                                                 None if per_pair else suffstats.device_vector(x, y) * weight,
-                                                 x, y, weight)
-            encodings.append(skellam_mechanism.encode_device(rows, skellam_mechanism.device_params(params, g),
-                                                             noise_source(cfg.reproducible_noise, cfg.seed, "device",
-                                                                          i, r)))
-        return codec.decode_field(np.stack(encodings), len(shards))
-    # the rows of a device sum to its (weighted) statistics vector: the float sum needs no row
-    total = np.sum([suffstats.device_vector(x, y) * mech.stats_weight(len(x)) for x, y in shards], axis=0)
+        return exact_sum(vectors, [noise_source(cfg.reproducible_noise, cfg.seed, "device", i, r) for i in ids],
+                         gs, codec)
+    radius = codec.params.vectors_per_device * codec.params.l2_clip  # each device's projection, as it encodes
+    total = np.sum([clip_l2(np.asarray(v, np.float64), radius) for v in vectors], axis=0)
+    return fast_sum(cfg, total, gs, r, codec)
+
+
+def exact_sum(vectors: Sequence[np.ndarray], streams: Sequence[NoiseSource], gs: Sequence[int],
+              codec: IntegerCodec) -> np.ndarray:
+    """The released sum (float32, input units) of the devices' un-noised ``vectors`` (their statistics,
+    clipped-gradient sums or clipped updates), each encoded as its device encodes it, from its own stream
+    (what the device drew before, its Poisson sample or its rows, already drawn), share sized for its g."""
+    encodings = [skellam_mechanism.encode_device(v, skellam_mechanism.device_params(codec.params, g), stream)
+                 for v, stream, g in zip(vectors, streams, gs, strict=True)]
+    return codec.decode_field(np.stack(encodings), len(encodings))
+
+
+def fast_sum(cfg: FederationConfig, total: np.ndarray, gs: Sequence[int], r: int, codec: IntegerCodec) -> np.ndarray:
+    """The released sum (float32) from the devices' float ``total``: plus one draw of the summed Skellam noise
+    and of the rounding's error (one rounding per device, ``len(gs)`` devices), in the rotated domain."""
+    params = codec.params
     stream = summed_noise(cfg, r)
     variance = sum(params.device_variance / g for g in gs)
-    vectors = sum(len(x) for x, _ in shards) if per_pair else len(shards)
     rotated = (skellam_share(variance, params.padded_dim, stream).astype(np.float64)
-               + stream.normal((params.padded_dim,), math.sqrt(vectors / 6.0)))
-    return (total + unrotate(rotated, params) / params.scale).astype(np.float32)
+               + stream.normal((params.padded_dim,), math.sqrt(len(gs) / 6.0)))
+    return (np.asarray(total, np.float64) + unrotate(rotated, params) / params.scale).astype(np.float32)
 
 
 def noise_statement(numerics: str) -> str:

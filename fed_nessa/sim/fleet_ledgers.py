@@ -27,7 +27,7 @@ from fed_nessa.federated.mechanism import public_parameters
 from fed_nessa.federated.noise_plan import NoisePlan
 from fed_nessa.federated.release import promised_arrivals
 from fed_nessa.privacy.accounting import UnitNotCoveredError
-from fed_nessa.privacy.events import GAUSSIAN_SUM, DPEvent
+from fed_nessa.privacy.events import DPEvent, one_per_round
 from fed_nessa.privacy.ledger import (
     CHAIN_SCHEME,
     LEDGER_HEADS,
@@ -78,8 +78,9 @@ class DeviceBook:
         return {self.ledgers[i].device_id: list(self.ledgers[i].head()) for i in reserved}
 
     def reserve_spans(self, cfg: FederationConfig, fleet: FleetState, dp_rounds: list[int],
-                      model_ids: dict[str, str]) -> None:
-        """Every device reserves the DP-SGD rounds it is scheduled for, as one span, within its budget."""
+                      model_ids: dict[str, str], dims: tuple[int, int]) -> None:
+        """Every device reserves the DP-SGD rounds it is scheduled for, as one span, within its budget
+        (``dims``: the shards' d_x, d_y, which size the integer mechanism's payload)."""
         book = self
         schedule: dict[int, list[int]] = {i: [] for i in range(len(fleet.ids))}
         for r in dp_rounds:
@@ -95,13 +96,13 @@ class DeviceBook:
             # declined, not the whole span (docs/privacy.md).
             req = RoundRequest(Phase.DPSGD, (kept or rounds)[0],
                                promised_arrivals(cfg, cfg.cohort_size(len(fleet.ids))), len(fleet.ids),
-                               **model_ids)
+                               **model_ids, dims=dims)
             why = fleet.refusal(req, i, int(fleet.n[i]), cfg, policy, ledger)
             rounds = kept
             if why or not rounds:
                 book.refused[i] = why or separation_refusal(req.round, ledger.rounds(), policy) or "declined"
                 continue
-            one = planned_event(req, int(fleet.n[i]), cfg, policy)
+            one = planned_event(req, int(fleet.n[i]), cfg, policy, dims)
             if one is None:  # no DP: nothing to reserve
                 book.span_rounds[i] = rounds
                 continue
@@ -115,12 +116,13 @@ class DeviceBook:
                 book.refused[i] = "declined: the DP-SGD phase would take this device over its budget"
                 continue
             joined = rounds[:k]
-            # A Poisson DP-SGD span may skip rounds (cohorts); a device-level Gaussian sum is one
-            # mechanism per round, so its spans are runs of consecutive rounds.
-            runs = _runs(tuple(joined)) if one.mechanism == GAUSSIAN_SUM else [(joined[0], joined[-1])]
+            # A Poisson DP-SGD span may skip rounds (cohorts); a device-level sum (Gaussian or integer) is
+            # one mechanism per round, so its spans are runs of consecutive rounds.
+            per_round = one_per_round(one)
+            runs = _runs(tuple(joined)) if per_round else [(joined[0], joined[-1])]
             seqs = []
             for first, last in runs:
-                steps = k if one.mechanism != GAUSSIAN_SUM else last - first + 1
+                steps = last - first + 1 if per_round else k
                 span = span_event(one, first, last, steps)
                 seqs.append((ledger.reserve(span, {"server_key_fingerprint": self.server_fp}), first, last))
             book.span_seq[i] = seqs

@@ -43,7 +43,6 @@ from flwr.common.constant import NUM_PARTITIONS_KEY, PARTITION_ID_KEY, SUPERLINK
 from fed_nessa.arguments import seed_arg
 from fed_nessa.config import (
     FEDERATION_NAMES,
-    AlignerChoice,
     ConfigError,
     DevicePolicy,
     FederationConfig,
@@ -56,7 +55,7 @@ from fed_nessa.config import (
 from fed_nessa.data.population import Population
 from fed_nessa.evaluation.run_folder import epsilon_phrase
 from fed_nessa.federated.mechanism import mechanism_for
-from fed_nessa.federated.noise_plan import dpsgd_rounds, noise_plan
+from fed_nessa.federated.noise_plan import noise_plan
 from fed_nessa.federated.protocol import DEVICES_DIR, device_id_of, shard_folder
 from fed_nessa.privacy.ledger import check_key_store, device_id_problem
 from fed_nessa.sim.launcher import config_path, load_apps
@@ -291,10 +290,6 @@ def _fleet_refusal(cfg: FederationConfig, policy: DevicePolicy, req: RunRequest)
     if cfg.data_source not in FEDERATION_NAMES:
         return (f"data-source {cfg.data_source}: the fleet engine builds its devices in memory from "
                 f"{' or '.join(FEDERATION_NAMES)}; run a folder of shards with --engine flower")
-    if cfg.integer_noise and dpsgd_rounds(cfg) > 0 and cfg.aligner != AlignerChoice.LINEAR:
-        return ("distributed-mechanism = 'skellam': the fleet engine runs the integer mechanism's statistics round "
-                "only, not its DP-SGD rounds yet (the Flower engine runs device-level ones); use --engine flower, "
-                "aligner 'linear' or distributed-mechanism 'gaussian'")
     return None
 
 

@@ -58,7 +58,7 @@ from fed_nessa.privacy.audit.findings import (
 )
 from fed_nessa.privacy.audit.report import write_report
 from fed_nessa.privacy.chain import HEADER, ChainRead, entry_hash, read_chain, read_chain_bytes
-from fed_nessa.privacy.events import DEVICE, EXAMPLE, GAUSSIAN_SUM, DPEvent, EventError
+from fed_nessa.privacy.events import DEVICE, EXAMPLE, GAUSSIAN_SUM, DPEvent, EventError, one_per_round
 from fed_nessa.privacy.ledger import (
     CHAIN_SCHEME,
     COMPLETE,
@@ -746,7 +746,7 @@ def _check_unrecorded(dev: DeviceAudit, recorded: list[Interval], findings: list
     rounds only by count: the server must record at least that many of them for the device.
     """
     for ev, (first, last, seq) in zip(dev.events, dev.reserve_spans, strict=True):
-        if ev.mechanism != GAUSSIAN_SUM and 0 < ev.steps < ev.n_rounds:
+        if not one_per_round(ev) and 0 < ev.steps < ev.n_rounds:
             have = count_rounds(subtract_intervals([(first, last)], subtract_intervals([(first, last)], recorded)))
             if have < ev.steps:
                 findings.append(Finding(FAIL, "federation.unrecorded",

@@ -269,7 +269,7 @@ class BlockEngine(Engine):
         """Before the first DP-SGD round every device reserves the whole phase as one span."""
         if not self._dp_rounds or r != self._dp_rounds[0]:
             return
-        req = RoundRequest(Phase.DPSGD, r, promised_arrivals(self.cfg, self.fleet), self.fleet, **self._model_ids())
+        req = self._request(Phase.DPSGD, r, promised_arrivals(self.cfg, self.fleet))
         self._span = self._call("reserve", ReserveRequest(req, tuple(self._dp_rounds),
                                                           {"server_key_fingerprint": self._server_fp}))
         for rep in self._span:
@@ -287,8 +287,7 @@ class BlockEngine(Engine):
         answers = Answers(device_ids=self._ids, evidence={"model_sha256": self._sent[r][0],
                                                           "config_sha256": self._sent[r][1]})
         if phase == Phase.SUFFSTATS:
-            req = RoundRequest(Phase.SUFFSTATS, r, int(request[PROMISED_ARRIVALS_KEY]), self.fleet,
-                               **self._model_ids())
+            req = self._request(Phase.SUFFSTATS, r, int(request[PROMISED_ARRIVALS_KEY]))
             received = {"round": r, "model_sha256": self._sent[r][0], "config_sha256": self._sent[r][1],
                         "server_key_fingerprint": self._server_fp}
             replies: list[ReserveReply] = self._call("reserve", ReserveRequest(req, (r,), received))
@@ -413,8 +412,10 @@ class BlockEngine(Engine):
         except UnitNotCoveredError:
             return math.inf
 
-    def _model_ids(self) -> dict[str, str]:
-        return {"enroll_model": self.data.enroll_model, "runtime_model": self.data.runtime_model}
+    def _request(self, phase: Phase, r: int, promised: int) -> RoundRequest:
+        """The round's request as every device of the blocks receives it (the federation's model ids)."""
+        return RoundRequest(phase, r, promised, self.fleet, enroll_model=self.data.enroll_model,
+                            runtime_model=self.data.runtime_model)
 
     def _reference_devices(self) -> np.ndarray:
         """The devices the pooled references train on: all, or :data:`REFERENCE_MAX_DEVICES` drawn at random."""
