@@ -552,3 +552,21 @@ def test_fleet_fast_numerics_match_the_exact_ones_in_mean_and_variance() -> None
     for numerics, err in draws.items():
         assert abs(err.mean()) < 4 * math.sqrt(expected / err.size), numerics
         assert err.var() == pytest.approx(expected, rel=0.05), numerics
+
+
+def test_the_main_job_under_skellam_stays_within_the_devices_budget() -> None:
+    """`--config main-skellam`: the main job's one statistics round under the integer mechanism, at a multiplier
+    whose Skellam epsilon is the Gaussian main job's (7.965), below the devices' 8; the Gaussian's own 0.64 would
+    overspend under skellam (which is why the config states its own)."""
+    from fed_nessa.sim.runner import build_config as from_file
+
+    cfg = from_file("main-skellam", [], run_dir="unused")
+    gaussian = from_file("main", [], run_dir="unused")
+    assert cfg.integer_noise and not gaussian.integer_noise and cfg.num_server_rounds == 1
+    for dims in ((256, 192), (192, 256)):
+        spent = skellam_mechanism.calibration_epsilon(
+            cfg, cfg.num_devices, dims, [(Phase.SUFFSTATS, cfg.suffstats_noise_multiplier, 1.0, 1)])
+        assert 7.9 < spent <= 7.97
+        at_gaussians = skellam_mechanism.calibration_epsilon(
+            cfg, cfg.num_devices, dims, [(Phase.SUFFSTATS, gaussian.suffstats_noise_multiplier, 1.0, 1)])
+        assert at_gaussians > 8.0
