@@ -232,6 +232,10 @@ class Mechanism(ABC):
         if not self.dp:
             return 0.0
         full = self.vector_sigma(phase, plan) * (self.sensitivity(phase) if clip is None else clip)
+        return self._share(full, g)
+
+    def _share(self, full: float, g: int) -> float:
+        """The one place a noise share is sized: all of ``full`` locally, ``full / sqrt(g)`` distributed."""
         return full / math.sqrt(g) if self.cfg.dp_mode == DPMode.DISTRIBUTED else full
 
     def released_variance(self, phase: Phase, plan: NoisePlan, arrivals: Sequence[int],
@@ -497,9 +501,6 @@ class DeviceLevel(Mechanism):
             raise ValueError(f"clip-count-noise = {self.cfg.clip_count_noise:g}: the bit count's noise multiplier "
                              f"{z_bit:.3g} is <= the round's {z:.3g}, so the bit alone would spend the budget")
         return float((z ** -2 - z_bit ** -2) ** -0.5)
-
-    def _share(self, full: float, g: int) -> float:
-        return full / math.sqrt(g) if self.cfg.dp_mode == DPMode.DISTRIBUTED else full
 
     def count_share_std(self, g: int, fleet: int) -> float:
         """One device's noise std on its centred bit (0 without DP or without adaptive clipping)."""

@@ -57,7 +57,7 @@ from fed_nessa.federated.codec import SecAggCodec
 from fed_nessa.federated.cohort import sample_positions
 from fed_nessa.federated.device import RoundRequest
 from fed_nessa.federated.engine import Answers, Ending, Engine, Pins, Released, RunState
-from fed_nessa.federated.mechanism import public_parameters
+from fed_nessa.federated.mechanism import mechanism_for, public_parameters
 from fed_nessa.federated.noise_plan import NoisePlan, noise_plan
 from fed_nessa.federated.protocol import PROMISED_ARRIVALS_KEY
 from fed_nessa.federated.protocol_loop import run_protocol
@@ -148,7 +148,7 @@ def refusal(cfg: FederationConfig, policy: DevicePolicy) -> str | None:
         return "distributed-mechanism = 'skellam': the block engine runs the Gaussian mechanism only"
     if cfg.clip_target_quantile > 0:
         return "clip-target-quantile: the block engine runs DP-SGD at a fixed clip (clip-target-quantile = 0)"
-    if dpsgd_rounds(cfg) > 0 and cfg.privacy_unit != "device":
+    if dpsgd_rounds(cfg) > 0 and not mechanism_for(cfg).clips_whole_device:
         return ("privacy-unit = 'example': the block engine runs device-level DP-SGD rounds only "
                 "(privacy-unit = 'device'), or only the statistics rounds (aligner = 'linear')")
     if cfg.ledger_layout != LedgerLayout.SQLITE:
