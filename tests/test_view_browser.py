@@ -119,8 +119,11 @@ def test_the_page_follows_a_live_run_round_by_round(browser: Any, viewer: Callab
     body = browser.find_element("tag name", "body").text
     for shown in ("Quality", "Privacy", "Engine and cost", "spent epsilon over devices", "gate"):
         assert shown in body
-    assert browser.execute_script(
-        "return Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")  # the SVG charts drew
+    # The SVG charts drew. The page swaps its fragment in on every live refresh, so an image may be
+    # mid-load at any one instant (CI saw that once): wait for a moment when all have loaded.
+    _wait(lambda: browser.execute_script(
+        "const im = Array.from(document.images);"
+        "return im.length > 0 && im.every(i => i.complete && i.naturalWidth > 0)"), 30, "the SVG charts to draw")
 
 
 def test_a_device_id_holding_markup_is_shown_as_text(browser: Any, viewer: Callable[[Path], str],
