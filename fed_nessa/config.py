@@ -117,6 +117,9 @@ class PrivacyUnit(StrEnum):
 
 
 DP_MODES = tuple(m.value for m in DPMode)
+#: The promotion gate's default confidence: the share of paired speaker resamples in which a more complex
+#: candidate must beat the simpler choice (docs/results.md "The gate's confidence").
+GATE_CONFIDENCE = 0.95
 LINEAR_STARTS = tuple(s.value for s in LinearStart)
 # The data names, listed once (the config sits below fed_nessa.data, which maps each to its source in
 # fed_nessa.data.registry; tests/test_data_registry.py keeps the two in step). FEDERATION_NAMES also build a
@@ -184,6 +187,7 @@ class FederationConfig:
     ledger_layout: str = "files"  # fleet engine: "sqlite" keeps every device ledger in one store (docs/privacy.md)
     validation_speakers: int = 100  # synthetic, kokoro-voices: the server's own validation speakers for the gate
     ship_without_validation: bool = False  # no validation set: ship the aligner untested (else ship nothing)
+    gate_confidence: float = GATE_CONFIDENCE  # the promotion gate's confidence over speaker resamples
     dropout_rate: float = 0.0  # fleet engine: chance an accepted device drops out before sending
     budget_split: float = 0.0  # share of epsilon-budget for the statistics round; 0: sigmas as given
     privacy_unit: str = "example"  # "device": each device clips its whole round contribution
@@ -399,6 +403,7 @@ def _check_ranges(c: FederationConfig) -> list[str]:
     _choice(p, "ledger-layout", c.ledger_layout, tuple(layout.value for layout in LedgerLayout))
     _range(p, "budget-split", c.budget_split, 0.0, 1.0)
     _range(p, "validation-speakers", c.validation_speakers, 0, 1_000_000)
+    _range(p, "gate-confidence", c.gate_confidence, 0.5, 1.0, hi_open=True)
     _range(p, "dropout-rate", c.dropout_rate, 0.0, 0.99)
     if c.budget_split > 0 and c.sample_rate <= 0 and c.privacy_unit != PrivacyUnit.DEVICE:
         p.append("budget-split > 0 calibrates one DP-SGD noise multiplier for every device: it needs a fleet-wide "

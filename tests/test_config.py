@@ -36,6 +36,8 @@ def test_pyproject_app_config_matches_the_defaults() -> None:
     ("secagg-num-shares", 2, "secagg-num-shares = 2: allowed range [3, 10000]"),
     ("secagg-reconstruction-threshold", 11, "allowed range [2, secagg-num-shares - 1 = 10]"),
     ("min-arrivals", 1001, "min-arrivals = 1001: allowed range [2, devices per round = 1000]"),
+    ("gate-confidence", 0.3, "gate-confidence = 0.3: allowed range [0.5, 1)"),
+    ("gate-confidence", 1.0, "gate-confidence = 1.0: allowed range [0.5, 1)"),
     ("linear-start", "ridge", "allowed values suffstats, none"),
     ("lr", "fast", "lr = 'fast': expected a number"),
     ("resume", 1, "resume = 1: expected true or false"),

@@ -96,7 +96,7 @@ def error_rates(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.
     return p_miss, p_fa
 
 
-def _eer_from_rates(p_miss: np.ndarray, p_fa: np.ndarray) -> float:
+def eer_from_rates(p_miss: np.ndarray, p_fa: np.ndarray) -> float:
     """Where the piecewise-linear ROC crosses P_miss = P_fa (linear interpolation on the segment)."""
     i = int(np.argmax(p_miss >= p_fa))  # first point at or past the crossing; i >= 1 as p_fa[0]=1
     d0 = p_fa[i - 1] - p_miss[i - 1]  # > 0
@@ -126,7 +126,7 @@ def eer(scores: np.ndarray, labels: np.ndarray) -> float:
     joined by straight segments, and the EER is the rate where that curve meets
     P_miss = P_fa: exact, not the nearest threshold's average.
     """
-    return _eer_from_rates(*error_rates(scores, labels))
+    return eer_from_rates(*error_rates(scores, labels))
 
 
 def min_dcf(
@@ -271,6 +271,12 @@ class Metrics:
         }
 
 
+def trial_matrix(profile_emb: np.ndarray, test_emb: np.ndarray, split: EnrollmentSplit) -> np.ndarray:
+    """Every test utterance (rows, ``split.test_speaker`` names each row's own profile) scored against
+    every profile (columns): the one trial list every figure and the gate's bootstrap share."""
+    return trial_scores(speaker_profiles(profile_emb, split), np.asarray(test_emb)[split.test_index])
+
+
 def _metrics_from_split(
     profile_emb: np.ndarray,
     test_emb: np.ndarray,
@@ -286,15 +292,14 @@ def _metrics_from_split(
         raise ValueError(
             f"need at least 2 speakers with >= 2 utterances for non-target trials, got {m}"
         )
-    profiles = speaker_profiles(profile_emb, split)
-    scores = trial_scores(profiles, t[split.test_index])
+    scores = trial_matrix(profile_emb, t, split)
     n_test = scores.shape[0]
     target = np.zeros(scores.shape, dtype=bool)
     target[np.arange(n_test), split.test_speaker] = True
     top1 = float(np.mean(np.argmax(scores, axis=1) == split.test_speaker))
     p_miss, p_fa = error_rates(scores.reshape(-1), target.reshape(-1))
     return Metrics(
-        eer=_eer_from_rates(p_miss, p_fa),
+        eer=eer_from_rates(p_miss, p_fa),
         min_dcf=_min_dcf_from_rates(p_miss, p_fa, p_target, 1.0, 1.0),
         sid_top1=top1,
         n_target=n_test,
@@ -475,6 +480,49 @@ def _row_note(gap: float | None) -> str | None:
     return None
 
 
+System = tuple[str, str, str, str | None, np.ndarray, np.ndarray]  # name, profile model, test model, method, p, t
+
+
+def _scenario_systems(embeddings: Mapping[str, np.ndarray], split: EnrollmentSplit, old_model: str, new_model: str,
+                      scenario: str, aligners: Mapping[str, Comparator] | None, notes: list[str]) -> list[System]:
+    """Every system of one scenario as (profile-side, test-side) embeddings of the same utterances:
+    sym_before, sym_after, asym_naive (same dimension only) and ``asym_<name>`` per aligner."""
+    enroll_model, runtime_model = scenario_sides(scenario, old_model, new_model)
+    if old_model == new_model:
+        raise ValueError(f"old and new model are the same ({old_model!r}): nothing is updated")
+    for name in (old_model, new_model):
+        if name not in embeddings:
+            raise ValueError(f"no embeddings for model {name!r} (have: {sorted(embeddings)})")
+    n = split.enroll_mask.size
+    for name in (old_model, new_model):
+        shape = np.shape(embeddings[name])
+        if len(shape) != 2 or shape[0] != n:
+            raise ValueError(f"embeddings of model {name!r} must be (n={n}, d), got shape {shape}")
+    aligners = dict(aligners or {})
+    for method, aligner in aligners.items():
+        if not isinstance(aligner, Comparator):
+            raise ValueError(f"aligner {method!r} must have map_enroll(X) and map_runtime(Y)")
+
+    x_side, y_side = embeddings[enroll_model], embeddings[runtime_model]
+    systems: list[System] = [
+        ("sym_before", old_model, old_model, None, embeddings[old_model], embeddings[old_model]),
+        ("sym_after", new_model, new_model, None, embeddings[new_model], embeddings[new_model]),
+    ]
+    if np.shape(x_side)[1] == np.shape(y_side)[1]:
+        systems.append(("asym_naive", enroll_model, runtime_model, "naive", x_side, y_side))
+    else:
+        notes.append(
+            f"asym_naive omitted: {enroll_model} ({np.shape(x_side)[1]}-d) and "
+            f"{runtime_model} ({np.shape(y_side)[1]}-d) differ in dimension"
+        )
+    for method, aligner in aligners.items():
+        p = _mapped(aligner, method, "enroll", x_side, n)
+        t = _mapped(aligner, method, "runtime", y_side, n)
+        systems.append((f"asym_{method}", enroll_model, runtime_model, method, p, t))
+
+    return systems
+
+
 def evaluate_scenario(
     embeddings: Mapping[str, np.ndarray],
     speaker: np.ndarray,
@@ -493,41 +541,10 @@ def evaluate_scenario(
     tests come from the old one. Every row uses the same split into enrollment
     and test utterances, so rows differ only by the system.
     """
-    enroll_model, runtime_model = scenario_sides(scenario, old_model, new_model)
-    if old_model == new_model:
-        raise ValueError(f"old and new model are the same ({old_model!r}): nothing is updated")
-    for name in (old_model, new_model):
-        if name not in embeddings:
-            raise ValueError(f"no embeddings for model {name!r} (have: {sorted(embeddings)})")
     split = enrollment_split(speaker, utterance, k)
-    n = split.enroll_mask.size
-    for name in (old_model, new_model):
-        shape = np.shape(embeddings[name])
-        if len(shape) != 2 or shape[0] != n:
-            raise ValueError(f"embeddings of model {name!r} must be (n={n}, d), got shape {shape}")
-    aligners = dict(aligners or {})
-    for method, aligner in aligners.items():
-        if not isinstance(aligner, Comparator):
-            raise ValueError(f"aligner {method!r} must have map_enroll(X) and map_runtime(Y)")
-
-    x_side, y_side = embeddings[enroll_model], embeddings[runtime_model]
-    systems: list[tuple[str, str, str, str | None, np.ndarray, np.ndarray]] = [
-        ("sym_before", old_model, old_model, None, embeddings[old_model], embeddings[old_model]),
-        ("sym_after", new_model, new_model, None, embeddings[new_model], embeddings[new_model]),
-    ]
+    enroll_model, runtime_model = scenario_sides(scenario, old_model, new_model)
     notes: list[str] = []
-    if np.shape(x_side)[1] == np.shape(y_side)[1]:
-        systems.append(("asym_naive", enroll_model, runtime_model, "naive", x_side, y_side))
-    else:
-        notes.append(
-            f"asym_naive omitted: {enroll_model} ({np.shape(x_side)[1]}-d) and "
-            f"{runtime_model} ({np.shape(y_side)[1]}-d) differ in dimension"
-        )
-    for method, aligner in aligners.items():
-        p = _mapped(aligner, method, "enroll", x_side, n)
-        t = _mapped(aligner, method, "runtime", y_side, n)
-        systems.append((f"asym_{method}", enroll_model, runtime_model, method, p, t))
-
+    systems = _scenario_systems(embeddings, split, old_model, new_model, scenario, aligners, notes)
     metrics = [_metrics_from_split(p, t, split, p_target) for (*_, p, t) in systems]
     before, after = metrics[0].eer, metrics[1].eer
     if abs(before - after) <= GAP_DENOMINATOR_EPS:
@@ -603,6 +620,26 @@ def evaluate_held_out(held_out: EmbeddingSet, scenario: Scenario, aligners: Mapp
     embeddings = {m: held_out.emb(m) for m in (scenario.old_model, scenario.new_model)}
     return evaluate_scenario(embeddings, held_out.speaker, held_out.utterance, scenario.old_model,
                              scenario.new_model, scenario.name, aligners=dict(aligners))
+
+
+@dataclass(frozen=True)
+class HeldOutTrials:
+    """The score matrices of a held-out set's systems (the gate's speaker bootstrap resamples them)."""
+
+    scores: dict[str, np.ndarray]  # row name (sym_before, asym_<name>) -> (n_test, m) scores
+    test_speaker: np.ndarray  # (n_test,) each test row's own profile column
+
+
+def held_out_trials(held_out: EmbeddingSet, scenario: Scenario, aligners: Mapping[str, Any],
+                    rows: Sequence[str] = ("sym_before",)) -> HeldOutTrials:
+    """The trials behind :func:`evaluate_held_out`'s rows ``rows`` plus ``asym_<name>`` per aligner."""
+    embeddings = {m: held_out.emb(m) for m in (scenario.old_model, scenario.new_model)}
+    split = enrollment_split(held_out.speaker, held_out.utterance, DEFAULT_K)
+    systems = _scenario_systems(embeddings, split, scenario.old_model, scenario.new_model, scenario.name,
+                                dict(aligners), [])
+    keep = set(rows) | {f"asym_{name}" for name in aligners}
+    return HeldOutTrials({name: trial_matrix(p, t, split) for name, *_, p, t in systems if name in keep},
+                         split.test_speaker)
 
 
 def summary_row(report: ScenarioReport, name: str) -> dict[str, Any]:
