@@ -182,7 +182,12 @@ class IntegerCodec:
 
     def decode_field(self, encodings: np.ndarray, n_arrived: int) -> np.ndarray:
         """The decoded sum straight from the devices' field elements (a simulator's modular sum)."""
-        return decode(modular_sum(encodings, self.params), self.params, n_arrived).astype(np.float32)
+        return self.decode_sum(modular_sum(encodings, self.params), n_arrived)
+
+    def decode_sum(self, field_sum: np.ndarray, n_arrived: int) -> np.ndarray:
+        """The decoded sum (float32, input units) of ``n_arrived`` devices from the modular sum of their field
+        elements (what SecAgg+ reveals; a simulator may add it up in parts); WrapAroundError for a refused sum."""
+        return decode(np.asarray(field_sum, np.int64), self.params, n_arrived).astype(np.float32)
 
     def flower_ranges(self) -> tuple[float, int, int]:
         """SecAgg+'s clipping range, quantization range and modulus: the identity on this field."""

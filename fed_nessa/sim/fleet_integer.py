@@ -41,19 +41,39 @@ def stats_sum(cfg: FederationConfig, numerics: str, shards: Sequence[tuple[np.nd
     if numerics == FleetNumerics.EXACT:
         return exact_sum(vectors, [noise_source(cfg.reproducible_noise, cfg.seed, "device", i, r) for i in ids],
                          gs, codec)
-    radius = codec.params.vectors_per_device * codec.params.l2_clip  # each device's projection, as it encodes
-    total = np.sum([clip_l2(np.asarray(v, np.float64), radius) for v in vectors], axis=0)
-    return fast_sum(cfg, total, gs, r, codec)
+    return fast_sum(cfg, projected_sum(vectors, codec), gs, r, codec)
+
+
+def projected_sum(vectors: Sequence[np.ndarray], codec: IntegerCodec) -> np.ndarray:
+    """The float64 sum of the devices' un-noised ``vectors``, each projected as its encoder projects it (onto
+    the ball of ``vectors_per_device`` clips): the fast numerics' sum before the one draw of noise."""
+    radius = codec.params.vectors_per_device * codec.params.l2_clip
+    total = np.zeros(codec.params.dim)
+    for v in vectors:
+        total += clip_l2(np.asarray(v, np.float64), radius)
+    return total
+
+
+def field_sum(vectors: Sequence[np.ndarray], streams: Sequence[NoiseSource], gs: Sequence[int],
+              codec: IntegerCodec) -> np.ndarray:
+    """The modular sum (int64 in ``[0, 2^bits)``) of the field elements of the devices' un-noised ``vectors``
+    (their statistics, clipped-gradient sums or clipped updates), each encoded as its device encodes it, from
+    its own stream (what the device drew before, its Poisson sample or its rows, already drawn), share sized
+    for its g. Added up one device at a time (memory: one payload, whatever the count); a part of the sum
+    (a block's) adds to the others' modulo 2^bits."""
+    params = codec.params
+    acc = np.zeros(params.padded_dim, np.int64)
+    for v, stream, g in zip(vectors, streams, gs, strict=True):
+        acc = np.mod(acc + skellam_mechanism.encode_device(v, skellam_mechanism.device_params(params, g), stream),
+                     params.modulus)
+    return acc
 
 
 def exact_sum(vectors: Sequence[np.ndarray], streams: Sequence[NoiseSource], gs: Sequence[int],
               codec: IntegerCodec) -> np.ndarray:
-    """The released sum (float32, input units) of the devices' un-noised ``vectors`` (their statistics,
-    clipped-gradient sums or clipped updates), each encoded as its device encodes it, from its own stream
-    (what the device drew before, its Poisson sample or its rows, already drawn), share sized for its g."""
-    encodings = [skellam_mechanism.encode_device(v, skellam_mechanism.device_params(codec.params, g), stream)
-                 for v, stream, g in zip(vectors, streams, gs, strict=True)]
-    return codec.decode_field(np.stack(encodings), len(encodings))
+    """The released sum (float32, input units) of the devices' un-noised ``vectors``: their :func:`field_sum`
+    decoded as the server decodes it."""
+    return codec.decode_sum(field_sum(vectors, streams, gs, codec), len(vectors))
 
 
 def fast_sum(cfg: FederationConfig, total: np.ndarray, gs: Sequence[int], r: int, codec: IntegerCodec) -> np.ndarray:
@@ -67,13 +87,14 @@ def fast_sum(cfg: FederationConfig, total: np.ndarray, gs: Sequence[int], r: int
     return (np.asarray(total, np.float64) + unrotate(rotated, params) / params.scale).astype(np.float32)
 
 
-def noise_statement(numerics: str) -> str:
-    """Where a skellam fleet run's draws came from (a deployed device draws all of them from the OS CSPRNG)."""
+def noise_statement(numerics: str, engine: str = "fleet engine") -> str:
+    """Where a skellam run's draws came from (``engine``: the fleet or the block engine, which run the same
+    numerics; a deployed device draws all of them from the OS CSPRNG)."""
     if numerics == FleetNumerics.EXACT:
-        return ("fleet engine, exact numerics, integer mechanism: every device's rotation, conditional rounding and "
+        return (f"{engine}, exact numerics, integer mechanism: every device's rotation, conditional rounding and "
                 "integer Skellam share drawn from the OS CSPRNG, as on a device; the modular sum decoded as the server "
                 "does")
-    return ("fleet engine, distribution-equivalent numerics, integer mechanism (a simulation): the summed Skellam "
+    return (f"{engine}, distribution-equivalent numerics, integer mechanism (a simulation): the summed Skellam "
             "noise is one draw from the OS CSPRNG (its exact law); the devices' rounding errors one Gaussian draw of "
             "their variance (the conditioning on the norm bound not simulated). A deployed device rounds and draws its "
             "own share from the OS CSPRNG")

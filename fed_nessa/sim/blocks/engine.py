@@ -11,7 +11,9 @@ keys and ledgers in its own ledger store, and answers each step for its whole bl
 
 A statistics round is three calls to every worker: ``reserve`` (the engine's :meth:`ask`),
 ``contribute`` (one partial sum each; :meth:`secure_sum` combines them as SecAgg+'s modular sum,
-or the fast numerics' float sum) and ``complete`` (:meth:`settle`: the ledger heads the round's
+or the fast numerics' float sum; under ``distributed-mechanism = skellam`` the integer mechanism's
+field sum, decoded once, or the float sum plus one draw of its Skellam noise, as the fleet engine's
+:mod:`fed_nessa.sim.fleet_integer`) and ``complete`` (:meth:`settle`: the ledger heads the round's
 record signs). The device-level DP-SGD phase is reserved as one span per device before its first
 round and completed after its last, and recorded in the federation ledger as one span entry, in
 the fleet engine's words (:mod:`fed_nessa.sim.fleet_ledgers`): the device ledgers of a block run
@@ -20,8 +22,8 @@ and a fleet run on the same devices compare line for line (tests/test_sim_blocks
 What it does not do, refused before anything is written (:func:`refusal`): drop-outs, cohorts
 smaller than the fleet, a device's min-separation, partial spans (a device whose budget cannot
 take the whole DP-SGD phase declines all of it, where the fleet engine joins it for a prefix),
-the adaptive clip, example-level DP-SGD rounds, local DP, the integer mechanism, resuming, and any
-data source but the built-in synthetic population.
+the adaptive clip, example-level DP-SGD rounds, local DP, resuming, and any data source but the
+built-in synthetic population.
 """
 
 from __future__ import annotations
@@ -53,10 +55,10 @@ from fed_nessa.data.lazy_population import LazyPopulation
 from fed_nessa.data.population import Population, Scenario
 from fed_nessa.data.synthetic import PopulationConfig, population_config
 from fed_nessa.evaluation import run_folder
-from fed_nessa.federated.codec import SecAggCodec
 from fed_nessa.federated.cohort import sample_positions
 from fed_nessa.federated.device import RoundRequest
 from fed_nessa.federated.engine import Answers, Ending, Engine, Pins, Released, RunState
+from fed_nessa.federated.integer_mechanism import modular_sum
 from fed_nessa.federated.mechanism import mechanism_for, public_parameters
 from fed_nessa.federated.noise_plan import NoisePlan, noise_plan
 from fed_nessa.federated.protocol import PROMISED_ARRIVALS_KEY
@@ -64,7 +66,7 @@ from fed_nessa.federated.protocol_loop import run_protocol
 from fed_nessa.federated.release import may_unmask, promised_arrivals
 from fed_nessa.federated.rounds import Progress
 from fed_nessa.federated.server_model import ServerModel
-from fed_nessa.federated.skellam_mechanism import RoundCodec
+from fed_nessa.federated.skellam_mechanism import IntegerCodec, RoundCodec
 from fed_nessa.privacy.accounting import EpsilonMemo, UnitNotCoveredError
 from fed_nessa.privacy.ledger import (
     CHAIN_SCHEME,
@@ -78,6 +80,7 @@ from fed_nessa.privacy.ledger import (
     received_chain,
 )
 from fed_nessa.privacy.store import SQLITE, LedgerStore, merge_parts
+from fed_nessa.sim import fleet_integer
 from fed_nessa.sim.blocks.backends import AUTO, Backend, make_backend
 from fed_nessa.sim.blocks.worker import (
     BlockError,
@@ -144,8 +147,6 @@ def refusal(cfg: FederationConfig, policy: DevicePolicy) -> str | None:
         return "clients-per-round: the block engine runs full-participation rounds (clients-per-round = 0)"
     if cfg.dropout_rate > 0:
         return "dropout-rate: the block engine does not simulate drop-outs (dropout-rate must be 0)"
-    if cfg.integer_noise:
-        return "distributed-mechanism = 'skellam': the block engine runs the Gaussian mechanism only"
     if cfg.clip_target_quantile > 0:
         return "clip-target-quantile: the block engine runs DP-SGD at a fixed clip (clip-target-quantile = 0)"
     if dpsgd_rounds(cfg) > 0 and not mechanism_for(cfg).clips_whole_device:
@@ -166,16 +167,23 @@ def block_specs(population: PopulationConfig, devices_per_block: int, run_dir: P
             for a, b in block_ranges(population.num_devices, devices_per_block)]
 
 
-def combine(partials: Sequence[PartialSum], codec: SecAggCodec, numerics: FleetNumerics, cfg: FederationConfig,
+def combine(partials: Sequence[PartialSum], codec: RoundCodec, numerics: FleetNumerics, cfg: FederationConfig,
             round_num: int) -> Combined:
     """The blocks' partial sums as one released sum (exact: modular sum then dequantization; fast: float
-    sum plus the devices' summed rounding error, drawn once)."""
+    sum plus the devices' summed rounding error, drawn once). ``skellam``: the field's modular sum decoded
+    once (exact), or the float sum plus one draw of the whole sum's Skellam noise and rounding error (fast)."""
     parts = [p for p in partials if p.sent]
     sent = sum(p.sent for p in parts)
     failed = [int(i) for p in partials for i in p.failed]
     arrivals = [g for p in parts for g, k in sorted(p.arrivals.items()) for _ in range(k)]
     if not parts:
         return Combined(np.zeros(0), 0, failed, [])
+    if isinstance(codec, IntegerCodec):
+        if numerics == FleetNumerics.EXACT:  # a WrapAroundError propagates: the sum is refused, never applied
+            field = modular_sum(np.stack([p.total for p in parts]), codec.params)
+            return Combined(codec.decode_sum(field, sent), sent, failed, arrivals)
+        total = np.sum([p.total for p in parts], axis=0)
+        return Combined(fleet_integer.fast_sum(cfg, total, arrivals, round_num, codec), sent, failed, arrivals)
     if numerics == FleetNumerics.EXACT:
         acc = np.zeros_like(parts[0].total)
         for p in parts:
@@ -226,7 +234,7 @@ class BlockEngine(Engine):
         self.data = lazy_federation(cfg, population)
         self.fleet = population.num_devices
         self.model = ServerModel(cfg, self.data.d_x, self.data.d_y, self.data.enroll_model, self.data.runtime_model)
-        self.plan = noise_plan(cfg, self.fleet)
+        self.plan = noise_plan(cfg, self.fleet, (self.data.d_x, self.data.d_y))  # the dims size skellam's payload
         self.numerics = FleetNumerics(cfg.fleet_numerics)
         self.progress = progress or (lambda event: None)
         self.state = RunState()
@@ -306,8 +314,6 @@ class BlockEngine(Engine):
                    promised: int) -> Released:
         """Every block's partial sum, combined (drop-outs are not simulated: every accepted device sends,
         unless it fails its own range check)."""
-        if not isinstance(codec, SecAggCodec):  # refusal() keeps the integer mechanism out
-            raise BlockError("the block engine runs the Gaussian mechanism's SecAgg+ codec only")
         net = self.model.net if phase == Phase.DPSGD else None
         partials: list[PartialSum] = self._call("contribute", SumRequest(phase, r, codec, self.plan, net))
         out = combine(partials, codec, self.numerics, self.cfg, r)
@@ -436,6 +442,8 @@ class BlockEngine(Engine):
 
     def noise_statement(self) -> str:
         """Where this simulation's draws came from (a deployed device draws all of them from the OS CSPRNG)."""
+        if self.cfg.integer_noise:
+            return fleet_integer.noise_statement(self.numerics, engine="block engine")
         if self.numerics == FleetNumerics.EXACT:
             return ("block engine, exact numerics: every device's Gaussian share and row subset drawn from the OS "
                     "CSPRNG, as on a device; residual risk: floating-point Gaussian samplers (Mironov, CCS 2012)")

@@ -20,6 +20,15 @@ A round is three calls, each answered for the whole block (the driver keeps the 
 * :meth:`BlockWorker.complete`: each device's complete entry; returns the ledger heads the
   federation ledger's record signs.
 
+Under ``distributed-mechanism = skellam`` (the round's codec an
+:class:`~fed_nessa.federated.skellam_mechanism.IntegerCodec`) the partial sum is the fleet engine's
+(:mod:`fed_nessa.sim.fleet_integer`) over the block: ``exact``: each device's un-noised vector
+encoded as its device encodes it (projection, public-seed rotation, rounding, integer Skellam share
+from its own stream), summed modulo 2^bits (:func:`~fed_nessa.sim.fleet_integer.field_sum`); the
+driver adds the blocks' parts in the field and decodes once. ``fast``: the float64 sum of the
+block's projected vectors without noise; the driver adds ONE draw of the whole sum's Skellam noise
+and rounding error (:func:`~fed_nessa.sim.fleet_integer.fast_sum`), as the fleet engine does.
+
 Noise numbers come from the run's mechanism (:mod:`fed_nessa.federated.mechanism`) only.
 """
 
@@ -30,7 +39,7 @@ import math
 import secrets
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,11 +58,13 @@ from fed_nessa.federated.device import RoundRequest, model_refusal, planned_even
 from fed_nessa.federated.layout import trainable
 from fed_nessa.federated.mechanism import device_subset, local_orders, mechanism_for
 from fed_nessa.federated.noise_plan import NoisePlan
+from fed_nessa.federated.skellam_mechanism import IntegerCodec, RoundCodec
 from fed_nessa.model.training import with_noise_share
 from fed_nessa.privacy.events import DPEvent
 from fed_nessa.privacy.ledger import DEVICE_KEYS, DeviceLedger
 from fed_nessa.privacy.store import LedgerStore
-from fed_nessa.randomness import noise_source
+from fed_nessa.randomness import NoiseSource, noise_source
+from fed_nessa.sim import fleet_integer
 from fed_nessa.sim.fedavg import block_steps, fedavg_block, pad_block
 from fed_nessa.sim.fleet import FEDAVG_BLOCK, device_id
 from fed_nessa.sim.fleet_ledgers import span_event
@@ -119,7 +130,7 @@ class SumRequest:
 
     phase: Phase
     round: int
-    codec: SecAggCodec
+    codec: RoundCodec  # the Gaussian's SecAgg+ codec, or the integer mechanism's field (skellam)
     plan: NoisePlan
     net: nn.Module | None = None  # the global model (DP-SGD rounds)
 
@@ -129,7 +140,7 @@ class PartialSum:
     """A block's one partial sum and the devices in it."""
 
     first: int
-    total: np.ndarray  # exact: int64 modular sum of the payloads; fast: float64 sum with the block's noise
+    total: np.ndarray  # exact: int64 modular sum of the payloads; fast: float64 sum (with the block's Gaussian noise)
     sent: int  # devices in the sum
     failed: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # own range check failed
     arrivals: dict[int, int] = field(default_factory=dict)  # g of the devices in the sum -> how many
@@ -169,6 +180,9 @@ class BlockWorker:
             raise BlockError("the block engine simulates distributed DP (and dp-mode none), not local mode")
         self.spec, self.cfg, self.policy = spec, cfg, policy
         self.population = LazyPopulation(spec.population)
+        models = self.population.world.models
+        #: The devices' own shard dimensions (d_x, d_y): they size the integer mechanism's payload.
+        self.dims = (models[self.population.enroll_model].dim, models[self.population.runtime_model].dim)
         self.mechanism = mechanism_for(cfg)
         self.numerics = FleetNumerics(cfg.fleet_numerics)
         pc = spec.population
@@ -182,9 +196,11 @@ class BlockWorker:
         self._seqs: dict[int, int] = {}  # local index -> seq of its open reservation
         self._accepted = np.zeros(0, np.int64)  # local indices that reserved in the last reserve
         self._g = np.zeros(0, np.int64)  # their policies' g
-        # Each device's ledger history as of its last reserve (absent: never asked, no events).
-        self._history: dict[int, tuple[tuple[DPEvent, ...], float, tuple[int, ...]]] = {}
+        # Each device's ledger history as of its last reserve, as a hashable key (absent: never asked, no
+        # events): (its events' keys, delta, scheduled DP-SGD rounds); the key's events in ``_events``.
+        self._history: dict[int, tuple[Any, float, tuple[int, ...]]] = {}
         self._interned: dict[Any, Any] = {}
+        self._events: dict[Any, tuple[DPEvent, ...]] = {}
         self._scheduled: dict[int, tuple[int, ...]] = {}  # local index -> DP-SGD rounds its span covers
 
     # -- data ------------------------------------------------------------------------------
@@ -216,15 +232,17 @@ class BlockWorker:
         reasons: dict[int, str] = {}
         self._seqs = {}
         span = req.request.phase == Phase.DPSGD
+        request = replace(req.request, dims=self.dims).at_clip(req.request.clip)  # each device sizes by its shard
         with self.store.batch():
             for i in mine.tolist():
                 ledger = self._ledger(i)
                 policy = ledger.policy or self.policy
                 if len(ledger.entries()) == 1:  # a new ledger (its header alone): the server pins its key once
                     pins[i + first] = ledger.key_fingerprint
-                why = (model_refusal(req.request, enroll, runtime)
-                       or policy_refusal(req.request, int(self.n[i]), cfg, policy, ledger))
-                event = None if why else _span(planned_event(req.request, int(self.n[i]), cfg, policy), req.rounds)
+                why = (model_refusal(request, enroll, runtime)
+                       or policy_refusal(request, int(self.n[i]), cfg, policy, ledger))
+                event = None if why else _span(planned_event(request, int(self.n[i]), cfg, policy, self.dims),
+                                               req.rounds)
                 if event is not None:
                     decision = ledger.check_budget(event, cfg.epsilon_budget, cfg.delta)
                     why = None if decision.allowed else decision.reason
@@ -245,15 +263,18 @@ class BlockWorker:
                             _counts(self._g), pins)
 
     def _remember(self, i: int, ledger: DeviceLedger, delta: float) -> None:
-        """Device ``i``'s history as it stands; equal histories share one tuple (memory at 10^5 devices)."""
-        key = (tuple(ledger.events()), delta, self._scheduled.get(i, ()))
+        """Device ``i``'s history as it stands; equal histories share one key and one tuple of events (memory
+        at 10^5 devices)."""
+        events, scheduled = tuple(ledger.events()), self._scheduled.get(i, ())
+        key = (tuple(_event_key(e) for e in events), delta, scheduled)
         self._history[i] = self._interned.setdefault(key, key)
+        self._events.setdefault(key, events)
 
     def histories(self, _request: object = None) -> list[History]:
         """The block's distinct ledger histories (as of each device's last reserve) and how many devices
         hold each; devices never asked hold none. The driver composes each once (the round's epsilon)."""
         counts = Counter(self._history.values())
-        out = [History(events, delta, scheduled, k) for (events, delta, scheduled), k in counts.items()]
+        out = [History(self._events[key], key[1], key[2], k) for key, k in counts.items()]
         unseen = len(self.ids) - len(self._history)
         if unseen:
             out.append(History((), self.policy.delta, (), unseen))
@@ -268,7 +289,7 @@ class BlockWorker:
             for i, seq in self._seqs.items():
                 ledger = self._ledger(i)
                 delta = (ledger.policy or self.policy).delta
-                key = (tuple(tuple(sorted(e.to_dict().items(), key=str)) for e in ledger.events()), delta)
+                key = (tuple(_event_key(e) for e in ledger.events()), delta)
                 if key not in epsilons:
                     epsilons[key] = float(ledger.epsilon(delta))
                 ledger.complete(seq, epsilons[key], status=req.status, received=req.received)
@@ -284,14 +305,16 @@ class BlockWorker:
             raise BlockError("the block engine runs device-level DP-SGD rounds (privacy-unit = device) only")
         if req.phase == Phase.DPSGD and self.cfg.clip_target_quantile > 0:
             raise BlockError("the block engine runs DP-FedAvg at a fixed clip (clip-target-quantile = 0)")
+        if isinstance(req.codec, IntegerCodec):
+            return self._integer_exact(req, req.codec) if self.numerics == FleetNumerics.EXACT else self._fast(req)
         if self.numerics == FleetNumerics.EXACT:
-            return self._exact(req)
+            return self._exact(req, req.codec)
         return self._fast(req)
 
     def _std(self, phase: Phase, plan: NoisePlan, g: int) -> float:
         return self.mechanism.share_std(phase, plan, g)
 
-    def _exact(self, req: SumRequest) -> PartialSum:
+    def _exact(self, req: SumRequest, codec: SecAggCodec) -> PartialSum:
         """Per device: its vector, its share from its own stream, its codec step; summed modulo the field."""
         first = self.spec.first
         g_of = dict(zip(self._accepted.tolist(), self._g.tolist(), strict=True))
@@ -299,28 +322,60 @@ class BlockWorker:
         for chunk in self.chunks():
             lo = chunk.first - first
             local = [i for i in self._accepted.tolist() if lo <= i < lo + chunk.devices]
-            for i, vec in zip(local, self._device_vectors(req, chunk, local), strict=True):
+            streams = self._streams(req.round, local)
+            for i, vec in zip(local, self._device_vectors(req, chunk, local, streams), strict=True):
                 try:
-                    payloads.append(req.codec.encode(vec)[0])
+                    payloads.append(codec.encode(vec)[0])
                     sent_g.append(g_of[i])
                     sent.append(i + first)
                 except SaturationError:
                     failed.append(i + first)
         keys = rounding_keys(self.cfg, req.round, sent)  # the rounding replays only when the noise does
-        total = partial_modular_sum(payloads, req.codec, keys) if payloads else np.zeros(0, np.int64)
+        total = partial_modular_sum(payloads, codec, keys) if payloads else np.zeros(0, np.int64)
         return PartialSum(first, total, len(payloads), np.asarray(failed, np.int64), _counts(np.asarray(sent_g)))
 
-    def _device_vectors(self, req: SumRequest, chunk: DeviceBlock, local: list[int]) -> list[np.ndarray]:
-        """The chunk's devices' noisy vectors, each drawn as its device draws it (fleet engine's order)."""
-        cfg, first, dp = self.cfg, self.spec.first, self.cfg.dp_mode != DPMode.NONE
+    def _integer_exact(self, req: SumRequest, codec: IntegerCodec) -> PartialSum:
+        """``skellam``: the block's devices' field elements, each device's un-noised vector encoded from its own
+        stream (:func:`fed_nessa.sim.fleet_integer.field_sum`, the fleet engine's), summed modulo 2^bits."""
+        first, modulus = self.spec.first, codec.params.modulus
         g_of = dict(zip(self._accepted.tolist(), self._g.tolist(), strict=True))
-        streams = {i: noise_source(cfg.reproducible_noise, cfg.seed, "device", self.ids[i], req.round) for i in local}
+        total: np.ndarray | None = None
+        for chunk in self.chunks():
+            lo = chunk.first - first
+            local = [i for i in self._accepted.tolist() if lo <= i < lo + chunk.devices]
+            streams = self._streams(req.round, local)
+            vectors = self._device_vectors(req, chunk, local, streams, share=False)
+            part = fleet_integer.field_sum(vectors, [streams[i] for i in local], [g_of[i] for i in local], codec)
+            total = part if total is None else np.mod(total + part, modulus)
+        if total is None:
+            return PartialSum(first, np.zeros(0, np.int64), 0)
+        return PartialSum(first, total, len(self._accepted), arrivals=_counts(self._g))
+
+    def _streams(self, round_num: int, local: list[int]) -> dict[int, NoiseSource]:
+        """Each device's own noise stream of the round (the one its device draws from; fleet engine's keys)."""
+        cfg = self.cfg
+        return {i: noise_source(cfg.reproducible_noise, cfg.seed, "device", self.ids[i], round_num) for i in local}
+
+    def _device_vectors(self, req: SumRequest, chunk: DeviceBlock, local: list[int], streams: dict[int, NoiseSource],
+                        share: bool = True) -> list[np.ndarray]:
+        """The chunk's devices' noisy vectors, each drawn as its device draws it (fleet engine's order).
+
+        ``share = False`` (the integer mechanism): each device's vector without its Gaussian share, as its
+        encoder takes it (statistics in float64; a DP-SGD vector as float32, as the device's); what the device
+        draws before its share (its rows) is drawn from ``streams``, which its encoder then continues.
+        """
+        cfg, first = self.cfg, self.spec.first
+        dp = cfg.dp_mode != DPMode.NONE and share
+        g_of = dict(zip(self._accepted.tolist(), self._g.tolist(), strict=True))
         rows = {i: _rows(chunk, i + first) for i in local}
         if req.phase == Phase.SUFFSTATS:
             out = []
             for i in local:
                 vec = (suffstats.device_vector(chunk.x[rows[i]], chunk.y[rows[i]])
                        * self.mechanism.stats_weight(int(self.n[i])))
+                if not share:
+                    out.append(vec)
+                    continue
                 if dp:
                     vec = vec + streams[i].normal(vec.shape, self._std(Phase.SUFFSTATS, req.plan, g_of[i]))
                 out.append(np.asarray(vec, np.float32))
@@ -373,8 +428,11 @@ class BlockWorker:
         return vectors
 
     def _fast(self, req: SumRequest) -> PartialSum:
-        """The block's float64 sum of its devices' vectors plus ONE draw of its summed noise shares."""
+        """The block's float64 sum of its devices' vectors plus ONE draw of its summed noise shares (Gaussian);
+        ``skellam``: without noise, each device's statistics projected as its encoder projects them (the driver
+        draws the whole sum's Skellam noise and rounding error once: the fleet engine's fast numerics)."""
         cfg, first = self.cfg, self.spec.first
+        integer = req.codec if isinstance(req.codec, IntegerCodec) else None
         accepted = set(self._accepted.tolist())
         weights = self.mechanism.stats_weights(self.n)
         total: np.ndarray | None = None
@@ -384,7 +442,11 @@ class BlockWorker:
             if not local:
                 continue
             rows = [_rows(chunk, i + first) for i in local]
-            if req.phase == Phase.SUFFSTATS:
+            if req.phase == Phase.SUFFSTATS and integer is not None:
+                part = fleet_integer.projected_sum(
+                    [suffstats.device_vector(chunk.x[r], chunk.y[r]) * self.mechanism.stats_weight(int(self.n[i]))
+                     for i, r in zip(local, rows, strict=True)], integer)
+            elif req.phase == Phase.SUFFSTATS:
                 idx = np.concatenate(rows)
                 w = None if weights is None else np.repeat(weights[local], [len(r) for r in rows])
                 part = np.zeros(suffstats.vector_size(chunk.x.shape[1], chunk.y.shape[1]))
@@ -406,7 +468,7 @@ class BlockWorker:
             total = part if total is None else total + part
         if total is None:
             return PartialSum(first, np.zeros(0), 0)
-        if cfg.dp_mode != DPMode.NONE:
+        if cfg.dp_mode != DPMode.NONE and integer is None:
             var = self.mechanism.released_variance(req.phase, req.plan, self._g.tolist())
             noise = noise_source(cfg.reproducible_noise, cfg.seed, BLOCK_NOISE, first, req.round)
             total = total + noise.normal(total.shape, math.sqrt(var))
@@ -452,6 +514,13 @@ def _span(event: DPEvent | None, rounds: tuple[int, ...]) -> DPEvent | None:
     if list(rounds) != list(range(rounds[0], rounds[-1] + 1)):
         raise BlockError(f"a span covers consecutive rounds, got {rounds}")
     return span_event(event, rounds[0], rounds[-1], len(rounds))
+
+
+def _event_key(event: DPEvent) -> tuple[Any, ...]:
+    """Every field of ``event`` as a hashable value (a skellam event's parameters, a dict, as sorted pairs):
+    equal keys, equal events."""
+    return tuple(tuple(sorted(v.items())) if isinstance(v, dict) else v
+                 for v in (getattr(event, f.name) for f in fields(event)))
 
 
 def _counts(g: np.ndarray) -> dict[int, int]:
