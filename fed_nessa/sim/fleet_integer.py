@@ -51,7 +51,8 @@ def exact_sum(vectors: Sequence[np.ndarray], streams: Sequence[NoiseSource], gs:
     """The released sum (float32, input units) of the devices' un-noised ``vectors`` (their statistics,
     clipped-gradient sums or clipped updates), each encoded as its device encodes it, from its own stream
     (what the device drew before, its Poisson sample or its rows, already drawn), share sized for its g."""
-    encodings = [skellam_mechanism.encode_device(v, skellam_mechanism.device_params(codec.params, g), stream)
+    encodings = [skellam_mechanism.encode_device(codec.to_encoded(v), skellam_mechanism.device_params(codec.params, g),
+                                                 stream)
                  for v, stream, g in zip(vectors, streams, gs, strict=True)]
     return codec.decode_field(np.stack(encodings), len(encodings))
 
@@ -64,7 +65,7 @@ def fast_sum(cfg: FederationConfig, total: np.ndarray, gs: Sequence[int], r: int
     variance = sum(params.device_variance / g for g in gs)
     rotated = (skellam_share(variance, params.padded_dim, stream).astype(np.float64)
                + stream.normal((params.padded_dim,), math.sqrt(len(gs) / 6.0)))
-    return (np.asarray(total, np.float64) + unrotate(rotated, params) / params.scale).astype(np.float32)
+    return ((codec.to_encoded(total) + unrotate(rotated, params) / params.scale) * codec.unit).astype(np.float32)
 
 
 def noise_statement(numerics: str) -> str:
