@@ -189,3 +189,11 @@ def test_the_clip_moves_toward_the_target_quantile_and_the_run_passes_its_audit(
     edited = audit(run, write=False)
     assert not edited.passed
     assert any("skellam event of round" in f.message and f.device == path.parent.name for f in edited.findings)
+
+
+def test_a_bit_count_noise_that_leaves_the_update_no_budget_is_one_clear_error() -> None:
+    """z_b = 0.01 x 12 / (1/2) = 0.24 < 1.5: under skellam the plan (which a budget-split needs the shards'
+    sizes for) refuses the ``clip-count-noise``, naming it, as the Gaussian's launch check does."""
+    cfg = _cfg(**{"clip-count-noise": 0.01, "num-server-rounds": 3, "linear-start": "none", "aligner": "nessa"})
+    with pytest.raises(ValueError, match="clip-count-noise = 0.01: the adaptive clip's bit noise multiplier"):
+        noise_plan(cfg, 12, (16, 12))

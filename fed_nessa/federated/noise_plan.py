@@ -125,6 +125,11 @@ def noise_plan(cfg: FederationConfig, fleet: int, dims: tuple[int, int] | None =
     rounds = math.ceil(dpsgd_rounds(cfg) * dp_cohort / max(fleet, 1))
     q = mech.plan_sample_rate(fleet, dp_cohort)
     s_sigma, sigma = _split(cfg, q, rounds, fleet, dims)
+    if cfg.integer_noise and rounds and mech.carries_bit(Phase.DPSGD):
+        try:
+            mech.integer_clip(Phase.DPSGD, sigma, fleet)
+        except BitNoiseTooSmallError as exc:  # the Gaussian's launch check, where skellam's plan is first built
+            raise BitNoiseTooSmallError(f"clip-count-noise = {cfg.clip_count_noise:g}: {exc}") from exc
     signal = mech.plan_signal(dp_cohort, q, sigma) if rounds else 0.0
     uses_stats = cfg.linear_start == LinearStart.SUFFSTATS
     choice = AlignerChoice(cfg.aligner)
