@@ -48,7 +48,7 @@ from fed_nessa.data.shards import Shard
 from fed_nessa.federated import skellam_mechanism, suffstats
 from fed_nessa.federated.integer_mechanism import IntegerMechanismParams
 from fed_nessa.federated.layout import build_net, load_flat
-from fed_nessa.federated.mechanism import event_noise_source, mechanism_for
+from fed_nessa.federated.mechanism import BIT_SENSITIVITY, event_noise_source, mechanism_for
 from fed_nessa.federated.noise_plan import NoisePlan, noise_plan
 from fed_nessa.federated.secagg_field import to_flower
 from fed_nessa.privacy.events import (
@@ -170,6 +170,8 @@ def _skellam_event(req: RoundRequest, n: int, cfg: FederationConfig, policy: Dev
     """The integer mechanism's event: a full sum, or at the example level's DP-SGD a Poisson-subsampled one."""
     params = integer_params(req, cfg, policy, dims)
     sigma = _sigma(req, cfg)
+    mech = mechanism_for(cfg)
+    z_bit = mech.bit_noise_multiplier(req.fleet_size) if mech.carries_bit(req.phase) else None
     source = REPRODUCIBLE_WARNING if cfg.reproducible_noise else "rounding and noise from the OS CSPRNG"
     if not skellam_mechanism.sums_examples(cfg):
         rows = "one vector, conditionally rounded"
@@ -177,11 +179,15 @@ def _skellam_event(req: RoundRequest, n: int, cfg: FederationConfig, policy: Dev
         rows = "the sum of the pairs' rows rounded once, coupled bound"
     else:
         rows = "the clipped-gradient sum of a secret Poisson sample rounded once, coupled bound"
+    if z_bit is not None:
+        rows += (f"; the DP-FedAvg delta clipped to the round's public C and the adaptive clip's centred bit "
+                 f"(sensitivity {BIT_SENSITIVITY:g}, count noise multiplier {z_bit:.6g}) as one more coordinate, one "
+                 f"vector of the joint bound at clip_norm (the starting C), rescaled by C / clip_norm")
     q = sample_rate(req, n, cfg) if skellam_mechanism.sums_examples(cfg) and req.phase == Phase.DPSGD else 1.0
     return DPEvent(round=req.round, mechanism=SKELLAM, steps=1, sample_rate=q, noise_multiplier=sigma,
-                   clip_norm=mechanism_for(cfg).sensitivity(req.phase), delta=policy.delta, mode=DISTRIBUTED,
+                   clip_norm=mech.sensitivity(req.phase), delta=policy.delta, mode=DISTRIBUTED,
                    unit=str(cfg.privacy_unit), noise_source=event_noise_source(cfg),
-                   skellam=skellam_mechanism.event_parameters(params, sigma),
+                   skellam=skellam_mechanism.event_parameters(params, sigma, z_bit),
                    note=f"integer Skellam share in SecAgg+'s field ({params.bits} bits, {rows}, randomised Hadamard "
                         f"rotation from the public round seed); share sized for g = {policy.guaranteed_arrivals} "
                         f"arrivals; {source}")
@@ -359,5 +365,10 @@ def _integer_vector(req: RoundRequest, shard: Shard, global_vector: np.ndarray, 
     else:
         net = build_net(cfg, shard.d_x, shard.d_y)
         load_flat(list(net.parameters()), np.asarray(global_vector, np.float32))
-        vector = mech.dpsgd_vector(net, shard, 0.0, noise, sample_rate(req, shard.n, cfg))
+        # adaptive clipping: the delta clipped to the round's C and the bit scaled for it (no Gaussian share: 0),
+        # then in the units of the round's parameters (skellam_mechanism.round_unit)
+        scale = None if req.clip is None else mech.bit_scale(req.clip, _plan(req, cfg))
+        vector = mech.dpsgd_vector(net, shard, 0.0, noise, sample_rate(req, shard.n, cfg), clip=req.clip,
+                                   bit_scale=scale)
+        vector = np.asarray(vector, np.float64) / skellam_mechanism.round_unit(cfg, req.phase, req.clip)
     return to_flower(skellam_mechanism.encode_device(vector, params, noise), params)

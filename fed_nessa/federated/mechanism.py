@@ -58,6 +58,7 @@ from fed_nessa.privacy.events import (
     SKELLAM,
     DPEvent,
 )
+from fed_nessa.privacy.skellam import joint_l2_clip
 from fed_nessa.randomness import REPRODUCIBLE_WARNING, NoiseSource
 
 if TYPE_CHECKING:  # the plan is built from the mechanism's rules (noise_plan imports this module)
@@ -246,6 +247,21 @@ class Mechanism(ABC):
     def bit_scale(self, clip: float, plan: NoisePlan) -> float | None:
         """The public factor an adaptive clip's bit is sent at (None: the round sends no bit; :class:`DeviceLevel`)."""
         return None
+
+    def carries_bit(self, phase: Phase) -> bool:
+        """Whether a ``phase`` round's vector ends with the adaptive clip's scaled bit (one more coordinate)."""
+        return False
+
+    def bit_noise_multiplier(self, fleet: int) -> float | None:
+        """The bit count's noise multiplier ``z_b`` (its noise std over the bit's sensitivity; None: no bit)."""
+        return None
+
+    def integer_clip(self, phase: Phase, sigma: float, fleet: int) -> float:
+        """The L2 bound, at the run's starting clip, of the vector the integer mechanism encodes at noise
+        multiplier ``sigma``: the phase's :meth:`sensitivity`, or with the adaptive clip's bit the update and bit
+        joined (:func:`fed_nessa.privacy.skellam.joint_l2_clip`)."""
+        z_bit = self.bit_noise_multiplier(fleet) if self.carries_bit(phase) else None
+        return self.sensitivity(phase) if z_bit is None else joint_l2_clip(self.sensitivity(phase), sigma, z_bit)
 
 
 class ExampleLevel(Mechanism):
@@ -496,11 +512,18 @@ class DeviceLevel(Mechanism):
         z = self.sigma(Phase.DPSGD, plan)
         if not (self.dp and self.adaptive):
             return z
-        z_bit = self.count_sigma(fleet) / BIT_SENSITIVITY
+        z_bit = self.bit_noise_multiplier(fleet)
+        assert z_bit is not None  # DP with adaptive clipping
         if z_bit <= z:
             raise ValueError(f"clip-count-noise = {self.cfg.clip_count_noise:g}: the bit count's noise multiplier "
                              f"{z_bit:.3g} is <= the round's {z:.3g}, so the bit alone would spend the budget")
         return float((z ** -2 - z_bit ** -2) ** -0.5)
+
+    def carries_bit(self, phase: Phase) -> bool:
+        return phase == Phase.DPSGD and self.dp and self.adaptive
+
+    def bit_noise_multiplier(self, fleet: int) -> float | None:
+        return self.count_sigma(fleet) / BIT_SENSITIVITY if self.dp and self.adaptive else None
 
     def count_share_std(self, g: int, fleet: int) -> float:
         """One device's noise std on its centred bit (0 without DP or without adaptive clipping)."""

@@ -39,6 +39,7 @@ from fed_nessa.federated.integer_mechanism import FieldTooSmallError
 from fed_nessa.federated.mechanism import mechanism_for
 from fed_nessa.federated.skellam_mechanism import calibration_epsilon
 from fed_nessa.privacy.calibration import sigma_for_epsilon, smallest_sigma
+from fed_nessa.privacy.skellam import BitNoiseTooSmallError
 
 
 @dataclass(frozen=True)
@@ -104,9 +105,10 @@ def _integer_sigma(cfg: FederationConfig, epsilon: float, fleet: int, dims: tupl
     def epsilon_at(sigma: float) -> float:
         try:
             return calibration_epsilon(cfg, fleet, dims, [*before, *((p, sigma, q, n) for p, q, n in searched)])
-        except FieldTooSmallError:
-            # more noise than the field holds: above every sigma a round can use, so the search moves down
-            # (a plan that still lands there fails when its round builds the field, with that error)
+        except (FieldTooSmallError, BitNoiseTooSmallError):
+            # more noise than the field holds, or than the adaptive clip's bit count leaves the update: above every
+            # sigma a round can use, so the search moves down (a plan that still lands there fails when its
+            # round builds the field, or at the run's check of the bit's noise, with that error)
             return 0.0
 
     return smallest_sigma(epsilon_at, epsilon, f"the integer mechanism, delta {cfg.delta:g}, {searched}")
@@ -123,6 +125,11 @@ def noise_plan(cfg: FederationConfig, fleet: int, dims: tuple[int, int] | None =
     rounds = math.ceil(dpsgd_rounds(cfg) * dp_cohort / max(fleet, 1))
     q = mech.plan_sample_rate(fleet, dp_cohort)
     s_sigma, sigma = _split(cfg, q, rounds, fleet, dims)
+    if cfg.integer_noise and rounds and mech.carries_bit(Phase.DPSGD):
+        try:
+            mech.integer_clip(Phase.DPSGD, sigma, fleet)
+        except BitNoiseTooSmallError as exc:  # the Gaussian's launch check, where skellam's plan is first built
+            raise BitNoiseTooSmallError(f"clip-count-noise = {cfg.clip_count_noise:g}: {exc}") from exc
     signal = mech.plan_signal(dp_cohort, q, sigma) if rounds else 0.0
     uses_stats = cfg.linear_start == LinearStart.SUFFSTATS
     choice = AlignerChoice(cfg.aligner)

@@ -94,7 +94,7 @@ def run_round(engine: Engine, outputs: RunOutputs, ledger: FederationLedger, pin
     status, note, released = RoundStatus.SKIPPED, start.reason, None
     if start.release:
         codec = round_codec(cfg, phase, plan, (model.d_x, model.d_y), r, promised, len(answers.accepted),
-                            model.payload_bound(phase, plan))
+                            model.payload_bound(phase, plan), clip)
         released = engine.secure_sum(r, phase, answers, request, codec, promised)
         status, note = _release(engine, state, r, phase, released, codec, promised) or (status, note)
     heads = engine.settle(r, phase, answers, released)

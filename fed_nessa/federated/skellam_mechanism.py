@@ -43,7 +43,7 @@ from fed_nessa.federated.layout import build_net, trainable
 from fed_nessa.federated.mechanism import max_sampled, mechanism_for
 from fed_nessa.federated.secagg_field import field_sum_from_flower, flower_settings, to_flower
 from fed_nessa.privacy.accounting import RDP, compute_epsilon
-from fed_nessa.privacy.events import DISTRIBUTED, SKELLAM, DPEvent
+from fed_nessa.privacy.events import DISTRIBUTED, SKELLAM, SKELLAM_BIT_FIELD, DPEvent
 from fed_nessa.privacy.skellam import DEFAULT_BETA
 from fed_nessa.randomness import NoiseSource
 
@@ -77,10 +77,26 @@ def vectors_per_device(cfg: FederationConfig, phase: Phase, sample_rate: float) 
 
 
 def payload_dim(cfg: FederationConfig, phase: Phase, d_x: int, d_y: int) -> int:
-    """Values one device's vector of ``phase`` holds (statistics, or the trainable parameters)."""
+    """Values one device's vector of ``phase`` holds (statistics, or the trainable parameters and, with the
+    adaptive clip, its scaled bit as one more coordinate)."""
     if phase == Phase.SUFFSTATS:
         return suffstats.vector_size(d_x, d_y)
-    return sum(p.numel() for p in trainable(build_net(cfg, d_x, d_y)))
+    bit = 1 if mechanism_for(cfg).carries_bit(phase) else 0
+    return sum(p.numel() for p in trainable(build_net(cfg, d_x, d_y))) + bit
+
+
+def round_unit(cfg: FederationConfig, phase: Phase, clip: float | None) -> float:
+    """Input units per encoded unit in a round at the adaptive clip's ``clip`` (1 at a fixed clip).
+
+    The round's parameters are built at the run's starting clip (``device-clip-norm``): a device divides
+    its vector, the update clipped to ``clip`` and its bit scaled by ``bit_scale(clip)`` (both linear in the
+    clip), by ``clip / device-clip-norm`` before encoding, and the server multiplies the decoded sum back.
+    So the integer mechanism (scale, bounds, noise, field) is the same every round, one event covers a span
+    of rounds, and each round's released noise is still ``z_d x clip`` per coordinate.
+    """
+    if clip is None or not mechanism_for(cfg).carries_bit(phase):
+        return 1.0
+    return clip / cfg.device_clip_norm
 
 
 def round_params(cfg: FederationConfig, phase: Phase, plan: NoisePlan, dim: int, round_num: int,
@@ -105,7 +121,7 @@ def phase_params(cfg: FederationConfig, phase: Phase, sigma: float, sample_rate:
                  round_num: int, promised: int) -> IntegerMechanismParams:
     """:func:`round_params` from the public numbers themselves (what the budget-split calibration varies)."""
     mech = mechanism_for(cfg)
-    whole = build_params(dim, mech.sensitivity(phase), sigma, rotation_seed(cfg.seed, round_num),
+    whole = build_params(dim, mech.integer_clip(phase, sigma, fleet), sigma, rotation_seed(cfg.seed, round_num),
                          1, max(fleet, promised), vectors_per_device(cfg, phase, sample_rate),
                          beta=0.0 if sums_examples(cfg) else DEFAULT_BETA)
     return dataclasses.replace(whole, min_devices=promised)
@@ -119,9 +135,11 @@ def calibration_epsilon(cfg: FederationConfig, fleet: int, dims: tuple[int, int]
     events = []
     for phase, sigma, q, rounds in phases:
         params = phase_params(cfg, phase, sigma, q, fleet, payload_dim(cfg, phase, *dims), 1, 1)
-        events.append(DPEvent(1, SKELLAM, rounds, q, sigma, params.l2_clip, cfg.delta, DISTRIBUTED,
+        mech = mechanism_for(cfg)
+        z_bit = mech.bit_noise_multiplier(fleet) if mech.carries_bit(phase) else None
+        events.append(DPEvent(1, SKELLAM, rounds, q, sigma, mech.sensitivity(phase), cfg.delta, DISTRIBUTED,
                               last_round=rounds, unit=str(cfg.privacy_unit),
-                              skellam=event_parameters(params, sigma)))
+                              skellam=event_parameters(params, sigma, z_bit)))
     return compute_epsilon(events, cfg.delta, RDP, str(cfg.privacy_unit))
 
 
@@ -145,10 +163,16 @@ def released_variance(params: IntegerMechanismParams, sigma: float, arrivals: Se
     return float(sum(central_mu(params, sigma) / g for g in arrivals)) / params.scale ** 2
 
 
-def event_parameters(params: IntegerMechanismParams, sigma: float) -> dict[str, float]:
-    """What the device's :data:`~fed_nessa.privacy.events.SKELLAM` event records (``DPEvent.skellam``)."""
-    return {"scale": params.scale, "bits": params.bits, "l2_bound": params.norm_bound, "l1_bound": params.l1_bound,
-            "mu": central_mu(params, sigma), "dim": params.padded_dim, "beta": params.beta}
+def event_parameters(params: IntegerMechanismParams, sigma: float,
+                     bit_noise_multiplier: float | None = None) -> dict[str, float]:
+    """What the device's :data:`~fed_nessa.privacy.events.SKELLAM` event records (``DPEvent.skellam``), with the
+    adaptive clip's bit count noise multiplier where the vector carries the bit (the audit re-derives the
+    joint bound from it: :func:`fed_nessa.privacy.events.check_skellam_parameters`)."""
+    out = {"scale": params.scale, "bits": params.bits, "l2_bound": params.norm_bound, "l1_bound": params.l1_bound,
+           "mu": central_mu(params, sigma), "dim": params.padded_dim, "beta": params.beta}
+    if bit_noise_multiplier is not None:
+        out[SKELLAM_BIT_FIELD] = bit_noise_multiplier
+    return out
 
 
 def encode_device(vector: np.ndarray, params: IntegerMechanismParams, noise: NoiseSource) -> np.ndarray:
@@ -166,6 +190,13 @@ class IntegerCodec:
     """
 
     params: IntegerMechanismParams
+    #: Input units per encoded unit (:func:`round_unit`): a device's vector is divided by it before encoding,
+    #: the decoded sum multiplied by it.
+    unit: float = 1.0
+
+    def to_encoded(self, vector: np.ndarray) -> np.ndarray:
+        """A device's vector (input units) in the units the round's parameters encode."""
+        return np.asarray(vector, np.float64) / self.unit
 
     def encode(self, field_elements: np.ndarray) -> tuple[np.ndarray, int]:
         """Field elements as the float vector Flower's (exact) quantizer maps back to them; no count coordinate."""
@@ -178,7 +209,7 @@ class IntegerCodec:
     def decode(self, mean_payload: np.ndarray, n_arrived: int) -> tuple[np.ndarray, int]:
         """The decoded SUM (float32, input units) from Flower's mean; WrapAroundError for a refused sum."""
         field = field_sum_from_flower(np.asarray(mean_payload).reshape(-1), n_arrived, self.params)
-        return decode(field, self.params, n_arrived).astype(np.float32), 0
+        return (decode(field, self.params, n_arrived) * self.unit).astype(np.float32), 0
 
     def decode_field(self, encodings: np.ndarray, n_arrived: int) -> np.ndarray:
         """The decoded sum straight from the devices' field elements (a simulator's modular sum)."""
@@ -187,7 +218,7 @@ class IntegerCodec:
     def decode_sum(self, field_sum: np.ndarray, n_arrived: int) -> np.ndarray:
         """The decoded sum (float32, input units) of ``n_arrived`` devices from the modular sum of their field
         elements (what SecAgg+ reveals; a simulator may add it up in parts); WrapAroundError for a refused sum."""
-        return decode(np.asarray(field_sum, np.int64), self.params, n_arrived).astype(np.float32)
+        return (decode(np.asarray(field_sum, np.int64), self.params, n_arrived) * self.unit).astype(np.float32)
 
     def flower_ranges(self) -> tuple[float, int, int]:
         """SecAgg+'s clipping range, quantization range and modulus: the identity on this field."""
@@ -196,7 +227,7 @@ class IntegerCodec:
 
     def device_error_std(self) -> float:
         """A bound on one device's rounding error std per coordinate (input units): 1/2, one rounding per device."""
-        return 0.5 / self.params.scale
+        return 0.5 * self.unit / self.params.scale
 
     def to_config(self) -> dict[str, int]:
         """What the round config states of the field (every device builds the same alone)."""
@@ -208,10 +239,11 @@ RoundCodec = SecAggCodec | IntegerCodec
 
 
 def round_codec(cfg: FederationConfig, phase: Phase, plan: NoisePlan, dims: tuple[int, int], round_num: int,
-                promised: int, cohort: int, payload_bound: float) -> RoundCodec:
-    """The server's codec of a round: the integer field (``skellam``), else the Gaussian's scaled range."""
+                promised: int, cohort: int, payload_bound: float, clip: float | None = None) -> RoundCodec:
+    """The server's codec of a round: the integer field (``skellam``, at the adaptive clip's ``clip`` where the
+    round states one: :func:`round_unit`), else the Gaussian's scaled range."""
     if cfg.integer_noise:
         dim = payload_dim(cfg, phase, *dims)
-        return IntegerCodec(round_params(cfg, phase, plan, dim, round_num, promised))
+        return IntegerCodec(round_params(cfg, phase, plan, dim, round_num, promised), round_unit(cfg, phase, clip))
     return make_codec(payload_bound, cfg.secagg_clipping_range, cfg.secagg_quantization_range, cohort)
 

@@ -43,6 +43,12 @@ FULL_SUMS: tuple[str, ...] = (GAUSSIAN_SUM, SKELLAM)
 #: bits (SecAgg+'s field is Z_2^bits), the L2 and L1 bounds of one rounded contribution, the central
 #: Skellam variance mu per coordinate, the rotation's (padded) dimension.
 SKELLAM_FIELDS: tuple[str, ...] = ("scale", "bits", "l2_bound", "l1_bound", "mu", "dim", "beta")
+#: The one optional skellam field: a device-level DP-FedAvg round with the adaptive clip's bit in its sum records
+#: the bit count's noise multiplier ``z_b`` (noise std over the bit's sensitivity 1/2). The recorded vector is then
+#: the update joined by its scaled bit, of L2 bound :func:`fed_nessa.privacy.skellam.joint_l2_clip` of
+#: ``clip_norm`` (the run's starting clip; ``scale`` is integer units per unit of it, each round's clip rescales
+#: the input so the integer mechanism is the same every round), and the bounds are checked against that.
+SKELLAM_BIT_FIELD = "bit_noise_multiplier"
 
 #: Each device adds the full noise: the guarantee needs no trust in anyone.
 LOCAL = "local"
@@ -232,9 +238,15 @@ def _validate_skellam(ev: DPEvent) -> None:
     if ev.mode != DISTRIBUTED:
         raise EventError(f"a {SKELLAM} event is distributed (shares under SecAgg+), got mode {ev.mode!r}")
     params = ev.skellam
-    if not isinstance(params, dict) or set(params) != set(SKELLAM_FIELDS):
-        raise EventError(f"a {SKELLAM} event records exactly {SKELLAM_FIELDS}, got "
-                         f"{sorted(params) if isinstance(params, dict) else params!r}")
+    if not isinstance(params, dict) or set(params) - {SKELLAM_BIT_FIELD} != set(SKELLAM_FIELDS):
+        raise EventError(f"a {SKELLAM} event records exactly {SKELLAM_FIELDS} (and optionally "
+                         f"{SKELLAM_BIT_FIELD!r}), got {sorted(params) if isinstance(params, dict) else params!r}")
+    if SKELLAM_BIT_FIELD in params:
+        z_bit = params[SKELLAM_BIT_FIELD]
+        if ev.unit != DEVICE or not _is_real(z_bit) or not z_bit > ev.noise_multiplier:
+            raise EventError(f"a {SKELLAM} event's {SKELLAM_BIT_FIELD} (the adaptive clip's bit, device level) must "
+                             f"be a finite number above the event's noise multiplier {ev.noise_multiplier!r}, got "
+                             f"{z_bit!r} at unit {ev.unit!r}")
     bad = [k for k in SKELLAM_FIELDS if not _is_real(params[k]) or (k != "beta" and params[k] <= 0)]
     if bad:
         raise EventError(f"skellam parameter(s) {bad} must be finite numbers > 0 (beta >= 0), got "
@@ -261,17 +273,21 @@ def check_skellam_parameters(ev: DPEvent) -> None:
     """
     if ev.mechanism != SKELLAM or ev.skellam is None:
         return
-    from fed_nessa.privacy.skellam import integer_l1_bound, rounded_l2_norm_bound
+    from fed_nessa.privacy.skellam import integer_l1_bound, joint_l2_clip, rounded_l2_norm_bound
 
     p = ev.skellam
-    l2 = rounded_l2_norm_bound(float(p["scale"]) * ev.clip_norm, float(p["beta"]), int(p["dim"]))
-    mu = (ev.noise_multiplier * float(p["scale"]) * ev.clip_norm) ** 2
+    clip, what = ev.clip_norm, "clip_norm"
+    if SKELLAM_BIT_FIELD in p:  # the update and its adaptive-clip bit, one vector (:func:`joint_l2_clip`)
+        clip = joint_l2_clip(ev.clip_norm, ev.noise_multiplier, float(p[SKELLAM_BIT_FIELD]))
+        what = f"the joint bound of clip_norm and {SKELLAM_BIT_FIELD} {p[SKELLAM_BIT_FIELD]!r}"
+    l2 = rounded_l2_norm_bound(float(p["scale"]) * clip, float(p["beta"]), int(p["dim"]))
+    mu = (ev.noise_multiplier * float(p["scale"]) * clip) ** 2
     problems = []
     if p["l2_bound"] != l2:
-        problems.append(f"l2_bound {p['l2_bound']!r} is not the rounded bound {l2!r} of scale x clip_norm")
+        problems.append(f"l2_bound {p['l2_bound']!r} is not the rounded bound {l2!r} of scale x {what}")
     if p["l1_bound"] != integer_l1_bound(l2, int(p["dim"])):
         problems.append(f"l1_bound {p['l1_bound']!r} is not {integer_l1_bound(l2, int(p['dim']))!r}")
     if abs(p["mu"] - mu) > MU_TOLERANCE * mu:
-        problems.append(f"mu {p['mu']!r} is not (noise_multiplier x scale x clip_norm)^2 = {mu!r}")
+        problems.append(f"mu {p['mu']!r} is not (noise_multiplier x scale x {what})^2 = {mu!r}")
     if problems:
         raise EventError(f"skellam event of round {ev.round}: " + "; ".join(problems))

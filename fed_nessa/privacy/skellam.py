@@ -103,6 +103,27 @@ def integer_l1_bound(l2_bound: float, dim: int) -> float:
     return min(math.sqrt(dim) * l2_bound, l2_bound ** 2)
 
 
+class BitNoiseTooSmallError(ValueError):
+    """The adaptive clip's bit count has no more noise than the round's budget: nothing is left for the update."""
+
+
+def joint_l2_clip(clip: float, noise_multiplier: float, bit_noise_multiplier: float) -> float:
+    """L2 bound of a device's update clipped to ``clip`` joined by its adaptive-clip bit, the bit scaled so
+    both carry one noise std (the vector :func:`fed_nessa.federated.mechanism.DeviceLevel.bit_scale` builds).
+
+    The update's noise multiplier ``z_d`` and the bit count's ``z_b`` (noise std over the bit's sensitivity
+    1/2) make one mechanism of multiplier ``z = (z_d^-2 + z_b^-2)^-1/2`` (Andrew et al. 2021, Thm 1); at the
+    common noise std ``z_d clip`` the joint vector's bound is ``clip z_d / z = clip / sqrt(1 - (z / z_b)^2)``.
+    So one Skellam mechanism of multiplier ``z`` on a vector within this bound is the update and the bit
+    released together, accounted exactly as one event. Raises :class:`BitNoiseTooSmallError` when
+    ``z_b <= z``.
+    """
+    if not bit_noise_multiplier > noise_multiplier > 0:
+        raise BitNoiseTooSmallError(f"the adaptive clip's bit noise multiplier {bit_noise_multiplier:.6g} must exceed "
+                                    f"the round's {noise_multiplier:.6g}, or the bit alone would spend the budget")
+    return clip / math.sqrt(1.0 - (noise_multiplier / bit_noise_multiplier) ** 2)
+
+
 def skellam_rdp(order: int, l2: float, l1: float, variance: float) -> float:
     """RDP at integer ``order`` of Sk(variance) added to an integer query of sensitivities (l2, l1).
 

@@ -47,10 +47,10 @@ def stats_sum(cfg: FederationConfig, numerics: str, shards: Sequence[tuple[np.nd
 def projected_sum(vectors: Sequence[np.ndarray], codec: IntegerCodec) -> np.ndarray:
     """The float64 sum of the devices' un-noised ``vectors``, each projected as its encoder projects it (onto
     the ball of ``vectors_per_device`` clips): the fast numerics' sum before the one draw of noise."""
-    radius = codec.params.vectors_per_device * codec.params.l2_clip
+    radius = codec.params.vectors_per_device * codec.params.l2_clip  # in encoded units (input / codec.unit)
     total = np.zeros(codec.params.dim)
     for v in vectors:
-        total += clip_l2(np.asarray(v, np.float64), radius)
+        total += clip_l2(codec.to_encoded(v), radius) * codec.unit
     return total
 
 
@@ -64,8 +64,8 @@ def field_sum(vectors: Sequence[np.ndarray], streams: Sequence[NoiseSource], gs:
     params = codec.params
     acc = np.zeros(params.padded_dim, np.int64)
     for v, stream, g in zip(vectors, streams, gs, strict=True):
-        acc = np.mod(acc + skellam_mechanism.encode_device(v, skellam_mechanism.device_params(params, g), stream),
-                     params.modulus)
+        share = skellam_mechanism.encode_device(codec.to_encoded(v), skellam_mechanism.device_params(params, g), stream)
+        acc = np.mod(acc + share, params.modulus)
     return acc
 
 
@@ -84,7 +84,7 @@ def fast_sum(cfg: FederationConfig, total: np.ndarray, gs: Sequence[int], r: int
     variance = sum(params.device_variance / g for g in gs)
     rotated = (skellam_share(variance, params.padded_dim, stream).astype(np.float64)
                + stream.normal((params.padded_dim,), math.sqrt(len(gs) / 6.0)))
-    return (np.asarray(total, np.float64) + unrotate(rotated, params) / params.scale).astype(np.float32)
+    return ((codec.to_encoded(total) + unrotate(rotated, params) / params.scale) * codec.unit).astype(np.float32)
 
 
 def noise_statement(numerics: str, engine: str = "fleet engine") -> str:

@@ -453,7 +453,9 @@ def run_engine(cfg: FederationConfig, policy: DevicePolicy, *, engine: str = DEF
     if replace and cfg.resume:
         raise ValueError("--replace and --resume contradict each other: --resume continues the run in the run "
                          "folder, --replace removes it")
-    if cfg.clip_target_quantile > 0:  # the bit's count noise must leave the delta some budget (one clear error)
+    if cfg.clip_target_quantile > 0 and not (cfg.integer_noise and cfg.budget_split > 0):
+        # the bit's count noise must leave the delta some budget (one clear error); a skellam budget-split plan
+        # needs the shards' dimensions, so there noise_plan checks it when the engine builds the plan
         mechanism_for(cfg).vector_sigma(Phase.DPSGD, noise_plan(cfg, cfg.num_devices))
     request = RunRequest(device, quiet, verbose, plant, blocks)
     why = ENGINES[engine].refusal(cfg, policy, request)
