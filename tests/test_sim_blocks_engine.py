@@ -116,17 +116,15 @@ def test_blocks_in_process_equal_the_fleet_engine(tmp_path: Path, update: str,
     assert blocks["engine"]["name"] == ENGINE and fleet["engine"]["name"] == "fleet"
 
 
-@pytest.mark.slow
-def test_two_ray_actors_equal_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                         applied_sums: list[tuple[str, np.ndarray, int]]) -> None:
-    """The issue's test: in-process and 2 Ray actors give identical aggregates, epsilons and ledgers (exact
-    numerics, reproducible noise). Slow: local Ray's start-up."""
+def ray_equals_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                          applied_sums: list[tuple[str, np.ndarray, int]], make_cfg: Any) -> None:
+    """Run ``make_cfg(tmp, name)`` in-process and on 2 local Ray actors: the same sums, runs and ledgers."""
     ray = pytest.importorskip("ray")
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
-    local = _blocks(_cfg(tmp_path, "local"), IN_PROCESS)
+    local = _blocks(make_cfg(tmp_path, "local"), IN_PROCESS)
     by_local, applied_sums[:] = list(applied_sums), []
     try:
-        remote = _blocks(_cfg(tmp_path, "ray"), RAY)
+        remote = _blocks(make_cfg(tmp_path, "ray"), RAY)
     finally:
         ray.shutdown()
     assert len(by_local) == len(applied_sums) == 3
@@ -136,6 +134,14 @@ def test_two_ray_actors_equal_in_process(tmp_path: Path, monkeypatch: pytest.Mon
     _same_runs(local, remote)
     assert _ledgers(str(tmp_path / "local")) == _ledgers(str(tmp_path / "ray"))
     assert _records(str(tmp_path / "local")) == _records(str(tmp_path / "ray"))
+
+
+@pytest.mark.slow
+def test_two_ray_actors_equal_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         applied_sums: list[tuple[str, np.ndarray, int]]) -> None:
+    """The issue's test: in-process and 2 Ray actors give identical aggregates, epsilons and ledgers (exact
+    numerics, reproducible noise). Slow: local Ray's start-up."""
+    ray_equals_in_process(tmp_path, monkeypatch, applied_sums, _cfg)
 
 
 def test_cutting_the_fleet_into_other_blocks_changes_nothing(tmp_path: Path,

@@ -16,7 +16,17 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_sim_blocks_engine import DEVICES, POLICY, _blocks, _cfg, _ledgers, _population, _records, _same_runs
+from test_sim_blocks_engine import (
+    DEVICES,
+    POLICY,
+    _blocks,
+    _cfg,
+    _ledgers,
+    _population,
+    _records,
+    _same_runs,
+    ray_equals_in_process,
+)
 
 from fed_nessa.config import Phase
 from fed_nessa.federated import suffstats
@@ -25,7 +35,7 @@ from fed_nessa.federated.noise_plan import noise_plan
 from fed_nessa.federated.skellam_mechanism import payload_dim, round_params
 from fed_nessa.privacy.audit import audit
 from fed_nessa.privacy.events import SKELLAM
-from fed_nessa.sim.blocks.backends import IN_PROCESS, RAY
+from fed_nessa.sim.blocks.backends import IN_PROCESS
 from fed_nessa.sim.blocks.engine import ENGINE, BlockEngine, lazy_federation, refusal
 from fed_nessa.sim.blocks.worker import BlockError
 from fed_nessa.sim.fleet import FleetEngine
@@ -116,21 +126,7 @@ def test_two_ray_actors_equal_in_process_under_skellam(tmp_path: Path, monkeypat
                                                       applied_sums: list[tuple[str, np.ndarray, int]]) -> None:
     """In-process and 2 Ray actors: the same decoded sums, epsilons and ledgers (the codec and the partial
     field sums cross the process boundary). Slow: local Ray's start-up."""
-    ray = pytest.importorskip("ray")
-    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
-    local = _blocks(_skellam_cfg(tmp_path, "local"), IN_PROCESS)
-    by_local, applied_sums[:] = list(applied_sums), []
-    try:
-        remote = _blocks(_skellam_cfg(tmp_path, "ray"), RAY)
-    finally:
-        ray.shutdown()
-    assert len(by_local) == len(applied_sums) == 3
-    for (pa, a, na), (pb, b, nb) in zip(by_local, applied_sums, strict=True):
-        assert (pa, na) == (pb, nb)
-        np.testing.assert_array_equal(a, b)
-    _same_runs(local, remote)
-    assert _ledgers(str(tmp_path / "local")) == _ledgers(str(tmp_path / "ray"))
-    assert _records(str(tmp_path / "local")) == _records(str(tmp_path / "ray"))
+    ray_equals_in_process(tmp_path, monkeypatch, applied_sums, _skellam_cfg)
 
 
 def test_simulate_engine_blocks_under_skellam_passes_the_audit(tmp_path: Path,

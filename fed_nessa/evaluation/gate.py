@@ -29,8 +29,16 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
+
 from fed_nessa.config import GATE_CONFIDENCE, AlignerChoice, FederationConfig, Phase
-from fed_nessa.evaluation.protocol import ScenarioReport, evaluate_held_out, held_out_trials, summary_row
+from fed_nessa.evaluation.protocol import (
+    ScenarioReport,
+    evaluate_held_out,
+    held_out_trials,
+    matrix_eer,
+    summary_row,
+)
 from fed_nessa.evaluation.speaker_bootstrap import DEFAULT_RESAMPLES, bootstrap_eers, win_rate
 
 if TYPE_CHECKING:
@@ -77,12 +85,19 @@ def _pct(x: float) -> str:
     return f"{100 * x:.2f} %"
 
 
+def _candidate_trials(candidates: Mapping[str, Any], validation: EmbeddingSet,
+                      scenario: Scenario) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Score matrices of not updating and of every candidate on the validation speakers (scored once:
+    the point EERs and the bootstrap both read them)."""
+    trials = held_out_trials(validation, scenario, {ROW[c]: a for c, a in candidates.items()})
+    scores = {KEEP: trials.scores["sym_before"], **{c: trials.scores[f"asym_{ROW[c]}"] for c in candidates}}
+    return scores, trials.test_speaker
+
+
 def validation_eers(candidates: Mapping[str, Any], validation: EmbeddingSet, scenario: Scenario) -> dict[str, float]:
     """EER of not updating and of every aligner candidate on the server's ``validation`` speakers."""
-    report = evaluate_held_out(validation, scenario, {ROW[c]: a for c, a in candidates.items()})
-    out = {KEEP: float(report.row("sym_before").metrics.eer)}
-    out.update({c: float(report.row(f"asym_{ROW[c]}").metrics.eer) for c in candidates})
-    return out
+    scores, test_speaker = _candidate_trials(candidates, validation, scenario)
+    return {c: matrix_eer(m, test_speaker) for c, m in scores.items()}
 
 
 def _best(eers: Mapping[str, float], among: list[str]) -> str:
@@ -142,10 +157,9 @@ def promotion_gate(candidates: Mapping[str, Any], validation: EmbeddingSet | Non
         return GateDecision(KEEP, aligner, eers, f"{pin_note}no server-side validation set: the gate cannot show that "
                                                  "any aligner beats not updating (set ship-without-validation = true "
                                                  "to ship untested)")
-    scores = validation_eers({c: candidates[c] for c in ran}, validation, scenario)
-    trials = held_out_trials(validation, scenario, {ROW[c]: candidates[c] for c in ran})
-    boot = bootstrap_eers({KEEP: trials.scores["sym_before"],
-                           **{c: trials.scores[f"asym_{ROW[c]}"] for c in ran}}, trials.test_speaker, resamples)
+    matrices, test_speaker = _candidate_trials({c: candidates[c] for c in ran}, validation, scenario)
+    scores = {c: matrix_eer(m, test_speaker) for c, m in matrices.items()}
+    boot = bootstrap_eers(matrices, test_speaker, resamples)
     climb = _climb(scores, boot, [pin] if pin else ran, confidence)
     shipped = climb.chosen
     aligner = pin or (shipped if shipped != KEEP else _best(scores, ran))

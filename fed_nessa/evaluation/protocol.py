@@ -630,6 +630,13 @@ class HeldOutTrials:
     test_speaker: np.ndarray  # (n_test,) each test row's own profile column
 
 
+def matrix_eer(scores: np.ndarray, test_speaker: np.ndarray) -> float:
+    """The protocol's EER of one score matrix (rows' own profile in ``test_speaker``)."""
+    target = np.zeros(scores.shape, dtype=bool)
+    target[np.arange(scores.shape[0]), test_speaker] = True
+    return eer(scores.reshape(-1), target.reshape(-1))
+
+
 def held_out_trials(held_out: EmbeddingSet, scenario: Scenario, aligners: Mapping[str, Any],
                     rows: Sequence[str] = ("sym_before",)) -> HeldOutTrials:
     """The trials behind :func:`evaluate_held_out`'s rows ``rows`` plus ``asym_<name>`` per aligner."""
