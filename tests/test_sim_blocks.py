@@ -21,7 +21,7 @@ from fed_nessa.federated.noise_plan import noise_plan
 from fed_nessa.randomness import noise_source
 from fed_nessa.sim.blocks.backends import IN_PROCESS, RAY, RAY_MIN_DEVICES, choose_backend
 from fed_nessa.sim.blocks.engine import block_specs
-from fed_nessa.sim.blocks.worker import BlockError, BlockWorker, ReserveRequest, SumRequest
+from fed_nessa.sim.blocks.worker import BlockWorker, ReserveRequest, SumRequest
 from fed_nessa.sim.fleet import device_id
 from fed_nessa.sim.fleet_numerics import (
     ROUNDING_STREAM,

@@ -401,14 +401,8 @@ class BlockWorker:
         stds = [self._std(Phase.DPSGD, req.plan, g_of[i], req.clip) if dp else 0.0 for i in local]
         if cfg.device_update == DeviceUpdate.FEDAVG:  # the row orders, the share, the bit (fedavg_vector's order)
             orders = [local_orders(streams[i], len(rows[i]), cfg.local_epochs) for i in local]
-            clip, scale = round_clip(self.mechanism, req.plan, req.clip)
-            out: list[np.ndarray] = [np.zeros(0)] * len(local)
-            for part, deltas in self._fedavg(req.net, chunk, [rows[i] for i in local], orders, clip):
-                payloads = device_payloads(deltas, params, clip, scale, [stds[j] for j in part],
-                                           [streams[local[j]] for j in part])
-                for j, vec in zip(part, payloads, strict=True):
-                    out[j] = vec
-            return out
+            return self._fedavg_payloads(req, chunk, [rows[i] for i in local], orders, stds,
+                                         [streams[i] for i in local])
         picked = {i: rows[i][device_subset(streams[i].uniform(len(rows[i])), cfg.device_batch)] for i in local}
         vecs = self._gradients(req.net, chunk, [picked[i] for i in local], per_device=True)
         return [with_noise_share(vecs[j], params, stds[j], streams[i]) for j, i in enumerate(local)]
@@ -440,6 +434,21 @@ class BlockWorker:
             x, y = pad_block([chunk.x[rows[j]] for j in part], [chunk.y[rows[j]] for j in part])
             steps = block_steps([orders[j] for j in part], cfg.local_batch)
             yield part, fedavg_block(net, x.to(on), y.to(on), steps, lr=cfg.local_lr, clip_norm=clip)
+
+    def _fedavg_payloads(self, req: SumRequest, chunk: DeviceBlock, rows: list[np.ndarray],
+                         orders: list[list[np.ndarray]], stds: list[float],
+                         streams: list[NoiseSource]) -> list[np.ndarray]:
+        """Exact numerics: each device's DP-FedAvg payload at the round's clip, in the devices' order
+        (:func:`fed_nessa.sim.fedavg.device_payloads`: the delta's share, then the adaptive clip's bit)."""
+        assert req.net is not None
+        clip, scale = round_clip(self.mechanism, req.plan, req.clip)
+        params = trainable(req.net)
+        out: list[np.ndarray] = [np.zeros(0)] * len(rows)
+        for part, deltas in self._fedavg(req.net, chunk, rows, orders, clip):
+            payloads = device_payloads(deltas, params, clip, scale, [stds[j] for j in part], [streams[j] for j in part])
+            for j, vec in zip(part, payloads, strict=True):
+                out[j] = vec
+        return out
 
     def _fedavg_sum(self, req: SumRequest, chunk: DeviceBlock, rows: list[np.ndarray],
                     orders: list[list[np.ndarray]]) -> np.ndarray:
