@@ -19,6 +19,7 @@ from test_sim_blocks_engine import DEVICES, POLICY, _blocks, _cfg, _ledgers, _po
 from fed_nessa.federated import mechanism as mechanism_module
 from fed_nessa.federated.layout import build_net, trainable
 from fed_nessa.federated.rounds import CLIP_COLUMN
+from fed_nessa.privacy.audit import audit
 from fed_nessa.sim.blocks.backends import IN_PROCESS
 from fed_nessa.sim.blocks.engine import BlockEngine, lazy_federation, refusal
 from fed_nessa.sim.blocks.worker import BlockError
@@ -27,9 +28,10 @@ from fed_nessa.sim.fleet_ledgers import ADAPTIVE_CLIPS
 
 #: DP-FedAvg with the adaptive clip, started among this tiny fleet's update norms (~1e-8 to 2e-8 after the
 #: linear start) so that the first round's bits are mixed and the clip moves (a count noise of 0.5 x 24
-#: devices: z_b = 24, far above the round's 1.5).
+#: devices: z_b = 24, far above the round's 1.5); server Adam with the DP bias correction, as the fleet's test.
 ADAPTIVE = {"device-update": "fedavg", "local-epochs": 2, "local-batch": 3, "local-lr": 0.5,
-            "clip-target-quantile": 0.5, "clip-count-noise": 0.5, "clip-lr": 0.5, "device-clip-norm": 1.5e-8}
+            "clip-target-quantile": 0.5, "clip-count-noise": 0.5, "clip-lr": 0.5, "device-clip-norm": 1.5e-8,
+            "server-optimizer": "adam-bc"}
 MECHANISMS = ["gaussian", "skellam"]
 
 
@@ -123,6 +125,20 @@ def test_fast_numerics_move_the_clip_from_the_blocks_bits(tmp_path: Path, mechan
         assert [phase for phase, _, _ in applied_sums] == ["suffstats", "dpsgd", "dpsgd"]
         clips = _clips(summary)
         assert clips[0] == start and (clips[1] > start if grows else clips[1] < start)
+
+
+@pytest.mark.parametrize("mech", MECHANISMS)
+def test_an_adaptive_block_run_with_secure_noise_passes_its_audit(tmp_path: Path, mech: str) -> None:
+    """Noise from the OS CSPRNG (fast numerics): every round applied, each DP-SGD round's C_t in the summary
+    and the federation ledger, and ``fed-nessa audit`` PASSES the block run folder (the span's clips included)."""
+    cfg = _adaptive(tmp_path, "secure", mech, **{"reproducible-noise": False, "fleet-numerics": "fast"})
+    summary = _blocks(cfg, IN_PROCESS, per_block=10)
+    assert [e["status"] for e in summary["rounds"]] == ["applied"] * 3
+    clips = _clips(summary)
+    assert len(clips) == 2 and clips[0] == ADAPTIVE["device-clip-norm"]
+    assert any(f'"{ADAPTIVE_CLIPS}"' in r for r in _records(cfg.run_dir))
+    result = audit(Path(cfg.run_dir), write=False)
+    assert result.passed, [f.message for f in result.findings if f.severity == "fail"][:3]
 
 
 def test_the_adaptive_clip_is_no_longer_refused_but_what_the_engine_does_not_run_still_is(tmp_path: Path) -> None:
