@@ -21,7 +21,7 @@ from fed_nessa.federated.noise_plan import noise_plan
 from fed_nessa.randomness import noise_source
 from fed_nessa.sim.blocks.backends import IN_PROCESS, RAY, RAY_MIN_DEVICES, choose_backend
 from fed_nessa.sim.blocks.engine import block_specs
-from fed_nessa.sim.blocks.worker import BlockError, BlockWorker, ReserveRequest, SumRequest
+from fed_nessa.sim.blocks.worker import BlockWorker, ReserveRequest, SumRequest
 from fed_nessa.sim.fleet import device_id
 from fed_nessa.sim.fleet_numerics import (
     ROUNDING_STREAM,
@@ -116,10 +116,12 @@ def test_auto_backend_picks_ray_for_large_fleets_or_a_cluster() -> None:
 
 
 # -- what a worker refuses ------------------------------------------------------------------
-def test_a_worker_refuses_the_adaptive_clip(tmp_path: Path) -> None:
+def test_a_worker_refuses_an_adaptive_round_that_states_no_clip(tmp_path: Path) -> None:
+    """The adaptive clip runs (tests/test_sim_blocks_adaptive.py), but only at the C_t the round states:
+    a DP-SGD request of an adaptive run without its clip is refused, naming the setting."""
     cfg = _cfg(tmp_path, "run", **{"device-update": "fedavg", "clip-target-quantile": 0.5})
     worker = BlockWorker(block_specs(_population(), 10, Path(cfg.run_dir))[0], cfg, POLICY)
     plan = noise_plan(cfg, DEVICES)
-    with pytest.raises(BlockError, match="clip-target-quantile"):
+    with pytest.raises(ValueError, match="clip-target-quantile > 0: the DP-SGD round's config states no clip"):
         worker.contribute(SumRequest(Phase.DPSGD, 2, make_codec(1.0, 8.0, 1 << 22, 10), plan, _net(cfg)))
     worker.close()

@@ -544,7 +544,15 @@ class DeviceLevel(Mechanism):
         out = with_noise_share(delta.numpy(), [p for p in net.parameters() if p.requires_grad], delta_std, noise)
         if count_std is None:
             return out
-        return np.append(out, np.float32(clip_bit(norm, clip, count_std, noise) * bit_scale))
+        return with_bit(out, norm, clip, count_std, bit_scale, noise)
+
+
+def with_bit(vector: np.ndarray, norm: float, clip: float, count_std: float, bit_scale: float,
+             noise: NoiseSource) -> np.ndarray:
+    """``vector`` (a device's noised DP-FedAvg delta) and one more float32 coordinate, the adaptive clip's bit
+    ``bit_scale x (1[norm <= clip] - 1/2 + count share)`` (:func:`clip_bit`; the share drawn after the delta's).
+    The one place the payload's bit coordinate is formed: the device, the fleet and the block engines."""
+    return np.append(vector, np.float32(clip_bit(norm, clip, count_std, noise) * bit_scale))
 
 
 def clip_bit(norm: float, clip: float, count_std: float, noise: NoiseSource) -> float:

@@ -7,7 +7,8 @@ each local step gathers every device's minibatch (weight 0 on padding, so a devi
 has fewer steps simply stops moving), and ``vmap(grad(...))`` gives the ``k`` gradients in one
 call. Same row orders in, the same clipped deltas out to float tolerance
 (tests/test_sim_fedavg.py). Noise is not added here: the engine adds the shares, per device
-(exact numerics) or as one draw of their sum (fast numerics).
+(exact numerics, :func:`device_payloads`) or as one draw of their sum (fast numerics, with the adaptive
+clip's :func:`bit_sum`). The fleet and the block engines build their payloads with these functions only.
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from fed_nessa.federated.mechanism import BIT_SENSITIVITY, Mechanism, with_bit
+from fed_nessa.federated.noise_plan import NoisePlan
 from fed_nessa.model.losses import get_loss
-from fed_nessa.model.training import device_clip_factor, local_minibatches
+from fed_nessa.model.training import device_clip_factor, local_minibatches, with_noise_share
+from fed_nessa.randomness import NoiseSource
 
 
 @dataclass(frozen=True)
@@ -99,3 +103,36 @@ def fedavg_block(net: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: BlockS
     norms = torch.linalg.vector_norm(delta.double(), dim=1)
     clipped = delta.double() * device_clip_factor(norms, clip_norm)[:, None]
     return BlockDeltas(clipped.float(), norms.float())
+
+
+def round_clip(mech: Mechanism, plan: NoisePlan, clip: float | None) -> tuple[float, float | None]:
+    """A DP-FedAvg round's clip and the adaptive clip's bit scale: the C_t the round config states (``clip``)
+    and its bit's public factor (:meth:`~fed_nessa.federated.mechanism.Mechanism.bit_scale`), or at a fixed
+    clip ``device-clip-norm`` and no bit. An adaptive run's round that states no clip is refused."""
+    if clip is None:
+        if mech.cfg.clip_target_quantile > 0:
+            raise ValueError("clip-target-quantile > 0: the DP-SGD round's config states no clip (C_t)")
+        return mech.cfg.device_clip_norm, None
+    return clip, mech.bit_scale(clip, plan)
+
+
+def device_payloads(deltas: BlockDeltas, params: Sequence[nn.Parameter], clip: float, scale: float | None,
+                    stds: Sequence[float], streams: Sequence[NoiseSource]) -> list[np.ndarray]:
+    """Each device's DP-FedAvg payload of a block, as its device builds it
+    (:meth:`~fed_nessa.federated.mechanism.DeviceLevel.fedavg_vector`): its clipped delta plus its Gaussian share
+    of std ``stds[j]`` (0: none; the integer mechanism's encoder draws its own share) tensor by tensor, then, with
+    the adaptive clip (``scale``, :func:`round_clip`), its bit with its count share ``std / scale``
+    (:func:`~fed_nessa.federated.mechanism.with_bit`), all from its own stream in that order."""
+    host = deltas.clipped.cpu().numpy().astype(np.float64)
+    norms = deltas.norms.cpu().numpy()
+    out = []
+    for j, (std, stream) in enumerate(zip(stds, streams, strict=True)):
+        vec = with_noise_share(host[j], list(params), std, stream)
+        out.append(vec if scale is None else with_bit(vec, float(norms[j]), clip, std / scale, scale, stream))
+    return out
+
+
+def bit_sum(deltas: BlockDeltas, clip: float) -> float:
+    """Fast numerics: a block's centred adaptive-clip bits ``1[norm <= clip] - 1/2`` summed, without their count
+    shares (those are in the engine's one draw of the summed noise, the bit coordinate's std the delta's)."""
+    return float(((deltas.norms <= clip).double() - BIT_SENSITIVITY).sum())

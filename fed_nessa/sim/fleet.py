@@ -83,7 +83,7 @@ from fed_nessa.federated.device import (
 )
 from fed_nessa.federated.engine import Answers, Ending, Engine, Pins, Released, RunState
 from fed_nessa.federated.layout import trainable
-from fed_nessa.federated.mechanism import BIT_SENSITIVITY, clip_bit, device_subset, local_orders, max_sampled
+from fed_nessa.federated.mechanism import device_subset, local_orders, max_sampled
 from fed_nessa.federated.noise_plan import NoisePlan, noise_plan
 from fed_nessa.federated.protocol import PROMISED_ARRIVALS_KEY
 from fed_nessa.federated.protocol_loop import run_protocol
@@ -91,7 +91,6 @@ from fed_nessa.federated.release import may_unmask
 from fed_nessa.federated.rounds import CLIP_COLUMN, Progress, RunOutputs
 from fed_nessa.federated.server_model import ServerModel
 from fed_nessa.federated.skellam_mechanism import IntegerCodec, RoundCodec
-from fed_nessa.model.training import with_noise_share
 from fed_nessa.privacy.ledger import (
     DeviceLedger,
     FederationLedger,
@@ -99,7 +98,7 @@ from fed_nessa.privacy.ledger import (
 )
 from fed_nessa.randomness import NoiseSource, noise_source
 from fed_nessa.sim import fleet_integer
-from fed_nessa.sim.fedavg import block_steps, fedavg_block
+from fed_nessa.sim.fedavg import bit_sum, block_steps, device_payloads, fedavg_block, round_clip
 from fed_nessa.sim.fleet_epsilon import SpentEpsilon
 from fed_nessa.sim.fleet_ledgers import DeviceBook
 from fed_nessa.sim.fleet_numerics import (
@@ -577,16 +576,12 @@ class FleetEngine(Engine):
             block = fedavg_block(net, fleet.x[gather], fleet.y[gather], steps, lr=cfg.local_lr, clip_norm=clip)
             if self.numerics == FleetNumerics.FAST:
                 total += block.clipped.double().sum(dim=0)
-                bits += float(((block.norms <= clip).double() - BIT_SENSITIVITY).sum())
+                bits += bit_sum(block, clip)
                 continue
-            host = block.clipped.cpu().numpy().astype(np.float64)
-            norms = block.norms.cpu().numpy()
-            for j, i in enumerate(chunk):
-                std = (mech.share_std(Phase.DPSGD, self.plan, book.policies[i].guaranteed_arrivals, clip)
-                       if dp and share else 0.0)
-                vec = with_noise_share(host[j], params, std, streams[i])
-                if scale is not None:  # the device's order: the delta's share, then the bit's (DeviceLevel)
-                    vec = np.append(vec, np.float32(clip_bit(float(norms[j]), clip, std / scale, streams[i]) * scale))
+            stds = [mech.share_std(Phase.DPSGD, self.plan, book.policies[i].guaranteed_arrivals, clip)
+                    if dp and share else 0.0 for i in chunk]
+            payloads = device_payloads(block, params, clip, scale, stds, [streams[i] for i in chunk])
+            for i, vec in zip(chunk, payloads, strict=True):
                 vectors[i] = vec
                 if not share:
                     self._streams[i] = streams[i]
@@ -599,10 +594,7 @@ class FleetEngine(Engine):
     def _round_clip(self) -> tuple[float, float | None]:
         """This DP-SGD round's clip (the adaptive clip's C_t the round config states, else ``device-clip-norm``)
         and the adaptive clip's bit scale (None: no bit)."""
-        clip = self.model.round_clip(Phase.DPSGD)
-        if clip is None:
-            return self.cfg.device_clip_norm, None
-        return clip, self.model.mechanism.bit_scale(clip, self.plan)
+        return round_clip(self.model.mechanism, self.plan, self.model.round_clip(Phase.DPSGD))
 
     def _fedavg_orders(self, arrived: list[int], r: int) -> tuple[dict[int, list[np.ndarray]], dict[int, NoiseSource]]:
         """Each device's ``local-epochs`` row orders (local indices) and, exact numerics, its stream.

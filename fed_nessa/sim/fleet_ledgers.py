@@ -200,7 +200,7 @@ class DeviceBook:
                 fed_ledger.record_span(first, last, sorted(member_ids), refused if n == 0 else [], [],
                                        {**extra, "dropped": {r: d for r, d in gone.items() if d},
                                         **self.sent_extra(list(range(first, last + 1)), pins, span=True),
-                                        **_clips(clips, range(first, last + 1)), LEDGER_HEADS: ending})
+                                        **adaptive_clips(clips, range(first, last + 1)), LEDGER_HEADS: ending})
             if not groups and refused:
                 fed_ledger.record_span(dp_rounds[0], dp_rounds[-1], [], refused, [], extra)
             return
@@ -209,7 +209,7 @@ class DeviceBook:
             lost = set(self.dropped.get(r, []))
             ending = {ids[i]: heads[ids[i]] for i in in_round if book.span_rounds[i][-1] == r and ids[i] in heads}
             fed_ledger.record_round(r, [ids[i] for i in in_round if i not in lost], [], [ids[i] for i in sorted(lost)],
-                                    {**extra, "dropped": {}, **self.sent_extra([r], pins), **_clips(clips, [r]),
+                                    {**extra, "dropped": {}, **self.sent_extra([r], pins), **adaptive_clips(clips, [r]),
                                      LEDGER_HEADS: ending})
 
     def epsilons(self, cfg: FederationConfig, unit: str | None = None) -> dict[str, float]:
@@ -242,7 +242,7 @@ def span_event(one: DPEvent, first: int, last: int, steps: int) -> DPEvent:
                                       "once (counted in full even if the device drops out)"})
 
 
-def _clips(clips: Mapping[int, float] | None, rounds: Iterable[int]) -> dict[str, dict[str, float]]:
+def adaptive_clips(clips: Mapping[int, float] | None, rounds: Iterable[int]) -> dict[str, dict[str, float]]:
     """The federation-ledger field of the adaptive clip's C_t of ``rounds`` (nothing at a fixed clip)."""
     held = {str(r): clips[r] for r in rounds if clips and r in clips}
     return {ADAPTIVE_CLIPS: held} if held else {}

@@ -19,11 +19,18 @@ round and completed after its last, and recorded in the federation ledger as one
 the fleet engine's words (:mod:`fed_nessa.sim.fleet_ledgers`): the device ledgers of a block run
 and a fleet run on the same devices compare line for line (tests/test_sim_blocks_engine.py).
 
+DP-FedAvg's adaptive clip (``clip-target-quantile > 0``, under ``gaussian`` and ``skellam``, both
+numerics) runs as in the fleet engine: the driver states each DP-SGD round's C_t to the blocks as the
+round config states it (``SumRequest.clip``), each block's devices clip their deltas to it and append
+their bits (:func:`fed_nessa.sim.fedavg.device_payloads`, or the fast numerics'
+:func:`~fed_nessa.sim.fedavg.bit_sum`), the blocks' partial sums carry the bit coordinate, and the driver
+decodes once and moves the clip through ``ServerModel.apply`` (the span entry records each round's C_t).
+
 What it does not do, refused before anything is written (:func:`refusal`): drop-outs, cohorts
 smaller than the fleet, a device's min-separation, partial spans (a device whose budget cannot
 take the whole DP-SGD phase declines all of it, where the fleet engine joins it for a prefix),
-the adaptive clip, example-level DP-SGD rounds, local DP, resuming, and any data source but the
-built-in synthetic population.
+example-level DP-SGD rounds, local DP, resuming, and any data source but the built-in synthetic
+population.
 """
 
 from __future__ import annotations
@@ -61,10 +68,10 @@ from fed_nessa.federated.engine import Answers, Ending, Engine, Pins, Released, 
 from fed_nessa.federated.integer_mechanism import modular_sum
 from fed_nessa.federated.mechanism import mechanism_for, public_parameters
 from fed_nessa.federated.noise_plan import NoisePlan, noise_plan
-from fed_nessa.federated.protocol import PROMISED_ARRIVALS_KEY
+from fed_nessa.federated.protocol import PROMISED_ARRIVALS_KEY, request_clip
 from fed_nessa.federated.protocol_loop import run_protocol
 from fed_nessa.federated.release import may_unmask, promised_arrivals
-from fed_nessa.federated.rounds import Progress
+from fed_nessa.federated.rounds import CLIP_COLUMN, Progress
 from fed_nessa.federated.server_model import ServerModel
 from fed_nessa.federated.skellam_mechanism import IntegerCodec, RoundCodec
 from fed_nessa.privacy.accounting import EpsilonMemo, UnitNotCoveredError
@@ -95,6 +102,7 @@ from fed_nessa.sim.blocks.worker import (
 )
 from fed_nessa.sim.fleet import OUTPUTS, device_id, pooled_references
 from fed_nessa.sim.fleet_epsilon import events_up_to
+from fed_nessa.sim.fleet_ledgers import adaptive_clips
 from fed_nessa.sim.fleet_numerics import dequantized_total, fast_rounding
 
 log = logging.getLogger(__name__)
@@ -147,8 +155,6 @@ def refusal(cfg: FederationConfig, policy: DevicePolicy) -> str | None:
         return "clients-per-round: the block engine runs full-participation rounds (clients-per-round = 0)"
     if cfg.dropout_rate > 0:
         return "dropout-rate: the block engine does not simulate drop-outs (dropout-rate must be 0)"
-    if cfg.clip_target_quantile > 0:
-        return "clip-target-quantile: the block engine runs DP-SGD at a fixed clip (clip-target-quantile = 0)"
     if dpsgd_rounds(cfg) > 0 and not mechanism_for(cfg).clips_whole_device:
         return ("privacy-unit = 'example': the block engine runs device-level DP-SGD rounds only "
                 "(privacy-unit = 'device'), or only the statistics rounds (aligner = 'linear')")
@@ -315,7 +321,9 @@ class BlockEngine(Engine):
         """Every block's partial sum, combined (drop-outs are not simulated: every accepted device sends,
         unless it fails its own range check)."""
         net = self.model.net if phase == Phase.DPSGD else None
-        partials: list[PartialSum] = self._call("contribute", SumRequest(phase, r, codec, self.plan, net))
+        # the adaptive clip's C_t travels as the round config states it: each block clips and sends its bit by it
+        partials: list[PartialSum] = self._call("contribute", SumRequest(phase, r, codec, self.plan, net,
+                                                                         request_clip(request)))
         out = combine(partials, codec, self.numerics, self.cfg, r)
         if out.failed:
             log.warning("round %d: %d device(s) failed their own range check and sent nothing", r, len(out.failed))
@@ -388,9 +396,11 @@ class BlockEngine(Engine):
         extra: dict[str, Any] = {"phase": str(Phase.DPSGD), "engine": ENGINE, "dropped": {}, "decline_reasons": reasons,
                  PUBLIC_PARAMETERS: public_parameters(Phase.DPSGD, self.cfg, self.plan)}
         if joined:
+            clips = {int(e["round"]): float(e[CLIP_COLUMN]) for e in self.state.history if CLIP_COLUMN in e}
             extra.update({"models": {str(r): list(self._sent[r]) for r in rounds}, "model_chain_scheme": CHAIN_SCHEME,
                           "model_chain": received_chain((r, *self._sent[r]) for r in rounds),
-                          "device_key_fingerprints": pins.flush(), LEDGER_HEADS: heads})
+                          "device_key_fingerprints": pins.flush(), **adaptive_clips(clips, rounds),
+                          LEDGER_HEADS: heads})
         ledger.record_span(rounds[0], rounds[-1], joined, sorted(declined), [], extra)
 
     # -- helpers ---------------------------------------------------------------------------

@@ -29,6 +29,12 @@ driver adds the blocks' parts in the field and decodes once. ``fast``: the float
 block's projected vectors without noise; the driver adds ONE draw of the whole sum's Skellam noise
 and rounding error (:func:`~fed_nessa.sim.fleet_integer.fast_sum`), as the fleet engine does.
 
+DP-FedAvg's adaptive clip (``clip-target-quantile > 0``): the request states the round's C_t
+(``SumRequest.clip``, from the round config); each device's delta is clipped to it and its centred bit
+appended as the fleet engine appends it (:func:`~fed_nessa.sim.fedavg.device_payloads`: the delta's share,
+then the bit's, from the device's own stream; fast numerics: :func:`~fed_nessa.sim.fedavg.bit_sum`, its
+shares in the block's one draw), so the partial sum carries the bit coordinate the driver decodes.
+
 Noise numbers come from the run's mechanism (:mod:`fed_nessa.federated.mechanism`) only.
 """
 
@@ -65,7 +71,15 @@ from fed_nessa.privacy.ledger import DEVICE_KEYS, DeviceLedger
 from fed_nessa.privacy.store import LedgerStore
 from fed_nessa.randomness import NoiseSource, noise_source
 from fed_nessa.sim import fleet_integer
-from fed_nessa.sim.fedavg import block_steps, fedavg_block, pad_block
+from fed_nessa.sim.fedavg import (
+    BlockDeltas,
+    bit_sum,
+    block_steps,
+    device_payloads,
+    fedavg_block,
+    pad_block,
+    round_clip,
+)
 from fed_nessa.sim.fleet import FEDAVG_BLOCK, device_id
 from fed_nessa.sim.fleet_ledgers import span_event
 from fed_nessa.sim.fleet_numerics import UNIFORMS_STREAM, partial_modular_sum, rounding_keys
@@ -133,6 +147,7 @@ class SumRequest:
     codec: RoundCodec  # the Gaussian's SecAgg+ codec, or the integer mechanism's field (skellam)
     plan: NoisePlan
     net: nn.Module | None = None  # the global model (DP-SGD rounds)
+    clip: float | None = None  # the round's adaptive clip C_t as its round config states it (None: a fixed clip)
 
 
 @dataclass(frozen=True)
@@ -303,16 +318,17 @@ class BlockWorker:
         """The block's one partial sum over the devices of the last reserve (see the module doc)."""
         if req.phase == Phase.DPSGD and not self.mechanism.clips_whole_device:
             raise BlockError("the block engine runs device-level DP-SGD rounds (privacy-unit = device) only")
-        if req.phase == Phase.DPSGD and self.cfg.clip_target_quantile > 0:
-            raise BlockError("the block engine runs DP-FedAvg at a fixed clip (clip-target-quantile = 0)")
+        if req.phase == Phase.DPSGD:
+            round_clip(self.mechanism, req.plan, req.clip)  # an adaptive run's round states its C_t, or is refused
         if isinstance(req.codec, IntegerCodec):
             return self._integer_exact(req, req.codec) if self.numerics == FleetNumerics.EXACT else self._fast(req)
         if self.numerics == FleetNumerics.EXACT:
             return self._exact(req, req.codec)
         return self._fast(req)
 
-    def _std(self, phase: Phase, plan: NoisePlan, g: int) -> float:
-        return self.mechanism.share_std(phase, plan, g)
+    def _std(self, phase: Phase, plan: NoisePlan, g: int, clip: float | None = None) -> float:
+        """A device's noise share (``clip``: the round's adaptive C_t, as its round config states it)."""
+        return self.mechanism.share_std(phase, plan, g, clip)
 
     def _exact(self, req: SumRequest, codec: SecAggCodec) -> PartialSum:
         """Per device: its vector, its share from its own stream, its codec step; summed modulo the field."""
@@ -381,15 +397,15 @@ class BlockWorker:
                 out.append(np.asarray(vec, np.float32))
             return out
         assert req.net is not None
-        if cfg.device_update == DeviceUpdate.FEDAVG:  # the row orders first, then the share (fedavg_vector's order)
-            orders = [local_orders(streams[i], len(rows[i]), cfg.local_epochs) for i in local]
-            vecs = self._fedavg(req.net, chunk, [rows[i] for i in local], orders, per_device=True)
-        else:
-            picked = {i: rows[i][device_subset(streams[i].uniform(len(rows[i])), cfg.device_batch)] for i in local}
-            vecs = self._gradients(req.net, chunk, [picked[i] for i in local], per_device=True)
         params = trainable(req.net)
-        return [with_noise_share(vecs[j], params, self._std(Phase.DPSGD, req.plan, g_of[i]) if dp else 0.0,
-                                 streams[i]) for j, i in enumerate(local)]
+        stds = [self._std(Phase.DPSGD, req.plan, g_of[i], req.clip) if dp else 0.0 for i in local]
+        if cfg.device_update == DeviceUpdate.FEDAVG:  # the row orders, the share, the bit (fedavg_vector's order)
+            orders = [local_orders(streams[i], len(rows[i]), cfg.local_epochs) for i in local]
+            return self._fedavg_payloads(req, chunk, [rows[i] for i in local], orders, stds,
+                                         [streams[i] for i in local])
+        picked = {i: rows[i][device_subset(streams[i].uniform(len(rows[i])), cfg.device_batch)] for i in local}
+        vecs = self._gradients(req.net, chunk, [picked[i] for i in local], per_device=True)
+        return [with_noise_share(vecs[j], params, stds[j], streams[i]) for j, i in enumerate(local)]
 
     def _gradients(self, net: nn.Module, chunk: DeviceBlock, rows: list[np.ndarray], per_device: bool) -> np.ndarray:
         """Each device's mean gradient over ``rows`` clipped as one vector (per device, or their sum)."""
@@ -405,27 +421,50 @@ class BlockWorker:
         return out.cpu().numpy().astype(np.float64)
 
     def _fedavg(self, net: nn.Module, chunk: DeviceBlock, rows: list[np.ndarray], orders: list[list[np.ndarray]],
-                per_device: bool) -> np.ndarray:
-        """Each device's clipped DP-FedAvg delta (:func:`fed_nessa.sim.fedavg.fedavg_block`, :data:`FEDAVG_BLOCK`
-        devices per vectorised pass; clipped with or without DP, as on the device), per device or summed."""
+                clip: float) -> Iterator[tuple[list[int], BlockDeltas]]:
+        """The devices' DP-FedAvg deltas clipped to the round's ``clip`` and their norms
+        (:func:`fed_nessa.sim.fedavg.fedavg_block`, clipped with or without DP, as on the device), :data:`FEDAVG_BLOCK`
+        devices per vectorised pass: each pass's positions in ``rows`` and its deltas (similar sizes together)."""
         cfg, on = self.cfg, torch.device(self.spec.device)
         if on.type != "cpu":
             net = copy.deepcopy(net).to(on)
         by_size = np.argsort([len(r) for r in rows], kind="stable")  # similar sizes together: little padding
-        out = []
         for s in range(0, len(rows), FEDAVG_BLOCK):
             part = by_size[s:s + FEDAVG_BLOCK].tolist()
             x, y = pad_block([chunk.x[rows[j]] for j in part], [chunk.y[rows[j]] for j in part])
             steps = block_steps([orders[j] for j in part], cfg.local_batch)
-            clipped = fedavg_block(net, x.to(on), y.to(on), steps, lr=cfg.local_lr,
-                                   clip_norm=cfg.device_clip_norm).clipped.double()
-            out.append(clipped if per_device else clipped.sum(dim=0, keepdim=True))
-        total = torch.cat(out).cpu().numpy()
-        if not per_device:
-            return total.sum(axis=0)
-        vectors = np.empty_like(total)
-        vectors[by_size] = total  # back in the devices' order
-        return vectors
+            yield part, fedavg_block(net, x.to(on), y.to(on), steps, lr=cfg.local_lr, clip_norm=clip)
+
+    def _fedavg_payloads(self, req: SumRequest, chunk: DeviceBlock, rows: list[np.ndarray],
+                         orders: list[list[np.ndarray]], stds: list[float],
+                         streams: list[NoiseSource]) -> list[np.ndarray]:
+        """Exact numerics: each device's DP-FedAvg payload at the round's clip, in the devices' order
+        (:func:`fed_nessa.sim.fedavg.device_payloads`: the delta's share, then the adaptive clip's bit)."""
+        assert req.net is not None
+        clip, scale = round_clip(self.mechanism, req.plan, req.clip)
+        params = trainable(req.net)
+        out: list[np.ndarray] = [np.zeros(0)] * len(rows)
+        for part, deltas in self._fedavg(req.net, chunk, rows, orders, clip):
+            payloads = device_payloads(deltas, params, clip, scale, [stds[j] for j in part], [streams[j] for j in part])
+            for j, vec in zip(part, payloads, strict=True):
+                out[j] = vec
+        return out
+
+    def _fedavg_sum(self, req: SumRequest, chunk: DeviceBlock, rows: list[np.ndarray],
+                    orders: list[list[np.ndarray]]) -> np.ndarray:
+        """Fast numerics: the chunk's clipped deltas summed (float64) and, with the adaptive clip, its centred
+        bits summed and scaled as one more coordinate (:func:`fed_nessa.sim.fedavg.bit_sum`; the fleet engine's)."""
+        assert req.net is not None
+        clip, scale = round_clip(self.mechanism, req.plan, req.clip)
+        total: torch.Tensor | None = None
+        bits = 0.0
+        for _part, deltas in self._fedavg(req.net, chunk, rows, orders, clip):
+            part_sum = deltas.clipped.double().sum(dim=0).cpu()
+            total = part_sum if total is None else total + part_sum
+            bits += bit_sum(deltas, clip)
+        assert total is not None
+        out = total.numpy()
+        return out if scale is None else np.append(out, bits * scale)
 
     def _fast(self, req: SumRequest) -> PartialSum:
         """The block's float64 sum of its devices' vectors plus ONE draw of its summed noise shares (Gaussian);
@@ -460,7 +499,7 @@ class BlockWorker:
                     keys = self._uniforms(req.round, chunk.first, int(at[-1]) * cfg.local_epochs)
                     keys = keys.reshape(cfg.local_epochs, -1)
                     orders = [[np.argsort(k[a:b], kind="stable") for k in keys] for a, b in zip(at[:-1], at[1:])]
-                    part = self._fedavg(req.net, chunk, rows, orders, per_device=False)
+                    part = self._fedavg_sum(req, chunk, rows, orders)
                 else:
                     keys = self._uniforms(req.round, chunk.first, int(at[-1]))
                     picked = [r[device_subset(keys[a:b], cfg.device_batch)] for r, a, b in zip(rows, at[:-1], at[1:])]
@@ -469,7 +508,7 @@ class BlockWorker:
         if total is None:
             return PartialSum(first, np.zeros(0), 0)
         if cfg.dp_mode != DPMode.NONE and integer is None:
-            var = self.mechanism.released_variance(req.phase, req.plan, self._g.tolist())
+            var = self.mechanism.released_variance(req.phase, req.plan, self._g.tolist(), req.clip)
             noise = noise_source(cfg.reproducible_noise, cfg.seed, BLOCK_NOISE, first, req.round)
             total = total + noise.normal(total.shape, math.sqrt(var))
         return PartialSum(first, np.asarray(total, np.float64), len(self._accepted), arrivals=_counts(self._g))
