@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from fed_nessa.config import Phase
-from fed_nessa.federated.rounds import CLIP_COLUMN
+from fed_nessa.federated.rounds import CLIP_COLUMN, FIELD_BITS_COLUMN
 
 Value = int | float | str | bool | None
 
@@ -89,7 +89,8 @@ def _engine(summary: dict[str, Any]) -> str:
 # lacks is an empty cell).
 CONFIG_KEYS: tuple[tuple[str, type], ...] = (
     ("data-source", str), ("enroll-model", str), ("runtime-model", str), ("num-devices", int),
-    ("clients-per-round", int), ("privacy-unit", str), ("dp-mode", str), ("aligner", str), ("linear-start", str),
+    ("clients-per-round", int), ("privacy-unit", str), ("dp-mode", str), ("distributed-mechanism", str),
+    ("aligner", str), ("linear-start", str),
     ("epsilon-budget", float), ("budget-split", float), ("suffstats-noise-multiplier", float),
     ("noise-multiplier", float), ("suffstats-rounds", int), ("num-server-rounds", int), ("sample-rate", float),
     ("batch-size", int), ("device-batch", int), ("lr", float), ("server-lr", float), ("server-optimizer", str),
@@ -142,6 +143,8 @@ COLUMNS: tuple[Column, ...] = (
     Column("peak_rss_mib", float, _at("engine", "peak_rss_mib")),
     # adaptive clipping: the clip the last round's config stated (the adaptive clip's C_t; empty at a fixed clip)
     Column("last_round_clip", float, lambda s: _rounds_of(s)[-1].get(CLIP_COLUMN) if _rounds_of(s) else None),
+    Column("field_bits_max", int, lambda s: max((r[FIELD_BITS_COLUMN] for r in _rounds_of(s) if FIELD_BITS_COLUMN in r),
+                                                default=None)),
 )
 # One evaluated round of a run (rounds without an evaluation are summarised in the run's row).
 ROUND_COLUMNS: tuple[Column, ...] = (
@@ -150,7 +153,7 @@ ROUND_COLUMNS: tuple[Column, ...] = (
         ("round", int), ("phase", str), ("status", str), ("eer", float), ("min_dcf", float), ("sid_top1", float),
         ("gap_closure", float), ("participants", int), ("declined", int), ("failed", int), ("sampled", int),
         ("saturated", int), ("epsilon_max", float), ("epsilon_median", float), ("seconds", float),
-        (CLIP_COLUMN, float))),
+        (CLIP_COLUMN, float), (FIELD_BITS_COLUMN, int))),
 )
 
 

@@ -244,7 +244,9 @@ def _resign_federation(run: Path, drop_device: str) -> None:
 
 
 def test_a_device_ledger_resigned_at_another_sigma_fails(tmp_path: Path) -> None:
-    run = _secure_fleet(tmp_path)
+    """The Gaussian event carries sigma alone, so the server's signed parameters are what catch the forgery (a
+    skellam event's mu would no longer match its sigma: tests/test_skellam_round.py)."""
+    run = _secure_fleet(tmp_path, **{"distributed-mechanism": "gaussian"})
     _resign_device(run, "device-00005", 20.0)
     result = audit(run, write=False)
     mismatch = [f for f in result.failures if f.check == "params.mismatch"]
@@ -291,7 +293,7 @@ def test_the_servers_public_parameters_are_what_every_device_spends(over: dict[s
     from fed_nessa.privacy.events import PUBLIC_FIELDS
 
     cfg = from_run_config({"num-devices": 20, "min-arrivals": 8, "clients-per-round": 10, "secagg-num-shares": 5,
-                           "secagg-reconstruction-threshold": 3, **over})
+                           "secagg-reconstruction-threshold": 3, "distributed-mechanism": "gaussian", **over})
     params = public_parameters(Phase(phase), cfg, noise_plan(cfg, 20))
     assert params is not None and set(params) == set(PUBLIC_FIELDS)
     for n in (7, 30, 400):

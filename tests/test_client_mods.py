@@ -32,8 +32,10 @@ def _message(secagg: bool, kind: str = "train") -> Message:
     return Message(RecordDict(records), 1001, kind)
 
 
-def _context() -> Context:
-    return Context(run_id=1, node_id=1001, node_config={}, state=RecordDict(), run_config={})
+def _context(mechanism: str = "gaussian") -> Context:
+    """A node's context; its run config picks Flower's mod (``gaussian``) or the exact one (``skellam``)."""
+    return Context(run_id=1, node_id=1001, node_config={}, state=RecordDict(),
+                   run_config={"distributed-mechanism": mechanism})
 
 
 def test_a_message_is_secagg_only_with_the_secaggplus_record() -> None:
@@ -58,6 +60,24 @@ def test_only_secagg_messages_reach_secaggplus_mod(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(mods, "secaggplus_mod", fake_secaggplus)
     assert mods.secagg_only_mod(_message(secagg), _context(), call_next) is answer
     assert seen == (["secaggplus_mod"] if secagg else ["handler"])
+
+
+def test_the_default_mechanism_takes_the_exact_mod(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under the default (skellam) a SecAgg+ message goes to the exact mod, never to Flower's quantizer."""
+    seen: list[str] = []
+
+    def record(name: str) -> Any:
+        def mod(msg: Message, context: Context, call_next: Any) -> Message:
+            seen.append(name)
+            return msg
+        return mod
+
+    monkeypatch.setattr(mods, "secaggplus_mod", record("flower"))
+    monkeypatch.setattr(mods, "exact_secaggplus_mod", record("exact"))
+    empty = Context(run_id=1, node_id=1001, node_config={}, state=RecordDict(), run_config={})
+    mods.secagg_only_mod(_message(True), empty, lambda m, c: m)
+    mods.secagg_only_mod(_message(True), _context("gaussian"), lambda m, c: m)
+    assert seen == ["exact", "flower"]
 
 
 def test_a_train_message_outside_secagg_is_refused_before_any_device_code() -> None:

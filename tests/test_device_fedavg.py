@@ -32,6 +32,7 @@ D_X, D_Y = 24, 16
 
 def _cfg(**extra: object) -> FederationConfig:
     base: dict[str, object] = {"privacy-unit": "device", "device-update": "fedavg", "num-devices": 100,
+                               "distributed-mechanism": "gaussian",  # the Gaussian share (skellam: test_skellam_*)
                                "delta": 1e-3, "min-arrivals": 2, "linear-start": "none", "hidden": 8,
                                "local-epochs": 2, "local-batch": 3, "local-lr": 0.5}
     base.update(extra)
@@ -318,7 +319,7 @@ def _engine_cfg(tmp: Path, name: str, **over: object) -> FederationConfig:
             "delta": 1e-5, "num-server-rounds": 4, "linear-start": "suffstats", "aligner": "nessa",
             "clip-target-quantile": 0.5, "clip-count-noise": 0.5, "noise-multiplier": 2.0,
             "suffstats-noise-multiplier": 2.0, "hidden": 8, "eval-speakers": 20, "validation-speakers": 20,
-            "references": False, "run-dir": str(tmp / name)}
+            "references": False, "run-dir": str(tmp / name), "distributed-mechanism": "gaussian"}
     base.update(over)
     return from_run_config(base)
 

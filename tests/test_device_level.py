@@ -152,6 +152,7 @@ def test_participation_limits_are_enforced_by_the_device(tmp_path: Path) -> None
     policy = DevicePolicy(privacy_unit="device", guaranteed_arrivals=8, max_participations=3, min_separation=2,
                           epsilon_budget=50.0, min_noise_multiplier=0.2, min_suffstats_noise_multiplier=0.2)
     cfg = from_run_config({"privacy-unit": "device", "num-devices": 20, "min-arrivals": 8, "noise-multiplier": 3.0,
+                           "distributed-mechanism": "gaussian",  # planned without a shard's dimensions
                            "epsilon-budget": 50.0, "num-server-rounds": 10, "linear-start": "none"})
     ledger = DeviceLedger.open(tmp_path / "dev", "dev", policy=policy, key_folder=tmp_path / "keys")
     joined, reasons = [], []
@@ -196,7 +197,7 @@ def _fleet_cfg(tmp: Path, name: str, **over: Any) -> FederationConfig:
             "secagg-reconstruction-threshold": 3, "privacy-unit": "device", "suffstats-noise-multiplier": 2.0,
             "noise-multiplier": 3.0, "aligner": "nessa", "eval-speakers": 20, "validation-speakers": 20,
             "hidden": 8, "device-batch": 4, "device-stats-pairs": 20, "references": False,
-            "run-dir": str(tmp / name)}
+            "run-dir": str(tmp / name), "distributed-mechanism": "gaussian"}  # the closed-form Gaussian's audit
     base.update(over)
     return from_run_config(base)
 

@@ -34,9 +34,10 @@ from fed_nessa.model.training import noisy_gradient_sum
 from fed_nessa.privacy.ledger import DeviceLedger
 from fed_nessa.randomness import REPRODUCIBLE_WARNING, ReproducibleNoise
 
-# The real, validated config with small test-sized values.
+# The real, validated config with small test-sized values; the continuous Gaussian share (its own maths:
+# calibration, payload bounds; the integer mechanism's are tests/test_skellam_*.py).
 _TEST_DEFAULTS = dict(num_server_rounds=3, batch_size=8, lr=0.01, server_lr=1.0, noise_multiplier=1.0,
-                      min_arrivals=4, hidden=8, depth=1, dp_mode=DPMode.DISTRIBUTED,
+                      min_arrivals=4, hidden=8, depth=1, dp_mode=DPMode.DISTRIBUTED, distributed_mechanism="gaussian",
                       linear_start=LinearStart.SUFFSTATS)
 #: A device whose policy matches the test config: g = 4 = min-arrivals, a roomy budget.
 POLICY = DevicePolicy(epsilon_budget=8.0, guaranteed_arrivals=4)

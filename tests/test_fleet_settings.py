@@ -37,7 +37,9 @@ def test_the_rule_at_10k_devices_and_epsilon_3_is_the_tuned_schedule() -> None:
     assert s.run == {"secagg-quantization-range": 2**18, "sample-rate": pytest.approx(0.04),
                      "budget-split": pytest.approx(gaussian_epsilon(STATS_SIGMA, 1e-5) / 3.0),
                      "num-server-rounds": 1 + DPSGD_ROUNDS, "server-lr": SERVER_LR}
-    cfg = from_run_config({"num-devices": 10_000, "epsilon-budget": 3.0, "aligner": "nessa", **s.run})
+    # the rule's sigma is the Gaussian accountant's; under skellam the plan calibrates against its own epsilon
+    cfg = from_run_config({"num-devices": 10_000, "epsilon-budget": 3.0, "aligner": "nessa", **s.run,
+                           "distributed-mechanism": "gaussian"})
     assert noise_plan(cfg, 10_000).suffstats_sigma == pytest.approx(STATS_SIGMA, rel=1e-3)
     assert s.device == {"guaranteed-arrivals": 8000, "min-noise-multiplier": DEVICE_MIN_NOISE,
                         "min-suffstats-noise-multiplier": DEVICE_MIN_NOISE, "epsilon-budget": 3.0, "delta": 1e-5,
@@ -50,7 +52,7 @@ def test_under_the_rule_aligner_auto_tries_dp_nessa_only_where_the_tuning_popula
         devices: int, epsilon: float, tries_nessa: bool) -> None:
     """The threshold lies between the tuning evidence's losses (<= 8.6k) and wins (>= 17.6k)."""
     given = {"num-devices": devices, "epsilon-budget": epsilon}
-    plan = noise_plan(from_run_config({**given, **derive(given, {}).run}), devices)
+    plan = noise_plan(from_run_config({**given, **derive(given, {}).run, "distributed-mechanism": "gaussian"}), devices)
     assert (plan.aligner == "nessa") is tries_nessa and (plan.dpsgd_rounds_per_device > 0) is tries_nessa
 
 

@@ -22,6 +22,7 @@ from fed_nessa.federated.device import RoundRequest, integer_params
 from fed_nessa.federated.integer_mechanism import WrapAroundError, centred, encode_rounded, modular_sum
 from fed_nessa.federated.mechanism import mechanism_for
 from fed_nessa.federated.noise_plan import noise_plan
+from fed_nessa.federated.rounds import FIELD_BITS_COLUMN
 from fed_nessa.federated.server_model import ServerModel
 from fed_nessa.privacy.accounting import MechanismNotCoveredError, compute_epsilon
 from fed_nessa.privacy.events import SKELLAM, DPEvent, EventError
@@ -145,13 +146,17 @@ def test_skellam_costs_epsilon_only_for_the_rounding_and_the_discretisation() ->
 
 # -- config and engines -----------------------------------------------------------------------
 
-@pytest.mark.parametrize(("extra", "fragment"), [
-    ({"dp-mode": "local"}, "is the noise of dp-mode 'distributed'"),
-    ({"distributed-mechanism": "discrete-gaussian"}, "allowed values gaussian, skellam"),
-])
-def test_what_skellam_does_not_run_is_one_clear_error(extra: dict[str, Any], fragment: str) -> None:
-    with pytest.raises(ConfigError, match=fragment):
-        from_run_config({"distributed-mechanism": "skellam", **extra})
+def test_an_unknown_mechanism_is_one_clear_error() -> None:
+    with pytest.raises(ConfigError, match="allowed values gaussian, skellam"):
+        from_run_config({"distributed-mechanism": "discrete-gaussian"})
+
+
+@pytest.mark.parametrize(("mode", "noise"), [("distributed", "skellam"), ("local", "gaussian"), ("none", "none")])
+def test_the_default_mechanism_is_the_distributed_modes_only(mode: str, noise: str) -> None:
+    """`skellam` is the default noise of dp-mode distributed only: local mode's device releases its own float
+    vector (the continuous Gaussian is exact there) and every output names what ran."""
+    cfg = from_run_config({"dp-mode": mode, **({"noise-multiplier": 0.0} if mode == "none" else {})})
+    assert cfg.noise_mechanism == noise and cfg.integer_noise == (mode == "distributed")
 
 
 def test_example_level_dpsgd_rounds_round_the_gradient_sum_once_and_are_audited(tmp_path: Path, data: Path) -> None:
@@ -170,6 +175,8 @@ def test_example_level_dpsgd_rounds_round_the_gradient_sum_once_and_are_audited(
         c = ev.skellam["scale"] * ev.clip_norm
         assert ev.skellam["l2_bound"] == c + math.sqrt(ev.skellam["dim"])
     assert events[0].sample_rate == 1.0 and events[1].sample_rate == cfg.round_sample_rate(1, 8, cfg.cohort_size(8)) < 1
+    # each round's summary entry states the field SecAgg+ summed in, as the devices' events record it
+    assert [e[FIELD_BITS_COLUMN] for e in summary["rounds"]] == [int(ev.skellam["bits"]) for ev in events]
     result = audit(tmp_path / "run", write=False)
     assert result.passed, [f.message for f in result.findings]
     # an example-level event claiming the one-vector bound (beta > 0) is refused
@@ -555,13 +562,13 @@ def test_fleet_fast_numerics_match_the_exact_ones_in_mean_and_variance() -> None
 
 
 def test_the_main_job_under_skellam_stays_within_the_devices_budget() -> None:
-    """`--config main-skellam`: the main job's one statistics round under the integer mechanism, at a multiplier
-    whose Skellam epsilon is the Gaussian main job's (7.965), below the devices' 8; the Gaussian's own 0.64 would
-    overspend under skellam (which is why the config states its own)."""
+    """The main job (the default, `skellam`): its one statistics round under the integer mechanism, at a multiplier
+    whose Skellam epsilon is the Gaussian comparison's (`--config main-gaussian`, 7.965), below the devices' 8;
+    the Gaussian's own 0.64 would overspend under skellam (which is why the default states its own)."""
     from fed_nessa.sim.runner import build_config as from_file
 
-    cfg = from_file("main-skellam", [], run_dir="unused")
-    gaussian = from_file("main", [], run_dir="unused")
+    cfg = from_file("main", [], run_dir="unused")
+    gaussian = from_file("main-gaussian", [], run_dir="unused")
     assert cfg.integer_noise and not gaussian.integer_noise and cfg.num_server_rounds == 1
     for dims in ((256, 192), (192, 256)):
         spent = skellam_mechanism.calibration_epsilon(

@@ -34,6 +34,7 @@ from fed_nessa.federated.protocol import round_config, with_clip
 from fed_nessa.federated.release import may_start, may_unmask, promised_arrivals
 from fed_nessa.federated.rounds import (
     CLIP_COLUMN,
+    FIELD_BITS_COLUMN,
     LEDGER_FILE,
     Progress,
     RunOutputs,
@@ -42,7 +43,7 @@ from fed_nessa.federated.rounds import (
     not_evaluated,
     round_entry,
 )
-from fed_nessa.federated.skellam_mechanism import RoundCodec, round_codec
+from fed_nessa.federated.skellam_mechanism import IntegerCodec, RoundCodec, round_codec
 from fed_nessa.privacy.ledger import LEDGER_HEADS, PUBLIC_PARAMETERS, FederationLedger, server_key_folder
 
 log = logging.getLogger(__name__)
@@ -91,10 +92,11 @@ def run_round(engine: Engine, outputs: RunOutputs, ledger: FederationLedger, pin
     answers = engine.ask(r, phase, cohort, request)
     mismatched = pins.check(answers)
     start = may_start(len(answers.accepted), promised)
-    status, note, released = RoundStatus.SKIPPED, start.reason, None
+    status, note, released, bits = RoundStatus.SKIPPED, start.reason, None, None
     if start.release:
         codec = round_codec(cfg, phase, plan, (model.d_x, model.d_y), r, promised, len(answers.accepted),
                             model.payload_bound(phase, plan), clip)
+        bits = codec.params.bits if isinstance(codec, IntegerCodec) else None
         released = engine.secure_sum(r, phase, answers, request, codec, promised)
         status, note = _release(engine, state, r, phase, released, codec, promised) or (status, note)
     heads = engine.settle(r, phase, answers, released)
@@ -116,6 +118,8 @@ def run_round(engine: Engine, outputs: RunOutputs, ledger: FederationLedger, pin
                         failed=len(failed), saturated=saturated)
     if clip is not None:
         entry[CLIP_COLUMN] = clip
+    if bits is not None:
+        entry[FIELD_BITS_COLUMN] = bits
     return {**entry, **engine.device_epsilons(r, phase, answers, released), "seconds": time.perf_counter() - t0}
 
 

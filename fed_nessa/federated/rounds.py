@@ -50,6 +50,8 @@ def not_evaluated() -> dict[str, Any]:
 
 #: A round entry's (and its federation-ledger record's) adaptive clip: the public C_t the round's config stated.
 CLIP_COLUMN = "clip_norm"
+#: A round entry's SecAgg+ field width under the integer mechanism (bits of Z_{2^bits}); absent otherwise.
+FIELD_BITS_COLUMN = "field_bits"
 
 
 def round_entry(r: int, phase: Phase, status: str, note: str, evaluation: Mapping[str, Any], *,
