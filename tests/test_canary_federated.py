@@ -136,7 +136,9 @@ def test_claim_comes_from_the_canary_devices_ledgers(tiny_run: tuple[Path, dict]
     claim = claimed_epsilon(run, CanarySpec.load(spec_path(run)))
     assert claim.devices == 10 and claim.delta == 1e-5
     assert claim.epsilon["rdp"] == pytest.approx(summary["privacy"]["epsilon_max"], rel=1e-6)
-    assert claim.epsilon["pld"] < claim.epsilon["rdp"] < 8.0
+    # the audit config runs the default, integer mechanism: PLD has none, the Skellam accountant states it
+    assert summary["privacy"]["mechanism"] == "skellam" and set(claim.epsilon) == {"rdp", "skellam"}
+    assert 0 < claim.epsilon["skellam"] <= claim.epsilon["rdp"] * 1.001 and claim.epsilon["rdp"] < 8.0
     ledger = run / "devices" / device_id(0) / "privacy-ledger.jsonl"
     text = ledger.read_text()
     ledger.write_text(text.replace('"steps":1', '"steps":0', 1))
@@ -153,7 +155,7 @@ def test_a_run_folder_is_scored_from_its_released_aligner(tiny_run: tuple[Path, 
     assert result["canaries"] == 40 and result["fleet"] == 10 and result["seed"] == 1
     assert len(result["scores_in"]) + len(result["scores_out"]) == 40
     assert result["baseline"].startswith("none")
-    assert result["attack"]["epsilon_lower_bound"] <= result["epsilon_claimed"]["pld"]
+    assert result["attack"]["epsilon_lower_bound"] <= min(result["epsilon_claimed"].values())
     assert main(["audit-empirical", "--run", str(run), "--out", str(tmp_path / "scored")]) == 0
     report = (tmp_path / "scored" / "report.md").read_text()
     assert "Run folders scored as found" in report and "No positive control was given" in report
@@ -225,7 +227,8 @@ def test_federated_audit_dp_bound_below_claim_and_control_clearly_above(tmp_path
     res = json.loads((out / "empirical.json").read_text())
     dp, control = res["runs"]
     assert dp["dp_mode"] == "distributed" and control["dp_mode"] == "none"
-    assert dp["attack"]["epsilon_lower_bound"] <= dp["epsilon_claimed"]["pld"] < dp["epsilon_claimed"]["rdp"]
+    claimed = dp["epsilon_claimed"]
+    assert dp["attack"]["epsilon_lower_bound"] <= claimed["skellam"] <= claimed["rdp"] * 1.001
     assert control["attack"]["epsilon_lower_bound"] > dp["attack"]["epsilon_lower_bound"] + 0.5
     assert control["attack"]["auroc"] > 0.95 and dp["attack"]["auroc"] < control["attack"]["auroc"]
     assert control["epsilon_claimed"]["rdp"] == float("inf")

@@ -33,11 +33,21 @@ import torch
 from fed_nessa.canary.stats import OneRunAudit, one_run_audit
 from fed_nessa.config import SOURCE_NAMES
 from fed_nessa.privacy.accountants import PLD, RDP, create_accountant
+from fed_nessa.privacy.accountants.skellam import SKELLAM_ACCOUNTANT
 from fed_nessa.privacy.events import DP_SGD, LOCAL, DPEvent
 
 #: The accountants (registry names) a canary audit's claimed epsilon is stated in: the upper
 #: bound devices budget with and the independent tight one.
 CLAIM_ACCOUNTANTS: tuple[str, ...] = (RDP, PLD)
+#: The same for a history holding the integer mechanism: PLD has no Skellam mechanism, so the second is
+#: the Skellam accountant (``fed_nessa.privacy.accountants.skellam``).
+INTEGER_CLAIM_ACCOUNTANTS: tuple[str, ...] = (RDP, SKELLAM_ACCOUNTANT)
+
+
+def claim_label(claimed: dict[str, float]) -> str:
+    """``eps claimed RDP x / PLD y`` (or ``/ skellam y``): the claim in each accountant it was stated in."""
+    return " / ".join(f"{'RDP' if acc == RDP else 'PLD' if acc == PLD else acc} {eps:.3g}"
+                      for acc, eps in claimed.items())
 
 @dataclass(frozen=True)
 class EmpiricalConfig:

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from fed_nessa.atomic import atomic_write_bytes
-from fed_nessa.canary.empirical import CLAIM_ACCOUNTANTS, make_canaries
+from fed_nessa.canary.empirical import CLAIM_ACCOUNTANTS, INTEGER_CLAIM_ACCOUNTANTS, make_canaries
 from fed_nessa.data.datasets import device_filename
 from fed_nessa.data.population import Population
 from fed_nessa.data.shards import SHARD_SUFFIX, Shard, load_shard, make_shard, write_shard
@@ -52,7 +52,7 @@ from fed_nessa.model.artifacts import CARD_FILE
 from fed_nessa.privacy.accountants import create_accountant
 from fed_nessa.privacy.accounting import EpsilonMemo
 from fed_nessa.privacy.chain import HEADER, read_chain
-from fed_nessa.privacy.events import DPEvent
+from fed_nessa.privacy.events import SKELLAM, DPEvent
 from fed_nessa.privacy.ledger import DEVICE_LEDGER_NAME, DEVICE_PUB_NAME
 from fed_nessa.privacy.signing import load_public_key
 
@@ -275,18 +275,23 @@ def ledger_events(run_dir: Path | str, dev: str) -> tuple[list[DPEvent], float]:
     return events, float(budget["delta"])
 
 
-def claimed_epsilon(run_dir: Path | str, spec: CanarySpec, accountants: tuple[str, ...] = CLAIM_ACCOUNTANTS) -> Claim:
+def claimed_epsilon(run_dir: Path | str, spec: CanarySpec, accountants: tuple[str, ...] | None = None) -> Claim:
     """The example-level claim covering every canary: the max over the devices they were assigned to.
 
     A device that reserved no DP event (the positive control's devices) claims nothing: inf.
+    ``accountants``: by default :data:`CLAIM_ACCOUNTANTS`, or :data:`INTEGER_CLAIM_ACCOUNTANTS` where a
+    canary device's ledger holds the integer mechanism (PLD has no Skellam mechanism).
     """
+    histories = {dev: ledger_events(run_dir, dev) for dev in spec.device_ids()}
+    if accountants is None:
+        integer = any(ev.mechanism == SKELLAM for events, _ in histories.values() for ev in events)
+        accountants = INTEGER_CLAIM_ACCOUNTANTS if integer else CLAIM_ACCOUNTANTS
     for acc in accountants:
-        create_accountant(acc)  # an unknown name fails here, before any ledger is read
+        create_accountant(acc)  # an unknown name fails here, before any ledger is accounted
     per_device: dict[str, dict[str, float]] = {}
     deltas: set[float] = set()
     memo = EpsilonMemo()  # a fleet on one schedule has one history: account it once per accountant
-    for dev in spec.device_ids():
-        events, delta = ledger_events(run_dir, dev)
+    for dev, (events, delta) in histories.items():
         deltas.add(delta)
         spent = any(e.steps > 0 for e in events)
         per_device[dev] = {acc: memo.epsilon(events, delta, acc) if spent else float("inf") for acc in accountants}

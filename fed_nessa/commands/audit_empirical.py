@@ -146,10 +146,12 @@ def _score_folders(args: argparse.Namespace) -> int:
 
 
 def _print_runs(runs: list[dict[str, Any]], confidence: float) -> None:
+    from fed_nessa.canary.empirical import claim_label
+
     for r in runs:
         a = r["attack"]
-        print(f"{r['label']}: dp-mode {r['dp_mode']}, claimed eps RDP {r['epsilon_claimed']['rdp']:.3g} / PLD "
-              f"{r['epsilon_claimed']['pld']:.3g}, AUROC {a['auroc']:.3f}, eps lower bound "
+        print(f"{r['label']}: dp-mode {r['dp_mode']}, claimed eps {claim_label(r['epsilon_claimed'])}, "
+              f"AUROC {a['auroc']:.3f}, eps lower bound "
               f"{a['epsilon_lower_bound']:.3f} (confidence {confidence:g})")
 
 
