@@ -9,7 +9,14 @@ from typing import Any
 
 import pytest
 
-from simulations import device_fedavg_table, device_level_table, fleet_selfset_table, fleet_table, results_table
+from simulations import (
+    device_fedavg_table,
+    device_level_table,
+    fleet_selfset_table,
+    fleet_table,
+    mechanism_table,
+    results_table,
+)
 from simulations.results_csv import (
     COLUMNS,
     ROUND_COLUMNS,
@@ -148,6 +155,7 @@ def test_the_committed_tables_reproduce_from_the_committed_csvs() -> None:
             fleet_selfset_table.draws(read(results / "fleet_selfset.csv")),
             fleet_selfset_table.references(read(results / "fleet.csv")))),
         device_fedavg_table.markdown(device_fedavg_table.rows(read(results / "device_fedavg.csv"))),
+        mechanism_table.table(read(results / "mechanism.csv") + read(results / "fleet_selfset.csv")),
     ]
     docs = _doc_lines()
     for text in tables:
@@ -174,6 +182,7 @@ def test_a_table_without_its_csv_or_without_a_complete_cell_is_one_clear_error(
     ("quality_table.sh", "results/federated.csv", "simulations.results_table"),
     ("fleet_selfset_study.sh", "results/fleet_selfset.csv", "simulations.fleet_selfset_table"),
     ("device_fedavg_study.sh", "results/device_fedavg.csv", "simulations.device_fedavg_table"),
+    ("mechanism_study.sh", "results/mechanism.csv", "simulations.mechanism_table"),
 ])
 def test_each_study_script_writes_ignored_run_folders_and_its_committed_csv(script: str, csv: str, table: str) -> None:
     text = (ROOT / "simulations" / script).read_text()
