@@ -25,6 +25,8 @@ from fed_nessa.federated.noise_plan import NoisePlan
 from fed_nessa.model.losses import get_loss
 from fed_nessa.model.training import device_clip_factor, local_minibatches, with_noise_share
 from fed_nessa.randomness import NoiseSource
+from fed_nessa.sim.fedavg_explicit import explicit_deltas
+from fed_nessa.sim.fedavg_explicit import plan as explicit_plan
 
 
 @dataclass(frozen=True)
@@ -74,12 +76,36 @@ def fedavg_block(net: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: BlockS
 
     ``x``/``y``: ``[k, rows, d]`` padded pairs (:func:`pad_block`); ``steps``: :func:`block_steps`.
     ``net`` is left unchanged; a net with its own ``pair_loss`` is refused (its forward is not its loss).
+    The NESSA net runs the written-out update (:mod:`fed_nessa.sim.fedavg_explicit`: no per-device
+    weight copies), any other net :func:`vmap_deltas`; the same maths, the same clip.
     """
-    from torch.func import functional_call, grad, vmap
-
     if getattr(net, "pair_loss", None) is not None:
         raise ValueError(f"{type(net).__name__} defines its own pair_loss: the vectorised update supports "
                          "nets whose loss is loss(net(y), x)")
+    names = [n for n, p in net.named_parameters() if p.requires_grad]
+    layout = explicit_plan(net, loss)
+    rows, weights = steps.rows.to(x.device), steps.weights.to(x.device)
+    if layout is None:
+        delta = vmap_deltas(net, x, y, BlockSteps(rows, weights), lr=lr, loss=loss)
+    else:
+        with torch.no_grad():
+            delta = explicit_deltas(layout, names, net, x, y, rows, weights, lr)
+    return clip_deltas(delta, clip_norm)
+
+
+def clip_deltas(delta: torch.Tensor, clip_norm: float) -> BlockDeltas:
+    """Each row clipped as one vector to ``clip_norm`` (float64 norms and factor, as the device does)."""
+    norms = torch.linalg.vector_norm(delta.double(), dim=1)
+    clipped = delta.double() * device_clip_factor(norms, clip_norm)[:, None]
+    return BlockDeltas(clipped.float(), norms.float())
+
+
+def vmap_deltas(net: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: BlockSteps, *, lr: float,
+                loss: str = "cosine") -> torch.Tensor:
+    """The general path: ``start - end`` per device, ``[k, trainable params]``, by ``vmap(grad(...))``
+    over per-device weight copies (any net whose loss is ``loss(net(y), x)``)."""
+    from torch.func import functional_call, grad, vmap
+
     loss_fn = get_loss(loss)
     names = [n for n, p in net.named_parameters() if p.requires_grad]
     frozen = {n: p.detach() for n, p in net.named_parameters() if not p.requires_grad}
@@ -99,10 +125,7 @@ def fedavg_block(net: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: BlockS
         idx = rows[:, s]
         grads = step(params, x[device, idx], y[device, idx], weights[:, s])
         params = {n: params[n] - lr * grads[n] for n in names}
-    delta = torch.cat([(start[n] - params[n]).reshape(k, -1) for n in names], dim=1)
-    norms = torch.linalg.vector_norm(delta.double(), dim=1)
-    clipped = delta.double() * device_clip_factor(norms, clip_norm)[:, None]
-    return BlockDeltas(clipped.float(), norms.float())
+    return torch.cat([(start[n] - params[n]).reshape(k, -1) for n in names], dim=1)
 
 
 def round_clip(mech: Mechanism, plan: NoisePlan, clip: float | None) -> tuple[float, float | None]:
