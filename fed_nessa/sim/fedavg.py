@@ -25,8 +25,14 @@ from fed_nessa.federated.noise_plan import NoisePlan
 from fed_nessa.model.losses import get_loss
 from fed_nessa.model.training import device_clip_factor, local_minibatches, with_noise_share
 from fed_nessa.randomness import NoiseSource
-from fed_nessa.sim.fedavg_explicit import explicit_deltas
+from fed_nessa.sim.fedavg_explicit import Plan as ExplicitPlan
 from fed_nessa.sim.fedavg_explicit import plan as explicit_plan
+from fed_nessa.sim.fedavg_explicit import train as explicit_train
+
+
+#: Devices the written-out update steps together inside a block: their step tensors stay in the L2 cache
+#: (BENCHMARKS.md, DP-FedAvg).
+EXPLICIT_GROUP = 32
 
 
 @dataclass(frozen=True)
@@ -77,20 +83,62 @@ def fedavg_block(net: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: BlockS
     ``x``/``y``: ``[k, rows, d]`` padded pairs (:func:`pad_block`); ``steps``: :func:`block_steps`.
     ``net`` is left unchanged; a net with its own ``pair_loss`` is refused (its forward is not its loss).
     The NESSA net runs the written-out update (:mod:`fed_nessa.sim.fedavg_explicit`: no per-device
-    weight copies), any other net :func:`vmap_deltas`; the same maths, the same clip.
+    weight copies), :data:`EXPLICIT_GROUP` devices at a time; any other net :func:`vmap_deltas`.
     """
+    layout, names = _layout(net, loss)
+    if layout is None:
+        return clip_deltas(vmap_deltas(net, x, y, steps, lr=lr, loss=loss), clip_norm)
+    rows, weights = steps.rows.to(x.device), steps.weights.to(x.device)
+    k = x.shape[0]
+    clipped = x.new_empty(k, sum(p.numel() for p in net.parameters() if p.requires_grad))
+    norms = torch.empty(k, dtype=torch.float64, device=x.device)
+    with torch.no_grad():
+        for g in range(0, k, EXPLICIT_GROUP):
+            part = slice(g, g + EXPLICIT_GROUP)
+            trained = explicit_train(layout, net, x[part], y[part], rows[part], weights[part], lr)
+            norms[part] = trained.sq_norms().sqrt()
+            trained.write(names, device_clip_factor(norms[part], clip_norm), clipped[part])
+    return BlockDeltas(clipped, norms.float())
+
+
+@dataclass(frozen=True)
+class BlockSum:
+    """Fast numerics' view of a block: its clipped deltas summed, and each device's raw norm (the bits)."""
+
+    total: torch.Tensor  # [params] float64
+    norms: torch.Tensor  # [k] float32
+
+
+def fedavg_block_sum(net: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: BlockSteps, *, lr: float,
+                     clip_norm: float, loss: str = "cosine") -> BlockSum:
+    """:func:`fedavg_block`'s clipped deltas summed over the block (what fast numerics adds up), without
+    forming each device's delta on the written-out path (one GEMM per weight over all the devices' rows)."""
+    layout, names = _layout(net, loss)
+    if layout is None:
+        deltas = clip_deltas(vmap_deltas(net, x, y, steps, lr=lr, loss=loss), clip_norm)
+        return BlockSum(deltas.clipped.double().sum(dim=0), deltas.norms)
+    rows, weights = steps.rows.to(x.device), steps.weights.to(x.device)
+    total = torch.zeros(sum(p.numel() for p in net.parameters() if p.requires_grad), dtype=torch.float64,
+                        device=x.device)
+    norms = []
+    with torch.no_grad():
+        for g in range(0, x.shape[0], EXPLICIT_GROUP):
+            part = slice(g, g + EXPLICIT_GROUP)
+            trained = explicit_train(layout, net, x[part], y[part], rows[part], weights[part], lr)
+            norm = trained.sq_norms().sqrt()
+            total += trained.summed(names, device_clip_factor(norm, clip_norm))
+            norms.append(norm)
+    return BlockSum(total, torch.cat(norms).float())
+
+
+def _layout(net: nn.Module, loss: str) -> tuple[ExplicitPlan | None, list[str]]:
+    """The written-out update's reading of ``net`` (``None``: the vmap path) and the trainable names;
+    a net with its own ``pair_loss`` is refused (its forward is not its loss)."""
     if getattr(net, "pair_loss", None) is not None:
         raise ValueError(f"{type(net).__name__} defines its own pair_loss: the vectorised update supports "
                          "nets whose loss is loss(net(y), x)")
-    names = [n for n, p in net.named_parameters() if p.requires_grad]
-    layout = explicit_plan(net, loss)
-    rows, weights = steps.rows.to(x.device), steps.weights.to(x.device)
-    if layout is None:
-        delta = vmap_deltas(net, x, y, BlockSteps(rows, weights), lr=lr, loss=loss)
-    else:
-        with torch.no_grad():
-            delta = explicit_deltas(layout, names, net, x, y, rows, weights, lr)
-    return clip_deltas(delta, clip_norm)
+    get_loss(loss)  # an unknown loss is refused by name on either path
+    return explicit_plan(net, loss), [n for n, p in net.named_parameters() if p.requires_grad]
 
 
 def clip_deltas(delta: torch.Tensor, clip_norm: float) -> BlockDeltas:
@@ -155,7 +203,7 @@ def device_payloads(deltas: BlockDeltas, params: Sequence[nn.Parameter], clip: f
     return out
 
 
-def bit_sum(deltas: BlockDeltas, clip: float) -> float:
+def bit_sum(deltas: BlockDeltas | BlockSum, clip: float) -> float:
     """Fast numerics: a block's centred adaptive-clip bits ``1[norm <= clip] - 1/2`` summed, without their count
     shares (those are in the engine's one draw of the summed noise, the bit coordinate's std the delta's)."""
     return float(((deltas.norms <= clip).double() - BIT_SENSITIVITY).sum())

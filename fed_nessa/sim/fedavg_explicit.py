@@ -99,20 +99,17 @@ def plan(net: nn.Module, loss: str) -> Plan | None:
 class _Layer:
     """One linear layer stepped by the identity above: ``W_0`` shared, the devices' ``U``/``E`` rows kept."""
 
-    def __init__(self, lin: nn.Linear, k: int, n: int, inputs: torch.Tensor | None) -> None:
-        w = lin.weight.detach()
-        self.w0 = w
-        self.b = lin.bias.detach().expand(k, -1).clone()  # type: ignore[union-attr]
-        self.b0 = lin.bias.detach()  # type: ignore[union-attr]
-        self.u = inputs if inputs is not None else w.new_zeros(k, n, w.shape[1])  # [k, n, in]
-        self.e = w.new_zeros(k, n, w.shape[0])  # [k, n, out]: d loss / d output, row by row
+    def __init__(self, w0: torch.Tensor, b0: torch.Tensor, k: int, n: int, inputs: torch.Tensor | None) -> None:
+        self.w0, self.b0 = w0, b0
+        self.b = b0.expand(k, -1).clone()  # the devices' current biases
+        self.u = inputs if inputs is not None else w0.new_zeros(k, n, w0.shape[1])  # [k, n, in]
+        self.e = w0.new_zeros(k, n, w0.shape[0])  # [k, n, out]: d loss / d output, row by row
 
     def forward(self, u_s: torch.Tensor, lo: int, lr: float, base: torch.Tensor | None = None,
                 gram: torch.Tensor | None = None) -> torch.Tensor:
         """Output at step rows ``lo:lo+B`` (``u_s`` its input rows); ``base``: ``u_s W_0^T`` and ``gram``:
         ``u_s U_{<s}^T`` where precomputed."""
-        out = base if base is not None else torch.matmul(u_s, self.w0.t())
-        out = out + self.b[:, None]
+        out = (base if base is not None else torch.matmul(u_s, self.w0.t())) + self.b[:, None]
         if lo:
             if gram is None:
                 gram = torch.bmm(u_s, self.u[:, :lo].transpose(1, 2))
@@ -134,9 +131,73 @@ class _Layer:
             self.u[:, lo:hi] = u_s
         self.b.sub_(e_s.sum(dim=1), alpha=lr)
 
-    def deltas(self, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """``start - end`` of the weight (``lr E^T U``) and of the bias."""
-        return lr * torch.bmm(self.e.transpose(1, 2), self.u), self.b0 - self.b
+
+@dataclass(frozen=True)
+class Outer:
+    """A weight's delta ``lr * E^T U`` per device, kept factored; ``key`` names ``E`` (shared Grams)."""
+
+    e: torch.Tensor  # [k, n, out]
+    u: torch.Tensor  # [k, n, in]
+    key: str
+    gram_u: torch.Tensor | None = None  # U U^T where already formed
+
+
+@dataclass(frozen=True)
+class Trained:
+    """A group of devices after their local steps: each trainable tensor's delta, ``start - end``, by name."""
+
+    lr: float
+    parts: dict[str, Outer | torch.Tensor]  # a factored weight delta, or the delta itself [k, m]
+
+    def sq_norms(self) -> torch.Tensor:
+        """Each device's ``||start - end||^2`` (float64 ``[k]``), the weights' from Grams:
+        ``||E^T U||_F^2 = sum((E E^T) * (U U^T))``, no delta formed."""
+        grams: dict[str, torch.Tensor] = {}
+        total: torch.Tensor | None = None
+        for part in self.parts.values():
+            if isinstance(part, Outer):
+                if part.key not in grams:
+                    grams[part.key] = torch.bmm(part.e, part.e.transpose(1, 2))
+                gram_u = part.gram_u if part.gram_u is not None else torch.bmm(part.u, part.u.transpose(1, 2))
+                sq = (grams[part.key] * gram_u).sum(dim=(1, 2), dtype=torch.float64) * self.lr ** 2
+            else:
+                sq = part.double().pow(2).sum(dim=1)
+            total = sq if total is None else total + sq
+        assert total is not None
+        return total
+
+    def scaled(self, factor: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each ``E`` times ``lr * factor`` (per device), once per key."""
+        scale = (self.lr * factor).float()[:, None, None]
+        return {part.key: part.e * scale for part in self.parts.values() if isinstance(part, Outer)}
+
+    def write(self, names: list[str], factor: torch.Tensor, out: torch.Tensor) -> None:
+        """Each device's delta times ``factor`` into the rows of ``out`` ``[k, params]``, in ``names`` order."""
+        es = self.scaled(factor)
+        offset = 0
+        for name in names:
+            part = self.parts[name]
+            if isinstance(part, Outer):
+                size = part.e.shape[2] * part.u.shape[2]
+                view = out[:, offset:offset + size].view(-1, part.e.shape[2], part.u.shape[2])
+                torch.bmm(es[part.key].transpose(1, 2), part.u, out=view)
+            else:
+                size = part.shape[1]
+                out[:, offset:offset + size] = part.double() * factor[:, None]
+            offset += size
+
+    def summed(self, names: list[str], factor: torch.Tensor) -> torch.Tensor:
+        """``sum_j factor_j * delta_j`` (float64 ``[params]``): one GEMM per weight over all the devices' rows."""
+        es = self.scaled(factor)
+        pieces = []
+        for name in names:
+            part = self.parts[name]
+            if isinstance(part, Outer):
+                e, u = es[part.key], part.u
+                pieces.append(torch.mm(e.reshape(-1, e.shape[2]).t(), u.reshape(-1, u.shape[2])).double().reshape(-1))
+            else:
+                pieces.append((part.double() * factor[:, None]).sum(dim=0))
+        return torch.cat(pieces)
 
 
 def _activation(a: torch.Tensor, relu: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,92 +218,105 @@ def _cosine_grad(o: torch.Tensor, x: torch.Tensor, coef: torch.Tensor) -> torch.
     return -coef[..., None] * (x / (on * xn) - cos * o / (on * on))
 
 
-def explicit_deltas(p: Plan, names: list[str], net: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                    rows: torch.Tensor, weights: torch.Tensor, lr: float) -> torch.Tensor:
-    """Every device's ``start - end`` after its local steps, ``[k, trainable params]`` in ``names`` order.
+def _layer_norm(pre: torch.Tensor, eps: float, gamma: torch.Tensor,
+                beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``LN(pre)`` with the devices' own affine, its normalised ``z`` and ``1/std``."""
+    mu = pre.mean(dim=-1, keepdim=True)
+    centred = pre - mu
+    rstd = torch.rsqrt(centred.pow(2).mean(dim=-1, keepdim=True) + eps)
+    z = centred * rstd
+    return z * gamma[:, None] + beta[:, None], z, rstd
+
+
+def train(p: Plan, net: nn.Module, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor,
+          lr: float) -> Trained:
+    """Every device's local SGD steps; the deltas kept factored (:class:`Trained`).
 
     ``x``/``y``: ``[k, rows, d]`` padded pairs; ``rows``/``weights``: ``[k, steps, batch]`` as
-    :class:`fed_nessa.sim.fedavg.BlockSteps` (weight 0 on padding, the step's loss the weighted mean).
+    :class:`fed_nessa.sim.fedavg.BlockSteps` (weight 0 on padding, each step's loss the weighted mean).
+    The linear part and the first hidden layer both read ``y``: one layer here (their weights stacked),
+    one Gram ``Y Y^T`` for both.
     """
     k, steps, width = rows.shape
     n = steps * width
     device = torch.arange(k, device=x.device)[:, None]
     flat = rows.reshape(k, n)
-    xr, yr = x[device, flat], y[device, flat]  # [k, n, d]: the device's rows in step order
+    xr, yr = x[device, flat], y[device, flat]  # [k, n, d]: each device's rows in step order
     coef = weights / weights.sum(dim=2, keepdim=True).clamp(min=1.0)  # [k, steps, batch]
+    d = p.linear.out_features
     first = p.hidden[0].linear
-    # layers fed by y share the input rows: one Gram, one GEMM for their W_0 parts
+    lin_w, lin_b = p.linear.weight.detach(), p.linear.bias.detach()  # type: ignore[union-attr]
+    first_b = first.bias.detach()  # type: ignore[union-attr]
+    if p.train_linear:
+        fed = _Layer(torch.cat([lin_w, first.weight.detach()]), torch.cat([lin_b, first_b]), k, n, yr)
+        fixed = None
+    else:
+        fed = _Layer(first.weight.detach(), first_b, k, n, yr)
+        fixed = torch.matmul(yr, lin_w.t()) + lin_b  # the frozen linear part's output
+    base = torch.matmul(yr, fed.w0.t())
     gram_y = torch.bmm(yr, yr.transpose(1, 2))  # [k, n, n]
-    base_y = torch.matmul(yr, torch.cat([p.linear.weight.detach(), first.weight.detach()]).t())
-    if not p.train_linear:
-        base_y[..., :p.linear.out_features] += p.linear.bias.detach()  # type: ignore[operator]
-    lin = _Layer(p.linear, k, n, yr) if p.train_linear else None
-    layers = [_Layer(h.linear, k, n, yr if i == 0 else None) for i, h in enumerate(p.hidden)]
-    last = _Layer(p.last, k, n, None)
-    norms = [(h.norm.weight.detach().expand(k, -1).clone(), h.norm.bias.detach().expand(k, -1).clone())
-             if h.norm is not None else None for h in p.hidden]
-    d_out = p.linear.out_features
+    deeper = [_Layer(h.linear.weight.detach(), h.linear.bias.detach(), k, n, None)  # type: ignore[union-attr]
+              for h in p.hidden[1:]]
+    last = _Layer(p.last.weight.detach(), p.last.bias.detach(), k, n, None)  # type: ignore[union-attr]
+    affine = [(h.norm.weight.detach().expand(k, -1).clone(), h.norm.bias.detach().expand(k, -1).clone())
+              if h.norm is not None else None for h in p.hidden]
     for s in range(steps):
         lo, hi = s * width, (s + 1) * width
         # forward
-        direct = base_y[:, lo:hi, :d_out]  # y W^T (+ b when frozen)
-        if lin is not None:
-            direct = lin.forward(yr[:, lo:hi], lo, lr, direct, gram_y[:, lo:hi, :lo])
-        u = yr[:, lo:hi]
-        cache = []
-        for i, (h, layer) in enumerate(zip(p.hidden, layers, strict=True)):
-            pre = (layer.forward(u, lo, lr, base_y[:, lo:hi, d_out:], gram_y[:, lo:hi, :lo]) if i == 0
-                   else layer.forward(u, lo, lr))
-            if h.norm is not None:
-                mu = pre.mean(dim=-1, keepdim=True)
-                var = (pre - mu).pow(2).mean(dim=-1, keepdim=True)
-                rstd = torch.rsqrt(var + h.norm.eps)
-                z = (pre - mu) * rstd
-                gamma, beta = norms[i]  # type: ignore[misc]
-                a = z * gamma[:, None] + beta[:, None]
-            else:
-                z, rstd, a = pre, pre, pre
+        pre_y = fed.forward(yr[:, lo:hi], lo, lr, base[:, lo:hi], gram_y[:, lo:hi, :lo])
+        direct, pre = (pre_y[..., :d], pre_y[..., d:]) if fixed is None else (fixed[:, lo:hi], pre_y)
+        u, cache = yr[:, lo:hi], []
+        for i, h in enumerate(p.hidden):
+            if i:
+                pre = deeper[i - 1].forward(u, lo, lr)
+            ln = affine[i]
+            a, z, rstd = _layer_norm(pre, h.norm.eps, *ln) if h.norm is not None and ln is not None else (pre, pre, pre)
             act, slope = _activation(a, h.relu)
             cache.append((u, z, rstd, slope))
             u = act
-        o = direct + last.forward(u, lo, lr)
+        e = _cosine_grad(direct + last.forward(u, lo, lr), xr[:, lo:hi], coef[:, s])
         # backward
-        e = _cosine_grad(o, xr[:, lo:hi], coef[:, s])
-        if lin is not None:
-            lin.record(lo, hi, e, lr)
         down = last.backward(e, lo, lr)
         last.record(lo, hi, e, lr, u)
         for i in reversed(range(len(p.hidden))):
-            h, layer = p.hidden[i], layers[i]
             u_in, z, rstd, slope = cache[i]
             da = down * slope
-            if h.norm is not None:
-                gamma, beta = norms[i]  # type: ignore[misc]
-                dz = da * gamma[:, None]
-                d_gamma, d_beta = (da * z).sum(dim=1), da.sum(dim=1)
-                dpre = rstd * (dz - dz.mean(dim=-1, keepdim=True) - z * (dz * z).mean(dim=-1, keepdim=True))
-                gamma.sub_(d_gamma, alpha=lr)
-                beta.sub_(d_beta, alpha=lr)
+            ln = affine[i]
+            if ln is not None:
+                dz = da * ln[0][:, None]
+                ln[0].sub_((da * z).sum(dim=1), alpha=lr)
+                ln[1].sub_(da.sum(dim=1), alpha=lr)
+                da = rstd * (dz - dz.mean(dim=-1, keepdim=True) - z * (dz * z).mean(dim=-1, keepdim=True))
+            if i:
+                down = deeper[i - 1].backward(da, lo, lr)
+                deeper[i - 1].record(lo, hi, da, lr, u_in)
             else:
-                dpre = da
-            if i > 0:
-                down = layer.backward(dpre, lo, lr)
-            layer.record(lo, hi, dpre, lr, None if i == 0 else u_in)
-    out: dict[str, torch.Tensor] = {}
-    if lin is not None:
-        out["linear.weight"], out["linear.bias"] = lin.deltas(lr)
-    modules = dict(net.named_modules())
-    for h, layer, affine in zip(p.hidden, layers, norms, strict=True):
-        name = _name(modules, h.linear)
-        out[f"{name}.weight"], out[f"{name}.bias"] = layer.deltas(lr)
-        if h.norm is not None and affine is not None:
-            norm_name = _name(modules, h.norm)
-            out[f"{norm_name}.weight"] = h.norm.weight.detach() - affine[0]
-            out[f"{norm_name}.bias"] = h.norm.bias.detach() - affine[1]
-    name = _name(modules, p.last)
-    out[f"{name}.weight"], out[f"{name}.bias"] = last.deltas(lr)
-    return torch.cat([out[nm].reshape(k, -1) for nm in names], dim=1)
+                fed.record(lo, hi, torch.cat([e, da], dim=-1) if fixed is None else da, lr)
+    return Trained(lr, _parts(p, net, fed, deeper, last, affine, gram_y, fixed is None))
 
 
-def _name(modules: dict[str, nn.Module], module: nn.Module) -> str:
-    return next(n for n, m in modules.items() if m is module)
+def _parts(p: Plan, net: nn.Module, fed: _Layer, deeper: list[_Layer], last: _Layer,
+           affine: list[tuple[torch.Tensor, torch.Tensor] | None], gram_y: torch.Tensor,
+           train_linear: bool) -> dict[str, Outer | torch.Tensor]:
+    """The trained tensors' deltas by parameter name (``start - end``; weights factored)."""
+    names = {m: n for n, m in net.named_modules()}
+    d = p.linear.out_features if train_linear else 0
+    parts: dict[str, Outer | torch.Tensor] = {}
+    if train_linear:
+        parts["linear.weight"] = Outer(fed.e[..., :d], fed.u, "out", gram_y)
+        parts["linear.bias"] = fed.b0[:d] - fed.b[:, :d]
+    first = names[p.hidden[0].linear]
+    parts[f"{first}.weight"] = Outer(fed.e[..., d:], fed.u, "first", gram_y)
+    parts[f"{first}.bias"] = fed.b0[d:] - fed.b[:, d:]
+    for i, h in enumerate(p.hidden):
+        if i:
+            layer = deeper[i - 1]
+            parts[f"{names[h.linear]}.weight"] = Outer(layer.e, layer.u, f"hidden{i}")
+            parts[f"{names[h.linear]}.bias"] = layer.b0 - layer.b
+        ln = affine[i]
+        if h.norm is not None and ln is not None:
+            parts[f"{names[h.norm]}.weight"] = h.norm.weight.detach() - ln[0]
+            parts[f"{names[h.norm]}.bias"] = h.norm.bias.detach() - ln[1]
+    parts[f"{names[p.last]}.weight"] = Outer(last.e, last.u, "out")
+    parts[f"{names[p.last]}.bias"] = last.b0 - last.b
+    return parts
