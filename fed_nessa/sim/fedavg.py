@@ -26,6 +26,7 @@ from fed_nessa.model.losses import get_loss
 from fed_nessa.model.training import device_clip_factor, local_minibatches, with_noise_share
 from fed_nessa.randomness import NoiseSource
 from fed_nessa.sim.fedavg_explicit import Plan as ExplicitPlan
+from fed_nessa.sim.fedavg_explicit import Workspace
 from fed_nessa.sim.fedavg_explicit import plan as explicit_plan
 from fed_nessa.sim.fedavg_explicit import train as explicit_train
 
@@ -92,10 +93,11 @@ def fedavg_block(net: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: BlockS
     k = x.shape[0]
     clipped = x.new_empty(k, sum(p.numel() for p in net.parameters() if p.requires_grad))
     norms = torch.empty(k, dtype=torch.float64, device=x.device)
+    work = Workspace()
     with torch.no_grad():
         for g in range(0, k, EXPLICIT_GROUP):
             part = slice(g, g + EXPLICIT_GROUP)
-            trained = explicit_train(layout, net, x[part], y[part], rows[part], weights[part], lr)
+            trained = explicit_train(layout, net, x[part], y[part], rows[part], weights[part], lr, work)
             norms[part] = trained.sq_norms().sqrt()
             trained.write(names, device_clip_factor(norms[part], clip_norm), clipped[part])
     return BlockDeltas(clipped, norms.float())
@@ -121,10 +123,11 @@ def fedavg_block_sum(net: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: Bl
     total = torch.zeros(sum(p.numel() for p in net.parameters() if p.requires_grad), dtype=torch.float64,
                         device=x.device)
     norms = []
+    work = Workspace()
     with torch.no_grad():
         for g in range(0, x.shape[0], EXPLICIT_GROUP):
             part = slice(g, g + EXPLICIT_GROUP)
-            trained = explicit_train(layout, net, x[part], y[part], rows[part], weights[part], lr)
+            trained = explicit_train(layout, net, x[part], y[part], rows[part], weights[part], lr, work)
             norm = trained.sq_norms().sqrt()
             total += trained.summed(names, device_clip_factor(norm, clip_norm))
             norms.append(norm)

@@ -96,14 +96,33 @@ def plan(net: nn.Module, loss: str) -> Plan | None:
     return Plan(net.linear, flags.pop(), tuple(hidden), last)
 
 
+class Workspace:
+    """The group's large buffers, kept from one group of a block to the next: fresh multi-MB tensors
+    cost page faults on every group (measured: ~15 % of the update). A buffer is reused only after the
+    previous group's :class:`Trained` has been consumed (the block loops do so)."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised float buffer ``name`` of ``shape`` (the same one while the shape repeats)."""
+        buf = self._bufs.get(name)
+        if buf is None or tuple(buf.shape) != shape or buf.device != like.device:
+            buf = like.new_empty(shape)
+            self._bufs[name] = buf
+        return buf
+
+
 class _Layer:
     """One linear layer stepped by the identity above: ``W_0`` shared, the devices' ``U``/``E`` rows kept."""
 
-    def __init__(self, w0: torch.Tensor, b0: torch.Tensor, k: int, n: int, inputs: torch.Tensor | None) -> None:
+    def __init__(self, name: str, w0: torch.Tensor, b0: torch.Tensor, k: int, n: int, inputs: torch.Tensor | None,
+                 work: Workspace) -> None:
         self.w0, self.b0 = w0, b0
         self.b = b0.expand(k, -1).clone()  # the devices' current biases
-        self.u = inputs if inputs is not None else w0.new_zeros(k, n, w0.shape[1])  # [k, n, in]
-        self.e = w0.new_zeros(k, n, w0.shape[0])  # [k, n, out]: d loss / d output, row by row
+        # [k, n, in] and [k, n, out] (d loss / d output): every row is written by its step before it is read
+        self.u = inputs if inputs is not None else work.take(f"{name}.u", (k, n, w0.shape[1]), w0)
+        self.e = work.take(f"{name}.e", (k, n, w0.shape[0]), w0)
 
     def forward(self, u_s: torch.Tensor, lo: int, lr: float, base: torch.Tensor | None = None,
                 gram: torch.Tensor | None = None) -> torch.Tensor:
@@ -148,6 +167,7 @@ class Trained:
 
     lr: float
     parts: dict[str, Outer | torch.Tensor]  # a factored weight delta, or the delta itself [k, m]
+    work: Workspace
 
     def sq_norms(self) -> torch.Tensor:
         """Each device's ``||start - end||^2`` (float64 ``[k]``), the weights' from Grams:
@@ -157,8 +177,10 @@ class Trained:
         for part in self.parts.values():
             if isinstance(part, Outer):
                 if part.key not in grams:
-                    grams[part.key] = torch.bmm(part.e, part.e.transpose(1, 2))
-                gram_u = part.gram_u if part.gram_u is not None else torch.bmm(part.u, part.u.transpose(1, 2))
+                    grams[part.key] = torch.bmm(part.e, part.e.transpose(1, 2),
+                                                out=self.work.take(f"gram.{part.key}", _gram_shape(part.e), part.e))
+                gram_u = part.gram_u if part.gram_u is not None else torch.bmm(
+                    part.u, part.u.transpose(1, 2), out=self.work.take("gram.u", _gram_shape(part.u), part.u))
                 sq = (grams[part.key] * gram_u).sum(dim=(1, 2), dtype=torch.float64) * self.lr ** 2
             else:
                 sq = part.double().pow(2).sum(dim=1)
@@ -169,7 +191,9 @@ class Trained:
     def scaled(self, factor: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each ``E`` times ``lr * factor`` (per device), once per key."""
         scale = (self.lr * factor).float()[:, None, None]
-        return {part.key: part.e * scale for part in self.parts.values() if isinstance(part, Outer)}
+        return {part.key: torch.mul(part.e, scale, out=self.work.take(f"scaled.{part.key}", tuple(part.e.shape),
+                                                                      part.e))
+                for part in self.parts.values() if isinstance(part, Outer)}
 
     def write(self, names: list[str], factor: torch.Tensor, out: torch.Tensor) -> None:
         """Each device's delta times ``factor`` into the rows of ``out`` ``[k, params]``, in ``names`` order."""
@@ -198,6 +222,10 @@ class Trained:
             else:
                 pieces.append((part.double() * factor[:, None]).sum(dim=0))
         return torch.cat(pieces)
+
+
+def _gram_shape(t: torch.Tensor) -> tuple[int, int, int]:
+    return (t.shape[0], t.shape[1], t.shape[1])
 
 
 def _activation(a: torch.Tensor, relu: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,7 +257,7 @@ def _layer_norm(pre: torch.Tensor, eps: float, gamma: torch.Tensor,
 
 
 def train(p: Plan, net: nn.Module, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor,
-          lr: float) -> Trained:
+          lr: float, work: Workspace) -> Trained:
     """Every device's local SGD steps; the deltas kept factored (:class:`Trained`).
 
     ``x``/``y``: ``[k, rows, d]`` padded pairs; ``rows``/``weights``: ``[k, steps, batch]`` as
@@ -239,25 +267,30 @@ def train(p: Plan, net: nn.Module, x: torch.Tensor, y: torch.Tensor, rows: torch
     """
     k, steps, width = rows.shape
     n = steps * width
-    device = torch.arange(k, device=x.device)[:, None]
-    flat = rows.reshape(k, n)
-    xr, yr = x[device, flat], y[device, flat]  # [k, n, d]: each device's rows in step order
+    flat = (rows.reshape(k, n) + torch.arange(k, device=x.device)[:, None] * x.shape[1]).reshape(-1)
+    # [k, n, d]: each device's rows in step order
+    xr = torch.index_select(x.reshape(-1, x.shape[2]), 0, flat,
+                            out=work.take("x", (k * n, x.shape[2]), x)).view(k, n, -1)
+    yr = torch.index_select(y.reshape(-1, y.shape[2]), 0, flat,
+                            out=work.take("y", (k * n, y.shape[2]), y)).view(k, n, -1)
     coef = weights / weights.sum(dim=2, keepdim=True).clamp(min=1.0)  # [k, steps, batch]
     d = p.linear.out_features
     first = p.hidden[0].linear
     lin_w, lin_b = p.linear.weight.detach(), p.linear.bias.detach()  # type: ignore[union-attr]
     first_b = first.bias.detach()  # type: ignore[union-attr]
     if p.train_linear:
-        fed = _Layer(torch.cat([lin_w, first.weight.detach()]), torch.cat([lin_b, first_b]), k, n, yr)
+        fed = _Layer("fed", torch.cat([lin_w, first.weight.detach()]), torch.cat([lin_b, first_b]), k, n, yr, work)
         fixed = None
     else:
-        fed = _Layer(first.weight.detach(), first_b, k, n, yr)
-        fixed = torch.matmul(yr, lin_w.t()) + lin_b  # the frozen linear part's output
-    base = torch.matmul(yr, fed.w0.t())
-    gram_y = torch.bmm(yr, yr.transpose(1, 2))  # [k, n, n]
-    deeper = [_Layer(h.linear.weight.detach(), h.linear.bias.detach(), k, n, None)  # type: ignore[union-attr]
-              for h in p.hidden[1:]]
-    last = _Layer(p.last.weight.detach(), p.last.bias.detach(), k, n, None)  # type: ignore[union-attr]
+        fed = _Layer("fed", first.weight.detach(), first_b, k, n, yr, work)
+        fixed = torch.addmm(lin_b, yr.reshape(k * n, -1), lin_w.t(),  # the frozen linear part's output
+                            out=work.take("fixed", (k * n, d), yr)).view(k, n, d)
+    base = torch.mm(yr.reshape(k * n, -1), fed.w0.t(), out=work.take("base", (k * n, fed.w0.shape[0]), yr))
+    base = base.view(k, n, -1)
+    gram_y = torch.bmm(yr, yr.transpose(1, 2), out=work.take("gram.y", (k, n, n), yr))  # [k, n, n]
+    deeper = [_Layer(f"hidden{i}", h.linear.weight.detach(), h.linear.bias.detach(),  # type: ignore[union-attr]
+                     k, n, None, work) for i, h in enumerate(p.hidden[1:], start=1)]
+    last = _Layer("last", p.last.weight.detach(), p.last.bias.detach(), k, n, None, work)  # type: ignore[union-attr]
     affine = [(h.norm.weight.detach().expand(k, -1).clone(), h.norm.bias.detach().expand(k, -1).clone())
               if h.norm is not None else None for h in p.hidden]
     for s in range(steps):
@@ -292,7 +325,7 @@ def train(p: Plan, net: nn.Module, x: torch.Tensor, y: torch.Tensor, rows: torch
                 deeper[i - 1].record(lo, hi, da, lr, u_in)
             else:
                 fed.record(lo, hi, torch.cat([e, da], dim=-1) if fixed is None else da, lr)
-    return Trained(lr, _parts(p, net, fed, deeper, last, affine, gram_y, fixed is None))
+    return Trained(lr, _parts(p, net, fed, deeper, last, affine, gram_y, fixed is None), work)
 
 
 def _parts(p: Plan, net: nn.Module, fed: _Layer, deeper: list[_Layer], last: _Layer,
