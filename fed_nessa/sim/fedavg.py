@@ -30,10 +30,9 @@ from fed_nessa.sim.fedavg_explicit import Workspace
 from fed_nessa.sim.fedavg_explicit import plan as explicit_plan
 from fed_nessa.sim.fedavg_explicit import train as explicit_train
 
-
 #: Devices the written-out update steps together inside a block: their step tensors stay in the L2 cache
 #: (BENCHMARKS.md, DP-FedAvg).
-EXPLICIT_GROUP = 32
+EXPLICIT_GROUP = 64
 
 
 @dataclass(frozen=True)

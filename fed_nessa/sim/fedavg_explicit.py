@@ -70,9 +70,10 @@ def plan(net: nn.Module, loss: str) -> Plan | None:
         if not isinstance(lin, nn.Linear) or lin.bias is None:
             return None
         i += 1
-        norm = None
-        if isinstance(layers[i], nn.LayerNorm):
-            norm = layers[i]
+        norm: nn.LayerNorm | None = None
+        candidate = layers[i]
+        if isinstance(candidate, nn.LayerNorm):
+            norm = candidate
             if norm.weight is None or norm.bias is None or tuple(norm.normalized_shape) != (lin.out_features,):
                 return None
             i += 1
