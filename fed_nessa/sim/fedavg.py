@@ -1,14 +1,17 @@
-"""DP-FedAvg's device update for a whole block of devices at once (``torch.func.vmap``).
+"""DP-FedAvg's device update for a whole block of devices at once.
 
 The same maths as :func:`fed_nessa.model.training.fedavg_delta` (the device side, run by the
 Flower ClientApp through :meth:`fed_nessa.federated.mechanism.DeviceLevel.fedavg_vector`), for
 ``k`` devices in one batched pass: each device's rows are padded to the block's largest device,
 each local step gathers every device's minibatch (weight 0 on padding, so a device whose epoch
-has fewer steps simply stops moving), and ``vmap(grad(...))`` gives the ``k`` gradients in one
-call. Same row orders in, the same clipped deltas out to float tolerance
-(tests/test_sim_fedavg.py). Noise is not added here: the engine adds the shares, per device
-(exact numerics, :func:`device_payloads`) or as one draw of their sum (fast numerics, with the adaptive
-clip's :func:`bit_sum`). The fleet and the block engines build their payloads with these functions only.
+has fewer steps simply stops moving). The NESSA net's steps are written out
+(:mod:`fed_nessa.sim.fedavg_explicit`: no per-device weight copies, the norms from Gram matrices;
+tests/test_sim_fedavg_explicit.py), any other net runs ``vmap(grad(...))`` over per-device weight
+copies (:func:`vmap_deltas`). Same row orders in, the same clipped deltas out to float tolerance
+(tests/test_device_fedavg.py). Noise is not added here: the engine adds the shares, per device
+(exact numerics, :func:`device_payloads`) or as one draw of their sum (fast numerics,
+:func:`fedavg_block_sum`, with the adaptive clip's :func:`bit_sum`). The fleet and the block engines
+build their payloads with these functions only.
 """
 
 from __future__ import annotations
