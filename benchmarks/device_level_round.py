@@ -9,10 +9,11 @@ is timed in ``benchmarks/fleet_round.py``):
     clipped to C as one vector (:func:`fed_nessa.sim.ghost.device_clipped_sum`, the engine's
     fast numerics), summed over devices, plus one Gaussian of the summed noise.
 ``fedavg``
-    the DP-FedAvg update (:func:`fed_nessa.sim.fedavg.fedavg_block`, not in the engines yet):
-    each device runs ``--local-epochs`` of plain SGD in minibatches of ``--local-batch`` on its own
-    copy of the global aligner (vectorised over the devices with ``torch.func``), its model delta
-    is clipped to C as one vector, and the deltas are summed.
+    the DP-FedAvg update (:func:`fed_nessa.sim.fedavg.fedavg_block_sum`, the engines' fast numerics):
+    each device runs ``--local-epochs`` of plain SGD in minibatches of ``--local-batch`` from the
+    global aligner, its model delta is clipped to C as one vector, and the deltas are summed;
+    ``--update explicit`` (the NESSA net written out, no per-device weight copies) or ``vmap`` (the
+    general path: each device's weight copy through ``torch.func``), same inputs.
 
 Pairs are random unit vectors generated on the device chunk by chunk from (seed, chunk): the
 arithmetic and the memory of a round do not depend on the values, and 10^6 devices' pairs are
@@ -37,7 +38,7 @@ from torch import nn
 
 from fed_nessa.config import from_run_config
 from fed_nessa.federated.layout import build_net, trainable
-from fed_nessa.sim.fedavg import BlockSteps, fedavg_block
+from fed_nessa.sim.fedavg import BlockSteps, clip_deltas, fedavg_block_sum, vmap_deltas
 from fed_nessa.sim.ghost import device_clipped_sum
 
 D_X, D_Y = 256, 192  # the synthetic population's enrollment and runtime dimensions
@@ -81,16 +82,21 @@ def _equal_steps(k: int, pairs: int, epochs: int, batch: int, device: torch.devi
 
 
 def fedavg_round(net: nn.Module, devices: int, pairs: int, chunk: int, clip: float, device: torch.device,
-                 local_epochs: int, lr: float, local_batch: int) -> torch.Tensor:
-    """Sum over every device of its clipped DP-FedAvg delta (:func:`fed_nessa.sim.fedavg.fedavg_block`:
-    ``local_epochs`` of plain SGD in minibatches of ``local_batch``, secret row orders)."""
-    total = torch.zeros(sum(p.numel() for p in trainable(net)), device=device)
+                 local_epochs: int, lr: float, local_batch: int, update: str = "explicit") -> torch.Tensor:
+    """Sum over every device of its clipped DP-FedAvg delta (``local_epochs`` of plain SGD in minibatches of
+    ``local_batch``, secret row orders): ``explicit``, the engines' fast-numerics call
+    (:func:`fed_nessa.sim.fedavg.fedavg_block_sum`, the NESSA net written out); ``vmap``, the general path
+    (:func:`fed_nessa.sim.fedavg.vmap_deltas`, per-device weight copies: the update before issue 22's speed-up)."""
+    total = torch.zeros(sum(p.numel() for p in trainable(net)), dtype=torch.float64, device=device)
     for c, start in enumerate(range(0, devices, chunk)):
         k = min(chunk, devices - start)
         x, y = _pairs(k * pairs, device, c)
-        out = fedavg_block(net, x.view(k, pairs, D_X), y.view(k, pairs, D_Y),
-                           _equal_steps(k, pairs, local_epochs, local_batch, device, c), lr=lr, clip_norm=clip)
-        total += out.clipped.sum(0)
+        x, y = x.view(k, pairs, D_X), y.view(k, pairs, D_Y)
+        steps = _equal_steps(k, pairs, local_epochs, local_batch, device, c)
+        if update == "vmap":
+            total += clip_deltas(vmap_deltas(net, x, y, steps, lr=lr), clip).clipped.double().sum(0)
+        else:
+            total += fedavg_block_sum(net, x, y, steps, lr=lr, clip_norm=clip).total
     return total + torch.randn_like(total) * clip
 
 
@@ -108,7 +114,7 @@ def _time(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int, wa
 
 
 def measure(devices: int, algorithm: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    cfg = from_run_config({"linear-start": "none", "hidden": args.hidden, "num-devices": max(devices, 3),
+    cfg = from_run_config({"linear-start": args.linear_start, "hidden": args.hidden, "num-devices": max(devices, 3),
                            "min-arrivals": 2, "secagg-quantization-range": 2**8, "privacy-unit": "device",
                            "delta": 0.1 / max(devices, 3)})
     net = build_net(cfg, D_X, D_Y).to(device)
@@ -121,14 +127,15 @@ def measure(devices: int, algorithm: str, args: argparse.Namespace, device: torc
     else:
         def fn() -> torch.Tensor:
             return fedavg_round(net, devices, pairs, args.fedavg_chunk, 0.1, device, args.local_epochs, args.lr,
-                                args.local_batch)
+                                args.local_batch, args.update)
         passes = args.local_epochs
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seconds = _time(fn, device, args.repeats, not args.no_warmup)
     flops = 6.0 * n_params * devices * pairs * passes
     med = statistics.median(seconds)
-    return {"algorithm": algorithm, "devices": devices, "pairs_per_device": pairs, "local_epochs": passes,
+    return {"algorithm": algorithm, "update": args.update if algorithm == "fedavg" else None,
+            "linear_start": args.linear_start, "devices": devices, "pairs_per_device": pairs, "local_epochs": passes,
             "trainable_params": n_params, "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "threads": torch.get_num_threads(), "seconds": [round(s, 4) for s in seconds],
@@ -150,12 +157,19 @@ def main() -> None:
     p.add_argument("--local-batch", type=int, default=16, help="pairs per local minibatch (0: full batch)")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--chunk", type=int, default=16_384, help="devices per FedSGD chunk")
-    p.add_argument("--fedavg-chunk", type=int, default=8_192, help="devices per DP-FedAvg chunk")
+    p.add_argument("--fedavg-chunk", type=int, default=256, help="devices per DP-FedAvg chunk (the engines' block)")
+    p.add_argument("--update", choices=("explicit", "vmap"), default="explicit",
+                   help="DP-FedAvg: the written-out NESSA update, or the general vmap path (the old one)")
+    p.add_argument("--linear-start", choices=("none", "suffstats"), default="none",
+                   help="none: the whole net trains; suffstats: the residual only (the linear part frozen)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-warmup", action="store_true", help="time the first round too (a 10^5-device CPU round)")
     p.add_argument("--out")
     a = p.parse_args()
     device = torch.device(a.device)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     results = []
     for algorithm in a.algorithms:
         for n in a.devices:

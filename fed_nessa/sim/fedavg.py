@@ -1,14 +1,17 @@
-"""DP-FedAvg's device update for a whole block of devices at once (``torch.func.vmap``).
+"""DP-FedAvg's device update for a whole block of devices at once.
 
 The same maths as :func:`fed_nessa.model.training.fedavg_delta` (the device side, run by the
 Flower ClientApp through :meth:`fed_nessa.federated.mechanism.DeviceLevel.fedavg_vector`), for
 ``k`` devices in one batched pass: each device's rows are padded to the block's largest device,
 each local step gathers every device's minibatch (weight 0 on padding, so a device whose epoch
-has fewer steps simply stops moving), and ``vmap(grad(...))`` gives the ``k`` gradients in one
-call. Same row orders in, the same clipped deltas out to float tolerance
-(tests/test_sim_fedavg.py). Noise is not added here: the engine adds the shares, per device
-(exact numerics, :func:`device_payloads`) or as one draw of their sum (fast numerics, with the adaptive
-clip's :func:`bit_sum`). The fleet and the block engines build their payloads with these functions only.
+has fewer steps simply stops moving). The NESSA net's steps are written out
+(:mod:`fed_nessa.sim.fedavg_explicit`: no per-device weight copies, the norms from Gram matrices;
+tests/test_sim_fedavg_explicit.py), any other net runs ``vmap(grad(...))`` over per-device weight
+copies (:func:`vmap_deltas`). Same row orders in, the same clipped deltas out to float tolerance
+(tests/test_device_fedavg.py). Noise is not added here: the engine adds the shares, per device
+(exact numerics, :func:`device_payloads`) or as one draw of their sum (fast numerics,
+:func:`fedavg_block_sum`, with the adaptive clip's :func:`bit_sum`). The fleet and the block engines
+build their payloads with these functions only.
 """
 
 from __future__ import annotations
@@ -25,6 +28,14 @@ from fed_nessa.federated.noise_plan import NoisePlan
 from fed_nessa.model.losses import get_loss
 from fed_nessa.model.training import device_clip_factor, local_minibatches, with_noise_share
 from fed_nessa.randomness import NoiseSource
+from fed_nessa.sim.fedavg_explicit import Plan as ExplicitPlan
+from fed_nessa.sim.fedavg_explicit import Workspace
+from fed_nessa.sim.fedavg_explicit import plan as explicit_plan
+from fed_nessa.sim.fedavg_explicit import train as explicit_train
+
+#: Devices the written-out update steps together inside a block: their step tensors stay in the L2 cache
+#: (BENCHMARKS.md, DP-FedAvg).
+EXPLICIT_GROUP = 64
 
 
 @dataclass(frozen=True)
@@ -74,12 +85,80 @@ def fedavg_block(net: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: BlockS
 
     ``x``/``y``: ``[k, rows, d]`` padded pairs (:func:`pad_block`); ``steps``: :func:`block_steps`.
     ``net`` is left unchanged; a net with its own ``pair_loss`` is refused (its forward is not its loss).
+    The NESSA net runs the written-out update (:mod:`fed_nessa.sim.fedavg_explicit`: no per-device
+    weight copies), :data:`EXPLICIT_GROUP` devices at a time; any other net :func:`vmap_deltas`.
     """
-    from torch.func import functional_call, grad, vmap
+    layout, names = _layout(net, loss)
+    if layout is None:
+        return clip_deltas(vmap_deltas(net, x, y, steps, lr=lr, loss=loss), clip_norm)
+    rows, weights = steps.rows.to(x.device), steps.weights.to(x.device)
+    k = x.shape[0]
+    clipped = x.new_empty(k, sum(p.numel() for p in net.parameters() if p.requires_grad))
+    norms = torch.empty(k, dtype=torch.float64, device=x.device)
+    work = Workspace()
+    with torch.no_grad():
+        for g in range(0, k, EXPLICIT_GROUP):
+            part = slice(g, g + EXPLICIT_GROUP)
+            trained = explicit_train(layout, net, x[part], y[part], rows[part], weights[part], lr, work)
+            norms[part] = trained.sq_norms().sqrt()
+            trained.write(names, device_clip_factor(norms[part], clip_norm), clipped[part])
+    return BlockDeltas(clipped, norms.float())
 
+
+@dataclass(frozen=True)
+class BlockSum:
+    """Fast numerics' view of a block: its clipped deltas summed, and each device's raw norm (the bits)."""
+
+    total: torch.Tensor  # [params] float64
+    norms: torch.Tensor  # [k] float32
+
+
+def fedavg_block_sum(net: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: BlockSteps, *, lr: float,
+                     clip_norm: float, loss: str = "cosine") -> BlockSum:
+    """:func:`fedavg_block`'s clipped deltas summed over the block (what fast numerics adds up), without
+    forming each device's delta on the written-out path (one GEMM per weight over all the devices' rows)."""
+    layout, names = _layout(net, loss)
+    if layout is None:
+        deltas = clip_deltas(vmap_deltas(net, x, y, steps, lr=lr, loss=loss), clip_norm)
+        return BlockSum(deltas.clipped.double().sum(dim=0), deltas.norms)
+    rows, weights = steps.rows.to(x.device), steps.weights.to(x.device)
+    total = torch.zeros(sum(p.numel() for p in net.parameters() if p.requires_grad), dtype=torch.float64,
+                        device=x.device)
+    norms = []
+    work = Workspace()
+    with torch.no_grad():
+        for g in range(0, x.shape[0], EXPLICIT_GROUP):
+            part = slice(g, g + EXPLICIT_GROUP)
+            trained = explicit_train(layout, net, x[part], y[part], rows[part], weights[part], lr, work)
+            norm = trained.sq_norms().sqrt()
+            total += trained.summed(names, device_clip_factor(norm, clip_norm))
+            norms.append(norm)
+    return BlockSum(total, torch.cat(norms).float())
+
+
+def _layout(net: nn.Module, loss: str) -> tuple[ExplicitPlan | None, list[str]]:
+    """The written-out update's reading of ``net`` (``None``: the vmap path) and the trainable names;
+    a net with its own ``pair_loss`` is refused (its forward is not its loss)."""
     if getattr(net, "pair_loss", None) is not None:
         raise ValueError(f"{type(net).__name__} defines its own pair_loss: the vectorised update supports "
                          "nets whose loss is loss(net(y), x)")
+    get_loss(loss)  # an unknown loss is refused by name on either path
+    return explicit_plan(net, loss), [n for n, p in net.named_parameters() if p.requires_grad]
+
+
+def clip_deltas(delta: torch.Tensor, clip_norm: float) -> BlockDeltas:
+    """Each row clipped as one vector to ``clip_norm`` (float64 norms and factor, as the device does)."""
+    norms = torch.linalg.vector_norm(delta.double(), dim=1)
+    clipped = delta.double() * device_clip_factor(norms, clip_norm)[:, None]
+    return BlockDeltas(clipped.float(), norms.float())
+
+
+def vmap_deltas(net: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: BlockSteps, *, lr: float,
+                loss: str = "cosine") -> torch.Tensor:
+    """The general path: ``start - end`` per device, ``[k, trainable params]``, by ``vmap(grad(...))``
+    over per-device weight copies (any net whose loss is ``loss(net(y), x)``)."""
+    from torch.func import functional_call, grad, vmap
+
     loss_fn = get_loss(loss)
     names = [n for n, p in net.named_parameters() if p.requires_grad]
     frozen = {n: p.detach() for n, p in net.named_parameters() if not p.requires_grad}
@@ -99,10 +178,7 @@ def fedavg_block(net: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: BlockS
         idx = rows[:, s]
         grads = step(params, x[device, idx], y[device, idx], weights[:, s])
         params = {n: params[n] - lr * grads[n] for n in names}
-    delta = torch.cat([(start[n] - params[n]).reshape(k, -1) for n in names], dim=1)
-    norms = torch.linalg.vector_norm(delta.double(), dim=1)
-    clipped = delta.double() * device_clip_factor(norms, clip_norm)[:, None]
-    return BlockDeltas(clipped.float(), norms.float())
+    return torch.cat([(start[n] - params[n]).reshape(k, -1) for n in names], dim=1)
 
 
 def round_clip(mech: Mechanism, plan: NoisePlan, clip: float | None) -> tuple[float, float | None]:
@@ -132,7 +208,7 @@ def device_payloads(deltas: BlockDeltas, params: Sequence[nn.Parameter], clip: f
     return out
 
 
-def bit_sum(deltas: BlockDeltas, clip: float) -> float:
+def bit_sum(deltas: BlockDeltas | BlockSum, clip: float) -> float:
     """Fast numerics: a block's centred adaptive-clip bits ``1[norm <= clip] - 1/2`` summed, without their count
     shares (those are in the engine's one draw of the summed noise, the bit coordinate's std the delta's)."""
     return float(((deltas.norms <= clip).double() - BIT_SENSITIVITY).sum())

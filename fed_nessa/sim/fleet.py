@@ -98,7 +98,14 @@ from fed_nessa.privacy.ledger import (
 )
 from fed_nessa.randomness import NoiseSource, noise_source
 from fed_nessa.sim import fleet_integer
-from fed_nessa.sim.fedavg import bit_sum, block_steps, device_payloads, fedavg_block, round_clip
+from fed_nessa.sim.fedavg import (
+    bit_sum,
+    block_steps,
+    device_payloads,
+    fedavg_block,
+    fedavg_block_sum,
+    round_clip,
+)
 from fed_nessa.sim.fleet_epsilon import SpentEpsilon
 from fed_nessa.sim.fleet_ledgers import DeviceBook
 from fed_nessa.sim.fleet_numerics import (
@@ -573,11 +580,13 @@ class FleetEngine(Engine):
             idx = np.stack([fleet.starts[i] + np.where(local < n[i], local, 0) for i in chunk])
             gather = torch.from_numpy(idx).to(self.torch_device)
             steps = block_steps([orders[i] for i in chunk], cfg.local_batch)
-            block = fedavg_block(net, fleet.x[gather], fleet.y[gather], steps, lr=cfg.local_lr, clip_norm=clip)
             if self.numerics == FleetNumerics.FAST:
-                total += block.clipped.double().sum(dim=0)
-                bits += bit_sum(block, clip)
+                summed = fedavg_block_sum(net, fleet.x[gather], fleet.y[gather], steps, lr=cfg.local_lr,
+                                          clip_norm=clip)
+                total += summed.total
+                bits += bit_sum(summed, clip)
                 continue
+            block = fedavg_block(net, fleet.x[gather], fleet.y[gather], steps, lr=cfg.local_lr, clip_norm=clip)
             stds = [mech.share_std(Phase.DPSGD, self.plan, book.policies[i].guaranteed_arrivals, clip)
                     if dp and share else 0.0 for i in chunk]
             payloads = device_payloads(block, params, clip, scale, stds, [streams[i] for i in chunk])

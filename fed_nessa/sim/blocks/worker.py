@@ -73,10 +73,12 @@ from fed_nessa.randomness import NoiseSource, noise_source
 from fed_nessa.sim import fleet_integer
 from fed_nessa.sim.fedavg import (
     BlockDeltas,
+    BlockSum,
     bit_sum,
     block_steps,
     device_payloads,
     fedavg_block,
+    fedavg_block_sum,
     pad_block,
     round_clip,
 )
@@ -421,10 +423,11 @@ class BlockWorker:
         return out.cpu().numpy().astype(np.float64)
 
     def _fedavg(self, net: nn.Module, chunk: DeviceBlock, rows: list[np.ndarray], orders: list[list[np.ndarray]],
-                clip: float) -> Iterator[tuple[list[int], BlockDeltas]]:
+                clip: float, summed: bool = False) -> Iterator[tuple[list[int], BlockDeltas | BlockSum]]:
         """The devices' DP-FedAvg deltas clipped to the round's ``clip`` and their norms
         (:func:`fed_nessa.sim.fedavg.fedavg_block`, clipped with or without DP, as on the device), :data:`FEDAVG_BLOCK`
-        devices per vectorised pass: each pass's positions in ``rows`` and its deltas (similar sizes together)."""
+        devices per vectorised pass: each pass's positions in ``rows`` and its deltas (similar sizes together);
+        ``summed``: each pass's clipped deltas summed instead (:func:`fed_nessa.sim.fedavg.fedavg_block_sum`)."""
         cfg, on = self.cfg, torch.device(self.spec.device)
         if on.type != "cpu":
             net = copy.deepcopy(net).to(on)
@@ -433,7 +436,8 @@ class BlockWorker:
             part = by_size[s:s + FEDAVG_BLOCK].tolist()
             x, y = pad_block([chunk.x[rows[j]] for j in part], [chunk.y[rows[j]] for j in part])
             steps = block_steps([orders[j] for j in part], cfg.local_batch)
-            yield part, fedavg_block(net, x.to(on), y.to(on), steps, lr=cfg.local_lr, clip_norm=clip)
+            update = fedavg_block_sum if summed else fedavg_block
+            yield part, update(net, x.to(on), y.to(on), steps, lr=cfg.local_lr, clip_norm=clip)
 
     def _fedavg_payloads(self, req: SumRequest, chunk: DeviceBlock, rows: list[np.ndarray],
                          orders: list[list[np.ndarray]], stds: list[float],
@@ -445,6 +449,7 @@ class BlockWorker:
         params = trainable(req.net)
         out: list[np.ndarray] = [np.zeros(0)] * len(rows)
         for part, deltas in self._fedavg(req.net, chunk, rows, orders, clip):
+            assert isinstance(deltas, BlockDeltas)
             payloads = device_payloads(deltas, params, clip, scale, [stds[j] for j in part], [streams[j] for j in part])
             for j, vec in zip(part, payloads, strict=True):
                 out[j] = vec
@@ -458,10 +463,11 @@ class BlockWorker:
         clip, scale = round_clip(self.mechanism, req.plan, req.clip)
         total: torch.Tensor | None = None
         bits = 0.0
-        for _part, deltas in self._fedavg(req.net, chunk, rows, orders, clip):
-            part_sum = deltas.clipped.double().sum(dim=0).cpu()
+        for _part, summed in self._fedavg(req.net, chunk, rows, orders, clip, summed=True):
+            assert isinstance(summed, BlockSum)
+            part_sum = summed.total.cpu()
             total = part_sum if total is None else total + part_sum
-            bits += bit_sum(deltas, clip)
+            bits += bit_sum(summed, clip)
         assert total is not None
         out = total.numpy()
         return out if scale is None else np.append(out, bits * scale)
