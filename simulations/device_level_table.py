@@ -22,6 +22,13 @@ from typing import Any
 from simulations.results_csv import Cells, Value, arm, eer_gap, metrics, read, study_cells
 
 NAME = re.compile(r"device-(\d+)dev-(linear|nessa)-eps([\d.]+)$")
+#: Issue 22's runs (simulations/device_fedavg_scale_study.sh): one run per cell, the DP linear start on part of
+#: epsilon and DP-FedAvg rounds on the rest, the gate choosing what ships.
+FEDAVG_NAME = re.compile(r"device-(\d+)dev-(startfedavg)-eps([\d.]+)$")
+FEDAVG_HEADER = ("| devices | device ε (δ) | budget split | DP linear start EER % (gap) | DP-FedAvg rounds | "
+                 "σ statistics / rounds | clip, last round | DP NESSA EER % (gap) | shipped | shipped share of "
+                 "non-DP (reference) | s per round |")
+FEDAVG_ALIGN = "|---:|---|---:|---|---:|---|---:|---|---|---|---:|"
 HEADER = ("| devices | device ε (δ) | DP linear start EER % (gap) | share of non-DP | DP NESSA EER % (gap) "
           "| share of non-DP | example-level DP NESSA, same ε (500 rounds), EER % (gap) | non-DP NESSA EER % (gap) "
           "| DP-SGD rounds | σ | s per round |")
@@ -80,6 +87,34 @@ def markdown(table: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def reference_for(n: int, example_runs: Sequence[dict[str, Value]]) -> tuple[int, dict[str, float | None]] | None:
+    """Non-DP NESSA from the example-level fleet study's largest fleet <= n (the same generator and held-out
+    speakers; no pooled reference is fitted at 10^5 devices): (its fleet size, its metrics)."""
+    best: tuple[int, dict[str, float | None]] | None = None
+    for r in example_runs:
+        devices, ref = r["devices"], metrics(r, "centralised_nessa")
+        if isinstance(devices, int) and devices <= n and ref and (best is None or devices > best[0]):
+            best = (devices, ref)
+    return best
+
+
+def fedavg_markdown(runs: Sequence[dict[str, Value]], example_runs: Sequence[dict[str, Value]]) -> str:
+    """Issue 22's table: one line per ``device-<n>dev-startfedavg-eps<e>`` run."""
+    lines = [FEDAVG_HEADER, FEDAVG_ALIGN]
+    for (n, eps), arms in sorted(study_cells(runs, FEDAVG_NAME).items()):
+        r = arms["startfedavg"]
+        ref = reference_for(n, example_runs)
+        gap, ref_gap = (metrics(r, "final") or {}).get("gap_closure"), (ref[1].get("gap_closure") if ref else None)
+        share = (f"{gap / ref_gap:.2f} ({ref_gap:.2f}, {ref[0]} devices)"
+                 if ref and ref_gap and gap is not None else "n/a")
+        clip, seconds = r["last_round_clip"], r["seconds_per_dpsgd_round_median"]
+        lines.append(f"| {n} | {eps:g} ({r['delta']:g}) | {r['budget-split']} | {eer_gap(metrics(r, 'linear_start'))} "
+                     f"| {r['dpsgd_rounds']} | {r['suffstats_sigma']:.3g} / {r['dpsgd_sigma']:.3g} "
+                     f"| {'n/a' if clip is None else f'{clip:.3g}'} | {eer_gap(metrics(r, 'dp_nessa'))} "
+                     f"| {r['gate_shipped']} | {share} | {'n/a' if seconds is None else f'{seconds:.1f}'} |")
+    return "\n".join(lines)
+
+
 def plot(table: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -122,7 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args(argv)
     try:
-        table = rows(cells(read(args.csv)), read(args.example))
+        runs, example_runs = read(args.csv), read(args.example)
+        table = rows(cells(runs), example_runs)
     except (OSError, ValueError) as exc:
         print(f"device_level_table: error: {exc}", file=sys.stderr)
         return 2
@@ -131,6 +167,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     print(markdown(table))
+    if study_cells(runs, FEDAVG_NAME):
+        print()
+        print(fedavg_markdown(runs, example_runs))
     if args.plot:
         plot(table, args.plot)
     return 0

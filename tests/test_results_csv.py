@@ -216,3 +216,22 @@ def test_the_update_rule_table_states_each_runs_clip_and_arm(tmp_path: Path,
     write(other, [row(fixed, "device-1000dev-nessa-eps8")])
     assert device_fedavg_table.main([str(other)]) == 2
     assert "no run named fedavg-<n>dev-<arm>-eps<e>" in capsys.readouterr().err
+
+
+def test_the_large_fleet_fedavg_table_reads_one_run_per_cell_and_the_nearest_reference() -> None:
+    """Issue 22's rows: the start and DP-FedAvg of one run, the share against the largest smaller fleet's non-DP
+    NESSA (no pooled reference is fitted at 10^5 devices)."""
+    run = _summary()
+    run["config"].update({"num-devices": 100_000, "budget-split": 0.5})
+    run["final"].update({"dp_nessa": {"eer": 0.06, "gap_closure": 0.6}})
+    run["noise_plan"] = {"suffstats_sigma": 2.0, "dpsgd_sigma": 3.0}
+    refs = []
+    for n, gap in ((30_000, 0.94), (10_000, 0.95), (300_000, 0.99)):
+        ref = _summary()
+        ref["config"]["num-devices"] = n
+        ref["final"]["centralised_nessa"] = {"eer": 0.04, "gap_closure": gap}
+        refs.append(row(ref, f"fleet-{n}dev-nessa-eps8"))
+    text = device_level_table.fedavg_markdown([row(run, "device-100000dev-startfedavg-eps8")], refs)
+    [line] = text.splitlines()[2:]
+    assert line.startswith("| 100000 | 8 (1e-05) | 0.5 | 7.00 (0.50) | 2 | 2 / 3 |")
+    assert "| 6.00 (0.60) | dp-nessa | 0.64 (0.94, 30000 devices) |" in line

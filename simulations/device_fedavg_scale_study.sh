@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Issue 22's device-level study at 10^5-10^6 devices (docs/results.md "Device-level DP-FedAvg at 10^5 devices"):
+# fleet size x device-level epsilon, each a `fed-nessa simulate --engine blocks` run (lazy devices in blocks,
+# memory independent of the fleet's pairs) with privacy-unit = device: the DP linear start on BUDGET_SPLIT of
+# epsilon, then ROUNDS DP-FedAvg rounds on the rest (one local epoch of SGD at LOCAL_LR in minibatches of 16,
+# the delta clipped as one vector to an adaptive clip at the private median, server SGD with momentum 0.9 at
+# SERVER_LR), every device in every round; the gate ships not updating, the start or DP NESSA on the server's
+# validation speakers. Run folders in runs/studies/device-<n>dev-startfedavg-eps<e> (not committed); a row each
+# in results/device_level.csv. Resumable: a run whose row is in the CSV is skipped.
+#   bash simulations/device_fedavg_scale_study.sh [SIZES] [EPSILONS] [ROUNDS] [SERVER_LR] [LOCAL_LR] [BUDGET_SPLIT]
+# defaults: "100000" "8" 10 0.5 0.05 0.5 (what 2 cores allow; 3x10^5 and 10^6 need a GPU or hours).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+fresh() { rm -rf "$1" "$1.keys"; echo "$1"; }
+VENV="${FED_NESSA_VENV:-.venv}"
+RUNS=runs/studies CSV=results/device_level.csv
+record() { "$VENV/bin/python" -m simulations.results_csv "$CSV" "$RUNS/$1"; }
+recorded() { [ -f "$CSV" ] && grep -q "^$1," "$CSV"; }
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+sizes=${1:-"100000"}
+epsilons=${2:-"8"}
+rounds=${3:-10}
+server_lr=${4:-0.5}
+local_lr=${5:-0.05}
+split=${6:-0.5}
+for n in $sizes; do
+  for eps in $epsilons; do
+    name="device-${n}dev-startfedavg-eps$eps"
+    if recorded "$name"; then echo "$(date +%T) $name: in $CSV, skipped"; continue; fi
+    echo "$(date +%T) $name"
+    "$VENV/bin/fed-nessa" simulate --engine blocks --quiet --set num-devices="$n" --set privacy-unit=device \
+      --set epsilon-budget="$eps" --set aligner=nessa --set linear-start=suffstats --set budget-split="$split" \
+      --set device-update=fedavg --set local-lr="$local_lr" --set clip-target-quantile=0.5 \
+      --set server-optimizer=sgd --set server-lr="$server_lr" --set num-server-rounds=$((rounds + 1)) \
+      --set references=false --set eval-every=5 --set ledger-layout=sqlite --run-dir "$(fresh "$RUNS/$name")"
+    record "$name"
+  done
+done
+"$VENV/bin/python" -m simulations.device_level_table "$CSV" --example results/fleet.csv
