@@ -41,3 +41,15 @@ def test_group_privacy_bound() -> None:
     eps, delta = group_privacy(1.0, 1e-5, 3)
     assert eps == 3.0 and delta == pytest.approx(3 * math.e ** 2 * 1e-5)
     assert group_privacy(8.0, 1e-5, 50)[1] == 1.0
+
+
+@pytest.mark.parametrize(("mode", "mechanism", "covered"), [("distributed", "gaussian", False),
+                                                            ("distributed", "skellam", True),
+                                                            ("local", "gaussian", True)])
+def test_the_statement_says_whether_the_accounting_covers_what_is_released(mode: str, mechanism: str,
+                                                                          covered: bool) -> None:
+    """Distributed Gaussian shares are rounded by Flower's quantizer after the noise: that rounding is outside
+    the accounting, and the output says so; the integer mechanism and local mode release what is accounted."""
+    s = privacy_statement(mode, 1e-5, 8.0, "rdp", min_arrivals=20, reconstruction_threshold=8, mechanism=mechanism)
+    assert s["accounting_covers_release"] is covered and s["mechanism"] == mechanism
+    assert ("NOT covered by the accounting" in s["noise_source"]) is not covered
