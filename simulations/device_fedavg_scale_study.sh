@@ -29,7 +29,7 @@ for n in $sizes; do
     if recorded "$name"; then echo "$(date +%T) $name: in $CSV, skipped"; continue; fi
     echo "$(date +%T) $name"
     "$VENV/bin/fed-nessa" simulate --engine blocks --quiet --set num-devices="$n" --set privacy-unit=device \
-      --set epsilon-budget="$eps" --set aligner=nessa --set linear-start=suffstats --set budget-split="$split" \
+      --set epsilon-budget="$eps" --set aligner=auto --set linear-start=suffstats --set budget-split="$split" \
       --set device-update=fedavg --set local-lr="$local_lr" --set clip-target-quantile=0.5 \
       --set server-optimizer=sgd --set server-lr="$server_lr" --set num-server-rounds=$((rounds + 1)) \
       --set references=false --set eval-every=5 --set ledger-layout=sqlite --run-dir "$(fresh "$RUNS/$name")"
