@@ -7,8 +7,9 @@
 # SERVER_LR), every device in every round; the gate ships not updating, the start or DP NESSA on the server's
 # validation speakers. Run folders in runs/studies/device-<n>dev-startfedavg-eps<e> (not committed); a row each
 # in results/device_level.csv. Resumable: a run whose row is in the CSV is skipped.
-#   bash simulations/device_fedavg_scale_study.sh [SIZES] [EPSILONS] [ROUNDS] [SERVER_LR] [LOCAL_LR] [BUDGET_SPLIT]
-# defaults: "100000" "8" 10 0.5 0.05 0.5 (what 2 cores allow; 3x10^5 and 10^6 need a GPU or hours).
+# A split other than 0.5 is its own arm, device-<n>dev-startfedavg-split<s>-eps<e>.
+#   bash simulations/device_fedavg_scale_study.sh [SIZES] [EPSILONS] [ROUNDS] [SERVER_LR] [LOCAL_LR] [BUDGET_SPLIT] [SERVER_OPTIMIZER]
+# defaults: "100000" "8" 10 0.5 0.05 0.5 sgd (what 2 cores allow; 3x10^5 and 10^6 need a GPU or hours).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 fresh() { rm -rf "$1" "$1.keys"; echo "$1"; }
@@ -23,15 +24,18 @@ rounds=${3:-10}
 server_lr=${4:-0.5}
 local_lr=${5:-0.05}
 split=${6:-0.5}
+server_opt=${7:-sgd}
+arm=startfedavg
+[ "$split" = 0.5 ] || arm="startfedavg-split$split"
 for n in $sizes; do
   for eps in $epsilons; do
-    name="device-${n}dev-startfedavg-eps$eps"
+    name="device-${n}dev-$arm-eps$eps"
     if recorded "$name"; then echo "$(date +%T) $name: in $CSV, skipped"; continue; fi
     echo "$(date +%T) $name"
     "$VENV/bin/fed-nessa" simulate --engine blocks --quiet --set num-devices="$n" --set privacy-unit=device \
       --set epsilon-budget="$eps" --set aligner=auto --set linear-start=suffstats --set budget-split="$split" \
       --set device-update=fedavg --set local-lr="$local_lr" --set clip-target-quantile=0.5 \
-      --set server-optimizer=sgd --set server-lr="$server_lr" --set num-server-rounds=$((rounds + 1)) \
+      --set server-optimizer="$server_opt" --set server-lr="$server_lr" --set num-server-rounds=$((rounds + 1)) \
       --set references=false --set eval-every=5 --set ledger-layout=sqlite --run-dir "$(fresh "$RUNS/$name")"
     record "$name"
   done

@@ -5,8 +5,8 @@
 # DP-FedAvg rounds with an adaptive median clip, aligner = auto so the gate weighs all three candidates).
 # Rows in results/device_fedavg_tuning.csv (+ _rounds.csv: the EER curve); run folders in
 # runs/tuning/<name> (not committed). Resumable (a recorded arm is skipped); PARALLEL arms at a time.
-# EPS 150 at 10^4 devices gives the noise per coordinate of the mean (sigma C / N) of epsilon 8 at 10^5 devices
-# within 2x (statistics 1.24e-5 C vs 1.27e-5 C; rounds 5.2e-5 C vs 2.6e-5 C): the 10^5 study's signal-to-noise
+# EPS 60 at 10^4 devices gives about the noise per coordinate of the mean (sigma C / N) of epsilon 8 at 10^5
+# devices (statistics 2.2e-5 C vs 1.3e-5 C; 10 rounds 5.8e-5 C vs 2.6e-5 C), the 10^5 study's signal-to-noise
 # at a tenth of its cost. EPS 8 tunes the noise-dominated 10^4 cell itself.
 #   bash simulations/device_fedavg_tuning.sh [ROUNDS] [PARALLEL] [EPS] [ARM ...]
 set -euo pipefail
@@ -16,7 +16,7 @@ RUNS=runs/tuning CSV=results/device_fedavg_tuning.csv
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 rounds=${1:-20}
 parallel=${2:-2}
-eps=${3:-150}
+eps=${3:-60}
 shift 3 || true
 arms=("$@")
 [ ${#arms[@]} -gt 0 ] || arms=("sgd 0.5 0.05 1" "adam 0.003 0.05 1" "sgd 0.1 0.05 1" "adam 0.01 0.05 1"

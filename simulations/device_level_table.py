@@ -19,16 +19,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from simulations.results_csv import Cells, Value, arm, eer_gap, metrics, read, study_cells
+from simulations.results_csv import Cells, Value, arm, eer_gap, metrics, number, read, study_cells
 
 NAME = re.compile(r"device-(\d+)dev-(linear|nessa)-eps([\d.]+)$")
 #: Issue 22's runs (simulations/device_fedavg_scale_study.sh): one run per cell, the DP linear start on part of
 #: epsilon and DP-FedAvg rounds on the rest, the gate choosing what ships.
-FEDAVG_NAME = re.compile(r"device-(\d+)dev-(startfedavg)-eps([\d.]+)$")
-FEDAVG_HEADER = ("| devices | device ε (δ) | budget split | DP linear start EER % (gap) | DP-FedAvg rounds | "
+FEDAVG_NAME = re.compile(r"device-(\d+)dev-(startfedavg(?:-split[\d.]+)?)-eps([\d.]+)$")
+FEDAVG_HEADER = ("| devices | device ε (δ) | budget split | server optimiser (lr) | DP linear start EER % (gap) "
+                 "| DP-FedAvg rounds | "
                  "σ statistics / rounds | clip, last round | DP NESSA EER % (gap) | shipped | shipped share of "
                  "non-DP (reference) | s per round |")
-FEDAVG_ALIGN = "|---:|---|---:|---|---:|---|---:|---|---|---|---:|"
+FEDAVG_ALIGN = "|---:|---|---:|---|---|---:|---|---:|---|---|---|---:|"
 HEADER = ("| devices | device ε (δ) | DP linear start EER % (gap) | share of non-DP | DP NESSA EER % (gap) "
           "| share of non-DP | example-level DP NESSA, same ε (500 rounds), EER % (gap) | non-DP NESSA EER % (gap) "
           "| DP-SGD rounds | σ | s per round |")
@@ -99,20 +100,28 @@ def reference_for(n: int, example_runs: Sequence[dict[str, Value]]) -> tuple[int
 
 
 def fedavg_markdown(runs: Sequence[dict[str, Value]], example_runs: Sequence[dict[str, Value]]) -> str:
-    """Issue 22's table: one line per ``device-<n>dev-startfedavg-eps<e>`` run."""
+    """Issue 22's table: one line per ``device-<n>dev-startfedavg[-split<s>]-eps<e>`` run."""
     lines = [FEDAVG_HEADER, FEDAVG_ALIGN]
     for (n, eps), arms in sorted(study_cells(runs, FEDAVG_NAME).items()):
-        r = arms["startfedavg"]
-        ref = reference_for(n, example_runs)
-        gap, ref_gap = (metrics(r, "final") or {}).get("gap_closure"), (ref[1].get("gap_closure") if ref else None)
-        share = (f"{gap / ref_gap:.2f} ({ref_gap:.2f}, {ref[0]} devices)"
-                 if ref and ref_gap and gap is not None else "n/a")
-        clip, seconds = r["last_round_clip"], r["seconds_per_dpsgd_round_median"]
-        lines.append(f"| {n} | {eps:g} ({r['delta']:g}) | {r['budget-split']} | {eer_gap(metrics(r, 'linear_start'))} "
-                     f"| {r['dpsgd_rounds']} | {r['suffstats_sigma']:.3g} / {r['dpsgd_sigma']:.3g} "
-                     f"| {'n/a' if clip is None else f'{clip:.3g}'} | {eer_gap(metrics(r, 'dp_nessa'))} "
-                     f"| {r['gate_shipped']} | {share} | {'n/a' if seconds is None else f'{seconds:.1f}'} |")
+        for _, r in sorted(arms.items()):
+            lines.append(_fedavg_line(n, eps, r, reference_for(n, example_runs)))
     return "\n".join(lines)
+
+
+def _fedavg_line(n: int, eps: float, r: dict[str, Value],
+                 ref: tuple[int, dict[str, float | None]] | None) -> str:
+    """One run of the large-fleet study (an arm is its budget split)."""
+    gap, ref_gap = (metrics(r, "final") or {}).get("gap_closure"), (ref[1].get("gap_closure") if ref else None)
+    share = (f"{gap / ref_gap:.2f} ({ref_gap:.2f}, {ref[0]} devices)"
+             if ref and ref_gap and gap is not None else "n/a")
+    clip, seconds = r["last_round_clip"], r["seconds_per_dpsgd_round_median"]
+    lr = number(r["server-lr"])
+    return (f"| {n} | {eps:g} ({r['delta']:g}) | {r['budget-split']} | {r['server-optimizer']} "
+            f"({'n/a' if lr is None else f'{lr:g}'}) "
+            f"| {eer_gap(metrics(r, 'linear_start'))} "
+            f"| {r['dpsgd_rounds']} | {r['suffstats_sigma']:.3g} / {r['dpsgd_sigma']:.3g} "
+            f"| {'n/a' if clip is None else f'{clip:.3g}'} | {eer_gap(metrics(r, 'dp_nessa'))} "
+            f"| {r['gate_shipped']} | {share} | {'n/a' if seconds is None else f'{seconds:.1f}'} |")
 
 
 def plot(table: list[dict[str, Any]], path: Path) -> None:

@@ -12,6 +12,7 @@ import pytest
 from simulations import (
     device_fedavg_table,
     device_level_table,
+    fedavg_tuning_table,
     fleet_selfset_table,
     fleet_table,
     mechanism_table,
@@ -156,6 +157,8 @@ def test_the_committed_tables_reproduce_from_the_committed_csvs() -> None:
             fleet_selfset_table.references(read(results / "fleet.csv")))),
         device_fedavg_table.markdown(device_fedavg_table.rows(read(results / "device_fedavg.csv"))),
         mechanism_table.table(read(results / "mechanism.csv") + read(results / "fleet_selfset.csv")),
+        fedavg_tuning_table.markdown(read(results / "device_fedavg_tuning.csv"),
+                                     read(results / "device_fedavg_tuning_rounds.csv", ROUND_COLUMNS)),
     ]
     docs = _doc_lines()
     for text in tables:
@@ -222,7 +225,7 @@ def test_the_large_fleet_fedavg_table_reads_one_run_per_cell_and_the_nearest_ref
     """Issue 22's rows: the start and DP-FedAvg of one run, the share against the largest smaller fleet's non-DP
     NESSA (no pooled reference is fitted at 10^5 devices)."""
     run = _summary()
-    run["config"].update({"num-devices": 100_000, "budget-split": 0.5})
+    run["config"].update({"num-devices": 100_000, "budget-split": 0.5, "server-optimizer": "sgd", "server-lr": 0.5})
     run["final"].update({"dp_nessa": {"eer": 0.06, "gap_closure": 0.6}})
     run["noise_plan"] = {"suffstats_sigma": 2.0, "dpsgd_sigma": 3.0}
     refs = []
@@ -233,5 +236,40 @@ def test_the_large_fleet_fedavg_table_reads_one_run_per_cell_and_the_nearest_ref
         refs.append(row(ref, f"fleet-{n}dev-nessa-eps8"))
     text = device_level_table.fedavg_markdown([row(run, "device-100000dev-startfedavg-eps8")], refs)
     [line] = text.splitlines()[2:]
-    assert line.startswith("| 100000 | 8 (1e-05) | 0.5 | 7.00 (0.50) | 2 | 2 / 3 |")
+    assert line.startswith("| 100000 | 8 (1e-05) | 0.5 | sgd (0.5) | 7.00 (0.50) | 2 | 2 / 3 |")
     assert "| 6.00 (0.60) | dp-nessa | 0.64 (0.94, 30000 devices) |" in line
+
+
+def test_a_budget_split_arm_is_its_own_line_of_the_large_fleet_table() -> None:
+    """``device-<n>dev-startfedavg-split<s>-eps<e>`` sits beside the 0.5 split's run of the same cell."""
+    runs = []
+    arms = (("device-100000dev-startfedavg-eps8", 0.5), ("device-100000dev-startfedavg-split0.9-eps8", 0.9))
+    for name, split in arms:
+        run = _summary()
+        run["config"].update({"num-devices": 100_000, "budget-split": split, "server-optimizer": "sgd",
+                              "server-lr": 0.1})
+        run["noise_plan"] = {"suffstats_sigma": 2.0, "dpsgd_sigma": 3.0}
+        runs.append(row(run, name))
+    lines = device_level_table.fedavg_markdown(runs, []).splitlines()[2:]
+    assert [line.split(" | ")[2] for line in lines] == ["0.5", "0.9"]
+
+
+def test_the_tuning_table_reads_each_arms_curve_and_refuses_a_csv_without_arms(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The start is round 1's EER, the best and last DP-FedAvg rounds come from the rounds CSV; the gate's
+    validation EERs and choice from the run's row."""
+    summary = _summary()
+    summary["final"]["gate"].update({"shipped": "linear-start", "validation_eer": {
+        "none": 0.11, "linear-start": 0.08, "dp-nessa": 0.2}})
+    summary["rounds"].append({"round": 5, "phase": "dpsgd", "eer": 0.09, "seconds": 0.2, "declined": 0})
+    name = "tune-10000dev-seed1-eps60-sgd-0.1-0.05-e1"
+    csv = tmp_path / "device_fedavg_tuning.csv"
+    write(csv, [row(summary, name)])
+    write(rounds_path(csv), round_rows(summary, name), ROUND_COLUMNS)
+    assert fedavg_tuning_table.main([str(csv)]) == 0
+    line = capsys.readouterr().out.splitlines()[2]
+    assert line.startswith("| 10000 | 1 | 60 | sgd (0.1) | 0.05, 1 |")
+    assert "| 7.00 | 6.00 (round 3) | 6.00 (round 3) | 9.00 | 11.00 / 8.00 / 20.00 | linear-start |" in line
+    write(csv, [row(summary, "device-1000dev-nessa-eps8")])
+    assert fedavg_tuning_table.main([str(csv)]) == 2
+    assert "no run named tune-" in capsys.readouterr().err

@@ -1,0 +1,136 @@
+"""Why a few DP-FedAvg rounds do not improve a ridge start: the optimisation alone, without noise or clipping.
+
+Issue 22's DP-FedAvg rounds made the DP linear start worse at every tuned step size
+(results/device_fedavg_tuning.csv). This check asks the noise-free question on a small population that is
+never reported (population seed 1, 300 devices, its own evaluation speakers): from the ridge fit of the pooled
+pairs (the non-private linear start; the linear part is then frozen, as in the protocol), how does the
+residual MLP's EER move
+
+- under full-batch steps on the pooled gradient with Adam (the best a server can do with one aggregate per
+  round and no noise: FedSGD on every pair), and
+- under noise-free, unclipped FedAvg rounds (one local epoch of SGD over each device's pairs in minibatches,
+  the mean pseudo-gradient applied with plain SGD at the server),
+
+and how far the device-weighted mean gradient points from the pooled one. It prints a markdown table; the
+docs cite it (docs/results.md "Device-level DP-FedAvg at 10^5 devices").
+
+    python -m simulations.fedavg_steps_check [--devices 300] [--seed 1] [--steps 400]
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from fed_nessa.config import FederationConfig, LinearStart
+from fed_nessa.data.population import Scenario
+from fed_nessa.data.synthetic import SyntheticPopulation, generate_population
+from fed_nessa.evaluation.gate import validation_eers
+from fed_nessa.federated import suffstats
+from fed_nessa.federated.layout import build_net, flat, load_flat, nessa_config, trainable
+from fed_nessa.model.aligners.base import AlignerInfo
+from fed_nessa.model.aligners.nessa import NessaAligner
+from fed_nessa.model.training import fedavg_delta, pair_loss
+
+
+def _start(pop: SyntheticPopulation, cfg: FederationConfig) -> torch.nn.Module:
+    """The NESSA net at the ridge fit of every pair (no noise), its linear part frozen."""
+    x = np.concatenate([d.enroll for d in pop.devices])
+    y = np.concatenate([d.runtime for d in pop.devices])
+    net = build_net(cfg, x.shape[1], y.shape[1])
+    stats = sum(suffstats.device_vector(d.enroll, d.runtime) for d in pop.devices)
+    gram, cross = suffstats.unpack(np.asarray(stats, np.float64), x.shape[1], y.shape[1])
+    w, b = suffstats.solve(gram, cross, nessa_config(cfg).ridge_alpha)
+    net.set_linear(w, b)
+    return net
+
+
+def _eer(net: torch.nn.Module, pop: SyntheticPopulation, cfg: FederationConfig) -> tuple[float, float]:
+    """(not updating, this net) EER on the population's own evaluation speakers."""
+    d_x, d_y = pop.devices[0].enroll.shape[1], pop.devices[0].runtime.shape[1]
+    aligner = NessaAligner(AlignerInfo(d_x=d_x, d_y=d_y, enroll_model=pop.enroll_model,
+                                       runtime_model=pop.runtime_model), nessa_config(cfg))
+    aligner.net = net
+    eers = validation_eers({"dp-nessa": aligner}, pop.eval, Scenario(pop.enroll_model, pop.runtime_model))
+    return eers["none"], eers["dp-nessa"]
+
+
+def _pooled_grad(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    params = trainable(net)
+    grads = torch.autograd.grad(pair_loss(net, x, y, "cosine").mean(), params)
+    return torch.cat([g.reshape(-1) for g in grads]).numpy()
+
+
+def _device_mean_grad(net: torch.nn.Module, pop: SyntheticPopulation) -> np.ndarray:
+    return np.mean([_pooled_grad(net, torch.tensor(d.enroll), torch.tensor(d.runtime)) for d in pop.devices], 0)
+
+
+def adam_curve(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float,
+               at: Sequence[int], score: Callable[[], float]) -> list[tuple[int, float]]:
+    """Full-batch Adam on the pooled loss; the EER at each step in ``at``."""
+    opt = torch.optim.Adam(trainable(net), lr=lr)
+    out = [(0, score())] if 0 in at else []
+    for step in range(1, steps + 1):
+        opt.zero_grad()
+        pair_loss(net, x, y, "cosine").mean().backward()
+        opt.step()
+        if step in at:
+            out.append((step, score()))
+    return out
+
+
+def fedavg_curve(net: torch.nn.Module, pop: SyntheticPopulation, rounds: int, server_lr: float, local_lr: float,
+                 score: Callable[[], float], seed: int) -> list[tuple[int, float]]:
+    """Noise-free, unclipped FedAvg rounds (one local epoch, minibatches of 16, server SGD without momentum)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for r in range(1, rounds + 1):
+        deltas = [fedavg_delta(net, d.enroll, d.runtime, orders=[rng.permutation(d.n)], batch=16, lr=local_lr,
+                               clip_norm=float("inf"))[0].numpy() for d in pop.devices]
+        load_flat(trainable(net), flat(trainable(net)) - server_lr * np.mean(deltas, 0).astype(np.float32))
+        out.append((r, score()))
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m simulations.fedavg_steps_check",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--devices", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=400)
+    args = parser.parse_args(argv)
+    torch.manual_seed(args.seed)
+    pop = generate_population(args.devices, seed=args.seed)
+    cfg = replace(FederationConfig(), linear_start=LinearStart.SUFFSTATS, seed=args.seed)
+    x = torch.tensor(np.concatenate([d.enroll for d in pop.devices]))
+    y = torch.tensor(np.concatenate([d.runtime for d in pop.devices]))
+    net = _start(pop, cfg)
+    w0 = flat(trainable(net))
+    keep, start = _eer(net, pop, cfg)
+    g_pool, g_dev = _pooled_grad(net, x, y), _device_mean_grad(net, pop)
+    cos = float(g_pool @ g_dev / (np.linalg.norm(g_pool) * np.linalg.norm(g_dev)))
+    print(f"{args.devices} devices, {x.shape[0]} pairs, population seed {args.seed}: not updating {100 * keep:.2f} %, "
+          f"ridge start {100 * start:.2f} % EER; cos(device-weighted mean gradient, pooled gradient) = {cos:.2f}\n")
+    print("| update (noise-free, from the ridge start) | steps or rounds → EER % |")
+    print("|---|---|")
+    score = lambda: 100 * _eer(net, pop, cfg)[1]  # noqa: E731
+    at = sorted({0, 1, 3, 10, 30, 100, args.steps // 2, args.steps})
+    for lr in (1e-3, 1e-2):
+        load_flat(trainable(net), w0)
+        curve = adam_curve(net, x, y, args.steps, lr, at, score)
+        print(f"| full-batch Adam lr {lr:g} on the pooled loss | "
+              + ", ".join(f"{s}: {e:.2f}" for s, e in curve) + " |")
+    for server_lr, local_lr in ((1.0, 0.05), (0.1, 0.05)):
+        load_flat(trainable(net), w0)
+        curve = fedavg_curve(net, pop, 5, server_lr, local_lr, score, args.seed)
+        print(f"| FedAvg, local lr {local_lr:g} (1 epoch), server SGD lr {server_lr:g} | "
+              + ", ".join(f"{s}: {e:.2f}" for s, e in curve) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
