@@ -157,6 +157,7 @@ def test_the_committed_tables_reproduce_from_the_committed_csvs() -> None:
             fleet_selfset_table.references(read(results / "fleet.csv")))),
         device_fedavg_table.markdown(device_fedavg_table.rows(read(results / "device_fedavg.csv"))),
         mechanism_table.table(read(results / "mechanism.csv") + read(results / "fleet_selfset.csv")),
+        device_level_table.fedavg_markdown(read(results / "device_level.csv"), read(results / "fleet.csv")),
         fedavg_tuning_table.markdown(read(results / "device_fedavg_tuning.csv"),
                                      read(results / "device_fedavg_tuning_rounds.csv", ROUND_COLUMNS)),
     ]
