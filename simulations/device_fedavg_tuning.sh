@@ -33,7 +33,7 @@ run_arm() {
     --set server-optimizer="$opt" --set server-lr="$slr" --set local-lr="$llr" --set local-epochs="$ep" \
     --set num-server-rounds=$((rounds + 1)) --set references=false --set eval-every=2 \
     --set ledger-layout=sqlite --run-dir "$RUNS/$name" > "$RUNS/$name.log" 2>&1
-  flock "$CSV.lock" "$VENV/bin/python" -m simulations.results_csv "$CSV" "$RUNS/$name"
+  flock "$RUNS/.csv.lock" "$VENV/bin/python" -m simulations.results_csv "$CSV" "$RUNS/$name"
   echo "$(date +%T) $name done"
 }
 mkdir -p "$RUNS" results

@@ -17,18 +17,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from simulations.results_csv import ROUND_COLUMNS, Value, number, read, rounds_path
+from simulations.results_csv import ROUND_COLUMNS, Value, number, pct, read, rounds_path
 
 NAME = re.compile(r"tune-(\d+)dev-seed(\d+)-eps([\d.]+)-([a-z-]+)-([\d.]+)-([\d.]+)-e(\d+)$")
 HEADER = ("| devices | seed | device ε | server optimiser (lr) | local lr, epochs | σ statistics / rounds "
           "| DP linear start EER % | first evaluated DP-FedAvg round | best DP-FedAvg round | last round "
           "| validation EER %: not updating / start / DP NESSA | shipped |")
 ALIGN = "|---:|---:|---:|---|---|---|---:|---|---|---:|---|---|"
-
-
-def _pct(x: Value) -> str:
-    v = number(x)
-    return "n/a" if v is None else f"{100 * v:.2f}"
 
 
 def _curve(rounds: Sequence[dict[str, Value]], run: str) -> list[tuple[int, float]]:
@@ -52,9 +47,9 @@ def line(run: dict[str, Value], rounds: Sequence[dict[str, Value]]) -> str | Non
     sig = "n/a" if ss is None or ds is None else f"{ss:.3g} / {ds:.3g}"
     best_s, first_s = ("n/a" if kv is None else f"{100 * kv[1]:.2f} (round {kv[0]})"
                        for kv in (best, later[0] if later else None))
-    val = " / ".join(_pct(run[k]) for k in ("gate_not_updating_eer", "gate_linear_start_eer", "gate_dp_nessa_eer"))
-    return (f"| {n} | {seed} | {float(eps):g} | {opt} ({slr}) | {llr}, {epochs} | {sig} | {_pct(start)} "
-            f"| {first_s} | {best_s} | {_pct(last)} | {val} | {run['gate_shipped']} |")
+    val = " / ".join(pct(run[k]) for k in ("gate_not_updating_eer", "gate_linear_start_eer", "gate_dp_nessa_eer"))
+    return (f"| {n} | {seed} | {float(eps):g} | {opt} ({slr}) | {llr}, {epochs} | {sig} | {pct(start)} "
+            f"| {first_s} | {best_s} | {pct(last)} | {val} | {run['gate_shipped']} |")
 
 
 def markdown(runs: Sequence[dict[str, Value]], rounds: Sequence[dict[str, Value]]) -> str:

@@ -200,6 +200,11 @@ def study_cells(runs: Sequence[dict[str, Value]], name: re.Pattern[str]) -> Cell
     return out
 
 
+def pct(x: Value) -> str:
+    """A table cell: a rate as a percentage with two decimals, or n/a when it was not recorded."""
+    return "n/a" if x is None else f"{100 * float(x):.2f}"
+
+
 def eer_gap(row: dict[str, float | None] | None) -> str:
     """A table cell: ``EER % (gap closure)``, or n/a when the aligner was not evaluated."""
     eer, gap = (row or {}).get("eer"), (row or {}).get("gap_closure")

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from simulations.results_csv import Value, metrics, read
+from simulations.results_csv import Value, metrics, pct, read
 
 HEADER = ("| data | devices | mode | noise | ε budget | σ stats / σ DP-SGD | rounds | EER after start % "
           "| final EER % | gap closure | share of centralised NESSA's | centralised NESSA EER % (gap) "
@@ -30,15 +30,11 @@ def _mode(cfg: dict[str, Value]) -> str:
     return "DP-SGD"
 
 
-def _pct(x: Value) -> str:
-    return "n/a" if x is None else f"{100 * float(x):.2f}"
-
-
 def _final_eer(r: dict[str, Value]) -> str:
     """What the run ships; where its gate shipped nothing, that is not updating (and the cell says so)."""
     if r["gate_shipped"] == "none":
-        return f"{_pct(r['final_eer'])} (nothing shipped: not updating)"
-    return _pct(r["final_eer"])
+        return f"{pct(r['final_eer'])} (nothing shipped: not updating)"
+    return pct(r["final_eer"])
 
 
 def _row(r: dict[str, Value]) -> tuple[tuple[Any, ...], str]:
@@ -51,11 +47,11 @@ def _row(r: dict[str, Value]) -> tuple[tuple[Any, ...], str]:
     sigmas = "–" if noise == "none" else f"{cfg['suffstats-noise-multiplier']:g} / {sgd_sigma}"
     eps = "∞" if noise == "none" else f"{cfg['epsilon-budget']:g}"
     data = "synthetic" if cfg["data-source"] == "synthetic" else cfg["data-source"]
-    cells = [data, cfg["num-devices"], mode, noise, eps, sigmas, r["rounds"], _pct(r["first_round_eer"]),
+    cells = [data, cfg["num-devices"], mode, noise, eps, sigmas, r["rounds"], pct(r["first_round_eer"]),
              _final_eer(r), f"{r['final_gap_closure']:.2f}",
              "n/a" if share is None else f"{100 * float(share):.0f} %",
-             f"{_pct(cen.get('eer'))} ({_or_nan(cen.get('gap_closure')):.2f})",
-             f"{_pct(ridge.get('eer'))} ({_or_nan(ridge.get('gap_closure')):.2f})",
+             f"{pct(cen.get('eer'))} ({_or_nan(cen.get('gap_closure')):.2f})",
+             f"{pct(ridge.get('eer'))} ({_or_nan(ridge.get('gap_closure')):.2f})",
              f"{_or_zero(r['epsilon_max']):.2f} / {_or_zero(r['epsilon_median']):.2f}",
              r["declined"],
              f"{r['first_round_seconds']:.0f} / " + (f"{later:.1f}" if later is not None else "–")]
