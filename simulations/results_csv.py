@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from fed_nessa.config import Phase
-from fed_nessa.federated.rounds import CLIP_COLUMN, FIELD_BITS_COLUMN
+from fed_nessa.federated.rounds import CLIP_COLUMN, FIELD_BITS_COLUMN, LAST_ITERATE_COLUMN
 
 Value = int | float | str | bool | None
 
@@ -99,6 +99,7 @@ CONFIG_KEYS: tuple[tuple[str, type], ...] = (
     ("eval-every", int), ("references", bool), ("reproducible-noise", bool), ("fleet-numerics", str), ("seed", int),
     ("device-update", str), ("device-clip-norm", float), ("local-epochs", int), ("local-batch", int),
     ("local-lr", float), ("clip-target-quantile", float), ("clip-lr", float), ("clip-count-noise", float),
+    ("server-ema", float),
 )
 # Each evaluated aligner's metrics: the shipped one (``final``) and the rows beside it.
 METRIC_ROWS = ("final", "linear_start", "dp_nessa", "centralised_nessa", "ridge", "sym_before", "sym_after")
@@ -153,7 +154,7 @@ ROUND_COLUMNS: tuple[Column, ...] = (
         ("round", int), ("phase", str), ("status", str), ("eer", float), ("min_dcf", float), ("sid_top1", float),
         ("gap_closure", float), ("participants", int), ("declined", int), ("failed", int), ("sampled", int),
         ("saturated", int), ("epsilon_max", float), ("epsilon_median", float), ("seconds", float),
-        (CLIP_COLUMN, float), (FIELD_BITS_COLUMN, int))),
+        (CLIP_COLUMN, float), (FIELD_BITS_COLUMN, int), (LAST_ITERATE_COLUMN, float))),
 )
 
 

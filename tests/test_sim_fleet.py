@@ -229,3 +229,22 @@ def test_replace_replaces_a_run_kept_in_the_ledger_store(tmp_path: Path) -> None
     summary = run_engine(cfg, POLICY, engine="fleet", quiet=True, replace=True)
     assert summary["privacy"]["ledger_layout"] == "sqlite"
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["privacy"]["ledger_layout"] == "sqlite"
+
+
+def test_a_run_with_the_weight_average_ships_the_average_and_records_both_curves(tmp_path: Path) -> None:
+    """server-ema: every evaluated DP-SGD round states the average's EER and the last iterate's, the
+    statistics round has no average, and the run's DP NESSA candidate (gated, and saved if shipped) is the
+    average: its held-out EER is the last round's ``eer``, not the last iterate's."""
+    from fed_nessa.federated.rounds import LAST_ITERATE_COLUMN
+    from fed_nessa.sim.fleet import run_fleet
+
+    cfg = _cfg(tmp_path, "ema", **{"server-ema": 0.5, "num-server-rounds": 4, "references": False,
+                                   "server-lr": 0.5})
+    summary = run_fleet(cfg, POLICY)
+    assert summary["config"]["server-ema"] == 0.5
+    rounds = summary["rounds"]
+    assert LAST_ITERATE_COLUMN not in rounds[0]  # the statistics round: nothing averaged yet
+    dpsgd = [r for r in rounds if r["phase"] == str(Phase.DPSGD)]
+    assert len(dpsgd) == 3 and all(isinstance(r[LAST_ITERATE_COLUMN], float) for r in dpsgd)
+    assert any(r["eer"] != r[LAST_ITERATE_COLUMN] for r in dpsgd)
+    assert summary["final"]["dp_nessa"]["eer"] == dpsgd[-1]["eer"] != dpsgd[-1][LAST_ITERATE_COLUMN]

@@ -35,6 +35,7 @@ from fed_nessa.federated.release import may_start, may_unmask, promised_arrivals
 from fed_nessa.federated.rounds import (
     CLIP_COLUMN,
     FIELD_BITS_COLUMN,
+    LAST_ITERATE_COLUMN,
     LEDGER_FILE,
     Progress,
     RunOutputs,
@@ -104,10 +105,8 @@ def run_round(engine: Engine, outputs: RunOutputs, ledger: FederationLedger, pin
     landed = set(arrived)
     failed = answers.failed + [h for h in answers.accepted if h not in landed]
     saturated = released.saturated if released is not None and status == RoundStatus.APPLIED else 0
-    if evaluates(cfg, r, rounds, phase, statistics_rounds=engine.evaluates_statistics_round):
-        fed = outputs.round_row(*engine.data.evaluation(), model.comparator())
-    else:
-        fed = not_evaluated()
+    evaluated = evaluates(cfg, r, rounds, phase, statistics_rounds=engine.evaluates_statistics_round)
+    fed = outputs.round_row(*engine.data.evaluation(), model.comparator()) if evaluated else not_evaluated()
     if engine.records_round(phase):
         name = answers.device_id
         fields = round_record(engine.name, phase, cfg, plan, status, note, promised, saturated, answers, released,
@@ -120,6 +119,9 @@ def run_round(engine: Engine, outputs: RunOutputs, ledger: FederationLedger, pin
         entry[CLIP_COLUMN] = clip
     if bits is not None:
         entry[FIELD_BITS_COLUMN] = bits
+    if evaluated and model.average is not None:  # the average's curve beside the last iterate's, same noise
+        entry[LAST_ITERATE_COLUMN] = outputs.round_row(*engine.data.evaluation(),
+                                                       model.comparator(last_iterate=True))["eer"]
     return {**entry, **engine.device_epsilons(r, phase, answers, released), "seconds": time.perf_counter() - t0}
 
 

@@ -52,6 +52,8 @@ def not_evaluated() -> dict[str, Any]:
 CLIP_COLUMN = "clip_norm"
 #: A round entry's SecAgg+ field width under the integer mechanism (bits of Z_{2^bits}); absent otherwise.
 FIELD_BITS_COLUMN = "field_bits"
+#: Under ``server-ema``, an evaluated round's EER of the optimiser's last iterate (``eer`` is the average's).
+LAST_ITERATE_COLUMN = "eer_last_iterate"
 
 
 def round_entry(r: int, phase: Phase, status: str, note: str, evaluation: Mapping[str, Any], *,

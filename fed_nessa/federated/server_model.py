@@ -24,6 +24,7 @@ from fed_nessa.federated.layout import build_net, flat, load_flat, nessa_config,
 from fed_nessa.federated.mechanism import mechanism_for
 from fed_nessa.federated.noise_plan import NoisePlan
 from fed_nessa.federated.server_optimizers import AdamBC, server_optimizer
+from fed_nessa.federated.weight_average import WeightAverage
 from fed_nessa.model.aligners.base import AlignerInfo
 from fed_nessa.model.aligners.nessa import NessaAligner
 
@@ -43,6 +44,8 @@ class ServerModel:
         self.opt: torch.optim.Optimizer = server_optimizer(cfg.server_optimizer, trainable(self.net), cfg.server_lr)
         # Adaptive clipping: the clip of the next DP-SGD round, moved by each released bit sum (public).
         self.clip: AdaptiveClip | None = AdaptiveClip.from_config(cfg) if cfg.clip_target_quantile > 0 else None
+        # server-ema: the average of the DP-SGD iterates (from the first DP-SGD step on), what is evaluated and shipped
+        self.average: WeightAverage | None = None
         self.completed: list[Phase] = []
         self.linear_state: dict[str, torch.Tensor] | None = None  # the aligner after the private start
         self.stats_sum: np.ndarray | None = None  # accumulated (noisy) sufficient statistics
@@ -105,16 +108,21 @@ class ServerModel:
                                    noise_std=math.sqrt(self.stats_noise_var))
             self.net.set_linear(W, b)
             self.linear_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
-        elif self.devices_send_gradients if gradients is None else gradients:
-            total = np.asarray(aggregate_sum, np.float32)
-            clip = self.round_clip(phase)
-            if self.clip is not None:  # the last coordinate is the bits' sum (DeviceLevel.bit_scale)
-                total = self._next_clip(total, n_arrived, plan)
-            self._apply_gradient(total, n_arrived, noise_arrivals, plan, clip)
         else:
-            params = trainable(self.net)
-            mean = np.asarray(aggregate_sum, np.float32) / n_arrived
-            load_flat(params, flat(params) + self.cfg.server_lr * mean)
+            if self.cfg.server_ema > 0 and self.average is None:  # starts at the first step's starting weights
+                self.average = WeightAverage(self.net, self.cfg.server_ema)
+            if self.devices_send_gradients if gradients is None else gradients:
+                total = np.asarray(aggregate_sum, np.float32)
+                clip = self.round_clip(phase)
+                if self.clip is not None:  # the last coordinate is the bits' sum (DeviceLevel.bit_scale)
+                    total = self._next_clip(total, n_arrived, plan)
+                self._apply_gradient(total, n_arrived, noise_arrivals, plan, clip)
+            else:
+                params = trainable(self.net)
+                mean = np.asarray(aggregate_sum, np.float32) / n_arrived
+                load_flat(params, flat(params) + self.cfg.server_lr * mean)
+            if self.average is not None:
+                self.average.update(self.net)
         self.completed.append(phase)
 
     def default_plan(self) -> NoisePlan:
@@ -167,7 +175,8 @@ class ServerModel:
                 "completed": [str(p) for p in self.completed],
                 "stats_sum": None if self.stats_sum is None else torch.from_numpy(self.stats_sum),
                 "stats_devices": self.stats_devices, "stats_noise_var": self.stats_noise_var,
-                "linear_state": self.linear_state, "clip": None if self.clip is None else self.clip.clip}
+                "linear_state": self.linear_state, "clip": None if self.clip is None else self.clip.clip,
+                "average": None if self.average is None else self.average.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.net.load_state_dict(state["net"])
@@ -180,6 +189,8 @@ class ServerModel:
         self.linear_state = state.get("linear_state")
         if self.clip is not None and state.get("clip") is not None:
             self.clip = replace(self.clip, clip=float(state["clip"]))
+        average = state.get("average")
+        self.average = None if average is None else WeightAverage.restored(self.net, average)
 
     def linear_start_aligner(self) -> NessaAligner | None:
         """The aligner as it was after the private linear start (None without one)."""
@@ -196,10 +207,13 @@ class ServerModel:
         """Hold the linear start again: the gate picked it over DP NESSA on the server's validation speakers."""
         if self.linear_state is not None:
             self.net.load_state_dict(self.linear_state)
+            self.average = None  # the start replaces the trained aligner, averaged or not
 
-    def comparator(self) -> NessaAligner:
+    def comparator(self, last_iterate: bool = False) -> NessaAligner:
+        """The global aligner as evaluated, gated and shipped: the weight average under ``server-ema``
+        (``last_iterate``: the optimiser's own weights, for the round curve beside it)."""
         aligner = NessaAligner(self.info, nessa_config(self.cfg))
-        aligner.net = self.net
+        aligner.net = self.average.net if self.average is not None and not last_iterate else self.net
         return aligner
 
     def save_artifact(self, out_dir: Path, card_extra: dict[str, Any], deployable: bool = True) -> None:

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Tuning the server's weight average (`server-ema`) off the reported population (docs/results.md "How the
+# self-set protocol was chosen"): population seed 1 (its own validation and held-out speakers), the fleet
+# rule's schedule, `aligner = nessa` (DP-SGD rounds always run), one run per decay. Every evaluated round
+# records the average's EER and the last iterate's (`eer_last_iterate`) under the SAME noise, so each run
+# is a paired comparison. Rows in results/tuning.csv (+ _rounds.csv); run folders in runs/tuning (not
+# committed). Resumable: a run whose row is in the CSV is skipped. Runs in parallel, PARALLEL at a time.
+#   bash simulations/server_ema_tuning.sh [SIZE] [EPSILON] [DECAYS] [PARALLEL] [SERVER_LR]
+# defaults: 10000 3 "0.99 0.997" 2 (the rule's lr)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${FED_NESSA_VENV:-.venv}"
+RUNS=runs/tuning CSV=results/tuning.csv
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+n=${1:-10000}
+eps=${2:-3}
+decays=${3:-"0.99 0.997"}
+parallel=${4:-2}
+lr=${5:-}
+mkdir -p "$RUNS"
+one() {
+  local d=$1 name="t${n::-3}k-e$eps-ema$d${lr:+-lr$lr}"
+  if [ -f "$CSV" ] && grep -q "^$name," "$CSV"; then echo "$(date +%T) $name: in $CSV, skipped"; return; fi
+  echo "$(date +%T) $name"
+  rm -rf "${RUNS:?}/$name" "$RUNS/$name.keys"
+  "$VENV/bin/fed-nessa" simulate --engine fleet --quiet --set seed=1 --set num-devices="$n" \
+    --set epsilon-budget="$eps" --set aligner=nessa --set server-ema="$d" ${lr:+--set server-lr="$lr"} \
+    --set ledger-layout=sqlite --set references=false --set eval-every=50 --run-dir "$RUNS/$name"
+  flock "$RUNS/.csv.lock" "$VENV/bin/python" -m simulations.results_csv "$CSV" "$RUNS/$name"
+}
+running=0
+for d in $decays; do
+  one "$d" &
+  running=$((running + 1))
+  if [ "$running" -ge "$parallel" ]; then wait -n; running=$((running - 1)); fi
+done
+wait
