@@ -248,3 +248,25 @@ def test_a_run_with_the_weight_average_ships_the_average_and_records_both_curves
     assert len(dpsgd) == 3 and all(isinstance(r[LAST_ITERATE_COLUMN], float) for r in dpsgd)
     assert any(r["eer"] != r[LAST_ITERATE_COLUMN] for r in dpsgd)
     assert summary["final"]["dp_nessa"]["eer"] == dpsgd[-1]["eer"] != dpsgd[-1][LAST_ITERATE_COLUMN]
+
+
+def test_a_plan_below_the_devices_floor_is_named_before_round_one(tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """A plan whose statistics sigma is below the simulated devices' floor: one warning naming the phase, the
+    sigma and the policy key before any round, and every device still declines that phase, as its policy says."""
+    import logging
+    from dataclasses import replace
+
+    from fed_nessa.sim.fleet import run_fleet
+
+    cfg = _cfg(tmp_path, "floor", **{"num-server-rounds": 1, "references": False, "aligner": "linear"})
+    with caplog.at_level(logging.WARNING):
+        summary = run_fleet(cfg, replace(POLICY, min_suffstats_noise_multiplier=2.0))
+    warned = [r.getMessage() for r in caplog.records if "every device will decline" in r.getMessage()]
+    assert warned == ["the plan's suffstats noise multiplier 1 is below the devices' min-suffstats-noise-multiplier "
+                      "2: every device will decline that phase"]
+    assert summary["rounds"][0]["status"] == "skipped" and summary["rounds"][0]["declined"] == DEVICES
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        run_fleet(replace(cfg, run_dir=str(tmp_path / "ok")), POLICY)
+    assert not [r for r in caplog.records if "every device will decline" in r.getMessage()]

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,7 +48,7 @@ from fed_nessa.config import DevicePolicy, DPMode, FederationConfig, Phase, Repl
 from fed_nessa.data.shards import Shard
 from fed_nessa.federated import skellam_mechanism, suffstats
 from fed_nessa.federated.integer_mechanism import IntegerMechanismParams
-from fed_nessa.federated.layout import build_net, load_flat
+from fed_nessa.federated.layout import build_net, load_flat, parameter_counts
 from fed_nessa.federated.mechanism import BIT_SENSITIVITY, event_noise_source, mechanism_for
 from fed_nessa.federated.noise_plan import NoisePlan, noise_plan
 from fed_nessa.federated.secagg_field import to_flower
@@ -193,6 +194,24 @@ def _skellam_event(req: RoundRequest, n: int, cfg: FederationConfig, policy: Dev
                         f"arrivals; {source}")
 
 
+def plan_below_floor(plan: NoisePlan, phases: Sequence[Phase], cfg: FederationConfig,
+                     policy: DevicePolicy) -> list[str]:
+    """Why every device of ``policy`` will decline a phase of this run before round 1 (empty: none will).
+
+    The simulator's one look at its devices' policy ahead of the rounds (the same floors
+    :func:`policy_refusal` applies to each request): a plan whose noise multiplier is below the floor
+    would otherwise run on, every device declining, the DP-SGD rounds starting from a random net.
+    """
+    if cfg.dp_mode == DPMode.NONE:
+        return []
+    floors = {Phase.SUFFSTATS: (plan.suffstats_sigma, policy.min_suffstats_noise_multiplier,
+                                "min-suffstats-noise-multiplier"),
+              Phase.DPSGD: (plan.dpsgd_sigma, policy.min_noise_multiplier, "min-noise-multiplier")}
+    return [f"the plan's {phase} noise multiplier {sigma:.4g} is below the devices' {key} {floor:g}: "
+            f"every device will decline that phase"
+            for phase, (sigma, floor, key) in floors.items() if phase in phases and sigma < floor]
+
+
 def policy_refusal(req: RoundRequest, n: int, cfg: FederationConfig, policy: DevicePolicy,
                    ledger: DeviceLedger) -> str | None:
     """Why this request goes beyond the device's policy (None when it does not)."""
@@ -308,7 +327,7 @@ def client_round(req: RoundRequest, shard: Shard, global_vector: np.ndarray, cfg
     plan = plan_round(req, shard, cfg, ledger, policy)
     if plan.status != ReplyStatus.OK:
         return plan
-    expected = sum(p.numel() for p in build_net(cfg, shard.d_x, shard.d_y).parameters())
+    expected = parameter_counts(cfg, shard.d_x, shard.d_y)[0]
     if np.asarray(global_vector).size != expected:  # checked before anything is reserved or spent
         return ClientOutcome(ReplyStatus.DECLINED, None, {
             "reason": f"declined: the server's model has {np.asarray(global_vector).size} values, a model for this "

@@ -9,6 +9,7 @@ order are defined once, here. Which network is built is looked up by aligner nam
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 import torch
@@ -37,6 +38,14 @@ def nessa_config(cfg: FederationConfig) -> NessaConfig:
 def build_net(cfg: FederationConfig, d_x: int, d_y: int, aligner: str = DEFAULT_FEDERATED_ALIGNER) -> FederatedNet:
     """The federated aligner's network, looked up by name; identical on every party."""
     return federated_net(aligner, d_y, d_x, architecture(cfg), seed=cfg.seed)
+
+
+@functools.lru_cache(maxsize=64)
+def parameter_counts(cfg: FederationConfig, d_x: int, d_y: int) -> tuple[int, int]:
+    """``(all, trainable)`` values of :func:`build_net`'s network: fixed by the config, so counted once
+    (building a net per device and round to count it was ~8 % of a block-engine round)."""
+    net = build_net(cfg, d_x, d_y)
+    return sum(p.numel() for p in net.parameters()), sum(p.numel() for p in trainable(net))
 
 
 def trainable(net: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -39,7 +39,7 @@ from fed_nessa.federated.integer_mechanism import (
     encode,
     modular_sum,
 )
-from fed_nessa.federated.layout import build_net, trainable
+from fed_nessa.federated.layout import parameter_counts
 from fed_nessa.federated.mechanism import max_sampled, mechanism_for
 from fed_nessa.federated.secagg_field import field_sum_from_flower, flower_settings, to_flower
 from fed_nessa.privacy.accounting import RDP, compute_epsilon
@@ -82,7 +82,7 @@ def payload_dim(cfg: FederationConfig, phase: Phase, d_x: int, d_y: int) -> int:
     if phase == Phase.SUFFSTATS:
         return suffstats.vector_size(d_x, d_y)
     bit = 1 if mechanism_for(cfg).carries_bit(phase) else 0
-    return sum(p.numel() for p in trainable(build_net(cfg, d_x, d_y))) + bit
+    return parameter_counts(cfg, d_x, d_y)[1] + bit
 
 
 def round_unit(cfg: FederationConfig, phase: Phase, clip: float | None) -> float:

@@ -78,6 +78,7 @@ from fed_nessa.federated.cohort import sample_positions
 from fed_nessa.federated.device import (
     RoundRequest,
     model_refusal,
+    plan_below_floor,
     planned_event,
     policy_refusal,
 )
@@ -254,6 +255,8 @@ class FleetEngine(Engine):
             pins.offer(dev, led.key_fingerprint)
         phases = self.model.phases(self.plan.aligner)
         self._dp_rounds = [r for r, p in enumerate(phases, start=1) if p == Phase.DPSGD]
+        for why in plan_below_floor(self.plan, phases, self.cfg, self.policy):
+            log.warning(why)
         return 1
 
     def before_round(self, r: int, phase: Phase) -> None:

@@ -63,7 +63,7 @@ from fed_nessa.data.population import Population, Scenario
 from fed_nessa.data.synthetic import PopulationConfig, population_config
 from fed_nessa.evaluation import run_folder
 from fed_nessa.federated.cohort import sample_positions
-from fed_nessa.federated.device import RoundRequest
+from fed_nessa.federated.device import RoundRequest, plan_below_floor
 from fed_nessa.federated.engine import Answers, Ending, Engine, Pins, Released, RunState
 from fed_nessa.federated.integer_mechanism import modular_sum
 from fed_nessa.federated.mechanism import mechanism_for, public_parameters
@@ -277,6 +277,8 @@ class BlockEngine(Engine):
                                     ray_address=opts.ray_address)
         phases = self.model.phases(self.plan.aligner)
         self._dp_rounds = [r for r, p in enumerate(phases, start=1) if p == Phase.DPSGD]
+        for why in plan_below_floor(self.plan, phases, self.cfg, self.policy):
+            log.warning(why)
         return 1
 
     def before_round(self, r: int, phase: Phase) -> None:
