@@ -18,8 +18,11 @@ decays=${3:-"0.99 0.997"}
 parallel=${4:-2}
 lr=${5:-}
 mkdir -p "$RUNS"
+# the rule's DP-SGD rate for this fleet and epsilon (it depends on the mechanism), named in the run
+q=$("$VENV/bin/python" -c "from fed_nessa.sim.fleet_settings import derive; \
+print(derive({'num-devices': $n, 'epsilon-budget': $eps}, {}).run['sample-rate'])")
 one() {
-  local d=$1 name="t${n::-3}k-e$eps-ema$d${lr:+-lr$lr}"
+  local d=$1 name="t${n::-3}k-e$eps-ema$d${lr:+-lr$lr}-q$q"
   if [ -f "$CSV" ] && grep -q "^$name," "$CSV"; then echo "$(date +%T) $name: in $CSV, skipped"; return; fi
   echo "$(date +%T) $name"
   rm -rf "${RUNS:?}/$name" "$RUNS/$name.keys"

@@ -18,9 +18,11 @@ from fed_nessa.sim.fleet_settings import (
     BUDGET_SPLIT,
     DEVICE_MIN_NOISE,
     DPSGD_ROUNDS,
+    INTEGER_RATE_FRACTIONS,
     MAX_STATS_SHARE,
     PAIRS_PER_ROUND,
     SERVER_LR,
+    SOURCE_DIMS,
     STATS_SIGMA,
     FleetSettingsError,
     budget_split,
@@ -32,14 +34,16 @@ from fed_nessa.sim.runner import build_config, build_policy, fleet_overrides
 
 
 def test_the_rule_at_10k_devices_and_epsilon_3_is_the_tuned_schedule() -> None:
-    """q 0.04, the statistics round at sigma 2.5, 1,000 DP-SGD rounds, Adam 2e-3 (docs/results.md)."""
-    s = derive({"num-devices": 10_000, "epsilon-budget": 3.0}, {})
+    """q 0.04 (Gaussian; 0.02 under the integer mechanism, below), the statistics round at sigma 2.5, 1,000
+    DP-SGD rounds, Adam 2e-3 (docs/results.md)."""
+    s = derive({"num-devices": 10_000, "epsilon-budget": 3.0, "distributed-mechanism": "gaussian"}, {})
     assert s.run == {"secagg-quantization-range": 2**18, "sample-rate": pytest.approx(0.04),
                      "budget-split": pytest.approx(gaussian_epsilon(STATS_SIGMA, 1e-5) / 3.0),
                      "num-server-rounds": 1 + DPSGD_ROUNDS, "server-lr": SERVER_LR}
     # the rule's sigma is the Gaussian accountant's; under skellam the plan calibrates against its own epsilon
     cfg = from_run_config({"num-devices": 10_000, "epsilon-budget": 3.0, "aligner": "nessa", **s.run,
                            "distributed-mechanism": "gaussian"})
+    assert noise_plan(cfg, 10_000).dpsgd_sigma == pytest.approx(2.50, abs=0.01)
     assert noise_plan(cfg, 10_000).suffstats_sigma == pytest.approx(STATS_SIGMA, rel=1e-3)
     assert s.device == {"guaranteed-arrivals": 8000, "min-noise-multiplier": DEVICE_MIN_NOISE,
                         "min-suffstats-noise-multiplier": DEVICE_MIN_NOISE, "epsilon-budget": 3.0, "delta": 1e-5,
@@ -66,8 +70,26 @@ def test_the_statistics_round_gets_the_share_that_buys_its_sigma_up_to_the_cap(e
 
 @pytest.mark.parametrize(("devices", "q"), [(1000, 0.4), (3000, 44_800 / 336_000), (30_000, 44_800 / 3_360_000)])
 def test_the_local_rate_keeps_the_expected_pairs_per_round(devices: int, q: float) -> None:
-    rate = derive({"num-devices": devices}, {}).run["sample-rate"]
+    rate = derive({"num-devices": devices, "distributed-mechanism": "gaussian"}, {}).run["sample-rate"]
     assert rate == pytest.approx(q) == PAIRS_PER_ROUND / (devices * 112)
+
+
+@pytest.mark.parametrize(("epsilon", "fraction", "sigma"), [(8.0, 1.0, 1.23), (3.0, 0.5, 1.62), (1.0, 0.25, 2.33)])
+def test_under_the_integer_mechanism_the_rate_is_the_one_whose_plan_holds_the_most_signal(
+        epsilon: float, fraction: float, sigma: float) -> None:
+    """Skellam's subsampling bound charges a larger q more than the Gaussian's: at 10k devices the rule keeps q 0.04
+    at epsilon 8 but halves it at 3 (sigma 4.79 -> 1.62) and quarters it at 1; each kept q beats every other
+    fraction's signal, and an explicit sample-rate still wins."""
+    given = {"num-devices": 10_000, "epsilon-budget": epsilon}
+    run = derive(given, {}).run
+    assert run["sample-rate"] == pytest.approx(0.04 * fraction)
+    dims = SOURCE_DIMS["synthetic"]
+    plan = noise_plan(from_run_config({**given, **run}), 10_000, dims)
+    assert plan.dpsgd_sigma == pytest.approx(sigma, abs=0.01)
+    for other in INTEGER_RATE_FRACTIONS:
+        alt = noise_plan(from_run_config({**given, **run, "sample-rate": 0.04 * other}), 10_000, dims)
+        assert alt.signal <= plan.signal
+    assert "sample-rate" not in derive({**given, "sample-rate": 0.04}, {}).run
 
 
 def test_a_linear_only_run_gets_its_statistics_rounds_and_an_explicit_schedule_wins() -> None:

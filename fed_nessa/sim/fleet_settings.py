@@ -29,6 +29,7 @@ never promise, a device-level policy on an example-level run) is one clear error
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Mapping
@@ -44,6 +45,7 @@ from fed_nessa.config import (
     from_run_config,
 )
 from fed_nessa.errors import FedNessaError
+from fed_nessa.federated.noise_plan import noise_plan
 from fed_nessa.federated.release import promised_arrivals
 from fed_nessa.privacy.calibration import gaussian_epsilon
 
@@ -51,6 +53,14 @@ from fed_nessa.privacy.calibration import gaussian_epsilon
 #: field notes' replay (10k, epsilon 3) reached 4.15 % EER with q 0.04 where q 0.02 gave 5.55 %;
 #: tuned on population seed 1 (docs/results.md "How the self-set protocol was chosen").
 PAIRS_PER_ROUND = 44_800
+#: Example level under the integer mechanism: the fractions of the :data:`PAIRS_PER_ROUND` rate tried; the rule
+#: keeps the one whose plan holds the most clipped examples per noise std per round (the auto rule's statistic).
+#: Skellam's subsampled RDP is Zhu & Wang's general bound (a factor 3 on the higher-order terms the Gaussian's
+#: exact bound lacks), so a larger q buys less: at 10k devices, epsilon 3 and q 0.04 it needs sigma 4.79 where the
+#: Gaussian needs 2.50 (docs/results.md "The integer mechanism at small epsilon").
+INTEGER_RATE_FRACTIONS = (1.0, 0.75, 0.5, 0.375, 0.25)
+#: Payload dimensions (d_x, d_y) the integer mechanism's rate is chosen at, by data source (others keep q as is).
+SOURCE_DIMS = {"synthetic": (256, 192)}
 #: Example level: the statistics round's noise multiplier. The linear start barely suffers at
 #: sigma 1.5-2.5 (field notes: "a budget split ... is the measured sweet spot"); the replay's best
 #: epsilon-3 schedule used 2.5, leaving the rest of epsilon to DP-SGD.
@@ -157,10 +167,23 @@ def derive(given_run: Mapping[str, Any], given_device: Mapping[str, Any]) -> Fle
         run["delta"] = device_level_delta(devices, base.delta)
     _check_range(given_run, per_round)
     cfg = _config(given_run, run)
+    if "sample-rate" in run and unit == PrivacyUnit.EXAMPLE and cfg.integer_noise and cfg.data_source in SOURCE_DIMS:
+        run["sample-rate"] = integer_sample_rate(cfg, devices, SOURCE_DIMS[cfg.data_source])
+        cfg = _config(given_run, run)
     g = promised_arrivals(cfg, cohort)
     device = _device(given_device, cfg, g)
     _check_device(given_device, cfg, g)
     return FleetSettings(run, device)
+
+
+def integer_sample_rate(cfg: FederationConfig, devices: int, dims: tuple[int, int]) -> float:
+    """The DP-SGD rate of :data:`INTEGER_RATE_FRACTIONS` x ``cfg.sample_rate`` whose plan (this config otherwise)
+    holds the most clipped examples per noise std per round; the largest such rate on a tie."""
+    def signal(q: float) -> float:
+        return noise_plan(dataclasses.replace(cfg, sample_rate=q, aligner=AlignerChoice.AUTO), devices, dims).signal
+
+    rates = [cfg.sample_rate * f for f in INTEGER_RATE_FRACTIONS]
+    return max(rates, key=lambda q: (signal(q), q))
 
 
 def _config(given_run: Mapping[str, Any], derived: Mapping[str, Any]) -> FederationConfig:
@@ -210,6 +233,6 @@ def as_overrides(keys: Mapping[str, Any]) -> list[str]:
     return [f"{k}={json.dumps(v)}" for k, v in keys.items()]
 
 
-__all__ = ["BUDGET_SPLIT", "DEVICE_MIN_NOISE", "DPSGD_ROUNDS", "MAX_STATS_SHARE", "PAIRS_PER_ROUND", "SERVER_LR",
-           "STATS_SIGMA", "FleetSettings", "FleetSettingsError", "as_overrides", "budget_split", "derive",
-           "device_level_delta", "quantization_range"]
+__all__ = ["BUDGET_SPLIT", "DEVICE_MIN_NOISE", "DPSGD_ROUNDS", "INTEGER_RATE_FRACTIONS", "MAX_STATS_SHARE",
+           "PAIRS_PER_ROUND", "SERVER_LR", "SOURCE_DIMS", "STATS_SIGMA", "FleetSettings", "FleetSettingsError",
+           "as_overrides", "budget_split", "derive", "device_level_delta", "integer_sample_rate", "quantization_range"]
