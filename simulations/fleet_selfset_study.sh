@@ -6,6 +6,7 @@
 # results/fleet_selfset.csv. Each draw is a separate run with fresh OS noise on the same population.
 # Resumable: a run whose row is already in the CSV is skipped. Then the table and the plot from the CSV.
 #   bash simulations/fleet_selfset_study.sh [SIZES] [EPSILONS] [DRAWS]
+# Run names: selfset-<n>dev-eps<e>-skellam-draw<k> (the default mechanism; the Gaussian rows have no tag).
 # defaults: "10000 1000 3000" "3 8 1" 3 (the targets' fleet size first; one draw of every epsilon before
 # the next draw). The runs skip the pooled non-DP references: the table takes them from results/fleet.csv.
 set -euo pipefail
@@ -20,10 +21,13 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 sizes=${1:-"10000 1000 3000"}
 epsilons=${2:-"3 8 1"}
 draws=${3:-3}
+# The runs use the default distributed mechanism, the integer one (skellam), named in each run: the study's
+# first rows (sessions 4-5, before it became the default) ran the Gaussian and carry no mechanism in their name.
+tag=-skellam
 for n in $sizes; do
   for d in $(seq 1 "$draws"); do
     for eps in $epsilons; do
-      name="selfset-${n}dev-eps${eps}-draw$d"
+      name="selfset-${n}dev-eps${eps}${tag}-draw$d"
       if recorded "$name"; then echo "$(date +%T) $name: in $CSV, skipped"; continue; fi
       echo "$(date +%T) $name"
       "$VENV/bin/fed-nessa" simulate --engine fleet --quiet --set num-devices="$n" --set epsilon-budget="$eps" \

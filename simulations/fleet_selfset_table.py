@@ -28,22 +28,28 @@ from typing import Any
 
 from simulations.results_csv import Value, metrics, number, read
 
-NAME = re.compile(r"selfset-(\d+)dev-eps([\d.]+)-draw(\d+)$")
+NAME = re.compile(r"selfset-(\d+)dev-eps([\d.]+)(?:-(skellam))?-draw(\d+)$")
+#: A run name without a mechanism tag ran the Gaussian shares (the study's rows before skellam was the default).
+UNTAGGED = "gaussian"
 #: The issue's targets: the shipped share of non-DP NESSA's gap closure, by (devices, epsilon).
 TARGETS = {(10_000, 8.0): 0.95, (10_000, 3.0): 0.90, (10_000, 1.0): 0.70, (30_000, 1.0): 0.85}
-HEADER = ("| devices | ε | draws | auto rule (signal) | gate shipped | DP linear start EER % | DP NESSA EER % "
-          "| shipped EER % | shipped gap closure | non-DP NESSA gap | shipped / non-DP gap (target) "
+HEADER = ("| devices | ε | mechanism (q) | draws | auto rule (signal) | gate shipped | DP linear start EER % "
+          "| DP NESSA EER % | shipped EER % | shipped gap closure | non-DP NESSA gap | shipped / non-DP gap (target) "
           "| ≥ not updating, ≥ own start |")
-ALIGN = "|---:|---:|---:|---|---|---|---|---|---|---:|---|---|"
+ALIGN = "|---:|---:|---|---:|---|---|---|---|---|---|---:|---|---|"
 
 
-def draws(runs: Sequence[dict[str, Value]]) -> dict[tuple[int, float], list[dict[str, Value]]]:
-    """The study's rows by (devices, epsilon), from the run names (``selfset-<n>dev-eps<e>-draw<k>``)."""
-    out: dict[tuple[int, float], list[dict[str, Value]]] = {}
+Cell = tuple[int, float, str]
+
+
+def draws(runs: Sequence[dict[str, Value]]) -> dict[Cell, list[dict[str, Value]]]:
+    """The study's rows by (devices, epsilon, mechanism), from the run names
+    (``selfset-<n>dev-eps<e>[-skellam]-draw<k>``)."""
+    out: dict[Cell, list[dict[str, Value]]] = {}
     for r in runs:
         m = NAME.search(str(r["run"]))
         if m:
-            out.setdefault((int(m.group(1)), float(m.group(2))), []).append(r)
+            out.setdefault((int(m.group(1)), float(m.group(2)), m.group(3) or UNTAGGED), []).append(r)
     return out
 
 
@@ -79,11 +85,11 @@ def _safe(r: dict[str, Value]) -> bool:
     return gap is not None and gap >= 0 and (start_eer is None or eer is None or eer <= start_eer)
 
 
-def rows(by_cell: dict[tuple[int, float], list[dict[str, Value]]],
+def rows(by_cell: dict[Cell, list[dict[str, Value]]],
          refs: dict[int, tuple[float, float]]) -> list[dict[str, Any]]:
     """One summary per cell (devices descending in importance: the targets' size first)."""
     out = []
-    for (n, eps), runs in sorted(by_cell.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+    for (n, eps, mech), runs in sorted(by_cell.items(), key=lambda kv: (kv[0][0], -kv[0][1], kv[0][2])):
         ref_gap, ref_before = refs.get(n, (None, None))
         seeds = {r["seed"] or 0 for r in runs}
         if seeds != {0}:
@@ -97,7 +103,8 @@ def rows(by_cell: dict[tuple[int, float], list[dict[str, Value]]],
         shares = [g / ref_gap for g in gaps] if ref_gap else []
         signals = sorted({round(v) for v in (number(r["auto_signal"]) for r in runs) if v is not None})
         plans = Counter(str(r["plan_aligner"]) for r in runs)
-        out.append({"devices": n, "epsilon": eps, "draws": len(runs),
+        rates = sorted({v for v in (number(r["sample-rate"]) for r in runs) if v is not None})
+        out.append({"devices": n, "epsilon": eps, "mechanism": mech, "rates": rates, "draws": len(runs),
                     "rule": ", ".join(f"{p}" for p in sorted(plans)) + f" ({', '.join(map(str, signals))})",
                     "gate": ", ".join(f"{k} x{v}" for k, v in sorted(Counter(str(r["gate_shipped"])
                                                                              for r in runs).items())),
@@ -114,7 +121,9 @@ def markdown(table: list[dict[str, Any]]) -> str:
         met = bool(r["shares"]) and r["target"] is not None and statistics.fmean(r["shares"]) >= r["target"]
         target = "" if r["target"] is None else f" (≥ {r['target']:.2f}: {'met' if met else 'missed'})"
         ref = "n/a" if r["reference"] is None else f"{r['reference']:.2f}"
-        lines.append(f"| {r['devices']} | {r['epsilon']:g} | {r['draws']} | {r['rule']} | {r['gate']} "
+        rates = ", ".join(f"{q:.3g}" for q in r["rates"]) or "n/a"
+        lines.append(f"| {r['devices']} | {r['epsilon']:g} | {r['mechanism']} ({rates}) | {r['draws']} | {r['rule']} "
+                     f"| {r['gate']} "
                      f"| {_spread(r['linear'], 100)} | {_spread(r['nessa'], 100)} | {_spread(r['shipped'], 100)} "
                      f"| {_spread(r['gaps'])} | {ref} | {_spread(r['shares'])}{target} "
                      f"| {'yes' if r['safe'] else 'NO'} |")
@@ -123,7 +132,8 @@ def markdown(table: list[dict[str, Any]]) -> str:
 
 def reasons(table: list[dict[str, Any]]) -> str:
     """The gate's reasons, one line per cell (they name the validation EERs it compared)."""
-    return "\n".join(f"- {r['devices']} devices, ε = {r['epsilon']:g}: " + "; ".join(r["reasons"]) for r in table)
+    return "\n".join(f"- {r['devices']} devices, ε = {r['epsilon']:g}, {r['mechanism']}: " + "; ".join(r["reasons"])
+                     for r in table)
 
 
 def plot(table: list[dict[str, Any]], path: Path) -> None:
@@ -133,11 +143,12 @@ def plot(table: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.8))
-    for eps in sorted({r["epsilon"] for r in table}, reverse=True):
-        pts = [r for r in table if r["epsilon"] == eps and r["gaps"]]
+    for eps, mech in sorted({(r["epsilon"], r["mechanism"]) for r in table}, key=lambda c: (-c[0], c[1])):
+        pts = [r for r in table if (r["epsilon"], r["mechanism"]) == (eps, mech) and r["gaps"]]
         ax.errorbar([r["devices"] for r in pts], [statistics.fmean(r["gaps"]) for r in pts],
                     yerr=[statistics.stdev(r["gaps"]) if len(r["gaps"]) > 1 else 0.0 for r in pts],
-                    marker="o", capsize=3, label=f"shipped, ε = {eps:g}")
+                    marker="o" if mech == UNTAGGED else "s", linestyle="-" if mech == UNTAGGED else ":", capsize=3,
+                    label=f"shipped, ε = {eps:g}, {mech}")
     refs = sorted({(r["devices"], r["reference"]) for r in table if r["reference"] is not None})
     ax.plot([p[0] for p in refs], [p[1] for p in refs], "k--", marker="x", label="non-DP NESSA")
     ax.set_xscale("log")
@@ -165,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fleet_selfset_table: error: {exc}", file=sys.stderr)
         return 2
     if not table:
-        print(f"fleet_selfset_table: error: {args.csv}: no self-set runs (selfset-<n>dev-eps<e>-draw<k>)",
+        print(f"fleet_selfset_table: error: {args.csv}: no self-set runs (selfset-<n>dev-eps<e>[-skellam]-draw<k>)",
               file=sys.stderr)
         return 2
     print(markdown(table))

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _summary(eer: float, gap: float, start_eer: float, shipped: str = "dp-nessa", seed: int = 0) -> dict[str, Any]:
     return {
-        "config": {"num-devices": 10_000, "epsilon-budget": 3.0, "aligner": "auto", "seed": seed},
+        "config": {"num-devices": 10_000, "epsilon-budget": 3.0, "aligner": "auto", "seed": seed, "sample-rate": 0.04},
         "rounds": [],
         "final": {"eer": eer, "gap_closure": gap, "linear_start": {"eer": start_eer, "gap_closure": 0.6},
                   "dp_nessa": {"eer": eer, "gap_closure": gap}, "sym_before": {"eer": 0.1175, "gap_closure": 0.0},
@@ -48,10 +48,23 @@ def test_a_cell_is_mean_and_sd_over_its_draws_against_its_target(tmp_path: Path,
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.startswith("| 10000 | 3 |"))
     cells = [c.strip() for c in line.strip("|").split("|")]
-    assert cells[2] == "3" and cells[3] == "nessa (17912)" and cells[4] == "dp-nessa x3"
-    assert cells[7] == "4.70 ± 0.20" and cells[8] == "0.83 ± 0.02" and cells[9] == "0.95"
-    assert cells[10] == "0.87 ± 0.02 (≥ 0.90: missed)" and cells[11] == "yes"
+    assert cells[2] == "gaussian (0.04)" and cells[3] == "3" and cells[4] == "nessa (17912)"
+    assert cells[5] == "dp-nessa x3"
+    assert cells[8] == "4.70 ± 0.20" and cells[9] == "0.83 ± 0.02" and cells[10] == "0.95"
+    assert cells[11] == "0.87 ± 0.02 (≥ 0.90: missed)" and cells[12] == "yes"
     assert "dp-nessa is best on the validation speakers" in out
+
+
+def test_runs_under_the_integer_mechanism_are_their_own_cell(tmp_path: Path) -> None:
+    """selfset-<n>dev-eps<e>-skellam-draw<k> (the default mechanism) never pools with the untagged Gaussian rows."""
+    study, ref = _csvs(tmp_path, [_summary(0.045, 0.85, 0.068)])
+    skellam = _summary(0.05, 0.80, 0.07)
+    skellam["config"]["sample-rate"] = 0.02
+    write(study, table.read(study) + [row(skellam, "selfset-10000dev-eps3-skellam-draw1")])
+    cells = table.rows(table.draws(table.read(study)), table.references(table.read(ref)))
+    assert [(c["mechanism"], c["rates"], c["draws"]) for c in cells] == [("gaussian", [0.04], 1),
+                                                                          ("skellam", [0.02], 1)]
+    assert "| 10000 | 3 | skellam (0.02) | 1 |" in table.markdown(cells)
 
 
 @pytest.mark.parametrize(("eer", "gap", "start"), [(0.07, 0.55, 0.068), (0.13, -0.1, 0.14)])
@@ -83,6 +96,7 @@ def test_a_reference_from_another_population_is_one_clear_error(tmp_path: Path,
 def test_the_study_script_is_resumable_and_gives_only_the_fleet_size_and_epsilon() -> None:
     text = (ROOT / "simulations" / "fleet_selfset_study.sh").read_text()
     assert "RUNS=runs/studies CSV=results/fleet_selfset.csv" in text and 'recorded "$name"' in text
+    assert 'name="selfset-${n}dev-eps${eps}${tag}-draw$d"' in text and "tag=-skellam" in text
     run_line = next(x for x in text.splitlines() if "fed-nessa\" simulate" in x)
     assert "num-devices" in run_line and "epsilon-budget" in run_line and "aligner" not in run_line
     assert "sample-rate" not in text and "num-server-rounds" not in text and "server-lr" not in text
