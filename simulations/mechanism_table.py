@@ -36,11 +36,13 @@ def cells(runs: Sequence[dict[str, Value]]) -> dict[tuple[str, str], list[dict[s
     """The rows by (cell, mechanism); a row's mechanism is its recorded ``distributed-mechanism`` (the self-set
     Gaussian rows predate the column and name none: they ran under the then default, ``gaussian``)."""
     out: dict[tuple[str, str], list[dict[str, Value]]] = {}
+    seen: set[str] = set()
     for r in runs:
         name = str(r["run"])
         cell = "main job (1k devices, ε 8)" if MAIN.match(name) else "10k devices, ε 8" if FLEET.match(name) else None
-        if cell is None:
+        if cell is None or name in seen:  # one run recorded in both CSVs (the self-set study's skellam draws) is one draw
             continue
+        seen.add(name)
         mech = str(r["distributed-mechanism"] or "gaussian")
         out.setdefault((cell, mech), []).append(r)
     return out
