@@ -40,7 +40,7 @@ def cells(runs: Sequence[dict[str, Value]]) -> dict[tuple[str, str], list[dict[s
     for r in runs:
         name = str(r["run"])
         cell = "main job (1k devices, ε 8)" if MAIN.match(name) else "10k devices, ε 8" if FLEET.match(name) else None
-        if cell is None or name in seen:  # one run recorded in both CSVs (the self-set study's skellam draws) is one draw
+        if cell is None or name in seen:  # a run recorded in both CSVs (self-set skellam draws) is one draw
             continue
         seen.add(name)
         mech = str(r["distributed-mechanism"] or "gaussian")
