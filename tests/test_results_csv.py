@@ -12,6 +12,7 @@ import pytest
 from simulations import (
     device_fedavg_table,
     device_level_table,
+    ema_tuning_table,
     fedavg_tuning_table,
     fleet_selfset_table,
     fleet_table,
@@ -160,6 +161,7 @@ def test_the_committed_tables_reproduce_from_the_committed_csvs() -> None:
         device_level_table.fedavg_markdown(read(results / "device_level.csv"), read(results / "fleet.csv")),
         fedavg_tuning_table.markdown(read(results / "device_fedavg_tuning.csv"),
                                      read(results / "device_fedavg_tuning_rounds.csv", ROUND_COLUMNS)),
+        ema_tuning_table.markdown(read(results / "tuning.csv"), read(results / "tuning_rounds.csv", ROUND_COLUMNS)),
     ]
     docs = _doc_lines()
     for text in tables:
