@@ -29,6 +29,7 @@ class _Model:
     def __init__(self) -> None:
         self.applied: list[tuple[Phase, int]] = []
         self.d_x = self.d_y = 2  # the codec sizes an integer field by them (unused by the Gaussian codec)
+        self.average = None  # no server-ema: each evaluated round states one EER
 
     def phases(self, aligner: Any = None) -> list[Phase]:
         return [Phase.DPSGD] * 4
