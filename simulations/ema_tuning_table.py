@@ -19,7 +19,7 @@ from simulations.results_csv import ROUND_COLUMNS, Value, number, pct, read, rou
 
 NAME = re.compile(r"^t\d+k-e[\d.]+-ema[\d.]+")
 CHECKPOINTS = (250, 500, 750, 1000)
-HEADER = ("| run | q | σ statistics / DP-SGD | server lr | EMA decay | DP linear start | "
+HEADER = ("| run | q | σ statistics / DP-SGD | server optimiser, lr | EMA decay | DP linear start | "
           + " | ".join(f"round {r}: average / last" for r in CHECKPOINTS)
           + " | gate (validation speakers) |")
 
@@ -35,7 +35,8 @@ def markdown(runs: Sequence[dict[str, Value]], rounds: Sequence[dict[str, Value]
         sigma = f"{number(r['suffstats_sigma']) or 0:.2f} / {number(r['dpsgd_sigma']) or 0:.2f}"
         gate = (f"start {pct(number(r['gate_linear_start_eer']))}, DP NESSA {pct(number(r['gate_dp_nessa_eer']))}, "
                 f"not updating {pct(number(r['gate_not_updating_eer']))}")
-        lines.append(f"| {r['run']} | {number(r['sample-rate']):.3g} | {sigma} | {r['server-lr']} | {r['server-ema']} "
+        step = f"{r['server-optimizer']}, {r['server-lr']}"
+        lines.append(f"| {r['run']} | {number(r['sample-rate']):.3g} | {sigma} | {step} | {r['server-ema']} "
                      f"| {pct(number(r['linear_start_eer']))} | " + " | ".join(cells) + f" | {gate} |")
     return "\n".join(lines)
 
