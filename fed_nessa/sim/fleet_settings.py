@@ -10,7 +10,8 @@ that configure themselves"):
   (:func:`fed_nessa.federated.release.promised_arrivals`), and every simulated device's
   ``guaranteed-arrivals`` equal to it, so each noise share is sized for exactly that promise;
 * the local DP-SGD rate ``sample-rate`` (example level): an expected
-  :data:`PAIRS_PER_ROUND` pairs per round over the fleet, at ``expected-pairs-per-device`` each;
+  :data:`PAIRS_PER_ROUND` pairs per round over the fleet, at ``expected-pairs-per-device`` each; under the
+  integer mechanism the fraction of that rate whose plan holds the most signal (:func:`integer_sample_rate`);
 * ``budget-split`` (when no noise multiplier is given): the noise is calibrated from epsilon
   instead of taken as given. Example level: the share of epsilon that alone buys the statistics
   round a noise multiplier of :data:`STATS_SIGMA` (at most :data:`MAX_STATS_SHARE`); device
