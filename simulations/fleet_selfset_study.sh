@@ -15,7 +15,8 @@ cd "$(dirname "$0")/.."
 fresh() { rm -rf "$1" "$1.keys"; echo "$1"; }
 VENV="${FED_NESSA_VENV:-.venv}"
 RUNS=runs/studies CSV=results/fleet_selfset.csv
-record() { "$VENV/bin/python" -m simulations.results_csv "$CSV" "$RUNS/$1"; }
+# two instances may share the CSV (one per core): each write holds the lock (kept under runs/, not committed)
+record() { mkdir -p "$RUNS"; flock "$RUNS/.csv.lock" "$VENV/bin/python" -m simulations.results_csv "$CSV" "$RUNS/$1"; }
 recorded() { [ -f "$CSV" ] && grep -q "^$1," "$CSV"; }
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 sizes=${1:-"10000 1000 3000"}
