@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from fed_nessa.config import from_run_config
 from fed_nessa.federated.noise_plan import noise_plan
-from fed_nessa.sim.fleet_settings import INTEGER_RATE_FRACTIONS, SOURCE_DIMS, derive
+from fed_nessa.sim.fleet_settings import INTEGER_RATE_FRACTIONS, derive, source_dims
 
 MECHANISMS = ("gaussian", "skellam")
 
@@ -30,7 +30,7 @@ def cells(devices: int, epsilon: float) -> list[dict[str, float | str | bool]]:
         target = derive({**given, "distributed-mechanism": "gaussian"}, {}).run["sample-rate"]
         for f in INTEGER_RATE_FRACTIONS:
             cfg = from_run_config({**given, **run, "sample-rate": target * f, "aligner": "auto"})
-            plan = noise_plan(cfg, devices, SOURCE_DIMS["synthetic"])
+            plan = noise_plan(cfg, devices, source_dims(cfg))
             out.append({"mechanism": mech, "q": target * f, "sigma": plan.dpsgd_sigma, "signal": plan.signal,
                         "chosen": abs(run["sample-rate"] - target * f) < 1e-12})
     return out

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fed_nessa.config import Phase, from_run_config
+from fed_nessa.config import from_run_config
 from fed_nessa.data.registry import load_federation_data
 from fed_nessa.evaluation.protocol import evaluate_held_out
 from fed_nessa.federated import suffstats
@@ -59,7 +59,7 @@ def check(devices: int, epsilon: float, seed: int, draws: int, floors: Sequence[
             for name, held in (("validation", data.validation), ("held_out", held_out)):
                 report = evaluate_held_out(held, scenario, {"start": model.comparator()})
                 out[f][name].append(report.row("asym_start").metrics.eer)
-    return {"sigma": plan.suffstats_sigma, "std": std, "phase": str(Phase.SUFFSTATS), "eers": out}
+    return {"sigma": plan.suffstats_sigma, "std": std, "eers": out}
 
 
 def markdown(result: dict[str, object], floors: Sequence[float]) -> str:

@@ -22,13 +22,13 @@ from fed_nessa.sim.fleet_settings import (
     MAX_STATS_SHARE,
     PAIRS_PER_ROUND,
     SERVER_LR,
-    SOURCE_DIMS,
     STATS_SIGMA,
     FleetSettingsError,
     budget_split,
     derive,
     device_level_delta,
     quantization_range,
+    source_dims,
 )
 from fed_nessa.sim.runner import build_config, build_policy, fleet_overrides
 
@@ -59,7 +59,8 @@ def test_under_the_rule_aligner_auto_tries_dp_nessa_only_where_the_tuning_popula
     """The threshold lies between the tuning evidence's losses (<= 8.6k; 13.9k at 10k devices, epsilon 3 under
     skellam) and wins (>= 17.6k)."""
     given = {"num-devices": devices, "epsilon-budget": epsilon, "distributed-mechanism": mechanism}
-    plan = noise_plan(from_run_config({**given, **derive(given, {}).run}), devices, SOURCE_DIMS["synthetic"])
+    cfg = from_run_config({**given, **derive(given, {}).run})
+    plan = noise_plan(cfg, devices, source_dims(cfg))
     assert (plan.aligner == "nessa") is tries_nessa and (plan.dpsgd_rounds_per_device > 0) is tries_nessa
 
 
@@ -86,7 +87,7 @@ def test_under_the_integer_mechanism_the_rate_is_the_one_whose_plan_holds_the_mo
     given = {"num-devices": 10_000, "epsilon-budget": epsilon}
     run = derive(given, {}).run
     assert run["sample-rate"] == pytest.approx(0.04 * fraction)
-    dims = SOURCE_DIMS["synthetic"]
+    dims = source_dims(from_run_config({**given, **run}))
     plan = noise_plan(from_run_config({**given, **run}), 10_000, dims)
     assert plan.dpsgd_sigma == pytest.approx(sigma, abs=0.01)
     for other in INTEGER_RATE_FRACTIONS:

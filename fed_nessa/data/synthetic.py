@@ -306,6 +306,13 @@ def generate_eval(world: SyntheticWorld, seed: int, speakers: int = 200, utteran
                         name=f"synthetic-eval(seed={seed}, stream={stream})", meta=meta or {})
 
 
+def embedding_dims(config: PopulationConfig) -> tuple[int, int]:
+    """``(d_x, d_y)``: the population's enrollment and runtime models' dimensions, known before any draw."""
+    specs = {OLD: config.world.old, NEW: config.world.new}
+    enroll, runtime = scenario_models(config.scenario)
+    return specs[enroll].dim, specs[runtime].dim
+
+
 def population_config(
     num_devices: int, seed: int = 0, scenario: Scenario = "runtime-upgrade", *, eval_speakers: int = 200,
     eval_utterances: int = 30, speakers_per_device: tuple[int, int] = (1, 6),

@@ -112,8 +112,18 @@ def _plan(req: RoundRequest, cfg: FederationConfig) -> NoisePlan:
 
 
 def _sigma(req: RoundRequest, cfg: FederationConfig) -> float:
-    plan = _plan(req, cfg)
-    return plan.suffstats_sigma if req.phase == Phase.SUFFSTATS else plan.dpsgd_sigma
+    return _phase_sigma(_plan(req, cfg), req.phase)
+
+
+def _phase_sigma(plan: NoisePlan, phase: Phase) -> float:
+    return plan.suffstats_sigma if phase == Phase.SUFFSTATS else plan.dpsgd_sigma
+
+
+def _noise_floor(phase: Phase, policy: DevicePolicy) -> tuple[float, str]:
+    """The policy's smallest accepted noise multiplier in ``phase``, and its key."""
+    if phase == Phase.SUFFSTATS:
+        return policy.min_suffstats_noise_multiplier, "min-suffstats-noise-multiplier"
+    return policy.min_noise_multiplier, "min-noise-multiplier"
 
 
 def sample_rate(req: RoundRequest, n: int, cfg: FederationConfig) -> float:
@@ -204,12 +214,13 @@ def plan_below_floor(plan: NoisePlan, phases: Sequence[Phase], cfg: FederationCo
     """
     if cfg.dp_mode == DPMode.NONE:
         return []
-    floors = {Phase.SUFFSTATS: (plan.suffstats_sigma, policy.min_suffstats_noise_multiplier,
-                                "min-suffstats-noise-multiplier"),
-              Phase.DPSGD: (plan.dpsgd_sigma, policy.min_noise_multiplier, "min-noise-multiplier")}
-    return [f"the plan's {phase} noise multiplier {sigma:.4g} is below the devices' {key} {floor:g}: "
-            f"every device will decline that phase"
-            for phase, (sigma, floor, key) in floors.items() if phase in phases and sigma < floor]
+    out = []
+    for phase in dict.fromkeys(phases):
+        sigma, (floor, key) = _phase_sigma(plan, phase), _noise_floor(phase, policy)
+        if sigma < floor:
+            out.append(f"the plan's {phase} noise multiplier {sigma:.4g} is below the devices' {key} {floor:g}: "
+                       "every device will decline that phase")
+    return out
 
 
 def policy_refusal(req: RoundRequest, n: int, cfg: FederationConfig, policy: DevicePolicy,
@@ -222,8 +233,7 @@ def policy_refusal(req: RoundRequest, n: int, cfg: FederationConfig, policy: Dev
                 "seed, so the server can subtract it) and this device's policy does not allow it "
                 "(allow-reproducible-noise)")
     if cfg.dp_mode != DPMode.NONE:
-        sigma = _sigma(req, cfg)
-        floor = policy.min_suffstats_noise_multiplier if req.phase == Phase.SUFFSTATS else policy.min_noise_multiplier
+        sigma, (floor, _) = _sigma(req, cfg), _noise_floor(req.phase, policy)
         if sigma < floor:
             return (f"declined: the run asks for noise multiplier {sigma:g} in phase {req.phase}, below this "
                     f"device's policy minimum {floor:g}")

@@ -45,6 +45,7 @@ from fed_nessa.config import (
     ServerOptimizer,
     from_run_config,
 )
+from fed_nessa.data.synthetic import embedding_dims, population_config
 from fed_nessa.errors import FedNessaError
 from fed_nessa.federated.noise_plan import noise_plan
 from fed_nessa.federated.release import promised_arrivals
@@ -60,8 +61,6 @@ PAIRS_PER_ROUND = 44_800
 #: exact bound lacks), so a larger q buys less: at 10k devices, epsilon 3 and q 0.04 it needs sigma 4.79 where the
 #: Gaussian needs 2.50 (docs/results.md "The integer mechanism at small epsilon").
 INTEGER_RATE_FRACTIONS = (1.0, 0.75, 0.5, 0.375, 0.25)
-#: Payload dimensions (d_x, d_y) the integer mechanism's rate is chosen at, by data source (others keep q as is).
-SOURCE_DIMS = {"synthetic": (256, 192)}
 #: Example level: the statistics round's noise multiplier. The linear start barely suffers at
 #: sigma 1.5-2.5 (field notes: "a budget split ... is the measured sweet spot"); the replay's best
 #: epsilon-3 schedule used 2.5, leaving the rest of epsilon to DP-SGD.
@@ -168,13 +167,22 @@ def derive(given_run: Mapping[str, Any], given_device: Mapping[str, Any]) -> Fle
         run["delta"] = device_level_delta(devices, base.delta)
     _check_range(given_run, per_round)
     cfg = _config(given_run, run)
-    if "sample-rate" in run and unit == PrivacyUnit.EXAMPLE and cfg.integer_noise and cfg.data_source in SOURCE_DIMS:
-        run["sample-rate"] = integer_sample_rate(cfg, devices, SOURCE_DIMS[cfg.data_source])
+    dims = source_dims(cfg)
+    if "sample-rate" in run and unit == PrivacyUnit.EXAMPLE and cfg.integer_noise and dims is not None:
+        run["sample-rate"] = integer_sample_rate(cfg, devices, dims)
         cfg = _config(given_run, run)
     g = promised_arrivals(cfg, cohort)
     device = _device(given_device, cfg, g)
     _check_device(given_device, cfg, g)
     return FleetSettings(run, device)
+
+
+def source_dims(cfg: FederationConfig) -> tuple[int, int] | None:
+    """The payload's ``(d_x, d_y)`` where the data source fixes them before any data is drawn (the built-in
+    synthetic population); None elsewhere (the integer mechanism's rate is then not chosen, q stays as derived)."""
+    if cfg.data_source != "synthetic":
+        return None
+    return embedding_dims(population_config(cfg.num_devices, cfg.seed))
 
 
 def integer_sample_rate(cfg: FederationConfig, devices: int, dims: tuple[int, int]) -> float:
@@ -235,5 +243,6 @@ def as_overrides(keys: Mapping[str, Any]) -> list[str]:
 
 
 __all__ = ["BUDGET_SPLIT", "DEVICE_MIN_NOISE", "DPSGD_ROUNDS", "INTEGER_RATE_FRACTIONS", "MAX_STATS_SHARE",
-           "PAIRS_PER_ROUND", "SERVER_LR", "SOURCE_DIMS", "STATS_SIGMA", "FleetSettings", "FleetSettingsError",
-           "as_overrides", "budget_split", "derive", "device_level_delta", "integer_sample_rate", "quantization_range"]
+           "PAIRS_PER_ROUND", "SERVER_LR", "STATS_SIGMA", "FleetSettings", "FleetSettingsError",
+           "as_overrides", "budget_split", "derive", "device_level_delta", "integer_sample_rate", "quantization_range",
+           "source_dims"]
