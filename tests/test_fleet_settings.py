@@ -230,3 +230,24 @@ def test_a_run_given_only_its_fleet_size_prints_and_records_the_derived_schedule
         assert config[key] == pytest.approx(value) and f"{key}=" in printed
     summary = json.loads((run / "summary.json").read_text())
     assert summary["noise_plan"]["aligner"] == "linear" and len(summary["rounds"]) == 1
+
+
+def test_at_30k_devices_the_statistics_round_fits_31_bits_at_a_smaller_scale() -> None:
+    """30,000 devices x 1,000 pairs overflow a 31-bit field at every scale down to k = 8; the plan takes k = 4
+    (rounding inflates the bound by 1/4 instead of 1/8) rather than falling to the floor the devices refuse."""
+    from fed_nessa.config import Phase
+    from fed_nessa.federated import skellam_mechanism as sm
+    from fed_nessa.federated.integer_mechanism import MAX_BITS, FieldTooSmallError, build_params
+
+    given = {"num-devices": 30_000, "epsilon-budget": 1.0}
+    cfg = from_run_config({**given, **derive(given, {}).run})
+    dims = source_dims(cfg)
+    assert dims is not None
+    plan = noise_plan(cfg, 30_000, dims)
+    assert plan.suffstats_sigma > DEVICE_MIN_NOISE
+    dim = sm.payload_dim(cfg, Phase.SUFFSTATS, *dims)
+    params = sm.phase_params(cfg, Phase.SUFFSTATS, plan.suffstats_sigma, plan.sample_rate, 30_000, dim, 1, 1)
+    assert params.scale * params.l2_clip / math.sqrt(params.padded_dim) == 4.0 and params.bits <= MAX_BITS
+    with pytest.raises(FieldTooSmallError, match="32 bits"):
+        build_params(dim, params.l2_clip, plan.suffstats_sigma, 1, 1, 30_000, params.vectors_per_device, beta=0.0,
+                     clip_per_sqrt_dim=8.0)

@@ -517,7 +517,7 @@ def test_the_calibration_searches_past_sigmas_whose_field_does_not_fit() -> None
                            "num-devices": 1000, "epsilon-budget": 8.0, "delta": 1e-5, "sample-rate": 0.01})
     dims = (256, 192)
     with pytest.raises(FieldTooSmallError, match="bits"):
-        skellam_mechanism.calibration_epsilon(cfg, 1000, dims, [(Phase.SUFFSTATS, 2000.0, 1.0, 1)])
+        skellam_mechanism.calibration_epsilon(cfg, 1000, dims, [(Phase.SUFFSTATS, 1e6, 1.0, 1)])
     sigma = noise_plan(cfg, 1000, dims).suffstats_sigma
     eps = skellam_mechanism.calibration_epsilon(cfg, 1000, dims, [(Phase.SUFFSTATS, sigma, 1.0, 1)])
     assert 0.99 * 8.0 <= eps <= 8.0

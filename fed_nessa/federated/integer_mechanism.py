@@ -37,8 +37,9 @@ from fed_nessa.randomness import NoiseSource
 
 #: Scaled clip per sqrt(padded dim) ``k`` a round tries, largest first: the largest whose field fits
 #: :data:`MAX_BITS`. The rounding inflates the L2 bound by ~1/(8 k^2) at the device level (conditional
-#: rounding) and by 1/k at the example level (the coupled bound): 0.8 % at 128, 12.5 % at 8.
-SCALE_CANDIDATES: tuple[float, ...] = (128.0, 64.0, 32.0, 16.0, 8.0)
+#: rounding) and by 1/k at the example level (the coupled bound): 0.8 % at 128, 12.5 % at 8, 50 % at 2
+#: (the smallest, for sums as large as 30k devices x 1,000 pairs, which need 32 bits at 8).
+SCALE_CANDIDATES: tuple[float, ...] = (128.0, 64.0, 32.0, 16.0, 8.0, 4.0, 2.0)
 #: Probability (per round, over every coordinate) that the decoder refuses a sum; also bounds a wrap.
 DEFAULT_WRAP_PROBABILITY = 1e-9
 #: Flower's quantizer casts to int32 (``_stochastic_round``), so field elements must stay below 2^31.
