@@ -15,9 +15,12 @@ is timed in ``benchmarks/fleet_round.py``):
     ``--update explicit`` (the NESSA net written out, no per-device weight copies) or ``vmap`` (the
     general path: each device's weight copy through ``torch.func``), same inputs.
 
-Pairs are random unit vectors generated on the device chunk by chunk from (seed, chunk): the
-arithmetic and the memory of a round do not depend on the values, and 10^6 devices' pairs are
-never held at once. The FLOP figure is the dense forward+backward count (6 x trainable
+Pairs are random unit vectors generated on the device from (seed, chunk) into a pool of
+``--pool`` chunks before the timing, which the round's chunks cycle through: the arithmetic and the
+memory of a round do not depend on the values, 10^6 devices' pairs are never held at once, and the
+figure is the round maths alone (``--fresh-pairs`` draws every chunk's pairs inside the timed round,
+as before session 9: ``torch.randn`` of 10^5 x 112 pairs was ~24 % of a CPU round).
+The FLOP figure is the dense forward+backward count (6 x trainable
 parameters x pairs per pass); the ratio to it says how close a round runs to the arithmetic.
 
     python benchmarks/device_level_round.py --devices 10000 100000 --device cpu
@@ -56,14 +59,29 @@ def _pairs(n: int, device: torch.device, seed: int) -> tuple[torch.Tensor, torch
     return x / x.norm(dim=1, keepdim=True), y / y.norm(dim=1, keepdim=True)
 
 
+class PairPool:
+    """Chunks of pairs drawn once (``size`` chunks of ``rows``) and handed out in turn; ``size = 0`` draws each
+    chunk fresh when it is asked for (inside the timed round)."""
+
+    def __init__(self, size: int, rows: int, device: torch.device) -> None:
+        self.device = device
+        self.chunks = [_pairs(rows, device, c) for c in range(size)]
+
+    def take(self, c: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.chunks:
+            return _pairs(rows, self.device, c)
+        x, y = self.chunks[c % len(self.chunks)]
+        return x[:rows], y[:rows]
+
+
 def fedsgd_round(net: nn.Module, devices: int, pairs: int, chunk: int, clip: float,
-                 device: torch.device) -> torch.Tensor:
+                 device: torch.device, pool: PairPool) -> torch.Tensor:
     """Sum over every device of its clipped mean gradient, plus the summed Gaussian noise."""
     params = trainable(net)
     total = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64, device=device)
     for c, start in enumerate(range(0, devices, chunk)):
         k = min(chunk, devices - start)
-        x, y = _pairs(k * pairs, device, c)
+        x, y = pool.take(c, k * pairs)
         seg = torch.arange(k, device=device).repeat_interleave(pairs)
         total += device_clipped_sum(net, x, y, seg, k, clip).double()
     return total + torch.randn_like(total) * clip
@@ -82,7 +100,8 @@ def _equal_steps(k: int, pairs: int, epochs: int, batch: int, device: torch.devi
 
 
 def fedavg_round(net: nn.Module, devices: int, pairs: int, chunk: int, clip: float, device: torch.device,
-                 local_epochs: int, lr: float, local_batch: int, update: str = "explicit") -> torch.Tensor:
+                 local_epochs: int, lr: float, local_batch: int, pool: PairPool,
+                 update: str = "explicit") -> torch.Tensor:
     """Sum over every device of its clipped DP-FedAvg delta (``local_epochs`` of plain SGD in minibatches of
     ``local_batch``, secret row orders): ``explicit``, the engines' fast-numerics call
     (:func:`fed_nessa.sim.fedavg.fedavg_block_sum`, the NESSA net written out); ``vmap``, the general path
@@ -90,7 +109,7 @@ def fedavg_round(net: nn.Module, devices: int, pairs: int, chunk: int, clip: flo
     total = torch.zeros(sum(p.numel() for p in trainable(net)), dtype=torch.float64, device=device)
     for c, start in enumerate(range(0, devices, chunk)):
         k = min(chunk, devices - start)
-        x, y = _pairs(k * pairs, device, c)
+        x, y = pool.take(c, k * pairs)
         x, y = x.view(k, pairs, D_X), y.view(k, pairs, D_Y)
         steps = _equal_steps(k, pairs, local_epochs, local_batch, device, c)
         if update == "vmap":
@@ -120,14 +139,17 @@ def measure(devices: int, algorithm: str, args: argparse.Namespace, device: torc
     net = build_net(cfg, D_X, D_Y).to(device)
     n_params = sum(p.numel() for p in trainable(net))
     pairs = args.pairs if algorithm == "fedsgd" else args.local_pairs
+    chunk = args.chunk if algorithm == "fedsgd" else args.fedavg_chunk
+    pool = PairPool(0 if args.fresh_pairs else min(args.pool, -(-devices // chunk)), min(chunk, devices) * pairs,
+                    device)
     if algorithm == "fedsgd":
         def fn() -> torch.Tensor:
-            return fedsgd_round(net, devices, pairs, args.chunk, 0.1, device)
+            return fedsgd_round(net, devices, pairs, chunk, 0.1, device, pool)
         passes = 1
     else:
         def fn() -> torch.Tensor:
-            return fedavg_round(net, devices, pairs, args.fedavg_chunk, 0.1, device, args.local_epochs, args.lr,
-                                args.local_batch, args.update)
+            return fedavg_round(net, devices, pairs, chunk, 0.1, device, args.local_epochs, args.lr,
+                                args.local_batch, pool, args.update)
         passes = args.local_epochs
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -138,7 +160,8 @@ def measure(devices: int, algorithm: str, args: argparse.Namespace, device: torc
             "linear_start": args.linear_start, "devices": devices, "pairs_per_device": pairs, "local_epochs": passes,
             "trainable_params": n_params, "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "threads": torch.get_num_threads(), "seconds": [round(s, 4) for s in seconds],
+            "threads": torch.get_num_threads(), "fresh_pairs": args.fresh_pairs,
+            "seconds": [round(s, 4) for s in seconds],
             "median_s": round(med, 4), "dense_gflop": round(flops / 1e9, 1),
             "achieved_tflops": round(flops / med / 1e12, 3),
             "peak_gpu_gib": (round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
@@ -162,6 +185,8 @@ def main() -> None:
                    help="DP-FedAvg: the written-out NESSA update, or the general vmap path (the old one)")
     p.add_argument("--linear-start", choices=("none", "suffstats"), default="none",
                    help="none: the whole net trains; suffstats: the residual only (the linear part frozen)")
+    p.add_argument("--pool", type=int, default=8, help="chunks of pairs drawn before the timing, cycled")
+    p.add_argument("--fresh-pairs", action="store_true", help="draw every chunk's pairs inside the timed round")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-warmup", action="store_true", help="time the first round too (a 10^5-device CPU round)")

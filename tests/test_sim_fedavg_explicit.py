@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fed_nessa.sim.fedavg as fedavg
+import fed_nessa.sim.fedavg_explicit as fedavg_explicit
 from fed_nessa.federated.mechanism import local_orders
 from fed_nessa.model.aligners.nessa import NessaConfig, NessaNet
 from fed_nessa.randomness import ReproducibleNoise
@@ -20,7 +21,7 @@ from fed_nessa.sim.fedavg import (
     pad_block,
     vmap_deltas,
 )
-from fed_nessa.sim.fedavg_explicit import plan
+from fed_nessa.sim.fedavg_explicit import Outer, forms_delta, plan
 
 D_X, D_Y = 24, 16
 SIZES = [1, 4, 7, 9, 12, 3]  # short last minibatches, devices with fewer steps than the block's most
@@ -54,8 +55,12 @@ CONFIGS = [
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=["lin+gelu+ln", "frozen-lin", "relu-no-ln-depth2", "frozen-depth3"])
 @pytest.mark.parametrize("clip", [1e-3, 10.0])
-def test_the_written_out_update_is_the_vmap_update(cfg: NessaConfig, clip: float,
+@pytest.mark.parametrize("route", ["by-cost", "factored", "formed"])
+def test_the_written_out_update_is_the_vmap_update(cfg: NessaConfig, clip: float, route: str,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whichever way a weight's delta is kept (factored ``lr E^T U`` with Grams for its norm, or formed)."""
+    if route != "by-cost":
+        monkeypatch.setattr(fedavg_explicit, "forms_delta", lambda part, formed: route == "formed")
     net = _net(cfg)
     assert plan(net, "cosine") is not None
     x, y, steps = _block(epochs=2, batch=3)
@@ -94,3 +99,14 @@ def test_other_nets_and_losses_run_the_vmap_path() -> None:
     torch.testing.assert_close(got.clipped, expect.clipped)
     with pytest.raises(ValueError, match="unknown loss 'huber'"):
         fedavg_block_sum(net, x, y, steps, lr=0.5, clip_norm=1.0, loss="huber")
+
+
+def test_a_weight_is_formed_where_its_grams_would_cost_more() -> None:
+    """112 rows of a 64 x 192 weight: Grams (n^2 x 256) cost more than the delta; 4 rows of it do not."""
+    def part(n: int, gram_u: bool) -> Outer:
+        e, u = torch.zeros(2, n, 64), torch.zeros(2, n, 192)
+        return Outer(e, u, "k", torch.zeros(2, n, n) if gram_u else None)
+
+    assert forms_delta(part(112, False), e_gram_formed=False)
+    assert not forms_delta(part(4, False), e_gram_formed=False)
+    assert not forms_delta(part(112, True), e_gram_formed=True)  # nothing left to form for the norm

@@ -26,7 +26,7 @@ anything else and the caller runs the general vmap path.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -164,19 +164,30 @@ class Outer:
 
 @dataclass(frozen=True)
 class Trained:
-    """A group of devices after their local steps: each trainable tensor's delta, ``start - end``, by name."""
+    """A group of devices after their local steps: each trainable tensor's delta, ``start - end``, by name.
+
+    A weight's delta stays factored (``lr E^T U``) unless :meth:`sq_norms` finds forming it cheaper than its
+    Grams: then ``E^T U`` is formed once per device (``formed``, no ``lr``) and serves the norm, the rows
+    :meth:`write` copies and the sum :meth:`summed` takes, instead of a second GEMM."""
 
     lr: float
     parts: dict[str, Outer | torch.Tensor]  # a factored weight delta, or the delta itself [k, m]
     work: Workspace
+    formed: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> E^T U [k, out, in]
 
     def sq_norms(self) -> torch.Tensor:
-        """Each device's ``||start - end||^2`` (float64 ``[k]``), the weights' from Grams:
-        ``||E^T U||_F^2 = sum((E E^T) * (U U^T))``, no delta formed."""
+        """Each device's ``||start - end||^2`` (float64 ``[k]``). A weight's by whichever costs fewer
+        multiply-adds (:func:`forms_delta`): its Grams, ``||E^T U||_F^2 = sum((E E^T) * (U U^T))`` (no delta
+        formed; ``E E^T`` shared by the weights of one ``E``), or the delta ``E^T U`` itself, kept."""
         grams: dict[str, torch.Tensor] = {}
         total: torch.Tensor | None = None
-        for part in self.parts.values():
-            if isinstance(part, Outer):
+        for name, part in self.parts.items():
+            if isinstance(part, Outer) and forms_delta(part, part.key in grams):
+                delta = torch.bmm(part.e.transpose(1, 2), part.u,
+                                  out=self.work.take(f"delta.{name}", _delta_shape(part), part.e))
+                self.formed[name] = delta
+                sq = torch.linalg.vector_norm(delta.flatten(1), dim=1).double().pow(2) * self.lr ** 2
+            elif isinstance(part, Outer):
                 if part.key not in grams:
                     grams[part.key] = torch.bmm(part.e, part.e.transpose(1, 2),
                                                 out=self.work.take(f"gram.{part.key}", _gram_shape(part.e), part.e))
@@ -190,11 +201,12 @@ class Trained:
         return total
 
     def scaled(self, factor: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Each ``E`` times ``lr * factor`` (per device), once per key."""
+        """Each ``E`` times ``lr * factor`` (per device), once per key (the factored weights' only)."""
         scale = (self.lr * factor).float()[:, None, None]
-        return {part.key: torch.mul(part.e, scale, out=self.work.take(f"scaled.{part.key}", tuple(part.e.shape),
-                                                                      part.e))
-                for part in self.parts.values() if isinstance(part, Outer)}
+        keys = {part.key: part.e for name, part in self.parts.items()
+                if isinstance(part, Outer) and name not in self.formed}
+        return {key: torch.mul(e, scale, out=self.work.take(f"scaled.{key}", tuple(e.shape), e))
+                for key, e in keys.items()}
 
     def write(self, names: list[str], factor: torch.Tensor, out: torch.Tensor) -> None:
         """Each device's delta times ``factor`` into the rows of ``out`` ``[k, params]``, in ``names`` order."""
@@ -205,24 +217,45 @@ class Trained:
             if isinstance(part, Outer):
                 size = part.e.shape[2] * part.u.shape[2]
                 view = out[:, offset:offset + size].view(-1, part.e.shape[2], part.u.shape[2])
-                torch.bmm(es[part.key].transpose(1, 2), part.u, out=view)
+                if name in self.formed:
+                    torch.mul(self.formed[name], (self.lr * factor).to(out.dtype)[:, None, None], out=view)
+                else:
+                    torch.bmm(es[part.key].transpose(1, 2), part.u, out=view)
             else:
                 size = part.shape[1]
                 out[:, offset:offset + size] = part.double() * factor[:, None]
             offset += size
 
     def summed(self, names: list[str], factor: torch.Tensor) -> torch.Tensor:
-        """``sum_j factor_j * delta_j`` (float64 ``[params]``): one GEMM per weight over all the devices' rows."""
+        """``sum_j factor_j * delta_j`` (float64 ``[params]``): a formed weight's by one GEMV over its devices'
+        deltas, a factored one's by one GEMM over all the devices' rows."""
         es = self.scaled(factor)
         pieces = []
         for name in names:
             part = self.parts[name]
-            if isinstance(part, Outer):
+            if isinstance(part, Outer) and name in self.formed:
+                delta = self.formed[name]
+                pieces.append(torch.mv(delta.flatten(1).t(), (self.lr * factor).to(delta.dtype)).double())
+            elif isinstance(part, Outer):
                 e, u = es[part.key], part.u
                 pieces.append(torch.mm(e.reshape(-1, e.shape[2]).t(), u.reshape(-1, u.shape[2])).double().reshape(-1))
             else:
                 pieces.append((part.double() * factor[:, None]).sum(dim=0))
         return torch.cat(pieces)
+
+
+def forms_delta(part: Outer, e_gram_formed: bool) -> bool:
+    """Whether forming ``E^T U`` costs fewer multiply-adds than the norm's Grams. Factored: the Grams
+    (``n^2 out`` unless ``E E^T`` is already formed for its key, ``n^2 in`` unless ``U U^T`` is given), their
+    elementwise product (``n^2``) and the sum's GEMM (``n out in``). Formed: the delta (``n out in``), its norm
+    and the sum's GEMV over it (``out in`` each). A weight with few rows per device keeps its Grams."""
+    n, out, inp = part.e.shape[1], part.e.shape[2], part.u.shape[2]
+    gram = (0 if e_gram_formed else n * n * out) + (0 if part.gram_u is not None else n * n * inp)
+    return 2 * out * inp < gram + n * n
+
+
+def _delta_shape(part: Outer) -> tuple[int, int, int]:
+    return (part.e.shape[0], part.e.shape[2], part.u.shape[2])
 
 
 def _gram_shape(t: torch.Tensor) -> tuple[int, int, int]:
