@@ -183,6 +183,9 @@ class FederationConfig:
     # Decay of the server's exponential moving average of the DP-SGD weights (0: off). Post-processing
     # of released sums (no privacy cost); the average is what is evaluated, gated and shipped.
     server_ema: float = 0.0
+    # DP-SGD steps over which the server's learning rate rises linearly to server-lr (0: none). A function
+    # of the step count only (public): post-processing, no privacy cost.
+    server_lr_warmup: int = 0
     eval_every: int = 1
     aligner: str = "auto"
     expected_pairs_per_device: float = 112.0  # public prior for aligner=auto (never measured on devices)
@@ -386,6 +389,7 @@ def _check_ranges(c: FederationConfig) -> list[str]:
     _range(p, "sample-rate", c.sample_rate, 0.0, 1.0)
     _choice(p, "server-optimizer", c.server_optimizer, tuple(o.value for o in ServerOptimizer))
     _range(p, "server-ema", c.server_ema, 0.0, 1.0, hi_open=True)
+    _range(p, "server-lr-warmup", c.server_lr_warmup, 0, 1_000_000)
     _range(p, "eval-every", c.eval_every, 1, 1_000_000)
     _choice(p, "aligner", c.aligner, tuple(a.value for a in AlignerChoice))
     _range(p, "expected-pairs-per-device", c.expected_pairs_per_device, 1.0, 1e7)

@@ -100,6 +100,7 @@ CONFIG_KEYS: tuple[tuple[str, type], ...] = (
     ("device-update", str), ("device-clip-norm", float), ("local-epochs", int), ("local-batch", int),
     ("local-lr", float), ("clip-target-quantile", float), ("clip-lr", float), ("clip-count-noise", float),
     ("server-ema", float),
+    ("server-lr-warmup", int),
 )
 # Each evaluated aligner's metrics: the shipped one (``final``) and the rows beside it.
 METRIC_ROWS = ("final", "linear_start", "dp_nessa", "centralised_nessa", "ridge", "sym_before", "sym_after")

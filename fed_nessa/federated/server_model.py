@@ -120,10 +120,18 @@ class ServerModel:
             else:
                 params = trainable(self.net)
                 mean = np.asarray(aggregate_sum, np.float32) / n_arrived
-                load_flat(params, flat(params) + self.cfg.server_lr * mean)
+                load_flat(params, flat(params) + self.step_lr() * mean)
             if self.average is not None:
                 self.average.update(self.net)
         self.completed.append(phase)
+
+    def step_lr(self) -> float:
+        """The server learning rate of the DP-SGD step being applied: ``server-lr``, scaled by ``t / warmup``
+        over the first ``server-lr-warmup`` steps (``t`` counts from 1; the completed phases say where a
+        resumed run is, so the schedule needs no state of its own)."""
+        warmup = self.cfg.server_lr_warmup
+        t = sum(1 for p in self.completed if p != Phase.SUFFSTATS) + 1
+        return self.cfg.server_lr * (min(1.0, t / warmup) if warmup > 0 else 1.0)
 
     def default_plan(self) -> NoisePlan:
         """The noise plan when the caller gives none (tests; a run passes the round's plan)."""
@@ -165,6 +173,8 @@ class ServerModel:
         for p in params:
             p.grad = g[offset:offset + p.numel()].view_as(p).clone()
             offset += p.numel()
+        for group in self.opt.param_groups:
+            group["lr"] = self.step_lr()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
