@@ -19,13 +19,14 @@ from simulations.results_csv import ROUND_COLUMNS, Value, number, pct, read, rou
 
 NAME = re.compile(r"^t\d+k-e[\d.]+-ema[\d.]+")
 CHECKPOINTS = (250, 500, 750, 1000)
-HEADER = ("| run | q | σ statistics / DP-SGD | server optimiser, lr | EMA decay | DP linear start | "
+HEADER = ("| run | q | σ statistics / DP-SGD | server optimiser, lr (warmup steps) | residual width | EMA decay "
+          "| DP linear start | "
           + " | ".join(f"round {r}: average / last" for r in CHECKPOINTS)
           + " | gate (validation speakers) |")
 
 
 def markdown(runs: Sequence[dict[str, Value]], rounds: Sequence[dict[str, Value]]) -> str:
-    lines = [HEADER, "|" + "---|" * (6 + len(CHECKPOINTS) + 1)]
+    lines = [HEADER, "|" + "---|" * (7 + len(CHECKPOINTS) + 1)]
     for r in sorted((r for r in runs if NAME.match(str(r["run"]))), key=lambda r: str(r["run"])):
         curve = {int(x["round"]): x for x in rounds if x["run"] == r["run"] and isinstance(x["round"], int)}
         cells = []
@@ -35,9 +36,10 @@ def markdown(runs: Sequence[dict[str, Value]], rounds: Sequence[dict[str, Value]
         sigma = f"{number(r['suffstats_sigma']) or 0:.2f} / {number(r['dpsgd_sigma']) or 0:.2f}"
         gate = (f"start {pct(number(r['gate_linear_start_eer']))}, DP NESSA {pct(number(r['gate_dp_nessa_eer']))}, "
                 f"not updating {pct(number(r['gate_not_updating_eer']))}")
-        step = f"{r['server-optimizer']}, {r['server-lr']}"
-        lines.append(f"| {r['run']} | {number(r['sample-rate']):.3g} | {sigma} | {step} | {r['server-ema']} "
-                     f"| {pct(number(r['linear_start_eer']))} | " + " | ".join(cells) + f" | {gate} |")
+        step = f"{r['server-optimizer']}, {r['server-lr']} ({r.get('server-lr-warmup') or 0})"
+        lines.append(f"| {r['run']} | {number(r['sample-rate']):.3g} | {sigma} | {step} | {r['hidden']} "
+                     f"| {r['server-ema']} | {pct(number(r['linear_start_eer']))} | " + " | ".join(cells)
+                     + f" | {gate} |")
     return "\n".join(lines)
 
 
