@@ -41,8 +41,8 @@ def stats_sum(cfg: FederationConfig, numerics: str, shards: Sequence[tuple[np.nd
     mech = mechanism_for(cfg)
     vectors = (suffstats.device_vector(x, y) * mech.stats_weight(len(x)) for x, y in shards)
     if numerics == FleetNumerics.EXACT:
-        streams = [noise_source(cfg.reproducible_noise, cfg.seed, "device", i, r) for i in ids]
-        return codec.decode_sum(field_sum(vectors, streams, gs, codec), len(shards))
+        return exact_sum(vectors, [noise_source(cfg.reproducible_noise, cfg.seed, "device", i, r) for i in ids],
+                         gs, codec)
     return fast_sum(cfg, projected_sum(vectors, codec), gs, r, codec)
 
 
@@ -71,11 +71,11 @@ def field_sum(vectors: Iterable[np.ndarray], streams: Sequence[NoiseSource], gs:
     return acc
 
 
-def exact_sum(vectors: Sequence[np.ndarray], streams: Sequence[NoiseSource], gs: Sequence[int],
+def exact_sum(vectors: Iterable[np.ndarray], streams: Sequence[NoiseSource], gs: Sequence[int],
               codec: IntegerCodec) -> np.ndarray:
-    """The released sum (float32, input units) of the devices' un-noised ``vectors``: their :func:`field_sum`
-    decoded as the server decodes it."""
-    return codec.decode_sum(field_sum(vectors, streams, gs, codec), len(vectors))
+    """The released sum (float32, input units) of the devices' un-noised ``vectors`` (one per ``gs``): their
+    :func:`field_sum` decoded as the server decodes it."""
+    return codec.decode_sum(field_sum(vectors, streams, gs, codec), len(gs))
 
 
 def fast_sum(cfg: FederationConfig, total: np.ndarray, gs: Sequence[int], r: int, codec: IntegerCodec) -> np.ndarray:
