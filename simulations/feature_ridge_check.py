@@ -59,23 +59,39 @@ class FeatureRidge:
         return self.features(_unit(y)) @ self.w.T + self.b
 
 
+def _relu(a: np.ndarray, c: np.ndarray) -> Features:
+    return lambda y: np.maximum(y @ a + c, 0.0)
+
+
+def _abs(a: np.ndarray) -> Features:
+    return lambda y: np.abs(y @ a)
+
+
+def _quad(p: np.ndarray) -> Features:
+    rows, cols = np.triu_indices(p.shape[1])
+
+    def phi(y: np.ndarray) -> np.ndarray:
+        z = y @ p
+        return z[:, rows] * z[:, cols]
+
+    return phi
+
+
+def _with_y(phi: Features) -> Features:
+    return lambda y: np.concatenate([y, phi(y)], axis=1)
+
+
 def feature_sets(d_y: int, widths: Sequence[int], ranks: Sequence[int]) -> dict[str, Features]:
     """The linear ridge's features first, then every random feature set (each keeps ``y`` itself)."""
     rng = np.random.default_rng(FEATURE_SEED)
     sets: dict[str, Features] = {"linear": lambda y: y}
-
-    def with_y(phi: Features) -> Features:
-        return lambda y: np.concatenate([y, phi(y)], axis=1)
-
     for h in widths:
         a = rng.standard_normal((d_y, h)) * (3.0 / np.sqrt(d_y))  # pre-activations of std ~3 on unit rows
         c = rng.standard_normal(h) * 0.5
-        sets[f"relu-{h}"] = with_y(lambda y, a=a, c=c: np.maximum(y @ a + c, 0.0))
-        sets[f"abs-{h}"] = with_y(lambda y, a=a: np.abs(y @ a))
+        sets[f"relu-{h}"] = _with_y(_relu(a, c))
+        sets[f"abs-{h}"] = _with_y(_abs(a))
     for r in ranks:
-        p = rng.standard_normal((d_y, r)) * (3.0 / np.sqrt(d_y))
-        iu = np.triu_indices(r)
-        sets[f"quad-{r}"] = with_y(lambda y, p=p, iu=iu: ((y @ p)[:, :, None] * (y @ p)[:, None, :])[:, iu[0], iu[1]])
+        sets[f"quad-{r}"] = _with_y(_quad(rng.standard_normal((d_y, r)) * (3.0 / np.sqrt(d_y))))
     return sets
 
 
@@ -85,7 +101,19 @@ def fit(features: Features, enroll: np.ndarray, runtime: np.ndarray, alpha: floa
     return FeatureRidge(features, w.astype(np.float64), b.astype(np.float64))
 
 
-def check(devices: int, seed: int, widths: Sequence[int], ranks: Sequence[int]) -> list[dict[str, object]]:
+@dataclass(frozen=True)
+class Row:
+    """One feature set's fit, scored on the evaluation speakers."""
+
+    features: str
+    size: int  # ridge inputs
+    eer: float
+    gap_closure: float | None
+    pairs: int
+    none: float  # not updating's EER
+
+
+def check(devices: int, seed: int, widths: Sequence[int], ranks: Sequence[int]) -> list[Row]:
     """One row per feature set: its size and its EER and gap closure on the evaluation speakers."""
     pop = generate_population(devices, seed=seed)
     x = np.concatenate([d.enroll for d in pop.devices])
@@ -93,22 +121,18 @@ def check(devices: int, seed: int, widths: Sequence[int], ranks: Sequence[int]) 
     sets = feature_sets(y.shape[1], widths, ranks)
     fits = {name: fit(phi, x, y) for name, phi in sets.items()}
     report = evaluate_held_out(pop.eval, Scenario(pop.enroll_model, pop.runtime_model), fits)
-    rows = []
-    for name, model in fits.items():
-        row = report.row(f"asym_{name}")
-        rows.append({"features": name, "size": model.w.shape[1], "eer": row.metrics.eer,
-                     "gap_closure": row.gap_closure, "pairs": len(x), "none": report.row("sym_before").metrics.eer})
-    return rows
+    none = report.row("sym_before").metrics.eer
+    return [Row(name, model.w.shape[1], report.row(f"asym_{name}").metrics.eer,
+                report.row(f"asym_{name}").gap_closure, len(x), none) for name, model in fits.items()]
 
 
-def markdown(rows: Sequence[dict[str, object]], devices: int, seed: int) -> str:
-    lines = [f"{devices} devices, population seed {seed}, {rows[0]['pairs']} pairs; not updating "
-             f"{100 * float(rows[0]['none']):.2f} % EER", "",
+def markdown(rows: Sequence[Row], devices: int, seed: int) -> str:
+    lines = [f"{devices} devices, population seed {seed}, {rows[0].pairs} pairs; not updating "
+             f"{100 * rows[0].none:.2f} % EER", "",
              "| features | ridge inputs | EER % | gap closure |", "|---|---:|---:|---:|"]
     for r in rows:
-        gap = r["gap_closure"]
-        lines.append(f"| {r['features']} | {r['size']} | {100 * float(r['eer']):.2f} | "  # type: ignore[arg-type]
-                     f"{'n/a' if gap is None else f'{float(gap):.2f}'} |")  # type: ignore[arg-type]
+        gap = "n/a" if r.gap_closure is None else f"{r.gap_closure:.2f}"
+        lines.append(f"| {r.features} | {r.size} | {100 * r.eer:.2f} | {gap} |")
     return "\n".join(lines)
 
 

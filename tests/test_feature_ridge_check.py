@@ -32,6 +32,7 @@ def test_every_feature_set_keeps_y_and_adds_its_own_columns() -> None:
 
 def test_the_table_has_one_row_per_feature_set() -> None:
     rows = check(8, 1, [4], [])
-    assert [r["features"] for r in rows] == ["linear", "relu-4", "abs-4"]
-    assert all(0.0 <= float(r["eer"]) <= 1.0 for r in rows)
+    assert [r.features for r in rows] == ["linear", "relu-4", "abs-4"]
+    assert [r.size for r in rows] == [192, 196, 196]
+    assert all(0.0 <= r.eer <= 1.0 for r in rows)
     assert markdown(rows, 8, 1).count("\n| ") == 1 + 3  # the header and three rows
