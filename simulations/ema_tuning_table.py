@@ -22,17 +22,19 @@ CHECKPOINTS = (250, 500, 750, 1000)
 HEADER = ("| run | q | σ statistics / DP-SGD | server optimiser, lr (warmup steps) | residual width | EMA decay "
           "| DP linear start | "
           + " | ".join(f"round {r}: average / last" for r in CHECKPOINTS)
-          + " | gate (validation speakers) |")
+          + " | last evaluated round: average / last | gate (validation speakers) |")
 
 
 def markdown(runs: Sequence[dict[str, Value]], rounds: Sequence[dict[str, Value]]) -> str:
-    lines = [HEADER, "|" + "---|" * (7 + len(CHECKPOINTS) + 1)]
+    lines = [HEADER, "|" + "---|" * (7 + len(CHECKPOINTS) + 2)]
     for r in sorted((r for r in runs if NAME.match(str(r["run"]))), key=lambda r: str(r["run"])):
         curve = {int(x["round"]): x for x in rounds if x["run"] == r["run"] and isinstance(x["round"], int)}
         cells = []
         for c in CHECKPOINTS:
             x = curve.get(c)
-            cells.append("n/a" if x is None else f"{pct(number(x['eer']))} / {pct(number(x['eer_last_iterate']))}")
+            cells.append("n/a" if x is None else _pair(x))
+        last = max(curve, default=None)
+        cells.append("n/a" if last is None else f"{last}: {_pair(curve[last])}")
         sigma = f"{number(r['suffstats_sigma']) or 0:.2f} / {number(r['dpsgd_sigma']) or 0:.2f}"
         gate = (f"start {pct(number(r['gate_linear_start_eer']))}, DP NESSA {pct(number(r['gate_dp_nessa_eer']))}, "
                 f"not updating {pct(number(r['gate_not_updating_eer']))}")
@@ -41,6 +43,11 @@ def markdown(runs: Sequence[dict[str, Value]], rounds: Sequence[dict[str, Value]
                      f"| {r['server-ema']} | {pct(number(r['linear_start_eer']))} | " + " | ".join(cells)
                      + f" | {gate} |")
     return "\n".join(lines)
+
+
+def _pair(x: dict[str, Value]) -> str:
+    """The weight average's and the last iterate's EER at one evaluated round."""
+    return f"{pct(number(x['eer']))} / {pct(number(x['eer_last_iterate']))}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
