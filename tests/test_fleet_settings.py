@@ -19,6 +19,8 @@ from fed_nessa.sim.fleet_settings import (
     DEVICE_MIN_NOISE,
     DPSGD_ROUNDS,
     INTEGER_RATE_FRACTIONS,
+    LOW_SIGNAL,
+    LOW_SIGNAL_SERVER_LR,
     MAX_STATS_SHARE,
     PAIRS_PER_ROUND,
     SERVER_LR,
@@ -28,6 +30,7 @@ from fed_nessa.sim.fleet_settings import (
     derive,
     device_level_delta,
     quantization_range,
+    server_lr,
     source_dims,
 )
 from fed_nessa.sim.runner import build_config, build_policy, fleet_overrides
@@ -52,16 +55,36 @@ def test_the_rule_at_10k_devices_and_epsilon_3_is_the_tuned_schedule() -> None:
 
 @pytest.mark.parametrize(("mechanism", "devices", "epsilon", "tries_nessa"), [
     ("gaussian", 10_000, 8.0, True), ("gaussian", 10_000, 3.0, True), ("gaussian", 10_000, 1.0, False),
-    ("gaussian", 1000, 8.0, False), ("skellam", 10_000, 8.0, True), ("skellam", 10_000, 3.0, False),
-    ("skellam", 10_000, 1.0, False), ("skellam", 3000, 8.0, False)])
+    ("gaussian", 1000, 8.0, False), ("skellam", 10_000, 8.0, True), ("skellam", 10_000, 3.0, True),
+    ("skellam", 10_000, 1.0, False), ("skellam", 3000, 8.0, False), ("skellam", 30_000, 1.0, True)])
 def test_under_the_rule_aligner_auto_tries_dp_nessa_only_where_the_tuning_population_says(
         mechanism: str, devices: int, epsilon: float, tries_nessa: bool) -> None:
-    """The threshold lies between the tuning evidence's losses (<= 8.6k; 13.9k at 10k devices, epsilon 3 under
-    skellam) and wins (>= 17.6k)."""
+    """The threshold lies just below the smallest measured win (13.9k at 10k devices, epsilon 3 under skellam,
+    with the low-signal lr) and above the losses (<= 8.6k)."""
     given = {"num-devices": devices, "epsilon-budget": epsilon, "distributed-mechanism": mechanism}
     cfg = from_run_config({**given, **derive(given, {}).run})
     plan = noise_plan(cfg, devices, source_dims(cfg))
     assert (plan.aligner == "nessa") is tries_nessa and (plan.dpsgd_rounds_per_device > 0) is tries_nessa
+
+
+@pytest.mark.parametrize(("mechanism", "devices", "epsilon", "lr"), [
+    ("skellam", 10_000, 3.0, LOW_SIGNAL_SERVER_LR), ("skellam", 10_000, 8.0, SERVER_LR),
+    ("gaussian", 10_000, 3.0, SERVER_LR), ("gaussian", 3000, 8.0, LOW_SIGNAL_SERVER_LR)])
+def test_adam_takes_the_larger_step_where_the_plan_holds_less_signal(
+        mechanism: str, devices: int, epsilon: float, lr: float) -> None:
+    given = {"num-devices": devices, "epsilon-budget": epsilon, "distributed-mechanism": mechanism}
+    run = derive(given, {}).run
+    cfg = from_run_config({**given, **run})
+    signal = noise_plan(cfg, devices, source_dims(cfg)).signal
+    assert run["server-lr"] == lr == server_lr(signal)
+    assert (signal < LOW_SIGNAL) is (lr == LOW_SIGNAL_SERVER_LR)
+
+
+def test_the_low_signal_step_starts_below_the_boundary_and_an_explicit_lr_wins() -> None:
+    assert server_lr(LOW_SIGNAL) == SERVER_LR and server_lr(LOW_SIGNAL - 1) == LOW_SIGNAL_SERVER_LR > SERVER_LR
+    given = {"num-devices": 10_000, "epsilon-budget": 3.0, "server-lr": 1e-3}
+    assert "server-lr" not in derive(given, {}).run
+    assert "server-lr" not in derive({**given, "server-optimizer": "sgd"}, {}).run
 
 
 @pytest.mark.parametrize(("epsilon", "share"), [(8.0, 0.21), (3.0, 0.56), (1.0, MAX_STATS_SHARE)])

@@ -17,7 +17,9 @@ that configure themselves"):
   round a noise multiplier of :data:`STATS_SIGMA` (at most :data:`MAX_STATS_SHARE`); device
   level: :data:`BUDGET_SPLIT`;
 * the schedule (example level): ``num-server-rounds`` = the statistics rounds + :data:`DPSGD_ROUNDS`
-  (only the statistics rounds with ``aligner = linear``) and Adam's ``server-lr`` :data:`SERVER_LR`;
+  (only the statistics rounds with ``aligner = linear``) and Adam's ``server-lr``: :data:`SERVER_LR`, or
+  :data:`LOW_SIGNAL_SERVER_LR` where the plan's signal is below :data:`LOW_SIGNAL` (:func:`server_lr`; where
+  the plan cannot be built before the data are drawn, an integer mechanism on a shard source, :data:`SERVER_LR`);
 * ``delta`` (device level): a power of ten below 1 / devices;
 * the devices' policy: ``min-noise-multiplier`` and ``min-suffstats-noise-multiplier``
   (:data:`DEVICE_MIN_NOISE`), their ``epsilon-budget``, ``delta`` and ``privacy-unit`` equal
@@ -47,7 +49,7 @@ from fed_nessa.config import (
 )
 from fed_nessa.data.synthetic import embedding_dims, population_config
 from fed_nessa.errors import FedNessaError
-from fed_nessa.federated.noise_plan import noise_plan
+from fed_nessa.federated.noise_plan import NoisePlan, noise_plan
 from fed_nessa.federated.release import promised_arrivals
 from fed_nessa.privacy.calibration import gaussian_epsilon
 
@@ -74,8 +76,17 @@ BUDGET_SPLIT = {PrivacyUnit.DEVICE.value: 1.0}
 #: Example level: DP-SGD rounds after the statistics round. 1,000 rounds beat 500 at every 10k
 #: cell measured (study: epsilon 8, 0.77 -> 0.92 of non-DP NESSA; the EER still falls at round 500).
 DPSGD_ROUNDS = 1000
-#: Example level: Adam's server learning rate (the replay's epsilon-3 schedule; 1e-3 before).
+#: Example level: Adam's server learning rate where the plan's signal (the auto rule's statistic) reaches
+#: :data:`LOW_SIGNAL` (the replay's epsilon-3 schedule; 1e-3 before).
 SERVER_LR = 2e-3
+#: Example level: the signal below which a DP-SGD plan takes :data:`LOW_SIGNAL_SERVER_LR`. Adam divides each
+#: step by the noise's std, so a round with less signal per noise std moves the weights less towards the optimum
+#: per unit of noise walked; over the fixed 1,000 rounds a larger step is what reaches it.
+LOW_SIGNAL = 16_000.0
+#: Example level: Adam's server learning rate below :data:`LOW_SIGNAL`. Population seed 1, 10k devices, epsilon 3,
+#: Skellam (signal 13.9k): lr 2e-3 ends at 6.3 % EER against its start's 5.65 %, lr 4e-3 at 4.75 % against 5.52 %
+#: (docs/results.md "A larger server step at low signal").
+LOW_SIGNAL_SERVER_LR = 4e-3
 #: The simulated devices' smallest accepted noise multipliers (both phases).
 DEVICE_MIN_NOISE = 0.2
 #: The largest quantization range derived (the run-config default).
@@ -131,8 +142,13 @@ def _schedule(given_run: Mapping[str, Any], base: FederationConfig, linear_stats
         linear_only = str(_value(given_run, "aligner", base)) == AlignerChoice.LINEAR
         out["num-server-rounds"] = stats + (0 if linear_only and stats else DPSGD_ROUNDS)
     if "server-lr" not in given_run and str(_value(given_run, "server-optimizer", base)) == ServerOptimizer.ADAM:
-        out["server-lr"] = SERVER_LR
+        out["server-lr"] = SERVER_LR  # by the plan's signal once q is known (:func:`server_lr`)
     return out
+
+
+def server_lr(signal: float) -> float:
+    """Adam's server learning rate for a DP-SGD plan whose rounds hold ``signal`` clipped examples per noise std."""
+    return SERVER_LR if signal >= LOW_SIGNAL else LOW_SIGNAL_SERVER_LR
 
 
 def _value(given: Mapping[str, Any], key: str, default_obj: Any) -> Any:
@@ -171,6 +187,9 @@ def derive(given_run: Mapping[str, Any], given_device: Mapping[str, Any]) -> Fle
     if "sample-rate" in run and unit == PrivacyUnit.EXAMPLE and cfg.integer_noise and dims is not None:
         run["sample-rate"] = integer_sample_rate(cfg, devices, dims)
         cfg = _config(given_run, run)
+    if "server-lr" in run and (dims is not None or not cfg.integer_noise):
+        run["server-lr"] = server_lr(_auto_plan(cfg, devices, dims).signal)
+        cfg = _config(given_run, run)
     g = promised_arrivals(cfg, cohort)
     device = _device(given_device, cfg, g)
     _check_device(given_device, cfg, g)
@@ -185,11 +204,16 @@ def source_dims(cfg: FederationConfig) -> tuple[int, int] | None:
     return embedding_dims(population_config(cfg.num_devices, cfg.seed))
 
 
+def _auto_plan(cfg: FederationConfig, devices: int, dims: tuple[int, int] | None) -> NoisePlan:
+    """The plan ``aligner = auto`` would make of ``cfg``: its signal is the DP-SGD rounds' whatever is shipped."""
+    return noise_plan(dataclasses.replace(cfg, aligner=AlignerChoice.AUTO), devices, dims)
+
+
 def integer_sample_rate(cfg: FederationConfig, devices: int, dims: tuple[int, int]) -> float:
     """The DP-SGD rate of :data:`INTEGER_RATE_FRACTIONS` x ``cfg.sample_rate`` whose plan (this config otherwise)
     holds the most clipped examples per noise std per round; the largest such rate on a tie."""
     def signal(q: float) -> float:
-        return noise_plan(dataclasses.replace(cfg, sample_rate=q, aligner=AlignerChoice.AUTO), devices, dims).signal
+        return _auto_plan(dataclasses.replace(cfg, sample_rate=q), devices, dims).signal
 
     rates = [cfg.sample_rate * f for f in INTEGER_RATE_FRACTIONS]
     return max(rates, key=lambda q: (signal(q), q))
@@ -242,7 +266,7 @@ def as_overrides(keys: Mapping[str, Any]) -> list[str]:
     return [f"{k}={json.dumps(v)}" for k, v in keys.items()]
 
 
-__all__ = ["BUDGET_SPLIT", "DEVICE_MIN_NOISE", "DPSGD_ROUNDS", "INTEGER_RATE_FRACTIONS", "MAX_STATS_SHARE",
-           "PAIRS_PER_ROUND", "SERVER_LR", "STATS_SIGMA", "FleetSettings", "FleetSettingsError",
-           "as_overrides", "budget_split", "derive", "device_level_delta", "integer_sample_rate", "quantization_range",
-           "source_dims"]
+__all__ = ["BUDGET_SPLIT", "DEVICE_MIN_NOISE", "DPSGD_ROUNDS", "INTEGER_RATE_FRACTIONS", "LOW_SIGNAL",
+           "LOW_SIGNAL_SERVER_LR", "MAX_STATS_SHARE", "PAIRS_PER_ROUND", "SERVER_LR", "STATS_SIGMA", "FleetSettings",
+           "FleetSettingsError", "as_overrides", "budget_split", "derive", "device_level_delta", "integer_sample_rate",
+           "quantization_range", "server_lr", "source_dims"]
