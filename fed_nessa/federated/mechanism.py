@@ -71,8 +71,9 @@ PAYLOAD_SIGMAS = 12.0
 #: (docs/results.md "How the self-set protocol was chosen", "A larger server step at low signal"): losses at
 #: signal <= 8.6k (3k devices at epsilon 8, 10k at epsilon 1; Adam lr <= 2e-3), wins at >= 17.6k (10k at
 #: epsilon 3 and 8), and at 13.9k (10k at epsilon 3 under skellam, population seed 1) a loss at lr 2e-3 and a
-#: win at the fleet rule's low-signal lr 4e-3. The threshold sits just below that smallest measured win; nothing
-#: between 8.6k and 13.9k was measured at the larger step. The gate checks every run.
+#: win at the fleet rule's low-signal lr 4e-3 (which loses at 4.8k: 10k at epsilon 1, seed 1). The threshold sits
+#: just below that smallest measured win; nothing between 4.8k and 13.9k was measured at the larger step. The gate
+#: checks every run.
 AUTO_SIGNAL_THRESHOLD = 13_000.0
 
 #: The adaptive clip's bit is sent centred, ``1[norm <= C] - 1/2``: adding or removing one device
