@@ -184,12 +184,12 @@ def derive(given_run: Mapping[str, Any], given_device: Mapping[str, Any]) -> Fle
     _check_range(given_run, per_round)
     cfg = _config(given_run, run)
     dims = source_dims(cfg)
+    signal = None  # the chosen plan's, where the integer rate's search already built it
     if "sample-rate" in run and unit == PrivacyUnit.EXAMPLE and cfg.integer_noise and dims is not None:
-        run["sample-rate"] = integer_sample_rate(cfg, devices, dims)
+        run["sample-rate"], signal = _integer_rate(cfg, devices, dims)
         cfg = _config(given_run, run)
     if "server-lr" in run and (dims is not None or not cfg.integer_noise):
-        run["server-lr"] = server_lr(_auto_plan(cfg, devices, dims).signal)
-        cfg = _config(given_run, run)
+        run["server-lr"] = server_lr(_auto_plan(cfg, devices, dims).signal if signal is None else signal)
     g = promised_arrivals(cfg, cohort)
     device = _device(given_device, cfg, g)
     _check_device(given_device, cfg, g)
@@ -212,11 +212,15 @@ def _auto_plan(cfg: FederationConfig, devices: int, dims: tuple[int, int] | None
 def integer_sample_rate(cfg: FederationConfig, devices: int, dims: tuple[int, int]) -> float:
     """The DP-SGD rate of :data:`INTEGER_RATE_FRACTIONS` x ``cfg.sample_rate`` whose plan (this config otherwise)
     holds the most clipped examples per noise std per round; the largest such rate on a tie."""
-    def signal(q: float) -> float:
-        return _auto_plan(dataclasses.replace(cfg, sample_rate=q), devices, dims).signal
+    return _integer_rate(cfg, devices, dims)[0]
 
-    rates = [cfg.sample_rate * f for f in INTEGER_RATE_FRACTIONS]
-    return max(rates, key=lambda q: (signal(q), q))
+
+def _integer_rate(cfg: FederationConfig, devices: int, dims: tuple[int, int]) -> tuple[float, float]:
+    """:func:`integer_sample_rate` and its plan's signal (each candidate's plan built once)."""
+    candidates = [(_auto_plan(dataclasses.replace(cfg, sample_rate=q), devices, dims).signal, q)
+                  for q in (cfg.sample_rate * f for f in INTEGER_RATE_FRACTIONS)]
+    signal, q = max(candidates)
+    return q, signal
 
 
 def _config(given_run: Mapping[str, Any], derived: Mapping[str, Any]) -> FederationConfig:
