@@ -77,6 +77,13 @@ class ServerOptimizer(StrEnum):
     ADAM_BC = "adam-bc"  # Adam minus the known DP noise variance in its second moment (DP-AdamBC)
 
 
+class ServerLrDecay(StrEnum):
+    """How the server's learning rate falls over the scheduled DP-SGD steps (after any warmup)."""
+
+    NONE = "none"
+    COSINE = "cosine"  # 0.5 (1 + cos(pi s / S)) over the S steps after the warmup, s = 0 .. S - 1
+
+
 class DeviceUpdate(StrEnum):
     """What a device computes in a device-level DP-SGD round (docs/privacy.md "DP-FedAvg at device level")."""
 
@@ -186,6 +193,9 @@ class FederationConfig:
     # DP-SGD steps over which the server's learning rate rises linearly to server-lr (0: none). A function
     # of the step count only (public): post-processing, no privacy cost.
     server_lr_warmup: int = 0
+    # How the server's learning rate falls over the scheduled DP-SGD steps after the warmup: "none" or
+    # "cosine". A function of the step count and the public schedule only: post-processing, no privacy cost.
+    server_lr_decay: str = "none"
     eval_every: int = 1
     aligner: str = "auto"
     expected_pairs_per_device: float = 112.0  # public prior for aligner=auto (never measured on devices)
@@ -390,6 +400,7 @@ def _check_ranges(c: FederationConfig) -> list[str]:
     _choice(p, "server-optimizer", c.server_optimizer, tuple(o.value for o in ServerOptimizer))
     _range(p, "server-ema", c.server_ema, 0.0, 1.0, hi_open=True)
     _range(p, "server-lr-warmup", c.server_lr_warmup, 0, 1_000_000)
+    _choice(p, "server-lr-decay", c.server_lr_decay, tuple(d.value for d in ServerLrDecay))
     _range(p, "eval-every", c.eval_every, 1, 1_000_000)
     _choice(p, "aligner", c.aligner, tuple(a.value for a in AlignerChoice))
     _range(p, "expected-pairs-per-device", c.expected_pairs_per_device, 1.0, 1e7)

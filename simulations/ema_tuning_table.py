@@ -19,7 +19,7 @@ from simulations.results_csv import ROUND_COLUMNS, Value, number, pct, read, rou
 
 NAME = re.compile(r"^t\d+k-e[\d.]+-ema[\d.]+")
 CHECKPOINTS = (250, 500, 750, 1000)
-HEADER = ("| run | q | σ statistics / DP-SGD | server optimiser, lr (warmup steps) | residual width | EMA decay "
+HEADER = ("| run | q | σ statistics / DP-SGD | server optimiser, lr (warmup steps, decay) | residual width | EMA decay "
           "| DP linear start | "
           + " | ".join(f"round {r}: average / last" for r in CHECKPOINTS)
           + " | last evaluated round: average / last | gate (validation speakers) |")
@@ -38,7 +38,8 @@ def markdown(runs: Sequence[dict[str, Value]], rounds: Sequence[dict[str, Value]
         sigma = f"{number(r['suffstats_sigma']) or 0:.2f} / {number(r['dpsgd_sigma']) or 0:.2f}"
         gate = (f"start {pct(number(r['gate_linear_start_eer']))}, DP NESSA {pct(number(r['gate_dp_nessa_eer']))}, "
                 f"not updating {pct(number(r['gate_not_updating_eer']))}")
-        step = f"{r['server-optimizer']}, {r['server-lr']} ({r.get('server-lr-warmup') or 0})"
+        decay = r.get("server-lr-decay") or "none"
+        step = f"{r['server-optimizer']}, {r['server-lr']} ({r.get('server-lr-warmup') or 0}, {decay})"
         lines.append(f"| {r['run']} | {number(r['sample-rate']):.3g} | {sigma} | {step} | {r['hidden']} "
                      f"| {r['server-ema']} | {pct(number(r['linear_start_eer']))} | " + " | ".join(cells)
                      + f" | {gate} |")

@@ -101,6 +101,7 @@ CONFIG_KEYS: tuple[tuple[str, type], ...] = (
     ("local-lr", float), ("clip-target-quantile", float), ("clip-lr", float), ("clip-count-noise", float),
     ("server-ema", float),
     ("server-lr-warmup", int),
+    ("server-lr-decay", str),
 )
 # Each evaluated aligner's metrics: the shipped one (``final``) and the rows beside it.
 METRIC_ROWS = ("final", "linear_start", "dp_nessa", "centralised_nessa", "ridge", "sym_before", "sym_after")

@@ -5,8 +5,9 @@
 # records the average's EER and the last iterate's (`eer_last_iterate`) under the SAME noise, so each run
 # is a paired comparison. Rows in results/tuning.csv (+ _rounds.csv); run folders in runs/tuning (not
 # committed). Resumable: a run whose row is in the CSV is skipped. Runs in parallel, PARALLEL at a time.
-#   bash simulations/server_ema_tuning.sh [SIZE] [EPSILON] [DECAYS] [PARALLEL] [SERVER_LR] [SERVER_OPTIMIZER] [HIDDEN] [WARMUP]
-# defaults: 10000 3 "0.99 0.997" 2 (the rule's lr and optimiser, Adam; the default residual width; no lr warmup)
+#   bash simulations/server_ema_tuning.sh [SIZE] [EPSILON] [DECAYS] [PARALLEL] [SERVER_LR] [SERVER_OPTIMIZER] [HIDDEN] [WARMUP] [LR_DECAY]
+# defaults: 10000 3 "0.99 0.997" 2 (the rule's lr and optimiser, Adam; the default residual width; no lr warmup;
+# the rule's lr decay)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${FED_NESSA_VENV:-.venv}"
@@ -20,18 +21,19 @@ lr=${5:-}
 opt=${6:-}
 hidden=${7:-}
 warmup=${8:-}
+lrdecay=${9:-}
 mkdir -p "$RUNS"
 # the rule's DP-SGD rate for this fleet and epsilon (it depends on the mechanism), named in the run
 q=$("$VENV/bin/python" -c "from fed_nessa.sim.fleet_settings import derive; \
 print(derive({'num-devices': $n, 'epsilon-budget': $eps}, {}).run['sample-rate'])")
 one() {
-  local d=$1 name="t${n::-3}k-e$eps-ema$d${lr:+-lr$lr}${opt:+-$opt}${hidden:+-h$hidden}${warmup:+-w$warmup}-q$q"
+  local d=$1 name="t${n::-3}k-e$eps-ema$d${lr:+-lr$lr}${opt:+-$opt}${hidden:+-h$hidden}${warmup:+-w$warmup}${lrdecay:+-$lrdecay}-q$q"
   if [ -f "$CSV" ] && grep -q "^$name," "$CSV"; then echo "$(date +%T) $name: in $CSV, skipped"; return; fi
   echo "$(date +%T) $name"
   rm -rf "${RUNS:?}/$name" "$RUNS/$name.keys"
   "$VENV/bin/fed-nessa" simulate --engine fleet --quiet --set seed=1 --set num-devices="$n" \
     --set epsilon-budget="$eps" --set aligner=nessa --set server-ema="$d" ${lr:+--set server-lr="$lr"} ${opt:+--set server-optimizer="$opt"} \
-    ${hidden:+--set hidden="$hidden"} ${warmup:+--set server-lr-warmup="$warmup"} \
+    ${hidden:+--set hidden="$hidden"} ${warmup:+--set server-lr-warmup="$warmup"} ${lrdecay:+--set server-lr-decay="$lrdecay"} \
     --set ledger-layout=sqlite --set references=false --set eval-every=50 --run-dir "$RUNS/$name"
   flock "$RUNS/.csv.lock" "$VENV/bin/python" -m simulations.results_csv "$CSV" "$RUNS/$name"
 }

@@ -61,3 +61,39 @@ def test_a_resumed_run_continues_the_schedule() -> None:
 def test_config_refuses_a_warmup_out_of_range(value: int) -> None:
     with pytest.raises(ConfigError, match="server-lr-warmup"):
         from_run_config({"server-lr-warmup": value})
+
+
+def _decaying(warmup: int, rounds: int) -> ServerModel:
+    cfg = Cfg(dp_mode=DPMode.NONE, linear_start=LinearStart.NONE, server_optimizer="sgd", server_lr=1.0,
+              server_lr_warmup=warmup, server_lr_decay="cosine", num_server_rounds=rounds)
+    return ServerModel(cfg, 5, 4, "X", "Y")
+
+
+def _rates(model: ServerModel, steps: int) -> list[float]:
+    rates = []
+    for _ in range(steps):
+        rates.append(model.step_lr())
+        model.apply(Phase.DPSGD, _grad(model, 0.0), 1)
+    return rates
+
+
+def test_the_cosine_decay_falls_from_the_full_rate_over_the_scheduled_steps() -> None:
+    """S = 4 steps: 0.5 (1 + cos(pi s / 4)), s = 0..3; never zero on a scheduled step."""
+    expect = [0.5 * (1 + np.cos(np.pi * s / 4)) for s in range(4)]
+    assert _rates(_decaying(0, 4), 4) == pytest.approx(expect)
+    assert expect[-1] > 0
+
+
+def test_the_decay_follows_the_warmup_and_a_resume_continues_it() -> None:
+    """Warmup 2 then the cosine over the remaining 4 of 6 steps; a resumed model picks up at its step."""
+    model = _decaying(2, 6)
+    first = _rates(model, 3)
+    resumed = _decaying(2, 6)
+    resumed.load_state_dict(model.state_dict())
+    rest = _rates(resumed, 3)
+    assert first + rest == pytest.approx([0.5, 1.0] + [0.5 * (1 + np.cos(np.pi * s / 4)) for s in range(4)])
+
+
+def test_config_refuses_an_unknown_decay() -> None:
+    with pytest.raises(ConfigError, match="server-lr-decay"):
+        from_run_config({"server-lr-decay": "step"})

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fed_nessa.config import AlignerChoice, FederationConfig, LinearStart, Phase
+from fed_nessa.config import AlignerChoice, FederationConfig, LinearStart, Phase, ServerLrDecay
 from fed_nessa.federated import suffstats
 from fed_nessa.federated.adaptive_clip import AdaptiveClip
 from fed_nessa.federated.layout import build_net, flat, load_flat, nessa_config, trainable
@@ -128,10 +128,15 @@ class ServerModel:
     def step_lr(self) -> float:
         """The server learning rate of the DP-SGD step being applied: ``server-lr``, scaled by ``t / warmup``
         over the first ``server-lr-warmup`` steps (``t`` counts from 1; the completed phases say where a
-        resumed run is, so the schedule needs no state of its own)."""
+        resumed run is, so the schedule needs no state of its own), then by ``server-lr-decay`` over the
+        scheduled steps that follow."""
         warmup = self.cfg.server_lr_warmup
         t = sum(1 for p in self.completed if p != Phase.SUFFSTATS) + 1
-        return self.cfg.server_lr * (min(1.0, t / warmup) if warmup > 0 else 1.0)
+        rate = self.cfg.server_lr * (min(1.0, t / warmup) if warmup > 0 else 1.0)
+        if self.cfg.server_lr_decay == ServerLrDecay.COSINE and t > warmup:
+            after = self.phases().count(Phase.DPSGD) - warmup  # S: the decay's steps
+            rate *= 0.5 * (1.0 + math.cos(math.pi * min(t - warmup - 1, after) / max(after, 1)))
+        return rate
 
     def default_plan(self) -> NoisePlan:
         """The noise plan when the caller gives none (tests; a run passes the round's plan)."""
