@@ -5,9 +5,9 @@
 # records the average's EER and the last iterate's (`eer_last_iterate`) under the SAME noise, so each run
 # is a paired comparison. Rows in results/tuning.csv (+ _rounds.csv); run folders in runs/tuning (not
 # committed). Resumable: a run whose row is in the CSV is skipped. Runs in parallel, PARALLEL at a time.
-#   bash simulations/server_ema_tuning.sh [SIZE] [EPSILON] [DECAYS] [PARALLEL] [SERVER_LR] [SERVER_OPTIMIZER] [HIDDEN] [WARMUP] [LR_DECAY]
+#   bash simulations/server_ema_tuning.sh [SIZE] [EPSILON] [DECAYS] [PARALLEL] [SERVER_LR] [SERVER_OPTIMIZER] [HIDDEN] [WARMUP] [LR_DECAY] [DRAW]
 # defaults: 10000 3 "0.99 0.997" 2 (the rule's lr and optimiser, Adam; the default residual width; no lr warmup;
-# the rule's lr decay)
+# the rule's lr decay; DRAW k > 1 names another noise draw of the same arm, "-draw<k>")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${FED_NESSA_VENV:-.venv}"
@@ -22,12 +22,13 @@ opt=${6:-}
 hidden=${7:-}
 warmup=${8:-}
 lrdecay=${9:-}
+draw=${10:-}
 mkdir -p "$RUNS"
 # the rule's DP-SGD rate for this fleet and epsilon (it depends on the mechanism), named in the run
 q=$("$VENV/bin/python" -c "from fed_nessa.sim.fleet_settings import derive; \
 print(derive({'num-devices': $n, 'epsilon-budget': $eps}, {}).run['sample-rate'])")
 one() {
-  local d=$1 name="t${n::-3}k-e$eps-ema$d${lr:+-lr$lr}${opt:+-$opt}${hidden:+-h$hidden}${warmup:+-w$warmup}${lrdecay:+-$lrdecay}-q$q"
+  local d=$1 name="t${n::-3}k-e$eps-ema$d${lr:+-lr$lr}${opt:+-$opt}${hidden:+-h$hidden}${warmup:+-w$warmup}${lrdecay:+-$lrdecay}-q$q${draw:+-draw$draw}"
   if [ -f "$CSV" ] && grep -q "^$name," "$CSV"; then echo "$(date +%T) $name: in $CSV, skipped"; return; fi
   echo "$(date +%T) $name"
   rm -rf "${RUNS:?}/$name" "$RUNS/$name.keys"
