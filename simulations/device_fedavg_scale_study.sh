@@ -7,7 +7,9 @@
 # SERVER_LR), every device in every round; the gate ships not updating, the start or DP NESSA on the server's
 # validation speakers. Run folders in runs/studies/device-<n>dev-startfedavg-eps<e> (not committed); a row each
 # in results/device_level.csv. Resumable: a run whose row is in the CSV is skipped.
-# A split other than 0.5 is its own arm, device-<n>dev-startfedavg-split<s>-eps<e>.
+# A split other than 0.5 is its own arm, device-<n>dev-startfedavg-split<s>-eps<e>. ROUNDS = 0 runs the DP linear
+# start alone on the whole epsilon (one statistics round, aligner = linear; the gate weighs it against not
+# updating): arm device-<n>dev-startonly-eps<e>, the issue's "all linear starts" where DP-FedAvg rounds cost hours.
 #   bash simulations/device_fedavg_scale_study.sh [SIZES] [EPSILONS] [ROUNDS] [SERVER_LR] [LOCAL_LR] [BUDGET_SPLIT] [SERVER_OPTIMIZER]
 # defaults: "100000" "8" 10 0.5 0.05 0.5 sgd (what 2 cores allow; 3x10^5 and 10^6 need a GPU or hours).
 set -euo pipefail
@@ -27,11 +29,20 @@ split=${6:-0.5}
 server_opt=${7:-sgd}
 arm=startfedavg
 [ "$split" = 0.5 ] || arm="startfedavg-split$split"
+[ "$rounds" = 0 ] && arm=startonly
 for n in $sizes; do
   for eps in $epsilons; do
     name="device-${n}dev-$arm-eps$eps"
     if recorded "$name"; then echo "$(date +%T) $name: in $CSV, skipped"; continue; fi
     echo "$(date +%T) $name"
+    if [ "$rounds" = 0 ]; then
+      "$VENV/bin/fed-nessa" simulate --engine blocks --quiet --set num-devices="$n" --set privacy-unit=device \
+        --set epsilon-budget="$eps" --set aligner=linear --set linear-start=suffstats --set budget-split=1 \
+        --set num-server-rounds=1 --set references=false --set ledger-layout=sqlite \
+        --run-dir "$(fresh "$RUNS/$name")"
+      record "$name"
+      continue
+    fi
     "$VENV/bin/fed-nessa" simulate --engine blocks --quiet --set num-devices="$n" --set privacy-unit=device \
       --set epsilon-budget="$eps" --set aligner=auto --set linear-start=suffstats --set budget-split="$split" \
       --set device-update=fedavg --set local-lr="$local_lr" --set clip-target-quantile=0.5 \

@@ -23,8 +23,8 @@ from simulations.results_csv import Cells, Value, arm, eer_gap, metrics, number,
 
 NAME = re.compile(r"device-(\d+)dev-(linear|nessa)-eps([\d.]+)$")
 #: Issue 22's runs (simulations/device_fedavg_scale_study.sh): one run per cell, the DP linear start on part of
-#: epsilon and DP-FedAvg rounds on the rest, the gate choosing what ships.
-FEDAVG_NAME = re.compile(r"device-(\d+)dev-(startfedavg(?:-split[\d.]+)?)-eps([\d.]+)$")
+#: epsilon and DP-FedAvg rounds on the rest, or (``startonly``) on all of it, the gate choosing what ships.
+FEDAVG_NAME = re.compile(r"device-(\d+)dev-(startfedavg(?:-split[\d.]+)?|startonly)-eps([\d.]+)$")
 FEDAVG_HEADER = ("| devices | device ε (δ) | budget split | server optimiser (lr) | DP linear start EER % (gap) "
                  "| DP-FedAvg rounds | "
                  "σ statistics / rounds | clip, last round | DP NESSA EER % (gap) | shipped | shipped share of "
@@ -114,14 +114,20 @@ def _fedavg_line(n: int, eps: float, r: dict[str, Value],
     gap, ref_gap = (metrics(r, "final") or {}).get("gap_closure"), (ref[1].get("gap_closure") if ref else None)
     share = (f"{gap / ref_gap:.2f} ({ref_gap:.2f}, {ref[0]} devices)"
              if ref and ref_gap and gap is not None else "n/a")
-    clip, seconds = r["last_round_clip"], r["seconds_per_dpsgd_round_median"]
+    clip, seconds, rounds = r["last_round_clip"], r["seconds_per_dpsgd_round_median"], r["dpsgd_rounds"] or 0
     lr = number(r["server-lr"])
-    return (f"| {n} | {eps:g} ({r['delta']:g}) | {r['budget-split']} | {r['server-optimizer']} "
-            f"({'n/a' if lr is None else f'{lr:g}'}) "
+    step = f"{r['server-optimizer']} ({'n/a' if lr is None else f'{lr:g}'})" if rounds else "n/a"
+    return (f"| {n} | {eps:g} ({r['delta']:g}) | {r['budget-split']} | {step} "
             f"| {eer_gap(metrics(r, 'linear_start'))} "
-            f"| {r['dpsgd_rounds']} | {r['suffstats_sigma']:.3g} / {r['dpsgd_sigma']:.3g} "
-            f"| {'n/a' if clip is None else f'{clip:.3g}'} | {eer_gap(metrics(r, 'dp_nessa'))} "
+            f"| {rounds} | {_g(r['suffstats_sigma'])} / {_g(r['dpsgd_sigma']) if rounds else 'n/a'} "
+            f"| {_g(clip)} | {eer_gap(metrics(r, 'dp_nessa'))} "
             f"| {r['gate_shipped']} | {share} | {'n/a' if seconds is None else f'{seconds:.1f}'} |")
+
+
+def _g(x: Value) -> str:
+    """A sigma or clip to 3 significant digits; ``n/a`` where the run has none."""
+    v = number(x)
+    return "n/a" if v is None else f"{v:.3g}"
 
 
 def plot(table: list[dict[str, Any]], path: Path) -> None:

@@ -257,6 +257,25 @@ def test_a_budget_split_arm_is_its_own_line_of_the_large_fleet_table() -> None:
     assert [line.split(" | ")[2] for line in lines] == ["0.5", "0.9"]
 
 
+def test_a_start_only_run_is_a_line_of_the_large_fleet_table_without_dp_fedavg_figures() -> None:
+    """``device-<n>dev-startonly-eps<e>`` (the DP linear start on all of epsilon): no DP-FedAvg round, so its
+    step, rounds' sigma and clip are n/a, never a figure the run did not have."""
+    run = _summary()
+    run["config"].update({"num-devices": 100_000, "budget-split": 1.0, "aligner": "linear",
+                          "server-optimizer": "adam", "server-lr": 0.001})
+    run["rounds"] = run["rounds"][:1]
+    run["final"].update({"gap_closure": 0.5})
+    run["final"]["gate"]["shipped"] = "linear-start"
+    run["noise_plan"] = {"suffstats_sigma": 0.7, "dpsgd_sigma": 148.0}
+    ref = _summary()
+    ref["final"]["centralised_nessa"] = {"eer": 0.04, "gap_closure": 0.94}
+    text = device_level_table.fedavg_markdown([row(run, "device-100000dev-startonly-eps8")],
+                                              [row(ref, "fleet-30000dev-nessa-eps8")])
+    [line] = text.splitlines()[2:]
+    assert line.startswith("| 100000 | 8 (1e-05) | 1.0 | n/a | 7.00 (0.50) | 0 | 0.7 / n/a | n/a | n/a "
+                           "| linear-start | 0.53 (0.94, 1000 devices) |")
+
+
 def test_the_tuning_table_reads_each_arms_curve_and_refuses_a_csv_without_arms(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The start is round 1's EER, the best and last DP-FedAvg rounds come from the rounds CSV; the gate's
