@@ -31,20 +31,21 @@ arm=startfedavg
 [ "$split" = 0.5 ] || arm="startfedavg-split$split"
 [ "$rounds" = 0 ] && arm=startonly
 for n in $sizes; do
+  delta=$("$VENV/bin/python" -c "print(0.1 / $n)")  # the issue's delta = 0.1 / N (the derived one is a power of ten)
   for eps in $epsilons; do
     name="device-${n}dev-$arm-eps$eps"
     if recorded "$name"; then echo "$(date +%T) $name: in $CSV, skipped"; continue; fi
     echo "$(date +%T) $name"
     if [ "$rounds" = 0 ]; then
       "$VENV/bin/fed-nessa" simulate --engine blocks --quiet --set num-devices="$n" --set privacy-unit=device \
-        --set epsilon-budget="$eps" --set aligner=linear --set linear-start=suffstats --set budget-split=1 \
+        --set epsilon-budget="$eps" --set delta="$delta" --set aligner=linear --set linear-start=suffstats --set budget-split=1 \
         --set num-server-rounds=1 --set references=false --set ledger-layout=sqlite \
         --run-dir "$(fresh "$RUNS/$name")"
       record "$name"
       continue
     fi
     "$VENV/bin/fed-nessa" simulate --engine blocks --quiet --set num-devices="$n" --set privacy-unit=device \
-      --set epsilon-budget="$eps" --set aligner=auto --set linear-start=suffstats --set budget-split="$split" \
+      --set epsilon-budget="$eps" --set delta="$delta" --set aligner=auto --set linear-start=suffstats --set budget-split="$split" \
       --set device-update=fedavg --set local-lr="$local_lr" --set clip-target-quantile=0.5 \
       --set server-optimizer="$server_opt" --set server-lr="$server_lr" --set num-server-rounds=$((rounds + 1)) \
       --set references=false --set eval-every=5 --set ledger-layout=sqlite --run-dir "$(fresh "$RUNS/$name")"
