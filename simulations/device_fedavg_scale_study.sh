@@ -20,6 +20,9 @@ RUNS=runs/studies CSV=results/device_level.csv
 record() { "$VENV/bin/python" -m simulations.results_csv "$CSV" "$RUNS/$1"; }
 recorded() { [ -f "$CSV" ] && grep -q "^$1," "$CSV"; }
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+# DEVICES_PER_BLOCK=500000 (one Ray actor per block): at 10^6 devices the default 50,000 gives 20 actors, which
+# ran this 24 GB machine out of memory (Ray killed a worker; the run stopped with that error).
+blocks=${DEVICES_PER_BLOCK:+--devices-per-block $DEVICES_PER_BLOCK}
 sizes=${1:-"100000"}
 epsilons=${2:-"8"}
 rounds=${3:-10}
@@ -37,14 +40,14 @@ for n in $sizes; do
     if recorded "$name"; then echo "$(date +%T) $name: in $CSV, skipped"; continue; fi
     echo "$(date +%T) $name"
     if [ "$rounds" = 0 ]; then
-      "$VENV/bin/fed-nessa" simulate --engine blocks --quiet --set num-devices="$n" --set privacy-unit=device \
+      "$VENV/bin/fed-nessa" simulate --engine blocks $blocks --quiet --set num-devices="$n" --set privacy-unit=device \
         --set epsilon-budget="$eps" --set delta="$delta" --set aligner=linear --set linear-start=suffstats --set budget-split=1 \
         --set num-server-rounds=1 --set references=false --set ledger-layout=sqlite \
         --run-dir "$(fresh "$RUNS/$name")"
       record "$name"
       continue
     fi
-    "$VENV/bin/fed-nessa" simulate --engine blocks --quiet --set num-devices="$n" --set privacy-unit=device \
+    "$VENV/bin/fed-nessa" simulate --engine blocks $blocks --quiet --set num-devices="$n" --set privacy-unit=device \
       --set epsilon-budget="$eps" --set delta="$delta" --set aligner=auto --set linear-start=suffstats --set budget-split="$split" \
       --set device-update=fedavg --set local-lr="$local_lr" --set clip-target-quantile=0.5 \
       --set server-optimizer="$server_opt" --set server-lr="$server_lr" --set num-server-rounds=$((rounds + 1)) \
