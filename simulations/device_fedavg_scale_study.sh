@@ -39,19 +39,18 @@ for n in $sizes; do
     name="device-${n}dev-$arm-eps$eps"
     if recorded "$name"; then echo "$(date +%T) $name: in $CSV, skipped"; continue; fi
     echo "$(date +%T) $name"
+    common=(--engine blocks $blocks --quiet --set num-devices="$n" --set privacy-unit=device
+            --set epsilon-budget="$eps" --set delta="$delta" --set linear-start=suffstats
+            --set references=false --set ledger-layout=sqlite)
     if [ "$rounds" = 0 ]; then
-      "$VENV/bin/fed-nessa" simulate --engine blocks $blocks --quiet --set num-devices="$n" --set privacy-unit=device \
-        --set epsilon-budget="$eps" --set delta="$delta" --set aligner=linear --set linear-start=suffstats --set budget-split=1 \
-        --set num-server-rounds=1 --set references=false --set ledger-layout=sqlite \
-        --run-dir "$(fresh "$RUNS/$name")"
-      record "$name"
-      continue
+      "$VENV/bin/fed-nessa" simulate "${common[@]}" --set aligner=linear --set budget-split=1 \
+        --set num-server-rounds=1 --run-dir "$(fresh "$RUNS/$name")"
+    else
+      "$VENV/bin/fed-nessa" simulate "${common[@]}" --set aligner=auto --set budget-split="$split" \
+        --set device-update=fedavg --set local-lr="$local_lr" --set clip-target-quantile=0.5 \
+        --set server-optimizer="$server_opt" --set server-lr="$server_lr" --set num-server-rounds=$((rounds + 1)) \
+        --set eval-every=5 --run-dir "$(fresh "$RUNS/$name")"
     fi
-    "$VENV/bin/fed-nessa" simulate --engine blocks $blocks --quiet --set num-devices="$n" --set privacy-unit=device \
-      --set epsilon-budget="$eps" --set delta="$delta" --set aligner=auto --set linear-start=suffstats --set budget-split="$split" \
-      --set device-update=fedavg --set local-lr="$local_lr" --set clip-target-quantile=0.5 \
-      --set server-optimizer="$server_opt" --set server-lr="$server_lr" --set num-server-rounds=$((rounds + 1)) \
-      --set references=false --set eval-every=5 --set ledger-layout=sqlite --run-dir "$(fresh "$RUNS/$name")"
     record "$name"
   done
 done

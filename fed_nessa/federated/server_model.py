@@ -47,6 +47,7 @@ class ServerModel:
         # server-ema: the average of the DP-SGD iterates (from the first DP-SGD step on), what is evaluated and shipped
         self.average: WeightAverage | None = None
         self.completed: list[Phase] = []
+        self.dpsgd_steps = self.phases().count(Phase.DPSGD)  # the schedule's DP-SGD steps (public; the lr decay's span)
         self.linear_state: dict[str, torch.Tensor] | None = None  # the aligner after the private start
         self.stats_sum: np.ndarray | None = None  # accumulated (noisy) sufficient statistics
         self.stats_devices = 0
@@ -134,7 +135,7 @@ class ServerModel:
         t = sum(1 for p in self.completed if p != Phase.SUFFSTATS) + 1
         rate = self.cfg.server_lr * (min(1.0, t / warmup) if warmup > 0 else 1.0)
         if self.cfg.server_lr_decay == ServerLrDecay.COSINE and t > warmup:
-            after = self.phases().count(Phase.DPSGD) - warmup  # S: the decay's steps
+            after = self.dpsgd_steps - warmup  # S: the decay's steps
             rate *= 0.5 * (1.0 + math.cos(math.pi * min(t - warmup - 1, after) / max(after, 1)))
         return rate
 

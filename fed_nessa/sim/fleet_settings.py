@@ -186,7 +186,7 @@ def derive(given_run: Mapping[str, Any], given_device: Mapping[str, Any]) -> Fle
     dims = source_dims(cfg)
     signal = None  # the chosen plan's, where the integer rate's search already built it
     if "sample-rate" in run and unit == PrivacyUnit.EXAMPLE and cfg.integer_noise and dims is not None:
-        run["sample-rate"], signal = _integer_rate(cfg, devices, dims)
+        run["sample-rate"], signal = integer_sample_rate(cfg, devices, dims)
         cfg = _config(given_run, run)
     if "server-lr" in run and (dims is not None or not cfg.integer_noise):
         run["server-lr"] = server_lr(_auto_plan(cfg, devices, dims).signal if signal is None else signal)
@@ -209,14 +209,10 @@ def _auto_plan(cfg: FederationConfig, devices: int, dims: tuple[int, int] | None
     return noise_plan(dataclasses.replace(cfg, aligner=AlignerChoice.AUTO), devices, dims)
 
 
-def integer_sample_rate(cfg: FederationConfig, devices: int, dims: tuple[int, int]) -> float:
+def integer_sample_rate(cfg: FederationConfig, devices: int, dims: tuple[int, int]) -> tuple[float, float]:
     """The DP-SGD rate of :data:`INTEGER_RATE_FRACTIONS` x ``cfg.sample_rate`` whose plan (this config otherwise)
-    holds the most clipped examples per noise std per round; the largest such rate on a tie."""
-    return _integer_rate(cfg, devices, dims)[0]
-
-
-def _integer_rate(cfg: FederationConfig, devices: int, dims: tuple[int, int]) -> tuple[float, float]:
-    """:func:`integer_sample_rate` and its plan's signal (each candidate's plan built once)."""
+    holds the most clipped examples per noise std per round (the largest such rate on a tie), and that signal:
+    each candidate's plan is built once, and the server lr reads the chosen one's signal."""
     candidates = [(_auto_plan(dataclasses.replace(cfg, sample_rate=q), devices, dims).signal, q)
                   for q in (cfg.sample_rate * f for f in INTEGER_RATE_FRACTIONS)]
     signal, q = max(candidates)
