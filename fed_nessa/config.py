@@ -22,6 +22,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from fed_nessa import lowpass
 from fed_nessa.errors import FedNessaError
 
 # SecAgg+ sums integers below this modulus (Flower's default; it must stay < 2**32).
@@ -196,6 +197,11 @@ class FederationConfig:
     # How the server's learning rate falls over the scheduled DP-SGD steps after the warmup: "none" or
     # "cosine". A function of the step count and the public schedule only: post-processing, no privacy cost.
     server_lr_decay: str = "none"
+    # A low-pass filter over the rounds on the released DP-SGD updates before the server's optimiser (DOPPLER,
+    # fed_nessa/lowpass.py): comma-separated b_0..b_nb and a_1..a_na ("": no filter). A function of
+    # the released sums and the public coefficients only: post-processing, no privacy cost.
+    server_lowpass_b: str = ""
+    server_lowpass_a: str = ""
     eval_every: int = 1
     aligner: str = "auto"
     expected_pairs_per_device: float = 112.0  # public prior for aligner=auto (never measured on devices)
@@ -268,6 +274,9 @@ class FederationConfig:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(FederationConfig)}
+# String keys holding comma-separated numbers: a lone number (TOML and ``--set`` parse ``0.1`` as a float) is
+# the one-element list.
+_NUMBER_LISTS = frozenset({"server-lowpass-b", "server-lowpass-a"})
 
 
 def _coerce(key: str, value: Any, default: Any) -> tuple[Any, str | None]:
@@ -296,6 +305,8 @@ def _coerce(key: str, value: Any, default: Any) -> tuple[Any, str | None]:
         if isinstance(value, int | float):
             return float(value), None
         return None, f"{key} = {value!r}: expected a number"
+    if key in _NUMBER_LISTS and isinstance(value, int | float):
+        return repr(float(value)), None
     if isinstance(value, str):
         return str(value), None  # a plain str, also for a StrEnum member (checkpoints load weights-only)
     return None, f"{key} = {value!r}: expected a string"
@@ -401,6 +412,10 @@ def _check_ranges(c: FederationConfig) -> list[str]:
     _range(p, "server-ema", c.server_ema, 0.0, 1.0, hi_open=True)
     _range(p, "server-lr-warmup", c.server_lr_warmup, 0, 1_000_000)
     _choice(p, "server-lr-decay", c.server_lr_decay, tuple(d.value for d in ServerLrDecay))
+    p.extend(lowpass.problems(c.server_lowpass_b, c.server_lowpass_a, c.num_server_rounds))
+    if c.server_lowpass_b.strip() and c.server_optimizer == ServerOptimizer.ADAM_BC:
+        p.append("server-lowpass-b with server-optimizer = 'adam-bc': the bias correction subtracts the released "
+                 "noise variance, which the filter changes round by round; use 'adam' or 'sgd' with a filter")
     _range(p, "eval-every", c.eval_every, 1, 1_000_000)
     _choice(p, "aligner", c.aligner, tuple(a.value for a in AlignerChoice))
     _range(p, "expected-pairs-per-device", c.expected_pairs_per_device, 1.0, 1e7)

@@ -19,14 +19,15 @@ from simulations.results_csv import ROUND_COLUMNS, Value, number, pct, read, rou
 
 NAME = re.compile(r"^t\d+k-e[\d.]+-ema[\d.]+")
 CHECKPOINTS = (250, 500, 750, 1000)
-HEADER = ("| run | q | σ statistics / DP-SGD | server optimiser, lr (warmup steps, decay) | residual width | EMA decay "
+HEADER = ("| run | q | σ statistics / DP-SGD | server optimiser, lr (warmup steps, decay) | low-pass b / a "
+          "| residual width | EMA decay "
           "| DP linear start | "
           + " | ".join(f"round {r}: average / last" for r in CHECKPOINTS)
           + " | last evaluated round: average / last | gate (validation speakers) |")
 
 
 def markdown(runs: Sequence[dict[str, Value]], rounds: Sequence[dict[str, Value]]) -> str:
-    lines = [HEADER, "|" + "---|" * (7 + len(CHECKPOINTS) + 2)]
+    lines = [HEADER, "|" + "---|" * (8 + len(CHECKPOINTS) + 2)]
     for r in sorted((r for r in runs if NAME.match(str(r["run"]))), key=lambda r: str(r["run"])):
         curve = {int(x["round"]): x for x in rounds if x["run"] == r["run"] and isinstance(x["round"], int)}
         cells = []
@@ -40,7 +41,9 @@ def markdown(runs: Sequence[dict[str, Value]], rounds: Sequence[dict[str, Value]
                 f"not updating {pct(number(r['gate_not_updating_eer']))}")
         decay = r.get("server-lr-decay") or "none"
         step = f"{r['server-optimizer']}, {r['server-lr']} ({r.get('server-lr-warmup') or 0}, {decay})"
-        lines.append(f"| {r['run']} | {number(r['sample-rate']):.3g} | {sigma} | {step} | {r['hidden']} "
+        b, a = r.get("server-lowpass-b"), r.get("server-lowpass-a")
+        lowpass = f"{b} / {a or '-'}" if b else "none"
+        lines.append(f"| {r['run']} | {number(r['sample-rate']):.3g} | {sigma} | {step} | {lowpass} | {r['hidden']} "
                      f"| {r['server-ema']} | {pct(number(r['linear_start_eer']))} | " + " | ".join(cells)
                      + f" | {gate} |")
     return "\n".join(lines)

@@ -5,9 +5,10 @@
 # records the average's EER and the last iterate's (`eer_last_iterate`) under the SAME noise, so each run
 # is a paired comparison. Rows in results/tuning.csv (+ _rounds.csv); run folders in runs/tuning (not
 # committed). Resumable: a run whose row is in the CSV is skipped. Runs in parallel, PARALLEL at a time.
-#   bash simulations/server_ema_tuning.sh [SIZE] [EPSILON] [DECAYS] [PARALLEL] [SERVER_LR] [SERVER_OPTIMIZER] [HIDDEN] [WARMUP] [LR_DECAY] [DRAW]
+#   bash simulations/server_ema_tuning.sh [SIZE] [EPSILON] [DECAYS] [PARALLEL] [SERVER_LR] [SERVER_OPTIMIZER] [HIDDEN] [WARMUP] [LR_DECAY] [DRAW] [LOWPASS]
 # defaults: 10000 3 "0.99 0.997" 2 (the rule's lr and optimiser, Adam; the default residual width; no lr warmup;
-# the rule's lr decay; DRAW k > 1 names another noise draw of the same arm, "-draw<k>")
+# the rule's lr decay; DRAW k > 1 names another noise draw of the same arm, "-draw<k>"; LOWPASS "B/A" sets
+# server-lowpass-b = B and server-lowpass-a = A, e.g. "0.1/-0.9", named "-lpB_A")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${FED_NESSA_VENV:-.venv}"
@@ -23,18 +24,21 @@ hidden=${7:-}
 warmup=${8:-}
 lrdecay=${9:-}
 draw=${10:-}
+lowpass=${11:-}
+lp_b=${lowpass%%/*} lp_a=${lowpass#*/}
 mkdir -p "$RUNS"
 # the rule's DP-SGD rate for this fleet and epsilon (it depends on the mechanism), named in the run
 q=$("$VENV/bin/python" -c "from fed_nessa.sim.fleet_settings import derive; \
 print(derive({'num-devices': $n, 'epsilon-budget': $eps}, {}).run['sample-rate'])")
 one() {
-  local d=$1 name="t${n::-3}k-e$eps-ema$d${lr:+-lr$lr}${opt:+-$opt}${hidden:+-h$hidden}${warmup:+-w$warmup}${lrdecay:+-$lrdecay}-q$q${draw:+-draw$draw}"
+  local d=$1 name="t${n::-3}k-e$eps-ema$d${lr:+-lr$lr}${opt:+-$opt}${hidden:+-h$hidden}${warmup:+-w$warmup}${lrdecay:+-$lrdecay}${lowpass:+-lp${lp_b}_${lp_a}}-q$q${draw:+-draw$draw}"
   if [ -f "$CSV" ] && grep -q "^$name," "$CSV"; then echo "$(date +%T) $name: in $CSV, skipped"; return; fi
   echo "$(date +%T) $name"
   rm -rf "${RUNS:?}/$name" "$RUNS/$name.keys"
   "$VENV/bin/fed-nessa" simulate --engine fleet --quiet --set seed=1 --set num-devices="$n" \
     --set epsilon-budget="$eps" --set aligner=nessa --set server-ema="$d" ${lr:+--set server-lr="$lr"} ${opt:+--set server-optimizer="$opt"} \
     ${hidden:+--set hidden="$hidden"} ${warmup:+--set server-lr-warmup="$warmup"} ${lrdecay:+--set server-lr-decay="$lrdecay"} \
+    ${lowpass:+--set server-lowpass-b="$lp_b" --set server-lowpass-a="$lp_a"} \
     --set ledger-layout=sqlite --set references=false --set eval-every=50 --run-dir "$RUNS/$name"
   flock "$RUNS/.csv.lock" "$VENV/bin/python" -m simulations.results_csv "$CSV" "$RUNS/$name"
 }

@@ -25,6 +25,7 @@ from fed_nessa.federated.mechanism import mechanism_for
 from fed_nessa.federated.noise_plan import NoisePlan
 from fed_nessa.federated.server_optimizers import AdamBC, server_optimizer
 from fed_nessa.federated.weight_average import WeightAverage
+from fed_nessa.lowpass import LowPassFilter, parse
 from fed_nessa.model.aligners.base import AlignerInfo
 from fed_nessa.model.aligners.nessa import NessaAligner
 
@@ -46,6 +47,9 @@ class ServerModel:
         self.clip: AdaptiveClip | None = AdaptiveClip.from_config(cfg) if cfg.clip_target_quantile > 0 else None
         # server-ema: the average of the DP-SGD iterates (from the first DP-SGD step on), what is evaluated and shipped
         self.average: WeightAverage | None = None
+        # server-lowpass-*: DOPPLER's filter over the rounds on the released mean update (None: off)
+        spec = parse(cfg.server_lowpass_b, cfg.server_lowpass_a)
+        self.lowpass: LowPassFilter | None = None if spec is None else LowPassFilter(spec)
         self.completed: list[Phase] = []
         self.dpsgd_steps = self.phases().count(Phase.DPSGD)  # the schedule's DP-SGD steps (public; the lr decay's span)
         self.linear_state: dict[str, torch.Tensor] | None = None  # the aligner after the private start
@@ -120,7 +124,7 @@ class ServerModel:
                 self._apply_gradient(total, n_arrived, noise_arrivals, plan, clip)
             else:
                 params = trainable(self.net)
-                mean = np.asarray(aggregate_sum, np.float32) / n_arrived
+                mean = self._filtered(np.asarray(aggregate_sum, np.float32) / n_arrived)
                 load_flat(params, flat(params) + self.step_lr() * mean)
             if self.average is not None:
                 self.average.update(self.net)
@@ -138,6 +142,10 @@ class ServerModel:
             after = self.dpsgd_steps - warmup  # S: the decay's steps
             rate *= 0.5 * (1.0 + math.cos(math.pi * min(t - warmup - 1, after) / max(after, 1)))
         return rate
+
+    def _filtered(self, mean: np.ndarray) -> np.ndarray:
+        """The released mean update through ``server-lowpass`` (unchanged without a filter)."""
+        return mean if self.lowpass is None else self.lowpass(mean)
 
     def default_plan(self) -> NoisePlan:
         """The noise plan when the caller gives none (tests; a run passes the round's plan)."""
@@ -175,7 +183,7 @@ class ServerModel:
             gs = list(noise_arrivals) or [self.cfg.min_arrivals] * n_arrived
             variance = self.mechanism.released_variance(Phase.DPSGD, plan or self.default_plan(), gs, clip)
             self.opt.noise_var = variance / scale ** 2
-        g = torch.from_numpy(grad_sum / scale)
+        g = torch.from_numpy(self._filtered(grad_sum / scale))
         for p in params:
             p.grad = g[offset:offset + p.numel()].view_as(p).clone()
             offset += p.numel()
@@ -192,7 +200,8 @@ class ServerModel:
                 "stats_sum": None if self.stats_sum is None else torch.from_numpy(self.stats_sum),
                 "stats_devices": self.stats_devices, "stats_noise_var": self.stats_noise_var,
                 "linear_state": self.linear_state, "clip": None if self.clip is None else self.clip.clip,
-                "average": None if self.average is None else self.average.state_dict()}
+                "average": None if self.average is None else self.average.state_dict(),
+                "lowpass": None if self.lowpass is None else self.lowpass.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.net.load_state_dict(state["net"])
@@ -207,6 +216,9 @@ class ServerModel:
             self.clip = replace(self.clip, clip=float(state["clip"]))
         average = state.get("average")
         self.average = None if average is None else WeightAverage.restored(self.net, average)
+        lowpass = state.get("lowpass")
+        if self.lowpass is not None and lowpass is not None:
+            self.lowpass = LowPassFilter.restored(self.lowpass.lp, lowpass)
 
     def linear_start_aligner(self) -> NessaAligner | None:
         """The aligner as it was after the private linear start (None without one)."""

@@ -1,0 +1,162 @@
+"""server-lowpass-b / -a: DOPPLER's low-pass filter over the rounds on the released mean update."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.signal import lfilter
+from test_federated_device import Cfg
+
+from fed_nessa import lowpass
+from fed_nessa.config import ConfigError, DPMode, LinearStart, Phase, from_run_config
+from fed_nessa.federated.layout import flat, trainable
+from fed_nessa.federated.server_model import ServerModel
+
+EMA = lowpass.LowPass(b=(0.1,), a=(-0.9,))
+SECOND_ORDER = lowpass.LowPass(b=(0.005, 0.005), a=(-1.8, 0.81))  # two EMAs of 0.9 in a row
+
+
+@pytest.mark.parametrize("lp", [EMA, SECOND_ORDER, lowpass.LowPass(b=(0.3, 0.2, 0.1), a=())])
+def test_the_raw_output_is_scipys_lfilter(lp: lowpass.LowPass) -> None:
+    """An independent implementation of the same difference equation (a_0 = 1), on a 3-coordinate signal."""
+    g = np.random.default_rng(0).normal(size=(40, 3))
+    f = lowpass.LowPassFilter(lp)
+    ours = np.stack([f.push(x)[0] for x in g])
+    np.testing.assert_allclose(ours, lfilter(lp.b, [1.0, *lp.a], g, axis=0), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("lp", [EMA, SECOND_ORDER])
+def test_a_constant_passes_unchanged_from_the_first_step(lp: lowpass.LowPass) -> None:
+    """The bias correction: a constant update reaches the optimiser undelayed and unscaled."""
+    f = lowpass.LowPassFilter(lp)
+    for _ in range(30):
+        np.testing.assert_allclose(f(np.array([2.5, -1.0])), [2.5, -1.0], rtol=1e-6)
+    assert lowpass.step_response(lp, 400)[-1] == pytest.approx(lp.dc_gain)
+
+
+def test_a_first_order_filter_is_the_bias_corrected_moving_average() -> None:
+    """b = (1 - beta,), a = (-beta,): Adam's bias-corrected first moment, m_t / (1 - beta^t)."""
+    g = np.random.default_rng(1).normal(size=(20, 4))
+    f, m = lowpass.LowPassFilter(EMA), np.zeros(4)
+    for t, x in enumerate(g, start=1):
+        m = 0.9 * m + 0.1 * x
+        np.testing.assert_allclose(f(x), m / (1 - 0.9 ** t), rtol=1e-5)
+
+
+def test_white_noise_is_cut_to_the_filters_noise_gain() -> None:
+    """An EMA of decay beta passes (1 - beta) / (1 + beta) of white noise's variance; measured on 20,000 steps."""
+    assert lowpass.noise_gain(EMA) == pytest.approx(0.1 / 1.9)
+    f = lowpass.LowPassFilter(EMA)
+    noise = np.random.default_rng(2).normal(size=(20_000, 50))
+    out = np.stack([f(x) for x in noise])[200:]  # past the filling transient
+    assert out.var() == pytest.approx(0.1 / 1.9, rel=0.05)
+    assert lowpass.noise_gain(SECOND_ORDER) < lowpass.noise_gain(EMA)
+
+
+@pytest.mark.parametrize(("b", "a", "message"), [
+    ("0.1", "-1.1", "unstable"),
+    ("0.1", "-2,1", "unstable"),  # a double pole on the unit circle
+    ("x", "", "comma-separated numbers"),
+    ("0.1,nan", "", "finite"),
+    ("", "-0.9", "needs server-lowpass-b"),
+    ("0", "-0.9", "b_0 must not be 0"),
+    (",".join(["0.1"] * 10), "", "at most 9 b"),
+])
+def test_the_config_refuses_a_filter_it_cannot_run(b: str, a: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        from_run_config({"server-lowpass-b": b, "server-lowpass-a": a})
+
+
+def test_a_step_response_through_zero_is_refused_before_round_one() -> None:
+    """b = (1, -1): a stable filter whose step response is 0 from step 2 on (it removes every constant)."""
+    with pytest.raises(ConfigError, match="step response is 0 at step 2"):
+        from_run_config({"server-lowpass-b": "1,-1", "server-lowpass-a": "", "num-server-rounds": 5})
+
+
+def test_a_lone_number_is_a_one_coefficient_list() -> None:
+    """``--set server-lowpass-b=0.1`` arrives as a float (TOML): it is the list (0.1,), not a type error."""
+    cfg = from_run_config({"server-lowpass-b": 0.1, "server-lowpass-a": -0.9})
+    assert (cfg.server_lowpass_b, cfg.server_lowpass_a) == ("0.1", "-0.9")
+    with pytest.raises(ConfigError, match="server-lowpass-b = True"):
+        from_run_config({"server-lowpass-b": True})
+
+
+def test_the_filter_and_adams_dp_bias_correction_are_refused_together() -> None:
+    with pytest.raises(ConfigError, match="adam-bc"):
+        from_run_config({"server-lowpass-b": "0.1", "server-lowpass-a": "-0.9", "server-optimizer": "adam-bc"})
+    assert from_run_config({"server-lowpass-b": "0.1", "server-lowpass-a": "-0.9"}).server_lowpass_a == "-0.9"
+
+
+def _model(b: str = "", a: str = "") -> ServerModel:
+    cfg = Cfg(dp_mode=DPMode.NONE, linear_start=LinearStart.NONE, server_optimizer="sgd", server_lr=1.0,
+              server_lowpass_b=b, server_lowpass_a=a)
+    return ServerModel(cfg, 5, 4, "X", "Y")
+
+
+def _walk(model: ServerModel, grads: list[float]) -> np.ndarray:
+    """The trainable weights' displacement after one step per mean gradient (each a constant vector)."""
+    size = sum(p.numel() for p in trainable(model.net))
+    per_device = model.mechanism.gradient_units()
+    before = flat(trainable(model.net)).astype(np.float64)
+    for value in grads:
+        model.apply(Phase.DPSGD, np.full(size, value * per_device, np.float32), 1)
+    return flat(trainable(model.net)).astype(np.float64) - before
+
+
+def test_the_server_steps_along_the_filtered_update() -> None:
+    """A steady gradient moves the weights as without a filter (SGD with momentum 0.9, lr 1); a gradient
+    alternating in sign each round (noise at the highest frequency) moves them far less."""
+    steady = [0.01] * 6
+    np.testing.assert_allclose(_walk(_model("0.1", "-0.9"), steady), _walk(_model(), steady), rtol=1e-4)
+    flipping = [0.01 * (-1) ** t for t in range(40)]
+    filtered, plain = _model("0.1", "-0.9"), _model()
+    _walk(filtered, flipping), _walk(plain, flipping)
+    last = np.abs(_walk(filtered, [0.01])).max(), np.abs(_walk(plain, [0.01])).max()
+    assert last[0] < 0.1 * last[1]
+
+
+def test_a_resumed_run_continues_the_filter_exactly() -> None:
+    grads = [0.02, -0.01, 0.03, 0.0, 0.01, -0.02]
+    whole = _model("0.005,0.005", "-1.8,0.81")
+    expected = _walk(whole, grads)
+    first = _model("0.005,0.005", "-1.8,0.81")
+    start = flat(trainable(first.net)).astype(np.float64)
+    _walk(first, grads[:3])
+    resumed = _model("0.005,0.005", "-1.8,0.81")
+    resumed.load_state_dict(first.state_dict())
+    _walk(resumed, grads[3:])
+    np.testing.assert_allclose(flat(trainable(resumed.net)) - start, expected, rtol=1e-5, atol=1e-8)
+
+
+def test_a_checkpoint_of_another_filter_is_refused() -> None:
+    state = _model("0.1", "-0.9")
+    _walk(state, [0.01])
+    with pytest.raises(ValueError, match="not the run's"):
+        _model("0.2", "-0.8").load_state_dict(state.state_dict())
+
+
+def test_a_fleet_run_with_the_filter_records_it_and_filters_every_dpsgd_round(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fleet engine (the same ServerModel) runs the filter: the summary names its coefficients, and the
+    filter saw one update per DP-SGD round, of the trainable weights' size."""
+    from test_sim_fleet import POLICY, _cfg
+
+    from fed_nessa.sim.fleet import run_fleet
+
+    seen: list[int] = []
+    original = lowpass.LowPassFilter.__call__
+
+    def spy(self: lowpass.LowPassFilter, g: np.ndarray) -> np.ndarray:
+        seen.append(g.size)
+        return original(self, g)
+
+    monkeypatch.setattr(lowpass.LowPassFilter, "__call__", spy)
+    cfg = _cfg(tmp_path, "lp", **{"server-lowpass-b": "0.1", "server-lowpass-a": "-0.9", "references": False,
+                                  "num-server-rounds": 4})
+    summary = run_fleet(cfg, POLICY)
+    assert summary["config"]["server-lowpass-b"] == "0.1" and summary["config"]["server-lowpass-a"] == "-0.9"
+    dpsgd = [r for r in summary["rounds"] if r["phase"] == str(Phase.DPSGD)]
+    assert len(dpsgd) == len(seen) == 3
+    assert len(set(seen)) == 1 and seen[0] > 0
