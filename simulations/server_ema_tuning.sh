@@ -8,7 +8,7 @@
 #   bash simulations/server_ema_tuning.sh [SIZE] [EPSILON] [DECAYS] [PARALLEL] [SERVER_LR] [SERVER_OPTIMIZER] [HIDDEN] [WARMUP] [LR_DECAY] [DRAW] [LOWPASS]
 # defaults: 10000 3 "0.99 0.997" 2 (the rule's lr and optimiser, Adam; the default residual width; no lr warmup;
 # the rule's lr decay; DRAW k > 1 names another noise draw of the same arm, "-draw<k>"; LOWPASS "B/A" sets
-# server-lowpass-b = B and server-lowpass-a = A, e.g. "0.1/-0.9", named "-lpB_A")
+# server-lowpass-b = B and server-lowpass-a = A, e.g. "0.1/-0.9", named "-lpB_A", commas as colons)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${FED_NESSA_VENV:-.venv}"
@@ -31,7 +31,7 @@ mkdir -p "$RUNS"
 q=$("$VENV/bin/python" -c "from fed_nessa.sim.fleet_settings import derive; \
 print(derive({'num-devices': $n, 'epsilon-budget': $eps}, {}).run['sample-rate'])")
 one() {
-  local d=$1 name="t${n::-3}k-e$eps-ema$d${lr:+-lr$lr}${opt:+-$opt}${hidden:+-h$hidden}${warmup:+-w$warmup}${lrdecay:+-$lrdecay}${lowpass:+-lp${lp_b}_${lp_a}}-q$q${draw:+-draw$draw}"
+  local d=$1 name="t${n::-3}k-e$eps-ema$d${lr:+-lr$lr}${opt:+-$opt}${hidden:+-h$hidden}${warmup:+-w$warmup}${lrdecay:+-$lrdecay}${lowpass:+-lp${lp_b//,/:}_${lp_a//,/:}}-q$q${draw:+-draw$draw}"
   if [ -f "$CSV" ] && grep -q "^$name," "$CSV"; then echo "$(date +%T) $name: in $CSV, skipped"; return; fi
   echo "$(date +%T) $name"
   rm -rf "${RUNS:?}/$name" "$RUNS/$name.keys"

@@ -89,32 +89,70 @@ def test_the_filter_and_adams_dp_bias_correction_are_refused_together() -> None:
     assert from_run_config({"server-lowpass-b": "0.1", "server-lowpass-a": "-0.9"}).server_lowpass_a == "-0.9"
 
 
-def _model(b: str = "", a: str = "") -> ServerModel:
-    cfg = Cfg(dp_mode=DPMode.NONE, linear_start=LinearStart.NONE, server_optimizer="sgd", server_lr=1.0,
+def _model(b: str = "", a: str = "", optimizer: str = "sgd", lr: float = 1.0) -> ServerModel:
+    cfg = Cfg(dp_mode=DPMode.NONE, linear_start=LinearStart.NONE, server_optimizer=optimizer, server_lr=lr,
               server_lowpass_b=b, server_lowpass_a=a)
     return ServerModel(cfg, 5, 4, "X", "Y")
 
 
-def _walk(model: ServerModel, grads: list[float]) -> np.ndarray:
-    """The trainable weights' displacement after one step per mean gradient (each a constant vector)."""
+def _walk(model: ServerModel, grads: list[float] | list[np.ndarray]) -> np.ndarray:
+    """The trainable weights' displacement after one step per mean gradient (a number: a constant vector)."""
     size = sum(p.numel() for p in trainable(model.net))
     per_device = model.mechanism.gradient_units()
     before = flat(trainable(model.net)).astype(np.float64)
     for value in grads:
-        model.apply(Phase.DPSGD, np.full(size, value * per_device, np.float32), 1)
+        g = np.broadcast_to(np.asarray(value, np.float32), (size,))
+        model.apply(Phase.DPSGD, (g * per_device).astype(np.float32), 1, gradients=True)
     return flat(trainable(model.net)).astype(np.float64) - before
 
 
-def test_the_server_steps_along_the_filtered_update() -> None:
-    """A steady gradient moves the weights as without a filter (SGD with momentum 0.9, lr 1); a gradient
-    alternating in sign each round (noise at the highest frequency) moves them far less."""
-    steady = [0.01] * 6
-    np.testing.assert_allclose(_walk(_model("0.1", "-0.9"), steady), _walk(_model(), steady), rtol=1e-4)
+def test_sgd_steps_along_the_filtered_update() -> None:
+    """The filter is SGD's momentum: a steady gradient moves the weights by lr x the gradient from the first
+    step (bias-corrected), and a gradient alternating in sign each round (noise at the highest frequency)
+    moves them far less than SGD with its own momentum 0.9 does."""
+    np.testing.assert_allclose(_walk(_model("0.1", "-0.9"), [0.01] * 6), -0.06, rtol=1e-4)
     flipping = [0.01 * (-1) ** t for t in range(40)]
     filtered, plain = _model("0.1", "-0.9"), _model()
     _walk(filtered, flipping), _walk(plain, flipping)
     last = np.abs(_walk(filtered, [0.01])).max(), np.abs(_walk(plain, [0.01])).max()
-    assert last[0] < 0.1 * last[1]
+    assert last[0] < 0.2 * last[1]
+
+
+def test_a_sum_of_model_deltas_is_filtered_before_it_is_added() -> None:
+    """Device-level DP-FedAvg sums deltas, which the server adds (no optimiser): the filter still passes a
+    steady delta whole and damps one alternating in sign."""
+    size = sum(p.numel() for p in trainable(_model().net))
+
+    def last_move(model: ServerModel, deltas: list[float]) -> float:
+        before = flat(trainable(model.net)).astype(np.float64)
+        for i, d in enumerate(deltas):
+            if i == len(deltas) - 1:
+                before = flat(trainable(model.net)).astype(np.float64)
+            model.apply(Phase.DPSGD, np.full(size, d, np.float32), 1, gradients=False)
+        return float(np.abs(flat(trainable(model.net)) - before).max())
+
+    assert last_move(_model("0.1", "-0.9"), [0.01] * 5) == pytest.approx(0.01, rel=1e-4)
+    flipping = [0.01 * (-1) ** t for t in range(41)]
+    assert last_move(_model("0.1", "-0.9"), flipping) < 0.1 * last_move(_model(), flipping)
+
+
+def test_adam_with_a_moving_average_filter_is_adam() -> None:
+    """With Adam the filter replaces the first moment and the second stays on the raw released mean: the
+    filter b = (0.1,), a = (-0.9,) is Adam's own first moment, so the trajectory is torch's Adam's."""
+    size = sum(p.numel() for p in trainable(_model().net))
+    grads = list(np.random.default_rng(3).normal(scale=0.01, size=(8, size)).astype(np.float32))
+    filtered = _walk(_model("0.1", "-0.9", "adam", 1e-2), grads)
+    np.testing.assert_allclose(filtered, _walk(_model("", "", "adam", 1e-2), grads), rtol=1e-4, atol=1e-7)
+    second_order = _walk(_model("0.005,0.005", "-1.8,0.81", "adam", 1e-2), grads)
+    assert not np.allclose(second_order, filtered, atol=1e-4)
+
+
+def test_lowpass_adam_refuses_a_plain_step() -> None:
+    from fed_nessa.federated.server_optimizers import LowPassAdam
+
+    with pytest.raises(TypeError, match="step_along"):
+        _model("0.1", "-0.9", "adam").opt.step()
+    assert isinstance(_model("0.1", "-0.9", "adam").opt, LowPassAdam)
 
 
 def test_a_resumed_run_continues_the_filter_exactly() -> None:

@@ -23,7 +23,7 @@ from fed_nessa.federated.adaptive_clip import AdaptiveClip
 from fed_nessa.federated.layout import build_net, flat, load_flat, nessa_config, trainable
 from fed_nessa.federated.mechanism import mechanism_for
 from fed_nessa.federated.noise_plan import NoisePlan
-from fed_nessa.federated.server_optimizers import AdamBC, server_optimizer
+from fed_nessa.federated.server_optimizers import AdamBC, LowPassAdam, server_optimizer
 from fed_nessa.federated.weight_average import WeightAverage
 from fed_nessa.lowpass import LowPassFilter, parse
 from fed_nessa.model.aligners.base import AlignerInfo
@@ -42,14 +42,16 @@ class ServerModel:
         # momentum made no progress in 600 noise-free rounds); SGD+momentum stays for the landed
         # study configs. The linear part is frozen after a private start, so neither optimiser
         # touches it.
-        self.opt: torch.optim.Optimizer = server_optimizer(cfg.server_optimizer, trainable(self.net), cfg.server_lr)
+        # server-lowpass-*: DOPPLER's filter over the rounds on the released mean update (None: off); it is
+        # the optimiser's first moment (server_optimizer)
+        spec = parse(cfg.server_lowpass_b, cfg.server_lowpass_a)
+        self.lowpass: LowPassFilter | None = None if spec is None else LowPassFilter(spec)
+        self.opt: torch.optim.Optimizer = server_optimizer(cfg.server_optimizer, trainable(self.net), cfg.server_lr,
+                                                           lowpass=self.lowpass is not None)
         # Adaptive clipping: the clip of the next DP-SGD round, moved by each released bit sum (public).
         self.clip: AdaptiveClip | None = AdaptiveClip.from_config(cfg) if cfg.clip_target_quantile > 0 else None
         # server-ema: the average of the DP-SGD iterates (from the first DP-SGD step on), what is evaluated and shipped
         self.average: WeightAverage | None = None
-        # server-lowpass-*: DOPPLER's filter over the rounds on the released mean update (None: off)
-        spec = parse(cfg.server_lowpass_b, cfg.server_lowpass_a)
-        self.lowpass: LowPassFilter | None = None if spec is None else LowPassFilter(spec)
         self.completed: list[Phase] = []
         self.dpsgd_steps = self.phases().count(Phase.DPSGD)  # the schedule's DP-SGD steps (public; the lr decay's span)
         self.linear_state: dict[str, torch.Tensor] | None = None  # the aligner after the private start
@@ -174,7 +176,6 @@ class ServerModel:
     def _apply_gradient(self, grad_sum: np.ndarray, n_arrived: int, noise_arrivals: Sequence[int] = (),
                         plan: NoisePlan | None = None, clip: float | None = None) -> None:
         params = trainable(self.net)
-        offset = 0
         # Example level: a sum of ~batch-size clipped gradients per device; device level: one
         # clipped mean gradient per device. Either way the step follows the mean per device.
         per_device = self.mechanism.gradient_units()
@@ -183,13 +184,18 @@ class ServerModel:
             gs = list(noise_arrivals) or [self.cfg.min_arrivals] * n_arrived
             variance = self.mechanism.released_variance(Phase.DPSGD, plan or self.default_plan(), gs, clip)
             self.opt.noise_var = variance / scale ** 2
-        g = torch.from_numpy(self._filtered(grad_sum / scale))
-        for p in params:
-            p.grad = g[offset:offset + p.numel()].view_as(p).clone()
-            offset += p.numel()
+        raw = np.asarray(grad_sum / scale, np.float32)
+        filtered = self._filtered(raw)
         for group in self.opt.param_groups:
             group["lr"] = self.step_lr()
-        self.opt.step()
+        if isinstance(self.opt, LowPassAdam):  # its second moment from the raw mean, its step along the filter
+            for p, g in zip(params, _split(raw, params), strict=True):
+                p.grad = g
+            self.opt.step_along(_split(filtered, params))
+        else:
+            for p, g in zip(params, _split(filtered, params), strict=True):
+                p.grad = g
+            self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
     # -- persistence / evaluation ----------------------------------------------------------
@@ -259,3 +265,12 @@ class ServerModel:
         head = aligner.head()
         export_onnx(head, self.d_y, out_dir / ONNX_FILE)
         check_onnx_matches(head, out_dir / ONNX_FILE, self.d_y)
+
+
+def _split(vec: np.ndarray, params: Sequence[torch.nn.Parameter]) -> list[torch.Tensor]:
+    """A flat vector cut into tensors shaped like ``params`` (in order)."""
+    out, offset = [], 0
+    for p in params:
+        out.append(torch.from_numpy(vec[offset:offset + p.numel()].copy()).view_as(p))
+        offset += p.numel()
+    return out
