@@ -68,7 +68,7 @@ class LowPassAdam(torch.optim.Optimizer):
     Plain Adam fed the filtered update would also estimate its second moment from it: the filtered noise is
     smaller but correlated over many rounds, so ``m / sqrt(v)`` stays of order one along a noise direction for
     as long as the filter remembers, and the weights drift (measured: 10k devices, epsilon 3, held-out EER
-    31-40 % over rounds 50-200 against ~10 % without a filter). Here the second moment comes from the raw
+    23-42 % over rounds 50-200 against 9-12 % without a filter, docs/results.md). Here the second moment comes from the raw
     released mean (``p.grad``), as Adam's does, and the step follows the filter's bias-corrected output: with
     ``b = (1 - beta1,)``, ``a = (-beta1,)`` this is Adam exactly; a stronger filter passes less of the noise
     at the same normalisation.
