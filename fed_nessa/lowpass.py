@@ -86,14 +86,6 @@ def step_response(lp: LowPass, steps: int) -> np.ndarray:
     return np.array([f.push(np.ones(1))[1] for _ in range(steps)])
 
 
-def noise_gain(lp: LowPass, steps: int = 10_000) -> float:
-    """Steady-state variance of the filtered, bias-corrected output per unit of white input variance
-    (the sum of the squared impulse response over the DC gain squared): how much noise passes."""
-    f = LowPassFilter(lp)
-    h = [float(f.push(np.array([1.0 if t == 0 else 0.0]))[0][0]) for t in range(steps)]
-    return float(np.sum(np.square(h))) / lp.dc_gain ** 2
-
-
 class LowPassFilter:
     """The filter's state over the rounds: the last ``n_b`` inputs, the last ``n_a`` outputs and the step count."""
 

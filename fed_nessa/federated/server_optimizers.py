@@ -68,8 +68,8 @@ class LowPassAdam(torch.optim.Optimizer):
     Plain Adam fed the filtered update would also estimate its second moment from it: the filtered noise is
     smaller but correlated over many rounds, so ``m / sqrt(v)`` stays of order one along a noise direction for
     as long as the filter remembers, and the weights drift (measured: 10k devices, epsilon 3, held-out EER
-    23-42 % over rounds 50-200 against 9-12 % without a filter, docs/results.md). Here the second moment comes from the raw
-    released mean (``p.grad``), as Adam's does, and the step follows the filter's bias-corrected output: with
+    23-42 % over rounds 50-200 against 9-12 % without a filter, docs/results.md). Here the second moment comes
+    from the raw released mean (``p.grad``), as Adam's does, and the step follows the filter's output: with
     ``b = (1 - beta1,)``, ``a = (-beta1,)`` this is Adam exactly; a stronger filter passes less of the noise
     at the same normalisation.
     """
