@@ -22,6 +22,7 @@ recorded() { [ -f "$CSV" ] && grep -q "^$1," "$CSV"; }
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 # DEVICES_PER_BLOCK=500000 (one Ray actor per block): at 10^6 devices the default 50,000 gives 20 actors, which
 # ran this 24 GB machine out of memory (Ray killed a worker; the run stopped with that error).
+# DRAW=k (k > 1) runs another noise draw of the same arm, named "<arm>-eps<e>-draw<k>".
 blocks=${DEVICES_PER_BLOCK:+--devices-per-block $DEVICES_PER_BLOCK}
 sizes=${1:-"100000"}
 epsilons=${2:-"8"}
@@ -36,7 +37,7 @@ arm=startfedavg
 for n in $sizes; do
   delta=$("$VENV/bin/python" -c "print(0.1 / $n)")  # the delta = 0.1 / N (the derived one is a power of ten)
   for eps in $epsilons; do
-    name="device-${n}dev-$arm-eps$eps"
+    name="device-${n}dev-$arm-eps$eps${DRAW:+-draw$DRAW}"
     if recorded "$name"; then echo "$(date +%T) $name: in $CSV, skipped"; continue; fi
     echo "$(date +%T) $name"
     common=(--engine blocks $blocks --quiet --set num-devices="$n" --set privacy-unit=device
