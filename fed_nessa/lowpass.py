@@ -6,12 +6,15 @@ sequence, the signal's sits at the low ones. A linear recursive (IIR) filter ove
 
     m_t = - sum_{k=1..n_a} a_k m_{t-k} + sum_{k=0..n_b} b_k g_{t-k},
 
-passes the signal and removes most of the noise; ``m_t / c_t`` (``c_t``: the same recursion run on a
+passes the signal and removes much of the noise; ``m_t / c_t`` (``c_t``: the same recursion run on a
 constant 1, i.e. the step response) keeps the first steps unbiased while the filter fills. The server
-hands ``m_t / c_t`` to its optimiser in place of the released mean ``g_t``. A first-order filter
-(``b = (1 - beta,)``, ``a = (-beta,)``) is an exponential moving average; Adam's own first moment is
-one, so a filter before Adam makes a higher-order low-pass whose output Adam also normalises by (a
-smaller second moment: larger steps along the signal at the same noise wander).
+steps along ``m_t / c_t``: the filter is its optimiser's first moment (``LowPassAdam`` keeps Adam's
+second moment on the raw ``g_t``; SGD drops its own momentum). A first-order filter (``b = (1 - beta,)``,
+``a = (-beta,)``) is an exponential moving average, Adam's own first moment at ``beta = 0.9``.
+
+What it cannot do: the weights sum their steps, and a filter of DC gain 1 passes that sum's noise whole;
+it removes the step-to-step jitter at the price of delaying the gradient. On this problem that lost
+(docs/results.md "A low-pass filter on the released updates"); the option stays, off by default.
 
 The filter is a function of the released sums and of its public coefficients only: post-processing,
 no privacy cost. This module imports nothing of the library, so the config can check a filter before
