@@ -22,14 +22,15 @@ from typing import Any
 from simulations.results_csv import Cells, Value, arm, eer_gap, metrics, number, read, study_cells
 
 NAME = re.compile(r"device-(\d+)dev-(linear|nessa)-eps([\d.]+)$")
-#: Issue 22's runs (simulations/device_fedavg_scale_study.sh): one run per cell, the DP linear start on part of
-#: epsilon and DP-FedAvg rounds on the rest, or (``startonly``) on all of it, the gate choosing what ships.
-FEDAVG_NAME = re.compile(r"device-(\d+)dev-(startfedavg(?:-split[\d.]+)?|startonly)-eps([\d.]+)$")
+#: Issue 22's runs (simulations/device_fedavg_scale_study.sh): one run per cell and noise draw, the DP linear start
+#: on part of epsilon and DP-FedAvg rounds on the rest, or (``startonly``) on all of it, the gate choosing what ships.
+FEDAVG_NAME = re.compile(
+    r"device-(\d+)dev-(startfedavg(?:-split[\d.]+)?|startonly)-eps([\d.]+)(?:-draw(?P<draw>\d+))?$")
 FEDAVG_HEADER = ("| devices | device ε (δ) | budget split | server optimiser (lr) | DP linear start EER % (gap) "
                  "| DP-FedAvg rounds | "
                  "σ statistics / rounds | clip, last round | DP NESSA EER % (gap) | shipped | shipped share of "
-                 "non-DP (reference) | s per round |")
-FEDAVG_ALIGN = "|---:|---|---:|---|---|---:|---|---:|---|---|---|---:|"
+                 "non-DP (reference) | s per round | noise draw |")
+FEDAVG_ALIGN = "|---:|---|---:|---|---|---:|---|---:|---|---|---|---:|---:|"
 HEADER = ("| devices | device ε (δ) | DP linear start EER % (gap) | share of non-DP | DP NESSA EER % (gap) "
           "| share of non-DP | example-level DP NESSA, same ε (500 rounds), EER % (gap) | non-DP NESSA EER % (gap) "
           "| DP-SGD rounds | σ | s per round |")
@@ -100,11 +101,12 @@ def reference_for(n: int, example_runs: Sequence[dict[str, Value]]) -> tuple[int
 
 
 def fedavg_markdown(runs: Sequence[dict[str, Value]], example_runs: Sequence[dict[str, Value]]) -> str:
-    """Issue 22's table: one line per ``device-<n>dev-startfedavg[-split<s>]-eps<e>`` run."""
+    """Issue 22's table: one line per ``device-<n>dev-<arm>-eps<e>[-draw<k>]`` run."""
     lines = [FEDAVG_HEADER, FEDAVG_ALIGN]
     for (n, eps), arms in sorted(study_cells(runs, FEDAVG_NAME).items()):
-        for _, r in sorted(arms.items()):
-            lines.append(_fedavg_line(n, eps, r, reference_for(n, example_runs)))
+        for key, r in sorted(arms.items()):
+            draw = key.rsplit("-draw", 1)[1] if "-draw" in key else "1"
+            lines.append(_fedavg_line(n, eps, r, reference_for(n, example_runs)) + f" {draw} |")
     return "\n".join(lines)
 
 

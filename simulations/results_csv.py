@@ -195,12 +195,14 @@ Cells = dict[tuple[int, float], dict[str, dict[str, Value]]]
 
 
 def study_cells(runs: Sequence[dict[str, Value]], name: re.Pattern[str]) -> Cells:
-    """The rows by (devices, epsilon) and arm, read from run names ``name`` matches as (devices, arm, epsilon)."""
+    """The rows by (devices, epsilon) and arm, read from run names ``name`` matches as (devices, arm, epsilon);
+    a pattern with a group named ``draw`` keys another noise draw of an arm as ``<arm>-draw<k>``."""
     out: Cells = {}
     for r in runs:
         m = name.search(str(r["run"]))
         if m:
-            out.setdefault((int(m.group(1)), float(m.group(3))), {})[m.group(2)] = r
+            draw = m.groupdict().get("draw")
+            out.setdefault((int(m.group(1)), float(m.group(3))), {})[m.group(2) + (f"-draw{draw}" if draw else "")] = r
     return out
 
 

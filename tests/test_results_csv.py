@@ -276,6 +276,21 @@ def test_a_start_only_run_is_a_line_of_the_large_fleet_table_without_dp_fedavg_f
                            "| linear-start | 0.53 (0.94, 1000 devices) |")
 
 
+def test_another_noise_draw_of_an_arm_is_its_own_line_of_the_large_fleet_table() -> None:
+    """``...-eps<e>-draw<k>`` (DRAW=k of the scale study) is a line of its own, numbered in the last column; the
+    first draw (no suffix) is draw 1, and neither overwrites the other."""
+    runs = []
+    for name, eer in (("device-100000dev-startonly-eps8", 0.063), ("device-100000dev-startonly-eps8-draw2", 0.067)):
+        run = _summary()
+        run["config"].update({"num-devices": 100_000, "budget-split": 1.0, "aligner": "linear"})
+        run["rounds"] = run["rounds"][:1]
+        run["final"]["linear_start"] = {"eer": eer, "gap_closure": 0.6}
+        runs.append(row(run, name))
+    lines = device_level_table.fedavg_markdown(runs, []).splitlines()[2:]
+    assert [(line.split(" | ")[4], line.split(" | ")[-1]) for line in lines] == [("6.30 (0.60)", "1 |"),
+                                                                                 ("6.70 (0.60)", "2 |")]
+
+
 def test_the_tuning_table_reads_each_arms_curve_and_refuses_a_csv_without_arms(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The start is round 1's EER, the best and last DP-FedAvg rounds come from the rounds CSV; the gate's
