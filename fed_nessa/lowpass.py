@@ -86,7 +86,7 @@ def problems(b_text: str, a_text: str, steps: int) -> list[str]:
 def step_response(lp: LowPass, steps: int) -> np.ndarray:
     """``c_1 .. c_steps``: the filter run on a constant 1 (the bias correction of each step)."""
     f = LowPassFilter(lp)
-    return np.array([f.push(np.ones(1))[1] for _ in range(steps)])
+    return np.array([f.push(np.zeros(1))[1] for _ in range(steps)])  # c_t does not depend on the input
 
 
 class LowPassFilter:
@@ -103,8 +103,7 @@ class LowPassFilter:
         """Fold in the next input; the raw output ``m_t`` and the step response ``c_t``."""
         g = np.asarray(g, np.float64)
         m = _recur(self.lp.b, self.lp.a, [g, *self.inputs], self.outputs)
-        c = float(_recur(self.lp.b, self.lp.a, [np.ones(1)] * min(self.steps + 1, len(self.lp.b)),
-                         [np.array([x]) for x in self.gains])[0])
+        c = float(_recur(self.lp.b, self.lp.a, [1.0] * min(self.steps + 1, len(self.lp.b)), self.gains))
         self.inputs = [g, *self.inputs][:len(self.lp.b) - 1]
         self.outputs = [m, *self.outputs][:len(self.lp.a)]
         self.gains = [c, *self.gains][:len(self.lp.a)]
@@ -136,10 +135,10 @@ class LowPassFilter:
         return f
 
 
-def _recur(b: Sequence[float], a: Sequence[float], inputs: Sequence[np.ndarray],
-           outputs: Sequence[np.ndarray]) -> np.ndarray:
-    """One step of the recursion; missing history (the first steps) counts as 0."""
-    out = sum((bk * x for bk, x in zip(b, inputs, strict=False)), start=np.zeros_like(inputs[0]))
+def _recur(b: Sequence[float], a: Sequence[float], inputs: Sequence[Any],
+           outputs: Sequence[Any]) -> Any:
+    """One step of the recursion on arrays or plain numbers; missing history (the first steps) counts as 0."""
+    out = sum((bk * x for bk, x in zip(b, inputs, strict=False)), start=0.0 * inputs[0])
     for ak, y in zip(a, outputs, strict=False):
         out = out - ak * y
     return out
