@@ -6,7 +6,8 @@
 # results/fleet_selfset.csv. Each draw is a separate run with fresh OS noise on the same population.
 # Resumable: a run whose row is already in the CSV is skipped. Then the table and the plot from the CSV.
 #   bash simulations/fleet_selfset_study.sh [SIZES] [EPSILONS] [DRAWS]
-# Run names: selfset-<n>dev-eps<e>-skellam-draw<k> (the default mechanism; the Gaussian rows have no tag).
+# Run names: selfset-<n>dev-eps<e>-skellam-sym-draw<k> (the default mechanism under the symmetric subsampling
+# expansion, session 14 on; "-skellam" rows were calibrated under Zhu & Wang's bound; the Gaussian rows have no tag).
 # defaults: "10000 1000 3000" "3 8 1" 3 (the targets' fleet size first; one draw of every epsilon before
 # the next draw). The runs skip the pooled non-DP references: the table takes them from results/fleet.csv.
 set -euo pipefail
@@ -24,7 +25,7 @@ epsilons=${2:-"3 8 1"}
 draws=${3:-3}
 # The runs use the default distributed mechanism, the integer one (skellam), named in each run: the study's
 # first rows (sessions 4-5, before it became the default) ran the Gaussian and carry no mechanism in their name.
-tag=-skellam
+tag=-skellam-sym
 for n in $sizes; do
   for d in $(seq 1 "$draws"); do
     for eps in $epsilons; do

@@ -28,8 +28,10 @@ from typing import Any
 
 from simulations.results_csv import Value, metrics, number, read
 
-NAME = re.compile(r"selfset-(\d+)dev-eps([\d.]+)(?:-(skellam))?-draw(\d+)$")
-#: A run name without a mechanism tag ran the Gaussian shares (the study's rows before skellam was the default).
+NAME = re.compile(r"selfset-(\d+)dev-eps([\d.]+)(?:-(skellam(?:-sym)?))?-draw(\d+)$")
+#: A run name without a mechanism tag ran the Gaussian shares (the study's rows before skellam was the default);
+#: ``skellam`` rows were calibrated under Zhu & Wang's general subsampling bound (sessions 8-13), ``skellam-sym``
+#: rows under the symmetric expansion (session 14 on; docs/privacy.md "Poisson subsampling of a symmetric mechanism").
 UNTAGGED = "gaussian"
 #: The issue's targets: the shipped share of non-DP NESSA's gap closure, by (devices, epsilon).
 TARGETS = {(10_000, 8.0): 0.95, (10_000, 3.0): 0.90, (10_000, 1.0): 0.70, (30_000, 1.0): 0.85}
@@ -44,7 +46,7 @@ Cell = tuple[int, float, str]
 
 def draws(runs: Sequence[dict[str, Value]]) -> dict[Cell, list[dict[str, Value]]]:
     """The study's rows by (devices, epsilon, mechanism), from the run names
-    (``selfset-<n>dev-eps<e>[-skellam]-draw<k>``)."""
+    (``selfset-<n>dev-eps<e>[-skellam|-skellam-sym]-draw<k>``)."""
     out: dict[Cell, list[dict[str, Value]]] = {}
     for r in runs:
         m = NAME.search(str(r["run"]))

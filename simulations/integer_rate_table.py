@@ -2,7 +2,7 @@
 
 For a fleet of N devices at example level, each epsilon and each q (fractions of the rule's target rate), the
 noise plan's DP-SGD sigma and the auto rule's signal (clipped examples per noise std per round) under the
-Gaussian accountant and the integer mechanism's (Skellam: Zhu & Wang's general subsampling bound). The rule's
+Gaussian accountant and the integer mechanism's (Skellam: the symmetric Poisson-subsampling expansion). The rule's
 budget split, rounds and delta; the synthetic source's payload. Pure accounting, no training.
 
     python -m simulations.integer_rate_table [--devices 10000] [--epsilons 1 3 8]

@@ -67,6 +67,19 @@ def test_runs_under_the_integer_mechanism_are_their_own_cell(tmp_path: Path) -> 
     assert "| 10000 | 3 | skellam (0.02) | 1 |" in table.markdown(cells)
 
 
+def test_rows_accounted_by_the_symmetric_expansion_are_their_own_cell(tmp_path: Path) -> None:
+    """selfset-<n>dev-eps<e>-skellam-sym-draw<k> (session 14's accounting) never pools with the -skellam rows
+    calibrated under Zhu & Wang's bound."""
+    study, ref = _csvs(tmp_path, [_summary(0.045, 0.85, 0.068)])
+    old, new = _summary(0.05, 0.80, 0.07), _summary(0.046, 0.84, 0.069)
+    old["config"]["sample-rate"] = 0.02
+    write(study, table.read(study) + [row(old, "selfset-10000dev-eps3-skellam-draw1"),
+                                      row(new, "selfset-10000dev-eps3-skellam-sym-draw1")])
+    cells = table.rows(table.draws(table.read(study)), table.references(table.read(ref)))
+    assert sorted((c["mechanism"], c["rates"]) for c in cells) == [("gaussian", [0.04]), ("skellam", [0.02]),
+                                                                   ("skellam-sym", [0.04])]
+
+
 @pytest.mark.parametrize(("eer", "gap", "start"), [(0.07, 0.55, 0.068), (0.13, -0.1, 0.14)])
 def test_a_draw_worse_than_its_start_or_than_not_updating_is_flagged(tmp_path: Path, eer: float, gap: float,
                                                                      start: float) -> None:
@@ -96,7 +109,7 @@ def test_a_reference_from_another_population_is_one_clear_error(tmp_path: Path,
 def test_the_study_script_is_resumable_and_gives_only_the_fleet_size_and_epsilon() -> None:
     text = (ROOT / "simulations" / "fleet_selfset_study.sh").read_text()
     assert "RUNS=runs/studies CSV=results/fleet_selfset.csv" in text and 'recorded "$name"' in text
-    assert 'name="selfset-${n}dev-eps${eps}${tag}-draw$d"' in text and "tag=-skellam" in text
+    assert 'name="selfset-${n}dev-eps${eps}${tag}-draw$d"' in text and "tag=-skellam-sym" in text
     run_line = next(x for x in text.splitlines() if "fed-nessa\" simulate" in x)
     assert "num-devices" in run_line and "epsilon-budget" in run_line and "aligner" not in run_line
     assert "sample-rate" not in text and "num-server-rounds" not in text and "server-lr" not in text
