@@ -173,6 +173,18 @@ def test_wrong_reported_epsilon_is_named(tmp_path: Path) -> None:
     assert "liar" in (run / "devices" / "audit" / "report.md").read_text()
 
 
+def test_an_overstated_epsilon_is_a_warning_not_a_failure(tmp_path: Path) -> None:
+    """A ledger reporting MORE epsilon than its events give (one written under an older, looser accountant) is
+    conservative: a warning that says why, never a failure; under-reporting stays a failure (above)."""
+    run = tmp_path / "run"
+    led = DeviceLedger.open(run / "devices" / "old", "old", epsilon_budget=BUDGET, delta=DELTA)
+    led.complete(led.reserve(_ev(1)), 1.1 * led.epsilon(DELTA))
+    result = audit(run / "devices")
+    assert _fails(result) == set()
+    warned = [f for f in result.findings if f.severity == "warn" and f.check == "reported"]
+    assert len(warned) == 1 and "conservative" in warned[0].message and warned[0].device == "old"
+
+
 def _write_raw_ledger(folder: Path, device_id: str, budget: float, events: list[DPEvent]) -> None:
     """A ledger written by device software that ignored its budget (valid signatures)."""
     folder.mkdir(parents=True)
