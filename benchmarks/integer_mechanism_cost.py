@@ -3,8 +3,8 @@
 For a NESSA update (~78k values) and the statistics vector (~68k values), at 10^3..10^6 devices:
 the padded dimension, the scale, the bit width (:func:`fed_nessa.federated.integer_mechanism.build_params`
 at its defaults), the rounding's L2 inflation, and epsilon at delta for the same noise multiplier
-under both accountings (same integer RDP orders, same subsampling bound, same conversion; and the
-Gaussian as the project accounts it today, Opacus' tighter subsampled-Gaussian RDP), for the statistics round (one
+under both accountings (same integer RDP orders, same subsampling expansion, same conversion; and the
+Gaussian as the project accounts it, Opacus' subsampled-Gaussian RDP at its own orders), for the statistics round (one
 full sum) and a DP-SGD span (Poisson-subsampled steps). Also the seconds one device spends encoding.
 
     python benchmarks/integer_mechanism_cost.py
@@ -44,7 +44,7 @@ def encode_seconds(dim: int, repeats: int = 3) -> float:
 
 
 def opacus_gaussian_epsilon(z: float, q: float, steps: int, delta: float) -> float:
-    """The continuous Gaussian as the project accounts it today (Opacus' subsampled-Gaussian RDP)."""
+    """The continuous Gaussian as the project accounts it (Opacus' subsampled-Gaussian RDP at its orders)."""
     from opacus.accountants.analysis import rdp as rdp_analysis
 
     rdp = rdp_analysis.compute_rdp(q=q, noise_multiplier=z, steps=steps, orders=list(RDP_ORDERS))
