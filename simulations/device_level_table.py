@@ -104,8 +104,9 @@ def fedavg_markdown(runs: Sequence[dict[str, Value]], example_runs: Sequence[dic
     """Issue 22's table: one line per ``device-<n>dev-<arm>-eps<e>[-draw<k>]`` run."""
     lines = [FEDAVG_HEADER, FEDAVG_ALIGN]
     for (n, eps), arms in sorted(study_cells(runs, FEDAVG_NAME).items()):
-        for key, r in sorted(arms.items()):
-            draw = key.rsplit("-draw", 1)[1] if "-draw" in key else "1"
+        for _, r in sorted(arms.items()):
+            match = FEDAVG_NAME.search(str(r["run"]))
+            draw = (match.group("draw") if match else None) or "1"
             lines.append(_fedavg_line(n, eps, r, reference_for(n, example_runs)) + f" {draw} |")
     return "\n".join(lines)
 

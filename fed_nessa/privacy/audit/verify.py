@@ -445,12 +445,12 @@ OVERSTATED = ("more than the accountant gives: conservative, as a ledger or summ
               "bound is (the integer mechanism's subsampling before the symmetric expansion)")
 
 
-def _mismatch(stated: float, recomputed: float, accountant: str) -> str | None:
-    """None within tolerance; FAIL below the recomputed epsilon (a claim of more privacy than the events give),
-    WARN above it (:data:`OVERSTATED`)."""
+def _mismatch(stated: float, recomputed: float, accountant: str) -> tuple[str, str] | None:
+    """None within tolerance; else the severity and what the message adds: FAIL below the recomputed epsilon (a
+    claim of more privacy than the events give), WARN above it, saying why (:data:`OVERSTATED`)."""
     if _within(stated, recomputed, accountant):
         return None
-    return FAIL if stated < recomputed else WARN
+    return (FAIL, "") if stated < recomputed else (WARN, f"; {OVERSTATED}")
 
 
 def _recompute(dev: DeviceAudit, reserves, completes, accountants: tuple[str, str],
@@ -488,8 +488,8 @@ def _recompute(dev: DeviceAudit, reserves, completes, accountants: tuple[str, st
                                     dev.device_id, seq))
             continue
         recomputed = curve(acc)[n_before - 1]
-        if severity := _mismatch(float(reported), recomputed, acc):
-            why = f"; {OVERSTATED}" if severity == WARN else ""
+        if mismatch := _mismatch(float(reported), recomputed, acc):
+            severity, why = mismatch
             findings.append(Finding(severity, "reported", f"reported epsilon {reported:.6g} but the {acc} "
                                                           f"accountant gives {recomputed:.6g} for the "
                                                           f"{n_before} events reserved before it (per {unit}){why}",
@@ -982,8 +982,8 @@ def _check_claim(claim: dict[str, Any] | None, devices: list[DeviceAudit], accou
             findings.append(Finding(FAIL, f"summary.{key}", f"summary states {key} per {in_unit}, but "
                                                             f"{sum(1 for d in devices if d.events) - len(values)} "
                                                             f"ledger(s) give no guarantee per {in_unit}"))
-        elif values and (severity := _mismatch(float(stated), max(values), acc)):
-            why = f"; {OVERSTATED}" if severity == WARN else ""
+        elif values and (mismatch := _mismatch(float(stated), max(values), acc)):
+            severity, why = mismatch
             findings.append(Finding(severity, f"summary.{key}", f"summary states {key} {stated:.6g}, the ledgers "
                                                                 f"give {max(values):.6g} ({acc}, per {in_unit}){why}"))
 
