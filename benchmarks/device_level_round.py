@@ -25,12 +25,19 @@ parameters x pairs per pass); the ratio to it says how close a round runs to the
 
     python benchmarks/device_level_round.py --devices 10000 100000 --device cpu
     python benchmarks/device_level_round.py --devices 100000 1000000 --device cuda --out result.json
+    python benchmarks/device_level_round.py --algorithms fedavg --devices 100000 --workers 2
+
+``--workers N`` (CPU) runs the round as the engines do on N cores: N forked processes of one thread each
+(``fed-nessa simulate`` sets one torch thread per process: one process per core beats intra-op threads), every
+worker drawing its own pool before the timing and summing every N-th chunk; the parent adds the N sums and the
+noise. The figure is the wall time from the parent's request to the last worker's sum.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import statistics
 import time
 from collections.abc import Callable
@@ -74,17 +81,23 @@ class PairPool:
         return x[:rows], y[:rows]
 
 
+def _chunks(devices: int, chunk: int, share: tuple[int, int]) -> list[tuple[int, int]]:
+    """``(chunk index, first device)`` of the chunks that worker ``share[0]`` of ``share[1]`` sums."""
+    return [(c, start) for c, start in enumerate(range(0, devices, chunk)) if c % share[1] == share[0]]
+
+
 def fedsgd_round(net: nn.Module, devices: int, pairs: int, chunk: int, clip: float,
-                 device: torch.device, pool: PairPool) -> torch.Tensor:
-    """Sum over every device of its clipped mean gradient, plus the summed Gaussian noise."""
+                 device: torch.device, pool: PairPool, share: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """Sum over every device of its clipped mean gradient, plus the summed Gaussian noise (a worker's ``share``:
+    its chunks' sum alone, no noise)."""
     params = trainable(net)
     total = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64, device=device)
-    for c, start in enumerate(range(0, devices, chunk)):
+    for c, start in _chunks(devices, chunk, share):
         k = min(chunk, devices - start)
         x, y = pool.take(c, k * pairs)
         seg = torch.arange(k, device=device).repeat_interleave(pairs)
         total += device_clipped_sum(net, x, y, seg, k, clip).double()
-    return total + torch.randn_like(total) * clip
+    return total + torch.randn_like(total) * clip if share[1] == 1 else total
 
 
 def _equal_steps(k: int, pairs: int, epochs: int, batch: int, device: torch.device, seed: int) -> BlockSteps:
@@ -101,13 +114,13 @@ def _equal_steps(k: int, pairs: int, epochs: int, batch: int, device: torch.devi
 
 def fedavg_round(net: nn.Module, devices: int, pairs: int, chunk: int, clip: float, device: torch.device,
                  local_epochs: int, lr: float, local_batch: int, pool: PairPool,
-                 update: str = "explicit") -> torch.Tensor:
+                 update: str = "explicit", share: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """Sum over every device of its clipped DP-FedAvg delta (``local_epochs`` of plain SGD in minibatches of
     ``local_batch``, secret row orders): ``explicit``, the engines' fast-numerics call
     (:func:`fed_nessa.sim.fedavg.fedavg_block_sum`, the NESSA net written out); ``vmap``, the general path
     (:func:`fed_nessa.sim.fedavg.vmap_deltas`, per-device weight copies: the update before issue 22's speed-up)."""
     total = torch.zeros(sum(p.numel() for p in trainable(net)), dtype=torch.float64, device=device)
-    for c, start in enumerate(range(0, devices, chunk)):
+    for c, start in _chunks(devices, chunk, share):
         k = min(chunk, devices - start)
         x, y = pool.take(c, k * pairs)
         x, y = x.view(k, pairs, D_X), y.view(k, pairs, D_Y)
@@ -116,7 +129,56 @@ def fedavg_round(net: nn.Module, devices: int, pairs: int, chunk: int, clip: flo
             total += clip_deltas(vmap_deltas(net, x, y, steps, lr=lr), clip).clipped.double().sum(0)
         else:
             total += fedavg_block_sum(net, x, y, steps, lr=lr, clip_norm=clip).total
-    return total + torch.randn_like(total) * clip
+    return total + torch.randn_like(total) * clip if share[1] == 1 else total
+
+
+RoundFn = Callable[[tuple[int, int]], torch.Tensor]
+
+
+def _worker(conn: Any, make: Callable[[int], RoundFn], share: tuple[int, int]) -> None:
+    """One forked worker: one torch thread, its own pool drawn, then a sum per request until told to stop."""
+    torch.set_num_threads(1)
+    fn = make(share[0])
+    conn.send("ready")
+    while conn.recv() == "round":
+        conn.send(fn(share).numpy())
+    conn.close()
+
+
+class Workers:
+    """``n`` forked one-thread processes, each summing every n-th chunk of a round (as the engines run a round
+    on n cores); :meth:`round` adds their sums and the noise."""
+
+    def __init__(self, n: int, make: Callable[[int], RoundFn], clip: float) -> None:
+        ctx = mp.get_context("fork")
+        self.clip, self.conns, self.procs = clip, [], []
+        for w in range(n):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker, args=(child, make, (w, n)), daemon=True)
+            proc.start()
+            self.conns.append(parent)
+            self.procs.append(proc)
+        for conn in self.conns:
+            if conn.recv() != "ready":
+                raise RuntimeError("a benchmark worker did not start")
+
+    def sums(self) -> torch.Tensor:
+        """The round's sum over every device, no noise."""
+        for conn in self.conns:
+            conn.send("round")
+        total = sum(torch.from_numpy(conn.recv()) for conn in self.conns)
+        assert isinstance(total, torch.Tensor)
+        return total
+
+    def round(self) -> torch.Tensor:
+        total = self.sums()
+        return total + torch.randn_like(total) * self.clip
+
+    def close(self) -> None:
+        for conn in self.conns:
+            conn.send("stop")
+        for proc in self.procs:
+            proc.join()
 
 
 def _time(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int, warmup: bool = True) -> list[float]:
@@ -140,27 +202,40 @@ def measure(devices: int, algorithm: str, args: argparse.Namespace, device: torc
     n_params = sum(p.numel() for p in trainable(net))
     pairs = args.pairs if algorithm == "fedsgd" else args.local_pairs
     chunk = args.chunk if algorithm == "fedsgd" else args.fedavg_chunk
-    pool = PairPool(0 if args.fresh_pairs else min(args.pool, -(-devices // chunk)), min(chunk, devices) * pairs,
-                    device)
-    if algorithm == "fedsgd":
-        def fn() -> torch.Tensor:
-            return fedsgd_round(net, devices, pairs, chunk, 0.1, device, pool)
-        passes = 1
+    pool_size = 0 if args.fresh_pairs else min(args.pool, -(-devices // chunk))
+    rows = min(chunk, devices) * pairs
+    passes = 1 if algorithm == "fedsgd" else args.local_epochs
+
+    def make(_: int) -> RoundFn:
+        pool = PairPool(pool_size, rows, device)
+        if algorithm == "fedsgd":
+            return lambda share: fedsgd_round(net, devices, pairs, chunk, 0.1, device, pool, share)
+        return lambda share: fedavg_round(net, devices, pairs, chunk, 0.1, device, args.local_epochs, args.lr,
+                                          args.local_batch, pool, args.update, share)
+
+    workers = Workers(args.workers, make, 0.1) if args.workers > 1 else None
+    if workers is not None:
+        fn: Callable[[], torch.Tensor] = workers.round
     else:
+        one = make(0)
+
         def fn() -> torch.Tensor:
-            return fedavg_round(net, devices, pairs, chunk, 0.1, device, args.local_epochs, args.lr,
-                                args.local_batch, pool, args.update)
-        passes = args.local_epochs
+            return one((0, 1))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    seconds = _time(fn, device, args.repeats, not args.no_warmup)
+    try:
+        seconds = _time(fn, device, args.repeats, not args.no_warmup)
+    finally:
+        if workers is not None:
+            workers.close()
     flops = 6.0 * n_params * devices * pairs * passes
     med = statistics.median(seconds)
     return {"algorithm": algorithm, "update": args.update if algorithm == "fedavg" else None,
             "linear_start": args.linear_start, "devices": devices, "pairs_per_device": pairs, "local_epochs": passes,
             "trainable_params": n_params, "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "threads": torch.get_num_threads(), "fresh_pairs": args.fresh_pairs,
+            "threads": 1 if workers is not None else torch.get_num_threads(), "workers": max(args.workers, 1),
+            "fresh_pairs": args.fresh_pairs,
             "seconds": [round(s, 4) for s in seconds],
             "median_s": round(med, 4), "dense_gflop": round(flops / 1e9, 1),
             "achieved_tflops": round(flops / med / 1e12, 3),
@@ -188,11 +263,15 @@ def main() -> None:
     p.add_argument("--pool", type=int, default=8, help="chunks of pairs drawn before the timing, cycled")
     p.add_argument("--fresh-pairs", action="store_true", help="draw every chunk's pairs inside the timed round")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="CPU: forked one-thread processes sharing the chunks, as the engines run (1: in process)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-warmup", action="store_true", help="time the first round too (a 10^5-device CPU round)")
     p.add_argument("--out")
     a = p.parse_args()
     device = torch.device(a.device)
+    if a.workers > 1 and (device.type != "cpu" or a.threads):
+        p.error("--workers runs one-thread CPU processes: it takes neither --device cuda nor --threads")
     if a.threads:
         torch.set_num_threads(a.threads)
     results = []

@@ -6,6 +6,8 @@
 # results/fleet_selfset.csv. Each draw is a separate run with fresh OS noise on the same population.
 # Resumable: a run whose row is already in the CSV is skipped. Then the table and the plot from the CSV.
 #   bash simulations/fleet_selfset_study.sh [SIZES] [EPSILONS] [DRAWS]
+#   VALIDATION_SPEAKERS=400 bash simulations/fleet_selfset_study.sh ...   the server holds 400 validation speakers
+#   for the gate (run names gain -val400; unset: the config's default, 100, and no suffix)
 # Run names: selfset-<n>dev-eps<e>-skellam-sym-draw<k> (the default mechanism under the symmetric subsampling
 # expansion, session 14 on; "-skellam" rows were calibrated under Zhu & Wang's bound; the Gaussian rows have no tag).
 # defaults: "10000 1000 3000" "3 8 1" 3 (the targets' fleet size first; one draw of every epsilon before
@@ -26,6 +28,11 @@ draws=${3:-3}
 # The runs use the default distributed mechanism, the integer one (skellam), named in each run: the study's
 # first rows (sessions 4-5, before it became the default) ran the Gaussian and carry no mechanism in their name.
 tag=-skellam-sym
+validation=()
+if [ -n "${VALIDATION_SPEAKERS:-}" ]; then
+  tag="$tag-val$VALIDATION_SPEAKERS"
+  validation=(--set validation-speakers="$VALIDATION_SPEAKERS")
+fi
 for n in $sizes; do
   for d in $(seq 1 "$draws"); do
     for eps in $epsilons; do
@@ -33,7 +40,7 @@ for n in $sizes; do
       if recorded "$name"; then echo "$(date +%T) $name: in $CSV, skipped"; continue; fi
       echo "$(date +%T) $name"
       "$VENV/bin/fed-nessa" simulate --engine fleet --quiet --set num-devices="$n" --set epsilon-budget="$eps" \
-        --set ledger-layout=sqlite --set references=false --set eval-every=50 --run-dir "$(fresh "$RUNS/$name")"
+        --set ledger-layout=sqlite --set references=false --set eval-every=50 "${validation[@]}" --run-dir "$(fresh "$RUNS/$name")"
       record "$name"
     done
   done
