@@ -133,7 +133,7 @@ class _Layer:
         if lo:
             if gram is None:
                 gram = torch.bmm(u_s, self.u[:, :lo].transpose(1, 2))
-            out = torch.baddbmm(out, gram, self.e[:, :lo], alpha=-lr)
+            out.baddbmm_(gram, self.e[:, :lo], alpha=-lr)  # in place: ``out`` is this step's own tensor
         return out
 
     def backward(self, e_s: torch.Tensor, lo: int, lr: float) -> torch.Tensor:
@@ -141,7 +141,7 @@ class _Layer:
         out = torch.matmul(e_s, self.w0)
         if lo:
             gram = torch.bmm(e_s, self.e[:, :lo].transpose(1, 2))
-            out = torch.baddbmm(out, gram, self.u[:, :lo], alpha=-lr)
+            out.baddbmm_(gram, self.u[:, :lo], alpha=-lr)
         return out
 
     def record(self, lo: int, hi: int, e_s: torch.Tensor, lr: float, u_s: torch.Tensor | None = None) -> None:
