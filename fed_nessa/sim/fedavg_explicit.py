@@ -126,10 +126,17 @@ class _Layer:
         self.e = work.take(f"{name}.e", (k, n, w0.shape[0]), w0)
 
     def forward(self, u_s: torch.Tensor, lo: int, lr: float, base: torch.Tensor | None = None,
-                gram: torch.Tensor | None = None) -> torch.Tensor:
+                gram: torch.Tensor | None = None, add: torch.Tensor | None = None) -> torch.Tensor:
         """Output at step rows ``lo:lo+B`` (``u_s`` its input rows); ``base``: ``u_s W_0^T`` and ``gram``:
-        ``u_s U_{<s}^T`` where precomputed."""
-        out = (base if base is not None else torch.matmul(u_s, self.w0.t())) + self.b[:, None]
+        ``u_s U_{<s}^T`` where precomputed; ``add``: a tensor the output is added to (the GEMM accumulates
+        into it: one elementwise pass fewer)."""
+        if base is not None:
+            out = base + self.b[:, None]
+        elif add is not None:
+            out = add + self.b[:, None]
+            out.view(-1, out.shape[-1]).addmm_(u_s.reshape(-1, u_s.shape[-1]), self.w0.t())
+        else:
+            out = torch.matmul(u_s, self.w0.t()) + self.b[:, None]
         if lo:
             if gram is None:
                 gram = torch.bmm(u_s, self.u[:, :lo].transpose(1, 2))
@@ -273,11 +280,15 @@ def _activation(a: torch.Tensor, relu: bool) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _cosine_grad(o: torch.Tensor, x: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-    """d/d o of ``sum_i coef_i (1 - cos(o_i, x_i))``."""
+    """d/d o of ``sum_i coef_i (1 - cos(o_i, x_i))``: ``-coef/(|o||x|) x + coef cos/|o|^2 o``, two full-size
+    passes (the row scalars are formed first: on these ``[k, 16, 256]`` steps the elementwise passes cost as
+    much as the GEMMs)."""
     on = torch.linalg.vector_norm(o, dim=-1, keepdim=True).clamp_min(COSINE_EPS)
     xn = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(COSINE_EPS)
-    cos = (o * x).sum(dim=-1, keepdim=True) / (on * xn)
-    return -coef[..., None] * (x / (on * xn) - cos * o / (on * on))
+    inv = (on * xn).reciprocal()
+    c = coef[..., None]
+    cos = torch.linalg.vecdot(o, x)[..., None] * inv
+    return torch.addcmul(x * (-c * inv), o, c * cos / (on * on))
 
 
 def _layer_norm(pre: torch.Tensor, eps: float, gamma: torch.Tensor,
@@ -341,7 +352,7 @@ def train(p: Plan, net: nn.Module, x: torch.Tensor, y: torch.Tensor, rows: torch
             act, slope = _activation(a, h.relu)
             cache.append((u, z, rstd, slope))
             u = act
-        e = _cosine_grad(direct + last.forward(u, lo, lr), xr[:, lo:hi], coef[:, s])
+        e = _cosine_grad(last.forward(u, lo, lr, add=direct), xr[:, lo:hi], coef[:, s])
         # backward
         down = last.backward(e, lo, lr)
         last.record(lo, hi, e, lr, u)
