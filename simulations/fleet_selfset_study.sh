@@ -6,8 +6,9 @@
 # results/fleet_selfset.csv. Each draw is a separate run with fresh OS noise on the same population.
 # Resumable: a run whose row is already in the CSV is skipped. Then the table and the plot from the CSV.
 #   bash simulations/fleet_selfset_study.sh [SIZES] [EPSILONS] [DRAWS]
-#   VALIDATION_SPEAKERS=400 bash simulations/fleet_selfset_study.sh ...   the server holds 400 validation speakers
-#   for the gate (run names gain -val400; unset: the config's default, 100, and no suffix)
+#   VALIDATION_SPEAKERS=V bash simulations/fleet_selfset_study.sh ...   the server holds V validation speakers
+#   for the gate (unset: the config's default, 400 since session 15). Run names gain -val<V> unless V is 100, the
+#   default of every earlier row (which carry no suffix).
 # Run names: selfset-<n>dev-eps<e>-skellam-sym-draw<k> (the default mechanism under the symmetric subsampling
 # expansion, session 14 on; "-skellam" rows were calibrated under Zhu & Wang's bound; the Gaussian rows have no tag).
 # defaults: "10000 1000 3000" "3 8 1" 3 (the targets' fleet size first; one draw of every epsilon before
@@ -28,11 +29,10 @@ draws=${3:-3}
 # The runs use the default distributed mechanism, the integer one (skellam), named in each run: the study's
 # first rows (sessions 4-5, before it became the default) ran the Gaussian and carry no mechanism in their name.
 tag=-skellam-sym
-validation=()
-if [ -n "${VALIDATION_SPEAKERS:-}" ]; then
-  tag="$tag-val$VALIDATION_SPEAKERS"
-  validation=(--set validation-speakers="$VALIDATION_SPEAKERS")
-fi
+validation_speakers=${VALIDATION_SPEAKERS:-$("$VENV/bin/python" -c \
+  'from fed_nessa.config import FederationConfig; print(FederationConfig().validation_speakers)')}
+[ "$validation_speakers" = 100 ] || tag="$tag-val$validation_speakers"
+validation=(--set validation-speakers="$validation_speakers")
 for n in $sizes; do
   for d in $(seq 1 "$draws"); do
     for eps in $epsilons; do
