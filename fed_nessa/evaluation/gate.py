@@ -17,6 +17,9 @@ was 0.5 points worse on the test speakers). So the candidates climb from the sim
 complex one replaces the current choice only when it is better on the validation speakers AND
 better in at least ``gate-confidence`` (default 0.95) of paired speaker resamples
 (:mod:`fed_nessa.evaluation.speaker_bootstrap`).
+The bootstrap resamples within the one validation sample and cannot see that sample's own luck;
+only more speakers narrow it, hence 400 by default (``validation-speakers``; docs/results.md "How many
+validation speakers").
 
 ``aligner = auto`` ships the gate's choice among the aligners; ``linear`` / ``nessa`` pin
 which aligner the run may ship, but the pinned one still ships only where it beats not
