@@ -48,6 +48,18 @@ def test_a_resample_is_the_duplicated_trial_list(count: list[int]) -> None:
     assert SortedTrials.of(scores, spk).eer(c) == pytest.approx(_expanded_eer(scores, spk, c), abs=1e-12)
 
 
+@pytest.mark.parametrize(("seed", "decimals"), [(3, None), (4, 0), (5, 1)])
+def test_random_resamples_match_the_duplicated_trial_list_with_and_without_ties(seed: int,
+                                                                                decimals: int | None) -> None:
+    """The bisection to the crossing finds the full curve's crossing, ties or not, for any multiplicities."""
+    scores, spk = _scores(seed, m=7, per=4, signal=1.0)
+    if decimals is not None:
+        scores = np.round(scores, decimals)
+    trials = SortedTrials.of(scores, spk)
+    for c in speaker_counts(7, 12, seed=seed):
+        assert trials.eer(c) == pytest.approx(_expanded_eer(scores, spk, c), abs=1e-12)
+
+
 def test_ties_are_never_split() -> None:
     scores, spk = _scores(2)
     scores = np.round(scores, 0)  # many ties across targets and non-targets

@@ -29,11 +29,19 @@ DEFAULT_SEED = 0
 
 @dataclass(frozen=True)
 class SortedTrials:
-    """One system's trial list sorted by score once, so each resample is a gather and a cumsum."""
+    """One system's trial list sorted by score once, so each resample is one gather and one cumsum.
 
-    row_speaker: np.ndarray  # (T,) the test utterance's speaker (profile column) of each sorted trial
-    column: np.ndarray  # (T,) the profile of each sorted trial
-    target: np.ndarray  # (T,) bool
+    A trial's resample weight is an integer (``c_a`` for a target trial, ``c_a * c_b`` for a non-target
+    one), so it is read from one table of the resample's weights (``c_a c_b`` for every profile pair, then
+    ``c_a``) by the trial's ``weight_index``; every cumulative sum of integers below 2^53 is exact in float64,
+    so the target counts at a threshold are the small target list's cumsum and the non-target counts the
+    total's remainder, bit-identical to summing each class on its own.
+    """
+
+    speakers: int  # profiles (columns): the weight table has speakers^2 pair entries, then speakers
+    weight_index: np.ndarray  # (T,) each sorted trial's entry in the resample's weight table
+    target_speaker: np.ndarray  # (targets,) the speaker of each target trial, in sorted order
+    targets_before: np.ndarray  # (groups,) target trials up to each group's end (a threshold's position)
     group_end: np.ndarray  # last index of each group of tied scores (thresholds fall between groups)
 
     @classmethod
@@ -43,21 +51,42 @@ class SortedTrials:
         order = np.argsort(s.reshape(-1), kind="stable")
         flat = s.reshape(-1)[order]
         rows, cols = np.divmod(order, m)
-        spk = np.asarray(test_speaker)[rows]
+        spk = np.asarray(test_speaker).astype(np.int64)[rows]
+        target = spk == cols
+        index = np.where(target, m * m + spk, spk * m + cols)
         ends = np.append(np.flatnonzero(flat[1:] != flat[:-1]), flat.size - 1)
-        return cls(spk.astype(np.int64), cols.astype(np.int64), spk == cols, ends)
+        return cls(m, index, spk[target], np.cumsum(target)[ends], ends)
 
     def eer(self, count: np.ndarray) -> float:
-        """The EER with speaker ``s`` drawn ``count[s]`` times (all ones: the plain EER)."""
+        """The EER with speaker ``s`` drawn ``count[s]`` times (all ones: the plain EER).
+
+        Only the two ROC points around the crossing are formed (``P_miss - P_fa`` never decreases along the
+        sorted trials, so the first point at or past it is found by bisection): the same two points, and so
+        the same figure, as :func:`~fed_nessa.evaluation.protocol.eer_from_rates` over the whole curve."""
         c = np.asarray(count, dtype=np.float64)
-        w_row = c[self.row_speaker]
-        w = np.where(self.target, w_row, w_row * c[self.column])
-        tar = np.cumsum(np.where(self.target, w, 0.0))[self.group_end]
-        non = np.cumsum(np.where(self.target, 0.0, w))[self.group_end]
-        n_tar, n_non = tar[-1], non[-1]
-        p_miss = np.concatenate(([0.0], tar / n_tar))
-        p_fa = np.concatenate(([1.0], (n_non - non) / n_non))
-        return eer_from_rates(p_miss, p_fa)
+        total = np.cumsum(np.concatenate((np.outer(c, c).reshape(-1), c))[self.weight_index])
+        tar_cum = np.concatenate(([0.0], np.cumsum(c[self.target_speaker])))
+        n_tar = tar_cum[-1]
+        n_non = total[-1] - n_tar
+
+        def point(k: int) -> tuple[float, float]:
+            """(P_miss, P_fa) at threshold ``k`` (0: below every score; k: after group k - 1)."""
+            if k == 0:
+                return 0.0, 1.0
+            tar = tar_cum[self.targets_before[k - 1]]
+            non = total[self.group_end[k - 1]] - tar
+            return tar / n_tar, (n_non - non) / n_non
+
+        lo, hi = 1, self.group_end.size  # the last point (P_miss 1, P_fa 0) is past the crossing
+        while lo < hi:
+            mid = (lo + hi) // 2
+            miss, fa = point(mid)
+            if miss >= fa:
+                hi = mid
+            else:
+                lo = mid + 1
+        (m0, f0), (m1, f1) = point(lo - 1), point(lo)
+        return eer_from_rates(np.array([m0, m1]), np.array([f0, f1]))
 
 
 def speaker_counts(speakers: int, resamples: int, seed: int = DEFAULT_SEED) -> np.ndarray:
