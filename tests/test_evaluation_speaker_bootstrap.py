@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fed_nessa.evaluation import speaker_bootstrap
 from fed_nessa.evaluation.protocol import eer
 from fed_nessa.evaluation.speaker_bootstrap import SortedTrials, bootstrap_eers, speaker_counts, win_rate
 
@@ -48,14 +49,18 @@ def test_a_resample_is_the_duplicated_trial_list(count: list[int]) -> None:
     assert SortedTrials.of(scores, spk).eer(c) == pytest.approx(_expanded_eer(scores, spk, c), abs=1e-12)
 
 
+@pytest.mark.parametrize("min_block", [1024, 1])
 @pytest.mark.parametrize(("seed", "decimals"), [(3, None), (4, 0), (5, 1)])
-def test_random_resamples_match_the_duplicated_trial_list_with_and_without_ties(seed: int,
-                                                                                decimals: int | None) -> None:
-    """The bisection to the crossing finds the full curve's crossing, ties or not, for any multiplicities."""
+def test_random_resamples_match_the_duplicated_trial_list_with_and_without_ties(
+        seed: int, decimals: int | None, min_block: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bisection to the crossing finds the full curve's crossing, ties or not, for any multiplicities,
+    in one block or in many (``min_block`` 1: blocks of 56 trials, tie groups spanning several)."""
+    monkeypatch.setattr(speaker_bootstrap, "MIN_BLOCK", min_block)
     scores, spk = _scores(seed, m=7, per=4, signal=1.0)
     if decimals is not None:
         scores = np.round(scores, decimals)
     trials = SortedTrials.of(scores, spk)
+    assert trials.counts.shape[0] - 1 == (1 if min_block > 196 else 4)  # 196 trials: one block, or four of 56
     for c in speaker_counts(7, 12, seed=seed):
         assert trials.eer(c) == pytest.approx(_expanded_eer(scores, spk, c), abs=1e-12)
 

@@ -27,22 +27,32 @@ DEFAULT_RESAMPLES = 1000
 DEFAULT_SEED = 0
 
 
+#: Fewest trials per block of :class:`SortedTrials`' running counts.
+MIN_BLOCK = 1024
+
+
 @dataclass(frozen=True)
 class SortedTrials:
-    """One system's trial list sorted by score once, so each resample is one gather and one cumsum.
+    """One system's trial list sorted by score once, with running weight counts every ``block`` trials, so a
+    resample's EER costs a few dot products and one block's cumsum instead of passes over every trial.
 
     A trial's resample weight is an integer (``c_a`` for a target trial, ``c_a * c_b`` for a non-target
-    one), so it is read from one table of the resample's weights (``c_a c_b`` for every profile pair, then
-    ``c_a``) by the trial's ``weight_index``; every cumulative sum of integers below 2^53 is exact in float64,
-    so the target counts at a threshold are the small target list's cumsum and the non-target counts the
-    total's remainder, bit-identical to summing each class on its own.
+    one), read from one table of the resample's weights (``c_a c_b`` for every profile pair, then ``c_a``)
+    by the trial's ``weight_index``. The weighted count of the trials before a position is then the table
+    dotted with how often each entry occurs there (kept every ``block`` trials: ``counts``) plus the partial
+    block's sum. Every such sum is of integers below 2^53, so exact in float64 in any order: the EER is
+    bit-identical to summing the whole sorted list. ``P_miss - P_fa`` never decreases along the sorted
+    trials, so the crossing is found by bisection, first over the blocks, then over the thresholds (tied
+    scores form one group; thresholds fall between groups) of the one block that holds it.
     """
 
     speakers: int  # profiles (columns): the weight table has speakers^2 pair entries, then speakers
     weight_index: np.ndarray  # (T,) each sorted trial's entry in the resample's weight table
     target_speaker: np.ndarray  # (targets,) the speaker of each target trial, in sorted order
-    targets_before: np.ndarray  # (groups,) target trials up to each group's end (a threshold's position)
-    group_end: np.ndarray  # last index of each group of tied scores (thresholds fall between groups)
+    target_position: np.ndarray  # (targets,) each target trial's place in the sorted list
+    group_end: np.ndarray  # last index of each group of tied scores
+    block: int  # trials between two rows of ``counts``
+    counts: np.ndarray  # (blocks + 1, table) occurrences of each table entry among the first b * block trials
 
     @classmethod
     def of(cls, scores: np.ndarray, test_speaker: np.ndarray) -> SortedTrials:
@@ -55,38 +65,71 @@ class SortedTrials:
         target = spk == cols
         index = np.where(target, m * m + spk, spk * m + cols)
         ends = np.append(np.flatnonzero(flat[1:] != flat[:-1]), flat.size - 1)
-        return cls(m, index, spk[target], np.cumsum(target)[ends], ends)
+        # a block about the table's size balances the dot products of the first bisection against the block's sum
+        block = max(MIN_BLOCK, m * m + m)
+        blocks = -(-index.size // block)
+        counts = np.zeros((blocks + 1, m * m + m))
+        for b in range(blocks):
+            counts[b + 1] = counts[b] + np.bincount(index[b * block:(b + 1) * block], minlength=m * m + m)
+        return cls(m, index, spk[target], np.flatnonzero(target), ends, block, counts)
 
     def eer(self, count: np.ndarray) -> float:
-        """The EER with speaker ``s`` drawn ``count[s]`` times (all ones: the plain EER).
-
-        Only the two ROC points around the crossing are formed (``P_miss - P_fa`` never decreases along the
-        sorted trials, so the first point at or past it is found by bisection): the same two points, and so
-        the same figure, as :func:`~fed_nessa.evaluation.protocol.eer_from_rates` over the whole curve."""
+        """The EER with speaker ``s`` drawn ``count[s]`` times (all ones: the plain EER): the same two ROC
+        points around the crossing, so the same figure, as :func:`~fed_nessa.evaluation.protocol.eer_from_rates`
+        over the whole curve."""
         c = np.asarray(count, dtype=np.float64)
-        total = np.cumsum(np.concatenate((np.outer(c, c).reshape(-1), c))[self.weight_index])
+        table = np.concatenate((np.outer(c, c).reshape(-1), c))
         tar_cum = np.concatenate(([0.0], np.cumsum(c[self.target_speaker])))
-        n_tar = tar_cum[-1]
-        n_non = total[-1] - n_tar
+        n_tar, n_trials = tar_cum[-1], self.weight_index.size
+        n_non = float(self.counts[-1] @ table) - n_tar
 
-        def point(k: int) -> tuple[float, float]:
-            """(P_miss, P_fa) at threshold ``k`` (0: below every score; k: after group k - 1)."""
-            if k == 0:
-                return 0.0, 1.0
-            tar = tar_cum[self.targets_before[k - 1]]
-            non = total[self.group_end[k - 1]] - tar
-            return tar / n_tar, (n_non - non) / n_non
+        def weight_before(pos: int) -> float:
+            """The weighted count of the first ``pos`` trials."""
+            b = min(pos // self.block, self.counts.shape[0] - 1)
+            return float(self.counts[b] @ table) + float(table[self.weight_index[b * self.block:pos]].sum())
 
-        lo, hi = 1, self.group_end.size  # the last point (P_miss 1, P_fa 0) is past the crossing
+        def rates(pos: int, weight: float) -> tuple[float, float]:
+            """(P_miss, P_fa) with the threshold after the first ``pos`` trials (of weighted count ``weight``)."""
+            tar = tar_cum[np.searchsorted(self.target_position, pos)]
+            return tar / n_tar, (n_non - (weight - tar)) / n_non
+
+        def past(pos: int, weight: float) -> bool:
+            miss, fa = rates(pos, weight)
+            return bool(miss >= fa)
+
+        # 1. the first block end at or past the crossing (position 0 is before it: P_miss 0, P_fa 1)
+        lo, hi = 1, self.counts.shape[0] - 1
         while lo < hi:
             mid = (lo + hi) // 2
-            miss, fa = point(mid)
-            if miss >= fa:
+            pos = min(mid * self.block, n_trials)
+            if past(pos, float(self.counts[mid] @ table)):
                 hi = mid
             else:
                 lo = mid + 1
-        (m0, f0), (m1, f1) = point(lo - 1), point(lo)
-        return eer_from_rates(np.array([m0, m1]), np.array([f0, f1]))
+        start, stop = (lo - 1) * self.block, min(lo * self.block, n_trials)
+        first = float(self.counts[lo - 1] @ table)
+        running = first + np.cumsum(table[self.weight_index[start:stop]])
+
+        def weight_at(pos: int) -> float:
+            if start < pos <= stop:
+                return float(running[pos - start - 1])
+            return first if pos == start else weight_before(pos)
+
+        # 2. the first threshold (after group k - 1, at position group_end[k - 1] + 1) at or past it
+        k_lo = int(np.searchsorted(self.group_end, start)) + 1
+        k_hi = int(np.searchsorted(self.group_end, stop - 1)) + 1
+        while k_lo < k_hi:
+            mid = (k_lo + k_hi) // 2
+            pos = int(self.group_end[mid - 1]) + 1
+            if past(pos, weight_at(pos)):
+                k_hi = mid
+            else:
+                k_lo = mid + 1
+        points = []
+        for k in (k_lo - 1, k_lo):
+            pos = int(self.group_end[k - 1]) + 1 if k else 0
+            points.append(rates(pos, weight_at(pos)) if k else (0.0, 1.0))
+        return eer_from_rates(np.array([p[0] for p in points]), np.array([p[1] for p in points]))
 
 
 def speaker_counts(speakers: int, resamples: int, seed: int = DEFAULT_SEED) -> np.ndarray:
