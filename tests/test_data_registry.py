@@ -51,11 +51,16 @@ def test_centralised_sets_unchanged() -> None:
 
 
 def test_federations_unchanged() -> None:
-    cfg = FederationConfig(num_devices=20, seed=3)
+    # 100 validation speakers: the default these fingerprints were taken under (400 since session 15; the
+    # held-out set and the devices do not depend on it)
+    cfg = FederationConfig(num_devices=20, seed=3, validation_speakers=100)
     fd = load_federation_data(cfg, None)
     assert fd.validation is not None
     assert (_scored(fd.held_out, fd), _devices(fd), _scored(fd.validation, fd)) == (
         "bc089a85c11984ea", "92e707f2ab57ad46", "11d4c9e1f7ea544b")
+    wide = load_federation_data(dataclasses.replace(cfg, validation_speakers=400), None)
+    assert wide.validation is not None and wide.validation.num_voices == 400
+    assert (_scored(wide.held_out, wide), _devices(wide)) == ("bc089a85c11984ea", "92e707f2ab57ad46")
     real = dataclasses.replace(cfg, data_source="real-dev", num_devices=12, enroll_model="campp",
                                runtime_model="resemblyzer")
     fd = load_federation_data(real, None)
