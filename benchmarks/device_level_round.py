@@ -52,6 +52,7 @@ from fed_nessa.sim.fedavg import BlockSteps, clip_deltas, fedavg_block_sum, vmap
 from fed_nessa.sim.ghost import device_clipped_sum
 
 D_X, D_Y = 256, 192  # the synthetic population's enrollment and runtime dimensions
+CLIP = 0.1  # the device clip norm, and the summed noise's std
 
 
 def _sync(device: torch.device) -> None:
@@ -88,8 +89,8 @@ def _chunks(devices: int, chunk: int, share: tuple[int, int]) -> list[tuple[int,
 
 def fedsgd_round(net: nn.Module, devices: int, pairs: int, chunk: int, clip: float,
                  device: torch.device, pool: PairPool, share: tuple[int, int] = (0, 1)) -> torch.Tensor:
-    """Sum over every device of its clipped mean gradient, plus the summed Gaussian noise (a worker's ``share``:
-    its chunks' sum alone, no noise)."""
+    """Sum over the devices of ``share`` (worker ``share[0]`` of ``share[1]``) of their clipped mean gradients
+    (the round's noise is added once, by :func:`with_noise`)."""
     params = trainable(net)
     total = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64, device=device)
     for c, start in _chunks(devices, chunk, share):
@@ -97,7 +98,7 @@ def fedsgd_round(net: nn.Module, devices: int, pairs: int, chunk: int, clip: flo
         x, y = pool.take(c, k * pairs)
         seg = torch.arange(k, device=device).repeat_interleave(pairs)
         total += device_clipped_sum(net, x, y, seg, k, clip).double()
-    return total + torch.randn_like(total) * clip if share[1] == 1 else total
+    return total
 
 
 def _equal_steps(k: int, pairs: int, epochs: int, batch: int, device: torch.device, seed: int) -> BlockSteps:
@@ -115,8 +116,8 @@ def _equal_steps(k: int, pairs: int, epochs: int, batch: int, device: torch.devi
 def fedavg_round(net: nn.Module, devices: int, pairs: int, chunk: int, clip: float, device: torch.device,
                  local_epochs: int, lr: float, local_batch: int, pool: PairPool,
                  update: str = "explicit", share: tuple[int, int] = (0, 1)) -> torch.Tensor:
-    """Sum over every device of its clipped DP-FedAvg delta (``local_epochs`` of plain SGD in minibatches of
-    ``local_batch``, secret row orders): ``explicit``, the engines' fast-numerics call
+    """Sum over the devices of ``share`` of their clipped DP-FedAvg deltas (``local_epochs`` of plain SGD in
+    minibatches of ``local_batch``, secret row orders): ``explicit``, the engines' fast-numerics call
     (:func:`fed_nessa.sim.fedavg.fedavg_block_sum`, the NESSA net written out); ``vmap``, the general path
     (:func:`fed_nessa.sim.fedavg.vmap_deltas`, per-device weight copies: the update before issue 22's speed-up)."""
     total = torch.zeros(sum(p.numel() for p in trainable(net)), dtype=torch.float64, device=device)
@@ -129,7 +130,12 @@ def fedavg_round(net: nn.Module, devices: int, pairs: int, chunk: int, clip: flo
             total += clip_deltas(vmap_deltas(net, x, y, steps, lr=lr), clip).clipped.double().sum(0)
         else:
             total += fedavg_block_sum(net, x, y, steps, lr=lr, clip_norm=clip).total
-    return total + torch.randn_like(total) * clip if share[1] == 1 else total
+    return total
+
+
+def with_noise(total: torch.Tensor, clip: float) -> torch.Tensor:
+    """The round's release: the devices' sum plus one Gaussian of the summed noise (std ``clip``)."""
+    return total + torch.randn_like(total) * clip
 
 
 RoundFn = Callable[[tuple[int, int]], torch.Tensor]
@@ -171,8 +177,7 @@ class Workers:
         return total
 
     def round(self) -> torch.Tensor:
-        total = self.sums()
-        return total + torch.randn_like(total) * self.clip
+        return with_noise(self.sums(), self.clip)
 
     def close(self) -> None:
         for conn in self.conns:
@@ -209,18 +214,18 @@ def measure(devices: int, algorithm: str, args: argparse.Namespace, device: torc
     def make(_: int) -> RoundFn:
         pool = PairPool(pool_size, rows, device)
         if algorithm == "fedsgd":
-            return lambda share: fedsgd_round(net, devices, pairs, chunk, 0.1, device, pool, share)
-        return lambda share: fedavg_round(net, devices, pairs, chunk, 0.1, device, args.local_epochs, args.lr,
+            return lambda share: fedsgd_round(net, devices, pairs, chunk, CLIP, device, pool, share)
+        return lambda share: fedavg_round(net, devices, pairs, chunk, CLIP, device, args.local_epochs, args.lr,
                                           args.local_batch, pool, args.update, share)
 
-    workers = Workers(args.workers, make, 0.1) if args.workers > 1 else None
+    workers = Workers(args.workers, make, CLIP) if args.workers > 1 else None
     if workers is not None:
         fn: Callable[[], torch.Tensor] = workers.round
     else:
         one = make(0)
 
         def fn() -> torch.Tensor:
-            return one((0, 1))
+            return with_noise(one((0, 1)), CLIP)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
