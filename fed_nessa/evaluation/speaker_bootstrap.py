@@ -107,13 +107,11 @@ class SortedTrials:
             else:
                 lo = mid + 1
         start, stop = (lo - 1) * self.block, min(lo * self.block, n_trials)
-        first = float(self.counts[lo - 1] @ table)
-        running = first + np.cumsum(table[self.weight_index[start:stop]])
+        running = float(self.counts[lo - 1] @ table) + np.cumsum(table[self.weight_index[start:stop]])
 
         def weight_at(pos: int) -> float:
-            if start < pos <= stop:
-                return float(running[pos - start - 1])
-            return first if pos == start else weight_before(pos)
+            """:func:`weight_before`, read off the crossing block's running sum where ``pos`` falls in it."""
+            return float(running[pos - start - 1]) if start < pos <= stop else weight_before(pos)
 
         # 2. the first threshold (after group k - 1, at position group_end[k - 1] + 1) at or past it
         k_lo = int(np.searchsorted(self.group_end, start)) + 1
