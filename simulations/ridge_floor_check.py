@@ -34,9 +34,16 @@ from fed_nessa.sim.fleet_settings import derive
 DEFAULT_FLOORS = (0.03125, 0.0625, 0.125, 0.25, 0.5, 1.0)
 
 
-def check(devices: int, epsilon: float, seed: int, draws: int, floors: Sequence[float]) -> dict[str, object]:
-    """Per floor: the validation and held-out EERs of each draw's solve; plus the plan's sigma and noise std."""
-    given = {"num-devices": devices, "epsilon-budget": epsilon, "seed": seed, "aligner": "linear"}
+def check(devices: int, epsilon: float, seed: int, draws: int, floors: Sequence[float],
+          budget_split: float | None = None) -> dict[str, object]:
+    """Per floor: the validation and held-out EERs of each draw's solve; plus the plan's sigma and noise std.
+
+    Without ``budget_split`` the statistics round takes all of epsilon (the linear start alone); with it, the
+    share a run with DP-SGD rounds after the start (``aligner = nessa``) would give the statistics round.
+    """
+    given: dict[str, object] = {"num-devices": devices, "epsilon-budget": epsilon, "seed": seed, "aligner": "linear"}
+    if budget_split is not None:
+        given.update({"aligner": "nessa", "budget-split": budget_split})
     cfg = from_run_config({**given, **derive(given, {}).run})
     data = load_federation_data(cfg, None)
     plan = noise_plan(cfg, devices, (data.d_x, data.d_y))
@@ -81,8 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--draws", type=int, default=3)
     p.add_argument("--floors", type=float, nargs="+", default=list(DEFAULT_FLOORS))
+    p.add_argument("--budget-split", type=float, default=None,
+                   help="the statistics round's share of epsilon (default: all of it, the linear start alone)")
     args = p.parse_args(argv)
-    result = check(args.devices, args.epsilon, args.seed, args.draws, args.floors)
+    result = check(args.devices, args.epsilon, args.seed, args.draws, args.floors, args.budget_split)
     print(f"{args.devices} devices, epsilon {args.epsilon:g}, population seed {args.seed}: statistics sigma "
           f"{result['sigma']:.3f}, released noise std {result['std']:.4g} per entry, {args.draws} noise draws")
     print(markdown(result, args.floors))

@@ -18,3 +18,12 @@ def test_each_floor_is_scored_on_the_same_noise_and_an_overwide_floor_costs(caps
     assert ridge_floor_check.main(["--devices", "300", "--draws", "1", "--floors", "0.125"]) == 0
     out = capsys.readouterr().out
     assert "population seed 1" in out and "| 0.125 |" in out
+
+
+def test_a_budget_split_gives_the_statistics_round_only_its_share() -> None:
+    whole = ridge_floor_check.check(300, 3.0, 1, 1, (0.125,))
+    share = ridge_floor_check.check(300, 3.0, 1, 1, (0.125,), budget_split=0.15)
+    sigma_whole, sigma_share = whole["sigma"], share["sigma"]
+    assert isinstance(sigma_whole, float) and isinstance(sigma_share, float)
+    # 15 % of epsilon buys the statistics round a larger noise multiplier than all of it
+    assert sigma_share > 2.0 * sigma_whole
