@@ -77,57 +77,79 @@ class SortedTrials:
         """The EER with speaker ``s`` drawn ``count[s]`` times (all ones: the plain EER): the same two ROC
         points around the crossing, so the same figure, as :func:`~fed_nessa.evaluation.protocol.eer_from_rates`
         over the whole curve."""
-        c = np.asarray(count, dtype=np.float64)
-        table = np.concatenate((np.outer(c, c).reshape(-1), c))
-        tar_cum = np.concatenate(([0.0], np.cumsum(c[self.target_speaker])))
-        n_tar, n_trials = tar_cum[-1], self.weight_index.size
-        n_non = float(self.counts[-1] @ table) - n_tar
-
-        def weight_before(pos: int) -> float:
-            """The weighted count of the first ``pos`` trials."""
-            b = min(pos // self.block, self.counts.shape[0] - 1)
-            return float(self.counts[b] @ table) + float(table[self.weight_index[b * self.block:pos]].sum())
-
-        def rates(pos: int, weight: float) -> tuple[float, float]:
-            """(P_miss, P_fa) with the threshold after the first ``pos`` trials (of weighted count ``weight``)."""
-            tar = tar_cum[np.searchsorted(self.target_position, pos)]
-            return tar / n_tar, (n_non - (weight - tar)) / n_non
-
-        def past(pos: int, weight: float) -> bool:
-            miss, fa = rates(pos, weight)
-            return bool(miss >= fa)
-
-        # 1. the first block end at or past the crossing (position 0 is before it: P_miss 0, P_fa 1)
-        lo, hi = 1, self.counts.shape[0] - 1
-        while lo < hi:
-            mid = (lo + hi) // 2
-            pos = min(mid * self.block, n_trials)
-            if past(pos, float(self.counts[mid] @ table)):
-                hi = mid
-            else:
-                lo = mid + 1
-        start, stop = (lo - 1) * self.block, min(lo * self.block, n_trials)
-        running = float(self.counts[lo - 1] @ table) + np.cumsum(table[self.weight_index[start:stop]])
+        r = _Resample.of(self, count)
+        b = r.crossing_block()
+        start, stop = (b - 1) * self.block, min(b * self.block, r.n_trials)
+        running = r.weight_before(start) + np.cumsum(r.table[self.weight_index[start:stop]])
 
         def weight_at(pos: int) -> float:
-            """:func:`weight_before`, read off the crossing block's running sum where ``pos`` falls in it."""
-            return float(running[pos - start - 1]) if start < pos <= stop else weight_before(pos)
+            """:meth:`_Resample.weight_before`, read off the crossing block's running sum where ``pos`` is in it."""
+            return float(running[pos - start - 1]) if start < pos <= stop else r.weight_before(pos)
 
-        # 2. the first threshold (after group k - 1, at position group_end[k - 1] + 1) at or past it
+        # the first threshold (after group k - 1, at position group_end[k - 1] + 1) at or past the crossing
         k_lo = int(np.searchsorted(self.group_end, start)) + 1
         k_hi = int(np.searchsorted(self.group_end, stop - 1)) + 1
         while k_lo < k_hi:
             mid = (k_lo + k_hi) // 2
             pos = int(self.group_end[mid - 1]) + 1
-            if past(pos, weight_at(pos)):
+            if r.past(pos, weight_at(pos)):
                 k_hi = mid
             else:
                 k_lo = mid + 1
         points = []
         for k in (k_lo - 1, k_lo):
             pos = int(self.group_end[k - 1]) + 1 if k else 0
-            points.append(rates(pos, weight_at(pos)) if k else (0.0, 1.0))
+            points.append(r.rates(pos, weight_at(pos)) if k else (0.0, 1.0))
         return eer_from_rates(np.array([p[0] for p in points]), np.array([p[1] for p in points]))
+
+
+@dataclass(frozen=True)
+class _Resample:
+    """One resample's weights over a :class:`SortedTrials`: the weighted counts and ROC points at any position."""
+
+    trials: SortedTrials
+    table: np.ndarray  # the resample's weight table: c_a c_b for every profile pair, then c_a
+    tar_cum: np.ndarray  # weighted target trials among the first k targets in sorted order
+    n_non: float  # weighted non-target trials in all
+
+    @classmethod
+    def of(cls, trials: SortedTrials, count: np.ndarray) -> _Resample:
+        c = np.asarray(count, dtype=np.float64)
+        table = np.concatenate((np.outer(c, c).reshape(-1), c))
+        tar_cum = np.concatenate(([0.0], np.cumsum(c[trials.target_speaker])))
+        return cls(trials, table, tar_cum, float(trials.counts[-1] @ table) - float(tar_cum[-1]))
+
+    @property
+    def n_trials(self) -> int:
+        return int(self.trials.weight_index.size)
+
+    def weight_before(self, pos: int) -> float:
+        """The weighted count of the first ``pos`` trials: a block row dotted with the table, plus a partial block."""
+        t = self.trials
+        b = min(pos // t.block, t.counts.shape[0] - 1)
+        return float(t.counts[b] @ self.table) + float(self.table[t.weight_index[b * t.block:pos]].sum())
+
+    def rates(self, pos: int, weight: float) -> tuple[float, float]:
+        """(P_miss, P_fa) with the threshold after the first ``pos`` trials (of weighted count ``weight``)."""
+        tar = float(self.tar_cum[np.searchsorted(self.trials.target_position, pos)])
+        return tar / float(self.tar_cum[-1]), (self.n_non - (weight - tar)) / self.n_non
+
+    def past(self, pos: int, weight: float) -> bool:
+        """Whether the threshold after ``pos`` trials is at or past the EER crossing (P_miss >= P_fa)."""
+        miss, fa = self.rates(pos, weight)
+        return bool(miss >= fa)
+
+    def crossing_block(self) -> int:
+        """The first block end at or past the crossing (position 0 is before it: P_miss 0, P_fa 1)."""
+        t = self.trials
+        lo, hi = 1, t.counts.shape[0] - 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.past(min(mid * t.block, self.n_trials), float(t.counts[mid] @ self.table)):
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
 
 
 def speaker_counts(speakers: int, resamples: int, seed: int = DEFAULT_SEED) -> np.ndarray:
