@@ -11,10 +11,15 @@ residual MLP's EER move
 - under noise-free, unclipped FedAvg rounds (one local epoch of SGD over each device's pairs in minibatches,
   the mean pseudo-gradient applied with plain SGD at the server),
 
-and how far the device-weighted mean gradient points from the pooled one. It prints a markdown table; the
-docs cite it (docs/results.md "Device-level DP-FedAvg at 10^5 devices").
+and how far the device-weighted mean gradient points from the pooled one: as is, with every device's gradient
+clipped to one norm (as device level clips it: every device's norm is above its clip), and clipped then weighted by
+the pairs the device's statistics carry (``min(n, device-stats-pairs)``, the weighting its DP linear start was fit
+under; a weight <= 1 keeps the sum's sensitivity at the clip). With ``--adam-rounds R`` it also runs R noise-free
+FedAvg rounds as device level does them bar the noise (every delta clipped to ``device-clip-norm``, the mean applied
+with server Adam as a gradient), once with every device weighing the same and once pair-weighted. It prints a
+markdown table; the docs cite it (docs/results.md "Device-level DP-FedAvg at 10^5 devices").
 
-    python -m simulations.fedavg_steps_check [--devices 300] [--seed 1] [--steps 400]
+    python -m simulations.fedavg_steps_check [--devices 300] [--seed 1] [--steps 400] [--adam-rounds 0]
 """
 
 from __future__ import annotations
@@ -96,12 +101,56 @@ def fedavg_curve(net: torch.nn.Module, pop: SyntheticPopulation, rounds: int, se
     return out
 
 
+def pair_weights(pop: SyntheticPopulation, cap: int) -> np.ndarray:
+    """Each device's weight when its update counts like the pairs its statistics carry: ``min(n, cap) / cap``."""
+    return np.array([min(d.n, cap) / cap for d in pop.devices])
+
+
+def device_cosines(net: torch.nn.Module, pop: SyntheticPopulation, pooled: np.ndarray, cap: int) -> dict[str, float]:
+    """Cosine with the pooled gradient of the devices' mean gradient: as is, each clipped (unit norm), and each
+    clipped then pair-weighted."""
+    grads = np.stack([_pooled_grad(net, torch.tensor(d.enroll), torch.tensor(d.runtime)) for d in pop.devices])
+    units = grads / np.linalg.norm(grads, axis=1, keepdims=True)
+    w = pair_weights(pop, cap)
+
+    def cos(v: np.ndarray) -> float:
+        return float(v @ pooled / (np.linalg.norm(v) * np.linalg.norm(pooled)))
+
+    return {"as is": cos(grads.mean(0)), "clipped": cos(units.mean(0)), "clipped, pair-weighted": cos(w @ units)}
+
+
+def clipped_fedavg_adam_curve(net: torch.nn.Module, pop: SyntheticPopulation, rounds: int, server_lr: float,
+                              local_lr: float, clip: float, weights: np.ndarray, at: Sequence[int],
+                              score: Callable[[], float], seed: int) -> list[tuple[int, float]]:
+    """Noise-free DP-FedAvg rounds: one local epoch (minibatches of 16), each delta clipped to ``clip`` and
+    multiplied by its device's weight, the mean applied with server Adam as a gradient; the EER at each round in
+    ``at``."""
+    rng = np.random.default_rng(seed)
+    params = trainable(net)
+    opt = torch.optim.Adam(params, lr=server_lr)
+    out = [(0, score())] if 0 in at else []
+    for r in range(1, rounds + 1):
+        deltas = np.stack([fedavg_delta(net, d.enroll, d.runtime, orders=[rng.permutation(d.n)], batch=16,
+                                        lr=local_lr, clip_norm=clip)[0].numpy() for d in pop.devices])
+        mean = torch.from_numpy((weights @ deltas / len(pop.devices)).astype(np.float32))
+        offset = 0
+        for p in params:
+            p.grad = mean[offset:offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+        opt.step()
+        if r in at:
+            out.append((r, score()))
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simulations.fedavg_steps_check",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--devices", type=int, default=300)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--adam-rounds", type=int, default=0,
+                        help="noise-free clipped FedAvg rounds with server Adam, equal and pair-weighted (0: none)")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     pop = generate_population(args.devices, seed=args.seed)
@@ -114,7 +163,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     g_pool, g_dev = _pooled_grad(net, x, y), _device_mean_grad(net, pop)
     cos = float(g_pool @ g_dev / (np.linalg.norm(g_pool) * np.linalg.norm(g_dev)))
     print(f"{args.devices} devices, {x.shape[0]} pairs, population seed {args.seed}: not updating {100 * keep:.2f} %, "
-          f"ridge start {100 * start:.2f} % EER; cos(device-weighted mean gradient, pooled gradient) = {cos:.2f}\n")
+          f"ridge start {100 * start:.2f} % EER; cos(device-weighted mean gradient, pooled gradient) = {cos:.2f}")
+    cap = cfg.device_stats_pairs
+    cosines = device_cosines(net, pop, g_pool, cap)
+    print("cos(devices' mean gradient, pooled gradient): " + ", ".join(f"{k} {v:.2f}" for k, v in cosines.items())
+          + f" (weights min(n, {cap}) / {cap})\n")
     print("| update (noise-free, from the ridge start) | steps or rounds → EER % |")
     print("|---|---|")
     score = lambda: 100 * _eer(net, pop, cfg)[1]  # noqa: E731
@@ -129,6 +182,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         curve = fedavg_curve(net, pop, 5, server_lr, local_lr, score, args.seed)
         print(f"| FedAvg, local lr {local_lr:g} (1 epoch), server SGD lr {server_lr:g} | "
               + ", ".join(f"{s}: {e:.2f}" for s, e in curve) + " |")
+    rounds_at = sorted({0, 1, 10, 25, 50, 100} | set(range(0, args.adam_rounds + 1, 50)) | {args.adam_rounds})
+    for name, weights in (("equal weights", np.ones(len(pop.devices))), (f"pair-weighted (cap {cap})",
+                                                                          pair_weights(pop, cap))):
+        if args.adam_rounds <= 0:
+            break
+        load_flat(trainable(net), w0)
+        curve = clipped_fedavg_adam_curve(net, pop, args.adam_rounds, 1e-3, 0.05, cfg.device_clip_norm, weights,
+                                          [r for r in rounds_at if r <= args.adam_rounds], score, args.seed)
+        print(f"| FedAvg, local lr 0.05 (1 epoch), deltas clipped to {cfg.device_clip_norm:g}, {name}, server Adam "
+              f"lr 0.001 | " + ", ".join(f"{s}: {e:.2f}" for s, e in curve) + " |")
     return 0
 
 

@@ -11,7 +11,16 @@ from fed_nessa.config import FederationConfig, LinearStart
 from fed_nessa.data.synthetic import generate_population
 from fed_nessa.federated.layout import flat, trainable
 from fed_nessa.model.training import pair_loss
-from simulations.fedavg_steps_check import _eer, _start, adam_curve, fedavg_curve
+from simulations.fedavg_steps_check import (
+    _eer,
+    _pooled_grad,
+    _start,
+    adam_curve,
+    clipped_fedavg_adam_curve,
+    device_cosines,
+    fedavg_curve,
+    pair_weights,
+)
 
 
 def test_the_check_starts_at_the_ridge_fit_and_its_updates_move_only_the_residual() -> None:
@@ -33,3 +42,37 @@ def test_the_check_starts_at_the_ridge_fit_and_its_updates_move_only_the_residua
     assert not np.array_equal(flat(trainable(net)), w0)
     assert all(torch.equal(a, b) for a, b in zip([p for p in net.parameters() if not p.requires_grad], linear,
                                                  strict=True))  # the linear part is untouched
+
+
+def test_pair_weights_cap_at_the_statistics_pairs_and_the_cosines_are_of_the_pooled_gradient() -> None:
+    pop = generate_population(12, seed=1, eval_speakers=20, eval_utterances=6)
+    cfg = replace(FederationConfig(), linear_start=LinearStart.SUFFSTATS, seed=1)
+    n = np.array([d.n for d in pop.devices])
+    w = pair_weights(pop, 50)
+    assert np.allclose(w, np.minimum(n, 50) / 50) and w.max() <= 1.0  # <= 1: the sum's sensitivity stays the clip
+    net = _start(pop, cfg)
+    x = torch.tensor(np.concatenate([d.enroll for d in pop.devices]))
+    y = torch.tensor(np.concatenate([d.runtime for d in pop.devices]))
+    pooled = _pooled_grad(net, x, y)
+    cos = device_cosines(net, pop, pooled, 10**6)
+    assert set(cos) == {"as is", "clipped", "clipped, pair-weighted"} and all(-1 <= v <= 1 for v in cos.values())
+    # uncapped pair weights times each device's own mean gradient is the pooled gradient; clipping breaks that, and
+    # the as-is mean (equal weights) is not the pooled direction either
+    grads = np.stack([_pooled_grad(net, torch.tensor(d.enroll), torch.tensor(d.runtime)) for d in pop.devices])
+    assert np.allclose(n @ grads / n.sum(), pooled, atol=1e-6)
+    assert cos["as is"] < 0.999
+
+
+def test_clipped_fedavg_with_server_adam_moves_only_with_weight() -> None:
+    pop = generate_population(12, seed=1, eval_speakers=20, eval_utterances=6)
+    cfg = replace(FederationConfig(), linear_start=LinearStart.SUFFSTATS, seed=1)
+    net = _start(pop, cfg)
+    w0 = flat(trainable(net))
+    zero = np.zeros(len(pop.devices))
+    assert [r for r, _ in clipped_fedavg_adam_curve(net, pop, 3, 1e-3, 0.05, 0.1, zero, [0, 3], lambda: 0.0, 0)] \
+        == [0, 3]
+    assert np.array_equal(flat(trainable(net)), w0)  # weight 0 everywhere: a zero gradient, no Adam step
+    clipped_fedavg_adam_curve(net, pop, 2, 1e-3, 0.05, 0.1, pair_weights(pop, 100), [], lambda: 0.0, 0)
+    moved = flat(trainable(net)) - w0
+    # each of Adam's first steps moves a weight by about its learning rate, whatever the gradient's size
+    assert 0 < np.abs(moved).max() <= 2 * 1.5e-3
