@@ -8,6 +8,8 @@
 # EPS 60 at 10^4 devices gives about the noise per coordinate of the mean (sigma C / N) of epsilon 8 at 10^5
 # devices (statistics 2.2e-5 C vs 1.3e-5 C; 10 rounds 5.8e-5 C vs 2.6e-5 C), the 10^5 study's signal-to-noise
 # at a tenth of its cost. EPS 8 tunes the noise-dominated 10^4 cell itself.
+# ENGINE (default blocks) picks the engine (fleet: the pairs held in memory, no regeneration per round, faster at
+# 10^4 devices) and EVAL_EVERY (default 2) the evaluation cadence; a run of more than 20 rounds is named "-r<ROUNDS>".
 #   bash simulations/device_fedavg_tuning.sh [ROUNDS] [PARALLEL] [EPS] [ARM ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,21 +19,25 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 rounds=${1:-20}
 parallel=${2:-2}
 eps=${3:-60}
+engine=${ENGINE:-blocks}
+eval_every=${EVAL_EVERY:-2}
+long=""
+[ "$rounds" -le 20 ] || long="-r$rounds"
 shift 3 || true
 arms=("$@")
 [ ${#arms[@]} -gt 0 ] || arms=("sgd 0.5 0.05 1" "adam 0.003 0.05 1" "sgd 0.1 0.05 1" "adam 0.01 0.05 1"
                                "adam 0.03 0.05 1" "adam-bc 0.01 0.05 1")
 recorded() { [ -f "$CSV" ] && grep -q "^$1," "$CSV"; }
 run_arm() {
-  local opt=$1 slr=$2 llr=$3 ep=$4 name="tune-10000dev-seed1-eps$eps-$1-$2-$3-e$4"
+  local opt=$1 slr=$2 llr=$3 ep=$4 name="tune-10000dev-seed1-eps$eps-$1-$2-$3-e$4$long"
   if recorded "$name"; then echo "$(date +%T) $name: in $CSV, skipped"; return; fi
   rm -rf "$RUNS/$name" "$RUNS/$name.keys"
   echo "$(date +%T) $name"
-  "$VENV/bin/fed-nessa" simulate --engine blocks --quiet --set seed=1 --set num-devices=10000 \
+  "$VENV/bin/fed-nessa" simulate --engine "$engine" --quiet --set seed=1 --set num-devices=10000 \
     --set privacy-unit=device --set epsilon-budget="$eps" --set aligner=auto --set linear-start=suffstats \
     --set budget-split=0.5 --set device-update=fedavg --set clip-target-quantile=0.5 \
     --set server-optimizer="$opt" --set server-lr="$slr" --set local-lr="$llr" --set local-epochs="$ep" \
-    --set num-server-rounds=$((rounds + 1)) --set references=false --set eval-every=2 \
+    --set num-server-rounds=$((rounds + 1)) --set references=false --set eval-every="$eval_every" \
     --set ledger-layout=sqlite --run-dir "$RUNS/$name" > "$RUNS/$name.log" 2>&1
   flock "$RUNS/.csv.lock" "$VENV/bin/python" -m simulations.results_csv "$CSV" "$RUNS/$name"
   echo "$(date +%T) $name done"
