@@ -70,10 +70,6 @@ def _pooled_grad(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.n
     return torch.cat([g.reshape(-1) for g in grads]).numpy()
 
 
-def _device_mean_grad(net: torch.nn.Module, pop: SyntheticPopulation) -> np.ndarray:
-    return np.mean([_pooled_grad(net, torch.tensor(d.enroll), torch.tensor(d.runtime)) for d in pop.devices], 0)
-
-
 def adam_curve(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float,
                at: Sequence[int], score: Callable[[], float]) -> list[tuple[int, float]]:
     """Full-batch Adam on the pooled loss; the EER at each step in ``at``."""
@@ -133,10 +129,8 @@ def clipped_fedavg_adam_curve(net: torch.nn.Module, pop: SyntheticPopulation, ro
         deltas = np.stack([fedavg_delta(net, d.enroll, d.runtime, orders=[rng.permutation(d.n)], batch=16,
                                         lr=local_lr, clip_norm=clip)[0].numpy() for d in pop.devices])
         mean = torch.from_numpy((weights @ deltas / len(pop.devices)).astype(np.float32))
-        offset = 0
-        for p in params:
-            p.grad = mean[offset:offset + p.numel()].view_as(p).clone()
-            offset += p.numel()
+        for p, g in zip(params, mean.split([p.numel() for p in params]), strict=True):
+            p.grad = g.view_as(p).clone()
         opt.step()
         if r in at:
             out.append((r, score()))
@@ -160,12 +154,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     net = _start(pop, cfg)
     w0 = flat(trainable(net))
     keep, start = _eer(net, pop, cfg)
-    g_pool, g_dev = _pooled_grad(net, x, y), _device_mean_grad(net, pop)
-    cos = float(g_pool @ g_dev / (np.linalg.norm(g_pool) * np.linalg.norm(g_dev)))
-    print(f"{args.devices} devices, {x.shape[0]} pairs, population seed {args.seed}: not updating {100 * keep:.2f} %, "
-          f"ridge start {100 * start:.2f} % EER; cos(device-weighted mean gradient, pooled gradient) = {cos:.2f}")
-    cap = cfg.device_stats_pairs
+    g_pool, cap = _pooled_grad(net, x, y), cfg.device_stats_pairs
     cosines = device_cosines(net, pop, g_pool, cap)
+    print(f"{args.devices} devices, {x.shape[0]} pairs, population seed {args.seed}: not updating {100 * keep:.2f} %, "
+          f"ridge start {100 * start:.2f} % EER; cos(device-weighted mean gradient, pooled gradient) = "
+          f"{cosines['as is']:.2f}")
     print("cos(devices' mean gradient, pooled gradient): " + ", ".join(f"{k} {v:.2f}" for k, v in cosines.items())
           + f" (weights min(n, {cap}) / {cap})\n")
     print("| update (noise-free, from the ridge start) | steps or rounds → EER % |")
@@ -183,10 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"| FedAvg, local lr {local_lr:g} (1 epoch), server SGD lr {server_lr:g} | "
               + ", ".join(f"{s}: {e:.2f}" for s, e in curve) + " |")
     rounds_at = sorted({0, 1, 10, 25, 50, 100} | set(range(0, args.adam_rounds + 1, 50)) | {args.adam_rounds})
-    for name, weights in (("equal weights", np.ones(len(pop.devices))), (f"pair-weighted (cap {cap})",
-                                                                          pair_weights(pop, cap))):
-        if args.adam_rounds <= 0:
-            break
+    arms = (("equal weights", np.ones(len(pop.devices))), (f"pair-weighted (cap {cap})", pair_weights(pop, cap)))
+    for name, weights in arms if args.adam_rounds > 0 else ():
         load_flat(trainable(net), w0)
         curve = clipped_fedavg_adam_curve(net, pop, args.adam_rounds, 1e-3, 0.05, cfg.device_clip_norm, weights,
                                           [r for r in rounds_at if r <= args.adam_rounds], score, args.seed)
