@@ -92,6 +92,16 @@ class DeviceUpdate(StrEnum):
     FEDAVG = "fedavg"  # local-epochs of plain SGD over its own pairs, the model delta clipped as one vector
 
 
+class DeviceWeight(StrEnum):
+    """How much a device's clipped DP-FedAvg delta weighs in the round's sum (docs/privacy.md "DP-FedAvg at device
+    level"). Either way every weight is <= 1, so one device still moves the sum by at most the clip."""
+
+    EQUAL = "equal"  # every device's clipped delta at weight 1
+    # min(n, device-stats-pairs) / device-stats-pairs: the pairs the device's DP linear start weighed it by
+    # (McMahan et al. 2018's capped weighting); a device with few pairs overfits them and its delta points away
+    PAIRS = "pairs"
+
+
 class AlignerChoice(StrEnum):
     """Which aligner the run may ship: the DP linear start, DP NESSA, or the gate's pick (``auto``).
 
@@ -220,6 +230,7 @@ class FederationConfig:
     device_stats_pairs: int = 100  # device level: a device's statistics weigh at most this many pairs
     device_batch: int = 16  # device level: pairs a device draws (secretly) for its round's mean gradient; 0: all
     device_update: str = "fedsgd"  # device level: "fedavg" trains locally and sends its clipped model delta
+    device_weight: str = "equal"  # device level, fedavg: "pairs" weighs each clipped delta by its capped pairs
     local_lr: float = 0.01  # device level, fedavg: the device's plain-SGD step size (local-epochs epochs)
     local_batch: int = 16  # device level, fedavg: pairs per local minibatch; 0: full batch
     clip_target_quantile: float = 0.0  # device level: adaptive clipping to this quantile of update norms; 0: off
@@ -444,6 +455,7 @@ def _check_ranges(c: FederationConfig) -> list[str]:
         p.append(f"delta = {c.delta:g}: a device-level guarantee needs delta below 1 / num-devices "
                  f"({1.0 / c.num_devices:.3g}), or releasing one whole device would fit inside delta")
     _choice(p, "device-update", c.device_update, tuple(u.value for u in DeviceUpdate))
+    _choice(p, "device-weight", c.device_weight, tuple(w.value for w in DeviceWeight))
     _range(p, "local-lr", c.local_lr, 0.0, 100.0, lo_open=True)
     _range(p, "local-batch", c.local_batch, 0, 10_000_000)
     _range(p, "clip-target-quantile", c.clip_target_quantile, 0.0, 1.0, hi_open=True)
@@ -451,6 +463,8 @@ def _check_ranges(c: FederationConfig) -> list[str]:
     _range(p, "clip-count-noise", c.clip_count_noise, 0.0, 1e3, lo_open=True)
     if c.device_update == DeviceUpdate.FEDAVG and c.privacy_unit != PrivacyUnit.DEVICE:
         p.append("device-update = 'fedavg' is the device-level update: it needs privacy-unit = 'device'")
+    if c.device_weight != DeviceWeight.EQUAL and c.device_update != DeviceUpdate.FEDAVG:
+        p.append(f"device-weight = {c.device_weight!r} weighs DP-FedAvg deltas: it needs device-update = 'fedavg'")
     if c.clip_target_quantile > 0 and c.device_update != DeviceUpdate.FEDAVG:
         p.append("clip-target-quantile > 0 adapts the clip of DP-FedAvg deltas: it needs device-update = 'fedavg'")
     if c.privacy_unit == PrivacyUnit.DEVICE and c.budget_split > 0 and c.sample_rate > 0:

@@ -10,6 +10,7 @@
 # at a tenth of its cost. EPS 8 tunes the noise-dominated 10^4 cell itself.
 # ENGINE (default blocks) picks the engine (fleet: the pairs held in memory, no regeneration per round, faster at
 # 10^4 devices) and EVAL_EVERY (default 2) the evaluation cadence; a run of more than 20 rounds is named "-r<ROUNDS>".
+# DEVICE_WEIGHT (default equal) is device-weight; "pairs" weighs each clipped delta by its capped pairs ("-wpairs").
 #   bash simulations/device_fedavg_tuning.sh [ROUNDS] [PARALLEL] [EPS] [ARM ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +24,8 @@ engine=${ENGINE:-blocks}
 eval_every=${EVAL_EVERY:-2}
 long=""
 [ "$rounds" -le 20 ] || long="-r$rounds"
+weight=${DEVICE_WEIGHT:-equal}
+[ "$weight" = equal ] || long="$long-w$weight"
 shift 3 || true
 arms=("$@")
 [ ${#arms[@]} -gt 0 ] || arms=("sgd 0.5 0.05 1" "adam 0.003 0.05 1" "sgd 0.1 0.05 1" "adam 0.01 0.05 1"
@@ -35,7 +38,7 @@ run_arm() {
   echo "$(date +%T) $name"
   "$VENV/bin/fed-nessa" simulate --engine "$engine" --quiet --set seed=1 --set num-devices=10000 \
     --set privacy-unit=device --set epsilon-budget="$eps" --set aligner=auto --set linear-start=suffstats \
-    --set budget-split=0.5 --set device-update=fedavg --set clip-target-quantile=0.5 \
+    --set budget-split=0.5 --set device-update=fedavg --set device-weight="$weight" --set clip-target-quantile=0.5 \
     --set server-optimizer="$opt" --set server-lr="$slr" --set local-lr="$llr" --set local-epochs="$ep" \
     --set num-server-rounds=$((rounds + 1)) --set references=false --set eval-every="$eval_every" \
     --set ledger-layout=sqlite --run-dir "$RUNS/$name" > "$RUNS/$name.log" 2>&1

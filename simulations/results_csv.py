@@ -103,6 +103,7 @@ CONFIG_KEYS: tuple[tuple[str, type], ...] = (
     ("server-lr-warmup", int),
     ("server-lr-decay", str),
     ("server-lowpass-b", str), ("server-lowpass-a", str),
+    ("device-weight", str),
 )
 # Each evaluated aligner's metrics: the shipped one (``final``) and the rows beside it.
 METRIC_ROWS = ("final", "linear_start", "dp_nessa", "centralised_nessa", "ridge", "sym_before", "sym_after")

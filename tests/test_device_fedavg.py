@@ -25,7 +25,7 @@ from fed_nessa.privacy.accounting import GAUSSIAN
 from fed_nessa.privacy.events import DEVICE, DISTRIBUTED, GAUSSIAN_SUM, DPEvent
 from fed_nessa.privacy.ledger import DeviceLedger
 from fed_nessa.randomness import ReproducibleNoise
-from fed_nessa.sim.fedavg import block_steps, fedavg_block, pad_block
+from fed_nessa.sim.fedavg import block_steps, fedavg_block, fedavg_block_sum, pad_block
 
 D_X, D_Y = 24, 16
 
@@ -74,6 +74,24 @@ def test_fedavg_keys_are_validated_and_fedsgd_stays_the_default() -> None:
     assert _cfg(**{"server-optimizer": "adam-bc"}).server_optimizer == "adam-bc"  # the engines build it
 
 
+def test_device_weight_is_validated_and_needs_the_fedavg_update() -> None:
+    assert from_run_config({}).device_weight == "equal" and _cfg(**{"device-weight": "pairs"}).device_weight == "pairs"
+    with pytest.raises(ConfigError, match="device-weight = 'size': allowed values equal, pairs"):
+        _cfg(**{"device-weight": "size"})
+    with pytest.raises(ConfigError, match="device-weight = 'pairs' weighs DP-FedAvg deltas: it needs device-update"):
+        _cfg(**{"device-update": "fedsgd", "device-weight": "pairs"})
+
+
+@pytest.mark.parametrize(("weight", "n", "want"), [("equal", 3, 1.0), ("equal", 500, 1.0), ("pairs", 3, 0.15),
+                                                   ("pairs", 20, 1.0), ("pairs", 500, 1.0), ("pairs", 0, 0.0)])
+def test_a_devices_update_weight_is_the_share_of_the_stats_cap_its_pairs_fill(weight: str, n: int,
+                                                                              want: float) -> None:
+    mech = mechanism_for(_cfg(**{"device-weight": weight, "device-stats-pairs": 20}))
+    assert mech.update_weight(n) == pytest.approx(want, abs=1e-12)
+    assert mech.update_weights([n, n]).tolist() == pytest.approx([want, want], abs=1e-12)
+    assert mechanism_for(replace(_cfg(), privacy_unit="example", device_update="fedsgd")).update_weight(n) == 1.0
+
+
 # -- the device update -----------------------------------------------------------------------
 def test_minibatches_cut_each_epochs_order_and_zero_means_full_batch() -> None:
     orders = [np.array([2, 0, 1, 3, 4]), np.array([4, 3, 2, 1, 0])]
@@ -91,6 +109,19 @@ def test_the_delta_is_clipped_as_one_vector_and_the_model_is_left_unchanged(clip
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
     assert float(delta.norm()) <= clip * (1 + 1e-9)
     assert norm > 1e-3 and (clip < norm) == (float(delta.norm()) < norm - 1e-12)
+
+
+@pytest.mark.parametrize("clip", [1e-3, 10.0])
+def test_a_weight_scales_the_clipped_delta_and_keeps_the_raw_norm(clip: float) -> None:
+    cfg = _cfg()
+    net, shard = _net(cfg), _shard(7, 1)
+    kw: dict[str, Any] = {"orders": [np.arange(7)], "batch": 3, "lr": 0.5, "clip_norm": clip}
+    full, norm = fedavg_delta(net, shard.enroll, shard.runtime, **kw)
+    part, part_norm = fedavg_delta(net, shard.enroll, shard.runtime, weight=0.35, **kw)
+    torch.testing.assert_close(part, 0.35 * full, rtol=1e-12, atol=0)
+    assert part_norm == norm and float(part.norm()) <= 0.35 * clip * (1 + 1e-9)
+    with pytest.raises(ValueError, match=r"update weight must lie in \[0, 1\].*got 1.5"):
+        fedavg_delta(net, shard.enroll, shard.runtime, weight=1.5, **kw)
 
 
 def test_one_full_batch_step_is_lr_times_the_mean_gradient_the_pseudo_gradient_sign() -> None:
@@ -120,6 +151,28 @@ def test_the_vectorised_block_agrees_with_each_device_on_the_same_draws() -> Non
     torch.testing.assert_close(block.norms.double(), torch.tensor([n for _, n in singles], dtype=torch.float64),
                                rtol=1e-4, atol=1e-6)
     assert bool((block.norms > clip).any()) and bool((block.clipped.norm(dim=1) <= clip * (1 + 1e-5)).all())
+
+
+def test_the_vectorised_block_weighs_each_device_as_the_device_does() -> None:
+    """``device-weight = pairs``: the block's weighted deltas (one by one and summed) are each device's own."""
+    cfg = _cfg(**{"device-weight": "pairs", "device-stats-pairs": 6})
+    mech, net = mechanism_for(cfg), _net(cfg)
+    shards = [_shard(n, 20 + j) for j, n in enumerate([1, 4, 7, 9])]
+    orders = [local_orders(ReproducibleNoise(j), s.n, cfg.local_epochs) for j, s in enumerate(shards)]
+    singles = [fedavg_delta(net, s.enroll, s.runtime, orders=o, batch=cfg.local_batch, lr=cfg.local_lr,
+                            clip_norm=0.05, weight=mech.update_weight(s.n))[0]
+               for s, o in zip(shards, orders, strict=True)]
+    x, y = pad_block([s.enroll for s in shards], [s.runtime for s in shards])
+    steps, weights = block_steps(orders, cfg.local_batch), mech.update_weights([s.n for s in shards])
+    assert weights.tolist() == pytest.approx([1 / 6, 4 / 6, 1.0, 1.0])
+    block = fedavg_block(net, x, y, steps, lr=cfg.local_lr, clip_norm=0.05, weights=weights)
+    torch.testing.assert_close(block.clipped.double(), torch.stack(singles), rtol=1e-4, atol=1e-6)
+    summed = fedavg_block_sum(net, x, y, steps, lr=cfg.local_lr, clip_norm=0.05, weights=weights)
+    torch.testing.assert_close(summed.total, torch.stack(singles).sum(0), rtol=1e-4, atol=1e-6)
+    assert float(block.clipped[0].norm()) <= 0.05 / 6 * (1 + 1e-5)  # the one-pair device weighs a sixth
+    # the ClientApp's vector carries the same weight
+    out = mech.fedavg_vector(net, shards[0], 0.05, 0.0, ReproducibleNoise(0))
+    np.testing.assert_allclose(out, singles[0].numpy().astype(np.float32), rtol=1e-6, atol=1e-9)
 
 
 def test_the_device_vector_draws_orders_then_the_delta_share_then_the_bit_share() -> None:

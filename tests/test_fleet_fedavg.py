@@ -42,7 +42,11 @@ def _cfg(tmp: Path, name: str, **over: Any) -> FederationConfig:
 ADAPTIVE = {"clip-target-quantile": 0.5, "clip-count-noise": 1.0, "clip-lr": 0.5, "server-optimizer": "adam-bc"}
 
 
-@pytest.mark.parametrize("extra", [{}, ADAPTIVE], ids=["fixed-clip", "adaptive-clip"])
+#: Each device's clipped delta weighed by its pairs (a cap above every device's pairs: every weight below 1).
+PAIR_WEIGHTED = {"device-weight": "pairs", "device-stats-pairs": 400}
+
+
+@pytest.mark.parametrize("extra", [{}, ADAPTIVE, PAIR_WEIGHTED], ids=["fixed-clip", "adaptive-clip", "pair-weighted"])
 def test_fleet_fedavg_equals_the_flower_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                extra: dict[str, Any]) -> None:
     """Reproducible noise: the Flower ClientApps' DP-FedAvg sums and the fleet's exact numerics agree round by
@@ -67,7 +71,11 @@ def test_fleet_fedavg_equals_the_flower_engine(tmp_path: Path, monkeypatch: pyte
     runs.append(run_fleet(_cfg(tmp_path, "fleet", **over), replay))
     assert [s[0] for s in flower] == [s[0] for s in seen] == ["suffstats", "dpsgd", "dpsgd"]
     clips = [[e.get(CLIP_COLUMN) for e in run["rounds"]] for run in runs]
-    if extra:
+    if "device-weight" in extra:  # the weighted sum is smaller than the equal one would be, not just rounding
+        fleet = _engine(tmp_path, "w", "exact", **over)
+        weights = fleet.model.mechanism.update_weights(fleet.fleet.n.tolist())
+        assert 0 < float(weights.max()) < 1
+    if extra.get("clip-target-quantile"):
         params = trainable(ServerModel(_cfg(tmp_path, "n"), 256, 192, "x", "y").net)
         assert len(flower[1][1]) == sum(p.numel() for p in params) + 1  # the delta, then the bits' sum
         assert clips[0][0] is None and clips[0][1] == 0.1 and clips[0][2] != 0.1  # the clip moved after round 2

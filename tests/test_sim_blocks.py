@@ -78,11 +78,12 @@ def test_partial_modular_sums_of_disjoint_groups_add_to_the_whole_sum() -> None:
     np.testing.assert_allclose(unkeyed, dequantized_total(whole, 10, codec), atol=10 * codec.step * 10)
 
 
-@pytest.mark.parametrize("update", ["fedsgd", "fedavg"])
-def test_a_blocks_exact_vectors_are_what_each_device_sends(tmp_path: Path, update: str) -> None:
-    """Exact numerics, device-level round (FedSGD and DP-FedAvg): the block's partial sum equals the modular
-    sum of the vectors each device computes itself (``DeviceLevel.dpsgd_vector`` on its own shard and stream)."""
-    cfg = _cfg(tmp_path, "run", **{"device-update": update})
+@pytest.mark.parametrize(("update", "weight"), [("fedsgd", "equal"), ("fedavg", "equal"), ("fedavg", "pairs")])
+def test_a_blocks_exact_vectors_are_what_each_device_sends(tmp_path: Path, update: str, weight: str) -> None:
+    """Exact numerics, device-level round (FedSGD and DP-FedAvg, equal or pair-weighted): the block's partial sum
+    equals the modular sum of the vectors each device computes itself (``DeviceLevel.dpsgd_vector`` on its own
+    shard and stream)."""
+    cfg = _cfg(tmp_path, "run", **{"device-update": update, "device-weight": weight})
     spec = block_specs(_population(), 10, Path(cfg.run_dir))[1]  # devices 10..19
     worker = BlockWorker(spec, cfg, POLICY)
     lazy = LazyPopulation(_population())

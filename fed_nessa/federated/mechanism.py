@@ -30,9 +30,19 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
+import torch
 from torch import nn
 
-from fed_nessa.config import AlignerChoice, DeviceUpdate, DPMode, FederationConfig, LinearStart, Phase, PrivacyUnit
+from fed_nessa.config import (
+    AlignerChoice,
+    DeviceUpdate,
+    DeviceWeight,
+    DPMode,
+    FederationConfig,
+    LinearStart,
+    Phase,
+    PrivacyUnit,
+)
 from fed_nessa.data.shards import Shard
 from fed_nessa.federated import suffstats
 from fed_nessa.federated.layout import flat, trainable
@@ -129,6 +139,14 @@ class Mechanism(ABC):
     def stats_weights(self, n: np.ndarray) -> np.ndarray | None:
         """:meth:`stats_weight` of every device at once from their pair counts ``n`` (None: all 1)."""
         return np.array([self.stats_weight(int(k)) for k in n], np.float64)
+
+    def update_weight(self, n: int) -> float:
+        """The weight of a unit's clipped DP-FedAvg delta in the round's sum (1; device level: ``device-weight``)."""
+        return 1.0
+
+    def update_weights(self, n: Sequence[int]) -> torch.Tensor:
+        """:meth:`update_weight` of a block's devices from their pair counts, as the vectorised update takes them."""
+        return torch.tensor([self.update_weight(int(k)) for k in n], dtype=torch.float64)
 
     @abstractmethod
     def carried_pairs(self, n: int) -> int:
@@ -397,6 +415,16 @@ class DeviceLevel(Mechanism):
         """At most ``device-stats-pairs`` pairs' weight, whatever ``n``."""
         return min(n, self.cfg.device_stats_pairs)
 
+    def update_weight(self, n: int) -> float:
+        """The weight of a device's clipped DP-FedAvg delta in the round's sum (``device-weight``): 1, or the share
+        of ``device-stats-pairs`` its ``n`` pairs fill (:meth:`carried_pairs`, the weighting of its statistics).
+        At most 1, so one device still moves the sum by at most the clip: the sensitivity and the ledger's
+        charge are unchanged. Why: a device with few pairs fits them in its local epoch and its delta points
+        away from the fleet's (docs/results.md "Why these DP-FedAvg rounds do not pay yet")."""
+        if self.cfg.device_weight == DeviceWeight.EQUAL:
+            return 1.0
+        return self.carried_pairs(n) / self.cfg.device_stats_pairs
+
     def sends_gradients(self) -> bool:
         return True  # the device's clipped mean gradient, DP or not
 
@@ -544,7 +572,7 @@ class DeviceLevel(Mechanism):
         cfg = self.cfg
         orders = local_orders(noise, shard.n, cfg.local_epochs)
         delta, norm = fedavg_delta(net, shard.enroll, shard.runtime, orders=orders, batch=cfg.local_batch,
-                                   lr=cfg.local_lr, clip_norm=clip)
+                                   lr=cfg.local_lr, clip_norm=clip, weight=self.update_weight(shard.n))
         out = with_noise_share(delta.numpy(), [p for p in net.parameters() if p.requires_grad], delta_std, noise)
         if count_std is None:
             return out

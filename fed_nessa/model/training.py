@@ -439,16 +439,20 @@ def local_minibatches(orders: list[np.ndarray], batch: int) -> list[np.ndarray]:
 
 
 def fedavg_delta(model: nn.Module, enroll: np.ndarray, runtime: np.ndarray, *, orders: list[np.ndarray],
-                 batch: int, lr: float, clip_norm: float, loss: str = "cosine") -> tuple[torch.Tensor, float]:
-    """DP-FedAvg's device update (McMahan et al. 2018) before noise: ``(clip(start - end), ||start - end||)``.
+                 batch: int, lr: float, clip_norm: float, weight: float = 1.0,
+                 loss: str = "cosine") -> tuple[torch.Tensor, float]:
+    """DP-FedAvg's device update (McMahan et al. 2018) before noise: ``(w clip(start - end), ||start - end||)``.
 
     Plain SGD at ``lr`` over :func:`local_minibatches` of the device's own pairs, from ``model``'s
     weights (left unchanged), then the model difference clipped as ONE vector to ``clip_norm``, so
     adding or removing the whole device moves the released sum by at most ``clip_norm`` whatever
     the local steps did. The sign is the pseudo-gradient's (start minus end), so the server's
     optimiser applies the mean as a gradient (FedOpt); the unclipped norm is returned for the
-    adaptive clip's bit. float32 steps, float64 result.
+    adaptive clip's bit. ``weight`` w <= 1 (``DeviceLevel.update_weight``) scales the clipped delta, so the
+    bound stays ``clip_norm``. float32 steps, float64 result.
     """
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"a device's update weight must lie in [0, 1] (else it widens the sum's bound), got {weight}")
     x, y = _tensors(enroll, runtime)
     params = [p for p in model.parameters() if p.requires_grad]
     start = [p.detach().clone() for p in params]
@@ -465,4 +469,4 @@ def fedavg_delta(model: nn.Module, enroll: np.ndarray, runtime: np.ndarray, *, o
             for p, s in zip(params, start, strict=True):
                 p.copy_(s)
     norm = float(torch.linalg.vector_norm(flat))
-    return flat * float(device_clip_factor(norm, clip_norm)), norm
+    return flat * (float(device_clip_factor(norm, clip_norm)) * weight), norm

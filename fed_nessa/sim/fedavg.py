@@ -80,8 +80,11 @@ def pad_block(enroll: Sequence[np.ndarray], runtime: Sequence[np.ndarray]) -> tu
 
 
 def fedavg_block(net: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: BlockSteps, *, lr: float,
-                 clip_norm: float, loss: str = "cosine") -> BlockDeltas:
+                 clip_norm: float, weights: torch.Tensor | None = None, loss: str = "cosine") -> BlockDeltas:
     """Every device of a block trains its own copy of ``net`` (plain SGD) and clips ``start - end`` to C.
+
+    ``weights`` (``[k]``, each <= 1; None: all 1) scales each clipped delta, as the device's
+    :meth:`~fed_nessa.federated.mechanism.DeviceLevel.update_weight` does; the norms stay the raw ones.
 
     ``x``/``y``: ``[k, rows, d]`` padded pairs (:func:`pad_block`); ``steps``: :func:`block_steps`.
     ``net`` is left unchanged; a net with its own ``pair_loss`` is refused (its forward is not its loss).
@@ -90,8 +93,8 @@ def fedavg_block(net: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: BlockS
     """
     layout, names = _layout(net, loss)
     if layout is None:
-        return clip_deltas(vmap_deltas(net, x, y, steps, lr=lr, loss=loss), clip_norm)
-    rows, weights = steps.rows.to(x.device), steps.weights.to(x.device)
+        return clip_deltas(vmap_deltas(net, x, y, steps, lr=lr, loss=loss), clip_norm, weights)
+    rows, mask = steps.rows.to(x.device), steps.weights.to(x.device)
     k = x.shape[0]
     clipped = x.new_empty(k, sum(p.numel() for p in net.parameters() if p.requires_grad))
     norms = torch.empty(k, dtype=torch.float64, device=x.device)
@@ -99,9 +102,9 @@ def fedavg_block(net: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: BlockS
     with torch.no_grad():
         for g in range(0, k, EXPLICIT_GROUP):
             part = slice(g, g + EXPLICIT_GROUP)
-            trained = explicit_train(layout, net, x[part], y[part], rows[part], weights[part], lr, work)
+            trained = explicit_train(layout, net, x[part], y[part], rows[part], mask[part], lr, work)
             norms[part] = trained.sq_norms().sqrt()
-            trained.write(names, device_clip_factor(norms[part], clip_norm), clipped[part])
+            trained.write(names, _weighted(device_clip_factor(norms[part], clip_norm), weights, part), clipped[part])
     return BlockDeltas(clipped, norms.float())
 
 
@@ -114,14 +117,14 @@ class BlockSum:
 
 
 def fedavg_block_sum(net: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: BlockSteps, *, lr: float,
-                     clip_norm: float, loss: str = "cosine") -> BlockSum:
+                     clip_norm: float, weights: torch.Tensor | None = None, loss: str = "cosine") -> BlockSum:
     """:func:`fedavg_block`'s clipped deltas summed over the block (what fast numerics adds up), without
     forming each device's delta on the written-out path (one GEMM per weight over all the devices' rows)."""
     layout, names = _layout(net, loss)
     if layout is None:
-        deltas = clip_deltas(vmap_deltas(net, x, y, steps, lr=lr, loss=loss), clip_norm)
+        deltas = clip_deltas(vmap_deltas(net, x, y, steps, lr=lr, loss=loss), clip_norm, weights)
         return BlockSum(deltas.clipped.double().sum(dim=0), deltas.norms)
-    rows, weights = steps.rows.to(x.device), steps.weights.to(x.device)
+    rows, mask = steps.rows.to(x.device), steps.weights.to(x.device)
     total = torch.zeros(sum(p.numel() for p in net.parameters() if p.requires_grad), dtype=torch.float64,
                         device=x.device)
     norms = []
@@ -129,9 +132,9 @@ def fedavg_block_sum(net: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: Bl
     with torch.no_grad():
         for g in range(0, x.shape[0], EXPLICIT_GROUP):
             part = slice(g, g + EXPLICIT_GROUP)
-            trained = explicit_train(layout, net, x[part], y[part], rows[part], weights[part], lr, work)
+            trained = explicit_train(layout, net, x[part], y[part], rows[part], mask[part], lr, work)
             norm = trained.sq_norms().sqrt()
-            total += trained.summed(names, device_clip_factor(norm, clip_norm))
+            total += trained.summed(names, _weighted(device_clip_factor(norm, clip_norm), weights, part))
             norms.append(norm)
     return BlockSum(total, torch.cat(norms).float())
 
@@ -146,11 +149,17 @@ def _layout(net: nn.Module, loss: str) -> tuple[ExplicitPlan | None, list[str]]:
     return explicit_plan(net, loss), [n for n, p in net.named_parameters() if p.requires_grad]
 
 
-def clip_deltas(delta: torch.Tensor, clip_norm: float) -> BlockDeltas:
-    """Each row clipped as one vector to ``clip_norm`` (float64 norms and factor, as the device does)."""
+def clip_deltas(delta: torch.Tensor, clip_norm: float, weights: torch.Tensor | None = None) -> BlockDeltas:
+    """Each row clipped as one vector to ``clip_norm`` and scaled by its weight (float64 norms and factor, as the
+    device does)."""
     norms = torch.linalg.vector_norm(delta.double(), dim=1)
-    clipped = delta.double() * device_clip_factor(norms, clip_norm)[:, None]
+    clipped = delta.double() * _weighted(device_clip_factor(norms, clip_norm), weights, slice(None))[:, None]
     return BlockDeltas(clipped.float(), norms.float())
+
+
+def _weighted(factor: torch.Tensor, weights: torch.Tensor | None, part: slice) -> torch.Tensor:
+    """The clip factors of ``part`` of a block times the devices' update weights (unchanged without weights)."""
+    return factor if weights is None else factor * weights[part].to(factor)
 
 
 def vmap_deltas(net: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: BlockSteps, *, lr: float,

@@ -583,13 +583,15 @@ class FleetEngine(Engine):
             idx = np.stack([fleet.starts[i] + np.where(local < n[i], local, 0) for i in chunk])
             gather = torch.from_numpy(idx).to(self.torch_device)
             steps = block_steps([orders[i] for i in chunk], cfg.local_batch)
+            weights = mech.update_weights([n[i] for i in chunk])
             if self.numerics == FleetNumerics.FAST:
                 summed = fedavg_block_sum(net, fleet.x[gather], fleet.y[gather], steps, lr=cfg.local_lr,
-                                          clip_norm=clip)
+                                          clip_norm=clip, weights=weights)
                 total += summed.total
                 bits += bit_sum(summed, clip)
                 continue
-            block = fedavg_block(net, fleet.x[gather], fleet.y[gather], steps, lr=cfg.local_lr, clip_norm=clip)
+            block = fedavg_block(net, fleet.x[gather], fleet.y[gather], steps, lr=cfg.local_lr, clip_norm=clip,
+                                 weights=weights)
             stds = [mech.share_std(Phase.DPSGD, self.plan, book.policies[i].guaranteed_arrivals, clip)
                     if dp and share else 0.0 for i in chunk]
             payloads = device_payloads(block, params, clip, scale, stds, [streams[i] for i in chunk])

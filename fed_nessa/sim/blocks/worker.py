@@ -437,7 +437,8 @@ class BlockWorker:
             x, y = pad_block([chunk.x[rows[j]] for j in part], [chunk.y[rows[j]] for j in part])
             steps = block_steps([orders[j] for j in part], cfg.local_batch)
             update = fedavg_block_sum if summed else fedavg_block
-            yield part, update(net, x.to(on), y.to(on), steps, lr=cfg.local_lr, clip_norm=clip)
+            weights = self.mechanism.update_weights([len(rows[j]) for j in part])
+            yield part, update(net, x.to(on), y.to(on), steps, lr=cfg.local_lr, clip_norm=clip, weights=weights)
 
     def _fedavg_payloads(self, req: SumRequest, chunk: DeviceBlock, rows: list[np.ndarray],
                          orders: list[list[np.ndarray]], stds: list[float],
