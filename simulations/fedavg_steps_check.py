@@ -19,14 +19,18 @@ FedAvg rounds as device level does them bar the noise (every delta clipped to ``
 with server Adam as a gradient), once with every device weighing the same and once pair-weighted. It prints a
 markdown table; the docs cite it (docs/results.md "Device-level DP-FedAvg at 10^5 devices").
 
+With ``--pooled ARM ...`` it also runs full-batch arms on the pooled loss with other server optimisers (Adam with a
+larger epsilon, Reddi et al. 2021's tau; SGD with momentum) and prints the pooled loss beside the EER.
+
     python -m simulations.fedavg_steps_check [--devices 300] [--seed 1] [--steps 400] [--adam-rounds 0]
+        [--pooled adam:LR[:EPS] sgdm:LR ...]
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -73,15 +77,38 @@ def _pooled_grad(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.n
 def adam_curve(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float,
                at: Sequence[int], score: Callable[[], float]) -> list[tuple[int, float]]:
     """Full-batch Adam on the pooled loss; the EER at each step in ``at``."""
-    opt = torch.optim.Adam(trainable(net), lr=lr)
-    out = [(0, score())] if 0 in at else []
+    curve = pooled_curve(net, x, y, steps, torch.optim.Adam(trainable(net), lr=lr), at, score)
+    return [(step, eer) for step, _, eer in curve]
+
+
+def pooled_curve(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, opt: torch.optim.Optimizer,
+                 at: Sequence[int], score: Callable[[], float]) -> list[tuple[int, float, float]]:
+    """Full-batch steps of ``opt`` on the pooled loss; (step, pooled loss, EER) at each step in ``at``."""
+    def loss() -> torch.Tensor:
+        return pair_loss(net, x, y, "cosine").mean()
+
+    def point(step: int) -> tuple[int, float, float]:
+        with torch.no_grad():
+            return step, float(loss()), score()
+
+    out = [point(0)] if 0 in at else []
     for step in range(1, steps + 1):
         opt.zero_grad()
-        pair_loss(net, x, y, "cosine").mean().backward()
+        loss().backward()
         opt.step()
         if step in at:
-            out.append((step, score()))
+            out.append(point(step))
     return out
+
+
+def pooled_optimizer(arm: str, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """``adam:LR[:EPS]`` (Adam, EPS its epsilon, Reddi et al.'s tau; default 1e-8) or ``sgdm:LR`` (momentum 0.9)."""
+    kind, *values = arm.split(":")
+    if kind == "adam" and len(values) in (1, 2):
+        return torch.optim.Adam(params, lr=float(values[0]), eps=float(values[1]) if len(values) == 2 else 1e-8)
+    if kind == "sgdm" and len(values) == 1:
+        return torch.optim.SGD(params, lr=float(values[0]), momentum=0.9)
+    raise ValueError(f"optimizer arm {arm!r}: expected adam:LR[:EPS] or sgdm:LR")
 
 
 def fedavg_curve(net: torch.nn.Module, pop: SyntheticPopulation, rounds: int, server_lr: float, local_lr: float,
@@ -102,17 +129,31 @@ def pair_weights(pop: SyntheticPopulation, cap: int) -> np.ndarray:
     return np.array([min(d.n, cap) / cap for d in pop.devices])
 
 
-def device_cosines(net: torch.nn.Module, pop: SyntheticPopulation, pooled: np.ndarray, cap: int) -> dict[str, float]:
-    """Cosine with the pooled gradient of the devices' mean gradient: as is, each clipped (unit norm), and each
-    clipped then pair-weighted."""
+@dataclass(frozen=True)
+class Direction:
+    """The devices' mean gradient against the pooled one: their cosine, and the mean's components along the
+    pooled direction (the signal an update follows) and across it (a bias no noise averages away)."""
+
+    cos: float
+    along: float
+    across: float
+
+
+def device_cosines(net: torch.nn.Module, pop: SyntheticPopulation, pooled: np.ndarray,
+                   cap: int) -> dict[str, Direction]:
+    """The devices' mean gradient against the pooled gradient: as is, each clipped (unit norm: the clip as a
+    unit), and each clipped then pair-weighted (the mean over the devices, as the server's)."""
     grads = np.stack([_pooled_grad(net, torch.tensor(d.enroll), torch.tensor(d.runtime)) for d in pop.devices])
     units = grads / np.linalg.norm(grads, axis=1, keepdims=True)
     w = pair_weights(pop, cap)
+    unit_pooled = pooled / np.linalg.norm(pooled)
 
-    def cos(v: np.ndarray) -> float:
-        return float(v @ pooled / (np.linalg.norm(v) * np.linalg.norm(pooled)))
+    def direction(v: np.ndarray) -> Direction:
+        along = float(v @ unit_pooled)
+        return Direction(along / float(np.linalg.norm(v)), along, float(np.linalg.norm(v - along * unit_pooled)))
 
-    return {"as is": cos(grads.mean(0)), "clipped": cos(units.mean(0)), "clipped, pair-weighted": cos(w @ units)}
+    return {"as is": direction(grads.mean(0)), "clipped": direction(units.mean(0)),
+            "clipped, pair-weighted": direction(w @ units / len(w))}
 
 
 def clipped_fedavg_adam_curve(net: torch.nn.Module, pop: SyntheticPopulation, rounds: int, server_lr: float,
@@ -145,6 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--adam-rounds", type=int, default=0,
                         help="noise-free clipped FedAvg rounds with server Adam, equal and pair-weighted (0: none)")
+    parser.add_argument("--pooled", nargs="*", default=[], metavar="ARM",
+                        help="more full-batch arms on the pooled loss, with its loss: adam:LR[:EPS] or sgdm:LR")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     pop = generate_population(args.devices, seed=args.seed)
@@ -158,9 +201,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     cosines = device_cosines(net, pop, g_pool, cap)
     print(f"{args.devices} devices, {x.shape[0]} pairs, population seed {args.seed}: not updating {100 * keep:.2f} %, "
           f"ridge start {100 * start:.2f} % EER; cos(device-weighted mean gradient, pooled gradient) = "
-          f"{cosines['as is']:.2f}")
-    print("cos(devices' mean gradient, pooled gradient): " + ", ".join(f"{k} {v:.2f}" for k, v in cosines.items())
-          + f" (weights min(n, {cap}) / {cap})\n")
+          f"{cosines['as is'].cos:.2f}")
+    print("cos(devices' mean gradient, pooled gradient): " + ", ".join(f"{k} {v.cos:.2f}" for k, v in cosines.items())
+          + f" (weights min(n, {cap}) / {cap})")
+    print("their mean, clipped to 1, along / across the pooled direction: " + ", ".join(
+        f"{k} {v.along:.4f} / {v.across:.4f}" for k, v in cosines.items() if k != "as is") + "\n")
     print("| update (noise-free, from the ridge start) | steps or rounds → EER % |")
     print("|---|---|")
     score = lambda: 100 * _eer(net, pop, cfg)[1]  # noqa: E731
@@ -175,6 +220,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         curve = fedavg_curve(net, pop, 5, server_lr, local_lr, score, args.seed)
         print(f"| FedAvg, local lr {local_lr:g} (1 epoch), server SGD lr {server_lr:g} | "
               + ", ".join(f"{s}: {e:.2f}" for s, e in curve) + " |")
+    for arm in args.pooled:
+        load_flat(trainable(net), w0)
+        points = pooled_curve(net, x, y, args.steps, pooled_optimizer(arm, trainable(net)), at, score)
+        print(f"| full-batch {arm} on the pooled loss (pooled loss / EER %) | "
+              + ", ".join(f"{s}: {loss:.4f} / {e:.2f}" for s, loss, e in points) + " |")
     rounds_at = sorted({0, 1, 10, 25, 50, 100} | set(range(0, args.adam_rounds + 1, 50)) | {args.adam_rounds})
     arms = (("equal weights", np.ones(len(pop.devices))), (f"pair-weighted (cap {cap})", pair_weights(pop, cap)))
     for name, weights in arms if args.adam_rounds > 0 else ():

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+import pytest
 import torch
 
 from fed_nessa.config import FederationConfig, LinearStart
@@ -20,6 +21,8 @@ from simulations.fedavg_steps_check import (
     device_cosines,
     fedavg_curve,
     pair_weights,
+    pooled_curve,
+    pooled_optimizer,
 )
 
 
@@ -55,12 +58,34 @@ def test_pair_weights_cap_at_the_statistics_pairs_and_the_cosines_are_of_the_poo
     y = torch.tensor(np.concatenate([d.runtime for d in pop.devices]))
     pooled = _pooled_grad(net, x, y)
     cos = device_cosines(net, pop, pooled, 10**6)
-    assert set(cos) == {"as is", "clipped", "clipped, pair-weighted"} and all(-1 <= v <= 1 for v in cos.values())
+    assert set(cos) == {"as is", "clipped", "clipped, pair-weighted"} and all(-1 <= v.cos <= 1 for v in cos.values())
+    for v in cos.values():  # along and across are the mean's two components: cos = along / |mean|
+        assert v.across >= 0 and v.cos == pytest.approx(v.along / np.hypot(v.along, v.across), rel=1e-6)
     # uncapped pair weights times each device's own mean gradient is the pooled gradient; clipping breaks that, and
     # the as-is mean (equal weights) is not the pooled direction either
     grads = np.stack([_pooled_grad(net, torch.tensor(d.enroll), torch.tensor(d.runtime)) for d in pop.devices])
     assert np.allclose(n @ grads / n.sum(), pooled, atol=1e-6)
-    assert cos["as is"] < 0.999
+    assert cos["as is"].cos < 0.999
+
+
+def test_pooled_arms_are_parsed_and_record_the_pooled_loss() -> None:
+    pop = generate_population(12, seed=1, eval_speakers=20, eval_utterances=6)
+    cfg = replace(FederationConfig(), linear_start=LinearStart.SUFFSTATS, seed=1)
+    net = _start(pop, cfg)
+    x = torch.tensor(np.concatenate([d.enroll for d in pop.devices]))
+    y = torch.tensor(np.concatenate([d.runtime for d in pop.devices]))
+    adam = pooled_optimizer("adam:0.001:0.01", trainable(net))
+    assert isinstance(adam, torch.optim.Adam) and adam.defaults["eps"] == 0.01 and adam.defaults["lr"] == 0.001
+    sgd = pooled_optimizer("sgdm:0.1", trainable(net))
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.9
+    for bad in ("adam", "sgdm:0.1:2", "lamb:0.1"):
+        with pytest.raises(ValueError, match="expected adam:LR"):
+            pooled_optimizer(bad, trainable(net))
+    before = float(pair_loss(net, x, y, "cosine").mean())
+    curve = pooled_curve(net, x, y, 5, pooled_optimizer("sgdm:0.01", trainable(net)), [0, 5], lambda: 1.0)
+    assert [s for s, _, _ in curve] == [0, 5] and curve[0][1] == pytest.approx(before, rel=1e-6)
+    assert curve[1][1] == pytest.approx(float(pair_loss(net, x, y, "cosine").mean()), rel=1e-6)
+    assert curve[1][1] < before  # small SGD steps lower the loss they follow
 
 
 def test_clipped_fedavg_with_server_adam_moves_only_with_weight() -> None:
