@@ -35,12 +35,13 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from fed_nessa.config import FederationConfig, LinearStart
+from fed_nessa.config import DeviceUpdate, DeviceWeight, FederationConfig, LinearStart, PrivacyUnit
 from fed_nessa.data.population import Scenario
 from fed_nessa.data.synthetic import SyntheticPopulation, generate_population
 from fed_nessa.evaluation.gate import validation_eers
 from fed_nessa.federated import suffstats
 from fed_nessa.federated.layout import build_net, flat, load_flat, nessa_config, trainable
+from fed_nessa.federated.mechanism import mechanism_for
 from fed_nessa.model.aligners.base import AlignerInfo
 from fed_nessa.model.aligners.nessa import NessaAligner
 from fed_nessa.model.training import fedavg_delta, pair_loss
@@ -125,8 +126,11 @@ def fedavg_curve(net: torch.nn.Module, pop: SyntheticPopulation, rounds: int, se
 
 
 def pair_weights(pop: SyntheticPopulation, cap: int) -> np.ndarray:
-    """Each device's weight when its update counts like the pairs its statistics carry: ``min(n, cap) / cap``."""
-    return np.array([min(d.n, cap) / cap for d in pop.devices])
+    """Each device's weight when its update counts like the pairs its statistics carry: ``min(n, cap) / cap``, as
+    the product's ``device-weight = pairs`` weighs it (:meth:`DeviceLevel.update_weight`)."""
+    cfg = replace(FederationConfig(), privacy_unit=PrivacyUnit.DEVICE, device_update=DeviceUpdate.FEDAVG,
+                  device_weight=DeviceWeight.PAIRS, device_stats_pairs=cap)
+    return mechanism_for(cfg).update_weights([d.n for d in pop.devices]).numpy()
 
 
 @dataclass(frozen=True)
