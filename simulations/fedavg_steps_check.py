@@ -20,10 +20,12 @@ with server Adam as a gradient), once with every device weighing the same and on
 markdown table; the docs cite it (docs/results.md "Device-level DP-FedAvg at 10^5 devices").
 
 With ``--pooled ARM ...`` it also runs full-batch arms on the pooled loss with other server optimisers (Adam with a
-larger epsilon, Reddi et al. 2021's tau; SGD with momentum) and prints the pooled loss beside the EER.
+larger epsilon, Reddi et al. 2021's tau; SGD with momentum) and prints the pooled loss beside the EER. With
+``--shift STEP ...`` it follows full-batch Adam's first steps and splits what the residual adds into a shift common to
+every output and a part that varies by input, and scores the aligner with the common shift taken out.
 
     python -m simulations.fedavg_steps_check [--devices 300] [--seed 1] [--steps 400] [--adam-rounds 0]
-        [--pooled adam:LR[:EPS] sgdm:LR ...]
+        [--pooled adam:LR[:EPS] sgdm:LR ...] [--shift STEP ...]
 """
 
 from __future__ import annotations
@@ -43,15 +45,16 @@ from fed_nessa.federated import suffstats
 from fed_nessa.federated.layout import build_net, flat, load_flat, nessa_config, trainable
 from fed_nessa.federated.mechanism import mechanism_for
 from fed_nessa.model.aligners.base import AlignerInfo
-from fed_nessa.model.aligners.nessa import NessaAligner
+from fed_nessa.model.aligners.nessa import NessaAligner, NessaNet
 from fed_nessa.model.training import fedavg_delta, pair_loss
 
 
-def _start(pop: SyntheticPopulation, cfg: FederationConfig) -> torch.nn.Module:
+def _start(pop: SyntheticPopulation, cfg: FederationConfig) -> NessaNet:
     """The NESSA net at the ridge fit of every pair (no noise), its linear part frozen."""
     x = np.concatenate([d.enroll for d in pop.devices])
     y = np.concatenate([d.runtime for d in pop.devices])
     net = build_net(cfg, x.shape[1], y.shape[1])
+    assert isinstance(net, NessaNet)  # the protocol's aligner
     stats = sum(suffstats.device_vector(d.enroll, d.runtime) for d in pop.devices)
     gram, cross = suffstats.unpack(np.asarray(stats, np.float64), x.shape[1], y.shape[1])
     w, b = suffstats.solve(gram, cross, nessa_config(cfg).ridge_alpha)
@@ -100,6 +103,43 @@ def pooled_curve(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: 
         if step in at:
             out.append(point(step))
     return out
+
+
+@dataclass(frozen=True)
+class Shift:
+    """What the residual adds to the linear map's outputs: mean norms of the linear output and of the residual, the
+    norm of the residual's mean over the pairs (a shift common to every output) and the residual's mean distance
+    from that mean (what varies by input)."""
+
+    linear: float
+    residual: float
+    common: float
+    varying: float
+
+
+def residual_shift(net: NessaNet, y: torch.Tensor) -> Shift:
+    """The :class:`Shift` of ``net`` on runtime embeddings ``y``."""
+    with torch.no_grad():
+        lin, res = net.linear(y), net.residual(y)
+        mean = res.mean(0)
+        return Shift(float(lin.norm(dim=1).mean()), float(res.norm(dim=1).mean()), float(mean.norm()),
+                     float((res - mean).norm(dim=1).mean()))
+
+
+def centred_score(net: NessaNet, y: torch.Tensor, score: Callable[[], float]) -> float:
+    """``score()`` with the residual's mean output over ``y`` taken out of its last bias (the common shift
+    removed), the net restored after."""
+    last = net.residual[-1]
+    assert isinstance(last, torch.nn.Linear)  # the residual MLP's output layer
+    bias = last.bias
+    with torch.no_grad():
+        saved, mean = bias.detach().clone(), net.residual(y).mean(0)
+        bias.sub_(mean)
+    try:
+        return score()
+    finally:
+        with torch.no_grad():
+            bias.copy_(saved)
 
 
 def pooled_optimizer(arm: str, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -192,6 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="noise-free clipped FedAvg rounds with server Adam, equal and pair-weighted (0: none)")
     parser.add_argument("--pooled", nargs="*", default=[], metavar="ARM",
                         help="more full-batch arms on the pooled loss, with its loss: adam:LR[:EPS] or sgdm:LR")
+    parser.add_argument("--shift", nargs="*", type=int, default=[], metavar="STEP",
+                        help="full-batch Adam 1e-3 steps at which to print the residual's common shift and the EER "
+                             "with it taken out")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     pop = generate_population(args.devices, seed=args.seed)
@@ -229,6 +272,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         points = pooled_curve(net, x, y, args.steps, pooled_optimizer(arm, trainable(net)), at, score)
         print(f"| full-batch {arm} on the pooled loss (pooled loss / EER %) | "
               + ", ".join(f"{s}: {loss:.4f} / {e:.2f}" for s, loss, e in points) + " |")
+    if args.shift:
+        load_flat(trainable(net), w0)
+        opt = torch.optim.Adam(trainable(net), lr=1e-3)
+        print("\n| full-batch Adam lr 0.001 step | EER % | centred EER % | linear output | residual | its common "
+              "shift | its varying part |\n|---:|---:|---:|---:|---:|---:|---:|")
+        for step in range(max(args.shift) + 1):
+            if step:
+                opt.zero_grad()
+                pair_loss(net, x, y, "cosine").mean().backward()
+                opt.step()
+            if step in args.shift:
+                sh = residual_shift(net, y)
+                print(f"| {step} | {score():.2f} | {centred_score(net, y, score):.2f} | {sh.linear:.3f} | "
+                      f"{sh.residual:.3f} | {sh.common:.3f} | {sh.varying:.3f} |")
     rounds_at = sorted({0, 1, 10, 25, 50, 100} | set(range(0, args.adam_rounds + 1, 50)) | {args.adam_rounds})
     arms = (("equal weights", np.ones(len(pop.devices))), (f"pair-weighted (cap {cap})", pair_weights(pop, cap)))
     for name, weights in arms if args.adam_rounds > 0 else ():

@@ -17,12 +17,14 @@ from simulations.fedavg_steps_check import (
     _pooled_grad,
     _start,
     adam_curve,
+    centred_score,
     clipped_fedavg_adam_curve,
     device_cosines,
     fedavg_curve,
     pair_weights,
     pooled_curve,
     pooled_optimizer,
+    residual_shift,
 )
 
 
@@ -86,6 +88,24 @@ def test_pooled_arms_are_parsed_and_record_the_pooled_loss() -> None:
     assert [s for s, _, _ in curve] == [0, 5] and curve[0][1] == pytest.approx(before, rel=1e-6)
     assert curve[1][1] == pytest.approx(float(pair_loss(net, x, y, "cosine").mean()), rel=1e-6)
     assert curve[1][1] < before  # small SGD steps lower the loss they follow
+
+
+def test_the_residual_shift_splits_the_residual_and_centring_restores_the_net() -> None:
+    pop = generate_population(12, seed=1, eval_speakers=20, eval_utterances=6)
+    cfg = replace(FederationConfig(), linear_start=LinearStart.SUFFSTATS, seed=1)
+    net = _start(pop, cfg)
+    y = torch.tensor(np.concatenate([d.runtime for d in pop.devices]))
+    zero = residual_shift(net, y)
+    assert zero.linear > 0 and zero.residual == zero.common == zero.varying == 0.0  # the output layer starts at 0
+    with torch.no_grad():
+        net.residual[-1].bias.add_(0.3)  # a pure common shift: every output moves by the same vector
+    shifted = residual_shift(net, y)
+    assert shifted.common == pytest.approx(0.3 * np.sqrt(net.residual[-1].bias.numel()), rel=1e-5)
+    assert shifted.varying == pytest.approx(0.0, abs=1e-5) and shifted.residual == pytest.approx(shifted.common)
+    w = flat(trainable(net))
+    seen: list[float] = []
+    centred_score(net, y, lambda: seen.append(residual_shift(net, y).common) or 0.0)
+    assert seen == [pytest.approx(0.0, abs=1e-5)] and np.array_equal(flat(trainable(net)), w)  # restored after
 
 
 def test_clipped_fedavg_with_server_adam_moves_only_with_weight() -> None:
