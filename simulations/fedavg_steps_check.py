@@ -20,7 +20,8 @@ with server Adam as a gradient), once with every device weighing the same and on
 markdown table; the docs cite it (docs/results.md "Device-level DP-FedAvg at 10^5 devices").
 
 With ``--pooled ARM ...`` it also runs full-batch arms on the pooled loss with other server optimisers (Adam with a
-larger epsilon, Reddi et al. 2021's tau; SGD with momentum) and prints the pooled loss beside the EER. With
+larger epsilon, Reddi et al. 2021's tau; SGD with momentum; ``+centred``: the residual's mean output over 30 other
+devices' runtime embeddings taken out after every step) and prints the pooled loss beside the EER. With
 ``--shift STEP ...`` it follows full-batch Adam's first steps and splits what the residual adds into a shift common to
 every output and a part that varies by input, and scores the aligner with the common shift taken out.
 
@@ -78,16 +79,19 @@ def _pooled_grad(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.n
     return torch.cat([g.reshape(-1) for g in grads]).numpy()
 
 
-def adam_curve(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float,
+def adam_curve(net: NessaNet, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float,
                at: Sequence[int], score: Callable[[], float]) -> list[tuple[int, float]]:
     """Full-batch Adam on the pooled loss; the EER at each step in ``at``."""
     curve = pooled_curve(net, x, y, steps, torch.optim.Adam(trainable(net), lr=lr), at, score)
     return [(step, eer) for step, _, eer in curve]
 
 
-def pooled_curve(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, opt: torch.optim.Optimizer,
-                 at: Sequence[int], score: Callable[[], float]) -> list[tuple[int, float, float]]:
-    """Full-batch steps of ``opt`` on the pooled loss; (step, pooled loss, EER) at each step in ``at``."""
+def pooled_curve(net: NessaNet, x: torch.Tensor, y: torch.Tensor, steps: int, opt: torch.optim.Optimizer,
+                 at: Sequence[int], score: Callable[[], float],
+                 centre_on: torch.Tensor | None = None) -> list[tuple[int, float, float]]:
+    """Full-batch steps of ``opt`` on the pooled loss; (step, pooled loss, EER) at each step in ``at``. With
+    ``centre_on`` (runtime embeddings the server holds itself), each step is followed by taking the residual's mean
+    output over them out of its last bias (:func:`recentre`)."""
     def loss() -> torch.Tensor:
         return pair_loss(net, x, y, "cosine").mean()
 
@@ -100,9 +104,23 @@ def pooled_curve(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: 
         opt.zero_grad()
         loss().backward()
         opt.step()
+        if centre_on is not None:
+            recentre(net, centre_on)
         if step in at:
             out.append(point(step))
     return out
+
+
+def _output_layer(net: NessaNet) -> torch.nn.Linear:
+    last = net.residual[-1]
+    assert isinstance(last, torch.nn.Linear)  # the residual MLP's output layer
+    return last
+
+
+def recentre(net: NessaNet, y: torch.Tensor) -> None:
+    """Take the residual's mean output over ``y`` out of its last bias: no shift common to every output is left."""
+    with torch.no_grad():
+        _output_layer(net).bias.sub_(net.residual(y).mean(0))
 
 
 @dataclass(frozen=True)
@@ -129,12 +147,9 @@ def residual_shift(net: NessaNet, y: torch.Tensor) -> Shift:
 def centred_score(net: NessaNet, y: torch.Tensor, score: Callable[[], float]) -> float:
     """``score()`` with the residual's mean output over ``y`` taken out of its last bias (the common shift
     removed), the net restored after."""
-    last = net.residual[-1]
-    assert isinstance(last, torch.nn.Linear)  # the residual MLP's output layer
-    bias = last.bias
-    with torch.no_grad():
-        saved, mean = bias.detach().clone(), net.residual(y).mean(0)
-        bias.sub_(mean)
+    bias = _output_layer(net).bias
+    saved = bias.detach().clone()
+    recentre(net, y)
     try:
         return score()
     finally:
@@ -142,9 +157,18 @@ def centred_score(net: NessaNet, y: torch.Tensor, score: Callable[[], float]) ->
             bias.copy_(saved)
 
 
+#: A pooled arm's suffix: re-centre the residual after every step on embeddings of other speakers (:func:`recentre`).
+CENTRED = "+centred"
+
+
+def centred_arm(arm: str) -> bool:
+    return arm.endswith(CENTRED)
+
+
 def pooled_optimizer(arm: str, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """``adam:LR[:EPS]`` (Adam, EPS its epsilon, Reddi et al.'s tau; default 1e-8) or ``sgdm:LR`` (momentum 0.9)."""
-    kind, *values = arm.split(":")
+    """``adam:LR[:EPS]`` (Adam, EPS its epsilon, Reddi et al.'s tau; default 1e-8) or ``sgdm:LR`` (momentum 0.9);
+    a ``+centred`` suffix (:func:`centred_arm`) does not change the optimiser."""
+    kind, *values = arm.removesuffix(CENTRED).split(":")
     if kind == "adam" and len(values) in (1, 2):
         return torch.optim.Adam(params, lr=float(values[0]), eps=float(values[1]) if len(values) == 2 else 1e-8)
     if kind == "sgdm" and len(values) == 1:
@@ -231,7 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--adam-rounds", type=int, default=0,
                         help="noise-free clipped FedAvg rounds with server Adam, equal and pair-weighted (0: none)")
     parser.add_argument("--pooled", nargs="*", default=[], metavar="ARM",
-                        help="more full-batch arms on the pooled loss, with its loss: adam:LR[:EPS] or sgdm:LR")
+                        help="more full-batch arms on the pooled loss, with its loss: adam:LR[:EPS] or sgdm:LR, "
+                             "+centred: the residual re-centred after each step on 30 other devices' embeddings")
     parser.add_argument("--shift", nargs="*", type=int, default=[], metavar="STEP",
                         help="full-batch Adam 1e-3 steps at which to print the residual's common shift and the EER "
                              "with it taken out")
@@ -267,9 +292,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         curve = fedavg_curve(net, pop, 5, server_lr, local_lr, score, args.seed)
         print(f"| FedAvg, local lr {local_lr:g} (1 epoch), server SGD lr {server_lr:g} | "
               + ", ".join(f"{s}: {e:.2f}" for s, e in curve) + " |")
+    # the server's own runtime embeddings for "+centred" arms: another population's speakers (same world)
+    server_y = torch.tensor(np.concatenate([d.runtime for d in generate_population(30, seed=args.seed + 1).devices]))
     for arm in args.pooled:
         load_flat(trainable(net), w0)
-        points = pooled_curve(net, x, y, args.steps, pooled_optimizer(arm, trainable(net)), at, score)
+        points = pooled_curve(net, x, y, args.steps, pooled_optimizer(arm, trainable(net)), at, score,
+                              centre_on=server_y if centred_arm(arm) else None)
         print(f"| full-batch {arm} on the pooled loss (pooled loss / EER %) | "
               + ", ".join(f"{s}: {loss:.4f} / {e:.2f}" for s, loss, e in points) + " |")
     if args.shift:

@@ -17,6 +17,7 @@ from simulations.fedavg_steps_check import (
     _pooled_grad,
     _start,
     adam_curve,
+    centred_arm,
     centred_score,
     clipped_fedavg_adam_curve,
     device_cosines,
@@ -88,6 +89,12 @@ def test_pooled_arms_are_parsed_and_record_the_pooled_loss() -> None:
     assert [s for s, _, _ in curve] == [0, 5] and curve[0][1] == pytest.approx(before, rel=1e-6)
     assert curve[1][1] == pytest.approx(float(pair_loss(net, x, y, "cosine").mean()), rel=1e-6)
     assert curve[1][1] < before  # small SGD steps lower the loss they follow
+    assert not centred_arm("adam:0.001") and centred_arm("adam:0.001+centred")
+    assert isinstance(pooled_optimizer("adam:0.001+centred", trainable(net)), torch.optim.Adam)
+    other = torch.tensor(np.concatenate([d.runtime for d in generate_population(4, seed=2).devices]))
+    pooled_curve(net, x, y, 2, pooled_optimizer("adam:0.001", trainable(net)), [], lambda: 1.0, centre_on=other)
+    assert residual_shift(net, other).common == pytest.approx(0.0, abs=1e-5)  # no common shift left on them
+    assert residual_shift(net, y).residual > 0  # the residual still moved
 
 
 def test_the_residual_shift_splits_the_residual_and_centring_restores_the_net() -> None:
