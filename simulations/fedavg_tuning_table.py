@@ -1,10 +1,11 @@
 """Issue 22's tuning table: device-level DP-FedAvg arms on a population that is never reported.
 
 Reads ``results/device_fedavg_tuning.csv`` (runs ``tune-<n>dev-seed<s>-eps<e>-<optimizer>-<server lr>-<local
-lr>-e<epochs>[-r<rounds>]`` of ``simulations/device_fedavg_tuning.sh``) and its rounds CSV, and gives one row per
-arm: the EER of the DP linear start (round 1), at the first evaluated DP-FedAvg round and after the last, the best
-evaluated DP-FedAvg round, and the gate's validation EERs and choice. The point of the table is whether any DP-FedAvg
-round beats its own start; the arms' held-out EERs are on population seed 1 (the reported runs use seed 0).
+lr>-e<epochs>[-r<rounds>][-w<device weight>]`` of ``simulations/device_fedavg_tuning.sh``) and its rounds CSV, and
+gives one row per arm: the EER of the DP linear start (round 1), at the first evaluated DP-FedAvg round and after
+the last, the best evaluated DP-FedAvg round, and the gate's validation EERs and choice. The point of the table is
+whether any DP-FedAvg round beats its own start; the arms' held-out EERs are on population seed 1 (the reported runs
+use seed 0).
 
     python -m simulations.fedavg_tuning_table results/device_fedavg_tuning.csv
 """
@@ -17,12 +18,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from fed_nessa.config import DeviceWeight
 from simulations.results_csv import ROUND_COLUMNS, Value, number, pct, read, rounds_path
 
-NAME = re.compile(r"tune-(\d+)dev-seed(\d+)-eps([\d.]+)-([a-z-]+)-([\d.]+)-([\d.]+)-e(\d+)(?:-r\d+)?$")
-HEADER = ("| devices | seed | device ε | server optimiser (lr) | local lr, epochs | σ statistics / rounds "
-          "| DP linear start EER % | first evaluated DP-FedAvg round | best DP-FedAvg round | last round "
-          "| validation EER %: not updating / start / DP NESSA | shipped |")
+NAME = re.compile(r"tune-(\d+)dev-seed(\d+)-eps([\d.]+)-([a-z-]+)-([\d.]+)-([\d.]+)-e(\d+)(?:-r\d+)?(?:-w[a-z]+)?$")
+HEADER = ("| devices | seed | device ε | server optimiser (lr) | local lr, epochs, device weight "
+          "| σ statistics / rounds | DP linear start EER % | first evaluated DP-FedAvg round "
+          "| best DP-FedAvg round | last round | validation EER %: not updating / start / DP NESSA | shipped |")
 ALIGN = "|---:|---:|---:|---|---|---|---:|---|---|---:|---|---|"
 
 
@@ -48,7 +50,8 @@ def line(run: dict[str, Value], rounds: Sequence[dict[str, Value]]) -> str | Non
     best_s, first_s = ("n/a" if kv is None else f"{100 * kv[1]:.2f} (round {kv[0]})"
                        for kv in (best, later[0] if later else None))
     val = " / ".join(pct(run[k]) for k in ("gate_not_updating_eer", "gate_linear_start_eer", "gate_dp_nessa_eer"))
-    return (f"| {n} | {seed} | {float(eps):g} | {opt} ({slr}) | {llr}, {epochs} | {sig} | {pct(start)} "
+    weight = run["device-weight"] or DeviceWeight.EQUAL  # runs before the key weighed every device the same
+    return (f"| {n} | {seed} | {float(eps):g} | {opt} ({slr}) | {llr}, {epochs}, {weight} | {sig} | {pct(start)} "
             f"| {first_s} | {best_s} | {last} | {val} | {run['gate_shipped']} |")
 
 
