@@ -305,15 +305,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         opt = torch.optim.Adam(trainable(net), lr=1e-3)
         print("\n| full-batch Adam lr 0.001 step | EER % | centred EER % | linear output | residual | its common "
               "shift | its varying part |\n|---:|---:|---:|---:|---:|---:|---:|")
-        for step in range(max(args.shift) + 1):
-            if step:
-                opt.zero_grad()
-                pair_loss(net, x, y, "cosine").mean().backward()
-                opt.step()
-            if step in args.shift:
-                sh = residual_shift(net, y)
-                print(f"| {step} | {score():.2f} | {centred_score(net, y, score):.2f} | {sh.linear:.3f} | "
-                      f"{sh.residual:.3f} | {sh.common:.3f} | {sh.varying:.3f} |")
+
+        steps = iter(sorted(set(args.shift)))
+
+        def shift_row() -> float:  # pooled_curve scores at each STEP in order: print that step's row
+            sh, eer = residual_shift(net, y), score()
+            print(f"| {next(steps)} | {eer:.2f} | {centred_score(net, y, score):.2f} | {sh.linear:.3f} | "
+                  f"{sh.residual:.3f} | {sh.common:.3f} | {sh.varying:.3f} |")
+            return eer
+
+        pooled_curve(net, x, y, max(args.shift), opt, args.shift, shift_row)
     rounds_at = sorted({0, 1, 10, 25, 50, 100} | set(range(0, args.adam_rounds + 1, 50)) | {args.adam_rounds})
     arms = (("equal weights", np.ones(len(pop.devices))), (f"pair-weighted (cap {cap})", pair_weights(pop, cap)))
     for name, weights in arms if args.adam_rounds > 0 else ():
