@@ -11,6 +11,11 @@
 # ENGINE (default blocks) picks the engine (fleet: the pairs held in memory, no regeneration per round, faster at
 # 10^4 devices) and EVAL_EVERY (default 2) the evaluation cadence; a run of more than 20 rounds is named "-r<ROUNDS>".
 # DEVICE_WEIGHT (default equal) is device-weight; "pairs" weighs each clipped delta by its capped pairs ("-wpairs").
+# DEVICE_UPDATE (default fedavg) is device-update; "fedsgd" sends each device's mean gradient over all its pairs
+# (device-batch 0) clipped to the fixed device-clip-norm (adaptive clipping is DP-FedAvg's only), named "-fedsgd";
+# an arm's local lr and epochs are then unused.
+# EPS "none" runs the arm without DP (dp-mode none, the non-DP ridge start, the devices' policy allowing it, named
+# "-epsnone"): the same rounds and clipping noise-free, to tell what the noise does from what the update rule does.
 #   bash simulations/device_fedavg_tuning.sh [ROUNDS] [PARALLEL] [EPS] [ARM ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +31,12 @@ long=""
 [ "$rounds" -le 20 ] || long="-r$rounds"
 weight=${DEVICE_WEIGHT:-equal}
 [ "$weight" = equal ] || long="$long-w$weight"
+update=${DEVICE_UPDATE:-fedavg}
+update_sets=(--set device-update=fedavg --set clip-target-quantile=0.5)
+if [ "$update" = fedsgd ]; then
+  long="$long-fedsgd"
+  update_sets=(--set device-update=fedsgd --set device-batch=0)
+fi
 shift 3 || true
 arms=("$@")
 [ ${#arms[@]} -gt 0 ] || arms=("sgd 0.5 0.05 1" "adam 0.003 0.05 1" "sgd 0.1 0.05 1" "adam 0.01 0.05 1"
@@ -35,10 +46,12 @@ run_arm() {
   local opt=$1 slr=$2 llr=$3 ep=$4 name="tune-10000dev-seed1-eps$eps-$1-$2-$3-e$4$long"
   if recorded "$name"; then echo "$(date +%T) $name: in $CSV, skipped"; return; fi
   rm -rf "$RUNS/$name" "$RUNS/$name.keys"
+  local privacy=(--set epsilon-budget="$eps" --set budget-split=0.5)
+  [ "$eps" != none ] || privacy=(--set dp-mode=none --set budget-split=0 --device-set allow-non-dp=true)
   echo "$(date +%T) $name"
   "$VENV/bin/fed-nessa" simulate --engine "$engine" --quiet --set seed=1 --set num-devices=10000 \
-    --set privacy-unit=device --set epsilon-budget="$eps" --set aligner=auto --set linear-start=suffstats \
-    --set budget-split=0.5 --set device-update=fedavg --set device-weight="$weight" --set clip-target-quantile=0.5 \
+    --set privacy-unit=device "${privacy[@]}" --set aligner=auto --set linear-start=suffstats \
+    "${update_sets[@]}" --set device-weight="$weight" \
     --set server-optimizer="$opt" --set server-lr="$slr" --set local-lr="$llr" --set local-epochs="$ep" \
     --set num-server-rounds=$((rounds + 1)) --set references=false --set eval-every="$eval_every" \
     --set ledger-layout=sqlite --run-dir "$RUNS/$name" > "$RUNS/$name.log" 2>&1

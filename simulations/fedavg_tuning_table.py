@@ -1,7 +1,8 @@
 """Issue 22's tuning table: device-level DP-FedAvg arms on a population that is never reported.
 
 Reads ``results/device_fedavg_tuning.csv`` (runs ``tune-<n>dev-seed<s>-eps<e>-<optimizer>-<server lr>-<local
-lr>-e<epochs>[-r<rounds>][-w<device weight>]`` of ``simulations/device_fedavg_tuning.sh``) and its rounds CSV, and
+lr>-e<epochs>[-r<rounds>][-w<device weight>][-fedsgd]`` of ``simulations/device_fedavg_tuning.sh``, ``<e>`` a
+number or ``none``) and its rounds CSV, and
 gives one row per arm: the EER of the DP linear start (round 1), at the first evaluated DP-FedAvg round and after
 the last, the best evaluated DP-FedAvg round, and the gate's validation EERs and choice. The point of the table is
 whether any DP-FedAvg round beats its own start; the arms' held-out EERs are on population seed 1 (the reported runs
@@ -18,11 +19,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fed_nessa.config import DeviceWeight
+from fed_nessa.config import DeviceUpdate, DeviceWeight
 from simulations.results_csv import ROUND_COLUMNS, Value, number, pct, read, rounds_path
 
-NAME = re.compile(r"tune-(\d+)dev-seed(\d+)-eps([\d.]+)-([a-z-]+)-([\d.]+)-([\d.]+)-e(\d+)(?:-r\d+)?(?:-w[a-z]+)?$")
-HEADER = ("| devices | seed | device ε | server optimiser (lr) | local lr, epochs, device weight "
+NAME = re.compile(r"tune-(\d+)dev-seed(\d+)-eps([\d.]+|none)-([a-z-]+)-([\d.]+)-([\d.]+)-e(\d+)(?:-r\d+)?(?:-w[a-z]+)?"
+                  r"(?:-fedsgd)?$")
+HEADER = ("| devices | seed | device ε | server optimiser (lr) | device update: local lr, epochs, device weight "
           "| σ statistics / rounds | DP linear start EER % | first evaluated DP-FedAvg round "
           "| best DP-FedAvg round | last round | validation EER %: not updating / start / DP NESSA | shipped |")
 ALIGN = "|---:|---:|---:|---|---|---|---:|---|---|---:|---|---|"
@@ -32,6 +34,19 @@ def _curve(rounds: Sequence[dict[str, Value]], run: str) -> list[tuple[int, floa
     """The run's evaluated (round, EER) pairs in round order."""
     pts = [(int(r["round"]), number(r["eer"])) for r in rounds if r["run"] == run]  # type: ignore[arg-type]
     return sorted((k, v) for k, v in pts if v is not None)
+
+
+def _epsilon(eps: str) -> str:
+    """The arm's device ε, or "none (no DP)" for the noise-free arms (``EPS=none``)."""
+    return "none (no DP)" if eps == "none" else f"{float(eps):g}"
+
+
+def _update(run: dict[str, Value], llr: str, epochs: str) -> str:
+    """The device update: DP-FedAvg's local steps and weighting, or FedSGD's all-pairs mean gradient."""
+    if run["device-update"] == DeviceUpdate.FEDSGD:
+        return "fedsgd: mean gradient over all its pairs"
+    weight = run["device-weight"] or DeviceWeight.EQUAL  # runs before the key weighed every device the same
+    return f"fedavg: {llr}, {epochs}, {weight}"
 
 
 def line(run: dict[str, Value], rounds: Sequence[dict[str, Value]]) -> str | None:
@@ -50,8 +65,7 @@ def line(run: dict[str, Value], rounds: Sequence[dict[str, Value]]) -> str | Non
     best_s, first_s = ("n/a" if kv is None else f"{100 * kv[1]:.2f} (round {kv[0]})"
                        for kv in (best, later[0] if later else None))
     val = " / ".join(pct(run[k]) for k in ("gate_not_updating_eer", "gate_linear_start_eer", "gate_dp_nessa_eer"))
-    weight = run["device-weight"] or DeviceWeight.EQUAL  # runs before the key weighed every device the same
-    return (f"| {n} | {seed} | {float(eps):g} | {opt} ({slr}) | {llr}, {epochs}, {weight} | {sig} | {pct(start)} "
+    return (f"| {n} | {seed} | {_epsilon(eps)} | {opt} ({slr}) | {_update(run, llr, epochs)} | {sig} | {pct(start)} "
             f"| {first_s} | {best_s} | {last} | {val} | {run['gate_shipped']} |")
 
 

@@ -305,19 +305,28 @@ def test_the_tuning_table_reads_each_arms_curve_and_refuses_a_csv_without_arms(
     write(rounds_path(csv), round_rows(summary, name), ROUND_COLUMNS)
     assert fedavg_tuning_table.main([str(csv)]) == 0
     line = capsys.readouterr().out.splitlines()[2]
-    assert line.startswith("| 10000 | 1 | 60 | sgd (0.1) | 0.05, 1, equal |")
+    assert line.startswith("| 10000 | 1 | 60 | sgd (0.1) | fedavg: 0.05, 1, equal |")
     assert "| 7.00 | 6.00 (round 3) | 6.00 (round 3) | 9.00 (round 5) | 11.00 / 8.00 / 20.00 | linear-start |" in line
     long = "tune-10000dev-seed1-eps60-adam-0.001-0.05-e1-r300"  # a long arm's name keeps its rounds
     write(csv, [row(summary, long)])
     write(rounds_path(csv), round_rows(summary, long), ROUND_COLUMNS)
     assert fedavg_tuning_table.main([str(csv)]) == 0
-    assert capsys.readouterr().out.splitlines()[2].startswith("| 10000 | 1 | 60 | adam (0.001) | 0.05, 1, equal |")
+    assert capsys.readouterr().out.splitlines()[2].startswith(
+        "| 10000 | 1 | 60 | adam (0.001) | fedavg: 0.05, 1, equal |")
     summary["config"]["device-weight"] = "pairs"  # a pair-weighted arm (DEVICE_WEIGHT=pairs) says so
     weighed = f"{long}-wpairs"
     write(csv, [row(summary, weighed)])
     write(rounds_path(csv), round_rows(summary, weighed), ROUND_COLUMNS)
     assert fedavg_tuning_table.main([str(csv)]) == 0
-    assert capsys.readouterr().out.splitlines()[2].startswith("| 10000 | 1 | 60 | adam (0.001) | 0.05, 1, pairs |")
+    assert capsys.readouterr().out.splitlines()[2].startswith(
+        "| 10000 | 1 | 60 | adam (0.001) | fedavg: 0.05, 1, pairs |")
+    summary["config"].update({"device-update": "fedsgd", "device-weight": "equal"})  # DEVICE_UPDATE=fedsgd, no DP
+    plain = "tune-10000dev-seed1-epsnone-adam-0.0001-0.05-e1-r100-fedsgd"
+    write(csv, [row(summary, plain)])
+    write(rounds_path(csv), round_rows(summary, plain), ROUND_COLUMNS)
+    assert fedavg_tuning_table.main([str(csv)]) == 0
+    assert capsys.readouterr().out.splitlines()[2].startswith(
+        "| 10000 | 1 | none (no DP) | adam (0.0001) | fedsgd: mean gradient over all its pairs |")
     write(csv, [row(summary, "device-1000dev-nessa-eps8")])
     assert fedavg_tuning_table.main([str(csv)]) == 2
     assert "no run named tune-" in capsys.readouterr().err
