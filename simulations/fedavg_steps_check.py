@@ -23,10 +23,12 @@ With ``--pooled ARM ...`` it also runs full-batch arms on the pooled loss with o
 larger epsilon, Reddi et al. 2021's tau; SGD with momentum; ``+centred``: the residual's mean output over 30 other
 devices' runtime embeddings taken out after every step) and prints the pooled loss beside the EER. With
 ``--shift STEP ...`` it follows full-batch Adam's first steps and splits what the residual adds into a shift common to
-every output and a part that varies by input, and scores the aligner with the common shift taken out.
+every output and a part that varies by input, and scores the aligner with the common shift taken out. For each
+local learning rate of ``--local-lrs`` (default 0.05, the tuned arms') it prints the same along / across split for
+the devices' clipped DP-FedAvg deltas: where a round's local epoch takes the update.
 
     python -m simulations.fedavg_steps_check [--devices 300] [--seed 1] [--steps 400] [--adam-rounds 0]
-        [--pooled adam:LR[:EPS] sgdm:LR ...] [--shift STEP ...]
+        [--pooled adam:LR[:EPS] sgdm:LR ...] [--shift STEP ...] [--local-lrs 0.05 ...]
 """
 
 from __future__ import annotations
@@ -214,14 +216,30 @@ def device_cosines(net: torch.nn.Module, pop: SyntheticPopulation, pooled: np.nd
     grads = np.stack([_pooled_grad(net, torch.tensor(d.enroll), torch.tensor(d.runtime)) for d in pop.devices])
     units = grads / np.linalg.norm(grads, axis=1, keepdims=True)
     w = pair_weights(pop, cap)
+    return {"as is": _direction(grads.mean(0), pooled), "clipped": _direction(units.mean(0), pooled),
+            "clipped, pair-weighted": _direction(w @ units / len(w), pooled)}
+
+
+def _direction(v: np.ndarray, pooled: np.ndarray) -> Direction:
     unit_pooled = pooled / np.linalg.norm(pooled)
+    along = float(v @ unit_pooled)
+    return Direction(along / float(np.linalg.norm(v)), along, float(np.linalg.norm(v - along * unit_pooled)))
 
-    def direction(v: np.ndarray) -> Direction:
-        along = float(v @ unit_pooled)
-        return Direction(along / float(np.linalg.norm(v)), along, float(np.linalg.norm(v - along * unit_pooled)))
 
-    return {"as is": direction(grads.mean(0)), "clipped": direction(units.mean(0)),
-            "clipped, pair-weighted": direction(w @ units / len(w))}
+def fedavg_direction(net: torch.nn.Module, pop: SyntheticPopulation, pooled: np.ndarray, local_lr: float,
+                     seed: int) -> Direction:
+    """The mean of the devices' DP-FedAvg deltas, each clipped (unit norm: every delta is above the clip), against
+    the pooled gradient: what a device-level round follows when each device takes its local epoch (minibatches of
+    16) before clipping, beside :func:`device_cosines`' one gradient at the start. As ``local_lr`` goes to 0 the
+    delta becomes a multiple of the device's summed minibatch gradients at the start, and this is the clipped
+    gradients' direction."""
+    rng = np.random.default_rng(seed)
+    units = []
+    for d in pop.devices:
+        delta = fedavg_delta(net, d.enroll, d.runtime, orders=[rng.permutation(d.n)], batch=16, lr=local_lr,
+                             clip_norm=float("inf"))[0].numpy().astype(np.float64)
+        units.append(delta / np.linalg.norm(delta))
+    return _direction(np.mean(units, 0), pooled)
 
 
 def clipped_fedavg_adam_curve(net: torch.nn.Module, pop: SyntheticPopulation, rounds: int, server_lr: float,
@@ -260,6 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--shift", nargs="*", type=int, default=[], metavar="STEP",
                         help="full-batch Adam 1e-3 steps at which to print the residual's common shift and the EER "
                              "with it taken out")
+    parser.add_argument("--local-lrs", nargs="*", type=float, default=[0.05], metavar="LR",
+                        help="local learning rates at which to print the clipped DP-FedAvg deltas' mean direction")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     pop = generate_population(args.devices, seed=args.seed)
@@ -277,7 +297,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("cos(devices' mean gradient, pooled gradient): " + ", ".join(f"{k} {v.cos:.2f}" for k, v in cosines.items())
           + f" (weights min(n, {cap}) / {cap})")
     print("their mean, clipped to 1, along / across the pooled direction: " + ", ".join(
-        f"{k} {v.along:.4f} / {v.across:.4f}" for k, v in cosines.items() if k != "as is") + "\n")
+        f"{k} {v.along:.4f} / {v.across:.4f}" for k, v in cosines.items() if k != "as is"))
+    for local_lr in args.local_lrs:
+        fd = fedavg_direction(net, pop, g_pool, local_lr, args.seed)
+        print(f"each device's DP-FedAvg delta (local lr {local_lr:g}, 1 epoch in minibatches of 16), clipped to 1: "
+              f"cos {fd.cos:.2f}, their mean along / across {fd.along:.4f} / {fd.across:.4f}")
+    print()
     print("| update (noise-free, from the ridge start) | steps or rounds → EER % |")
     print("|---|---|")
     score = lambda: 100 * _eer(net, pop, cfg)[1]  # noqa: E731

@@ -22,6 +22,7 @@ from simulations.fedavg_steps_check import (
     clipped_fedavg_adam_curve,
     device_cosines,
     fedavg_curve,
+    fedavg_direction,
     pair_weights,
     pooled_curve,
     pooled_optimizer,
@@ -128,3 +129,25 @@ def test_clipped_fedavg_with_server_adam_moves_only_with_weight() -> None:
     moved = flat(trainable(net)) - w0
     # each of Adam's first steps moves a weight by about its learning rate, whatever the gradient's size
     assert 0 < np.abs(moved).max() <= 2 * 1.5e-3
+
+
+def test_the_fedavg_direction_is_the_clipped_gradients_at_a_vanishing_local_step() -> None:
+    """One local epoch at a tiny step only sums each device's minibatch gradients at the start: with whole
+    minibatches (every device trimmed to a multiple of 16 pairs) that sum is 1/16 of the device's mean gradient times
+    its pairs, so the clipped mean points where the clipped gradients' mean points; a real step moves it away."""
+    full = generate_population(12, seed=1, eval_speakers=20, eval_utterances=6)
+    whole = [replace(d, enroll=d.enroll[:k], runtime=d.runtime[:k], speaker=d.speaker[:k])
+             for d in full.devices if (k := 16 * (d.n // 16)) > 0]
+    pop = replace(full, devices=whole)
+    cfg = replace(FederationConfig(), linear_start=LinearStart.SUFFSTATS, seed=1)
+    net = _start(pop, cfg)
+    x = torch.tensor(np.concatenate([d.enroll for d in pop.devices]))
+    y = torch.tensor(np.concatenate([d.runtime for d in pop.devices]))
+    pooled = _pooled_grad(net, x, y)
+    clipped = device_cosines(net, pop, pooled, 10**6)["clipped"]
+    tiny = fedavg_direction(net, pop, pooled, 1e-6, seed=1)
+    assert tiny.cos == pytest.approx(clipped.cos, abs=1e-3)
+    assert tiny.along == pytest.approx(clipped.along, abs=1e-3)
+    assert tiny.across == pytest.approx(clipped.across, abs=1e-3)
+    moved = fedavg_direction(net, pop, pooled, 0.5, seed=1)
+    assert abs(moved.cos - clipped.cos) > 1e-2
