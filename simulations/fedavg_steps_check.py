@@ -34,19 +34,22 @@ the devices' clipped DP-FedAvg deltas: where a round's local epoch takes the upd
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
-from fed_nessa.config import DeviceUpdate, DeviceWeight, FederationConfig, LinearStart, PrivacyUnit
+from fed_nessa.config import DeviceUpdate, DeviceWeight, FederationConfig, LinearStart, Phase, PrivacyUnit
 from fed_nessa.data.population import Scenario
 from fed_nessa.data.synthetic import SyntheticPopulation, generate_population
 from fed_nessa.evaluation.gate import validation_eers
 from fed_nessa.federated import suffstats
 from fed_nessa.federated.layout import build_net, flat, load_flat, nessa_config, trainable
 from fed_nessa.federated.mechanism import mechanism_for
+from fed_nessa.federated.noise_plan import NoisePlan
+from fed_nessa.federated.release import promised_arrivals
 from fed_nessa.model.aligners.base import AlignerInfo
 from fed_nessa.model.aligners.nessa import NessaAligner, NessaNet
 from fed_nessa.model.training import fedavg_delta, pair_loss
@@ -61,6 +64,26 @@ def _start(pop: SyntheticPopulation, cfg: FederationConfig) -> NessaNet:
     stats = sum(suffstats.device_vector(d.enroll, d.runtime) for d in pop.devices)
     gram, cross = suffstats.unpack(np.asarray(stats, np.float64), x.shape[1], y.shape[1])
     w, b = suffstats.solve(gram, cross, nessa_config(cfg).ridge_alpha)
+    net.set_linear(w, b)
+    return net
+
+
+def dp_start(pop: SyntheticPopulation, cfg: FederationConfig, sigma: float, seed: int) -> NessaNet:
+    """The NESSA net at a device-level DP linear start: the devices' statistics weighted as device level weighs
+    them, plus the Gaussian noise a release of every device's share carries at statistics noise multiplier
+    ``sigma`` (each share sized for the promised g of a fleet of this size), solved as the server solves it.
+    What the product's first round gives, bar the integer mechanism's rounding (a tuning aid: numpy noise)."""
+    dev = replace(cfg, privacy_unit=PrivacyUnit.DEVICE)
+    mech = mechanism_for(dev)
+    d_x, d_y = pop.devices[0].enroll.shape[1], pop.devices[0].runtime.shape[1]
+    stats = sum(suffstats.device_vector(d.enroll, d.runtime) * mech.stats_weight(d.n) for d in pop.devices)
+    g = promised_arrivals(dev, len(pop.devices))
+    var = mech.released_variance(Phase.SUFFSTATS, NoisePlan(sigma, 1.0, 0), [g] * len(pop.devices))
+    noisy = np.asarray(stats, np.float64) + np.random.default_rng(seed).normal(0.0, math.sqrt(var), np.shape(stats))
+    gram, cross = suffstats.unpack(noisy, d_x, d_y)
+    net = build_net(cfg, d_x, d_y)
+    assert isinstance(net, NessaNet)
+    w, b = suffstats.solve(gram, cross, nessa_config(cfg).ridge_alpha, noise_std=math.sqrt(var))
     net.set_linear(w, b)
     return net
 
@@ -242,6 +265,34 @@ def fedavg_direction(net: torch.nn.Module, pop: SyntheticPopulation, pooled: np.
     return _direction(np.mean(units, 0), pooled)
 
 
+def noisy_fedsgd_curve(net: NessaNet, pop: SyntheticPopulation, steps: int, opt: torch.optim.Optimizer,
+                       noise_ratio: float, at: Sequence[int], score: Callable[[], float], y: torch.Tensor,
+                       centre_on: torch.Tensor | None, seed: int) -> list[tuple[int, float, Shift]]:
+    """Device-level FedSGD rounds with the noise of a fleet: each step applies the mean of the devices' clipped
+    gradients (unit norm, all their pairs) plus Gaussian noise whose norm is ``noise_ratio`` times the first
+    round's mean (fixed after, as sigma C / N is), through ``opt``; ``centre_on``: re-centred after every step
+    (:func:`recentre`). (step, EER, the residual's :class:`Shift` on ``y``) at each step in ``at``."""
+    gen = torch.Generator().manual_seed(seed)
+    params = trainable(net)
+    xs = [(torch.tensor(d.enroll), torch.tensor(d.runtime)) for d in pop.devices]
+    std = None
+    out = [(0, score(), residual_shift(net, y))] if 0 in at else []
+    for step in range(1, steps + 1):
+        units = [g / np.linalg.norm(g) for g in (_pooled_grad(net, dx, dy) for dx, dy in xs)]
+        mean = torch.from_numpy(np.mean(units, 0).astype(np.float32))
+        if std is None:
+            std = noise_ratio * float(mean.norm()) / mean.numel() ** 0.5
+        noisy = mean + std * torch.randn(mean.shape, generator=gen)
+        for p, g in zip(params, noisy.split([p.numel() for p in params]), strict=True):
+            p.grad = g.view_as(p).clone()
+        opt.step()
+        if centre_on is not None:
+            recentre(net, centre_on)
+        if step in at:
+            out.append((step, score(), residual_shift(net, y)))
+    return out
+
+
 def clipped_fedavg_adam_curve(net: torch.nn.Module, pop: SyntheticPopulation, rounds: int, server_lr: float,
                               local_lr: float, clip: float, weights: np.ndarray, at: Sequence[int],
                               score: Callable[[], float], seed: int) -> list[tuple[int, float]]:
@@ -280,24 +331,36 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "with it taken out")
     parser.add_argument("--local-lrs", nargs="*", type=float, default=[0.05], metavar="LR",
                         help="local learning rates at which to print the clipped DP-FedAvg deltas' mean direction")
+    parser.add_argument("--noisy-fedsgd", nargs="*", default=[], metavar="ARM",
+                        help="device-level FedSGD arms (adam:LR[:EPS] or sgdm:LR[+centred]) under noise of "
+                             "--noise-ratio times the mean clipped gradient's norm, --steps rounds")
+    parser.add_argument("--noise-ratio", type=float, default=2.2,
+                        help="the noise's norm over the mean clipped gradient's (2.2: 10^4 devices at epsilon 60)")
+    parser.add_argument("--dp-start", type=float, default=None, metavar="SIGMA",
+                        help="start from a device-level DP linear start at this statistics noise multiplier (0.224: "
+                             "10^4 devices at epsilon 60 on half the budget), not the noise-free ridge fit")
+    parser.add_argument("--fedavg-rounds", type=int, default=5,
+                        help="noise-free, unclipped FedAvg rounds at server SGD 1 and 0.1 (0: none)")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     pop = generate_population(args.devices, seed=args.seed)
     cfg = replace(FederationConfig(), linear_start=LinearStart.SUFFSTATS, seed=args.seed)
     x = torch.tensor(np.concatenate([d.enroll for d in pop.devices]))
     y = torch.tensor(np.concatenate([d.runtime for d in pop.devices]))
-    net = _start(pop, cfg)
+    net = _start(pop, cfg) if args.dp_start is None else dp_start(pop, cfg, args.dp_start, args.seed)
     w0 = flat(trainable(net))
     keep, start = _eer(net, pop, cfg)
     g_pool, cap = _pooled_grad(net, x, y), cfg.device_stats_pairs
     cosines = device_cosines(net, pop, g_pool, cap)
     print(f"{args.devices} devices, {x.shape[0]} pairs, population seed {args.seed}: not updating {100 * keep:.2f} %, "
-          f"ridge start {100 * start:.2f} % EER; cos(device-weighted mean gradient, pooled gradient) = "
+          f"{'ridge' if args.dp_start is None else f'DP linear (statistics sigma {args.dp_start:g})'} start "
+          f"{100 * start:.2f} % EER; cos(device-weighted mean gradient, pooled gradient) = "
           f"{cosines['as is'].cos:.2f}")
     print("cos(devices' mean gradient, pooled gradient): " + ", ".join(f"{k} {v.cos:.2f}" for k, v in cosines.items())
           + f" (weights min(n, {cap}) / {cap})")
     print("their mean, clipped to 1, along / across the pooled direction: " + ", ".join(
-        f"{k} {v.along:.4f} / {v.across:.4f}" for k, v in cosines.items() if k != "as is"))
+        f"{k} {v.along:.4f} / {v.across:.4f} (norm {math.hypot(v.along, v.across):.4f})"
+        for k, v in cosines.items() if k != "as is"))
     for local_lr in args.local_lrs:
         fd = fedavg_direction(net, pop, g_pool, local_lr, args.seed)
         print(f"each device's DP-FedAvg delta (local lr {local_lr:g}, 1 epoch in minibatches of 16), clipped to 1: "
@@ -314,7 +377,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               + ", ".join(f"{s}: {e:.2f}" for s, e in curve) + " |")
     for server_lr, local_lr in ((1.0, 0.05), (0.1, 0.05)):
         load_flat(trainable(net), w0)
-        curve = fedavg_curve(net, pop, 5, server_lr, local_lr, score, args.seed)
+        if args.fedavg_rounds <= 0:
+            break
+        curve = fedavg_curve(net, pop, args.fedavg_rounds, server_lr, local_lr, score, args.seed)
         print(f"| FedAvg, local lr {local_lr:g} (1 epoch), server SGD lr {server_lr:g} | "
               + ", ".join(f"{s}: {e:.2f}" for s, e in curve) + " |")
     # the server's own runtime embeddings for "+centred" arms: another population's speakers (same world)
@@ -340,6 +405,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return eer
 
         pooled_curve(net, x, y, max(args.shift), opt, args.shift, shift_row)
+    for arm in args.noisy_fedsgd:
+        load_flat(trainable(net), w0)
+        rows = noisy_fedsgd_curve(net, pop, args.steps, pooled_optimizer(arm, trainable(net)), args.noise_ratio,
+                                  at, score, y, server_y if centred_arm(arm) else None, args.seed)
+        print(f"| FedSGD {arm}, noise {args.noise_ratio:g} x the signal (EER % / residual's common shift / varying "
+              "part) | " + ", ".join(f"{s}: {e:.2f} / {sh.common:.3f} / {sh.varying:.3f}" for s, e, sh in rows) + " |")
     rounds_at = sorted({0, 1, 10, 25, 50, 100} | set(range(0, args.adam_rounds + 1, 50)) | {args.adam_rounds})
     arms = (("equal weights", np.ones(len(pop.devices))), (f"pair-weighted (cap {cap})", pair_weights(pop, cap)))
     for name, weights in arms if args.adam_rounds > 0 else ():

@@ -61,7 +61,7 @@ def line(run: dict[str, Value], rounds: Sequence[dict[str, Value]]) -> str | Non
     best = min(later, key=lambda kv: kv[1]) if later else None
     last = f"{pct(later[-1][1])} (round {later[-1][0]})" if later else "n/a"
     ss, ds = number(run["suffstats_sigma"]), number(run["dpsgd_sigma"])
-    sig = "n/a" if ss is None or ds is None else f"{ss:.3g} / {ds:.3g}"
+    sig = "n/a" if ss is None or ds is None or eps == "none" else f"{ss:.3g} / {ds:.3g}"  # no DP: no noise
     best_s, first_s = ("n/a" if kv is None else f"{100 * kv[1]:.2f} (round {kv[0]})"
                        for kv in (best, later[0] if later else None))
     val = " / ".join(pct(run[k]) for k in ("gate_not_updating_eer", "gate_linear_start_eer", "gate_dp_nessa_eer"))

@@ -21,6 +21,7 @@ from simulations.fedavg_steps_check import (
     centred_score,
     clipped_fedavg_adam_curve,
     device_cosines,
+    dp_start,
     fedavg_curve,
     fedavg_direction,
     pair_weights,
@@ -151,3 +152,17 @@ def test_the_fedavg_direction_is_the_clipped_gradients_at_a_vanishing_local_step
     assert tiny.across == pytest.approx(clipped.across, abs=1e-3)
     moved = fedavg_direction(net, pop, pooled, 0.5, seed=1)
     assert abs(moved.cos - clipped.cos) > 1e-2
+
+
+def test_the_dp_start_is_the_ridge_start_without_noise_and_moves_with_it() -> None:
+    """At a vanishing statistics noise the DP linear start is the ridge fit of the device-level weighted statistics
+    (with the cap at the largest device's pairs, the ridge fit of every pair); noise moves it."""
+    pop = generate_population(12, seed=1, eval_speakers=20, eval_utterances=6)
+    cap = max(d.n for d in pop.devices)  # every device's statistics at weight 1, the sensitivity at this cap's
+    cfg = replace(FederationConfig(), linear_start=LinearStart.SUFFSTATS, seed=1, device_stats_pairs=cap)
+    ridge = _start(pop, cfg)
+    quiet, noisy = dp_start(pop, cfg, 1e-12, seed=1), dp_start(pop, cfg, 1.0, seed=1)
+    assert torch.allclose(quiet.linear.weight, ridge.linear.weight, atol=1e-4)
+    assert torch.allclose(quiet.linear.bias, ridge.linear.bias, atol=1e-4)
+    assert not torch.allclose(noisy.linear.weight, ridge.linear.weight, atol=1e-2)
+    assert all(not p.requires_grad for p in noisy.linear.parameters())  # frozen, as after the product's start

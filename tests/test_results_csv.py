@@ -326,7 +326,7 @@ def test_the_tuning_table_reads_each_arms_curve_and_refuses_a_csv_without_arms(
     write(rounds_path(csv), round_rows(summary, plain), ROUND_COLUMNS)
     assert fedavg_tuning_table.main([str(csv)]) == 0
     assert capsys.readouterr().out.splitlines()[2].startswith(
-        "| 10000 | 1 | none (no DP) | adam (0.0001) | fedsgd: mean gradient over all its pairs |")
+        "| 10000 | 1 | none (no DP) | adam (0.0001) | fedsgd: mean gradient over all its pairs | n/a |")
     write(csv, [row(summary, "device-1000dev-nessa-eps8")])
     assert fedavg_tuning_table.main([str(csv)]) == 2
     assert "no run named tune-" in capsys.readouterr().err
