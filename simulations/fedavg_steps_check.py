@@ -366,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"each device's DP-FedAvg delta (local lr {local_lr:g}, 1 epoch in minibatches of 16), clipped to 1: "
               f"cos {fd.cos:.2f}, their mean along / across {fd.along:.4f} / {fd.across:.4f}")
     print()
-    print("| update (noise-free, from the ridge start) | steps or rounds → EER % |")
+    print(f"| update (from the {'ridge' if args.dp_start is None else 'DP linear'} start) | steps or rounds → EER % |")
     print("|---|---|")
     score = lambda: 100 * _eer(net, pop, cfg)[1]  # noqa: E731
     at = sorted({0, 1, 3, 10, 30, 100, args.steps // 2, args.steps})
