@@ -52,6 +52,7 @@ from fed_nessa.federated.noise_plan import NoisePlan
 from fed_nessa.federated.release import promised_arrivals
 from fed_nessa.model.aligners.base import AlignerInfo
 from fed_nessa.model.aligners.nessa import NessaAligner, NessaNet
+from fed_nessa.model.losses import cosine_loss
 from fed_nessa.model.training import fedavg_delta, pair_loss
 
 
@@ -98,9 +99,11 @@ def _eer(net: torch.nn.Module, pop: SyntheticPopulation, cfg: FederationConfig) 
     return eers["none"], eers["dp-nessa"]
 
 
-def _pooled_grad(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+def _pooled_grad(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 centre: torch.Tensor | None = None) -> np.ndarray:
     params = trainable(net)
-    grads = torch.autograd.grad(pair_loss(net, x, y, "cosine").mean(), params)
+    loss = pair_loss(net, x, y, "cosine").mean() if centre is None else mean_free_loss(net, x, y, centre)
+    grads = torch.autograd.grad(loss, params)
     return torch.cat([g.reshape(-1) for g in grads]).numpy()
 
 
@@ -111,14 +114,25 @@ def adam_curve(net: NessaNet, x: torch.Tensor, y: torch.Tensor, steps: int, lr: 
     return [(step, eer) for step, _, eer in curve]
 
 
+def mean_free_loss(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+    """The cosine loss between the mapped runtime embedding and the enrollment one, both minus ``centre`` (the mean
+    enrollment embedding): moving every output toward the mean no longer lowers it. From a DP linear start the plain
+    cosine loss's descent has a part common to every pair along the mean enrollment direction (raising every score
+    alike: the EER rises), which this removes; still one term per pair, so per-pair or per-device clipping bounds it."""
+    return cosine_loss(net(y) - centre, x - centre).mean()
+
+
 def pooled_curve(net: NessaNet, x: torch.Tensor, y: torch.Tensor, steps: int, opt: torch.optim.Optimizer,
-                 at: Sequence[int], score: Callable[[], float],
-                 centre_on: torch.Tensor | None = None) -> list[tuple[int, float, float]]:
+                 at: Sequence[int], score: Callable[[], float], centre_on: torch.Tensor | None = None,
+                 loss_centre: torch.Tensor | None = None) -> list[tuple[int, float, float]]:
     """Full-batch steps of ``opt`` on the pooled loss; (step, pooled loss, EER) at each step in ``at``. With
     ``centre_on`` (runtime embeddings the server holds itself), each step is followed by taking the residual's mean
-    output over them out of its last bias (:func:`recentre`)."""
+    output over them out of its last bias (:func:`recentre`). With ``loss_centre`` the steps follow
+    :func:`mean_free_loss` (the pooled loss printed is that loss)."""
     def loss() -> torch.Tensor:
-        return pair_loss(net, x, y, "cosine").mean()
+        if loss_centre is None:
+            return pair_loss(net, x, y, "cosine").mean()
+        return mean_free_loss(net, x, y, loss_centre)
 
     def point(step: int) -> tuple[int, float, float]:
         with torch.no_grad():
@@ -184,16 +198,22 @@ def centred_score(net: NessaNet, y: torch.Tensor, score: Callable[[], float]) ->
 
 #: A pooled arm's suffix: re-centre the residual after every step on embeddings of other speakers (:func:`recentre`).
 CENTRED = "+centred"
+#: A pooled arm's suffix: steps on :func:`mean_free_loss` about the pairs' mean enrollment embedding.
+MEAN_FREE = "+meanfree"
 
 
 def centred_arm(arm: str) -> bool:
-    return arm.endswith(CENTRED)
+    return arm.removesuffix(MEAN_FREE).endswith(CENTRED)
+
+
+def mean_free_arm(arm: str) -> bool:
+    return arm.endswith(MEAN_FREE)
 
 
 def pooled_optimizer(arm: str, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     """``adam:LR[:EPS]`` (Adam, EPS its epsilon, Reddi et al.'s tau; default 1e-8) or ``sgdm:LR`` (momentum 0.9);
     a ``+centred`` suffix (:func:`centred_arm`) does not change the optimiser."""
-    kind, *values = arm.removesuffix(CENTRED).split(":")
+    kind, *values = arm.removesuffix(MEAN_FREE).removesuffix(CENTRED).split(":")
     if kind == "adam" and len(values) in (1, 2):
         return torch.optim.Adam(params, lr=float(values[0]), eps=float(values[1]) if len(values) == 2 else 1e-8)
     if kind == "sgdm" and len(values) == 1:
@@ -267,18 +287,20 @@ def fedavg_direction(net: torch.nn.Module, pop: SyntheticPopulation, pooled: np.
 
 def noisy_fedsgd_curve(net: NessaNet, pop: SyntheticPopulation, steps: int, opt: torch.optim.Optimizer,
                        noise_ratio: float, at: Sequence[int], score: Callable[[], float], y: torch.Tensor,
-                       centre_on: torch.Tensor | None, seed: int) -> list[tuple[int, float, Shift]]:
+                       centre_on: torch.Tensor | None, seed: int,
+                       loss_centre: torch.Tensor | None = None) -> list[tuple[int, float, Shift]]:
     """Device-level FedSGD rounds with the noise of a fleet: each step applies the mean of the devices' clipped
     gradients (unit norm, all their pairs) plus Gaussian noise whose norm is ``noise_ratio`` times the first
     round's mean (fixed after, as sigma C / N is), through ``opt``; ``centre_on``: re-centred after every step
-    (:func:`recentre`). (step, EER, the residual's :class:`Shift` on ``y``) at each step in ``at``."""
+    (:func:`recentre`); ``loss_centre``: the devices' gradients of :func:`mean_free_loss`. (step, EER, the
+    residual's :class:`Shift` on ``y``) at each step in ``at``."""
     gen = torch.Generator().manual_seed(seed)
     params = trainable(net)
     xs = [(torch.tensor(d.enroll), torch.tensor(d.runtime)) for d in pop.devices]
     std = None
     out = [(0, score(), residual_shift(net, y))] if 0 in at else []
     for step in range(1, steps + 1):
-        units = [g / np.linalg.norm(g) for g in (_pooled_grad(net, dx, dy) for dx, dy in xs)]
+        units = [g / np.linalg.norm(g) for g in (_pooled_grad(net, dx, dy, loss_centre) for dx, dy in xs)]
         mean = torch.from_numpy(np.mean(units, 0).astype(np.float32))
         if std is None:
             std = noise_ratio * float(mean.norm()) / mean.numel() ** 0.5
@@ -387,7 +409,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for arm in args.pooled:
         load_flat(trainable(net), w0)
         points = pooled_curve(net, x, y, args.steps, pooled_optimizer(arm, trainable(net)), at, score,
-                              centre_on=server_y if centred_arm(arm) else None)
+                              centre_on=server_y if centred_arm(arm) else None,
+                              loss_centre=x.mean(0) if mean_free_arm(arm) else None)
         print(f"| full-batch {arm} on the pooled loss (pooled loss / EER %) | "
               + ", ".join(f"{s}: {loss:.4f} / {e:.2f}" for s, loss, e in points) + " |")
     if args.shift:
@@ -408,7 +431,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for arm in args.noisy_fedsgd:
         load_flat(trainable(net), w0)
         rows = noisy_fedsgd_curve(net, pop, args.steps, pooled_optimizer(arm, trainable(net)), args.noise_ratio,
-                                  at, score, y, server_y if centred_arm(arm) else None, args.seed)
+                                  at, score, y, server_y if centred_arm(arm) else None, args.seed,
+                                  loss_centre=x.mean(0) if mean_free_arm(arm) else None)
         print(f"| FedSGD {arm}, noise {args.noise_ratio:g} x the signal (EER % / residual's common shift / varying "
               "part) | " + ", ".join(f"{s}: {e:.2f} / {sh.common:.3f} / {sh.varying:.3f}" for s, e, sh in rows) + " |")
     rounds_at = sorted({0, 1, 10, 25, 50, 100} | set(range(0, args.adam_rounds + 1, 50)) | {args.adam_rounds})

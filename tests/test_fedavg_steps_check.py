@@ -24,6 +24,9 @@ from simulations.fedavg_steps_check import (
     dp_start,
     fedavg_curve,
     fedavg_direction,
+    mean_free_arm,
+    mean_free_loss,
+    noisy_fedsgd_curve,
     pair_weights,
     pooled_curve,
     pooled_optimizer,
@@ -166,3 +169,40 @@ def test_the_dp_start_is_the_ridge_start_without_noise_and_moves_with_it() -> No
     assert torch.allclose(quiet.linear.bias, ridge.linear.bias, atol=1e-4)
     assert not torch.allclose(noisy.linear.weight, ridge.linear.weight, atol=1e-2)
     assert all(not p.requires_grad for p in noisy.linear.parameters())  # frozen, as after the product's start
+
+
+def test_the_mean_free_loss_is_the_cosine_loss_about_a_centre_and_its_arms_parse() -> None:
+    """About a zero centre it is the plain cosine loss; about the enrollment mean, moving every mapped embedding
+    toward that mean, which lowers the plain loss at a noisy (DP) linear start, does not lower it."""
+    pop = generate_population(12, seed=1, eval_speakers=20, eval_utterances=6)
+    cfg = replace(FederationConfig(), linear_start=LinearStart.SUFFSTATS, seed=1)
+    net = dp_start(pop, cfg, 0.02, seed=1)
+    x = torch.tensor(np.concatenate([d.enroll for d in pop.devices]))
+    y = torch.tensor(np.concatenate([d.runtime for d in pop.devices]))
+    zero = torch.zeros(x.shape[1])
+    assert float(mean_free_loss(net, x, y, zero)) == pytest.approx(float(pair_loss(net, x, y, "cosine").mean()))
+    mu = x.mean(0)
+    with torch.no_grad():
+        plain0, free0 = float(pair_loss(net, x, y, "cosine").mean()), float(mean_free_loss(net, x, y, mu))
+        net.residual[-1].bias.add_(0.3 * mu)  # every output moves toward the enrollment mean
+        plain1, free1 = float(pair_loss(net, x, y, "cosine").mean()), float(mean_free_loss(net, x, y, mu))
+    assert plain1 < plain0  # the plain loss rewards the shift toward the mean...
+    assert free1 > free0  # ...the mean-free loss does not
+    assert mean_free_arm("adam:0.001+meanfree") and mean_free_arm("adam:0.001+centred+meanfree")
+    assert centred_arm("adam:0.001+centred+meanfree") and not centred_arm("adam:0.001+meanfree")
+    assert isinstance(pooled_optimizer("adam:0.001+centred+meanfree", trainable(net)), torch.optim.Adam)
+
+
+def test_noisy_fedsgd_follows_the_loss_it_is_given() -> None:
+    pop = generate_population(12, seed=1, eval_speakers=20, eval_utterances=6)
+    cfg = replace(FederationConfig(), linear_start=LinearStart.SUFFSTATS, seed=1)
+    y = torch.tensor(np.concatenate([d.runtime for d in pop.devices]))
+    x = torch.tensor(np.concatenate([d.enroll for d in pop.devices]))
+    ends = []
+    for centre in (None, x.mean(0)):
+        net = _start(pop, cfg)
+        rows = noisy_fedsgd_curve(net, pop, 3, torch.optim.Adam(trainable(net), lr=1e-3), 0.0, [0, 3],
+                                  lambda: 0.0, y, None, seed=1, loss_centre=centre)
+        assert [r[0] for r in rows] == [0, 3] and rows[0][2].residual == 0.0 and rows[1][2].residual > 0.0
+        ends.append(flat(trainable(net)))
+    assert not np.allclose(ends[0], ends[1])
