@@ -315,6 +315,30 @@ def noisy_fedsgd_curve(net: NessaNet, pop: SyntheticPopulation, steps: int, opt:
     return out
 
 
+@dataclass(frozen=True)
+class MeanPull:
+    """Where the plain cosine loss's descent in output space points, over the pairs: the norm of its part common
+    to every pair over its mean per-pair norm, that part's cosine with the mean enrollment embedding, and the mapped
+    embeddings' mean norm and mean cosine with their enrollment embedding."""
+
+    common: float
+    cos_mean: float
+    output_norm: float
+    pair_cos: float
+
+
+def mean_pull(net: NessaNet, x: torch.Tensor, y: torch.Tensor) -> MeanPull:
+    """The :class:`MeanPull` of ``net``'s outputs on the pairs ``(x, y)``."""
+    f = net(y).detach().requires_grad_(True)
+    cosine_loss(f, x).mean().backward()
+    assert f.grad is not None
+    descent, mu = -f.grad, x.mean(0)
+    common = descent.mean(0)
+    return MeanPull(float(common.norm() / descent.norm(dim=1).mean()),
+                    float(common @ mu / (common.norm() * mu.norm())), float(f.detach().norm(dim=1).mean()),
+                    float(torch.nn.functional.cosine_similarity(f.detach(), x).mean()))
+
+
 def clipped_fedavg_adam_curve(net: torch.nn.Module, pop: SyntheticPopulation, rounds: int, server_lr: float,
                               local_lr: float, clip: float, weights: np.ndarray, at: Sequence[int],
                               score: Callable[[], float], seed: int) -> list[tuple[int, float]]:
@@ -383,6 +407,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("their mean, clipped to 1, along / across the pooled direction: " + ", ".join(
         f"{k} {v.along:.4f} / {v.across:.4f} (norm {math.hypot(v.along, v.across):.4f})"
         for k, v in cosines.items() if k != "as is"))
+    pull = mean_pull(net, x, y)
+    print(f"the cosine loss's descent over the pairs: common part {pull.common:.3f} of a pair's, cos with the mean "
+          f"enrollment embedding {pull.cos_mean:.3f}; mapped embeddings' norm {pull.output_norm:.3f}, cos with their "
+          f"enrollment embedding {pull.pair_cos:.3f}")
     for local_lr in args.local_lrs:
         fd = fedavg_direction(net, pop, g_pool, local_lr, args.seed)
         print(f"each device's DP-FedAvg delta (local lr {local_lr:g}, 1 epoch in minibatches of 16), clipped to 1: "

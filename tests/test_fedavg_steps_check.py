@@ -26,6 +26,7 @@ from simulations.fedavg_steps_check import (
     fedavg_direction,
     mean_free_arm,
     mean_free_loss,
+    mean_pull,
     noisy_fedsgd_curve,
     pair_weights,
     pooled_curve,
@@ -206,3 +207,15 @@ def test_noisy_fedsgd_follows_the_loss_it_is_given() -> None:
         assert [r[0] for r in rows] == [0, 3] and rows[0][2].residual == 0.0 and rows[1][2].residual > 0.0
         ends.append(flat(trainable(net)))
     assert not np.allclose(ends[0], ends[1])
+
+
+def test_a_noisy_linear_start_pulls_every_output_toward_the_mean_enrollment_embedding() -> None:
+    """At the ridge fit the loss's descent has almost no part common to every pair; at a noisy (DP) start it has
+    one, along the mean enrollment embedding, and the mapped embeddings are longer and less aligned."""
+    pop = generate_population(12, seed=1, eval_speakers=20, eval_utterances=6)
+    cfg = replace(FederationConfig(), linear_start=LinearStart.SUFFSTATS, seed=1)
+    x = torch.tensor(np.concatenate([d.enroll for d in pop.devices]))
+    y = torch.tensor(np.concatenate([d.runtime for d in pop.devices]))
+    ridge, noisy = mean_pull(_start(pop, cfg), x, y), mean_pull(dp_start(pop, cfg, 0.02, seed=1), x, y)
+    assert ridge.common < 0.05 < noisy.common and noisy.cos_mean > 0.9
+    assert noisy.output_norm > ridge.output_norm and noisy.pair_cos < ridge.pair_cos
