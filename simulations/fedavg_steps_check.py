@@ -25,10 +25,19 @@ devices' runtime embeddings taken out after every step) and prints the pooled lo
 ``--shift STEP ...`` it follows full-batch Adam's first steps and splits what the residual adds into a shift common to
 every output and a part that varies by input, and scores the aligner with the common shift taken out. For each
 local learning rate of ``--local-lrs`` (default 0.05, the tuned arms') it prints the same along / across split for
-the devices' clipped DP-FedAvg deltas: where a round's local epoch takes the update.
+the devices' clipped DP-FedAvg deltas: where a round's local epoch takes the update. It also prints where the cosine
+loss's descent points over the pairs (:func:`mean_pull`: its part common to every pair, along the mean enrollment
+embedding at a noisy start).
+
+With ``--dp-start SIGMA`` everything starts from a device-level DP linear start (:func:`dp_start`) instead of the
+noise-free ridge fit; ``--noisy-fedsgd ARM ...`` runs device-level FedSGD steps (every device's clipped gradient, plus
+noise ``--noise-ratio`` times the signal's norm) and prints the residual's common shift; a ``+meanfree`` suffix trains
+on the cosine loss about the pairs' mean enrollment embedding (:func:`mean_free_loss`). ``--fedavg-rounds 0`` skips
+the unclipped FedAvg rounds (slow on thousands of devices).
 
     python -m simulations.fedavg_steps_check [--devices 300] [--seed 1] [--steps 400] [--adam-rounds 0]
-        [--pooled adam:LR[:EPS] sgdm:LR ...] [--shift STEP ...] [--local-lrs 0.05 ...]
+        [--pooled adam:LR[:EPS] sgdm:LR ...] [--shift STEP ...] [--local-lrs 0.05 ...] [--dp-start SIGMA]
+        [--noisy-fedsgd ARM ...] [--noise-ratio 2.2] [--fedavg-rounds 5]
 """
 
 from __future__ import annotations
@@ -212,7 +221,7 @@ def mean_free_arm(arm: str) -> bool:
 
 def pooled_optimizer(arm: str, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     """``adam:LR[:EPS]`` (Adam, EPS its epsilon, Reddi et al.'s tau; default 1e-8) or ``sgdm:LR`` (momentum 0.9);
-    a ``+centred`` suffix (:func:`centred_arm`) does not change the optimiser."""
+    a ``+centred`` or ``+meanfree`` suffix (:func:`centred_arm`, :func:`mean_free_arm`) leaves the optimiser as is."""
     kind, *values = arm.removesuffix(MEAN_FREE).removesuffix(CENTRED).split(":")
     if kind == "adam" and len(values) in (1, 2):
         return torch.optim.Adam(params, lr=float(values[0]), eps=float(values[1]) if len(values) == 2 else 1e-8)
