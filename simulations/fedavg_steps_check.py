@@ -30,14 +30,14 @@ loss's descent points over the pairs (:func:`mean_pull`: its part common to ever
 embedding at a noisy start).
 
 With ``--dp-start SIGMA`` everything starts from a device-level DP linear start (:func:`dp_start`) instead of the
-noise-free ridge fit; ``--noisy-fedsgd ARM ...`` runs device-level FedSGD steps (every device's clipped gradient, plus
-noise ``--noise-ratio`` times the signal's norm) and prints the residual's common shift; a ``+meanfree`` suffix trains
-on the cosine loss about the pairs' mean enrollment embedding (:func:`mean_free_loss`). ``--fedavg-rounds 0`` skips
-the unclipped FedAvg rounds (slow on thousands of devices).
+noise-free ridge fit (``--start-seed``: another draw of its noise); ``--noisy-fedsgd ARM ...`` runs device-level
+FedSGD steps (every device's clipped gradient, plus noise ``--noise-ratio`` times the signal's norm) and prints the
+residual's common shift; a ``+meanfree`` suffix trains on the cosine loss about the pairs' mean enrollment embedding
+(:func:`mean_free_loss`). ``--fedavg-rounds 0`` skips the unclipped FedAvg rounds (slow on thousands of devices).
 
     python -m simulations.fedavg_steps_check [--devices 300] [--seed 1] [--steps 400] [--adam-rounds 0]
         [--pooled adam:LR[:EPS] sgdm:LR ...] [--shift STEP ...] [--local-lrs 0.05 ...] [--dp-start SIGMA]
-        [--noisy-fedsgd ARM ...] [--noise-ratio 2.2] [--fedavg-rounds 5]
+        [--start-seed SEED] [--noisy-fedsgd ARM ...] [--noise-ratio 2.2] [--fedavg-rounds 5]
 """
 
 from __future__ import annotations
@@ -394,6 +394,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dp-start", type=float, default=None, metavar="SIGMA",
                         help="start from a device-level DP linear start at this statistics noise multiplier (0.224: "
                              "10^4 devices at epsilon 60 on half the budget), not the noise-free ridge fit")
+    parser.add_argument("--start-seed", type=int, default=None,
+                        help="the seed of --dp-start's statistics noise (default: --seed): another draw of the start")
     parser.add_argument("--fedavg-rounds", type=int, default=5,
                         help="noise-free, unclipped FedAvg rounds at server SGD 1 and 0.1 (0: none)")
     args = parser.parse_args(argv)
@@ -402,7 +404,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = replace(FederationConfig(), linear_start=LinearStart.SUFFSTATS, seed=args.seed)
     x = torch.tensor(np.concatenate([d.enroll for d in pop.devices]))
     y = torch.tensor(np.concatenate([d.runtime for d in pop.devices]))
-    net = _start(pop, cfg) if args.dp_start is None else dp_start(pop, cfg, args.dp_start, args.seed)
+    start_seed = args.seed if args.start_seed is None else args.start_seed
+    net = _start(pop, cfg) if args.dp_start is None else dp_start(pop, cfg, args.dp_start, start_seed)
     w0 = flat(trainable(net))
     keep, start = _eer(net, pop, cfg)
     g_pool, cap = _pooled_grad(net, x, y), cfg.device_stats_pairs
