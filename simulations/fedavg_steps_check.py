@@ -65,17 +65,29 @@ from fed_nessa.model.losses import cosine_loss
 from fed_nessa.model.training import fedavg_delta, pair_loss
 
 
+def _linear_start(pop: SyntheticPopulation, cfg: FederationConfig, stats: np.ndarray, noise_std: float) -> NessaNet:
+    """The NESSA net at the ridge fit of the summed statistics ``stats``, solved as the server solves a release
+    with per-value noise ``noise_std``; its linear part frozen."""
+    d_x, d_y = pop.devices[0].enroll.shape[1], pop.devices[0].runtime.shape[1]
+    net = build_net(cfg, d_x, d_y)
+    assert isinstance(net, NessaNet)  # the protocol's aligner
+    gram, cross = suffstats.unpack(np.asarray(stats, np.float64), d_x, d_y)
+    net.set_linear(*suffstats.solve(gram, cross, nessa_config(cfg).ridge_alpha, noise_std=noise_std))
+    return net
+
+
+def _summed_stats(pop: SyntheticPopulation, weight: Callable[[int], float]) -> np.ndarray:
+    """The devices' sufficient statistics, each times ``weight(n)``, summed one device at a time."""
+    d_x, d_y = pop.devices[0].enroll.shape[1], pop.devices[0].runtime.shape[1]
+    total = np.zeros(suffstats.vector_size(d_x, d_y))
+    for d in pop.devices:
+        total += suffstats.device_vector(d.enroll, d.runtime) * weight(d.n)
+    return total
+
+
 def _start(pop: SyntheticPopulation, cfg: FederationConfig) -> NessaNet:
     """The NESSA net at the ridge fit of every pair (no noise), its linear part frozen."""
-    x = np.concatenate([d.enroll for d in pop.devices])
-    y = np.concatenate([d.runtime for d in pop.devices])
-    net = build_net(cfg, x.shape[1], y.shape[1])
-    assert isinstance(net, NessaNet)  # the protocol's aligner
-    stats = sum(suffstats.device_vector(d.enroll, d.runtime) for d in pop.devices)
-    gram, cross = suffstats.unpack(np.asarray(stats, np.float64), x.shape[1], y.shape[1])
-    w, b = suffstats.solve(gram, cross, nessa_config(cfg).ridge_alpha)
-    net.set_linear(w, b)
-    return net
+    return _linear_start(pop, cfg, _summed_stats(pop, lambda n: 1.0), 0.0)
 
 
 def dp_start(pop: SyntheticPopulation, cfg: FederationConfig, sigma: float, seed: int) -> NessaNet:
@@ -85,17 +97,10 @@ def dp_start(pop: SyntheticPopulation, cfg: FederationConfig, sigma: float, seed
     What the product's first round gives, bar the integer mechanism's rounding (a tuning aid: numpy noise)."""
     dev = replace(cfg, privacy_unit=PrivacyUnit.DEVICE)
     mech = mechanism_for(dev)
-    d_x, d_y = pop.devices[0].enroll.shape[1], pop.devices[0].runtime.shape[1]
-    stats = sum(suffstats.device_vector(d.enroll, d.runtime) * mech.stats_weight(d.n) for d in pop.devices)
+    stats = _summed_stats(pop, mech.stats_weight)
     g = promised_arrivals(dev, len(pop.devices))
-    var = mech.released_variance(Phase.SUFFSTATS, NoisePlan(sigma, 1.0, 0), [g] * len(pop.devices))
-    noisy = np.asarray(stats, np.float64) + np.random.default_rng(seed).normal(0.0, math.sqrt(var), np.shape(stats))
-    gram, cross = suffstats.unpack(noisy, d_x, d_y)
-    net = build_net(cfg, d_x, d_y)
-    assert isinstance(net, NessaNet)
-    w, b = suffstats.solve(gram, cross, nessa_config(cfg).ridge_alpha, noise_std=math.sqrt(var))
-    net.set_linear(w, b)
-    return net
+    std = math.sqrt(mech.released_variance(Phase.SUFFSTATS, NoisePlan(sigma, 1.0, 0), [g] * len(pop.devices)))
+    return _linear_start(pop, cfg, stats + np.random.default_rng(seed).normal(0.0, std, stats.shape), std)
 
 
 def _eer(net: torch.nn.Module, pop: SyntheticPopulation, cfg: FederationConfig) -> tuple[float, float]:
@@ -108,12 +113,25 @@ def _eer(net: torch.nn.Module, pop: SyntheticPopulation, cfg: FederationConfig) 
     return eers["none"], eers["dp-nessa"]
 
 
+def _loss(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, centre: torch.Tensor | None) -> torch.Tensor:
+    """The pairs' mean cosine loss, or with ``centre`` the :func:`mean_free_loss` about it."""
+    return pair_loss(net, x, y, "cosine").mean() if centre is None else mean_free_loss(net, x, y, centre)
+
+
 def _pooled_grad(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
                  centre: torch.Tensor | None = None) -> np.ndarray:
-    params = trainable(net)
-    loss = pair_loss(net, x, y, "cosine").mean() if centre is None else mean_free_loss(net, x, y, centre)
-    grads = torch.autograd.grad(loss, params)
+    grads = torch.autograd.grad(_loss(net, x, y, centre), trainable(net))
     return torch.cat([g.reshape(-1) for g in grads]).numpy()
+
+
+def _device_grads(net: torch.nn.Module, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                  centre: torch.Tensor | None = None) -> np.ndarray:
+    """Every device's gradient over all its ``(enroll, runtime)`` pairs, one row each."""
+    return np.stack([_pooled_grad(net, x, y, centre) for x, y in pairs])
+
+
+def _device_pairs(pop: SyntheticPopulation) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(torch.tensor(d.enroll), torch.tensor(d.runtime)) for d in pop.devices]
 
 
 def adam_curve(net: NessaNet, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float,
@@ -139,9 +157,7 @@ def pooled_curve(net: NessaNet, x: torch.Tensor, y: torch.Tensor, steps: int, op
     output over them out of its last bias (:func:`recentre`). With ``loss_centre`` the steps follow
     :func:`mean_free_loss` (the pooled loss printed is that loss)."""
     def loss() -> torch.Tensor:
-        if loss_centre is None:
-            return pair_loss(net, x, y, "cosine").mean()
-        return mean_free_loss(net, x, y, loss_centre)
+        return _loss(net, x, y, loss_centre)
 
     def point(step: int) -> tuple[int, float, float]:
         with torch.no_grad():
@@ -265,7 +281,7 @@ def device_cosines(net: torch.nn.Module, pop: SyntheticPopulation, pooled: np.nd
                    cap: int) -> dict[str, Direction]:
     """The devices' mean gradient against the pooled gradient: as is, each clipped (unit norm: the clip as a
     unit), and each clipped then pair-weighted (the mean over the devices, as the server's)."""
-    grads = np.stack([_pooled_grad(net, torch.tensor(d.enroll), torch.tensor(d.runtime)) for d in pop.devices])
+    grads = _device_grads(net, _device_pairs(pop))
     units = grads / np.linalg.norm(grads, axis=1, keepdims=True)
     w = pair_weights(pop, cap)
     return {"as is": _direction(grads.mean(0), pooled), "clipped": _direction(units.mean(0), pooled),
@@ -305,12 +321,12 @@ def noisy_fedsgd_curve(net: NessaNet, pop: SyntheticPopulation, steps: int, opt:
     residual's :class:`Shift` on ``y``) at each step in ``at``."""
     gen = torch.Generator().manual_seed(seed)
     params = trainable(net)
-    xs = [(torch.tensor(d.enroll), torch.tensor(d.runtime)) for d in pop.devices]
+    pairs = _device_pairs(pop)
     std = None
     out = [(0, score(), residual_shift(net, y))] if 0 in at else []
     for step in range(1, steps + 1):
-        units = [g / np.linalg.norm(g) for g in (_pooled_grad(net, dx, dy, loss_centre) for dx, dy in xs)]
-        mean = torch.from_numpy(np.mean(units, 0).astype(np.float32))
+        grads = _device_grads(net, pairs, loss_centre)
+        mean = torch.from_numpy((grads / np.linalg.norm(grads, axis=1, keepdims=True)).mean(0).astype(np.float32))
         if std is None:
             std = noise_ratio * float(mean.norm()) / mean.numel() ** 0.5
         noisy = mean + std * torch.randn(mean.shape, generator=gen)
