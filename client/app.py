@@ -66,6 +66,7 @@ from fed_nessa.federated.protocol import (
     SERVER_KEY_FINGERPRINT_KEY,
     STATUS_KEY,
     locate,
+    request_centre,
     request_clip,
 )
 from fed_nessa.privacy.ledger import config_sha256
@@ -92,12 +93,15 @@ def _request(config: Mapping[str, Any]) -> RoundRequest:
         value = config.get(key)
         return None if value is None else str(value)
 
+    centre = request_centre(config)
+
     return RoundRequest(Phase(str(config[PHASE_KEY])), int(cast(int, config[ROUND_KEY])),
                         int(cast(int, config[PROMISED_ARRIVALS_KEY])), int(cast(int, config[FLEET_SIZE_KEY])),
                         server_key_fingerprint=text(SERVER_KEY_FINGERPRINT_KEY),
                         config_sha256=config_sha256(dict(config)),
                         enroll_model=text(ENROLL_MODEL_KEY),
-                        runtime_model=text(RUNTIME_MODEL_KEY)).at_clip(request_clip(dict(config)))
+                        runtime_model=text(RUNTIME_MODEL_KEY),
+                        centre=None if centre is None else tuple(centre.tolist())).at_clip(request_clip(dict(config)))
 
 
 def _safe_metrics(metrics: Mapping[str, Any]) -> dict[str, bool | bytes | float | int | str]:

@@ -92,6 +92,14 @@ class DeviceUpdate(StrEnum):
     FEDAVG = "fedavg"  # local-epochs of plain SGD over its own pairs, the model delta clipped as one vector
 
 
+class LossCentre(StrEnum):
+    """About which point the devices' DP-SGD rounds take the cosine loss (fed_nessa/model/centre.py)."""
+
+    NONE = "none"  # the plain cosine loss, 1 - cos(f(y), x)
+    # 1 - cos(f(y) - mu, x - mu), mu the mean enrollment embedding the released statistics give (post-processing)
+    ENROLLMENT_MEAN = "enrollment-mean"
+
+
 class DeviceWeight(StrEnum):
     """How much a device's clipped DP-FedAvg delta weighs in the round's sum (docs/privacy.md "DP-FedAvg at device
     level"). Either way every weight is <= 1, so one device still moves the sum by at most the clip."""
@@ -231,6 +239,9 @@ class FederationConfig:
     device_batch: int = 16  # device level: pairs a device draws (secretly) for its round's mean gradient; 0: all
     device_update: str = "fedsgd"  # device level: "fedavg" trains locally and sends its clipped model delta
     device_weight: str = "equal"  # device level, fedavg: "pairs" weighs each clipped delta by its capped pairs
+    # DP-SGD rounds: "enrollment-mean" takes the cosine loss about the mean enrollment embedding of the released
+    # statistics, which every round config states (no privacy cost; docs/privacy.md "The loss about the mean")
+    loss_centre: str = "none"
     local_lr: float = 0.01  # device level, fedavg: the device's plain-SGD step size (local-epochs epochs)
     local_batch: int = 16  # device level, fedavg: pairs per local minibatch; 0: full batch
     clip_target_quantile: float = 0.0  # device level: adaptive clipping to this quantile of update norms; 0: off
@@ -457,6 +468,10 @@ def _check_ranges(c: FederationConfig) -> list[str]:
     _choice(p, "device-update", c.device_update, tuple(u.value for u in DeviceUpdate))
     _choice(p, "device-weight", c.device_weight, tuple(w.value for w in DeviceWeight))
     _range(p, "local-lr", c.local_lr, 0.0, 100.0, lo_open=True)
+    _choice(p, "loss-centre", c.loss_centre, tuple(m.value for m in LossCentre))
+    if c.loss_centre != LossCentre.NONE and c.linear_start != LinearStart.SUFFSTATS:
+        p.append(f"loss-centre = {c.loss_centre!r} takes the mean from the released statistics: it needs "
+                 "linear-start = 'suffstats'")
     _range(p, "local-batch", c.local_batch, 0, 10_000_000)
     _range(p, "clip-target-quantile", c.clip_target_quantile, 0.0, 1.0, hi_open=True)
     _range(p, "clip-lr", c.clip_lr, 0.0, 10.0, lo_open=True)

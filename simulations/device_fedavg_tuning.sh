@@ -16,6 +16,8 @@
 # an arm's local lr and epochs are then unused.
 # EPS "none" runs the arm without DP (dp-mode none, the non-DP ridge start, the devices' policy allowing it, named
 # "-epsnone"): the same rounds and clipping noise-free, to tell what the noise does from what the update rule does.
+# LOSS_CENTRE (default none) is loss-centre; "enrollment-mean" takes the devices' cosine loss about the mean
+# enrollment embedding of the released statistics (named "-meanfree").
 #   bash simulations/device_fedavg_tuning.sh [ROUNDS] [PARALLEL] [EPS] [ARM ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +39,8 @@ if [ "$update" = fedsgd ]; then
   long="$long-fedsgd"
   update_sets=(--set device-update=fedsgd --set device-batch=0)
 fi
+centre=${LOSS_CENTRE:-none}
+[ "$centre" = none ] || long="$long-meanfree"
 shift 3 || true
 arms=("$@")
 [ ${#arms[@]} -gt 0 ] || arms=("sgd 0.5 0.05 1" "adam 0.003 0.05 1" "sgd 0.1 0.05 1" "adam 0.01 0.05 1"
@@ -51,7 +55,7 @@ run_arm() {
   echo "$(date +%T) $name"
   "$VENV/bin/fed-nessa" simulate --engine "$engine" --quiet --set seed=1 --set num-devices=10000 \
     --set privacy-unit=device "${privacy[@]}" --set aligner=auto --set linear-start=suffstats \
-    "${update_sets[@]}" --set device-weight="$weight" \
+    "${update_sets[@]}" --set device-weight="$weight" --set loss-centre="$centre" \
     --set server-optimizer="$opt" --set server-lr="$slr" --set local-lr="$llr" --set local-epochs="$ep" \
     --set num-server-rounds=$((rounds + 1)) --set references=false --set eval-every="$eval_every" \
     --set ledger-layout=sqlite --run-dir "$RUNS/$name" > "$RUNS/$name.log" 2>&1

@@ -104,6 +104,7 @@ CONFIG_KEYS: tuple[tuple[str, type], ...] = (
     ("server-lr-decay", str),
     ("server-lowpass-b", str), ("server-lowpass-a", str),
     ("device-weight", str),
+    ("loss-centre", str),
 )
 # Each evaluated aligner's metrics: the shipped one (``final``) and the rows beside it.
 METRIC_ROWS = ("final", "linear_start", "dp_nessa", "centralised_nessa", "ridge", "sym_before", "sym_after")

@@ -46,7 +46,12 @@ ADAPTIVE = {"clip-target-quantile": 0.5, "clip-count-noise": 1.0, "clip-lr": 0.5
 PAIR_WEIGHTED = {"device-weight": "pairs", "device-stats-pairs": 400}
 
 
-@pytest.mark.parametrize("extra", [{}, ADAPTIVE, PAIR_WEIGHTED], ids=["fixed-clip", "adaptive-clip", "pair-weighted"])
+#: The loss about the mean enrollment embedding of the released statistics (fed_nessa/model/centre.py).
+MEAN_FREE = {"loss-centre": "enrollment-mean"}
+
+
+@pytest.mark.parametrize("extra", [{}, ADAPTIVE, PAIR_WEIGHTED, MEAN_FREE],
+                         ids=["fixed-clip", "adaptive-clip", "pair-weighted", "mean-free"])
 def test_fleet_fedavg_equals_the_flower_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                extra: dict[str, Any]) -> None:
     """Reproducible noise: the Flower ClientApps' DP-FedAvg sums and the fleet's exact numerics agree round by

@@ -78,32 +78,43 @@ def test_partial_modular_sums_of_disjoint_groups_add_to_the_whole_sum() -> None:
     np.testing.assert_allclose(unkeyed, dequantized_total(whole, 10, codec), atol=10 * codec.step * 10)
 
 
-@pytest.mark.parametrize(("update", "weight"), [("fedsgd", "equal"), ("fedavg", "equal"), ("fedavg", "pairs")])
-def test_a_blocks_exact_vectors_are_what_each_device_sends(tmp_path: Path, update: str, weight: str) -> None:
-    """Exact numerics, device-level round (FedSGD and DP-FedAvg, equal or pair-weighted): the block's partial sum
-    equals the modular sum of the vectors each device computes itself (``DeviceLevel.dpsgd_vector`` on its own
-    shard and stream)."""
+@pytest.mark.parametrize(("update", "weight", "centred"), [("fedsgd", "equal", False), ("fedavg", "equal", False),
+                                                          ("fedavg", "pairs", False), ("fedsgd", "equal", True),
+                                                          ("fedavg", "equal", True)])
+def test_a_blocks_exact_vectors_are_what_each_device_sends(tmp_path: Path, update: str, weight: str,
+                                                           centred: bool) -> None:
+    """Exact numerics, device-level round (FedSGD and DP-FedAvg, equal or pair-weighted, the plain loss or the
+    loss about a centre): the block's partial sum equals the modular sum of the vectors each device computes
+    itself (``DeviceLevel.dpsgd_vector`` on the net and shard its round takes the loss on, and its own stream)."""
     cfg = _cfg(tmp_path, "run", **{"device-update": update, "device-weight": weight})
     spec = block_specs(_population(), 10, Path(cfg.run_dir))[1]  # devices 10..19
     worker = BlockWorker(spec, cfg, POLICY)
     lazy = LazyPopulation(_population())
     plan = noise_plan(cfg, DEVICES)
-    from fed_nessa.federated.device import RoundRequest
+    from fed_nessa.federated.device import RoundRequest, round_net
 
     worker.reserve(ReserveRequest(RoundRequest(Phase.DPSGD, 2, 8, DEVICES), (2,), {}))
     net = _net(cfg)
     codec = make_codec(mechanism_for(cfg).payload_bound(Phase.DPSGD, plan), cfg.secagg_clipping_range,
                        cfg.secagg_quantization_range, DEVICES)
-    got = worker.contribute(SumRequest(Phase.DPSGD, 2, codec, plan, net))
+    centre = np.random.default_rng(3).normal(0.0, 0.05, net.linear.out_features) if centred else None
+    got = worker.contribute(SumRequest(Phase.DPSGD, 2, codec, plan, net, centre=centre))
     mech = mechanism_for(cfg)
     std = mech.share_std(Phase.DPSGD, plan, POLICY.guaranteed_arrivals)
-    own = [mech.dpsgd_vector(net, lazy.device(j), std, noise_source(True, cfg.seed, "device", device_id(j), 2), 1.0)
+    req = RoundRequest(Phase.DPSGD, 2, 8, DEVICES, centre=None if centre is None else tuple(centre.tolist()))
+    vector = np.concatenate([p.detach().numpy().reshape(-1) for p in net.parameters()])
+    own = [mech.dpsgd_vector(*round_net(req, cfg, lazy.device(j), vector), std,
+                             noise_source(True, cfg.seed, "device", device_id(j), 2), 1.0)
            for j in range(spec.first, spec.stop)]
     want = partial_modular_sum([codec.encode(v)[0] for v in own], codec,
                                [[cfg.seed, ROUNDING_STREAM, 2, j] for j in range(spec.first, spec.stop)])
     assert got.sent == spec.stop - spec.first
     np.testing.assert_allclose(dequantized_total(got.total, got.sent, codec), dequantized_total(want, got.sent, codec),
                                atol=2 * codec.step)
+    if centred:  # the centre moved the sum: the loss about it is not the plain loss
+        plain = worker.contribute(SumRequest(Phase.DPSGD, 2, codec, plan, net))
+        diff = dequantized_total(got.total, got.sent, codec) - dequantized_total(plain.total, plain.sent, codec)
+        assert np.abs(diff).max() > 100 * codec.step
     worker.close()
 
 

@@ -41,8 +41,10 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 import numpy as np
+from torch import nn
 
 from fed_nessa.config import DevicePolicy, DPMode, FederationConfig, Phase, ReplyStatus
 from fed_nessa.data.shards import Shard
@@ -52,6 +54,7 @@ from fed_nessa.federated.layout import build_net, load_flat, parameter_counts
 from fed_nessa.federated.mechanism import BIT_SENSITIVITY, event_noise_source, mechanism_for
 from fed_nessa.federated.noise_plan import NoisePlan, noise_plan
 from fed_nessa.federated.secagg_field import to_flower
+from fed_nessa.model.centre import about_centre, centred_targets, check_centre
 from fed_nessa.privacy.events import (
     DISTRIBUTED,
     SKELLAM,
@@ -59,6 +62,13 @@ from fed_nessa.privacy.events import (
 )
 from fed_nessa.privacy.ledger import DeviceLedger, model_sha256
 from fed_nessa.randomness import REPRODUCIBLE_WARNING, NoiseSource, noise_source
+
+
+class ModelIds(TypedDict):
+    """The federation's model ids as a round states them (keywords of :class:`RoundRequest`)."""
+
+    enroll_model: str
+    runtime_model: str
 
 
 @dataclass(frozen=True)
@@ -79,6 +89,9 @@ class RoundRequest:
     #: The device's OWN shard dimensions (d_x, d_y), set by the device from its shard (never from the server):
     #: they size the integer mechanism's payload, which its budget-split calibration depends on.
     dims: tuple[int, int] | None = None
+    #: The DP-SGD round's loss centre as the round config states it (``loss-centre``; None: the plain cosine
+    #: loss). Public: the device clips the gradient of the loss about it as it clips any loss's.
+    centre: tuple[float, ...] | None = None
 
     #: The round's clip as the round config states it (adaptive clipping: the server's public C_t; None: the
     #: run's fixed ``device-clip-norm``). Set by :meth:`at_clip` only, so callers that build a request from
@@ -288,6 +301,26 @@ def shard_refusal(req: RoundRequest, shard: Shard) -> str | None:
     return model_refusal(req, shard.enroll_model, shard.runtime_model)
 
 
+def centre_refusal(req: RoundRequest, shard: Shard) -> str | None:
+    """Why the round's loss centre cannot centre this device's targets (a wrong length, NaN or Inf)."""
+    if req.centre is None:
+        return None
+    why = check_centre(req.centre, shard.d_x)
+    return None if why is None else f"declined: {why}"
+
+
+def round_net(req: RoundRequest, cfg: FederationConfig, shard: Shard,
+              global_vector: np.ndarray) -> tuple[nn.Module, Shard]:
+    """The net and the pairs a DP-SGD round's loss is taken on: the global model as received, or with the
+    round's loss centre the net moved by it and the enrollment rows centred (fed_nessa/model/centre.py)."""
+    net = build_net(cfg, shard.d_x, shard.d_y)
+    load_flat(list(net.parameters()), np.asarray(global_vector, np.float32))
+    if req.centre is None:
+        return net, shard
+    centre = np.asarray(req.centre, np.float64)
+    return about_centre(net, centre), dataclasses.replace(shard, enroll=centred_targets(shard.enroll, centre))
+
+
 def server_pin_refusal(req: RoundRequest, ledger: DeviceLedger) -> str | None:
     """Why the server's key is not the one this device pinned (None when it is, or nothing is pinned yet)."""
     pinned = getattr(ledger, "pinned_server_fingerprint", None)
@@ -314,7 +347,7 @@ def plan_round(req: RoundRequest, shard: Shard, cfg: FederationConfig, ledger: D
     policy = _policy_of(ledger, policy)
     req = req.with_dims(shard)
     refusal = (server_pin_refusal(req, ledger) or shard_refusal(req, shard) or clip_refusal(req, cfg)
-               or policy_refusal(req, shard.n, cfg, policy, ledger))
+               or centre_refusal(req, shard) or policy_refusal(req, shard.n, cfg, policy, ledger))
     if refusal is not None:
         return ClientOutcome(ReplyStatus.DECLINED, None, {"reason": refusal})
     event = planned_event(req, shard.n, cfg, policy, (shard.d_x, shard.d_y))
@@ -376,8 +409,7 @@ def _compute(req: RoundRequest, shard: Shard, global_vector: np.ndarray, cfg: Fe
         if std > 0:
             vec = vec + noise.normal(vec.shape, std)
         return np.asarray(vec, np.float32)
-    net = build_net(cfg, shard.d_x, shard.d_y)
-    load_flat(list(net.parameters()), np.asarray(global_vector, np.float32))
+    net, shard = round_net(req, cfg, shard, global_vector)
     scale = None if req.clip is None else mech.bit_scale(req.clip, noise_plan(cfg, req.fleet_size))
     return mech.dpsgd_vector(net, shard, std, noise, sample_rate(req, shard.n, cfg), clip=req.clip, bit_scale=scale)
 
@@ -392,8 +424,7 @@ def _integer_vector(req: RoundRequest, shard: Shard, global_vector: np.ndarray, 
     if req.phase == Phase.SUFFSTATS:
         vector = suffstats_vector(shard) * mech.stats_weight(shard.n)
     else:
-        net = build_net(cfg, shard.d_x, shard.d_y)
-        load_flat(list(net.parameters()), np.asarray(global_vector, np.float32))
+        net, shard = round_net(req, cfg, shard, global_vector)
         # adaptive clipping: the delta clipped to the round's C and the bit scaled for it (no Gaussian share: 0),
         # then in the units of the round's parameters (skellam_mechanism.round_unit)
         scale = None if req.clip is None else mech.bit_scale(req.clip, _plan(req, cfg))

@@ -12,6 +12,8 @@ Messages per round:
   answers ``status`` (:class:`~fed_nessa.config.ReplyStatus`), ``device_id`` and the
   :data:`REPLY_METRIC_KEYS`.
 * ``train`` (SecAgg+ stages): the same three keys plus the codec in the fit config.
+* A DP-SGD round may add the adaptive clip's C_t (:data:`CLIP_KEY`) and the loss centre
+  (:data:`LOSS_CENTRE_KEY`), both public.
 
 Node config (``--node-config`` in deployment; built per virtual device in simulation):
 :data:`SHARD_PATH_KEY` / :data:`STATE_DIR_KEY` / :data:`DEVICE_ID_KEY` locate the device's
@@ -21,10 +23,12 @@ files; the keys of :data:`fed_nessa.config.POLICY_KEYS` are its own privacy poli
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.common.constant import NUM_PARTITIONS_KEY as NUM_PARTITIONS_KEY
 from flwr.common.constant import PARTITION_ID_KEY as PARTITION_ID_KEY
 
@@ -51,6 +55,8 @@ RUNTIME_MODEL_KEY = "runtime-model-id"
 #: The round's clip C_t under adaptive clipping (public: post-processing of released bit sums), in the
 #: round config of every DP-SGD round of such a run; a device clips its delta to it and sizes its noise by it.
 CLIP_KEY = "clip-norm"
+#: A DP-SGD round's centre for the devices' loss (``loss-centre``): d_x float64s as bytes, public (released statistics).
+LOSS_CENTRE_KEY = "loss-centre"
 #: The device's ledger head after its round (seq and SHA-256 of its last entry), in its ``train`` reply:
 #: the server signs it into the round's federation-ledger entry, anchoring the device ledger's tail.
 LEDGER_SEQ_REPLY_KEY = "ledger_seq"
@@ -101,6 +107,24 @@ def request_clip(config: dict[str, Any]) -> float | None:
     """The round's clip as a round config states it (None: not stated; the run's fixed clip)."""
     value = config.get(CLIP_KEY)
     return None if value is None else float(value)
+
+
+def with_centre(config: dict[str, Any], centre: np.ndarray | None) -> dict[str, Any]:
+    """``config`` stating the round's loss centre (unchanged without one: None), as little-endian float64 bytes:
+    a fit config travels as Flower's legacy ``Config``, whose values are scalars (bytes, not lists)."""
+    if centre is None:
+        return config
+    return {**config, LOSS_CENTRE_KEY: np.asarray(centre, dtype="<f8").reshape(-1).tobytes()}
+
+
+def request_centre(config: Mapping[str, Any]) -> np.ndarray | None:
+    """The round's loss centre as a round config states it (None: not stated; the plain cosine loss)."""
+    value = config.get(LOSS_CENTRE_KEY)
+    if value is None:
+        return None
+    if not isinstance(value, bytes | bytearray) or len(value) % 8:
+        raise ValueError(f"round config key {LOSS_CENTRE_KEY!r} is not float64 bytes: {str(value)[:60]!r}")
+    return np.frombuffer(bytes(value), dtype="<f8").astype(np.float64)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from fed_nessa.federated.codec import saturation_note
 from fed_nessa.federated.engine import Answers, Engine, Pins, Released, RunState
 from fed_nessa.federated.mechanism import public_parameters
 from fed_nessa.federated.noise_plan import NoisePlan
-from fed_nessa.federated.protocol import round_config, with_clip
+from fed_nessa.federated.protocol import round_config, with_centre, with_clip
 from fed_nessa.federated.release import may_start, may_unmask, promised_arrivals
 from fed_nessa.federated.rounds import (
     CLIP_COLUMN,
@@ -88,8 +88,9 @@ def run_round(engine: Engine, outputs: RunOutputs, ledger: FederationLedger, pin
     cohort = engine.cohort(r, phase)
     promised = promised_arrivals(cfg, len(cohort))
     clip = model.round_clip(phase)  # the adaptive clip's C_t (public), None at a fixed clip
-    request = with_clip(round_config(str(phase), r, promised, plan.fleet, ledger.key_fingerprint,
-                                     engine.data.enroll_model, engine.data.runtime_model), clip)
+    request = with_centre(with_clip(round_config(str(phase), r, promised, plan.fleet, ledger.key_fingerprint,
+                                                 engine.data.enroll_model, engine.data.runtime_model), clip),
+                          model.loss_centre(phase))
     answers = engine.ask(r, phase, cohort, request)
     mismatched = pins.check(answers)
     start = may_start(len(answers.accepted), promised)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fed_nessa.config import AlignerChoice, FederationConfig, LinearStart, Phase, ServerLrDecay
+from fed_nessa.config import AlignerChoice, FederationConfig, LinearStart, LossCentre, Phase, ServerLrDecay
 from fed_nessa.federated import suffstats
 from fed_nessa.federated.adaptive_clip import AdaptiveClip
 from fed_nessa.federated.layout import build_net, flat, load_flat, nessa_config, trainable
@@ -76,6 +76,16 @@ class ServerModel:
     def round_clip(self, phase: Phase) -> float | None:
         """The clip a ``phase`` round's config states: the adaptive clip's current C (None: the run's fixed clip)."""
         return self.clip.clip if self.clip is not None and phase == Phase.DPSGD else None
+
+    def loss_centre(self, phase: Phase) -> np.ndarray | None:
+        """The centre a ``phase`` round's config states for the devices' loss (``loss-centre``): the mean
+        enrollment embedding of the released statistics, post-processing (None: the plain loss)."""
+        if phase != Phase.DPSGD or self.cfg.loss_centre == LossCentre.NONE:
+            return None
+        if self.stats_sum is None:
+            raise ValueError("loss-centre needs the released statistics, and no statistics round has landed")
+        gram, cross = suffstats.unpack(self.stats_sum, self.d_x, self.d_y)
+        return suffstats.enrollment_mean(gram, cross)
 
     def payload_bound(self, phase: Phase, plan: NoisePlan) -> float:
         """Largest |coordinate| an honest device's vector can have (sizes SecAgg+'s range; the mechanism's,

@@ -121,6 +121,16 @@ def ridge_stats(gram: np.ndarray, cross: np.ndarray) -> RidgeStats:
                       x=math.sqrt(2.0) * cross[-1], n=pair_count(gram))
 
 
+def enrollment_mean(gram: np.ndarray, cross: np.ndarray) -> np.ndarray:
+    """The (noisy) mean unit enrollment embedding of the summed statistics: post-processing of a release.
+
+    Raises ValueError where the noisy pair count is not positive (too few pairs for the noise)."""
+    stats = ridge_stats(gram, cross)
+    if not stats.n > 0:
+        raise ValueError(f"the released statistics count {stats.n:.3g} pairs: no mean enrollment embedding")
+    return np.asarray(stats.x, np.float64) / stats.n
+
+
 def solve(gram: np.ndarray, cross: np.ndarray, alpha: float, noise_std: float = 0.0,
           floor_fraction: float = FLOOR_FRACTION) -> tuple[np.ndarray, np.ndarray]:
     """Ridge ``x ~ W y + b`` from the augmented sums; returns ``W`` (d_x, d_y) and ``b`` (d_x,).

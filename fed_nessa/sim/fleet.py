@@ -55,6 +55,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from fed_nessa.config import (
     DevicePolicy,
@@ -76,6 +77,7 @@ from fed_nessa.federated import suffstats
 from fed_nessa.federated.codec import SecAggCodec
 from fed_nessa.federated.cohort import sample_positions
 from fed_nessa.federated.device import (
+    ModelIds,
     RoundRequest,
     model_refusal,
     plan_below_floor,
@@ -86,12 +88,13 @@ from fed_nessa.federated.engine import Answers, Ending, Engine, Pins, Released, 
 from fed_nessa.federated.layout import trainable
 from fed_nessa.federated.mechanism import device_subset, local_orders, max_sampled
 from fed_nessa.federated.noise_plan import NoisePlan, noise_plan
-from fed_nessa.federated.protocol import PROMISED_ARRIVALS_KEY
+from fed_nessa.federated.protocol import PROMISED_ARRIVALS_KEY, request_centre
 from fed_nessa.federated.protocol_loop import run_protocol
 from fed_nessa.federated.release import may_unmask
 from fed_nessa.federated.rounds import CLIP_COLUMN, Progress, RunOutputs
 from fed_nessa.federated.server_model import ServerModel
 from fed_nessa.federated.skellam_mechanism import IntegerCodec, RoundCodec
+from fed_nessa.model.centre import about_centre, centred_targets
 from fed_nessa.privacy.ledger import (
     DeviceLedger,
     FederationLedger,
@@ -232,6 +235,7 @@ class FleetEngine(Engine):
         self._spent = SpentEpsilon(cfg.privacy_unit)
         self.book = DeviceBook([], [])  # every device's ledger, policy and spans, opened by start()
         self._dp_rounds: list[int] = []
+        self._centre: np.ndarray | None = None  # the DP-SGD round's loss centre, as its config states it
         self._seqs: dict[int, int] = {}  # the statistics round's reservations: device index -> seq
 
     # -- ledgers ---------------------------------------------------------------------------
@@ -305,6 +309,7 @@ class FleetEngine(Engine):
                    promised: int) -> Released:
         if phase == Phase.SUFFSTATS:
             return self._stats_release(r, answers.accepted, codec, promised)
+        self._centre = request_centre(request)
         return self._dpsgd_release(r, answers.accepted, codec, promised)
 
     def settle(self, r: int, phase: Phase, answers: Answers, released: Released | None) -> dict[str, list[int | str]]:
@@ -503,11 +508,11 @@ class FleetEngine(Engine):
     def _clipped_sum(self, rows: np.ndarray) -> np.ndarray:
         """The per-example clipped gradients of the fleet's ``rows`` summed (float64; unclipped without DP)."""
         cfg = self.cfg
-        net = self.model.net.to(self.torch_device)
+        net = self._round_net()
         total = torch.zeros(sum(p.numel() for p in trainable(net)), device=self.torch_device)
         for c in range(0, len(rows), EXAMPLE_CHUNK):
             idx = torch.from_numpy(rows[c:c + EXAMPLE_CHUNK]).to(self.torch_device)
-            s, _ = clipped_gradient_sums(net, self.fleet.x[idx], self.fleet.y[idx], cfg.clip_norm,
+            s, _ = clipped_gradient_sums(net, self._targets(idx), self.fleet.y[idx], cfg.clip_norm,
                                          clip_enabled=cfg.dp_mode != DPMode.NONE)
             total += s
         self.model.net.to("cpu")
@@ -524,7 +529,7 @@ class FleetEngine(Engine):
         if self.cfg.device_update == DeviceUpdate.FEDAVG:
             return self._fedavg_vectors(arrived, book, r, share)
         cfg, fleet = self.cfg, self.fleet
-        net = self.model.net.to(self.torch_device)
+        net = self._round_net()
         params = trainable(net)
         dp = cfg.dp_mode != DPMode.NONE
         rows_of = self._device_rows(arrived, r)
@@ -537,10 +542,10 @@ class FleetEngine(Engine):
             idx = torch.from_numpy(rows).to(self.torch_device)
             segments = torch.from_numpy(seg).to(self.torch_device)
             if self.numerics == FleetNumerics.FAST:
-                total += device_clipped_sum(net, fleet.x[idx], fleet.y[idx], segments, len(chunk),
+                total += device_clipped_sum(net, self._targets(idx), fleet.y[idx], segments, len(chunk),
                                             cfg.device_clip_norm, clip_enabled=dp).double()
                 continue
-            vecs = device_clipped_vectors(net, fleet.x[idx], fleet.y[idx], segments, len(chunk),
+            vecs = device_clipped_vectors(net, self._targets(idx), fleet.y[idx], segments, len(chunk),
                                           cfg.device_clip_norm, clip_enabled=dp)
             host = vecs.cpu().numpy().astype(np.float64)
             for j, i in enumerate(chunk):
@@ -567,7 +572,7 @@ class FleetEngine(Engine):
         as :meth:`_device_vectors`.
         """
         cfg, fleet, mech = self.cfg, self.fleet, self.model.mechanism
-        net = self.model.net.to(self.torch_device)
+        net = self._round_net()
         params = trainable(net)
         dp = cfg.dp_mode != DPMode.NONE
         clip, scale = self._round_clip()
@@ -585,12 +590,12 @@ class FleetEngine(Engine):
             steps = block_steps([orders[i] for i in chunk], cfg.local_batch)
             weights = mech.update_weights([n[i] for i in chunk])
             if self.numerics == FleetNumerics.FAST:
-                summed = fedavg_block_sum(net, fleet.x[gather], fleet.y[gather], steps, lr=cfg.local_lr,
+                summed = fedavg_block_sum(net, self._targets(gather), fleet.y[gather], steps, lr=cfg.local_lr,
                                           clip_norm=clip, weights=weights)
                 total += summed.total
                 bits += bit_sum(summed, clip)
                 continue
-            block = fedavg_block(net, fleet.x[gather], fleet.y[gather], steps, lr=cfg.local_lr, clip_norm=clip,
+            block = fedavg_block(net, self._targets(gather), fleet.y[gather], steps, lr=cfg.local_lr, clip_norm=clip,
                                  weights=weights)
             stds = [mech.share_std(Phase.DPSGD, self.plan, book.policies[i].guaranteed_arrivals, clip)
                     if dp and share else 0.0 for i in chunk]
@@ -604,6 +609,17 @@ class FleetEngine(Engine):
             out = total.cpu().numpy()
             return [out if scale is None else np.append(out, bits * scale)]
         return [vectors[i] for i in arrived]
+
+    def _round_net(self) -> nn.Module:
+        """The net the devices' loss is taken on this round, on the engine's torch device: the server's, or with
+        the round's loss centre a copy moved by it (fed_nessa/model/centre.py)."""
+        net = self.model.net.to(self.torch_device)
+        return net if self._centre is None else about_centre(net, self._centre)
+
+    def _targets(self, idx: torch.Tensor) -> torch.Tensor:
+        """The fleet's enrollment rows ``idx`` as this round's loss reads them (centred with a loss centre)."""
+        x = self.fleet.x[idx]
+        return x if self._centre is None else centred_targets(x, self._centre)
 
     def _round_clip(self) -> tuple[float, float | None]:
         """This DP-SGD round's clip (the adaptive clip's C_t the round config states, else ``device-clip-norm``)
@@ -675,7 +691,7 @@ class FleetEngine(Engine):
         per trainable parameter tensor in order (as Opacus' ``add_noise``). ``share = False`` (the integer
         mechanism): no Gaussian; each device's stream stays in ``self._streams`` for its encoder."""
         cfg, fleet = self.cfg, self.fleet
-        net = self.model.net.to(self.torch_device)
+        net = self._round_net()
         params = trainable(net)
         dp = cfg.dp_mode != DPMode.NONE
         vectors: list[np.ndarray] = []
@@ -691,7 +707,7 @@ class FleetEngine(Engine):
                 seg.append(np.full(len(idx), j))
             all_rows = torch.from_numpy(np.concatenate(rows)).to(self.torch_device)
             segments = torch.from_numpy(np.concatenate(seg)).to(self.torch_device)
-            sums, _ = clipped_gradient_sums(net, fleet.x[all_rows], fleet.y[all_rows], cfg.clip_norm,
+            sums, _ = clipped_gradient_sums(net, self._targets(all_rows), fleet.y[all_rows], cfg.clip_norm,
                                             segments=segments, groups=len(chunk), clip_enabled=dp)
             sums_np = sums.cpu().numpy()
             for j, i in enumerate(chunk):
@@ -707,7 +723,7 @@ class FleetEngine(Engine):
         return vectors
 
     # -- evidence: pins and what each round sent ------------------------------------------
-    def _model_ids(self) -> dict[str, str]:
+    def _model_ids(self) -> ModelIds:
         """The federation's model ids, stated in every round (a device with other models declines)."""
         return {"enroll_model": self.data.enroll_model, "runtime_model": self.data.runtime_model}
 

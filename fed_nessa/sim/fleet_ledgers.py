@@ -21,7 +21,7 @@ import numpy as np
 
 from fed_nessa.config import DevicePolicy, FederationConfig, Phase
 from fed_nessa.federated.cohort import sample_positions
-from fed_nessa.federated.device import RoundRequest, planned_event, separation_refusal
+from fed_nessa.federated.device import ModelIds, RoundRequest, planned_event, separation_refusal
 from fed_nessa.federated.engine import Pins
 from fed_nessa.federated.mechanism import public_parameters
 from fed_nessa.federated.noise_plan import NoisePlan
@@ -78,7 +78,7 @@ class DeviceBook:
         return {self.ledgers[i].device_id: list(self.ledgers[i].head()) for i in reserved}
 
     def reserve_spans(self, cfg: FederationConfig, fleet: FleetState, dp_rounds: list[int],
-                      model_ids: dict[str, str], dims: tuple[int, int]) -> None:
+                      model_ids: ModelIds, dims: tuple[int, int]) -> None:
         """Every device reserves the DP-SGD rounds it is scheduled for, as one span, within its budget
         (``dims``: the shards' d_x, d_y, which size the integer mechanism's payload)."""
         book = self

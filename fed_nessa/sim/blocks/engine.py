@@ -68,7 +68,7 @@ from fed_nessa.federated.engine import Answers, Ending, Engine, Pins, Released, 
 from fed_nessa.federated.integer_mechanism import modular_sum
 from fed_nessa.federated.mechanism import mechanism_for, public_parameters
 from fed_nessa.federated.noise_plan import NoisePlan, noise_plan
-from fed_nessa.federated.protocol import PROMISED_ARRIVALS_KEY, request_clip
+from fed_nessa.federated.protocol import PROMISED_ARRIVALS_KEY, request_centre, request_clip
 from fed_nessa.federated.protocol_loop import run_protocol
 from fed_nessa.federated.release import may_unmask, promised_arrivals
 from fed_nessa.federated.rounds import CLIP_COLUMN, Progress
@@ -325,7 +325,8 @@ class BlockEngine(Engine):
         net = self.model.net if phase == Phase.DPSGD else None
         # the adaptive clip's C_t travels as the round config states it: each block clips and sends its bit by it
         partials: list[PartialSum] = self._call("contribute", SumRequest(phase, r, codec, self.plan, net,
-                                                                         request_clip(request)))
+                                                                         request_clip(request),
+                                                                         request_centre(request)))
         out = combine(partials, codec, self.numerics, self.cfg, r)
         if out.failed:
             log.warning("round %d: %d device(s) failed their own range check and sent nothing", r, len(out.failed))

@@ -65,6 +65,7 @@ from fed_nessa.federated.layout import trainable
 from fed_nessa.federated.mechanism import device_subset, local_orders, mechanism_for
 from fed_nessa.federated.noise_plan import NoisePlan
 from fed_nessa.federated.skellam_mechanism import IntegerCodec, RoundCodec
+from fed_nessa.model.centre import about_centre, centred, centred_targets
 from fed_nessa.model.training import with_noise_share
 from fed_nessa.privacy.events import DPEvent
 from fed_nessa.privacy.ledger import DEVICE_KEYS, DeviceLedger
@@ -150,6 +151,7 @@ class SumRequest:
     plan: NoisePlan
     net: nn.Module | None = None  # the global model (DP-SGD rounds)
     clip: float | None = None  # the round's adaptive clip C_t as its round config states it (None: a fixed clip)
+    centre: np.ndarray | None = None  # the round's loss centre as its round config states it (None: the plain loss)
 
 
 @dataclass(frozen=True)
@@ -406,35 +408,43 @@ class BlockWorker:
             return self._fedavg_payloads(req, chunk, [rows[i] for i in local], orders, stds,
                                          [streams[i] for i in local])
         picked = {i: rows[i][device_subset(streams[i].uniform(len(rows[i])), cfg.device_batch)] for i in local}
-        vecs = self._gradients(req.net, chunk, [picked[i] for i in local], per_device=True)
+        vecs = self._gradients(req, chunk, [picked[i] for i in local], per_device=True)
         return [with_noise_share(vecs[j], params, stds[j], streams[i]) for j, i in enumerate(local)]
 
-    def _gradients(self, net: nn.Module, chunk: DeviceBlock, rows: list[np.ndarray], per_device: bool) -> np.ndarray:
-        """Each device's mean gradient over ``rows`` clipped as one vector (per device, or their sum)."""
+    def _gradients(self, req: SumRequest, chunk: DeviceBlock, rows: list[np.ndarray], per_device: bool) -> np.ndarray:
+        """Each device's mean gradient over ``rows`` clipped as one vector (per device, or their sum), of the loss
+        about the round's centre if it states one."""
         cfg = self.cfg
         idx = np.concatenate(rows)
         on = torch.device(self.spec.device)
         seg = torch.from_numpy(np.repeat(np.arange(len(rows)), [len(r) for r in rows])).to(on)
-        x, y = torch.from_numpy(chunk.x[idx]).to(on), torch.from_numpy(chunk.y[idx]).to(on)
+        assert req.net is not None
+        net, x_rows = centred(req.net, chunk.x[idx], req.centre)
+        x, y = torch.from_numpy(x_rows).to(on), torch.from_numpy(chunk.y[idx]).to(on)
         if on.type != "cpu":
             net = copy.deepcopy(net).to(on)  # the request's net stays where the driver keeps it
         fn = device_clipped_vectors if per_device else device_clipped_sum
         out = fn(net, x, y, seg, len(rows), cfg.device_clip_norm, clip_enabled=cfg.dp_mode != DPMode.NONE)
         return out.cpu().numpy().astype(np.float64)
 
-    def _fedavg(self, net: nn.Module, chunk: DeviceBlock, rows: list[np.ndarray], orders: list[list[np.ndarray]],
+    def _fedavg(self, req: SumRequest, chunk: DeviceBlock, rows: list[np.ndarray], orders: list[list[np.ndarray]],
                 clip: float, summed: bool = False) -> Iterator[tuple[list[int], BlockDeltas | BlockSum]]:
         """The devices' DP-FedAvg deltas clipped to the round's ``clip`` and their norms
         (:func:`fed_nessa.sim.fedavg.fedavg_block`, clipped with or without DP, as on the device), :data:`FEDAVG_BLOCK`
         devices per vectorised pass: each pass's positions in ``rows`` and its deltas (similar sizes together);
-        ``summed``: each pass's clipped deltas summed instead (:func:`fed_nessa.sim.fedavg.fedavg_block_sum`)."""
+        ``summed``: each pass's clipped deltas summed instead (:func:`fed_nessa.sim.fedavg.fedavg_block_sum`);
+        the loss about the round's centre if it states one."""
         cfg, on = self.cfg, torch.device(self.spec.device)
+        assert req.net is not None
+        net = req.net if req.centre is None else about_centre(req.net, req.centre)
         if on.type != "cpu":
             net = copy.deepcopy(net).to(on)
         by_size = np.argsort([len(r) for r in rows], kind="stable")  # similar sizes together: little padding
         for s in range(0, len(rows), FEDAVG_BLOCK):
             part = by_size[s:s + FEDAVG_BLOCK].tolist()
-            x, y = pad_block([chunk.x[rows[j]] for j in part], [chunk.y[rows[j]] for j in part])
+            xs = [chunk.x[rows[j]] for j in part]
+            xs = xs if req.centre is None else [centred_targets(a, req.centre) for a in xs]
+            x, y = pad_block(xs, [chunk.y[rows[j]] for j in part])
             steps = block_steps([orders[j] for j in part], cfg.local_batch)
             update = fedavg_block_sum if summed else fedavg_block
             weights = self.mechanism.update_weights([len(rows[j]) for j in part])
@@ -449,7 +459,7 @@ class BlockWorker:
         clip, scale = round_clip(self.mechanism, req.plan, req.clip)
         params = trainable(req.net)
         out: list[np.ndarray] = [np.zeros(0)] * len(rows)
-        for part, deltas in self._fedavg(req.net, chunk, rows, orders, clip):
+        for part, deltas in self._fedavg(req, chunk, rows, orders, clip):
             assert isinstance(deltas, BlockDeltas)
             payloads = device_payloads(deltas, params, clip, scale, [stds[j] for j in part], [streams[j] for j in part])
             for j, vec in zip(part, payloads, strict=True):
@@ -464,7 +474,7 @@ class BlockWorker:
         clip, scale = round_clip(self.mechanism, req.plan, req.clip)
         total: torch.Tensor | None = None
         bits = 0.0
-        for _part, summed in self._fedavg(req.net, chunk, rows, orders, clip, summed=True):
+        for _part, summed in self._fedavg(req, chunk, rows, orders, clip, summed=True):
             assert isinstance(summed, BlockSum)
             part_sum = summed.total.cpu()
             total = part_sum if total is None else total + part_sum
@@ -510,7 +520,7 @@ class BlockWorker:
                 else:
                     keys = self._uniforms(req.round, chunk.first, int(at[-1]))
                     picked = [r[device_subset(keys[a:b], cfg.device_batch)] for r, a, b in zip(rows, at[:-1], at[1:])]
-                    part = self._gradients(req.net, chunk, picked, per_device=False)
+                    part = self._gradients(req, chunk, picked, per_device=False)
             total = part if total is None else total + part
         if total is None:
             return PartialSum(first, np.zeros(0), 0)
