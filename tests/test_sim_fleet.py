@@ -62,18 +62,20 @@ def test_ghost_clipping_equals_per_example_gradients() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("extra", [{}, {"loss-centre": "enrollment-mean"}], ids=["plain", "mean-free"])
 def test_fleet_engine_equals_the_flower_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        applied_sums: list[tuple[str, np.ndarray, int]]) -> None:
-    """Same seeds (reproducible-noise), 12 devices: the same released aggregate every round within
-    SecAgg+'s quantization error, and the same epsilon in every device's ledger."""
+        applied_sums: list[tuple[str, np.ndarray, int]], extra: dict[str, Any]) -> None:
+    """Same seeds (reproducible-noise), 12 devices, example level, the plain loss or the loss about the released
+    mean: the same released aggregate every round within SecAgg+'s quantization error, and the same epsilon in
+    every device's ledger."""
     from fed_nessa.sim.fleet import run_fleet
     from fed_nessa.sim.runner import simulate
 
     seen = applied_sums
-    flower = simulate(_cfg(tmp_path, "flower"), policy=POLICY, quiet=True)
+    flower = simulate(_cfg(tmp_path, "flower", **extra), policy=POLICY, quiet=True)
     flower_sums = list(seen)
     seen.clear()
-    fleet = run_fleet(_cfg(tmp_path, "fleet"), POLICY)
+    fleet = run_fleet(_cfg(tmp_path, "fleet", **extra), POLICY)
     fleet_sums = list(seen)
     assert [s[0] for s in flower_sums] == [s[0] for s in fleet_sums] == ["suffstats", "dpsgd", "dpsgd"]
     cfg = _cfg(tmp_path, "bounds")
