@@ -183,6 +183,10 @@ def test_report_names_only_the_parameters_each_phase_used() -> None:
     assert not any("DP-SGD" in line or "1.5" in line for line in lines)
     assert any("DP-SGD: 5 round(s), 100 devices" in line for line in _phase_lines({**cfg, "num-server-rounds": 6},
                                                                                       "distributed"))
+    assert not any("loss" in line for line in _phase_lines({**cfg, "num-server-rounds": 6}, "distributed"))
+    centred = _phase_lines({**cfg, "num-server-rounds": 6, "loss-centre": "enrollment-mean"}, "distributed")
+    assert any("cosine loss taken about the mean enrollment embedding of the released statistics" in line
+               for line in centred)
 
 
 def test_report_states_the_calibrated_sigmas_and_full_participation() -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fed_nessa.atomic import atomic_write_text
-from fed_nessa.config import DPMode, FederationConfig
+from fed_nessa.config import DPMode, FederationConfig, LossCentre
 from fed_nessa.evaluation.gate import KEEP, decision_sentence
 from fed_nessa.privacy.statement import UNIT as PRIVACY_UNIT
 from fed_nessa.privacy.store import FILES, STORE_NAME
@@ -175,7 +175,11 @@ def _phase_lines(cfg: dict[str, Any], mode: str, plan: dict[str, Any] | None = N
         who = ("every device in every round" if int(cfg.get("clients-per-round", 0)) == 0
                else f"{cfg['clients-per-round']} devices sampled per round")
         rate = f", Poisson rate q {plan['sample_rate']:.4g}" if plan and plan.get("sample_rate") else ""
-        lines.append(f"- DP-SGD: {sgd_rounds} round(s), {who}{rate}{noise}")
+        centre = cfg.get("loss-centre", LossCentre.NONE)
+        about = ("" if centre == LossCentre.NONE else
+                 "; the devices' cosine loss taken about the mean enrollment embedding of the released statistics"
+                 f" (loss-centre = {centre}; post-processing, no privacy cost)")
+        lines.append(f"- DP-SGD: {sgd_rounds} round(s), {who}{rate}{noise}{about}")
     if plan and plan.get("reason"):
         lines.append(f"- {plan['reason']}")
     return lines
