@@ -40,6 +40,9 @@ class _Model:
     def round_clip(self, phase: Phase) -> float | None:
         return None  # a fixed clip: the round config states none
 
+    def loss_centre(self, phase: Phase) -> np.ndarray | None:
+        return None  # the plain cosine loss: the round config states no centre
+
     def apply(self, phase: Phase, total: np.ndarray, n: int, **kw: Any) -> None:
         self.applied.append((phase, n))
 
