@@ -23,7 +23,7 @@ from fed_nessa.config import DeviceUpdate, DeviceWeight, LossCentre
 from simulations.results_csv import ROUND_COLUMNS, Value, number, pct, read, rounds_path
 
 NAME = re.compile(r"tune-(\d+)dev-seed(\d+)-eps([\d.]+|none)-([a-z-]+)-([\d.]+)-([\d.]+)-e(\d+)(?:-r\d+)?(?:-w[a-z]+)?"
-                  r"(?:-fedsgd)?(?:-meanfree)?$")
+                  r"(?:-fedsgd)?(?:-meanfree)?(?:-draw\d+)?$")
 HEADER = ("| devices | seed | device ε | server optimiser (lr) | device update: local lr, epochs, device weight "
           "| σ statistics / rounds | DP linear start EER % | first evaluated DP-FedAvg round "
           "| best DP-FedAvg round | last round | validation EER %: not updating / start / DP NESSA | shipped |")
@@ -45,7 +45,7 @@ def _update(run: dict[str, Value], llr: str, epochs: str) -> str:
     """The device update: DP-FedAvg's local steps and weighting, or FedSGD's all-pairs mean gradient; and the
     loss's centre where it is not the origin (runs before the key took the plain cosine loss)."""
     centre = run.get("loss-centre") or LossCentre.NONE
-    about = "" if centre == LossCentre.NONE else f"; loss about the {centre}"
+    about = "" if centre == LossCentre.NONE else f"; loss-centre {centre}"
     if run["device-update"] == DeviceUpdate.FEDSGD:
         return f"fedsgd: mean gradient over all its pairs{about}"
     weight = run["device-weight"] or DeviceWeight.EQUAL  # runs before the key weighed every device the same

@@ -327,6 +327,13 @@ def test_the_tuning_table_reads_each_arms_curve_and_refuses_a_csv_without_arms(
     assert fedavg_tuning_table.main([str(csv)]) == 0
     assert capsys.readouterr().out.splitlines()[2].startswith(
         "| 10000 | 1 | none (no DP) | adam (0.0001) | fedsgd: mean gradient over all its pairs | n/a |")
+    summary["config"]["loss-centre"] = "enrollment-mean"  # LOSS_CENTRE=enrollment-mean, a second draw by hand
+    centred = "tune-10000dev-seed1-eps60-adam-0.001-0.05-e1-r60-fedsgd-meanfree-draw2"
+    write(csv, [row(summary, centred)])
+    write(rounds_path(csv), round_rows(summary, centred), ROUND_COLUMNS)
+    assert fedavg_tuning_table.main([str(csv)]) == 0
+    assert capsys.readouterr().out.splitlines()[2].startswith(
+        "| 10000 | 1 | 60 | adam (0.001) | fedsgd: mean gradient over all its pairs; loss-centre enrollment-mean |")
     write(csv, [row(summary, "device-1000dev-nessa-eps8")])
     assert fedavg_tuning_table.main([str(csv)]) == 2
     assert "no run named tune-" in capsys.readouterr().err
