@@ -10,6 +10,9 @@
 # A split other than 0.5 is its own arm, device-<n>dev-startfedavg-split<s>-eps<e>. ROUNDS = 0 runs the DP linear
 # start alone on the whole epsilon (one statistics round, aligner = linear; the gate weighs it against not
 # updating): arm device-<n>dev-startonly-eps<e>, the issue's "all linear starts" where DP-FedAvg rounds cost hours.
+# DEVICE_UPDATE=fedsgd sends each device's mean gradient over all its pairs (device-batch 0) clipped to the fixed
+# device-clip-norm instead (arm startfedsgd; local lr unused); LOSS_CENTRE=enrollment-mean takes the devices' loss
+# about the mean enrollment embedding of the released statistics (arm suffix -meanfree).
 #   bash simulations/device_fedavg_scale_study.sh [SIZES] [EPSILONS] [ROUNDS] [SERVER_LR] [LOCAL_LR] [BUDGET_SPLIT] [SERVER_OPTIMIZER]
 # defaults: "100000" "8" 10 0.5 0.05 0.5 sgd (what 2 cores allow; 3x10^5 and 10^6 need a GPU or hours).
 set -euo pipefail
@@ -31,8 +34,13 @@ server_lr=${4:-0.5}
 local_lr=${5:-0.05}
 split=${6:-0.5}
 server_opt=${7:-sgd}
-arm=startfedavg
-[ "$split" = 0.5 ] || arm="startfedavg-split$split"
+update=${DEVICE_UPDATE:-fedavg}
+centre=${LOSS_CENTRE:-none}
+update_sets=(--set device-update=fedavg --set local-lr="$local_lr" --set clip-target-quantile=0.5)
+[ "$update" = fedavg ] || update_sets=(--set device-update=fedsgd --set device-batch=0)
+arm="start$update"
+[ "$split" = 0.5 ] || arm="$arm-split$split"
+[ "$centre" = none ] || arm="$arm-meanfree"
 [ "$rounds" = 0 ] && arm=startonly
 for n in $sizes; do
   delta=$("$VENV/bin/python" -c "print(0.1 / $n)")  # the issue's delta = 0.1 / N (the derived one is a power of ten)
@@ -48,7 +56,7 @@ for n in $sizes; do
         --set num-server-rounds=1 --run-dir "$(fresh "$RUNS/$name")"
     else
       "$VENV/bin/fed-nessa" simulate "${common[@]}" --set aligner=auto --set budget-split="$split" \
-        --set device-update=fedavg --set local-lr="$local_lr" --set clip-target-quantile=0.5 \
+        "${update_sets[@]}" --set loss-centre="$centre" \
         --set server-optimizer="$server_opt" --set server-lr="$server_lr" --set num-server-rounds=$((rounds + 1)) \
         --set eval-every=5 --run-dir "$(fresh "$RUNS/$name")"
     fi

@@ -19,13 +19,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fed_nessa.config import DeviceUpdate, LossCentre
 from simulations.results_csv import Cells, Value, arm, eer_gap, metrics, number, read, study_cells
 
 NAME = re.compile(r"device-(\d+)dev-(linear|nessa)-eps([\d.]+)$")
 #: Issue 22's runs (simulations/device_fedavg_scale_study.sh): one run per cell and noise draw, the DP linear start
 #: on part of epsilon and DP-FedAvg rounds on the rest, or (``startonly``) on all of it, the gate choosing what ships.
-FEDAVG_NAME = re.compile(
-    r"device-(\d+)dev-(startfedavg(?:-split[\d.]+)?|startonly)-eps([\d.]+)(?:-draw(?P<draw>\d+))?$")
+FEDAVG_NAME = re.compile(r"device-(\d+)dev-(start(?:fedavg|fedsgd)(?:-split[\d.]+)?(?:-meanfree)?|startonly)"
+                         r"-eps([\d.]+)(?:-draw(?P<draw>\d+))?$")
 FEDAVG_HEADER = ("| devices | device ε (δ) | budget split | server optimiser (lr) | DP linear start EER % (gap) "
                  "| DP-FedAvg rounds | "
                  "σ statistics / rounds | clip, last round | DP NESSA EER % (gap) | shipped | shipped share of "
@@ -119,12 +120,20 @@ def _fedavg_line(n: int, eps: float, r: dict[str, Value],
              if ref and ref_gap and gap is not None else "n/a")
     clip, seconds, rounds = r["last_round_clip"], r["seconds_per_dpsgd_round_median"], r["dpsgd_rounds"] or 0
     lr = number(r["server-lr"])
-    step = f"{r['server-optimizer']} ({'n/a' if lr is None else f'{lr:g}'})" if rounds else "n/a"
+    step = f"{r['server-optimizer']} ({'n/a' if lr is None else f'{lr:g}'}){_update(r)}" if rounds else "n/a"
     return (f"| {n} | {eps:g} ({r['delta']:g}) | {r['budget-split']} | {step} "
             f"| {eer_gap(metrics(r, 'linear_start'))} "
             f"| {rounds} | {_g(r['suffstats_sigma'])} / {_g(r['dpsgd_sigma']) if rounds else 'n/a'} "
             f"| {_g(clip)} | {eer_gap(metrics(r, 'dp_nessa'))} "
             f"| {r['gate_shipped']} | {share} | {'n/a' if seconds is None else f'{seconds:.1f}'} |")
+
+
+def _update(r: dict[str, Value]) -> str:
+    """An arm's rounds where they are not DP-FedAvg with the plain loss (``DEVICE_UPDATE``, ``LOSS_CENTRE``)."""
+    words = [] if r["device-update"] in (None, DeviceUpdate.FEDAVG) else [f"device-update {r['device-update']}"]
+    if (r.get("loss-centre") or LossCentre.NONE) != LossCentre.NONE:
+        words.append(f"loss-centre {r['loss-centre']}")
+    return "".join(f"; {w}" for w in words)
 
 
 def _g(x: Value) -> str:

@@ -257,6 +257,17 @@ def test_a_budget_split_arm_is_its_own_line_of_the_large_fleet_table() -> None:
     assert [line.split(" | ")[2] for line in lines] == ["0.5", "0.9"]
 
 
+def test_a_fedsgd_arm_about_the_mean_says_so_in_the_large_fleet_table() -> None:
+    """``DEVICE_UPDATE=fedsgd LOSS_CENTRE=enrollment-mean``: the arm's rounds are named beside its optimiser."""
+    run = _summary()
+    run["config"].update({"num-devices": 100_000, "budget-split": 0.5, "server-optimizer": "adam",
+                          "server-lr": 0.001, "device-update": "fedsgd", "loss-centre": "enrollment-mean"})
+    run["noise_plan"] = {"suffstats_sigma": 2.0, "dpsgd_sigma": 3.0}
+    [line] = device_level_table.fedavg_markdown([row(run, "device-100000dev-startfedsgd-meanfree-eps8")],
+                                                []).splitlines()[2:]
+    assert "| adam (0.001); device-update fedsgd; loss-centre enrollment-mean |" in line
+
+
 def test_a_start_only_run_is_a_line_of_the_large_fleet_table_without_dp_fedavg_figures() -> None:
     """``device-<n>dev-startonly-eps<e>`` (the DP linear start on all of epsilon): no DP-FedAvg round, so its
     step, rounds' sigma and clip are n/a, never a figure the run did not have."""
