@@ -9,7 +9,8 @@
 # defaults: 10000 3 "0.99 0.997" 2 (the rule's lr and optimiser, Adam; the default residual width; no lr warmup;
 # the rule's lr decay; DRAW k > 1 names another noise draw of the same arm, "-draw<k>"; LOWPASS "B/A" sets
 # server-lowpass-b = B and server-lowpass-a = A, e.g. "0.1/-0.9", named "-lpB_A", commas as colons;
-# env BUDGET_SPLIT sets the statistics round's share of epsilon instead of the rule's, named "-split<S>")
+# env BUDGET_SPLIT sets the statistics round's share of epsilon instead of the rule's, named "-split<S>";
+# env LOSS_CENTRE=enrollment-mean takes the devices' loss about the released mean enrollment embedding, "-meanfree")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${FED_NESSA_VENV:-.venv}"
@@ -27,13 +28,15 @@ lrdecay=${9:-}
 draw=${10:-}
 lowpass=${11:-}
 split=${BUDGET_SPLIT:-}
+centre=${LOSS_CENTRE:-}
+[ "$centre" != none ] || centre=""
 lp_b=${lowpass%%/*} lp_a=${lowpass#*/}
 mkdir -p "$RUNS"
 # the rule's DP-SGD rate for this fleet and epsilon (it depends on the mechanism), named in the run
 q=$("$VENV/bin/python" -c "from fed_nessa.sim.fleet_settings import derive; \
 print(derive({'num-devices': $n, 'epsilon-budget': $eps${split:+, 'budget-split': $split}}, {}).run['sample-rate'])")
 one() {
-  local d=$1 name="t${n::-3}k-e$eps-ema$d${lr:+-lr$lr}${opt:+-$opt}${hidden:+-h$hidden}${warmup:+-w$warmup}${lrdecay:+-$lrdecay}${lowpass:+-lp${lp_b//,/:}_${lp_a//,/:}}${split:+-split$split}-q$q${draw:+-draw$draw}"
+  local d=$1 name="t${n::-3}k-e$eps-ema$d${lr:+-lr$lr}${opt:+-$opt}${hidden:+-h$hidden}${warmup:+-w$warmup}${lrdecay:+-$lrdecay}${lowpass:+-lp${lp_b//,/:}_${lp_a//,/:}}${split:+-split$split}${centre:+-meanfree}-q$q${draw:+-draw$draw}"
   if [ -f "$CSV" ] && grep -q "^$name," "$CSV"; then echo "$(date +%T) $name: in $CSV, skipped"; return; fi
   echo "$(date +%T) $name"
   rm -rf "${RUNS:?}/$name" "$RUNS/$name.keys"
@@ -41,7 +44,7 @@ one() {
     --set epsilon-budget="$eps" --set aligner=nessa --set server-ema="$d" ${lr:+--set server-lr="$lr"} ${opt:+--set server-optimizer="$opt"} \
     ${hidden:+--set hidden="$hidden"} ${warmup:+--set server-lr-warmup="$warmup"} ${lrdecay:+--set server-lr-decay="$lrdecay"} \
     ${lowpass:+--set server-lowpass-b="$lp_b" --set server-lowpass-a="$lp_a"} ${split:+--set budget-split="$split"} \
-    --set ledger-layout=sqlite --set references=false --set eval-every=50 --run-dir "$RUNS/$name"
+    ${centre:+--set loss-centre="$centre"} --set ledger-layout=sqlite --set references=false --set eval-every=50 --run-dir "$RUNS/$name"
   flock "$RUNS/.csv.lock" "$VENV/bin/python" -m simulations.results_csv "$CSV" "$RUNS/$name"
 }
 running=0
