@@ -33,6 +33,9 @@ validation_speakers=${VALIDATION_SPEAKERS:-$("$VENV/bin/python" -c \
   'from fed_nessa.config import FederationConfig; print(FederationConfig().validation_speakers)')}
 [ "$validation_speakers" = 100 ] || tag="$tag-val$validation_speakers"
 validation=(--set validation-speakers="$validation_speakers")
+# LOSS_CENTRE=enrollment-mean: the devices' loss about the released mean enrollment embedding, named "-meanfree"
+centre=${LOSS_CENTRE:-none}
+[ "$centre" = none ] || tag="$tag-meanfree"
 for n in $sizes; do
   for d in $(seq 1 "$draws"); do
     for eps in $epsilons; do
@@ -40,7 +43,7 @@ for n in $sizes; do
       if recorded "$name"; then echo "$(date +%T) $name: in $CSV, skipped"; continue; fi
       echo "$(date +%T) $name"
       "$VENV/bin/fed-nessa" simulate --engine fleet --quiet --set num-devices="$n" --set epsilon-budget="$eps" \
-        --set ledger-layout=sqlite --set references=false --set eval-every=50 "${validation[@]}" --run-dir "$(fresh "$RUNS/$name")"
+        --set ledger-layout=sqlite --set references=false --set eval-every=50 "${validation[@]}" --set loss-centre="$centre" --run-dir "$(fresh "$RUNS/$name")"
       record "$name"
     done
   done

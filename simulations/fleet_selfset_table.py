@@ -28,12 +28,13 @@ from typing import Any
 
 from simulations.results_csv import Value, metrics, number, read
 
-NAME = re.compile(r"selfset-(\d+)dev-eps([\d.]+)(?:-(skellam(?:-sym)?))?(?:-(val\d+))?-draw(\d+)$")
+NAME = re.compile(r"selfset-(\d+)dev-eps([\d.]+)(?:-(skellam(?:-sym)?))?(?:-(val\d+))?(?:-(meanfree))?-draw(\d+)$")
 #: A run name without a mechanism tag ran the Gaussian shares (the study's rows before skellam was the default);
 #: ``skellam`` rows were calibrated under Zhu & Wang's general subsampling bound (sessions 8-13), ``skellam-sym``
 #: rows under the symmetric expansion (session 14 on; docs/privacy.md "Poisson subsampling of a symmetric mechanism").
 #: A ``-val<V>`` suffix: the server held V validation speakers for the gate (no suffix: the default, 100); such
-#: rows are a cell of their own (the gate, not the training, differs).
+#: rows are a cell of their own (the gate, not the training, differs). A ``-meanfree`` suffix: the devices took their
+#: loss about the released mean enrollment embedding (``loss-centre = enrollment-mean``), a cell of its own.
 UNTAGGED = "gaussian"
 #: The issue's targets: the shipped share of non-DP NESSA's gap closure, by (devices, epsilon).
 TARGETS = {(10_000, 8.0): 0.95, (10_000, 3.0): 0.90, (10_000, 1.0): 0.70, (30_000, 1.0): 0.85}
@@ -48,12 +49,12 @@ Cell = tuple[int, float, str]
 
 def draws(runs: Sequence[dict[str, Value]]) -> dict[Cell, list[dict[str, Value]]]:
     """The study's rows by (devices, epsilon, mechanism), from the run names
-    (``selfset-<n>dev-eps<e>[-skellam|-skellam-sym][-val<V>]-draw<k>``)."""
+    (``selfset-<n>dev-eps<e>[-skellam|-skellam-sym][-val<V>][-meanfree]-draw<k>``)."""
     out: dict[Cell, list[dict[str, Value]]] = {}
     for r in runs:
         m = NAME.search(str(r["run"]))
         if m:
-            mech = (m.group(3) or UNTAGGED) + (f" {m.group(4)}" if m.group(4) else "")
+            mech = (m.group(3) or UNTAGGED) + "".join(f" {g}" for g in (m.group(4), m.group(5)) if g)
             out.setdefault((int(m.group(1)), float(m.group(2)), mech), []).append(r)
     return out
 

@@ -80,6 +80,17 @@ def test_rows_accounted_by_the_symmetric_expansion_are_their_own_cell(tmp_path: 
                                                                    ("skellam-sym", [0.04])]
 
 
+def test_rows_with_the_loss_about_the_mean_are_their_own_cell(tmp_path: Path) -> None:
+    """selfset-<n>dev-eps<e>-skellam-sym-val400-meanfree-draw<k> (LOSS_CENTRE=enrollment-mean) never pools with the
+    plain-loss rows of the same mechanism and validation speakers."""
+    study, ref = _csvs(tmp_path, [_summary(0.045, 0.85, 0.068)])
+    write(study, table.read(study) + [row(_summary(0.05, 0.80, 0.07), "selfset-10000dev-eps3-skellam-sym-val400-draw1"),
+                                      row(_summary(0.04, 0.88, 0.07),
+                                          "selfset-10000dev-eps3-skellam-sym-val400-meanfree-draw1")])
+    cells = table.rows(table.draws(table.read(study)), table.references(table.read(ref)))
+    assert sorted(c["mechanism"] for c in cells) == ["gaussian", "skellam-sym val400", "skellam-sym val400 meanfree"]
+
+
 @pytest.mark.parametrize(("eer", "gap", "start"), [(0.07, 0.55, 0.068), (0.13, -0.1, 0.14)])
 def test_a_draw_worse_than_its_start_or_than_not_updating_is_flagged(tmp_path: Path, eer: float, gap: float,
                                                                      start: float) -> None:
