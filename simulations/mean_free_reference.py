@@ -12,7 +12,6 @@ the loss about the pooled pairs' mean unit enrollment embedding, and prints thei
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -22,28 +21,13 @@ import torch
 
 from fed_nessa.config import FederationConfig, from_run_config
 from fed_nessa.data.registry import load_federation_data
-from fed_nessa.evaluation.centralised import REFERENCE_STEPS
 from fed_nessa.evaluation.protocol import evaluate_held_out, summary_row
 from fed_nessa.model.aligners import AlignerInfo, NessaAligner, NessaConfig
 from fed_nessa.model.aligners.base import l2_normalize
 from fed_nessa.model.aligners.nessa import NessaNet
 from fed_nessa.model.centre import about_centre, centred_targets
 from fed_nessa.model.training import TrainConfig, train_local
-from fed_nessa.sim.fleet import REFERENCE_MAX_PAIRS
-
-
-def reference_sample(cfg: FederationConfig, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The pairs the fleet's reference trains on (every pair, or its seeded sample of :data:`REFERENCE_MAX_PAIRS`)."""
-    rows = np.arange(len(x))
-    if len(x) > REFERENCE_MAX_PAIRS:
-        rows = np.sort(np.random.default_rng([cfg.seed, 13]).choice(len(x), REFERENCE_MAX_PAIRS, replace=False))
-    return x[rows], y[rows]
-
-
-def train_config(cfg: FederationConfig, pairs: int) -> TrainConfig:
-    """The fleet reference's optimisation: its fixed step budget in epochs of batch 256, Adam 1e-3."""
-    return TrainConfig(epochs=max(1, min(20, math.ceil(REFERENCE_STEPS * 256 / pairs))), batch_size=256, lr=1e-3,
-                       seed=cfg.seed)
+from fed_nessa.sim.fleet import reference_rows_of, reference_train_config
 
 
 def mean_free_nessa(info: AlignerInfo, arch: NessaConfig, x: np.ndarray, y: np.ndarray, train: TrainConfig,
@@ -69,9 +53,10 @@ def references(cfg: FederationConfig) -> dict[str, dict[str, Any]]:
     data = load_federation_data(cfg, None)
     x = np.concatenate([d.enroll for d in data.devices])
     y = np.concatenate([d.runtime for d in data.devices])
-    x, y = reference_sample(cfg, x, y)
+    rows = reference_rows_of(cfg, len(x))
+    x, y = x[rows], y[rows]
     info = AlignerInfo(d_x=data.d_x, d_y=data.d_y, enroll_model=data.enroll_model, runtime_model=data.runtime_model)
-    arch, train = NessaConfig(hidden=cfg.hidden, depth=cfg.depth), train_config(cfg, len(x))
+    arch, train = NessaConfig(hidden=cfg.hidden, depth=cfg.depth), reference_train_config(cfg, len(x))
     plain = NessaAligner(info, arch).fit(x, y, train_cfg=train)
     mean_free, _ = mean_free_nessa(info, arch, x, y, train)
     report = evaluate_held_out(*data.evaluation(), {"plain": plain, "mean_free": mean_free})

@@ -35,7 +35,7 @@ def test_about_a_zero_centre_it_is_the_plain_fit_and_about_the_mean_it_is_not() 
 @pytest.mark.slow
 def test_the_script_prints_both_references(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ref, "REFERENCE_STEPS", 20)
+    monkeypatch.setattr("fed_nessa.evaluation.centralised.REFERENCE_STEPS", 20)
     monkeypatch.chdir(tmp_path)
     assert ref.main(["--devices", "60", "--seed", "1"]) == 0
     out = capsys.readouterr().out

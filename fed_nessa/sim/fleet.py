@@ -51,7 +51,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -121,6 +121,9 @@ from fed_nessa.sim.fleet_numerics import (
     uniforms,
 )
 from fed_nessa.sim.ghost import clipped_gradient_sums, device_clipped_sum, device_clipped_vectors
+
+if TYPE_CHECKING:
+    from fed_nessa.model.training import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -788,6 +791,22 @@ def _blocks(devices: list[int], n: dict[int, int], most: int) -> list[list[int]]
     return out
 
 
+def reference_rows_of(cfg: FederationConfig, total: int) -> np.ndarray:
+    """The pairs the pooled NESSA reference trains on: every one, or a seeded sample of :data:`REFERENCE_MAX_PAIRS`."""
+    if total <= REFERENCE_MAX_PAIRS:
+        return np.arange(total)
+    return np.sort(np.random.default_rng([cfg.seed, 13]).choice(total, REFERENCE_MAX_PAIRS, replace=False))
+
+
+def reference_train_config(cfg: FederationConfig, pairs: int) -> TrainConfig:
+    """The pooled NESSA reference's optimisation: its fixed step budget in epochs of batch 256, Adam 1e-3."""
+    from fed_nessa.evaluation.centralised import REFERENCE_STEPS
+    from fed_nessa.model.training import TrainConfig
+
+    return TrainConfig(epochs=max(1, min(20, math.ceil(REFERENCE_STEPS * 256 / pairs))), batch_size=256, lr=1e-3,
+                       seed=cfg.seed)
+
+
 def pooled_references(cfg: FederationConfig, data: Population, federated: Any, x: torch.Tensor,
                       y: torch.Tensor, release: Callable[[], None] | None = None) -> dict[str, Any]:
     """Pooled non-DP NESSA and ridge on the pairs ``x, y`` (the same references as the Flower engine).
@@ -797,11 +816,9 @@ def pooled_references(cfg: FederationConfig, data: Population, federated: Any, x
     :data:`REFERENCE_MAX_PAIRS` pairs drawn at random. ``release`` is called once the pairs are no
     longer needed, before the NESSA fit.
     """
-    from fed_nessa.evaluation.centralised import REFERENCE_STEPS
     from fed_nessa.model.aligners import AlignerInfo, NessaAligner, NessaConfig, RidgeAligner
     from fed_nessa.model.aligners.base import l2_normalize
     from fed_nessa.model.aligners.linear import RidgeStats, ridge_from_stats
-    from fed_nessa.model.training import TrainConfig
 
     info = AlignerInfo(d_x=data.d_x, d_y=data.d_y, enroll_model=data.enroll_model, runtime_model=data.runtime_model)
     total = len(x)
@@ -813,16 +830,13 @@ def pooled_references(cfg: FederationConfig, data: Population, federated: Any, x
     assert stats is not None
     ridge = RidgeAligner(info, alpha=cfg.ridge_alpha)
     ridge.W, ridge.b = ridge_from_stats(stats, cfg.ridge_alpha)
-    rows = np.arange(total)
-    if total > REFERENCE_MAX_PAIRS:
-        rows = np.sort(np.random.default_rng([cfg.seed, 13]).choice(total, REFERENCE_MAX_PAIRS, replace=False))
+    rows = reference_rows_of(cfg, total)
     x_ref, y_ref = x[rows].cpu().numpy(), y[rows].cpu().numpy()
     if release is not None:
         release()
-    epochs = max(1, min(20, math.ceil(REFERENCE_STEPS * 256 / len(rows))))
     nessa = NessaAligner(AlignerInfo(**{k: getattr(info, k) for k in ("d_x", "d_y", "enroll_model", "runtime_model")}),
                          NessaConfig(hidden=cfg.hidden, depth=cfg.depth)).fit(
-        x_ref, y_ref, train_cfg=TrainConfig(epochs=epochs, batch_size=256, lr=1e-3, seed=cfg.seed))
+        x_ref, y_ref, train_cfg=reference_train_config(cfg, len(rows)))
     aligners = {"federated": federated, "centralised_nessa": nessa, "ridge": ridge}
     return reference_rows(evaluate_held_out(*data.evaluation(), aligners))
 
